@@ -1,0 +1,3 @@
+from rebind.cli.main import main
+
+main()

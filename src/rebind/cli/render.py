@@ -1,0 +1,177 @@
+"""Rendering: stable JSON for scripts (docs/json.md), rich tables for terminals.
+
+rich is imported only when a table is printed, so `--json` and scripted use stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import IO, Any
+
+from rebind.model.records import Endpoint, Owner, OwnerScanReport, SocketEntry, SocketRecord, SocketTable
+
+LS_SCHEMA = "rebind.ls/1"
+
+
+def endpoint_json(ep: Endpoint) -> dict[str, Any]:
+    return {"addr": str(ep.addr), "port": ep.port}
+
+
+def owner_json(o: Owner) -> dict[str, Any]:
+    return {
+        "pid": o.pid,
+        "fd": o.fd,
+        "name": o.name,
+        "cmdline": list(o.cmdline),
+        "user": o.user,
+        "uid": o.uid,
+        "ppid": o.ppid,
+        "start_time": o.start_time,
+    }
+
+
+def socket_json(r: SocketRecord) -> dict[str, Any]:
+    return {
+        "proto": r.proto.value,
+        "family": r.family.label,
+        "state": r.state.label,
+        "local": endpoint_json(r.local),
+        "remote": endpoint_json(r.remote),
+        "expires_ms": r.expires_ms,
+        "timer": r.timer.name.lower(),
+        "uid": r.uid,
+        "inode": r.inode,
+        "cookie": r.cookie,
+        "ifindex": r.ifindex,
+        "v6only": r.v6only,
+        "cgroup_id": r.cgroup_id,
+    }
+
+
+def entry_json(e: SocketEntry, *, with_owners: bool = True) -> dict[str, Any]:
+    d = socket_json(e.socket)
+    d["owners"] = [owner_json(o) for o in e.owners] if with_owners else None
+    return d
+
+
+def scan_json(s: OwnerScanReport) -> dict[str, int]:
+    return {
+        "scanned": s.scanned,
+        "inaccessible": s.inaccessible,
+        "vanished": s.vanished,
+        "other_netns": s.other_netns,
+    }
+
+
+def table_json(t: SocketTable) -> dict[str, Any]:
+    return {
+        "schema": LS_SCHEMA,
+        "source": t.source,
+        "sockets": [entry_json(e, with_owners=t.owners_scanned) for e in t.entries],
+        "owner_scan": scan_json(t.scan) if t.owners_scanned else None,
+        "warnings": list(t.warnings),
+    }
+
+
+def dump_json(doc: Any, out: IO[str] | None = None) -> None:
+    out = out or sys.stdout
+    json.dump(doc, out, indent=2)
+    out.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def fmt_ms(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    if ms < 10_000:
+        return f"{ms / 1000:.1f}s"
+    if ms < 120_000:
+        return f"{ms // 1000}s"
+    return f"{ms // 60_000}m{(ms // 1000) % 60:02d}s"
+
+
+def owner_label(o: Owner) -> str:
+    return f"{o.name}[{o.pid}]"
+
+
+def owners_cell(owners: tuple[Owner, ...], limit: int = 4) -> str:
+    if not owners:
+        return ""
+    labels: list[str] = []
+    for o in owners:
+        lab = owner_label(o)
+        if lab not in labels:
+            labels.append(lab)
+    extra = len(labels) - limit
+    shown = ", ".join(labels[:limit])
+    return f"{shown}, +{extra} more" if extra > 0 else shown
+
+
+def use_color(stream: IO[str] | None = None) -> bool:
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return stream.isatty()
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    color = use_color(stream)
+    return Console(
+        file=stream,
+        no_color=not color,
+        highlight=False,
+        force_terminal=color if color else None,
+        soft_wrap=False,
+        width=None if stream.isatty() else 200,
+    )
+
+
+_STATE_STYLE = {
+    "LISTEN": "bold green",
+    "BOUND_INACTIVE": "bold magenta",
+    "TIME_WAIT": "yellow",
+    "FIN_WAIT2": "yellow",
+    "CLOSE_WAIT": "red",
+    "UNCONN": "green",
+}
+
+
+def print_table(t: SocketTable) -> None:
+    from rich import box
+    from rich.table import Table
+
+    tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for col in ("proto", "state", "local", "remote", "left", "uid"):
+        tab.add_column(col, no_wrap=True, justify="right" if col in ("left", "uid") else "left")
+    if t.owners_scanned:
+        tab.add_column("owners", overflow="fold")
+    for e in t.entries:
+        r = e.socket
+        style = _STATE_STYLE.get(r.state.label, "")
+        remote = "" if r.remote.port == 0 and r.remote.addr.is_unspecified else str(r.remote)
+        row = [
+            r.proto.value + ("6" if r.family.label == "ipv6" else ""),
+            f"[{style}]{r.state.label}[/]" if style else r.state.label,
+            str(r.local),
+            remote or "*",
+            fmt_ms(r.expires_ms) if r.is_mini else "",
+            "" if r.uid is None else str(r.uid),
+        ]
+        if t.owners_scanned:
+            row.append(owners_cell(e.owners) or ("-" if r.is_mini else ""))
+        tab.add_row(*row)
+    con = console()
+    con.print(tab)
+    err = console(stderr=True)
+    for w in t.warnings:
+        err.print(f"[yellow]note:[/] {w}")

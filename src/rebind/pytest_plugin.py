@@ -1,0 +1,1 @@
+"""pytest plugin: the `free_port` fixture (see rebind.actions.pick)."""

@@ -1,0 +1,1 @@
+"""`rebind run` and the LISTEN_FDS protocol."""
