@@ -69,11 +69,16 @@ def socket_table(
                 f"{report.inaccessible} process(es) could not be inspected (not root?): "
                 "owners of their sockets may be missing",
             )
-    entries = tuple(
-        SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()) for r in records
-    )
+    entries = tuple(SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()) for r in records)
     return SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=warnings)
 
 
 def _order(r: SocketRecord) -> tuple[int, str, int, int, str, str]:
-    return (r.local.port, r.proto.value, r.family.value, -int(r.state is State.LISTEN), str(r.local), str(r.remote))
+    return (
+        r.local.port,
+        r.proto.value,
+        r.family.value,
+        -int(r.state is State.LISTEN),
+        str(r.local),
+        str(r.remote),
+    )

@@ -71,7 +71,9 @@ def ls(
     if addrs:
         plain = {p for a, p in ports if a is None}
         keep = tuple(
-            e for e in table.entries if e.socket.port in plain or (e.socket.local.addr, e.socket.port) in addrs
+            e
+            for e in table.entries
+            if e.socket.port in plain or (e.socket.local.addr, e.socket.port) in addrs
         )
         table = type(table)(keep, table.source, table.owners_scanned, table.scan, table.warnings)
     if as_json:

@@ -23,9 +23,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "wait": ("rebind.cli.wait", "wait", "Wait until PORT is bindable (or, with --until-listening, served)."),
     "free": ("rebind.cli.free", "free", "Make PORT bindable again, touching only what blocks it."),
     "pick": ("rebind.cli.pick", "pick", "Print a port that is bindable now and safe from ephemeral use."),
-    "run": ("rebind.cli.run", "run", "Hold listening sockets and run CMD with them (LISTEN_FDS); reload without refusals."),
-    "reload": ("rebind.cli.run", "reload", "Ask a running `rebind run` supervisor to start a new generation."),
-    "completion": ("rebind.cli.main", "completion", "Print the shell completion script for bash, zsh or fish."),
+    "run": (
+        "rebind.cli.run",
+        "run",
+        "Hold listening sockets and run CMD with them (LISTEN_FDS); reload without refusals.",
+    ),
+    "reload": (
+        "rebind.cli.run",
+        "reload",
+        "Ask a running `rebind run` supervisor to start a new generation.",
+    ),
+    "completion": (
+        "rebind.cli.main",
+        "completion",
+        "Print the shell completion script for bash, zsh or fish.",
+    ),
 }
 
 

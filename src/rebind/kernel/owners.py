@@ -174,9 +174,7 @@ def _partition(plan: _Plan, n: int) -> list[list[int]]:
     return parts
 
 
-def _scan(
-    root: str, plan: _Plan, wanted: dict[str, int], workers: int | None
-) -> tuple[list[Hit], int, int]:
+def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -> tuple[list[Hit], int, int]:
     total = sum(plan.fd_counts)
     n = workers if workers is not None else min(os.cpu_count() or 1, MAX_WORKERS)
     # fork() is only safe while this is the sole thread (a lock held by another thread would be

@@ -1,0 +1,30 @@
+"""`rebind demo`: the origin story, replayed for real in a private network namespace."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  rebind demo
+  NO_COLOR=1 rebind demo > demo.txt
+""",
+)
+def demo() -> int:
+    """Replay the blog post that started rebind, with real processes, in a private netns.
+
+    A server binds 12345, a client connects, the server exits, TIME_WAIT appears, the restart
+    fails with Errno 98 -- and rebind explains each step: why SO_REUSEADDR alone does not help,
+    when it does, the post's C server (corrected so it compiles), and SO_REUSEPORT on Linux.
+    Takes a few seconds; never waits out the 60 s TIME_WAIT.
+    """
+    from rebind.cli.render import console
+    from rebind.demo import run_demo
+
+    con = console()
+    ok = run_demo(con.print)
+    if not ok:
+        con.print("[bold red]Something in the demo did not behave as the story says (see above).[/]")
+    return 0 if ok else 1

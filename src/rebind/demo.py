@@ -1,0 +1,311 @@
+"""`rebind demo`: the origin post replayed with real processes, and what rebind says at each step.
+
+Runs in a private network namespace, so nothing on the machine can collide with it and nothing
+leaks out. Where namespaces are not permitted, it uses free high ports on 127.0.0.1 instead.
+The 60 s TIME_WAIT is never waited out: leftovers are removed with SOCK_DESTROY (Linux 6.0+), or,
+without CAP_NET_ADMIN, each step takes a fresh port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+# The post's server, verbatim but for the port and a flush so we can see its output.
+POST_SERVER = """\
+import socket
+
+s = socket.socket()
+{setsockopt}s.bind(('0.0.0.0', {port}))
+s.listen()
+print('listening', flush=True)
+(client, addr) = s.accept()
+print(client)
+print(addr)
+"""
+
+REUSEADDR_LINE = "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+
+# The post's C version, corrected: `listen(s, )` had no backlog, `accept(socket, … in_addr …)`
+# passed the function `socket` and the struct instead of the fd and a pointer.
+C_SERVER = r"""#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    int port = argc > 1 ? atoi(argv[1]) : 12345;
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+
+    int s = socket(AF_INET, SOCK_STREAM, IPPROTO_TCP);
+    int reuse = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof(reuse));
+    if (bind(s, (struct sockaddr *) &addr, sizeof(addr)) < 0) { perror("bind"); return 1; }
+    if (listen(s, 16) < 0) { perror("listen"); return 1; }          /* was: listen(s, ) */
+    printf("listening\n"); fflush(stdout);
+
+    struct sockaddr_in in_addr;
+    socklen_t len = sizeof(in_addr);
+    int client = accept(s, (struct sockaddr *) &in_addr, &len);    /* was: accept(socket, ... in_addr ...) */
+    printf("client fd %d from %s:%d\n", client, inet_ntoa(in_addr.sin_addr), ntohs(in_addr.sin_port));
+    close(client);
+    close(s);
+    return 0;
+}
+"""
+
+REUSEPORT_SERVER = """\
+import os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(('0.0.0.0', {port}))
+s.listen()
+print('listening', flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(str(os.getpid()).encode())
+    c.close()
+"""
+
+Out = Callable[[str], None]
+
+
+class Demo:
+    def __init__(self, out: Out, *, in_netns: bool) -> None:
+        self.out = out
+        self.in_netns = in_netns
+        self.procs: list[subprocess.Popen[str]] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="rebind-demo-"))
+        self.can_destroy = in_netns and _can_destroy()
+        self.step_no = 0
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def step(self, title: str) -> None:
+        self.step_no += 1
+        self.out(f"\n[bold cyan]Step {self.step_no}. {title}[/]")
+
+    def say(self, text: str) -> None:
+        self.out(f"  {text}")
+
+    def show(self, text: str, style: str = "") -> None:
+        from rich.markup import escape
+
+        for line in text.rstrip().splitlines():
+            self.out(f"    [{style}]{escape(line)}[/]" if style else f"    {escape(line)}")
+
+    def rebind(self, *args: str) -> str:
+        env = dict(os.environ, NO_COLOR="1", COLUMNS="110")
+        self.out(f"  [bold]$ rebind {' '.join(args)}[/]")
+        res = subprocess.run(
+            [sys.executable, "-m", "rebind", *args], capture_output=True, text=True, env=env, timeout=30
+        )
+        text = (res.stdout + res.stderr).rstrip()
+        self.show(text)
+        return text
+
+    def start_server(self, code: str, name: str) -> subprocess.Popen[str]:
+        path = self.tmp / name
+        path.write_text(code)
+        return self.start([sys.executable, "-u", str(path)])
+
+    def start(self, argv: list[str]) -> subprocess.Popen[str]:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def wait_ready(self, p: subprocess.Popen[str]) -> bool:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        return line.strip().startswith("listening")
+
+    def connect_and_finish(self, port: int, server: subprocess.Popen[str]) -> str:
+        """The `nc 127.0.0.1 PORT` step: connect, let the server print and exit, then close."""
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            out, err = server.communicate(timeout=10)
+            c.settimeout(5)
+            # The server exited first, so *its* side goes to TIME_WAIT (the active closer).
+            while c.recv(4096):
+                pass
+        return out + err
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()  # by pid, through the Popen handle of a process we started
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            for s in (p.stdout, p.stderr):
+                if s:
+                    s.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def clear_port(self, port: int) -> int:
+        """Remove TIME_WAIT leftovers with SOCK_DESTROY, or move on to a fresh port."""
+        if self.can_destroy:
+            from rebind.kernel import diag
+            from rebind.model.records import Proto, State
+
+            n = 0
+            for r in list(diag.iter_sockets(protos=[Proto.TCP], ports=[port], states=[State.TIME_WAIT])):
+                diag.destroy(r)
+                n += 1
+            self.say(f"(SOCK_DESTROY removed {n} TIME_WAIT socket(s) on {port}, instead of waiting 60 s)")
+            return port
+        new = _free_port()
+        self.say(f"(no SOCK_DESTROY here: continuing on port {new} instead of waiting 60 s)")
+        return new
+
+    # -- the story -----------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        port = 12345 if self.in_netns else _free_port()
+        ok = True
+        self.step("The post's server binds the port and waits for a client")
+        self.show(POST_SERVER.format(setsockopt="", port=port), "dim")
+        srv = self.start_server(POST_SERVER.format(setsockopt="", port=port), "server.py")
+        if not self.wait_ready(srv):
+            self.say("the server did not start")
+            return False
+        self.rebind("ls", str(port))
+
+        self.step("A client connects (the post uses `nc 127.0.0.1 PORT`); the server prints and exits")
+        self.show(self.connect_and_finish(port, srv))
+        self.say("The server closed first, so its end of the connection now sits in TIME_WAIT:")
+        self.rebind("ls", str(port))
+
+        self.step("Restarting the server fails")
+        again = self.start_server(POST_SERVER.format(setsockopt="", port=port), "server.py")
+        _, err = again.communicate(timeout=10)
+        self.show(err.strip().splitlines()[-1] if err.strip() else "(no error?)", "red")
+        ok &= "Errno 98" in err
+        self.rebind("why", str(port))
+
+        self.step("The post's fix, SO_REUSEADDR, fails too: the old socket did not have it")
+        self.say("On Linux both sockets need SO_REUSEADDR, and a TIME_WAIT keeps the flag of the socket")
+        self.say("that closed. The old server never set it, so the fixed server cannot start yet:")
+        fixed = POST_SERVER.format(setsockopt=REUSEADDR_LINE, port=port)
+        again = self.start_server(fixed, "server_fixed.py")
+        _, err = again.communicate(timeout=10)
+        self.show(err.strip().splitlines()[-1] if err.strip() else "(no error?)", "red")
+        ok &= "Errno 98" in err
+        self.rebind("why", str(port), "--reuseaddr")
+
+        self.step("Once the old socket had SO_REUSEADDR too, the restart works")
+        port = self.clear_port(port)
+        fixed = POST_SERVER.format(setsockopt=REUSEADDR_LINE, port=port)
+        srv = self.start_server(fixed, "server_fixed.py")
+        self.wait_ready(srv)
+        self.connect_and_finish(port, srv)
+        self.say("The fixed server served a client and exited; its TIME_WAIT carries SO_REUSEADDR:")
+        self.rebind("why", str(port), "--reuseaddr")
+        srv = self.start_server(fixed, "server_fixed.py")
+        started = self.wait_ready(srv)
+        self.show(
+            "restart with SO_REUSEADDR: " + ("listening — no Errno 98" if started else "FAILED"), "green"
+        )
+        ok &= started
+        srv.kill()
+        srv.wait()
+
+        ok &= self.c_step(port)
+        ok &= self.reuseport_step()
+
+        self.step("Summary")
+        self.say("• SO_REUSEADDR helps only if the *old* socket had it too: set it in every server.")
+        self.say("• Better still, never close the listener on restart: `rebind run --listen PORT -- CMD`.")
+        self.say("• Linux has SO_REUSEPORT since 3.9 (same user, kernel load balancing).")
+        self.say("• Client pitfall from the post: a client that binds a fixed port with SO_REUSEADDR can")
+        self.say("  take over its own old TIME_WAIT to the same peer; prefer IP_BIND_ADDRESS_NO_PORT.")
+        return ok
+
+    def c_step(self, port: int) -> bool:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        self.step("The post's C server, corrected so that it compiles")
+        if cc is None:
+            self.say("(no C compiler on this machine: skipped)")
+            return True
+        src = self.tmp / "server.c"
+        src.write_text(C_SERVER.replace("#include <unistd.h>", "#include <unistd.h>\n#include <stdlib.h>"))
+        exe = self.tmp / "server"
+        res = subprocess.run([cc, "-Wall", "-o", str(exe), str(src)], capture_output=True, text=True)
+        if res.returncode != 0:
+            self.show(res.stderr, "red")
+            return False
+        self.say("Fixed: `listen(s, )` -> `listen(s, 16)`, and accept() gets the socket fd and &in_addr.")
+        port = self.clear_port(port)
+        srv = self.start([str(exe), str(port)])
+        self.wait_ready(srv)
+        self.show(self.connect_and_finish(port, srv))
+        srv = self.start([str(exe), str(port)])
+        started = self.wait_ready(srv)
+        self.show(
+            "C server restarted over its own TIME_WAIT: " + ("listening" if started else "FAILED"),
+            "green" if started else "red",
+        )
+        srv.kill()
+        srv.wait()
+        return started
+
+    def reuseport_step(self) -> bool:
+        self.step("SO_REUSEPORT exists on Linux (since 3.9): two servers, one port, load-balanced")
+        port = _free_port() if not self.in_netns else 12346
+        a = self.start_server(REUSEPORT_SERVER.format(port=port), "rp.py")
+        b = self.start_server(REUSEPORT_SERVER.format(port=port), "rp.py")
+        if not (self.wait_ready(a) and self.wait_ready(b)):
+            self.say("could not start both servers")
+            return False
+        seen = set()
+        for _ in range(40):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                seen.add(c.recv(32).decode())
+        self.say(f"40 connections were served by {len(seen)} different processes: {', '.join(sorted(seen))}")
+        self.rebind("ls", str(port), "--state", "listen")
+        return len(seen) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _can_destroy() -> bool:
+    from rebind.kernel.sysctl import CAP_NET_ADMIN, has_cap, kernel_version
+
+    return has_cap(CAP_NET_ADMIN) and kernel_version() >= (6, 0)
+
+
+def run_demo(out: Out) -> bool:
+    """Run the whole story; True when every step behaved as the story says."""
+    from rebind.kernel import netns
+
+    t0 = time.monotonic()
+    with ExitStack() as stack:
+        in_netns = netns.namespaces_permitted()
+        if in_netns:
+            stack.enter_context(netns.private_netns())
+            out("[dim]Running in a private network namespace: nothing here touches the machine's ports.[/]")
+        else:
+            out("[yellow]Network namespaces are not permitted here: using free high ports on 127.0.0.1.[/]")
+        demo = Demo(out, in_netns=in_netns)
+        stack.callback(demo.cleanup)
+        ok = demo.run()
+    out(f"\n[dim]Demo finished in {time.monotonic() - t0:.1f} s.[/]")
+    return ok

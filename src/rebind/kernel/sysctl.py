@@ -1,0 +1,117 @@
+"""Kernel settings that change bind() outcomes, read from /proc/sys of this netns."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from rebind.model.conflict import KernelSettings
+
+
+def _read(path: str, root: str = "/proc") -> str | None:
+    try:
+        with open(f"{root}/sys/{path}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _int(path: str, default: int, root: str = "/proc") -> int:
+    v = _read(path, root)
+    try:
+        return int(v) if v is not None else default
+    except ValueError:
+        return default
+
+
+def _ports(text: str | None) -> frozenset[int]:
+    """Parse ip_local_reserved_ports syntax: "8080,9000-9010"."""
+    out: set[int] = set()
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
+
+
+def kernel_version() -> tuple[int, int]:
+    rel = platform.release().split(".")
+    try:
+        return int(rel[0]), int("".join(ch for ch in rel[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def has_cap(cap: int) -> bool:
+    """Is capability ``cap`` in this process's effective set (/proc/self/status CapEff)?"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+CAP_NET_BIND_SERVICE = 10
+CAP_NET_ADMIN = 12
+
+
+def local_addresses() -> frozenset[IPv4Address | IPv6Address]:
+    """Addresses configured in this netns (any 127/8 address counts as local: bind-rules N5)."""
+    out: set[IPv4Address | IPv6Address] = set()
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                h = line.split()[0]
+                out.add(ip_address(":".join(h[i : i + 4] for i in range(0, 32, 4))))
+    except OSError:
+        pass
+    out.update(_ipv4_addresses())
+    return frozenset(out)
+
+
+def _ipv4_addresses() -> set[IPv4Address | IPv6Address]:
+    """IPv4 addresses via /proc/net/fib_trie's LOCAL entries (no netlink route code needed)."""
+    out: set[IPv4Address | IPv6Address] = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    last = None
+    for line in lines:
+        s = line.strip()
+        if s.startswith(("|--", "+--")):
+            last = s[3:].split()[0]
+        elif "/32 host LOCAL" in s and last:
+            try:
+                out.add(ip_address(last))
+            except ValueError:
+                pass
+    return out
+
+
+def kernel_settings() -> KernelSettings:
+    lo, _, hi = (_read("net/ipv4/ip_local_port_range") or "32768 60999").partition("\t")
+    rng = (int(lo), int(hi.strip() or 60999)) if lo.strip().isdigit() else (32768, 60999)
+    return KernelSettings(
+        unprivileged_port_start=_int("net/ipv4/ip_unprivileged_port_start", 1024),
+        bindv6only=_int("net/ipv6/bindv6only", 0) == 1,
+        cap_net_bind_service=has_cap(CAP_NET_BIND_SERVICE),
+        local_addresses=local_addresses(),
+        ip_nonlocal_bind=_int("net/ipv4/ip_nonlocal_bind", 0) == 1,
+        ipv6_nonlocal_bind=_int("net/ipv6/ip_nonlocal_bind", 0) == 1,
+        ip_local_port_range=rng,
+        ip_local_reserved_ports=_ports(_read("net/ipv4/ip_local_reserved_ports")),
+        kernel_version=kernel_version(),
+    )
+
+
+def hostname() -> str:
+    return socket.gethostname()

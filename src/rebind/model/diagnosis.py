@@ -1,0 +1,237 @@
+"""From a conflict outcome to words: what holds the port, the one-line verdict, ranked fixes.
+
+Pure: every fact (owners, flags, process tree hints, trial results) comes in as data.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
+
+#: Processes that hold ports on behalf of containers or VMs (the real server is elsewhere).
+CONTAINER_PROXIES = frozenset(
+    {
+        "docker-proxy",
+        "rootlessport",
+        "rootlesskit",
+        "slirp4netns",
+        "pasta",
+        "pasta.avx2",
+        "conmon",
+        "containerd-shim",
+        "kubectl",
+        "vpnkit",
+        "qemu-system-x86_64",
+    }
+)
+
+
+class HolderKind(enum.StrEnum):
+    LISTENER = "listener"
+    SHARED_LISTENER = "shared-listener"  # parent and forked children hold one listener
+    INHERITED_LISTENER = "inherited-listener"  # the creating parent is gone, a child kept it
+    CONTAINER_PROXY = "container-proxy"
+    BOUND_INACTIVE = "bound-inactive"
+    TIME_WAIT = "time-wait"
+    ORPHAN_FIN_WAIT2 = "orphan-fin-wait2"
+    CLOSING_LEFTOVER = "closing-leftover"  # CLOSE_WAIT, LAST_ACK, FIN_WAIT1, CLOSING, FIN_WAIT2
+    CONNECTION = "connection"  # an accepted connection still open
+    OUTGOING = "outgoing"  # a client connection whose ephemeral local port is this port
+    UDP = "udp"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessHint:
+    """Process-tree facts about one owner, gathered by the I/O layer."""
+
+    pid: int
+    parent_alive: bool
+    parent_holds: bool
+    parent_name: str | None
+    #: Process-group leader that started this process, when it is gone (orphaned worker).
+    lost_group_leader: int | None = None
+
+
+def classify(
+    entry: SocketEntry,
+    *,
+    hints: dict[int, ProcessHint],
+    listener_on_port: bool,
+    ephemeral: tuple[int, int],
+) -> HolderKind:
+    r = entry.socket
+    names = {o.name for o in entry.owners}
+    if names & CONTAINER_PROXIES:
+        return HolderKind.CONTAINER_PROXY
+    if r.proto is Proto.UDP:
+        return HolderKind.UDP
+    if r.state is State.LISTEN:
+        return _listener_kind(entry.owners, hints)
+    if r.state is State.BOUND_INACTIVE:
+        return HolderKind.BOUND_INACTIVE
+    if r.is_mini:
+        return HolderKind.TIME_WAIT if r.state is State.TIME_WAIT else HolderKind.ORPHAN_FIN_WAIT2
+    if r.state in (State.ESTABLISHED, State.SYN_SENT) and not listener_on_port:
+        lo, hi = ephemeral
+        if lo <= r.local.port <= hi or r.state is State.SYN_SENT:
+            return HolderKind.OUTGOING
+    if r.state in (State.ESTABLISHED, State.SYN_RECV, State.NEW_SYN_RECV):
+        return HolderKind.CONNECTION
+    return HolderKind.CLOSING_LEFTOVER
+
+
+def _listener_kind(owners: tuple[Owner, ...], hints: dict[int, ProcessHint]) -> HolderKind:
+    pids = {o.pid for o in owners}
+    if len(pids) > 1 and any(hints.get(p, None) and hints[p].parent_holds for p in pids):
+        return HolderKind.SHARED_LISTENER
+    if pids and all((h := hints.get(p)) is not None and h.lost_group_leader is not None for p in pids):
+        return HolderKind.INHERITED_LISTENER
+    return HolderKind.LISTENER
+
+
+def describe_owner(owners: tuple[Owner, ...], limit: int = 3) -> str:
+    if not owners:
+        return "no process (kernel-owned)"
+    seen: list[str] = []
+    for o in owners:
+        label = f"{o.name} (pid {o.pid}{', user ' + o.user if o.user else ''})"
+        if label not in seen:
+            seen.append(label)
+    more = len(seen) - limit
+    return ", ".join(seen[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def kind_phrase(kind: HolderKind, rec: SocketRecord, reuseaddr: bool | None) -> str:
+    flag = {True: " with SO_REUSEADDR", False: " without SO_REUSEADDR", None: ""}[reuseaddr]
+    return {
+        HolderKind.LISTENER: "a live listener",
+        HolderKind.SHARED_LISTENER: "a listener shared by a parent and its forked children",
+        HolderKind.INHERITED_LISTENER: "a listener inherited by a child whose parent has exited",
+        HolderKind.CONTAINER_PROXY: "a container runtime's port proxy",
+        HolderKind.BOUND_INACTIVE: "a socket that is bound but not listening",
+        HolderKind.TIME_WAIT: f"TIME_WAIT left by a server{flag}",
+        HolderKind.ORPHAN_FIN_WAIT2: f"an orphaned FIN_WAIT2 left by a server{flag}",
+        HolderKind.CLOSING_LEFTOVER: f"a {rec.state.label} connection{flag}",
+        HolderKind.CONNECTION: f"an open connection{flag}",
+        HolderKind.OUTGOING: "an outgoing connection whose ephemeral local port is this port",
+        HolderKind.UDP: "a bound UDP socket",
+    }[kind]
+
+
+def fmt_seconds(ms: int) -> str:
+    s = max(ms, 0) / 1000
+    return f"{s:.1f} s" if s < 10 else f"{round(s)} s"
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    title: str
+    why: str
+    command: str | None = None
+    python: str | None = None
+    c: str | None = None
+
+
+def fixes_for(
+    kinds: list[HolderKind],
+    *,
+    port: int,
+    proto: Proto,
+    frees_in_ms: int | None,
+    old_reuseaddr: bool | None,
+    pids: list[int],
+    can_destroy: bool,
+) -> list[Fix]:
+    """Ranked fixes for the blockers present (most direct first)."""
+    out: list[Fix] = []
+    ks = set(kinds)
+    udp = " --udp" if proto is Proto.UDP else ""
+    timed = ks & {HolderKind.TIME_WAIT, HolderKind.ORPHAN_FIN_WAIT2}
+    live = ks - timed - {HolderKind.CLOSING_LEFTOVER}
+    if timed and not live and frees_in_ms is not None:
+        out.append(
+            Fix(
+                f"Wait {fmt_seconds(frees_in_ms)}",
+                "TIME_WAIT lasts a fixed 60 s (TCP_TIMEWAIT_LEN); the port frees by itself.",
+                f"rebind wait {port}{udp}",
+            )
+        )
+    if timed:
+        out.append(
+            Fix(
+                "Destroy the leftover sockets now",
+                "SOCK_DESTROY removes TIME_WAIT entries (Linux 6.0+, needs CAP_NET_ADMIN)"
+                + ("" if can_destroy else "; not permitted for you here"),
+                f"rebind free {port}",
+            )
+        )
+    if timed and old_reuseaddr is not True:
+        out.append(
+            Fix(
+                "Set SO_REUSEADDR on the server's listening socket, before bind()",
+                "A TIME_WAIT keeps the closing socket's flag: the restart binds over it only if the "
+                "old socket *and* the new one set SO_REUSEADDR. Fixes every restart after the next.",
+                python="s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)",
+                c="int one = 1; setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);",
+            )
+        )
+    if ks & {HolderKind.LISTENER, HolderKind.SHARED_LISTENER, HolderKind.BOUND_INACTIVE, HolderKind.UDP}:
+        who = " ".join(str(p) for p in pids[:5])
+        out.append(
+            Fix(
+                "Stop the process holding the port",
+                "Only closing every fd that refers to the socket frees an explicitly bound port.",
+                f"rebind free {port}{udp}" + (f"   # or: kill {who}" if who else ""),
+            )
+        )
+    if HolderKind.INHERITED_LISTENER in ks:
+        out.append(
+            Fix(
+                "Stop the orphaned child, then mark the listener close-on-exec in the parent",
+                "The child got the listening fd through fork/exec; the parent exited but the child's "
+                "copy keeps the port. Python sockets are non-inheritable by default across exec, but "
+                "a fork() shares them: close the listener in the child after fork.",
+                f"rebind free {port}",
+                python="os.set_inheritable(sock.fileno(), False)  # and sock.close() in forked children",
+                c="int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);  /* or fcntl(s, F_SETFD, FD_CLOEXEC) */",
+            )
+        )
+    if HolderKind.CONTAINER_PROXY in ks:
+        out.append(
+            Fix(
+                "Stop or re-map the container that publishes this port",
+                "The proxy process only forwards to a container; killing it breaks that container.",
+                f"docker ps --filter publish={port}",
+            )
+        )
+    if HolderKind.OUTGOING in ks:
+        out.append(
+            Fix(
+                "Reserve the port so outgoing connections never take it",
+                "Ports in ip_local_port_range are handed to connect(); reserved ports are skipped.",
+                f"sysctl -w net.ipv4.ip_local_reserved_ports={port}",
+            )
+        )
+    if ks & {HolderKind.LISTENER, HolderKind.SHARED_LISTENER, HolderKind.INHERITED_LISTENER}:
+        out.append(
+            Fix(
+                "Share the port on purpose with SO_REUSEPORT (same user, both sockets)",
+                "Linux has SO_REUSEPORT since 3.9: the kernel load-balances between the listeners.",
+                python="s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)",
+                c="setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);",
+            )
+        )
+    out.append(
+        Fix(
+            "Never close the listening socket on restart",
+            "A supervisor binds once and hands the socket to each new generation (LISTEN_FDS).",
+            f"rebind run --listen {port} -- YOUR-SERVER",
+            python="sock = rebind.listen('0.0.0.0', %d)  # uses LISTEN_FDS when present" % port,
+        )
+    )
+    out.append(
+        Fix("Use another port", "One that is free now and outside the ephemeral range.", "rebind pick")
+    )
+    return out
