@@ -147,7 +147,9 @@ def procs() -> Iterator[Procs]:
 def rebind_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real `rebind` CLI (python -m rebind) in the current namespace."""
 
-    def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         e = dict(os.environ)
         e.pop("FORCE_COLOR", None)
         e["NO_COLOR"] = "1"

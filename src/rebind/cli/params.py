@@ -10,7 +10,7 @@ import click
 from rebind.model.records import State, parse_state
 
 
-class PortType(click.ParamType):
+class PortType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     name = "PORT"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -26,7 +26,7 @@ class PortType(click.ParamType):
         return port
 
 
-class StateType(click.ParamType):
+class StateType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     name = "STATE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> State:
@@ -38,7 +38,7 @@ class StateType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class AddressType(click.ParamType):
+class AddressType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     name = "ADDR"
 
     def convert(
@@ -57,7 +57,7 @@ class AddressType(click.ParamType):
             self.fail(f"{value!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1, ::)", param, ctx)
 
 
-class PortSpecType(click.ParamType):
+class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     """PORT or ADDR:PORT ([v6]:PORT)."""
 
     name = "[ADDR:]PORT"

@@ -129,7 +129,7 @@ def iter_sockets(
             # TCP: one walk for both families; UDP has no such request, but its table is small.
             # On a big table most of the TCP cost is the bhash2 walk for bound-inactive sockets
             # (inet_diag_dump_icsk has no port shortcut there); measured in bench/ls.py.
-            plan: list[Family | None] = [None] if proto is Proto.TCP and len(fams) == 2 else sorted(fams)
+            plan: list[Family | None] = [None] if proto is Proto.TCP and len(fams) == 2 else [*sorted(fams)]
             for family in plan:
                 for bc in bytecodes:
                     for rec in diag.dump(family, proto, pstates, bytecode=bc, sport=sport):

@@ -121,7 +121,8 @@ REQ_V2_HEAD = struct.Struct("=BBBxI")
 # struct inet_diag_req { __u8 family, src_len, dst_len, ext; sockid id; __u32 states, dbs; }
 REQ_V1_HEAD = struct.Struct("=BBBB")
 REQ_V1_TAIL = struct.Struct("=II")
-# struct inet_diag_msg { __u8 family, state, timer, retrans; sockid id; __u32 expires, rqueue, wqueue, uid, inode; }
+# struct inet_diag_msg { __u8 family, state, timer, retrans; sockid id;
+#                        __u32 expires, rqueue, wqueue, uid, inode; }
 MSG_HEAD = struct.Struct("=BBBB")
 MSG_TAIL = struct.Struct("=IIIII")
 MSG_SIZE = MSG_HEAD.size + SOCKID_SIZE + MSG_TAIL.size  # 72

@@ -247,7 +247,7 @@ def describe_process(pid: int, *, root: str | None = None) -> Owner | None:
     import psutil
 
     root = root or proc_root()
-    if psutil.PROCFS_PATH != root:
+    if root != psutil.PROCFS_PATH:
         psutil.PROCFS_PATH = root
     try:
         proc = psutil.Process(pid)

@@ -85,14 +85,13 @@ def iter_sockets(
         for family in fams:
             path = f"{root}/net/{FILES[(proto, family)]}"
             try:
-                fh = open(path)
+                with open(path) as fh:
+                    lines = fh.readlines()[1:]
             except FileNotFoundError:
                 continue  # e.g. IPv6 disabled
-            with fh:
-                next(fh, None)
-                for line in fh:
-                    rec = parse_line(line, proto, family, netns)
-                    if wanted_ports is not None and rec.local.port not in wanted_ports:
-                        continue
-                    if rec.state in wanted_states:
-                        yield rec
+            for line in lines:
+                rec = parse_line(line, proto, family, netns)
+                if wanted_ports is not None and rec.local.port not in wanted_ports:
+                    continue
+                if rec.state in wanted_states:
+                    yield rec

@@ -84,7 +84,7 @@ def classify(
 
 def _listener_kind(owners: tuple[Owner, ...], hints: dict[int, ProcessHint]) -> HolderKind:
     pids = {o.pid for o in owners}
-    if len(pids) > 1 and any(hints.get(p, None) and hints[p].parent_holds for p in pids):
+    if len(pids) > 1 and any(hints.get(p) and hints[p].parent_holds for p in pids):
         return HolderKind.SHARED_LISTENER
     if pids and all((h := hints.get(p)) is not None and h.lost_group_leader is not None for p in pids):
         return HolderKind.INHERITED_LISTENER
@@ -195,7 +195,8 @@ def fixes_for(
                 "a fork() shares them: close the listener in the child after fork.",
                 f"rebind free {port}",
                 python="os.set_inheritable(sock.fileno(), False)  # and sock.close() in forked children",
-                c="int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);  /* or fcntl(s, F_SETFD, FD_CLOEXEC) */",
+                c="int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);"
+                "  /* or fcntl(s, F_SETFD, FD_CLOEXEC) */",
             )
         )
     if HolderKind.CONTAINER_PROXY in ks:
@@ -228,7 +229,7 @@ def fixes_for(
             "Never close the listening socket on restart",
             "A supervisor binds once and hands the socket to each new generation (LISTEN_FDS).",
             f"rebind run --listen {port} -- YOUR-SERVER",
-            python="sock = rebind.listen('0.0.0.0', %d)  # uses LISTEN_FDS when present" % port,
+            python=f"sock = rebind.listen('0.0.0.0', {port})  # uses LISTEN_FDS when present",
         )
     )
     out.append(

@@ -1,0 +1,191 @@
+"""`rebind ls` against real sockets in a throwaway network namespace."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+from tests.kernel.helpers import BOUND_ONLY, LISTEN, ORPHAN_CHILD, OTHER_UID, SHARED, TIME_WAIT, ls_json
+
+
+def _pids(sock: dict) -> set[int]:  # type: ignore[type-arg]
+    return {o["pid"] for o in sock["owners"]}
+
+
+def test_http_server_listener_and_owner(netns, procs, rebind_cli):
+    p = procs.start([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "18080"])
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", 18080)) == 0:
+                break
+        time.sleep(0.05)
+    doc = ls_json(rebind_cli, "18080", "--state", "listen")
+    assert doc["schema"] == "rebind.ls/1" and doc["source"] == "netlink"
+    [sock] = doc["sockets"]
+    assert sock["state"] == "LISTEN" and sock["local"] == {"addr": "127.0.0.1", "port": 18080}
+    assert _pids(sock) == {p.pid}
+    assert sock["uid"] == 0 and sock["inode"] and sock["cookie"] is not None
+
+
+def test_bound_inactive_is_listed_with_owner(netns, procs, rebind_cli):
+    p = procs.python(BOUND_ONLY.format(port=18081))
+    procs.wait_line(p)
+    doc = ls_json(rebind_cli)  # no port: every listening or bound socket
+    [sock] = [s for s in doc["sockets"] if s["local"]["port"] == 18081]
+    assert sock["state"] == "BOUND_INACTIVE"
+    assert _pids(sock) == {p.pid}
+    # /proc/net/tcp cannot see it: the fallback must say so and not list it.
+    res = rebind_cli("ls", "18081", "--json", env={"REBIND_FORCE_PROCFS": "1"})
+    fallback = json.loads(res.stdout)
+    assert fallback["source"] == "procfs" and fallback["sockets"] == [] and res.returncode == 1
+    assert any("bound-but-not-listening" in w for w in fallback["warnings"])
+
+
+def test_orphaned_child_keeps_listener(netns, procs, rebind_cli):
+    p = procs.python(ORPHAN_CHILD.format(port=18082))
+    child = int(procs.wait_line(p))
+    procs.adopt(child)
+    p.wait(5)
+    doc = ls_json(rebind_cli, "18082")
+    [sock] = doc["sockets"]
+    assert sock["state"] == "LISTEN" and _pids(sock) == {child}
+
+
+def test_shared_listener_lists_every_process(netns, procs, rebind_cli):
+    p = procs.python(SHARED.format(port=18083))
+    kids = {int(x) for x in procs.wait_line(p).split()}
+    for k in kids:
+        procs.adopt(k)
+    [sock] = ls_json(rebind_cli, "18083")["sockets"]
+    assert _pids(sock) == kids | {p.pid}
+
+
+def test_server_side_time_wait_has_time_left(netns, procs, rebind_cli):
+    p = procs.python(TIME_WAIT.format(port=18084, opts=""))
+    procs.wait_line(p)
+    doc = ls_json(rebind_cli, "18084")
+    tw = [s for s in doc["sockets"] if s["state"] == "TIME_WAIT"]
+    assert len(tw) == 1
+    assert 0 < tw[0]["expires_ms"] <= 60_000
+    assert tw[0]["owners"] == [] and tw[0]["uid"] is None and tw[0]["local"]["port"] == 18084
+
+
+def test_orphan_fin_wait2_and_close_wait(netns, procs, rebind_cli):
+    with open("/proc/sys/net/ipv4/tcp_fin_timeout", "w") as f:  # per-netns sysctl
+        f.write("30\n")
+    srv = socket.create_server(("127.0.0.1", 18085))
+    cli = socket.create_connection(("127.0.0.1", 18085))
+    acc, _ = srv.accept()
+    acc.close()  # server closes first; client never closes -> FIN_WAIT2 (orphan) / CLOSE_WAIT
+    time.sleep(0.1)
+    doc = ls_json(rebind_cli, "18085")
+    states = {s["state"] for s in doc["sockets"]}
+    assert "FIN_WAIT2" in states and "LISTEN" in states
+    fw2 = next(s for s in doc["sockets"] if s["state"] == "FIN_WAIT2")
+    assert fw2["timer"] == "time_wait" and 0 < fw2["expires_ms"] <= 30_000
+    cw = [s for s in ls_json(rebind_cli, str(cli.getsockname()[1]))["sockets"]]
+    assert any(s["state"] == "CLOSE_WAIT" for s in cw)
+    cli.close()
+    srv.close()
+
+
+def test_ipv6_dual_stack_and_v6only(netns, procs, rebind_cli):
+    dual = socket.socket(socket.AF_INET6)
+    dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dual.bind(("::", 18086))
+    dual.listen()
+    only = socket.socket(socket.AF_INET6)
+    only.bind(("::1", 18087))
+    only.listen()
+    socks = {s["local"]["port"]: s for s in ls_json(rebind_cli, "18086", "18087")["sockets"]}
+    assert socks[18086]["family"] == "ipv6" and socks[18086]["v6only"] is False
+    assert socks[18087]["v6only"] is True and socks[18087]["local"]["addr"] == "::1"
+    dual.close()
+    only.close()
+
+
+def test_udp_bound_and_connected(netns, rebind_cli):
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.bind(("127.0.0.1", 18088))
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b.bind(("127.0.0.1", 18089))
+    b.connect(("127.0.0.1", 18088))
+    socks = ls_json(rebind_cli, "18088", "18089", "--udp")["sockets"]
+    by = {s["local"]["port"]: s for s in socks}
+    assert by[18088]["state"] == "UNCONN" and by[18089]["state"] == "ESTABLISHED"
+    assert all(s["proto"] == "udp" for s in socks)
+    assert ls_json(rebind_cli, "18088", "--tcp")["sockets"] == []
+    a.close()
+    b.close()
+
+
+def test_other_users_socket(netns, procs, rebind_cli):
+    p = procs.python(OTHER_UID.format(port=18090))
+    procs.wait_line(p)
+    [sock] = ls_json(rebind_cli, "18090")["sockets"]
+    assert sock["uid"] == 65534 and _pids(sock) == {p.pid}
+    assert sock["owners"][0]["uid"] == 65534
+
+
+def test_filters_and_exit_codes(netns, procs, rebind_cli):
+    p = procs.python(LISTEN.format(opts="", addr="127.0.0.1", port=18091))
+    procs.wait_line(p)
+    assert rebind_cli("ls", "18091").returncode == 0
+    assert rebind_cli("ls", "18092").returncode == 1
+    assert rebind_cli("ls", "127.0.0.2:18091").returncode == 1
+    assert rebind_cli("ls", "127.0.0.1:18091").returncode == 0
+    assert rebind_cli("ls", "18091", "--state", "time-wait").returncode == 1
+    doc = ls_json(rebind_cli, "18091", "--no-owners")
+    assert doc["sockets"][0]["owners"] is None and doc["owner_scan"] is None
+    assert ls_json(rebind_cli, "--listening")["sockets"][0]["local"]["port"] == 18091
+    text = rebind_cli("ls", "18091").stdout
+    assert "LISTEN" in text and f"[{p.pid}]" in text and "\x1b[" not in text
+
+
+def test_many_ports_filtered_in_kernel(netns, rebind_cli):
+    socks = [socket.create_server(("127.0.0.1", 19000 + i)) for i in range(40)]
+    ports = [str(19000 + i) for i in range(0, 40, 2)]
+    got = {s["local"]["port"] for s in ls_json(rebind_cli, *ports)["sockets"]}
+    assert got == {int(p) for p in ports}
+    for s in socks:
+        s.close()
+
+
+def test_differential_against_ss(netns, procs, rebind_cli):
+    """Every socket ss shows on these ports appears in rebind with the same state and pids."""
+    p1 = procs.python(LISTEN.format(opts="", addr="0.0.0.0", port=18093))
+    procs.wait_line(p1)
+    p2 = procs.python(SHARED.format(port=18094))
+    for k in procs.wait_line(p2).split():
+        procs.adopt(int(k))
+    p3 = procs.python(TIME_WAIT.format(port=18095, opts=""))
+    procs.wait_line(p3)
+    c = socket.create_connection(("127.0.0.1", 18093))
+    ports = ["18093", "18094", "18095"]
+    out = subprocess.run(
+        ["ss", "-tanpH", "( sport = :18093 or sport = :18094 or sport = :18095 )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    ss_rows = set()
+    for line in out.splitlines():
+        f = line.split()
+        state = {"ESTAB": "ESTABLISHED", "TIME-WAIT": "TIME_WAIT"}.get(f[0], f[0].replace("-", "_"))
+        # users:(("python3",pid=123,fd=3),("python3",pid=124,fd=3))
+        pids = frozenset(int(tok.split(",")[0]) for tok in line.split("pid=")[1:])
+        ss_rows.add((state, f[3], pids))
+    doc = ls_json(rebind_cli, *ports)
+    ours = {
+        (s["state"], f"{s['local']['addr']}:{s['local']['port']}", frozenset(_pids(s))) for s in doc["sockets"]
+    }
+    assert ss_rows, out
+    assert ss_rows <= ours
+    lsof = subprocess.run(["lsof", "-nP", "-a", "-iTCP:18094", "-sTCP:LISTEN", "-Fp"], capture_output=True, text=True)
+    lsof_pids = {int(x[1:]) for x in lsof.stdout.split() if x.startswith("p")}
+    [shared] = [s for s in doc["sockets"] if s["local"]["port"] == 18094]
+    assert lsof_pids == _pids(shared)
+    c.close()

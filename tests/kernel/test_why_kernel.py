@@ -1,0 +1,146 @@
+"""`rebind why` on real scenarios; the model must agree with the kernel's trial bind."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from tests.kernel.helpers import BOUND_ONLY, LISTEN, ORPHAN_CHILD, OTHER_UID, TIME_WAIT
+
+REUSE = "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+
+
+def why(rebind_cli: Any, *args: str) -> tuple[int, dict[str, Any]]:
+    res = rebind_cli("why", *args, "--json")
+    assert res.returncode in (0, 1), res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["disagreement"] is None, doc["disagreement"]
+    return res.returncode, doc
+
+
+def test_free_port(netns, rebind_cli):
+    code, doc = why(rebind_cli, "18100")
+    assert code == 0 and doc["bindable"] and doc["blockers"] == [] and "free" in doc["verdict"]
+
+
+def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
+    p = procs.python(TIME_WAIT.format(port=18101, opts=""))
+    procs.wait_line(p)
+    code, doc = why(rebind_cli, "18101")
+    assert code == 1
+    assert "TIME_WAIT" in doc["verdict"] and "without SO_REUSEADDR" in doc["verdict"] and "free in" in doc["verdict"]
+    [b] = doc["blockers"]
+    assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == "inferred"
+    assert 0 < doc["frees_in_ms"] <= 60_000
+    # The post's fix does not help: the old socket lacked the flag.
+    code, doc = why(rebind_cli, "18101", "--reuseaddr")
+    assert code == 1 and doc["blockers"][0]["rule"] == "reuseaddr-missing-old"
+    # ...but another loopback address works: a TIME_WAIT holds only its own address.
+    assert any(a["works"] and a["addr"] == "127.0.0.2" for a in doc["attempts"])
+    assert any(f["command"] == "rebind wait 18101" for f in doc["fixes"])
+
+
+def test_time_wait_with_reuseaddr_lets_reuseaddr_restart(netns, procs, rebind_cli):
+    p = procs.python(TIME_WAIT.format(port=18102, opts=REUSE))
+    procs.wait_line(p)
+    code, doc = why(rebind_cli, "18102", "--reuseaddr")
+    assert code == 0 and doc["bindable"]
+    code, doc = why(rebind_cli, "18102")
+    assert code == 1 and doc["blockers"][0]["reuseaddr"] is True
+
+
+def test_live_listener_named_with_owner(netns, procs, rebind_cli):
+    p = procs.python(LISTEN.format(opts=REUSE, addr="0.0.0.0", port=18103))
+    procs.wait_line(p)
+    code, doc = why(rebind_cli, "18103", "--reuseaddr")
+    assert code == 1 and "live listener" in doc["verdict"] and str(p.pid) in doc["verdict"]
+    [b] = doc["blockers"]
+    assert b["rule"] == "listener-never-yields" and b["flags_source"] == "read" and b["reuseaddr"] is True
+    assert [o["pid"] for o in b["socket"]["owners"]] == [p.pid]
+
+
+def test_bound_inactive_holder(netns, procs, rebind_cli):
+    p = procs.python(BOUND_ONLY.format(port=18104))
+    procs.wait_line(p)
+    code, doc = why(rebind_cli, "18104")
+    assert code == 1 and doc["blockers"][0]["kind"] == "bound-inactive"
+    assert "bound but not listening" in doc["verdict"]
+    # Both have SO_REUSEADDR and the holder is not listening: bind and listen both work.
+    code, doc = why(rebind_cli, "18104", "--reuseaddr")
+    assert code == 0
+
+
+def test_inherited_listener_after_parent_exit(netns, procs, rebind_cli):
+    p = procs.python(ORPHAN_CHILD.format(port=18105), start_new_session=True)
+    child = int(procs.wait_line(p))
+    procs.adopt(child)
+    p.wait(5)
+    code, doc = why(rebind_cli, "18105")
+    assert code == 1 and doc["blockers"][0]["kind"] == "inherited-listener"
+    assert "inherited" in doc["verdict"]
+    assert any("close-on-exec" in f["title"] for f in doc["fixes"])
+
+
+def test_dual_stack_listener_blocks_ipv4(netns, rebind_cli):
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", 18106))
+    s.listen()
+    code, doc = why(rebind_cli, "18106", "--addr", "127.0.0.1")
+    assert code == 1 and doc["blockers"][0]["socket"]["v6only"] is False
+    s.close()
+    v6 = socket.socket(socket.AF_INET6)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    v6.bind(("::", 18106))
+    v6.listen()
+    code, _ = why(rebind_cli, "18106", "--addr", "0.0.0.0")
+    assert code == 0
+    v6.close()
+
+
+def test_other_users_reuseport_group(netns, procs, rebind_cli):
+    code = OTHER_UID.replace("s.bind", "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\ns.bind")
+    p = procs.python(code.format(port=18107))
+    procs.wait_line(p)
+    code_, doc = why(rebind_cli, "18107", "--reuseport")
+    assert code_ == 1 and doc["blockers"][0]["rule"] == "reuseport-other-uid"
+
+
+def test_outgoing_connection_using_the_port(netns, rebind_cli):
+    srv = socket.create_server(("127.0.0.1", 18108))
+    cli = socket.socket()
+    cli.bind(("127.0.0.1", 40123))  # stands in for an ephemeral port inside ip_local_port_range
+    cli.connect(("127.0.0.1", 18108))
+    acc, _ = srv.accept()
+    code, doc = why(rebind_cli, "40123")
+    assert code == 1 and doc["blockers"][0]["kind"] == "outgoing"
+    assert any("ip_local_reserved_ports" in (f["command"] or "") for f in doc["fixes"])
+    for s in (acc, cli, srv):
+        s.close()
+
+
+def test_address_not_on_host(netns, rebind_cli):
+    # 192.0.2.0/24 is TEST-NET-1: never configured here; bind() is refused, nothing is sent.
+    code, doc = why(rebind_cli, "192.0.2.1:18109")
+    assert code == 1 and doc["trial"]["error"] == "EADDRNOTAVAIL" and doc["outcome"]["errno"] == 99
+
+
+def test_udp_rules(netns, rebind_cli):
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    a.bind(("0.0.0.0", 18110))
+    assert why(rebind_cli, "18110", "--udp")[0] == 1
+    assert why(rebind_cli, "18110", "--udp", "--reuseaddr")[0] == 0
+    assert why(rebind_cli, "18110")[0] == 0  # TCP and UDP never conflict
+    a.close()
+
+
+def test_text_output_and_shorthand(netns, procs, rebind_cli):
+    p = procs.python(TIME_WAIT.format(port=18111, opts=""))
+    procs.wait_line(p)
+    res = rebind_cli("18111")
+    assert res.returncode == 1
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("18111/tcp is busy: TIME_WAIT left by a server without SO_REUSEADDR")
+    assert "Fixes" in res.stdout and "SO_REUSEADDR" in res.stdout and "\x1b[" not in res.stdout
