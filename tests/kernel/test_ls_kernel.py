@@ -180,11 +180,14 @@ def test_differential_against_ss(netns, procs, rebind_cli):
         ss_rows.add((state, f[3], pids))
     doc = ls_json(rebind_cli, *ports)
     ours = {
-        (s["state"], f"{s['local']['addr']}:{s['local']['port']}", frozenset(_pids(s))) for s in doc["sockets"]
+        (s["state"], f"{s['local']['addr']}:{s['local']['port']}", frozenset(_pids(s)))
+        for s in doc["sockets"]
     }
     assert ss_rows, out
     assert ss_rows <= ours
-    lsof = subprocess.run(["lsof", "-nP", "-a", "-iTCP:18094", "-sTCP:LISTEN", "-Fp"], capture_output=True, text=True)
+    lsof = subprocess.run(
+        ["lsof", "-nP", "-a", "-iTCP:18094", "-sTCP:LISTEN", "-Fp"], capture_output=True, text=True
+    )
     lsof_pids = {int(x[1:]) for x in lsof.stdout.split() if x.startswith("p")}
     [shared] = [s for s in doc["sockets"] if s["local"]["port"] == 18094]
     assert lsof_pids == _pids(shared)

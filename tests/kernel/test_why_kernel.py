@@ -29,7 +29,11 @@ def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
     procs.wait_line(p)
     code, doc = why(rebind_cli, "18101")
     assert code == 1
-    assert "TIME_WAIT" in doc["verdict"] and "without SO_REUSEADDR" in doc["verdict"] and "free in" in doc["verdict"]
+    assert (
+        "TIME_WAIT" in doc["verdict"]
+        and "without SO_REUSEADDR" in doc["verdict"]
+        and "free in" in doc["verdict"]
+    )
     [b] = doc["blockers"]
     assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == "inferred"
     assert 0 < doc["frees_in_ms"] <= 60_000

@@ -1,0 +1,291 @@
+"""Wait until a port is bindable (trial bind) or served (something accepts connections).
+
+wait-for-it and wait-on test *connect*: they say "free" while a TIME_WAIT still makes the
+restart's bind() fail. Here "bindable" means a real bind() with the caller's options succeeds
+(a probe that never listens), and progress comes from the blockers' own timers.
+
+Each wait is one generator of sleep intervals, driven by a sync or an async loop, so both
+variants share every decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from rebind.actions.common import TRANSIENT_ERRNOS, AddrLike, bind_request, parse_addr, parse_proto, try_bind
+from rebind.diagnose import Diagnosis, diagnose
+from rebind.errors import UsageError
+from rebind.kernel.trial import TrialResult
+from rebind.model.conflict import BindRequest
+from rebind.model.records import Proto
+
+#: How often the trial bind runs: one socket() + bind() + close(), cheap enough for 10 Hz.
+POLL_INTERVAL = 0.1
+#: How often blockers are re-read for progress (a netlink dump of one port, no owner scan).
+REFRESH_INTERVAL = 1.0
+#: Addresses --until-listening tries when none is given: servers bind one family or both.
+LOOPBACKS: tuple[IPv4Address | IPv6Address, ...] = (IPv4Address("127.0.0.1"), IPv6Address("::1"))
+
+Progress = Callable[[Diagnosis, float], None]
+Steps = Generator[float, None, "WaitResult"]
+
+
+class NotWaitable(UsageError):
+    """bind() fails for a reason that waiting cannot fix (EACCES, EINVAL, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    ok: bool
+    #: Seconds spent waiting.
+    elapsed: float
+    request: BindRequest | None = None
+    #: The last trial bind (wait_bindable).
+    trial: TrialResult | None = None
+    #: On timeout: what still blocks (wait_bindable), with owners.
+    diagnosis: Diagnosis | None = None
+    #: The address that accepted a connection / holds a bound UDP socket (wait_listening).
+    answered: IPv4Address | IPv6Address | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bindable
+
+
+def _bindable_steps(
+    req: BindRequest, timeout: float | None, interval: float, on_progress: Progress | None
+) -> Steps:
+    start = time.monotonic()
+    refreshed = -REFRESH_INTERVAL
+    while True:
+        trial = try_bind(req)
+        elapsed = time.monotonic() - start
+        if trial.ok:
+            return WaitResult(True, elapsed, req, trial)
+        if trial.errno not in TRANSIENT_ERRNOS:
+            raise NotWaitable(f"{trial}; waiting will not change that")
+        if on_progress is not None and elapsed - refreshed >= REFRESH_INTERVAL:
+            refreshed = elapsed
+            on_progress(diagnose(req, owners=False), elapsed)
+        if timeout is not None and elapsed >= timeout:
+            return WaitResult(False, elapsed, req, trial, diagnose(req, owners=True))
+        left = interval if timeout is None else min(interval, max(timeout - elapsed, 0.0))
+        yield left
+
+
+def _check_timing(timeout: float | None, interval: float) -> None:
+    if timeout is not None and timeout < 0:
+        raise UsageError(f"timeout must be >= 0, not {timeout}")
+    if interval <= 0:
+        raise UsageError(f"interval must be > 0, not {interval}")
+
+
+def wait_bindable(
+    port: int,
+    *,
+    addr: AddrLike | None = None,
+    proto: Proto | str = Proto.TCP,
+    reuseaddr: bool = False,
+    reuseport: bool = False,
+    v6only: bool | None = None,
+    timeout: float | None = None,
+    interval: float = POLL_INTERVAL,
+    on_progress: Progress | None = None,
+) -> WaitResult:
+    """Block until bind() with these options would succeed (default address 0.0.0.0).
+
+    Returns ``ok=False`` with the remaining blockers after ``timeout`` seconds. Raises
+    :class:`NotWaitable` when bind() fails for a reason time cannot fix (e.g. EACCES).
+    ``on_progress(diagnosis, elapsed)`` is called about once a second while blocked;
+    ``diagnosis.frees_in_ms`` says when the last timed blocker (TIME_WAIT) expires.
+    """
+    _check_timing(timeout, interval)
+    req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
+    return _run(_bindable_steps(req, timeout, interval, on_progress))
+
+
+async def wait_bindable_async(
+    port: int,
+    *,
+    addr: AddrLike | None = None,
+    proto: Proto | str = Proto.TCP,
+    reuseaddr: bool = False,
+    reuseport: bool = False,
+    v6only: bool | None = None,
+    timeout: float | None = None,
+    interval: float = POLL_INTERVAL,
+    on_progress: Progress | None = None,
+) -> WaitResult:
+    """:func:`wait_bindable` for asyncio: sleeps with ``asyncio.sleep`` between trial binds."""
+    _check_timing(timeout, interval)
+    req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
+    return await _run_async(_bindable_steps(req, timeout, interval, on_progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Listening
+
+
+def _targets(addr: AddrLike | None) -> tuple[IPv4Address | IPv6Address, ...]:
+    a = parse_addr(addr)
+    if a is None or a.is_unspecified:
+        return LOOPBACKS
+    return (a,)
+
+
+def accepts(addr: IPv4Address | IPv6Address, port: int, timeout: float = 1.0) -> bool:
+    """Does a TCP connect to addr:port complete? Closed at once, like ``nc -z``."""
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError:
+        return False  # e.g. IPv6 disabled
+    with s:
+        s.settimeout(timeout)
+        if s.connect_ex((str(addr), port)) != 0:
+            return False
+        return not _self_connected(s)
+
+
+def _self_connected(s: socket.socket) -> bool:
+    # A loopback connect to a port in the ephemeral range can pick that very port as its source
+    # and complete a TCP simultaneous open with itself: connected, yet nobody listens.
+    try:
+        return bool(s.getsockname()[:2] == s.getpeername()[:2])
+    except OSError:
+        return True
+
+
+async def accepts_async(addr: IPv4Address | IPv6Address, port: int, timeout: float = 1.0) -> bool:
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError:
+        return False
+    with s:
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, (str(addr), port)), timeout)
+        except (OSError, TimeoutError):
+            return False
+        return not _self_connected(s)
+
+
+def udp_bound(addrs: tuple[IPv4Address | IPv6Address, ...], port: int) -> IPv4Address | IPv6Address | None:
+    """A bound UDP socket on port that receives on one of addrs (UDP has nothing to connect to)."""
+    from rebind.kernel.diag import iter_sockets
+    from rebind.model.conflict import overlap
+    from rebind.model.records import State
+
+    for r in iter_sockets(protos=[Proto.UDP], states=[State.CLOSE], ports=[port]):
+        for a in addrs:
+            if overlap(r.local.addr, bool(r.v6only), a, a.version == 6):
+                return a
+    return None
+
+
+def _listening_steps(
+    port: int, proto: Proto, addrs: tuple[IPv4Address | IPv6Address, ...], timeout: float | None, interval: float
+) -> Generator[float | tuple[IPv4Address | IPv6Address, ...], bool | IPv4Address | IPv6Address | None, WaitResult]:
+    """Yields a delay (sleep) or the addresses to probe (the driver answers with the winner)."""
+    start = time.monotonic()
+    while True:
+        if proto is Proto.UDP:
+            hit = udp_bound(addrs, port)
+        else:
+            hit = yield addrs
+        elapsed = time.monotonic() - start
+        if isinstance(hit, IPv4Address | IPv6Address):
+            return WaitResult(True, elapsed, answered=hit)
+        if timeout is not None and elapsed >= timeout:
+            return WaitResult(False, elapsed)
+        yield interval if timeout is None else min(interval, max(timeout - elapsed, 0.0))
+
+
+def wait_listening(
+    port: int,
+    *,
+    addr: AddrLike | None = None,
+    proto: Proto | str = Proto.TCP,
+    timeout: float | None = None,
+    interval: float = POLL_INTERVAL,
+) -> WaitResult:
+    """Block until something accepts TCP connections on port (127.0.0.1 or ::1 unless ``addr``).
+
+    For UDP, until a bound UDP socket receives on one of those addresses.
+    """
+    _check_timing(timeout, interval)
+    p, addrs = parse_proto(proto), _targets(addr)
+    from rebind.actions.common import check_port
+
+    steps = _listening_steps(check_port(port), p, addrs, timeout, interval)
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, tuple):
+                step = steps.send(next((a for a in step if accepts(a, port)), None))
+            else:
+                time.sleep(step)
+                step = next(steps)
+    except StopIteration as stop:
+        result: WaitResult = stop.value
+        return result
+
+
+async def wait_listening_async(
+    port: int,
+    *,
+    addr: AddrLike | None = None,
+    proto: Proto | str = Proto.TCP,
+    timeout: float | None = None,
+    interval: float = POLL_INTERVAL,
+) -> WaitResult:
+    """:func:`wait_listening` for asyncio (non-blocking connects)."""
+    _check_timing(timeout, interval)
+    p, addrs = parse_proto(proto), _targets(addr)
+    from rebind.actions.common import check_port
+
+    steps = _listening_steps(check_port(port), p, addrs, timeout, interval)
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, tuple):
+                hit = None
+                for a in step:
+                    if await accepts_async(a, port):
+                        hit = a
+                        break
+                step = steps.send(hit)
+            else:
+                await asyncio.sleep(step)
+                step = next(steps)
+    except StopIteration as stop:
+        result: WaitResult = stop.value
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Drivers
+
+
+def _run(steps: Steps) -> WaitResult:
+    try:
+        while True:
+            time.sleep(next(steps))
+    except StopIteration as stop:
+        result: WaitResult = stop.value
+        return result
+
+
+async def _run_async(steps: Steps) -> WaitResult:
+    try:
+        while True:
+            await asyncio.sleep(next(steps))
+    except StopIteration as stop:
+        result: WaitResult = stop.value
+        return result
