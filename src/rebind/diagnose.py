@@ -18,12 +18,14 @@ from rebind.model.conflict import (
     Holder,
     KernelSettings,
     Outcome,
+    Rule,
     SockOpts,
     Stage,
     Verdict,
     evaluate,
 )
 from rebind.model.diagnosis import (
+    NO_SOCKET_KINDS,
     Fix,
     HolderKind,
     ProcessHint,
@@ -252,7 +254,8 @@ def _alternative_address(req: BindRequest) -> IPv4Address | IPv6Address | None:
 
 
 def _process_hints(table: SocketTable) -> dict[int, ProcessHint]:
-    from rebind.kernel.owners import describe_process, proc_root
+    """Process-tree facts for owners: one /proc stat read each (owners can number hundreds)."""
+    from rebind.kernel.owners import proc_root
 
     holders_of: dict[int | None, set[int]] = {}
     for e in table.entries:
@@ -264,19 +267,29 @@ def _process_hints(table: SocketTable) -> dict[int, ProcessHint]:
         for o in e.owners:
             if o.pid in hints:
                 continue
-            parent = describe_process(o.ppid) if o.ppid else None
+            parent = _comm(o.ppid, root) if o.ppid else None
             pgid = _pgid(o.pid, root)
             lost = None
+            # A worker whose process-group leader is gone and who was re-parented to init (or a
+            # subreaper) was started by a parent that has exited.
             if pgid and pgid != o.pid and not os.path.exists(f"{root}/{pgid}") and o.ppid in (0, 1):
                 lost = pgid
             hints[o.pid] = ProcessHint(
                 pid=o.pid,
                 parent_alive=parent is not None,
                 parent_holds=o.ppid in pids,
-                parent_name=parent.name if parent else None,
+                parent_name=parent,
                 lost_group_leader=lost,
             )
     return hints
+
+
+def _comm(pid: int, root: str) -> str | None:
+    try:
+        with open(f"{root}/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _pgid(pid: int, root: str) -> int | None:
@@ -302,9 +315,18 @@ def _blocker_infos(
     out = []
     for b in outcome.blockers:
         e = entries.get(b.holder.socket.key, SocketEntry(b.holder.socket))
-        kind = classify(e, hints=hints, listener_on_port=listener, ephemeral=settings.ip_local_port_range)
+        if b.rule in _NO_SOCKET_RULES:
+            kind = _NO_SOCKET_RULES[b.rule]
+        else:
+            kind = classify(e, hints=hints, listener_on_port=listener, ephemeral=settings.ip_local_port_range)
         out.append(BlockerInfo(e, b, kind, b.holder.opts, src_of.get(b.holder.socket.key, "unknown")))
     return out
+
+
+_NO_SOCKET_RULES = {
+    Rule.PRIVILEGED_PORT: HolderKind.PRIVILEGED_PORT,
+    Rule.ADDRESS_NOT_LOCAL: HolderKind.ADDRESS_NOT_LOCAL,
+}
 
 
 def _frees_in(infos: list[BlockerInfo]) -> int | None:
@@ -350,6 +372,9 @@ def _verdict_line(
     if not infos:
         return f"{where} cannot be bound: {trial}"
     first = infos[0]
+    if first.kind in NO_SOCKET_KINDS:
+        on = f" on {req.addr}" if first.kind is HolderKind.ADDRESS_NOT_LOCAL else ""
+        return f"{where} cannot be bound{on}: {first.blocker.reason} ({trial.error_name or 'predicted'})"
     phrase = kind_phrase(first.kind, first.entry.socket, first.opts.reuseaddr)
     if (
         first.kind in (HolderKind.TIME_WAIT, HolderKind.ORPHAN_FIN_WAIT2)

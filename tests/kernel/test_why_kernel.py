@@ -148,3 +148,54 @@ def test_text_output_and_shorthand(netns, procs, rebind_cli):
     first = res.stdout.splitlines()[0]
     assert first.startswith("18111/tcp is busy: TIME_WAIT left by a server without SO_REUSEADDR")
     assert "Fixes" in res.stdout and "SO_REUSEADDR" in res.stdout and "\x1b[" not in res.stdout
+
+
+def test_privileged_port_without_capability(netns, rebind_cli):
+    # Drop CAP_NET_BIND_SERVICE from the bounding set: port 80 is then refused with EACCES.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "util-linux setpriv is needed"
+    env = dict(os.environ, NO_COLOR="1")
+    res = subprocess.run(
+        [
+            setpriv,
+            "--bounding-set",
+            "-net_bind_service",
+            sys.executable,
+            "-m",
+            "rebind",
+            "why",
+            "80",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 1, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["trial"]["error"] == "EACCES" and doc["outcome"]["errno"] == 13
+    assert doc["disagreement"] is None
+    assert "CAP_NET_BIND_SERVICE" in doc["blockers"][0]["reason"]
+
+
+CONTAINER_PROXY = """
+import ctypes, socket, time
+ctypes.CDLL(None).prctl(15, b"docker-proxy", 0, 0, 0)  # PR_SET_NAME: what `comm` shows
+s = socket.create_server(("127.0.0.1", {port}))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_container_proxy_is_named(netns, procs, rebind_cli):
+    p = procs.python(CONTAINER_PROXY.format(port=18112))
+    procs.wait_line(p)
+    code, doc = why(rebind_cli, "18112")
+    assert code == 1 and doc["blockers"][0]["kind"] == "container-proxy"
+    assert "container" in doc["verdict"]
+    assert any("docker ps" in (f["command"] or "") for f in doc["fixes"])

@@ -155,6 +155,9 @@ def print_diagnosis(d: Diagnosis) -> None:
     if d.blockers:
         con.print("\n[bold]Blocking[/]")
         for b in d.blockers:
+            if b.kind.value in ("privileged-port", "address-not-local"):
+                con.print(f"  • {escape(b.blocker.reason)}")
+                continue
             r = b.entry.socket
             remote = "" if r.remote.port == 0 else f" → {r.remote}"
             left = f", {fmt_ms(r.expires_ms)} left" if r.is_mini and r.expires_ms is not None else ""
@@ -170,7 +173,7 @@ def print_diagnosis(d: Diagnosis) -> None:
             con.print(f"    {escape(b.blocker.reason)}{stage}{sure}")
     for note in d.outcome.notes:
         con.print(f"  [dim]note: {escape(note)}[/]")
-    if d.attempts and not d.bindable:
+    if d.attempts and not d.bindable and any(a.trial.ok or a.works for a in d.attempts):
         con.print("\n[bold]What works right now[/] [dim](trial bind for bind(); model for listen())[/]")
         for a in d.attempts:
             mark = "[green]✓[/]" if a.works else "[red]✗[/]"

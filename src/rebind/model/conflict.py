@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
 
-from rebind.model.records import IPAddress, Proto, SocketRecord
+from rebind.model.records import Endpoint, Family, IPAddress, Proto, SocketRecord, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +105,9 @@ class Outcome:
     notes: tuple[str, ...] = ()
 
 
-from ipaddress import IPv4Address as _V4  # noqa: E402
-
-from rebind.model.records import Endpoint, Family, State  # noqa: E402
-
 # A placeholder holder for errors that no socket causes (EACCES, EADDRNOTAVAIL).
 _NO_SOCKET = SocketRecord(
-    Proto.TCP, Family.INET, State.CLOSE, Endpoint(_V4(0), 0), Endpoint(_V4(0), 0), None, None
+    Proto.TCP, Family.INET, State.CLOSE, Endpoint(IPv4Address(0), 0), Endpoint(IPv4Address(0), 0), None, None
 )
 
 EADDRINUSE = 98
@@ -125,8 +122,6 @@ def _recv_families(addr: IPAddress, v6only: bool) -> dict[int, IPAddress | None]
     addresses receive IPv4; [::] receives IPv6, and IPv4 too unless v6only; any other IPv6
     address receives IPv6 only (__inet6_bind forces v6only for it).
     """
-    from ipaddress import IPv4Address, IPv6Address
-
     if isinstance(addr, IPv4Address):
         return {4: None if addr.is_unspecified else addr}
     assert isinstance(addr, IPv6Address)
@@ -155,8 +150,6 @@ def _effective_v6only(addr: IPAddress, v6only: bool | None, settings: KernelSett
 
 def _tcp_conflict(req: BindRequest, e: SocketRecord, ra: bool, rp: bool) -> tuple[bool, Rule]:
     """inet_bind_conflict() for one holder with its flags fixed to (ra, rp)."""
-    from rebind.model.records import State
-
     listening = e.state is State.LISTEN
     if req.reuseaddr and ra and not listening:
         return False, Rule.PLAIN_OVERLAP
@@ -224,14 +217,17 @@ def _reason(req: BindRequest, h: Holder, rule: Rule, certain: bool) -> str:
         Rule.UDP_OVERLAP: "UDP sockets share a port only if both set SO_REUSEADDR, or both set SO_REUSEPORT "
         "as the same user",
     }.get(rule, str(rule))
+    if rule is Rule.PLAIN_OVERLAP and e.state is State.LISTEN:
+        text = (
+            "it is listening on an overlapping address; SO_REUSEADDR never shares a listener, "
+            "SO_REUSEPORT on both sockets (same user) would"
+        )
     if not certain:
         text += " — if its flags are what they would need to be, it would not block"
     return f"{what}: {text}"
 
 
 def _address_error(req: BindRequest, settings: KernelSettings) -> Blocker | None:
-    from ipaddress import IPv4Address, IPv6Address
-
     if settings.local_addresses is None or req.freebind:
         return None
     a = req.addr

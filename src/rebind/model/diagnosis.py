@@ -40,6 +40,12 @@ class HolderKind(enum.StrEnum):
     CONNECTION = "connection"  # an accepted connection still open
     OUTGOING = "outgoing"  # a client connection whose ephemeral local port is this port
     UDP = "udp"
+    PRIVILEGED_PORT = "privileged-port"  # EACCES: no socket involved
+    ADDRESS_NOT_LOCAL = "address-not-local"  # EADDRNOTAVAIL: no socket involved
+
+
+#: Kinds that are not sockets at all, so there is no holder to show.
+NO_SOCKET_KINDS = frozenset({HolderKind.PRIVILEGED_PORT, HolderKind.ADDRESS_NOT_LOCAL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +98,23 @@ def _listener_kind(owners: tuple[Owner, ...], hints: dict[int, ProcessHint]) -> 
 
 
 def describe_owner(owners: tuple[Owner, ...], limit: int = 3) -> str:
+    """'python3 (pid 12, user root)' or 'python3 (pids 12, 13, 14 and 198 more; user root)'."""
     if not owners:
         return "no process (kernel-owned)"
-    seen: list[str] = []
+    groups: dict[tuple[str, str | None], list[int]] = {}
     for o in owners:
-        label = f"{o.name} (pid {o.pid}{', user ' + o.user if o.user else ''})"
-        if label not in seen:
-            seen.append(label)
-    more = len(seen) - limit
-    return ", ".join(seen[:limit]) + (f" and {more} more" if more > 0 else "")
+        pids = groups.setdefault((o.name, o.user), [])
+        if o.pid not in pids:
+            pids.append(o.pid)
+    parts = []
+    for (name, user), pids in groups.items():
+        shown = ", ".join(str(p) for p in pids[:limit])
+        more = f" and {len(pids) - limit} more" if len(pids) > limit else ""
+        who = f"; user {user}" if user else ""
+        parts.append(f"{name} (pid{'s' if len(pids) > 1 else ''} {shown}{more}{who})")
+    return ", ".join(parts[:limit]) + (
+        f" and {len(parts) - limit} other programs" if len(parts) > limit else ""
+    )
 
 
 def kind_phrase(kind: HolderKind, rec: SocketRecord, reuseaddr: bool | None) -> str:
@@ -117,6 +131,8 @@ def kind_phrase(kind: HolderKind, rec: SocketRecord, reuseaddr: bool | None) -> 
         HolderKind.CONNECTION: f"an open connection{flag}",
         HolderKind.OUTGOING: "an outgoing connection whose ephemeral local port is this port",
         HolderKind.UDP: "a bound UDP socket",
+        HolderKind.PRIVILEGED_PORT: "a privileged port and no CAP_NET_BIND_SERVICE",
+        HolderKind.ADDRESS_NOT_LOCAL: "the address is not on this host",
     }[kind]
 
 
@@ -207,6 +223,33 @@ def fixes_for(
                 f"docker ps --filter publish={port}",
             )
         )
+    if HolderKind.PRIVILEGED_PORT in ks:
+        out.append(
+            Fix(
+                "Give the server CAP_NET_BIND_SERVICE, or lower the privileged range",
+                "Ports below net.ipv4.ip_unprivileged_port_start (per network namespace) need the "
+                "capability in the namespace's user namespace.",
+                "sudo setcap cap_net_bind_service=+ep /path/to/server   "
+                f"# or: sysctl -w net.ipv4.ip_unprivileged_port_start={port}",
+            )
+        )
+        out.append(
+            Fix(
+                "Let a privileged supervisor bind it and hand the socket over",
+                "systemd socket activation or `rebind run` bind once as root; the app gets fd 3.",
+                f"sudo rebind run --listen {port} -- YOUR-SERVER",
+            )
+        )
+    if HolderKind.ADDRESS_NOT_LOCAL in ks:
+        out.append(
+            Fix(
+                "Bind an address this host has, or the wildcard",
+                "bind() accepts only local addresses unless IP_FREEBIND or net.ipv4.ip_nonlocal_bind "
+                "is set (useful for an address that appears later, e.g. a VIP).",
+                f"rebind why {port} --addr 0.0.0.0",
+                python="s.setsockopt(socket.SOL_IP, socket.IP_FREEBIND, 1)  # if the address comes later",
+            )
+        )
     if HolderKind.OUTGOING in ks:
         out.append(
             Fix(
@@ -224,6 +267,8 @@ def fixes_for(
                 c="setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);",
             )
         )
+    if ks and ks <= NO_SOCKET_KINDS:
+        return out
     out.append(
         Fix(
             "Never close the listening socket on restart",
