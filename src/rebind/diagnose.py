@@ -177,7 +177,7 @@ def _holders(table: SocketTable, req: BindRequest) -> tuple[list[Holder], list[s
             if flags is not None:
                 opts, src = SockOpts(*flags), "read"
                 break
-        if src == "unknown" and e.socket.is_mini:
+        if src == "unknown" and not e.owners and e.socket.state is not State.LISTEN:
             # A child's TIME_WAIT normally carries its listener's flags (inet_twsk_alloc copies
             # sk_reuse from the child, which inherited it from the listener at accept()).
             parent = _listener_for(e, listeners)
@@ -203,7 +203,13 @@ def _listener_for(e: SocketEntry, listeners: list[SocketEntry]) -> SocketEntry |
 def _infer_from_trial(
     req: BindRequest, holders: list[Holder], sources: list[str], settings: KernelSettings
 ) -> tuple[list[Holder], list[str]]:
-    unknown = [i for i, h in enumerate(holders) if h.socket.is_mini and h.opts.reuseaddr is None]
+    # Ownerless leftovers (TIME_WAIT, orphaned FIN_WAIT*/LAST_ACK/CLOSING) keep the flag of the
+    # socket that closed, and nothing exposes it -- except the kernel's own answer to a bind.
+    unknown = [
+        i
+        for i, (h, src) in enumerate(zip(holders, sources, strict=True))
+        if src == "unknown" and h.opts.reuseaddr is None and h.socket.state is not State.LISTEN
+    ]
     if not unknown or req.proto is not Proto.TCP:
         return holders, sources
     others_ok = [h for i, h in enumerate(holders) if i not in unknown]
@@ -344,7 +350,7 @@ def _frees_in(infos: list[BlockerInfo]) -> int | None:
 
 
 def _old_reuseaddr(infos: list[BlockerInfo]) -> bool | None:
-    vals = {b.opts.reuseaddr for b in infos if b.entry.socket.is_mini}
+    vals = {b.opts.reuseaddr for b in infos if not b.entry.owners}
     return vals.pop() if len(vals) == 1 else None
 
 

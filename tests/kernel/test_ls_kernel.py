@@ -192,3 +192,36 @@ def test_differential_against_ss(netns, procs, rebind_cli):
     [shared] = [s for s in doc["sockets"] if s["local"]["port"] == 18094]
     assert lsof_pids == _pids(shared)
     c.close()
+
+
+def test_not_root_counts_uninspectable_processes(netns, procs):
+    """As an unprivileged user, root's fd tables are unreadable: counted and said, never guessed."""
+    import os
+
+    p = procs.python(LISTEN.format(opts="", addr="127.0.0.1", port=18096))
+    procs.wait_line(p)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody and look
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            from rebind.sockets import socket_table
+
+            t = socket_table(ports=[18096])
+            doc = {
+                "owners": [len(e.owners) for e in t.entries],
+                "inaccessible": t.scan.inaccessible,
+                "warnings": list(t.warnings),
+            }
+            os.write(w, json.dumps(doc).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        doc = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert doc["owners"] == [0]  # the socket is seen, its root owner is not
+    assert doc["inaccessible"] >= 1
+    assert any("could not be inspected" in w for w in doc["warnings"])

@@ -199,3 +199,53 @@ def test_container_proxy_is_named(netns, procs, rebind_cli):
     assert code == 1 and doc["blockers"][0]["kind"] == "container-proxy"
     assert "container" in doc["verdict"]
     assert any("docker ps" in (f["command"] or "") for f in doc["fixes"])
+
+
+def _set_fin_timeout(seconds: int) -> None:
+    with open("/proc/sys/net/ipv4/tcp_fin_timeout", "w") as f:  # per-netns sysctl
+        f.write(f"{seconds}\n")
+
+
+def test_orphan_fin_wait2_leftover_with_and_without_reuseaddr(netns, rebind_cli):
+    _set_fin_timeout(30)
+    for port, opts, expect_flag in ((18113, "", False), (18114, REUSE, True)):
+        srv = socket.socket()
+        if opts:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", port))
+        srv.listen()
+        cli = socket.create_connection(("127.0.0.1", port))
+        acc, _ = srv.accept()
+        acc.close()  # server closes first; the client never does -> server side orphan FIN_WAIT2
+        srv.close()
+        code, doc = why(rebind_cli, str(port), "--reuseaddr")
+        if expect_flag:
+            assert code == 0, doc["verdict"]
+        else:
+            assert code == 1 and doc["blockers"][0]["kind"] == "orphan-fin-wait2"
+            assert doc["blockers"][0]["reuseaddr"] is False and "without SO_REUSEADDR" in doc["verdict"]
+            assert 0 < doc["frees_in_ms"] <= 30_000
+        cli.close()
+
+
+def test_close_wait_held_by_server_process(netns, procs, rebind_cli):
+    code = """
+import socket, sys, time
+s = socket.socket()
+s.bind(('127.0.0.1', {port}))
+s.listen()
+c = socket.create_connection(('127.0.0.1', {port}))
+a, _ = s.accept()
+s.close()   # the listener is gone...
+c.close()   # ...the client hung up, but the server never closes its end: CLOSE_WAIT
+print('ready', flush=True)
+time.sleep(600)
+"""
+    p = procs.python(code.format(port=18115))
+    procs.wait_line(p)
+    code_, doc = why(rebind_cli, "18115")
+    assert code_ == 1
+    [b] = doc["blockers"]
+    assert b["socket"]["state"] == "CLOSE_WAIT" and b["kind"] == "closing-leftover"
+    assert [o["pid"] for o in b["socket"]["owners"]] == [p.pid] and b["flags_source"] == "read"
+    assert "CLOSE_WAIT" in doc["verdict"]
