@@ -146,22 +146,15 @@ _STATE_STYLE = {
 }
 
 
-def print_table(t: SocketTable) -> None:
-    from rich import box
-    from rich.table import Table
-
-    tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for col in ("proto", "state", "local", "remote", "left", "uid"):
-        tab.add_column(col, no_wrap=True, justify="right" if col in ("left", "uid") else "left")
-    if t.owners_scanned:
-        tab.add_column("owners", overflow="fold")
+def _rows(t: SocketTable) -> tuple[list[str], list[list[str]]]:
+    head = ["proto", "state", "local", "remote", "left", "uid"] + (["owners"] if t.owners_scanned else [])
+    rows = []
     for e in t.entries:
         r = e.socket
-        style = _STATE_STYLE.get(r.state.label, "")
         remote = "" if r.remote.port == 0 and r.remote.addr.is_unspecified else str(r.remote)
         row = [
             r.proto.value + ("6" if r.family.label == "ipv6" else ""),
-            f"[{style}]{r.state.label}[/]" if style else r.state.label,
+            r.state.label,
             str(r.local),
             remote or "*",
             fmt_ms(r.expires_ms) if r.is_mini else "",
@@ -169,9 +162,36 @@ def print_table(t: SocketTable) -> None:
         ]
         if t.owners_scanned:
             row.append(owners_cell(e.owners) or ("-" if r.is_mini else ""))
+        rows.append(row)
+    return head, rows
+
+
+def print_table(t: SocketTable) -> None:
+    head, rows = _rows(t)
+    if not sys.stdout.isatty() and not use_color():
+        # Piped: plain aligned columns, without importing rich (start-up time matters here).
+        widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+        for row in [head, *rows]:
+            cells = [
+                c.rjust(w) if i in (4, 5) else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ]
+            sys.stdout.write("  ".join(cells).rstrip() + "\n")
+        for w in t.warnings:
+            sys.stderr.write(f"note: {w}\n")
+        return
+    from rich import box
+    from rich.table import Table
+
+    tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for col in head:
+        tab.add_column(col, no_wrap=col != "owners", justify="right" if col in ("left", "uid") else "left")
+    for row in rows:
+        style = _STATE_STYLE.get(row[1], "")
+        if style:
+            row[1] = f"[{style}]{row[1]}[/]"
         tab.add_row(*row)
-    con = console()
-    con.print(tab)
+    console().print(tab)
     err = console(stderr=True)
     for w in t.warnings:
         err.print(f"[yellow]note:[/] {w}")
