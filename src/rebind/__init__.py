@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from rebind.actions.wait import wait_bindable, wait_bindable_async, wait_listening, wait_listening_async
     # end actions API
 
+if TYPE_CHECKING:
+    # supervisor API
+    from rebind.supervisor.listen import InheritedSocket as InheritedSocket
+    from rebind.supervisor.listen import inherited_sockets as inherited_sockets
+    from rebind.supervisor.listen import listen as listen
+    from rebind.supervisor.listen import notify as notify
+    from rebind.supervisor.listen import notify_ready as notify_ready
+    from rebind.supervisor.listen import start_server as start_server
+    # end supervisor API
+
 _LAZY: dict[str, str] = {
     # actions API
     "wait_bindable": "rebind.actions.wait",
@@ -28,6 +38,14 @@ _LAZY: dict[str, str] = {
     "plan_free": "rebind.actions.free",
     "pick_port": "rebind.actions.pick",
     # end actions API
+    # supervisor API
+    "listen": "rebind.supervisor.listen",
+    "start_server": "rebind.supervisor.listen",
+    "inherited_sockets": "rebind.supervisor.listen",
+    "InheritedSocket": "rebind.supervisor.listen",
+    "notify": "rebind.supervisor.listen",
+    "notify_ready": "rebind.supervisor.listen",
+    # end supervisor API
 }
 
 __all__ = ["__version__", *_LAZY]

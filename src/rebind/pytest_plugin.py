@@ -1,1 +1,23 @@
-"""pytest plugin: the `free_port` fixture (see rebind.actions.pick)."""
+"""pytest plugin: the `free_port` fixture (see rebind.actions.pick).
+
+Registered as a ``pytest11`` entry point, so installing rebind is enough::
+
+    def test_server(free_port):
+        server = start_server(port=free_port)
+
+The port is bindable on every address (TCP, 0.0.0.0 and [::]) when the test starts, lies
+outside ip_local_port_range (no outgoing connection will take it), and concurrent workers
+(pytest-xdist) get different ports through the picker's leases.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that is free now and safe from ephemeral use."""
+    from rebind.actions.pick import pick_port
+
+    return pick_port().port

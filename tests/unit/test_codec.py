@@ -146,3 +146,99 @@ def test_corrupted_valid_stream_raises_only_codec_errors(cut, junk):
         list(c.iter_messages(data, Proto.TCP))
     except (CodecError, KernelError):
         pass
+
+
+def test_done_with_negative_error_carries_errno():
+    with pytest.raises(KernelError) as exc:
+        list(c.iter_messages(_msg(c.NLMSG_DONE, struct.pack("=i", -16)), Proto.TCP))
+    assert exc.value.errno == 16 and not isinstance(exc.value, CodecError)
+    # A DONE without the int (old kernels) or with 0 is a clean end.
+    assert isinstance(next(c.iter_messages(_msg(c.NLMSG_DONE, b""), Proto.TCP)), c.Done)
+    done = next(c.iter_messages(_msg(c.NLMSG_DONE, bytes(4), flags=c.NLM_F_MULTI | c.NLM_F_DUMP_INTR), Proto.TCP))
+    assert done == c.Done(1, interrupted=True)
+
+
+@pytest.mark.parametrize("kind", [c.NLMSG_ERROR, c.NLMSG_DONE])
+@pytest.mark.parametrize("err", [-(2**31), -4096, 1, 2**31 - 1])
+def test_impossible_error_codes_are_codec_errors(kind, err):
+    # Found by the structured Hypothesis test below: INT_MIN used to escape as OverflowError
+    # (os.strerror(2**31)), and a positive NLMSG_ERROR became a KernelError with a negative errno.
+    if kind == c.NLMSG_DONE and err > 0:
+        assert isinstance(next(c.iter_messages(_msg(kind, struct.pack("=i", err)), Proto.TCP)), c.Done)
+        return
+    with pytest.raises(CodecError):
+        list(c.iter_messages(_msg(kind, struct.pack("=i", err) + bytes(16)), Proto.TCP))
+
+
+def test_overrun_and_unknown_types():
+    with pytest.raises(KernelError) as exc:
+        list(c.iter_messages(_msg(c.NLMSG_OVERRUN, b""), Proto.TCP))
+    assert exc.value.errno == 105  # ENOBUFS
+    with pytest.raises(CodecError):
+        list(c.iter_messages(_msg(99, bytes(8)), Proto.TCP))
+    assert list(c.iter_messages(_msg(c.NLMSG_NOOP, b""), Proto.TCP)) == []
+
+
+def test_unknown_family_and_state_are_codec_errors():
+    with pytest.raises(CodecError, match="family"):
+        list(c.iter_messages(_msg(c.SOCK_DIAG_BY_FAMILY, _diag(10, 1, family=7)), Proto.TCP))
+    with pytest.raises(CodecError, match="state"):
+        list(c.iter_messages(_msg(c.SOCK_DIAG_BY_FAMILY, _diag(0, 1)), Proto.TCP))
+
+
+def test_port_range_filter_layout_and_limits():
+    bc = c.port_range_filter(8000, 8999)
+    assert struct.unpack("=BBHBBHBBHBBH", bc) == (c.BcOp.S_GE, 8, 20, 0, 0, 8000, c.BcOp.S_LE, 8, 12, 0, 0, 8999)
+    assert len(c.port_filter(range(1, c.MAX_FILTER_PORTS + 1))) == 12 * c.MAX_FILTER_PORTS - 4
+    with pytest.raises(ValueError):
+        c.port_filter(range(1, c.MAX_FILTER_PORTS + 2))
+    # The request attribute's u16 length must hold the largest filter.
+    req = c.dump_request(Family.INET, Proto.TCP, 0xFFFF, bytecode=c.port_filter(range(1, c.MAX_FILTER_PORTS + 1)))
+    (attr_len,) = struct.unpack_from("=H", req, c.NLMSGHDR.size + c.REQ_V2_HEAD.size + c.SOCKID_SIZE)
+    assert attr_len == 4 + 12 * c.MAX_FILTER_PORTS - 4
+
+
+def test_any_family_request_layout():
+    req = c.dump_request_tcp_any_family(State.LISTEN.bit | State.BOUND_INACTIVE.bit, sport=8080, seq=7)
+    length, kind, flags, seq, _ = c.NLMSGHDR.unpack_from(req)
+    assert (length, kind, seq) == (len(req), c.TCPDIAG_GETSOCK, 7) and flags & c.NLM_F_DUMP
+    sid = c.SockId.unpack_from(req, c.NLMSGHDR.size + c.REQ_V1_HEAD.size)
+    assert sid.sport == 8080 and sid.dport == 0
+    states, _dbs = c.REQ_V1_TAIL.unpack_from(req, c.NLMSGHDR.size + c.REQ_V1_HEAD.size + c.SOCKID_SIZE)
+    assert states == (1 << 10) | (1 << 13)
+
+
+# Structured input: well-framed netlink messages of every type with random payloads, so the
+# decoder's inner paths (errors, attributes, states, families) are reached, not just framing.
+def _frame(kind: int, flags: int, payload: bytes) -> bytes:
+    n = c.NLMSGHDR.size + len(payload)
+    return c.NLMSGHDR.pack(n, kind, flags, 1, 0) + payload + bytes((-n) % 4)
+
+
+_attr = st.tuples(st.integers(0, 0xFFFF), st.binary(max_size=12)).map(
+    lambda t: struct.pack("=HH", 4 + len(t[1]), t[0]) + t[1] + bytes((-(4 + len(t[1]))) % 4)
+)
+_diag_payload = st.tuples(
+    st.sampled_from([2, 10, 0, 1, 255]),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.binary(min_size=c.MSG_SIZE - 4, max_size=c.MSG_SIZE - 4),
+    st.lists(_attr, max_size=4).map(b"".join),
+).map(lambda t: bytes([t[0], t[1], t[2], 0]) + t[3] + t[4])
+_err_payload = st.integers(-(2**31), 2**31 - 1).map(lambda e: struct.pack("=i", e) + bytes(16))
+_message = st.one_of(
+    st.tuples(st.sampled_from([c.SOCK_DIAG_BY_FAMILY, c.TCPDIAG_GETSOCK]), st.integers(0, 0xFFFF), _diag_payload),
+    st.tuples(st.just(c.NLMSG_ERROR), st.integers(0, 0xFFFF), _err_payload),
+    st.tuples(st.just(c.NLMSG_DONE), st.integers(0, 0xFFFF), st.one_of(_err_payload, st.binary(max_size=8))),
+    st.tuples(st.integers(0, 40), st.integers(0, 0xFFFF), st.binary(max_size=80)),
+).map(lambda t: _frame(*t))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_message, max_size=4).map(b"".join), st.integers(0, 600), st.sampled_from(list(Proto)))
+def test_structured_netlink_raises_only_codec_errors(data, cut, proto):
+    try:
+        for msg in c.iter_messages(data[:cut], proto):
+            assert isinstance(msg, c.SocketRecord | c.Done | c.Ack)
+    except (CodecError, KernelError) as exc:
+        assert exc.errno is None or 0 < exc.errno <= c.MAX_ERRNO

@@ -17,7 +17,15 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from rebind.actions.common import TRANSIENT_ERRNOS, AddrLike, bind_request, parse_addr, parse_proto, try_bind
+from rebind.actions.common import (
+    TRANSIENT_ERRNOS,
+    AddrLike,
+    bind_request,
+    check_port,
+    parse_addr,
+    parse_proto,
+    try_bind,
+)
 from rebind.diagnose import Diagnosis, diagnose
 from rebind.errors import UsageError
 from rebind.kernel.trial import TrialResult
@@ -74,8 +82,7 @@ def _bindable_steps(
             on_progress(diagnose(req, owners=False), elapsed)
         if timeout is not None and elapsed >= timeout:
             return WaitResult(False, elapsed, req, trial, diagnose(req, owners=True))
-        left = interval if timeout is None else min(interval, max(timeout - elapsed, 0.0))
-        yield left
+        yield _next_delay(elapsed, timeout, interval)
 
 
 def _check_timing(timeout: float | None, interval: float) -> None:
@@ -104,8 +111,19 @@ def wait_bindable(
     ``on_progress(diagnosis, elapsed)`` is called about once a second while blocked;
     ``diagnosis.frees_in_ms`` says when the last timed blocker (TIME_WAIT) expires.
     """
-    _check_timing(timeout, interval)
     req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
+    return wait_request(req, timeout=timeout, interval=interval, on_progress=on_progress)
+
+
+def wait_request(
+    req: BindRequest,
+    *,
+    timeout: float | None = None,
+    interval: float = POLL_INTERVAL,
+    on_progress: Progress | None = None,
+) -> WaitResult:
+    """:func:`wait_bindable` for a ready-made request (as `rebind why` builds it)."""
+    _check_timing(timeout, interval)
     return _run(_bindable_steps(req, timeout, interval, on_progress))
 
 
@@ -189,24 +207,6 @@ def udp_bound(addrs: tuple[IPv4Address | IPv6Address, ...], port: int) -> IPv4Ad
     return None
 
 
-def _listening_steps(
-    port: int, proto: Proto, addrs: tuple[IPv4Address | IPv6Address, ...], timeout: float | None, interval: float
-) -> Generator[float | tuple[IPv4Address | IPv6Address, ...], bool | IPv4Address | IPv6Address | None, WaitResult]:
-    """Yields a delay (sleep) or the addresses to probe (the driver answers with the winner)."""
-    start = time.monotonic()
-    while True:
-        if proto is Proto.UDP:
-            hit = udp_bound(addrs, port)
-        else:
-            hit = yield addrs
-        elapsed = time.monotonic() - start
-        if isinstance(hit, IPv4Address | IPv6Address):
-            return WaitResult(True, elapsed, answered=hit)
-        if timeout is not None and elapsed >= timeout:
-            return WaitResult(False, elapsed)
-        yield interval if timeout is None else min(interval, max(timeout - elapsed, 0.0))
-
-
 def wait_listening(
     port: int,
     *,
@@ -220,21 +220,14 @@ def wait_listening(
     For UDP, until a bound UDP socket receives on one of those addresses.
     """
     _check_timing(timeout, interval)
-    p, addrs = parse_proto(proto), _targets(addr)
-    from rebind.actions.common import check_port
-
-    steps = _listening_steps(check_port(port), p, addrs, timeout, interval)
-    try:
-        step = next(steps)
-        while True:
-            if isinstance(step, tuple):
-                step = steps.send(next((a for a in step if accepts(a, port)), None))
-            else:
-                time.sleep(step)
-                step = next(steps)
-    except StopIteration as stop:
-        result: WaitResult = stop.value
-        return result
+    p, addrs, port = parse_proto(proto), _targets(addr), check_port(port)
+    start = time.monotonic()
+    while True:
+        hit = udp_bound(addrs, port) if p is Proto.UDP else _first_accepting(addrs, port)
+        elapsed = time.monotonic() - start
+        if hit is not None or (timeout is not None and elapsed >= timeout):
+            return WaitResult(hit is not None, elapsed, answered=hit)
+        time.sleep(_next_delay(elapsed, timeout, interval))
 
 
 async def wait_listening_async(
@@ -247,26 +240,31 @@ async def wait_listening_async(
 ) -> WaitResult:
     """:func:`wait_listening` for asyncio (non-blocking connects)."""
     _check_timing(timeout, interval)
-    p, addrs = parse_proto(proto), _targets(addr)
-    from rebind.actions.common import check_port
+    p, addrs, port = parse_proto(proto), _targets(addr), check_port(port)
+    start = time.monotonic()
+    while True:
+        hit: IPv4Address | IPv6Address | None = None
+        if p is Proto.UDP:
+            hit = udp_bound(addrs, port)
+        else:
+            for a in addrs:
+                if await accepts_async(a, port):
+                    hit = a
+                    break
+        elapsed = time.monotonic() - start
+        if hit is not None or (timeout is not None and elapsed >= timeout):
+            return WaitResult(hit is not None, elapsed, answered=hit)
+        await asyncio.sleep(_next_delay(elapsed, timeout, interval))
 
-    steps = _listening_steps(check_port(port), p, addrs, timeout, interval)
-    try:
-        step = next(steps)
-        while True:
-            if isinstance(step, tuple):
-                hit = None
-                for a in step:
-                    if await accepts_async(a, port):
-                        hit = a
-                        break
-                step = steps.send(hit)
-            else:
-                await asyncio.sleep(step)
-                step = next(steps)
-    except StopIteration as stop:
-        result: WaitResult = stop.value
-        return result
+
+def _first_accepting(
+    addrs: tuple[IPv4Address | IPv6Address, ...], port: int
+) -> IPv4Address | IPv6Address | None:
+    return next((a for a in addrs if accepts(a, port)), None)
+
+
+def _next_delay(elapsed: float, timeout: float | None, interval: float) -> float:
+    return interval if timeout is None else min(interval, max(timeout - elapsed, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -385,8 +385,19 @@ def _decode_error(payload: memoryview, seq: int) -> Ack:
     (err,) = NLMSGERR.unpack_from(payload, 0)
     if err == 0:
         return Ack(seq)
-    code = -err
+    code = _errno_of(err, "NLMSG_ERROR")
     raise KernelError(f"sock_diag: {os.strerror(code)} (errno {code})", code)
+
+
+# include/linux/err.h: the kernel's error codes are -1 .. -MAX_ERRNO.
+MAX_ERRNO = 4095
+
+
+def _errno_of(err: int, where: str) -> int:
+    """The errno carried by a negative netlink error field; anything else is malformed."""
+    if not -MAX_ERRNO <= err < 0:
+        raise CodecError(f"{where} carries an impossible error code {err}")
+    return -err
 
 
 def _check_done(payload: memoryview) -> None:
@@ -394,4 +405,5 @@ def _check_done(payload: memoryview) -> None:
     if len(payload) >= 4:
         (err,) = NLMSGERR.unpack_from(payload, 0)
         if err < 0:
-            raise KernelError(f"sock_diag dump failed: {os.strerror(-err)} (errno {-err})", -err)
+            code = _errno_of(err, "NLMSG_DONE")
+            raise KernelError(f"sock_diag dump failed: {os.strerror(code)} (errno {code})", code)

@@ -1,17 +1,31 @@
 """The Linux bind()/listen() conflict model (pure). Spec: ../shared/docs/bind-rules.md.
 
 The decision procedure of bind-rules.md §0: for each existing socket on the same port and
-protocol, do the devices overlap, do the addresses overlap, and does an exemption apply?
+protocol, do the devices overlap, do the addresses overlap, and does an exemption apply? Plus
+what the doc leaves out and the kernel oracle (tests/kernel/test_oracle.py) showed on 6.18:
+
+* TCP ``tb->fastreuseport`` cache (``sk_reuseport_match``): a SO_REUSEPORT socket whose uid and
+  address match the cache skips the per-socket walk (the address-any buckets are still checked
+  first for a specific address). Pass the cache as ``ReuseportCache`` when it is known.
+* UDP ``udp_lib_lport_inuse`` returns at the *first* relevant socket in hash-chain order (newest
+  first): a same-uid SO_REUSEPORT socket there lets the bind through even if an older one would
+  conflict. Holders must be given newest first for UDP (the order inet_diag dumps them in).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
+from itertools import product
 
 from rebind.model.records import Endpoint, Family, IPAddress, Proto, SocketRecord, State
+
+EACCES = 13
+EINVAL = 22
+EADDRINUSE = 98
+EADDRNOTAVAIL = 99
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +92,23 @@ class Rule(enum.StrEnum):
 
     ADDRESS_NOT_LOCAL = "address-not-local"  # __inet_bind / __inet6_bind: EADDRNOTAVAIL
     PRIVILEGED_PORT = "privileged-port"  # inet_port_requires_bind_service: EACCES
+    INVALID_ADDRESS = "invalid-address"  # __inet6_bind: EINVAL (mapped on v6only, mcast TCP, scope)
     LISTENER_NEVER_YIELDS = "listener-never-yields"  # inet_bind_conflict: sk2 in LISTEN
     REUSEADDR_MISSING_NEW = "reuseaddr-missing-new"
     REUSEADDR_MISSING_OLD = "reuseaddr-missing-old"
+    REUSEPORT_MISSING_NEW = "reuseport-missing-new"  # it has SO_REUSEPORT (your uid), you do not
+    REUSEPORT_MISSING_OLD = "reuseport-missing-old"
     REUSEPORT_OTHER_UID = "reuseport-other-uid"  # sk_uid differs (TIME_WAIT exempt)
     PLAIN_OVERLAP = "plain-overlap"  # neither exemption applies
     UDP_OVERLAP = "udp-overlap"  # udp_lib_lport_inuse
+
+
+class Flag(enum.StrEnum):
+    """A fact about an existing socket that the answer may hinge on."""
+
+    REUSEADDR = "SO_REUSEADDR"
+    REUSEPORT = "SO_REUSEPORT"
+    UID = "socket uid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +119,8 @@ class Blocker:
     #: False when the answer depends on a flag nobody could read (Holder.opts has None).
     certain: bool
     reason: str
+    #: The unknown facts of the holder that decide whether it blocks (empty when certain).
+    decided_by: tuple[Flag, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,195 +131,678 @@ class Outcome:
     blockers: tuple[Blocker, ...] = ()
     notes: tuple[str, ...] = ()
 
-
-# A placeholder holder for errors that no socket causes (EACCES, EADDRNOTAVAIL).
-_NO_SOCKET = SocketRecord(
-    Proto.TCP, Family.INET, State.CLOSE, Endpoint(IPv4Address(0), 0), Endpoint(IPv4Address(0), 0), None, None
-)
-
-EADDRINUSE = 98
-EADDRNOTAVAIL = 99
-EACCES = 13
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.OK
 
 
-def _recv_families(addr: IPAddress, v6only: bool) -> dict[int, IPAddress | None]:
-    """Which families a bound address receives, and on which address (None = wildcard).
+@dataclass(frozen=True, slots=True)
+class ReuseportCache:
+    """A TCP port bucket's ``tb->fastreuseport`` state when > 0 (inet_csk_update_fastreuse).
 
-    inet_rcv_saddr_equal / ipv6_rcv_saddr_equal reduce to: IPv4 sockets and v4-mapped IPv6
-    addresses receive IPv4; [::] receives IPv6, and IPv4 too unless v6only; any other IPv6
-    address receives IPv6 only (__inet6_bind forces v6only for it).
+    On 6.8+ it is always FASTREUSEPORT_STRICT: the "bucket empty" test runs after the bhash2
+    entry is linked, so the first reuseport socket also lands in the reset branch.
     """
+
+    uid: int
+    addr: IPAddress
+    v6only: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    """One way to bind that `rebind why` can offer, with the model's prediction."""
+
+    label: str
+    request: BindRequest
+    outcome: Outcome
+
+    @property
+    def works(self) -> bool:
+        return self.outcome.verdict is Verdict.OK
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses: a literal transcription of inet_rcv_saddr_equal / ipv{4,6}_rcv_saddr_equal.
+
+_LOOPBACK4_IPV6 = 0x7F000006  # sk_rcv_saddr of an IPv6 socket on a non-mapped address
+_ANY, _MAPPED, _OTHER = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class _KAddr:
+    """What the kernel compares: sk_v6_rcv_saddr (None for AF_INET), sk_rcv_saddr, ipv6only."""
+
+    v6: IPv6Address | None
+    v4: int
+    ipv6only: bool
+
+
+def _kaddr(addr: IPAddress, v6only: bool) -> _KAddr:
     if isinstance(addr, IPv4Address):
-        return {4: None if addr.is_unspecified else addr}
-    assert isinstance(addr, IPv6Address)
+        return _KAddr(None, int(addr), False)
     mapped = addr.ipv4_mapped
     if mapped is not None:
-        return {4: None if mapped.is_unspecified else mapped}
+        return _KAddr(addr, int(mapped), False)
     if addr.is_unspecified:
-        return {6: None} if v6only else {6: None, 4: None}
-    return {6: addr}
+        return _KAddr(addr, 0, v6only)
+    # __inet6_bind: a specific non-mapped address forces sk_ipv6only = 1 (E12).
+    return _KAddr(addr, _LOOPBACK4_IPV6, True)
+
+
+def _v6type(a: IPv6Address | None) -> int:
+    if a is None:  # inet6_rcv_saddr() of an AF_INET socket: treated as mapped
+        return _MAPPED
+    if a.is_unspecified:
+        return _ANY
+    return _MAPPED if a.ipv4_mapped is not None else _OTHER
+
+
+def _ipv4_equal(a1: int, a2: int, sk2_ipv6only: bool, w1: bool, w2: bool) -> bool:
+    """ipv4_rcv_saddr_equal()."""
+    if sk2_ipv6only:
+        return False
+    return a1 == a2 or (w1 and a1 == 0) or (w2 and a2 == 0)
+
+
+def _ipv6_equal(sk1: _KAddr, sk2: _KAddr, w1: bool, w2: bool) -> bool:
+    """ipv6_rcv_saddr_equal()."""
+    t1, t2 = _v6type(sk1.v6), _v6type(sk2.v6)
+    if t1 == _MAPPED and t2 == _MAPPED:
+        return _ipv4_equal(sk1.v4, sk2.v4, sk2.ipv6only, w1, w2)
+    if t1 == _ANY and t2 == _ANY:
+        return True
+    if t2 == _ANY and w2 and not (sk2.ipv6only and t1 == _MAPPED):
+        return True
+    if t1 == _ANY and w1 and not (sk1.ipv6only and t2 == _MAPPED):
+        return True
+    return sk2.v6 is not None and sk1.v6 == sk2.v6
+
+
+def _rcv_saddr_equal(sk1: _KAddr, sk2: _KAddr, w1: bool = True, w2: bool = True) -> bool:
+    """inet_rcv_saddr_equal(): dispatch on sk1's family."""
+    if sk1.v6 is not None:
+        return _ipv6_equal(sk1, sk2, w1, w2)
+    return _ipv4_equal(sk1.v4, sk2.v4, sk2.ipv6only, w1, w2)
 
 
 def overlap(a: IPAddress, a_v6only: bool, b: IPAddress, b_v6only: bool) -> bool:
-    fa, fb = _recv_families(a, a_v6only), _recv_families(b, b_v6only)
-    for fam in fa.keys() & fb.keys():
-        x, y = fa[fam], fb[fam]
-        if x is None or y is None or x == y:
-            return True
-    return False
+    """Do two bound addresses overlap (inet_rcv_saddr_equal with wildcards, bind-rules §1.2)?"""
+    return _rcv_saddr_equal(_kaddr(a, a_v6only), _kaddr(b, b_v6only))
 
 
-def _effective_v6only(addr: IPAddress, v6only: bool | None, settings: KernelSettings) -> bool:
-    if addr.version == 4:
+def effective_v6only(addr: IPAddress, v6only: bool | None, settings: KernelSettings) -> bool:
+    """sk_ipv6only after bind: IPv4 never; specific non-mapped IPv6 forced on (__inet6_bind)."""
+    if isinstance(addr, IPv4Address):
         return False
+    if addr.ipv4_mapped is not None:
+        return False
+    if not addr.is_unspecified:
+        return True
     return settings.bindv6only if v6only is None else v6only
 
 
-def _tcp_conflict(req: BindRequest, e: SocketRecord, ra: bool, rp: bool) -> tuple[bool, Rule]:
-    """inet_bind_conflict() for one holder with its flags fixed to (ra, rp)."""
-    listening = e.state is State.LISTEN
-    if req.reuseaddr and ra and not listening:
-        return False, Rule.PLAIN_OVERLAP
-    # TIME_WAIT (and orphan FIN_WAIT2) mini-sockets have no uid: the uid test is skipped.
-    if req.reuseport and rp and (e.is_mini or e.uid == req.uid):
-        return False, Rule.PLAIN_OVERLAP
-    if req.reuseport and rp:
-        return True, Rule.REUSEPORT_OTHER_UID
-    if listening and req.reuseaddr and ra:
-        return True, Rule.LISTENER_NEVER_YIELDS
-    if listening:
-        return True, Rule.LISTENER_NEVER_YIELDS if req.reuseaddr else Rule.PLAIN_OVERLAP
-    if req.reuseaddr and not ra:
-        return True, Rule.REUSEADDR_MISSING_OLD
-    if ra and not req.reuseaddr:
-        return True, Rule.REUSEADDR_MISSING_NEW
-    return True, Rule.PLAIN_OVERLAP
+def _holder_v6only(e: SocketRecord, settings: KernelSettings) -> bool:
+    if e.family is Family.INET:
+        return False
+    return effective_v6only(e.local.addr, e.v6only, settings)
 
 
-def _udp_conflict(req: BindRequest, e: SocketRecord, ra: bool, rp: bool) -> tuple[bool, Rule]:
-    """udp_lib_lport_inuse(): both SO_REUSEADDR, or both SO_REUSEPORT with the same uid."""
-    if req.reuseaddr and ra:
-        return False, Rule.UDP_OVERLAP
-    if req.reuseport and rp and e.uid == req.uid:
-        return False, Rule.UDP_OVERLAP
-    if req.reuseport and rp:
-        return True, Rule.REUSEPORT_OTHER_UID
-    if req.reuseaddr and not ra:
-        return True, Rule.REUSEADDR_MISSING_OLD
-    return True, Rule.UDP_OVERLAP
+def _is_addr_any_bucket(e: SocketRecord, n: _KAddr) -> bool:
+    """inet_bind2_bucket_match_addr_any(): [::] always; 0.0.0.0 / [::ffff:0.0.0.0] for v4 N."""
+    a = e.local.addr
+    if isinstance(a, IPv6Address) and a.is_unspecified:
+        return True
+    v4 = a if isinstance(a, IPv4Address) else a.ipv4_mapped
+    return v4 is not None and v4.is_unspecified and _v6type(n.v6) == _MAPPED
 
 
-def _choices(v: bool | None) -> tuple[bool, ...]:
-    return (False, True) if v is None else (v,)
+def _use_bhash2(n: _KAddr) -> bool:
+    """inet_use_bhash2_on_bind(): any specific address (v4-mapped ones included)."""
+    if n.v6 is not None and _v6type(n.v6) == _OTHER:
+        return True
+    return n.v4 != 0
 
 
-def _holder_conflict(req: BindRequest, h: Holder) -> tuple[bool | None, Rule]:
-    """True/False, or None when the answer depends on an unknown flag."""
-    check = _tcp_conflict if req.proto is Proto.TCP else _udp_conflict
-    results = {
-        check(req, h.socket, ra, rp) for ra in _choices(h.opts.reuseaddr) for rp in _choices(h.opts.reuseport)
-    }
-    verdicts = {c for c, _ in results}
-    rule = next((r for c, r in sorted(results, key=lambda x: not x[0]) if c), Rule.PLAIN_OVERLAP)
-    if len(verdicts) == 2:
-        return None, rule
-    return verdicts.pop(), rule
+# --------------------------------------------------------------------------------------------
+# Per-socket rules.
 
 
-def _reason(req: BindRequest, h: Holder, rule: Rule, certain: bool) -> str:
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """One concrete assignment of a holder's possibly-unknown facts."""
+
+    reuseaddr: bool
+    reuseport: bool
+    same_uid: bool
+
+
+def _fact_choices(req: BindRequest, h: Holder) -> list[tuple[_Facts, tuple[Flag, ...]]]:
+    """Every assignment of the unknown facts, and which facts were unknown."""
     e = h.socket
+    unknown: list[Flag] = []
+    ra: tuple[bool, ...] = (h.opts.reuseaddr,) if h.opts.reuseaddr is not None else (False, True)
+    rp: tuple[bool, ...] = (h.opts.reuseport,) if h.opts.reuseport is not None else (False, True)
+    uid: tuple[bool, ...] = (e.uid == req.uid,) if e.uid is not None or e.is_mini else (False, True)
+    if len(ra) == 2:
+        unknown.append(Flag.REUSEADDR)
+    if len(rp) == 2:
+        unknown.append(Flag.REUSEPORT)
+    if len(uid) == 2:
+        unknown.append(Flag.UID)
+    return [(_Facts(a, p, u), tuple(unknown)) for a, p, u in product(ra, rp, uid)]
+
+
+def _is_timewait(e: SocketRecord) -> bool:
+    """A timewait mini-socket: its sk_state is TCP_TIME_WAIT (substate FIN_WAIT2 included)."""
+    return e.is_mini or e.state is State.TIME_WAIT
+
+
+def _tcp_pair(req: BindRequest, e: SocketRecord, f: _Facts) -> Rule | None:
+    """inet_bind_conflict(relax=true, reuseport_ok=true) for one holder; None = no conflict."""
+    listening = e.state is State.LISTEN
+    if req.reuseaddr and f.reuseaddr and not listening:
+        return None
+    # sk_reuseport on both, and sk2 in TIME_WAIT or uid_eq(uid, sk_uid(sk2)).
+    if req.reuseport and f.reuseport and (_is_timewait(e) or f.same_uid):
+        return None
+    if req.reuseport and f.reuseport:
+        return Rule.REUSEPORT_OTHER_UID
+    if listening:
+        if f.reuseport and f.same_uid and not req.reuseport:
+            return Rule.REUSEPORT_MISSING_NEW
+        return Rule.LISTENER_NEVER_YIELDS if req.reuseaddr else Rule.PLAIN_OVERLAP
+    if req.reuseaddr and not f.reuseaddr:
+        return Rule.REUSEADDR_MISSING_OLD
+    if f.reuseaddr and not req.reuseaddr:
+        return Rule.REUSEADDR_MISSING_NEW
+    if f.reuseport and (f.same_uid or _is_timewait(e)) and not req.reuseport:
+        return Rule.REUSEPORT_MISSING_NEW
+    if req.reuseport and not f.reuseport:
+        return Rule.REUSEPORT_MISSING_OLD
+    return Rule.PLAIN_OVERLAP
+
+
+class _Udp(enum.Enum):
+    SKIP = 0  # not relevant: udp_lib_lport_inuse goes on to the next socket
+    SHARE = 1  # same-uid SO_REUSEPORT: it returns 0 (free) at once
+    CONFLICT = 2
+
+
+def _udp_pair(req: BindRequest, f: _Facts) -> tuple[_Udp, Rule | None]:
+    """udp_lib_lport_inuse() for one overlapping holder (devices and addresses already match)."""
+    if req.reuseaddr and f.reuseaddr:
+        return _Udp.SKIP, None
+    if req.reuseport and f.reuseport and f.same_uid:
+        return _Udp.SHARE, None
+    if req.reuseport and f.reuseport:
+        return _Udp.CONFLICT, Rule.REUSEPORT_OTHER_UID
+    if req.reuseaddr and not f.reuseaddr:
+        return _Udp.CONFLICT, Rule.REUSEADDR_MISSING_OLD
+    if f.reuseaddr and not req.reuseaddr:
+        return _Udp.CONFLICT, Rule.REUSEADDR_MISSING_NEW
+    if f.reuseport and f.same_uid and not req.reuseport:
+        return _Udp.CONFLICT, Rule.REUSEPORT_MISSING_NEW
+    return _Udp.CONFLICT, Rule.UDP_OVERLAP
+
+
+# --------------------------------------------------------------------------------------------
+# Words.
+
+
+def _describe(e: SocketRecord) -> str:
     remote = "" if e.remote.port == 0 else f" -> {e.remote}"
-    what = f"{e.state.label} {e.local}{remote}"
-    text = {
-        Rule.LISTENER_NEVER_YIELDS: "a listening socket never yields to SO_REUSEADDR; only SO_REUSEPORT on "
-        "both sockets (same user) shares a listener",
-        Rule.REUSEADDR_MISSING_OLD: "it was created without SO_REUSEADDR, so SO_REUSEADDR on your side "
-        "cannot help (both sockets need it)",
-        Rule.REUSEADDR_MISSING_NEW: "it has SO_REUSEADDR but your socket does not; "
-        "set SO_REUSEADDR before bind()",
-        Rule.REUSEPORT_OTHER_UID: f"SO_REUSEPORT is shared only within one user: it belongs to uid {e.uid}, "
-        f"your socket to uid {req.uid}",
-        Rule.PLAIN_OVERLAP: "its address overlaps yours and neither SO_REUSEADDR (both sides, not listening) "
-        "nor SO_REUSEPORT (both sides, same user) applies",
-        Rule.UDP_OVERLAP: "UDP sockets share a port only if both set SO_REUSEADDR, or both set SO_REUSEPORT "
-        "as the same user",
-    }.get(rule, str(rule))
-    if rule is Rule.PLAIN_OVERLAP and e.state is State.LISTEN:
-        text = (
-            "it is listening on an overlapping address; SO_REUSEADDR never shares a listener, "
-            "SO_REUSEPORT on both sockets (same user) would"
-        )
-    if not certain:
-        text += " — if its flags are what they would need to be, it would not block"
-    return f"{what}: {text}"
+    if e.is_mini and e.state is State.FIN_WAIT2:
+        what = "orphaned FIN_WAIT2 (handled as TIME_WAIT)"
+    elif e.state is State.BOUND_INACTIVE:
+        what = "bound, not listening,"
+    elif e.proto is Proto.UDP:
+        what = "UDP socket"
+    else:
+        what = e.state.label
+    return f"{what} {e.local}{remote}"
+
+
+def _flag_word(v: bool | None, name: str) -> str:
+    return f"{name} unknown" if v is None else (f"with {name}" if v else f"without {name}")
+
+
+_RULE_TEXT = {
+    Rule.LISTENER_NEVER_YIELDS: "a listening socket never yields to SO_REUSEADDR; only SO_REUSEPORT on "
+    "both sockets (same user) shares a listener",
+    Rule.REUSEADDR_MISSING_OLD: "SO_REUSEADDR on your side cannot help: both sockets need it",
+    Rule.REUSEADDR_MISSING_NEW: "it has SO_REUSEADDR but your socket does not; "
+    "set SO_REUSEADDR before bind()",
+    Rule.REUSEPORT_MISSING_NEW: "it has SO_REUSEPORT (same user); set SO_REUSEPORT before bind() to share",
+    Rule.REUSEPORT_MISSING_OLD: "SO_REUSEPORT on your side cannot help: it does not have SO_REUSEPORT",
+    Rule.PLAIN_OVERLAP: "its address overlaps yours and neither SO_REUSEADDR (both sides, not listening) "
+    "nor SO_REUSEPORT (both sides, same user) applies",
+    Rule.UDP_OVERLAP: "UDP sockets share a port only if both set SO_REUSEADDR, or both set SO_REUSEPORT "
+    "as the same user",
+}
+
+
+def _reason(req: BindRequest, h: Holder, rule: Rule, decided_by: tuple[Flag, ...]) -> str:
+    e = h.socket
+    if _is_timewait(e):
+        head = f"{_describe(e)} left by a socket {_flag_word(h.opts.reuseaddr, 'SO_REUSEADDR')}"
+    else:
+        head = f"{_describe(e)} ({_flag_word(h.opts.reuseaddr, 'SO_REUSEADDR')})"
+    if rule is Rule.REUSEPORT_OTHER_UID:
+        who = "an unknown user" if e.uid is None else f"uid {e.uid}"
+        text = f"SO_REUSEPORT is shared only within one user: it belongs to {who}, yours to uid {req.uid}"
+    else:
+        text = _RULE_TEXT.get(rule, str(rule))
+    if decided_by:
+        flags = " and ".join(str(f) for f in decided_by)
+        text += f" — unless its {flags} is what sharing needs; nobody could read it"
+    return f"{head}; {text}"
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that no socket causes: __inet_bind / __inet6_bind before get_port.
+
+# A placeholder holder for errors that no socket causes (EACCES, EADDRNOTAVAIL, EINVAL).
+_NO_SOCKET = SocketRecord(
+    Proto.TCP,
+    Family.INET,
+    State.CLOSE,
+    Endpoint(IPv4Address(0), 0),
+    Endpoint(IPv4Address(0), 0),
+    None,
+    None,
+)
+
+
+def _plain(rule: Rule, text: str) -> Blocker:
+    return Blocker(Holder(_NO_SOCKET), Stage.BIND, rule, True, text)
 
 
 def _address_error(req: BindRequest, settings: KernelSettings) -> Blocker | None:
+    """EADDRNOTAVAIL: inet_addr_valid_or_nonlocal (IPv4, v4-mapped) / ipv6_chk_addr (IPv6)."""
     if settings.local_addresses is None or req.freebind:
         return None
     a = req.addr
-    v4 = a if isinstance(a, IPv4Address) else a.ipv4_mapped if isinstance(a, IPv6Address) else None
+    v4 = a if isinstance(a, IPv4Address) else a.ipv4_mapped
     if v4 is not None:
+        # RTN_LOCAL (all of 127/8: N5), RTN_MULTICAST, RTN_BROADCAST (0.0.0.0, 255.255.255.255).
         if settings.ip_nonlocal_bind or v4.is_unspecified or v4.is_loopback or v4.is_multicast:
             return None
         if v4 in settings.local_addresses or v4 == IPv4Address("255.255.255.255"):
             return None
-    else:
-        if settings.ipv6_nonlocal_bind or a.is_unspecified or a in settings.local_addresses:
-            return None
-    fake = Holder(_NO_SOCKET)
-    return Blocker(fake, Stage.BIND, Rule.ADDRESS_NOT_LOCAL, True, f"{a} is not an address of this host")
+    elif settings.ipv6_nonlocal_bind or a.is_unspecified or a.is_multicast or a in settings.local_addresses:
+        return None
+    return _plain(Rule.ADDRESS_NOT_LOCAL, f"{a} is not an address of this host (network namespace)")
 
 
 def _privilege_error(req: BindRequest, settings: KernelSettings) -> Blocker | None:
+    """EACCES: inet_port_requires_bind_service() without CAP_NET_BIND_SERVICE (ns_capable)."""
     if 0 < req.port < settings.unprivileged_port_start and not settings.cap_net_bind_service:
-        return Blocker(
-            Holder(_NO_SOCKET),
-            Stage.BIND,
+        return _plain(
             Rule.PRIVILEGED_PORT,
-            True,
-            f"ports below {settings.unprivileged_port_start} need CAP_NET_BIND_SERVICE",
+            f"ports below {settings.unprivileged_port_start} (net.ipv4.ip_unprivileged_port_start) "
+            "need CAP_NET_BIND_SERVICE",
         )
     return None
 
 
+def _v6_invalid(req: BindRequest, settings: KernelSettings, early: bool) -> Blocker | None:
+    """__inet6_bind EINVAL: multicast on TCP (early); v4-mapped on v6only, scope without device."""
+    a = req.addr
+    if not isinstance(a, IPv6Address):
+        return None
+    if early:
+        if a.is_multicast and req.proto is Proto.TCP:
+            return _plain(Rule.INVALID_ADDRESS, f"{a} is a multicast address; TCP cannot bind it")
+        return None
+    mapped = a.ipv4_mapped is not None
+    if mapped and (req.v6only if req.v6only is not None else settings.bindv6only):
+        return _plain(Rule.INVALID_ADDRESS, f"{a} is v4-mapped but the socket is IPV6_V6ONLY")
+    if a.is_link_local and not req.ifindex:
+        return _plain(Rule.INVALID_ADDRESS, f"{a} is link-local: it needs a scope id or a bound device")
+    return None
+
+
 def _pre_checks(req: BindRequest, settings: KernelSettings) -> Outcome | None:
-    # Check order differs by family (bind-rules §3): IPv4 address first, IPv6 privilege first.
-    addr = _address_error(req, settings)
-    priv = _privilege_error(req, settings)
-    order = [(addr, EADDRNOTAVAIL), (priv, EACCES)]
-    if req.addr.version == 6:
-        order.reverse()
-    for b, err in order:
+    """The kernel's order (bind-rules §3): IPv4 address, privilege; IPv6 privilege, address."""
+    if req.addr.version == 4:
+        steps = [(_address_error(req, settings), EADDRNOTAVAIL), (_privilege_error(req, settings), EACCES)]
+    else:
+        steps = [
+            (_v6_invalid(req, settings, early=True), EINVAL),
+            (_privilege_error(req, settings), EACCES),
+            (_v6_invalid(req, settings, early=False), EINVAL),
+            (_address_error(req, settings), EADDRNOTAVAIL),
+        ]
+    for b, err in steps:
         if b is not None:
             return Outcome(Verdict.FAIL, err, Stage.BIND, (b,))
     return None
 
 
-def evaluate(req: BindRequest, holders: Iterable[Holder], settings: KernelSettings) -> Outcome:
-    """Predict bind() (and, for TCP, listen()) for ``req`` against the sockets on its port."""
-    pre = _pre_checks(req, settings)
-    if pre is not None:
-        return pre
-    n_v6only = _effective_v6only(req.addr, req.v6only, settings)
-    sure: list[Blocker] = []
-    maybe: list[Blocker] = []
+# --------------------------------------------------------------------------------------------
+# get_port: one conflict check (bind() or listen()).
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    verdict: Verdict
+    blockers: tuple[Blocker, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def _relevant(req: BindRequest, holders: Iterable[Holder], settings: KernelSettings) -> list[Holder]:
+    """Same protocol table and port; both devices pinned and different means no conflict."""
+    n = _kaddr(req.addr, effective_v6only(req.addr, req.v6only, settings))
+    out = []
     for h in holders:
         e = h.socket
         if e.proto is not req.proto or e.local.port != req.port:
             continue  # TCP and UDP never conflict; other ports are other buckets
         if req.ifindex and e.ifindex and req.ifindex != e.ifindex:
-            continue  # both pinned to different devices
-        e_v6only = bool(e.v6only) if e.family.value == 10 else False
-        if not overlap(req.addr, n_v6only, e.local.addr, e_v6only):
             continue
-        conflict, rule = _holder_conflict(req, h)
-        if conflict is False:
+        if not _rcv_saddr_equal(n, _kaddr(e.local.addr, _holder_v6only(e, settings))):
             continue
-        b = Blocker(h, Stage.BIND, rule, conflict is True, _reason(req, h, rule, conflict is True))
-        (sure if conflict else maybe).append(b)
-    if sure:
-        return Outcome(Verdict.FAIL, EADDRINUSE, Stage.BIND, tuple(sure + maybe))
-    if maybe:
-        return Outcome(Verdict.DEPENDS, EADDRINUSE, Stage.BIND, tuple(maybe))
-    return Outcome(Verdict.OK)
+        out.append(h)
+    return out
+
+
+def _tcp_judge(req: BindRequest, h: Holder, stage: Stage) -> Blocker | None:
+    """Blocker if h conflicts for at least one assignment of its unknown facts."""
+    results = [(_tcp_pair(req, h.socket, f), unknown) for f, unknown in _fact_choices(req, h)]
+    rules = [r for r, _ in results if r is not None]
+    if not rules:
+        return None
+    certain = len(rules) == len(results)
+    decided_by = () if certain else _deciding(req, h)
+    return Blocker(h, stage, rules[0], certain, _reason(req, h, rules[0], decided_by), decided_by)
+
+
+def _deciding(req: BindRequest, h: Holder) -> tuple[Flag, ...]:
+    """The unknown facts whose value changes the answer for this holder."""
+    out = []
+    for flag in (Flag.REUSEADDR, Flag.REUSEPORT, Flag.UID):
+        for f, unknown in _fact_choices(req, h):
+            if flag not in unknown:
+                break
+            other = _flip(f, flag)
+            if req.proto is Proto.TCP:
+                differs = (_tcp_pair(req, h.socket, f) is None) != (_tcp_pair(req, h.socket, other) is None)
+            else:
+                differs = _udp_pair(req, f)[0] != _udp_pair(req, other)[0]
+            if differs:
+                out.append(flag)
+                break
+    return tuple(out)
+
+
+def _flip(f: _Facts, flag: Flag) -> _Facts:
+    if flag is Flag.REUSEADDR:
+        return replace(f, reuseaddr=not f.reuseaddr)
+    if flag is Flag.REUSEPORT:
+        return replace(f, reuseport=not f.reuseport)
+    return replace(f, same_uid=not f.same_uid)
+
+
+def _cache_match(cache: ReuseportCache | None, req: BindRequest, settings: KernelSettings) -> bool:
+    """sk_reuseport_match(): reuseport, same uid, and the cached address covers ours (STRICT)."""
+    if cache is None or not req.reuseport or cache.uid != req.uid:
+        return False
+    cached = _kaddr(cache.addr, cache.v6only)
+    n = _kaddr(req.addr, effective_v6only(req.addr, req.v6only, settings))
+    # ipv{4,6}_rcv_saddr_equal(cached, sk, match_sk1_wildcard=true, match_sk2_wildcard=false)
+    return _rcv_saddr_equal(cached, n, True, False)
+
+
+def _tcp_check(
+    req: BindRequest,
+    holders: Sequence[Holder],
+    settings: KernelSettings,
+    cache: ReuseportCache | None,
+    stage: Stage,
+) -> _Check:
+    """inet_csk_get_port() for an explicit port."""
+    on_port = [h for h in holders if h.socket.proto is req.proto and h.socket.local.port == req.port]
+    relevant = _relevant(req, on_port, settings)
+    n = _kaddr(req.addr, effective_v6only(req.addr, req.v6only, settings))
+    notes: list[str] = []
+    # A specific address checks the address-any buckets first (inet_bhash2_addr_any_conflict),
+    # before the fast path; then only its own address's bucket.
+    first = [h for h in relevant if _use_bhash2(n) and _is_addr_any_bucket(h.socket, n)]
+    rest = [h for h in relevant if h not in first]
+    if on_port and _cache_match(cache, req, settings):
+        skipped = [b for h in rest if (b := _tcp_judge(req, h, stage)) is not None]
+        rest = []
+        if skipped:
+            notes.append(
+                "the port's SO_REUSEPORT fast path (tb->fastreuseport, same uid and address as the "
+                "last SO_REUSEPORT binder) skips the per-socket check that "
+                + ", ".join(_describe(b.holder.socket) for b in skipped)
+                + " would fail"
+            )
+    blockers = [b for h in first + rest if (b := _tcp_judge(req, h, stage)) is not None]
+    return _summarise(blockers, notes)
+
+
+def _summarise(blockers: list[Blocker], notes: list[str]) -> _Check:
+    if any(b.certain for b in blockers):
+        ordered = sorted(blockers, key=lambda b: not b.certain)
+        return _Check(Verdict.FAIL, tuple(ordered), tuple(notes))
+    if blockers:
+        return _Check(Verdict.DEPENDS, tuple(blockers), tuple(notes))
+    return _Check(Verdict.OK, (), tuple(notes))
+
+
+def _udp_check(req: BindRequest, holders: Sequence[Holder], settings: KernelSettings) -> _Check:
+    """udp_lib_get_port() -> udp_lib_lport_inuse(): the first relevant socket decides.
+
+    ``holders`` are in hash-chain order (newest first). Each holder has a set of possible
+    actions over its unknown facts; the reachable endings (ok / EADDRINUSE) give the verdict.
+    """
+    endings: set[Verdict] = set()
+    blockers: list[Blocker] = []
+    missed: list[Holder] = []
+    shared_by: Holder | None = None
+    reachable = True
+    for h in _relevant(req, holders, settings):
+        pairs = [_udp_pair(req, f) for f, _ in _fact_choices(req, h)]
+        acts = {a for a, _ in pairs}
+        if not reachable:
+            if _Udp.CONFLICT in acts:
+                missed.append(h)
+            continue
+        if _Udp.CONFLICT in acts:
+            endings.add(Verdict.FAIL)
+            rule = next(r for _, r in pairs if r is not None)
+            certain = acts == {_Udp.CONFLICT}
+            decided_by = () if certain else _deciding(req, h)
+            blockers.append(
+                Blocker(h, Stage.BIND, rule, certain, _reason(req, h, rule, decided_by), decided_by)
+            )
+        if _Udp.SHARE in acts:
+            endings.add(Verdict.OK)
+            shared_by = shared_by or h
+        reachable = _Udp.SKIP in acts
+    if reachable:
+        endings.add(Verdict.OK)
+    notes: list[str] = []
+    if shared_by is not None and missed and endings == {Verdict.OK}:
+        notes.append(
+            "udp_lib_lport_inuse() stops at the first same-uid SO_REUSEPORT socket ("
+            + _describe(shared_by.socket)
+            + "), so the older "
+            + ", ".join(_describe(h.socket) for h in missed)
+            + " is never checked"
+        )
+    if endings == {Verdict.OK}:
+        return _Check(Verdict.OK, (), tuple(notes))
+    if endings == {Verdict.FAIL}:
+        return _Check(Verdict.FAIL, tuple(blockers), tuple(notes))
+    return _Check(Verdict.DEPENDS, tuple(replace(b, certain=False) for b in blockers), tuple(notes))
+
+
+def _check(
+    req: BindRequest,
+    holders: Sequence[Holder],
+    settings: KernelSettings,
+    cache: ReuseportCache | None,
+    stage: Stage,
+) -> _Check:
+    if req.proto is Proto.UDP:
+        return _udp_check(req, holders, settings)
+    return _tcp_check(req, holders, settings, cache, stage)
+
+
+def reuseport_cache_after(
+    cache: ReuseportCache | None, *, addr: IPAddress, v6only: bool, uid: int, reuseport: bool
+) -> ReuseportCache | None:
+    """inet_csk_update_fastreuse() after a successful TCP get_port (bind() or listen()).
+
+    ``v6only`` is the effective flag (see effective_v6only). Accepted children, TIME_WAIT and
+    connect() do not call it. A bucket whose last socket left starts again from None.
+    """
+    if not reuseport:
+        return None
+    probe = BindRequest(Proto.TCP, addr, 0, reuseport=True, uid=uid, v6only=v6only)
+    if _cache_match(cache, probe, KernelSettings()):
+        return cache
+    return ReuseportCache(uid, addr, v6only)
+
+
+def _race_notes(req: BindRequest, holders: Sequence[Holder], settings: KernelSettings) -> list[str]:
+    """Bound-inactive SO_REUSEADDR peers: whoever calls listen() first wins (C3, D7)."""
+    if req.proto is not Proto.TCP or not req.reuseaddr:
+        return []
+    peers = [
+        h
+        for h in _relevant(req, holders, settings)
+        if h.socket.state is State.BOUND_INACTIVE and h.opts.reuseaddr is not False
+    ]
+    return [
+        f"{_describe(h.socket)} shares the port through SO_REUSEADDR: whichever calls listen() first "
+        "wins, the other's listen() fails with EADDRINUSE (inet_csk_listen_start checks again)"
+        for h in peers
+    ]
+
+
+def _unknown_notes(blockers: Iterable[Blocker]) -> list[str]:
+    out = []
+    for b in blockers:
+        if b.decided_by:
+            flags = " and ".join(str(f) for f in b.decided_by)
+            out.append(
+                f"depends on the {flags} of {_describe(b.holder.socket)}: EADDRINUSE if it blocks, ok if not"
+            )
+    return out
+
+
+def _as_outcome(c: _Check, stage: Stage, notes: list[str]) -> Outcome:
+    all_notes = tuple(notes + list(c.notes) + _unknown_notes(c.blockers))
+    if c.verdict is Verdict.OK:
+        return Outcome(Verdict.OK, notes=all_notes)
+    return Outcome(c.verdict, EADDRINUSE, stage, c.blockers, all_notes)
+
+
+def evaluate(
+    req: BindRequest,
+    holders: Iterable[Holder],
+    settings: KernelSettings,
+    *,
+    cache: ReuseportCache | None = None,
+) -> Outcome:
+    """Predict bind() (and, for TCP with ``req.listen``, listen()) against the sockets on the port.
+
+    ``holders``: the sockets in this netns (others are ignored: other port/protocol). For UDP,
+    newest first. ``cache``: the TCP bucket's SO_REUSEPORT fast-path state if known; None means
+    "no fast path" (tb->fastreuseport <= 0), the kernel state after any non-reuseport binder.
+    """
+    hs = list(holders)
+    pre = _pre_checks(req, settings)
+    if pre is not None:
+        return pre
+    if req.port == 0:
+        return Outcome(Verdict.OK, notes=("port 0: the kernel picks a free port (inet_csk_find_open_port)",))
+    bound = _check(req, hs, settings, cache, Stage.BIND)
+    if bound.verdict is not Verdict.OK or req.proto is not Proto.TCP or not req.listen:
+        return _as_outcome(bound, Stage.BIND, _race_notes(req, hs, settings))
+    # listen(): inet_csk_listen_start() runs get_port again, now that our bind joined the bucket.
+    v6only = effective_v6only(req.addr, req.v6only, settings)
+    after = reuseport_cache_after(cache, addr=req.addr, v6only=v6only, uid=req.uid, reuseport=req.reuseport)
+    listened = _check(req, hs, settings, after, Stage.LISTEN)
+    notes = list(bound.notes) + _race_notes(req, hs, settings)
+    return _as_outcome(listened, Stage.LISTEN, notes)
+
+
+def check_listen(
+    req: BindRequest,
+    holders: Iterable[Holder],
+    settings: KernelSettings,
+    *,
+    cache: ReuseportCache | None = None,
+) -> Outcome:
+    """Predict listen() for a TCP socket that is already bound as ``req`` describes.
+
+    ``holders`` must not include the socket itself. ``cache`` is the bucket state now (after
+    the socket's own bind and whatever joined since).
+    """
+    if req.proto is not Proto.TCP:
+        raise ValueError("listen() is TCP only")
+    hs = list(holders)
+    return _as_outcome(_check(req, hs, settings, cache, Stage.LISTEN), Stage.LISTEN, [])
+
+
+def _other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[IPAddress, bool | None]]:
+    """Addresses worth offering: leftovers hold only their own concrete address (A3)."""
+    cands: list[tuple[IPAddress, bool | None]] = [
+        (IPv4Address("127.0.0.1"), None),
+        (IPv4Address("127.0.0.2"), None),
+        (IPv4Address("127.0.0.3"), None),
+        (IPv6Address("::1"), None),
+    ]
+    if req.addr.version == 4 and req.addr.is_unspecified:
+        cands.append((IPv6Address("::"), True))
+    out = []
+    for a, v6 in cands:
+        if a == req.addr:
+            continue
+        if settings.local_addresses is not None and not a.is_loopback and a not in settings.local_addresses:
+            continue
+        out.append((a, v6))
+    return out
+
+
+def alternatives(
+    req: BindRequest,
+    holders: Iterable[Holder],
+    settings: KernelSettings,
+    *,
+    cache: ReuseportCache | None = None,
+) -> tuple[Alternative, ...]:
+    """What else could be bound now: plain / SO_REUSEADDR / SO_REUSEPORT / another address.
+
+    Every variant is returned with its prediction (check ``.works``); at most one of the other
+    addresses (the first that works) is included.
+    """
+    hs = list(holders)
+    flag_variants = [
+        ("as asked", req),
+        ("plain bind()", replace(req, reuseaddr=False, reuseport=False)),
+        ("with SO_REUSEADDR", replace(req, reuseaddr=True, reuseport=False)),
+        ("with SO_REUSEPORT", replace(req, reuseaddr=False, reuseport=True)),
+        ("with SO_REUSEADDR and SO_REUSEPORT", replace(req, reuseaddr=True, reuseport=True)),
+    ]
+    out: list[Alternative] = []
+    seen: set[BindRequest] = set()
+    for label, r in flag_variants:
+        if r not in seen:
+            seen.add(r)
+            out.append(Alternative(label, r, evaluate(r, hs, settings, cache=cache)))
+    for a, v6 in _other_addresses(req, settings):
+        r = replace(req, addr=a, v6only=v6 if a.version == 6 else None)
+        outcome = evaluate(r, hs, settings, cache=cache)
+        if outcome.verdict is Verdict.OK:
+            shown = f"[{a}]" if a.version == 6 else str(a)
+            label = f"on {shown}" + (" (IPV6_V6ONLY)" if v6 else "")
+            out.append(Alternative(label, r, outcome))
+            break
+    return tuple(out)

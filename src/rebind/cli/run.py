@@ -1,0 +1,153 @@
+"""`rebind run` (socket-holding supervisor) and `rebind reload` (ask it for a new generation)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import click
+
+CONTROL_ENV = "REBIND_CONTROL"
+
+
+@click.command(
+    context_settings={"allow_interspersed_args": False},
+    epilog="""\b
+Examples:
+  rebind run --listen 8080 -- python app.py           app calls rebind.listen("", 8080)
+  rebind run --listen 127.0.0.1:8000 -- uvicorn app:app --fd 3
+  rebind run --listen 8000 --control /run/app.sock -- gunicorn app:wsgi
+  rebind reload --control /run/app.sock               new generation, old one kept if it fails
+  kill -HUP $(cat app.pid)                            same, with --pid-file app.pid
+
+\b
+The sockets are passed as fds 3, 4, ... with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES
+(systemd socket activation); NOTIFY_SOCKET receives READY=1 (sd_notify).
+Exit status: the app's; 1 when a port cannot be bound; 2 on bad input.
+""",
+)
+@click.option(
+    "--listen",
+    "listen",
+    multiple=True,
+    metavar="[HOST:]PORT[/NAME]",
+    help="Bind this TCP address once and pass it on (repeatable). No HOST: every address, dual-stack.",
+)
+@click.option(
+    "--ready",
+    type=click.Choice(["auto", "notify", "accept", "none"]),
+    default="auto",
+    show_default=True,
+    help="How a generation proves it serves: READY=1 on NOTIFY_SOCKET, waiting on every socket "
+    "(seen in /proc), either (auto), or nothing.",
+)
+@click.option("--ready-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True)
+@click.option(
+    "--grace", type=click.FloatRange(min=0), default=10.0, show_default=True, help="SIGTERM to SIGKILL."
+)
+@click.option(
+    "--restart", type=click.Choice(["on-failure", "always", "no"]), default="on-failure", show_default=True
+)
+@click.option("--backoff-max", type=click.FloatRange(min=0), default=10.0, show_default=True)
+@click.option(
+    "--control",
+    envvar=CONTROL_ENV,
+    metavar="PATH",
+    help=f"Unix socket for `rebind reload` (env {CONTROL_ENV}).",
+)
+@click.option("--pid-file", metavar="PATH", help="Write the supervisor's pid here (for kill -HUP).")
+@click.option("--reuse-port", is_flag=True, help="Set SO_REUSEPORT on the sockets.")
+@click.option("--backlog", type=click.IntRange(min=1), default=None, help="listen() backlog [SOMAXCONN].")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
+def run(
+    listen: tuple[str, ...],
+    ready: str,
+    ready_timeout: float,
+    grace: float,
+    restart: str,
+    backoff_max: float,
+    control: str | None,
+    pid_file: str | None,
+    reuse_port: bool,
+    backlog: int | None,
+    cmd: tuple[str, ...],
+) -> int:
+    """Hold listening sockets and run CMD with them; reload on SIGHUP without refusing a connection.
+
+    rebind binds every --listen address once and keeps it open for its whole life, so the port
+    is never free for a restart to race for: "Address already in use" cannot happen. Each
+    generation of CMD gets the sockets; a reload starts a new one, waits until it serves, then
+    stops the old one (SIGTERM, --grace, SIGKILL). If the new one fails, the old one keeps serving.
+    A crashed CMD is restarted with exponential backoff. SIGTERM/SIGINT are forwarded and rebind
+    exits with CMD's status.
+    """
+    from rebind.errors import UsageError
+    from rebind.supervisor.run import ReadyMode, Restart, RunConfig, supervise
+    from rebind.supervisor.spec import check_unique, parse_listen
+
+    if not listen:
+        raise UsageError("give at least one --listen [HOST:]PORT")
+    specs = tuple(parse_listen(text, i) for i, text in enumerate(listen))
+    check_unique(specs)
+    config = RunConfig(
+        argv=cmd,
+        listen=specs,
+        ready=ReadyMode(ready),
+        ready_timeout=ready_timeout,
+        grace=grace,
+        restart=Restart(restart),
+        backoff_max=backoff_max,
+        control=os.path.abspath(control) if control else None,
+        pid_file=pid_file,
+        reuse_port=reuse_port,
+        backlog=backlog,
+    )
+    return supervise(config)
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  rebind reload --control /run/app.sock     waits for the outcome: exit 0 ready, 1 kept the old one
+  rebind reload --pid-file app.pid          sends SIGHUP; the outcome is in rebind run's log
+"""
+)
+@click.option("--control", envvar=CONTROL_ENV, metavar="PATH", help=f"Control socket (env {CONTROL_ENV}).")
+@click.option("--pid-file", metavar="PATH", help="Send SIGHUP to the pid written by `rebind run --pid-file`.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True)
+@click.option("--status", "status", is_flag=True, help="Only print which generations run.")
+def reload(control: str | None, pid_file: str | None, timeout: float, status: bool) -> int:
+    """Ask a running `rebind run` to start a new generation and report whether it took over."""
+    from rebind.errors import UsageError
+
+    if control:
+        from rebind.supervisor.control import send
+
+        answer = send(control, "status" if status else "reload", timeout)
+        ok = answer.startswith("ok")
+        click.echo(answer or "failed: no answer (supervisor exited?)", err=not ok)
+        return 0 if ok else 1
+    if pid_file:
+        if status:
+            raise UsageError("--status needs --control")
+        pid = _read_supervisor_pid(pid_file)
+        os.kill(pid, signal.SIGHUP)
+        click.echo(f"sent SIGHUP to rebind run (pid {pid}); the outcome is in its log")
+        return 0
+    raise UsageError(f"give --control PATH (or set {CONTROL_ENV}) or --pid-file PATH")
+
+
+def _read_supervisor_pid(path: str) -> int:
+    from rebind.errors import UsageError
+
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--pid-file {path}: no running supervisor ({exc})") from None
+    # A stale pid file may name a recycled pid: only signal a process that is a `rebind run`.
+    if b"run" not in argv or not any(b"rebind" in a for a in argv):
+        raise UsageError(f"--pid-file {path}: pid {pid} is not a `rebind run` process")
+    return pid

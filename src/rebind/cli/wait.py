@@ -1,0 +1,237 @@
+"""`rebind wait PORT`: until a bind with these options would succeed (or, with
+--until-listening, until something accepts connections on PORT)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from rebind.cli.params import ADDRESS, PORT_SPEC
+
+if TYPE_CHECKING:
+    from rebind.diagnose import Diagnosis
+    from rebind.model.conflict import BindRequest
+
+F = TypeVar("F", bound=Callable[..., Any])
+Spec = tuple[IPv4Address | IPv6Address | None, int]
+
+
+def bind_options(f: F) -> F:
+    """The bind options `rebind why` takes, for every command that acts on a bind request."""
+    for deco in reversed(
+        [
+            click.argument("spec", type=PORT_SPEC, metavar="[ADDR:]PORT"),
+            click.option(
+                "--addr", type=ADDRESS, default=None, help="Address the server binds (default 0.0.0.0)."
+            ),
+            click.option("--udp", is_flag=True, help="A UDP socket instead of TCP."),
+            click.option("--reuseaddr", is_flag=True, help="The server sets SO_REUSEADDR."),
+            click.option("--reuseport", is_flag=True, help="The server sets SO_REUSEPORT."),
+            click.option("--v6only", is_flag=True, help="IPv6 socket with IPV6_V6ONLY=1."),
+        ]
+    ):
+        f = deco(f)
+    return f
+
+
+def request_from(
+    spec: Spec,
+    addr: IPv4Address | IPv6Address | None,
+    udp: bool,
+    reuseaddr: bool,
+    reuseport: bool,
+    v6only: bool,
+) -> BindRequest:
+    """The same request `rebind why` builds from the same options."""
+    from rebind.actions.common import bind_request
+
+    spec_addr, port = spec
+    if spec_addr is not None and addr is not None and spec_addr != addr:
+        raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
+    address = addr or spec_addr
+    if v6only and address is not None and address.version != 6:
+        raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
+    return bind_request(
+        port,
+        addr=address,
+        proto="udp" if udp else "tcp",
+        reuseaddr=reuseaddr,
+        reuseport=reuseport,
+        v6only=True if v6only else None,
+    )
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  rebind wait 8080 && ./server          start once a plain bind of 0.0.0.0:8080 works
+  rebind wait 8080 --reuseaddr          ... for a server that sets SO_REUSEADDR
+  rebind wait 127.0.0.1:5353 --udp --timeout 30
+  rebind wait 8080 --until-listening    until something accepts connections (127.0.0.1 or ::1)
+
+\b
+"Bindable" is tested with a real bind() (a probe that never listens), not a connect: a
+TIME_WAIT left by the last run blocks a restart although nothing accepts connections.
+Exit status: 0 ready, 1 timed out, 2 usage error (or bind() fails for a reason waiting
+cannot fix, such as EACCES).
+""",
+)
+@bind_options
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Give up after this long (exit 1).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No output; the exit status says it all.")
+@click.option(
+    "--until-listening", is_flag=True, help="Wait until something accepts connections on PORT instead."
+)
+def wait(
+    spec: Spec,
+    addr: IPv4Address | IPv6Address | None,
+    udp: bool,
+    reuseaddr: bool,
+    reuseport: bool,
+    v6only: bool,
+    timeout: float | None,
+    quiet: bool,
+    until_listening: bool,
+) -> int:
+    """Wait until binding PORT would succeed: the blockers (TIME_WAIT and friends) are gone.
+
+    On a terminal a countdown follows the blockers' own timers (TIME_WAIT lasts 60 s).
+    """
+    if until_listening:
+        for name, on in (("--reuseaddr", reuseaddr), ("--reuseport", reuseport), ("--v6only", v6only)):
+            if on:
+                raise click.UsageError(f"{name} has no meaning with --until-listening")
+        return _until_listening(spec, addr, udp, timeout, quiet)
+    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
+    return _until_bindable(req, timeout, quiet)
+
+
+def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int:
+    from rebind.actions.common import where
+    from rebind.actions.wait import WaitResult, wait_request
+
+    target = where(req)
+    if quiet:
+        res: WaitResult = wait_request(req, timeout=timeout)
+    elif sys.stderr.isatty():
+        res = _with_progress(req, timeout)
+    else:
+        announced: list[bool] = []
+
+        def note(d: Diagnosis, elapsed: float) -> None:
+            if not announced:
+                announced.append(True)
+                click.echo(f"waiting for {target}: {d.verdict}", err=True)
+
+        res = wait_request(req, timeout=timeout, on_progress=note)
+    if res.ok:
+        if not quiet:
+            click.echo(
+                f"{target} is bindable" + (f" (waited {res.elapsed:.1f}s)" if res.elapsed >= 0.05 else "")
+            )
+        return 0
+    if not quiet:
+        _report_timeout(target, res)
+    return 1
+
+
+def _report_timeout(target: str, res: Any) -> None:
+    from rebind.actions.common import owner_label, socket_label
+    from rebind.cli.render import fmt_ms
+
+    click.echo(
+        f"rebind: timed out after {res.elapsed:.1f}s: {target} is still not bindable ({res.trial})", err=True
+    )
+    d = res.diagnosis
+    if d is None:
+        return
+    for b in d.blockers:
+        r = b.entry.socket
+        left = f", {fmt_ms(r.expires_ms)} left" if r.is_mini and r.expires_ms is not None else ""
+        owners = ", ".join(owner_label(o) for o in b.entry.owners)
+        click.echo(f"  {socket_label(r)}{left}" + (f"  held by {owners}" if owners else ""), err=True)
+
+
+def _with_progress(req: BindRequest, timeout: float | None) -> Any:
+    import time
+
+    from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
+    from rich.text import Text
+
+    from rebind.actions.common import where
+    from rebind.actions.wait import wait_request
+    from rebind.cli.render import console, fmt_ms
+
+    class Countdown(ProgressColumn):
+        """Time left until the last timed blocker expires, re-computed at every refresh."""
+
+        def render(self, task: Task) -> Text:
+            deadline = task.fields.get("deadline")
+            if deadline is None:
+                return Text("no timer", style="dim")
+            return Text(f"{fmt_ms(max(int((deadline - time.monotonic()) * 1000), 0))} left")
+
+    con = console(stderr=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        Countdown(),
+        console=con,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(f"waiting for {where(req)}", total=None, deadline=None)
+
+        def update(d: Diagnosis, elapsed: float) -> None:
+            first = d.blockers[0].entry.socket.state.label if d.blockers else "blocked"
+            more = f" +{len(d.blockers) - 1}" if len(d.blockers) > 1 else ""
+            desc = f"waiting for {where(req)} ({first}{more})"
+            if d.frees_in_ms is None:
+                # An untimed holder (a live listener): no countdown, just a pulsing bar.
+                progress.update(task, description=desc, total=None, deadline=None)
+                return
+            # The bar spans from the start of the wait to the last TIME_WAIT's expiry.
+            total = elapsed + d.frees_in_ms / 1000
+            deadline = time.monotonic() + d.frees_in_ms / 1000
+            progress.update(task, description=desc, total=total, completed=elapsed, deadline=deadline)
+
+        return wait_request(req, timeout=timeout, on_progress=update)
+
+
+def _until_listening(
+    spec: Spec, addr: IPv4Address | IPv6Address | None, udp: bool, timeout: float | None, quiet: bool
+) -> int:
+    from rebind.actions.wait import LOOPBACKS, wait_listening
+
+    spec_addr, port = spec
+    if spec_addr is not None and addr is not None and spec_addr != addr:
+        raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
+    address = addr or spec_addr
+    shown = " or ".join(str(a) for a in ((address,) if address and not address.is_unspecified else LOOPBACKS))
+    what = f"port {port}/{'udp' if udp else 'tcp'} on {shown}"
+    if not quiet and not sys.stderr.isatty():
+        click.echo(f"waiting for something to {'bind' if udp else 'accept connections on'} {what}", err=True)
+    if not quiet and sys.stderr.isatty():
+        from rebind.cli.render import console
+
+        with console(stderr=True).status(f"waiting for a server on {what}"):
+            res = wait_listening(port, addr=address, proto="udp" if udp else "tcp", timeout=timeout)
+    else:
+        res = wait_listening(port, addr=address, proto="udp" if udp else "tcp", timeout=timeout)
+    if res.ok:
+        if not quiet:
+            click.echo(f"{res.answered} port {port} is {'bound' if udp else 'accepting connections'}")
+        return 0
+    if not quiet:
+        click.echo(f"rebind: timed out after {res.elapsed:.1f}s: nothing serves {what}", err=True)
+    return 1

@@ -1,0 +1,146 @@
+"""A tiny eBPF assembler: the handful of instructions rebind's iterator program needs.
+
+Encoding: Documentation/bpf/standardization/instruction-set.rst and include/uapi/linux/bpf.h.
+An instruction is 8 bytes, ``struct bpf_insn {u8 code; u8 dst_reg:4, src_reg:4; s16 off;
+s32 imm;}`` (little-endian, so the register byte is ``dst | src << 4``); ``ld_imm64`` takes two.
+Jumps name labels; offsets are counted in instructions from the one after the jump.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+# instruction classes
+LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
+# sizes (loads and stores)
+W, H, B, DW = 0x00, 0x08, 0x10, 0x18
+SIZE_OF = {1: B, 2: H, 4: W, 8: DW}
+# modes
+IMM, MEM = 0x00, 0x60
+# source operand
+K, X = 0x00, 0x08
+# ALU operations
+ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, NEG, MOD, XOR, MOV, ARSH = (
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xA0, 0xB0, 0xC0,
+)  # fmt: skip
+# jump operations
+JA, JEQ, JGT, JGE, JSET, JNE, JSGT, JSGE, CALL, EXIT, JLT, JLE = (
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xA0, 0xB0,
+)  # fmt: skip
+#: src_reg of ld_imm64 saying "imm is a map fd" (the verifier swaps in the map's address).
+PSEUDO_MAP_FD = 1
+#: src_reg of ld_imm64 saying "imm is the relative offset of a subprogram" (a callback, 5.13).
+PSEUDO_FUNC = 4
+#: src_reg of a call saying "imm is the relative offset of a subprogram" (bpf-to-bpf call).
+PSEUDO_CALL = 1
+
+R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
+FP = R10  # read-only frame pointer; the stack is the 512 bytes below it
+
+_INSN = struct.Struct("<BBhi")
+
+
+class AsmError(ValueError):
+    pass
+
+
+def encode(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    if not (0 <= dst <= 10 and 0 <= src <= 10):
+        raise AsmError(f"bad register r{dst}/r{src}")
+    if not -(1 << 15) <= off < 1 << 15:
+        raise AsmError(f"offset {off} does not fit s16")
+    if not -(1 << 31) <= imm < 1 << 32:
+        raise AsmError(f"immediate {imm} does not fit 32 bits")
+    if imm >= 1 << 31:
+        imm -= 1 << 32  # an unsigned 32-bit pattern, stored as the s32 it is
+    return _INSN.pack(code, dst | src << 4, off, imm)
+
+
+@dataclass
+class Program:
+    """Instructions appended in order; ``label()`` marks a jump target."""
+
+    _code: list[tuple[int, int, int, int, int, str | None]] = field(default_factory=list)
+    _labels: dict[str, int] = field(default_factory=dict)
+
+    def _emit(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> None:
+        self._code.append((code, dst, src, off, imm, None))
+
+    def label(self, name: str) -> None:
+        if name in self._labels:
+            raise AsmError(f"label {name!r} defined twice")
+        self._labels[name] = len(self._code)
+
+    # dst = src / dst = imm (64-bit)
+    def mov(self, dst: int, src: int) -> None:
+        self._emit(ALU64 | MOV | X, dst, src)
+
+    def mov_imm(self, dst: int, imm: int) -> None:
+        self._emit(ALU64 | MOV | K, dst, imm=imm)
+
+    def alu_imm(self, op: int, dst: int, imm: int) -> None:
+        self._emit(ALU64 | op | K, dst, imm=imm)
+
+    def alu(self, op: int, dst: int, src: int) -> None:
+        self._emit(ALU64 | op | X, dst, src)
+
+    # dst = *(size *)(src + off)
+    def load(self, size: int, dst: int, src: int, off: int) -> None:
+        self._emit(LDX | MEM | SIZE_OF[size], dst, src, off)
+
+    # *(size *)(dst + off) = src
+    def store(self, size: int, dst: int, off: int, src: int) -> None:
+        self._emit(STX | MEM | SIZE_OF[size], dst, src, off)
+
+    # *(size *)(dst + off) = imm
+    def store_imm(self, size: int, dst: int, off: int, imm: int) -> None:
+        self._emit(ST | MEM | SIZE_OF[size], dst, off=off, imm=imm)
+
+    def jump_imm(self, op: int, dst: int, imm: int, target: str) -> None:
+        """if (dst <op> imm) goto target (64-bit compare)."""
+        self._code.append((JMP | op | K, dst, 0, 0, imm, target))
+
+    def jump_reg(self, op: int, dst: int, src: int, target: str) -> None:
+        self._code.append((JMP | op | X, dst, src, 0, 0, target))
+
+    def goto(self, target: str) -> None:
+        self._code.append((JMP | JA, 0, 0, 0, 0, target))
+
+    def call(self, helper: int) -> None:
+        """Call helper number ``helper`` (enum bpf_func_id); args r1-r5, result r0."""
+        self._emit(JMP | CALL, imm=helper)
+
+    def call_local(self, target: str) -> None:
+        """Call the subprogram at ``target`` (a bpf-to-bpf call, Linux 4.16)."""
+        self._code.append((JMP | CALL, 0, PSEUDO_CALL, 0, 0, target))
+
+    def ld_func(self, dst: int, target: str) -> None:
+        """dst = the subprogram at ``target``, as a callback argument (e.g. for bpf_loop)."""
+        self._code.append((LD | IMM | DW, dst, PSEUDO_FUNC, 0, 0, target))
+        self._emit(0)
+
+    def exit(self) -> None:
+        self._emit(JMP | EXIT)
+
+    def ld_map_fd(self, dst: int, map_fd: int) -> None:
+        """dst = the map behind ``map_fd`` (a two-slot ld_imm64)."""
+        self._emit(LD | IMM | DW, dst, PSEUDO_MAP_FD, imm=map_fd)
+        self._emit(0)  # second half: the upper 32 bits of the immediate, here 0
+
+    def assemble(self) -> bytes:
+        out = []
+        for at, (code, dst, src, off, imm, target) in enumerate(self._code):
+            if target is not None:
+                if target not in self._labels:
+                    raise AsmError(f"undefined label {target!r}")
+                rel = self._labels[target] - (at + 1)
+                if code == JMP | CALL or code == LD | IMM | DW:
+                    imm = rel  # subprogram calls and references count in imm
+                else:
+                    off = rel
+            out.append(encode(code, dst, src, off, imm))
+        return b"".join(out)
+
+    def __len__(self) -> int:
+        return len(self._code)

@@ -1,0 +1,253 @@
+"""Just enough of a BTF reader to find one FUNC's type id and a few struct member offsets.
+
+Format: Documentation/bpf/btf.rst and include/uapi/linux/btf.h. A blob is a header, a type
+section and a string section. Types are variable-length records numbered from 1 in order, so
+a type's id is only known by walking every record before it: the walk stops as soon as all
+that was asked for has been found (``bpf_iter_task_file`` is about halfway into vmlinux BTF).
+Members of anonymous struct/union members are searched too (their offsets add up).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+BTF_MAGIC = 0xEB9F
+
+# enum of BTF_KIND_* in include/uapi/linux/btf.h
+KIND_INT = 1
+KIND_PTR = 2
+KIND_ARRAY = 3
+KIND_STRUCT = 4
+KIND_UNION = 5
+KIND_ENUM = 6
+KIND_FWD = 7
+KIND_TYPEDEF = 8
+KIND_VOLATILE = 9
+KIND_CONST = 10
+KIND_RESTRICT = 11
+KIND_FUNC = 12
+KIND_FUNC_PROTO = 13
+KIND_VAR = 14
+KIND_DATASEC = 15
+KIND_FLOAT = 16
+KIND_DECL_TAG = 17
+KIND_TYPE_TAG = 18
+KIND_ENUM64 = 19
+
+#: u32 words after the 12-byte ``struct btf_type``: a fixed part, and a part per ``vlen`` item.
+_FIXED_WORDS = {KIND_INT: 1, KIND_ARRAY: 3, KIND_VAR: 1, KIND_DECL_TAG: 1}
+_WORDS_PER_VLEN = {
+    KIND_STRUCT: 3,  # struct btf_member {name_off, type, offset}
+    KIND_UNION: 3,
+    KIND_ENUM: 2,  # struct btf_enum {name_off, val}
+    KIND_FUNC_PROTO: 2,  # struct btf_param {name_off, type}
+    KIND_DATASEC: 3,  # struct btf_var_secinfo {type, offset, size}
+    KIND_ENUM64: 3,  # struct btf_enum64 {name_off, val_lo32, val_hi32}
+}
+#: Kinds whose size_or_type is a type id to follow when asking for a size.
+_MODIFIERS = frozenset({KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG})
+_SIZED = frozenset({KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FLOAT})
+POINTER_SIZE = 8  # x86_64 and aarch64; a PTR record carries no size
+
+
+class BTFError(Exception):
+    """The blob is malformed, or something asked for is not in it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    offset: int  # bytes from the start of the outer struct
+    size: int  # bytes
+    kind: int  # BTF kind of the member's type once typedefs/modifiers are peeled
+    type_id: int  # that peeled type
+
+
+def _record_words(info: int) -> int:
+    kind = (info >> 24) & 0x1F
+    return 3 + _FIXED_WORDS.get(kind, 0) + _WORDS_PER_VLEN.get(kind, 0) * (info & 0xFFFF)
+
+
+class BTF:
+    """A BTF blob read lazily: records are indexed only as far as a lookup needs."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < 24:
+            raise BTFError("BTF blob shorter than its header")
+        magic, version, _flags, hdr_len = struct.unpack_from("<HBBI", data)
+        if magic != BTF_MAGIC:
+            raise BTFError(f"bad BTF magic {magic:#x} (not little-endian BTF?)")
+        if version != 1:
+            raise BTFError(f"unsupported BTF version {version}")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        t0, s0 = hdr_len + type_off, hdr_len + str_off
+        if type_len % 4 or t0 + type_len > len(data) or s0 + str_len > len(data):
+            raise BTFError("BTF sections out of bounds")
+        self._words = memoryview(data)[t0 : t0 + type_len].cast("I")
+        self._strings = bytes(data[s0 : s0 + str_len])
+        self._starts: list[int] = []  # word index of the record of type id k + 1
+        self._next = 0  # word index where the first record not yet indexed starts
+        self._hits: dict[tuple[int, int], int] = {}  # (name_off, kind) -> first id, as walked
+
+    # -- strings ---------------------------------------------------------------------------
+
+    def string_offset(self, name: str) -> int | None:
+        """Offset of ``name`` in the string section (BTF dedups strings: at most one)."""
+        raw = name.encode()
+        if self._strings.startswith(raw + b"\0"):
+            return 0
+        at = self._strings.find(b"\0" + raw + b"\0")
+        return None if at < 0 else at + 1
+
+    def name(self, off: int) -> str:
+        end = self._strings.find(b"\0", off)
+        return self._strings[off : end if end >= 0 else None].decode(errors="replace")
+
+    # -- the walk --------------------------------------------------------------------------
+
+    def _walk(self, until_id: int, wanted: Iterable[tuple[int, int]] = ()) -> None:
+        """Index records until ``until_id`` is indexed and each (name_off, kind) wanted is seen.
+
+        The hot loop of the module (~65k records to reach ``bpf_iter_task_file``): kept lean.
+        """
+        w, hits = self._words, self._hits
+        i, n = self._next, len(self._words)
+        append = self._starts.append
+        pending = set(wanted)
+        names = {off for off, _ in pending}
+        sizes: dict[int, int] = {}
+        size_of = sizes.get
+        left = until_id - len(self._starts)
+        try:
+            while i < n:
+                append(i)
+                info = w[i + 1]
+                if w[i] in names:
+                    key = (w[i], (info >> 24) & 0x1F)
+                    if key in pending:
+                        hits[key] = len(self._starts)
+                        pending.discard(key)
+                        names = {off for off, _ in pending}
+                        if not pending and left <= 1:
+                            i += _record_words(info)
+                            break
+                size = size_of(info)
+                if size is None:
+                    size = sizes[info] = _record_words(info)
+                i += size
+                left -= 1
+                if left <= 0 and not pending:
+                    break
+        except IndexError:
+            raise BTFError("truncated BTF type record") from None
+        if i > n:
+            raise BTFError("truncated BTF type record")
+        self._next = i
+
+    def _record(self, type_id: int) -> int:
+        """Word index of a type's record."""
+        if type_id > len(self._starts):
+            self._walk(type_id)
+        if not 0 < type_id <= len(self._starts):
+            raise BTFError(f"type id {type_id} out of range")
+        return self._starts[type_id - 1]
+
+    def kind(self, type_id: int) -> int:
+        return (self._words[self._record(type_id) + 1] >> 24) & 0x1F
+
+    def find_all(self, wanted: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Ids of the first type of each (name, kind), found in a single walk."""
+        keys: dict[tuple[str, int], tuple[int, int]] = {}
+        for name, kind in wanted:
+            off = self.string_offset(name)
+            if off is None:
+                raise BTFError(f"no BTF name {name!r}")
+            keys[name, kind] = (off, kind)
+        missing = [k for k in keys.values() if k not in self._hits]
+        if missing and self._starts:  # an earlier walk passed them by: look at what it indexed
+            offs = {off for off, _ in missing}
+            w = self._words
+            for tid, at in enumerate(self._starts, 1):
+                if w[at] in offs:
+                    self._hits.setdefault((w[at], (w[at + 1] >> 24) & 0x1F), tid)
+            missing = [k for k in missing if k not in self._hits]
+        if missing:
+            self._walk(0, missing)
+            missing = [k for k in missing if k not in self._hits]
+        if missing:
+            off, kind = missing[0]
+            raise BTFError(f"no BTF type {self.name(off)!r} of kind {kind}")
+        return {k: self._hits[v] for k, v in keys.items()}
+
+    def find(self, name: str, kind: int) -> int:
+        """Id of the first type of ``kind`` called ``name``."""
+        return self.find_all([(name, kind)])[name, kind]
+
+    # -- structs ---------------------------------------------------------------------------
+
+    def resolve(self, type_id: int) -> tuple[int, int, int]:
+        """Peel typedefs and modifiers: (kind, size in bytes, id) of what the id names."""
+        for _ in range(32):
+            at = self._record(type_id)
+            info, size_or_type = self._words[at + 1], self._words[at + 2]
+            kind = (info >> 24) & 0x1F
+            if kind in _MODIFIERS:
+                type_id = size_or_type
+                continue
+            if kind == KIND_PTR:
+                return kind, POINTER_SIZE, type_id
+            if kind in _SIZED:
+                return kind, size_or_type, type_id
+            raise BTFError(f"type id {type_id} (kind {kind}) has no size")
+        raise BTFError("typedef chain too long")
+
+    def member(self, struct_id: int, path: str) -> Member:
+        """Offset, size and kind of a struct member, looking into anonymous members.
+
+        ``path`` may name an embedded struct's member: ``"ns.inum"`` (offsets add up).
+        """
+        first, *rest = path.split(".")
+        found = self._named_member(struct_id, first, 0)
+        for name in rest:
+            found = self._named_member(found.type_id, name, found.offset)
+        return found
+
+    def _named_member(self, struct_id: int, name: str, base: int) -> Member:
+        off = self.string_offset(name)
+        found = None if off is None else self._member(struct_id, off, base, 0)
+        if found is None:
+            raise BTFError(f"type id {struct_id} has no member {name!r}")
+        return found
+
+    def _member(self, struct_id: int, name_off: int, base: int, depth: int) -> Member | None:
+        if depth > 8:
+            return None
+        at = self._record(struct_id)
+        info = self._words[at + 1]
+        kind = (info >> 24) & 0x1F
+        if kind not in (KIND_STRUCT, KIND_UNION):
+            return None
+        kflag = info >> 31
+        anonymous: list[tuple[int, int]] = []
+        for m in range(info & 0xFFFF):
+            m_name, m_type, m_off = self._words[at + 3 + 3 * m : at + 6 + 3 * m]
+            bit_off = m_off & 0xFFFFFF if kflag else m_off  # kflag: bitfield_size << 24 | offset
+            if m_name == name_off:
+                if (kflag and m_off >> 24) or bit_off % 8:
+                    raise BTFError("member is a bitfield")
+                m_kind, m_size, m_id = self.resolve(m_type)
+                return Member(base + bit_off // 8, m_size, m_kind, m_id)
+            if m_name == 0:
+                anonymous.append((m_type, base + bit_off // 8))
+        for m_type, m_base in anonymous:
+            while self.kind(m_type) in _MODIFIERS:
+                m_type = self._words[self._record(m_type) + 2]
+            found = self._member(m_type, name_off, m_base, depth + 1)
+            if found is not None:
+                return found
+        return None
+
+    def members(self, struct_name: str, names: Iterable[str]) -> dict[str, Member]:
+        sid = self.find(struct_name, KIND_STRUCT)
+        return {n: self.member(sid, n) for n in names}

@@ -1,0 +1,125 @@
+"""Start one generation: fork, put the listening sockets at fds 3.., set LISTEN_PID, exec.
+
+posix_spawn cannot do it: LISTEN_PID must be the child's own pid (sd_listen_fds(3) ignores the
+fds otherwise), which is known only after fork. The child runs a few async-signal-safe-in-spirit
+steps (no locks taken: the supervisor is single-threaded) and reports exec failure through a
+close-on-exec pipe, as subprocess does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+
+from rebind.errors import UsageError
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+# Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec, so reset them the way
+# subprocess's restore_signals does, plus every signal the supervisor handles.
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+_libc: ctypes.CDLL | None = None
+
+
+class CommandNotFound(UsageError):
+    pass
+
+
+def libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def resolve_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    exe = argv[0]
+    if "/" in exe:
+        if not os.access(exe, os.X_OK) or os.path.isdir(exe):
+            raise CommandNotFound(f"command not found or not executable: {exe}")
+        return exe
+    found = shutil.which(exe, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise CommandNotFound(f"command not found: {exe}")
+    return found
+
+
+def become_subreaper() -> None:
+    """Orphans of a generation (e.g. workers of a killed master) re-parent to us, not init."""
+    libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def spawn(
+    exe: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    fds: Sequence[int],
+    reset: Sequence[int],
+) -> int:
+    """Start EXE with FDS as 3, 4, ... (inheritable) and LISTEN_PID set to its pid.
+
+    Every fd in FDS must be >= 3 + len(FDS), so moving one into place never clobbers another.
+    """
+    assert all(fd >= 3 + len(fds) for fd in fds)
+    env_b = {k.encode(): v.encode() for k, v in env.items()}
+    argv_b = [a.encode() for a in argv]
+    parent = os.getpid()
+    lib = libc()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    # Block signals across fork: a signal landing in the child before its handlers are reset
+    # would run the supervisor's Python handler there.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child, replaced by exec
+            try:
+                _child(exe, argv_b, env_b, fds, reset, parent, lib)
+            except BaseException as exc:
+                os.write(w, str(getattr(exc, "errno", 0) or 0).encode())
+            finally:
+                os._exit(127)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    os.close(w)
+    try:
+        report = b""
+        while chunk := os.read(r, 64):
+            report += chunk
+    finally:
+        os.close(r)
+    if report:
+        os.waitpid(pid, 0)
+        err = int(report or b"0")
+        raise CommandNotFound(f"cannot run {exe}: {os.strerror(err)}")
+    return pid
+
+
+def _child(
+    exe: str,
+    argv: list[bytes],
+    env: dict[bytes, bytes],
+    fds: Sequence[int],
+    reset: Sequence[int],
+    parent: int,
+    lib: ctypes.CDLL,
+) -> None:  # pragma: no cover - runs in the forked child
+    # Own process group: the terminal's Ctrl-C reaches only the supervisor (which forwards it),
+    # and a generation's whole tree can be killed with one killpg().
+    os.setpgid(0, 0)
+    # If the supervisor dies, the generation must not keep the port (that is the EADDRINUSE
+    # we exist to prevent); re-check the parent after prctl to close the race.
+    lib.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+    for i, fd in enumerate(fds):
+        os.dup2(fd, 3 + i, inheritable=True)
+    for sig in reset:
+        signal.signal(sig, signal.SIG_DFL)
+    env[b"LISTEN_PID"] = str(os.getpid()).encode()
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    os.execve(exe, argv, env)

@@ -1,0 +1,65 @@
+"""`--listen [HOST:]PORT[/NAME]`: what `rebind run` binds once and hands to every generation."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from rebind.errors import UsageError
+
+_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "-_.@")
+_EXAMPLE = "expected [HOST:]PORT[/NAME], e.g. 8080, 127.0.0.1:8080, [::1]:8080/web"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSpec:
+    host: str  # "" = every address (dual-stack [::] when IPv6 works, like systemd's ListenStream=PORT)
+    port: int
+    name: str
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else (self.host or "*")
+        return f"{host}:{self.port}/{self.name}"
+
+
+def parse_listen(text: str, index: int = 0) -> ListenSpec:
+    """Parse one --listen value; NAME defaults to ``listen<index>`` (goes into LISTEN_FDNAMES)."""
+    raw = text.strip()
+    body, _, name = raw.partition("/")
+    if not name:
+        name = f"listen{index}"
+    # LISTEN_FDNAMES is ':'-separated; systemd limits names to printable ASCII without ':'.
+    if len(name) > 255 or not set(name) <= _NAME_CHARS:
+        raise UsageError(f"--listen {text!r}: name {name!r} must be letters, digits, '-', '_', '.', '@'")
+    host, port_text = _split_host(body, text)
+    if not port_text:
+        raise UsageError(f"--listen {text!r}: no port ({_EXAMPLE})")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise UsageError(f"--listen {text!r}: {port_text!r} is not a port number 1-65535 ({_EXAMPLE})")
+    return ListenSpec(host, int(port_text), name)
+
+
+def _split_host(body: str, text: str) -> tuple[str, str]:
+    if body.startswith("["):
+        host, sep, rest = body[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"--listen {text!r}: bad bracketed IPv6 address ({_EXAMPLE})")
+        return host, rest[1:]
+    if body.count(":") > 1:
+        raise UsageError(f"--listen {text!r}: put IPv6 addresses in brackets, e.g. [::1]:8080")
+    if ":" in body:
+        host, _, port = body.partition(":")
+        return ("" if host in ("*", "") else host), port
+    if body.isdigit():
+        return "", body
+    return body, ""  # a bare host: the port is missing
+
+
+def check_unique(specs: tuple[ListenSpec, ...]) -> None:
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UsageError(f"--listen: name {sorted(dup)[0]!r} is used twice")
+    addrs = [(s.host, s.port) for s in specs]
+    if len(set(addrs)) != len(addrs):
+        raise UsageError("--listen: the same address is given twice")
