@@ -160,15 +160,21 @@ def main() -> None:
         few = codec.port_filter(range(18500, 18509))
         counts = {
             # Both families, every TCP state, in one walk; only our fixed ports.
-            "tcp_any_family": capture("tcp_any_family", codec.dump_request_tcp_any_family(ALL_STATES, bytecode=few)),
+            "tcp_any_family": capture(
+                "tcp_any_family", codec.dump_request_tcp_any_family(ALL_STATES, bytecode=few)
+            ),
             # v2 requests, one family each.
-            "tcp_v6": capture("tcp_v6", codec.dump_request(Family.INET6, Proto.TCP, ALL_STATES, bytecode=few)),
+            "tcp_v6": capture(
+                "tcp_v6", codec.dump_request(Family.INET6, Proto.TCP, ALL_STATES, bytecode=few)
+            ),
             "udp_v4": capture("udp_v4", codec.dump_request(Family.INET, Proto.UDP, ALL_STATES)),
             "udp_v6": capture("udp_v6", codec.dump_request(Family.INET6, Proto.UDP, ALL_STATES)),
             # Sport 18504 only: the TIME_WAIT mini-socket.
             "tcp_time_wait": capture(
                 "tcp_time_wait",
-                codec.dump_request(Family.INET, Proto.TCP, State.TIME_WAIT.bit, bytecode=codec.port_filter([18504])),
+                codec.dump_request(
+                    Family.INET, Proto.TCP, State.TIME_WAIT.bit, bytecode=codec.port_filter([18504])
+                ),
             ),
             # Many listeners: a dump of several datagrams, NLMSG_DONE in the last.
             "tcp_many": capture("tcp_many", codec.dump_request(Family.INET, Proto.TCP, State.LISTEN.bit)),
@@ -176,7 +182,10 @@ def main() -> None:
             "bad_bytecode": capture(
                 "bad_bytecode",
                 codec.dump_request(
-                    Family.INET, Proto.TCP, ALL_STATES, bytecode=struct.pack("=BBH", codec.BcOp.S_EQ, 3, 12) + bytes(4)
+                    Family.INET,
+                    Proto.TCP,
+                    ALL_STATES,
+                    bytecode=struct.pack("=BBH", codec.BcOp.S_EQ, 3, 12) + bytes(4),
                 ),
             ),
         }

@@ -126,7 +126,13 @@ def parse_lsof(out: str) -> dict[int, dict[str, Any]]:
         state = f[9].strip("()") if len(f) > 9 else ("ESTABLISHED" if remote else "UNCONN")
         s = socks.setdefault(
             inode,
-            {"proto": proto, "state": state, "local": _addr(local), "remote": _addr(remote) if remote else None, "pids": set()},
+            {
+                "proto": proto,
+                "state": state,
+                "local": _addr(local),
+                "remote": _addr(remote) if remote else None,
+                "pids": set(),
+            },
         )
         s["pids"].add(pid)
     return socks
@@ -227,7 +233,9 @@ def test_rebind_agrees_with_ss_and_lsof(zoo, rebind_cli):
 
     # The roles came out right, not just consistently with the other tools.
     def pids_on(port: int, state: str = "LISTEN") -> set[int]:
-        return {o["pid"] for s in ours if s["local"]["port"] == port and s["state"] == state for o in s["owners"]}
+        return {
+            o["pid"] for s in ours if s["local"]["port"] == port and s["state"] == state for o in s["owners"]
+        }
 
     assert pids_on(18601) == zoo["shared"] and len(zoo["shared"]) == 3
     assert pids_on(18602) == zoo["orphan"]

@@ -35,7 +35,9 @@ def listeners(netns: int) -> Iterator[list[socket.socket]]:
         s.close()
 
 
-def _ports(family: Family | None, proto: Proto, bc: bytes, states: frozenset[State] = frozenset(State)) -> list[int]:
+def _ports(
+    family: Family | None, proto: Proto, bc: bytes, states: frozenset[State] = frozenset(State)
+) -> list[int]:
     with diag.DiagSocket() as d:
         return [r.local.port for r in d.dump(family, proto, states, bytecode=bc)]
 

@@ -154,7 +154,9 @@ def test_done_with_negative_error_carries_errno():
     assert exc.value.errno == 16 and not isinstance(exc.value, CodecError)
     # A DONE without the int (old kernels) or with 0 is a clean end.
     assert isinstance(next(c.iter_messages(_msg(c.NLMSG_DONE, b""), Proto.TCP)), c.Done)
-    done = next(c.iter_messages(_msg(c.NLMSG_DONE, bytes(4), flags=c.NLM_F_MULTI | c.NLM_F_DUMP_INTR), Proto.TCP))
+    done = next(
+        c.iter_messages(_msg(c.NLMSG_DONE, bytes(4), flags=c.NLM_F_MULTI | c.NLM_F_DUMP_INTR), Proto.TCP)
+    )
     assert done == c.Done(1, interrupted=True)
 
 
@@ -188,12 +190,27 @@ def test_unknown_family_and_state_are_codec_errors():
 
 def test_port_range_filter_layout_and_limits():
     bc = c.port_range_filter(8000, 8999)
-    assert struct.unpack("=BBHBBHBBHBBH", bc) == (c.BcOp.S_GE, 8, 20, 0, 0, 8000, c.BcOp.S_LE, 8, 12, 0, 0, 8999)
+    assert struct.unpack("=BBHBBHBBHBBH", bc) == (
+        c.BcOp.S_GE,
+        8,
+        20,
+        0,
+        0,
+        8000,
+        c.BcOp.S_LE,
+        8,
+        12,
+        0,
+        0,
+        8999,
+    )
     assert len(c.port_filter(range(1, c.MAX_FILTER_PORTS + 1))) == 12 * c.MAX_FILTER_PORTS - 4
     with pytest.raises(ValueError):
         c.port_filter(range(1, c.MAX_FILTER_PORTS + 2))
     # The request attribute's u16 length must hold the largest filter.
-    req = c.dump_request(Family.INET, Proto.TCP, 0xFFFF, bytecode=c.port_filter(range(1, c.MAX_FILTER_PORTS + 1)))
+    req = c.dump_request(
+        Family.INET, Proto.TCP, 0xFFFF, bytecode=c.port_filter(range(1, c.MAX_FILTER_PORTS + 1))
+    )
     (attr_len,) = struct.unpack_from("=H", req, c.NLMSGHDR.size + c.REQ_V2_HEAD.size + c.SOCKID_SIZE)
     assert attr_len == 4 + 12 * c.MAX_FILTER_PORTS - 4
 
@@ -227,7 +244,9 @@ _diag_payload = st.tuples(
 ).map(lambda t: bytes([t[0], t[1], t[2], 0]) + t[3] + t[4])
 _err_payload = st.integers(-(2**31), 2**31 - 1).map(lambda e: struct.pack("=i", e) + bytes(16))
 _message = st.one_of(
-    st.tuples(st.sampled_from([c.SOCK_DIAG_BY_FAMILY, c.TCPDIAG_GETSOCK]), st.integers(0, 0xFFFF), _diag_payload),
+    st.tuples(
+        st.sampled_from([c.SOCK_DIAG_BY_FAMILY, c.TCPDIAG_GETSOCK]), st.integers(0, 0xFFFF), _diag_payload
+    ),
     st.tuples(st.just(c.NLMSG_ERROR), st.integers(0, 0xFFFF), _err_payload),
     st.tuples(st.just(c.NLMSG_DONE), st.integers(0, 0xFFFF), st.one_of(_err_payload, st.binary(max_size=8))),
     st.tuples(st.integers(0, 40), st.integers(0, 0xFFFF), st.binary(max_size=80)),

@@ -9,7 +9,6 @@ Jumps name labels; offsets are counted in instructions from the one after the ju
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 # instruction classes
 LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
@@ -57,12 +56,12 @@ def encode(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) ->
     return _INSN.pack(code, dst | src << 4, off, imm)
 
 
-@dataclass
 class Program:
     """Instructions appended in order; ``label()`` marks a jump target."""
 
-    _code: list[tuple[int, int, int, int, int, str | None]] = field(default_factory=list)
-    _labels: dict[str, int] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._code: list[tuple[int, int, int, int, int, str | None]] = []
+        self._labels: dict[str, int] = {}
 
     def _emit(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> None:
         self._code.append((code, dst, src, off, imm, None))
@@ -141,6 +140,10 @@ class Program:
                     off = rel
             out.append(encode(code, dst, src, off, imm))
         return b"".join(out)
+
+    def address(self, label: str) -> int:
+        """Instruction index of a label (a subprogram's start, for BTF func_info)."""
+        return self._labels[label]
 
     def __len__(self) -> int:
         return len(self._code)

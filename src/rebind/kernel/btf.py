@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 BTF_MAGIC = 0xEB9F
 
@@ -56,8 +56,7 @@ class BTFError(Exception):
     """The blob is malformed, or something asked for is not in it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     offset: int  # bytes from the start of the outer struct
     size: int  # bytes
     kind: int  # BTF kind of the member's type once typedefs/modifiers are peeled
@@ -251,3 +250,34 @@ class BTF:
     def members(self, struct_name: str, names: Iterable[str]) -> dict[str, Member]:
         sid = self.find(struct_name, KIND_STRUCT)
         return {n: self.member(sid, n) for n in names}
+
+
+# -- writing: the program BTF a loader must give for callbacks ---------------------------------
+
+
+def encode_funcs(funcs: Iterable[tuple[str, int]]) -> bytes:
+    """A BTF blob describing static functions ``long name(long, ...)`` (name, parameter count).
+
+    The verifier wants BTF func_info for a program with callbacks (bpf_loop's callback must
+    be a static function); for static functions it checks no argument types, so one
+    integer type serves every parameter and return value.
+    """
+    strings = bytearray(b"\0long\0a0\0a1\0a2\0a3\0a4\0")
+    arg_name = [6, 9, 12, 15, 18]  # offsets of a0..a4 (func_info protos need named params)
+    types = bytearray()
+    # id 1: INT "long", 8 bytes, signed 64 bits (BTF_INT_ENCODING SIGNED << 24 | bits)
+    types += struct.pack("<IIII", 1, KIND_INT << 24, 8, (1 << 24) | 64)
+    next_id = 2
+    for name, nparams in funcs:
+        if not 0 <= nparams <= len(arg_name):
+            raise BTFError(f"{nparams} parameters: BPF functions take at most 5")
+        # FUNC_PROTO returning long, parameters a0.. of type long; then the FUNC
+        types += struct.pack("<III", 0, KIND_FUNC_PROTO << 24 | nparams, 1)
+        for i in range(nparams):
+            types += struct.pack("<II", arg_name[i], 1)
+        name_off = len(strings)
+        strings += name.encode() + b"\0"
+        types += struct.pack("<III", name_off, KIND_FUNC << 24, next_id)  # linkage 0: static
+        next_id += 2
+    header = struct.pack("<HBBIIIII", BTF_MAGIC, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + bytes(types) + bytes(strings)

@@ -43,7 +43,7 @@ class NotifyReceiver:
         return self.sock.fileno()
 
     def receive(self) -> list[NotifyMessage]:
-        out = []
+        out: list[NotifyMessage] = []
         while True:
             try:
                 data, anc, _flags, _ = self.sock.recvmsg(_BUF, _ANC)

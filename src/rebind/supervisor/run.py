@@ -119,7 +119,7 @@ def _bind_one(spec: ListenSpec, reuse_port: bool, backlog: int | None) -> socket
         raise BindFailed(f"cannot listen on {spec}: {spec.host!r}: {exc.strerror}") from None
     except OSError as exc:
         notes: list[str] = getattr(exc, "__notes__", [])
-        detail = "; ".join(part.strip() for note in notes for part in note.splitlines() if part.strip())
+        detail = "; ".join(p.strip().lstrip("- ") for note in notes for p in note.splitlines() if p.strip())
         msg = f"cannot listen on {spec}: {exc.strerror or exc}"
         raise BindFailed(msg + (f" — {detail}" if detail else "")) from None
 

@@ -1,0 +1,117 @@
+"""`rebind run` / `rebind reload` from the command line: bad input is one line, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Procs
+from tests.kernel.helpers import LISTEN
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+ORIGIN_REWRITTEN = """
+import rebind
+
+s = rebind.listen("0.0.0.0", 12345)
+print("ready", flush=True)
+(client, addr) = s.accept()
+print(client)
+print(addr)
+"""
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(name))
+    return out
+
+
+def test_listen_without_port(netns: int, rebind_cli: Cli) -> None:
+    r = rebind_cli("run", "--listen", "127.0.0.1", "--", "true")
+    assert r.returncode == 2 and "no port" in _one_line(r)
+
+
+def test_command_not_found(netns: int, rebind_cli: Cli) -> None:
+    r = rebind_cli("run", "--listen", "127.0.0.1:8090", "--", "no-such-command-rebind")
+    assert r.returncode == 2 and "command not found: no-such-command-rebind" in _one_line(r)
+
+
+def test_port_in_use_by_someone_else(netns: int, procs: Procs, rebind_cli: Cli) -> None:
+    holder = procs.python(LISTEN.format(opts="", addr="127.0.0.1", port=8091))
+    assert procs.wait_line(holder) == "ready"
+    r = rebind_cli("run", "--listen", "127.0.0.1:8091", "--", sys.executable, "-c", "pass")
+    line = _one_line(r)
+    assert r.returncode == 1 and "cannot listen on 127.0.0.1:8091" in line and "in use" in line
+    assert holder.poll() is None  # the holder is untouched, and we started nothing
+
+
+def test_reload_needs_a_target(netns: int, rebind_cli: Cli, tmp_path: Path) -> None:
+    r = rebind_cli("reload")
+    assert r.returncode == 2 and "--control" in _one_line(r)
+    r = rebind_cli("reload", "--control", str(tmp_path / "none"))
+    assert r.returncode == 2 and "no `rebind run` listens" in _one_line(r)
+
+
+def test_run_reload_status_and_pid_file(netns: int, procs: Procs, rebind_cli: Cli, tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text("import rebind, signal\ns = rebind.listen('', 0)\nrebind.notify_ready()\nsignal.pause()\n")
+    ctl, pid_file, log = tmp_path / "ctl", tmp_path / "pid", tmp_path / "log"
+    args = ["-m", "rebind", "run", "--listen", "8092", "--control", str(ctl), "--pid-file", str(pid_file)]
+    sup = procs.start([sys.executable, *args, "--", sys.executable, str(app)], stderr=log.open("w"))
+    while "ready after" not in log.read_text():
+        assert sup.poll() is None, log.read_text()
+        time.sleep(0.02)
+    r = rebind_cli("reload", "--control", str(ctl))
+    assert r.returncode == 0 and r.stdout.startswith("ok: generation 2"), r
+    r = rebind_cli("reload", "--control", str(ctl), "--status")
+    assert r.returncode == 0 and "serving: generation 2" in r.stdout
+    r = rebind_cli("reload", "--pid-file", str(pid_file))
+    assert r.returncode == 0, r.stderr
+    while log.read_text().count("ready after") < 3:
+        assert sup.poll() is None, log.read_text()
+        time.sleep(0.02)
+    os.kill(sup.pid, signal.SIGTERM)
+    assert sup.wait(30) == 128 + signal.SIGTERM  # signal.pause() app dies of SIGTERM
+    assert not ctl.exists() and not pid_file.exists()
+    assert _children_of(sup.pid) == []
+
+
+def test_origin_post_server_rewritten(netns: int, procs: Procs, rebind_cli: Cli, tmp_path: Path) -> None:
+    """The blog's server, with rebind.listen(): restarts at once despite TIME_WAIT, alone or supervised."""
+    import socket
+
+    (tmp_path / "server.py").write_text(ORIGIN_REWRITTEN)
+    for _ in range(2):  # the second start is the one that failed with Errno 98 in the post
+        p = procs.start([sys.executable, str(tmp_path / "server.py")])
+        assert procs.wait_line(p) == "ready"
+        with socket.create_connection(("127.0.0.1", 12345), timeout=10):
+            pass
+        assert p.wait(10) == 0  # server side closes first: its connection sits in TIME_WAIT
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-m", "rebind", "run", "--listen", "12345", "--restart", "no"]
+    sup = procs.start([*cmd, "--", sys.executable, str(tmp_path / "server.py")], stderr=log.open("w"))
+    while "ready after" not in log.read_text():
+        assert sup.poll() is None, log.read_text()
+        time.sleep(0.02)
+    with socket.create_connection(("127.0.0.1", 12345), timeout=10):
+        pass
+    assert sup.wait(30) == 0  # --restart no: the app's exit status is ours
