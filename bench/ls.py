@@ -1,6 +1,6 @@
 """Benchmark `rebind ls 8080` against ss, lsof, fuser and psutil on a large socket table (issue 2).
 
-    sudo .venv/bin/python bench/ls.py                      # both layouts + idle numbers (~10 min)
+    sudo .venv/bin/python bench/ls.py                      # both layouts + idle numbers (~5 min)
     sudo .venv/bin/python bench/ls.py --layouts default --runs 3
     sudo .venv/bin/python bench/ls.py --use-existing rbload --layouts default   # a netns already loaded
 
@@ -135,7 +135,8 @@ class Namespace:
 def start_load(
     ns: Namespace, extra: list[str], tmp: Path, timeout: float
 ) -> tuple[subprocess.Popen[bytes], float]:
-    ready = tmp / "ready"
+    ready = tmp / f"ready-{ns.name}"  # one per layout: a stale file would end the wait at once
+    ready.unlink(missing_ok=True)
     log = open(tmp / "mkload.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
     argv = ["ip", "netns", "exec", ns.name, PY, str(MKLOAD), "--ready", str(ready), *extra]
     print(f"# building: {shell(argv)}", file=sys.stderr, flush=True)
@@ -391,8 +392,18 @@ def main() -> None:
         f"`{shell([sys.executable, *sys.argv])}`\n"
     )
     for info in results:
-        owners = info["owners"]
-        print(f"Owners of the 8080 listener: {owners}.\n")
+        owners: dict[str, object] = info["owners"]  # type: ignore[assignment]
+        mk = " ".join(info["mkload_args"]) or "(defaults)"  # type: ignore[arg-type]
+        print(f"### Layout `{info['layout']}`: mkload.py {mk}\n")
+        print(
+            f"Socket table: {info['sockets']}; processes in the namespace: {info['processes']}; "
+            f"load built in {info['build_s'] or 0:.0f} s.\n"
+        )
+        print(f"Owners of the 8080 listener: `ss -tanp` {owners['ss']} pids;")
+        for k, v in owners.items():
+            if k not in ("ss", "same"):
+                print(f"`{k} ls 8080`: {v};")
+        print()
         print(table(info) + "\n")
     if idle:
         print("### Idle namespace (one listener on 8080, one owner)\n")

@@ -87,17 +87,25 @@ class BTF:
         self._strings = bytes(data[s0 : s0 + str_len])
         self._starts: list[int] = []  # word index of the record of type id k + 1
         self._next = 0  # word index where the first record not yet indexed starts
-        self._hits: dict[tuple[int, int], int] = {}  # (name_off, kind) -> first id, as walked
+        self._hits: dict[tuple[str, int], int] = {}  # (name, kind) -> first id, as walked
+        self._offsets: dict[str, frozenset[int]] = {}
 
     # -- strings ---------------------------------------------------------------------------
 
-    def string_offset(self, name: str) -> int | None:
-        """Offset of ``name`` in the string section (BTF dedups strings: at most one)."""
-        raw = name.encode()
-        if self._strings.startswith(raw + b"\0"):
-            return 0
-        at = self._strings.find(b"\0" + raw + b"\0")
-        return None if at < 0 else at + 1
+    def string_offsets(self, name: str) -> frozenset[int]:
+        """Offset of the string ``name`` (empty if absent). vmlinux BTF is deduplicated by
+        pahole, strings included, so the first copy is the only one; a name stored only as
+        another string's tail would not be found: an error then, not a wrong match."""
+        found = self._offsets.get(name)
+        if found is None:
+            raw = name.encode() + b"\0"
+            if self._strings.startswith(raw):
+                found = frozenset({0})
+            else:
+                at = self._strings.find(b"\0" + raw)
+                found = frozenset() if at < 0 else frozenset({at + 1})
+            self._offsets[name] = found
+        return found
 
     def name(self, off: int) -> str:
         end = self._strings.find(b"\0", off)
@@ -105,16 +113,16 @@ class BTF:
 
     # -- the walk --------------------------------------------------------------------------
 
-    def _walk(self, until_id: int, wanted: Iterable[tuple[int, int]] = ()) -> None:
-        """Index records until ``until_id`` is indexed and each (name_off, kind) wanted is seen.
+    def _walk(self, until_id: int, wanted: Iterable[tuple[str, int]] = ()) -> None:
+        """Index records until ``until_id`` is indexed and each (name, kind) wanted is seen.
 
-        The hot loop of the module (~65k records to reach ``bpf_iter_task_file``): kept lean.
+        The hot loop of the module (~65k records to reach ``bpf_iter_task``): kept lean.
         """
         w, hits = self._words, self._hits
         i, n = self._next, len(self._words)
         append = self._starts.append
         pending = set(wanted)
-        names = {off for off, _ in pending}
+        names = self._names_at({name for name, _ in pending})
         sizes: dict[int, int] = {}
         size_of = sizes.get
         left = until_id - len(self._starts)
@@ -123,11 +131,10 @@ class BTF:
                 append(i)
                 info = w[i + 1]
                 if w[i] in names:
-                    key = (w[i], (info >> 24) & 0x1F)
+                    key = (names[w[i]], (info >> 24) & 0x1F)
                     if key in pending:
                         hits[key] = len(self._starts)
                         pending.discard(key)
-                        names = {off for off, _ in pending}
                         if not pending and left <= 1:
                             i += _record_words(info)
                             break
@@ -144,6 +151,9 @@ class BTF:
             raise BTFError("truncated BTF type record")
         self._next = i
 
+    def _names_at(self, names: Iterable[str]) -> dict[int, str]:
+        return {off: name for name in names for off in self.string_offsets(name)}
+
     def _record(self, type_id: int) -> int:
         """Word index of a type's record."""
         if type_id > len(self._starts):
@@ -157,27 +167,25 @@ class BTF:
 
     def find_all(self, wanted: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Ids of the first type of each (name, kind), found in a single walk."""
-        keys: dict[tuple[str, int], tuple[int, int]] = {}
-        for name, kind in wanted:
-            off = self.string_offset(name)
-            if off is None:
+        keys = list(dict.fromkeys(wanted))
+        for name, _ in keys:
+            if not self.string_offsets(name):
                 raise BTFError(f"no BTF name {name!r}")
-            keys[name, kind] = (off, kind)
-        missing = [k for k in keys.values() if k not in self._hits]
+        missing = [k for k in keys if k not in self._hits]
         if missing and self._starts:  # an earlier walk passed them by: look at what it indexed
-            offs = {off for off, _ in missing}
+            names = self._names_at({name for name, _ in missing})
             w = self._words
             for tid, at in enumerate(self._starts, 1):
-                if w[at] in offs:
-                    self._hits.setdefault((w[at], (w[at + 1] >> 24) & 0x1F), tid)
+                if w[at] in names:
+                    self._hits.setdefault((names[w[at]], (w[at + 1] >> 24) & 0x1F), tid)
             missing = [k for k in missing if k not in self._hits]
         if missing:
             self._walk(0, missing)
             missing = [k for k in missing if k not in self._hits]
         if missing:
-            off, kind = missing[0]
-            raise BTFError(f"no BTF type {self.name(off)!r} of kind {kind}")
-        return {k: self._hits[v] for k, v in keys.items()}
+            name, kind = missing[0]
+            raise BTFError(f"no BTF type {name!r} of kind {kind}")
+        return {k: self._hits[k] for k in keys}
 
     def find(self, name: str, kind: int) -> int:
         """Id of the first type of ``kind`` called ``name``."""
@@ -213,13 +221,13 @@ class BTF:
         return found
 
     def _named_member(self, struct_id: int, name: str, base: int) -> Member:
-        off = self.string_offset(name)
-        found = None if off is None else self._member(struct_id, off, base, 0)
+        offs = self.string_offsets(name)
+        found = self._member(struct_id, offs, base, 0) if offs else None
         if found is None:
             raise BTFError(f"type id {struct_id} has no member {name!r}")
         return found
 
-    def _member(self, struct_id: int, name_off: int, base: int, depth: int) -> Member | None:
+    def _member(self, struct_id: int, name_offs: frozenset[int], base: int, depth: int) -> Member | None:
         if depth > 8:
             return None
         at = self._record(struct_id)
@@ -232,7 +240,7 @@ class BTF:
         for m in range(info & 0xFFFF):
             m_name, m_type, m_off = self._words[at + 3 + 3 * m : at + 6 + 3 * m]
             bit_off = m_off & 0xFFFFFF if kflag else m_off  # kflag: bitfield_size << 24 | offset
-            if m_name == name_off:
+            if m_name in name_offs:
                 if (kflag and m_off >> 24) or bit_off % 8:
                     raise BTFError("member is a bitfield")
                 m_kind, m_size, m_id = self.resolve(m_type)
@@ -242,7 +250,7 @@ class BTF:
         for m_type, m_base in anonymous:
             while self.kind(m_type) in _MODIFIERS:
                 m_type = self._words[self._record(m_type) + 2]
-            found = self._member(m_type, name_off, m_base, depth + 1)
+            found = self._member(m_type, name_offs, m_base, depth + 1)
             if found is not None:
                 return found
         return None
