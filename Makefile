@@ -11,11 +11,15 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# compileall: start-up time matters (`rebind --version` < 80 ms) and PYTHONDONTWRITEBYTECODE may
+# be set, in which case an editable install would recompile every module on every run.
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
+	$(BIN)/python -m compileall -q src
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m compileall -q src
 
 demo: install
 	$(BIN)/rebind demo
