@@ -135,17 +135,24 @@ class Namespace:
 def start_load(
     ns: Namespace, extra: list[str], tmp: Path, timeout: float
 ) -> tuple[subprocess.Popen[bytes], float]:
-    ready = tmp / f"ready-{ns.name}"  # one per layout: a stale file would end the wait at once
-    ready.unlink(missing_ok=True)
-    log = open(tmp / "mkload.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
+    # One directory per layout (a stale ready file would end the wait at once), writable by the
+    # load's children after they switch to uids 20000+ (--uids), which mkdtemp's 0700 is not.
+    rdir = tmp / f"ready-{ns.name}"
+    rdir.mkdir()
+    rdir.chmod(0o1777)
+    ready = rdir / "ready"
+    logpath = tmp / f"mkload-{ns.name}.log"
+    log = open(logpath, "wb")  # noqa: SIM115 - kept open for the child's lifetime
     argv = ["ip", "netns", "exec", ns.name, PY, str(MKLOAD), "--ready", str(ready), *extra]
     print(f"# building: {shell(argv)}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     # Its own process group: the load's 200 forked children are ended with it, by that id.
     p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     while not ready.exists():
-        if p.poll() is not None:
-            raise SystemExit(f"mkload exited with {p.returncode}: {(tmp / 'mkload.log').read_text()[-2000:]}")
+        # A child that dies (e.g. cannot write its ready file) leaves the parent waiting forever.
+        if p.poll() is not None or b"Traceback" in logpath.read_bytes():
+            stop_load(p)
+            raise SystemExit(f"mkload failed: {logpath.read_text()[-2000:]}")
         if time.monotonic() - t0 > timeout:
             stop_load(p)
             raise SystemExit(f"mkload not ready after {timeout:.0f}s")
@@ -344,7 +351,10 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root (ip netns, setns, reading every /proc/PID/fd)")
 
+    # SIGTERM (e.g. from a CI timeout) unwinds like an exception, so the load and netns are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="rebind-bench-"))
+    tmp.chmod(0o711)  # the load's setuid children must reach their ready directory
     results: list[dict[str, object]] = []
     idle: dict[str, object] | None = None
     started = datetime.datetime.now().astimezone()

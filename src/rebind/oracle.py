@@ -18,6 +18,7 @@ import enum
 import errno
 import os
 import random
+import select
 import socket
 import struct
 import time
@@ -40,6 +41,7 @@ from rebind.model.conflict import (
     effective_v6only,
     evaluate,
     reuseport_cache_after,
+    udp_chain_order,
 )
 from rebind.model.records import Endpoint, Proto, SocketRecord
 
@@ -277,6 +279,7 @@ class _Run:
     mini: dict[tuple[Endpoint, Endpoint], SockOpts] = field(default_factory=dict)
     expect_mini: set[tuple[Endpoint, Endpoint]] = field(default_factory=set)
     cache: ReuseportCache | None = None
+    listeners: list[tuple[socket.socket, SockOpts]] = field(default_factory=list)
 
     def keep(self, s: socket.socket, opts: SockOpts) -> None:
         self.open.append(s)
@@ -391,6 +394,7 @@ class Lab:
             s.listen(8)
             self._joined(run, spec)
             run.keep(s, opts)
+            run.listeners.append((s, opts))
         elif e.kind is Kind.BOUND:
             run.keep(self._bound(run, spec), opts)
         elif e.kind in CHILD_KINDS:
@@ -403,17 +407,21 @@ class Lab:
         lst.listen(8)
         self._joined(run, e.spec)
         run.keep(lst, opts)
+        run.listeners.append((lst, opts))
         fam, target = self._dial_target(e.spec)
         client = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         client.connect((target, run.port))
-        child, _ = lst.accept()
+        run.open.append(client)  # client side: ephemeral port, not a holder
+        # The connection may land on another listener of ours (a SO_REUSEPORT group, or a more
+        # specific address): accept it where it is; the child copies *that* listener's flags.
+        child, opts = _accept_any(run.listeners)
         copts = opts
         if e.child_reuseaddr is not None:
             child.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(e.child_reuseaddr))
             copts = SockOpts(e.child_reuseaddr, opts.reuseport)
         run.keep(child, copts)
-        run.open.append(client)  # client side: ephemeral port, not a holder
         if not e.keep_listener:
+            run.listeners.remove((lst, opts_of(run, lst)))
             run.open.remove(lst)
             lst.close()
         if e.kind is Kind.TIME_WAIT:
@@ -438,15 +446,23 @@ class Lab:
 
     # -- reading and checking ----------------------------------------------------------------
 
-    def holders(self, run: _Run, exclude: int | None = None) -> list[Holder]:
-        out: list[tuple[int, Holder]] = []
-        for r in iter_sockets(ports=[run.port]):
-            if r.local.port != run.port or (exclude is not None and r.inode == exclude):
-                continue
-            out.append((-run.seq.get(r.inode or -1, -1), Holder(r, self._opts(run, r))))
-        # UDP is checked in hash-chain order, newest first (sk_add_node_rcu adds at the head).
-        out.sort(key=lambda t: t[0])
-        return [h for _, h in out]
+    def snapshot(self, ports: list[int]) -> dict[int, list[SocketRecord]]:
+        """One inet_diag dump (rebind's reader) for a contiguous batch of ports."""
+        out: dict[int, list[SocketRecord]] = {p: [] for p in ports}
+        for r in iter_sockets(port_range=(min(ports), max(ports))):
+            if r.local.port in out:
+                out[r.local.port].append(r)
+        return out
+
+    def holders(self, run: _Run, records: list[SocketRecord], exclude: int | None = None) -> list[Holder]:
+        """The port's sockets with the flags the oracle set; UDP ones in hash-chain order."""
+        hs = [Holder(r, self._opts(run, r)) for r in records if exclude is None or r.inode != exclude]
+        tcp = [h for h in hs if h.socket.proto is Proto.TCP]
+        udp = sorted(
+            (h for h in hs if h.socket.proto is Proto.UDP),
+            key=lambda h: run.seq.get(h.socket.inode or -1, -1),
+        )
+        return tcp + udp_chain_order(udp)
 
     @staticmethod
     def _opts(run: _Run, r: SocketRecord) -> SockOpts:
@@ -454,47 +470,59 @@ class Lab:
             return run.mini.get((r.local, r.remote), SockOpts())
         return run.opts.get(r.inode or -1, SockOpts())
 
-    def _settle(self, run: _Run) -> bool:
+    def _settle(self, runs: list[_Run]) -> bool:
         """Wait (bounded) until every expected timewait mini-socket shows up; False if not."""
         deadline = time.monotonic() + 2.0
         while True:
-            seen = {
-                (r.local, r.remote) for r in iter_sockets(protos=[Proto.TCP], ports=[run.port]) if r.is_mini
-            }
-            if run.expect_mini <= seen:
+            snap = self.snapshot([r.port for r in runs])
+            if all(r.expect_mini <= {(x.local, x.remote) for x in snap[r.port] if x.is_mini} for r in runs):
                 return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.002)
 
     def run(self, sc: Scenario) -> list[Check]:
-        run = _Run(sc.port)
-        try:
-            return self._run(sc, run)
-        finally:
-            for s in run.open:
-                s.close()
+        return self.run_batch([sc])
 
-    def _run(self, sc: Scenario, run: _Run) -> list[Check]:
-        for e in sc.existing:
-            try:
-                self._build(run, e)
-            except OSError:
-                pass  # this existing socket conflicts with an earlier one: the scenario goes on
-        stable = self._settle(run)
+    def run_batch(self, scenarios: list[Scenario]) -> list[Check]:
+        """Run scenarios (contiguous distinct ports) in lockstep: one dump per step for all."""
+        runs = [_Run(sc.port) for sc in scenarios]
+        try:
+            return self._run_batch(scenarios, runs)
+        finally:
+            for run in runs:
+                for s in run.open:
+                    s.close()
+
+    def _run_batch(self, scenarios: list[Scenario], runs: list[_Run]) -> list[Check]:
+        ports = [r.port for r in runs]
+        for sc, run in zip(scenarios, runs, strict=True):
+            for e in sc.existing:
+                try:
+                    self._build(run, e)
+                except OSError:
+                    pass  # this existing socket conflicts with an earlier one: the scenario goes on
+        unstable = not self._settle(runs)
         checks: list[Check] = []
-        later: list[tuple[int, Probe, socket.socket]] = []
-        for i, p in enumerate(sc.probes):
-            checks += self._probe(sc, run, i, p, later, not stable)
-        for i, p, s in later:
-            ino = os.fstat(s.fileno()).st_ino
-            hs = self.holders(run, exclude=ino)
-            req = _request(p.spec, sc.port, True)
-            predicted = check_listen(req, hs, self.settings, cache=run.cache)
-            actual = _call(s.listen, 8)
-            if actual is None:
-                self._joined(run, p.spec)
-            checks.append(Check(sc, i, Stage.LISTEN, predicted, actual, tuple(hs), not stable))
+        later: list[list[tuple[int, Probe, socket.socket]]] = [[] for _ in runs]
+        for i in range(max(len(sc.probes) for sc in scenarios)):
+            snap = self.snapshot(ports)
+            for k, (sc, run) in enumerate(zip(scenarios, runs, strict=True)):
+                if i < len(sc.probes):
+                    hs = self.holders(run, snap[run.port])
+                    checks.append(self._probe(sc, run, i, sc.probes[i], hs, later[k], unstable))
+        for j in range(max(len(x) for x in later)):
+            snap = self.snapshot(ports)
+            for k, (sc, run) in enumerate(zip(scenarios, runs, strict=True)):
+                if j < len(later[k]):
+                    i, p, s = later[k][j]
+                    hs = self.holders(run, snap[run.port], exclude=os.fstat(s.fileno()).st_ino)
+                    req = _request(p.spec, sc.port, True)
+                    predicted = check_listen(req, hs, self.settings, cache=run.cache)
+                    actual = _call(s.listen, 8)
+                    if actual is None:
+                        self._joined(run, p.spec)
+                    checks.append(Check(sc, i, Stage.LISTEN, predicted, actual, tuple(hs), unstable))
         return checks
 
     def _probe(
@@ -503,10 +531,10 @@ class Lab:
         run: _Run,
         i: int,
         p: Probe,
+        hs: list[Holder],
         later: list[tuple[int, Probe, socket.socket]],
         unstable: bool,
-    ) -> list[Check]:
-        hs = self.holders(run)
+    ) -> Check:
         req = _request(p.spec, run.port, p.listen is ListenMode.NOW)
         predicted = evaluate(req, hs, self.settings, cache=run.cache)
         s = self._socket(p.spec)
@@ -524,7 +552,20 @@ class Lab:
                 later.append((i, p, s))
         else:
             s.close()
-        return [Check(sc, i, stage, predicted, actual, tuple(hs), unstable)]
+        return Check(sc, i, stage, predicted, actual, tuple(hs), unstable)
+
+
+def opts_of(run: _Run, s: socket.socket) -> SockOpts:
+    return run.opts[os.fstat(s.fileno()).st_ino]
+
+
+def _accept_any(listeners: list[tuple[socket.socket, SockOpts]]) -> tuple[socket.socket, SockOpts]:
+    ready, _, _ = select.select([s for s, _ in listeners], [], [], 5.0)
+    if not ready:
+        raise OSError(errno.ETIMEDOUT, "the test connection reached none of our listeners")
+    lst = ready[0]
+    child, _ = lst.accept()
+    return child, next(o for s, o in listeners if s is lst)
 
 
 def _peer_for(spec: Spec) -> str:
@@ -546,16 +587,22 @@ def _call(fn: Callable[[Any], None], arg: object) -> int | None:
 
 
 def run_scenarios(
-    count: int, seed: int, *, port_base: int = 10000, lab: Lab | None = None, start: int = 0
+    count: int,
+    seed: int,
+    *,
+    port_base: int = 10000,
+    lab: Lab | None = None,
+    start: int = 0,
+    batch: int = 50,
 ) -> Iterator[Check]:
     """Run ``count`` random scenarios on ports port_base.. in the current namespace."""
     rng = random.Random(seed)
     own = lab is None
     lab = lab or Lab()
     try:
-        for k in range(count):
-            sc = random_scenario(rng, start + k, port_base + k)
-            yield from lab.run(sc)
+        for k0 in range(0, count, batch):
+            scs = [random_scenario(rng, start + k, port_base + k) for k in range(k0, min(count, k0 + batch))]
+            yield from lab.run_batch(scs)
     finally:
         if own:
             lab.close()

@@ -7,9 +7,10 @@ what the doc leaves out and the kernel oracle (tests/kernel/test_oracle.py) show
 * TCP ``tb->fastreuseport`` cache (``sk_reuseport_match``): a SO_REUSEPORT socket whose uid and
   address match the cache skips the per-socket walk (the address-any buckets are still checked
   first for a specific address). Pass the cache as ``ReuseportCache`` when it is known.
-* UDP ``udp_lib_lport_inuse`` returns at the *first* relevant socket in hash-chain order (newest
-  first): a same-uid SO_REUSEPORT socket there lets the bind through even if an older one would
-  conflict. Holders must be given newest first for UDP (the order inet_diag dumps them in).
+* UDP ``udp_lib_lport_inuse`` returns at the *first* relevant socket in hash-chain order: a
+  same-uid SO_REUSEPORT socket there lets the bind through even if a later one would conflict.
+  Holders must be given in chain order for UDP (``udp_chain_order``; inet_diag dumps each
+  family in that order): newest first, except IPv6 SO_REUSEPORT sockets, appended at the tail.
 """
 
 from __future__ import annotations
@@ -596,7 +597,7 @@ def _summarise(blockers: list[Blocker], notes: list[str]) -> _Check:
 def _udp_check(req: BindRequest, holders: Sequence[Holder], settings: KernelSettings) -> _Check:
     """udp_lib_get_port() -> udp_lib_lport_inuse(): the first relevant socket decides.
 
-    ``holders`` are in hash-chain order (newest first). Each holder has a set of possible
+    ``holders`` are in hash-chain order (udp_chain_order). Each holder has a set of possible
     actions over its unknown facts; the reachable endings (ok / EADDRINUSE) give the verdict.
     """
     endings: set[Verdict] = set()
@@ -639,6 +640,22 @@ def _udp_check(req: BindRequest, holders: Sequence[Holder], settings: KernelSett
     if endings == {Verdict.FAIL}:
         return _Check(Verdict.FAIL, tuple(blockers), tuple(notes))
     return _Check(Verdict.DEPENDS, tuple(replace(b, certain=False) for b in blockers), tuple(notes))
+
+
+def udp_chain_order(holders_oldest_first: Iterable[Holder]) -> list[Holder]:
+    """UDP holders in primary hash-chain order, from the order they were bound.
+
+    udp_lib_get_port() adds a socket at the head of the port's chain (sk_add_node_rcu), except
+    an IPv6 SO_REUSEPORT socket, which goes to the tail (sk_add_node_tail_rcu) so that v4 and
+    v6 reuseport groups stay ordered. An unknown reuseport flag is treated as unset.
+    """
+    chain: list[Holder] = []
+    for h in holders_oldest_first:
+        if h.socket.family is Family.INET6 and h.opts.reuseport:
+            chain.append(h)
+        else:
+            chain.insert(0, h)
+    return chain
 
 
 def _check(
@@ -713,7 +730,7 @@ def evaluate(
     """Predict bind() (and, for TCP with ``req.listen``, listen()) against the sockets on the port.
 
     ``holders``: the sockets in this netns (others are ignored: other port/protocol). For UDP,
-    newest first. ``cache``: the TCP bucket's SO_REUSEPORT fast-path state if known; None means
+    in hash-chain order (see udp_chain_order). ``cache``: the TCP bucket's SO_REUSEPORT fast-path state if known; None means
     "no fast path" (tb->fastreuseport <= 0), the kernel state after any non-reuseport binder.
     """
     hs = list(holders)
