@@ -135,12 +135,6 @@ def test_terminal_gets_colour_unless_no_color(bound_port):
         assert rc == 2 and b"\x1b[" not in err and b"Traceback" not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="render.print_table on a terminal with NO_COLOR: rich's no_color drops colours but keeps "
-    "bold (header, state), so ESC[1m is still written. Fix in render.py: take the plain path "
-    "whenever not use_color() (not only when stdout is not a tty).",
-)
 @pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"NO_COLOR": "1", "FORCE_COLOR": "1"}])
 def test_no_color_table_on_a_terminal_has_no_escapes(bound_port, env):
     rc, plain = _run_on_terminal(["ls", str(bound_port)], env)

@@ -34,7 +34,8 @@ JSON schema: docs/json.md (schema "rebind.ls/1").
     multiple=True,
     type=STATE,
     help="Only sockets in this state (repeatable): listen, bound-inactive, established, time-wait, "
-    "fin-wait-2, close-wait, unconn, ...",
+    "fin-wait-2, close-wait, unconn, ... UDP has no listen state: listen and bound-inactive also "
+    "select bound UDP sockets (UNCONN), as ss does.",
 )
 @click.option("-l", "--listening", is_flag=True, help="Only listening TCP and bound UDP sockets.")
 @click.option("--no-owners", is_flag=True, help="Skip the /proc scan for owning processes (fast).")

@@ -128,6 +128,8 @@ def console(stderr: bool = False) -> Any:
     color = use_color(stream)
     return Console(
         file=stream,
+        # color_system=None: no escapes at all (no_color alone still writes bold/underline).
+        color_system="auto" if color else None,
         no_color=not color,
         highlight=False,
         force_terminal=color if color else None,
@@ -168,8 +170,12 @@ def _rows(t: SocketTable) -> tuple[list[str], list[list[str]]]:
 
 def print_table(t: SocketTable) -> None:
     head, rows = _rows(t)
-    if not sys.stdout.isatty() and not use_color():
-        # Piped: plain aligned columns, without importing rich (start-up time matters here).
+    if not rows:
+        for w in t.warnings:
+            sys.stderr.write(f"note: {w}\n")
+        return  # nothing matched: exit status 1 says so; no bare header for scripts to skip
+    if not use_color():
+        # Piped or NO_COLOR: plain aligned columns, without importing rich (start-up time matters).
         widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
         for row in [head, *rows]:
             cells = [

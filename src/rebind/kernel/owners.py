@@ -236,7 +236,7 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
     if n <= 1 or total < PARALLEL_MIN_FDS or threading.active_count() > 1:
         return _scan_pids(root, plan.pids, wanted)
     parts = _partition(plan, n)
-    children: list[tuple[int, int]] = []
+    children: list[tuple[int, int, list[int]]] = []
     for part in parts[1:]:
         r, w = os.pipe()
         pid = os.fork()
@@ -250,19 +250,24 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
             finally:
                 os._exit(0)
         os.close(w)
-        children.append((pid, r))
+        children.append((pid, r, part))
     hits, inacc, van = _scan_pids(root, parts[0], wanted)
-    for pid, r in children:
+    for pid, r, part in children:
         chunks = []
         while chunk := os.read(r, 1 << 16):
             chunks.append(chunk)
         os.close(r)
         _waitpid(pid)
-        if chunks:
+        try:
             h, i, v = marshal.loads(b"".join(chunks))
-            hits.extend(tuple(x) for x in h)
-            inacc += i
-            van += v
+        except (EOFError, ValueError, TypeError):
+            # The worker died before answering: its processes were not inspected. Count them
+            # as such rather than report a partial answer as complete.
+            inacc += len(part)
+            continue
+        hits.extend(tuple(x) for x in h)
+        inacc += i
+        van += v
     return hits, inacc, van
 
 
