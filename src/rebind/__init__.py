@@ -11,25 +11,30 @@ from typing import TYPE_CHECKING, Any
 
 from rebind._version import __version__
 
-if TYPE_CHECKING:
-    # actions API
-    from rebind.actions.free import free, plan_free
-    from rebind.actions.pick import pick_port
-    from rebind.actions.wait import wait_bindable, wait_bindable_async, wait_listening, wait_listening_async
-    # end actions API
-
-if TYPE_CHECKING:
-    # supervisor API
+if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily through _LAZY
+    from rebind.actions.free import free as free
+    from rebind.actions.free import plan_free as plan_free
+    from rebind.actions.pick import pick_port as pick_port
+    from rebind.actions.wait import wait_bindable as wait_bindable
+    from rebind.actions.wait import wait_bindable_async as wait_bindable_async
+    from rebind.actions.wait import wait_listening as wait_listening
+    from rebind.actions.wait import wait_listening_async as wait_listening_async
+    from rebind.diagnose import default_request as default_request
+    from rebind.diagnose import diagnose as diagnose
+    from rebind.sockets import socket_table as socket_table
     from rebind.supervisor.listen import InheritedSocket as InheritedSocket
     from rebind.supervisor.listen import inherited_sockets as inherited_sockets
     from rebind.supervisor.listen import listen as listen
     from rebind.supervisor.listen import notify as notify
     from rebind.supervisor.listen import notify_ready as notify_ready
     from rebind.supervisor.listen import start_server as start_server
-    # end supervisor API
 
 _LAZY: dict[str, str] = {
-    # actions API
+    # the socket table and diagnosis
+    "socket_table": "rebind.sockets",
+    "diagnose": "rebind.diagnose",
+    "default_request": "rebind.diagnose",
+    # actions
     "wait_bindable": "rebind.actions.wait",
     "wait_listening": "rebind.actions.wait",
     "wait_bindable_async": "rebind.actions.wait",
@@ -37,15 +42,13 @@ _LAZY: dict[str, str] = {
     "free": "rebind.actions.free",
     "plan_free": "rebind.actions.free",
     "pick_port": "rebind.actions.pick",
-    # end actions API
-    # supervisor API
+    # supervisor
     "listen": "rebind.supervisor.listen",
     "start_server": "rebind.supervisor.listen",
     "inherited_sockets": "rebind.supervisor.listen",
     "InheritedSocket": "rebind.supervisor.listen",
     "notify": "rebind.supervisor.listen",
     "notify_ready": "rebind.supervisor.listen",
-    # end supervisor API
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -347,6 +347,13 @@ class Lab:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.v6only))
         return s
 
+    def opts_for(self, spec: Spec) -> SockOpts:
+        """The ground truth the oracle hands the model: the flags it set, and sk_ipv6only."""
+        v6only = None
+        if spec.family == socket.AF_INET6:
+            v6only = effective_v6only(ip_address(spec.addr), spec.v6only, self.settings)
+        return SockOpts(spec.reuseaddr, spec.reuseport, v6only)
+
     def _joined(self, run: _Run, spec: Spec) -> None:
         """A TCP get_port() on the port succeeded: inet_csk_update_fastreuse()."""
         if spec.proto is Proto.TCP:
@@ -383,7 +390,7 @@ class Lab:
 
     def _build(self, run: _Run, e: Existing) -> None:
         spec = e.spec
-        opts = SockOpts(spec.reuseaddr, spec.reuseport)
+        opts = self.opts_for(spec)
         if e.kind in (Kind.UDP, Kind.UDP_CONNECTED):
             s = self._bound(run, spec)
             if e.kind is Kind.UDP_CONNECTED:
@@ -418,7 +425,7 @@ class Lab:
         copts = opts
         if e.child_reuseaddr is not None:
             child.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(e.child_reuseaddr))
-            copts = SockOpts(e.child_reuseaddr, opts.reuseport)
+            copts = SockOpts(e.child_reuseaddr, opts.reuseport, opts.v6only)
         run.keep(child, copts)
         if not e.keep_listener:
             run.listeners.remove((lst, opts_of(run, lst)))
@@ -542,7 +549,7 @@ class Lab:
         stage = Stage.BIND
         if actual is None:
             self._joined(run, p.spec)
-            run.keep(s, SockOpts(p.spec.reuseaddr, p.spec.reuseport))
+            run.keep(s, self.opts_for(p.spec))
             if p.listen is ListenMode.NOW:
                 actual = _call(s.listen, 8)
                 stage = Stage.LISTEN if actual is not None else stage

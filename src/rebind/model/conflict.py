@@ -35,6 +35,9 @@ class SockOpts:
 
     reuseaddr: bool | None = None
     reuseport: bool | None = None
+    #: IPV6_V6ONLY when the record lacks it (inet_diag reports it for LISTEN/CLOSE only): a
+    #: child of a dual-stack [::] listener keeps ipv6only=0 on its specific address.
+    v6only: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,7 @@ class Flag(enum.StrEnum):
     REUSEADDR = "SO_REUSEADDR"
     REUSEPORT = "SO_REUSEPORT"
     UID = "socket uid"
+    V6ONLY = "IPV6_V6ONLY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,10 +247,50 @@ def effective_v6only(addr: IPAddress, v6only: bool | None, settings: KernelSetti
     return settings.bindv6only if v6only is None else v6only
 
 
-def _holder_v6only(e: SocketRecord, settings: KernelSettings) -> bool:
-    if e.family is Family.INET:
-        return False
-    return effective_v6only(e.local.addr, e.v6only, settings)
+def _v6only_choices(h: Holder) -> tuple[bool, ...]:
+    """The holder's possible sk_ipv6only: from the record, else the opts, else both."""
+    e = h.socket
+    a = e.local.addr
+    if isinstance(a, IPv4Address) or a.ipv4_mapped is not None:
+        return (False,)
+    known = e.v6only if e.v6only is not None else h.opts.v6only
+    return (known,) if known is not None else (False, True)
+
+
+def _holder_kaddr(e: SocketRecord, v6only: bool) -> _KAddr:
+    a = e.local.addr
+    if isinstance(a, IPv4Address):
+        return _KAddr(None, int(a), False)
+    mapped = a.ipv4_mapped
+    if mapped is not None:
+        return _KAddr(a, int(mapped), False)
+    if a.is_unspecified or not v6only:
+        # [::], or a specific address reached without binding it (accepted child of a dual-stack
+        # listener, client bound to [::]): ipv6only stays 0 and sk_rcv_saddr is not a real
+        # IPv4 address; 0 makes ipv4_rcv_saddr_equal match an IPv4 wildcard, as the kernel does.
+        return _KAddr(a, 0, v6only)
+    return _KAddr(a, _LOOPBACK4_IPV6, True)
+
+
+def _norm(a: IPAddress) -> IPAddress:
+    return a.ipv4_mapped or a if isinstance(a, IPv6Address) else a
+
+
+def _overlaps(req: BindRequest, n: _KAddr, h: Holder, tcp: bool) -> set[bool]:
+    """Whether the holder is checked at all, for each of its possible ipv6only values."""
+    e = h.socket
+    out = set()
+    for v6only in _v6only_choices(h):
+        if tcp and _use_bhash2(n):
+            # inet_bhash2_addr_any_conflict + __inet_bhash2_conflict, then N's own bucket.
+            if _is_addr_any_bucket(e, n):
+                hit = not (v6only and _v6type(n.v6) == _MAPPED)
+            else:
+                hit = _norm(e.local.addr) == _norm(req.addr)
+        else:
+            hit = _rcv_saddr_equal(n, _holder_kaddr(e, v6only))
+        out.add(hit)
+    return out
 
 
 def _is_addr_any_bucket(e: SocketRecord, n: _KAddr) -> bool:
@@ -492,8 +536,13 @@ class _Check:
     notes: tuple[str, ...] = ()
 
 
-def _relevant(req: BindRequest, holders: Iterable[Holder], settings: KernelSettings) -> list[Holder]:
-    """Same protocol table and port; both devices pinned and different means no conflict."""
+def _relevant(
+    req: BindRequest, holders: Iterable[Holder], settings: KernelSettings
+) -> list[tuple[Holder, bool]]:
+    """Holders the kernel compares with N, and whether that is certain (False: v6only unknown).
+
+    Same protocol table and port; both devices pinned and different means no conflict.
+    """
     n = _kaddr(req.addr, effective_v6only(req.addr, req.v6only, settings))
     out = []
     for h in holders:
@@ -502,20 +551,20 @@ def _relevant(req: BindRequest, holders: Iterable[Holder], settings: KernelSetti
             continue  # TCP and UDP never conflict; other ports are other buckets
         if req.ifindex and e.ifindex and req.ifindex != e.ifindex:
             continue
-        if not _rcv_saddr_equal(n, _kaddr(e.local.addr, _holder_v6only(e, settings))):
-            continue
-        out.append(h)
+        hits = _overlaps(req, n, h, req.proto is Proto.TCP)
+        if True in hits:
+            out.append((h, len(hits) == 1))
     return out
 
 
-def _tcp_judge(req: BindRequest, h: Holder, stage: Stage) -> Blocker | None:
+def _tcp_judge(req: BindRequest, h: Holder, stage: Stage, sure: bool = True) -> Blocker | None:
     """Blocker if h conflicts for at least one assignment of its unknown facts."""
     results = [(_tcp_pair(req, h.socket, f), unknown) for f, unknown in _fact_choices(req, h)]
     rules = [r for r, _ in results if r is not None]
     if not rules:
         return None
-    certain = len(rules) == len(results)
-    decided_by = () if certain else _deciding(req, h)
+    certain = len(rules) == len(results) and sure
+    decided_by = () if certain else _deciding(req, h) + (() if sure else (Flag.V6ONLY,))
     return Blocker(h, stage, rules[0], certain, _reason(req, h, rules[0], decided_by), decided_by)
 
 
@@ -569,10 +618,10 @@ def _tcp_check(
     notes: list[str] = []
     # A specific address checks the address-any buckets first (inet_bhash2_addr_any_conflict),
     # before the fast path; then only its own address's bucket.
-    first = [h for h in relevant if _use_bhash2(n) and _is_addr_any_bucket(h.socket, n)]
-    rest = [h for h in relevant if h not in first]
+    first = [(h, s) for h, s in relevant if _use_bhash2(n) and _is_addr_any_bucket(h.socket, n)]
+    rest = [(h, s) for h, s in relevant if (h, s) not in first]
     if on_port and _cache_match(cache, req, settings):
-        skipped = [b for h in rest if (b := _tcp_judge(req, h, stage)) is not None]
+        skipped = [b for h, s in rest if (b := _tcp_judge(req, h, stage, s)) is not None]
         rest = []
         if skipped:
             notes.append(
@@ -581,7 +630,7 @@ def _tcp_check(
                 + ", ".join(_describe(b.holder.socket) for b in skipped)
                 + " would fail"
             )
-    blockers = [b for h in first + rest if (b := _tcp_judge(req, h, stage)) is not None]
+    blockers = [b for h, s in first + rest if (b := _tcp_judge(req, h, stage, s)) is not None]
     return _summarise(blockers, notes)
 
 
@@ -605,9 +654,9 @@ def _udp_check(req: BindRequest, holders: Sequence[Holder], settings: KernelSett
     missed: list[Holder] = []
     shared_by: Holder | None = None
     reachable = True
-    for h in _relevant(req, holders, settings):
+    for h, sure in _relevant(req, holders, settings):
         pairs = [_udp_pair(req, f) for f, _ in _fact_choices(req, h)]
-        acts = {a for a, _ in pairs}
+        acts = {a for a, _ in pairs} | (set() if sure else {_Udp.SKIP})
         if not reachable:
             if _Udp.CONFLICT in acts:
                 missed.append(h)
@@ -616,7 +665,7 @@ def _udp_check(req: BindRequest, holders: Sequence[Holder], settings: KernelSett
             endings.add(Verdict.FAIL)
             rule = next(r for _, r in pairs if r is not None)
             certain = acts == {_Udp.CONFLICT}
-            decided_by = () if certain else _deciding(req, h)
+            decided_by = () if certain else _deciding(req, h) + (() if sure else (Flag.V6ONLY,))
             blockers.append(
                 Blocker(h, Stage.BIND, rule, certain, _reason(req, h, rule, decided_by), decided_by)
             )
@@ -692,7 +741,7 @@ def _race_notes(req: BindRequest, holders: Sequence[Holder], settings: KernelSet
         return []
     peers = [
         h
-        for h in _relevant(req, holders, settings)
+        for h, _ in _relevant(req, holders, settings)
         if h.socket.state is State.BOUND_INACTIVE and h.opts.reuseaddr is not False
     ]
     return [
@@ -730,8 +779,9 @@ def evaluate(
     """Predict bind() (and, for TCP with ``req.listen``, listen()) against the sockets on the port.
 
     ``holders``: the sockets in this netns (others are ignored: other port/protocol). For UDP,
-    in hash-chain order (see udp_chain_order). ``cache``: the TCP bucket's SO_REUSEPORT fast-path state if known; None means
-    "no fast path" (tb->fastreuseport <= 0), the kernel state after any non-reuseport binder.
+    in hash-chain order (see udp_chain_order). ``cache``: the TCP bucket's SO_REUSEPORT
+    fast-path state if known; None means "no fast path" (tb->fastreuseport <= 0), the kernel
+    state after any non-reuseport binder.
     """
     hs = list(holders)
     pre = _pre_checks(req, settings)
