@@ -180,6 +180,7 @@ def commands() -> list[tuple[str, list[str], int]]:
     return [
         ("rebind ls 8080", [REBIND, "ls", str(PORT)], 1),
         ("rebind ls 8080 --no-owners", [REBIND, "ls", str(PORT), "--no-owners"], 1),
+        ("rebind why 8080", [REBIND, "why", str(PORT)], 1),
         (NO_BPF_LABEL, ["env", "REBIND_NO_BPF=1", REBIND, "ls", str(PORT)], 1),
         ("ss -tanp 'sport = :8080'", ["ss", "-tanp", f"sport = :{PORT}"], 1),
         ("ss -tan 'sport = :8080'", ["ss", "-tan", f"sport = :{PORT}"], 1),
@@ -258,6 +259,7 @@ def idle_numbers(runs: int, tmp: Path) -> dict[str, object]:
             timed("rebind ls 8080", [REBIND, "ls", str(PORT)], runs, tmp),
             timed("rebind ls 8080 --no-owners", [REBIND, "ls", str(PORT), "--no-owners"], runs, tmp),
             timed(NO_BPF_LABEL, ["env", "REBIND_NO_BPF=1", REBIND, "ls", str(PORT)], runs, tmp),
+            timed("rebind why 8080", [REBIND, "why", str(PORT)], runs, tmp),
             timed("rebind --version", [REBIND, "--version"], runs, tmp),
             timed("python -c pass (interpreter floor)", [PY, "-c", "pass"], runs, tmp),
             timed("python -I -S -c pass", [PY, "-I", "-S", "-c", "pass"], runs, tmp),
@@ -301,6 +303,11 @@ def verdicts(results: list[dict[str, object]], idle: dict[str, object] | None) -
         ssp, ss = best(info, "ss -tanp 'sport = :8080'"), best(info, "ss -tan 'sport = :8080'")
         same = info["owners"]["same"]  # type: ignore[index]
         nobpf = best(info, NO_BPF_LABEL)
+        why = best(info, "rebind why 8080")
+        out.append(
+            f"{info['layout']}: `rebind why 8080` = {why / ls:.2f}× `rebind ls 8080` (issue 3 target ≤ 1.10): "
+            f"{'met' if why <= ls * 1.10 else 'MISSED'}"
+        )
         out.append(
             f"{info['layout']}: with the /proc scan forced (`{NO_BPF_LABEL}`): {nobpf / ssp:.2f}× `ss -tanp`"
         )
@@ -322,6 +329,10 @@ def verdicts(results: list[dict[str, object]], idle: dict[str, object] | None) -
             )
     if idle:
         ls, ver = best(idle, "rebind ls 8080"), best(idle, "rebind --version")
+        why = best(idle, "rebind why 8080")
+        out.append(
+            f"idle: `rebind why 8080` {why * 1000:.0f} ms (issue 3 target < 200): {'met' if why < 0.200 else 'MISSED'}"
+        )
         out.append(
             f"idle: `rebind ls 8080` {ls * 1000:.0f} ms (target < 150): {'met' if ls < 0.150 else 'MISSED'}"
         )
