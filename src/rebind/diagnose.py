@@ -262,6 +262,7 @@ def _alternative_address(req: BindRequest) -> IPv4Address | IPv6Address | None:
 def _process_hints(table: SocketTable) -> dict[int, ProcessHint]:
     """Process-tree facts for owners: one /proc stat read each (owners can number hundreds)."""
     from rebind.kernel.owners import proc_root
+    from rebind.kernel.procstat import PGRP, stat_field
 
     holders_of: dict[int | None, set[int]] = {}
     for e in table.entries:
@@ -274,7 +275,7 @@ def _process_hints(table: SocketTable) -> dict[int, ProcessHint]:
             if o.pid in hints:
                 continue
             parent = _comm(o.ppid, root) if o.ppid else None
-            pgid = _pgid(o.pid, root)
+            pgid = stat_field(o.pid, PGRP, root)
             lost = None
             # A worker whose process-group leader is gone and who was re-parented to init (or a
             # subreaper) was started by a parent that has exited.
@@ -295,15 +296,6 @@ def _comm(pid: int, root: str) -> str | None:
         with open(f"{root}/{pid}/comm") as f:
             return f.read().strip()
     except OSError:
-        return None
-
-
-def _pgid(pid: int, root: str) -> int | None:
-    try:
-        with open(f"{root}/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rfind(b")") + 2 :].split()[2])
-    except (OSError, ValueError, IndexError):
         return None
 
 

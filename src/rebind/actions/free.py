@@ -202,12 +202,9 @@ def protected_pids() -> dict[int, Refusal]:
 
 
 def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rfind(b")") + 2 :].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    from rebind.kernel.procstat import PPID, stat_field
+
+    return stat_field(pid, PPID)
 
 
 def destroy_blocked_reason(rec: SocketRecord | None = None) -> str:

@@ -8,7 +8,6 @@ servers there, inspect them, and step back out. The namespace dies with its last
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import socket
@@ -17,20 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rebind.errors import EnvironmentProblem
+from rebind.kernel.procstat import libc
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
-_libc: ctypes.CDLL | None = None
-
-
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc
+_c = libc
 
 
 def _check(rc: int, what: str) -> None:

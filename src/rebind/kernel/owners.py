@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from rebind.kernel.procstat import STARTTIME, stat_field
 from rebind.model.records import Owner, OwnerScanReport, SocketRecord
 
 #: Below this many fds in total a single process is faster than forking workers.
@@ -287,18 +288,8 @@ def _waitpid(pid: int) -> None:
 
 
 def read_start_ticks(pid: int, root: str | None = None) -> int | None:
-    """Field 22 of /proc/PID/stat: start time in clock ticks since boot (identity with the pid)."""
-    try:
-        with open(f"{root or proc_root()}/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
+    """Start time in clock ticks since boot (/proc/PID/stat field 22): identity with the pid."""
+    return stat_field(pid, STARTTIME, root or proc_root())
 
 
 def describe_process(pid: int, *, root: str | None = None) -> Owner | None:

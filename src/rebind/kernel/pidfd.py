@@ -8,7 +8,6 @@ identified, and every later signal or pidfd_getfd() goes to it even if the pid i
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import socket
@@ -17,18 +16,12 @@ from contextlib import contextmanager
 
 from rebind.errors import EnvironmentProblem
 from rebind.kernel.owners import read_start_ticks
+from rebind.kernel.procstat import libc
 
 SYS_pidfd_getfd = 438  # same number on every architecture but alpha (Linux 5.6)
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 
-_libc: ctypes.CDLL | None = None
-
-
-def _c() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc
+_c = libc
 
 
 class ProcessChanged(EnvironmentProblem):

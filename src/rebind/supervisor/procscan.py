@@ -19,6 +19,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from rebind.kernel.procstat import PPID, stat_field
+
 EPOLLIN = 0x1
 POLLIN = 0x1
 _MAX_POLLFDS = 4096
@@ -48,14 +50,7 @@ _BY_NR = _numbers()
 
 
 def read_ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and ')' : split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[1]) if len(fields) > 1 else None
+    return stat_field(pid, PPID)
 
 
 def in_tree(pid: int, root: int) -> bool:
