@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
     from rebind.actions.wait import wait_bindable_async as wait_bindable_async
     from rebind.actions.wait import wait_listening as wait_listening
     from rebind.actions.wait import wait_listening_async as wait_listening_async
-    from rebind.diagnose import default_request as default_request
-    from rebind.diagnose import diagnose as diagnose
+    from rebind.diagnosis import default_request as default_request
+    from rebind.diagnosis import diagnose as diagnose
     from rebind.sockets import socket_table as socket_table
     from rebind.supervisor.listen import InheritedSocket as InheritedSocket
     from rebind.supervisor.listen import inherited_sockets as inherited_sockets
@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
 _LAZY: dict[str, str] = {
     # the socket table and diagnosis
     "socket_table": "rebind.sockets",
-    "diagnose": "rebind.diagnose",
-    "default_request": "rebind.diagnose",
+    "diagnose": "rebind.diagnosis",
+    "default_request": "rebind.diagnosis",
     # actions
     "wait_bindable": "rebind.actions.wait",
     "wait_listening": "rebind.actions.wait",

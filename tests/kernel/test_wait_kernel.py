@@ -6,6 +6,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import time
 from ipaddress import IPv6Address
 
 import pytest
@@ -35,6 +36,12 @@ def _orphan_fin_wait2(port: int) -> socket.socket:
     acc, _ = srv.accept()
     acc.close()
     srv.close()
+    # The server end passes FIN_WAIT1 before the peer's ACK turns it into the timed mini-socket;
+    # on a loaded machine that can take a moment, so wait for the state the tests are about.
+    for _ in range(200):
+        if any(r.is_mini for r in iter_sockets(ports=[port], states=[State.FIN_WAIT2])):
+            break
+        time.sleep(0.005)
     return cli
 
 

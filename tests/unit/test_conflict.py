@@ -89,7 +89,7 @@ TW = sock("127.0.0.1", State.TIME_WAIT)
         ("e6: [::] v6only vs mapped", req("::ffff:127.0.0.2"), [h(sock("::", v6only=True))], Verdict.OK),
         ("e10: 0.0.0.0 vs ::1", req("::1"), [h(sock("0.0.0.0"))], Verdict.OK),
         ("e11: 0.0.0.0 vs mapped", req("::ffff:127.0.0.1"), [h(sock("0.0.0.0"))], Verdict.FAIL),
-        ("e12: [::1] v6only=0 is forced v6only", req("0.0.0.0"), [h(sock("::1", v6only=False))], Verdict.OK),
+        ("e12: [::1] v6only=0 is forced v6only", req("::1", v6only=False), [h(sock("0.0.0.0"))], Verdict.OK),
         ("f1: reuseport same uid", req(reuseport=True), [h(sock("0.0.0.0"), rp=True)], Verdict.OK),
         (
             "f2: reuseport other uid",

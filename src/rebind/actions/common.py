@@ -51,7 +51,7 @@ def bind_request(
     v6only: bool | None = None,
 ) -> BindRequest:
     """The request `rebind why` would diagnose, from user input (errors are UsageError)."""
-    from rebind.diagnose import default_request
+    from rebind.diagnosis import default_request
 
     a = parse_addr(addr)
     if v6only and a is None:

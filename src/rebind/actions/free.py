@@ -2,7 +2,7 @@
 
 Plan, then act, then verify:
 
-* the plan comes from :func:`rebind.diagnose.diagnose` (the sockets that block *this* bind with
+* the plan comes from :func:`rebind.diagnosis.diagnose` (the sockets that block *this* bind with
   *these* options), so a client connected *to* the port is never in it: its socket's local port
   is an ephemeral one, and the table is filtered by local port;
 * processes are signalled only through pidfds opened against the identity (pid + start time)
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from rebind.actions.common import AddrLike, bind_request, owner_label, socket_label, where
-from rebind.diagnose import Diagnosis, diagnose
+from rebind.diagnosis import Diagnosis, diagnose
 from rebind.errors import KernelError, UsageError
 from rebind.model.conflict import BindRequest
 from rebind.model.diagnosis import HolderKind, fmt_seconds

@@ -26,7 +26,7 @@ from rebind.actions.common import (
     parse_proto,
     try_bind,
 )
-from rebind.diagnose import Diagnosis, diagnose
+from rebind.diagnosis import Diagnosis, diagnose
 from rebind.errors import UsageError
 from rebind.kernel.trial import TrialResult
 from rebind.model.conflict import BindRequest

@@ -65,7 +65,7 @@ def free(
     """Make PORT bindable: stop the processes holding it, destroy TIME_WAIT leftovers, verify."""
     from rebind.actions.common import where
     from rebind.actions.free import execute_plan, make_plan, parse_signal
-    from rebind.diagnose import diagnose
+    from rebind.diagnosis import diagnose
 
     req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
     try:

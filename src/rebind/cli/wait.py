@@ -13,7 +13,7 @@ import click
 from rebind.cli.params import ADDRESS, PORT_SPEC
 
 if TYPE_CHECKING:
-    from rebind.diagnose import Diagnosis
+    from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -10,7 +10,7 @@ import click
 from rebind.cli.params import ADDRESS, PORT_SPEC
 
 if TYPE_CHECKING:
-    from rebind.diagnose import Diagnosis
+    from rebind.diagnosis import Diagnosis
 
 WHY_SCHEMA = "rebind.why/1"
 
@@ -51,7 +51,7 @@ def why(
     kernel's bind() and listen() rules, and checks its answer with a real trial bind (a probe
     socket that binds and closes at once, never listening).
     """
-    from rebind.diagnose import default_request, diagnose
+    from rebind.diagnosis import default_request, diagnose
     from rebind.model.records import Proto
 
     spec_addr, port = spec

@@ -77,10 +77,11 @@ def getfd(pfd: int, targetfd: int) -> int:
     return int(fd)
 
 
-def socket_flags(pid: int, fd: int, start_ticks: int | None = None) -> tuple[bool, bool] | None:
-    """(SO_REUSEADDR, SO_REUSEPORT) of a live process's socket, or None if not permitted.
+def socket_flags(pid: int, fd: int, start_ticks: int | None = None) -> tuple[bool, bool, bool | None] | None:
+    """(SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY or None) of a live process's socket, or None if
+    not permitted.
 
-    inet_diag does not report these flags at all (bind-rules.md 4.1); a duplicate of the fd
+    inet_diag does not report the first two at all (bind-rules.md 4.1); a duplicate of the fd
     reads the very same socket.
     """
     try:
@@ -92,9 +93,13 @@ def socket_flags(pid: int, fd: int, start_ticks: int | None = None) -> tuple[boo
         try:
             ra = bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
             rp = bool(s.getsockopt(socket.SOL_SOCKET, SO_REUSEPORT))
+            v6: bool | None = None
+            if s.family == socket.AF_INET6:
+                v6 = bool(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
         except OSError:
             return None
-        # Closing our duplicate drops one file reference; the owner's socket is unaffected.
-        s.detach()
-    os.close(dup)
-    return ra, rp
+        finally:
+            # Closing our duplicate drops one file reference; the owner's socket is unaffected.
+            s.detach()
+            os.close(dup)
+    return ra, rp, v6

@@ -5,8 +5,8 @@ protocol, do the devices overlap, do the addresses overlap, and does an exemptio
 what the doc leaves out and the kernel oracle (tests/kernel/test_oracle.py) showed on 6.18:
 
 * TCP ``tb->fastreuseport`` cache (``sk_reuseport_match``): a SO_REUSEPORT socket whose uid and
-  address match the cache skips the per-socket walk (the address-any buckets are still checked
-  first for a specific address). Pass the cache as ``ReuseportCache`` when it is known.
+  address match the cache skips every conflict check (``check_bind_conflict = false`` in
+  inet_csk_get_port, the address-any buckets included). Pass it as ``ReuseportCache`` if known.
 * UDP ``udp_lib_lport_inuse`` returns at the *first* relevant socket in hash-chain order: a
   same-uid SO_REUSEPORT socket there lets the bind through even if a later one would conflict.
   Holders must be given in chain order for UDP (``udp_chain_order``; inet_diag dumps each
@@ -614,23 +614,22 @@ def _tcp_check(
     """inet_csk_get_port() for an explicit port."""
     on_port = [h for h in holders if h.socket.proto is req.proto and h.socket.local.port == req.port]
     relevant = _relevant(req, on_port, settings)
-    n = _kaddr(req.addr, effective_v6only(req.addr, req.v6only, settings))
     notes: list[str] = []
-    # A specific address checks the address-any buckets first (inet_bhash2_addr_any_conflict),
-    # before the fast path; then only its own address's bucket.
-    first = [(h, s) for h, s in relevant if _use_bhash2(n) and _is_addr_any_bucket(h.socket, n)]
-    rest = [(h, s) for h, s in relevant if (h, s) not in first]
     if on_port and _cache_match(cache, req, settings):
-        skipped = [b for h, s in rest if (b := _tcp_judge(req, h, stage, s)) is not None]
-        rest = []
+        # check_bind_conflict = false: neither inet_bhash2_addr_any_conflict nor
+        # inet_csk_bind_conflict runs; the bind succeeds whatever the other sockets are.
+        skipped = [b for h, s in relevant if (b := _tcp_judge(req, h, stage, s)) is not None]
         if skipped:
             notes.append(
-                "the port's SO_REUSEPORT fast path (tb->fastreuseport, same uid and address as the "
-                "last SO_REUSEPORT binder) skips the per-socket check that "
+                "the port's SO_REUSEPORT fast path (tb->fastreuseport: same uid and address as the "
+                "last SO_REUSEPORT binder) skips the conflict check that "
                 + ", ".join(_describe(b.holder.socket) for b in skipped)
                 + " would fail"
             )
-    blockers = [b for h, s in first + rest if (b := _tcp_judge(req, h, stage, s)) is not None]
+        return _Check(Verdict.OK, (), tuple(notes))
+    # A specific address: the address-any buckets (inet_bhash2_addr_any_conflict), then its own
+    # bucket (inet_bhash2_conflict); a wildcard: every socket on the port (_relevant decides).
+    blockers = [b for h, s in relevant if (b := _tcp_judge(req, h, stage, s)) is not None]
     return _summarise(blockers, notes)
 
 

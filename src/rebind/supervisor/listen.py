@@ -207,7 +207,7 @@ def _set_options(
 
 def _explain(host: str, port: int, reuse_port: bool) -> str:
     try:
-        from rebind.diagnose import explain_bind_failure
+        from rebind.diagnosis import explain_bind_failure
     except ImportError:  # pragma: no cover - diagnose ships with rebind
         return f"(run `rebind why {host}:{port}` for who holds the port)"
     return explain_bind_failure(host, port, "tcp", reuseaddr=True, reuseport=reuse_port)

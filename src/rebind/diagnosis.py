@@ -177,16 +177,19 @@ def _holders(table: SocketTable, req: BindRequest) -> tuple[list[Holder], list[s
             if flags is not None:
                 opts, src = SockOpts(*flags), "read"
                 break
-        if src == "unknown" and not e.owners and e.socket.state is not State.LISTEN:
+        parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
+        if src == "unknown" and not e.owners and parent is not None:
             # A child's TIME_WAIT normally carries its listener's flags (inet_twsk_alloc copies
             # sk_reuse from the child, which inherited it from the listener at accept()).
-            parent = _listener_for(e, listeners)
-            if parent is not None:
-                for o in parent.owners:
-                    flags = socket_flags(o.pid, o.fd, o.start_ticks)
-                    if flags is not None:
-                        opts, src = SockOpts(*flags), "inferred"
-                        break
+            for o in parent.owners:
+                flags = socket_flags(o.pid, o.fd, o.start_ticks)
+                if flags is not None:
+                    opts, src = SockOpts(*flags), "inferred"
+                    break
+        if opts.v6only is None and e.socket.v6only is None and parent is not None:
+            # inet_diag reports v6only only for LISTEN/CLOSE sockets; an accepted child (and its
+            # TIME_WAIT) keeps the dual-stack listener's ipv6only.
+            opts = SockOpts(opts.reuseaddr, opts.reuseport, parent.socket.v6only)
         holders.append(Holder(e.socket, opts))
         sources.append(src)
     return holders, sources
@@ -227,7 +230,7 @@ def _infer_from_trial(
     new = list(holders)
     srcs = list(sources)
     for i in unknown:
-        new[i] = Holder(holders[i].socket, SockOpts(value, holders[i].opts.reuseport))
+        new[i] = Holder(holders[i].socket, replace(holders[i].opts, reuseaddr=value))
         srcs[i] = "inferred"
     return new, srcs
 

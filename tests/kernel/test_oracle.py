@@ -1,0 +1,136 @@
+"""The conflict model against the kernel: random scenarios (rebind.oracle) and focused tests for
+the behaviours the oracle found that bind-rules.md does not describe."""
+
+from __future__ import annotations
+
+import os
+import socket
+from ipaddress import ip_address
+
+import pytest
+
+from rebind.kernel.netns import private_netns
+from rebind.model.conflict import Verdict
+from rebind.model.records import Proto
+from rebind.oracle import SETTINGS, Existing, Kind, Lab, ListenMode, Probe, Scenario, Spec, run_scenarios
+
+SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+T, U = Proto.TCP, Proto.UDP
+
+
+def spec(
+    proto: Proto, addr: str, ra: bool = False, rp: bool = False, uid: int = 0, v6only: bool | None = None
+) -> Spec:
+    return Spec(proto, addr, v6only, ra, rp, uid)
+
+
+def run_one(
+    existing: list[Existing], probes: list[Probe], port: int = 20000
+) -> list[tuple[Verdict, int | None, bool]]:
+    with Lab() as lab:
+        checks = lab.run(Scenario(0, port, tuple(existing), tuple(probes)))
+    for c in checks:
+        assert c.agree, str(c)
+    return [(c.predicted.verdict, c.actual, c.agree) for c in checks]
+
+
+def test_random_scenarios_agree_with_the_kernel(netns: int) -> None:
+    seed = int(os.environ.get("REBIND_ORACLE_SEED", "20240611"))
+    count = int(os.environ.get("REBIND_ORACLE_SCENARIOS", "400"))
+    # Half in the fixture's namespace, half in a fresh one (new bucket tables, new uid helper).
+    checks = list(run_scenarios(count // 2, seed))
+    with private_netns():
+        checks += list(run_scenarios(count - count // 2, seed + 1, start=count // 2))
+    bad = [c for c in checks if not c.agree]
+    assert len(checks) >= count
+    assert not bad, "\n\n".join(str(c) for c in bad[:10])
+
+
+def test_oracle_covers_both_stages_and_outcomes(netns: int) -> None:
+    checks = list(run_scenarios(150, 3))
+    kinds = {(c.stage.value, c.actual is None) for c in checks}
+    assert {("bind", True), ("bind", False), ("listen", True), ("listen", False)} <= kinds
+
+
+def test_udp_lport_inuse_stops_at_the_first_reuseport_match(netns: int) -> None:
+    """Newest-first chain: a same-uid SO_REUSEPORT socket first lets 0.0.0.0 bind over 127.0.0.1."""
+    plain, shared = spec(U, "127.0.0.1"), spec(U, "127.0.0.2", rp=True)
+    n = Probe(spec(U, "0.0.0.0", rp=True), ListenMode.NEVER)
+    assert run_one([Existing(plain, Kind.UDP), Existing(shared, Kind.UDP)], [n], 20001)[0][:2] == (
+        Verdict.OK,
+        None,
+    )
+    assert run_one([Existing(shared, Kind.UDP), Existing(plain, Kind.UDP)], [n], 20002)[0][:2] == (
+        Verdict.FAIL,
+        98,
+    )
+
+
+def test_udp_ipv6_reuseport_sockets_go_to_the_chain_tail(netns: int) -> None:
+    """sk_add_node_tail_rcu: the older [::1] (other uid) is still met first by [::]."""
+    probes = [
+        Probe(spec(U, "::1", rp=True, uid=65534), ListenMode.NEVER),
+        Probe(spec(U, "::ffff:127.0.0.1", rp=True), ListenMode.NEVER),
+        Probe(spec(U, "::", rp=True), ListenMode.NEVER),
+    ]
+    assert [r[:2] for r in run_one([], probes, 20003)] == [
+        (Verdict.OK, None),
+        (Verdict.OK, None),
+        (Verdict.FAIL, 98),
+    ]
+
+
+def test_tcp_reuseport_fast_path_skips_the_per_socket_check(netns: int) -> None:
+    """A REUSEADDR-only bound socket, then REUSEADDR+REUSEPORT: a REUSEPORT-only bind then succeeds."""
+    existing = [
+        Existing(spec(T, "127.0.0.1", ra=True), Kind.BOUND),
+        Existing(spec(T, "127.0.0.1", ra=True, rp=True), Kind.BOUND),
+    ]
+    out = run_one(existing, [Probe(spec(T, "127.0.0.1", rp=True), ListenMode.NOW)], 20004)
+    assert out[0][:2] == (Verdict.OK, None)
+
+
+def test_tcp_fast_path_skips_the_address_any_buckets_too(netns: int) -> None:
+    """check_bind_conflict=false: a REUSEADDR-only 0.0.0.0 is not checked either (seed 42 finding)."""
+    existing = [
+        Existing(spec(T, "0.0.0.0", ra=True), Kind.BOUND),
+        Existing(spec(T, "::ffff:127.0.0.1", ra=True, rp=True), Kind.BOUND),
+    ]
+    probes = [Probe(spec(T, "127.0.0.1", rp=True), ListenMode.NEVER)]
+    assert run_one(existing, probes, 20040)[0][:2] == (Verdict.OK, None)
+
+
+def test_tcp_fast_path_lets_dual_stack_wildcard_pass_an_ipv6_listener(netns: int) -> None:
+    existing = [Existing(spec(T, "::1"), Kind.LISTEN), Existing(spec(T, "0.0.0.0", rp=True), Kind.BOUND)]
+    out = run_one(existing, [Probe(spec(T, "::", rp=True, v6only=False), ListenMode.NEVER)], 20005)
+    assert out[0][:2] == (Verdict.OK, None)
+
+
+@pytest.mark.parametrize("kind", [Kind.CHILD, Kind.TIME_WAIT, Kind.FIN_WAIT2])
+def test_child_of_dual_stack_listener_on_ipv6_loopback_blocks_ipv4_wildcard(netns: int, kind: Kind) -> None:
+    """The child keeps the listener's ipv6only=0, so its [::1] still matches 0.0.0.0."""
+    # v6only unset (default 0): the test client dials ::1, so the child sits on [::1].
+    existing = [Existing(spec(T, "::"), kind, keep_listener=False)]
+    out = run_one(existing, [Probe(spec(T, "0.0.0.0", ra=True), ListenMode.NEVER)], 20006 + len(kind))
+    assert out[0][:2] == (Verdict.FAIL, 98)
+    ok = run_one(existing, [Probe(spec(T, "127.0.0.1"), ListenMode.NEVER)], 20020 + len(kind))
+    assert ok[0][:2] == (Verdict.OK, None)
+
+
+def test_second_listen_fails_c3(netns: int) -> None:
+    probes = [
+        Probe(spec(T, "0.0.0.0", ra=True), ListenMode.LATER),
+        Probe(spec(T, "0.0.0.0", ra=True), ListenMode.NOW),
+    ]
+    out = run_one([], probes, 20030)
+    assert out == [(Verdict.OK, None, True), (Verdict.OK, None, True), (Verdict.FAIL, 98, True)]
+
+
+def test_address_not_local(netns: int) -> None:
+    out = run_one(
+        [],
+        [Probe(spec(T, "192.0.2.1"), ListenMode.NEVER), Probe(spec(T, "2001:db8::1"), ListenMode.NEVER)],
+        20031,
+    )
+    assert [r[:2] for r in out] == [(Verdict.FAIL, 99), (Verdict.FAIL, 99)]
+    assert SETTINGS.local_addresses is not None and ip_address("::1") in SETTINGS.local_addresses
