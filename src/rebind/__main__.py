@@ -1,3 +1,3 @@
-from rebind.cli.main import main
+from rebind.cli.entry import main
 
 main()

@@ -33,6 +33,12 @@ def iter_records(
 
     plist = sorted(set(ports)) if ports is not None else None
     chosen = frozenset(states) if states is not None else (frozenset(State) if plist else LISTENING_STATES)
+    protos, families = tuple(protos), tuple(families)
+    from rebind.kernel import prefetch
+
+    early = prefetch.take(plist, protos, families, chosen)
+    if early is not None:
+        return iter(early), "netlink", ()
     if diag.netlink_available():
         return (
             diag.iter_sockets(protos=protos, families=families, states=chosen, ports=plist),

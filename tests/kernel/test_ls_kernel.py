@@ -295,3 +295,27 @@ def test_state_listening_proto_and_address_filters(netns, procs, rebind_cli):
     assert re.search(r"\b\d+(\.\d)?s\b", tw_line), tw_line
     u.close()
     c.close()
+
+
+def test_prefetched_dump_answers_exactly_the_same(netns, procs):
+    """The early dump started by the entry point gives the records the normal path gives."""
+    from rebind.kernel import prefetch
+    from rebind.sockets import socket_table
+
+    p = procs.python(SHARED.format(port=18097))
+    for k in procs.wait_line(p).split():
+        procs.adopt(int(k))
+    q = procs.python(TIME_WAIT.format(port=18098, opts=""))
+    procs.wait_line(q)
+    normal = socket_table(ports=[18097, 18098])
+    prefetch.start((18098, 18097))
+    early = socket_table(ports=[18097, 18098])
+    assert prefetch._job is None  # consumed
+    strip = lambda t: [(e.socket.key, e.socket.state, {o.pid for o in e.owners}) for e in t.entries]  # noqa: E731
+    assert strip(early) == strip(normal) and len(early.entries) >= 2
+    # A query the prefetch did not ask for is never answered from it.
+    from rebind.model.records import Family, Proto, State
+
+    prefetch.start((18097,))
+    assert prefetch.take([18097], (Proto.TCP,), tuple(Family), frozenset(State)) is None
+    assert prefetch.take([18097], tuple(Proto), tuple(Family), frozenset(State)) is not None

@@ -1,0 +1,25 @@
+"""The console entry point prefetches only for plain `ls PORT…` queries."""
+
+from __future__ import annotations
+
+import pytest
+
+from rebind.cli.entry import _ls_ports
+
+
+@pytest.mark.parametrize(
+    ("argv", "ports"),
+    [
+        (["ls", "8080"], (8080,)),
+        (["ls", "80", "443", "--json", "--no-owners"], (80, 443)),
+        (["ls"], ()),
+        (["ls", "8080", "--udp"], ()),  # another query than the prefetch asks
+        (["ls", "127.0.0.1:8080"], ()),
+        (["ls", "0"], ()),
+        (["ls", "70000"], ()),
+        (["why", "8080"], ()),
+        ([], ()),
+    ],
+)
+def test_ls_ports(argv, ports):
+    assert _ls_ports(argv) == ports
