@@ -23,3 +23,22 @@ from rebind.cli.entry import _ls_ports
 )
 def test_ls_ports(argv, ports):
     assert _ls_ports(argv) == ports
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["why", "8080"], (8080, False)),
+        (["8080"], (8080, False)),
+        (["8080", "--udp", "--json"], (8080, True)),
+        (["why", "8080", "--reuseaddr"], (8080, False)),
+        (["why", "8080", "--addr", "::1"], None),  # not a plain query: no prefetch
+        (["why", "0"], None),
+        (["ls", "8080"], None),
+        (["why"], None),
+    ],
+)
+def test_why_port(argv, expect):
+    from rebind.cli.entry import _why_port
+
+    assert _why_port(argv) == expect

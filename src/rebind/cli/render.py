@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import IO, Any
 
@@ -136,6 +137,41 @@ def console(stderr: bool = False) -> Any:
         soft_wrap=False,
         width=None if stream.isatty() else 200,
     )
+
+
+class PlainOut:
+    """Markup-stripping printer for pipes and NO_COLOR: no rich import, no escapes."""
+
+    # Only the style tags rebind writes; "[::]:80" or "python3[12]" are left alone.
+    _TAG = re.compile(r"\[/?(?:bold|dim|italic|green|red|yellow|cyan|magenta|on| )*\]")
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def esc(self, text: str) -> str:
+        return text
+
+    def print(self, text: str = "") -> None:
+        self.stream.write(self._TAG.sub("", text) + "\n")
+
+
+class RichOut:
+    def __init__(self, stderr: bool) -> None:
+        self.con = console(stderr)
+
+    def esc(self, text: str) -> str:
+        from rich.markup import escape
+
+        return escape(text)
+
+    def print(self, text: str = "") -> None:
+        self.con.print(text)
+
+
+def out(stderr: bool = False) -> PlainOut | RichOut:
+    """A printer for rich-style markup: rich on a colour terminal, plain text otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    return RichOut(stderr) if use_color(stream) else PlainOut(stream)
 
 
 _STATE_STYLE = {

@@ -141,11 +141,10 @@ def why_json(d: Diagnosis) -> dict[str, Any]:
 
 
 def print_diagnosis(d: Diagnosis) -> None:
-    from rich.markup import escape
+    from rebind.cli.render import fmt_ms, out, owners_cell
 
-    from rebind.cli.render import console, fmt_ms, owners_cell
-
-    con = console()
+    con = out()
+    escape = con.esc
     style = "bold green" if d.bindable else "bold red"
     con.print(f"[{style}]{escape(d.verdict)}[/]")
     if d.disagreement:
@@ -195,8 +194,9 @@ def print_diagnosis(d: Diagnosis) -> None:
                 con.print(f"     Python: {escape(f.python)}")
             if f.c:
                 con.print(f"     C:      {escape(f.c)}")
+    err = out(stderr=True)
     for w in d.table.warnings:
-        console(stderr=True).print(f"[yellow]note:[/] {escape(w)}")
+        err.print(f"[yellow]note:[/] {err.esc(w)}")
 
 
 def _flags(reuseaddr: bool | None, reuseport: bool | None, source: str) -> str:
