@@ -316,6 +316,9 @@ def test_prefetched_dump_answers_exactly_the_same(netns, procs):
     # A query the prefetch did not ask for is never answered from it.
     from rebind.model.records import Family, Proto, State
 
-    prefetch.start((18097,))
+    prefetch.start((18097,), "udp")
     assert prefetch.take([18097], (Proto.TCP,), tuple(Family), frozenset(State)) is None
+    assert prefetch.take([18097], tuple(Proto), tuple(Family), frozenset(State)) is None
+    assert prefetch.take([18097], (Proto.UDP,), tuple(Family), frozenset(State)) is not None
+    prefetch.start((18097,))
     assert prefetch.take([18097], tuple(Proto), tuple(Family), frozenset(State)) is not None

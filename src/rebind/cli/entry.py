@@ -39,12 +39,11 @@ def main() -> None:
     why = _why_port(argv)
     if ports or why:
         from rebind.kernel import prefetch
-        from rebind.model.records import Proto
 
         if ports:
             prefetch.start(ports)
         elif why:
-            prefetch.start((why[0],), (Proto.UDP if why[1] else Proto.TCP,))
+            prefetch.start((why[0],), "udp" if why[1] else "tcp")
     from rebind.cli.main import main as cli_main
 
     cli_main()
