@@ -33,6 +33,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "reload",
         "Ask a running `rebind run` supervisor to start a new generation.",
     ),
+    "top": ("rebind.cli.top", "top", "Watch ports live: states, countdowns, queues, owners; one key acts."),
+    "history": (
+        "rebind.cli.history",
+        "history",
+        "Who held which port when, from a `rebind top --record` file.",
+    ),
     "completion": (
         "rebind.cli.main",
         "completion",

@@ -1,0 +1,472 @@
+"""The Textual application behind `rebind top` (imported only by that command: Textual's import
+cost never reaches `rebind ls` or `rebind --version`).
+
+Every process-supplied string reaches the screen as a rich ``Text`` built from
+:func:`rebind.textsafe.visible` output, never as markup: a process named ``[red]x`` or
+``\\x1b]0;pwned\\x07`` shows as those characters.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, RichLog, Static
+
+from rebind.textsafe import visible
+from rebind.top import keys
+from rebind.top.events import Event, EventKind, describe, diff
+from rebind.top.model import (
+    PortKey,
+    PortView,
+    Snapshot,
+    SocketRow,
+    bar,
+    filter_ports,
+    fmt_left,
+    left_now,
+    owners_text,
+)
+from rebind.top.record import Recorder
+from rebind.top.sampler import Sampler
+
+_SHORT = {
+    "BOUND_INACTIVE": "BOUND",
+    "ESTABLISHED": "ESTAB",
+    "NEW_SYN_RECV": "SYN_RECV",
+}
+_STYLE = {
+    "LISTEN": "bold green",
+    "BOUND": "bold magenta",
+    "TIME_WAIT": "yellow",
+    "FIN_WAIT2": "yellow",
+    "CLOSE_WAIT": "red",
+    "UNCONN": "green",
+}
+_MARK_STYLE = {"✓": "bold green", "✗": "bold red", "✓ra": "yellow", "?": "yellow"}
+COLUMNS = ("port", "bind", "state", "addr", "left", "queue", "owners")
+
+
+def state_text(row: SocketRow) -> Text:
+    label = _SHORT.get(row.state.name, row.state.label)
+    t = Text(label, style=_STYLE.get(label, ""))
+    if row.group > 1:
+        t.append(f" rp{row.group}", style="cyan")  # SO_REUSEPORT group on this address
+    if row.count > 1:
+        t.append(f" ×{row.count}")
+    return t
+
+
+def row_cells(view: PortView, row: SocketRow | None, first: bool, now: float, snap_mono: float) -> list[Text]:
+    """The cells of one table row (all Text: nothing here is parsed as markup)."""
+    port = Text(str(view.key) if first else "")
+    mark = view.bindable.mark
+    bind = Text(mark if first else "", style=_MARK_STYLE.get(mark, ""))
+    if row is None:
+        return [
+            port,
+            bind,
+            Text("-", style="dim"),
+            Text(""),
+            Text(""),
+            Text(""),
+            Text("nothing on this port"),
+        ]
+    left = left_now(row.left_ms, row.sampled or snap_mono, now)
+    return [
+        port,
+        bind,
+        state_text(row),
+        Text(row.addr),
+        Text(fmt_left(left), style="yellow"),
+        Text(bar(row.queue, row.backlog, width=6)),
+        Text(owners_text(row.owners)),
+    ]
+
+
+class TextScreen(Screen[None]):
+    """A full screen of text (why, free, wait, reload) with an optional y/n question."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q", "close", "back"),
+        Binding("y", "answer(True)", "yes", show=False),
+        Binding("n", "answer(False)", "no", show=False),
+    ]
+    DEFAULT_CSS = """
+    TextScreen #title { height: 1; background: $boost; text-style: bold; }
+    TextScreen #body { height: 1fr; }
+    TextScreen #hint { height: 1; color: $text-muted; }
+    """
+
+    def __init__(self, title: str, lines: list[str] | None = None) -> None:
+        super().__init__()
+        self.title_text = title
+        self.lines: list[str] = list(lines or [])
+        self.question: Callable[[bool], None] | None = None
+        self.on_close: Callable[[], None] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(self.title_text), id="title")
+        with VerticalScroll(id="body"):
+            yield Static(Text("\n".join(self.lines)), id="text")
+        yield Static(Text("Esc/q: back"), id="hint")
+
+    def _render_body(self) -> None:
+        if not self.is_attached:
+            return
+        self.query_one("#text", Static).update(Text("\n".join(self.lines)))
+        hint = "y: proceed   n/Esc: cancel" if self.question else "Esc/q: back"
+        self.query_one("#hint", Static).update(Text(hint))
+
+    def set_lines(self, lines: list[str]) -> None:
+        self.lines = list(lines)
+        self._render_body()
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        self._render_body()
+
+    def extend(self, lines: list[str]) -> None:
+        self.lines.extend(lines)
+        self._render_body()
+
+    def ask(self, question: str, then: Callable[[bool], None]) -> None:
+        self.lines.append("")
+        self.lines.append(question)
+        self.question = then
+        self._render_body()
+
+    def action_answer(self, yes: bool) -> None:
+        then, self.question = self.question, None
+        if then is None:
+            return
+        self._render_body()
+        then(yes)
+
+    def action_close(self) -> None:
+        if self.question is not None:
+            self.action_answer(False)
+        if self.on_close is not None:
+            self.on_close()
+        self.dismiss()
+
+
+class TopApp(App[int]):
+    TITLE = "rebind top"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("w", "why", "why"),
+        Binding("f", "free", "free"),
+        Binding("W", "wait", "wait"),
+        Binding("r", "reload", "reload"),
+        Binding("slash", "filter", "filter"),
+        Binding("q", "quit_top", "quit"),
+        Binding("ctrl+c", "quit_top", "quit", show=False, priority=True),
+        Binding("escape", "clear_filter", "clear filter", show=False),
+    ]
+    DEFAULT_CSS = """
+    #status { height: 1; background: $boost; }
+    #ports { height: 1fr; }
+    #events-title { height: 1; text-style: bold; }
+    #events { height: 5; }
+    #filter { display: none; height: 3; }
+    #filter.shown { display: block; }
+    """
+
+    def __init__(self, sampler: Sampler, interval: float, recorder: Recorder | None = None) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.interval = interval
+        self.recorder = recorder
+        self.snapshot: Snapshot | None = None
+        self.prev: dict[PortKey, PortView] | None = None
+        self.query_text = ""
+        self.selected: PortKey | None = None
+        self.row_keys: list[PortKey] = []
+        self.stop = threading.Event()
+        self.error = ""
+        self.refreshes = 0
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text("rebind top: reading the socket table…"), id="status")
+        table: DataTable[Text] = DataTable(id="ports", cursor_type="row", zebra_stripes=False)
+        yield table
+        yield Static(Text("Events"), id="events-title")
+        yield RichLog(id="events", max_lines=500, wrap=False, markup=False)
+        yield Input(
+            placeholder="filter: port, state, process, user… (Enter to apply, Esc to clear)", id="filter"
+        )
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#ports", DataTable)
+        for col in COLUMNS:
+            table.add_column(col, key=col)
+        threading.Thread(target=self._sample_loop, name="rebind-top-sampler", daemon=True).start()
+        table.focus()
+
+    # -- sampling (a thread: kernel reads never block the keys) ---------------------------------
+
+    def _sample_loop(self) -> None:
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                snap = self.sampler.sample()
+                err = ""
+            except Exception as exc:  # shown in the status line; the next refresh tries again
+                snap, err = None, f"refresh failed: {exc}"
+            try:
+                self.call_from_thread(self.show, snap, err)
+            except RuntimeError:
+                return  # the app is gone
+            next_at += self.interval
+            delay = next_at - time.monotonic()
+            if delay < 0:  # slower than the interval: start the next one now, do not pile up
+                next_at, delay = time.monotonic(), 0.0
+            if self.stop.wait(delay):
+                return
+
+    def show(self, snap: Snapshot | None, err: str) -> None:
+        self.error = err
+        if snap is not None:
+            self.refreshes += 1
+            cur = snap.by_key()
+            events = diff(self.prev, cur, snap.taken_at)
+            self.prev = cur
+            self.snapshot = snap
+            self._log_events(events)
+        self.render_table()
+        self.render_status()
+
+    def _log_events(self, events: list[Event]) -> None:
+        if self.recorder is not None and events:
+            try:
+                self.recorder.write(events)
+            except OSError as exc:
+                self.error = f"--record: {exc.strerror}; recording stopped"
+                self.recorder = None
+        log = self.query_one("#events", RichLog)
+        initial = [e for e in events if e.initial]
+        if initial:
+            held = sum(1 for e in initial if e.kind is EventKind.APPEARED)
+            log.write(Text(f"{describe(initial[0], with_date=False)[:8]}  {held} port(s) held at start"))
+        for e in events:
+            if not e.initial:
+                log.write(Text(describe(e, with_date=False)))
+
+    # -- drawing --------------------------------------------------------------------------------
+
+    def visible_ports(self) -> tuple[PortView, ...]:
+        if self.snapshot is None:
+            return ()
+        return filter_ports(self.snapshot.ports, self.query_text)
+
+    def render_table(self) -> None:
+        table: DataTable[Text] = self.query_one("#ports", DataTable)
+        snap = self.snapshot
+        if snap is None:
+            return
+        keep = self.selected
+        now = time.monotonic()
+        table.clear()
+        self.row_keys = []
+        for view in self.visible_ports():
+            rows: list[SocketRow | None] = list(view.rows) or [None]
+            for i, row in enumerate(rows):
+                table.add_row(*row_cells(view, row, i == 0, now, snap.mono))
+                self.row_keys.append(view.key)
+        if self.row_keys:
+            target = self.row_keys.index(keep) if keep in self.row_keys else 0
+            table.move_cursor(row=target, animate=False)
+            self.selected = self.row_keys[target]
+
+    def render_status(self) -> None:
+        snap = self.snapshot
+        parts = ["rebind top"]
+        if snap is not None:
+            shown = len(self.visible_ports())
+            parts.append(f"{shown} port(s)" + (f" of {len(snap.ports)}" if shown != len(snap.ports) else ""))
+            parts.append(f"every {self.interval:g}s, last {snap.cpu_s * 1000:.0f} ms CPU")
+            if snap.wall_s > self.interval:
+                parts.append(f"SLOWED DOWN: a refresh takes {snap.wall_s:.1f}s")
+            slow = self.sampler.slowed()
+            if slow:
+                parts.append("big table: " + ", ".join(f"{k} every {v:.0f}s" for k, v in slow.items()))
+            if snap.source != "netlink":
+                parts.append(f"source {snap.source}")
+        if self.query_text:
+            parts.append(f"filter: {self.query_text}")
+        line = Text(" · ".join(parts))
+        if self.error:
+            line.append(f" · {self.error}", style="bold red")
+        elif snap is not None and snap.warnings:
+            line.append(f" · {snap.warnings[0]}", style="yellow")
+        self.query_one("#status", Static).update(line)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if 0 <= event.cursor_row < len(self.row_keys):
+            self.selected = self.row_keys[event.cursor_row]
+
+    def current(self) -> PortView | None:
+        if self.snapshot is None or self.selected is None:
+            return None
+        return self.snapshot.by_key().get(self.selected)
+
+    def on_resize(self) -> None:
+        self.render_table()
+
+    # -- filter ---------------------------------------------------------------------------------
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("shown")
+        box.value = self.query_text
+        box.focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.query_text = event.value.strip()
+        event.input.remove_class("shown")
+        self.query_one("#ports", DataTable).focus()
+        self.render_table()
+        self.render_status()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.remove_class("shown")
+        self.query_text = ""
+        self.query_one("#ports", DataTable).focus()
+        self.render_table()
+        self.render_status()
+
+    # -- keys that act --------------------------------------------------------------------------
+
+    def _in_thread(self, fn: Callable[[], Any], done: Callable[[Any], None], screen: TextScreen) -> None:
+        def run() -> None:
+            try:
+                result = fn()
+            except Exception as exc:  # one line on the screen, never a traceback
+                self.call_from_thread(screen.add, visible_error(exc))
+                return
+            self.call_from_thread(done, result)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def _screen(self, title: str, first: str) -> tuple[TextScreen, PortView] | None:
+        view = self.current()
+        if view is None:
+            self.notify("select a port first")
+            return None
+        screen = TextScreen(title.format(key=view.key), [first.format(key=view.key)])
+        self.push_screen(screen)
+        return screen, view
+
+    def action_why(self) -> None:
+        got = self._screen("why {key}", "diagnosing {key}…")
+        if got is None:
+            return
+        screen, view = got
+        self._in_thread(lambda: keys.why(view.key), lambda d: screen.set_lines(keys.why_lines(d)), screen)
+
+    def action_free(self) -> None:
+        got = self._screen("free {key}", "planning: what blocks {key}, who may be signalled…")
+        if got is None:
+            return
+        screen, view = got
+
+        def planned(plan: Any) -> None:
+            screen.set_lines(keys.plan_lines(plan))
+            if plan.bindable:
+                screen.add("nothing to do: the port is bindable")
+            elif not plan.has_actions:
+                screen.add("nothing rebind may do frees it (see above)")
+            else:
+                screen.ask("Proceed (signal / destroy as above)? y/n", lambda yes: go(plan, yes))
+
+        def go(plan: Any, yes: bool) -> None:
+            if not yes:
+                screen.add("nothing done")
+                return
+            screen.add("freeing…")
+            say = lambda msg: self.call_from_thread(screen.add, f"  {msg}")  # noqa: E731
+            self._in_thread(
+                lambda: keys.run_free(plan, say),
+                lambda res: screen.extend(keys.result_lines(res)),
+                screen,
+            )
+
+        self._in_thread(lambda: keys.free_plan(view.key), planned, screen)
+
+    def action_wait(self) -> None:
+        got = self._screen("wait {key}", "waiting until a bind() of {key} succeeds (trial binds)… Esc stops")
+        if got is None:
+            return
+        screen, view = got
+        cancel = threading.Event()
+        screen.on_close = cancel.set
+        start = time.monotonic()
+
+        def loop() -> str:
+            while not cancel.is_set():
+                res = keys.wait_step(view.key, timeout=1.0)
+                if res.ok:
+                    return f"{view.key} is bindable now (after {time.monotonic() - start:.1f}s)"
+                d = res.diagnosis
+                if d is not None:
+                    line = visible(d.verdict)
+                    self.call_from_thread(screen.set_lines, [screen.lines[0], f"still busy: {line}"])
+            return "stopped"
+
+        def done(msg: str) -> None:
+            screen.add(msg)
+            self.bell()
+
+        self._in_thread(loop, done, screen)
+
+    def action_reload(self) -> None:
+        got = self._screen("reload {key}", "looking for the `rebind run` serving {key}…")
+        if got is None:
+            return
+        screen, view = got
+
+        def find() -> tuple[keys.Supervisor | str, str]:
+            sup = keys.find_supervisor(view)
+            if isinstance(sup, str):
+                return sup, ""
+            return sup, keys.control(sup, "status", 5.0)
+
+        def found(res: tuple[keys.Supervisor | str, str]) -> None:
+            sup, status = res
+            if isinstance(sup, str):
+                screen.add(f"cannot reload: {visible(sup)}")
+                return
+            screen.add(f"rebind run pid {sup.pid}, control socket {visible(sup.control)}")
+            screen.add(f"status: {status}")
+            screen.ask("Start a new generation (rebind reload)? y/n", lambda yes: go(sup, yes))
+
+        def go(sup: keys.Supervisor, yes: bool) -> None:
+            if not yes:
+                screen.add("nothing done")
+                return
+            screen.add("reloading (waits until the new generation is ready)…")
+            self._in_thread(lambda: keys.control(sup, "reload", 120.0), screen.add, screen)
+
+        self._in_thread(find, found, screen)
+
+    def action_quit_top(self) -> None:
+        self.stop.set()
+        self.exit(0)
+
+    def on_unmount(self) -> None:
+        self.stop.set()
+
+
+def visible_error(exc: BaseException) -> str:
+    return f"error: {visible(str(exc))}"

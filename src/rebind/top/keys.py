@@ -1,0 +1,217 @@
+"""What the keys of `rebind top` run: why, free, wait, reload. I/O; no Textual here.
+
+``why`` and ``free`` reuse the commands' own engines and printed forms: `rebind why`'s
+:func:`rebind.diagnosis.diagnose` + ``print_diagnosis`` and `rebind free`'s
+:func:`rebind.actions.free.plan_free` / :func:`~rebind.actions.free.execute_plan` +
+``print_plan``, captured as text through :func:`captured` (one small adapter each, so changes to
+those commands show up here unchanged). Every captured line goes through
+:func:`rebind.textsafe.visible`: process names in them are hostile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rebind.model.records import State
+from rebind.textsafe import visible
+from rebind.top.model import PortKey, PortView
+
+if TYPE_CHECKING:
+    from rebind.actions.free import FreePlan, FreeResult
+    from rebind.actions.wait import WaitResult
+    from rebind.diagnosis import Diagnosis
+    from rebind.model.conflict import BindRequest
+
+_UCRED = struct.Struct("iII")
+#: /proc/net/unix flag of a listening socket (__SO_ACCEPTCON) and type of a stream socket.
+_ACCEPTCON = 0x10000
+_SOCK_STREAM = 1
+
+
+def captured(fn: Callable[..., Any], *args: Any) -> list[str]:
+    """Lines a command's printer writes to stdout/stderr, escaped. Call from one thread only
+    (it swaps sys.stdout for the duration; the TUI calls it on its event-loop thread)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        fn(*args)
+    return [visible(line) for line in buf.getvalue().splitlines()]
+
+
+def request(key: PortKey) -> BindRequest:
+    """What `rebind why PORT` asks: a plain bind of the wildcard address, as this user."""
+    from rebind.actions.common import bind_request
+
+    return bind_request(key.port, proto=key.proto)
+
+
+# -- why -----------------------------------------------------------------------------------------
+
+
+def why(key: PortKey) -> Diagnosis:
+    from rebind.diagnosis import diagnose
+
+    return diagnose(request(key))
+
+
+def why_lines(d: Diagnosis) -> list[str]:
+    from rebind.cli.why import print_diagnosis
+
+    return captured(print_diagnosis, d)
+
+
+# -- free ----------------------------------------------------------------------------------------
+
+
+def free_plan(key: PortKey) -> FreePlan:
+    from rebind.actions.free import plan_free
+
+    return plan_free(key.port, proto=key.proto)
+
+
+def plan_lines(plan: FreePlan) -> list[str]:
+    from rebind.cli.free import print_plan
+
+    return captured(print_plan, plan)
+
+
+def run_free(plan: FreePlan, say: Callable[[str], None]) -> FreeResult:
+    from rebind.actions.free import execute_plan
+
+    return execute_plan(plan, on_event=lambda msg: say(visible(msg)))
+
+
+def result_lines(result: FreeResult) -> list[str]:
+    from rebind.cli.free import print_result
+
+    return captured(print_result, result)
+
+
+# -- wait ----------------------------------------------------------------------------------------
+
+
+def wait_step(key: PortKey, timeout: float = 1.0) -> WaitResult:
+    """One bounded slice of `rebind wait PORT` (trial binds), so the TUI can stop between slices."""
+    from rebind.actions.wait import wait_request
+
+    return wait_request(request(key), timeout=timeout)
+
+
+# -- reload (rebind run) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Supervisor:
+    """A `rebind run` holding the port, and its control socket (from the kernel's unix table)."""
+
+    pid: int
+    control: str
+
+
+def _socket_inodes(pid: int, proc: str) -> set[int]:
+    out: set[int] = set()
+    try:
+        names = os.listdir(f"{proc}/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            link = os.readlink(f"{proc}/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def unix_listeners(pid: int, proc: str = "/proc") -> list[str]:
+    """Paths of the listening unix stream sockets a process holds (kernel-reported paths:
+    /proc/PID/net/unix in the process's own network namespace; abstract names are skipped)."""
+    inodes = _socket_inodes(pid, proc)
+    if not inodes:
+        return []
+    try:
+        with open(f"{proc}/{pid}/net/unix", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=7)
+        if len(parts) < 8:
+            continue
+        try:
+            flags, kind, inode = int(parts[3], 16), int(parts[4], 16), int(parts[6])
+        except ValueError:
+            continue
+        if inode in inodes and flags & _ACCEPTCON and kind == _SOCK_STREAM and parts[7].startswith("/"):
+            out.append(parts[7])
+    return out
+
+
+def _looks_like_run(cmdline: tuple[str, ...]) -> bool:
+    return "run" in cmdline and any("rebind" in a for a in cmdline)
+
+
+def find_supervisor(view: PortView, proc: str = "/proc") -> Supervisor | str:
+    """The `rebind run` serving this port, or why none could be identified.
+
+    A supervisor holds the listening socket itself (it never closes it) and a control socket
+    (``--control``). Candidates are the listener's owners that hold a listening unix socket,
+    those whose command line says ``rebind run`` first; the caller then checks the peer
+    credentials when connecting (:func:`control`), so a name alone never decides.
+    """
+    owners = [o for r in view.rows if r.state is State.LISTEN for o in r.owners]
+    if not owners:
+        return f"no process is seen listening on {view.key}"
+    ranked = sorted(
+        {o.pid: o for o in owners}.values(), key=lambda o: (not _looks_like_run(o.cmdline), o.pid)
+    )
+    for o in ranked:
+        paths = unix_listeners(o.pid, proc)
+        if paths:
+            return Supervisor(o.pid, paths[0])
+    if any(_looks_like_run(o.cmdline) for o in ranked):
+        return f"the `rebind run` serving {view.key} has no --control socket (use --pid-file and kill -HUP)"
+    return f"{view.key} is not served by `rebind run` (no owner has a control socket)"
+
+
+def control(sup: Supervisor, command: str, timeout: float) -> str:
+    """Send one command (``status``, ``reload``) to the supervisor and return its answer line.
+
+    The peer must be the supervisor itself (SO_PEERCRED pid): a socket file swapped in a shared
+    directory, or another process's socket, is refused.
+    """
+    from rebind.errors import EnvironmentProblem
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(min(timeout, 5.0))
+        try:
+            s.connect(sup.control)
+        except OSError as exc:
+            raise EnvironmentProblem(f"cannot connect to {visible(sup.control)}: {exc.strerror}") from None
+        pid, _, _ = _UCRED.unpack(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if pid != sup.pid:
+            raise EnvironmentProblem(
+                f"{visible(sup.control)} is served by pid {pid}, not by the supervisor (pid {sup.pid})"
+            )
+        s.sendall(command.encode() + b"\n")
+        s.settimeout(timeout)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(b"\n") and time.monotonic() < deadline:
+            try:
+                chunk = s.recv(4096)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return visible(data.decode("utf-8", "replace").strip()) or "failed: no answer (supervisor exited?)"

@@ -1,0 +1,194 @@
+"""`rebind top` in a real terminal: tmux runs it inside the test's network namespace, send-keys
+types, capture-pane reads the screen. Every wait polls the screen with a deadline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.conftest import Procs
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)"),
+]
+
+DEADLINE = 20.0
+
+
+class Term:
+    """A private tmux server (its own socket) running one command in an 80x24 window."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.sock = f"rebind-top-test-{os.getpid()}-{time.monotonic_ns()}"
+        cmd = " ".join(_quote(a) for a in ["env", *(f"{k}={v}" for k, v in env.items()), *argv])
+        self.tmux("new-session", "-d", "-s", "t", "-x", "80", "-y", "24", cmd)
+        self.tmux("set-option", "-t", "t", "remain-on-exit", "on")
+
+    def tmux(self, *args: str) -> str:
+        res = subprocess.run(
+            ["tmux", "-L", self.sock, "-f", "/dev/null", *args], capture_output=True, text=True, timeout=10
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "t")
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "t", *keys)
+
+    def wait_for(self, check: Callable[[str], object], what: str, deadline: float = DEADLINE) -> str:
+        end = time.monotonic() + deadline
+        text = ""
+        while time.monotonic() < end:
+            text = self.screen()
+            if check(text):
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"screen never showed {what} within {deadline}s; last screen:\n{text}")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(a)
+
+
+@pytest.fixture
+def term(netns: int) -> Iterator[Callable[..., Term]]:
+    made: list[Term] = []
+
+    def start(*args: str) -> Term:
+        env = {"TERM": "xterm-256color", "NO_COLOR": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+        t = Term([sys.executable, "-m", "rebind", "top", *args], env)
+        made.append(t)
+        return t
+
+    try:
+        yield start
+    finally:
+        for t in made:
+            t.close()
+
+
+def _row(screen: str, needle: str) -> str:
+    return next((line for line in screen.splitlines() if needle in line), "")
+
+
+def _left(screen: str) -> int | None:
+    import re
+
+    m = re.search(r"TIME_WAIT\s+\S+\s+(\d+)s", _row(screen, "TIME_WAIT"))
+    return int(m.group(1)) if m else None
+
+
+TIME_WAIT = """
+import socket
+s = socket.socket()
+s.bind(('127.0.0.1', {port}))
+s.listen()
+c = socket.create_connection(('127.0.0.1', {port}))
+a, _ = s.accept()
+a.close()
+c.close()
+s.close()
+print('ready', flush=True)
+"""
+
+# A listener that never accepts; one more client connection per line read on stdin.
+QUEUE = """
+import socket, sys
+s = socket.socket()
+s.bind(('127.0.0.1', {port}))
+s.listen({backlog})
+held = []
+print('ready', flush=True)
+for line in sys.stdin:
+    held.append(socket.create_connection(('127.0.0.1', {port})))
+    print('connected', len(held), flush=True)
+"""
+
+LISTEN = """
+import socket, time
+s = socket.socket()
+s.bind(('127.0.0.1', {port}))
+s.listen()
+print('ready', flush=True)
+time.sleep(600)
+"""
+
+
+def test_time_wait_counts_down(term: Callable[..., Term], procs: Procs) -> None:
+    p = procs.python(TIME_WAIT.format(port=9000))
+    assert procs.wait_line(p) == "ready"
+    t = term("9000")
+    first_screen = t.wait_for(lambda s: _left(s) is not None, "a TIME_WAIT row with time left")
+    first = _left(first_screen)
+    assert first is not None and 0 < first <= 60
+    later = t.wait_for(lambda s: (_left(s) or 99) < first, "the countdown decreasing")
+    assert "9000/tcp" in later
+
+
+def test_accept_queue_bar_grows(term: Callable[..., Term], procs: Procs) -> None:
+    p = procs.python(QUEUE.format(port=8080, backlog=8), stdin=subprocess.PIPE)
+    assert procs.wait_line(p) == "ready"
+    t = term("8080")
+    empty = t.wait_for(lambda s: "0/8" in _row(s, "LISTEN"), "an empty queue (0/8)")
+    cells_before = _row(empty, "LISTEN").count("█")
+    assert p.stdin is not None
+    for n in range(1, 5):
+        p.stdin.write("x\n")
+        p.stdin.flush()
+        assert procs.wait_line(p) == f"connected {n}"
+    full = t.wait_for(lambda s: "4/8" in _row(s, "LISTEN"), "a queue of 4 of 8")
+    assert _row(full, "LISTEN").count("█") > cells_before
+
+
+def test_why_screen(term: Callable[..., Term], procs: Procs) -> None:
+    p = procs.python(LISTEN.format(port=8081))
+    assert procs.wait_line(p) == "ready"
+    t = term("8081")
+    t.wait_for(lambda s: "LISTEN" in s and f"[{p.pid}]" in s, "the listener and its owner")
+    t.keys("w")
+    why = t.wait_for(lambda s: "8081/tcp is busy" in s, "the why verdict")
+    assert "Blocking" in why
+    t.keys("Escape")
+    t.wait_for(lambda s: "LISTEN" in _row(s, "8081/tcp"), "the port table again")
+
+
+def test_free_signals_only_after_confirmation(term: Callable[..., Term], procs: Procs) -> None:
+    p = procs.python(LISTEN.format(port=8082))
+    assert procs.wait_line(p) == "ready"
+    t = term("8082")
+    t.wait_for(lambda s: f"[{p.pid}]" in s, "the holder")
+    t.keys("f")
+    plan = t.wait_for(lambda s: "Proceed" in s, "the free plan and its question")
+    assert "stop" in plan and str(p.pid) in plan
+    time.sleep(0.3)  # nothing may happen while the question is open: give it a chance to go wrong
+    assert p.poll() is None, "the holder was signalled before confirmation"
+    t.keys("y")
+    assert p.wait(timeout=DEADLINE) is not None
+    t.wait_for(lambda s: "is bindable now" in s, "the verified result")
+
+
+def test_filter_and_quit(term: Callable[..., Term], procs: Procs) -> None:
+    a = procs.python(LISTEN.format(port=8083))
+    b = procs.python(LISTEN.format(port=8084))
+    assert procs.wait_line(a) == "ready" and procs.wait_line(b) == "ready"
+    t = term("8083", "8084")
+    t.wait_for(lambda s: "8083/tcp" in s and "8084/tcp" in s, "both ports")
+    t.keys("/")
+    t.keys("8084", "Enter")
+    t.wait_for(lambda s: "8084/tcp" in s and "8083/tcp" not in s, "only the filtered port")
+    t.keys("q")
+    t.wait_for(lambda s: "Pane is dead" in s or "rebind top" not in s, "top exiting on q")
