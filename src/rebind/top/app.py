@@ -299,7 +299,7 @@ class TopApp(App[int]):
                 parts.append(f"SLOWED DOWN: a refresh takes {snap.wall_s:.1f}s")
             slow = self.sampler.slowed()
             if slow:
-                parts.append("big table: " + ", ".join(f"{k} every {v:.0f}s" for k, v in slow.items()))
+                parts.append("to save CPU: " + ", ".join(f"{k} every {v:.0f}s" for k, v in slow.items()))
             if snap.source != "netlink":
                 parts.append(f"source {snap.source}")
         if self.query_text:

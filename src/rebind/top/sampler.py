@@ -142,29 +142,29 @@ class Sampler:
     # -- one refresh ----------------------------------------------------------------------------
 
     def sample(self) -> Snapshot:
-        wall0, cpu0 = time.perf_counter(), time.process_time()
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
         cad = self.cadence
         now = time.monotonic()
         fast = self._fast()
         if cad.due(BOUND, now):
-            t = time.process_time()
+            t = time.thread_time()
             self._bound = self._read_bound()
-            cad.job(BOUND).ran(now, time.process_time() - t)
+            cad.job(BOUND).ran(now, time.thread_time() - t)
         holding = fast + self._bound
         others_fresh = cad.due(OTHERS, now)
         if others_fresh:
-            t = time.process_time()
+            t = time.thread_time()
             self._others = self._read_others({r.local.port for r in holding})
             self._others_mono = now
-            cad.job(OTHERS).ran(now, time.process_time() - t)
+            cad.job(OTHERS).ran(now, time.thread_time() - t)
         if self.owners:
             job = cad.job(OWNERS)
             if any(r.inode and r.inode not in self._owners for r in holding):
                 job.forced = True  # a new server socket: show who holds it now, not later
             if cad.due(OWNERS, now) or others_fresh:
-                t = time.process_time()
+                t = time.thread_time()
                 self._scan_owners([*holding, *self._others])
-                job.ran(now, time.process_time() - t)
+                job.ran(now, time.thread_time() - t)
             else:
                 self._prune_owners()
         if others_fresh:
@@ -184,7 +184,7 @@ class Sampler:
             ports=ports,
             taken_at=time.time(),
             mono=now,
-            cpu_s=time.process_time() - cpu0,
+            cpu_s=time.thread_time() - cpu0,
             wall_s=time.perf_counter() - wall0,
             source=self.source,
             warnings=self.warnings,
