@@ -192,3 +192,59 @@ def test_filter_and_quit(term: Callable[..., Term], procs: Procs) -> None:
     t.wait_for(lambda s: "8084/tcp" in s and "8083/tcp" not in s, "only the filtered port")
     t.keys("q")
     t.wait_for(lambda s: "Pane is dead" in s or "rebind top" not in s, "top exiting on q")
+
+
+APP = """
+import rebind
+s = rebind.listen("127.0.0.1", {port})
+rebind.notify_ready()
+while True:
+    c, _ = s.accept()
+    c.close()
+"""
+
+
+def test_reload_a_port_served_by_rebind_run(
+    term: Callable[..., Term], procs: Procs, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    ctl = Path(str(tmp_path)) / "app.ctl"
+    sup = procs.start(
+        [
+            sys.executable,
+            "-m",
+            "rebind",
+            "run",
+            "--listen",
+            "127.0.0.1:8086",
+            "--control",
+            str(ctl),
+            "--ready",
+            "notify",
+            "--grace",
+            "1",
+            "--",
+            sys.executable,
+            "-c",
+            APP.format(port=8086),
+        ],
+        start_new_session=True,
+    )
+    t = term("8086")
+    t.wait_for(lambda s: f"[{sup.pid}]" in s and ctl.exists(), "the supervisor holding the listener")
+    t.keys("r")
+    screen = t.wait_for(lambda s: "Start a new generation" in s, "the supervisor's status and the question")
+    assert f"rebind run pid {sup.pid}" in screen and "status: ok: serving" in screen
+    t.keys("y")
+    t.wait_for(lambda s: "ok: generation 2" in s, "the reload outcome")
+    assert sup.poll() is None
+
+
+def test_reload_says_when_it_cannot_identify_a_supervisor(term: Callable[..., Term], procs: Procs) -> None:
+    p = procs.python(LISTEN.format(port=8087))
+    assert procs.wait_line(p) == "ready"
+    t = term("8087")
+    t.wait_for(lambda s: f"[{p.pid}]" in s, "the holder")
+    t.keys("r")
+    t.wait_for(lambda s: "cannot reload" in s and "not served by `rebind run`" in s, "the explanation")
