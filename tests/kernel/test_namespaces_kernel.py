@@ -122,3 +122,22 @@ def test_nsfs_mounts_parse_escapes() -> None:
         "38 25 0:4 net:[4026532900] /run/docker/netns/3d6a8c0 rw shared:5 - nsfs nsfs rw\n"
     )
     assert nsfs_mounts(text) == ["/run/netns/a b", "/run/docker/netns/3d6a8c0"]
+
+
+def test_all_netns_table_has_owners_names_and_context(netns: int, named_netns: str, procs: Procs) -> None:
+    from rebind.allns import socket_table_all_netns
+
+    p1 = procs.python(LISTENER.format(port=41020))
+    p2 = procs.start(
+        ["ip", "netns", "exec", named_netns, sys.executable, "-u", "-c", LISTENER.format(port=41020)]
+    )
+    assert procs.wait_line(p1) == "ready" and procs.wait_line(p2) == "ready"
+    named_ino = os.stat(f"/run/netns/{named_netns}").st_ino
+    table = socket_table_all_netns(ports=[41020])
+    listeners = {e.socket.netns: e for e in table.entries if e.socket.state is State.LISTEN}
+    assert set(listeners) >= {netns, named_ino}
+    assert {o.pid for o in listeners[netns].owners} == {p1.pid}
+    assert {o.pid for o in listeners[named_ino].owners} == {p2.pid}
+    assert listeners[named_ino].netns_name == named_netns
+    assert listeners[netns].netns_name is None
+    assert all(o.container is None and o.proxy is None for e in listeners.values() for o in e.owners)

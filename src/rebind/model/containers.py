@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import re
-import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
@@ -334,6 +333,8 @@ def _dport_ranges(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _parse_rule(line: str) -> _Rule | None:
+    import shlex  # only when NAT rules are read: records.py imports this module on every start
+
     try:
         words = shlex.split(line)
     except ValueError:
