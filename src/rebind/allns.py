@@ -7,11 +7,14 @@ renderers in rebind.cli show what it returns. Without ``--all-netns`` nothing he
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import replace
 
-from rebind.kernel.containers import EngineState, engine_state, read_context, resolve_proxy
-from rebind.kernel.namespaces import NetnsScan, list_namespaces, records_per_netns
+from rebind.errors import EnvironmentProblem
+from rebind.kernel.containers import EngineState, engine_state, iptables_nat, read_context, resolve_proxy
+from rebind.kernel.namespaces import NetnsScan, list_namespaces, records_per_netns, run_in
+from rebind.model.containers import Engine, ProxyKind, nat_captures
 from rebind.model.records import (
     LISTENING_STATES,
     Family,
@@ -85,8 +88,11 @@ def socket_table_all_netns(
     records: list[SocketRecord] = []
     warnings: list[str] = []
     if scan.unreadable:
+        # Even root is refused /proc/PID/ns/net of a process it may not ptrace (seen here: PID 1,
+        # the VM's process_api), so "not root" is only one possible reason.
+        why = "even as root (ptrace access denied)" if os.geteuid() == 0 else "(not root?)"
         warnings.append(
-            f"{scan.unreadable} process(es) could not be inspected (not root?): "
+            f"{scan.unreadable} process(es) could not be inspected {why}: "
             "their network namespaces may be missing"
         )
     sources = set()
@@ -108,4 +114,38 @@ def socket_table_all_netns(
     )
     source = "netlink" if sources <= {"netlink"} else "mixed"
     table = SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=tuple(warnings))
-    return annotate(table, proc=proc) if owners else table
+    if not owners:
+        return table
+    engines = engine_state(proc)
+    return resolve_reservations(annotate(table, engines, proc), scan, engines)
+
+
+def resolve_reservations(table: SocketTable, scan: NetnsScan, engines: EngineState) -> SocketTable:
+    """Reservation sockets (dockerd --userland-proxy=false, conmon without a name) serve nothing:
+    the NAT rule of the socket's namespace says which container gets the traffic."""
+    by_ino = {ns.inode: ns for ns in scan.namespaces}
+    nat_text: dict[int, str | None] = {}
+    entries = []
+    for e in table.entries:
+        if not any(o.proxy is ProxyKind.DOCKERD and o.container is None for o in e.owners):
+            entries.append(e)
+            continue
+        ino = e.socket.netns or 0
+        if ino not in nat_text:
+            ns = by_ino.get(ino)
+            try:
+                nat_text[ino] = iptables_nat() if ns is None or ino == scan.own else run_in(ns, iptables_nat)
+            except (OSError, EnvironmentProblem):
+                nat_text[ino] = None
+        text = nat_text[ino]
+        caps = (
+            nat_captures(text, e.socket.local.port, e.socket.proto.value, e.socket.local.addr) if text else ()
+        )
+        cid = next((engines.by_ip.get(c.to_addr) for c in caps if c.to_addr is not None), None)
+        if cid is None:
+            entries.append(e)
+            continue
+        ref = engines.ref(cid, Engine.DOCKER)
+        owners = tuple(replace(o, container=ref) if o.proxy is ProxyKind.DOCKERD else o for o in e.owners)
+        entries.append(replace(e, owners=owners))
+    return replace(table, entries=tuple(entries))
