@@ -219,3 +219,71 @@ def podman_engine(ns: Netns) -> Iterator[Podman]:
         p.cli("rm", "-af", "-t", "0", check=False)
         p.cli("rmi", "-af", check=False)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@dataclass
+class RootlessUser:
+    name: str
+    uid: int
+    home: Path
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a shell script as the user (su - inherits this thread's network namespace)."""
+        script = f"export XDG_RUNTIME_DIR=/run/user/{self.uid}; cd; P='podman --runtime runc'; {script}"
+        return subprocess.run(
+            ["su", "-", self.name, "-c", script],
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=90,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry.path).st_uid == uid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def rootless_user() -> Iterator[RootlessUser]:
+    """A throwaway user for rootless Podman. Needs /dev/net/tun usable by that user
+    (slirp4netns; the device is 0600 on this machine): its mode is restored afterwards.
+    All of the user's processes (podman's pause process survives the containers) are ended
+    by pid, then the user and its home are removed."""
+    need("podman")
+    need("runc")
+    need("useradd")
+    need("busybox")
+    name = f"rbrl{uuid.uuid4().hex[:6]}"
+    subprocess.run(["useradd", "-m", name], check=True, capture_output=True)
+    uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True, text=True).stdout)
+    home = Path(f"/home/{name}")
+    run_dir = Path(f"/run/user/{uid}")
+    tun = "/dev/net/tun"
+    tun_mode = os.stat(tun).st_mode & 0o7777
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(run_dir, uid, uid)
+        os.chmod(run_dir, 0o700)
+        os.chmod(tun, 0o666)
+        rootfs = busybox_rootfs(home / "rootfs")
+        subprocess.run(["chown", "-R", f"{name}:{name}", str(rootfs)], check=True)
+        yield RootlessUser(name, uid, home)
+    finally:
+        os.chmod(tun, tun_mode)
+        for _ in range(3):
+            pids = _pids_of_uid(uid)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not _pids_of_uid(uid), 5, "the test user's processes to end")
+        subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+        shutil.rmtree(run_dir, ignore_errors=True)

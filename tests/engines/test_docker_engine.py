@@ -13,11 +13,14 @@ from tests.engines.conftest import Netns, docker_engine, free_port
 
 
 def _listener(port: int, timeout: float = 20.0) -> SocketEntry:
+    """The listener on ``port`` once its owner's container is resolved (an engine sets up the
+    proxy a moment before the container process exists), or whatever is there at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         table = socket_table_all_netns(ports=[port])
         found = [e for e in table.entries if e.socket.state is State.LISTEN and e.owners]
-        if found or time.monotonic() > deadline:
+        done = found and all(o.container is not None for o in found[0].owners)
+        if done or time.monotonic() > deadline:
             assert found, f"nothing listens on {port}: {table}"
             return found[0]
         time.sleep(0.1)
