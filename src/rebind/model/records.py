@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from rebind.model.containers import ContainerRef, ProxyKind
+
 IPAddress = IPv4Address | IPv6Address
 
 
@@ -184,6 +186,12 @@ class Owner:
     #: Kernel start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, a
     #: unique process identity that survives pid reuse checks.
     start_ticks: int | None = None
+    #: The container the process runs in (from its cgroup), or the one a port proxy serves.
+    container: ContainerRef | None = None
+    #: The systemd unit (``nginx.service``), from the cgroup path systemd manages.
+    unit: str | None = None
+    #: Set when the process is a container engine's port proxy (docker-proxy, conmon, ...).
+    proxy: ProxyKind | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +211,8 @@ class OwnerScanReport:
 class SocketEntry:
     socket: SocketRecord
     owners: tuple[Owner, ...] = ()
+    #: With ``--all-netns``: the namespace's name under /run/netns, or its container's name.
+    netns_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,151 @@
+"""`rebind ls --all-netns`: the socket table of every network namespace on the host, with owners
+found across namespaces and each owner's container, unit and proxy role.
+
+The facts gatherer for the question "who holds port X, in any namespace or container?"; the
+renderers in rebind.cli show what it returns. Without ``--all-netns`` nothing here runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+
+from rebind.errors import EnvironmentProblem
+from rebind.kernel.containers import EngineState, engine_state, iptables_nat, read_context, resolve_proxy
+from rebind.kernel.namespaces import NetnsScan, list_namespaces, records_per_netns, run_in
+from rebind.model.containers import Engine, ProxyKind, nat_captures
+from rebind.model.records import (
+    LISTENING_STATES,
+    Family,
+    Owner,
+    OwnerScanReport,
+    Proto,
+    SocketEntry,
+    SocketRecord,
+    SocketTable,
+    State,
+)
+
+
+def _netns_names(scan: NetnsScan, proc: str) -> dict[int, str | None]:
+    """A namespace's name: its /run/netns name, else the container its first process runs in."""
+    names: dict[int, str | None] = {}
+    for ns in scan.namespaces:
+        name = ns.name
+        if ns.pid is not None and (name is None or name.startswith("docker:")):
+            ctx = read_context(ns.pid, proc)
+            if ctx.container is not None:
+                name = ctx.container.label
+        names[ns.inode] = name
+    return names
+
+
+def annotate_owner(o: Owner, engines: EngineState, proc: str = "/proc") -> Owner:
+    """The owner with its container, unit and proxy role filled in (unchanged if it vanished)."""
+    ctx = read_context(o.pid, proc)
+    container, proxy = ctx.container, None
+    found = resolve_proxy(o.pid, o.name, o.cmdline, o.uid, engines, proc)
+    if found is not None:
+        info, served = found
+        proxy = info.kind
+        container = served or container
+    elif container is not None:
+        container = engines.ref(container.id, container.engine) if container.name is None else container
+    return replace(o, container=container, unit=ctx.unit, proxy=proxy)
+
+
+def annotate(table: SocketTable, engines: EngineState | None = None, proc: str = "/proc") -> SocketTable:
+    """Every owner of ``table`` annotated; each pid is read once."""
+    engines = engines if engines is not None else engine_state(proc)
+    cache: dict[tuple[int, int], Owner] = {}
+    entries = []
+    for e in table.entries:
+        owners = []
+        for o in e.owners:
+            key = (o.pid, o.fd)
+            if key not in cache:
+                cache[key] = annotate_owner(o, engines, proc)
+            owners.append(cache[key])
+        entries.append(replace(e, owners=tuple(owners)))
+    return replace(table, entries=tuple(entries))
+
+
+def socket_table_all_netns(
+    *,
+    ports: Iterable[int] | None = None,
+    protos: Iterable[Proto] = (Proto.TCP, Proto.UDP),
+    families: Iterable[Family] = (Family.INET, Family.INET6),
+    states: Iterable[State] | None = None,
+    owners: bool = True,
+    proc: str = "/proc",
+) -> SocketTable:
+    """Every socket of every namespace matching the filters, with owners and their context."""
+    plist = sorted(set(ports)) if ports is not None else None
+    chosen = frozenset(states) if states is not None else (frozenset(State) if plist else LISTENING_STATES)
+    scan = list_namespaces(proc)
+    names = _netns_names(scan, proc)
+    records: list[SocketRecord] = []
+    warnings: list[str] = []
+    if scan.unreadable:
+        # Even root is refused /proc/PID/ns/net of a process it may not ptrace (seen here: PID 1,
+        # the VM's process_api), so "not root" is only one possible reason.
+        why = "even as root (ptrace access denied)" if os.geteuid() == 0 else "(not root?)"
+        warnings.append(
+            f"{scan.unreadable} process(es) could not be inspected {why}: "
+            "their network namespaces may be missing"
+        )
+    sources = set()
+    for part in records_per_netns(
+        scan, protos=protos, families=families, states=chosen, ports=plist, proc=proc
+    ):
+        records.extend(part.records)
+        warnings.extend(part.warnings)
+        sources.add(part.source)
+    records.sort(key=lambda r: (r.local.port, r.proto.value, r.netns or 0, r.family.value, str(r.local)))
+    report = OwnerScanReport()
+    by_inode: dict[int, tuple[Owner, ...]] = {}
+    if owners and records:
+        from rebind.kernel.owners import find_owners
+
+        by_inode, report = find_owners(records)
+    entries = tuple(
+        SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else (), names.get(r.netns or 0)) for r in records
+    )
+    source = "netlink" if sources <= {"netlink"} else "mixed"
+    table = SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=tuple(warnings))
+    if not owners:
+        return table
+    engines = engine_state(proc)
+    return resolve_reservations(annotate(table, engines, proc), scan, engines)
+
+
+def resolve_reservations(table: SocketTable, scan: NetnsScan, engines: EngineState) -> SocketTable:
+    """Reservation sockets (dockerd --userland-proxy=false, conmon without a name) serve nothing:
+    the NAT rule of the socket's namespace says which container gets the traffic."""
+    by_ino = {ns.inode: ns for ns in scan.namespaces}
+    nat_text: dict[int, str | None] = {}
+    entries = []
+    for e in table.entries:
+        if not any(o.proxy is ProxyKind.DOCKERD and o.container is None for o in e.owners):
+            entries.append(e)
+            continue
+        ino = e.socket.netns or 0
+        if ino not in nat_text:
+            ns = by_ino.get(ino)
+            try:
+                nat_text[ino] = iptables_nat() if ns is None or ino == scan.own else run_in(ns, iptables_nat)
+            except (OSError, EnvironmentProblem):
+                nat_text[ino] = None
+        text = nat_text[ino]
+        caps = (
+            nat_captures(text, e.socket.local.port, e.socket.proto.value, e.socket.local.addr) if text else ()
+        )
+        cid = next((engines.by_ip.get(c.to_addr) for c in caps if c.to_addr is not None), None)
+        if cid is None:
+            entries.append(e)
+            continue
+        ref = engines.ref(cid, Engine.DOCKER)
+        owners = tuple(replace(o, container=ref) if o.proxy is ProxyKind.DOCKERD else o for o in e.owners)
+        entries.append(replace(e, owners=owners))
+    return replace(table, entries=tuple(entries))

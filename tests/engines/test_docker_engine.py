@@ -1,0 +1,113 @@
+"""Real Docker (dockerd started by hand in a throwaway netns): who holds a published port."""
+
+from __future__ import annotations
+
+import time
+
+from rebind.allns import socket_table_all_netns
+from rebind.kernel.containers import iptables_nat
+from rebind.kernel.namespaces import list_namespaces, run_in
+from rebind.model.containers import Engine, ProxyKind, nat_captures
+from rebind.model.records import SocketEntry, State
+from tests.engines.conftest import Netns, docker_engine, free_port
+
+
+def _listener(port: int, timeout: float = 20.0) -> SocketEntry:
+    """The listener on ``port`` once its owner's container is resolved (an engine sets up the
+    proxy a moment before the container process exists), or whatever is there at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = socket_table_all_netns(ports=[port])
+        found = [e for e in table.entries if e.socket.state is State.LISTEN and e.owners]
+        done = found and all(o.container is not None for o in found[0].owners)
+        if done or time.monotonic() > deadline:
+            assert found, f"nothing listens on {port}: {table}"
+            return found[0]
+        time.sleep(0.1)
+
+
+def test_docker_proxy_resolves_to_its_container(engine_netns: Netns) -> None:
+    port = free_port()
+    with docker_engine(engine_netns) as d:
+        cid = d.cli(
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "-p",
+            f"127.0.0.1:{port}:80",
+            "localhost/bb:latest",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ).stdout.strip()
+        e = _listener(port)
+        (owner,) = e.owners
+        assert owner.name == "docker-proxy" and owner.proxy is ProxyKind.DOCKER_PROXY
+        assert owner.container is not None
+        assert (owner.container.engine, owner.container.id, owner.container.name) == (
+            Engine.DOCKER,
+            cid,
+            "web",
+        )
+        assert e.netns_name == engine_netns.name
+        # The DNAT rule exists too (used for non-loopback traffic): NAT captures see it.
+        ns = next(n for n in list_namespaces().namespaces if n.name == engine_netns.name)
+        text = run_in(ns, iptables_nat)
+        assert text is not None
+        caps = nat_captures(text, port)
+        assert caps and caps[0].engine is Engine.DOCKER and caps[0].to_port == 80
+
+
+def test_dockerd_reservation_without_userland_proxy(engine_netns: Netns) -> None:
+    port = free_port()
+    with docker_engine(engine_netns, "--userland-proxy=false") as d:
+        cid = d.cli(
+            "run",
+            "-d",
+            "--name",
+            "web2",
+            "-p",
+            f"127.0.0.1:{port}:80",
+            "localhost/bb:latest",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ).stdout.strip()
+        e = _listener(port)
+        (owner,) = e.owners
+        assert owner.name == "dockerd" and owner.proxy is ProxyKind.DOCKERD
+        assert owner.container is not None and owner.container.id == cid and owner.container.name == "web2"
+
+
+def test_host_network_container_is_named_from_its_cgroup(engine_netns: Netns) -> None:
+    port = free_port()
+    with docker_engine(engine_netns) as d:
+        cid = d.cli(
+            "run",
+            "-d",
+            "--name",
+            "hostweb",
+            "--network",
+            "host",
+            "localhost/bb:latest",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            f"127.0.0.1:{port}",
+            "-h",
+            "/www",
+        ).stdout.strip()
+        e = _listener(port)
+        (owner,) = e.owners
+        assert owner.proxy is None and owner.name == "busybox"
+        assert owner.container is not None and owner.container.id == cid and owner.container.name == "hostweb"
