@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from rebind.kernel import btf as B
+from rebind.kernel.bpf import btf as B
 
 
 class Blob:

@@ -255,10 +255,6 @@ class BTF:
                 return found
         return None
 
-    def members(self, struct_name: str, names: Iterable[str]) -> dict[str, Member]:
-        sid = self.find(struct_name, KIND_STRUCT)
-        return {n: self.member(sid, n) for n in names}
-
 
 # -- writing: the program BTF a loader must give for callbacks ---------------------------------
 

@@ -1,0 +1,306 @@
+"""Benchmark the owner lookup for one port: BPF fd-table program, BPF task_file program, /proc scan.
+
+    sudo .venv/bin/python bench/owners.py                       # both loads, best of 5 (~3 min)
+    sudo .venv/bin/python bench/owners.py --loads fds --procs 60 --fds 17000 --runs 3
+
+Issue 9 asks whether the BPF owner lookup (src/rebind/kernel/bpf/) pays for itself. This times,
+in one run and in-process, ``rebind.kernel.owners.find_owners()`` for the sockets of one port --
+what `rebind ls PORT`, `why` and `free` pay for owners -- three ways:
+
+  full    the ``bpf_iter_task`` program (fd tables read as arrays of file addresses, bpf_loop)
+  simple  the ``bpf_iter_task_file`` program (one call per open file), forced with per_file=True
+  proc    the /proc/PID/fd scan (REBIND_NO_BPF=1), as every non-root user gets it
+
+on two loads, each built in a fresh named network namespace (`ip netns add`) that this script
+then enters (setns) for the measurement:
+
+  mkload  /work/shared/bench/mkload.py defaults: ~211k TCP sockets, 202 processes, the 8080
+          listener shared by 201 of them (the load of docs/benchmarks.md "rebind ls");
+  fds     --procs processes x --fds open files each (~1M fds; the per-process hard limit here
+          is 20000), UDP sockets by default (--fd-kind devnull: separate opens of /dev/null),
+          plus one more process, started last, holding a listener on 8080;
+  idle    one process holding a listener on 8080, nothing else in the namespace.
+
+Each variant's owners are checked against the others (same pids and fds). Also printed: the
+same lookup with the process details (psutil) subtracted, i.e. the scan itself. Loads are
+killed by their process group (the group this script started) and namespaces deleted.
+Not a test: it asserts no time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(BENCH))
+
+from ls import Namespace, start_load, stop_load  # noqa: E402
+
+from rebind.kernel import bpf, owners  # noqa: E402
+from rebind.model.records import Owner, SocketRecord  # noqa: E402
+from rebind.sockets import iter_records  # noqa: E402
+
+PORT = 8080
+PY = sys.executable
+
+#: The fds load: each child raises its soft fd limit to the hard one, opens its share, says ready.
+FDLOAD = r"""
+import os, resource, socket, sys, time
+procs, per, kind, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def hold():
+    if kind == "socket":
+        return [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(per)]
+    return [os.open("/dev/null", os.O_RDONLY) for _ in range(per)]
+for i in range(procs):
+    if os.fork() == 0:
+        kept = hold()
+        open("%s.%d" % (ready, i), "w").close()
+        time.sleep(10**6)
+        os._exit(0)
+while sum(os.path.exists("%s.%d" % (ready, i)) for i in range(procs)) < procs:
+    time.sleep(0.1)
+# the listener's holder comes last: highest pid, visited last by the task iterators
+if os.fork() == 0:
+    lst = socket.create_server(("0.0.0.0", %(port)d))
+    open(ready + ".listener", "w").close()
+    time.sleep(10**6)
+    os._exit(0)
+while not os.path.exists(ready + ".listener"):
+    time.sleep(0.1)
+open(ready, "w").close()
+time.sleep(10**6)
+""".replace("%(port)d", str(PORT))
+
+#: The idle load: one process holding a listener on 8080, nothing else in the namespace.
+IDLE = r"""
+import os, socket, sys, time
+lst = socket.create_server(("0.0.0.0", %(port)d))
+open(sys.argv[1], "w").close()
+time.sleep(10**6)
+""".replace("%(port)d", str(PORT))
+
+
+@dataclass(frozen=True)
+class Timing:
+    variant: str
+    runs: tuple[float, ...]
+
+    @property
+    def best(self) -> float:
+        return min(self.runs)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+Found = dict[int, tuple[Owner, ...]]
+
+
+@contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Make owners.find_owners() take the path called ``name``."""
+    saved_env = os.environ.get("REBIND_NO_BPF")
+    saved_fn = bpf.find_socket_holders
+    try:
+        if name == "proc":
+            os.environ["REBIND_NO_BPF"] = "1"
+        else:
+            os.environ.pop("REBIND_NO_BPF", None)
+        if name == "simple":
+            bpf.find_socket_holders = functools.partial(saved_fn, per_file=True)  # type: ignore[assignment]
+        yield
+    finally:
+        bpf.find_socket_holders = saved_fn  # type: ignore[assignment]
+        if saved_env is None:
+            os.environ.pop("REBIND_NO_BPF", None)
+        else:
+            os.environ["REBIND_NO_BPF"] = saved_env
+
+
+def lookup(records: list[SocketRecord], name: str) -> tuple[float, Found]:
+    with variant(name):
+        t0 = time.perf_counter()
+        found, _report = owners.find_owners(records)
+        elapsed = time.perf_counter() - t0
+        if name != "proc" and owners.bpf_fallback_reason is not None:
+            raise SystemExit(f"BPF did not run ({name}): {owners.bpf_fallback_reason}")
+    return elapsed, found
+
+
+def describe_cost(found: Found, runs: int) -> float:
+    """Best time to describe the holders once (psutil): paid equally by every variant."""
+    pids = sorted({o.pid for os_ in found.values() for o in os_})
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for pid in pids:
+            owners.describe_process(pid)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(runs: int) -> dict[str, object]:
+    records = list(iter_records(ports=[PORT])[0])
+    if not any(r.inode for r in records):
+        raise SystemExit(f"no socket with an inode on port {PORT}")
+    variants = ("full", "simple", "proc")
+    answers: dict[str, set[tuple[int, int, int]]] = {}
+    for name in variants:  # warm-up (dentries, BTF layout, page cache) and the answers to compare
+        _, found = lookup(records, name)
+        answers[name] = {(ino, o.pid, o.fd) for ino, os_ in found.items() for o in os_}
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(runs):  # interleaved, so a burst of load elsewhere hits every variant alike
+        for name in variants:
+            samples[name].append(lookup(records, name)[0])
+    return {
+        "sockets": len(records),
+        "holders": len({pid for _, pid, _ in answers["proc"]}),
+        "same": answers["full"] == answers["simple"] == answers["proc"],
+        "timings": [Timing(v, tuple(samples[v])) for v in variants],
+        "describe": describe_cost(found, runs),
+        "fds": total_fds(),
+    }
+
+
+def total_fds() -> int:
+    """Open fds of the processes in this network namespace (st_size of /proc/PID/fd, Linux 6.2)."""
+    here = os.stat("/proc/thread-self/ns/net").st_ino
+    n = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}/ns/net").st_ino == here:
+                    n += os.stat(f"/proc/{name}/fd").st_size
+            except OSError:
+                pass
+    return n
+
+
+def start_script(
+    ns: Namespace, code: str, args: list[str], tmp: Path, timeout: float
+) -> subprocess.Popen[bytes]:
+    """Run ``code`` in the namespace, in a process group of its own; wait for its ready file."""
+    script = tmp / f"load-{ns.name}.py"
+    script.write_text(code)
+    ready = tmp / f"ready-{ns.name}"
+    argv = ["ip", "netns", "exec", ns.name, PY, str(script), *args, str(ready)]
+    log = open(tmp / f"{ns.name}.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    while not ready.exists():
+        if p.poll() is not None or time.monotonic() - t0 > timeout:
+            stop_load(p)
+            raise SystemExit(f"load failed: {(tmp / f'{ns.name}.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    print(f"# {ns.name} ready after {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+    return p
+
+
+def run_load(
+    name: str, build: Callable[[Namespace], subprocess.Popen[bytes]], runs: int
+) -> dict[str, object]:
+    ns = Namespace(f"rebind-bo-{os.getpid()}-{name}", create=True)
+    load = None
+    try:
+        load = build(ns)
+        ns.enter()
+        info = measure(runs)
+        info["load"] = name
+        return info
+    finally:
+        ns.leave()
+        if load is not None:
+            stop_load(load)
+        ns.delete()
+
+
+def report(results: list[dict[str, object]], args: argparse.Namespace, started: datetime.datetime) -> None:
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--short", "src"], capture_output=True, text=True
+    ).stdout.split()
+    print(f"Code: commit {head.stdout.strip()}, uncommitted changes in: {' '.join(dirty[1::2]) or 'none'}\n")
+    argv = " ".join([sys.executable, *sys.argv])
+    print(
+        f"Measured {started:%Y-%m-%d %H:%M %Z} on Linux {platform.release()}, {os.cpu_count()} CPUs, `{argv}`\n"
+    )
+    print(
+        "| load | variant | best (s) | median (s) | scan only, best (s) | all runs (s) "
+        "| × full | proc ÷ this |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|---:|")
+    for info in results:
+        rows: list[Timing] = info["timings"]  # type: ignore[assignment]
+        by = {t.variant: t for t in rows}
+        desc: float = info["describe"]  # type: ignore[assignment]
+        for t in rows:
+            all_runs = " ".join(f"{x:.3f}" for x in t.runs)
+            print(
+                f"| {info['load']} | {t.variant} | {t.best:.3f} | {t.median:.3f} | {max(t.best - desc, 0):.3f} "
+                f"| {all_runs} | {t.best / by['full'].best:.2f} | {by['proc'].best / t.best:.2f} |"
+            )
+    print()
+    for info in results:
+        print(
+            f"- {info['load']}: {info['sockets']} socket(s) on {PORT}, {info['holders']} holder process(es), "
+            f"{info['fds']} open fds in the namespace; same owners from all three: {info['same']}; "
+            f"describing the holders (psutil, in every variant): {info['describe']:.3f} s"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5, help="best of N (default 5)")
+    ap.add_argument("--loads", default="mkload,fds,idle", help="comma list of: mkload, fds, idle")
+    ap.add_argument("--procs", type=int, default=60, help="fds load: processes (default 60)")
+    ap.add_argument("--fds", type=int, default=17000, help="fds load: open files each (default 17000)")
+    ap.add_argument("--fd-kind", choices=("socket", "devnull"), default="socket")
+    ap.add_argument("--build-timeout", type=float, default=1200)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (ip netns, setns, BPF)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = Path(tempfile.mkdtemp(prefix="rebind-bench-owners-"))
+    tmp.chmod(0o711)
+    started = datetime.datetime.now().astimezone()
+    builders: dict[str, Callable[[Namespace], subprocess.Popen[bytes]]] = {
+        "mkload": lambda ns: start_load(ns, [], tmp, args.build_timeout)[0],
+        "fds": lambda ns: start_script(
+            ns, FDLOAD, [str(args.procs), str(args.fds), args.fd_kind], tmp, args.build_timeout
+        ),
+        "idle": lambda ns: start_script(ns, IDLE, [], tmp, args.build_timeout),
+    }
+    results = []
+    try:
+        for name in [x for x in args.loads.split(",") if x]:
+            results.append(run_load(name, builders[name], args.runs))
+            print(f"# {name}: done", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(results, args, started)
+
+
+if __name__ == "__main__":
+    main()
