@@ -21,9 +21,11 @@ then enters (setns) for the measurement:
           plus one more process, started last, holding a listener on 8080;
   idle    one process holding a listener on 8080, nothing else in the namespace.
 
-Each variant's owners are checked against the others (same pids and fds). Also printed: the
-same lookup with the process details (psutil) subtracted, i.e. the scan itself. Loads are
-killed by their process group (the group this script started) and namespaces deleted.
+Runs are interleaved (full, simple, proc, full, ...) so that load from elsewhere on the machine
+hits every variant alike; best and median of --runs are printed with the load average. Each
+variant's owners are checked against the others (same pids and fds). Also printed: what
+describing the holders (psutil) costs, paid alike by every variant. Loads are killed by their
+process group (the group this script started) and namespaces deleted.
 Not a test: it asserts no time.
 """
 
@@ -234,7 +236,7 @@ def run_load(
         ns.delete()
 
 
-def report(results: list[dict[str, object]], args: argparse.Namespace, started: datetime.datetime) -> None:
+def report(results: list[dict[str, object]], started: datetime.datetime, started_load: float) -> None:
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
@@ -246,20 +248,17 @@ def report(results: list[dict[str, object]], args: argparse.Namespace, started: 
     print(
         f"Measured {started:%Y-%m-%d %H:%M %Z} on Linux {platform.release()}, {os.cpu_count()} CPUs, `{argv}`\n"
     )
-    print(
-        "| load | variant | best (s) | median (s) | scan only, best (s) | all runs (s) "
-        "| × full | proc ÷ this |"
-    )
-    print("|---|---|---:|---:|---:|---|---:|---:|")
+    print(f"Load average (1 min) at the start: {started_load:.2f}, at the end: {os.getloadavg()[0]:.2f}\n")
+    print("| load | variant | best (s) | median (s) | all runs (s) | × full | proc ÷ this |")
+    print("|---|---|---:|---:|---|---:|---:|")
     for info in results:
         rows: list[Timing] = info["timings"]  # type: ignore[assignment]
         by = {t.variant: t for t in rows}
-        desc: float = info["describe"]  # type: ignore[assignment]
         for t in rows:
             all_runs = " ".join(f"{x:.3f}" for x in t.runs)
             print(
-                f"| {info['load']} | {t.variant} | {t.best:.3f} | {t.median:.3f} | {max(t.best - desc, 0):.3f} "
-                f"| {all_runs} | {t.best / by['full'].best:.2f} | {by['proc'].best / t.best:.2f} |"
+                f"| {info['load']} | {t.variant} | {t.best:.3f} | {t.median:.3f} | {all_runs} "
+                f"| {t.best / by['full'].best:.2f} | {by['proc'].best / t.best:.2f} |"
             )
     print()
     for info in results:
@@ -285,6 +284,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rebind-bench-owners-"))
     tmp.chmod(0o711)
     started = datetime.datetime.now().astimezone()
+    started_load = os.getloadavg()[0]
     builders: dict[str, Callable[[Namespace], subprocess.Popen[bytes]]] = {
         "mkload": lambda ns: start_load(ns, [], tmp, args.build_timeout)[0],
         "fds": lambda ns: start_script(
@@ -299,7 +299,7 @@ def main() -> None:
             print(f"# {name}: done", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report(results, args, started)
+    report(results, started, started_load)
 
 
 if __name__ == "__main__":
