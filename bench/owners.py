@@ -14,7 +14,7 @@ what `rebind ls PORT`, `why` and `free` pay for owners -- three ways:
 on two loads, each built in a fresh named network namespace (`ip netns add`) that this script
 then enters (setns) for the measurement:
 
-  mkload  /work/shared/bench/mkload.py defaults: ~211k TCP sockets, 202 processes, the 8080
+  mkload  bench/mkload.py defaults: ~211k TCP sockets, 202 processes, the 8080
           listener shared by 201 of them (the load of docs/benchmarks.md "rebind ls");
   fds     --procs processes x --fds open files each (~1M fds; the per-process hard limit here
           is 20000), UDP sockets by default (--fd-kind devnull: separate opens of /dev/null),

@@ -16,7 +16,7 @@ Two programs (:mod:`.programs`, assembled by :mod:`.asm` from offsets found in t
   file's inode. Only for kernels without bpf_loop (5.8-5.16).
 
 Kept because it was measured (`bench/owners.py`, docs/benchmarks.md "Owner lookup"): for the
-owners of port 8080 under /work/shared/bench/mkload.py's load (211k TCP sockets, 201 holders),
+owners of port 8080 under bench/mkload.py's load (211k TCP sockets, 201 holders),
 ``find_owners()`` took 0.027 s with the fd-table program, 0.107 s with the task_file program and
 0.250 s with the /proc scan (9.4x and 2.3x faster than /proc); with 1.02M open sockets over 61
 processes, 0.343 s, 0.457 s and 2.19 s (6.4x and 4.8x). Both clear the 2x bar. On an idle
