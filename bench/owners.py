@@ -1,6 +1,6 @@
 """Benchmark the owner lookup for one port: BPF fd-table program, BPF task_file program, /proc scan.
 
-    sudo .venv/bin/python bench/owners.py                       # both loads, best of 5 (~3 min)
+    sudo .venv/bin/python bench/owners.py                       # every load, best of 5 (~5 min)
     sudo .venv/bin/python bench/owners.py --loads fds --procs 60 --fds 17000 --runs 3
 
 Issue 9 asks whether the BPF owner lookup (src/rebind/kernel/bpf/) pays for itself. This times,
@@ -11,15 +11,21 @@ what `rebind ls PORT`, `why` and `free` pay for owners -- three ways:
   simple  the ``bpf_iter_task_file`` program (one call per open file), forced with per_file=True
   proc    the /proc/PID/fd scan (REBIND_NO_BPF=1), as every non-root user gets it
 
-on two loads, each built in a fresh named network namespace (`ip netns add`) that this script
+on these loads, each built in a fresh named network namespace (`ip netns add`) that this script
 then enters (setns) for the measurement:
 
   mkload  bench/mkload.py defaults: ~211k TCP sockets, 202 processes, the 8080
           listener shared by 201 of them (the load of docs/benchmarks.md "rebind ls");
   fds     --procs processes x --fds open files each (~1M fds; the per-process hard limit here
           is 20000), UDP sockets by default (--fd-kind devnull: separate opens of /dev/null),
-          plus one more process, started last, holding a listener on 8080;
-  idle    one process holding a listener on 8080, nothing else in the namespace.
+          plus one more process, started last (highest pid), holding a listener on 8080:
+          the fd-table program reads every file's inode before it meets the listener's;
+  fds-first the same with the listener's process started first (lowest pid): the usual
+          case of a long-running server, whose file address is learnt at once;
+  idle    one process holding a listener on 8080, nothing else in the namespace;
+  idle-busy-host  the same while the fds load runs in another namespace: a container host.
+          The BPF programs visit every task on the machine, the /proc scan only the
+          processes in the sockets' namespace.
 
 Runs are interleaved (full, simple, proc, full, ...) so that load from elsewhere on the machine
 hits every variant alike; best and median of --runs are printed with the load average. Each
@@ -44,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,33 +67,34 @@ from rebind.sockets import iter_records  # noqa: E402
 
 PORT = 8080
 PY = sys.executable
+LOADS = "mkload, fds, fds-first, idle, idle-busy-host"
 
 #: The fds load: each child raises its soft fd limit to the hard one, opens its share, says ready.
 FDLOAD = r"""
 import os, resource, socket, sys, time
-procs, per, kind, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+procs, per, kind, where, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 def hold():
     if kind == "socket":
         return [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(per)]
     return [os.open("/dev/null", os.O_RDONLY) for _ in range(per)]
-for i in range(procs):
+def child(name, work):
     if os.fork() == 0:
-        kept = hold()
-        open("%s.%d" % (ready, i), "w").close()
+        kept = work()
+        open(ready + "." + name, "w").close()
         time.sleep(10**6)
         os._exit(0)
-while sum(os.path.exists("%s.%d" % (ready, i)) for i in range(procs)) < procs:
-    time.sleep(0.1)
-# the listener's holder comes last: highest pid, visited last by the task iterators
-if os.fork() == 0:
-    lst = socket.create_server(("0.0.0.0", %(port)d))
-    open(ready + ".listener", "w").close()
-    time.sleep(10**6)
-    os._exit(0)
-while not os.path.exists(ready + ".listener"):
-    time.sleep(0.1)
+    while not os.path.exists(ready + "." + name):
+        time.sleep(0.01)
+listener = lambda: socket.create_server(("0.0.0.0", %(port)d))
+# "first": the holder has the lowest pid, visited first by the task iterators; "last": the highest
+if where == "first":
+    child("listener", listener)
+for i in range(procs):
+    child(str(i), hold)
+if where == "last":
+    child("listener", listener)
 open(ready, "w").close()
 time.sleep(10**6)
 """.replace("%(port)d", str(PORT))
@@ -181,7 +188,14 @@ def measure(runs: int) -> dict[str, object]:
         "timings": [Timing(v, tuple(samples[v])) for v in variants],
         "describe": describe_cost(found, runs),
         "fds": total_fds(),
+        "host_files": host_files(),
     }
+
+
+def host_files() -> int:
+    """Open files on the whole machine, every namespace (the first field of fs.file-nr)."""
+    with open("/proc/sys/fs/file-nr") as f:
+        return int(f.read().split()[0])
 
 
 def total_fds() -> int:
@@ -218,22 +232,30 @@ def start_script(
     return p
 
 
-def run_load(
-    name: str, build: Callable[[Namespace], subprocess.Popen[bytes]], runs: int
-) -> dict[str, object]:
-    ns = Namespace(f"rebind-bo-{os.getpid()}-{name}", create=True)
-    load = None
-    try:
-        load = build(ns)
+Builder = Callable[[Namespace, ExitStack], subprocess.Popen[bytes]]
+
+
+def run_load(name: str, build: Builder, runs: int) -> dict[str, object]:
+    with ExitStack() as cleanup:  # undone in reverse: leave, stop the loads, delete namespaces
+        ns = Namespace(f"rebind-bo-{os.getpid()}-{name}", create=True)
+        cleanup.callback(ns.delete)
+        load = build(ns, cleanup)
+        cleanup.callback(stop_load, load)
         ns.enter()
+        cleanup.callback(ns.leave)
         info = measure(runs)
         info["load"] = name
         return info
-    finally:
-        ns.leave()
-        if load is not None:
-            stop_load(load)
-        ns.delete()
+
+
+def noisy_neighbour(args: argparse.Namespace, tmp: Path, cleanup: ExitStack) -> None:
+    """The fds load in a namespace of its own, for the busy-host case; undone by ``cleanup``."""
+    ns = Namespace(f"rebind-bo-{os.getpid()}-neighbour", create=True)
+    cleanup.callback(ns.delete)
+    load = start_script(
+        ns, FDLOAD, [str(args.procs), str(args.fds), args.fd_kind, "last"], tmp, args.build_timeout
+    )
+    cleanup.callback(stop_load, load)
 
 
 def report(results: list[dict[str, object]], started: datetime.datetime, started_load: float) -> None:
@@ -264,7 +286,7 @@ def report(results: list[dict[str, object]], started: datetime.datetime, started
     for info in results:
         print(
             f"- {info['load']}: {info['sockets']} socket(s) on {PORT}, {info['holders']} holder process(es), "
-            f"{info['fds']} open fds in the namespace; same owners from all three: {info['same']}; "
+            f"{info['fds']} open fds in the namespace, {info['host_files']} open files on the host; same owners from all three: {info['same']}; "
             f"describing the holders (psutil, in every variant): {info['describe']:.3f} s"
         )
 
@@ -272,7 +294,9 @@ def report(results: list[dict[str, object]], started: datetime.datetime, started
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="best of N (default 5)")
-    ap.add_argument("--loads", default="mkload,fds,idle", help="comma list of: mkload, fds, idle")
+    ap.add_argument(
+        "--loads", default="mkload,fds,fds-first,idle,idle-busy-host", help="comma list of: " + LOADS
+    )
     ap.add_argument("--procs", type=int, default=60, help="fds load: processes (default 60)")
     ap.add_argument("--fds", type=int, default=17000, help="fds load: open files each (default 17000)")
     ap.add_argument("--fd-kind", choices=("socket", "devnull"), default="socket")
@@ -285,12 +309,27 @@ def main() -> None:
     tmp.chmod(0o711)
     started = datetime.datetime.now().astimezone()
     started_load = os.getloadavg()[0]
-    builders: dict[str, Callable[[Namespace], subprocess.Popen[bytes]]] = {
-        "mkload": lambda ns: start_load(ns, [], tmp, args.build_timeout)[0],
-        "fds": lambda ns: start_script(
-            ns, FDLOAD, [str(args.procs), str(args.fds), args.fd_kind], tmp, args.build_timeout
-        ),
-        "idle": lambda ns: start_script(ns, IDLE, [], tmp, args.build_timeout),
+
+    def fds(where: str) -> Builder:
+        def build(ns: Namespace, cleanup: ExitStack) -> subprocess.Popen[bytes]:
+            fd_args = [str(args.procs), str(args.fds), args.fd_kind, where]
+            return start_script(ns, FDLOAD, fd_args, tmp, args.build_timeout)
+
+        return build
+
+    def idle(ns: Namespace, cleanup: ExitStack) -> subprocess.Popen[bytes]:
+        return start_script(ns, IDLE, [], tmp, args.build_timeout)
+
+    def idle_busy_host(ns: Namespace, cleanup: ExitStack) -> subprocess.Popen[bytes]:
+        noisy_neighbour(args, tmp, cleanup)
+        return idle(ns, cleanup)
+
+    builders: dict[str, Builder] = {
+        "mkload": lambda ns, cleanup: start_load(ns, [], tmp, args.build_timeout)[0],
+        "fds": fds("last"),
+        "fds-first": fds("first"),
+        "idle": idle,
+        "idle-busy-host": idle_busy_host,
     }
     results = []
     try:
