@@ -1,15 +1,17 @@
-"""Benchmark the owner lookup for one port: BPF fd-table program, BPF task_file program, /proc scan.
+"""Benchmark the owner lookup for one port: the BPF fd-table program against the /proc scan.
 
     sudo .venv/bin/python bench/owners.py                       # every load, best of 5 (~5 min)
     sudo .venv/bin/python bench/owners.py --loads fds --procs 60 --fds 17000 --runs 3
 
 Issue 9 asks whether the BPF owner lookup (src/rebind/kernel/bpf/) pays for itself. This times,
 in one run and in-process, ``rebind.kernel.owners.find_owners()`` for the sockets of one port --
-what `rebind ls PORT`, `why` and `free` pay for owners -- three ways:
+what `rebind ls PORT`, `why` and `free` pay for owners -- two ways:
 
   full    the ``bpf_iter_task`` program (fd tables read as arrays of file addresses, bpf_loop)
-  simple  the ``bpf_iter_task_file`` program (one call per open file), forced with per_file=True
   proc    the /proc/PID/fd scan (REBIND_NO_BPF=1), as every non-root user gets it
+
+(Up to commit fb0c92c a third variant, ``simple``, timed the ``bpf_iter_task_file`` program;
+its numbers, in docs/benchmarks.md, are why that program was removed.)
 
 on these loads, each built in a fresh named network namespace (`ip netns add`) that this script
 then enters (setns) for the measurement:
@@ -27,7 +29,7 @@ then enters (setns) for the measurement:
           The BPF programs visit every task on the machine, the /proc scan only the
           processes in the sockets' namespace.
 
-Runs are interleaved (full, simple, proc, full, ...) so that load from elsewhere on the machine
+Runs are interleaved (full, proc, full, ...) so that load from elsewhere on the machine
 hits every variant alike; best and median of --runs are printed with the load average. Each
 variant's owners are checked against the others (same pids and fds). Also printed: what
 describing the holders (psutil) costs, paid alike by every variant. Loads are killed by their
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import os
 import platform
 import shutil
@@ -61,7 +62,7 @@ sys.path.insert(0, str(BENCH))
 
 from ls import Namespace, start_load, stop_load  # noqa: E402
 
-from rebind.kernel import bpf, owners  # noqa: E402
+from rebind.kernel import owners  # noqa: E402
 from rebind.model.records import Owner, SocketRecord  # noqa: E402
 from rebind.sockets import iter_records  # noqa: E402
 
@@ -129,17 +130,13 @@ Found = dict[int, tuple[Owner, ...]]
 def variant(name: str) -> Iterator[None]:
     """Make owners.find_owners() take the path called ``name``."""
     saved_env = os.environ.get("REBIND_NO_BPF")
-    saved_fn = bpf.find_socket_holders
     try:
         if name == "proc":
             os.environ["REBIND_NO_BPF"] = "1"
         else:
             os.environ.pop("REBIND_NO_BPF", None)
-        if name == "simple":
-            bpf.find_socket_holders = functools.partial(saved_fn, per_file=True)  # type: ignore[assignment]
         yield
     finally:
-        bpf.find_socket_holders = saved_fn  # type: ignore[assignment]
         if saved_env is None:
             os.environ.pop("REBIND_NO_BPF", None)
         else:
@@ -172,7 +169,7 @@ def measure(runs: int) -> dict[str, object]:
     records = list(iter_records(ports=[PORT])[0])
     if not any(r.inode for r in records):
         raise SystemExit(f"no socket with an inode on port {PORT}")
-    variants = ("full", "simple", "proc")
+    variants = ("full", "proc")
     answers: dict[str, set[tuple[int, int, int]]] = {}
     for name in variants:  # warm-up (dentries, BTF layout, page cache) and the answers to compare
         _, found = lookup(records, name)
@@ -184,7 +181,7 @@ def measure(runs: int) -> dict[str, object]:
     return {
         "sockets": len(records),
         "holders": len({pid for _, pid, _ in answers["proc"]}),
-        "same": answers["full"] == answers["simple"] == answers["proc"],
+        "same": answers["full"] == answers["proc"],
         "timings": [Timing(v, tuple(samples[v])) for v in variants],
         "describe": describe_cost(found, runs),
         "fds": total_fds(),
@@ -286,7 +283,7 @@ def report(results: list[dict[str, object]], started: datetime.datetime, started
     for info in results:
         print(
             f"- {info['load']}: {info['sockets']} socket(s) on {PORT}, {info['holders']} holder process(es), "
-            f"{info['fds']} open fds in the namespace, {info['host_files']} open files on the host; same owners from all three: {info['same']}; "
+            f"{info['fds']} open fds in the namespace, {info['host_files']} open files on the host; same owners from both: {info['same']}; "
             f"describing the holders (psutil, in every variant): {info['describe']:.3f} s"
         )
 

@@ -144,10 +144,9 @@ def test_bpf_and_proc_scans_agree(
         pytest.param({"uids": [0], "netns": None}, id="likely-first"),
         pytest.param({}, id="no-hints"),  # learns every address while scanning everyone
         pytest.param({"uids": [4242], "netns": 1}, id="misleading-hints"),
-        pytest.param({"per_file": True}, id="task-file-program"),  # what kernels < 5.17 get
     ],
 )
-def test_every_program_and_pass_finds_the_same_holders(
+def test_every_pass_finds_the_same_holders(
     netns: int, procs: Any, bpf_ready: None, hints: dict[str, object]
 ) -> None:
     port, pids, _ = _start(procs)

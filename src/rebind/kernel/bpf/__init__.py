@@ -4,23 +4,27 @@ The /proc scan (:mod:`rebind.kernel.owners`) reads one ``/proc/PID/fd/N`` link p
 every process in the sockets' network namespace. A BPF task iterator (Linux 5.8, commit
 eaaacd23910f) runs a program over every task in the kernel instead, with no syscall per fd.
 
-Two programs (:mod:`.programs`, assembled by :mod:`.asm` from offsets found in the kernel's BTF by
-:mod:`.btf`, loaded through raw ``bpf(2)`` by :mod:`.syscall`; :mod:`.scan` runs them):
+One program (:mod:`.programs`, assembled by :mod:`.asm` from offsets found in the kernel's BTF by
+:mod:`.btf`, loaded through raw ``bpf(2)`` by :mod:`.syscall`; :mod:`.scan` runs it): a
+``bpf_iter_task`` program with bpf_loop (Linux 5.17) copies each fd table's ``fd`` array 16
+slots at a time and compares *file addresses*: a socket has exactly one ``struct file``
+(sock_alloc_file(); dup, fork and SCM_RIGHTS share it), so once a wanted socket's file is known,
+finding its holders needs no memory beyond the fd arrays. Addresses are learnt by reading each
+file's inode until every wanted socket has been met, visiting likely holders (the sockets'
+namespace and uids) first. Every task on the machine is visited, so a holder in another network
+namespace (SCM_RIGHTS, setns) is found too, which the /proc scan does not look for.
 
-* **fd-table** (``bpf_iter_task`` + bpf_loop, Linux 5.17): copies each fd table's ``fd`` array
-  16 slots at a time and compares *file addresses*: a socket has exactly one ``struct file``
-  (sock_alloc_file(); dup, fork and SCM_RIGHTS share it), so once a wanted socket's file is
-  known, finding its holders needs no memory beyond the fd arrays. Addresses are learnt by
-  reading each file's inode until every wanted socket has been met (likely holders first).
-* **task_file** (``bpf_iter_task_file``, Linux 5.8): called once per open file, reads every
-  file's inode. Only for kernels without bpf_loop (5.8-5.16).
+Decided by measurement (``bench/owners.py``; table, command and machine load in
+docs/benchmarks.md, "Owner lookup"): for the owners of one port, this program was 15.7x faster
+than the /proc scan on bench/mkload.py's 211k sockets, 9.7x with 1.02M open sockets in the
+namespace when the holder is the last task visited and 269x when it is the first. Where there
+is nothing to gain it costs milliseconds: an idle namespace took 10 ms both ways, and one on a
+host with 1.2M open files elsewhere 15 ms against the /proc scan's 8 ms.
 
-Kept because it was measured (`bench/owners.py`, docs/benchmarks.md "Owner lookup"): for the
-owners of port 8080 under bench/mkload.py's load (211k TCP sockets, 201 holders),
-``find_owners()`` took 0.027 s with the fd-table program, 0.107 s with the task_file program and
-0.250 s with the /proc scan (9.4x and 2.3x faster than /proc); with 1.02M open sockets over 61
-processes, 0.343 s, 0.457 s and 2.19 s (6.4x and 4.8x). Both clear the 2x bar. On an idle
-namespace they are within a few milliseconds of each other, program loading included.
+A second program, ``bpf_iter_task_file`` (Linux 5.8, one call per open file of every task on the
+machine), was 2.5-8.5x faster than /proc only when the namespace held most of the host's files,
+and 35-95x slower (0.34-0.76 s) for an idle namespace on a host with 0.6-1.2M open files; it
+was removed. Kernels without bpf_loop (5.8-5.16) use the /proc scan.
 """
 
 from __future__ import annotations

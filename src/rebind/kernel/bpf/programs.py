@@ -1,8 +1,8 @@
-"""The two iterator programs, their maps, output record and stack frames (pure: no syscalls).
+"""The iterator program, its maps, output record and stack frames (pure: no syscalls).
 
-``build_fdtable_program`` (``bpf_iter_task`` + bpf_loop, Linux 5.17) is the one used; the
-``bpf_iter_task_file`` program is the fallback for 5.8-5.16 kernels. What each costs is measured
-in one place: the docstring of :mod:`rebind.kernel.bpf`.
+``build_fdtable_program``: a ``bpf_iter_task`` program with bpf_loop callbacks (Linux 5.17).
+What it costs, and why it is the only one, is measured in one place: the docstring of
+:mod:`rebind.kernel.bpf`.
 
 Every stack slot a program uses is named in a ``*Frame`` class below (offsets from the frame
 pointer r10; a BPF frame is the 512 bytes below it, and each bpf-to-bpf function and callback has
@@ -111,14 +111,6 @@ def inode_buf(lay: Layout) -> int:
     return CheckFrame.SCRATCH - inode_span(lay)
 
 
-class TaskFileFrame:
-    """The task_file program, once per (task, fd, file)."""
-
-    STATE_KEY: Final = -4  # u32 0: key of the state array; INODE is written over it afterwards
-    INODE: Final = -8  # u64: inode->i_ino, key of the wanted map
-    RECORD: Final = -40  # RECORD, -40 .. -8
-
-
 #: Every stack slot above: (frame, name, offset, size); a unit test checks they lie in the frame
 #: and overlap only as SHARED_SLOTS says (one is dead before the other is written).
 FRAME_SLOTS: tuple[tuple[str, str, int, int], ...] = (
@@ -135,12 +127,9 @@ FRAME_SLOTS: tuple[tuple[str, str, int, int], ...] = (
     ("check", "SCRATCH", CheckFrame.SCRATCH, 8),
     ("check", "ARRAY_KEY", CheckFrame.ARRAY_KEY, 4),
     ("check", "RECORD", CheckFrame.RECORD, RECORD.size),
-    ("task_file", "STATE_KEY", TaskFileFrame.STATE_KEY, 4),
-    ("task_file", "INODE", TaskFileFrame.INODE, 8),
-    ("task_file", "RECORD", TaskFileFrame.RECORD, RECORD.size),
 )
 
-SHARED_SLOTS = frozenset({("check", "ARRAY_KEY", "RECORD"), ("task_file", "STATE_KEY", "INODE")})
+SHARED_SLOTS = frozenset({("check", "ARRAY_KEY", "RECORD")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,10 +137,6 @@ SHARED_SLOTS = frozenset({("check", "ARRAY_KEY", "RECORD"), ("task_file", "STATE
 
 #: (struct, member path, size in bytes the programs load it with)
 MEMBERS = (
-    ("bpf_iter__task_file", "meta", 8),
-    ("bpf_iter__task_file", "task", 8),
-    ("bpf_iter__task_file", "fd", 4),
-    ("bpf_iter__task_file", "file", 8),
     ("bpf_iter__task", "meta", 8),
     ("bpf_iter__task", "task", 8),
     ("bpf_iter_meta", "seq", 8),
@@ -174,7 +159,7 @@ MEMBERS = (
     ("inode", "i_ino", 8),
     ("super_block", "s_magic", 8),
 )
-TARGETS = ("bpf_iter_task", "bpf_iter_task_file")
+TARGETS = ("bpf_iter_task",)
 
 
 class Layout:
@@ -567,72 +552,3 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.exit()
     p.label("check_fault")
     _count_error(p, maps, F.SCRATCH, 0, "check")
-
-
-def build_task_file_program(lay: Layout, maps: Maps) -> Built:
-    """The ``bpf_iter_task_file`` program (Linux 5.8+; used where bpf_loop is missing).
-
-    Called once per (task, fd, file): reads file->f_inode for every open file, where the
-    fd-table program compares addresses once it has learnt them.
-    """
-    p = asm.Program()
-    r0, r1, r2, r3, r6, r7, r8, r9, fp = (
-        asm.R0, asm.R1, asm.R2, asm.R3, asm.R6, asm.R7, asm.R8, asm.R9, asm.FP,
-    )  # fmt: skip
-    F, rec = TaskFileFrame, TaskFileFrame.RECORD
-    p.mov(r6, r1)
-    # The last call (after every file, from seq stop) has task == file == NULL.
-    p.load(8, r7, r6, lay["bpf_iter__task_file.file"])
-    p.jump_imm(asm.JEQ, r7, 0, "out")
-    p.load(8, r8, r6, lay["bpf_iter__task_file.task"])
-    p.jump_imm(asm.JEQ, r8, 0, "out")
-    # Count fd tables: the task changes when its first file is visited.
-    _state_ptr(p, maps, F.STATE_KEY, "out")
-    p.load(4, r1, r8, lay["task_struct.pid"])
-    p.load(4, r2, r0, ST_MODE)  # here: the last tid seen
-    p.jump_reg(asm.JEQ, r1, r2, "same_task")
-    p.store(4, r0, ST_MODE, r1)
-    p.load(4, r2, r0, ST_TABLES)
-    p.alu_imm(asm.ADD, r2, 1)
-    p.store(4, r0, ST_TABLES, r2)
-    p.label("same_task")
-    # Sockets only: S_ISSOCK(inode->i_mode) and the inode is sockfs's.
-    p.load(8, r9, r7, lay["file.f_inode"])
-    p.jump_imm(asm.JEQ, r9, 0, "out")
-    p.load(2, r1, r9, lay["inode.i_mode"])
-    p.alu_imm(asm.AND, r1, S_IFMT)
-    p.jump_imm(asm.JNE, r1, S_IFSOCK, "out")
-    p.load(8, r1, r9, lay["inode.i_sb"])
-    p.jump_imm(asm.JEQ, r1, 0, "out")
-    p.load(8, r1, r1, lay["super_block.s_magic"])
-    p.jump_imm(asm.JNE, r1, SOCKFS_MAGIC, "out")
-    # Wanted? key = inode->i_ino.
-    p.load(8, r1, r9, lay["inode.i_ino"])
-    p.store(8, fp, F.INODE, r1)
-    p.ld_map_fd(r1, maps.wanted)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.INODE)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "out")
-    p.load(4, r1, r8, lay["task_struct.tgid"])
-    p.store(4, fp, rec + REC_TGID, r1)
-    p.load(4, r1, r8, lay["task_struct.pid"])
-    p.store(4, fp, rec + REC_TID, r1)
-    p.load(4, r1, r6, lay["bpf_iter__task_file.fd"])
-    p.store(4, fp, rec + REC_FD, r1)
-    p.store_imm(4, fp, rec + REC_PAD, 0)
-    p.load(8, r1, r8, lay["task_struct.group_leader"])
-    p.load(8, r1, r1, lay["task_struct.start_boottime"])
-    p.store(8, fp, rec + REC_START, r1)
-    p.load(8, r1, fp, F.INODE)
-    p.store(8, fp, rec + REC_INODE, r1)
-    p.load(8, r1, r6, lay["bpf_iter__task_file.meta"])
-    p.load(8, r1, r1, lay["bpf_iter_meta.seq"])
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, rec)
-    p.mov_imm(r3, RECORD.size)
-    p.call(HELPER_SEQ_WRITE)
-    p.label("out")
-    p.mov_imm(r0, 0)
-    p.exit()
-    return p.assemble(), ()

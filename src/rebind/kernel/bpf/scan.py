@@ -28,14 +28,12 @@ from rebind.kernel.bpf.programs import (
     Layout,
     Maps,
     build_fdtable_program,
-    build_task_file_program,
     layout_from_btf,
 )
 from rebind.kernel.bpf.syscall import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_HASH,
     BPFUnavailable,
-    VerifierRejected,
     iter_create,
     link_create,
     map_create,
@@ -62,7 +60,7 @@ class Hit(NamedTuple):
 class ScanResult(NamedTuple):
     hits: tuple[Hit, ...]
     #: fd tables visited: one per process (kernel threads included), plus threads with a
-    #: table of their own. (The task_file fallback only sees tasks with an open file.)
+    #: table of their own.
     tables: int
 
 
@@ -96,7 +94,7 @@ def _check_environment() -> None:
 #: Finding the layout walks ~65k BTF records (~15 ms); it cannot change until the next boot,
 #: so it is kept in /run (a tmpfs, emptied at boot) keyed by boot id and BTF size.
 CACHE_PATH = "/run/rebind/bpf-layout"
-_CACHE_MAGIC = "rebind-bpf-layout 1"
+_CACHE_MAGIC = "rebind-bpf-layout 2"  # 2: without the task_file program's members
 
 
 def _cache_key() -> str | None:
@@ -228,13 +226,11 @@ def find_socket_holders(
     *,
     uids: Iterable[int] = (),
     netns: int | None = None,
-    per_file: bool = False,
 ) -> ScanResult:
     """Every (process, fd) whose file is one of these sockets.
 
     ``uids`` and ``netns`` (the sockets') only say which tasks to look at first: every task
-    is visited whatever they are. ``per_file`` forces the slower task_file program (what
-    kernels before 5.17 get). Raises BPFUnavailable when this cannot be done here.
+    is visited whatever they are. Raises BPFUnavailable when this cannot be done here.
     """
     wanted = sorted({i for i in inodes if i})
     if not wanted:
@@ -261,19 +257,9 @@ def find_socket_holders(
                 map_fill(maps.uids, uid_list, "I")
         except OSError as exc:
             raise BPFUnavailable(f"BPF maps: {exc.strerror}") from exc
-        rejected: VerifierRejected | None = None
-        if not per_file:
-            try:
-                data, st = _scan_fdtables(lay, maps, len(wanted), netns, likely_first=bool(uid_list))
-            except VerifierRejected as exc:
-                rejected = exc  # before Linux 5.17 (no bpf_loop): the per-file program
-        if per_file or rejected is not None:
-            try:
-                prog_fd = _load(build_task_file_program(lay, maps), lay.attach["bpf_iter_task_file"])
-            except BPFUnavailable as exc:
-                raise BPFUnavailable(f"{rejected}\nand the task_file program: {exc}") from exc
-            fds.append(prog_fd)
-            data, st = _run(prog_fd, [STATE.pack(0, 0, 0, 0, 0, 0)], maps.state)
+        # Before Linux 5.17 (no bpf_loop) the verifier refuses the program: VerifierRejected,
+        # a BPFUnavailable, and the caller uses the /proc scan.
+        data, st = _scan_fdtables(lay, maps, len(wanted), netns, likely_first=bool(uid_list))
     except OSError as exc:
         raise BPFUnavailable(f"BPF iterator: {exc.strerror}") from exc
     finally:
