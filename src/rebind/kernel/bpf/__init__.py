@@ -14,12 +14,13 @@ file's inode until every wanted socket has been met, visiting likely holders (th
 namespace and uids) first. Every task on the machine is visited, so a holder in another network
 namespace (SCM_RIGHTS, setns) is found too, which the /proc scan does not look for.
 
-Decided by measurement (``bench/owners.py``; table, command and machine load in
-docs/benchmarks.md, "Owner lookup"): for the owners of one port, this program was 15.7x faster
-than the /proc scan on bench/mkload.py's 211k sockets, 9.7x with 1.02M open sockets in the
-namespace when the holder is the last task visited and 269x when it is the first. Where there
-is nothing to gain it costs milliseconds: an idle namespace took 10 ms both ways, and one on a
-host with 1.2M open files elsewhere 15 ms against the /proc scan's 8 ms.
+Decided by measurement (``bench/owners.py``; tables, commands and machine load in
+docs/benchmarks.md, "Owner lookup"): for the owners of one port, this program is at least 6x
+faster than the /proc scan at both scales measured -- 9.4x on bench/mkload.py's 211k sockets
+and 6.4x with 1.02M open sockets in the namespace, the holder visited last (quiet machine) --
+and about 200x when the holder is visited first. Where there is nothing to gain it costs
+milliseconds: an idle namespace took 10 ms (the /proc scan 10-17 ms), and one on a host with
+1.2-1.4M open files elsewhere 15-57 ms (the /proc scan 8-48 ms), as it visits every task.
 
 A second program, ``bpf_iter_task_file`` (Linux 5.8, one call per open file of every task on the
 machine), was 2.5-8.5x faster than /proc only when the namespace held most of the host's files,
