@@ -69,3 +69,13 @@ def test_documentation_examples_use_only_public_names() -> None:
 def test_the_doc_check_would_catch_an_internal_module() -> None:
     block = _python_blocks("```python\nimport rebind\nrebind.actions.free.execute_plan(p)\n```\n")[0]
     assert [n for n in re.findall(r"\brebind\.(\w+)", block) if n not in rebind.__all__] == ["actions"]
+
+
+def test_the_pytest_plugin_is_opt_in() -> None:
+    """Installing rebind registers nothing in other projects' test runs (no pytest11 entry point)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "pytest11" not in project.get("entry-points", {})
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    assert 'pytest_plugins = ["rebind.pytest_plugin"]' in conftest  # our own suite opts in
