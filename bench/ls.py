@@ -5,7 +5,7 @@
     sudo .venv/bin/python bench/ls.py --use-existing rbload --layouts default   # a netns already loaded
 
 For each layout it creates a uniquely named network namespace (`ip netns add`), brings lo up,
-runs /work/shared/bench/mkload.py there (default layout: 201 processes sharing the 8080
+runs bench/mkload.py there (default layout: 201 processes sharing the 8080
 listener; `--uids 50 --keep 4`: most processes belong to other users and do not hold it), waits
 for its --ready file, then enters the namespace itself (setns) so every timed command runs
 there without a wrapper. Each command is timed with perf_counter around fork/exec/wait, best of
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from rebind.kernel.netns import setns_net  # noqa: E402
 
-MKLOAD = Path("/work/shared/bench/mkload.py")
+MKLOAD = Path(__file__).resolve().parent / "mkload.py"
 VENV_BIN = Path(sys.executable).parent
 REBIND = str(VENV_BIN / "rebind")
 PY = sys.executable

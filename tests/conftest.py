@@ -18,6 +18,9 @@ import pytest
 
 from rebind.kernel import netns as _netns
 
+# rebind's pytest plugin (the free_port fixture) is opt-in, as it is for users of the package.
+pytest_plugins = ["rebind.pytest_plugin"]
+
 ROOT = Path(__file__).resolve().parent.parent
 _kernel_ran = 0
 _permitted: bool | None = None

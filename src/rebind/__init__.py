@@ -1,7 +1,8 @@
 """rebind: who holds a port, why bind() fails with EADDRINUSE, when it frees, and how to fix it.
 
-``import rebind`` stays cheap: public names are resolved on first use through ``_LAZY``
-(name -> module), so the CLI and scripts pay only for what they touch.
+The public API is the names in ``__all__``: functions, their result types, the enums in them and
+the errors; submodules are internal. ``import rebind`` stays cheap: public names are resolved on
+first use through ``_LAZY`` (name -> module), so the CLI and scripts pay only for what they touch.
 """
 
 from __future__ import annotations
@@ -12,15 +13,50 @@ from typing import TYPE_CHECKING, Any
 from rebind._version import __version__
 
 if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily through _LAZY
+    from rebind.actions.free import Fate as Fate
+    from rebind.actions.free import FreePlan as FreePlan
+    from rebind.actions.free import FreeResult as FreeResult
+    from rebind.actions.free import ProcessOutcome as ProcessOutcome
+    from rebind.actions.free import Refusal as Refusal
+    from rebind.actions.free import Refused as Refused
+    from rebind.actions.free import SocketFate as SocketFate
+    from rebind.actions.free import SocketOutcome as SocketOutcome
+    from rebind.actions.free import Target as Target
+    from rebind.actions.free import execute_plan as execute_plan
     from rebind.actions.free import free as free
     from rebind.actions.free import plan_free as plan_free
+    from rebind.actions.pick import NoPortFree as NoPortFree
+    from rebind.actions.pick import PickedPort as PickedPort
     from rebind.actions.pick import pick_port as pick_port
+    from rebind.actions.wait import NotWaitable as NotWaitable
+    from rebind.actions.wait import WaitResult as WaitResult
     from rebind.actions.wait import wait_bindable as wait_bindable
     from rebind.actions.wait import wait_bindable_async as wait_bindable_async
     from rebind.actions.wait import wait_listening as wait_listening
     from rebind.actions.wait import wait_listening_async as wait_listening_async
+    from rebind.diagnosis import Attempt as Attempt
+    from rebind.diagnosis import BlockerInfo as BlockerInfo
+    from rebind.diagnosis import Diagnosis as Diagnosis
     from rebind.diagnosis import default_request as default_request
     from rebind.diagnosis import diagnose as diagnose
+    from rebind.errors import EnvironmentProblem as EnvironmentProblem
+    from rebind.errors import ExitCode as ExitCode
+    from rebind.errors import Fault as Fault
+    from rebind.errors import KernelError as KernelError
+    from rebind.errors import RebindError as RebindError
+    from rebind.errors import UsageError as UsageError
+    from rebind.model.conflict import BindRequest as BindRequest
+    from rebind.model.conflict import Verdict as Verdict
+    from rebind.model.diagnosis import HolderKind as HolderKind
+    from rebind.model.records import Endpoint as Endpoint
+    from rebind.model.records import Owner as Owner
+    from rebind.model.records import OwnerScanReport as OwnerScanReport
+    from rebind.model.records import Proto as Proto
+    from rebind.model.records import SocketEntry as SocketEntry
+    from rebind.model.records import SocketRecord as SocketRecord
+    from rebind.model.records import SocketTable as SocketTable
+    from rebind.model.records import State as State
+    from rebind.model.records import Timer as Timer
     from rebind.sockets import socket_table as socket_table
     from rebind.supervisor.listen import InheritedSocket as InheritedSocket
     from rebind.supervisor.listen import inherited_sockets as inherited_sockets
@@ -30,18 +66,55 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
     from rebind.supervisor.listen import start_server as start_server
 
 _LAZY: dict[str, str] = {
-    # the socket table and diagnosis
+    # errors (every one derives from RebindError; exit_code is the CLI's)
+    "RebindError": "rebind.errors",
+    "UsageError": "rebind.errors",
+    "EnvironmentProblem": "rebind.errors",
+    "KernelError": "rebind.errors",
+    "Fault": "rebind.errors",
+    "ExitCode": "rebind.errors",
+    # the socket table
     "socket_table": "rebind.sockets",
+    "SocketTable": "rebind.model.records",
+    "SocketEntry": "rebind.model.records",
+    "SocketRecord": "rebind.model.records",
+    "Endpoint": "rebind.model.records",
+    "Owner": "rebind.model.records",
+    "OwnerScanReport": "rebind.model.records",
+    "Proto": "rebind.model.records",
+    "State": "rebind.model.records",
+    "Timer": "rebind.model.records",
+    # diagnosis (`rebind why`)
     "diagnose": "rebind.diagnosis",
     "default_request": "rebind.diagnosis",
+    "Diagnosis": "rebind.diagnosis",
+    "BlockerInfo": "rebind.diagnosis",
+    "Attempt": "rebind.diagnosis",
+    "BindRequest": "rebind.model.conflict",
+    "Verdict": "rebind.model.conflict",
+    "HolderKind": "rebind.model.diagnosis",
     # actions
     "wait_bindable": "rebind.actions.wait",
     "wait_listening": "rebind.actions.wait",
     "wait_bindable_async": "rebind.actions.wait",
     "wait_listening_async": "rebind.actions.wait",
+    "WaitResult": "rebind.actions.wait",
+    "NotWaitable": "rebind.actions.wait",
     "free": "rebind.actions.free",
     "plan_free": "rebind.actions.free",
+    "execute_plan": "rebind.actions.free",
+    "FreePlan": "rebind.actions.free",
+    "FreeResult": "rebind.actions.free",
+    "Target": "rebind.actions.free",
+    "Refused": "rebind.actions.free",
+    "Refusal": "rebind.actions.free",
+    "ProcessOutcome": "rebind.actions.free",
+    "Fate": "rebind.actions.free",
+    "SocketOutcome": "rebind.actions.free",
+    "SocketFate": "rebind.actions.free",
     "pick_port": "rebind.actions.pick",
+    "PickedPort": "rebind.actions.pick",
+    "NoPortFree": "rebind.actions.pick",
     # supervisor
     "listen": "rebind.supervisor.listen",
     "start_server": "rebind.supervisor.listen",

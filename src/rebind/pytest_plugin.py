@@ -1,6 +1,11 @@
 """pytest plugin: the `free_port` fixture (see rebind.actions.pick).
 
-Registered as a ``pytest11`` entry point, so installing rebind is enough::
+Opt-in (installing rebind registers nothing in other projects' test runs): enable it in your
+top-level ``conftest.py``::
+
+    pytest_plugins = ["rebind.pytest_plugin"]
+
+or on the command line with ``pytest -p rebind.pytest_plugin``, then::
 
     def test_server(free_port):
         server = start_server(port=free_port)

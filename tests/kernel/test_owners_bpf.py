@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from rebind.kernel import bpf_iter, owners
+from rebind.kernel import bpf, owners
+from rebind.kernel.bpf import scan
 from rebind.model.records import Proto
 from rebind.sockets import iter_records
 
@@ -97,8 +98,8 @@ def _holders(found: dict[int, tuple[owners.Owner, ...]]) -> dict[int, set[tuple[
 @pytest.fixture
 def bpf_ready() -> None:
     try:
-        bpf_iter.find_socket_holders([1])  # an inode nobody holds: loads and runs everything
-    except bpf_iter.BPFUnavailable as exc:
+        bpf.find_socket_holders([1])  # an inode nobody holds: loads and runs everything
+    except bpf.BPFUnavailable as exc:
         pytest.skip(f"BPF iterators unavailable here: {exc}")
 
 
@@ -143,10 +144,9 @@ def test_bpf_and_proc_scans_agree(
         pytest.param({"uids": [0], "netns": None}, id="likely-first"),
         pytest.param({}, id="no-hints"),  # learns every address while scanning everyone
         pytest.param({"uids": [4242], "netns": 1}, id="misleading-hints"),
-        pytest.param({"per_file": True}, id="task-file-program"),  # what kernels < 5.17 get
     ],
 )
-def test_every_program_and_pass_finds_the_same_holders(
+def test_every_pass_finds_the_same_holders(
     netns: int, procs: Any, bpf_ready: None, hints: dict[str, object]
 ) -> None:
     port, pids, _ = _start(procs)
@@ -154,8 +154,8 @@ def test_every_program_and_pass_finds_the_same_holders(
     inodes = [r.inode for r in records if r.inode]
     if hints.get("netns") is None and "uids" in hints:
         hints = {**hints, "netns": netns}
-    result = bpf_iter.find_socket_holders(inodes, **hints)  # type: ignore[arg-type]
-    baseline = bpf_iter.find_socket_holders(inodes)
+    result = bpf.find_socket_holders(inodes, **hints)  # type: ignore[arg-type]
+    baseline = bpf.find_socket_holders(inodes)
     key = sorted((h.pid, h.fd, h.inode) for h in result.hits)
     assert key == sorted((h.pid, h.fd, h.inode) for h in baseline.hits)
     assert {h.pid for h in result.hits} == set(pids.values())
@@ -166,7 +166,7 @@ def test_every_program_and_pass_finds_the_same_holders(
 
 
 def test_a_socket_nobody_holds_costs_a_full_scan_and_finds_nothing(netns: int, bpf_ready: None) -> None:
-    result = bpf_iter.find_socket_holders([0xFFFFFFF0])
+    result = bpf.find_socket_holders([0xFFFFFFF0])
     assert result.hits == () and result.tables > 0
 
 
@@ -183,23 +183,23 @@ def test_switches_and_fallbacks(
     monkeypatch.setenv("REBIND_NO_BPF", "0")
     assert owners.bpf_wanted("/proc")
     # a verifier that refuses falls back to the /proc scan, with the reason kept
-    monkeypatch.setattr(bpf_iter, "_check_environment", _refuse)
+    monkeypatch.setattr(scan, "_check_environment", _refuse)
     found, report = owners.find_owners(records)
     assert owners.bpf_fallback_reason == "no, said the test"
     assert found and report.scanned > 0
 
 
 def _refuse() -> None:
-    raise bpf_iter.BPFUnavailable("no, said the test")
+    raise bpf.BPFUnavailable("no, said the test")
 
 
 def test_without_privileges_it_says_so(netns: int) -> None:
     code = (
         "import os\n"
-        "from rebind.kernel import bpf_iter\n"  # imported as root: nobody cannot read ~root
+        "from rebind.kernel import bpf\n"  # imported as root: nobody cannot read ~root
         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-        "try:\n    bpf_iter.find_socket_holders([1])\n"
-        "except bpf_iter.BPFUnavailable as e:\n    print('unavailable:', e)\n"
+        "try:\n    bpf.find_socket_holders([1])\n"
+        "except bpf.BPFUnavailable as e:\n    print('unavailable:', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "unavailable: no CAP_BPF" in out.stdout, out.stderr

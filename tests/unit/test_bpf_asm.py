@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from rebind.kernel import bpf_asm as asm
+from rebind.kernel.bpf import asm
 
 
 def insns(raw: bytes) -> list[tuple[int, int, int, int, int]]:
@@ -99,3 +99,32 @@ def test_labels_must_exist_once() -> None:
     p.label("x")
     with pytest.raises(asm.AsmError, match="twice"):
         p.label("x")
+
+
+def test_disassembly_names_what_the_program_does() -> None:
+    p = asm.Program()
+    p.ld_map_fd(asm.R1, 5)
+    p.load(8, asm.R7, asm.R6, 24)
+    p.store(4, asm.FP, -40, asm.R1)
+    p.store_imm(8, asm.FP, -8, 0)
+    p.alu_imm(asm.ADD, asm.R2, -8)
+    p.alu(asm.RSH, asm.R3, asm.R2)
+    p.jump_imm(asm.JNE, asm.R0, 0, "out")
+    p.call(1)
+    p.call_local("out")
+    p.label("out")
+    p.exit()
+    text = [line.strip().split("  ", 1)[1] for line in asm.disassemble(p.assemble())]
+    assert text == [
+        "r1 = map_fd 5",
+        "(second half of ld_imm64)",
+        "r7 = *(u64 *)(r6 + 24)",
+        "*(u32 *)(r10 - 40) = r1",
+        "*(u64 *)(r10 - 8) = 0x0",
+        "r2 += -0x8",
+        "r3 >>= r2",
+        "if r0 != 0x0 goto 10",
+        "call helper 1",
+        "call pc 10",
+        "exit",
+    ]

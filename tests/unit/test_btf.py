@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from rebind.kernel import btf as B
+from rebind.kernel.bpf import btf as B
 
 
 class Blob:
@@ -145,7 +145,7 @@ def test_encode_funcs_round_trips_through_the_reader() -> None:
     blob = B.encode_funcs([("main", 1), ("cb", 2), ("check", 3)])
     b = B.BTF(blob)
     got = b.find_all([("main", B.KIND_FUNC), ("cb", B.KIND_FUNC), ("check", B.KIND_FUNC)])
-    # the ids bpf_iter's func_info relies on: 3, 5, 7
+    # the ids prog_load()'s func_info relies on (kernel/bpf/syscall.py): 3, 5, 7
     assert [got["main", B.KIND_FUNC], got["cb", B.KIND_FUNC], got["check", B.KIND_FUNC]] == [3, 5, 7]
     assert b.kind(6) == B.KIND_FUNC_PROTO
     assert b.resolve(1) == (B.KIND_INT, 8, 1)

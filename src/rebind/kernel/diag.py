@@ -79,6 +79,10 @@ class DiagSocket:
         else:
             req = codec.dump_request(family, proto, mask, bytecode=bytecode, seq=seq)
         self._sock.send(req)
+        # Each recv() returns one skb of whole netlink messages (netlink_dump() never splits a
+        # message), so decoding per datagram is safe; an error for the request arrives as
+        # NLMSG_ERROR, one that ends a dump midway as the errno in NLMSG_DONE (both raised by
+        # the codec).
         view = memoryview(self._buf)
         while True:
             n = self._sock.recv_into(self._buf)
@@ -161,6 +165,14 @@ def netlink_available() -> bool:
             for _ in diag.dump(Family.INET, Proto.TCP, [State.LISTEN], bytecode=codec.port_filter([1])):
                 pass
     except (EnvironmentProblem, KernelError, OSError) as exc:
+        # Kernel quirks, both meaning "no sock_diag for this here", not "broken":
+        # * ENOENT: __sock_diag_cmd() found no handler for AF_INET even after
+        #   sock_load_diag_module() asked for net-pf-2-proto-6 (inet_diag not built, or modules
+        #   cannot be loaded); inet_diag answers the same for a protocol whose tcp_diag/udp_diag
+        #   module is missing.
+        # * EPROTONOSUPPORT: netlink_create()'s answer when NETLINK_SOCK_DIAG itself is not
+        #   registered (no sock_diag); socket() raises it, DiagSocket() turns it into
+        #   EnvironmentProblem, and the same errno in a netlink reply is taken the same way.
         if isinstance(exc, KernelError) and exc.errno not in (errno.ENOENT, errno.EPROTONOSUPPORT):
             raise
         return False

@@ -228,6 +228,13 @@ def dump_request_tcp_any_family(
     """A TCPDIAG_GETSOCK dump: both address families in one walk of the kernel's TCP tables.
 
     ``sport`` (non-zero) lets inet_diag_dump_icsk() skip other ports before running bytecode.
+
+    Kernel quirks: TCPDIAG_GETSOCK is the pre-sock_diag message type, answered through
+    inet_diag's compat hook (inet_diag_rcv_msg_compat); sock_diag_rcv_msg() replies EOPNOTSUPP
+    to it when inet_diag is not loaded, where SOCK_DIAG_BY_FAMILY would get ENOENT. Its replies
+    carry type TCPDIAG_GETSOCK, not SOCK_DIAG_BY_FAMILY (iter_messages accepts both), and
+    inet_diag_dump_compat() replaces the request's family by AF_UNSPEC: IPv4 and IPv6 sockets
+    both come back.
     """
     sid = SockId(sport=sport)
     body = REQ_V1_HEAD.pack(Family.INET, 0, 0, 0) + sid.pack() + REQ_V1_TAIL.pack(states, 0)

@@ -70,7 +70,7 @@ def find_owners(
     if not recs:
         return {}, OwnerScanReport()
     if bpf_wanted(root):
-        from rebind.kernel import bpf_iter
+        from rebind.kernel import bpf as bpf_iter
 
         try:
             return _find_owners_bpf(recs, root)
@@ -103,7 +103,7 @@ def find_owners(
 def _find_owners_bpf(
     recs: list[SocketRecord], root: str
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
-    from rebind.kernel import bpf_iter
+    from rebind.kernel import bpf as bpf_iter
 
     netns = {r.netns for r in recs}
     result = bpf_iter.find_socket_holders(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from rebind.model.conflict import KernelSettings
@@ -111,7 +110,3 @@ def kernel_settings() -> KernelSettings:
         ip_local_reserved_ports=_ports(_read("net/ipv4/ip_local_reserved_ports")),
         kernel_version=kernel_version(),
     )
-
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -1,4 +1,4 @@
-"""The Linux bind()/listen() conflict model (pure). Spec: ../shared/docs/bind-rules.md.
+"""The Linux bind()/listen() conflict model (pure). Spec: docs/bind-rules.md.
 
 The decision procedure of bind-rules.md §0: for each existing socket on the same port and
 protocol, do the devices overlap, do the addresses overlap, and does an exemption apply? Plus

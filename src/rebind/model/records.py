@@ -61,8 +61,6 @@ class State(enum.IntEnum):
 
 _LABELS = {State.CLOSE: "UNCONN", State.NEW_SYN_RECV: "SYN_RECV"}
 
-#: Every TCP state a dump can ask for, bound-inactive included.
-ALL_TCP_STATES = frozenset(s for s in State)
 #: What ``rebind ls`` shows without a port: listeners and bound-but-idle sockets.
 LISTENING_STATES = frozenset({State.LISTEN, State.BOUND_INACTIVE, State.CLOSE})
 

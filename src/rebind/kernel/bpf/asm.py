@@ -1,4 +1,4 @@
-"""A tiny eBPF assembler: the handful of instructions rebind's iterator program needs.
+"""A tiny eBPF assembler (and disassembler): the handful of instructions rebind's programs need.
 
 Encoding: Documentation/bpf/standardization/instruction-set.rst and include/uapi/linux/bpf.h.
 An instruction is 8 bytes, ``struct bpf_insn {u8 code; u8 dst_reg:4, src_reg:4; s16 off;
@@ -147,3 +147,63 @@ class Program:
 
     def __len__(self) -> int:
         return len(self._code)
+
+
+# -- disassembly: for the saved-disassembly test and for reading a program ---------------------
+
+_ALU_SYM = {ADD: "+=", SUB: "-=", MUL: "*=", DIV: "/=", OR: "|=", AND: "&=", LSH: "<<=", RSH: ">>=",
+            MOD: "%=", XOR: "^=", MOV: "=", ARSH: "s>>="}  # fmt: skip
+_JMP_SYM = {JEQ: "==", JGT: ">", JGE: ">=", JSET: "&", JNE: "!=", JSGT: "s>", JSGE: "s>=", JLT: "<",
+            JLE: "<="}  # fmt: skip
+_SIZE_NAME = {B: "u8", H: "u16", W: "u32", DW: "u64"}
+
+
+def _imm(imm: int) -> str:
+    return f"{imm:#x}" if imm >= 0 else f"-{-imm:#x}"
+
+
+def _operand(src: int, imm: int, code: int) -> str:
+    """The source of an ALU or jump instruction: a register (X) or the immediate (K)."""
+    return f"r{src}" if code & X else _imm(imm)
+
+
+def _mem(code: int, reg: int, off: int) -> str:
+    return f"*({_SIZE_NAME[code & 0x18]} *)(r{reg} {'-' if off < 0 else '+'} {abs(off)})"
+
+
+def disassemble(raw: bytes) -> list[str]:
+    """One line per instruction slot, in the kernel verifier's notation (``r1 = *(u64 *)(r6 + 8)``).
+
+    Jump and call targets are printed as absolute instruction indexes; only the instructions
+    :class:`Program` emits are named, anything else prints as raw fields.
+    """
+    out: list[str] = []
+    slots = list(_INSN.iter_unpack(raw))
+    for at, (code, regs, off, imm) in enumerate(slots):
+        dst, src = regs & 0xF, regs >> 4
+        cls, op = code & 0x07, code & 0xF0
+        text = f"raw code={code:#04x} dst=r{dst} src=r{src} off={off} imm={imm}"
+        if at > 0 and slots[at - 1][0] == LD | IMM | DW:
+            text = "(second half of ld_imm64)"
+        elif code == LD | IMM | DW:
+            what = {PSEUDO_MAP_FD: "map_fd", PSEUDO_FUNC: "func"}.get(src, "imm64")
+            value = at + 1 + imm if src == PSEUDO_FUNC else imm
+            text = f"r{dst} = {what} {value}"
+        elif cls == ALU64 and op in _ALU_SYM:
+            text = f"r{dst} {_ALU_SYM[op]} {_operand(src, imm, code)}"
+        elif cls == LDX and code & 0xE0 == MEM:
+            text = f"r{dst} = {_mem(code, src, off)}"
+        elif cls == STX and code & 0xE0 == MEM:
+            text = f"{_mem(code, dst, off)} = r{src}"
+        elif cls == ST and code & 0xE0 == MEM:
+            text = f"{_mem(code, dst, off)} = {_imm(imm)}"
+        elif code == JMP | JA:
+            text = f"goto {at + 1 + off}"
+        elif code == JMP | CALL:
+            text = f"call pc {at + 1 + imm}" if src == PSEUDO_CALL else f"call helper {imm}"
+        elif code == JMP | EXIT:
+            text = "exit"
+        elif cls == JMP and op in _JMP_SYM:
+            text = f"if r{dst} {_JMP_SYM[op]} {_operand(src, imm, code)} goto {at + 1 + off}"
+        out.append(f"{at:4d}: {code:02x} {regs:02x} {off & 0xFFFF:04x} {imm & 0xFFFFFFFF:08x}  {text}")
+    return out

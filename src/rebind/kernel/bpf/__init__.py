@@ -1,0 +1,36 @@
+"""Who holds these sockets, asked of the kernel: a BPF task iterator over every fd table.
+
+The /proc scan (:mod:`rebind.kernel.owners`) reads one ``/proc/PID/fd/N`` link per open file of
+every process in the sockets' network namespace. A BPF task iterator (Linux 5.8, commit
+eaaacd23910f) runs a program over every task in the kernel instead, with no syscall per fd.
+
+One program (:mod:`.programs`, assembled by :mod:`.asm` from offsets found in the kernel's BTF by
+:mod:`.btf`, loaded through raw ``bpf(2)`` by :mod:`.syscall`; :mod:`.scan` runs it): a
+``bpf_iter_task`` program with bpf_loop (Linux 5.17) copies each fd table's ``fd`` array 16
+slots at a time and compares *file addresses*: a socket has exactly one ``struct file``
+(sock_alloc_file(); dup, fork and SCM_RIGHTS share it), so once a wanted socket's file is known,
+finding its holders needs no memory beyond the fd arrays. Addresses are learnt by reading each
+file's inode until every wanted socket has been met, visiting likely holders (the sockets'
+namespace and uids) first. Every task on the machine is visited, so a holder in another network
+namespace (SCM_RIGHTS, setns) is found too, which the /proc scan does not look for.
+
+Decided by measurement (``bench/owners.py``; tables, commands and machine load in
+docs/benchmarks.md, "Owner lookup"): for the owners of one port, this program is at least 6x
+faster than the /proc scan at both scales measured -- 9.4x on bench/mkload.py's 211k sockets
+and 6.4x with 1.02M open sockets in the namespace, the holder visited last (quiet machine) --
+and about 200x when the holder is visited first. Where there is nothing to gain it costs
+milliseconds: an idle namespace took 10 ms (the /proc scan 10-17 ms), and one on a host with
+1.2-1.4M open files elsewhere 15-57 ms (the /proc scan 8-48 ms), as it visits every task.
+
+A second program, ``bpf_iter_task_file`` (Linux 5.8, one call per open file of every task on the
+machine), was 2.5-8.5x faster than /proc only when the namespace held most of the host's files,
+and 35-95x slower (0.34-0.76 s) for an idle namespace on a host with 0.6-1.2M open files; it
+was removed. Kernels without bpf_loop (5.8-5.16) use the /proc scan.
+"""
+
+from __future__ import annotations
+
+from rebind.kernel.bpf.scan import Hit, ScanResult, find_socket_holders
+from rebind.kernel.bpf.syscall import BPFUnavailable, VerifierRejected
+
+__all__ = ["BPFUnavailable", "Hit", "ScanResult", "VerifierRejected", "find_socket_holders"]
