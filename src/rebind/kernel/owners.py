@@ -14,20 +14,26 @@ do it), so:
   workers by fd count (stat() of /proc/PID/fd reports the number of open fds since Linux 6.2);
 * when no wanted socket has an inode (timewait mini-sockets), nothing is scanned at all.
 
-Processes vanishing mid-scan and permission-denied entries are normal: counted, never guessed.
+A hit names a process only with its identity: each process is pinned with a pidfd *before* its
+fds are read and must still be alive after (pid + start time, as the BPF path records them),
+so a pid reused meanwhile is never reported -- and never signalled by `rebind free`.
+Processes vanishing mid-scan and permission-denied processes are normal: counted, never guessed.
 The /proc root is configurable (as psutil does) instead of patching ``open``.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import marshal
 import os
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
-from rebind.kernel.procstat import STARTTIME, stat_field
+from rebind.kernel.pidfd import PROC, DupWatch, exited, own_duplicates, pin
+from rebind.kernel.procstat import start_ticks
 from rebind.model.records import Owner, OwnerScanReport, SocketRecord
 
 #: Below this many fds in total a single process is faster than forking workers.
@@ -56,80 +62,110 @@ def bpf_wanted(root: str) -> bool:
     return root == "/proc" and os.environ.get("REBIND_NO_BPF", "") in ("", "0")
 
 
+#: Test seam: called with each pid right after its fd table was read and before its identity
+#: is confirmed (tests force pid reuse there). Never set outside tests.
+_after_fd_scan: Callable[[int], None] | None = None
+
+
 def find_owners(
     records: Iterable[SocketRecord],
     *,
     root: str | None = None,
     workers: int | None = None,
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
-    """Map socket inode -> owners (every pid and fd), with a report of what could not be read."""
+    """Map socket inode -> owners (every pid and fd), with a report of what could not be read.
+
+    An owner is reported only if the process that held the socket is the one described: its
+    identity (pid + start time) is taken before its fds are read and confirmed after.
+    """
     global bpf_fallback_reason
     root = root or proc_root()
     recs = [r for r in records if r.inode]
     bpf_fallback_reason = None
     if not recs:
         return {}, OwnerScanReport()
-    if bpf_wanted(root):
-        from rebind.kernel import bpf_iter
+    # rebind's own transient pidfd_getfd duplicates (another thread reading socket flags) would
+    # look like rebind holding the socket: leave out every fd that was one during the scan.
+    with own_duplicates() as dups:
+        if bpf_wanted(root):
+            from rebind.kernel import bpf_iter
 
-        try:
-            return _find_owners_bpf(recs, root)
-        except bpf_iter.BPFUnavailable as exc:
-            bpf_fallback_reason = str(exc)
-    wanted = {f"socket:[{r.inode}]": r.inode for r in recs if r.inode}
-    netns = {r.netns for r in recs if r.netns is not None}
-    uids = {r.uid for r in recs if r.uid is not None}
-    plan = _plan(root, netns, uids)
-    hits, inaccessible, vanished = _scan(root, plan, wanted, workers)
-    owners: dict[int, list[Owner]] = {}
-    details: dict[int, Owner | None] = {}
-    for pid, fd, inode in hits:
-        if pid not in details:
-            details[pid] = describe_process(pid, root=root)
-        base = details[pid]
-        if base is None:
-            vanished += 1
-            continue
-        owners.setdefault(inode, []).append(_with_fd(base, fd))
+            try:
+                result = bpf_iter.find_socket_holders(
+                    (r.inode for r in recs if r.inode),
+                    uids=(r.uid for r in recs if r.uid is not None),
+                    netns=_only(r.netns for r in recs),
+                )
+            except bpf_iter.BPFUnavailable as exc:
+                bpf_fallback_reason = str(exc)
+            else:
+                hits = [Hit(h.pid, h.fd, h.inode, h.start_ticks) for h in result.hits]
+                # Every task of the system was visited (no namespace pruning, no permission
+                # failures).
+                return _owners(_not_ours(hits, dups), root, OwnerScanReport(scanned=result.tables))
+        wanted = {f"socket:[{r.inode}]": r.inode for r in recs if r.inode}
+        netns = {r.netns for r in recs if r.netns is not None}
+        uids = {r.uid for r in recs if r.uid is not None}
+        plan = _plan(root, netns, uids)
+        hits, inaccessible, vanished = _scan(root, plan, wanted, workers)
     report = OwnerScanReport(
         scanned=len(plan.pids) - inaccessible,
         inaccessible=inaccessible,
         vanished=plan.vanished + vanished,
         other_netns=plan.other_netns,
     )
-    return {k: tuple(sorted(v, key=lambda o: (o.pid, o.fd))) for k, v in owners.items()}, report
+    return _owners(_not_ours(hits, dups), root, report)
 
 
-def _find_owners_bpf(
-    recs: list[SocketRecord], root: str
+def _only(values: Iterable[int | None]) -> int | None:
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def _not_ours(hits: Iterable[Hit], dups: DupWatch) -> list[Hit]:
+    me = os.getpid()
+    return [h for h in hits if not (h.pid == me and h.fd in dups.fds)]
+
+
+def _owners(
+    hits: list[Hit], root: str, report: OwnerScanReport
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
-    from rebind.kernel import bpf_iter
-
-    netns = {r.netns for r in recs}
-    result = bpf_iter.find_socket_holders(
-        (r.inode for r in recs if r.inode),
-        uids=(r.uid for r in recs if r.uid is not None),
-        netns=next(iter(netns)) if len(netns) == 1 else None,
-    )
     owners: dict[int, list[Owner]] = {}
     details: dict[int, Owner | None] = {}
     vanished = 0
-    for hit in sorted(result.hits, key=lambda h: (h.pid, h.fd)):
+    for hit in sorted(hits):
         if hit.pid not in details:
-            base = describe_process(hit.pid, root=root)
-            # The scan saw the process that started at hit.start_ticks; a different start now
-            # means it exited and the pid was reused: not an owner.
-            if base is not None and base.start_ticks not in (None, hit.start_ticks):
-                base = None
-            details[hit.pid] = base
+            details[hit.pid] = _describe_as(hit.pid, hit.start_ticks, root)
         base = details[hit.pid]
         if base is None:
             vanished += 1
             continue
         owners.setdefault(hit.inode, []).append(_with_fd(base, hit.fd))
-    # Every task of the system was visited (no namespace pruning, no permission failures).
-    report = OwnerScanReport(scanned=result.tables, vanished=vanished)
+    if vanished:
+        report = replace(report, vanished=report.vanished + vanished)
     return {k: tuple(sorted(v, key=lambda o: (o.pid, o.fd))) for k, v in owners.items()}, report
+
+
+def _describe_as(pid: int, start: int, root: str) -> Owner | None:
+    """Details of the process that held the socket, or None if the pid now names another one.
+
+    The scan saw the process that started at ``start``; a different start now means it exited
+    and the pid was reused. With the live /proc a pidfd brackets the reads, so a process that
+    exits while being described is not confused with its successor either.
+    """
+    pfd = pin(pid) if root == PROC else None
+    if root == PROC and pfd is None:
+        return None
+    try:
+        base = describe_process(pid, root=root)
+        if base is None or base.start_ticks != start:
+            return None
+        if pfd is not None and exited(pfd):
+            return None
+        return base
+    finally:
+        if pfd is not None:
+            os.close(pfd)
 
 
 def _with_fd(base: Owner, fd: int) -> Owner:
@@ -164,6 +200,7 @@ def _plan(root: str, netns: set[int], uids: set[int]) -> _Plan:
             pass  # cannot tell its namespace: scan it rather than guess
         try:
             st_dir = os.stat(f"{root}/{pid}")
+            # The number of open fds since Linux 6.2 (proc_fd_getattr); 0 before: order only.
             nfds = os.stat(f"{root}/{pid}/fd").st_size
         except FileNotFoundError:
             vanished += 1
@@ -177,45 +214,87 @@ def _plan(root: str, netns: set[int], uids: set[int]) -> _Plan:
     return _Plan(tuple(r[1] for r in rows), tuple(r[2] for r in rows), other, vanished)
 
 
-Hit = tuple[int, int, int]  # pid, fd, inode
+class Hit(NamedTuple):
+    pid: int
+    fd: int
+    inode: int
+    #: The holder's start time (/proc/PID/stat field 22), confirmed for the process whose fds
+    #: were read.
+    start_ticks: int
 
 
 def _scan_pids(root: str, pids: Sequence[int], wanted: dict[str, int]) -> tuple[list[Hit], int, int]:
     hits: list[Hit] = []
     inaccessible = vanished = 0
-    readlink = os.readlink
+    live = root == PROC
     for pid in pids:
-        try:
-            dfd = os.open(f"{root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            vanished += 1
-            continue
-        except PermissionError:
-            inaccessible += 1
-            continue
-        except OSError:
+        # Identity first: pin the process (the live /proc) or note its start time, then read its
+        # fds, then confirm it is the same process. Reading the start time only afterwards
+        # would describe whichever process got the pid meanwhile (and free would signal it).
+        pfd = pin(pid) if live else None
+        before = None if live else start_ticks(pid, root)
+        if pfd is None and before is None:
             vanished += 1
             continue
         try:
-            try:
-                names = os.listdir(dfd)
-            except PermissionError:
+            found, state = _read_fds(root, pid, wanted)
+            if state is _Read.DENIED:
                 inaccessible += 1
+            if not found:
+                vanished += state is _Read.GONE
                 continue
-            except OSError:
-                vanished += 1
+            if _after_fd_scan is not None:
+                _after_fd_scan(pid)
+            start = start_ticks(pid, root)
+            if start is None or (pfd is not None and exited(pfd)) or (before is not None and start != before):
+                vanished += 1  # exited (and maybe replaced) while being read: not an owner
                 continue
-            for name in names:
-                try:
-                    link = readlink(name, dir_fd=dfd)
-                except OSError:
-                    continue  # fd closed between listdir and readlink
-                inode = wanted.get(link)
-                if inode is not None:
-                    hits.append((pid, int(name), inode))
+            hits.extend(Hit(pid, fd, inode, start) for fd, inode in found)
         finally:
-            os.close(dfd)
+            if pfd is not None:
+                os.close(pfd)
     return hits, inaccessible, vanished
+
+
+class _Read(enum.Enum):
+    OK = "ok"
+    GONE = "gone"
+    DENIED = "denied"
+
+
+def _read_fds(root: str, pid: int, wanted: dict[str, int]) -> tuple[list[tuple[int, int]], _Read]:
+    """(fd, inode) of the wanted sockets in a process's fd table, and how the reading went."""
+    try:
+        dfd = os.open(f"{root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return [], _Read.DENIED
+    except OSError:
+        return [], _Read.GONE
+    found: list[tuple[int, int]] = []
+    readlink = os.readlink
+    try:
+        try:
+            names = os.listdir(dfd)
+        except PermissionError:
+            return [], _Read.DENIED
+        except OSError:
+            return [], _Read.GONE
+        for name in names:
+            try:
+                link = readlink(name, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    # proc_fd_access_allowed(): each link needs ptrace read access, which a
+                    # listable directory does not imply (root without CAP_SYS_PTRACE, another
+                    # user namespace, an LSM). Not "fd closed": this process is unknown.
+                    return found, _Read.DENIED
+                continue  # fd closed between listdir and readlink
+            inode = wanted.get(link)
+            if inode is not None:
+                found.append((int(name), inode))
+    finally:
+        os.close(dfd)
+    return found, _Read.OK
 
 
 def _partition(plan: _Plan, n: int) -> list[list[int]]:
@@ -244,7 +323,8 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
         if pid == 0:  # pragma: no cover - runs in the worker
             try:
                 os.close(r)
-                data = marshal.dumps(_scan_pids(root, part, wanted))
+                h, i, v = _scan_pids(root, part, wanted)
+                data = marshal.dumps(([tuple(x) for x in h], i, v))
                 view = memoryview(data)
                 while view:
                     view = view[os.write(w, view) :]
@@ -266,7 +346,7 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
             # as such rather than report a partial answer as complete.
             inacc += len(part)
             continue
-        hits.extend(tuple(x) for x in h)
+        hits.extend(Hit(*x) for x in h)
         inacc += i
         van += v
     return hits, inacc, van
@@ -289,7 +369,7 @@ def _waitpid(pid: int) -> None:
 
 def read_start_ticks(pid: int, root: str | None = None) -> int | None:
     """Start time in clock ticks since boot (/proc/PID/stat field 22): identity with the pid."""
-    return stat_field(pid, STARTTIME, root or proc_root())
+    return start_ticks(pid, root or proc_root())
 
 
 def describe_process(pid: int, *, root: str | None = None) -> Owner | None:
@@ -329,7 +409,3 @@ def describe_process(pid: int, *, root: str | None = None) -> Owner | None:
         start_time=start,
         start_ticks=read_start_ticks(pid, root),
     )
-
-
-def is_permission_error(exc: OSError) -> bool:
-    return exc.errno in (errno.EACCES, errno.EPERM)
