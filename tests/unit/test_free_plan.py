@@ -287,3 +287,11 @@ def test_result_exit_codes() -> None:
     assert _result(p, Fate.EXITED, True).exit_code == 0
     assert _result(p, Fate.DENIED, False).exit_code == 3
     assert _result(p, Fate.RELEASED, False).exit_code == 1
+
+
+@pytest.mark.parametrize(("facts", "code"), [(USER_FACTS, 3), (ROOT_FACTS, 0)], ids=["user", "root"])
+def test_connections_left_behind_need_sock_destroy(facts: HostFacts, code: int) -> None:
+    d = diag(blocker(sock(State.ESTABLISHED, inode=88), (owner(uid=facts.euid),), HolderKind.CONNECTION))
+    p = plan_for(d, facts)
+    assert p.leaves_orphans and p.worth_acting and p.exit_code == code
+    assert bool(p.destroy_blocked) == (code == 3)

@@ -58,6 +58,8 @@ EXIT_REFUSED = 5
 NOT_A_SOCKET_RULES = frozenset({Rule.ADDRESS_NOT_LOCAL, Rule.PRIVILEGED_PORT, Rule.INVALID_ADDRESS})
 
 Event = Callable[[str], None]
+#: Socket states that leave nothing behind when their process closes them.
+_IDLE = frozenset({State.LISTEN, State.BOUND_INACTIVE, State.CLOSE})
 
 
 class Refusal(enum.StrEnum):
@@ -188,8 +190,7 @@ class FreePlan:
     @property
     def leaves_orphans(self) -> bool:
         """Do the targets hold connections on the port? Closing them leaves FIN_WAIT/TIME_WAIT."""
-        idle = (State.LISTEN, State.BOUND_INACTIVE, State.CLOSE)
-        return any(r.state not in idle for t in self.targets for r in t.sockets)
+        return any(r.state not in _IDLE for t in self.targets for r in t.sockets)
 
 
 class Fate(enum.StrEnum):
@@ -330,13 +331,9 @@ def owner_refusal(
 def no_owner_reason(scan: OwnerScanReport, euid: int) -> str:
     """Why a socket that has a file shows no owner, from what the owner scan could not read."""
     if scan.inaccessible:
-        who = f"could not read the fds of {scan.inaccessible} process(es)"
-        if euid == 0:
-            return (
-                f"{who} (permission denied even as root: another user namespace, an LSM, or "
-                "CAP_SYS_PTRACE missing); its owner may be one of them"
-            )
-        return f"{who} (other users'; run as root to see them); its owner may be one of them"
+        from rebind.kernel.owners import inaccessible_warning
+
+        return f"{inaccessible_warning(scan.inaccessible, euid)}; its owner may be one of them"
     return (
         "no process visible here holds it: its owner is outside this PID namespace (a container's "
         "host, or /proc mounted with hidepid), or it is held only in flight (SCM_RIGHTS)"
@@ -396,7 +393,13 @@ def make_plan(
         for o, why, socks in refused.values()
         if o.pid not in targets
     )
+    orphans = any(r.state not in _IDLE for t in plan_targets for r in t.sockets)
+    # Stopping a process that holds connections leaves FIN_WAIT/TIME_WAIT orphans behind.
+    orphans_stay = facts.destroy_blocked() if orphans else ""
     obstacles = () if d.bindable else _obstacles(d, facts, not_sockets, plan_refused, unowned, expiring)
+    if orphans_stay and not d.bindable:
+        text = f"connections the stopped processes leave behind: {orphans_stay}; they expire by themselves"
+        obstacles = (*obstacles, Obstacle(ObstacleKind.CANNOT_DESTROY, text, int(ExitCode.ENVIRONMENT)))
     return FreePlan(
         request=d.request,
         diagnosis=d,
@@ -406,7 +409,7 @@ def make_plan(
         refused=plan_refused,
         destroy=tuple(destroy),
         expiring=tuple(expiring),
-        destroy_blocked=blocked,
+        destroy_blocked=blocked or orphans_stay,
         unowned=tuple(unowned),
         obstacles=tuple(obstacles),
         blocking_inodes=frozenset(
@@ -574,6 +577,9 @@ def _stop_processes(plan: FreePlan, say: Event) -> list[ProcessOutcome]:
                 out[t.pid] = ProcessOutcome(t, fate)
                 why = "pid reused by another process" if fate is Fate.REUSED else "already exited"
                 say(f"{t.label}: {why}; not signalled")
+            except OSError as exc:  # EMFILE, or no pidfds at all: it cannot be pinned
+                out[t.pid] = ProcessOutcome(t, Fate.UNVERIFIED)
+                say(f"{t.label}: cannot open a pidfd ({exc.strerror}); not signalled")
         started = time.monotonic()
         alive = _signal_all(pfds, by_pid, plan, plan.signal, (), out, say)
         gone = _wait_exit({p: pfds[p] for p in alive}, plan.grace)

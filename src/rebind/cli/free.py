@@ -122,6 +122,8 @@ def print_plan(plan: FreePlan) -> None:
         _echo(f"  stop     {describe_target(t)} ({signal_name(plan.signal)}{escalate})")
     if plan.leaves_orphans and not plan.destroy_blocked:
         _echo("  destroy  connections the stopped processes leave behind on the port (TIME_WAIT, FIN_WAIT)")
+    elif plan.leaves_orphans:
+        _echo(f"  wait     connections the stopped processes leave behind ({plan.destroy_blocked})")
     for r in plan.destroy:
         _echo(f"  destroy  {socket_label(r)} (SOCK_DESTROY)")
     for r in plan.expiring:

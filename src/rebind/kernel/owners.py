@@ -117,6 +117,19 @@ def find_owners(
     return _owners(_not_ours(hits, dups), root, report)
 
 
+def inaccessible_warning(count: int, euid: int) -> str:
+    """What ``count`` unreadable fd tables (OwnerScanReport.inaccessible) mean for the caller."""
+    who = f"could not read the fds of {count} process(es)"
+    if euid == 0:
+        # Root is refused only by ptrace_may_access() (proc_fd_access_allowed): a process in
+        # another user namespace, an LSM, or CAP_SYS_PTRACE dropped from rebind's capabilities.
+        return (
+            f"{who} (permission denied even as root: another user namespace, an LSM, or "
+            "CAP_SYS_PTRACE missing): owners of their sockets are unknown"
+        )
+    return f"{who} (other users'; run as root to see them): owners of their sockets are unknown"
+
+
 def _only(values: Iterable[int | None]) -> int | None:
     distinct = set(values)
     return distinct.pop() if len(distinct) == 1 else None
@@ -150,22 +163,16 @@ def _describe_as(pid: int, start: int, root: str) -> Owner | None:
     """Details of the process that held the socket, or None if the pid now names another one.
 
     The scan saw the process that started at ``start``; a different start now means it exited
-    and the pid was reused. With the live /proc a pidfd brackets the reads, so a process that
-    exits while being described is not confused with its successor either.
+    and the pid was reused. A pidfd brackets the reads where it can, so a process that exits
+    while being described is not mixed up with its successor either.
     """
-    pfd = pin(pid) if root == PROC else None
-    if root == PROC and pfd is None:
-        return None
-    try:
-        base = describe_process(pid, root=root)
-        if base is None or base.start_ticks != start:
+    with _Identity(root, pid) as ident:
+        if ident.gone:
             return None
-        if pfd is not None and exited(pfd):
+        base = describe_process(pid, root=root)
+        if base is None or base.start_ticks != start or ident.confirm() != start:
             return None
         return base
-    finally:
-        if pfd is not None:
-            os.close(pfd)
 
 
 def _with_fd(base: Owner, fd: int) -> Owner:
@@ -226,34 +233,59 @@ class Hit(NamedTuple):
 def _scan_pids(root: str, pids: Sequence[int], wanted: dict[str, int]) -> tuple[list[Hit], int, int]:
     hits: list[Hit] = []
     inaccessible = vanished = 0
-    live = root == PROC
     for pid in pids:
-        # Identity first: pin the process (the live /proc) or note its start time, then read its
-        # fds, then confirm it is the same process. Reading the start time only afterwards
-        # would describe whichever process got the pid meanwhile (and free would signal it).
-        pfd = pin(pid) if live else None
-        before = None if live else start_ticks(pid, root)
-        if pfd is None and before is None:
-            vanished += 1
-            continue
-        try:
+        # Identity first: pin the process (or note its start time), then read its fds, then
+        # confirm it is the same process. Reading the start time only afterwards would describe
+        # whichever process got the pid meanwhile (and `rebind free` would signal it).
+        with _Identity(root, pid) as ident:
+            if ident.gone:
+                vanished += 1
+                continue
             found, state = _read_fds(root, pid, wanted)
-            if state is _Read.DENIED:
-                inaccessible += 1
+            inaccessible += state is _Read.DENIED
             if not found:
                 vanished += state is _Read.GONE
                 continue
             if _after_fd_scan is not None:
                 _after_fd_scan(pid)
-            start = start_ticks(pid, root)
-            if start is None or (pfd is not None and exited(pfd)) or (before is not None and start != before):
+            start = ident.confirm()
+            if start is None:
                 vanished += 1  # exited (and maybe replaced) while being read: not an owner
                 continue
             hits.extend(Hit(pid, fd, inode, start) for fd, inode in found)
-        finally:
-            if pfd is not None:
-                os.close(pfd)
     return hits, inaccessible, vanished
+
+
+class _Identity:
+    """Whichever process has ``pid`` before its fds are read; :meth:`confirm` after reading says
+    whether it still is the same one (and gives its start time)."""
+
+    def __init__(self, root: str, pid: int) -> None:
+        self.root, self.pid = root, pid
+        self.pfd: int | None = None
+        self.before: int | None = None
+        if root == PROC:
+            try:
+                self.pfd = pin(pid)
+            except OSError:
+                pass  # no pidfds (Linux < 5.3) or no fd left: the start time alone
+        if self.pfd is None:
+            self.before = start_ticks(pid, root)
+        self.gone = self.pfd is None and self.before is None
+
+    def confirm(self) -> int | None:
+        start = start_ticks(self.pid, self.root)
+        if self.pfd is not None:
+            # Pinned before the reads and not exited after: the pid named it all along.
+            return None if exited(self.pfd) else start
+        return start if start == self.before else None
+
+    def __enter__(self) -> _Identity:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.pfd is not None:
+            os.close(self.pfd)
 
 
 class _Read(enum.Enum):
