@@ -7,6 +7,7 @@ Each test runs in a throwaway network namespace; pid reuse is forced in a privat
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -238,6 +239,9 @@ def test_unreadable_fds_are_counted_and_free_says_what_is_unknown(netns: int, pr
     res = _cli("free", "18605", "--dry-run", "--force", prefix=no_ptrace, env={"REBIND_NO_BPF": "1"})
     assert res.returncode == 3, res.stdout + res.stderr
     assert "permission denied even as root" in res.stdout and "without root" not in res.stdout
+    ls = _cli("ls", "18605", "--json", prefix=no_ptrace, env={"REBIND_NO_BPF": "1"})
+    doc = json.loads(ls.stdout)
+    assert any("permission denied even as root" in w for w in doc["warnings"]), doc["warnings"]
     assert p.poll() is None
 
 

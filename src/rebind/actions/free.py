@@ -333,7 +333,7 @@ def no_owner_reason(scan: OwnerScanReport, euid: int) -> str:
     if scan.inaccessible:
         from rebind.kernel.owners import inaccessible_warning
 
-        return f"{inaccessible_warning(scan.inaccessible, euid)}; its owner may be one of them"
+        return inaccessible_warning(scan.inaccessible, euid)
     return (
         "no process visible here holds it: its owner is outside this PID namespace (a container's "
         "host, or /proc mounted with hidepid), or it is held only in flight (SCM_RIGHTS)"

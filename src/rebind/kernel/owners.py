@@ -119,15 +119,13 @@ def find_owners(
 
 def inaccessible_warning(count: int, euid: int) -> str:
     """What ``count`` unreadable fd tables (OwnerScanReport.inaccessible) mean for the caller."""
-    who = f"could not read the fds of {count} process(es)"
     if euid == 0:
         # Root is refused only by ptrace_may_access() (proc_fd_access_allowed): a process in
         # another user namespace, an LSM, or CAP_SYS_PTRACE dropped from rebind's capabilities.
-        return (
-            f"{who} (permission denied even as root: another user namespace, an LSM, or "
-            "CAP_SYS_PTRACE missing): owners of their sockets are unknown"
-        )
-    return f"{who} (other users'; run as root to see them): owners of their sockets are unknown"
+        why = "permission denied even as root: another user namespace, an LSM, or CAP_SYS_PTRACE missing"
+    else:
+        why = "other users' processes: run as root to see them"
+    return f"{count} process(es) could not be inspected ({why}): owners of their sockets may be missing"
 
 
 def _only(values: Iterable[int | None]) -> int | None:
