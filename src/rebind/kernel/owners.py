@@ -143,15 +143,13 @@ def _owners(
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
     owners: dict[int, list[Owner]] = {}
     details: dict[int, Owner | None] = {}
-    vanished = 0
     for hit in sorted(hits):
         if hit.pid not in details:
             details[hit.pid] = _describe_as(hit.pid, hit.start_ticks, root)
         base = details[hit.pid]
-        if base is None:
-            vanished += 1
-            continue
-        owners.setdefault(hit.inode, []).append(_with_fd(base, hit.fd))
+        if base is not None:
+            owners.setdefault(hit.inode, []).append(_with_fd(base, hit.fd))
+    vanished = sum(base is None for base in details.values())  # processes, not fds
     if vanished:
         report = replace(report, vanished=report.vanished + vanished)
     return {k: tuple(sorted(v, key=lambda o: (o.pid, o.fd))) for k, v in owners.items()}, report
