@@ -29,7 +29,7 @@ import select
 import signal as _signal
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from rebind.actions.common import AddrLike, bind_request, owner_label, socket_label
 from rebind.diagnosis import BlockerInfo, Diagnosis, diagnose
@@ -340,6 +340,44 @@ def no_owner_reason(scan: OwnerScanReport, euid: int) -> str:
     )
 
 
+@dataclass(slots=True)
+class _Buckets:
+    """Each blocker of a diagnosis, sorted by what the plan does with it."""
+
+    targets: dict[int, tuple[Owner, list[SocketRecord], list[int]]] = field(default_factory=dict)
+    refused: dict[int, tuple[Owner, Refusal, list[SocketRecord]]] = field(default_factory=dict)
+    destroy: list[SocketRecord] = field(default_factory=list)
+    expiring: list[SocketRecord] = field(default_factory=list)
+    unowned: list[SocketRecord] = field(default_factory=list)
+    not_sockets: list[Obstacle] = field(default_factory=list)
+    blocked: str = ""
+
+
+def _sort_blockers(d: Diagnosis, facts: HostFacts, force: bool, outgoing: bool) -> _Buckets:
+    out = _Buckets()
+    for b in () if d.bindable else d.blockers:
+        r = b.entry.socket
+        if not is_socket_blocker(b):
+            out.not_sockets.append(_not_a_socket(b.blocker.reason, b.blocker.rule is Rule.PRIVILEGED_PORT))
+        elif not r.inode:
+            # No file refers to it: a timewait mini-socket or an orphaned connection.
+            why = facts.destroy_blocked(r)
+            (out.expiring if why else out.destroy).append(r)
+            out.blocked = out.blocked or why
+        elif not b.entry.owners:
+            out.unowned.append(r)
+        else:
+            for o in b.entry.owners:
+                refusal = owner_refusal(o, b.kind, facts, force=force, outgoing=outgoing)
+                if refusal is None:
+                    _, socks, fds = out.targets.setdefault(o.pid, (o, [], []))
+                    socks.append(r)
+                    fds.append(o.fd)
+                else:
+                    out.refused.setdefault(o.pid, (o, refusal, []))[2].append(r)
+    return out
+
+
 def make_plan(
     d: Diagnosis,
     *,
@@ -355,48 +393,22 @@ def make_plan(
     """
     grace = parse_seconds(grace, what="grace")
     facts = HostFacts.gather() if facts is None else facts
-    targets: dict[int, tuple[Owner, list[SocketRecord], list[int]]] = {}
-    refused: dict[int, tuple[Owner, Refusal, list[SocketRecord]]] = {}
-    destroy: list[SocketRecord] = []
-    expiring: list[SocketRecord] = []
-    unowned: list[SocketRecord] = []
-    not_sockets: list[Obstacle] = []
-    blocked = ""
-    for b in () if d.bindable else d.blockers:
-        r = b.entry.socket
-        if not is_socket_blocker(b):
-            not_sockets.append(_not_a_socket(b.blocker.reason, b.blocker.rule is Rule.PRIVILEGED_PORT))
-            continue
-        if not r.inode:
-            # No file refers to it: a timewait mini-socket or an orphaned connection.
-            why = facts.destroy_blocked(r)
-            (expiring if why else destroy).append(r)
-            blocked = blocked or why
-            continue
-        if not b.entry.owners:
-            unowned.append(r)
-            continue
-        for o in b.entry.owners:
-            refusal = owner_refusal(o, b.kind, facts, force=force, outgoing=outgoing)
-            if refusal is None:
-                _, socks, fds = targets.setdefault(o.pid, (o, [], []))
-                socks.append(r)
-                fds.append(o.fd)
-            else:
-                refused.setdefault(o.pid, (o, refusal, []))[2].append(r)
-    plan_targets = tuple(
+    got = _sort_blockers(d, facts, force, outgoing)
+    targets = tuple(
         Target(o.pid, o.start_ticks or 0, o.name, o.uid, tuple(socks), tuple(fds))
-        for o, socks, fds in targets.values()
+        for o, socks, fds in got.targets.values()
     )
-    plan_refused = tuple(
+    refused = tuple(
         Refused(o.pid, o.name, why, tuple(socks))
-        for o, why, socks in refused.values()
-        if o.pid not in targets
+        for o, why, socks in got.refused.values()
+        if o.pid not in got.targets
     )
-    orphans = any(r.state not in _IDLE for t in plan_targets for r in t.sockets)
     # Stopping a process that holds connections leaves FIN_WAIT/TIME_WAIT orphans behind.
+    orphans = any(r.state not in _IDLE for t in targets for r in t.sockets)
     orphans_stay = facts.destroy_blocked() if orphans else ""
-    obstacles = () if d.bindable else _obstacles(d, facts, not_sockets, plan_refused, unowned, expiring)
+    obstacles: tuple[Obstacle, ...] = ()
+    if not d.bindable:
+        obstacles = _obstacles(d, facts, got.not_sockets, refused, got.unowned, got.expiring)
     if orphans_stay and not d.bindable:
         text = f"connections the stopped processes leave behind: {orphans_stay}; they expire by themselves"
         obstacles = (*obstacles, Obstacle(ObstacleKind.CANNOT_DESTROY, text, int(ExitCode.ENVIRONMENT)))
@@ -405,13 +417,13 @@ def make_plan(
         diagnosis=d,
         signal=parse_signal(signal),
         grace=grace,
-        targets=plan_targets,
-        refused=plan_refused,
-        destroy=tuple(destroy),
-        expiring=tuple(expiring),
-        destroy_blocked=blocked or orphans_stay,
-        unowned=tuple(unowned),
-        obstacles=tuple(obstacles),
+        targets=targets,
+        refused=refused,
+        destroy=tuple(got.destroy),
+        expiring=tuple(got.expiring),
+        destroy_blocked=got.blocked or orphans_stay,
+        unowned=tuple(got.unowned),
+        obstacles=obstacles,
         blocking_inodes=frozenset(
             b.entry.socket.inode for b in d.blockers if b.entry.socket.inode and is_socket_blocker(b)
         ),
