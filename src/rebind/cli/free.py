@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
@@ -112,7 +113,7 @@ def _echo(line: str, *, err: bool = False) -> None:
 
 def print_plan(plan: FreePlan) -> None:
     from rebind.actions.common import socket_label, where
-    from rebind.actions.free import ObstacleKind, describe_target, signal_name
+    from rebind.actions.free import ObstacleKind, describe_target, no_owner_reason, signal_name
     from rebind.cli.render import fmt_ms
 
     _echo(plan.diagnosis.verdict)
@@ -133,8 +134,12 @@ def print_plan(plan: FreePlan) -> None:
         socks = ", ".join(sorted({socket_label(s) for s in x.sockets}))
         _echo(f"  leave    {x.label}: {socks}: {x.reason}")
     for o in plan.obstacles:
-        if o.kind in (ObstacleKind.NOT_A_SOCKET, ObstacleKind.NO_OWNER):
+        if o.kind is ObstacleKind.NOT_A_SOCKET:
             _echo(f"  cannot   {o.text}")
+    for r in plan.unowned:
+        _echo(f"  cannot   {socket_label(r)}: no visible owner")
+    if plan.unowned:
+        _echo(f"           ({no_owner_reason(plan.diagnosis.table.scan, os.geteuid())})")
     if plan.obstacles and not plan.worth_acting:
         _echo(f"This cannot make {where(plan.request)} bindable: nothing would be done.")
     elif plan.expiring:
