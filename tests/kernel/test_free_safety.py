@@ -339,3 +339,35 @@ def test_owner_outside_the_pid_namespace_cannot_be_freed(netns: int, unshare: No
             assert "cannot make 0.0.0.0:18611/tcp bindable" in res.stdout
     finally:
         srv.close()
+
+
+# A thread that unshared its fd table (CLONE_FILES) keeps the listener the main table closed.
+THREAD_TABLE = """
+import ctypes, os, socket, threading, time
+s = socket.socket()
+s.bind(('127.0.0.1', {port}))
+s.listen()
+ready = threading.Event()
+def keep():
+    assert ctypes.CDLL(None, use_errno=True).unshare(0x400) == 0  # CLONE_FILES
+    ready.set()
+    time.sleep(600)
+threading.Thread(target=keep, daemon=True).start()
+ready.wait()
+os.close(s.detach())
+print('ready', flush=True)
+time.sleep(600)
+"""
+
+
+def test_holding_is_checked_in_threads_with_their_own_fd_table(netns: int, procs: Any) -> None:
+    p = procs.python(THREAD_TABLE.format(port=18612))
+    procs.wait_line(p)
+    [rec] = [r for r in iter_records(ports=[18612], protos=[Proto.TCP])[0] if r.inode]
+    pfd = pidfd.pin(p.pid)
+    assert pfd is not None
+    try:
+        assert pidfd.holds_socket(pfd, p.pid, {rec.inode}) is pidfd.Holding.YES
+        assert pidfd.holds_socket(pfd, p.pid, {rec.inode + 1}) is pidfd.Holding.NO
+    finally:
+        os.close(pfd)

@@ -95,21 +95,16 @@ def holds_socket(pfd: int, pid: int, inodes: Collection[int], hint_fds: Iterable
     """Does the process pinned by ``pfd`` (``pid`` here) still hold one of these socket inodes?
 
     ``hint_fds`` (where it held them when last seen) are read first; the whole table is read if
-    they moved. A process that exited meanwhile holds nothing.
+    they moved, then the tables of threads that unshared theirs (CLONE_FILES). A process that
+    exited meanwhile holds nothing.
     """
     want = {f"socket:[{i}]" for i in inodes}
-    found = denied = False
-    try:
-        dfd = os.open(f"{PROC}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except PermissionError:
-        denied = True
-    except OSError:
-        return Holding.NO if exited(pfd) else Holding.UNKNOWN
-    else:
-        try:
-            found, denied = _find_links(dfd, want, hint_fds)
-        finally:
-            os.close(dfd)
+    found, denied = _find_links(f"{PROC}/{pid}/fd", want, hint_fds)
+    if not (found or denied):
+        for tid in _other_tasks(pid):
+            found, denied = _find_links(f"{PROC}/{pid}/task/{tid}/fd", want, ())
+            if found or denied:
+                break
     # What was read is the pinned process's only if it was alive throughout: it was when
     # pinned, and it still is now.
     if exited(pfd):
@@ -119,26 +114,41 @@ def holds_socket(pfd: int, pid: int, inodes: Collection[int], hint_fds: Iterable
     return Holding.UNKNOWN if denied else Holding.NO
 
 
-def _find_links(dfd: int, want: set[str], hint_fds: Iterable[int]) -> tuple[bool, bool]:
-    """(found, permission denied) for the links of an open /proc/PID/fd directory."""
+def _other_tasks(pid: int) -> list[str]:
+    try:
+        return [t for t in os.listdir(f"{PROC}/{pid}/task") if t != str(pid)]
+    except OSError:
+        return []
+
+
+def _find_links(path: str, want: set[str], hint_fds: Iterable[int]) -> tuple[bool, bool]:
+    """(found, permission denied) for the links of a /proc fd directory."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return False, True
+    except OSError:
+        return False, False  # gone: exited() decides
     try:
         names = [*(str(f) for f in hint_fds), *os.listdir(dfd)]
+        for name in names:
+            try:
+                link = os.readlink(name, dir_fd=dfd)
+            except PermissionError:
+                # proc_fd_access_allowed(): readlink needs ptrace read access even where
+                # listing the directory is allowed.
+                return False, True
+            except OSError:
+                continue  # closed meanwhile
+            if link in want:
+                return True, False
+        return False, False
     except PermissionError:
         return False, True
     except OSError:
         return False, False
-    for name in names:
-        try:
-            link = os.readlink(name, dir_fd=dfd)
-        except PermissionError:
-            # proc_fd_access_allowed(): readlink needs ptrace read access even where listing
-            # the directory is allowed.
-            return False, True
-        except OSError:
-            continue  # closed meanwhile
-        if link in want:
-            return True, False
-    return False, False
+    finally:
+        os.close(dfd)
 
 
 # ---------------------------------------------------------------------------------------------
