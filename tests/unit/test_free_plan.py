@@ -20,6 +20,7 @@ from rebind.actions.free import (
     ProcessOutcome,
     Refusal,
     Target,
+    explain_remaining,
     make_plan,
 )
 from rebind.diagnosis import BlockerInfo, Diagnosis
@@ -295,3 +296,12 @@ def test_connections_left_behind_need_sock_destroy(facts: HostFacts, code: int) 
     p = plan_for(d, facts)
     assert p.leaves_orphans and p.worth_acting and p.exit_code == code
     assert bool(p.destroy_blocked) == (code == 3)
+
+
+def test_process_names_are_escaped_in_every_message() -> None:
+    hostile = owner(pid=1, name="\x1b[2J\x1b]0;PWN\x07[/x]")
+    p = plan_for(diag(blocker(sock(), (hostile,))))
+    res = FreeResult(p, (), (), p.diagnosis)
+    res = replace(res, remaining=explain_remaining(res))
+    for text in (p.obstacles[0].text, *res.remaining):
+        assert "\x1b" not in text and "\x07" not in text and "\\x1b[2J" in text, text

@@ -38,6 +38,7 @@ from rebind.model.conflict import BindRequest, Rule
 from rebind.model.diagnosis import NO_SOCKET_KINDS, HolderKind, fmt_seconds
 from rebind.model.records import Owner, OwnerScanReport, Proto, SocketRecord, State
 from rebind.model.validate import parse_seconds
+from rebind.textsafe import visible
 
 DEFAULT_GRACE = 5.0
 #: After SIGKILL a process normally dies at once; one in uninterruptible sleep (D) may not.
@@ -84,7 +85,7 @@ class ObstacleKind(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class Obstacle:
     kind: ObstacleKind
-    #: What blocks and why rebind cannot remove it (may contain process-supplied names).
+    #: What blocks and why rebind cannot remove it (process-supplied names escaped).
     text: str
     #: The exit status it stands for: 2 the request itself, 3 missing permission or kernel
     #: feature, EXIT_REFUSED, or 1.
@@ -233,7 +234,8 @@ class FreeResult:
     sockets: tuple[SocketOutcome, ...]
     #: The diagnosis after acting: ``after.trial`` is the verifying trial bind.
     after: Diagnosis
-    #: One line per thing that still holds the port (empty when it is bindable).
+    #: One line per thing that still holds the port (empty when it is bindable); process names
+    #: in them are escaped (rebind.textsafe.visible).
     remaining: tuple[str, ...] = ()
 
     @property
@@ -474,7 +476,7 @@ def _unexplained(d: Diagnosis, not_sockets: list[Obstacle]) -> tuple[Obstacle, .
 
 def _refused_obstacle(x: Refused) -> Obstacle:
     socks = ", ".join(sorted({socket_label(s) for s in x.sockets}))
-    return Obstacle(ObstacleKind.REFUSED, f"{x.label} holds {socks}: {x.reason}", EXIT_REFUSED)
+    return Obstacle(ObstacleKind.REFUSED, visible(f"{x.label} holds {socks}: {x.reason}"), EXIT_REFUSED)
 
 
 def _expiring_obstacle(r: SocketRecord, why: str) -> Obstacle:
@@ -534,7 +536,8 @@ def free(
     users' processes are signalled only as root with ``force``; outgoing connections that
     happen to use the port only with ``outgoing``. When the plan cannot make the port bindable
     (``plan.obstacles``: a refused holder, an owner nobody can see, no socket at all), nothing is
-    touched. Returns what was done and what remains (``exit_code`` as the CLI's).
+    touched. ``on_event`` gets one line per step (process names escaped). Returns what was done
+    and what remains (``exit_code`` as the CLI's).
     """
     plan = plan_free(
         port,
@@ -563,7 +566,8 @@ def execute_plan(plan: FreePlan, *, on_event: Event | None = None) -> FreeResult
     the port (:func:`free` does not act then).
     """
     parse_seconds(plan.grace, what="grace")  # before any signal: a wait that cannot end
-    say = on_event or (lambda _msg: None)
+    # Messages carry process names: control characters are escaped before anyone prints them.
+    say: Event = (lambda msg: on_event(visible(msg))) if on_event else (lambda _msg: None)
     processes = _stop_processes(plan, say)
     sockets = _destroy(plan.destroy, say)
     if processes:
@@ -779,7 +783,7 @@ def explain_remaining(result: FreeResult) -> tuple[str, ...]:
             lines.append(f"{what}: {_owner_note(o, refused, fates)}{idle}")
     if not after.blockers:
         lines.append(f"{after.trial}, but no socket that blocks it is visible")
-    return tuple(lines)
+    return tuple(visible(line) for line in lines)
 
 
 def _orphan_note(r: SocketRecord, error: str | None) -> str:
