@@ -70,11 +70,11 @@ def socket_table(
         found, report = find_owners(records)
         by_inode = dict(found)
         if report.inaccessible:
-            warnings = (
-                *warnings,
-                f"{report.inaccessible} process(es) could not be inspected (not root?): "
-                "owners of their sockets may be missing",
-            )
+            from os import geteuid
+
+            from rebind.kernel.owners import inaccessible_warning
+
+            warnings = (*warnings, inaccessible_warning(report.inaccessible, geteuid()))
     entries = tuple(SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()) for r in records)
     return SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=warnings)
 

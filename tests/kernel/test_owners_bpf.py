@@ -203,3 +203,22 @@ def test_without_privileges_it_says_so(netns: int) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "unavailable: no CAP_BPF" in out.stdout, out.stderr
+
+
+def test_a_hit_whose_pid_now_names_another_process_is_dropped(
+    netns: int, procs: Any, bpf_ready: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel saw the process that started at hit.start_ticks; a different start time now
+    means the pid was reused after the scan: not an owner (and never a target for `free`)."""
+    port, _, _ = _start(procs)
+    records = list(iter_records(ports=[port])[0])
+    real = bpf_iter.find_socket_holders
+
+    def stale(*args: Any, **kw: Any) -> bpf_iter.ScanResult:
+        res = real(*args, **kw)
+        return res._replace(hits=tuple(h._replace(start_ticks=h.start_ticks - 1) for h in res.hits))
+
+    monkeypatch.setattr(bpf_iter, "find_socket_holders", stale)
+    found, report = owners.find_owners(records)
+    assert owners.bpf_fallback_reason is None
+    assert found == {} and report.vanished == 5  # the five holders of _start, each dropped once

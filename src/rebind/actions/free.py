@@ -5,8 +5,14 @@ Plan, then act, then verify:
 * the plan comes from :func:`rebind.diagnosis.diagnose` (the sockets that block *this* bind with
   *these* options), so a client connected *to* the port is never in it: its socket's local port
   is an ephemeral one, and the table is filtered by local port;
+* planning is pure (:func:`make_plan`: a diagnosis and :class:`HostFacts` in, a
+  :class:`FreePlan` out); a plan that cannot make the port bindable says why
+  (``FreePlan.obstacles``: a holder rebind refuses to signal, an owner nobody can see, or no
+  socket at all -- a privileged port, an address that is not local) and :func:`free` does not
+  act on it;
 * processes are signalled only through pidfds opened against the identity (pid + start time)
-  captured when the plan was made, so a recycled pid is never hit;
+  captured when the plan was made, so a recycled pid is never hit, and only while they still
+  hold a blocking socket (checked right before each signal);
 * TIME_WAIT / orphan FIN_WAIT2 mini-sockets and orphaned connections have no process to stop;
   they are removed with SOCK_DESTROY where the kernel permits it (CAP_NET_ADMIN; TIME_WAIT
   since Linux 6.0, bind-rules.md 4.4), otherwise the plan says how long they have left;
@@ -17,19 +23,22 @@ from __future__ import annotations
 
 import enum
 import errno
+import math
 import os
 import select
 import signal as _signal
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
-from rebind.actions.common import AddrLike, bind_request, owner_label, socket_label, where
-from rebind.diagnosis import Diagnosis, diagnose
-from rebind.errors import KernelError, UsageError
-from rebind.model.conflict import BindRequest
-from rebind.model.diagnosis import HolderKind, fmt_seconds
-from rebind.model.records import Owner, Proto, SocketRecord, State
+from rebind.actions.common import AddrLike, bind_request, owner_label, socket_label
+from rebind.diagnosis import BlockerInfo, Diagnosis, diagnose
+from rebind.errors import ExitCode, KernelError, UsageError
+from rebind.model.conflict import BindRequest, Rule
+from rebind.model.diagnosis import NO_SOCKET_KINDS, HolderKind, fmt_seconds
+from rebind.model.records import Owner, OwnerScanReport, Proto, SocketRecord, State
+from rebind.model.validate import parse_seconds
+from rebind.textsafe import visible
 
 DEFAULT_GRACE = 5.0
 #: After SIGKILL a process normally dies at once; one in uninterruptible sleep (D) may not.
@@ -40,8 +49,18 @@ SETTLE_ROUNDS = 4
 SETTLE_PAUSE = 0.05
 #: SOCK_DESTROY learned TIME_WAIT (tcp_abort on a timewait sock) in Linux 6.0 (af9784d007d8).
 DESTROY_TIME_WAIT_SINCE = (6, 0)
+#: Exit status when what blocks the port is something rebind will not touch (PID 1, itself or an
+#: ancestor, another user's process without root and --force, a container proxy, an outgoing
+#: connection without --outgoing): distinct from 1 ("still busy") and 3 (missing permission).
+EXIT_REFUSED = 5
+
+#: Bind failures that involve no socket at all (__inet_bind / __inet6_bind checks that come
+#: before any port lookup): nothing to signal or destroy.
+NOT_A_SOCKET_RULES = frozenset({Rule.ADDRESS_NOT_LOCAL, Rule.PRIVILEGED_PORT, Rule.INVALID_ADDRESS})
 
 Event = Callable[[str], None]
+#: Socket states that leave nothing behind when their process closes them.
+_IDLE = frozenset({State.LISTEN, State.BOUND_INACTIVE, State.CLOSE})
 
 
 class Refusal(enum.StrEnum):
@@ -52,6 +71,50 @@ class Refusal(enum.StrEnum):
     NO_IDENTITY = "its start time could not be read, so a recycled pid could not be ruled out"
     OUTGOING = "only an outgoing connection whose local port is this port (pass --outgoing to include it)"
     CONTAINER = "a container runtime's port proxy: stop or re-map the container instead"
+
+
+class ObstacleKind(enum.StrEnum):
+    """Why a plan cannot make the port bindable (in the order they matter)."""
+
+    NOT_A_SOCKET = "not-a-socket"  # privileged port, address not local, invalid address
+    REFUSED = "refused"  # held by a process rebind will not signal
+    NO_OWNER = "no-owner"  # held through a file, by no process rebind can see
+    CANNOT_DESTROY = "cannot-destroy"  # a leftover SOCK_DESTROY cannot remove here: it expires
+
+
+@dataclass(frozen=True, slots=True)
+class Obstacle:
+    kind: ObstacleKind
+    #: What blocks and why rebind cannot remove it (process-supplied names escaped).
+    text: str
+    #: The exit status it stands for: 2 the request itself, 3 missing permission or kernel
+    #: feature, EXIT_REFUSED, or 1.
+    exit_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """What a plan depends on beyond the diagnosis: who is asking, and what the kernel allows."""
+
+    euid: int
+    #: PID 1, rebind itself and its ancestors: never signalled.
+    protected: Mapping[int, Refusal]
+    cap_net_admin: bool
+    kernel_version: tuple[int, int]
+
+    @classmethod
+    def gather(cls) -> HostFacts:
+        from rebind.kernel.sysctl import CAP_NET_ADMIN, has_cap, kernel_version
+
+        return cls(os.geteuid(), protected_pids(), has_cap(CAP_NET_ADMIN), kernel_version())
+
+    def destroy_blocked(self, rec: SocketRecord | None = None) -> str:
+        """Why SOCK_DESTROY cannot remove (this) socket here; "" when it can."""
+        if not self.cap_net_admin:
+            return "SOCK_DESTROY needs CAP_NET_ADMIN (run as root)"
+        if (rec is None or rec.is_mini) and self.kernel_version < DESTROY_TIME_WAIT_SINCE:
+            return "SOCK_DESTROY removes TIME_WAIT only since Linux 6.0"
+        return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +159,13 @@ class FreePlan:
     expiring: tuple[SocketRecord, ...] = ()
     #: Why SOCK_DESTROY is not available ("" when it is).
     destroy_blocked: str = ""
-    #: Sockets with a file but no visible owner (another user's process without root, ...).
+    #: Sockets with a file but no visible owner (see ``obstacles`` for why).
     unowned: tuple[SocketRecord, ...] = ()
+    #: Why this plan cannot make the port bindable, most important first (empty: it can).
+    obstacles: tuple[Obstacle, ...] = ()
+    #: Inodes of every blocking socket that has a file: a target is signalled only while it
+    #: still holds one of them.
+    blocking_inodes: frozenset[int] = frozenset()
 
     @property
     def bindable(self) -> bool:
@@ -108,10 +176,22 @@ class FreePlan:
         return bool(self.targets or self.destroy)
 
     @property
+    def worth_acting(self) -> bool:
+        """Would acting make the port bindable (at once, or once leftovers expire)?
+
+        Stopping processes while something else keeps the port busy anyway only does harm.
+        """
+        return self.has_actions and all(o.kind is ObstacleKind.CANNOT_DESTROY for o in self.obstacles)
+
+    @property
+    def exit_code(self) -> int:
+        """0 if carrying out the plan makes the port bindable, else the first obstacle's status."""
+        return self.obstacles[0].exit_code if self.obstacles and not self.bindable else 0
+
+    @property
     def leaves_orphans(self) -> bool:
         """Do the targets hold connections on the port? Closing them leaves FIN_WAIT/TIME_WAIT."""
-        idle = (State.LISTEN, State.BOUND_INACTIVE, State.CLOSE)
-        return any(r.state not in idle for t in self.targets for r in t.sockets)
+        return any(r.state not in _IDLE for t in self.targets for r in t.sockets)
 
 
 class Fate(enum.StrEnum):
@@ -121,6 +201,8 @@ class Fate(enum.StrEnum):
     GONE = "gone"  # had exited before it was signalled
     REUSED = "reused"  # the pid now names another process: not signalled
     DENIED = "denied"  # the kernel refused the signal (EPERM)
+    RELEASED = "released"  # no longer held a blocking socket when its turn came: not signalled
+    UNVERIFIED = "unverified"  # its fds could not be read to confirm it still holds one: not signalled
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +234,28 @@ class FreeResult:
     sockets: tuple[SocketOutcome, ...]
     #: The diagnosis after acting: ``after.trial`` is the verifying trial bind.
     after: Diagnosis
-    #: One line per thing that still holds the port (empty when it is bindable).
+    #: One line per thing that still holds the port (empty when it is bindable); process names
+    #: in them are escaped (rebind.textsafe.visible).
     remaining: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.after.bindable
 
+    @property
+    def exit_code(self) -> int:
+        """0 bindable now; the plan's obstacle status; 3 if a signal was not permitted; else 1."""
+        if self.ok:
+            return 0
+        if self.plan.obstacles:
+            return self.plan.exit_code
+        if any(p.fate is Fate.DENIED for p in self.processes):
+            return int(ExitCode.ENVIRONMENT)
+        return int(ExitCode.NO_MATCH)
+
 
 # ---------------------------------------------------------------------------------------------
-# Plan
+# Plan (pure: facts in, plan out)
 
 
 def parse_signal(sig: int | str) -> int:
@@ -170,7 +264,7 @@ def parse_signal(sig: int | str) -> int:
         number = sig
     else:
         text = sig.strip().upper()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             number = int(text)
         else:
             name = text if text.startswith("SIG") else f"SIG{text}"
@@ -211,27 +305,79 @@ def destroy_blocked_reason(rec: SocketRecord | None = None) -> str:
     """Why SOCK_DESTROY cannot remove (this) socket here; "" when it can."""
     from rebind.kernel.sysctl import CAP_NET_ADMIN, has_cap, kernel_version
 
-    if not has_cap(CAP_NET_ADMIN):
-        return "SOCK_DESTROY needs CAP_NET_ADMIN (run as root)"
-    if (rec is None or rec.is_mini) and kernel_version() < DESTROY_TIME_WAIT_SINCE:
-        return "SOCK_DESTROY removes TIME_WAIT only since Linux 6.0"
-    return ""
+    return HostFacts(os.geteuid(), {}, has_cap(CAP_NET_ADMIN), kernel_version()).destroy_blocked(rec)
 
 
-def _owner_refusal(
-    o: Owner, kind: HolderKind, protected: dict[int, Refusal], euid: int, force: bool, outgoing: bool
+def is_socket_blocker(b: BlockerInfo) -> bool:
+    """Is this blocker a real socket (not a privileged port, a foreign or invalid address)?"""
+    return b.blocker.rule not in NOT_A_SOCKET_RULES and b.kind not in NO_SOCKET_KINDS
+
+
+def owner_refusal(
+    o: Owner, kind: HolderKind, facts: HostFacts, *, force: bool = False, outgoing: bool = False
 ) -> Refusal | None:
-    if o.pid in protected:
-        return protected[o.pid]
+    """Why this owner of a blocking socket must not be signalled, or None if it may be."""
+    if o.pid in facts.protected:
+        return facts.protected[o.pid]
     if kind is HolderKind.CONTAINER_PROXY:
         return Refusal.CONTAINER
     if kind is HolderKind.OUTGOING and not outgoing:
         return Refusal.OUTGOING
-    if o.uid != euid and not (euid == 0 and force):
+    if o.uid != facts.euid and not (facts.euid == 0 and force):
         return Refusal.OTHER_USER
     if o.start_ticks is None:
         return Refusal.NO_IDENTITY
     return None
+
+
+def no_owner_reason(scan: OwnerScanReport, euid: int) -> str:
+    """Why a socket that has a file shows no owner, from what the owner scan could not read."""
+    if scan.inaccessible:
+        from rebind.kernel.owners import inaccessible_warning
+
+        return inaccessible_warning(scan.inaccessible, euid)
+    return (
+        "no process visible here holds it: its owner is outside this PID namespace (a container's "
+        "host, or /proc mounted with hidepid), or it is held only in flight (SCM_RIGHTS)"
+    )
+
+
+@dataclass(slots=True)
+class _Buckets:
+    """Each blocker of a diagnosis, sorted by what the plan does with it."""
+
+    targets: dict[int, tuple[Owner, list[SocketRecord], list[int]]] = field(default_factory=dict)
+    refused: dict[int, tuple[Owner, Refusal, list[SocketRecord]]] = field(default_factory=dict)
+    destroy: list[SocketRecord] = field(default_factory=list)
+    expiring: list[SocketRecord] = field(default_factory=list)
+    unowned: list[SocketRecord] = field(default_factory=list)
+    not_sockets: list[Obstacle] = field(default_factory=list)
+    blocked: str = ""
+
+
+def _sort_blockers(d: Diagnosis, facts: HostFacts, force: bool, outgoing: bool) -> _Buckets:
+    out = _Buckets()
+    for b in () if d.bindable else d.blockers:
+        r = b.entry.socket
+        if not is_socket_blocker(b):
+            out.not_sockets.append(_not_a_socket(b.blocker.reason, b.blocker.rule is Rule.PRIVILEGED_PORT))
+        elif not r.inode:
+            # No file refers to it: a timewait mini-socket or an orphaned connection.
+            why = facts.destroy_blocked(r)
+            (out.expiring if why else out.destroy).append(r)
+            out.blocked = out.blocked or why
+        elif not b.entry.owners:
+            out.unowned.append(r)
+        else:
+            for o in b.entry.owners:
+                refusal = owner_refusal(o, b.kind, facts, force=force, outgoing=outgoing)
+                if refusal is None:
+                    _, socks, fds = out.targets.setdefault(o.pid, (o, [], []))
+                    socks.append(r)
+                    fds.append(o.fd)
+                else:
+                    out.refused.setdefault(o.pid, (o, refusal, []))[2].append(r)
+    return out
 
 
 def make_plan(
@@ -241,57 +387,104 @@ def make_plan(
     grace: float = DEFAULT_GRACE,
     force: bool = False,
     outgoing: bool = False,
-    protected: dict[int, Refusal] | None = None,
-    euid: int | None = None,
-    destroy_blocked: Callable[[SocketRecord], str] = destroy_blocked_reason,
+    facts: HostFacts | None = None,
 ) -> FreePlan:
-    """Decide, from a diagnosis, what to signal, what to destroy and what to leave alone."""
-    protected = protected_pids() if protected is None else protected
-    euid = os.geteuid() if euid is None else euid
-    targets: dict[int, tuple[Owner, list[SocketRecord], list[int]]] = {}
-    refused: dict[int, tuple[Owner, Refusal, list[SocketRecord]]] = {}
-    destroy: list[SocketRecord] = []
-    expiring: list[SocketRecord] = []
-    unowned: list[SocketRecord] = []
-    blocked = ""
+    """Decide, from a diagnosis, what to signal, what to destroy and what to leave alone.
+
+    Pure given ``facts`` (gathered from this process and kernel when omitted).
+    """
+    grace = parse_seconds(grace, what="grace")
+    facts = HostFacts.gather() if facts is None else facts
+    got = _sort_blockers(d, facts, force, outgoing)
+    targets = tuple(
+        Target(o.pid, o.start_ticks or 0, o.name, o.uid, tuple(socks), tuple(fds))
+        for o, socks, fds in got.targets.values()
+    )
+    refused = tuple(
+        Refused(o.pid, o.name, why, tuple(socks))
+        for o, why, socks in got.refused.values()
+        if o.pid not in got.targets
+    )
+    # Stopping a process that holds connections leaves FIN_WAIT/TIME_WAIT orphans behind.
+    orphans = any(r.state not in _IDLE for t in targets for r in t.sockets)
+    orphans_stay = facts.destroy_blocked() if orphans else ""
+    obstacles: tuple[Obstacle, ...] = ()
     if not d.bindable:
-        for b in d.blockers:
-            r = b.entry.socket
-            if not r.inode:
-                # No file refers to it: a timewait mini-socket or an orphaned connection.
-                why = destroy_blocked(r)
-                (expiring if why else destroy).append(r)
-                blocked = blocked or why
-                continue
-            if not b.entry.owners:
-                unowned.append(r)
-                continue
-            for o in b.entry.owners:
-                refusal = _owner_refusal(o, b.kind, protected, euid, force, outgoing)
-                if refusal is None:
-                    _, socks, fds = targets.setdefault(o.pid, (o, [], []))
-                    socks.append(r)
-                    fds.append(o.fd)
-                else:
-                    refused.setdefault(o.pid, (o, refusal, []))[2].append(r)
+        obstacles = _obstacles(d, facts, got.not_sockets, refused, got.unowned, got.expiring)
+    if orphans_stay and not d.bindable:
+        text = f"connections the stopped processes leave behind: {orphans_stay}; they expire by themselves"
+        obstacles = (*obstacles, Obstacle(ObstacleKind.CANNOT_DESTROY, text, int(ExitCode.ENVIRONMENT)))
     return FreePlan(
         request=d.request,
         diagnosis=d,
-        signal=signal,
+        signal=parse_signal(signal),
         grace=grace,
-        targets=tuple(
-            Target(o.pid, o.start_ticks or 0, o.name, o.uid, tuple(socks), tuple(fds))
-            for o, socks, fds in targets.values()
+        targets=targets,
+        refused=refused,
+        destroy=tuple(got.destroy),
+        expiring=tuple(got.expiring),
+        destroy_blocked=got.blocked or orphans_stay,
+        unowned=tuple(got.unowned),
+        obstacles=obstacles,
+        blocking_inodes=frozenset(
+            b.entry.socket.inode for b in d.blockers if b.entry.socket.inode and is_socket_blocker(b)
         ),
-        refused=tuple(
-            Refused(o.pid, o.name, why, tuple(socks))
-            for o, why, socks in refused.values()
-            if o.pid not in targets
+    )
+
+
+def _obstacles(
+    d: Diagnosis,
+    facts: HostFacts,
+    not_sockets: list[Obstacle],
+    refused: tuple[Refused, ...],
+    unowned: list[SocketRecord],
+    expiring: list[SocketRecord],
+) -> tuple[Obstacle, ...]:
+    """Everything the plan leaves in place, most decisive first (it decides the exit status)."""
+    no_owner = no_owner_reason(d.table.scan, facts.euid)
+    # Unreadable fd tables are missing permission; otherwise the owner is simply not here.
+    no_owner_code = ExitCode.ENVIRONMENT if d.table.scan.inaccessible else ExitCode.NO_MATCH
+    return (
+        *not_sockets,
+        *_unexplained(d, not_sockets),
+        *(_refused_obstacle(x) for x in refused),
+        *(
+            Obstacle(ObstacleKind.NO_OWNER, f"{socket_label(r)}: {no_owner}", int(no_owner_code))
+            for r in unowned
         ),
-        destroy=tuple(destroy),
-        expiring=tuple(expiring),
-        destroy_blocked=blocked,
-        unowned=tuple(unowned),
+        *(_expiring_obstacle(r, facts.destroy_blocked(r)) for r in expiring),
+    )
+
+
+def _not_a_socket(text: str, permission: bool) -> Obstacle:
+    code = ExitCode.ENVIRONMENT if permission else ExitCode.USAGE
+    return Obstacle(
+        ObstacleKind.NOT_A_SOCKET, f"{text}: no socket holds it, so there is nothing to free", int(code)
+    )
+
+
+def _unexplained(d: Diagnosis, not_sockets: list[Obstacle]) -> tuple[Obstacle, ...]:
+    """The trial bind fails and the model names no blocker: say what the kernel said."""
+    if d.blockers or not_sockets:
+        return ()
+    err = d.trial.errno
+    if err is not None and err != errno.EADDRINUSE:
+        return (_not_a_socket(str(d.trial), err in (errno.EACCES, errno.EPERM)),)
+    what = str(d.trial) if not d.trial.ok else "listen() would fail with EADDRINUSE"
+    return (Obstacle(ObstacleKind.NO_OWNER, f"{what}, but no socket that blocks it is visible", 1),)
+
+
+def _refused_obstacle(x: Refused) -> Obstacle:
+    socks = ", ".join(sorted({socket_label(s) for s in x.sockets}))
+    return Obstacle(ObstacleKind.REFUSED, visible(f"{x.label} holds {socks}: {x.reason}"), EXIT_REFUSED)
+
+
+def _expiring_obstacle(r: SocketRecord, why: str) -> Obstacle:
+    left = (
+        f"frees by itself in {fmt_seconds(r.expires_ms)}" if r.expires_ms is not None else "frees by itself"
+    )
+    return Obstacle(
+        ObstacleKind.CANNOT_DESTROY, f"{socket_label(r)}: {why}; {left}", int(ExitCode.ENVIRONMENT)
     )
 
 
@@ -308,9 +501,12 @@ def plan_free(
     force: bool = False,
     outgoing: bool = False,
 ) -> FreePlan:
-    """What :func:`free` would do, without doing it (``rebind free --dry-run``)."""
-    if grace < 0:
-        raise UsageError(f"grace must be >= 0 seconds, not {grace}")
+    """What :func:`free` would do, without doing it (``rebind free --dry-run``).
+
+    Bad input raises UsageError before anything is read: ``grace`` must be finite seconds in
+    [0, 24 days], ``signal`` a signal name or number.
+    """
+    grace = parse_seconds(grace, what="grace")
     sig = parse_signal(signal)
     req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
     return make_plan(diagnose(req), signal=sig, grace=grace, force=force, outgoing=outgoing)
@@ -338,7 +534,10 @@ def free(
 
     ``signal`` goes first; processes still alive after ``grace`` seconds get SIGKILL. Other
     users' processes are signalled only as root with ``force``; outgoing connections that
-    happen to use the port only with ``outgoing``. Returns what was done and what remains.
+    happen to use the port only with ``outgoing``. When the plan cannot make the port bindable
+    (``plan.obstacles``: a refused holder, an owner nobody can see, no socket at all), nothing is
+    touched. ``on_event`` gets one line per step (process names escaped). Returns what was done
+    and what remains (``exit_code`` as the CLI's).
     """
     plan = plan_free(
         port,
@@ -352,19 +551,30 @@ def free(
         force=force,
         outgoing=outgoing,
     )
+    if not plan.worth_acting:
+        result = FreeResult(plan, (), (), plan.diagnosis)
+        return replace(result, remaining=explain_remaining(result))
     return execute_plan(plan, on_event=on_event)
 
 
 def execute_plan(plan: FreePlan, *, on_event: Event | None = None) -> FreeResult:
-    """Carry out a plan made earlier (identities are re-checked through pidfds)."""
-    say = on_event or (lambda _msg: None)
+    """Carry out a plan made earlier, then verify with a trial bind.
+
+    Right before each signal the target is re-identified through a pidfd (same pid, same start
+    time) and must still hold one of the blocking sockets; otherwise it is skipped and
+    ``on_event`` says why. The plan is carried out even if ``plan.obstacles`` say it cannot free
+    the port (:func:`free` does not act then).
+    """
+    parse_seconds(plan.grace, what="grace")  # before any signal: a wait that cannot end
+    # Messages carry process names: control characters are escaped before anyone prints them.
+    say: Event = (lambda msg: on_event(visible(msg))) if on_event else (lambda _msg: None)
     processes = _stop_processes(plan, say)
     sockets = _destroy(plan.destroy, say)
     if processes:
         sockets += _settle(plan, {s.socket.key for s in sockets}, say)
     after = diagnose(plan.request)
     result = FreeResult(plan, tuple(processes), tuple(sockets), after)
-    return FreeResult(plan, result.processes, result.sockets, after, explain_remaining(result))
+    return replace(result, remaining=explain_remaining(result))
 
 
 def _stop_processes(plan: FreePlan, say: Event) -> list[ProcessOutcome]:
@@ -373,6 +583,7 @@ def _stop_processes(plan: FreePlan, say: Event) -> list[ProcessOutcome]:
     out: dict[int, ProcessOutcome] = {}
     pfds: dict[int, int] = {}
     by_pid = {t.pid: t for t in plan.targets}
+    first = (signal_name(plan.signal),)
     try:
         for t in plan.targets:
             try:
@@ -382,23 +593,26 @@ def _stop_processes(plan: FreePlan, say: Event) -> list[ProcessOutcome]:
                 out[t.pid] = ProcessOutcome(t, fate)
                 why = "pid reused by another process" if fate is Fate.REUSED else "already exited"
                 say(f"{t.label}: {why}; not signalled")
+            except OSError as exc:  # EMFILE, or no pidfds at all: it cannot be pinned
+                out[t.pid] = ProcessOutcome(t, Fate.UNVERIFIED)
+                say(f"{t.label}: cannot open a pidfd ({exc.strerror}); not signalled")
         started = time.monotonic()
-        alive = _signal_all(pfds, by_pid, plan.signal, out, say)
+        alive = _signal_all(pfds, by_pid, plan, plan.signal, (), out, say)
         gone = _wait_exit({p: pfds[p] for p in alive}, plan.grace)
-        _record_exits(gone, by_pid, out, Fate.EXITED, (signal_name(plan.signal),), started, say)
+        _record_exits(gone, by_pid, out, Fate.EXITED, first, started, say)
         alive -= gone
         if alive and plan.signal != _signal.SIGKILL:
             say(
                 f"still running after {plan.grace:g}s: {', '.join(by_pid[p].label for p in sorted(alive))}; "
                 "sending SIGKILL"
             )
-            alive = _signal_all({p: pfds[p] for p in alive}, by_pid, _signal.SIGKILL, out, say)
+            alive = _signal_all({p: pfds[p] for p in alive}, by_pid, plan, _signal.SIGKILL, first, out, say)
             gone = _wait_exit({p: pfds[p] for p in alive}, KILL_WAIT)
-            sent = (signal_name(plan.signal), "SIGKILL")
+            sent = (*first, "SIGKILL")
             _record_exits(gone, by_pid, out, Fate.KILLED, sent, started, say)
             alive -= gone
         for p in alive:
-            out[p] = ProcessOutcome(by_pid[p], Fate.SURVIVED, (signal_name(plan.signal), "SIGKILL"))
+            out[p] = ProcessOutcome(by_pid[p], Fate.SURVIVED, (*first, "SIGKILL"))
     finally:
         for fd in pfds.values():
             os.close(fd)
@@ -406,50 +620,73 @@ def _stop_processes(plan: FreePlan, say: Event) -> list[ProcessOutcome]:
 
 
 def _changed_fate(t: Target) -> Fate:
-    from rebind.kernel.owners import read_start_ticks
+    from rebind.kernel.pidfd import PROC
+    from rebind.kernel.procstat import start_ticks
 
-    return Fate.GONE if read_start_ticks(t.pid) is None else Fate.REUSED
+    return Fate.GONE if start_ticks(t.pid, PROC) is None else Fate.REUSED
 
 
 def _signal_all(
-    pfds: dict[int, int], by_pid: dict[int, Target], sig: int, out: dict[int, ProcessOutcome], say: Event
+    pfds: dict[int, int],
+    by_pid: dict[int, Target],
+    plan: FreePlan,
+    sig: int,
+    sent_before: tuple[str, ...],
+    out: dict[int, ProcessOutcome],
+    say: Event,
 ) -> set[int]:
-    """Signal each pidfd; returns the pids that were signalled (the others are recorded)."""
-    from rebind.kernel.pidfd import send_signal
+    """Signal each pinned process that still holds a blocking socket; returns the pids signalled
+    (the others are recorded in ``out``)."""
+    from rebind.kernel.pidfd import Holding, holds_socket, send_signal
 
     sent: set[int] = set()
     for pid, pfd in pfds.items():
         t = by_pid[pid]
+        # The plan may be stale (Proceed? waited, or the grace period passed): a process that
+        # closed its sockets meanwhile is no longer what blocks the port.
+        holding = holds_socket(
+            pfd, pid, plan.blocking_inodes or {s.inode for s in t.sockets if s.inode}, t.fds
+        )
+        if holding is not Holding.YES:
+            fate = Fate.RELEASED if holding is Holding.NO else Fate.UNVERIFIED
+            out[pid] = ProcessOutcome(t, fate, sent_before)
+            why = (
+                "no longer holds a socket that blocks the port"
+                if fate is Fate.RELEASED
+                else "could not read its fds to confirm it still holds the socket"
+            )
+            say(f"{t.label}: {why}; not sent {signal_name(sig)}")
+            continue
         try:
             delivered = send_signal(pfd, sig)
         except PermissionError:
-            out[pid] = ProcessOutcome(t, Fate.DENIED)
+            out[pid] = ProcessOutcome(t, Fate.DENIED, sent_before)
             say(f"{t.label}: not permitted to send {signal_name(sig)}")
             continue
         if delivered:
             sent.add(pid)
             say(f"sent {signal_name(sig)} to {t.label}")
         elif pid not in out:
-            out[pid] = ProcessOutcome(t, Fate.GONE)
+            out[pid] = ProcessOutcome(t, Fate.GONE, sent_before)
     return sent
 
 
 def _wait_exit(pfds: dict[int, int], timeout: float) -> set[int]:
     """Pids whose pidfd became readable (the process exited) within timeout seconds."""
     gone: set[int] = set()
-    pending = dict(pfds)
+    pending = {fd: pid for pid, fd in pfds.items()}
+    poller = select.poll()  # not select(): pidfds may be numbered above FD_SETSIZE
+    for fd in pending:
+        poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + timeout
     while pending:
         left = deadline - time.monotonic()
         if left < 0:
             break
-        ready, _, _ = select.select(list(pending.values()), [], [], left)
-        if not ready:
-            break
-        for pid, fd in list(pending.items()):
-            if fd in ready:
-                gone.add(pid)
-                del pending[pid]
+        for fd, _ in poller.poll(math.ceil(left * 1000)):
+            if fd in pending:
+                gone.add(pending.pop(fd))
+                poller.unregister(fd)
     return gone
 
 
@@ -498,7 +735,8 @@ def _settle(plan: FreePlan, done: set[object], say: Event) -> list[SocketOutcome
         fresh = [
             b.entry.socket
             for b in d.blockers
-            if not b.entry.socket.inode
+            if is_socket_blocker(b)
+            and not b.entry.socket.inode
             and b.entry.socket.key not in done
             and not destroy_blocked_reason(b.entry.socket)
         ]
@@ -526,11 +764,14 @@ def explain_remaining(result: FreeResult) -> tuple[str, ...]:
     for b in after.blockers:
         r = b.entry.socket
         what = socket_label(r)
+        if not is_socket_blocker(b):
+            lines.append(f"{b.blocker.reason} (no socket involved)")
+            continue
         if not r.inode:
             lines.append(f"{what}: {_orphan_note(r, failed.get(r.key))}")
             continue
         if not b.entry.owners:
-            lines.append(f"{what}: held by a process rebind cannot see (another user's, without root?)")
+            lines.append(f"{what}: {no_owner_reason(after.table.scan, os.geteuid())}")
             continue
         idle = (
             " (bound but not listening: a listener stopped by SOCK_DESTROY or shutdown() keeps an "
@@ -542,7 +783,7 @@ def explain_remaining(result: FreeResult) -> tuple[str, ...]:
             lines.append(f"{what}: {_owner_note(o, refused, fates)}{idle}")
     if not after.blockers:
         lines.append(f"{after.trial}, but no socket that blocks it is visible")
-    return tuple(lines)
+    return tuple(visible(line) for line in lines)
 
 
 def _orphan_note(r: SocketRecord, error: str | None) -> str:
@@ -561,6 +802,8 @@ def _owner_note(o: Owner, refused: dict[int, Refused], fates: dict[int, ProcessO
     outcome = fates.get(o.pid)
     if outcome is not None and outcome.fate in (Fate.SURVIVED, Fate.DENIED):
         return f"held by {who}, which {outcome.fate.value} ({' then '.join(outcome.signals) or 'no signal'})"
+    if outcome is not None and outcome.fate is Fate.UNVERIFIED:
+        return f"held by {who}, not signalled: its fds could not be read to confirm it still held the socket"
     return (
         f"held by {who}, which was not in the plan (started or forked after planning, or it "
         "inherited the fd); run `rebind free` again"
@@ -571,7 +814,3 @@ def describe_target(t: Target) -> str:
     socks = ", ".join(sorted({socket_label(s) for s in t.sockets}))
     fds = ",".join(str(f) for f in sorted(set(t.fds)))
     return f"{t.label} (uid {t.uid}): {socks} via fd {fds}"
-
-
-def summary(plan: FreePlan) -> str:
-    return f"{where(plan.request)}: {plan.diagnosis.verdict}"

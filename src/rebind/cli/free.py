@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
@@ -26,10 +27,17 @@ Examples:
 Only sockets that block this bind are touched: never a process that merely has a connection
 to the port, never rebind itself, its ancestors or PID 1; other users' processes only as root
 with --force; outgoing connections that happen to use the port only with --outgoing.
-Processes are signalled through pidfds opened against the identity seen when planning, so a
-recycled pid is never hit. TIME_WAIT leftovers are destroyed with SOCK_DESTROY (root, Linux
-6.0+); otherwise rebind says when they expire.
-Exit status: 0 bindable now, 1 still not bindable (or declined), 2 usage error or refused.
+Processes are signalled through pidfds opened against the identity seen when planning, and
+only while they still hold a blocking socket, so a recycled pid or a process that let go is
+never hit. TIME_WAIT leftovers are destroyed with SOCK_DESTROY (root, Linux 6.0+); otherwise
+rebind says when they expire. When the port cannot be freed this way (a refused holder, an
+owner nobody can see, a privileged port, an address that is not local) nothing is done.
+\b
+Exit status: 0 bindable now (--dry-run: the plan would make it so); 1 still not bindable,
+declined, or held by an owner no process here shows; 2 usage error, no --yes without a
+terminal, or an address that cannot be bound; 3 missing permission or kernel feature
+(CAP_NET_ADMIN for SOCK_DESTROY, unreadable fd tables, a privileged port, a signal not
+permitted); 5 refused: held by a process rebind will not signal.
 """,
 )
 @bind_options
@@ -38,8 +46,7 @@ Exit status: 0 bindable now, 1 still not bindable (or declined), 2 usage error o
 )
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
-    default=5.0,
+    default="5",
     show_default=True,
     metavar="SECONDS",
     help="How long to wait after the first signal before SIGKILL.",
@@ -56,7 +63,7 @@ def free(
     reuseport: bool,
     v6only: bool,
     sig: str,
-    grace: float,
+    grace: str,
     yes: bool,
     dry_run: bool,
     force: bool,
@@ -66,60 +73,77 @@ def free(
     from rebind.actions.common import where
     from rebind.actions.free import execute_plan, make_plan, parse_signal
     from rebind.diagnosis import diagnose
+    from rebind.model.validate import parse_seconds
 
     req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
-    try:
-        signal = parse_signal(sig)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--signal") from None
-    plan = make_plan(diagnose(req), signal=signal, grace=grace, force=force, outgoing=outgoing)
+    signal = parse_signal(sig)  # UsageError: exit 2 before anything is read
+    seconds = parse_seconds(grace, what="--grace")
+    plan = make_plan(diagnose(req), signal=signal, grace=seconds, force=force, outgoing=outgoing)
     if plan.bindable:
-        click.echo(f"{where(req)} is already bindable; nothing to do")
+        _echo(f"{where(req)} is already bindable; nothing to do")
         return 0
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if plan.has_actions and not (yes or dry_run or interactive):
+    if plan.worth_acting and not (yes or dry_run or interactive):
         raise click.UsageError(
             "refusing to act without confirmation: not a terminal; "
             "pass --yes to act (or --dry-run to see the plan)"
         )
     print_plan(plan)
     if dry_run:
-        return 0
-    if not plan.has_actions:
-        click.echo(f"nothing rebind may do frees {where(req)}")
-        return 1
+        return plan.exit_code
+    if not plan.worth_acting:
+        why = plan.obstacles[0].text if plan.obstacles else "nothing rebind may do frees it"
+        _echo(f"rebind cannot free {where(req)}: {why}; nothing done", err=True)
+        return plan.exit_code or 1
     if not yes and not click.confirm("Proceed?", default=False):
-        click.echo("nothing done")
+        _echo("nothing done")
         return 1
-    result = execute_plan(plan, on_event=lambda msg: click.echo(f"  {msg}"))
+    result = execute_plan(plan, on_event=lambda msg: _echo(f"  {msg}"))
     print_result(result)
-    return 0 if result.ok else 1
+    return result.exit_code
+
+
+def _echo(line: str, *, err: bool = False) -> None:
+    """Every line may carry process-supplied text (names, cmdlines): control characters are shown
+    as escapes, never sent to the terminal."""
+    from rebind.textsafe import visible
+
+    click.echo(visible(line), err=err)
 
 
 def print_plan(plan: FreePlan) -> None:
     from rebind.actions.common import socket_label, where
-    from rebind.actions.free import describe_target, signal_name
+    from rebind.actions.free import ObstacleKind, describe_target, no_owner_reason, signal_name
     from rebind.cli.render import fmt_ms
 
-    click.echo(plan.diagnosis.verdict)
-    click.echo(f"Plan to free {where(plan.request)}:")
+    _echo(plan.diagnosis.verdict)
+    _echo(f"Plan to free {where(plan.request)}:")
     escalate = "" if signal_name(plan.signal) == "SIGKILL" else f", SIGKILL after {plan.grace:g}s"
     for t in plan.targets:
-        click.echo(f"  stop     {describe_target(t)} ({signal_name(plan.signal)}{escalate})")
+        _echo(f"  stop     {describe_target(t)} ({signal_name(plan.signal)}{escalate})")
     if plan.leaves_orphans and not plan.destroy_blocked:
-        click.echo(
-            "  destroy  connections the stopped processes leave behind on the port (TIME_WAIT, FIN_WAIT)"
-        )
+        _echo("  destroy  connections the stopped processes leave behind on the port (TIME_WAIT, FIN_WAIT)")
+    elif plan.leaves_orphans:
+        _echo(f"  wait     connections the stopped processes leave behind ({plan.destroy_blocked})")
     for r in plan.destroy:
-        click.echo(f"  destroy  {socket_label(r)} (SOCK_DESTROY)")
+        _echo(f"  destroy  {socket_label(r)} (SOCK_DESTROY)")
     for r in plan.expiring:
         left = f"frees in {fmt_ms(r.expires_ms)}" if r.expires_ms is not None else "frees by itself"
-        click.echo(f"  wait     {socket_label(r)}: {left} ({plan.destroy_blocked})")
+        _echo(f"  wait     {socket_label(r)}: {left} ({plan.destroy_blocked})")
     for x in plan.refused:
         socks = ", ".join(sorted({socket_label(s) for s in x.sockets}))
-        click.echo(f"  leave    {x.label}: {socks}: {x.reason}")
+        _echo(f"  leave    {x.label}: {socks}: {x.reason}")
+    for o in plan.obstacles:
+        if o.kind is ObstacleKind.NOT_A_SOCKET:
+            _echo(f"  cannot   {o.text}")
     for r in plan.unowned:
-        click.echo(f"  leave    {socket_label(r)}: no visible owner (another user's process, without root?)")
+        _echo(f"  cannot   {socket_label(r)}: no visible owner")
+    if plan.unowned:
+        _echo(f"           ({no_owner_reason(plan.diagnosis.table.scan, os.geteuid())})")
+    if plan.obstacles and not plan.worth_acting:
+        _echo(f"This cannot make {where(plan.request)} bindable: nothing would be done.")
+    elif plan.expiring:
+        _echo(f"After it, {where(plan.request)} is bindable once the leftovers above expire.")
 
 
 def print_result(result: FreeResult) -> None:
@@ -127,8 +151,8 @@ def print_result(result: FreeResult) -> None:
 
     target = where(result.plan.request)
     if result.ok:
-        click.echo(f"{target} is bindable now ({result.after.trial})")
+        _echo(f"{target} is bindable now ({result.after.trial})")
         return
-    click.echo(f"{target} is still not bindable: {result.after.trial}", err=True)
+    _echo(f"{target} is still not bindable: {result.after.trial}", err=True)
     for line in result.remaining:
-        click.echo(f"  still held: {line}", err=True)
+        _echo(f"  still held: {line}", err=True)

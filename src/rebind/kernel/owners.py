@@ -1,7 +1,7 @@
 """Which processes hold a socket: a BPF iterator when possible, else the /proc/PID/fd scan.
 
 inet_diag gives a socket's inode; the fd tables say who holds it. The fast path
-(:mod:`rebind.kernel.bpf_iter`, root with BTF, Linux 5.8+) reads every task's fd table in the
+(:mod:`rebind.kernel.bpf`, root with BTF, Linux 5.17+) reads every task's fd table in the
 kernel, in one pass, without guessing or skipping anyone. Where it cannot run (not root, no
 BTF, a verifier that says no, REBIND_PROC_ROOT set, or REBIND_NO_BPF=1) the /proc scan does
 the same job. Reading every fd link there is the expensive part (ss -p, lsof and psutil all
@@ -14,20 +14,26 @@ do it), so:
   workers by fd count (stat() of /proc/PID/fd reports the number of open fds since Linux 6.2);
 * when no wanted socket has an inode (timewait mini-sockets), nothing is scanned at all.
 
-Processes vanishing mid-scan and permission-denied entries are normal: counted, never guessed.
+A hit names a process only with its identity: each process is pinned with a pidfd *before* its
+fds are read and must still be alive after (pid + start time, as the BPF path records them),
+so a pid reused meanwhile is never reported -- and never signalled by `rebind free`.
+Processes vanishing mid-scan and permission-denied processes are normal: counted, never guessed.
 The /proc root is configurable (as psutil does) instead of patching ``open``.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import marshal
 import os
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
-from rebind.kernel.procstat import STARTTIME, stat_field
+from rebind.kernel.pidfd import PROC, DupWatch, exited, own_duplicates, pin
+from rebind.kernel.procstat import start_ticks
 from rebind.model.records import Owner, OwnerScanReport, SocketRecord
 
 #: Below this many fds in total a single process is faster than forking workers.
@@ -56,80 +62,113 @@ def bpf_wanted(root: str) -> bool:
     return root == "/proc" and os.environ.get("REBIND_NO_BPF", "") in ("", "0")
 
 
+#: Test seam: called with each pid right after its fd table was read and before its identity
+#: is confirmed (tests force pid reuse there). Never set outside tests.
+_after_fd_scan: Callable[[int], None] | None = None
+
+
 def find_owners(
     records: Iterable[SocketRecord],
     *,
     root: str | None = None,
     workers: int | None = None,
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
-    """Map socket inode -> owners (every pid and fd), with a report of what could not be read."""
+    """Map socket inode -> owners (every pid and fd), with a report of what could not be read.
+
+    An owner is reported only if the process that held the socket is the one described: its
+    identity (pid + start time) is taken before its fds are read and confirmed after.
+    """
     global bpf_fallback_reason
     root = root or proc_root()
     recs = [r for r in records if r.inode]
     bpf_fallback_reason = None
     if not recs:
         return {}, OwnerScanReport()
-    if bpf_wanted(root):
-        from rebind.kernel import bpf as bpf_iter
+    # rebind's own transient pidfd_getfd duplicates (another thread reading socket flags) would
+    # look like rebind holding the socket: leave out every fd that was one during the scan.
+    with own_duplicates() as dups:
+        if bpf_wanted(root):
+            from rebind.kernel import bpf as bpf_iter
 
-        try:
-            return _find_owners_bpf(recs, root)
-        except bpf_iter.BPFUnavailable as exc:
-            bpf_fallback_reason = str(exc)
-    wanted = {f"socket:[{r.inode}]": r.inode for r in recs if r.inode}
-    netns = {r.netns for r in recs if r.netns is not None}
-    uids = {r.uid for r in recs if r.uid is not None}
-    plan = _plan(root, netns, uids)
-    hits, inaccessible, vanished = _scan(root, plan, wanted, workers)
-    owners: dict[int, list[Owner]] = {}
-    details: dict[int, Owner | None] = {}
-    for pid, fd, inode in hits:
-        if pid not in details:
-            details[pid] = describe_process(pid, root=root)
-        base = details[pid]
-        if base is None:
-            vanished += 1
-            continue
-        owners.setdefault(inode, []).append(_with_fd(base, fd))
+            try:
+                result = bpf_iter.find_socket_holders(
+                    (r.inode for r in recs if r.inode),
+                    uids=(r.uid for r in recs if r.uid is not None),
+                    netns=_only(r.netns for r in recs),
+                )
+            except bpf_iter.BPFUnavailable as exc:
+                bpf_fallback_reason = str(exc)
+            else:
+                hits = [Hit(h.pid, h.fd, h.inode, h.start_ticks) for h in result.hits]
+                # Every task of the system was visited (no namespace pruning, no permission
+                # failures).
+                return _owners(_not_ours(hits, dups), root, OwnerScanReport(scanned=result.tables))
+        wanted = {f"socket:[{r.inode}]": r.inode for r in recs if r.inode}
+        netns = {r.netns for r in recs if r.netns is not None}
+        uids = {r.uid for r in recs if r.uid is not None}
+        plan = _plan(root, netns, uids)
+        hits, inaccessible, vanished = _scan(root, plan, wanted, workers)
     report = OwnerScanReport(
         scanned=len(plan.pids) - inaccessible,
         inaccessible=inaccessible,
         vanished=plan.vanished + vanished,
         other_netns=plan.other_netns,
     )
-    return {k: tuple(sorted(v, key=lambda o: (o.pid, o.fd))) for k, v in owners.items()}, report
+    return _owners(_not_ours(hits, dups), root, report)
 
 
-def _find_owners_bpf(
-    recs: list[SocketRecord], root: str
+def inaccessible_warning(count: int, euid: int) -> str:
+    """What ``count`` unreadable fd tables (OwnerScanReport.inaccessible) mean for the caller."""
+    if euid == 0:
+        # Root is refused only by ptrace_may_access() (proc_fd_access_allowed): a process in
+        # another user namespace, an LSM, or CAP_SYS_PTRACE dropped from rebind's capabilities.
+        why = "permission denied even as root: another user namespace, an LSM, or CAP_SYS_PTRACE missing"
+    else:
+        why = "other users' processes: run as root to see them"
+    return f"{count} process(es) could not be inspected ({why}): owners of their sockets may be missing"
+
+
+def _only(values: Iterable[int | None]) -> int | None:
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def _not_ours(hits: Iterable[Hit], dups: DupWatch) -> list[Hit]:
+    me = os.getpid()
+    return [h for h in hits if not (h.pid == me and h.fd in dups.fds)]
+
+
+def _owners(
+    hits: list[Hit], root: str, report: OwnerScanReport
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
-    from rebind.kernel import bpf as bpf_iter
-
-    netns = {r.netns for r in recs}
-    result = bpf_iter.find_socket_holders(
-        (r.inode for r in recs if r.inode),
-        uids=(r.uid for r in recs if r.uid is not None),
-        netns=next(iter(netns)) if len(netns) == 1 else None,
-    )
     owners: dict[int, list[Owner]] = {}
     details: dict[int, Owner | None] = {}
-    vanished = 0
-    for hit in sorted(result.hits, key=lambda h: (h.pid, h.fd)):
+    for hit in sorted(hits):
         if hit.pid not in details:
-            base = describe_process(hit.pid, root=root)
-            # The scan saw the process that started at hit.start_ticks; a different start now
-            # means it exited and the pid was reused: not an owner.
-            if base is not None and base.start_ticks not in (None, hit.start_ticks):
-                base = None
-            details[hit.pid] = base
+            details[hit.pid] = _describe_as(hit.pid, hit.start_ticks, root)
         base = details[hit.pid]
-        if base is None:
-            vanished += 1
-            continue
-        owners.setdefault(hit.inode, []).append(_with_fd(base, hit.fd))
-    # Every task of the system was visited (no namespace pruning, no permission failures).
-    report = OwnerScanReport(scanned=result.tables, vanished=vanished)
+        if base is not None:
+            owners.setdefault(hit.inode, []).append(_with_fd(base, hit.fd))
+    vanished = sum(base is None for base in details.values())  # processes, not fds
+    if vanished:
+        report = replace(report, vanished=report.vanished + vanished)
     return {k: tuple(sorted(v, key=lambda o: (o.pid, o.fd))) for k, v in owners.items()}, report
+
+
+def _describe_as(pid: int, start: int, root: str) -> Owner | None:
+    """Details of the process that held the socket, or None if the pid now names another one.
+
+    The scan saw the process that started at ``start``; a different start now means it exited
+    and the pid was reused. A pidfd brackets the reads where it can, so a process that exits
+    while being described is not mixed up with its successor either.
+    """
+    with _Identity(root, pid) as ident:
+        if ident.gone:
+            return None
+        base = describe_process(pid, root=root)
+        if base is None or base.start_ticks != start or ident.confirm() != start:
+            return None
+        return base
 
 
 def _with_fd(base: Owner, fd: int) -> Owner:
@@ -164,6 +203,7 @@ def _plan(root: str, netns: set[int], uids: set[int]) -> _Plan:
             pass  # cannot tell its namespace: scan it rather than guess
         try:
             st_dir = os.stat(f"{root}/{pid}")
+            # The number of open fds since Linux 6.2 (proc_fd_getattr); 0 before: order only.
             nfds = os.stat(f"{root}/{pid}/fd").st_size
         except FileNotFoundError:
             vanished += 1
@@ -177,45 +217,112 @@ def _plan(root: str, netns: set[int], uids: set[int]) -> _Plan:
     return _Plan(tuple(r[1] for r in rows), tuple(r[2] for r in rows), other, vanished)
 
 
-Hit = tuple[int, int, int]  # pid, fd, inode
+class Hit(NamedTuple):
+    pid: int
+    fd: int
+    inode: int
+    #: The holder's start time (/proc/PID/stat field 22), confirmed for the process whose fds
+    #: were read.
+    start_ticks: int
 
 
 def _scan_pids(root: str, pids: Sequence[int], wanted: dict[str, int]) -> tuple[list[Hit], int, int]:
     hits: list[Hit] = []
     inaccessible = vanished = 0
-    readlink = os.readlink
     for pid in pids:
-        try:
-            dfd = os.open(f"{root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            vanished += 1
-            continue
-        except PermissionError:
-            inaccessible += 1
-            continue
-        except OSError:
-            vanished += 1
-            continue
-        try:
-            try:
-                names = os.listdir(dfd)
-            except PermissionError:
-                inaccessible += 1
-                continue
-            except OSError:
+        # Identity first: pin the process (or note its start time), then read its fds, then
+        # confirm it is the same process. Reading the start time only afterwards would describe
+        # whichever process got the pid meanwhile (and `rebind free` would signal it).
+        with _Identity(root, pid) as ident:
+            if ident.gone:
                 vanished += 1
                 continue
-            for name in names:
-                try:
-                    link = readlink(name, dir_fd=dfd)
-                except OSError:
-                    continue  # fd closed between listdir and readlink
-                inode = wanted.get(link)
-                if inode is not None:
-                    hits.append((pid, int(name), inode))
-        finally:
-            os.close(dfd)
+            found, state = _read_fds(root, pid, wanted)
+            inaccessible += state is _Read.DENIED
+            if not found:
+                vanished += state is _Read.GONE
+                continue
+            if _after_fd_scan is not None:
+                _after_fd_scan(pid)
+            start = ident.confirm()
+            if start is None:
+                vanished += 1  # exited (and maybe replaced) while being read: not an owner
+                continue
+            hits.extend(Hit(pid, fd, inode, start) for fd, inode in found)
     return hits, inaccessible, vanished
+
+
+class _Identity:
+    """Whichever process has ``pid`` before its fds are read; :meth:`confirm` after reading says
+    whether it still is the same one (and gives its start time)."""
+
+    def __init__(self, root: str, pid: int) -> None:
+        self.root, self.pid = root, pid
+        self.pfd: int | None = None
+        self.before: int | None = None
+        if root == PROC:
+            try:
+                self.pfd = pin(pid)
+            except OSError:
+                pass  # no pidfds (Linux < 5.3) or no fd left: the start time alone
+        if self.pfd is None:
+            self.before = start_ticks(pid, root)
+        self.gone = self.pfd is None and self.before is None
+
+    def confirm(self) -> int | None:
+        start = start_ticks(self.pid, self.root)
+        if self.pfd is not None:
+            # Pinned before the reads and not exited after: the pid named it all along.
+            return None if exited(self.pfd) else start
+        return start if start == self.before else None
+
+    def __enter__(self) -> _Identity:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.pfd is not None:
+            os.close(self.pfd)
+
+
+class _Read(enum.Enum):
+    OK = "ok"
+    GONE = "gone"
+    DENIED = "denied"
+
+
+def _read_fds(root: str, pid: int, wanted: dict[str, int]) -> tuple[list[tuple[int, int]], _Read]:
+    """(fd, inode) of the wanted sockets in a process's fd table, and how the reading went."""
+    try:
+        dfd = os.open(f"{root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return [], _Read.DENIED
+    except OSError:
+        return [], _Read.GONE
+    found: list[tuple[int, int]] = []
+    readlink = os.readlink
+    try:
+        try:
+            names = os.listdir(dfd)
+        except PermissionError:
+            return [], _Read.DENIED
+        except OSError:
+            return [], _Read.GONE
+        for name in names:
+            try:
+                link = readlink(name, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    # proc_fd_access_allowed(): each link needs ptrace read access, which a
+                    # listable directory does not imply (root without CAP_SYS_PTRACE, another
+                    # user namespace, an LSM). Not "fd closed": this process is unknown.
+                    return found, _Read.DENIED
+                continue  # fd closed between listdir and readlink
+            inode = wanted.get(link)
+            if inode is not None:
+                found.append((int(name), inode))
+    finally:
+        os.close(dfd)
+    return found, _Read.OK
 
 
 def _partition(plan: _Plan, n: int) -> list[list[int]]:
@@ -244,7 +351,8 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
         if pid == 0:  # pragma: no cover - runs in the worker
             try:
                 os.close(r)
-                data = marshal.dumps(_scan_pids(root, part, wanted))
+                h, i, v = _scan_pids(root, part, wanted)
+                data = marshal.dumps(([tuple(x) for x in h], i, v))
                 view = memoryview(data)
                 while view:
                     view = view[os.write(w, view) :]
@@ -266,7 +374,7 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
             # as such rather than report a partial answer as complete.
             inacc += len(part)
             continue
-        hits.extend(tuple(x) for x in h)
+        hits.extend(Hit(*x) for x in h)
         inacc += i
         van += v
     return hits, inacc, van
@@ -289,7 +397,7 @@ def _waitpid(pid: int) -> None:
 
 def read_start_ticks(pid: int, root: str | None = None) -> int | None:
     """Start time in clock ticks since boot (/proc/PID/stat field 22): identity with the pid."""
-    return stat_field(pid, STARTTIME, root or proc_root())
+    return start_ticks(pid, root or proc_root())
 
 
 def describe_process(pid: int, *, root: str | None = None) -> Owner | None:
@@ -329,7 +437,3 @@ def describe_process(pid: int, *, root: str | None = None) -> Owner | None:
         start_time=start,
         start_ticks=read_start_ticks(pid, root),
     )
-
-
-def is_permission_error(exc: OSError) -> bool:
-    return exc.errno in (errno.EACCES, errno.EPERM)

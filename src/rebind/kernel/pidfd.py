@@ -3,23 +3,32 @@
 A pid is only an identity together with its start time (/proc/PID/stat field 22). We open a
 pidfd, then re-check the start time: if it still matches, the pidfd refers to the process we
 identified, and every later signal or pidfd_getfd() goes to it even if the pid is reused.
+
+Reading /proc/PID/... by pid is a separate lookup that a reused pid would redirect. Such reads
+are trusted only when bracketed by a pidfd: pinned before, and still not exited after (a pid
+cannot be reused while its process has not exited, so everything read in between was its).
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
+import select
 import signal
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 
 from rebind.errors import EnvironmentProblem
-from rebind.kernel.owners import read_start_ticks
-from rebind.kernel.procstat import libc
+from rebind.kernel.procstat import libc, start_ticks
 
 SYS_pidfd_getfd = 438  # same number on every architecture but alpha (Linux 5.6)
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+#: pidfds name processes of the live kernel: their /proc is the real one, whatever
+#: REBIND_PROC_ROOT says.
+PROC = "/proc"
 
 _c = libc
 
@@ -28,23 +37,45 @@ class ProcessChanged(EnvironmentProblem):
     """The pid now names another process (or none): we refuse to touch it."""
 
 
-def open_verified(pid: int, start_ticks: int | None) -> int:
-    """A pidfd for ``pid`` if it is still the process that started at ``start_ticks``."""
+class Holding(enum.Enum):
+    """Does a pinned process still hold one of the given sockets?"""
+
+    YES = "yes"
+    NO = "no"
+    UNKNOWN = "unknown"  # its fd table could not be read (permission denied)
+
+
+def pin(pid: int) -> int | None:
+    """A pidfd for whichever process has ``pid`` now, or None if none has."""
     try:
-        fd = os.pidfd_open(pid)
+        return os.pidfd_open(pid)
     except ProcessLookupError:
-        raise ProcessChanged(f"process {pid} has exited") from None
+        return None
+
+
+def exited(pfd: int) -> bool:
+    """Has the pinned process exited? A pidfd polls readable once it has (pidfd_poll, Linux 5.3)."""
+    p = select.poll()  # not select(): pidfds may be numbered above FD_SETSIZE
+    p.register(pfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def open_verified(pid: int, start: int | None) -> int:
+    """A pidfd for ``pid`` if it is still the process that started at ``start`` (clock ticks)."""
+    fd = pin(pid)
+    if fd is None:
+        raise ProcessChanged(f"process {pid} has exited")
     # Check *after* opening: from here on the pidfd pins this exact process.
-    now = read_start_ticks(pid)
-    if start_ticks is not None and now != start_ticks:
+    now = start_ticks(pid, PROC)
+    if start is not None and now != start:
         os.close(fd)
         raise ProcessChanged(f"pid {pid} was reused by another process; not touching it")
     return fd
 
 
 @contextmanager
-def pidfd(pid: int, start_ticks: int | None) -> Iterator[int]:
-    fd = open_verified(pid, start_ticks)
+def pidfd(pid: int, start: int | None) -> Iterator[int]:
+    fd = open_verified(pid, start)
     try:
         yield fd
     finally:
@@ -60,24 +91,132 @@ def send_signal(pfd: int, sig: int) -> bool:
     return True
 
 
-def is_alive(pfd: int) -> bool:
-    """A pidfd polls readable once its process has exited."""
-    import select
+def holds_socket(pfd: int, pid: int, inodes: Collection[int], hint_fds: Iterable[int] = ()) -> Holding:
+    """Does the process pinned by ``pfd`` (``pid`` here) still hold one of these socket inodes?
 
-    r, _, _ = select.select([pfd], [], [], 0)
-    return not r
+    ``hint_fds`` (where it held them when last seen) are read first; the whole table is read if
+    they moved, then the tables of threads that unshared theirs (CLONE_FILES). A process that
+    exited meanwhile holds nothing.
+    """
+    want = {f"socket:[{i}]" for i in inodes}
+    found, denied = _find_links(f"{PROC}/{pid}/fd", want, hint_fds)
+    if not (found or denied):
+        for tid in _other_tasks(pid):
+            found, denied = _find_links(f"{PROC}/{pid}/task/{tid}/fd", want, ())
+            if found or denied:
+                break
+    # What was read is the pinned process's only if it was alive throughout: it was when
+    # pinned, and it still is now.
+    if exited(pfd):
+        return Holding.NO
+    if found:
+        return Holding.YES
+    return Holding.UNKNOWN if denied else Holding.NO
+
+
+def _other_tasks(pid: int) -> list[str]:
+    try:
+        return [t for t in os.listdir(f"{PROC}/{pid}/task") if t != str(pid)]
+    except OSError:
+        return []
+
+
+def _find_links(path: str, want: set[str], hint_fds: Iterable[int]) -> tuple[bool, bool]:
+    """(found, permission denied) for the links of a /proc fd directory."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return False, True
+    except OSError:
+        return False, False  # gone: exited() decides
+    try:
+        names = [*(str(f) for f in hint_fds), *os.listdir(dfd)]
+        for name in names:
+            try:
+                link = os.readlink(name, dir_fd=dfd)
+            except PermissionError:
+                # proc_fd_access_allowed(): readlink needs ptrace read access even where
+                # listing the directory is allowed.
+                return False, True
+            except OSError:
+                continue  # closed meanwhile
+            if link in want:
+                return True, False
+        return False, False
+    except PermissionError:
+        return False, True
+    except OSError:
+        return False, False
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our own transient duplicates
+#
+# pidfd_getfd() installs a duplicate of another process's socket in *our* fd table for as long
+# as it takes to read its flags. A concurrent owner scan (another thread) would see rebind
+# itself holding that socket. Every duplicate is registered while it exists, and a scan learns
+# every fd number that was a duplicate at any moment while it ran.
+
+_dup_lock = threading.Lock()
+_dups: set[int] = set()
+_history: list[int] = []  # fds duplicated since the oldest running watch began
+_watchers = 0
+
+
+class DupWatch:
+    """Filled when the watch ends: our fd numbers that were duplicates at some point during it."""
+
+    __slots__ = ("_initial", "_start", "fds")
+
+    def __init__(self, start: int, initial: frozenset[int]) -> None:
+        self._start = start
+        self._initial = initial
+        self.fds: frozenset[int] = initial
+
+
+@contextmanager
+def own_duplicates() -> Iterator[DupWatch]:
+    """Watch our transient pidfd_getfd duplicates while an owner scan runs (see DupWatch)."""
+    global _watchers
+    with _dup_lock:
+        _watchers += 1
+        watch = DupWatch(len(_history), frozenset(_dups))
+    try:
+        yield watch
+    finally:
+        with _dup_lock:
+            watch.fds = watch._initial | _dups | frozenset(_history[watch._start :])
+            _watchers -= 1
+            if not _watchers:
+                _history.clear()
 
 
 def getfd(pfd: int, targetfd: int) -> int:
-    """Duplicate another process's fd into ours (pidfd_getfd, Linux 5.6; ptrace access needed)."""
-    fd = _c().syscall(SYS_pidfd_getfd, pfd, targetfd, 0)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    """Duplicate another process's fd into ours (pidfd_getfd, Linux 5.6; ptrace access needed).
+
+    The duplicate is registered until :func:`close_dup` (owner scans leave it out).
+    """
+    with _dup_lock:
+        fd = _c().syscall(SYS_pidfd_getfd, pfd, targetfd, 0)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        _dups.add(fd)
+        if _watchers:
+            _history.append(fd)
     return int(fd)
 
 
-def socket_flags(pid: int, fd: int, start_ticks: int | None = None) -> tuple[bool, bool, bool | None] | None:
+def close_dup(fd: int) -> None:
+    with _dup_lock:
+        _dups.discard(fd)
+        # Closing our duplicate drops one file reference; the owner's socket is unaffected.
+        os.close(fd)
+
+
+def socket_flags(pid: int, fd: int, start: int | None = None) -> tuple[bool, bool, bool | None] | None:
     """(SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY or None) of a live process's socket, or None if
     not permitted.
 
@@ -85,21 +224,28 @@ def socket_flags(pid: int, fd: int, start_ticks: int | None = None) -> tuple[boo
     reads the very same socket.
     """
     try:
-        with pidfd(pid, start_ticks) as pfd:
+        with pidfd(pid, start) as pfd:
             dup = getfd(pfd, fd)
     except (OSError, EnvironmentProblem):
         return None
-    with socket.socket(fileno=dup) as s:
-        try:
-            ra = bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
-            rp = bool(s.getsockopt(socket.SOL_SOCKET, SO_REUSEPORT))
-            v6: bool | None = None
-            if s.family == socket.AF_INET6:
-                v6 = bool(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-        except OSError:
-            return None
-        finally:
-            # Closing our duplicate drops one file reference; the owner's socket is unaffected.
-            s.detach()
-            os.close(dup)
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        close_dup(dup)
+        return None
+    try:
+        return _read_flags(s)
+    except OSError:
+        return None
+    finally:
+        s.detach()
+        close_dup(dup)
+
+
+def _read_flags(s: socket.socket) -> tuple[bool, bool, bool | None]:
+    ra = bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+    rp = bool(s.getsockopt(socket.SOL_SOCKET, SO_REUSEPORT))
+    v6: bool | None = None
+    if s.family == socket.AF_INET6:
+        v6 = bool(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
     return ra, rp, v6

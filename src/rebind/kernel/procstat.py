@@ -24,6 +24,13 @@ def stat_field(pid: int, field: int, root: str | None = None) -> int | None:
         return None
 
 
+def start_ticks(pid: int, root: str | None = None) -> int | None:
+    """Start time in clock ticks since boot (field 22): with the pid, an identity that survives
+    pid reuse. Readable for every process: do_task_stat() masks some fields without ptrace
+    access, never this one."""
+    return stat_field(pid, STARTTIME, root)
+
+
 @functools.cache
 def libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
