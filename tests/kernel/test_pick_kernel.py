@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rebind.actions.pick import NoPortFree, pick_port
+from rebind.actions.pick import NoPortFree, PortRiskWarning, pick_port
 from tests.kernel.helpers import TIME_WAIT
 
 RANGE = "20000-20010"
@@ -63,8 +63,14 @@ def test_pick_under_a_busy_table(netns, procs, leases):
         assert picked.port == 20010
         with socket.create_server(("0.0.0.0", picked.port)):  # it really binds (and listens)
             pass
+        # 20010 is leased to the first picker now: the fallbacks follow, each with its risk.
+        with pytest.warns(PortRiskWarning, match="ip_local_reserved_ports"):
+            assert pick_port(port_range=(20000, 20010)).port == 20006
+        for _ in range(3):
+            with pytest.warns(PortRiskWarning, match=r"inside net.ipv4.ip_local_port_range \(20007-20009\)"):
+                assert pick_port(port_range=(20000, 20010)).port in (20007, 20008, 20009)
         with pytest.raises(NoPortFree):
-            pick_port(port_range=(20000, 20010))  # 20010 is leased to the first picker now
+            pick_port(port_range=(20000, 20010))
         # UDP: the TCP sockets do not matter; the UDP table is empty.
         udp = pick_port("udp", port_range=(20000, 20005))
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
