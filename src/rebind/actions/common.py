@@ -84,4 +84,3 @@ def where(req: BindRequest) -> str:
 def socket_label(r: SocketRecord) -> str:
     remote = "" if r.remote.port == 0 and r.remote.addr.is_unspecified else f" -> {r.remote}"
     return f"{r.proto.value} {r.state.label} {r.local}{remote}"
-

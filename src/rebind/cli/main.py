@@ -126,19 +126,26 @@ class OutputGone(Exception):
         super().__init__(f"cannot write output: {exc.strerror or exc}")
 
 
-class _GuardedFd(io.RawIOBase):
-    """fd 1 or 2 as a raw stream on which output never stops the command.
+class _GuardedFd(io.BufferedIOBase):
+    """fd 1 or 2 as a buffered binary stream on which output never stops the command.
 
     A reader that goes away (``| head``, EPIPE) is not an error: output is discarded from then on
     and the command ends with the exit code it would have had. For stdout, other write errors
     (``> /dev/full``) raise :class:`OutputGone` once, then output is discarded too, so nothing
     is left buffered for the interpreter to fail on at exit ("Exception ignored ..."). Errors on
     stderr are dropped: there is nowhere left to report them.
+
+    Its own buffer, not io.BufferedWriter: that one keeps data whose write() raised, and ^C
+    lands right after a successful os.write() (the eval breaker runs when the call returns), so
+    the same line came out twice. Here the buffer is emptied before the write.
     """
+
+    _LIMIT = 1 << 16
 
     def __init__(self, fd: int, *, closed_note: str | None = None) -> None:
         super().__init__()
         self._fd = fd
+        self._buf = bytearray()
         self.discarding = False
         #: Said once on stderr at the first write when fd was closed at start (now /dev/null).
         self._closed_note = closed_note
@@ -152,30 +159,40 @@ class _GuardedFd(io.RawIOBase):
     def isatty(self) -> bool:
         return not self.discarding and os.isatty(self._fd)
 
-    def close(self) -> None:  # never close the process's fd 1/2
-        self.discarding = True
-        super().close()
-
     def write(self, b: Any) -> int:
         n = len(memoryview(b))
-        if self._closed_note is not None:
+        if self._closed_note is not None and n:
             note, self._closed_note = self._closed_note, None
             _say(note)
-        if self.discarding:
-            return n
-        try:
-            return os.write(self._fd, b)
-        except BrokenPipeError:
-            self._discard()
-            return n
-        except OSError as exc:
-            self._discard()
-            if self._fd == 1:
-                raise OutputGone(exc) from None
-            return n
+        if not self.discarding:
+            self._buf += b
+            if len(self._buf) >= self._LIMIT:
+                self.flush()
+        return n
+
+    def flush(self) -> None:
+        data, self._buf = bytes(self._buf), bytearray()
+        view = memoryview(data)
+        while view and not self.discarding:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except BrokenPipeError:
+                self._discard()
+            except OSError as exc:
+                self._discard()
+                if self._fd == 1:
+                    raise OutputGone(exc) from None
+
+    def close(self) -> None:  # flush, but never close the process's fd 1/2
+        if not self.closed:
+            try:
+                self.flush()
+            finally:
+                super().close()
 
     def _discard(self) -> None:
         self.discarding = True
+        self._buf.clear()
         # Later writes by children (pick --hold) or other fd users must not fail either.
         try:
             null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
@@ -186,15 +203,14 @@ class _GuardedFd(io.RawIOBase):
 
 
 def _guarded(fd: int, old: Any, closed_note: str | None = None) -> io.TextIOWrapper:
-    raw = _GuardedFd(fd, closed_note=closed_note)
-    tty = raw.isatty()
+    buffer = _GuardedFd(fd, closed_note=closed_note)
     return io.TextIOWrapper(
-        io.BufferedWriter(raw),
+        buffer,  # type: ignore[arg-type]  # a BufferedIOBase, as TextIOWrapper wants
         encoding=getattr(old, "encoding", None) or "utf-8",
         # Process-supplied text is escaped before printing; this is the last line of defence
         # against a locale that cannot encode something (never a UnicodeEncodeError).
         errors="backslashreplace",
-        line_buffering=tty or fd == 2,
+        line_buffering=buffer.isatty() or fd == 2,
         write_through=fd == 2,
     )
 
