@@ -231,3 +231,11 @@ def test_missing_permission_is_exit_3(netns):
     wait = _without_cap_net_bind_service(["wait", "80", "--timeout", "5"])
     assert wait.returncode == 3, wait.stderr
     assert "Permission denied" in _one_clean_line(wait.stderr)
+
+
+def test_bare_rebind_prints_the_help():
+    """No arguments is no error: the help on stdout, exit 0 (it was the help as one mangled
+    'error' line on stderr, exit 2)."""
+    res = _run([])
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout.startswith("Usage: rebind") and "Examples:" in res.stdout

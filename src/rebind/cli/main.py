@@ -237,8 +237,14 @@ def _say(line: str) -> None:
 
 
 def _usage_hint(exc: click.UsageError) -> str:
-    sub = exc.ctx.info_name if exc.ctx and exc.ctx.parent else None
-    return f" (see 'rebind {sub} --help')" if sub else " (see 'rebind --help')"
+    path = exc.ctx.command_path if exc.ctx is not None else "rebind"
+    return f" (see '{path or 'rebind'} --help')"
+
+
+def _is_no_args_help(exc: click.UsageError) -> bool:
+    # click >= 8.2 raises NoArgsIsHelpError (a UsageError whose message is the whole help).
+    kind = getattr(click.exceptions, "NoArgsIsHelpError", None)
+    return kind is not None and isinstance(exc, kind)
 
 
 def _invoke(argv: list[str] | None) -> int:
@@ -250,6 +256,9 @@ def _invoke(argv: list[str] | None) -> int:
         rv: Any = cli.main(args=argv, prog_name="rebind", standalone_mode=False)
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except click.UsageError as exc:
+        if _is_no_args_help(exc) and exc.ctx is not None:
+            click.echo(exc.ctx.get_help())  # bare `rebind`: the help, as `rebind --help`
+            return 0
         _say(f"rebind: error: {visible(exc.format_message())}{_usage_hint(exc)}")
         return int(ExitCode.USAGE)
     except click.exceptions.Exit as exc:
