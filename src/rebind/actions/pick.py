@@ -255,7 +255,11 @@ def pick_port(
                         for s in held:
                             s.close()
                         held = []
-                    picked = PickedPort(port, protos, tuple(held), risk.format(port=port) if risk else None)
+                    why = risk.format(port=port) if risk else None
+                    if why and held and "ip_local_port_range" in why:
+                        # A bound socket's bind bucket makes __inet_hash_connect skip the port.
+                        why += " (held now: no outgoing connection takes it until the hold ends)"
+                    picked = PickedPort(port, protos, tuple(held), why)
                     if picked.risk:
                         warnings.warn(picked.risk, PortRiskWarning, stacklevel=2)
                     return picked
