@@ -12,7 +12,9 @@ or on the command line with ``pytest -p rebind.pytest_plugin``, then::
 
 The port is bindable on every address (TCP, 0.0.0.0 and [::]) when the test starts, lies
 outside ip_local_port_range (no outgoing connection will take it), and concurrent workers
-(pytest-xdist) get different ports through the picker's leases.
+(pytest-xdist) get different ports through the picker's leases. When the range leaves no such
+port (ip_local_port_range 1024-65535), the fixture still yields one, from pick_port's
+fallbacks, and a PortRiskWarning in pytest's summary says why it is at risk.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
+from rebind.errors import UsageError
 from rebind.model.records import (
     LISTENING_STATES,
     Family,
@@ -14,7 +16,66 @@ from rebind.model.records import (
     SocketRecord,
     SocketTable,
     State,
+    parse_state,
 )
+from rebind.model.validate import parse_port
+
+E = TypeVar("E", Proto, Family)
+
+
+def _items(value: Any, what: str) -> list[Any]:
+    """A list from an iterable argument; a lone str/int is a mistake worth a clear message."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise UsageError(f"{what} must be a list, not {value!r}")
+    return list(value)
+
+
+def _ports(ports: Any) -> list[int] | None:
+    # parse_port, so that 70000 is a UsageError rather than struct.error from the bytecode.
+    return None if ports is None else sorted({parse_port(p) for p in _items(ports, "ports")})
+
+
+def _enum(values: Any, kind: type[E], what: str, one: str, names: dict[str, E]) -> tuple[E, ...]:
+    by_value = {int(e): e for e in names.values() if isinstance(e, int)}
+    out: list[E] = []
+    for v in _items(values, what):
+        if isinstance(v, kind):
+            out.append(v)
+        elif isinstance(v, str) and v.strip().lower() in names:
+            out.append(names[v.strip().lower()])
+        elif isinstance(v, int) and not isinstance(v, bool) and v in by_value:
+            out.append(by_value[v])  # e.g. socket.AF_INET6 for Family.INET6
+        else:
+            raise UsageError(f"unknown {one} {v!r} (one of: {', '.join(names)})")
+    if not out:
+        raise UsageError(f"{what} must not be empty")
+    return tuple(dict.fromkeys(out))
+
+
+def _protos(protos: Any) -> tuple[Proto, ...]:
+    return _enum(protos, Proto, "protos", "protocol", {p.value: p for p in Proto})
+
+
+def _families(families: Any) -> tuple[Family, ...]:
+    names = {"ipv4": Family.INET, "inet": Family.INET, "ipv6": Family.INET6, "inet6": Family.INET6}
+    return _enum(families, Family, "families", "address family", names)
+
+
+def _states(states: Any) -> frozenset[State] | None:
+    if states is None:
+        return None
+    out: set[State] = set()
+    for v in _items(states, "states"):
+        if isinstance(v, State):
+            out.add(v)
+        elif isinstance(v, str):
+            try:
+                out.add(parse_state(v))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        else:
+            raise UsageError(f"unknown state {v!r} (a rebind.model.records.State or its name)")
+    return frozenset(out)
 
 
 def iter_records(
@@ -29,12 +90,12 @@ def iter_records(
     Without ports the default is every listening or bound socket (bound-inactive included);
     with ports, every socket whose *local* port matches, in any state.
     """
-    from rebind.kernel import diag
+    from rebind.kernel import diag, prefetch
 
-    plist = sorted(set(ports)) if ports is not None else None
-    chosen = frozenset(states) if states is not None else (frozenset(State) if plist else LISTENING_STATES)
-    protos, families = tuple(protos), tuple(families)
-    from rebind.kernel import prefetch
+    plist = _ports(ports)
+    given = _states(states)
+    chosen = given if given is not None else (frozenset(State) if plist else LISTENING_STATES)
+    protos, families = _protos(protos), _families(families)
 
     early = prefetch.take(plist, protos, families, chosen)
     if early is not None:
@@ -59,7 +120,12 @@ def socket_table(
     states: Iterable[State] | None = None,
     owners: bool = True,
 ) -> SocketTable:
-    """Every socket matching the filters, with every process holding each one."""
+    """Every socket matching the filters, with every process holding each one.
+
+    Bad filters (a port outside 1-65535, an unknown protocol, family or state) raise
+    :class:`rebind.errors.UsageError`. Protocols, families and states may be given as the
+    enums or their names (``"tcp"``, ``"ipv6"``, ``"time-wait"``).
+    """
     recs, source, warnings = iter_records(ports=ports, protos=protos, families=families, states=states)
     records = sorted(recs, key=_order)
     report = OwnerScanReport()

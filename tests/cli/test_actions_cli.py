@@ -99,3 +99,13 @@ def test_pick_prints_one_port(netns, procs, rebind_cli, tmp_path):
     port = int(res.stdout)
     lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert 10000 <= port <= 65535 and not lo <= port <= hi
+
+
+def test_wait_help_does_not_promise_a_fixed_time_wait(rebind_cli):
+    """TIME_WAIT's timer is 60 s, but the port can free earlier (reuse, SOCK_DESTROY, RST) or
+    later (a retransmitted FIN re-arms it): the help says so, and that no --timeout = no limit."""
+    text = " ".join(rebind_cli("wait", "--help").stdout.split())
+    assert "TIME_WAIT lasts" not in text and "fixed 60" not in text
+    assert "can free earlier" in text and "Default: wait without limit" in text
+    doc = " ".join((Path(__file__).resolve().parents[2] / "docs" / "actions.md").read_text().split())
+    assert "fixed 60" not in doc and "**earlier**" in doc and "**later**" in doc

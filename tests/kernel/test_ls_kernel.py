@@ -322,3 +322,48 @@ def test_prefetched_dump_answers_exactly_the_same(netns, procs):
     assert prefetch.take([18097], (Proto.UDP,), tuple(Family), frozenset(State)) is not None
     prefetch.start((18097,))
     assert prefetch.take([18097], tuple(Proto), tuple(Family), frozenset(State)) is not None
+
+
+def test_all_states_without_a_port(netns, procs, rebind_cli):
+    """`ls -a` is `ss -a`: connections and TIME_WAIT too; the default shows only what is bound."""
+    srv = socket.create_server(("127.0.0.1", 18140))
+    cli = socket.create_connection(("127.0.0.1", 18140))
+    acc, _ = srv.accept()
+    t = procs.python(TIME_WAIT.format(port=18141, opts=""))
+    procs.wait_line(t)
+    try:
+        default = {s["state"] for s in ls_json(rebind_cli)["sockets"]}
+        assert default == {"LISTEN"}
+        every = ls_json(rebind_cli, "-a")["sockets"]
+        states = {(s["local"]["port"], s["state"]) for s in every}
+        assert {(18140, "LISTEN"), (18140, "ESTABLISHED"), (18141, "TIME_WAIT")} <= states
+        assert any(s["state"] == "ESTABLISHED" and s["remote"]["port"] == 18140 for s in every)
+        text = rebind_cli("ls", "--all")
+        assert text.returncode == 0 and "TIME_WAIT" in text.stdout and "ESTABLISHED" in text.stdout
+        for bad in (["-a", "--state", "listen"], ["--all", "-l"]):
+            res = rebind_cli("ls", *bad)
+            assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+    finally:
+        for s in (cli, acc, srv):
+            s.close()
+
+
+def test_ipv4_mapped_addresses_read_as_ipv4(netns, rebind_cli):
+    """A dual-stack listener's accepted IPv4 connection has a mapped local address: printed
+    ::ffff:127.0.0.1 (as docs/json.md says) in text and JSON, on every Python version."""
+    dual = socket.socket(socket.AF_INET6)
+    dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dual.bind(("::", 18142))
+    dual.listen()
+    cli = socket.create_connection(("127.0.0.1", 18142))
+    acc, _ = dual.accept()
+    try:
+        socks = ls_json(rebind_cli, "18142", "--state", "established")["sockets"]
+        mapped = [s for s in socks if s["family"] == "ipv6"]
+        assert mapped and mapped[0]["local"]["addr"] == "::ffff:127.0.0.1"
+        assert mapped[0]["remote"]["addr"] == "::ffff:127.0.0.1"
+        text = rebind_cli("ls", "18142").stdout
+        assert "[::ffff:127.0.0.1]:18142" in text and "7f00" not in text
+    finally:
+        for s in (cli, acc, dual):
+            s.close()

@@ -212,13 +212,35 @@ def test_a_hit_whose_pid_now_names_another_process_is_dropped(
     means the pid was reused after the scan: not an owner (and never a target for `free`)."""
     port, _, _ = _start(procs)
     records = list(iter_records(ports=[port])[0])
-    real = bpf_iter.find_socket_holders
+    real = bpf.find_socket_holders
 
-    def stale(*args: Any, **kw: Any) -> bpf_iter.ScanResult:
+    def stale(*args: Any, **kw: Any) -> bpf.ScanResult:
         res = real(*args, **kw)
         return res._replace(hits=tuple(h._replace(start_ticks=h.start_ticks - 1) for h in res.hits))
 
-    monkeypatch.setattr(bpf_iter, "find_socket_holders", stale)
+    monkeypatch.setattr(bpf, "find_socket_holders", stale)
     found, report = owners.find_owners(records)
     assert owners.bpf_fallback_reason is None
     assert found == {} and report.vanished == 5  # the five holders of _start, each dropped once
+
+
+MANY = """
+import socket, time
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(1500)]
+for i, s in enumerate(socks):
+    s.bind(('127.0.0.1', 30000 + i))
+print('ready', flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_process_holding_more_than_a_seq_buffer_of_sockets(netns: int, procs: Any) -> None:
+    """1,500 wanted sockets in one process: more records than one iterator show() may write
+    (E2BIG from the 32 KiB seq_file buffer); the scan runs in bounded passes instead."""
+    p = procs.python(MANY)
+    assert procs.wait_line(p, timeout=60) == "ready"
+    records = [r for r in iter_records(ports=range(30000, 31500), protos=[Proto.UDP])[0]]
+    assert len(records) == 1500
+    found, _ = owners.find_owners(records)
+    assert owners.bpf_fallback_reason is None
+    assert {o.pid for v in found.values() for o in v} == {p.pid} and len(found) == 1500

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rebind.actions.pick import NoPortFree, pick_port
+from rebind.actions.pick import NoPortFree, PortRiskWarning, pick_port
 from tests.kernel.helpers import TIME_WAIT
 
 RANGE = "20000-20010"
@@ -63,8 +63,14 @@ def test_pick_under_a_busy_table(netns, procs, leases):
         assert picked.port == 20010
         with socket.create_server(("0.0.0.0", picked.port)):  # it really binds (and listens)
             pass
+        # 20010 is leased to the first picker now: the fallbacks follow, each with its risk.
+        with pytest.warns(PortRiskWarning, match="ip_local_reserved_ports"):
+            assert pick_port(port_range=(20000, 20010)).port == 20006
+        for _ in range(3):
+            with pytest.warns(PortRiskWarning, match=r"inside net.ipv4.ip_local_port_range \(20007-20009\)"):
+                assert pick_port(port_range=(20000, 20010)).port in (20007, 20008, 20009)
         with pytest.raises(NoPortFree):
-            pick_port(port_range=(20000, 20010))  # 20010 is leased to the first picker now
+            pick_port(port_range=(20000, 20010))
         # UDP: the TCP sockets do not matter; the UDP table is empty.
         udp = pick_port("udp", port_range=(20000, 20005))
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -154,3 +160,43 @@ def test_free_port_fixture(netns, procs, leases, free_port):
         pass
     lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert not lo <= free_port <= hi
+
+
+def test_whole_range_ephemeral_falls_back_with_a_warning(netns, procs, leases, rebind_cli):
+    """ip_local_port_range 1024-65535 (a common setting) left no safe port: pick still answers,
+    and says why the port is at risk (issue 8 item 15)."""
+    _sysctl("ip_local_port_range", "1024 65535")
+    _sysctl("ip_local_reserved_ports", "")
+    with pytest.warns(PortRiskWarning, match=r"inside net.ipv4.ip_local_port_range \(1024-65535\)"):
+        picked = pick_port()
+    assert 10000 <= picked.port <= 65535 and picked.risk and str(picked.port) in picked.risk
+    with socket.create_server(("0.0.0.0", picked.port)):
+        pass
+    res = rebind_cli("pick", "--both", env={"REBIND_PICK_LEASES": str(leases)})
+    assert res.returncode == 0, res.stderr
+    port = int(res.stdout)
+    line = res.stderr.strip()
+    assert line.startswith("rebind: warning:") and "\n" not in line
+    assert f"port {port} is inside net.ipv4.ip_local_port_range (1024-65535)" in line
+    with pytest.warns(PortRiskWarning, match="held now"):
+        pick_port(hold=True).release()
+    # Reserved ports come first: autobind skips them too.
+    _sysctl("ip_local_reserved_ports", "23000-23001")
+    with pytest.warns(PortRiskWarning, match="ip_local_reserved_ports"):
+        assert pick_port().port in (23000, 23001)
+    res = rebind_cli("pick", env={"REBIND_PICK_LEASES": str(leases)})
+    assert res.returncode == 0 and int(res.stdout) in (23000, 23001) and "reserved" in res.stderr
+
+
+@pytest.fixture
+def all_ephemeral(netns) -> None:  # type: ignore[no-untyped-def]
+    _sysctl("ip_local_port_range", "1024 65535")
+    _sysctl("ip_local_reserved_ports", "")
+
+
+def test_free_port_fixture_with_an_all_ephemeral_range(netns, leases, all_ephemeral, recwarn, free_port):
+    """The fixture still yields a bindable port, and the warning says why it is at risk."""
+    with socket.create_server(("127.0.0.1", free_port)):
+        pass
+    risks = [w for w in recwarn if issubclass(w.category, PortRiskWarning)]
+    assert len(risks) == 1 and f"port {free_port} is inside" in str(risks[0].message)

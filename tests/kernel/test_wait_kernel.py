@@ -26,7 +26,7 @@ from tests.kernel.helpers import LISTEN, TIME_WAIT
 def _orphan_fin_wait2(port: int) -> socket.socket:
     """Server closes first, client never does: an orphan FIN_WAIT2 mini-socket on the port.
 
-    Its timer is tcp_fin_timeout (per netns; set to 1 s here) instead of TIME_WAIT's fixed 60 s.
+    Its timer is tcp_fin_timeout (per netns; set to 1 s here) instead of TIME_WAIT's 60 s timer (TCP_TIMEWAIT_LEN).
     Returns the client socket, which the caller closes.
     """
     with open("/proc/sys/net/ipv4/tcp_fin_timeout", "w") as f:

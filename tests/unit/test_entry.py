@@ -17,6 +17,9 @@ from rebind.cli.entry import _ls_ports
         (["ls", "127.0.0.1:8080"], ()),
         (["ls", "0"], ()),
         (["ls", "70000"], ()),
+        (["ls", "1²"], ()),  # isdigit() is true, int() raises: the CLI reports it, no traceback
+        (["ls", "²"], ()),
+        (["ls", "٣"], ()),
         (["why", "8080"], ()),
         ([], ()),
     ],
@@ -34,6 +37,9 @@ def test_ls_ports(argv, ports):
         (["why", "8080", "--reuseaddr"], (8080, False)),
         (["why", "8080", "--addr", "::1"], None),  # not a plain query: no prefetch
         (["why", "0"], None),
+        (["²"], None),
+        (["why", "1²"], None),
+        (["٣"], None),
         (["ls", "8080"], None),
         (["why"], None),
     ],

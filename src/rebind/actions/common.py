@@ -8,7 +8,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from rebind.errors import UsageError
 from rebind.kernel.trial import TrialResult, trial_bind
 from rebind.model.conflict import BindRequest
-from rebind.model.records import Owner, Proto, SocketRecord
+from rebind.model.records import Proto, SocketRecord
+from rebind.model.records import owner_label as owner_label  # the one owner label (escapes hostile names)
 
 IPAddress = IPv4Address | IPv6Address
 AddrLike = str | IPAddress
@@ -83,7 +84,3 @@ def where(req: BindRequest) -> str:
 def socket_label(r: SocketRecord) -> str:
     remote = "" if r.remote.port == 0 and r.remote.addr.is_unspecified else f" -> {r.remote}"
     return f"{r.proto.value} {r.state.label} {r.local}{remote}"
-
-
-def owner_label(o: Owner) -> str:
-    return f"{o.name}[{o.pid}]"

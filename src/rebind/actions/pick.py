@@ -3,8 +3,11 @@
 Three things keep a picked port from being taken between "pick" and the app's bind():
 
 * **Outside the ephemeral range.** connect() and bind(port 0) choose from ip_local_port_range
-  and skip ip_local_reserved_ports (inet_csk_find_open_port, bind-rules.md 1.8), so a port
-  outside the first or inside the second is never handed out automatically.
+  and skip ip_local_reserved_ports (inet_csk_find_open_port, __inet_hash_connect), so a port
+  outside the first or inside the second is never handed out automatically. When the range
+  leaves no such port (``ip_local_port_range = 1024 65535`` is a common setting), the picker
+  falls back to a reserved port, then to one inside the range, and says why that port is at
+  risk (:class:`PortRiskWarning`, ``PickedPort.risk``) instead of failing.
 * **The kernel as the lock.** Each candidate is claimed with a *plain* bind() (no
   SO_REUSEADDR): it succeeds only if no overlapping socket exists in any state, and while the
   claim is held every other picker's plain bind() of that port fails.
@@ -27,6 +30,7 @@ import os
 import random
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -34,9 +38,10 @@ from pathlib import Path
 from types import TracebackType
 
 from rebind.actions.common import AddrLike, IPAddress, parse_addr, parse_proto
-from rebind.errors import RebindError, UsageError
+from rebind.errors import EnvironmentProblem, RebindError, UsageError
 from rebind.model.conflict import KernelSettings
 from rebind.model.records import Proto
+from rebind.model.validate import MAX_SECONDS, parse_port, parse_seconds
 
 #: Below this sit well-known and commonly configured service ports (3306, 5432, 8080, ...).
 DEFAULT_RANGE = (10000, 65535)
@@ -54,6 +59,10 @@ class NoPortFree(RebindError):
         return 1
 
 
+class PortRiskWarning(UserWarning):
+    """The picked port is not safe from automatic use: no safe port was left in the range."""
+
+
 @dataclass(frozen=True, slots=True)
 class PickedPort:
     """A picked port; with ``hold``, the bound (not listening) sockets that reserve it."""
@@ -61,6 +70,9 @@ class PickedPort:
     port: int
     protos: tuple[Proto, ...]
     sockets: tuple[socket.socket, ...] = ()
+    #: None for a port outside ip_local_port_range and ip_local_reserved_ports; otherwise why
+    #: the port is at risk (it came from a fallback tier, see pick_port).
+    risk: str | None = None
 
     def release(self) -> None:
         """Close the holding sockets (a bound, never-listening socket leaves no TIME_WAIT)."""
@@ -81,17 +93,21 @@ class PickedPort:
 
 def parse_range(text: str) -> tuple[int, int]:
     """``20000-21000`` (or a single port) -> (20000, 21000)."""
-    lo_text, sep, hi_text = text.strip().partition("-")
-    if not lo_text.strip().isdigit() or (sep and not hi_text.strip().isdigit()):
-        raise UsageError(f"{text!r} is not a port range (e.g. 20000-21000)")
-    lo, hi = int(lo_text), int(hi_text) if sep else int(lo_text)
+    lo_text, sep, hi_text = str(text).strip().partition("-")
+    try:
+        lo = parse_port(lo_text, what="range start")
+        hi = parse_port(hi_text, what="range end") if sep else lo
+    except UsageError as exc:
+        raise UsageError(f"{text!r} is not a port range (e.g. 20000-21000): {exc}") from None
     return check_range((lo, hi))
 
 
-def check_range(rng: tuple[int, int]) -> tuple[int, int]:
-    lo, hi = rng
-    if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
-        raise UsageError(f"port range {lo}-{hi} is out of range (1-65535)")
+def check_range(rng: object) -> tuple[int, int]:
+    """A (low, high) pair of ports with low <= high; anything else is a UsageError."""
+    if isinstance(rng, str | bytes) or not isinstance(rng, tuple | list) or len(rng) != 2:
+        raise UsageError(f"port range {rng!r} must be a (low, high) pair of ports")
+    lo = parse_port(rng[0], what="range start")
+    hi = parse_port(rng[1], what="range end")
     if lo > hi:
         raise UsageError(f"port range {lo}-{hi} is empty (low > high)")
     return lo, hi
@@ -99,13 +115,37 @@ def check_range(rng: tuple[int, int]) -> tuple[int, int]:
 
 def candidates(rng: tuple[int, int], settings: KernelSettings) -> list[int]:
     """Ports in rng that autobind never hands out and that this process may bind."""
+    return _tiers(rng, settings)[0][0]
+
+
+def _tiers(rng: tuple[int, int], settings: KernelSettings) -> list[tuple[list[int], str | None]]:
+    """Candidate ports in rng, safest first, each tier with why its ports are at risk.
+
+    1. outside ip_local_port_range and not reserved: nothing takes them automatically;
+    2. in ip_local_reserved_ports: autobind skips them too (inet_is_local_reserved_port),
+       but the administrator reserved them, maybe for another service;
+    3. inside ip_local_port_range: connect() or bind(port 0) may be handed the port between
+       the pick and the app's bind() (__inet_hash_connect skips only ports with a bind bucket).
+    """
     lo, hi = rng
     eph_lo, eph_hi = settings.ip_local_port_range
+    reserved = settings.ip_local_reserved_ports
     floor = 1 if settings.cap_net_bind_service else settings.unprivileged_port_start
+    ports = range(max(lo, floor), hi + 1)
     return [
-        p
-        for p in range(max(lo, floor), hi + 1)
-        if not eph_lo <= p <= eph_hi and p not in settings.ip_local_reserved_ports
+        ([p for p in ports if not eph_lo <= p <= eph_hi and p not in reserved], None),
+        (
+            [p for p in ports if p in reserved],
+            "port {port} is in net.ipv4.ip_local_reserved_ports: no outgoing connection takes it, "
+            "but it may be reserved for another service (no unreserved port outside "
+            f"ip_local_port_range {eph_lo}-{eph_hi} was free in {lo}-{hi})",
+        ),
+        (
+            [p for p in ports if eph_lo <= p <= eph_hi and p not in reserved],
+            f"port {{port}} is inside net.ipv4.ip_local_port_range ({eph_lo}-{eph_hi}): an outgoing "
+            "connection or bind(port 0) may take it before your server binds it; bind it at once "
+            "or hold it, or reserve ports with net.ipv4.ip_local_reserved_ports",
+        ),
     ]
 
 
@@ -177,7 +217,13 @@ def pick_port(
     ``addr`` None means "free on every address" (0.0.0.0 and [::]). With ``hold=True`` the
     returned object keeps SO_REUSEADDR sockets bound on the port (never listening) until
     :meth:`PickedPort.release`: bind yours with SO_REUSEADDR, then release. Concurrent pickers
-    get different ports. Raises :class:`NoPortFree` when nothing in range is free.
+    get different ports. Raises :class:`NoPortFree` when nothing in range is free,
+    :class:`~rebind.errors.EnvironmentProblem` when every port in range is privileged, and
+    :class:`~rebind.errors.UsageError` for bad arguments.
+
+    When no free port in range lies outside ip_local_port_range and ip_local_reserved_ports, a
+    reserved port, then one inside the ephemeral range, is returned instead; ``risk`` says why
+    it is at risk and a :class:`PortRiskWarning` is issued.
     """
     from rebind.kernel.sysctl import kernel_settings
 
@@ -186,28 +232,37 @@ def pick_port(
     if v6only is not None and a is not None and a.version != 6:
         raise UsageError("v6only needs an IPv6 address (e.g. ::)")
     rng = check_range(port_range) if port_range is not None else DEFAULT_RANGE
+    lease = parse_seconds(lease, what="lease", maximum=MAX_SECONDS)
     settings = settings or kernel_settings()
-    pool = candidates(rng, settings)
-    if not pool:
-        lo, hi = settings.ip_local_port_range
-        raise UsageError(
-            f"no port in {rng[0]}-{rng[1]} lies outside ip_local_port_range ({lo}-{hi}), "
-            "ip_local_reserved_ports and the privileged ports"
+    tiers = _tiers(rng, settings)
+    if not any(pool for pool, _ in tiers):
+        # Every port in the range is privileged (the others would at least be in tier 3).
+        raise EnvironmentProblem(
+            f"ports {rng[0]}-{rng[1]} are below net.ipv4.ip_unprivileged_port_start "
+            f"({settings.unprivileged_port_start}): binding them needs root or CAP_NET_BIND_SERVICE"
         )
-    random.shuffle(pool)
     eps = _endpoints(a, v6only)
     with _leases(lease) as leased:
-        for port in pool:
-            if port in leased:
-                continue
-            held = _claim(port, protos, eps)
-            if held:
-                leased[port] = time.time() + lease
-                if not hold:
-                    for s in held:
-                        s.close()
-                    held = []
-                return PickedPort(port, protos, tuple(held))
+        for pool, risk in tiers:
+            random.shuffle(pool)
+            for port in pool:
+                if port in leased:
+                    continue
+                held = _claim(port, protos, eps)
+                if held:
+                    leased[port] = time.time() + lease
+                    if not hold:
+                        for s in held:
+                            s.close()
+                        held = []
+                    why = risk.format(port=port) if risk else None
+                    if why and held and "ip_local_port_range" in why:
+                        # A bound socket's bind bucket makes __inet_hash_connect skip the port.
+                        why += " (held now: no outgoing connection takes it until the hold ends)"
+                    picked = PickedPort(port, protos, tuple(held), why)
+                    if picked.risk:
+                        warnings.warn(picked.risk, PortRiskWarning, stacklevel=2)
+                    return picked
     raise NoPortFree(f"no bindable port in {rng[0]}-{rng[1]} (all busy, reserved or recently picked)")
 
 

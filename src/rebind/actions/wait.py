@@ -11,6 +11,7 @@ variants share every decision.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Callable, Generator
@@ -27,10 +28,11 @@ from rebind.actions.common import (
     try_bind,
 )
 from rebind.diagnosis import Diagnosis, diagnose
-from rebind.errors import UsageError
+from rebind.errors import Fault, RebindError, UsageError
 from rebind.kernel.trial import TrialResult
 from rebind.model.conflict import BindRequest
 from rebind.model.records import Proto
+from rebind.model.validate import parse_seconds
 
 #: How often the trial bind runs: one socket() + bind() + close(), cheap enough for 10 Hz.
 POLL_INTERVAL = 0.1
@@ -43,8 +45,21 @@ Progress = Callable[[Diagnosis, float], None]
 Steps = Generator[float, None, "WaitResult"]
 
 
-class NotWaitable(UsageError):
-    """bind() fails for a reason that waiting cannot fix (EACCES, EINVAL, ...)."""
+#: bind() errors that mean a missing permission or kernel feature (exit 3), not bad input.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
+
+
+class NotWaitable(RebindError):
+    """bind() fails for a reason that waiting cannot fix (EACCES, EINVAL, ...).
+
+    Its fault (and the CLI's exit code) follows the errno: EACCES/EPERM or a missing address
+    family is the environment's (exit 3), anything else the request's (exit 2).
+    """
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.fault = Fault.ENVIRONMENT if errno_ in _ENVIRONMENT_ERRNOS else Fault.USER
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +91,7 @@ def _bindable_steps(
         if trial.ok:
             return WaitResult(True, elapsed, req, trial)
         if trial.errno not in TRANSIENT_ERRNOS:
-            raise NotWaitable(f"{trial}; waiting will not change that")
+            raise NotWaitable(f"{trial}; waiting will not change that", trial.errno)
         if on_progress is not None and elapsed - refreshed >= REFRESH_INTERVAL:
             refreshed = elapsed
             on_progress(diagnose(req, owners=False), elapsed)
@@ -86,9 +101,11 @@ def _bindable_steps(
 
 
 def _check_timing(timeout: float | None, interval: float) -> None:
-    if timeout is not None and timeout < 0:
-        raise UsageError(f"timeout must be >= 0, not {timeout}")
-    if interval <= 0:
+    """Finite, bounded numbers: ``None`` is the way to wait without limit (inf and nan are
+    UsageErrors, as is anything beyond MAX_SECONDS, which select()/poll() cannot take)."""
+    if timeout is not None:
+        parse_seconds(timeout, what="timeout")
+    if parse_seconds(interval, what="interval") <= 0:
         raise UsageError(f"interval must be > 0, not {interval}")
 
 

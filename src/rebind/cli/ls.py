@@ -14,6 +14,7 @@ from rebind.model.records import Proto, State
     epilog="""\b
 Examples:
   rebind ls                    every listening or bound port (bound-inactive included)
+  rebind ls -a                 every socket in every state (like ss -a)
   rebind ls 8080               everything on local port 8080: listeners, connections, TIME_WAIT
   rebind ls 127.0.0.1:8080     only sockets bound to that address
   rebind ls 80 443 --udp       UDP sockets on 80 and 443
@@ -21,7 +22,8 @@ Examples:
   rebind ls --json | jq '.sockets[].owners[].pid'
 
 \b
-Exit status: 0 something matched, 1 nothing matched, 2 usage error.
+Exit status: 0 something matched, 1 nothing matched, 2 usage error, 3 missing permission
+or kernel feature, 4 unusable kernel answer. A reader that stops early (| head) is no error.
 JSON schema: docs/json.md (schema "rebind.ls/1").
 """,
 )
@@ -38,6 +40,14 @@ JSON schema: docs/json.md (schema "rebind.ls/1").
     "select bound UDP sockets (UNCONN), as ss does.",
 )
 @click.option("-l", "--listening", is_flag=True, help="Only listening TCP and bound UDP sockets.")
+@click.option(
+    "-a",
+    "--all",
+    "all_states",
+    is_flag=True,
+    help="Sockets in every state (connections, TIME_WAIT, ...), also without PORT. The default "
+    "without PORT: listening, bound-inactive and bound UDP sockets; with PORT: every state.",
+)
 @click.option("--no-owners", is_flag=True, help="Skip the /proc scan for owning processes (fast).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.ls/1).")
 def ls(
@@ -46,6 +56,7 @@ def ls(
     udp: bool,
     states: tuple[State, ...],
     listening: bool,
+    all_states: bool,
     no_owners: bool,
     as_json: bool,
 ) -> int:
@@ -53,13 +64,16 @@ def ls(
 
     Without PORT: every listening or bound port, including TCP sockets that are bound but not
     listening (they block bind() yet are invisible to lsof, psutil and /proc/net/tcp). With PORT:
-    every socket whose local port is PORT, in any state, filtered inside the kernel.
+    every socket whose local port is PORT, in any state, filtered inside the kernel. With -a:
+    every socket in every state.
     """
+    if all_states and (states or listening):
+        raise click.UsageError("--all shows every state: it excludes --state and --listening")
     from rebind.cli import render
     from rebind.sockets import socket_table
 
     protos = [p for p, on in ((Proto.TCP, tcp), (Proto.UDP, udp)) if on] or [Proto.TCP, Proto.UDP]
-    chosen: set[State] | None = set(states) if states else None
+    chosen: set[State] | None = set(State) if all_states else set(states) if states else None
     if listening:
         chosen = (chosen or set(State)) & {State.LISTEN, State.CLOSE}
     table = socket_table(

@@ -2,28 +2,57 @@
 
 from __future__ import annotations
 
+import math
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 import click
 
+from rebind.errors import UsageError
 from rebind.model.records import State, parse_state
+from rebind.model.validate import MAX_SECONDS, parse_port, parse_seconds
 
 
 class PortType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     name = "PORT"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            port = value
-        else:
-            text = str(value).strip()
-            if not text.isdigit():
-                self.fail(f"{value!r} is not a port number (1-65535)", param, ctx)
-            port = int(text)
-        if not 1 <= port <= 65535:
-            self.fail(f"port {port} is out of range (1-65535)", param, ctx)
-        return port
+        # parse_port, not str.isdigit(): '²' is a digit to isdigit() and a ValueError to int().
+        try:
+            return parse_port(value)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class SecondsType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
+    """A finite number of seconds in [minimum, MAX_SECONDS] (about 24 days).
+
+    inf, nan and huge values are usage errors: they overflow select()/poll() timeouts or never
+    compare true, so a command would crash or hang instead of doing what was asked.
+    """
+
+    name = "SECONDS"
+
+    def __init__(self, minimum: float = 0.0, *, positive: bool = False) -> None:
+        self.minimum = minimum
+        self.positive = positive
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        what = param.opts[0] if param is not None and param.opts else "duration"
+        try:
+            number = float(value)
+            too_long = math.isfinite(number) and number > MAX_SECONDS  # nan, inf: parse_seconds
+        except (TypeError, ValueError):
+            too_long = False
+        if too_long:
+            self.fail(f"{what} {value} is too long (at most {MAX_SECONDS / 86400:g} days)", param, ctx)
+        try:
+            seconds = parse_seconds(value, what=what, minimum=self.minimum, maximum=MAX_SECONDS)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+        if self.positive and seconds <= 0:
+            self.fail(f"{what} must be more than 0 seconds", param, ctx)
+        return seconds
 
 
 class StateType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
@@ -77,6 +106,7 @@ class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only i
 
 
 PORT = PortType()
+SECONDS = SecondsType()
 STATE = StateType()
 ADDRESS = AddressType()
 PORT_SPEC = PortSpecType()

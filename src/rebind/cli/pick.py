@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from ipaddress import IPv4Address, IPv6Address
 
 import click
 
-from rebind.cli.params import ADDRESS
+from rebind.cli.params import ADDRESS, SecondsType
 
 
 @click.command(
@@ -20,11 +21,15 @@ Examples:
 
 \b
 The port lies outside net.ipv4.ip_local_port_range and ip_local_reserved_ports, so connect()
-and bind(port 0) never hand it out. Pickers running at the same time get different ports.
+and bind(port 0) never hand it out. If the range leaves no such port free (e.g. with
+ip_local_port_range 1024-65535), a reserved port, then one inside the ephemeral range, is
+printed instead, with a warning on stderr saying why it is at risk.
+Pickers running at the same time get different ports.
 With --hold a background process keeps a SO_REUSEADDR socket bound (never listening) on the
 port for SECONDS, or until another socket binds it: only an app that also sets SO_REUSEADDR
 can bind it meanwhile (see docs/actions.md for the trade-off).
-Exit status: 0 picked, 1 nothing free in range, 2 usage error.
+Exit status: 0 picked, 1 nothing free in range, 2 usage error, 3 every port in range is
+privileged (below ip_unprivileged_port_start) and rebind is not root.
 """,
 )
 @click.option("--udp", is_flag=True, help="A UDP port instead of TCP.")
@@ -36,14 +41,14 @@ Exit status: 0 picked, 1 nothing free in range, 2 usage error.
 )
 @click.option(
     "--hold",
-    type=click.FloatRange(min=0, min_open=True),
+    type=SecondsType(positive=True),
     default=None,
     metavar="SECONDS",
     help="Keep the port reserved in the background (SO_REUSEADDR, bound, not listening).",
 )
 @click.option(
     "--lease",
-    type=click.FloatRange(min=0),
+    type=SecondsType(),
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -59,21 +64,25 @@ def pick(
     lease: float,
 ) -> int:
     """Print a port that is bindable now, outside the ephemeral range."""
-    from rebind.actions.pick import parse_range, pick_port
+    from rebind.actions.pick import PortRiskWarning, parse_range, pick_port
 
     if udp and both:
         raise click.UsageError("--udp and --both exclude each other")
     if v6only and (addr is None or addr.version != 6):
         raise click.UsageError("--v6only needs an IPv6 --addr (e.g. --addr ::)")
     rng = parse_range(port_range) if port_range is not None else None
-    picked = pick_port(
-        "both" if both else "udp" if udp else "tcp",
-        addr=addr,
-        port_range=rng,
-        v6only=True if v6only else None,
-        hold=hold is not None,
-        lease=max(lease, hold or 0),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PortRiskWarning)  # said below, as one line of ours
+        picked = pick_port(
+            "both" if both else "udp" if udp else "tcp",
+            addr=addr,
+            port_range=rng,
+            v6only=True if v6only else None,
+            hold=hold is not None,
+            lease=max(lease, hold or 0),
+        )
+    if picked.risk:
+        click.echo(f"rebind: warning: {picked.risk}", err=True)
     click.echo(picked.port)
     sys.stdout.flush()
     if hold is not None:

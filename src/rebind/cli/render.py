@@ -11,13 +11,23 @@ import re
 import sys
 from typing import IO, Any
 
-from rebind.model.records import Endpoint, Owner, OwnerScanReport, SocketEntry, SocketRecord, SocketTable
+from rebind.model.records import (
+    Endpoint,
+    Owner,
+    OwnerScanReport,
+    SocketEntry,
+    SocketRecord,
+    SocketTable,
+    fmt_addr,
+    owner_label,
+)
+from rebind.textsafe import visible
 
 LS_SCHEMA = "rebind.ls/1"
 
 
 def endpoint_json(ep: Endpoint) -> dict[str, Any]:
-    return {"addr": str(ep.addr), "port": ep.port}
+    return {"addr": fmt_addr(ep.addr), "port": ep.port}
 
 
 def owner_json(o: Owner) -> dict[str, Any]:
@@ -96,10 +106,6 @@ def fmt_ms(ms: int | None) -> str:
     return f"{ms // 60_000}m{(ms // 1000) % 60:02d}s"
 
 
-def owner_label(o: Owner) -> str:
-    return f"{o.name}[{o.pid}]"
-
-
 def owners_cell(owners: tuple[Owner, ...], limit: int = 4) -> str:
     if not owners:
         return ""
@@ -133,26 +139,53 @@ def console(stderr: bool = False) -> Any:
         color_system="auto" if color else None,
         no_color=not color,
         highlight=False,
+        emoji=False,  # ":fire:" in a process name stays text
         force_terminal=color if color else None,
         soft_wrap=False,
         width=None if stream.isatty() else 200,
     )
 
 
+# rich's markup grammar (rich.markup.RE_TAGS and escape()), so that plain and rich output read
+# the same markup the same way without importing rich: "[::]:80" and "python3[12]" are no tags.
+_RICH_TAG = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
+_RICH_ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+
+
+def escape_markup(text: str) -> str:
+    """``text`` shown as itself by rich markup: rich.markup.escape, without importing rich."""
+    out = _RICH_ESCAPE.sub(lambda m: f"{m.group(1)}{m.group(1)}\\{m.group(2)}", text)
+    return out + "\\" if out.endswith("\\") and not out.endswith("\\\\") else out
+
+
+def strip_markup(markup: str) -> str:
+    """The text rich would print for ``markup``, without styles (tags dropped, escapes undone)."""
+    parts: list[str] = []
+    pos = 0
+    for m in _RICH_TAG.finditer(markup):
+        full, escapes, _ = m.groups()
+        parts.append(markup[pos : m.start()])
+        pos = m.end()
+        backslashes, escaped = divmod(len(escapes), 2)
+        parts.append("\\" * backslashes)
+        if escaped:
+            parts.append(full[len(escapes) :])
+    parts.append(markup[pos:])
+    return "".join(parts)
+
+
 class PlainOut:
     """Markup-stripping printer for pipes and NO_COLOR: no rich import, no escapes."""
-
-    # Only the style tags rebind writes; "[::]:80" or "python3[12]" are left alone.
-    _TAG = re.compile(r"\[/?(?:bold|dim|italic|green|red|yellow|cyan|magenta|on| )*\]")
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
 
     def esc(self, text: str) -> str:
-        return text
+        """Text from outside (process names, messages) made safe to embed in markup."""
+        return escape_markup(visible(text))
 
     def print(self, text: str = "") -> None:
-        self.stream.write(self._TAG.sub("", text) + "\n")
+        self.stream.write(strip_markup(text) + "\n")
 
 
 class RichOut:
@@ -160,9 +193,8 @@ class RichOut:
         self.con = console(stderr)
 
     def esc(self, text: str) -> str:
-        from rich.markup import escape
-
-        return escape(text)
+        """Text from outside (process names, messages) made safe to embed in markup."""
+        return escape_markup(visible(text))
 
     def print(self, text: str = "") -> None:
         self.con.print(text)
@@ -208,7 +240,7 @@ def print_table(t: SocketTable) -> None:
     head, rows = _rows(t)
     if not rows:
         for w in t.warnings:
-            sys.stderr.write(f"note: {w}\n")
+            sys.stderr.write(f"note: {visible(w)}\n")
         return  # nothing matched: exit status 1 says so; no bare header for scripts to skip
     if not use_color():
         # Piped or NO_COLOR: plain aligned columns, without importing rich (start-up time matters).
@@ -220,20 +252,21 @@ def print_table(t: SocketTable) -> None:
             ]
             sys.stdout.write("  ".join(cells).rstrip() + "\n")
         for w in t.warnings:
-            sys.stderr.write(f"note: {w}\n")
+            sys.stderr.write(f"note: {visible(w)}\n")
         return
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for col in head:
         tab.add_column(col, no_wrap=col != "owners", justify="right" if col in ("left", "uid") else "left")
     for row in rows:
-        style = _STATE_STYLE.get(row[1], "")
-        if style:
-            row[1] = f"[{style}]{row[1]}[/]"
-        tab.add_row(*row)
+        # Text cells, never markup: an owner named "[/x]" is a name, not a closing tag.
+        texts = [Text(c) for c in row]
+        texts[1].stylize(_STATE_STYLE.get(row[1], ""))
+        tab.add_row(*texts)
     console().print(tab)
     err = console(stderr=True)
     for w in t.warnings:
-        err.print(f"[yellow]note:[/] {w}")
+        err.print(Text.assemble(("note:", "yellow"), " ", visible(w)))

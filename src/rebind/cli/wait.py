@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from rebind.cli.params import ADDRESS, PORT_SPEC
+from rebind.cli.params import ADDRESS, PORT_SPEC, SECONDS
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
@@ -76,17 +76,19 @@ Examples:
 \b
 "Bindable" is tested with a real bind() (a probe that never listens), not a connect: a
 TIME_WAIT left by the last run blocks a restart although nothing accepts connections.
-Exit status: 0 ready, 1 timed out, 2 usage error (or bind() fails for a reason waiting
-cannot fix, such as EACCES).
+Without --timeout the wait has no limit (--timeout takes finite seconds, at most 24 days).
+Exit status: 0 ready, 1 timed out, 2 usage error or bind() fails for a reason waiting
+cannot fix (EINVAL...), 3 bind() needs a permission rebind lacks (EACCES: a port below
+ip_unprivileged_port_start without root).
 """,
 )
 @bind_options
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=None,
     metavar="SECONDS",
-    help="Give up after this long (exit 1).",
+    help="Give up after this long (exit 1). Default: wait without limit.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No output; the exit status says it all.")
 @click.option(
@@ -105,7 +107,9 @@ def wait(
 ) -> int:
     """Wait until binding PORT would succeed: the blockers (TIME_WAIT and friends) are gone.
 
-    On a terminal a countdown follows the blockers' own timers (TIME_WAIT lasts 60 s).
+    On a terminal a countdown follows the blockers' own timers: a TIME_WAIT's timer runs for
+    60 s (TCP_TIMEWAIT_LEN), but the port can free earlier (the TIME_WAIT is reused, destroyed,
+    or killed by an RST), so the trial bind, not the countdown, decides.
     """
     if until_listening:
         for name, on in (("--reuseaddr", reuseaddr), ("--reuseport", reuseport), ("--v6only", v6only)):
@@ -146,8 +150,8 @@ def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int
 
 
 def _report_timeout(target: str, res: Any) -> None:
-    from rebind.actions.common import owner_label, socket_label
-    from rebind.cli.render import fmt_ms
+    from rebind.actions.common import socket_label
+    from rebind.cli.render import fmt_ms, owners_cell
 
     click.echo(
         f"rebind: timed out after {res.elapsed:.1f}s: {target} is still not bindable ({res.trial})", err=True
@@ -158,7 +162,7 @@ def _report_timeout(target: str, res: Any) -> None:
     for b in d.blockers:
         r = b.entry.socket
         left = f", {fmt_ms(r.expires_ms)} left" if r.is_mini and r.expires_ms is not None else ""
-        owners = ", ".join(owner_label(o) for o in b.entry.owners)
+        owners = owners_cell(b.entry.owners, limit=8)  # escaped names (hostile text)
         click.echo(f"  {socket_label(r)}{left}" + (f"  held by {owners}" if owners else ""), err=True)
 
 
@@ -179,12 +183,15 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
             deadline = task.fields.get("deadline")
             if deadline is None:
                 return Text("no timer", style="dim")
+            # The kernel's timer as last read: the port can free earlier (TIME_WAIT reuse,
+            # SOCK_DESTROY, an RST) or later (a retransmitted FIN re-arms the timer in
+            # tcp_timewait_state_process); the trial bind decides, this only informs.
             return Text(f"{fmt_ms(max(int((deadline - time.monotonic()) * 1000), 0))} left")
 
     con = console(stderr=True)
     with Progress(
         SpinnerColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         Countdown(),
         console=con,
@@ -212,12 +219,15 @@ def _until_listening(
     spec: Spec, addr: IPv4Address | IPv6Address | None, udp: bool, timeout: float | None, quiet: bool
 ) -> int:
     from rebind.actions.wait import LOOPBACKS, wait_listening
+    from rebind.model.records import fmt_addr
 
     spec_addr, port = spec
     if spec_addr is not None and addr is not None and spec_addr != addr:
         raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
     address = addr or spec_addr
-    shown = " or ".join(str(a) for a in ((address,) if address and not address.is_unspecified else LOOPBACKS))
+    shown = " or ".join(
+        fmt_addr(a) for a in ((address,) if address and not address.is_unspecified else LOOPBACKS)
+    )
     what = f"port {port}/{'udp' if udp else 'tcp'} on {shown}"
     if not quiet and not sys.stderr.isatty():
         click.echo(f"waiting for something to {'bind' if udp else 'accept connections on'} {what}", err=True)
@@ -230,7 +240,8 @@ def _until_listening(
         res = wait_listening(port, addr=address, proto="udp" if udp else "tcp", timeout=timeout)
     if res.ok:
         if not quiet:
-            click.echo(f"{res.answered} port {port} is {'bound' if udp else 'accepting connections'}")
+            answered = fmt_addr(res.answered) if res.answered is not None else "?"
+            click.echo(f"{answered} port {port} is {'bound' if udp else 'accepting connections'}")
         return 0
     if not quiet:
         click.echo(f"rebind: timed out after {res.elapsed:.1f}s: nothing serves {what}", err=True)

@@ -7,8 +7,22 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from rebind.model.containers import ContainerRef, ProxyKind
+from rebind.textsafe import visible
 
 IPAddress = IPv4Address | IPv6Address
+
+
+def fmt_addr(addr: IPAddress) -> str:
+    """The one address spelling every text and JSON output uses (no brackets, no port).
+
+    IPv4-mapped IPv6 addresses print as ``::ffff:127.0.0.1`` on every Python: 3.11 and 3.12's
+    ``str()`` give ``::ffff:7f00:1`` (3.13 prints the dotted form).
+    """
+    if isinstance(addr, IPv6Address):
+        mapped = addr.ipv4_mapped
+        if mapped is not None:
+            return f"::ffff:{mapped}"
+    return str(addr)
 
 
 class Proto(enum.StrEnum):
@@ -114,7 +128,7 @@ class Endpoint:
 
     def __str__(self) -> str:
         if isinstance(self.addr, IPv6Address):
-            return f"[{self.addr}]:{self.port}"
+            return f"[{fmt_addr(self.addr)}]:{self.port}"
         return f"{self.addr}:{self.port}"
 
     @classmethod
@@ -190,6 +204,13 @@ class Owner:
     unit: str | None = None
     #: Set when the process is a container engine's port proxy (docker-proxy, conmon, ...).
     proxy: ProxyKind | None = None
+
+
+def owner_label(o: Owner) -> str:
+    """``name[pid]``: the one place an owner becomes text. The name is the process's own choice
+    (prctl(PR_SET_NAME), argv[0]) and so hostile: control characters are shown escaped
+    (rebind.textsafe.visible). Rich renderers still escape markup, or print it as ``Text``."""
+    return f"{visible(o.name)}[{o.pid}]"
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,6 +221,11 @@ def _run(prog_fd: int, passes: Iterable[bytes | None], state_fd: int) -> tuple[b
     return b"".join(out), map_lookup(state_fd, b"\0\0\0\0", STATE.size)
 
 
+#: Wanted sockets per iterator pass: (32 KiB seq_file buffer / 32-byte record) - 1. 4 KiB pages
+#: are the smallest: with larger ones the buffer is larger and the bound merely conservative.
+MAX_PER_PASS = (4096 << 3) // RECORD.size - 1
+
+
 def find_socket_holders(
     inodes: Iterable[int],
     *,
@@ -233,8 +238,18 @@ def find_socket_holders(
     is visited whatever they are. Raises BPFUnavailable when this cannot be done here.
     """
     wanted = sorted({i for i in inodes if i})
+    uids = tuple(uids)  # read once per pass below
     if not wanted:
         return ScanResult((), 0)
+    if len(wanted) > MAX_PER_PASS:
+        # One task's records are written by one show() call into the iterator's seq_file
+        # buffer (bpf_iter: PAGE_SIZE << 3 = 32 KiB); a task holding 1,024 wanted sockets
+        # fills it and read() fails with E2BIG. Bounded passes keep every task's output below.
+        parts = [
+            find_socket_holders(wanted[i : i + MAX_PER_PASS], uids=uids, netns=netns)
+            for i in range(0, len(wanted), MAX_PER_PASS)
+        ]
+        return ScanResult(tuple(h for p in parts for h in p.hits), max(p.tables for p in parts))
     _check_environment()
     lay = load_layout()
     uid_list = sorted({u for u in uids if 0 <= u < 1 << 32})
