@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem
-from rebind.kernel.containers import EngineState, engine_state, iptables_nat, read_context, resolve_proxy
+from rebind.kernel.containers import EngineState, annotate, engine_state, iptables_nat, read_context
 from rebind.kernel.namespaces import NetnsScan, list_namespaces, records_per_netns, run_in
 from rebind.model.containers import Engine, ProxyKind, nat_captures
 from rebind.model.records import (
@@ -39,36 +39,6 @@ def _netns_names(scan: NetnsScan, proc: str) -> dict[int, str | None]:
                 name = ctx.container.label
         names[ns.inode] = name
     return names
-
-
-def annotate_owner(o: Owner, engines: EngineState, proc: str = "/proc") -> Owner:
-    """The owner with its container, unit and proxy role filled in (unchanged if it vanished)."""
-    ctx = read_context(o.pid, proc)
-    container, proxy = ctx.container, None
-    found = resolve_proxy(o.pid, o.name, o.cmdline, o.uid, engines, proc)
-    if found is not None:
-        info, served = found
-        proxy = info.kind
-        container = served or container
-    elif container is not None:
-        container = engines.ref(container.id, container.engine) if container.name is None else container
-    return replace(o, container=container, unit=ctx.unit, proxy=proxy)
-
-
-def annotate(table: SocketTable, engines: EngineState | None = None, proc: str = "/proc") -> SocketTable:
-    """Every owner of ``table`` annotated; each pid is read once."""
-    engines = engines if engines is not None else engine_state(proc)
-    cache: dict[tuple[int, int], Owner] = {}
-    entries = []
-    for e in table.entries:
-        owners = []
-        for o in e.owners:
-            key = (o.pid, o.fd)
-            if key not in cache:
-                cache[key] = annotate_owner(o, engines, proc)
-            owners.append(cache[key])
-        entries.append(replace(e, owners=tuple(owners)))
-    return replace(table, entries=tuple(entries))
 
 
 def socket_table_all_netns(
@@ -116,8 +86,10 @@ def socket_table_all_netns(
     table = SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=tuple(warnings))
     if not owners:
         return table
-    engines = engine_state(proc)
-    return resolve_reservations(annotate(table, engines, proc), scan, engines)
+    table = annotate(table, proc=proc)
+    if not any(o.proxy is ProxyKind.DOCKERD and o.container is None for e in table.entries for o in e.owners):
+        return table
+    return resolve_reservations(table, scan, engine_state(proc))
 
 
 def resolve_reservations(table: SocketTable, scan: NetnsScan, engines: EngineState) -> SocketTable:

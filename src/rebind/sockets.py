@@ -142,7 +142,14 @@ def socket_table(
 
             warnings = (*warnings, inaccessible_warning(report.inaccessible, geteuid()))
     entries = tuple(SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()) for r in records)
-    return SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=warnings)
+    table = SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=warnings)
+    if not owners or not by_inode:
+        return table
+    # Each owner's container, unit and proxy role: one /proc/PID/cgroup read per owner, and an
+    # engine's API only when an owner is a container's process or a port proxy.
+    from rebind.kernel.containers import annotate
+
+    return annotate(table)
 
 
 def _order(r: SocketRecord) -> tuple[int, str, int, int, str, str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 from rebind.allns import socket_table_all_netns
@@ -55,6 +59,26 @@ def test_docker_proxy_resolves_to_its_container(engine_netns: Netns) -> None:
             "web",
         )
         assert e.netns_name == engine_netns.name
+        # The CLI, as a user runs it: JSON names the container, the table says the proxy serves it.
+        env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+        out = subprocess.run(
+            [sys.executable, "-m", "rebind", "ls", "--all-netns", str(port), "--state", "listen", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout
+        (sock,) = [s for s in json.loads(out)["sockets"] if s["netns_name"] == engine_netns.name]
+        assert sock["owners"][0]["container"] == {"engine": "docker", "id": cid, "name": "web"}
+        assert sock["owners"][0]["proxy"] == "docker-proxy"
+        table = subprocess.run(
+            [sys.executable, "-m", "rebind", "ls", "--all-netns", str(port), "--state", "listen"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout
+        assert f"docker-proxy[{owner.pid}] → web" in table
         # The DNAT rule exists too (used for non-loopback traffic): NAT captures see it.
         ns = next(n for n in list_namespaces().namespaces if n.name == engine_netns.name)
         text = run_in(ns, iptables_nat)

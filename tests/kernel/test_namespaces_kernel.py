@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -141,3 +143,25 @@ def test_all_netns_table_has_owners_names_and_context(netns: int, named_netns: s
     assert listeners[named_ino].netns_name == named_netns
     assert listeners[netns].netns_name is None
     assert all(o.container is None and o.proxy is None for e in listeners.values() for o in e.owners)
+
+
+def test_ls_all_netns_cli(netns: int, named_netns: str, procs: Procs, rebind_cli: Any) -> None:
+    """`rebind ls --all-netns PORT --json`: every namespace's socket, with netns and names;
+    without --all-netns the named namespace's listener is not shown (nothing changes)."""
+    p1 = procs.python(LISTENER.format(port=41030))
+    p2 = procs.start(
+        ["ip", "netns", "exec", named_netns, sys.executable, "-u", "-c", LISTENER.format(port=41030)]
+    )
+    assert procs.wait_line(p1) == "ready" and procs.wait_line(p2) == "ready"
+    named_ino = os.stat(f"/run/netns/{named_netns}").st_ino
+    res = rebind_cli("ls", "--all-netns", "41030", "--state", "listen", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    rows = {(s["netns"], s["netns_name"]): [o["pid"] for o in s["owners"]] for s in doc["sockets"]}
+    assert rows == {(netns, None): [p1.pid], (named_ino, named_netns): [p2.pid]}
+    owner = doc["sockets"][0]["owners"][0]
+    assert owner["container"] is None and owner["proxy"] is None and "unit" in owner
+    plain = json.loads(rebind_cli("ls", "41030", "--state", "listen", "--json").stdout)
+    assert [s["netns"] for s in plain["sockets"]] == [netns]
+    table = rebind_cli("ls", "--all-netns", "41030", "--state", "listen")
+    assert table.returncode == 0 and named_netns in table.stdout and f"net:{netns}" in table.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
 
 import click
@@ -19,6 +20,7 @@ Examples:
   rebind ls 127.0.0.1:8080     only sockets bound to that address
   rebind ls 80 443 --udp       UDP sockets on 80 and 443
   rebind ls 8080 --state time-wait --no-owners
+  rebind ls --all-netns 8080   port 8080 in every namespace and container
   rebind ls --json | jq '.sockets[].owners[].pid'
 
 \b
@@ -48,6 +50,13 @@ JSON schema: docs/json.md (schema "rebind.ls/1").
     help="Sockets in every state (connections, TIME_WAIT, ...), also without PORT. The default "
     "without PORT: listening, bound-inactive and bound UDP sockets; with PORT: every state.",
 )
+@click.option(
+    "--all-netns",
+    is_flag=True,
+    help="Every network namespace on the host (each process's, and nsfs mounts such as /run/netns/* "
+    "and Docker's): each socket with its namespace, owners with their container and unit. Unprivileged: "
+    "only namespaces readable through /proc, with a warning naming what is hidden.",
+)
 @click.option("--no-owners", is_flag=True, help="Skip the /proc scan for owning processes (fast).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.ls/1).")
 def ls(
@@ -57,6 +66,7 @@ def ls(
     states: tuple[State, ...],
     listening: bool,
     all_states: bool,
+    all_netns: bool,
     no_owners: bool,
     as_json: bool,
 ) -> int:
@@ -76,6 +86,8 @@ def ls(
     chosen: set[State] | None = set(State) if all_states else set(states) if states else None
     if listening:
         chosen = (chosen or set(State)) & {State.LISTEN, State.CLOSE}
+    if all_netns:
+        from rebind.allns import socket_table_all_netns as socket_table
     table = socket_table(
         ports=[p for _, p in ports] if ports else None,
         protos=protos,
@@ -90,7 +102,7 @@ def ls(
             for e in table.entries
             if e.socket.port in plain or (e.socket.local.addr, e.socket.port) in addrs
         )
-        table = type(table)(keep, table.source, table.owners_scanned, table.scan, table.warnings)
+        table = replace(table, entries=keep)
     if as_json:
         render.dump_json(render.table_json(table))
     else:

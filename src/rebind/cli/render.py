@@ -11,6 +11,7 @@ import re
 import sys
 from typing import IO, Any
 
+from rebind.model.containers import ContainerRef
 from rebind.model.records import (
     Endpoint,
     Owner,
@@ -40,7 +41,14 @@ def owner_json(o: Owner) -> dict[str, Any]:
         "uid": o.uid,
         "ppid": o.ppid,
         "start_time": o.start_time,
+        "container": container_json(o.container),
+        "unit": o.unit,
+        "proxy": o.proxy.value if o.proxy else None,
     }
+
+
+def container_json(c: ContainerRef | None) -> dict[str, Any] | None:
+    return None if c is None else {"engine": c.engine.value, "id": c.id, "name": c.name}
 
 
 def socket_json(r: SocketRecord) -> dict[str, Any]:
@@ -58,11 +66,13 @@ def socket_json(r: SocketRecord) -> dict[str, Any]:
         "ifindex": r.ifindex,
         "v6only": r.v6only,
         "cgroup_id": r.cgroup_id,
+        "netns": r.netns,
     }
 
 
 def entry_json(e: SocketEntry, *, with_owners: bool = True) -> dict[str, Any]:
     d = socket_json(e.socket)
+    d["netns_name"] = e.netns_name
     d["owners"] = [owner_json(o) for o in e.owners] if with_owners else None
     return d
 
@@ -217,12 +227,16 @@ _STATE_STYLE = {
 
 
 def _rows(t: SocketTable) -> tuple[list[str], list[list[str]]]:
+    many_ns = len({e.socket.netns for e in t.entries}) > 1
     head = ["proto", "state", "local", "remote", "left", "uid"] + (["owners"] if t.owners_scanned else [])
+    if many_ns:
+        head.insert(0, "netns")
     rows = []
     for e in t.entries:
         r = e.socket
         remote = "" if r.remote.port == 0 and r.remote.addr.is_unspecified else str(r.remote)
-        row = [
+        row = [] if not many_ns else [visible(e.netns_name) if e.netns_name else f"net:{r.netns}"]
+        row += [
             r.proto.value + ("6" if r.family.label == "ipv6" else ""),
             r.state.label,
             str(r.local),
@@ -247,7 +261,7 @@ def print_table(t: SocketTable) -> None:
         widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
         for row in [head, *rows]:
             cells = [
-                c.rjust(w) if i in (4, 5) else c.ljust(w)
+                c.rjust(w) if head[i] in ("left", "uid") else c.ljust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             ]
             sys.stdout.write("  ".join(cells).rstrip() + "\n")
@@ -264,7 +278,8 @@ def print_table(t: SocketTable) -> None:
     for row in rows:
         # Text cells, never markup: an owner named "[/x]" is a name, not a closing tag.
         texts = [Text(c) for c in row]
-        texts[1].stylize(_STATE_STYLE.get(row[1], ""))
+        state = head.index("state")
+        texts[state].stylize(_STATE_STYLE.get(row[state], ""))
         tab.add_row(*texts)
     console().print(tab)
     err = console(stderr=True)

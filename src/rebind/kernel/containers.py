@@ -16,15 +16,11 @@ Sources, cheapest first:
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
-import shutil
-import socket
-import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import TYPE_CHECKING
 
 from rebind.model.containers import (
     ContainerRef,
@@ -37,6 +33,9 @@ from rebind.model.containers import (
     nat_captures,
     unit_from_cgroup,
 )
+
+if TYPE_CHECKING:
+    from rebind.model.records import Owner, SocketTable
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -78,24 +77,25 @@ class EngineState:
         return ContainerRef(known[0] if known else engine, cid, known[1] if known else None)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=API_TIMEOUT)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(API_TIMEOUT)
-        try:
-            s.connect(self._path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
 def _docker_api(path: str) -> list[dict[str, object]] | None:
-    conn = _UnixHTTPConnection(path)
+    # Imported here: `rebind ls` annotates owners on every run, and asks an engine only when
+    # an owner is in a container or serves one.
+    import http.client
+    import json
+    import socket
+
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(API_TIMEOUT)
+            try:
+                s.connect(path)
+            except OSError:
+                s.close()
+                raise
+            self.sock = s
+
+    conn = UnixHTTPConnection("localhost", timeout=API_TIMEOUT)
     try:
         conn.request("GET", "/containers/json")
         resp = conn.getresponse()
@@ -157,6 +157,8 @@ def _add_docker(state: EngineState, containers: Iterable[dict[str, object]]) -> 
 
 
 def _add_podman(state: EngineState, path: str) -> bool:
+    import json
+
     try:
         with open(path, encoding="utf-8") as fh:
             doc = json.loads(fh.read(API_MAX_BYTES))
@@ -245,6 +247,9 @@ def _container_in_netns_of(pid: int, engines: EngineState, proc: str) -> Contain
 
 def iptables_nat() -> str | None:
     """``iptables-save -t nat`` (and ip6tables), or None when the tools are absent or refuse."""
+    import shutil
+    import subprocess
+
     out = []
     for tool in ("iptables-save", "ip6tables-save"):
         exe = shutil.which(tool) or next(
@@ -266,3 +271,38 @@ def iptables_nat() -> str | None:
 def captures_for(port: int, proto: str, addr: IPAddress | None) -> tuple[NatCapture, ...]:
     text = iptables_nat()
     return nat_captures(text, port, proto, addr) if text else ()
+
+
+def annotate_owner(o: Owner, engines: EngineState | None, proc: str = "/proc") -> Owner:
+    """The owner with its container, unit and proxy role filled in (unchanged if it vanished).
+    ``engines`` None: only what the process itself says (cgroup, command line)."""
+    ctx = read_context(o.pid, proc)
+    container, proxy = ctx.container, None
+    found = resolve_proxy(o.pid, o.name, o.cmdline, o.uid, engines or EngineState(), proc)
+    if found is not None:
+        info, served = found
+        proxy = info.kind
+        container = served or container
+    elif container is not None and container.name is None and engines is not None:
+        container = engines.ref(container.id, container.engine)
+    return replace(o, container=container, unit=ctx.unit, proxy=proxy)
+
+
+def _needs_engines(owners: Iterable[Owner]) -> bool:
+    """Engine state (an API round trip) is asked only when an owner is in or serves a container."""
+    return any((o.container is not None and o.container.name is None) or o.proxy is not None for o in owners)
+
+
+def annotate(table: SocketTable, engines: EngineState | None = None, proc: str = "/proc") -> SocketTable:
+    """Every owner of ``table`` with its context; each (pid, fd) is read once, and the engines
+    are asked only when some owner is a container's process or a port proxy."""
+    cache: dict[tuple[int, int], Owner] = {}
+    for e in table.entries:
+        for o in e.owners:
+            if (o.pid, o.fd) not in cache:
+                cache[(o.pid, o.fd)] = annotate_owner(o, engines, proc)
+    if engines is None and _needs_engines(cache.values()):
+        engines = engine_state(proc)
+        cache = {k: annotate_owner(o, engines, proc) for k, o in cache.items()}
+    entries = tuple(replace(e, owners=tuple(cache[(o.pid, o.fd)] for o in e.owners)) for e in table.entries)
+    return replace(table, entries=entries)

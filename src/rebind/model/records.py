@@ -210,7 +210,13 @@ def owner_label(o: Owner) -> str:
     """``name[pid]``: the one place an owner becomes text. The name is the process's own choice
     (prctl(PR_SET_NAME), argv[0]) and so hostile: control characters are shown escaped
     (rebind.textsafe.visible). Rich renderers still escape markup, or print it as ``Text``."""
-    return f"{visible(o.name)}[{o.pid}]"
+    label = f"{visible(o.name)}[{o.pid}]"
+    if o.proxy is not None:
+        # A port proxy serves someone else: name who (killing the proxy is never the fix).
+        return f"{label} → {visible(o.container.label) if o.container else 'a container'}"
+    if o.container is not None:
+        return f"{label} ({o.container.engine.value}:{visible(o.container.label)})"
+    return f"{label} ({visible(o.unit)})" if o.unit else label
 
 
 @dataclass(frozen=True, slots=True)
