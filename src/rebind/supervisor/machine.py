@@ -617,9 +617,10 @@ _RS = (P.RUNNING, P.STOPPING)
 _rows(Boot,         (R.NONE,),                 (P.RUNNING,),  _boot)
 _rows(Boot,         (R.NONE,),                 (P.STOPPING,), _ignore)
 _rows(Spawned,      (R.STARTING,),             (P.RUNNING,),  _spawned)
-_rows(Spawned,      (R.STOPPING,),             (P.STOPPING,), _ignore)  # stopped while spawning
 _rows(Spawned,      (R.STARTING,),             (P.STOPPING,), _spawned_while_stopping)
+_rows(Spawned,      (R.SERVING, R.DRAINING, R.STOPPING, R.LINGERING, R.NONE), _RS, _ignore)
 _rows(SpawnFailed,  (R.STARTING, R.STOPPING),  _RS,           _spawn_failed)
+_rows(SpawnFailed,  (R.SERVING, R.DRAINING, R.LINGERING, R.NONE), _RS, _ignore)
 _rows(Ready,        (R.STARTING,),             (P.RUNNING,),  _ready)
 _rows(Ready,        (R.SERVING, R.DRAINING, R.STOPPING, R.LINGERING, R.NONE), _RS, _ignore)
 _rows(Ready,        (R.STARTING,),             (P.STOPPING,), _ignore)  # already told to stop
