@@ -46,9 +46,17 @@ def read_proc(pid: int) -> ProcInfo | None:
         return None
 
 
+class ScanFailed(OSError):
+    """/proc could not be listed (EMFILE, ENFILE, ENOMEM): nothing can be said about anyone."""
+
+
 def snapshot() -> dict[int, ProcInfo]:
     out: dict[int, ProcInfo] = {}
-    for entry in os.scandir("/proc"):
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError as exc:
+        raise ScanFailed(exc.errno, f"cannot list /proc: {exc.strerror}") from None
+    for entry in entries:
         if entry.name.isdigit():
             info = read_proc(int(entry.name))
             if info is not None:

@@ -243,7 +243,11 @@ class Supervisor:
         """Kill and reap processes that re-parented to us (we are a child subreaper)."""
         me = os.getpid()
         watchdog = self.watchdog.pid if self.watchdog else -1
-        for p in members.snapshot().values():
+        try:
+            snap = members.snapshot()
+        except members.ScanFailed:
+            return
+        for p in snap.values():
             if p.ppid == me and p.pid != watchdog:
                 if not p.zombie:
                     members.signal_verified((p.pid, p.start), signal.SIGKILL)
@@ -314,7 +318,10 @@ class Supervisor:
     def _record(self, now: float) -> None:
         """Record who belongs to which generation; notice lingering generations that emptied."""
         self.procs.recorded_at = now
-        snap = members.snapshot()
+        try:
+            snap = members.snapshot()
+        except members.ScanFailed:
+            return  # out of fds for a moment: look again at the next round
         for gen in self.state.gens:
             found = self._members(gen.number, snap)
             self.procs.known[gen.number] = found
@@ -322,6 +329,12 @@ class Supervisor:
                 self.feed(m.Emptied(gen.number, now))
 
     def _members(self, number: int, snap: dict[int, members.ProcInfo] | None = None) -> set[members.Identity]:
+        """Live processes of generation NUMBER; what was recorded if /proc cannot be read now."""
+        if snap is None:
+            try:
+                snap = members.snapshot()
+            except members.ScanFailed:
+                return set(self.procs.known.get(number, set()))
         others = {pid for n, pid in self.procs.leaders.items() if n != number}
         # Leaders of other generations are never members of this one, nor is the watchdog.
         exclude = frozenset(others | ({self.watchdog.pid} if self.watchdog else set()))
@@ -413,7 +426,10 @@ class Supervisor:
         leader = self.procs.leaders.get(gen.number)
         if leader is None:
             return
-        found = procscan.serving(leader, self.inodes)
+        try:
+            found = procscan.serving(leader, self.inodes)
+        except OSError:
+            return  # e.g. EMFILE while listing /proc: scan again shortly
         if len(found) == len(self.inodes):
             self.feed(m.Ready(gen.number, "; ".join(sorted({str(s) for s in found.values()})), now))
 
@@ -508,6 +524,7 @@ class Supervisor:
             return
         if req is None:
             return
+        self.io.emfile_logged = False  # accept() works again: log the next shortage once more
         if req.uid not in (0, os.getuid()):
             req.reply("failed: permission denied")
             return
