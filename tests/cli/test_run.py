@@ -92,7 +92,7 @@ def test_run_reload_status_and_pid_file(netns: int, procs: Procs, rebind_cli: Cl
         assert sup.poll() is None, log.read_text()
         time.sleep(0.02)
     os.kill(sup.pid, signal.SIGTERM)
-    assert sup.wait(30) == 128 + signal.SIGTERM  # signal.pause() app dies of SIGTERM
+    assert sup.wait(30) == 0  # the app dies of the SIGTERM we forwarded: a clean stop
     assert not ctl.exists() and not pid_file.exists()
     assert _children_of(sup.pid) == []
 
@@ -163,3 +163,16 @@ def test_run_config_validates_durations_at_the_api() -> None:
     ):
         with pytest.raises(UsageError):
             RunConfig(argv=("true",), listen=spec, **bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "number"), [("TERM", 15), ("sigquit", 3), ("3", 3), (" WINCH ", 28)])
+def test_stop_signal_parses(text: str, number: int) -> None:
+    from rebind.supervisor.run import parse_signal
+
+    assert parse_signal(text) == number
+
+
+@pytest.mark.parametrize("text", ["NOPE", "0", "999", "²", "SIG", "__class__"])
+def test_stop_signal_rejects(rebind_cli: Cli, text: str) -> None:
+    r = rebind_cli("run", "--listen", "127.0.0.1:8094", "--stop-signal", text, "--", "true")
+    assert r.returncode == 2 and "--stop-signal" in _one_line(r)

@@ -219,7 +219,7 @@ def test_no_fd_leak_across_100_reloads(netns: int, procs: Procs, tmp_path: Path)
         assert c.recv(16) == b"hi\n"
     assert sup.fd_count() == after_one, os.listdir(f"/proc/{sup.proc.pid}/fd")
     os.kill(sup.proc.pid, signal.SIGTERM)
-    assert sup.proc.wait(30) == 128 + signal.SIGTERM  # PLAIN_APP dies of SIGTERM: 143, like a shell
+    assert sup.proc.wait(30) == 0  # PLAIN_APP dies of the SIGTERM we forwarded: a clean stop
 
 
 def test_epoll_readiness_and_no_listening_fd_in_grandchild(netns: int, procs: Procs, tmp_path: Path) -> None:
@@ -330,8 +330,9 @@ def test_recipes_uvicorn_and_gunicorn(netns: int, procs: Procs, tmp_path: Path, 
     if server == "gunicorn":
         assert "READY=1 from pid" in log.read_text()  # gunicorn's arbiter speaks sd_notify
     os.kill(p.pid, signal.SIGTERM)
-    # Recent uvicorn re-raises the signal after its graceful shutdown: 143 is its status.
-    assert p.wait(30) in ((0, 128 + signal.SIGTERM) if server == "uvicorn" else (0,))
+    # Recent uvicorn re-raises the signal after its graceful shutdown: dying of the SIGTERM we
+    # forwarded counts as a clean stop.
+    assert p.wait(30) == 0
 
 
 WEBAPP = """

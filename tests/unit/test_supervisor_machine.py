@@ -389,3 +389,22 @@ def test_random_event_sequences_keep_the_invariants(events: list[object]) -> Non
 def test_table_keys_cover_the_product_for_numbered_events() -> None:
     keys = {(e, r, p) for e, r, p in itertools.product(_NUMBERED, Role, (Phase.RUNNING, Phase.STOPPING))}
     assert keys <= set(m.TRANSITIONS)
+
+
+@pytest.mark.parametrize(("sig", "code", "status"), [(signal.SIGTERM, 143, 0), (signal.SIGINT, 130, 0),
+                                                     (signal.SIGTERM, 7, 7), (signal.SIGTERM, 130, 130)])  # fmt: skip
+def test_dying_of_the_forwarded_signal_is_a_clean_stop(sig: int, code: int, status: int) -> None:
+    r = Run().serving_one()
+    r.feed(m.Stop(sig, 0))
+    r.exited(1, code)
+    assert _of(r.actions, m.Finish) == [m.Finish(status)]
+
+
+def test_stop_signal_goes_to_replaced_and_timed_out_generations() -> None:
+    r = Run(m.Config(stop_signal=signal.SIGQUIT, ready_timeout=5.0)).serving_one()
+    r.reload()
+    assert m.SignalLeader(1, signal.SIGQUIT) in r.ready(2)
+    r.reload()
+    assert m.SignalLeader(3, signal.SIGQUIT) in r.at(10).timers()
+    # Our own SIGTERM is forwarded as it came.
+    assert m.SignalLeader(2, signal.SIGTERM) in r.feed(m.Stop(signal.SIGTERM, 11))

@@ -79,6 +79,13 @@ ready (the app's own status if it exited non-zero); 2 on bad input (checked befo
 @click.option(
     "--restart", type=click.Choice(["on-failure", "always", "no"]), default="on-failure", show_default=True
 )
+@click.option(
+    "--stop-signal",
+    default="TERM",
+    show_default=True,
+    metavar="SIG",
+    help="Signal that tells a replaced generation to stop (e.g. QUIT for nginx, WINCH for httpd).",
+)
 @click.option("--backoff-max", callback=_seconds(0), default="10", show_default=True, metavar="SECONDS")
 @click.option(
     "--control",
@@ -96,6 +103,7 @@ def run(
     ready_timeout: float,
     grace: float,
     restart: str,
+    stop_signal: str,
     backoff_max: float,
     control: str | None,
     pid_file: str | None,
@@ -110,10 +118,10 @@ def run(
     generation of CMD gets the sockets; a reload starts a new one, waits until it serves, then
     stops the old one (SIGTERM, --grace, SIGKILL). If the new one fails, the old one keeps serving.
     A crashed CMD is restarted with exponential backoff. SIGTERM/SIGINT are forwarded and rebind
-    exits with CMD's status.
+    exits with CMD's status (0 if CMD dies of the forwarded signal).
     """
     from rebind.errors import UsageError
-    from rebind.supervisor.run import ReadyMode, Restart, RunConfig, supervise
+    from rebind.supervisor.run import ReadyMode, Restart, RunConfig, parse_signal, supervise
     from rebind.supervisor.spec import check_unique, parse_listen
 
     if not listen:
@@ -132,6 +140,7 @@ def run(
         pid_file=pid_file,
         reuse_port=reuse_port,
         backlog=backlog,
+        stop_signal=parse_signal(stop_signal),
     )
     return supervise(config)
 

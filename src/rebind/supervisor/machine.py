@@ -6,9 +6,9 @@ executes the returned :class:`Action` values in order. Every transition is one r
 :data:`TRANSITIONS`, keyed by (what happened, the role of the generation it concerns, the
 supervisor's phase); a missing row is a bug, and the unit tests walk the whole product.
 
-Room for issue 13, named but not wired: a per-generation stop signal (``Config.stop_signal``), a
-drain phase (:attr:`Role.DRAINING`), notifying an outer systemd (:class:`NotifyOuter`) and a
-fd store.
+Room for issue 13: the stop signal for a replaced generation (``Config.stop_signal``, wired to
+``--stop-signal``); named but not wired yet: a drain phase (:attr:`Role.DRAINING`), notifying an
+outer systemd (:class:`NotifyOuter`) and a fd store.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class State:
     queued: tuple[int, ...] | None = None  # a reload asked for while one is starting (waiters)
     final: int | None = None  # our exit status, once decided
     final_from: int | None = None  # the generation whose exit status becomes ours on shutdown
+    stopped_by: int | None = None  # the signal we were stopped with (and forwarded)
 
     def gen(self, number: int | None) -> Gen | None:
         return next((g for g in self.gens if g.number == number), None)
@@ -412,7 +413,7 @@ def _spawned_while_stopping(cfg: Config, state: State, ev: Event) -> Result:
     assert isinstance(ev, Spawned)
     gen = state.gen(ev.number)
     assert gen is not None
-    return _stop_gen(cfg, state, gen, "shutting down", signal.SIGTERM, ev.now)
+    return _stop_gen(cfg, state, gen, "shutting down", cfg.stop_signal, ev.now)
 
 
 def _spawn_failed(cfg: Config, state: State, ev: Event) -> Result:
@@ -478,7 +479,7 @@ def _exited_serving(cfg: Config, state: State, ev: Event) -> Result:
         state = _finish(state, ev.code)
         starting = state.starting
         if starting is not None:
-            state, more = _stop_gen(cfg, state, starting, "supervisor exiting", signal.SIGTERM, ev.now)
+            state, more = _stop_gen(cfg, state, starting, "supervisor exiting", cfg.stop_signal, ev.now)
             acts += more
         if state.queued:
             acts.append(Reply(state.queued, "failed: shutting down"))
@@ -494,7 +495,10 @@ def _exited_stopping(cfg: Config, state: State, ev: Event) -> Result:
     gen = state.gen(ev.number)
     assert gen is not None
     if state.phase is Phase.STOPPING and state.final_from == gen.number:
-        state = replace(state, final=ev.code)
+        # Dying of the very signal we forwarded is a clean stop, as systemd counts SIGTERM for a
+        # main process (SuccessExitStatus): `rebind run` exits 0, not 143.
+        clean = state.stopped_by is not None and ev.code == 128 + state.stopped_by
+        state = replace(state, final=0 if clean else ev.code)
     state, acts = _leader_gone(cfg, state, gen, ev)
     acts.insert(0, Log(f"{_name(gen.number)} exited with status {ev.code} ({gen.role.value})"))
     return _settle(state, acts)
@@ -508,7 +512,7 @@ def _leader_gone(cfg: Config, state: State, gen: Gen, ev: Exited) -> Result:
         return _drop(state, gen.number), [Forget(gen.number)]
     state = _set(state, replace(gen, role=Role.LINGERING, deadline=ev.now + cfg.grace, waiters=()))
     line = f"{_name(gen.number)}: processes outlived its leader: SIGTERM, SIGKILL after {cfg.grace:g}s"
-    return state, [Log(line), SignalRest(gen.number, signal.SIGTERM)]
+    return state, [Log(line), SignalRest(gen.number, cfg.stop_signal)]
 
 
 # Emptied / GraceOver / ReadyTimeout / RestartDue
@@ -541,7 +545,9 @@ def _ready_timeout(cfg: Config, state: State, ev: Event) -> Result:
     assert gen is not None
     reason = f"{_name(gen.number)} did not become ready within {cfg.ready_timeout:g}s"
     waiters = gen.waiters
-    state, acts = _stop_gen(cfg, state, replace(gen, waiters=()), "not ready in time", signal.SIGTERM, ev.now)
+    state, acts = _stop_gen(
+        cfg, state, replace(gen, waiters=()), "not ready in time", cfg.stop_signal, ev.now
+    )
     acts.insert(0, Log(reason))
     return _after_failure(cfg, state, acts, waiters, reason, ev.now)
 
@@ -575,9 +581,8 @@ def _stop(cfg: Config, state: State, ev: Event) -> Result:
     name = _signame(ev.sig)
     target = state.serving or state.starting
     acts: list[Action] = [Log(f"{name}: stopping")]
-    state = replace(
-        state, final=None if target else 128 + ev.sig, final_from=target.number if target else None
-    )
+    final, final_from = (None, target.number) if target else (128 + ev.sig, None)
+    state = replace(state, final=final, final_from=final_from, stopped_by=ev.sig)
     state, more = _stop_all(cfg, state, ev.sig, f"{name} forwarded", ev.now)
     return _settle(state, acts + more)
 

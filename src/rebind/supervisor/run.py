@@ -46,7 +46,8 @@ CONTROL_MAX = 32  # control clients still sending their line at once
 ACCEPT_BACKOFF = 1.0  # after EMFILE/ENFILE in accept(): stop accepting this long
 NOTIFY_BUDGET = 64  # sd_notify datagrams handled per wake-up; the rest wait for the next one
 LOG_ONCE_MAX = 1024  # senders remembered for "log once"
-MEMBERS_EVERY = 1.0  # how often a live generation's process list is recorded
+MEMBERS_EVERY = 5.0  # how often live generations' process lists are recorded (a /proc pass)
+LINGER_POLL = 0.25  # how often a lingering generation is checked for being empty
 STABLE_AFTER = m.STABLE_AFTER
 
 
@@ -82,6 +83,7 @@ class RunConfig:
     pid_file: str | None = None
     reuse_port: bool = False
     backlog: int | None = None
+    stop_signal: int = signal.SIGTERM  # what a replaced (or timed-out) generation gets
 
     def __post_init__(self) -> None:
         # Validated here, not only in the CLI: inf/nan/huge durations crash select() with
@@ -94,6 +96,8 @@ class RunConfig:
             isinstance(self.backlog, int) and 1 <= self.backlog <= MAX_BACKLOG
         ):
             raise UsageError(f"--backlog {self.backlog!r} is out of range (1-{MAX_BACKLOG})")
+        if self.stop_signal not in set(signal.valid_signals()):
+            raise UsageError(f"--stop-signal {self.stop_signal!r} is not a signal")
         if not self.argv:
             raise UsageError("no command to run")
         if not self.listen:
@@ -107,7 +111,21 @@ class RunConfig:
             backoff_initial=self.backoff_initial,
             backoff_max=self.backoff_max,
             ready_on_spawn=self.ready is ReadyMode.NONE,
+            stop_signal=self.stop_signal,
         )
+
+
+def parse_signal(value: str) -> int:
+    """`TERM`, `SIGTERM`, `sigquit` or `15` -> the signal number; UsageError otherwise."""
+    text = value.strip().upper()
+    if text.isascii() and text.isdigit():
+        number = int(text)
+    else:
+        name = text if text.startswith("SIG") else "SIG" + text
+        number = getattr(signal.Signals, name, 0) if name.isidentifier() else 0
+    if number not in set(signal.valid_signals()) or number == 0:
+        raise UsageError(f"--stop-signal {value!r} is not a signal name or number (e.g. TERM, QUIT, 3)")
+    return int(number)
 
 
 def exit_code(status: int) -> int:
@@ -285,7 +303,7 @@ class Supervisor:
         if self.io.requests:
             times.append(min(r.since for r in self.io.requests) + CONTROL_IDLE)
         if self.state.gens:
-            times.append(self.procs.recorded_at + MEMBERS_EVERY)
+            times.append(self._next_record())
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _on_signal(self, sig: int, _frame: object) -> None:
@@ -312,8 +330,12 @@ class Supervisor:
             self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
         for req in [r for r in self.io.requests if now - r.since >= CONTROL_IDLE]:
             self._drop_request(req)  # idle: it must not hold a slot (or the loop) forever
-        if now >= self.procs.recorded_at + MEMBERS_EVERY:
+        if now >= self._next_record():
             self._record(now)
+
+    def _next_record(self) -> float:
+        lingering = any(g.role is m.Role.LINGERING for g in self.state.gens)
+        return self.procs.recorded_at + (LINGER_POLL if lingering else MEMBERS_EVERY)
 
     def _record(self, now: float) -> None:
         """Record who belongs to which generation; notice lingering generations that emptied."""
