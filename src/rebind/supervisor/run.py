@@ -18,6 +18,7 @@ import enum
 import errno
 import fcntl
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -34,12 +35,19 @@ from rebind.supervisor.listen import bind_listener
 from rebind.supervisor.notify import NotifyReceiver
 from rebind.supervisor.spawn import RESET_SIGNALS, become_subreaper, resolve_command, spawn
 from rebind.supervisor.spec import ListenSpec
-from rebind.supervisor.watchdog import Watchdog
+from rebind.supervisor.watchdog import TOKEN_ENV, Watchdog
 from rebind.textsafe import visible
 
 FORWARD = (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 STOP = (signal.SIGTERM, signal.SIGINT)
-_ENV_DROP = (b"LISTEN_PID", b"LISTEN_FDS", b"LISTEN_FDNAMES", b"NOTIFY_SOCKET", b"REBIND_GENERATION")
+_ENV_DROP = (
+    b"LISTEN_PID",
+    b"LISTEN_FDS",
+    b"LISTEN_FDNAMES",
+    b"NOTIFY_SOCKET",
+    b"REBIND_GENERATION",
+    TOKEN_ENV,
+)
 MAX_BACKLOG = 2**31 - 1  # listen() takes an int; the kernel clamps it to net.core.somaxconn
 CONTROL_IDLE = 5.0  # a control client that has not sent its line by then is dropped
 CONTROL_MAX = 32  # control clients still sending their line at once
@@ -201,6 +209,7 @@ class Supervisor:
         self.notify: NotifyReceiver | None = None
         self.control: ControlServer | None = None
         self.io = _IoState()
+        self.token = secrets.token_hex(16).encode()  # REBIND_SUPERVISOR: marks all we started
         self.wake_r, self.wake_w = socket.socketpair()
 
     # -- set-up and tear-down -------------------------------------------------------------------
@@ -225,7 +234,7 @@ class Supervisor:
         if self.cfg.control:
             self.control = ControlServer(self.cfg.control)
             self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
-        self.watchdog = Watchdog(self.inodes)
+        self.watchdog = Watchdog(self.inodes, self.token)
         old: dict[int, object] = {}
         for sig in (signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD):
             old[sig] = signal.signal(sig, self._on_signal)
@@ -395,6 +404,7 @@ class Supervisor:
         env[b"LISTEN_FDS"] = str(len(self.sockets)).encode()
         env[b"LISTEN_FDNAMES"] = ":".join(s.name for s in self.cfg.listen).encode()
         env[b"REBIND_GENERATION"] = str(number).encode()
+        env[TOKEN_ENV] = self.token
         if self.notify is not None:
             env[b"NOTIFY_SOCKET"] = self.notify.address.encode()
         return env
@@ -608,8 +618,6 @@ def write_pid_file(path: str) -> None:
     unguessable name (a planted symlink or file makes the open fail, never redirects it) and
     renamed over PATH (rename replaces a symlink at PATH, it does not follow it).
     """
-    import secrets
-
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     if not base:

@@ -6,8 +6,11 @@ fails with EADDRINUSE. The watchdog is a small forked process that holds no sock
 a pipe is closed), ignores terminal signals and sits in read() on the pipe. The supervisor writes
 each generation leader's pid to it and ``bye`` when it exits normally; end-of-file without ``bye``
 means the supervisor died. Then the watchdog SIGKILLs every process in a generation's process
-group or holding one of the supervisor's listening sockets (by inode), each identified by pidfd
-and start time at that moment, until none is left.
+group or carrying the supervisor's token in its environment (``REBIND_SUPERVISOR``, inherited by
+everything a generation starts, setsid() or not), each identified by pidfd and start time at that
+moment, until the listening sockets are gone from /proc/net/tcp{,6}. Only if one is still listed
+after that does it look for holders fd by fd: that pass reads every fd of every process (seconds
+on a host where some process has a million fds), so it is the last resort, not the first.
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ from rebind.supervisor.members import ProcInfo, signal_verified, snapshot
 
 _BYE = b"bye\n"
 _ROUNDS = 50  # a process may fork while we kill its group: scan again until nothing is left
+_FD_SCAN_AFTER = 10  # rounds (of 20 ms) with the socket still listed before scanning every fd
+TOKEN_ENV = b"REBIND_SUPERVISOR"
 
 
 class Watchdog:
-    def __init__(self, inodes: frozenset[int]) -> None:
+    def __init__(self, inodes: frozenset[int], token: bytes) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the watchdog process
                 try:
-                    _main(r, w, inodes)
+                    _main(r, w, inodes, token)
                 finally:
                     os._exit(0)
         finally:
@@ -60,7 +65,7 @@ class Watchdog:
             os.waitpid(self.pid, 0)
 
 
-def _main(r: int, w: int, inodes: frozenset[int]) -> None:  # pragma: no cover - forked child
+def _main(r: int, w: int, inodes: frozenset[int], token: bytes) -> None:  # pragma: no cover - child
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
@@ -82,9 +87,13 @@ def _main(r: int, w: int, inodes: frozenset[int]) -> None:  # pragma: no cover -
     if data.endswith(_BYE):
         return
     leaders = {int(x) for x in data.split() if x.isdigit()}
-    for _ in range(_ROUNDS):
-        if not _kill_round(leaders, inodes):
-            return
+    for round_ in range(_ROUNDS):
+        hit = _kill_round(leaders, token)
+        if not _listed(inodes):
+            if not hit:
+                return
+        elif round_ >= _FD_SCAN_AFTER:
+            _kill_holders(inodes)
         time.sleep(0.02)
 
 
@@ -98,15 +107,46 @@ def _read(fd: int) -> bytes:  # pragma: no cover - forked child
             return b""
 
 
-def _kill_round(groups: set[int], inodes: frozenset[int]) -> bool:  # pragma: no cover - forked child
+def _kill_round(groups: set[int], token: bytes) -> bool:  # pragma: no cover - forked child
     me = os.getpid()
     hit = False
     for p in snapshot().values():
         if p.pid == me or p.zombie:
             continue
-        if p.pgrp in groups or _holds(p, inodes):
+        if p.pgrp in groups or _has_token(p.pid, token):
             hit = signal_verified((p.pid, p.start), signal.SIGKILL) or hit
     return hit
+
+
+def _kill_holders(inodes: frozenset[int]) -> None:  # pragma: no cover - forked child
+    me = os.getpid()
+    for p in snapshot().values():
+        if p.pid != me and not p.zombie and _holds(p, inodes):
+            signal_verified((p.pid, p.start), signal.SIGKILL)
+
+
+def _has_token(pid: int, token: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read(1 << 20)
+    except OSError:
+        return False
+    return TOKEN_ENV + b"=" + token in env.split(b"\0")
+
+
+def _listed(inodes: frozenset[int]) -> bool:
+    """Does any of our sockets still exist? (/proc/net/tcp*: column 10 is the inode.)"""
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name, "rb") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[9].isdigit() and int(fields[9]) in inodes:
+                return True
+    return False
 
 
 def _holds(p: ProcInfo, inodes: Iterable[int]) -> bool:
