@@ -478,20 +478,23 @@ class Supervisor:
         leader = self.procs.leaders.get(gen.number) if gen else None
         if gen is None or leader is None or sender <= 0:
             return False
-        # Cached per (generation, sender): a flood from one pid costs one /proc walk, not one each.
+        # Only "no" is cached, per (generation, sender): a flood from one outsider costs one /proc
+        # walk, and a cached "yes" could outlive its process and vouch for a recycled pid.
         key = (gen.number, sender)
-        if key not in self.io.tree_cache:
-            if len(self.io.tree_cache) >= LOG_ONCE_MAX:
-                self.io.tree_cache.clear()
-            self.io.tree_cache[key] = procscan.in_tree(sender, leader)
-        return self.io.tree_cache[key]
+        if key in self.io.outsiders:
+            return False
+        if procscan.in_tree(sender, leader):
+            return True
+        if len(self.io.outsiders) >= LOG_ONCE_MAX:
+            self.io.outsiders.clear()
+        self.io.outsiders.add(key)
+        return False
 
     def _on_ready_message(self, sender: int) -> None:
         gen = self.state.starting
         # The kernel-attested sender pid must belong to the *new* generation's tree: a READY=1
         # from the old generation (or anyone else in the netns) proves nothing.
         if gen is not None and self._in_generation(sender, gen):
-            self.io.tree_cache.clear()
             self.feed(m.Ready(gen.number, f"READY=1 from pid {sender}", time.monotonic()))
             return
         if self._in_generation(sender, self.state.serving):
@@ -607,7 +610,7 @@ class _IoState:
     control_resume: float | None = None
     emfile_logged: bool = False
     ignored: set[int] = field(default_factory=set)
-    tree_cache: dict[tuple[int, int], bool] = field(default_factory=dict)
+    outsiders: set[tuple[int, int]] = field(default_factory=set)  # (generation, pid) not in its tree
     ignored_count: int = 0
 
 
