@@ -173,6 +173,9 @@ def test_closed_stderr_reader_does_not_stop_the_supervisor(netns: int, procs: Pr
     for n in (2, 3):
         assert control.send(ctl, "reload", 60).startswith(f"ok: generation {n}")
     assert sup.poll() is None
+    # SERVER dies at SIGTERM with what it accepted: let the replaced ones go before connecting.
+    old = _pids(tmp_path / "report", 1) | _pids(tmp_path / "report", 2)
+    _wait(lambda: not any(_alive(p) for p in old), "generations 1 and 2 gone")
     with socket.create_connection(("127.0.0.1", 8103), timeout=10) as c:
         assert c.recv(8) == b"hi\n"
 
