@@ -418,6 +418,10 @@ class Supervisor:
         except RebindError as exc:
             self.feed(m.SpawnFailed(n, str(exc), exc.exit_code, time.monotonic()))
             return
+        except OSError as exc:  # fork() or pipe2() failed (EAGAIN, ENOMEM, EMFILE): try again later
+            reason = f"cannot start a process: {exc.strerror or exc}"
+            self.feed(m.SpawnFailed(n, reason, int(ExitCode.ENVIRONMENT), time.monotonic()))
+            return
         self.procs.leaders[n] = pid
         self.procs.groups[n] = pid  # spawn() makes the leader a process group leader
         self.procs.by_pid[pid] = n

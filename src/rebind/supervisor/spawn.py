@@ -69,7 +69,12 @@ def spawn(
     # would run the supervisor's Python handler there.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
         if pid == 0:  # pragma: no cover - child, replaced by exec
             try:
                 _child(exe, argv_b, env_b, fds, reset, parent, lib)
