@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rebind.errors import UsageError
+from rebind.supervisor import members
 from rebind.supervisor.notify import NotifyReceiver
 from rebind.supervisor.run import remove_pid_file, write_pid_file
 
@@ -77,3 +78,41 @@ def test_notify_receive_takes_at_most_its_budget() -> None:
         assert rx.receive(64) == []
     finally:
         rx.close()
+
+
+def _p(pid: int, ppid: int, pgrp: int, start: int = 100, zombie: bool = False) -> members.ProcInfo:
+    return members.ProcInfo(pid, ppid, pgrp, start, zombie)
+
+
+def test_generation_members_are_group_tree_and_recorded_orphans() -> None:
+    me = 10
+    procs = {
+        p.pid: p
+        for p in (
+            _p(10, 1, 10),  # the supervisor
+            _p(20, 10, 20),  # generation 1's leader
+            _p(21, 20, 20),  # its child, same group
+            _p(22, 10, 22, start=5),  # an orphan that called setsid(), recorded earlier
+            _p(23, 22, 22),  # ... and its child
+            _p(24, 10, 24),  # an orphan we know nothing about (no REBIND_GENERATION readable)
+            _p(25, 20, 20, zombie=True),
+            _p(30, 10, 30),  # generation 2's leader
+            _p(31, 30, 30),
+            _p(40, 1, 20),  # in generation 1's group though not a descendant (setpgid)
+        )
+    }
+    got = members.members(1, 20, 20, {(22, 5)}, me, procs, frozenset({30}))
+    assert {pid for pid, _ in got} == {20, 21, 22, 23, 40}
+    # After the leader is reaped, its group and the record still find the rest.
+    del procs[20]
+    got = members.members(1, None, 20, {(22, 5)}, me, procs, frozenset({30}))
+    assert {pid for pid, _ in got} == {21, 22, 23, 40}
+    # A recycled pid (other start time) is not a member.
+    got = members.members(1, None, None, {(22, 6)}, me, procs, frozenset({30}))
+    assert got == set()
+
+
+def test_signal_verified_refuses_a_changed_start_time() -> None:
+    assert members.signal_verified((os.getpid(), 1), 0) is False
+    me = members.read_proc(os.getpid())
+    assert me is not None and members.signal_verified((me.pid, me.start), 0) is True
