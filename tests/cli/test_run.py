@@ -176,3 +176,10 @@ def test_stop_signal_parses(text: str, number: int) -> None:
 def test_stop_signal_rejects(rebind_cli: Cli, text: str) -> None:
     r = rebind_cli("run", "--listen", "127.0.0.1:8094", "--stop-signal", text, "--", "true")
     assert r.returncode == 2 and "--stop-signal" in _one_line(r)
+
+
+def test_app_that_binds_the_port_itself_gets_a_hint(netns: int, rebind_cli: Cli) -> None:
+    app = "import socket\nsocket.socket().bind(('127.0.0.1', 8095))\n"  # Errno 98: rebind holds it
+    r = rebind_cli("run", "--listen", "127.0.0.1:8095", "--", sys.executable, "-c", app)
+    assert r.returncode == 1 and "Address already in use" in r.stderr
+    assert "binds the port itself" in r.stderr and "never became ready" in r.stderr

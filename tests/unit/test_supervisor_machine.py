@@ -408,3 +408,13 @@ def test_stop_signal_goes_to_replaced_and_timed_out_generations() -> None:
     assert m.SignalLeader(3, signal.SIGQUIT) in r.at(10).timers()
     # Our own SIGTERM is forwarded as it came.
     assert m.SignalLeader(2, signal.SIGTERM) in r.feed(m.Stop(signal.SIGTERM, 11))
+
+
+def test_first_failure_hints_at_an_app_that_binds_the_port_itself() -> None:
+    r = Run()
+    r.boot()
+    acts = r.exited(1, 1)
+    assert m.Log(m.BINDS_ITSELF_HINT) in acts
+    r = Run().serving_one()
+    r.reload()
+    assert m.Log(m.BINDS_ITSELF_HINT) not in r.exited(2, 1)  # served before: not the likely cause

@@ -22,6 +22,11 @@ from typing import TypeAlias
 from rebind.errors import ExitCode
 
 STABLE_AFTER = 10.0  # a generation that served this long resets the crash backoff
+BINDS_ITSELF_HINT = (
+    "if it failed with 'Address already in use' (Errno 98), it binds the port itself instead of "
+    "using the socket rebind holds for it: make it take fd 3 (LISTEN_FDS, e.g. rebind.listen(), "
+    "uvicorn --fd 3)"
+)
 
 
 class Phase(enum.Enum):
@@ -465,6 +470,10 @@ def _exited_starting(cfg: Config, state: State, ev: Event) -> Result:
     state, acts = _leader_gone(cfg, state, gen, ev)
     reason = f"{_name(gen.number)} exited with status {ev.code} before it was ready"
     acts.append(Log(reason))
+    if ev.code != 0 and not state.ever_ready:
+        # The usual first failure under rebind run: the app binds the port itself, and the
+        # kernel refuses because our socket holds it (we cannot see its errno, only say it).
+        acts.append(Log(BINDS_ITSELF_HINT))
     state, acts = _after_failure(cfg, state, acts, gen.waiters, reason, ev.now, ev.code)
     return _settle(state, acts)
 
