@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Procs
 from tests.kernel.helpers import LISTEN
 
@@ -90,7 +92,7 @@ def test_run_reload_status_and_pid_file(netns: int, procs: Procs, rebind_cli: Cl
         assert sup.poll() is None, log.read_text()
         time.sleep(0.02)
     os.kill(sup.pid, signal.SIGTERM)
-    assert sup.wait(30) == 128 + signal.SIGTERM  # signal.pause() app dies of SIGTERM
+    assert sup.wait(30) == 0  # the app dies of the SIGTERM we forwarded: a clean stop
     assert not ctl.exists() and not pid_file.exists()
     assert _children_of(sup.pid) == []
 
@@ -115,3 +117,69 @@ def test_origin_post_server_rewritten(netns: int, procs: Procs, rebind_cli: Cli,
     with socket.create_connection(("127.0.0.1", 12345), timeout=10):
         pass
     assert sup.wait(30) == 0  # --restart no: the app's exit status is ours
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--listen", "²"), "no port"),
+        (("--listen", "127.0.0.1:²"), "not a port"),
+        (("--listen", "127.0.0.1:{port}", "--backlog", "99999999999"), "--backlog"),
+        (("--listen", "127.0.0.1:{port}", "--backlog", "²"), "--backlog"),
+        (("--listen", "127.0.0.1:{port}", "--grace", "inf"), "--grace"),
+        (("--listen", "127.0.0.1:{port}", "--grace", "nan"), "--grace"),
+        (("--listen", "127.0.0.1:{port}", "--ready-timeout", "1e10"), "--ready-timeout"),
+        (("--listen", "127.0.0.1:{port}", "--backoff-max", "inf"), "--backoff-max"),
+        (("--listen", "127.0.0.1:{port}", "--pid-file", "/nonexistent/dir/x.pid"), "--pid-file"),
+    ],
+)
+def test_bad_input_is_one_line_and_nothing_is_bound(
+    netns: int, rebind_cli: Cli, tmp_path: Path, args: tuple[str, ...], needle: str
+) -> None:
+    marker = tmp_path / "started"
+    argv = [a.format(port=8093) for a in args]
+    r = rebind_cli("run", *argv, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')")
+    assert r.returncode == 2 and needle in _one_line(r), r.stderr
+    assert "listening on" not in r.stderr and not marker.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e12"])
+def test_reload_timeout_is_validated(rebind_cli: Cli, tmp_path: Path, value: str) -> None:
+    r = rebind_cli("reload", "--control", str(tmp_path / "ctl"), "--timeout", value)
+    assert r.returncode == 2 and "--timeout" in _one_line(r)
+
+
+def test_run_config_validates_durations_at_the_api() -> None:
+    from rebind.errors import UsageError
+    from rebind.supervisor.run import RunConfig
+    from rebind.supervisor.spec import ListenSpec
+
+    spec = (ListenSpec("127.0.0.1", 8080, "web"),)
+    for bad in (
+        {"grace": float("inf")},
+        {"ready_timeout": float("nan")},
+        {"backoff_max": 1e12},
+        {"backlog": 2**40},
+    ):
+        with pytest.raises(UsageError):
+            RunConfig(argv=("true",), listen=spec, **bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "number"), [("TERM", 15), ("sigquit", 3), ("3", 3), (" WINCH ", 28)])
+def test_stop_signal_parses(text: str, number: int) -> None:
+    from rebind.supervisor.run import parse_signal
+
+    assert parse_signal(text) == number
+
+
+@pytest.mark.parametrize("text", ["NOPE", "0", "999", "²", "SIG", "__class__"])
+def test_stop_signal_rejects(rebind_cli: Cli, text: str) -> None:
+    r = rebind_cli("run", "--listen", "127.0.0.1:8094", "--stop-signal", text, "--", "true")
+    assert r.returncode == 2 and "--stop-signal" in _one_line(r)
+
+
+def test_app_that_binds_the_port_itself_gets_a_hint(netns: int, rebind_cli: Cli) -> None:
+    app = "import socket\nsocket.socket().bind(('127.0.0.1', 8095))\n"  # Errno 98: rebind holds it
+    r = rebind_cli("run", "--listen", "127.0.0.1:8095", "--", sys.executable, "-c", app)
+    assert r.returncode == 1 and "Address already in use" in r.stderr
+    assert "binds the port itself" in r.stderr and "never became ready" in r.stderr

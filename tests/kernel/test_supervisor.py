@@ -210,6 +210,7 @@ def test_reloads_crash_and_failed_reload_under_load(netns: int, procs: Procs, tm
 def test_no_fd_leak_across_100_reloads(netns: int, procs: Procs, tmp_path: Path) -> None:
     sup = Supervised(procs, tmp_path, 8081, PLAIN_APP, "--grace", "1")
     assert sup.reload().startswith("ok")
+    sup.wait_log("exited with status", count=1)
     after_one = sup.fd_count()
     for _ in range(99):
         assert sup.reload().startswith("ok")
@@ -217,9 +218,13 @@ def test_no_fd_leak_across_100_reloads(netns: int, procs: Procs, tmp_path: Path)
     sup.wait_log("exited with status", count=100)
     with socket.create_connection(("127.0.0.1", 8081), timeout=10) as c:
         assert c.recv(16) == b"hi\n"
-    assert sup.fd_count() == after_one, os.listdir(f"/proc/{sup.proc.pid}/fd")
+    # A /proc scan may hold a directory fd for a moment: poll (a leak would grow, not flicker).
+    deadline = time.monotonic() + 10
+    while sup.fd_count() > after_one and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sup.fd_count() <= after_one, os.listdir(f"/proc/{sup.proc.pid}/fd")
     os.kill(sup.proc.pid, signal.SIGTERM)
-    assert sup.proc.wait(30) == 128 + signal.SIGTERM  # PLAIN_APP dies of SIGTERM: 143, like a shell
+    assert sup.proc.wait(30) == 0  # PLAIN_APP dies of the SIGTERM we forwarded: a clean stop
 
 
 def test_epoll_readiness_and_no_listening_fd_in_grandchild(netns: int, procs: Procs, tmp_path: Path) -> None:
@@ -330,8 +335,9 @@ def test_recipes_uvicorn_and_gunicorn(netns: int, procs: Procs, tmp_path: Path, 
     if server == "gunicorn":
         assert "READY=1 from pid" in log.read_text()  # gunicorn's arbiter speaks sd_notify
     os.kill(p.pid, signal.SIGTERM)
-    # Recent uvicorn re-raises the signal after its graceful shutdown: 143 is its status.
-    assert p.wait(30) in ((0, 128 + signal.SIGTERM) if server == "uvicorn" else (0,))
+    # Recent uvicorn re-raises the signal after its graceful shutdown: dying of the SIGTERM we
+    # forwarded counts as a clean stop.
+    assert p.wait(30) == 0
 
 
 WEBAPP = """

@@ -38,7 +38,9 @@ def test_parse_listen(text: str, spec: ListenSpec) -> None:
         ("127.0.0.1", "no port"),
         ("127.0.0.1:", "no port"),
         ("::1:80", "brackets"),
-        ("x:99999", "not a port"),
+        ("x:99999", "out of range"),
+        ("x:²", "not a port"),
+        ("²", "no port"),
         ("8080/a:b", "name"),
         ("[::1:80", "bracketed"),
     ],
@@ -195,3 +197,57 @@ def _with_fd3(code: str, fd: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", prelude + code], pass_fds=(fd,), stdout=subprocess.PIPE, text=True
     )
+
+
+@pytest.mark.parametrize("port", [70000, -1, 65536, True])
+def test_listen_rejects_ports_out_of_range(port: int) -> None:
+    """getaddrinfo wraps 70000 to 4464: listen() would bind a port nobody asked for."""
+    L._reset_for_tests()
+    with pytest.raises(UsageError):
+        L.listen("127.0.0.1", port)
+    with pytest.raises(UsageError):
+        L.bind_listener("127.0.0.1", port)
+    with pytest.raises(UsageError):
+        import asyncio
+
+        asyncio.run(L.start_server(lambda r, w: None, "127.0.0.1", port))
+
+
+def test_listen_spec_rejects_ports_out_of_range() -> None:
+    with pytest.raises(UsageError):
+        ListenSpec("", 70000, "web")
+
+
+UDP_AND_TCP = r"""
+import os, socket, sys, json
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0))
+port = u.getsockname()[1]
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("127.0.0.1", port)); t.listen()
+for want, s in ((3, u), (4, t)):  # UDP first: the one a port match used to pick
+    fd = s.detach()
+    if fd != want:
+        os.dup2(fd, want)
+        os.close(fd)
+os.environ.update(LISTEN_FDS="2", LISTEN_PID=str(os.getpid()))
+import rebind
+s = rebind.listen("127.0.0.1", port)
+print(json.dumps({"type": int(s.type), "fd": s.fileno()}))
+"""
+
+
+def test_listen_picks_the_tcp_socket_when_udp_shares_the_port(netns: int) -> None:
+    import json
+
+    out = subprocess.run([sys.executable, "-c", UDP_AND_TCP], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"type": int(socket.SOCK_STREAM), "fd": 4}
+
+
+def test_huge_listen_fds_is_bounded_and_warned_once() -> None:
+    code = (
+        "import os\nos.environ.update(LISTEN_FDS='2147483647', LISTEN_PID=str(os.getpid()))\n"
+        "import rebind\nprint(len(rebind.inherited_sockets()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.strip() == "0"
+    assert len(out.stderr.splitlines()) <= 2, out.stderr[:500]

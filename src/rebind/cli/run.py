@@ -4,10 +4,35 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 CONTROL_ENV = "REBIND_CONTROL"
+
+
+def _seconds(minimum: float) -> Callable[[click.Context, click.Parameter, Any], float]:
+    """A duration option: finite, in range, else one line and exit 2 (inf/nan crash select())."""
+
+    def convert(_ctx: click.Context, param: click.Parameter, value: Any) -> float:
+        from rebind.model.validate import parse_seconds
+
+        return parse_seconds(value, what=f"--{(param.name or '').replace('_', '-')}", minimum=minimum)
+
+    return convert
+
+
+def _backlog(_ctx: click.Context, _param: click.Parameter, value: Any) -> int | None:
+    if value is None:
+        return None
+    from rebind.errors import UsageError
+    from rebind.supervisor.run import MAX_BACKLOG
+
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_BACKLOG:
+        raise UsageError(f"--backlog {value!r} is not a number 1-{MAX_BACKLOG}")
+    return int(text)
 
 
 @click.command(
@@ -23,7 +48,8 @@ Examples:
 \b
 The sockets are passed as fds 3, 4, ... with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES
 (systemd socket activation); NOTIFY_SOCKET receives READY=1 (sd_notify).
-Exit status: the app's; 1 when a port cannot be bound; 2 on bad input.
+Exit status: the app's; 1 when a port cannot be bound or the first generation never becomes
+ready (the app's own status if it exited non-zero); 2 on bad input (checked before binding).
 """,
 )
 @click.option(
@@ -41,14 +67,26 @@ Exit status: the app's; 1 when a port cannot be bound; 2 on bad input.
     help="How a generation proves it serves: READY=1 on NOTIFY_SOCKET, waiting on every socket "
     "(seen in /proc), either (auto), or nothing.",
 )
-@click.option("--ready-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True)
+@click.option("--ready-timeout", callback=_seconds(0.1), default="30", show_default=True, metavar="SECONDS")
 @click.option(
-    "--grace", type=click.FloatRange(min=0), default=10.0, show_default=True, help="SIGTERM to SIGKILL."
+    "--grace",
+    callback=_seconds(0),
+    default="10",
+    show_default=True,
+    metavar="SECONDS",
+    help="SIGTERM to SIGKILL.",
 )
 @click.option(
     "--restart", type=click.Choice(["on-failure", "always", "no"]), default="on-failure", show_default=True
 )
-@click.option("--backoff-max", type=click.FloatRange(min=0), default=10.0, show_default=True)
+@click.option(
+    "--stop-signal",
+    default="TERM",
+    show_default=True,
+    metavar="SIG",
+    help="Signal that tells a replaced generation to stop (e.g. QUIT for nginx, WINCH for httpd).",
+)
+@click.option("--backoff-max", callback=_seconds(0), default="10", show_default=True, metavar="SECONDS")
 @click.option(
     "--control",
     envvar=CONTROL_ENV,
@@ -57,7 +95,7 @@ Exit status: the app's; 1 when a port cannot be bound; 2 on bad input.
 )
 @click.option("--pid-file", metavar="PATH", help="Write the supervisor's pid here (for kill -HUP).")
 @click.option("--reuse-port", is_flag=True, help="Set SO_REUSEPORT on the sockets.")
-@click.option("--backlog", type=click.IntRange(min=1), default=None, help="listen() backlog [SOMAXCONN].")
+@click.option("--backlog", callback=_backlog, default=None, metavar="N", help="listen() backlog [SOMAXCONN].")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
 def run(
     listen: tuple[str, ...],
@@ -65,6 +103,7 @@ def run(
     ready_timeout: float,
     grace: float,
     restart: str,
+    stop_signal: str,
     backoff_max: float,
     control: str | None,
     pid_file: str | None,
@@ -79,10 +118,10 @@ def run(
     generation of CMD gets the sockets; a reload starts a new one, waits until it serves, then
     stops the old one (SIGTERM, --grace, SIGKILL). If the new one fails, the old one keeps serving.
     A crashed CMD is restarted with exponential backoff. SIGTERM/SIGINT are forwarded and rebind
-    exits with CMD's status.
+    exits with CMD's status (0 if CMD dies of the forwarded signal).
     """
     from rebind.errors import UsageError
-    from rebind.supervisor.run import ReadyMode, Restart, RunConfig, supervise
+    from rebind.supervisor.run import ReadyMode, Restart, RunConfig, parse_signal, supervise
     from rebind.supervisor.spec import check_unique, parse_listen
 
     if not listen:
@@ -101,6 +140,7 @@ def run(
         pid_file=pid_file,
         reuse_port=reuse_port,
         backlog=backlog,
+        stop_signal=parse_signal(stop_signal),
     )
     return supervise(config)
 
@@ -114,7 +154,7 @@ Examples:
 )
 @click.option("--control", envvar=CONTROL_ENV, metavar="PATH", help=f"Control socket (env {CONTROL_ENV}).")
 @click.option("--pid-file", metavar="PATH", help="Send SIGHUP to the pid written by `rebind run --pid-file`.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True)
+@click.option("--timeout", callback=_seconds(0.1), default="120", show_default=True, metavar="SECONDS")
 @click.option("--status", "status", is_flag=True, help="Only print which generations run.")
 def reload(control: str | None, pid_file: str | None, timeout: float, status: bool) -> int:
     """Ask a running `rebind run` to start a new generation and report whether it took over."""

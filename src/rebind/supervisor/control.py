@@ -25,6 +25,7 @@ class Request:
     buf: bytes = b""
     command: str | None = None
     uid: int = -1
+    since: float = 0.0  # monotonic time of accept(): idle clients are dropped after a while
 
     def reply(self, line: str) -> None:
         try:
@@ -61,9 +62,10 @@ class ControlServer:
         return self.sock.fileno()
 
     def accept(self) -> Request | None:
+        """The next client, None if there is none; OSError (EMFILE...) is the caller's to handle."""
         try:
             conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
         conn.setblocking(False)
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)

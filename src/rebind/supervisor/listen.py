@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import resource
 import socket
 import stat
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rebind.errors import UsageError
+from rebind.model.validate import parse_port
 
 SD_LISTEN_FDS_START = 3  # systemd's fixed first fd
 IPV6_V6ONLY = getattr(socket, "IPV6_V6ONLY", 26)
@@ -80,19 +82,37 @@ def _read_listen_fds(env: Any) -> tuple[InheritedSocket, ...]:
     if names and len(names) != count:
         _warn(f"LISTEN_FDNAMES has {len(names)} names for {count} fds; ignoring the names")
         names = []
-    found = []
-    for i in range(count):
+    usable = min(count, _fd_ceiling() - SD_LISTEN_FDS_START)
+    if usable < count:
+        # LISTEN_FDS=2147483647 would otherwise mean two billion fstat() calls (and warnings):
+        # no fd can exist past the highest open one, nor past RLIMIT_NOFILE.
+        _warn(f"LISTEN_FDS={count} is more than this process can have open; looking at {max(usable, 0)}")
+    found, missing = [], []
+    for i in range(max(usable, 0)):
         fd = SD_LISTEN_FDS_START + i
         try:
             mode = os.fstat(fd).st_mode
         except OSError:
-            _warn(f"LISTEN_FDS promises fd {fd} but it is not open")
+            missing.append(fd)
             continue
         os.set_inheritable(fd, False)
         if not stat.S_ISSOCK(mode):
             continue
         found.append(InheritedSocket(fd, names[i] if names else "unknown", socket.socket(fileno=fd)))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        _warn(f"LISTEN_FDS promises {len(missing)} fd(s) that are not open ({shown})")
     return tuple(found)
+
+
+def _fd_ceiling() -> int:
+    """One past the highest fd that can be open here: min(RLIMIT_NOFILE, highest open fd + 1)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        highest = max(int(n) for n in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        highest = soft
+    return highest if soft == resource.RLIM_INFINITY else min(soft, highest)
 
 
 def _warn(message: str) -> None:
@@ -114,6 +134,7 @@ def listen(
     handed over but none matches, this raises rather than binding a second socket the supervisor
     does not hold (that would bring "Address already in use" back on the next reload).
     """
+    port = parse_port(port, what="listen() port", allow_zero=True)  # getaddrinfo wraps 70000 to 4464
     inherited = inherited_sockets()
     if inherited:
         return _claim(inherited, host or "", port, name)
@@ -122,7 +143,8 @@ def listen(
 
 def _claim(inherited: tuple[InheritedSocket, ...], host: str, port: int, name: str | None) -> socket.socket:
     with _lock:
-        free = [s for s in inherited if s.fd not in _claimed]
+        # listen() is TCP: a UDP socket (or a Unix one) sharing the port in LISTEN_FDS is not it.
+        free = [s for s in inherited if s.fd not in _claimed and _is_tcp(s.sock)]
         if name is not None:
             pick = [s for s in free if s.name == name]
         else:
@@ -136,6 +158,15 @@ def _claim(inherited: tuple[InheritedSocket, ...], host: str, port: int, name: s
         return pick[0].sock
 
 
+def _is_tcp(sock: socket.socket) -> bool:
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+    except OSError:
+        return False
+    return kind == socket.SOCK_STREAM and family in (socket.AF_INET, socket.AF_INET6)
+
+
 def bind_listener(
     host: str | None,
     port: int,
@@ -145,6 +176,7 @@ def bind_listener(
     dual_stack: bool | None = None,
 ) -> socket.socket:
     """Bind and listen with explicit, platform-correct options (what the origin post needed)."""
+    port = parse_port(port, what="port", allow_zero=True)
     family, addr = resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -222,6 +254,7 @@ async def start_server(
     **listen_kw: Any,
 ) -> asyncio.Server:
     """``asyncio.start_server`` on ``listen()``'s socket (inherited or freshly bound)."""
+    port = parse_port(port, what="start_server() port", allow_zero=True)
     sock = listen(host, port, name=name, **listen_kw)
     return await asyncio.start_server(client_connected_cb, sock=sock)
 

@@ -42,14 +42,16 @@ class NotifyReceiver:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self) -> list[NotifyMessage]:
+    def receive(self, limit: int = 64) -> list[NotifyMessage]:
+        """Up to LIMIT queued messages; the rest stay queued (the socket stays readable)."""
         out: list[NotifyMessage] = []
-        while True:
+        while len(out) < limit:
             try:
                 data, anc, _flags, _ = self.sock.recvmsg(_BUF, _ANC)
             except (BlockingIOError, InterruptedError):
                 return out
             out.append(_parse(data, anc))
+        return out
 
     def close(self) -> None:
         self.sock.close()

@@ -5,35 +5,58 @@ the port is unbound: connections that arrive while no generation accepts wait in
 accept queue (they belong to the socket, not to a process) and the next generation takes them.
 A reload starts generation N+1 on the same sockets, waits until it *serves* (READY=1 from its
 process tree, or one of its processes waiting on the socket, see procscan), and only then asks
-generation N to stop (SIGTERM, --grace, SIGKILL to its process group).
+generation N to stop (SIGTERM, --grace, SIGKILL to every process of it).
+
+Every decision is made by the pure state machine in ``machine.py``; this module only turns
+selectors, signals, /proc and fork into its events and carries out its actions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import os
+import secrets
 import selectors
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rebind.errors import ExitCode, Fault, RebindError
-from rebind.supervisor import procscan
+from rebind.errors import ExitCode, Fault, RebindError, UsageError
+from rebind.model.validate import parse_seconds
+from rebind.supervisor import machine as m
+from rebind.supervisor import members, procscan
 from rebind.supervisor.control import ControlServer, Request, read_request
 from rebind.supervisor.listen import bind_listener
 from rebind.supervisor.notify import NotifyReceiver
 from rebind.supervisor.spawn import RESET_SIGNALS, become_subreaper, resolve_command, spawn
 from rebind.supervisor.spec import ListenSpec
+from rebind.supervisor.watchdog import TOKEN_ENV, Watchdog
+from rebind.textsafe import visible
 
 FORWARD = (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 STOP = (signal.SIGTERM, signal.SIGINT)
-STABLE_AFTER = 10.0  # a generation up this long resets the crash backoff
-_ENV_DROP = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+_ENV_DROP = (
+    b"LISTEN_PID",
+    b"LISTEN_FDS",
+    b"LISTEN_FDNAMES",
+    b"NOTIFY_SOCKET",
+    b"REBIND_GENERATION",
+    TOKEN_ENV,
+)
+MAX_BACKLOG = 2**31 - 1  # listen() takes an int; the kernel clamps it to net.core.somaxconn
+CONTROL_IDLE = 5.0  # a control client that has not sent its line by then is dropped
+CONTROL_MAX = 32  # control clients still sending their line at once
+ACCEPT_BACKOFF = 1.0  # after EMFILE/ENFILE in accept(): stop accepting this long
+NOTIFY_BUDGET = 64  # sd_notify datagrams handled per wake-up; the rest wait for the next one
+LOG_ONCE_MAX = 1024  # senders remembered for "log once"
+MEMBERS_EVERY = 5.0  # how often live generations' process lists are recorded (a /proc pass)
+LINGER_POLL = 0.25  # how often a lingering generation is checked for being empty
+STABLE_AFTER = m.STABLE_AFTER
 
 
 class ReadyMode(enum.Enum):
@@ -43,16 +66,7 @@ class ReadyMode(enum.Enum):
     NONE = "none"  # ready as soon as exec succeeded
 
 
-class Restart(enum.Enum):
-    ON_FAILURE = "on-failure"
-    ALWAYS = "always"
-    NO = "no"
-
-
-class GenState(enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
+Restart = m.RestartPolicy
 
 
 class BindFailed(RebindError):
@@ -70,27 +84,56 @@ class RunConfig:
     ready: ReadyMode = ReadyMode.AUTO
     ready_timeout: float = 30.0
     grace: float = 10.0
-    restart: Restart = Restart.ON_FAILURE
+    restart: m.RestartPolicy = m.RestartPolicy.ON_FAILURE
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
     control: str | None = None
     pid_file: str | None = None
     reuse_port: bool = False
     backlog: int | None = None
+    stop_signal: int = signal.SIGTERM  # what a replaced (or timed-out) generation gets
+
+    def __post_init__(self) -> None:
+        # Validated here, not only in the CLI: inf/nan/huge durations crash select() with
+        # OverflowError at the first reload (issue 8), and the API builds RunConfig directly.
+        parse_seconds(self.ready_timeout, what="--ready-timeout", minimum=0.1)
+        parse_seconds(self.grace, what="--grace")
+        parse_seconds(self.backoff_initial, what="backoff")
+        parse_seconds(self.backoff_max, what="--backoff-max")
+        if self.backlog is not None and not (
+            isinstance(self.backlog, int) and 1 <= self.backlog <= MAX_BACKLOG
+        ):
+            raise UsageError(f"--backlog {self.backlog!r} is out of range (1-{MAX_BACKLOG})")
+        if self.stop_signal not in set(signal.valid_signals()):
+            raise UsageError(f"--stop-signal {self.stop_signal!r} is not a signal")
+        if not self.argv:
+            raise UsageError("no command to run")
+        if not self.listen:
+            raise UsageError("give at least one --listen [HOST:]PORT")
+
+    def machine_config(self) -> m.Config:
+        return m.Config(
+            ready_timeout=self.ready_timeout,
+            grace=self.grace,
+            restart=self.restart,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+            ready_on_spawn=self.ready is ReadyMode.NONE,
+            stop_signal=self.stop_signal,
+        )
 
 
-@dataclass(slots=True)
-class Generation:
-    number: int
-    pid: int
-    started: float
-    state: GenState = GenState.STARTING
-    ready_at: float | None = None
-    deadline: float | None = None  # ready deadline while STARTING, SIGKILL time while STOPPING
-    waiters: list[Request] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return f"generation {self.number} (pid {self.pid})"
+def parse_signal(value: str) -> int:
+    """`TERM`, `SIGTERM`, `sigquit` or `15` -> the signal number; UsageError otherwise."""
+    text = value.strip().upper()
+    if text.isascii() and text.isdigit():
+        number = int(text)
+    else:
+        name = text if text.startswith("SIG") else "SIG" + text
+        number = getattr(signal.Signals, name, 0) if name.isidentifier() else 0
+    if number not in set(signal.valid_signals()) or number == 0:
+        raise UsageError(f"--stop-signal {value!r} is not a signal name or number (e.g. TERM, QUIT, 3)")
+    return int(number)
 
 
 def exit_code(status: int) -> int:
@@ -135,6 +178,17 @@ def _park_high(socks: list[socket.socket]) -> list[socket.socket]:
     return out
 
 
+@dataclass(slots=True)
+class Procs:
+    """What the supervisor tracks of each generation's processes (the machine knows none of it)."""
+
+    leaders: dict[int, int] = field(default_factory=dict)  # number -> leader pid (until reaped)
+    by_pid: dict[int, int] = field(default_factory=dict)  # leader pid -> number
+    groups: dict[int, int] = field(default_factory=dict)  # number -> process group id (until forgotten)
+    known: dict[int, set[members.Identity]] = field(default_factory=dict)  # number -> recorded members
+    recorded_at: float = 0.0
+
+
 class Supervisor:
     def __init__(
         self,
@@ -143,27 +197,19 @@ class Supervisor:
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = config
+        self.mcfg = config.machine_config()
+        self.state = m.State()
         self.sockets = list(sockets)
         self.inodes = frozenset(os.fstat(s.fileno()).st_ino for s in self.sockets)
-        self.log = log or _stderr_log
+        self.log = log or stderr_log
         self.exe = resolve_command(config.argv, os.environ)
-        self.gens: dict[int, Generation] = {}
-        self.current: Generation | None = None
-        self.pending: Generation | None = None
-        self.queued: list[Request] | None = None  # a reload asked for while one is in progress
-        self.number = 0
-        self.ever_ready = False
-        self.crashes = 0
-        self.restart_at: float | None = None
-        self.next_scan = 0.0
-        self.stopping_all = False
-        self.final: int | None = None
-        self.final_from: Generation | None = None  # whose exit status becomes ours on shutdown
-        self.signals: list[int] = []
+        self.procs = Procs()
+        self.watchdog: Watchdog | None = None
         self.sel = selectors.DefaultSelector()
         self.notify: NotifyReceiver | None = None
         self.control: ControlServer | None = None
-        self.requests: list[Request] = []
+        self.io = _IoState()
+        self.token = secrets.token_hex(16).encode()  # REBIND_SUPERVISOR: marks all we started
         self.wake_r, self.wake_w = socket.socketpair()
 
     # -- set-up and tear-down -------------------------------------------------------------------
@@ -171,10 +217,10 @@ class Supervisor:
     def run(self) -> int:
         old_handlers = self._install()
         try:
-            self._start("start")
-            while not self._done():
+            self.feed(m.Boot(time.monotonic()))
+            while self.state.phase is not m.Phase.DONE:
                 self._step()
-            return self.final if self.final is not None else 0
+            return self.state.final if self.state.final is not None else 0
         finally:
             self._teardown(old_handlers)
 
@@ -188,8 +234,7 @@ class Supervisor:
         if self.cfg.control:
             self.control = ControlServer(self.cfg.control)
             self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
-        if self.cfg.pid_file:
-            _write_pid_file(self.cfg.pid_file)
+        self.watchdog = Watchdog(self.inodes, self.token)
         old: dict[int, object] = {}
         for sig in (signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD):
             old[sig] = signal.signal(sig, self._on_signal)
@@ -198,66 +243,80 @@ class Supervisor:
         return old
 
     def _teardown(self, old_handlers: dict[int, object]) -> None:
-        for gen in list(self.gens.values()):  # only when run() is unwinding on an error
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(gen.pid, signal.SIGKILL)
+        # Only when run() unwinds on an error is anything of a generation left: kill it all.
+        for number in {*self.procs.known, *self.procs.leaders, *self.procs.groups}:
+            self._signal_rest(number, signal.SIGKILL)
+        for pid in list(self.procs.by_pid):
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(gen.pid, 0)
+                os.waitpid(pid, 0)
         self._reap_orphans()
+        if self.watchdog is not None:
+            self.watchdog.close()
         signal.set_wakeup_fd(-1)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
-        for req in self.requests:
+        for req in self.io.requests:
             req.conn.close()
+        for req in self.io.waiters.values():
+            req.reply("failed: supervisor exiting")
         for closable in (self.notify, self.control):
             if closable is not None:
                 closable.close()
         self.sel.close()
         self.wake_r.close()
         self.wake_w.close()
-        if self.cfg.pid_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.cfg.pid_file)
 
     def _reap_orphans(self) -> None:
         """Kill and reap processes that re-parented to us (we are a child subreaper)."""
         me = os.getpid()
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and procscan.read_ppid(int(entry.name)) == me:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+        watchdog = self.watchdog.pid if self.watchdog else -1
+        try:
+            snap = members.snapshot()
+        except members.ScanFailed:
+            return
+        for p in snap.values():
+            if p.ppid == me and p.pid != watchdog:
+                if not p.zombie:
+                    members.signal_verified((p.pid, p.start), signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(int(entry.name), 0)
+                    os.waitpid(p.pid, 0)
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _done(self) -> bool:
-        return self.stopping_all and not self.gens
+    def feed(self, event: m.Event) -> None:
+        self.state, actions = m.step(self.mcfg, self.state, event)
+        for action in actions:
+            self._do(action)
 
     def _step(self) -> None:
         for key, _ in self.sel.select(self._timeout()):
             key.data()
-        signals, self.signals = self.signals, []
+        signals, self.io.signals = self.io.signals, []
         for sig in signals:
             self._handle_signal(sig)
         self._reap()
         now = time.monotonic()
-        self._timers(now)
-        if self.pending and self.cfg.ready in (ReadyMode.AUTO, ReadyMode.ACCEPT) and now >= self.next_scan:
-            self._scan(self.pending, now)
+        for event in m.timer_events(self.state, now):
+            self.feed(event)
+        self._housekeeping(now)
+        starting = self.state.starting
+        if starting and self.cfg.ready in (ReadyMode.AUTO, ReadyMode.ACCEPT) and now >= self.io.next_scan:
+            self._scan(starting, now)
 
     def _timeout(self) -> float | None:
-        times = [g.deadline for g in self.gens.values() if g.deadline is not None]
-        if self.restart_at is not None:
-            times.append(self.restart_at)
-        if self.pending and self.cfg.ready in (ReadyMode.AUTO, ReadyMode.ACCEPT):
-            times.append(self.next_scan)
-        if self.signals:
+        if self.io.signals:
             return 0
+        times = [t for t in (self.state.next_deadline(), self.io.control_resume) if t is not None]
+        if self.state.starting and self.cfg.ready in (ReadyMode.AUTO, ReadyMode.ACCEPT):
+            times.append(self.io.next_scan)
+        if self.io.requests:
+            times.append(min(r.since for r in self.io.requests) + CONTROL_IDLE)
+        if self.state.gens:
+            times.append(self._next_record())
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _on_signal(self, sig: int, _frame: object) -> None:
-        self.signals.append(sig)
+        self.io.signals.append(sig)
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -265,218 +324,215 @@ class Supervisor:
                 pass
 
     def _handle_signal(self, sig: int) -> None:
+        now = time.monotonic()
         if sig == signal.SIGHUP:
             self.log("SIGHUP: reload")
-            self._reload(None)
+            self.feed(m.Reload(None, now))
         elif sig in STOP:
-            self._shutdown(sig)
+            self.feed(m.Stop(sig, now))
         elif sig in FORWARD:
-            target = self.current or self.pending
-            if target:
-                self._kill(target.pid, sig)
+            self.feed(m.Forward(sig, now))
 
-    # -- generations ------------------------------------------------------------------------------
+    def _housekeeping(self, now: float) -> None:
+        if self.control is not None and self.io.control_resume is not None and now >= self.io.control_resume:
+            self.io.control_resume = None
+            self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
+        for req in [r for r in self.io.requests if now - r.since >= CONTROL_IDLE]:
+            self._drop_request(req)  # idle: it must not hold a slot (or the loop) forever
+        if now >= self._next_record():
+            self._record(now)
 
-    def _env(self, number: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
-        env["LISTEN_FDS"] = str(len(self.sockets))
-        env["LISTEN_FDNAMES"] = ":".join(s.name for s in self.cfg.listen)
-        env["REBIND_GENERATION"] = str(number)
+    def _next_record(self) -> float:
+        lingering = any(g.role is m.Role.LINGERING for g in self.state.gens)
+        return self.procs.recorded_at + (LINGER_POLL if lingering else MEMBERS_EVERY)
+
+    def _record(self, now: float) -> None:
+        """Record who belongs to which generation; notice lingering generations that emptied."""
+        self.procs.recorded_at = now
+        try:
+            snap = members.snapshot()
+        except members.ScanFailed:
+            return  # out of fds for a moment: look again at the next round
+        for gen in self.state.gens:
+            found = self._members(gen.number, snap)
+            self.procs.known[gen.number] = found
+            if gen.role is m.Role.LINGERING and not found:
+                self.feed(m.Emptied(gen.number, now))
+
+    def _members(self, number: int, snap: dict[int, members.ProcInfo] | None = None) -> set[members.Identity]:
+        """Live processes of generation NUMBER; what was recorded if /proc cannot be read now."""
+        if snap is None:
+            try:
+                snap = members.snapshot()
+            except members.ScanFailed:
+                return set(self.procs.known.get(number, set()))
+        others = {pid for n, pid in self.procs.leaders.items() if n != number}
+        # Leaders of other generations are never members of this one, nor is the watchdog.
+        exclude = frozenset(others | ({self.watchdog.pid} if self.watchdog else set()))
+        group = self.procs.groups.get(number)
+        # A process group id stays reserved while the group has members; once empty, the pid
+        # may be reused, e.g. by a newer generation's leader (whose group is not ours).
+        if group in others:
+            group = None
+        known = self.procs.known.get(number, set())
+        return members.members(
+            number, self.procs.leaders.get(number), group, known, os.getpid(), snap, exclude
+        )
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    def _do(self, action: m.Action) -> None:
+        if isinstance(action, m.Log):
+            self.log(action.line)
+        elif isinstance(action, m.Spawn):
+            self._spawn(action)
+        elif isinstance(action, m.SignalLeader):
+            self._signal_leader(action.number, action.sig)
+        elif isinstance(action, m.SignalRest):
+            self._signal_rest(action.number, action.sig)
+        elif isinstance(action, m.Reply):
+            self._reply(action.waiters, action.line)
+        elif isinstance(action, m.Forget):
+            self.procs.known.pop(action.number, None)
+            self.procs.groups.pop(action.number, None)
+        elif isinstance(action, (m.NotifyOuter, m.Finish)):
+            pass  # NotifyOuter: reserved for issue 13; Finish: run() returns state.final
+
+    def _env(self, number: int) -> dict[bytes, bytes]:
+        # os.environb: a variable that is not UTF-8 is passed through untouched (issue 8).
+        env = {k: v for k, v in os.environb.items() if k not in _ENV_DROP}
+        env[b"LISTEN_FDS"] = str(len(self.sockets)).encode()
+        env[b"LISTEN_FDNAMES"] = ":".join(s.name for s in self.cfg.listen).encode()
+        env[b"REBIND_GENERATION"] = str(number).encode()
+        env[TOKEN_ENV] = self.token
         if self.notify is not None:
-            env["NOTIFY_SOCKET"] = self.notify.address
+            env[b"NOTIFY_SOCKET"] = self.notify.address.encode()
         return env
 
-    def _start(self, why: str, waiters: list[Request] | None = None) -> None:
-        self.restart_at = None
-        self.number += 1
+    def _spawn(self, action: m.Spawn) -> None:
         reset = (*RESET_SIGNALS, signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD)
         fds = [s.fileno() for s in self.sockets]
+        n = action.number
         try:
-            pid = spawn(self.exe, self.cfg.argv, self._env(self.number), fds, reset)
+            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset)
         except RebindError as exc:
-            if not self.ever_ready and self.number == 1:
-                raise
-            self.log(f"generation {self.number} did not start: {exc}")
-            self._failed(waiters or [], f"generation {self.number} did not start: {exc}")
+            self.feed(m.SpawnFailed(n, str(exc), exc.exit_code, time.monotonic()))
             return
-        now = time.monotonic()
-        gen = Generation(self.number, pid, now, deadline=now + self.cfg.ready_timeout)
-        gen.waiters = waiters or []
-        self.gens[pid] = gen
-        self.pending = gen
-        self.next_scan = now
-        self.log(f"{gen} started ({why})")
-        if self.cfg.ready is ReadyMode.NONE:
-            self._ready(gen, "exec succeeded (--ready none)")
-
-    def _scan(self, gen: Generation, now: float) -> None:
-        # Fast polling at first (most apps are ready within a second), then gentler.
-        self.next_scan = now + (0.01 if now - gen.started < 2.0 else 0.1)
-        found = procscan.serving(gen.pid, self.inodes)
-        if len(found) == len(self.inodes):
-            self._ready(gen, "; ".join(sorted({str(s) for s in found.values()})))
-
-    def _on_notify(self) -> None:
-        assert self.notify is not None
-        for msg in self.notify.receive():
-            if msg.get("READY") != "1":
-                continue
-            gen = self.pending
-            # The kernel-attested sender pid must belong to the *new* generation's tree: a
-            # READY=1 from the old generation (or anyone else in the netns) proves nothing.
-            if gen is not None and msg.pid > 0 and procscan.in_tree(msg.pid, gen.pid):
-                self._ready(gen, f"READY=1 from pid {msg.pid}")
-            elif not (self.current and msg.pid and procscan.in_tree(msg.pid, self.current.pid)):
-                self.log(f"ignoring READY=1 from pid {msg.pid}: not in a starting generation's tree")
-
-    def _ready(self, gen: Generation, how: str) -> None:
-        now = time.monotonic()
-        gen.state, gen.ready_at, gen.deadline = GenState.READY, now, None
-        self.pending, old, self.current = None, self.current, gen
-        self.ever_ready = True
-        took = f"{now - gen.started:.3f}s"
-        self.log(f"{gen} ready after {took}: {how}")
-        if old is not None:
-            self._stop(old, f"replaced by generation {gen.number}")
-        _reply(gen.waiters, f"ok: {gen} ready after {took} ({how})")
-        gen.waiters = []
-        if self.stopping_all:
-            self._stop(gen, "shutting down")
-        elif self.queued is not None:
-            waiters, self.queued = self.queued, None
-            self._start("queued reload", waiters)
-
-    def _stop(self, gen: Generation, why: str, sig: int = signal.SIGTERM) -> None:
-        if gen.state is GenState.STOPPING:
+        except OSError as exc:  # fork() or pipe2() failed (EAGAIN, ENOMEM, EMFILE): try again later
+            reason = f"cannot start a process: {exc.strerror or exc}"
+            self.feed(m.SpawnFailed(n, reason, int(ExitCode.ENVIRONMENT), time.monotonic()))
             return
-        gen.state = GenState.STOPPING
-        gen.deadline = time.monotonic() + self.cfg.grace
-        if self.current is gen:
-            self.current = None
-        if self.pending is gen:
-            self.pending = None
-        self.log(f"{gen} stopping ({why}): {signal.Signals(sig).name}, SIGKILL after {self.cfg.grace:g}s")
-        _reply(gen.waiters, f"failed: {gen} was stopped before it was ready ({why})")
-        gen.waiters = []
-        self._kill(gen.pid, sig)
+        self.procs.leaders[n] = pid
+        self.procs.groups[n] = pid  # spawn() makes the leader a process group leader
+        self.procs.by_pid[pid] = n
+        if self.watchdog is not None:
+            self.watchdog.watch(pid)
+        self.io.next_scan = time.monotonic()
+        self.log(f"generation {n} (pid {pid}) started ({action.why})")
+        self.feed(m.Spawned(n, time.monotonic()))
 
-    def _kill(self, pid: int, sig: int) -> None:
-        # Safe by pid: a generation is our unreaped child, so its pid cannot be recycled yet.
+    def _signal_leader(self, number: int, sig: int) -> None:
+        pid = self.procs.leaders.get(number)
+        if pid is None:
+            return
+        # Record the whole generation first: a `sh -c` wrapper that exits on this signal leaves
+        # orphans that only this record ties to the generation.
+        self.procs.known[number] = self.procs.known.get(number, set()) | self._members(number)
+        # Safe by pid: a leader is our unreaped child, so its pid cannot be recycled yet.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
-    def _failed(self, waiters: list[Request], reason: str) -> None:
-        if self.current is not None:
-            reason += f"; still serving: {self.current}"
-        _reply(waiters, f"failed: {reason}")
-        if self.queued is not None and not self.stopping_all:
-            waiters, self.queued = self.queued, None
-            self._start("queued reload", waiters)
-        elif self.current is None and not self.stopping_all and self.pending is None:
-            self._schedule_restart(None)
+    def _signal_rest(self, number: int, sig: int) -> None:
+        targets = self._members(number)
+        self.procs.known[number] = self.procs.known.get(number, set()) | targets
+        for ident in targets:
+            members.signal_verified(ident, sig)
 
-    def _reload(self, req: Request | None) -> None:
-        waiters = [req] if req else []
-        if self.stopping_all:
-            _reply(waiters, "failed: shutting down")
-        elif self.pending is not None:
-            # Code may have changed after the pending generation loaded it: run one more.
-            self.queued = (self.queued or []) + waiters
-            self.log(f"reload queued behind {self.pending}")
-        else:
-            self._start("reload", waiters)
+    def _reply(self, waiters: tuple[int, ...], line: str) -> None:
+        for w in waiters:
+            req = self.io.waiters.pop(w, None)
+            if req is not None:
+                req.reply(line)
 
-    def _shutdown(self, sig: int) -> None:
-        name = signal.Signals(sig).name
-        if self.stopping_all:
-            self.log(f"{name} again: SIGKILL to every generation")
-            for gen in self.gens.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(gen.pid, signal.SIGKILL)
+    # -- readiness ----------------------------------------------------------------------------------
+
+    def _scan(self, gen: m.Gen, now: float) -> None:
+        # Fast polling at first (most apps are ready within a second), then gentler.
+        self.io.next_scan = now + (0.01 if now - gen.started < 2.0 else 0.1)
+        leader = self.procs.leaders.get(gen.number)
+        if leader is None:
             return
-        self.log(f"{name}: stopping")
-        target = self.current or self.pending
-        self._finish(None if target else 128 + sig)
-        self.final_from = target
-        for gen in list(self.gens.values()):
-            if gen.state is not GenState.STOPPING:
-                self._stop(gen, f"{name} forwarded", sig)
+        try:
+            found = procscan.serving(leader, self.inodes)
+        except OSError:
+            return  # e.g. EMFILE while listing /proc: scan again shortly
+        if len(found) == len(self.inodes):
+            self.feed(m.Ready(gen.number, "; ".join(sorted({str(s) for s in found.values()})), now))
 
-    def _finish(self, status: int | None) -> None:
-        self.stopping_all = True
-        self.restart_at = None
-        self.final = status
-        _reply(self.queued or [], "failed: shutting down")
-        self.queued = None
-
-    def _timers(self, now: float) -> None:
-        for gen in list(self.gens.values()):
-            if gen.deadline is None or now < gen.deadline:
+    def _on_notify(self) -> None:
+        assert self.notify is not None
+        # A budget per wake-up: a READY=1 flood from any local user cannot starve the loop
+        # (issue 8, item 21); what is left is read at the next wake-up.
+        for msg in self.notify.receive(NOTIFY_BUDGET):
+            if msg.get("READY") != "1":
                 continue
-            if gen.state is GenState.STARTING:
-                reason = f"{gen} did not become ready within {self.cfg.ready_timeout:g}s"
-                self.log(reason)
-                waiters, gen.waiters = gen.waiters, []
-                self._stop(gen, "not ready in time")
-                if not self.ever_ready:
-                    self._finish(int(ExitCode.NO_MATCH))
-                self._failed(waiters, reason)
-            elif gen.state is GenState.STOPPING:
-                self.log(f"{gen} still running after {self.cfg.grace:g}s: SIGKILL to its process group")
-                gen.deadline = None
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(gen.pid, signal.SIGKILL)
-        if self.restart_at is not None and now >= self.restart_at:
-            self._start("restart after crash", self.queued or [])
-            self.queued = None
+            self._on_ready_message(msg.pid)
+
+    def _in_generation(self, sender: int, gen: m.Gen | None) -> bool:
+        leader = self.procs.leaders.get(gen.number) if gen else None
+        if gen is None or leader is None or sender <= 0:
+            return False
+        # Only "no" is cached, per (generation, sender): a flood from one outsider costs one /proc
+        # walk, and a cached "yes" could outlive its process and vouch for a recycled pid.
+        key = (gen.number, sender)
+        if key in self.io.outsiders:
+            return False
+        if procscan.in_tree(sender, leader):
+            return True
+        if len(self.io.outsiders) >= LOG_ONCE_MAX:
+            self.io.outsiders.clear()
+        self.io.outsiders.add(key)
+        return False
+
+    def _on_ready_message(self, sender: int) -> None:
+        gen = self.state.starting
+        # The kernel-attested sender pid must belong to the *new* generation's tree: a READY=1
+        # from the old generation (or anyone else in the netns) proves nothing.
+        if gen is not None and self._in_generation(sender, gen):
+            self.feed(m.Ready(gen.number, f"READY=1 from pid {sender}", time.monotonic()))
+            return
+        if self._in_generation(sender, self.state.serving):
+            return
+        if sender in self.io.ignored:
+            self.io.ignored_count += 1
+            return
+        if len(self.io.ignored) < LOG_ONCE_MAX:
+            self.io.ignored.add(sender)
+            self.log(f"ignoring READY=1 from pid {sender}: not in a starting generation's tree (logged once)")
+        else:
+            self.io.ignored_count += 1
+
+    # -- children ------------------------------------------------------------------------------------
 
     def _reap(self) -> None:
+        reaped_other = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            gen = self.gens.pop(pid, None)
-            if gen is not None:
-                self._exited(gen, exit_code(status))
-
-    def _exited(self, gen: Generation, code: int) -> None:
-        self._relisten_if_shut()
-        was = gen.state
-        if self.stopping_all and self.final_from is gen:
-            self.final = code
-        if gen is self.pending:
-            self.pending = None
-            reason = f"{gen} exited with status {code} before it was ready"
-            self.log(reason)
-            if not self.ever_ready and not self.stopping_all:
-                self._finish(code)
-            waiters, gen.waiters = gen.waiters, []
-            self._failed(waiters, reason)
-        elif gen is self.current:
-            self.current = None
-            self.log(f"{gen} exited with status {code} while serving")
-            if self.stopping_all:
-                return
-            if self.cfg.restart is Restart.NO or (self.cfg.restart is Restart.ON_FAILURE and code == 0):
-                self._finish(code)
-                if self.pending:
-                    self._stop(self.pending, "supervisor exiting")
-            elif self.pending is None:
-                self._schedule_restart(gen)
-        else:
-            self.log(f"{gen} exited with status {code} ({was.value})")
-
-    def _schedule_restart(self, crashed: Generation | None) -> None:
-        now = time.monotonic()
-        if crashed is not None and crashed.ready_at is not None and now - crashed.ready_at >= STABLE_AFTER:
-            self.crashes = 0
-        delay = min(self.cfg.backoff_max, self.cfg.backoff_initial * 2**self.crashes)
-        self.crashes += 1
-        self.restart_at = now + delay
-        self.log(f"restarting in {delay:.2f}s (failure {self.crashes} in a row)")
+                break
+            number = self.procs.by_pid.pop(pid, None)
+            if number is None:
+                reaped_other = True  # an orphan of some generation, re-parented to us
+                continue
+            self.procs.leaders.pop(number, None)
+            self._relisten_if_shut()
+            remaining = bool(self._members(number))
+            self.feed(m.Exited(number, exit_code(status), remaining, time.monotonic()))
+        if reaped_other and any(g.role is m.Role.LINGERING for g in self.state.gens):
+            self.procs.recorded_at = 0.0  # look again now: the generation may be empty
 
     def _relisten_if_shut(self) -> None:
         # shutdown(2) on a listening socket acts on the socket, not the fd: a generation that
@@ -490,52 +546,133 @@ class Supervisor:
 
     def _on_control(self) -> None:
         assert self.control is not None
-        req = self.control.accept()
+        try:
+            req = self.control.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            # Out of descriptors: the pending connection stays in the backlog and select() would
+            # report it again at once. Stop watching the socket for a while instead of spinning.
+            if not self.io.emfile_logged:
+                self.log(
+                    f"control socket: accept() failed ({exc.strerror}); pausing it for {ACCEPT_BACKOFF:g}s"
+                )
+                self.io.emfile_logged = True
+            self.sel.unregister(self.control)
+            self.io.control_resume = time.monotonic() + ACCEPT_BACKOFF
+            return
         if req is None:
             return
+        self.io.emfile_logged = False  # accept() works again: log the next shortage once more
         if req.uid not in (0, os.getuid()):
             req.reply("failed: permission denied")
             return
-        self.requests.append(req)
+        if len(self.io.requests) >= CONTROL_MAX:
+            req.reply("failed: busy")
+            return
+        req.since = time.monotonic()
+        self.io.requests.append(req)
         self.sel.register(req.conn, selectors.EVENT_READ, lambda: self._on_request(req))
+
+    def _drop_request(self, req: Request) -> None:
+        self.sel.unregister(req.conn)
+        self.io.requests.remove(req)
+        req.conn.close()
 
     def _on_request(self, req: Request) -> None:
         if not read_request(req):
             return
         self.sel.unregister(req.conn)
-        self.requests.remove(req)
+        self.io.requests.remove(req)
         if req.command == "reload":
             self.log("reload requested on the control socket")
-            self._reload(req)
+            self.io.next_waiter += 1
+            self.io.waiters[self.io.next_waiter] = req
+            self.feed(m.Reload(self.io.next_waiter, time.monotonic()))
         elif req.command == "status":
             req.reply(f"ok: {self._status()}")
         else:
-            req.reply(f"failed: unknown command {req.command!r} (reload, status)")
+            req.reply(f"failed: unknown command {visible(req.command or '')!r} (reload, status)")
 
     def _status(self) -> str:
-        parts = [f"serving: {self.current or 'none'}"]
-        if self.pending:
-            parts.append(f"starting: {self.pending}")
-        stopping = [str(g) for g in self.gens.values() if g.state is GenState.STOPPING]
-        if stopping:
-            parts.append("stopping: " + ", ".join(stopping))
-        return "; ".join(parts)
+        def name(n: int) -> str:
+            pid = self.procs.leaders.get(n)
+            return f"generation {n}" + (f" (pid {pid})" if pid else "")
+
+        return m.describe(self.state, name)
 
 
-def _reply(waiters: list[Request], line: str) -> None:
-    for req in waiters:
-        req.reply(line)
+@dataclass(slots=True)
+class _IoState:
+    """What the event loop itself needs between wake-ups."""
+
+    signals: list[int] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)  # control clients still sending their line
+    waiters: dict[int, Request] = field(default_factory=dict)  # reload requests awaiting the outcome
+    next_waiter: int = 0
+    next_scan: float = 0.0
+    control_resume: float | None = None
+    emfile_logged: bool = False
+    ignored: set[int] = field(default_factory=set)
+    outsiders: set[tuple[int, int]] = field(default_factory=set)  # (generation, pid) not in its tree
+    ignored_count: int = 0
 
 
-def _write_pid_file(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)  # atomic: `rebind reload --pid-file` never reads half a pid
+def write_pid_file(path: str) -> None:
+    """Write our pid to PATH atomically, without following anything another user planted.
+
+    The temporary file is created in PATH's directory with O_CREAT|O_EXCL|O_NOFOLLOW under an
+    unguessable name (a planted symlink or file makes the open fail, never redirects it) and
+    renamed over PATH (rename replaces a symlink at PATH, it does not follow it).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if not base:
+        raise UsageError(f"--pid-file {path!r}: not a file name")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except OSError as exc:
+        raise UsageError(f"--pid-file {path}: cannot create a file in {directory}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o644)  # whatever the umask: `rebind reload --pid-file` may run as another user
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.replace(tmp, path)  # atomic: `rebind reload --pid-file` never reads half a pid
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UsageError(f"--pid-file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
-def _stderr_log(message: str) -> None:
-    print(f"rebind run: {message}", file=sys.stderr, flush=True)
+def remove_pid_file(path: str) -> None:
+    """Remove PATH if it still names us (another supervisor may have taken it over)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        content = os.read(fd, 32)
+    except OSError:
+        content = b""
+    finally:
+        os.close(fd)
+    if content.strip() == str(os.getpid()).encode():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def stderr_log(message: str) -> None:
+    """One line on stderr. Logging never stops the supervisor (issue 8, item 5): a closed reader
+    (EPIPE: `| head`, a restarted log shipper), EIO (terminal gone) or ENOSPC drop the line.
+    SIGPIPE stays ignored (Python's default), so EPIPE is an error here, not a death."""
+    data = f"rebind run: {visible(message)}\n".encode("utf-8", "backslashreplace")
+    with contextlib.suppress(OSError):
+        while data:
+            written = os.write(2, data)
+            data = data[written:]
 
 
 def seal_inherited_fds(keep: Sequence[int] = ()) -> None:
@@ -548,15 +685,24 @@ def seal_inherited_fds(keep: Sequence[int] = ()) -> None:
 
 
 def supervise(config: RunConfig, log: Callable[[str], None] | None = None) -> int:
-    """Bind, run generations until told to stop; returns the exit status to use."""
+    """Bind, run generations until told to stop; returns the exit status to use.
+
+    Everything that can be refused is checked before anything is bound: the command, the pid file.
+    """
     seal_inherited_fds()
     resolve_command(config.argv, os.environ)  # fail on a missing CMD before binding anything
-    sockets = bind_all(config.listen, config.reuse_port, config.backlog)
+    if config.pid_file:
+        write_pid_file(config.pid_file)
     try:
-        become_subreaper()
-        for spec, s in zip(config.listen, sockets, strict=True):
-            (log or _stderr_log)(f"listening on {spec} (fd {s.fileno()})")
-        return Supervisor(config, sockets, log).run()
+        sockets = bind_all(config.listen, config.reuse_port, config.backlog)
+        try:
+            become_subreaper()
+            for spec, s in zip(config.listen, sockets, strict=True):
+                (log or stderr_log)(f"listening on {spec} (fd {s.fileno()})")
+            return Supervisor(config, sockets, log).run()
+        finally:
+            for s in sockets:
+                s.close()
     finally:
-        for s in sockets:
-            s.close()
+        if config.pid_file:
+            remove_pid_file(config.pid_file)

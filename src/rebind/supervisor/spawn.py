@@ -9,13 +9,13 @@ close-on-exec pipe, as subprocess does.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import shutil
 import signal
 from collections.abc import Mapping, Sequence
 
 from rebind.errors import UsageError
+from rebind.kernel.procstat import libc
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -23,21 +23,13 @@ PR_SET_CHILD_SUBREAPER = 36
 # subprocess's restore_signals does, plus every signal the supervisor handles.
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
-_libc: ctypes.CDLL | None = None
-
 
 class CommandNotFound(UsageError):
     pass
 
 
-def libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc
-
-
 def resolve_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """The program to exec; argv and env may carry surrogate-escaped non-UTF-8 bytes."""
     exe = argv[0]
     if "/" in exe:
         if not os.access(exe, os.X_OK) or os.path.isdir(exe):
@@ -57,7 +49,7 @@ def become_subreaper() -> None:
 def spawn(
     exe: str,
     argv: Sequence[str],
-    env: Mapping[str, str],
+    env: Mapping[bytes, bytes],
     fds: Sequence[int],
     reset: Sequence[int],
 ) -> int:
@@ -66,8 +58,10 @@ def spawn(
     Every fd in FDS must be >= 3 + len(FDS), so moving one into place never clobbers another.
     """
     assert all(fd >= 3 + len(fds) for fd in fds)
-    env_b = {k.encode(): v.encode() for k, v in env.items()}
-    argv_b = [a.encode() for a in argv]
+    # Bytes all the way: an argument or variable that is not UTF-8 (b"\xff") is passed as it came
+    # (os.fsencode undoes the surrogateescape decoding of sys.argv).
+    env_b = dict(env)
+    argv_b = [os.fsencode(a) for a in argv]
     parent = os.getpid()
     lib = libc()
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -75,7 +69,12 @@ def spawn(
     # would run the supervisor's Python handler there.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
         if pid == 0:  # pragma: no cover - child, replaced by exec
             try:
                 _child(exe, argv_b, env_b, fds, reset, parent, lib)
@@ -112,8 +111,9 @@ def _child(
     # and a generation's whole tree can be killed with one killpg().
     os.setpgid(0, 0)
     # If the supervisor dies, the generation must not keep the port (that is the EADDRINUSE
-    # we exist to prevent); re-check the parent after prctl to close the race.
-    lib.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # we exist to prevent): SIGKILL, since a SIGTERM can be ignored. Descendants do not inherit
+    # it (cleared on fork): the watchdog kills them. Re-check the parent to close the race.
+    lib.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
     for i, fd in enumerate(fds):
@@ -122,4 +122,4 @@ def _child(
         signal.signal(sig, signal.SIG_DFL)
     env[b"LISTEN_PID"] = str(os.getpid()).encode()
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    os.execve(exe, argv, env)
+    os.execve(os.fsencode(exe), argv, env)

@@ -6,6 +6,7 @@ import string
 from dataclasses import dataclass
 
 from rebind.errors import UsageError
+from rebind.model.validate import parse_port
 
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "-_.@")
 _EXAMPLE = "expected [HOST:]PORT[/NAME], e.g. 8080, 127.0.0.1:8080, [::1]:8080/web"
@@ -16,6 +17,10 @@ class ListenSpec:
     host: str  # "" = every address (dual-stack [::] when IPv6 works, like systemd's ListenStream=PORT)
     port: int
     name: str
+
+    def __post_init__(self) -> None:
+        # Built by the API too, not only by parse_listen: never let a wrapped port reach bind().
+        parse_port(self.port, what=f"--listen {self.host}:{self.port!r}")
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else (self.host or "*")
@@ -34,9 +39,11 @@ def parse_listen(text: str, index: int = 0) -> ListenSpec:
     host, port_text = _split_host(body, text)
     if not port_text:
         raise UsageError(f"--listen {text!r}: no port ({_EXAMPLE})")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise UsageError(f"--listen {text!r}: {port_text!r} is not a port number 1-65535 ({_EXAMPLE})")
-    return ListenSpec(host, int(port_text), name)
+    try:
+        port = parse_port(port_text, what=f"--listen {text!r}:")
+    except UsageError as exc:
+        raise UsageError(f"{exc} ({_EXAMPLE})") from None
+    return ListenSpec(host, port, name)
 
 
 def _split_host(body: str, text: str) -> tuple[str, str]:
@@ -50,7 +57,7 @@ def _split_host(body: str, text: str) -> tuple[str, str]:
     if ":" in body:
         host, _, port = body.partition(":")
         return ("" if host in ("*", "") else host), port
-    if body.isdigit():
+    if body.isascii() and body.isdigit():
         return "", body
     return body, ""  # a bare host: the port is missing
 

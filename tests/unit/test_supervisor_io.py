@@ -1,0 +1,118 @@
+"""The supervisor's small I/O helpers, without root: pid file, log writes, notify budget."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rebind.errors import UsageError
+from rebind.supervisor import members
+from rebind.supervisor.notify import NotifyReceiver
+from rebind.supervisor.run import remove_pid_file, write_pid_file
+
+
+def test_pid_file_replaces_a_symlink_instead_of_following_it(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep\n")
+    pid_file = tmp_path / "app.pid"
+    pid_file.symlink_to(target)
+    write_pid_file(str(pid_file))
+    assert target.read_text() == "keep\n"
+    assert not pid_file.is_symlink() and pid_file.read_text() == f"{os.getpid()}\n"
+    assert oct(pid_file.stat().st_mode & 0o777) == oct(0o644)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.pid", "precious"]  # no temp left
+    remove_pid_file(str(pid_file))
+    assert not pid_file.exists()
+
+
+def test_pid_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--pid-file"):
+        write_pid_file(str(tmp_path / "no" / "such" / "x.pid"))
+
+
+def test_pid_file_of_another_supervisor_is_left_alone(tmp_path: Path) -> None:
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text("1\n")
+    remove_pid_file(str(pid_file))
+    assert pid_file.read_text() == "1\n"
+
+
+def test_log_to_a_closed_pipe_is_dropped() -> None:
+    code = (
+        "import os\nr, w = os.pipe()\nos.close(r)\nos.dup2(w, 2)\n"
+        "from rebind.supervisor.run import stderr_log\n"
+        "for _ in range(3):\n    stderr_log('line \\x1b[2J \\udcff')\nprint('alive')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == "alive\n", out.stderr
+
+
+def test_log_escapes_control_characters(capfd: pytest.CaptureFixture[str]) -> None:
+    from rebind.supervisor.run import stderr_log
+
+    stderr_log("name \x1b]0;PWN\x07 \udcff")
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\\x1b" in err and err.startswith("rebind run: ")
+
+
+def test_notify_receive_takes_at_most_its_budget() -> None:
+    rx = NotifyReceiver()
+    try:
+        sent = 0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx:
+            tx.setblocking(False)  # the queue holds net.unix.max_dgram_qlen (often 10) datagrams
+            for _ in range(8):
+                try:
+                    tx.sendto(b"READY=1", "\0" + rx.address[1:])
+                    sent += 1
+                except BlockingIOError:
+                    break
+        assert sent >= 4
+        assert len(rx.receive(3)) == 3
+        assert len(rx.receive(64)) == sent - 3
+        assert rx.receive(64) == []
+    finally:
+        rx.close()
+
+
+def _p(pid: int, ppid: int, pgrp: int, start: int = 100, zombie: bool = False) -> members.ProcInfo:
+    return members.ProcInfo(pid, ppid, pgrp, start, zombie)
+
+
+def test_generation_members_are_group_tree_and_recorded_orphans() -> None:
+    me = 10
+    procs = {
+        p.pid: p
+        for p in (
+            _p(10, 1, 10),  # the supervisor
+            _p(20, 10, 20),  # generation 1's leader
+            _p(21, 20, 20),  # its child, same group
+            _p(22, 10, 22, start=5),  # an orphan that called setsid(), recorded earlier
+            _p(23, 22, 22),  # ... and its child
+            _p(24, 10, 24),  # an orphan we know nothing about (no REBIND_GENERATION readable)
+            _p(25, 20, 20, zombie=True),
+            _p(30, 10, 30),  # generation 2's leader
+            _p(31, 30, 30),
+            _p(40, 1, 20),  # in generation 1's group though not a descendant (setpgid)
+        )
+    }
+    got = members.members(1, 20, 20, {(22, 5)}, me, procs, frozenset({30}))
+    assert {pid for pid, _ in got} == {20, 21, 22, 23, 40}
+    # After the leader is reaped, its group and the record still find the rest.
+    del procs[20]
+    got = members.members(1, None, 20, {(22, 5)}, me, procs, frozenset({30}))
+    assert {pid for pid, _ in got} == {21, 22, 23, 40}
+    # A recycled pid (other start time) is not a member.
+    got = members.members(1, None, None, {(22, 6)}, me, procs, frozenset({30}))
+    assert got == set()
+
+
+def test_signal_verified_refuses_a_changed_start_time() -> None:
+    assert members.signal_verified((os.getpid(), 1), 0) is False
+    me = members.read_proc(os.getpid())
+    assert me is not None and members.signal_verified((me.pid, me.start), 0) is True
