@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "reload",
         "Ask a running `rebind run` supervisor to start a new generation.",
     ),
+    "exporter": ("rebind.cli.exporter", "exporter", "Serve port health as Prometheus metrics."),
     "completion": (
         "rebind.cli.main",
         "completion",
