@@ -89,9 +89,11 @@ def exporter(
     binds or connects. Run as root, or unprivileged: what cannot be read is exported as
     rebind_exporter_missing{metric,reason}.
     """
+    from rebind.model.validate import parse_seconds
+
+    _need_prometheus_client()
     from rebind.exporter.collector import RebindCollector
     from rebind.exporter.serve import parse_listen, registry_with
-    from rebind.model.validate import parse_seconds
 
     watches = parse_watches(watch)
     dests = parse_dests(dest)
@@ -106,6 +108,15 @@ def exporter(
     if textfile:
         return _textfile(registry, textfile, seconds, once)
     return _serve(registry, host, port)
+
+
+def _need_prometheus_client() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        from rebind.errors import EnvironmentProblem
+
+        raise EnvironmentProblem("rebind exporter needs prometheus-client: pip install 'rebind[exporter]'")
 
 
 def _textfile(registry: CollectorRegistry, path: str, interval: float, once: bool) -> int:
