@@ -14,6 +14,7 @@ Nothing here binds, connects or destroys: a scrape never changes kernel state.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -118,6 +119,8 @@ def gather(watches: Sequence[Watch], dests: Sequence[Dest], *, dumper: Dumper | 
     source = "netlink"
     if dumper is None:
         try:
+            if os.environ.get("REBIND_FORCE_PROCFS"):  # as rebind.kernel.diag.netlink_available
+                raise EnvironmentProblem("REBIND_FORCE_PROCFS is set")
             dumper, close = netlink_dumper()
         except EnvironmentProblem:
             dumper, source, bi_visible = procfs_dumper, "procfs", False
