@@ -22,6 +22,7 @@ from rebind.exporter.facts import (
     Missing,
     Reason,
     Snapshot,
+    Tally,
     WarningKind,
     Watch,
     assess_bindable,
@@ -77,6 +78,24 @@ def rec(
 
 def listener(addr: str = "0.0.0.0", port: int = 8080, rq: int = 0, wq: int = 128) -> SocketRecord:
     return rec(State.LISTEN, (addr, port), rq=rq, wq=wq)
+
+
+def snap_of(
+    records: list[SocketRecord], watches: tuple[Watch, ...], dests: tuple[Dest, ...] = (), **kw: object
+) -> Snapshot:
+    """A snapshot as the gatherer builds it: records through a Tally."""
+    t = Tally(watches, dests)
+    watched = t.records(records)
+    fields: dict[str, object] = dict(
+        watches=watches,
+        dests=dests,
+        watched=tuple(watched),
+        counts=tuple(t.counts.items()),
+        tw_expires_ms=tuple(t.tw_max.items()),
+        usage=t.dest_usage(),
+    )
+    fields.update(kw)
+    return Snapshot(**fields)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,14 +154,42 @@ def test_running_server_with_connections_and_its_time_wait_would_restart() -> No
     ]
     assert server_addresses(table, W) == [ANY4]
     assert bindable_value(assess_bindable(table, W, ANY4, SETTINGS)) == 1
-    assert frees_in_seconds(table, W) == 42.0
+    snap = snap_of(table, (W,))
+    assert frees_in_seconds(snap, W) == 42.0
+    # Children and leftovers are counted, never handed to the model.
+    assert list(snap.watched or ()) == [table[0]]
 
 
 def test_client_that_took_the_server_port_blocks_the_restart() -> None:
     # kubernetes#111682: the server is down and an outgoing connection got 8080 as its source.
     table = [rec(State.ESTABLISHED, ("10.0.0.1", 8080), ("10.0.0.9", 443))]
     assert bindable_value(assess_bindable(table, W, ANY4, SETTINGS)) == 0
-    assert frees_in_seconds(table, W) == 0.0
+    snap = snap_of(table, (W,))
+    assert list(snap.watched or ()) == table
+    assert frees_in_seconds(snap, W) == 0.0
+
+
+TABLES = [
+    [listener(), rec(State.ESTABLISHED, ("127.0.0.1", 8080), ("127.0.0.1", 5))],
+    [listener("127.0.0.1"), rec(State.ESTABLISHED, ("127.0.0.2", 8080), ("127.0.0.1", 5))],
+    [listener("::"), rec(State.ESTABLISHED, ("::ffff:127.0.0.1", 8080), ("::ffff:127.0.0.1", 5))],
+    [
+        rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("127.0.0.1", 6), expires=1),
+        rec(State.BOUND_INACTIVE, ("127.0.0.3", 8080)),
+    ],
+    [rec(State.SYN_SENT, ("127.0.0.1", 8080), ("10.1.1.1", 80))],
+]
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_the_model_sees_the_same_answer_from_the_tally_kept_sockets(table: list[SocketRecord]) -> None:
+    """Leaving children and leftovers out (the fast path) never changes a bindable answer."""
+    kept = list(snap_of(table, (W,)).watched or ())
+    for addr in (ANY4, LO, IPv4Address("127.0.0.2"), IPv6Address("::")):
+        assert (
+            assess_bindable(kept, W, addr, SETTINGS).verdict
+            == assess_bindable(table, W, addr, SETTINGS).verdict
+        )
 
 
 def test_stray_bound_inactive_socket_blocks_a_wildcard_server() -> None:
@@ -180,12 +227,13 @@ def test_state_counts_lower_case_with_zeros() -> None:
         rec(State.NEW_SYN_RECV, ("127.0.0.1", 8080), ("127.0.0.1", 2)),
         rec(State.ESTABLISHED, ("127.0.0.1", 9999), ("127.0.0.1", 3)),  # other port
     ]
-    counts = state_counts(table, W)
+    counts = state_counts(snap_of(table, (W,)), W)
     assert counts["listen"] == 1 and counts["time_wait"] == 1 and counts["bound_inactive"] == 1
     assert counts["syn_recv"] == 1 and counts["established"] == 0
     assert all(k == k.lower() for k in counts)
     assert "unconn" not in counts
-    udp = state_counts([rec(State.CLOSE, ("0.0.0.0", 53), proto=Proto.UDP)], Watch(53, Proto.UDP))
+    u = Watch(53, Proto.UDP)
+    udp = state_counts(snap_of([rec(State.CLOSE, ("0.0.0.0", 53), proto=Proto.UDP)], (u,)), u)
     assert udp == {"unconn": 1, "established": 0}
 
 
@@ -224,13 +272,17 @@ def test_connect_counts() -> None:
     bound = [listener(port=40006), rec(State.BOUND_INACTIVE, ("0.0.0.0", 40007)), listener(port=8080)]
     held = bind_held_ports(bound, RNG)
     assert held == {40006, 40007}
-    c = connect_counts(DST, IPv4Address("10.0.0.1"), socks, RNG, held)
+    usage = snap_of(socks, (), (DST,)).usage or ()
+    c = connect_counts(DST, IPv4Address("10.0.0.1"), usage, RNG, held)
     assert (c.free, c.timewait, c.live) == (9 - 2 - 3, 1, 2)
+    other = connect_counts(DST, IPv4Address("10.0.0.2"), usage, RNG, held)
+    assert (other.free, other.live) == (9 - 2 - 1, 1)
 
 
 def test_connect_counts_mapped_addresses_match() -> None:
     socks = [rec(State.ESTABLISHED, ("::ffff:10.0.0.1", 40000), ("::ffff:10.0.0.5", 5432))]
-    c = connect_counts(DST, IPv4Address("10.0.0.1"), socks, RNG, frozenset())
+    usage = snap_of(socks, (), (DST,)).usage or ()
+    c = connect_counts(DST, IPv4Address("10.0.0.1"), usage, RNG, frozenset())
     assert c.free == 8
 
 
@@ -264,18 +316,19 @@ def _scrape(snap: Snapshot) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 def _snapshot(**kw: object) -> Snapshot:
+    table = [
+        listener(rq=3, wq=4),
+        rec(State.CLOSE, ("0.0.0.0", 53), proto=Proto.UDP),
+        rec(State.TIME_WAIT, ("10.0.0.1", 40002), ("10.0.0.5", 5432), expires=1000),
+    ]
     base: dict[str, object] = dict(
-        watches=(W, Watch(53, Proto.UDP)),
-        dests=(DST,),
-        watched=(listener(rq=3, wq=4), rec(State.CLOSE, ("0.0.0.0", 53), proto=Proto.UDP)),
-        dest_sockets=(rec(State.TIME_WAIT, ("10.0.0.1", 40002), ("10.0.0.5", 5432), expires=1000),),
         bound_in_range=(),
         ephemeral=RNG,
         sources=((DST, IPv4Address("10.0.0.1")),),
         duration_s=0.01,
     )
     base.update(kw)
-    return Snapshot(**base)  # type: ignore[arg-type]
+    return snap_of(table, (W, Watch(53, Proto.UDP)), (DST,), **base)
 
 
 CONTRACT = {
@@ -309,7 +362,7 @@ def test_every_contract_metric_with_its_labels() -> None:
 def test_missing_metrics_are_exported_and_unknown_is_not_zero() -> None:
     snap = _snapshot(
         bound_inactive_visible=False,
-        dest_sockets=None,
+        usage=None,
         missing=(Missing("rebind_sockets", Reason.KERNEL_TOO_OLD), Missing("x", Reason.NO_ROUTE)),
     )
     got = _scrape(snap)
@@ -324,7 +377,7 @@ def test_no_series_for_a_dest_without_route() -> None:
 
 
 def test_nothing_gathered_still_exports_the_exporters_own_metrics() -> None:
-    got = _scrape(Snapshot(watched=None, dest_sockets=None, bound_in_range=None, ephemeral=None))
+    got = _scrape(Snapshot(watched=None, usage=None, bound_in_range=None, ephemeral=None))
     assert "rebind_scrape_duration_seconds" in got and "rebind_config_warning" in got
     assert "rebind_port_bindable" not in got
 
@@ -337,7 +390,7 @@ def test_collector_caches_for_the_interval() -> None:
     now = [100.0]
     calls: list[int] = []
 
-    def fake(w: object, d: object) -> Snapshot:
+    def fake() -> Snapshot:
         calls.append(1)
         return _snapshot()
 
@@ -435,3 +488,57 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str]) -> None:
     assert res.returncode == 2, res
     assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytecode semantics: a transcription of inet_diag_bc_run for the ops the exporter emits
+
+
+def _run_bc(code: bytes, sport: int, dport: int, daddr: IPv4Address) -> bool:
+    import struct
+
+    pc, end = 0, len(code)
+    while pc < end:
+        kind, yes, no = BC_OP.unpack_from(code, pc)
+        if kind == BcOp.JMP:
+            ok = False
+        elif kind in (BcOp.S_EQ, BcOp.S_GE, BcOp.S_LE, BcOp.D_GE, BcOp.D_LE):
+            (_, _, val) = BC_OP.unpack_from(code, pc + 4)
+            port = sport if kind in (BcOp.S_EQ, BcOp.S_GE, BcOp.S_LE) else dport
+            ok = {
+                BcOp.S_EQ: port == val,
+                BcOp.S_GE: port >= val,
+                BcOp.S_LE: port <= val,
+                BcOp.D_GE: port >= val,
+                BcOp.D_LE: port <= val,
+            }[BcOp(kind)]
+        elif kind == BcOp.D_COND:
+            _fam, plen, cport = struct.unpack_from("=BBxxi", code, pc + 4)
+            addr = code[pc + 12 : pc + 12 + plen // 8]
+            ok = (cport == -1 or cport == dport) and daddr.packed == addr
+        else:
+            raise AssertionError(f"unexpected op {kind}")
+        pc += yes if ok else no
+    assert pc in (end, end + 4), pc
+    return pc == end
+
+
+def test_guarded_program_accepts_exactly_the_watched_ports_and_dests() -> None:
+    import random
+
+    ports = [8080, 8081, 9000, 10000, 10006]
+    dests = [(IPv4Address("127.0.0.2"), 10000), (IPv4Address("10.0.0.5"), 5432)]
+    code = bc.program(
+        [
+            bc.Group((bc.sport_ge(8080), bc.sport_le(10006)), tuple((bc.sport_eq(p),) for p in ports)),
+            bc.Group((bc.dport_ge(5432), bc.dport_le(10000)), tuple((bc.remote_is(a, p),) for a, p in dests)),
+            bc.Group((), ((bc.sport_ge(40000), bc.sport_le(40009)),)),
+        ]
+    )
+    rnd = random.Random(12)
+    cands = [*ports, 5432, 10000, 40000, 40009, 39999, 40010, 8079, 10007, 1, 65535]
+    addrs = [a for a, _ in dests] + [IPv4Address("127.0.0.3")]
+    for _ in range(3000):
+        sp, dp, da = rnd.choice(cands), rnd.choice(cands), rnd.choice(addrs)
+        want = sp in ports or (da, dp) in dests or 40000 <= sp <= 40009
+        assert _run_bc(code, sp, dp, da) == want, (sp, dp, da)

@@ -125,7 +125,7 @@ def test_promtool_check_metrics_on_the_exposition(promtool: str) -> None:
         sources=((Dest(IPv4Address("10.0.0.5"), 5432), IPv4Address("10.0.0.1")),),
     )
     assert families(snap)
-    reg = registry_with(RebindCollector([], [], gatherer=lambda w, d: snap), process=False)
+    reg = registry_with(RebindCollector([], [], gatherer=lambda: snap), process=False)
     run = RunMetrics()
     run.reload_finished(ReloadResult.OK, 0.3)
     for text in (render(reg), run.render()):

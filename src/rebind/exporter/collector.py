@@ -11,9 +11,9 @@ from prometheus_client.registry import Collector
 
 from rebind.exporter.facts import Dest, Snapshot, Watch
 from rebind.exporter.families import families
-from rebind.exporter.gather import gather
+from rebind.exporter.gather import Gatherer
 
-Gatherer = Callable[[Sequence[Watch], Sequence[Dest]], Snapshot]
+SnapshotSource = Callable[[], Snapshot]
 
 
 class RebindCollector(Collector):
@@ -27,13 +27,13 @@ class RebindCollector(Collector):
         dests: Sequence[Dest],
         *,
         interval: float = 5.0,
-        gatherer: Gatherer | None = None,
+        gatherer: SnapshotSource | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
         self.interval = interval
-        self._gather: Gatherer = gatherer or (lambda w, d: gather(w, d))
+        self._gather: SnapshotSource = gatherer or Gatherer(watches, dests)
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None
@@ -48,7 +48,7 @@ class RebindCollector(Collector):
         with self._lock:
             now = self._clock()
             if self._cached is None or now - self._at >= self.interval:
-                self._cached = families(self._gather(self.watches, self.dests))
+                self._cached = families(self._gather())
                 self._at = now
                 self.gathers += 1
             return list(self._cached)

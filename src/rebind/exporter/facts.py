@@ -77,15 +77,29 @@ class EphemeralRange:
 
 
 @dataclass(frozen=True, slots=True)
+class DestUsage:
+    dest: Dest
+    src: IPAddress
+    live: frozenset[int]
+    timewait: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything one scrape gathered. ``None`` means "could not be gathered" (see ``missing``)."""
 
     watches: tuple[Watch, ...] = ()
     dests: tuple[Dest, ...] = ()
-    #: Every socket whose local port is watched (TCP: all states; UDP: bound and connected).
+    #: The sockets on watched ports that the conflict model needs: listeners, bound-inactive and
+    #: bound UDP sockets, and connections that are not a listener's children (see Tally.conn).
+    #: Children and TIME_WAIT leftovers are only counted (``counts``, ``tw_expires_ms``).
     watched: tuple[SocketRecord, ...] | None = ()
-    #: TCP sockets whose remote endpoint is one of the dests (all states but LISTEN/bound-inactive).
-    dest_sockets: tuple[SocketRecord, ...] | None = ()
+    #: Sockets on watched ports by state: ((watch, state), n).
+    counts: tuple[tuple[tuple[Watch, State], int], ...] = ()
+    #: The longest TIME_WAIT/FIN_WAIT2 timer left on each watched TCP port (ms).
+    tw_expires_ms: tuple[tuple[Watch, int], ...] = ()
+    #: Connections to each dest, by source address: which ports are live and which in TIME_WAIT.
+    usage: tuple[DestUsage, ...] | None = ()
     #: TCP LISTEN and bound-inactive sockets whose local port lies in the ephemeral range.
     bound_in_range: tuple[SocketRecord, ...] | None = ()
     ephemeral: EphemeralRange | None = None
@@ -193,12 +207,11 @@ def bindable_value(outcome: Outcome) -> int:
     return 1 if outcome.verdict is Verdict.OK else 0
 
 
-def frees_in_seconds(records: Sequence[SocketRecord], w: Watch) -> float:
+def frees_in_seconds(snap: Snapshot, w: Watch) -> float:
     """Seconds until the last timed leftover (TIME_WAIT, orphaned FIN_WAIT2) on the port expires:
     after that, even a server without SO_REUSEADDR binds, unless a live socket holds the port.
     0 when none is left."""
-    ms = [r.expires_ms for r in on_port(records, w) if r.is_mini and r.expires_ms is not None]
-    return max(ms, default=0) / 1000.0
+    return dict(snap.tw_expires_ms).get(w, 0) / 1000.0
 
 
 def state_label(s: State) -> str:
@@ -212,12 +225,13 @@ TCP_STATES = tuple(s for s in State if s not in (State.CLOSE, State.NEW_SYN_RECV
 UDP_STATES = (State.CLOSE, State.ESTABLISHED)
 
 
-def state_counts(records: Sequence[SocketRecord], w: Watch) -> dict[str, int]:
+def state_counts(snap: Snapshot, w: Watch) -> dict[str, int]:
     states = TCP_STATES if w.proto is Proto.TCP else UDP_STATES
     out = {state_label(s): 0 for s in states}
-    for r in on_port(records, w):
-        label = state_label(r.state)
-        out[label] = out.get(label, 0) + 1
+    for (watch, state), n in snap.counts:
+        if watch == w:
+            label = state_label(state)
+            out[label] = out.get(label, 0) + n
     return out
 
 
@@ -282,24 +296,19 @@ class ConnectCount:
     live: int
 
 
-_NOT_CONNECTIONS = (State.LISTEN, State.BOUND_INACTIVE)
-
-
 def connect_counts(
-    dest: Dest, src: IPAddress, sockets: Iterable[SocketRecord], rng: EphemeralRange, held: frozenset[int]
+    dest: Dest, src: IPAddress, usage: Iterable[DestUsage], rng: EphemeralRange, held: frozenset[int]
 ) -> ConnectCount:
     """connect-rules.md §0.2 step 4, as far as inet_diag shows it: a candidate port is free unless
     bind() holds it, or the 4-tuple (src, port, dst, dport) is taken by a live connection or a
     TIME_WAIT entry (whether tcp_tw_reuse would take that one over is not counted)."""
     live: set[int] = set()
     tw: set[int] = set()
-    d, s = norm(dest.addr), norm(src)
-    for r in sockets:
-        if r.proto is not Proto.TCP or r.remote.port != dest.port or norm(r.remote.addr) != d:
-            continue
-        if norm(r.local.addr) != s or r.local.port not in rng or r.state in _NOT_CONNECTIONS:
-            continue
-        (tw if r.is_mini or r.state is State.TIME_WAIT else live).add(r.local.port)
+    s = norm(src)
+    for u in usage:
+        if u.dest == dest and norm(u.src) == s:
+            live.update(p for p in u.live if p in rng)
+            tw.update(p for p in u.timewait if p in rng)
     taken = held | live | tw
     return ConnectCount(src, dest, rng.size - len(taken), len(tw - held - live), len(live - held))
 
@@ -328,3 +337,106 @@ def config_warnings(snap: Snapshot) -> dict[WarningKind, int]:
         out[WarningKind.EPHEMERAL_RANGE_ODD] = (snap.ephemeral.hi - snap.ephemeral.lo + 1) % 2
     out[WarningKind.SOCKET_TABLE_FROM_PROCFS] = int(snap.source == "procfs")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tally: one pass over a dump, counting what needs no model and keeping what does
+
+
+def addr_key(a: IPAddress) -> bytes:
+    """The comparison key of an address: 4 bytes for IPv4 and v4-mapped IPv6, else 16."""
+    return norm(a).packed
+
+
+_WILDCARDS = (bytes(4), bytes(16))
+_SERVER_STATES = (State.LISTEN, State.BOUND_INACTIVE)
+
+
+class Tally:
+    """Accumulates one scrape (mutable while gathering, then frozen into a Snapshot).
+
+    Feed listeners and bound sockets first (``server``), then connections (``conn``): whether a
+    connection is a listener's child depends on the listeners of its port. ``conn`` runs once
+    per socket of the connection walk (thousands per scrape): plain ints and bytes only.
+    """
+
+    def __init__(self, watches: Iterable[Watch], dests: Iterable[Dest]) -> None:
+        watches = tuple(watches)
+        self.watch_set = frozenset(watches)
+        self.tcp_ports = frozenset(w.port for w in watches if w.proto is Proto.TCP)
+        self.dests = {(addr_key(d.addr), d.port): d for d in dests}
+        self._server_counts: dict[tuple[Watch, State], int] = {}
+        self._conn_counts: dict[tuple[int, int], int] = {}
+        self._tw_max: dict[int, int] = {}
+        self.listeners: dict[int, set[bytes]] = {}
+        self.usage: dict[tuple[Dest, bytes], tuple[set[int], set[int]]] = {}
+
+    def server(self, r: SocketRecord) -> None:
+        """A TCP listener or bound-inactive socket, or a UDP socket, on a watched port."""
+        key = (Watch(r.local.port, r.proto), r.state)
+        self._server_counts[key] = self._server_counts.get(key, 0) + 1
+        if r.state is State.LISTEN:
+            self.listeners.setdefault(r.local.port, set()).add(addr_key(r.local.addr))
+
+    def conn(
+        self, state: int, mini: bool, sport: int, dport: int, src: bytes, dst: bytes, expires: int
+    ) -> bool:
+        """A TCP connection-table socket (state as its number, addresses as keys). True when the
+        conflict model needs it: a socket on a watched port that is neither a TIME_WAIT leftover
+        nor a child of a listener on its port (children and leftovers carry the server's flags)."""
+        wanted = False
+        if sport in self.tcp_ports:
+            key = (sport, state)
+            self._conn_counts[key] = self._conn_counts.get(key, 0) + 1
+            if mini:
+                if expires > self._tw_max.get(sport, -1):
+                    self._tw_max[sport] = expires
+            else:
+                keys = self.listeners.get(sport, ())
+                child = dport != 0 and (src in keys or _WILDCARDS[0] in keys or _WILDCARDS[1] in keys)
+                wanted = not child
+        d = self.dests.get((dst, dport))
+        if d is not None:
+            live, tw = self.usage.setdefault((d, src), (set(), set()))
+            (tw if mini or state == State.TIME_WAIT else live).add(sport)
+        return wanted
+
+    def records(self, recs: Iterable[SocketRecord]) -> list[SocketRecord]:
+        """Feed whole records (the /proc/net path, tests): servers first, then connections.
+        Returns the records the conflict model needs (what ``Snapshot.watched`` holds)."""
+        recs = list(recs)
+        wanted: list[SocketRecord] = []
+        for r in recs:
+            if (r.proto is Proto.UDP or r.state in _SERVER_STATES) and Watch(
+                r.port, r.proto
+            ) in self.watch_set:
+                self.server(r)
+                wanted.append(r)
+        for r in recs:
+            if r.proto is Proto.TCP and r.state not in _SERVER_STATES:
+                keys = (addr_key(r.local.addr), addr_key(r.remote.addr))
+                if self.conn(int(r.state), r.is_mini, r.port, r.remote.port, *keys, r.expires_ms or 0):
+                    wanted.append(r)
+        return wanted
+
+    @property
+    def counts(self) -> dict[tuple[Watch, State], int]:
+        out = dict(self._server_counts)
+        for (port, st), n in self._conn_counts.items():
+            key = (Watch(port), State(st))
+            out[key] = out.get(key, 0) + n
+        return out
+
+    @property
+    def tw_max(self) -> dict[Watch, int]:
+        return {Watch(p): ms for p, ms in self._tw_max.items()}
+
+    def dest_usage(self) -> tuple[DestUsage, ...]:
+        return tuple(
+            DestUsage(d, _from_key(src), frozenset(live), frozenset(tw))
+            for (d, src), (live, tw) in self.usage.items()
+        )
+
+
+def _from_key(key: bytes) -> IPAddress:
+    return IPv4Address(key) if len(key) == 4 else IPv6Address(key)

@@ -83,8 +83,8 @@ def _server(snap: Snapshot) -> Iterable[Metric]:
         for addr in server_addresses(snap.watched, w):
             outcome = assess_bindable(snap.watched, w, addr, snap.settings)
             bindable.add_metric([port, proto, addr_label(addr)], bindable_value(outcome))
-        frees.add_metric([port, proto], frees_in_seconds(snap.watched, w))
-        for state, n in state_counts(snap.watched, w).items():
+        frees.add_metric([port, proto], frees_in_seconds(snap, w))
+        for state, n in state_counts(snap, w).items():
             if state == "bound_inactive" and not snap.bound_inactive_visible:
                 continue  # unknown, not zero: rebind_exporter_missing says why
             sockets.add_metric([port, proto, state], n)
@@ -138,7 +138,7 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     )
     held_m.add_metric([], len(held))
     out.append(held_m)
-    if snap.dest_sockets is None or not snap.dests:
+    if snap.usage is None or not snap.dests:
         return out
     free = GaugeMetricFamily(
         "rebind_connect_free_ports",
@@ -154,7 +154,7 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     for dest, src in snap.sources:
         if src is None:
             continue
-        c = connect_counts(dest, src, snap.dest_sockets, rng, held)
+        c = connect_counts(dest, src, snap.usage, rng, held)
         labels = [addr_label(src), addr_label(dest.addr), str(dest.port)]
         free.add_metric(labels, c.free)
         tw.add_metric(labels, c.timewait)
