@@ -122,6 +122,7 @@ def test_scrape_real_socket_states(netns, tmp_path, rebind_cli):
         # Sockets by state, lower case, bound_inactive and time_wait included.
         assert _get(s, "rebind_sockets", port=LQ, proto="tcp", state="established") == 3
         assert _get(s, "rebind_sockets", port=LQ, proto="tcp", state="listen") == 1
+        assert _get(s, "rebind_port_peer_sockets", port=LQ, peer="127.0.0.1") == 3
         assert _get(s, "rebind_sockets", port=BI, proto="tcp", state="bound_inactive") == 1
         assert _get(s, "rebind_sockets", port=TW, proto="tcp", state="time_wait") == 1
         assert 50 < _get(s, "rebind_port_frees_in_seconds", port=TW, proto="tcp") <= 60

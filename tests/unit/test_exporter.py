@@ -93,6 +93,7 @@ def snap_of(
         counts=tuple(t.counts.items()),
         tw_expires_ms=tuple(t.tw_max.items()),
         usage=t.dest_usage(),
+        peers=t.peers(),
     )
     fields.update(kw)
     return Snapshot(**fields)  # type: ignore[arg-type]
@@ -542,3 +543,23 @@ def test_guarded_program_accepts_exactly_the_watched_ports_and_dests() -> None:
         sp, dp, da = rnd.choice(cands), rnd.choice(cands), rnd.choice(addrs)
         want = sp in ports or (da, dp) in dests or 40000 <= sp <= 40009
         assert _run_bc(code, sp, dp, da) == want, (sp, dp, da)
+
+
+def test_peers_are_top_k_per_port_plus_other() -> None:
+    table = [listener()]
+    for i, n in enumerate([9, 1, 7, 3, 5, 2, 8]):  # 7 peers
+        table += [rec(State.ESTABLISHED, ("127.0.0.1", 8080), (f"10.0.0.{i}", 1000 + j)) for j in range(n)]
+    table.append(rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("10.0.0.1", 9), expires=5))
+    snap = snap_of(table, (W,))
+    got = [(p.peer, p.sockets) for p in snap.peers]
+    assert got == [
+        ("10.0.0.0", 9),
+        ("10.0.0.6", 8),
+        ("10.0.0.2", 7),
+        ("10.0.0.4", 5),
+        ("10.0.0.3", 3),
+        ("other", 4),
+    ]
+    scraped = _scrape(snap)["rebind_port_peer_sockets"]
+    assert ({"port": "8080", "peer": "other"}, 4.0) in scraped
+    assert len(scraped) == 6

@@ -131,3 +131,37 @@ def test_promtool_check_metrics_on_the_exposition(promtool: str) -> None:
     for text in (render(reg), run.render()):
         res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_grafana_dashboard_queries_only_known_metrics() -> None:
+    import json
+    import re
+
+    from rebind.exporter.families import EXPORTER_METRICS
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    known = set(EXPORTER_METRICS) | {
+        "rebind_port_peer_sockets",
+        "rebind_run_reloads_total",
+        "rebind_run_generation",
+    }
+    known |= {f"rebind_run_reload_seconds_{s}" for s in ("bucket", "sum", "count")}
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    assert exprs
+    for e in exprs:
+        for name in re.findall(r"\brebind_[a-z_]+", e):
+            assert name in known, (name, e)
+    assert len({p["id"] for p in doc["panels"]}) == len(doc["panels"])
+
+
+def test_rules_query_only_known_metrics() -> None:
+    import re
+
+    from rebind.exporter.families import EXPORTER_METRICS
+
+    known = set(EXPORTER_METRICS) | {"rebind_run_reloads_total"}
+    exprs = re.findall(r"expr: (.+?)\n\s+(?:for|labels):", RULES.read_text(), re.S)
+    assert len(exprs) == 7
+    for e in exprs:
+        for name in re.findall(r"\brebind_[a-z_]+", e):
+            assert name in known, (name, e)

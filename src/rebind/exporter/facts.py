@@ -76,6 +76,18 @@ class EphemeralRange:
         return self.hi - self.lo + 1 - sum(1 for p in self.reserved if self.lo <= p <= self.hi)
 
 
+#: Peers per watched port in rebind_port_peer_sockets; the rest are summed as "other".
+TOP_PEERS = 5
+OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCount:
+    watch: Watch
+    peer: str
+    sockets: int
+
+
 @dataclass(frozen=True, slots=True)
 class DestUsage:
     dest: Dest
@@ -100,6 +112,8 @@ class Snapshot:
     tw_expires_ms: tuple[tuple[Watch, int], ...] = ()
     #: Connections to each dest, by source address: which ports are live and which in TIME_WAIT.
     usage: tuple[DestUsage, ...] | None = ()
+    #: Connections on watched TCP ports by remote address: top TOP_PEERS per port, then "other".
+    peers: tuple[PeerCount, ...] = ()
     #: TCP LISTEN and bound-inactive sockets whose local port lies in the ephemeral range.
     bound_in_range: tuple[SocketRecord, ...] | None = ()
     ephemeral: EphemeralRange | None = None
@@ -368,6 +382,7 @@ class Tally:
         self._server_counts: dict[tuple[Watch, State], int] = {}
         self._conn_counts: dict[tuple[int, int], int] = {}
         self._tw_max: dict[int, int] = {}
+        self._peers: dict[tuple[int, bytes], int] = {}
         self.listeners: dict[int, set[bytes]] = {}
         self.usage: dict[tuple[Dest, bytes], tuple[set[int], set[int]]] = {}
 
@@ -388,6 +403,8 @@ class Tally:
         if sport in self.tcp_ports:
             key = (sport, state)
             self._conn_counts[key] = self._conn_counts.get(key, 0) + 1
+            pkey = (sport, dst)
+            self._peers[pkey] = self._peers.get(pkey, 0) + 1
             if mini:
                 if expires > self._tw_max.get(sport, -1):
                     self._tw_max[sport] = expires
@@ -430,6 +447,21 @@ class Tally:
     @property
     def tw_max(self) -> dict[Watch, int]:
         return {Watch(p): ms for p, ms in self._tw_max.items()}
+
+    def peers(self, k: int = TOP_PEERS) -> tuple[PeerCount, ...]:
+        """The ``k`` remote addresses with the most sockets on each watched TCP port, and the
+        rest summed as "other": bounded whatever the number of clients."""
+        by_port: dict[int, list[tuple[int, bytes]]] = {}
+        for (port, peer), n in self._peers.items():
+            by_port.setdefault(port, []).append((n, peer))
+        out: list[PeerCount] = []
+        for port, items in sorted(by_port.items()):
+            items.sort(key=lambda item: (-item[0], item[1]))
+            out += [PeerCount(Watch(port), str(_from_key(peer)), n) for n, peer in items[:k]]
+            rest = sum(n for n, _ in items[k:])
+            if rest:
+                out.append(PeerCount(Watch(port), OTHER, rest))
+        return tuple(out)
 
     def dest_usage(self) -> tuple[DestUsage, ...]:
         return tuple(

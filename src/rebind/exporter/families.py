@@ -14,6 +14,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from rebind.exporter.facts import (
+    OTHER,
+    TOP_PEERS,
     Snapshot,
     assess_bindable,
     bind_held_ports,
@@ -31,6 +33,7 @@ EXPORTER_METRICS = (
     "rebind_port_bindable",
     "rebind_port_frees_in_seconds",
     "rebind_sockets",
+    "rebind_port_peer_sockets",
     "rebind_listener_accept_queue",
     "rebind_listener_backlog",
     "rebind_listener_reuseport_group_size",
@@ -76,8 +79,16 @@ def _server(snap: Snapshot) -> Iterable[Metric]:
         "not listening).",
         labels=["port", "proto", "state"],
     )
+    peers = GaugeMetricFamily(
+        "rebind_port_peer_sockets",
+        f"TCP connections (any state but listen) on the watched port by remote address: the "
+        f'{TOP_PEERS} busiest peers per port, the rest summed as peer="{OTHER}".',
+        labels=["port", "peer"],
+    )
     if snap.watched is None:
         return []
+    for p in snap.peers:
+        peers.add_metric([str(p.watch.port), p.peer], p.sockets)
     for w in snap.watches:
         port, proto = str(w.port), w.proto.value
         for addr in server_addresses(snap.watched, w):
@@ -88,7 +99,7 @@ def _server(snap: Snapshot) -> Iterable[Metric]:
             if state == "bound_inactive" and not snap.bound_inactive_visible:
                 continue  # unknown, not zero: rebind_exporter_missing says why
             sockets.add_metric([port, proto, state], n)
-    return [bindable, frees, sockets]
+    return [bindable, frees, sockets, peers]
 
 
 def _listeners(snap: Snapshot) -> Iterable[Metric]:

@@ -143,6 +143,7 @@ class Gatherer:
             counts=tuple(tally.counts.items()),
             tw_expires_ms=tuple(tally.tw_max.items()),
             usage=tally.dest_usage(),
+            peers=tally.peers(),
             bound_in_range=bound,
             ephemeral=rng,
             sources=sources,
