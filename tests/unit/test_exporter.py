@@ -563,3 +563,15 @@ def test_peers_are_top_k_per_port_plus_other() -> None:
     scraped = _scrape(snap)["rebind_port_peer_sockets"]
     assert ({"port": "8080", "peer": "other"}, 4.0) in scraped
     assert len(scraped) == 6
+
+
+def test_write_atomic_leaves_no_temp_file_when_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(str(tmp_path / "rebind.prom"), b"a 1\n")
+    assert os.listdir(tmp_path) == []

@@ -92,11 +92,13 @@ def write_atomic(path: str, data: bytes) -> None:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         os.fsync(dfd)  # the rename itself survives a crash
-    except OSError as exc:
+    except BaseException as exc:  # Ctrl-C and SIGTERM included: never leave the temp file behind
         try:
             os.unlink(tmp, dir_fd=dfd)
         except OSError:
             pass
-        raise EnvironmentProblem(f"cannot write --textfile {path!r}: {exc.strerror}") from exc
+        if isinstance(exc, OSError):
+            raise EnvironmentProblem(f"cannot write --textfile {path!r}: {exc.strerror}") from exc
+        raise
     finally:
         os.close(dfd)
