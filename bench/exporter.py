@@ -102,6 +102,20 @@ def host_tcp_sockets() -> str:
         return next((line.strip() for line in f if line.startswith("TCP:")), "")
 
 
+def ss_reference(runs: int) -> dict[str, float]:
+    """`ss -tan` with the same filter (watched ports or destinations): CPU of the child
+    (user + system from wait4), the reference cost of asking the kernel this question."""
+    ports = " or ".join(f"sport = :{w.port}" for w in WATCH)
+    dests = " or ".join(f"dst {d.addr}:{d.port}" for d in DESTS)
+    argv = ["ss", "-tanH", f"( {ports} or {dests} )"]
+    cpu = []
+    for _ in range(runs):
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, _, ru = os.wait4(p.pid, 0)
+        cpu.append(ru.ru_utime + ru.ru_stime)
+    return {"cpu_ms_median": statistics.median(cpu) * 1000, "argv": " ".join(argv)}  # type: ignore[dict-item]
+
+
 def rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -142,6 +156,7 @@ def main() -> None:
         result["big_sockstat"] = host_tcp_sockets()
         result["big"] = scrape_costs(args.runs)
         result["floor"] = walk_floor(args.runs)
+        result["ss"] = ss_reference(args.runs)
         print("# big table: done", file=sys.stderr, flush=True)
         result["rss_kib"] = rss_over(args.rss_scrapes)
     finally:
@@ -166,6 +181,7 @@ def main() -> None:
             result["idle_sockstat"] = host_tcp_sockets()
             result["idle"] = scrape_costs(args.runs)
             result["idle_floor"] = walk_floor(args.runs)
+            result["idle_ss"] = ss_reference(args.runs)
         finally:
             holder.kill()
             holder.wait()
@@ -201,6 +217,12 @@ def report(r: dict[str, object], args: argparse.Namespace, started: datetime.dat
         f"bound-inactive (bhash2) walk {fl['bound_inactive_walk_ms_median']:.1f} ms big / "
         f"{ifl['bound_inactive_walk_ms_median']:.2f} ms idle (the exporter repeats that walk every "
         f"scrape only while it costs < 5 ms, else once a minute).\n"
+    )
+    ss, iss = r["ss"], r["idle_ss"]
+    assert isinstance(ss, dict) and isinstance(iss, dict)
+    print(
+        f"Reference: `{ss['argv']}` (the same question, as a process) costs {ss['cpu_ms_median']:.1f} ms "
+        f"of CPU on the big table, {iss['cpu_ms_median']:.1f} ms idle (median, wait4 user + system).\n"
     )
     try:
         print(f"Load average during the run: {os.getloadavg()}\n")
