@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "history",
         "Who held which port when, from a `rebind top --record` file.",
     ),
+    "exporter": ("rebind.cli.exporter", "exporter", "Serve port health as Prometheus metrics."),
     "completion": (
         "rebind.cli.main",
         "completion",

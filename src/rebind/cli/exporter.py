@@ -1,0 +1,208 @@
+"""`rebind exporter`: port health for Prometheus (/metrics, or a textfile for node_exporter)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from ipaddress import ip_address
+from typing import TYPE_CHECKING
+
+import click
+
+from rebind.errors import UsageError
+from rebind.model.records import IPAddress
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+    from rebind.exporter.facts import Dest, Watch
+
+#: Bounds on the command line, so a typo cannot make a cardinality (or bytecode) explosion.
+MAX_WATCH = 512
+MAX_DEST = 64
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  rebind exporter --watch 80,443,53/udp                  serve 127.0.0.1:9811/metrics
+  rebind exporter --listen 0.0.0.0:9811 --watch 8080 --dest 10.0.0.5:5432
+  rebind exporter --watch 8080 --textfile /var/lib/node_exporter/textfile/rebind.prom --once
+
+\b
+Metrics, labels and alert rules: docs/metrics.md, docs/exporter.md (rules ship in the
+package: rebind/exporter/rules.yml). Exit status: 0 ok, 2 usage error, 3 cannot listen/write.
+""",
+)
+@click.option(
+    "--listen",
+    "listen",
+    default=f"127.0.0.1:{9811}",
+    show_default=True,
+    metavar="ADDR:PORT",
+    help="Serve /metrics here ([::]:PORT for IPv6, 0.0.0.0:PORT for every IPv4 address).",
+)
+@click.option(
+    "--watch",
+    "watch",
+    multiple=True,
+    metavar="PORT[/udp][,...]",
+    help="Server ports to watch (repeatable; TCP unless /udp).",
+)
+@click.option(
+    "--dest",
+    "dest",
+    multiple=True,
+    metavar="HOST:PORT[,...]",
+    help="Destinations this host connects to: ephemeral ports left for each (repeatable). "
+    "HOST is resolved once, at start-up.",
+)
+@click.option(
+    "--interval",
+    "interval",
+    default="5",
+    show_default=True,
+    metavar="S",
+    help="Gather at most once per S seconds (scrapes in between get the cached facts); "
+    "with --textfile, rewrite it every S seconds.",
+)
+@click.option(
+    "--textfile",
+    "textfile",
+    metavar="PATH",
+    help="Write the metrics to PATH (*.prom) atomically instead of serving HTTP.",
+)
+@click.option("--once", is_flag=True, help="With --textfile: write once and exit.")
+def exporter(
+    listen: str,
+    watch: tuple[str, ...],
+    dest: tuple[str, ...],
+    interval: str,
+    textfile: str | None,
+    once: bool,
+) -> int:
+    """Export port health to Prometheus: would a restart bind, accept queues, sockets by state,
+    ephemeral ports left per destination, and configuration warnings.
+
+    Gathers at scrape time with kernel-side filters (one walk of each socket table), never
+    binds or connects. Run as root, or unprivileged: what cannot be read is exported as
+    rebind_exporter_missing{metric,reason}.
+    """
+    from rebind.model.validate import parse_seconds
+
+    _need_prometheus_client()
+    from rebind.exporter.collector import RebindCollector
+    from rebind.exporter.serve import parse_listen, registry_with
+
+    watches = parse_watches(watch)
+    dests = parse_dests(dest)
+    seconds = parse_seconds(interval, what="--interval", minimum=0.0)
+    if once and not textfile:
+        raise UsageError("--once needs --textfile PATH")
+    if textfile and not once and seconds < 1:
+        raise UsageError("--interval must be at least 1 s when rewriting --textfile")
+    host, port = parse_listen(listen)
+    collector = RebindCollector(watches, dests, interval=0.0 if textfile else seconds)
+    registry = registry_with(collector, process=not textfile)
+    if textfile:
+        return _textfile(registry, textfile, seconds, once)
+    return _serve(registry, host, port)
+
+
+def _need_prometheus_client() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        from rebind.errors import EnvironmentProblem
+
+        raise EnvironmentProblem("rebind exporter needs prometheus-client: pip install 'rebind[exporter]'")
+
+
+def _textfile(registry: CollectorRegistry, path: str, interval: float, once: bool) -> int:
+    from rebind.exporter.serve import render, write_atomic
+
+    stop = _stop_event()
+    while True:
+        write_atomic(path, render(registry))
+        if once or stop.wait(interval):
+            return 0
+
+
+def _serve(registry: CollectorRegistry, host: str, port: int) -> int:
+    from rebind.exporter.serve import start_http
+
+    server = start_http(registry, host, port)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"rebind exporter: serving http://{shown}:{server.server_address[1]}/metrics", err=True)
+    stop = _stop_event()
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0
+
+
+def _stop_event() -> threading.Event:
+    """SIGTERM (systemd stop, docker stop) ends the loop cleanly with status 0."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def parse_watches(values: tuple[str, ...]) -> list[Watch]:
+    from rebind.exporter.facts import Watch
+    from rebind.model.records import Proto
+    from rebind.model.validate import parse_port
+
+    out: set[Watch] = set()
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                raise UsageError(f"--watch {value!r}: empty port (PORT[/udp][,...])")
+            port_text, _, proto_text = item.partition("/")
+            proto_text = proto_text.strip().lower() or "tcp"
+            if proto_text not in ("tcp", "udp"):
+                raise UsageError(f"--watch {item!r}: protocol must be tcp or udp")
+            out.add(Watch(parse_port(port_text, what="--watch"), Proto(proto_text)))
+    if len(out) > MAX_WATCH:
+        raise UsageError(f"--watch: at most {MAX_WATCH} ports (each adds series)")
+    return sorted(out)
+
+
+def parse_dests(values: tuple[str, ...]) -> list[Dest]:
+    from rebind.exporter.facts import Dest
+    from rebind.model.validate import parse_port
+
+    out: dict[tuple[IPAddress, int], Dest] = {}
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            host, sep, port_text = item.rpartition(":")
+            if not sep or not host:
+                raise UsageError(f"--dest {item!r}: expected HOST:PORT ([V6ADDR]:PORT for IPv6)")
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            port = parse_port(port_text, what="--dest port")
+            addr = _resolve(host)
+            out.setdefault((addr, port), Dest(addr, port, host))
+    if len(out) > MAX_DEST:
+        raise UsageError(f"--dest: at most {MAX_DEST} destinations (each adds series)")
+    return sorted(out.values())
+
+
+def _resolve(host: str) -> IPAddress:
+    try:
+        return ip_address(host)
+    except ValueError:
+        pass
+    if not host or len(host) > 253 or not host.isascii() or any(c.isspace() for c in host):
+        raise UsageError(f"--dest host {host!r} is not an address or a host name")
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"--dest host {host!r} does not resolve: {exc}") from None
+    return ip_address(str(infos[0][4][0]).split("%")[0])

@@ -1,0 +1,269 @@
+"""One scrape's facts from the kernel: kernel-filtered inet_diag dumps, sysctls, route lookups.
+
+Each table is walked at most once per scrape, however many ports and destinations are
+watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
+
+* TCP LISTEN (the listening hash; cheap): local port watched, or inside the ephemeral range.
+* TCP bound-inactive (bhash2): the same filter. inet_diag_dump_icsk walks every bound socket
+  of the host for it (bhash2 has no port index): 48 ms of CPU at 211k sockets in
+  bench/exporter.py. So it is walked every scrape only while that walk is cheap (< 5 ms);
+  beyond, at most once per ``slow_every`` seconds and reused in between.
+* TCP connections (the established hash, one walk): local port watched, or remote a ``--dest``.
+  Counted with :mod:`.fastdiag`; only the sockets the conflict model needs are fully decoded.
+* UDP, per family, only when a UDP port is watched.
+
+Nothing here binds, connects or destroys: a scrape never changes kernel state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+from rebind.errors import EnvironmentProblem, KernelError
+from rebind.exporter import bytecode as bc
+from rebind.exporter.facts import (
+    Dest,
+    EphemeralRange,
+    Missing,
+    Reason,
+    Snapshot,
+    Tally,
+    Watch,
+)
+from rebind.exporter.route import NoRoute, source_for
+from rebind.model.conflict import KernelSettings
+from rebind.model.records import Family, IPAddress, Proto, SocketRecord, State, Timer
+
+#: inet_diag's TCP_BOUND_INACTIVE state bit (91051f003948).
+BOUND_INACTIVE_SINCE = (6, 8)
+#: A bound-inactive walk cheaper than this (CPU seconds) is repeated every scrape.
+CHEAP_WALK_S = 0.005
+_CONN_STATES = frozenset(State) - {State.LISTEN, State.BOUND_INACTIVE}
+#: A timewait mini-socket: TIME_WAIT, or an orphaned FIN_WAIT2 (SocketRecord.is_mini).
+_MINI_STATES = (int(State.TIME_WAIT), int(State.FIN_WAIT2))
+_SERVER_METRICS = ("rebind_sockets", "rebind_port_bindable", "rebind_listener_accept_queue")
+_CLIENT_METRICS = ("rebind_ephemeral_bind_held_ports", "rebind_connect_free_ports", "rebind_connect_timewait")
+
+
+def _sysctl(path: str) -> str | None:
+    try:
+        with open(f"/proc/sys/{path}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def read_ephemeral() -> EphemeralRange | None:
+    """ip_local_port_range is "lo<TAB>hi"; ip_local_reserved_ports "8080,9000-9010"."""
+    text = _sysctl("net/ipv4/ip_local_port_range")
+    reserved_text = _sysctl("net/ipv4/ip_local_reserved_ports")
+    if text is None or reserved_text is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in text.split())
+        reserved: set[int] = set()
+        for part in reserved_text.split(","):
+            if part.strip():
+                a, _, b = part.strip().partition("-")
+                reserved.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        return None
+    return EphemeralRange(lo, hi, frozenset(reserved))
+
+
+def read_settings(rng: EphemeralRange | None) -> KernelSettings:
+    from rebind.kernel.sysctl import kernel_version
+
+    def num(path: str, default: int) -> int:
+        v = _sysctl(path)
+        return int(v) if v is not None and v.lstrip("-").isdigit() else default
+
+    base = KernelSettings(
+        unprivileged_port_start=num("net/ipv4/ip_unprivileged_port_start", 1024),
+        bindv6only=num("net/ipv6/bindv6only", 0) == 1,
+        kernel_version=kernel_version(),
+    )
+    if rng is None:
+        return base
+    return replace(base, ip_local_port_range=(rng.lo, rng.hi), ip_local_reserved_ports=rng.reserved)
+
+
+class Gatherer:
+    """Gathers snapshots for one set of watches and dests; remembers the bound-inactive walk."""
+
+    def __init__(self, watches: Sequence[Watch], dests: Sequence[Dest], *, slow_every: float = 60.0) -> None:
+        self.watches = tuple(watches)
+        self.dests = tuple(dests)
+        self.slow_every = slow_every
+        self._bound: tuple[SocketRecord, ...] | None = None
+        self._bound_at = 0.0
+        self._bound_cost = 0.0
+
+    def __call__(self) -> Snapshot:
+        t0 = time.perf_counter()
+        missing: list[Missing] = []
+        rng = read_ephemeral()
+        if rng is None:
+            missing += [
+                Missing(m, Reason.SYSCTL_UNREADABLE)
+                for m in ("rebind_ephemeral_range_ports", *_CLIENT_METRICS)
+            ]
+        settings = read_settings(rng)
+        sources = self._sources(missing)
+        netlink = not os.environ.get("REBIND_FORCE_PROCFS")  # as rebind.kernel.diag.netlink_available
+        bi_visible = netlink and settings.kernel_version >= BOUND_INACTIVE_SINCE
+        if netlink and not bi_visible:
+            missing.append(Missing("rebind_sockets", Reason.KERNEL_TOO_OLD))
+        tally = Tally(self.watches, self.dests)
+        try:
+            if netlink:
+                try:
+                    watched, bound = self._netlink(tally, rng, bi_visible)
+                except EnvironmentProblem:
+                    netlink = bi_visible = False
+                    tally = Tally(self.watches, self.dests)
+            if not netlink:
+                missing.append(Missing("rebind_sockets", Reason.NETLINK_UNAVAILABLE))
+                watched, bound = self._procfs(tally, rng)
+        except (KernelError, OSError) as exc:
+            reason = Reason.PERMISSION_DENIED if isinstance(exc, PermissionError) else Reason.KERNEL_ERROR
+            missing += [Missing(m, reason) for m in (*_SERVER_METRICS, *_CLIENT_METRICS)]
+            return Snapshot(
+                watches=self.watches, dests=self.dests, watched=None, usage=None, bound_in_range=None,
+                ephemeral=rng, sources=sources, settings=settings, missing=tuple(missing),
+                duration_s=time.perf_counter() - t0,
+            )  # fmt: skip
+        return Snapshot(
+            watches=self.watches,
+            dests=self.dests,
+            watched=tuple(watched),
+            counts=tuple(tally.counts.items()),
+            tw_expires_ms=tuple(tally.tw_max.items()),
+            usage=tally.dest_usage(),
+            peers=tally.peers(),
+            bound_in_range=bound,
+            ephemeral=rng,
+            sources=sources,
+            settings=settings,
+            bound_inactive_visible=bi_visible,
+            source="netlink" if netlink else "procfs",
+            missing=tuple(missing),
+            duration_s=time.perf_counter() - t0,
+        )
+
+    def _sources(self, missing: list[Missing]) -> tuple[tuple[Dest, IPAddress | None], ...]:
+        out: list[tuple[Dest, IPAddress | None]] = []
+        for d in self.dests:
+            try:
+                src = source_for(d.addr)
+            except (NoRoute, OSError):
+                src = None
+            if src is None and not any(m.reason is Reason.NO_ROUTE for m in missing):
+                missing.append(Missing("rebind_connect_free_ports", Reason.NO_ROUTE))
+            out.append((d, src))
+        return tuple(out)
+
+    def _port_group(self) -> bc.Group:
+        ports = sorted(self._tcp_ports())
+        guard = (bc.sport_ge(ports[0]), bc.sport_le(ports[-1])) if len(ports) > 1 else ()
+        return bc.Group(guard, tuple((bc.sport_eq(p),) for p in ports))
+
+    def _server_filter(self, rng: EphemeralRange | None) -> bytes | None:
+        groups = [self._port_group()]
+        if rng is not None and rng.lo <= rng.hi:
+            groups.append(bc.Group((), ((bc.sport_ge(rng.lo), bc.sport_le(rng.hi)),)))
+        return bc.program(groups) if any(g.terms for g in groups) else None
+
+    def _conn_filter(self) -> bytes | None:
+        dports = sorted({d.port for d in self.dests})
+        guard = (bc.dport_ge(dports[0]), bc.dport_le(dports[-1])) if len(self.dests) > 1 else ()
+        dest_group = bc.Group(guard, tuple((bc.remote_is(d.addr, d.port),) for d in self.dests))
+        groups = [self._port_group(), dest_group]
+        return bc.program(groups) if any(g.terms for g in groups) else None
+
+    def _tcp_ports(self) -> set[int]:
+        return {w.port for w in self.watches if w.proto is Proto.TCP}
+
+    def _udp_ports(self) -> list[int]:
+        return sorted({w.port for w in self.watches if w.proto is Proto.UDP})
+
+    def _netlink(
+        self, tally: Tally, rng: EphemeralRange | None, bound_inactive: bool
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...]]:
+        from rebind.exporter import fastdiag
+        from rebind.kernel import diag_codec as codec
+        from rebind.kernel.diag import DiagSocket, states_mask
+
+        tcp_ports = self._tcp_ports()
+        watched: list[SocketRecord] = []
+        in_range: list[SocketRecord] = []
+        with DiagSocket() as sock:
+            code = self._server_filter(rng)
+            if code is not None:
+                servers = list(sock.dump(None, Proto.TCP, [State.LISTEN], bytecode=code))
+                if bound_inactive:
+                    servers += self._bound_inactive(sock, code)
+                for r in servers:
+                    if r.local.port in tcp_ports:
+                        watched.append(r)
+                        tally.server(r)
+                    if rng is not None and rng.lo <= r.local.port <= rng.hi:
+                        in_range.append(r)
+            ccode = self._conn_filter()
+            if ccode is not None:
+                req = codec.dump_request_tcp_any_family(states_mask(_CONN_STATES), bytecode=ccode)
+                tw_timer, conn, key = int(Timer.TIME_WAIT), tally.conn, fastdiag.addr_key
+                for raw in fastdiag.dump(sock, req):
+                    fam, st, timer, sport, dport, src, dst, expires, _rq, _wq, payload = raw
+                    mini = timer == tw_timer and st in _MINI_STATES
+                    if conn(st, mini, sport, dport, key(fam, src), key(fam, dst), expires):
+                        watched.append(codec.decode_socket(Proto.TCP, payload, netns=sock.netns))
+            udp = self._udp_ports()
+            if udp:
+                ucode = bc.any_of([[bc.sport_eq(p)] for p in udp])
+                for fam in (Family.INET, Family.INET6):
+                    for r in sock.dump(fam, Proto.UDP, [State.CLOSE, State.ESTABLISHED], bytecode=ucode):
+                        watched.append(r)
+                        tally.server(r)
+        return watched, tuple(in_range)
+
+    def _bound_inactive(self, sock: object, code: bytes) -> tuple[SocketRecord, ...]:
+        from rebind.kernel.diag import DiagSocket
+
+        assert isinstance(sock, DiagSocket)
+        now = time.monotonic()
+        cheap = self._bound_cost < CHEAP_WALK_S
+        if self._bound is not None and not cheap and now - self._bound_at < self.slow_every:
+            return self._bound
+        c0 = time.process_time()
+        self._bound = tuple(sock.dump(None, Proto.TCP, [State.BOUND_INACTIVE], bytecode=code))
+        self._bound_cost = time.process_time() - c0
+        self._bound_at = now
+        return self._bound
+
+    def _procfs(
+        self, tally: Tally, rng: EphemeralRange | None
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...]]:
+        """/proc/net when netlink is unavailable: whole files, filtered here (no bound-inactive)."""
+        from rebind.kernel import procnet
+
+        fams = (Family.INET, Family.INET6)
+        every = frozenset(State)
+        recs = list(procnet.iter_sockets(protos=(Proto.TCP,), families=fams, states=every, ports=None))
+        lo, hi = (rng.lo, rng.hi) if rng is not None else (1, 0)
+        in_range = tuple(r for r in recs if r.state is State.LISTEN and lo <= r.local.port <= hi)
+        watched = tally.records(recs)
+        udp = self._udp_ports()
+        if udp:
+            watched += tally.records(
+                procnet.iter_sockets(protos=(Proto.UDP,), families=fams, states=every, ports=udp)
+            )
+        return watched, in_range
+
+
+def gather(watches: Sequence[Watch], dests: Sequence[Dest]) -> Snapshot:
+    """One snapshot, without memory between calls (tests, one-shot textfiles)."""
+    return Gatherer(watches, dests)()

@@ -1,0 +1,381 @@
+"""`rebind exporter` against real socket states, in throwaway network namespaces.
+
+Every socket is opened by the test (in its own netns, on loopback); the exporter and Prometheus
+are processes the test starts and ends by pid. The model's "bindable" is cross-checked with a
+real bind here -- in the test, never in a scrape.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rebind.exporter.run_metrics import RunMetrics
+
+RULES = Path(__file__).resolve().parents[2] / "src" / "rebind" / "exporter" / "rules.yml"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+LQ, RP, BI, TW, CL, EPH = 18080, 18081, 18082, 18083, 18084, 40005
+
+
+def _sysctl(name: str, value: str) -> None:
+    with open(f"/proc/sys/net/ipv4/{name}", "w") as f:  # per-netns
+        f.write(value + "\n")
+
+
+def _parse(text: str) -> Samples:
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _get(s: Samples, name: str, **labels: str | int) -> float:
+    return s[(name, frozenset((k, str(v)) for k, v in labels.items()))]
+
+
+def _bind_works(port: int, addr: str = "0.0.0.0") -> bool:
+    """What the kernel says for a restarting server (SO_REUSEADDR, bind, listen)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((addr, port))
+        s.listen()
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _table() -> list[socket.socket]:
+    """Real states: a full-ish accept queue, a reuseport pair, a stray bound socket, a server
+    TIME_WAIT, a client holding a server port, and a listener inside the ephemeral range."""
+    _sysctl("ip_local_port_range", "40000 40009")
+    _sysctl("ip_local_reserved_ports", "")
+    keep: list[socket.socket] = []
+    keep.append(socket.create_server(("127.0.0.1", EPH)))  # bind() holds a port of the range
+    lq = socket.socket()
+    lq.bind(("127.0.0.1", LQ))
+    lq.listen(4)
+    keep.append(lq)
+    for _ in range(3):  # never accepted: they wait in the accept queue
+        keep.append(socket.create_connection(("127.0.0.1", LQ)))
+    for _ in range(2):
+        r = socket.socket()
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        r.bind(("0.0.0.0", RP))
+        r.listen(16)
+        keep.append(r)
+    stray = socket.socket()
+    stray.bind(("127.0.0.2", BI))  # bound, not listening: blocks a wildcard server
+    keep.append(stray)
+    # A server with SO_REUSEADDR closes first: TIME_WAIT on its port, then it is gone.
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", TW))
+    srv.listen()
+    c = socket.create_connection(("127.0.0.1", TW))
+    a, _ = srv.accept()
+    a.close()
+    c.close()
+    srv.close()
+    # A client whose source port is a server's port (the server is down): blocks its restart.
+    cl = socket.socket()
+    cl.bind(("127.0.0.1", CL))
+    cl.connect(("127.0.0.1", RP))
+    keep.append(cl)
+    return keep
+
+
+def _textfile(rebind_cli, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Samples:  # type: ignore[no-untyped-def]
+    out = tmp_path / "rebind.prom"
+    res = rebind_cli("exporter", "--textfile", str(out), "--once", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["rebind.prom"]  # no temp file left
+    return _parse(out.read_text())
+
+
+WATCH = f"{LQ},{RP},{BI},{TW},{CL},{EPH}"
+
+
+def test_scrape_real_socket_states(netns, tmp_path, rebind_cli):
+    keep = _table()
+    try:
+        s = _textfile(rebind_cli, tmp_path, "--watch", WATCH, "--dest", f"127.0.0.1:{LQ}")
+        # Accept queue, backlog, reuseport group.
+        assert _get(s, "rebind_listener_accept_queue", port=LQ, addr="127.0.0.1") == 3
+        assert _get(s, "rebind_listener_backlog", port=LQ, addr="127.0.0.1") == 4
+        assert _get(s, "rebind_listener_reuseport_group_size", port=RP, addr="0.0.0.0") == 2
+        # Sockets by state, lower case, bound_inactive and time_wait included.
+        assert _get(s, "rebind_sockets", port=LQ, proto="tcp", state="established") == 3
+        assert _get(s, "rebind_sockets", port=LQ, proto="tcp", state="listen") == 1
+        assert _get(s, "rebind_port_peer_sockets", port=LQ, peer="127.0.0.1") == 3
+        assert _get(s, "rebind_sockets", port=BI, proto="tcp", state="bound_inactive") == 1
+        assert _get(s, "rebind_sockets", port=TW, proto="tcp", state="time_wait") == 1
+        assert 0 < _get(s, "rebind_port_frees_in_seconds", port=TW, proto="tcp") <= 60
+        # Bindable: the model's answer agrees with a real bind for every case.
+        cases = [(TW, "0.0.0.0"), (CL, "0.0.0.0"), (BI, "127.0.0.2")]
+        for port, addr in cases:
+            got = _get(s, "rebind_port_bindable", port=port, proto="tcp", addr=addr)
+            assert got == int(_bind_works(port, addr)), (port, addr)
+        assert _get(s, "rebind_port_bindable", port=TW, proto="tcp", addr="0.0.0.0") == 1
+        assert _get(s, "rebind_port_bindable", port=CL, proto="tcp", addr="0.0.0.0") == 0
+        assert _get(s, "rebind_port_bindable", port=BI, proto="tcp", addr="127.0.0.2") == 0
+        # Running servers would get their port back (their own listener is what a restart closes).
+        assert _get(s, "rebind_port_bindable", port=LQ, proto="tcp", addr="127.0.0.1") == 1
+        # Client side: 10 ports, 1 held by bind(), 3 used by the clients to 127.0.0.1:LQ.
+        assert _get(s, "rebind_ephemeral_range_ports") == 10
+        assert _get(s, "rebind_ephemeral_bind_held_ports") == 1
+        labels = {"src": "127.0.0.1", "dst": "127.0.0.1", "dport": LQ}
+        assert _get(s, "rebind_connect_free_ports", **labels) == 6
+        assert _get(s, "rebind_connect_timewait", **labels) == 0
+        assert _get(s, "rebind_config_warning", kind="server_port_in_ephemeral_range") == 1
+        assert not [k for k in s if k[0] == "rebind_exporter_missing"]
+    finally:
+        for k in keep:
+            k.close()
+
+
+def test_connect_free_ports_match_what_connect_can_still_take(netns, tmp_path, rebind_cli):
+    """Use the range up with TIME_WAIT (client closes first) and live connections; the exported
+    free count is exactly how many more connect() calls succeed."""
+    _sysctl("ip_local_port_range", "40000 40007")
+    _sysctl("ip_local_reserved_ports", "40001")
+    _sysctl("tcp_tw_reuse", "0")  # TIME_WAIT entries are not taken over: exact counts
+    srv = socket.create_server(("127.0.0.1", 5432), backlog=64)
+    keep = [srv]
+    try:
+        for _ in range(2):  # client closes first: TIME_WAIT on the client side
+            c = socket.create_connection(("127.0.0.1", 5432))
+            a, _ = srv.accept()
+            c.close()
+            a.close()
+        for _ in range(3):
+            keep.append(socket.create_connection(("127.0.0.1", 5432)))
+        s = _textfile(rebind_cli, tmp_path, "--dest", "127.0.0.1:5432")
+        labels = {"src": "127.0.0.1", "dst": "127.0.0.1", "dport": 5432}
+        assert _get(s, "rebind_ephemeral_range_ports") == 7
+        assert _get(s, "rebind_connect_timewait", **labels) == 2
+        free = _get(s, "rebind_connect_free_ports", **labels)
+        assert free == 7 - 2 - 3
+        more = 0
+        while True:
+            try:
+                keep.append(socket.create_connection(("127.0.0.1", 5432)))
+                more += 1
+            except OSError:
+                break
+        assert more == free
+    finally:
+        for k in keep:
+            k.close()
+
+
+def test_udp_watch(netns, tmp_path, rebind_cli):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("0.0.0.0", 5353))
+    other = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    other.bind(("::1", 5354))
+    try:
+        s = _textfile(rebind_cli, tmp_path, "--watch", "5353/udp,5354/udp")
+        assert _get(s, "rebind_sockets", port=5353, proto="udp", state="unconn") == 1
+        assert _get(s, "rebind_port_bindable", port=5353, proto="udp", addr="0.0.0.0") == 1
+        assert _get(s, "rebind_sockets", port=5354, proto="udp", state="unconn") == 1
+        assert _get(s, "rebind_port_bindable", port=5354, proto="udp", addr="::1") == 1
+    finally:
+        u.close()
+        other.close()
+
+
+def test_procfs_fallback_says_what_is_missing(netns, tmp_path, rebind_cli):
+    stray = socket.socket()
+    stray.bind(("127.0.0.1", BI))
+    try:
+        s = _textfile(rebind_cli, tmp_path, "--watch", str(BI), env={"REBIND_FORCE_PROCFS": "1"})
+        assert _get(s, "rebind_exporter_missing", metric="rebind_sockets", reason="netlink_unavailable") == 1
+        assert _get(s, "rebind_config_warning", kind="socket_table_from_procfs") == 1
+        # Unknown is not zero: no bound_inactive series at all.
+        assert not [k for k in s if k[0] == "rebind_sockets" and ("state", "bound_inactive") in k[1]]
+    finally:
+        stray.close()
+
+
+def _http_get(url: str, deadline: float) -> str:
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                body: str = resp.read().decode()
+                return body
+        except (urllib.error.URLError, ConnectionError) as exc:
+            last = exc
+            time.sleep(0.1)
+    raise TimeoutError(f"{url}: {last}")
+
+
+def _start_exporter(procs, port: int, *args: str, no_caps: bool = False):  # type: ignore[no-untyped-def]
+    argv = [sys.executable, "-m", "rebind", "exporter", "--listen", f"127.0.0.1:{port}", *args]
+    if no_caps:
+        # Root's uid without a single capability (SECBIT_NOROOT: exec grants none back). A real
+        # uid like 65534 cannot run this venv's interpreter, which lives under /root here.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is not installed")
+        argv = [
+            setpriv,
+            "--securebits",
+            "+noroot,+noroot_locked,+no_setuid_fixup",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            *argv,
+        ]
+    return procs.start(argv, stdout=subprocess.DEVNULL)
+
+
+def test_unprivileged_serves_what_it_can(netns, procs):
+    keep = _table()
+    try:
+        root = _start_exporter(procs, 19811, "--watch", WATCH, "--dest", f"127.0.0.1:{LQ}")
+        nobody = _start_exporter(procs, 19812, "--watch", WATCH, "--dest", f"127.0.0.1:{LQ}", no_caps=True)
+        deadline = time.monotonic() + 30
+        as_root = _parse(_http_get("http://127.0.0.1:19811/metrics", deadline))
+        as_nobody = _parse(_http_get("http://127.0.0.1:19812/metrics", deadline))
+        assert nobody.poll() is None and root.poll() is None
+        with open(f"/proc/{nobody.pid}/status") as f:
+            assert "CapEff:\t0000000000000000" in f.read()
+
+        def rebind_series(s: Samples) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+            skip = ("rebind_scrape_duration_seconds", "rebind_port_frees_in_seconds")
+            return {k: v for k, v in s.items() if k[0].startswith("rebind_") and k[0] not in skip}
+
+        # sock_diag dumps, the sysctls and route lookups need no privilege: the same facts.
+        assert rebind_series(as_nobody) == rebind_series(as_root)
+        assert not [k for k in as_nobody if k[0] == "rebind_exporter_missing"]
+    finally:
+        for k in keep:
+            k.close()
+
+
+def test_exporter_stops_cleanly_on_sigterm(netns, procs):
+    p = _start_exporter(procs, 19813, "--watch", "80")
+    _http_get("http://127.0.0.1:19813/metrics", time.monotonic() + 30)
+    p.terminate()
+    assert p.wait(10) == 0
+
+
+def test_listen_on_a_busy_port_is_one_line_exit_3(netns, rebind_cli):
+    busy = socket.create_server(("127.0.0.1", 19814))
+    try:
+        res = rebind_cli("exporter", "--listen", "127.0.0.1:19814")
+        assert res.returncode == 3
+        assert res.stderr.count("\n") == 1 and "Address already in use" in res.stderr
+        assert "rebind why 19814" in res.stderr
+    finally:
+        busy.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a real Prometheus scrapes the exporter and `rebind run`-style metrics
+
+
+@pytest.fixture
+def prometheus_bin(request: pytest.FixtureRequest) -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        if request.config.getoption("--require-kernel"):
+            pytest.fail("prometheus is missing (.ci/run installs Debian's prometheus package)")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    return path
+
+
+def _query(base: str, expr: str) -> list[dict[str, object]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        doc = json.load(resp)
+    assert doc["status"] == "success", doc
+    result: list[dict[str, object]] = doc["data"]["result"]
+    return result
+
+
+def _poll_value(base: str, expr: str, want: float, deadline: float) -> None:
+    seen: object = None
+    while time.monotonic() < deadline:
+        try:
+            res = _query(base, expr)
+        except (urllib.error.URLError, ConnectionError) as exc:
+            seen = exc
+        else:
+            seen = res
+            if res and float(res[0]["value"][1]) == want:  # type: ignore[index]
+                return
+        time.sleep(0.25)
+    raise AssertionError(f"{expr}: wanted {want}, last answer {seen}")
+
+
+def test_prometheus_scrapes_the_exporter_end_to_end(netns, procs, tmp_path, prometheus_bin):
+    keep = _table()
+    run = RunMetrics()
+    try:
+        _start_exporter(procs, 19811, "--watch", WATCH, "--dest", f"127.0.0.1:{LQ}", "--interval", "0")
+        run.serve("127.0.0.1:19815")
+        run.generation(2)
+        run.reload_finished("ok", 0.4)
+        body = _http_get("http://127.0.0.1:19811/metrics", time.monotonic() + 30)
+        promtool = shutil.which("promtool")
+        if promtool:
+            lint = subprocess.run([promtool, "check", "metrics"], input=body, text=True, capture_output=True)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
+        cfg = tmp_path / "prometheus.yml"
+        cfg.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: ['{RULES}']\n"
+            "scrape_configs:\n"
+            "  - job_name: rebind\n"
+            "    static_configs: [{targets: ['127.0.0.1:19811', '127.0.0.1:19815']}]\n"
+        )
+        data = tmp_path / "data"
+        data.mkdir()
+        procs.start(
+            [
+                prometheus_bin,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={data}",
+                "--web.listen-address=127.0.0.1:19090",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = "http://127.0.0.1:19090"
+        deadline = time.monotonic() + 90
+        _poll_value(base, f'rebind_listener_accept_queue{{port="{LQ}",addr="127.0.0.1"}}', 3, deadline)
+        _poll_value(base, f'rebind_listener_reuseport_group_size{{port="{RP}"}}', 2, deadline)
+        _poll_value(base, f'rebind_port_bindable{{port="{CL}",addr="0.0.0.0"}}', 0, deadline)
+        _poll_value(base, f'rebind_sockets{{port="{BI}",state="bound_inactive"}}', 1, deadline)
+        _poll_value(base, f'rebind_connect_free_ports{{dst="127.0.0.1",dport="{LQ}"}}', 6, deadline)
+        _poll_value(base, "rebind_run_generation", 2, deadline)
+        _poll_value(base, 'rebind_run_reloads_total{result="ok"}', 1, deadline)
+        _poll_value(base, "rebind_run_reload_seconds_count", 1, deadline)
+        # The shipped rules load and evaluate without error against the real series.
+        with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=5) as resp:
+            groups = json.load(resp)["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        assert len(rules) == 7
+        assert all(r["health"] in ("ok", "unknown") for r in rules), rules
+        _poll_value(base, 'count(ALERTS{alertname="RebindRestartWouldFail"})', 2, deadline)
+    finally:
+        run.close()
+        for k in keep:
+            k.close()
