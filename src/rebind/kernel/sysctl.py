@@ -113,5 +113,46 @@ def kernel_settings() -> KernelSettings:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The client side (docs/connect-rules.md): all per network namespace.
+
+
+def local_port_range(root: str = "/proc") -> tuple[int, int]:
+    """net.ipv4.ip_local_port_range. /proc shows it as "32768\t60999": proc_dointvec_minmax
+    writes a two-int vector separated by a *tab*, so split on any whitespace."""
+    parts = (_read("net/ipv4/ip_local_port_range", root) or "").split()
+    try:
+        lo, hi = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (32768, 60999)
+    return (lo, hi)
+
+
+def reserved_ports(root: str = "/proc") -> frozenset[int]:
+    """net.ipv4.ip_local_reserved_ports ("8080,9000-9010"; empty when none)."""
+    try:
+        return _ports(_read("net/ipv4/ip_local_reserved_ports", root))
+    except ValueError:
+        return frozenset()
+
+
+def tcp_tw_reuse(root: str = "/proc") -> int:
+    """0 off, 1 on, 2 loopback only (the default since 2018, 79e9fed46038)."""
+    return _int("net/ipv4/tcp_tw_reuse", 2, root)
+
+
+def tcp_tw_reuse_delay_ms(root: str = "/proc") -> int:
+    """net.ipv4.tcp_tw_reuse_delay (6.14+, ms); older kernels use a fixed ~1 s."""
+    return _int("net/ipv4/tcp_tw_reuse_delay", 1000, root)
+
+
+def tcp_timestamps(root: str = "/proc") -> int:
+    return _int("net/ipv4/tcp_timestamps", 1, root)
+
+
+def ip_autobind_reuse(root: str = "/proc") -> bool:
+    return _int("net/ipv4/ip_autobind_reuse", 0, root) == 1
+
+
 def hostname() -> str:
     return socket.gethostname()

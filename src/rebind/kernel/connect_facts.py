@@ -1,0 +1,174 @@
+"""Gather what the client-side model needs, without sending a packet.
+
+* the sysctls of this network namespace (:mod:`rebind.kernel.sysctl`);
+* the source address the route would pick: a UDP socket's connect() only looks the route up
+  (ip4_datagram_connect -> ip_route_connect) and getsockname() then shows the chosen source;
+  nothing is sent;
+* the sockets that matter, filtered **in the kernel** in one TCPDIAG_GETSOCK walk: every socket
+  connected to the destination (one D_COND op with the port), plus the ports of the range held
+  by sockets that have no peer (listeners and bound-inactive sockets: dport 0), plus, for
+  bind-before-connect, every socket in the range on an overlapping address, plus, for a fixed
+  local port, every socket on it;
+* the processes holding them (:func:`rebind.kernel.owners.find_owners`).
+
+How a socket got its port (bind() or connect()) is not in inet_diag (connect-rules §8): LISTEN,
+bound-inactive sockets and the children of a listener are explicit; other client sockets in
+the range are ambiguous and marked so (``explicit=None``).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from rebind.errors import EnvironmentProblem
+from rebind.kernel import diag_codec as codec
+from rebind.model.connect import ConnectRequest, ConnectSettings, PortHolder, effective_range
+from rebind.model.records import (
+    ALL_TCP_STATES,
+    IPAddress,
+    Owner,
+    OwnerScanReport,
+    Proto,
+    SocketEntry,
+    SocketRecord,
+    State,
+)
+
+
+def connect_settings(root: str = "/proc") -> ConnectSettings:
+    from rebind.kernel import sysctl
+
+    return ConnectSettings(
+        port_range=sysctl.local_port_range(root),
+        reserved=sysctl.reserved_ports(root),
+        tw_reuse=sysctl.tcp_tw_reuse(root),
+        tw_reuse_delay_ms=sysctl.tcp_tw_reuse_delay_ms(root),
+        tcp_timestamps=sysctl.tcp_timestamps(root),
+        autobind_reuse=sysctl.ip_autobind_reuse(root),
+        kernel_version=sysctl.kernel_version(),
+    )
+
+
+def route_source(dst: IPAddress, dport: int, *, bound: IPAddress | None = None) -> IPAddress:
+    """The source address the kernel's route to ``dst`` selects; no packet is sent.
+
+    A UDP connect() resolves the route and fixes the source (ip_route_connect) but transmits
+    nothing. Raises EnvironmentProblem when there is no route (connect() would fail with
+    ENETUNREACH, before any port question).
+    """
+    fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    with socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            if bound is not None and not bound.is_unspecified:
+                s.bind((str(bound), 0))
+            s.connect((str(dst), dport))
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            raise EnvironmentProblem(
+                f"no route from this namespace to {dst}: {name} ({exc.strerror})"
+            ) from exc
+        return ip_address(s.getsockname()[0])
+
+
+def _wildcards(src: IPAddress) -> list[IPAddress]:
+    # Addresses whose holders overlap a bind on ``src``: itself, and the wildcards (a dual-stack
+    # [::] holder overlaps IPv4 addresses too; the model applies v6only).
+    out: list[IPAddress] = [src, IPv4Address("0.0.0.0"), IPv6Address("::")]
+    return list(dict.fromkeys(out))
+
+
+def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
+    """The kernel-side filter for :func:`gather` (see the module docstring)."""
+    lo, hi = rng
+    in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
+    chains: list[list[codec.Cond]] = [
+        [codec.host_cond(codec.BcOp.D_COND, req.dst, port=req.dport)],
+        # No peer (dport 0): listeners and bound-inactive sockets, which always hold by bind().
+        [*in_range, codec.host_cond(codec.BcOp.D_COND, None, port=0)],
+    ]
+    if req.local_port is not None:
+        chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
+    if (req.bind_before_connect and not req.bind_address_no_port) or req.proto is Proto.UDP:
+        bind_addr = req.src if req.src is not None else src
+        if bind_addr.is_unspecified or req.proto is Proto.UDP:
+            chains.append(in_range)  # a wildcard overlaps everybody of its family
+        else:
+            for a in _wildcards(bind_addr):
+                chains.append([*in_range, codec.host_cond(codec.BcOp.S_COND, a)])
+    return codec.compile_any(chains)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFacts:
+    settings: ConnectSettings
+    source: IPAddress
+    holders: tuple[PortHolder, ...]
+    scan: OwnerScanReport
+    warnings: tuple[str, ...] = ()
+
+
+def _records(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> Iterator[SocketRecord]:
+    from rebind.kernel import diag
+
+    bc = connect_bytecode(req, src, rng)
+    with diag.DiagSocket() as d:
+        if req.proto is Proto.TCP:
+            # One walk of the TCP tables for both families; bound-inactive sockets need the
+            # state bit asked explicitly (6.8+).
+            yield from d.dump(None, Proto.TCP, ALL_TCP_STATES, bytecode=bc)
+        else:
+            from rebind.model.records import Family
+
+            for fam in (Family.INET, Family.INET6):
+                yield from d.dump(fam, Proto.UDP, {State.ESTABLISHED, State.CLOSE}, bytecode=bc)
+
+
+def classify(records: Iterable[SocketRecord], rng: tuple[int, int]) -> list[tuple[SocketRecord, bool | None]]:
+    """How each socket got its port, as far as inet_diag shows it (connect-rules §8)."""
+    recs = list(records)
+    listen_ports = {r.local.port for r in recs if r.state is State.LISTEN}
+    lo, hi = rng
+    out: list[tuple[SocketRecord, bool | None]] = []
+    for r in recs:
+        explicit: bool | None
+        if r.proto is Proto.UDP or r.state in (State.LISTEN, State.BOUND_INACTIVE):
+            explicit = True
+        elif r.local.port in listen_ports or not lo <= r.local.port <= hi:
+            explicit = True  # an accepted child shares its listener's port; outside the range: bind()
+        else:
+            explicit = None
+        out.append((r, explicit))
+    return out
+
+
+def gather(
+    req: ConnectRequest, *, owners: bool = True, settings: ConnectSettings | None = None
+) -> ConnectFacts:
+    """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``."""
+    st = settings or connect_settings()
+    src = route_source(req.dst, req.dport, bound=req.src)
+    rng = effective_range(st, req.port_range)
+    try:
+        recs = classify(_records(req, src, rng), rng)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot read the socket table over netlink: {exc.strerror}") from exc
+    by_inode: dict[int, tuple[Owner, ...]] = {}
+    scan = OwnerScanReport()
+    warnings: list[str] = []
+    if owners:
+        from rebind.kernel.owners import find_owners
+
+        by_inode, scan = find_owners(r for r, _ in recs)
+        if scan.inaccessible:
+            warnings.append(
+                f"{scan.inaccessible} process(es) could not be inspected (not root?): "
+                "owners of their sockets may be missing"
+            )
+    holders = tuple(
+        PortHolder(SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), explicit=e) for r, e in recs
+    )
+    return ConnectFacts(st, src, holders, scan, tuple(warnings))
