@@ -118,7 +118,7 @@ def probe(req: ConnectRequest) -> ProbeResult:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if req.port_range is not None:
             lo, hi = req.port_range
-            s.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, (hi << 16) | lo)
+            s.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, struct.pack("=I", (hi << 16) | lo))
         if req.local_port is not None or req.bind_before_connect:
             if req.bind_address_no_port:
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)

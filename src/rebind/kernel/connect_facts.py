@@ -19,7 +19,9 @@ the range are ambiguous and marked so (``explicit=None``).
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -54,24 +56,76 @@ def connect_settings(root: str = "/proc") -> ConnectSettings:
 
 
 def route_source(dst: IPAddress, dport: int, *, bound: IPAddress | None = None) -> IPAddress:
-    """The source address the kernel's route to ``dst`` selects; no packet is sent.
+    """The source address the kernel's route to ``dst`` selects; no packet is sent, no port taken.
 
-    A UDP connect() resolves the route and fixes the source (ip_route_connect) but transmits
-    nothing. Raises EnvironmentProblem when there is no route (connect() would fail with
-    ENETUNREACH, before any port question).
+    A bound address is the source. Otherwise RTM_GETROUTE answers as ``ip route get DST`` does
+    (RTA_PREFSRC). The classic trick -- a UDP socket's connect(), then getsockname() -- would
+    autobind a UDP port of the ephemeral range, and fail with EAGAIN exactly when that range is
+    full, so it is only the fallback. Raises EnvironmentProblem when there is no route (connect()
+    would fail with ENETUNREACH before any port question).
     """
+    if bound is not None and not bound.is_unspecified:
+        return bound
+    try:
+        found = _rtm_getroute(dst)
+    except OSError:
+        found = None
+    if found is not None:
+        return found
     fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
     with socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         try:
-            if bound is not None and not bound.is_unspecified:
-                s.bind((str(bound), 0))
             s.connect((str(dst), dport))
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            raise EnvironmentProblem(
-                f"no route from this namespace to {dst}: {name} ({exc.strerror})"
-            ) from exc
+            msg = f"no route from this namespace to {dst}: {name} ({exc.strerror})"
+            raise EnvironmentProblem(msg) from exc
         return ip_address(s.getsockname()[0])
+
+
+# rtnetlink.h: RTM_NEWROUTE / RTM_GETROUTE, struct rtmsg, RTA_DST / RTA_PREFSRC.
+RTM_NEWROUTE = 24
+RTM_GETROUTE = 26
+RTA_DST = 1
+RTA_PREFSRC = 7
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_NLMSG = struct.Struct("=IHHII")
+_RTA = struct.Struct("=HH")
+
+
+def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
+    """RTM_GETROUTE for ``dst``: the preferred source of the route, None if it names none."""
+    fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    raw = dst.packed
+    attr = _RTA.pack(_RTA.size + len(raw), RTA_DST) + raw
+    body = _RTMSG.pack(fam, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + attr
+    msg = _NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE, 1, 1, 0) + body  # NLM_F_REQUEST
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as nl:
+        nl.settimeout(2.0)
+        nl.send(msg)
+        data = nl.recv(65536)
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size or off + length > len(data):
+            return None
+        if kind == 2:  # NLMSG_ERROR: no route
+            (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+            if err < 0:
+                code = -err
+                raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(code)}")
+        if kind == RTM_NEWROUTE:
+            a = off + _NLMSG.size + _RTMSG.size
+            while a + _RTA.size <= off + length:
+                alen, atype = _RTA.unpack_from(data, a)
+                if alen < _RTA.size:
+                    return None
+                if atype == RTA_PREFSRC and alen - _RTA.size in (4, 16):
+                    return ip_address(bytes(data[a + _RTA.size : a + alen]))
+                a += (alen + 3) & ~3
+            return None
+        off += (length + 3) & ~3
+    return None
 
 
 def _wildcards(src: IPAddress) -> list[IPAddress]:
@@ -127,18 +181,27 @@ def _records(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> Itera
                 yield from d.dump(fam, Proto.UDP, {State.ESTABLISHED, State.CLOSE}, bytecode=bc)
 
 
+def _child_of(r: SocketRecord, listener: SocketRecord) -> bool:
+    """Could ``r`` be a connection accepted by ``listener`` (same port, its address or a wildcard)?"""
+    la = listener.local.addr
+    return la.is_unspecified or la == r.local.addr
+
+
 def classify(records: Iterable[SocketRecord], rng: tuple[int, int]) -> list[tuple[SocketRecord, bool | None]]:
     """How each socket got its port, as far as inet_diag shows it (connect-rules §8)."""
     recs = list(records)
-    listen_ports = {r.local.port for r in recs if r.state is State.LISTEN}
+    listeners: dict[int, list[SocketRecord]] = {}
+    for r in recs:
+        if r.state is State.LISTEN:
+            listeners.setdefault(r.local.port, []).append(r)
     lo, hi = rng
     out: list[tuple[SocketRecord, bool | None]] = []
     for r in recs:
         explicit: bool | None
-        if r.proto is Proto.UDP or r.state in (State.LISTEN, State.BOUND_INACTIVE):
+        if r.state in (State.LISTEN, State.BOUND_INACTIVE) or (r.proto is Proto.UDP and not r.remote.port):
             explicit = True
-        elif r.local.port in listen_ports or not lo <= r.local.port <= hi:
-            explicit = True  # an accepted child shares its listener's port; outside the range: bind()
+        elif not lo <= r.local.port <= hi or any(_child_of(r, ls) for ls in listeners.get(r.local.port, ())):
+            explicit = True  # outside the range: bind(); an accepted child shares its listener's port
         else:
             explicit = None
         out.append((r, explicit))

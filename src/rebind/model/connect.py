@@ -475,12 +475,76 @@ def _is_explicit(h: PortHolder, assume_ambiguous: bool) -> bool:
     return h.explicit if h.explicit is not None else assume_ambiguous
 
 
-def _v6only(r: SocketRecord) -> bool:
-    return bool(r.v6only) if r.v6only is not None else False
+# inet_rcv_saddr_equal() as the kernel runs it for a port choice. What it compares is the socket's
+# (sk_v6_rcv_saddr, sk_rcv_saddr, ipv6only); an IPv6 socket on a specific non-mapped address has
+# sk_rcv_saddr = LOOPBACK4_IPV6 (127.0.0.6), and ipv6only forced on only when it bind()s that
+# address (__inet6_bind) -- an IPv6 client whose source came from connect() keeps ipv6only = 0 and
+# so overlaps an IPv4 wildcard (the J8 experiment: dual-stack UDP clients block IPv4 autobinds).
+_LOOPBACK4_IPV6 = 0x7F000006
 
 
-def _addr_overlap(new: IPAddress, new_v6only: bool, r: SocketRecord) -> bool:
-    return bindmodel.overlap(new, new_v6only, r.local.addr, _v6only(r))
+@dataclass(frozen=True, slots=True)
+class _KAddr:
+    v6: IPv6Address | None
+    v4: int
+    ipv6only: bool
+
+
+def _kaddr(a: IPAddress, ipv6only: bool) -> _KAddr:
+    if isinstance(a, IPv4Address):
+        return _KAddr(None, int(a), False)
+    if a.ipv4_mapped is not None:
+        return _KAddr(a, int(a.ipv4_mapped), False)
+    if a.is_unspecified:
+        return _KAddr(a, 0, ipv6only)
+    return _KAddr(a, _LOOPBACK4_IPV6, ipv6only)
+
+
+def _holder_kaddr(h: PortHolder) -> _KAddr:
+    r = h.socket
+    if r.v6only is not None:
+        v6only = r.v6only
+    else:
+        # Unknown (inet_diag reports it for LISTEN/CLOSE only): a specific address that was
+        # bind()-ed forces it on; one chosen by connect() (or a child's) leaves it off.
+        connected = r.remote.port != 0
+        v6only = not r.local.addr.is_unspecified and not (connected and h.explicit is not True)
+    return _kaddr(r.local.addr, v6only)
+
+
+def _v4_equal(a1: int, a2: int, sk2_ipv6only: bool) -> bool:
+    """ipv4_rcv_saddr_equal() with both wildcards matching."""
+    if sk2_ipv6only:
+        return False
+    return a1 == a2 or a1 == 0 or a2 == 0
+
+
+def _saddr_equal(sk1: _KAddr, sk2: _KAddr) -> bool:
+    """inet_rcv_saddr_equal(sk1, sk2, true): dispatch on sk1's family (ipv6_rcv_saddr_equal)."""
+    if sk1.v6 is None:
+        return _v4_equal(sk1.v4, sk2.v4, sk2.ipv6only)
+
+    def kind(a: IPv6Address | None) -> str:
+        if a is None or a.ipv4_mapped is not None:
+            return "mapped"
+        return "any" if a.is_unspecified else "other"
+
+    t1, t2 = kind(sk1.v6), kind(sk2.v6)
+    if t1 == t2 == "mapped":
+        return _v4_equal(sk1.v4, sk2.v4, sk2.ipv6only)
+    if t1 == t2 == "any":
+        return True
+    if t2 == "any" and not (sk2.ipv6only and t1 == "mapped"):
+        return True
+    if t1 == "any" and not (sk1.ipv6only and t2 == "mapped"):
+        return True
+    return sk2.v6 is not None and sk1.v6 == sk2.v6
+
+
+def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
+    # The new socket: bind() on a specific IPv6 address forces ipv6only; [::] keeps the default 0.
+    n = _kaddr(new, new_v6only or (new.version == 6 and not new.is_unspecified and new.ipv4_mapped is None))
+    return _saddr_equal(n, _holder_kaddr(h))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +586,7 @@ def _classify_bind_any(
 ) -> tuple[PortUse, PortHolder | None]:
     """inet_csk_find_open_port's strict pass (C13): no overlapping owner of any state."""
     for h in on_port:
-        if _addr_overlap(new, new_v6only, h.socket):
+        if _addr_overlap(new, new_v6only, h):
             use = _explicit_kind(h) if _is_explicit(h, False) else PortUse.OVERLAPPING_OWNER
             return use, h
     return PortUse.FREE, None
@@ -541,7 +605,7 @@ def _classify_udp(
     for h in on_port:
         if h.socket.ifindex:
             continue  # a device-bound UDP socket does not overlap an unbound one... unless same dev
-        if _addr_overlap(new, False, h.socket) and not _udp_shares(req, h):
+        if _addr_overlap(new, False, h) and not _udp_shares(req, h):
             return PortUse.OVERLAPPING_OWNER, h
     return PortUse.FREE, None
 
@@ -599,7 +663,16 @@ def evaluate_connect(
     acc = _accounting(req, uses, by_port, settings, lo, hi, src)
     tws = _time_waits(req, hs, settings, src)
     consumers = _consumers(hs, uses, req, src)
-    cap = _capacity(req, acc, tws, settings, observed_window_s) if req.proto is Proto.TCP else None
+    cap = None
+    if req.proto is Proto.TCP:
+        # Capacity is about this destination's 4-tuple space: connect()'s own choice, whatever
+        # the request does before connect().
+        own = uses
+        if not req.own_choice:
+            own = _uses_own_choice(req, by_port, settings, lo, hi, src, assume_ambiguous=False)
+        cap = _capacity(
+            req, _accounting(req, own, by_port, settings, lo, hi, src), tws, settings, observed_window_s
+        )
     fixes = tuple(rank_fixes(req, outcome, acc, tws, settings, (lo, hi)))
     head = _headline(req, outcome, acc, (lo, hi))
     return ConnectResult(
