@@ -232,6 +232,21 @@ def gather(
                 "owners of their sockets may be missing"
             )
     holders = tuple(
-        PortHolder(SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), explicit=e) for r, e in recs
+        _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
     )
     return ConnectFacts(st, src, holders, scan, tuple(warnings))
+
+
+def _with_flags(req: ConnectRequest, entry: SocketEntry, explicit: bool | None) -> PortHolder:
+    """SO_REUSEADDR / SO_REUSEPORT matter for a fixed local port (bind rules) and UDP sharing
+    (C23); inet_diag hides them, so read them from a live owner (pidfd_getfd + getsockopt)."""
+    r = entry.socket
+    if r.local.port != req.local_port and r.proto is not Proto.UDP:
+        return PortHolder(entry, explicit=explicit)
+    from rebind.kernel.pidfd import socket_flags
+
+    for o in entry.owners:
+        flags = socket_flags(o.pid, o.fd, o.start_ticks)
+        if flags is not None:
+            return PortHolder(entry, explicit=explicit, reuseaddr=flags[0], reuseport=flags[1])
+    return PortHolder(entry, explicit=explicit)
