@@ -90,3 +90,20 @@ def test_exit_codes_and_json(netns, rebind_cli, procs):
         assert doc["request"]["local_port"] == 40001 and doc["fixes"][0]["title"].startswith("Never bind")
     finally:
         srv.close()
+
+
+def test_ls_warns_about_server_ports_in_the_ephemeral_range(netns, rebind_cli):
+    set_range(40000, 40100)
+    inside = socket.create_server(("127.0.0.1", 40050))
+    outside = socket.create_server(("127.0.0.1", 8080))
+    try:
+        res = rebind_cli("ls")
+        assert res.returncode == 0 and "port 40050 lies inside the ephemeral range 40000-40100" in res.stderr
+        res = rebind_cli("ls", "8080", "--json")
+        assert json.loads(res.stdout)["warnings"] == []
+        with open("/proc/sys/net/ipv4/ip_local_reserved_ports", "w") as f:
+            f.write("40050")
+        assert "ephemeral" not in rebind_cli("ls").stderr
+    finally:
+        inside.close()
+        outside.close()

@@ -77,6 +77,12 @@ def ls(
             if e.socket.port in plain or (e.socket.local.addr, e.socket.port) in addrs
         )
         table = type(table)(keep, table.source, table.owners_scanned, table.scan, table.warnings)
+    from rebind.kernel.ephemeral import server_port_warnings
+
+    if warn := server_port_warnings(e.socket for e in table.entries):  # issue 10, C26
+        table = type(table)(
+            table.entries, table.source, table.owners_scanned, table.scan, table.warnings + warn
+        )
     if as_json:
         render.dump_json(render.table_json(table))
     else:

@@ -118,22 +118,17 @@ def kernel_settings() -> KernelSettings:
 
 
 def local_port_range(root: str = "/proc") -> tuple[int, int]:
-    """net.ipv4.ip_local_port_range. /proc shows it as "32768\t60999": proc_dointvec_minmax
-    writes a two-int vector separated by a *tab*, so split on any whitespace."""
-    parts = (_read("net/ipv4/ip_local_port_range", root) or "").split()
-    try:
-        lo, hi = int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        return (32768, 60999)
-    return (lo, hi)
+    """net.ipv4.ip_local_port_range (tab-separated in /proc: see parse_port_range)."""
+    from rebind.model.ephemeral import parse_port_range
+
+    return parse_port_range(_read("net/ipv4/ip_local_port_range", root))
 
 
 def reserved_ports(root: str = "/proc") -> frozenset[int]:
     """net.ipv4.ip_local_reserved_ports ("8080,9000-9010"; empty when none)."""
-    try:
-        return _ports(_read("net/ipv4/ip_local_reserved_ports", root))
-    except ValueError:
-        return frozenset()
+    from rebind.model.ephemeral import parse_reserved
+
+    return parse_reserved(_read("net/ipv4/ip_local_reserved_ports", root))
 
 
 def tcp_tw_reuse(root: str = "/proc") -> int:

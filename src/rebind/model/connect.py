@@ -27,7 +27,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from rebind.errors import UsageError
-from rebind.model import conflict as bindmodel
+from rebind.model.ephemeral import ephemeral_overlap_warning as ephemeral_overlap_warning
 from rebind.model.records import Family, IPAddress, Owner, Proto, SocketEntry, SocketRecord, State
 from rebind.model.validate import parse_port
 
@@ -833,6 +833,8 @@ def _fixed_port(
     hi: int,
     src: IPAddress,
 ) -> tuple[ConnectOutcome, dict[int, PortUse]]:
+    from rebind.model import conflict as bindmodel  # the bind() rules, for the fixed port
+
     assert req.local_port is not None
     port = req.local_port
     on = by_port.get(port, [])
@@ -903,6 +905,8 @@ def _udp(
     uid: int,
 ) -> tuple[ConnectOutcome, dict[int, PortUse]]:
     if req.local_port is not None:
+        from rebind.model import conflict as bindmodel  # the bind() rules, for the fixed port
+
         bind_addr = (
             req.src
             if req.src is not None
@@ -1111,24 +1115,6 @@ def _headline(req: ConnectRequest, o: ConnectOutcome, acc: Accounting, rng: tupl
 
 # ---------------------------------------------------------------------------------------------
 # Server side: ports inside the ephemeral range (C26)
-
-
-def ephemeral_overlap_warning(
-    port: int, port_range: tuple[int, int], reserved: Iterable[int] = ()
-) -> str | None:
-    """A warning when a server port lies in ``ip_local_port_range`` and is not reserved.
-
-    Any outgoing connection may take it first, and the server's bind() then fails with
-    EADDRINUSE even with SO_REUSEADDR (C26; kubernetes#111682, amazon-eks-ami#1307).
-    """
-    lo, hi = port_range
-    if not lo <= port <= hi or port in set(reserved):
-        return None
-    return (
-        f"port {port} lies inside the ephemeral range {lo}-{hi} and is not reserved: an outgoing "
-        f"connection may take it first and the server's bind() then fails with EADDRINUSE; reserve it "
-        f"(sysctl -w net.ipv4.ip_local_reserved_ports={port}) or use a port below {lo}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
