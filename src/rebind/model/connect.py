@@ -551,6 +551,74 @@ def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
 # Per-port classification
 
 
+class PortMap:
+    """How each port of [lo, hi] stands; ports not set are FREE. Only ports that some socket uses
+    (or that are reserved) are stored, so a 28,232-port range costs nothing to account for."""
+
+    __slots__ = ("hi", "lo", "special")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.special: dict[int, PortUse] = {}
+
+    def __setitem__(self, port: int, use: PortUse) -> None:
+        if use is PortUse.FREE:
+            self.special.pop(port, None)
+        else:
+            self.special[port] = use
+
+    def get(self, port: int) -> PortUse:
+        return self.special.get(port, PortUse.FREE)
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.lo <= port <= self.hi
+
+    @property
+    def total(self) -> int:
+        return self.hi - self.lo + 1
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for u in self.special.values():
+            out[u.value] += 1
+        free = self.total - len(self.special)
+        if free:
+            out[PortUse.FREE.value] += free
+        return dict(out)
+
+    def usable_count(self, *, parity_of_lo: bool = False) -> int:
+        if parity_of_lo:
+            n = (self.total + 1) // 2
+            bad = sum(1 for p, u in self.special.items() if not u.usable and (p - self.lo) % 2 == 0)
+        else:
+            n = self.total
+            bad = sum(1 for u in self.special.values() if not u.usable)
+        return n - bad
+
+    def count(self, use: PortUse, *, parity_of_lo: bool = False) -> int:
+        if use is PortUse.FREE:
+            n = (self.total + 1) // 2 if parity_of_lo else self.total
+            return n - sum(1 for p in self.special if not parity_of_lo or (p - self.lo) % 2 == 0)
+        return sum(
+            1 for p, u in self.special.items() if u is use and (not parity_of_lo or (p - self.lo) % 2 == 0)
+        )
+
+    def usable_ports(self, limit: int = 3) -> list[int]:
+        """A few usable ports, for messages."""
+        out = []
+        for p in range(self.lo, self.hi + 1):
+            if self.get(p).usable:
+                out.append(p)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def interior_usable(self) -> bool:
+        interior = max(self.total - 2, 0)
+        bad = sum(1 for p, u in self.special.items() if not u.usable and self.lo < p < self.hi)
+        return interior - bad > 0
+
+
 def _classify_own_choice(
     req: ConnectRequest,
     src: IPAddress,
@@ -689,10 +757,6 @@ def evaluate_connect(
     )
 
 
-def _candidates(settings: ConnectSettings, lo: int, hi: int) -> list[int]:
-    return [p for p in range(lo, hi + 1) if p not in settings.reserved]
-
-
 def _uses_own_choice(
     req: ConnectRequest,
     by_port: dict[int, list[PortHolder]],
@@ -701,9 +765,9 @@ def _uses_own_choice(
     hi: int,
     src: IPAddress,
     assume_ambiguous: bool,
-) -> dict[int, PortUse]:
-    uses: dict[int, PortUse] = {}
-    for p in range(lo, hi + 1):
+) -> PortMap:
+    uses = PortMap(lo, hi)
+    for p in _special_ports(by_port, settings, lo, hi):
         if p in settings.reserved:
             uses[p] = PortUse.RESERVED
             continue
@@ -711,14 +775,20 @@ def _uses_own_choice(
     return uses
 
 
-def _odd_reach(req: ConnectRequest, usable: list[int], lo: int, hi: int, *, connect: bool) -> bool | None:
+def _special_ports(
+    by_port: dict[int, list[PortHolder]], settings: ConnectSettings, lo: int, hi: int
+) -> list[int]:
+    """Ports of [lo, hi] that are reserved or used by some socket; every other one is free."""
+    return sorted({p for p in by_port if lo <= p <= hi} | {p for p in settings.reserved if lo <= p <= hi})
+
+
+def _odd_reach(req: ConnectRequest, uses: PortMap, *, connect: bool) -> bool | None:
     """C1: with an odd count one end is out of reach in each call. True: fine; None: may fail."""
-    count = hi - lo + 1
-    if count % 2 == 0 or count == 1:
+    if uses.total % 2 == 0 or uses.total == 1:
         return True
     if connect and req.port_range is not None:
         return True  # __inet_hash_connect walks the whole per-socket range (6.8+)
-    if any(lo < p < hi for p in usable) or (lo in usable and hi in usable):
+    if uses.interior_usable() or (uses.get(uses.lo).usable and uses.get(uses.hi).usable):
         return True
     return None
 
@@ -730,9 +800,9 @@ def _own_choice(
     lo: int,
     hi: int,
     src: IPAddress,
-) -> tuple[ConnectOutcome, dict[int, PortUse]]:
+) -> tuple[ConnectOutcome, PortMap]:
     uses = _uses_own_choice(req, by_port, settings, lo, hi, src, assume_ambiguous=False)
-    usable = [p for p, u in uses.items() if u.usable]
+    usable = uses.usable_count()
     if not usable:
         return (
             ConnectOutcome(
@@ -746,18 +816,19 @@ def _own_choice(
             ),
             uses,
         )
-    if _odd_reach(req, usable, lo, hi, connect=True) is None:
+    if _odd_reach(req, uses, connect=True) is None:
         return (
             ConnectOutcome(
                 Verdict.MAY_FAIL,
                 EADDRNOTAVAIL,
                 Stage.CONNECT,
-                f"only {', '.join(map(str, usable))} is usable, at an end of an odd-sized range: each "
+                f"only {', '.join(map(str, uses.usable_ports()))} is usable, at an end of an odd-sized "
+                "range: each "
                 "connect() reaches only count-1 ports, chosen by a hidden offset (C1) — it may fail.",
             ),
             uses,
         )
-    return ConnectOutcome(Verdict.OK, None, None, f"connect() gets a local port: {len(usable)} usable"), uses
+    return ConnectOutcome(Verdict.OK, None, None, f"connect() gets a local port: {usable} usable"), uses
 
 
 def _bind_any(
@@ -767,16 +838,16 @@ def _bind_any(
     lo: int,
     hi: int,
     src: IPAddress,
-) -> tuple[ConnectOutcome, dict[int, PortUse]]:
+) -> tuple[ConnectOutcome, PortMap]:
     new = req.src if req.src is not None else src
     new_v6only = False
-    uses: dict[int, PortUse] = {}
-    for p in range(lo, hi + 1):
+    uses = PortMap(lo, hi)
+    for p in _special_ports(by_port, settings, lo, hi):
         if p in settings.reserved:
             uses[p] = PortUse.RESERVED
             continue
         uses[p] = _classify_bind_any(new, new_v6only, by_port.get(p, ()))[0]
-    usable = [p for p, u in uses.items() if u.usable]
+    usable = uses.usable_count()
     notes: tuple[str, ...] = ()
     if not usable:
         if settings.autobind_reuse and req.reuseaddr:
@@ -804,7 +875,7 @@ def _bind_any(
             ),
             uses,
         )
-    if _odd_reach(req, usable, lo, hi, connect=False) is None:
+    if _odd_reach(req, uses, connect=False) is None:
         return (
             ConnectOutcome(
                 Verdict.MAY_FAIL,
@@ -819,7 +890,7 @@ def _bind_any(
             Verdict.OK,
             None,
             None,
-            f"bind(ip, 0) finds a wholly unused port ({len(usable)} left), and connect() then uses it",
+            f"bind(ip, 0) finds a wholly unused port ({usable} left), and connect() then uses it",
         ),
         uses,
     )
@@ -832,7 +903,7 @@ def _fixed_port(
     lo: int,
     hi: int,
     src: IPAddress,
-) -> tuple[ConnectOutcome, dict[int, PortUse]]:
+) -> tuple[ConnectOutcome, PortMap]:
     from rebind.model import conflict as bindmodel  # the bind() rules, for the fixed port
 
     assert req.local_port is not None
@@ -903,7 +974,7 @@ def _udp(
     hi: int,
     src: IPAddress,
     uid: int,
-) -> tuple[ConnectOutcome, dict[int, PortUse]]:
+) -> tuple[ConnectOutcome, PortMap]:
     if req.local_port is not None:
         from rebind.model import conflict as bindmodel  # the bind() rules, for the fixed port
 
@@ -934,19 +1005,19 @@ def _udp(
                     Stage.BIND,
                     f"bind() of UDP port {req.local_port} fails with EADDRINUSE",
                 ),
-                {},
+                PortMap(lo, hi),
             )
-        return ConnectOutcome(Verdict.OK, None, None, "bind() and connect() work (UDP)"), {}
+        return ConnectOutcome(Verdict.OK, None, None, "bind() and connect() work (UDP)"), PortMap(lo, hi)
     # The autobind address is the wildcard, or the bound address with IP_BIND_ADDRESS_NO_PORT (C22).
     wildcard = IPv4Address("0.0.0.0") if req.dst.version == 4 else IPv6Address("::")
     new = req.src if req.bind_before_connect and req.src is not None else wildcard
-    uses: dict[int, PortUse] = {}
-    for p in range(lo, hi + 1):
+    uses = PortMap(lo, hi)
+    for p in _special_ports(by_port, settings, lo, hi):
         if p in settings.reserved:
             uses[p] = PortUse.RESERVED
             continue
         uses[p] = _classify_udp(req, new, by_port.get(p, ()), uid)[0]
-    usable = [p for p, u in uses.items() if u.usable]
+    usable = uses.usable_count()
     plain_bind = req.bind_before_connect and not req.bind_address_no_port
     if not usable:
         err, stage = (EADDRINUSE, Stage.BIND) if plain_bind else (EAGAIN, Stage.CONNECT)
@@ -961,7 +1032,7 @@ def _udp(
             ),
             uses,
         )
-    return ConnectOutcome(Verdict.OK, None, None, f"UDP autobind finds a port ({len(usable)} free)"), uses
+    return ConnectOutcome(Verdict.OK, None, None, f"UDP autobind finds a port ({usable} free)"), uses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -970,38 +1041,38 @@ def _udp(
 
 def _accounting(
     req: ConnectRequest,
-    uses: dict[int, PortUse],
+    uses: PortMap,
     by_port: dict[int, list[PortHolder]],
     settings: ConnectSettings,
     lo: int,
     hi: int,
     src: IPAddress,
 ) -> Accounting:
-    counts = {u.value: 0 for u in PortUse}
-    for u in uses.values():
-        counts[u.value] += 1
-    usable = sum(1 for u in uses.values() if u.usable)
-    half = [p for p in uses if (p - lo) % 2 == 0] if req.port_range is None else list(uses)
-    half_usable = sum(1 for p in half if uses[p].usable)
-    half_total = sum(1 for p in half if uses[p] is not PortUse.RESERVED)
+    counts = uses.counts()
+    usable = uses.usable_count()
+    half = req.port_range is None
+    half_usable = uses.usable_count(parity_of_lo=half)
+    half_total = (uses.total + 1) // 2 if half else uses.total
+    half_total -= uses.count(PortUse.RESERVED, parity_of_lo=half)
     ambiguous = (
         0
         if req.proto is Proto.UDP
         else sum(
             1
-            for p in range(lo, hi + 1)
-            for h in by_port.get(p, ())
+            for p, hs in by_port.items()
+            if lo <= p <= hi
+            for h in hs
             if h.explicit is None and h.socket.state not in (State.LISTEN, State.BOUND_INACTIVE)
         )
     )
     worst: int | None = None
     if ambiguous and req.proto is Proto.TCP and req.own_choice and req.local_port is None:
         w = _uses_own_choice(req, by_port, settings, lo, hi, src, assume_ambiguous=True)
-        worst = sum(1 for u in w.values() if u.usable)
+        worst = w.usable_count()
     return Accounting(
         total=hi - lo + 1,
         usable=usable,
-        counts={k: v for k, v in counts.items() if v},
+        counts=counts,
         first_half_usable=half_usable,
         first_half_total=half_total,
         ambiguous=ambiguous,
@@ -1024,7 +1095,7 @@ def _time_waits(
 
 
 def _consumers(
-    hs: Sequence[PortHolder], uses: dict[int, PortUse], req: ConnectRequest, src: IPAddress
+    hs: Sequence[PortHolder], uses: PortMap, req: ConnectRequest, src: IPAddress
 ) -> list[Consumer]:
     ports: dict[int, dict[str, set[int]]] = defaultdict(lambda: {"dst": set(), "bind": set(), "other": set()})
     info: dict[int, Owner] = {}
@@ -1035,7 +1106,7 @@ def _consumers(
             continue
         if r.remote.port == req.dport and _norm(r.remote.addr) == req.dst:
             kind = "dst"
-        elif uses[p].by_bind or h.explicit:
+        elif uses.get(p).by_bind or h.explicit:
             kind = "bind"
         else:
             kind = "other"
