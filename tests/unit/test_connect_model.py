@@ -98,6 +98,9 @@ def test_request_normalises():
     r = ConnectRequest.create("127.0.0.1", 80, bind_address_no_port=True)
     assert r.bind_before_connect and r.own_choice
     assert ConnectRequest.create("127.0.0.1", 80, port_range=(0, 0)).port_range is None
+    # --from ADDR alone: the source without a port, i.e. IP_BIND_ADDRESS_NO_PORT + bind(ADDR, 0).
+    r = ConnectRequest.create("127.0.0.1", 80, src="127.0.0.2")
+    assert r.bind_address_no_port and r.bind_before_connect and r.own_choice
 
 
 def test_parse_target_and_source():

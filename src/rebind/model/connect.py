@@ -119,6 +119,10 @@ class ConnectRequest:
             lport, bind_before_connect = None, True
         if lport is not None and bind_address_no_port:
             raise UsageError("IP_BIND_ADDRESS_NO_PORT only matters for bind(ip, 0), not a fixed port")
+        if s is not None and not s.is_unspecified and lport is None and not bind_before_connect:
+            # A source address without a port: the way to get it is bind(src, 0) with
+            # IP_BIND_ADDRESS_NO_PORT, leaving the port to connect() (C15).
+            bind_address_no_port = True
         if bind_address_no_port and not bind_before_connect:
             bind_before_connect = True
         rng = None
