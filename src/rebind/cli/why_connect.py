@@ -90,10 +90,12 @@ def print_connect(d: ConnectDiagnosis) -> None:
             if p.ok
             else f"{p.stage.value if p.stage else ''}() failed: {p.error_name}"
         )
-        con.print(
-            "\n[bold]Probe[/] [dim](one non-blocking connect(), aborted at once with SO_LINGER 0: "
-            "a SYN and an RST were sent)[/]"
+        sent = (
+            "one UDP connect(): it binds a port, nothing is sent"
+            if r.proto.value == "udp"
+            else "one non-blocking connect(), aborted at once with SO_LINGER 0: a SYN and an RST were sent"
         )
+        con.print(f"\n[bold]Probe[/] [dim]({sent})[/]")
         con.print(f"  {esc(what)}")
     if d.disagreement:
         con.print(f"[bold red on yellow]MODEL/KERNEL DISAGREEMENT:[/] {esc(d.disagreement)} — please report")
