@@ -31,6 +31,15 @@ def table(netns: int) -> Iterator[list[socket.socket]]:
         socket.create_server(("::", 9000), family=socket.AF_INET6, dualstack_ipv6=False),
     ]
     socks += servers
+    # Bound first: connect() then skips their ports (C6), so no client lands on them.
+    lst = socket.socket()
+    lst.bind(("127.0.0.3", LO + 50))
+    lst.listen()
+    bound = socket.socket()
+    bound.bind(("127.0.0.3", LO + 51))
+    out_of_range = socket.socket()
+    out_of_range.bind(("127.0.0.3", HI + 5))
+    socks += [lst, bound, out_of_range]
     for host, port, n in (
         ("127.0.0.1", 9000, 5),
         ("127.0.0.1", 9001, 3),
@@ -42,14 +51,6 @@ def table(netns: int) -> Iterator[list[socket.socket]]:
     mapped = socket.socket(socket.AF_INET6)
     mapped.connect(("::ffff:127.0.0.1", 9000))
     socks.append(mapped)
-    lst = socket.socket()
-    lst.bind(("127.0.0.3", LO + 50))
-    lst.listen()
-    bound = socket.socket()
-    bound.bind(("127.0.0.3", LO + 51))
-    out_of_range = socket.socket()
-    out_of_range.bind(("127.0.0.3", HI + 5))
-    socks += [lst, bound, out_of_range]
     for s in servers:
         s.settimeout(1)
         try:
