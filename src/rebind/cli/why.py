@@ -23,9 +23,12 @@ Examples:
   rebind why 127.0.0.1:5353 --udp
   rebind why 8080 --addr :: --v6only
   rebind why 8080 --json | jq .verdict
+  rebind why --connect 127.0.0.1:5432          can a new connection get a local port now?
+  rebind why --connect db:5432 --from 10.0.0.9 --bind-before-connect
 
 \b
 Exit status: 0 bindable now, 1 busy, 2 usage error.
+With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permission.
 """,
 )
 @click.argument("spec", type=PORT_SPEC, metavar="[ADDR:]PORT", required=False)
