@@ -427,14 +427,10 @@ class ClientDemo(Demo):
         self.say("• `rebind why --connect HOST:PORT` says where the range went and who holds it.")
         return ok
 
-    def _line(self, p: subprocess.Popen[str], timeout: float = 10) -> str:
-        import selectors
-
+    def _line(self, p: subprocess.Popen[str]) -> str:
+        """The next line a demo client prints ('' once it exited). A plain readline(): select()
+        on the pipe would miss a second line already sitting in the text wrapper's buffer."""
         assert p.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(p.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            return ""
         return p.stdout.readline().strip()
 
     def _no_port_works(self) -> bool:
