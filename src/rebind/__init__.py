@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
     from rebind.actions.free import Fate as Fate
     from rebind.actions.free import FreePlan as FreePlan
     from rebind.actions.free import FreeResult as FreeResult
+    from rebind.actions.free import Obstacle as Obstacle
+    from rebind.actions.free import ObstacleKind as ObstacleKind
     from rebind.actions.free import ProcessOutcome as ProcessOutcome
     from rebind.actions.free import Refusal as Refusal
     from rebind.actions.free import Refused as Refused
@@ -27,6 +29,7 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
     from rebind.actions.free import plan_free as plan_free
     from rebind.actions.pick import NoPortFree as NoPortFree
     from rebind.actions.pick import PickedPort as PickedPort
+    from rebind.actions.pick import PortRiskWarning as PortRiskWarning
     from rebind.actions.pick import pick_port as pick_port
     from rebind.actions.wait import NotWaitable as NotWaitable
     from rebind.actions.wait import WaitResult as WaitResult
@@ -34,6 +37,9 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
     from rebind.actions.wait import wait_bindable_async as wait_bindable_async
     from rebind.actions.wait import wait_listening as wait_listening
     from rebind.actions.wait import wait_listening_async as wait_listening_async
+    from rebind.allns import socket_table_all_netns as socket_table_all_netns
+    from rebind.connect_diagnosis import ConnectDiagnosis as ConnectDiagnosis
+    from rebind.connect_diagnosis import connect_diagnose as connect_diagnose
     from rebind.diagnosis import Attempt as Attempt
     from rebind.diagnosis import BlockerInfo as BlockerInfo
     from rebind.diagnosis import Diagnosis as Diagnosis
@@ -45,8 +51,16 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
     from rebind.errors import KernelError as KernelError
     from rebind.errors import RebindError as RebindError
     from rebind.errors import UsageError as UsageError
+    from rebind.exporter.collector import RebindCollector as RebindCollector
+    from rebind.exporter.facts import Dest as Dest
+    from rebind.exporter.facts import Watch as Watch
     from rebind.model.conflict import BindRequest as BindRequest
     from rebind.model.conflict import Verdict as Verdict
+    from rebind.model.connect import ConnectRequest as ConnectRequest
+    from rebind.model.connect import ConnectResult as ConnectResult
+    from rebind.model.containers import ContainerRef as ContainerRef
+    from rebind.model.containers import Engine as Engine
+    from rebind.model.containers import ProxyKind as ProxyKind
     from rebind.model.diagnosis import HolderKind as HolderKind
     from rebind.model.records import Endpoint as Endpoint
     from rebind.model.records import Owner as Owner
@@ -112,9 +126,26 @@ _LAZY: dict[str, str] = {
     "Fate": "rebind.actions.free",
     "SocketOutcome": "rebind.actions.free",
     "SocketFate": "rebind.actions.free",
+    "Obstacle": "rebind.actions.free",
+    "ObstacleKind": "rebind.actions.free",
     "pick_port": "rebind.actions.pick",
     "PickedPort": "rebind.actions.pick",
     "NoPortFree": "rebind.actions.pick",
+    "PortRiskWarning": "rebind.actions.pick",
+    # the client side: why --connect
+    "connect_diagnose": "rebind.connect_diagnosis",
+    "ConnectDiagnosis": "rebind.connect_diagnosis",
+    "ConnectRequest": "rebind.model.connect",
+    "ConnectResult": "rebind.model.connect",
+    # every namespace and container
+    "socket_table_all_netns": "rebind.allns",
+    "ContainerRef": "rebind.model.containers",
+    "Engine": "rebind.model.containers",
+    "ProxyKind": "rebind.model.containers",
+    # Prometheus (needs the `exporter` extra: prometheus-client)
+    "RebindCollector": "rebind.exporter.collector",
+    "Watch": "rebind.exporter.facts",
+    "Dest": "rebind.exporter.facts",
     # supervisor
     "listen": "rebind.supervisor.listen",
     "start_server": "rebind.supervisor.listen",

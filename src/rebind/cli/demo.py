@@ -9,10 +9,12 @@ import click
     epilog="""\b
 Examples:
   rebind demo
+  rebind demo --client        the client half: fixed ports, bind-before-connect, exhaustion
   NO_COLOR=1 rebind demo > demo.txt
 """,
 )
-def demo() -> int:
+@click.option("--client", is_flag=True, help="Replay the client side: EADDRNOTAVAIL and port exhaustion.")
+def demo(client: bool) -> int:
     """Replay the blog post that started rebind, with real processes, in a private netns.
 
     A server binds 12345, a client connects, the server exits, TIME_WAIT appears, the restart
@@ -21,10 +23,10 @@ def demo() -> int:
     Takes a few seconds; never waits out the 60 s TIME_WAIT.
     """
     from rebind.cli.render import console
-    from rebind.demo import run_demo
+    from rebind.demo import run_client_demo, run_demo
 
     con = console()
-    ok = run_demo(con.print)
+    ok = (run_client_demo if client else run_demo)(con.print)
     if not ok:
         con.print("[bold red]Something in the demo did not behave as the story says (see above).[/]")
     return 0 if ok else 1

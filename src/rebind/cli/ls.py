@@ -103,6 +103,10 @@ def ls(
             if e.socket.port in plain or (e.socket.local.addr, e.socket.port) in addrs
         )
         table = replace(table, entries=keep)
+    from rebind.kernel.ephemeral import server_port_warnings
+
+    if warn := server_port_warnings(e.socket for e in table.entries):  # issue 10
+        table = replace(table, warnings=table.warnings + warn)
     if as_json:
         render.dump_json(render.table_json(table))
     else:

@@ -23,12 +23,19 @@ Examples:
   rebind why 127.0.0.1:5353 --udp
   rebind why 8080 --addr :: --v6only
   rebind why 8080 --json | jq .verdict
+  rebind why --connect 127.0.0.1:5432          can a new connection get a local port now?
+  rebind why --connect db:5432 --from 10.0.0.9 --bind-before-connect
 
 \b
 Exit status: 0 bindable now, 1 busy, 2 usage error.
+With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permission.
 """,
 )
-@click.argument("spec", type=PORT_SPEC, metavar="[ADDR:]PORT")
+@click.argument("spec", type=PORT_SPEC, metavar="[ADDR:]PORT", required=False)
+@click.option("--connect", metavar="HOST:PORT", help="Client side: can connect() get a local port?")
+@click.option("--from", "source", metavar="ADDR[:PORT]", help="--connect: bind ADDR (and a fixed PORT).")
+@click.option("--bind-before-connect", is_flag=True, help="--connect: bind(ADDR, 0) before connect().")
+@click.option("--probe", is_flag=True, help="--connect: one real connect(), aborted at once.")
 @click.option("--addr", type=ADDRESS, default=None, help="Address the server binds (default 0.0.0.0).")
 @click.option("--udp", is_flag=True, help="A UDP socket instead of TCP.")
 @click.option("--reuseaddr", is_flag=True, help="The server sets SO_REUSEADDR.")
@@ -36,7 +43,11 @@ Exit status: 0 bindable now, 1 busy, 2 usage error.
 @click.option("--v6only", is_flag=True, help="IPv6 socket with IPV6_V6ONLY=1.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/1).")
 def why(
-    spec: tuple[IPv4Address | IPv6Address | None, int],
+    spec: tuple[IPv4Address | IPv6Address | None, int] | None,
+    connect: str | None,
+    source: str | None,
+    bind_before_connect: bool,
+    probe: bool,
     addr: IPv4Address | IPv6Address | None,
     udp: bool,
     reuseaddr: bool,
@@ -51,6 +62,10 @@ def why(
     kernel's bind() and listen() rules, and checks its answer with a real trial bind (a probe
     socket that binds and closes at once, never listening).
     """
+    if connect is not None or spec is None:  # the client half: rebind.cli.why_connect
+        from rebind.cli.why_connect import dispatch
+
+        return dispatch(spec, connect, source, bind_before_connect, reuseaddr, udp, as_json, probe)
     from rebind.diagnosis import default_request, diagnose
     from rebind.model.records import Proto
 

@@ -201,6 +201,94 @@ def port_range_filter(lo: int, hi: int) -> bytes:
     )
 
 
+# struct inet_diag_hostcond { __u8 family; __u8 prefix_len; int port; __be32 addr[]; }: the int is
+# 4-byte aligned, so two pad bytes; port -1 means "any port".
+HOSTCOND = struct.Struct("=BBxxi")
+ANY_PORT = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Cond:
+    """One bytecode test (op header added by :func:`compile_any`)."""
+
+    code: BcOp
+    payload: bytes
+
+    @property
+    def size(self) -> int:
+        return BC_OP.size + len(self.payload)
+
+
+def port_cond(code: BcOp, port: int) -> Cond:
+    """S_/D_ GE, LE, EQ: the port travels in the ``no`` field of a second op word (host order)."""
+    if code not in (BcOp.S_GE, BcOp.S_LE, BcOp.S_EQ, BcOp.D_GE, BcOp.D_LE, BcOp.D_EQ):
+        raise ValueError(f"{code!r} is not a port comparison")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return Cond(code, BC_OP.pack(0, 0, port))
+
+
+def host_cond(
+    code: BcOp,
+    addr: IPv4Address | IPv6Address | None,
+    *,
+    prefix_len: int | None = None,
+    port: int = ANY_PORT,
+) -> Cond:
+    """S_COND / D_COND: address prefix and optional port (inet_diag_bc_run).
+
+    ``addr=None`` is AF_UNSPEC: any address, so only ``port`` is compared. An AF_INET condition
+    also matches IPv6 sockets on v4-mapped addresses (the kernel checks ::ffff:a.b.c.d itself).
+    """
+    if code not in (BcOp.S_COND, BcOp.D_COND):
+        raise ValueError(f"{code!r} is not a host condition")
+    if addr is None:
+        return Cond(code, HOSTCOND.pack(0, 0, port))
+    fam = Family.INET if addr.version == 4 else Family.INET6
+    bits = 32 if addr.version == 4 else 128
+    plen = bits if prefix_len is None else prefix_len
+    if not 0 <= plen <= bits:
+        raise ValueError(f"prefix length {plen} out of range for {addr}")
+    return Cond(code, HOSTCOND.pack(fam, plen, port) + addr.packed)
+
+
+def compile_any(chains: Iterable[Iterable[Cond]]) -> bytes:
+    """Bytecode accepting a socket when *all* tests of *any* chain pass.
+
+    Layout (what inet_diag_bc_audit accepts: every ``no`` target lies on the ``yes`` chain, which
+    here runs straight through): each test's ``yes`` is the next op; its ``no`` is the first test
+    of the next chain, or 4 bytes past the end (reject) for the last chain. A chain that passed
+    ends in a JMP whose ``no`` branch (always taken) lands exactly on the end (accept).
+    """
+    cs = [list(c) for c in chains]
+    if not cs or any(not c for c in cs):
+        raise ValueError("compile_any needs non-empty chains")
+    starts: list[int] = []
+    off = 0
+    for i, c in enumerate(cs):
+        starts.append(off)
+        off += sum(t.size for t in c) + (BC_OP.size if i < len(cs) - 1 else 0)
+    total = off
+    if total > 0xFFFF - 8:
+        raise ValueError("bytecode too long for one attribute")
+    out = bytearray()
+    for i, c in enumerate(cs):
+        miss = starts[i + 1] if i < len(cs) - 1 else total + 4
+        for t in c:
+            here = len(out)
+            out += BC_OP.pack(t.code, t.size, miss - here) + t.payload
+        if i < len(cs) - 1:
+            here = len(out)
+            out += BC_OP.pack(BcOp.JMP, BC_OP.size, total - here)
+    assert len(out) == total
+    return bytes(out)
+
+
+def destination_filter(dst: IPv4Address | IPv6Address, dport: int) -> bytes:
+    """Bytecode accepting sockets connected to exactly ``dst:dport`` (one D_COND)."""
+    return compile_any([[host_cond(BcOp.D_COND, dst, port=dport)]])
+
+
 def _rta(kind: int, payload: bytes) -> bytes:
     length = RTA.size + len(payload)
     return RTA.pack(length, kind) + payload + bytes(_align4(length) - length)

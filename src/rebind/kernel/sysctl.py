@@ -110,3 +110,39 @@ def kernel_settings() -> KernelSettings:
         ip_local_reserved_ports=_ports(_read("net/ipv4/ip_local_reserved_ports")),
         kernel_version=kernel_version(),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The client side (docs/connect-rules.md): all per network namespace.
+
+
+def local_port_range(root: str = "/proc") -> tuple[int, int]:
+    """net.ipv4.ip_local_port_range (tab-separated in /proc: see parse_port_range)."""
+    from rebind.model.ephemeral import parse_port_range
+
+    return parse_port_range(_read("net/ipv4/ip_local_port_range", root))
+
+
+def reserved_ports(root: str = "/proc") -> frozenset[int]:
+    """net.ipv4.ip_local_reserved_ports ("8080,9000-9010"; empty when none)."""
+    from rebind.model.ephemeral import parse_reserved
+
+    return parse_reserved(_read("net/ipv4/ip_local_reserved_ports", root))
+
+
+def tcp_tw_reuse(root: str = "/proc") -> int:
+    """0 off, 1 on, 2 loopback only (the default since 2018, 79e9fed46038)."""
+    return _int("net/ipv4/tcp_tw_reuse", 2, root)
+
+
+def tcp_tw_reuse_delay_ms(root: str = "/proc") -> int:
+    """net.ipv4.tcp_tw_reuse_delay (6.14+, ms); older kernels use a fixed ~1 s."""
+    return _int("net/ipv4/tcp_tw_reuse_delay", 1000, root)
+
+
+def tcp_timestamps(root: str = "/proc") -> int:
+    return _int("net/ipv4/tcp_timestamps", 1, root)
+
+
+def ip_autobind_reuse(root: str = "/proc") -> bool:
+    return _int("net/ipv4/ip_autobind_reuse", 0, root) == 1

@@ -1,0 +1,251 @@
+"""Gather what the client-side model needs, without sending a packet.
+
+* the sysctls of this network namespace (:mod:`rebind.kernel.sysctl`);
+* the source address the route would pick: a UDP socket's connect() only looks the route up
+  (ip4_datagram_connect -> ip_route_connect) and getsockname() then shows the chosen source;
+  nothing is sent;
+* the sockets that matter, filtered **in the kernel** in one TCPDIAG_GETSOCK walk: every socket
+  connected to the destination (one D_COND op with the port), plus the ports of the range held
+  by sockets that have no peer (listeners and bound-inactive sockets: dport 0), plus, for
+  bind-before-connect, every socket in the range on an overlapping address, plus, for a fixed
+  local port, every socket on it;
+* the processes holding them (:func:`rebind.kernel.owners.find_owners`).
+
+How a socket got its port (bind() or connect()) is not in inet_diag (connect-rules §8): LISTEN,
+bound-inactive sockets and the children of a listener are explicit; other client sockets in
+the range are ambiguous and marked so (``explicit=None``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from rebind.errors import EnvironmentProblem
+from rebind.kernel import diag_codec as codec
+from rebind.model.connect import ConnectRequest, ConnectSettings, PortHolder, effective_range
+from rebind.model.records import (
+    IPAddress,
+    Owner,
+    OwnerScanReport,
+    Proto,
+    SocketEntry,
+    SocketRecord,
+    State,
+)
+
+
+def connect_settings(root: str = "/proc") -> ConnectSettings:
+    from rebind.kernel import sysctl
+
+    return ConnectSettings(
+        port_range=sysctl.local_port_range(root),
+        reserved=sysctl.reserved_ports(root),
+        tw_reuse=sysctl.tcp_tw_reuse(root),
+        tw_reuse_delay_ms=sysctl.tcp_tw_reuse_delay_ms(root),
+        tcp_timestamps=sysctl.tcp_timestamps(root),
+        autobind_reuse=sysctl.ip_autobind_reuse(root),
+        kernel_version=sysctl.kernel_version(),
+    )
+
+
+def route_source(dst: IPAddress, dport: int, *, bound: IPAddress | None = None) -> IPAddress:
+    """The source address the kernel's route to ``dst`` selects; no packet is sent, no port taken.
+
+    A bound address is the source. Otherwise RTM_GETROUTE answers as ``ip route get DST`` does
+    (RTA_PREFSRC). The classic trick -- a UDP socket's connect(), then getsockname() -- would
+    autobind a UDP port of the ephemeral range, and fail with EAGAIN exactly when that range is
+    full, so it is only the fallback. Raises EnvironmentProblem when there is no route (connect()
+    would fail with ENETUNREACH before any port question).
+    """
+    if bound is not None and not bound.is_unspecified:
+        return bound
+    try:
+        found = _rtm_getroute(dst)
+    except OSError:
+        found = None
+    if found is not None:
+        return found
+    fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    with socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect((str(dst), dport))
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            msg = f"no route from this namespace to {dst}: {name} ({exc.strerror})"
+            raise EnvironmentProblem(msg) from exc
+        return ip_address(s.getsockname()[0])
+
+
+# rtnetlink.h: RTM_NEWROUTE / RTM_GETROUTE, struct rtmsg, RTA_DST / RTA_PREFSRC.
+RTM_NEWROUTE = 24
+RTM_GETROUTE = 26
+RTA_DST = 1
+RTA_PREFSRC = 7
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_NLMSG = struct.Struct("=IHHII")
+_RTA = struct.Struct("=HH")
+
+
+def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
+    """RTM_GETROUTE for ``dst``: the preferred source of the route, None if it names none."""
+    fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    raw = dst.packed
+    attr = _RTA.pack(_RTA.size + len(raw), RTA_DST) + raw
+    body = _RTMSG.pack(fam, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + attr
+    msg = _NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE, 1, 1, 0) + body  # NLM_F_REQUEST
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as nl:
+        nl.settimeout(2.0)
+        nl.send(msg)
+        data = nl.recv(65536)
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size or off + length > len(data):
+            return None
+        if kind == 2:  # NLMSG_ERROR: no route
+            (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+            if err < 0:
+                code = -err
+                raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(code)}")
+        if kind == RTM_NEWROUTE:
+            a = off + _NLMSG.size + _RTMSG.size
+            while a + _RTA.size <= off + length:
+                alen, atype = _RTA.unpack_from(data, a)
+                if alen < _RTA.size:
+                    return None
+                if atype == RTA_PREFSRC and alen - _RTA.size in (4, 16):
+                    return ip_address(bytes(data[a + _RTA.size : a + alen]))
+                a += (alen + 3) & ~3
+            return None
+        off += (length + 3) & ~3
+    return None
+
+
+def _wildcards(src: IPAddress) -> list[IPAddress]:
+    # Addresses whose holders overlap a bind on ``src``: itself, and the wildcards (a dual-stack
+    # [::] holder overlaps IPv4 addresses too; the model applies v6only).
+    out: list[IPAddress] = [src, IPv4Address("0.0.0.0"), IPv6Address("::")]
+    return list(dict.fromkeys(out))
+
+
+def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
+    """The kernel-side filter for :func:`gather` (see the module docstring)."""
+    lo, hi = rng
+    in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
+    chains: list[list[codec.Cond]] = [
+        [codec.host_cond(codec.BcOp.D_COND, req.dst, port=req.dport)],
+        # No peer (dport 0): listeners and bound-inactive sockets, which always hold by bind().
+        [*in_range, codec.host_cond(codec.BcOp.D_COND, None, port=0)],
+    ]
+    if req.local_port is not None:
+        chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
+    if (req.bind_before_connect and not req.bind_address_no_port) or req.proto is Proto.UDP:
+        bind_addr = req.src if req.src is not None else src
+        if bind_addr.is_unspecified or req.proto is Proto.UDP:
+            chains.append(in_range)  # a wildcard overlaps everybody of its family
+        else:
+            for a in _wildcards(bind_addr):
+                chains.append([*in_range, codec.host_cond(codec.BcOp.S_COND, a)])
+    return codec.compile_any(chains)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFacts:
+    settings: ConnectSettings
+    source: IPAddress
+    holders: tuple[PortHolder, ...]
+    scan: OwnerScanReport
+    warnings: tuple[str, ...] = ()
+
+
+def _records(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> Iterator[SocketRecord]:
+    from rebind.kernel import diag
+
+    bc = connect_bytecode(req, src, rng)
+    with diag.DiagSocket() as d:
+        if req.proto is Proto.TCP:
+            # One walk of the TCP tables for both families; bound-inactive sockets need the
+            # state bit asked explicitly (6.8+).
+            yield from d.dump(None, Proto.TCP, frozenset(State), bytecode=bc)
+        else:
+            from rebind.model.records import Family
+
+            for fam in (Family.INET, Family.INET6):
+                yield from d.dump(fam, Proto.UDP, {State.ESTABLISHED, State.CLOSE}, bytecode=bc)
+
+
+def _child_of(r: SocketRecord, listener: SocketRecord) -> bool:
+    """Could ``r`` be a connection accepted by ``listener`` (same port, its address or a wildcard)?"""
+    la = listener.local.addr
+    return la.is_unspecified or la == r.local.addr
+
+
+def classify(records: Iterable[SocketRecord], rng: tuple[int, int]) -> list[tuple[SocketRecord, bool | None]]:
+    """How each socket got its port, as far as inet_diag shows it (connect-rules §8)."""
+    recs = list(records)
+    listeners: dict[int, list[SocketRecord]] = {}
+    for r in recs:
+        if r.state is State.LISTEN:
+            listeners.setdefault(r.local.port, []).append(r)
+    lo, hi = rng
+    out: list[tuple[SocketRecord, bool | None]] = []
+    for r in recs:
+        explicit: bool | None
+        if r.state in (State.LISTEN, State.BOUND_INACTIVE) or (r.proto is Proto.UDP and not r.remote.port):
+            explicit = True
+        elif not lo <= r.local.port <= hi or any(_child_of(r, ls) for ls in listeners.get(r.local.port, ())):
+            explicit = True  # outside the range: bind(); an accepted child shares its listener's port
+        else:
+            explicit = None
+        out.append((r, explicit))
+    return out
+
+
+def gather(
+    req: ConnectRequest, *, owners: bool = True, settings: ConnectSettings | None = None
+) -> ConnectFacts:
+    """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``."""
+    st = settings or connect_settings()
+    src = route_source(req.dst, req.dport, bound=req.src)
+    rng = effective_range(st, req.port_range)
+    try:
+        recs = classify(_records(req, src, rng), rng)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot read the socket table over netlink: {exc.strerror}") from exc
+    by_inode: dict[int, tuple[Owner, ...]] = {}
+    scan = OwnerScanReport()
+    warnings: list[str] = []
+    if owners:
+        from rebind.kernel.owners import find_owners
+
+        by_inode, scan = find_owners(r for r, _ in recs)
+        if scan.inaccessible:
+            warnings.append(
+                f"{scan.inaccessible} process(es) could not be inspected (not root?): "
+                "owners of their sockets may be missing"
+            )
+    holders = tuple(
+        _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
+    )
+    return ConnectFacts(st, src, holders, scan, tuple(warnings))
+
+
+def _with_flags(req: ConnectRequest, entry: SocketEntry, explicit: bool | None) -> PortHolder:
+    """SO_REUSEADDR / SO_REUSEPORT matter for a fixed local port (bind rules) and UDP sharing
+    (C23); inet_diag hides them, so read them from a live owner (pidfd_getfd + getsockopt)."""
+    r = entry.socket
+    if r.local.port != req.local_port and r.proto is not Proto.UDP:
+        return PortHolder(entry, explicit=explicit)
+    from rebind.kernel.pidfd import socket_flags
+
+    for o in entry.owners:
+        flags = socket_flags(o.pid, o.fd, o.start_ticks)
+        if flags is not None:
+            return PortHolder(entry, explicit=explicit, reuseaddr=flags[0], reuseport=flags[1])
+    return PortHolder(entry, explicit=explicit)

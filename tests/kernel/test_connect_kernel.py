@@ -1,0 +1,92 @@
+"""The client-side gatherer and CLI-free API in throwaway namespaces, with real sockets."""
+
+from __future__ import annotations
+
+import socket
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+
+from rebind.connect_diagnosis import connect_diagnose, probe
+from rebind.errors import EnvironmentProblem
+from rebind.kernel import sysctl
+from rebind.kernel.connect_facts import connect_settings, route_source
+from rebind.model.connect import ConnectRequest, Verdict
+
+
+def write(name: str, value: str) -> None:
+    with open(f"/proc/sys/net/ipv4/{name}", "w") as f:
+        f.write(value)
+
+
+def test_sysctl_readers(netns):
+    write("ip_local_port_range", "40000 40123")
+    write("ip_local_reserved_ports", "40001,40010-40012")
+    write("tcp_tw_reuse", "1")
+    write("tcp_timestamps", "0")
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        assert "\t" in f.read()  # the reason local_port_range() splits on any whitespace
+    assert sysctl.local_port_range() == (40000, 40123)
+    assert sysctl.reserved_ports() == frozenset({40001, 40010, 40011, 40012})
+    s = connect_settings()
+    assert (s.tw_reuse, s.tcp_timestamps, s.port_range) == (1, 0, (40000, 40123))
+
+
+def test_route_source_takes_no_udp_port(netns):
+    """Regression: with every UDP port of the range taken, the route lookup still works (a UDP
+    connect() would fail with EAGAIN, and would take a port when one is left)."""
+    write("ip_local_port_range", "40000 40001")
+    held = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for s in held:
+        s.bind(("0.0.0.0", 0))
+    try:
+        assert route_source(IPv4Address("127.0.0.5"), 53) == IPv4Address("127.0.0.1")
+        assert route_source(IPv6Address("::1"), 53) == IPv6Address("::1")
+        assert route_source(IPv4Address("127.0.0.5"), 53, bound=IPv4Address("127.0.0.9")) == IPv4Address(
+            "127.0.0.9"
+        )
+        with pytest.raises(EnvironmentProblem, match="no route"):
+            route_source(IPv4Address("192.0.2.1"), 80)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_exhaustion_diagnosed_with_owners_and_probe(netns):
+    write("ip_local_port_range", "40000 40003")
+    srv = socket.create_server(("127.0.0.1", 9000))
+    clients = [socket.create_connection(("127.0.0.1", 9000)) for _ in range(4)]
+    try:
+        d = connect_diagnose("127.0.0.1", 9000, with_probe=True)
+        res = d.result
+        assert res.outcome.verdict is Verdict.FAIL and res.outcome.errno_name == "EADDRNOTAVAIL"
+        assert res.accounting.counts == {"in-use-to-destination": 4}
+        assert res.consumers and res.consumers[0].to_destination == 4
+        assert d.probe is not None and not d.probe.ok and d.probe.error_name == "EADDRNOTAVAIL"
+        assert d.disagreement is None and not d.ok
+        # Another destination shares the ports (C5).
+        assert connect_diagnose("127.0.0.1", 9001).ok
+        # bind(ip, 0) first: EADDRINUSE even towards the other destination (C13).
+        d = connect_diagnose("127.0.0.1", 9001, source="127.0.0.1", bind_before_connect=True, with_probe=True)
+        assert d.result.outcome.errno_name == "EADDRINUSE" and d.probe and d.probe.error_name == "EADDRINUSE"
+        doc = d.json()
+        assert doc["schema"] == "rebind.connect/1" and doc["probe"]["sent"] is True
+    finally:
+        for s in [*clients, srv]:
+            s.close()
+
+
+def test_probe_on_success_aborts_at_once(netns):
+    srv = socket.create_server(("127.0.0.1", 9000))
+    try:
+        p = probe(ConnectRequest.create("127.0.0.1", 9000))
+        assert p.ok and p.local_port
+        srv.settimeout(2)
+        conn, _ = srv.accept()  # the SYN was answered by the kernel; the RST came right after
+        with conn:
+            conn.settimeout(2)
+            with pytest.raises((ConnectionResetError, TimeoutError)):
+                while conn.recv(1):
+                    pass
+    finally:
+        srv.close()

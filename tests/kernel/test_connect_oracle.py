@@ -1,0 +1,28 @@
+"""A few hundred random client scenarios, each built for real in a fresh namespace (CI's share of
+bench/connect_oracle.py): the model's verdict must match what connect() does."""
+
+from __future__ import annotations
+
+import pytest
+
+from rebind.connect_oracle import run_scenarios
+from rebind.kernel import netns as _netns
+
+SCENARIOS = 300
+
+
+@pytest.mark.kernel
+def test_client_model_agrees_with_the_kernel(request):
+    if not _netns.namespaces_permitted():
+        if request.config.getoption("--require-kernel"):
+            pytest.fail("network namespaces are not permitted here")
+        pytest.skip("network namespaces are not permitted here")
+    # Counted as a kernel test for --require-kernel.
+    request.getfixturevalue("netns")
+    checks = list(run_scenarios(SCENARIOS, seed=20261130))
+    bad = [c for c in checks if not c.agree]
+    skipped = [c for c in checks if c.skipped]
+    assert len(skipped) <= SCENARIOS // 50, [c.skipped for c in skipped]
+    failures = sum(1 for c in checks if not c.actual_ok)
+    assert failures >= SCENARIOS // 10  # the scenarios do exhaust ranges
+    assert not bad, "\n\n".join(map(str, bad[:5]))
