@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     ENVIRONMENT = 3
     KERNEL = 4
+    REFUSED = 5  # rebind will not act: PID 1, itself, another user's process, a container proxy
     BUG = 70  # EX_SOFTWARE
 
 

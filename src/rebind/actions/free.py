@@ -52,7 +52,7 @@ DESTROY_TIME_WAIT_SINCE = (6, 0)
 #: Exit status when what blocks the port is something rebind will not touch (PID 1, itself or an
 #: ancestor, another user's process without root and --force, a container proxy, an outgoing
 #: connection without --outgoing): distinct from 1 ("still busy") and 3 (missing permission).
-EXIT_REFUSED = 5
+EXIT_REFUSED = int(ExitCode.REFUSED)
 
 #: Bind failures that involve no socket at all (__inet_bind / __inet6_bind checks that come
 #: before any port lookup): nothing to signal or destroy.
