@@ -12,7 +12,7 @@ import time
 from collections import Counter
 
 from rebind.kernel.netns import private_netns
-from rebind.oracle import Check, Lab, run_scenarios
+from oracle_lib import Check, Lab, run_scenarios
 
 #: Scenarios per namespace (each uses its own port; a fresh namespace drops old TIME_WAITs).
 PER_NAMESPACE = 2000

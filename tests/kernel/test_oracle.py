@@ -1,4 +1,4 @@
-"""The conflict model against the kernel: random scenarios (rebind.oracle) and focused tests for
+"""The conflict model against the kernel: random scenarios (bench/oracle_lib.py) and focused tests for
 the behaviours the oracle found that bind-rules.md does not describe."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from rebind.kernel.netns import private_netns
 from rebind.model.conflict import Verdict
 from rebind.model.records import Proto
-from rebind.oracle import SETTINGS, Existing, Kind, Lab, ListenMode, Probe, Scenario, Spec, run_scenarios
+from bench.oracle_lib import SETTINGS, Existing, Kind, Lab, ListenMode, Probe, Scenario, Spec, run_scenarios
 
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 T, U = Proto.TCP, Proto.UDP

@@ -574,4 +574,4 @@ def describe_target(t: Target) -> str:
 
 
 def summary(plan: FreePlan) -> str:
-    return f"{where(plan.request)}: {plan.diagnosis.verdict}"
+    return f"{where(plan.request)}: {plan.diagnosis.headline}"

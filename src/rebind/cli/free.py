@@ -101,7 +101,7 @@ def print_plan(plan: FreePlan) -> None:
     from rebind.actions.free import describe_target, signal_name
     from rebind.cli.render import fmt_ms
 
-    click.echo(plan.diagnosis.verdict)
+    click.echo(plan.diagnosis.headline)
     click.echo(f"Plan to free {where(plan.request)}:")
     escalate = "" if signal_name(plan.signal) == "SIGKILL" else f", SIGKILL after {plan.grace:g}s"
     for t in plan.targets:
