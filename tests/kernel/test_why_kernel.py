@@ -35,7 +35,7 @@ def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
         and "free in" in doc["verdict"]
     )
     [b] = doc["blockers"]
-    assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == "inferred"
+    assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == "inferred-trial"
     assert 0 < doc["frees_in_ms"] <= 60_000
     # The post's fix does not help: the old socket lacked the flag.
     code, doc = why(rebind_cli, "18101", "--reuseaddr")

@@ -14,7 +14,7 @@ from rebind.textsafe import visible
 if TYPE_CHECKING:
     from rebind.diagnosis import Attempt, Diagnosis
 
-WHY_SCHEMA = "rebind.why/1"
+WHY_SCHEMA = "rebind.why/2"
 
 
 @click.command(
@@ -33,7 +33,7 @@ Exit status: 0 bindable now, 1 busy (or cannot be bound), 2 usage error.
 )
 @bind_options
 @device_options
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/1).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/2).")
 def why(
     spec: Spec,
     addr: IPv4Address | IPv6Address | None,

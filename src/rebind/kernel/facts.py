@@ -71,12 +71,16 @@ def _trials(req: BindRequest, table: SocketTable) -> tuple[dict[BindRequest, Tri
     out: dict[BindRequest, TrialResult] = {}
     skipped = ""
     for probe in _probes(req):
-        if not probe_is_harmless(probe, req, bucket_exists=bucket, prober_uid=uid):
+        if probe.reuseport and uid != req.uid:
+            # SO_REUSEPORT compares sk_uid, and the probe's is ours: its answer would be for
+            # another user's bind (and, in a TCP bucket, reset tb->fastuid to ours).
             if probe == req:
                 skipped = (
-                    f"no trial bind: a SO_REUSEPORT probe as uid {uid} would reset the port's "
-                    f"fast-reuse cache for uid {req.uid}'s bind; this answer is the model's"
+                    f"no trial bind: SO_REUSEPORT depends on the socket's uid, and a probe made by "
+                    f"uid {uid} cannot answer for uid {req.uid}; this answer is the model's"
                 )
+            continue
+        if not probe_is_harmless(probe, req, bucket_exists=bucket, prober_uid=uid):
             continue
         # Keyed by the bind-only request (a trial never listens): advice.trial_for finds it.
         out[replace(probe, listen=False)] = try_request(probe)

@@ -507,6 +507,8 @@ def headline(
     frees: int | None,
 ) -> str:
     where = f"{req.port}/{req.proto.value}"
+    if verdict is WhyVerdict.FREE and outcome.verdict is not Verdict.OK:
+        return f"{where} is free: the kernel's trial bind works now"
     if verdict is WhyVerdict.FREE:
         return f"{where} is free: bind() works now" + (" and so will listen()" if req.listen else "")
     if verdict is WhyVerdict.LISTEN_FAILS:

@@ -516,7 +516,8 @@ def _ipv6_address_error(req: BindRequest, a: IPv6Address, states: tuple[AddrStat
     else:
         why = (
             "is tentative: duplicate address detection is still running (IFA_F_TENTATIVE); "
-            "bind() works once it ends (net.ipv6.conf.IFACE.dad_transmits probes, about 1 s each)"
+            "bind() works once it ends (net.ipv6.conf.IFACE.dad_transmits probes, about 1 s each, "
+            "once the link has carrier)"
         )
     return _plain(Rule.ADDRESS_TENTATIVE, f"{a}{dev} {why}")
 
@@ -788,9 +789,14 @@ def probe_is_harmless(probe: BindRequest, user: BindRequest, *, bucket_exists: b
 
     * no TCP socket is on the port: the probe creates a fresh bucket and destroys it on close
       (inet_put_port -> inet_bind_bucket_destroy); or
-    * it has at least the user's SO_REUSEADDR, and -- if the user sets SO_REUSEPORT -- the same
-      SO_REUSEPORT, uid and address: then the probe's update followed by the user's equals the
-      user's alone (update_fastreuse is idempotent for one socket's values).
+    * the user does not set SO_REUSEPORT and the probe has at least the user's SO_REUSEADDR:
+      the probe leaves ``fastreuse`` alone when the user reads it, and the user's own bind
+      overwrites the rest; or
+    * it is the user's bind itself (same flags, uid and address): if it fails nothing changed;
+      if it works, the user's bind works too (same state, same check) and leaves the cache as
+      it would have. A probe with *more* flags is not harmless here: one that works thanks to
+      SO_REUSEADDR sets ``tb->fastreuseport`` to the user's uid and address, and the user's
+      bind then skips the conflict check it would have failed (sk_reuseport_match).
 
     A failed bind changes nothing (inet_csk_get_port jumps past update_fastreuse). UDP keeps no
     such cache (udp_lib_get_port checks every socket each time).
@@ -802,7 +808,7 @@ def probe_is_harmless(probe: BindRequest, user: BindRequest, *, bucket_exists: b
     if probe.reuseport and prober_uid != user.uid:
         return False  # the probe's sk_uid (ours) would become tb->fastuid
     if user.reuseport:
-        return probe.reuseport and probe.addr == user.addr and probe.v6only == user.v6only
+        return replace(probe, listen=user.listen) == user
     return True
 
 
