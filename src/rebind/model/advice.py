@@ -202,7 +202,23 @@ def _group_key(h: HolderFacts) -> tuple[object, ...] | None:
     r = h.entry.socket
     if h.entry.owners or r.proto is Proto.UDP:
         return None  # owned sockets are named one by one; UDP order matters (chain order)
-    return (r.proto, r.family, r.state, r.is_mini, r.local, r.v6only, r.uid, r.ifindex, h.opts, h.provenance)
+    # Plain values, not the frozen dataclasses: hashing 10k Endpoint/SockOpts costs more than
+    # the whole model run (why 9000 on the benchmark load).
+    o = h.opts
+    return (
+        r.proto,
+        r.state,
+        r.is_mini,
+        int(r.local.addr),
+        r.local.port,
+        r.v6only,
+        r.uid,
+        r.ifindex,
+        o.reuseaddr,
+        o.reuseport,
+        o.v6only,
+        h.provenance,
+    )
 
 
 def group_holders(holders: Iterable[HolderFacts]) -> tuple[tuple[HolderFacts, ...], ...]:
