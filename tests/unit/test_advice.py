@@ -610,3 +610,12 @@ def test_probe_is_harmless() -> None:
     assert not probe_is_harmless(request("127.0.0.2", reuseport=True), rp, **b)
     assert not probe_is_harmless(rp, rp, bucket_exists=True, prober_uid=1000)
     assert probe_is_harmless(request(proto=Proto.UDP), request(proto=Proto.UDP, reuseport=True), **b)
+
+
+def test_api_default_request_validates() -> None:
+    import rebind
+
+    with pytest.raises(rebind.errors.UsageError, match="out of range"):
+        rebind.default_request(70000)
+    r = rebind.default_request(8080, addr="::1", reuseport=True, freebind=True)
+    assert (r.reuseport, r.freebind, r.port) == (True, True, 8080)
