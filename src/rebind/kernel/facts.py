@@ -94,15 +94,13 @@ def _can_destroy() -> bool:
 
 
 def _holders(table: SocketTable, req: BindRequest) -> tuple[HolderFacts, ...]:
-    from rebind.kernel.pidfd import socket_flags
-
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
     out = []
     for e in table.entries:
         if e.socket.proto is not req.proto:
             continue
-        opts, src = _read_flags(e, socket_flags)
+        opts, src = _read_flags(e)
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
         if src is Provenance.UNKNOWN and not e.owners and parent is not None:
             # A child's TIME_WAIT normally carries its listener's flags (inet_twsk_alloc copies
@@ -110,7 +108,7 @@ def _holders(table: SocketTable, req: BindRequest) -> tuple[HolderFacts, ...]:
             # once per listener: a port can have ten thousand TIME_WAITs of one server.
             key = parent.socket.key
             if key not in parent_flags:
-                parent_flags[key] = _read_flags(parent, socket_flags)
+                parent_flags[key] = _read_flags(parent)
             got, how = parent_flags[key]
             if how is Provenance.READ:
                 opts, src = got, Provenance.INFERRED_LISTENER
@@ -122,9 +120,11 @@ def _holders(table: SocketTable, req: BindRequest) -> tuple[HolderFacts, ...]:
     return tuple(out)
 
 
-def _read_flags(e: SocketEntry, socket_flags: object) -> tuple[SockOpts, Provenance]:
+def _read_flags(e: SocketEntry) -> tuple[SockOpts, Provenance]:
+    from rebind.kernel.pidfd import socket_flags
+
     for o in e.owners:
-        flags = socket_flags(o.pid, o.fd, o.start_ticks)  # type: ignore[operator]
+        flags = socket_flags(o.pid, o.fd, o.start_ticks)
         if flags is not None:
             return SockOpts(*flags), Provenance.READ
     return SockOpts(), Provenance.UNKNOWN
