@@ -619,3 +619,34 @@ def test_api_default_request_validates() -> None:
         rebind.default_request(70000)
     r = rebind.default_request(8080, addr="::1", reuseport=True, freebind=True)
     assert (r.reuseport, r.freebind, r.port) == (True, True, 8080)
+
+
+def test_gatherer_runs_only_harmless_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel/facts.py: which probes run (try_request faked: no socket is opened here)."""
+    import os
+
+    from rebind.kernel import facts as gatherer
+
+    tried: list[BindRequest] = []
+    monkeypatch.setattr(gatherer, "try_request", lambda r: tried.append(r) or INUSE)
+    me = os.geteuid()
+    empty = SocketTable(())
+    occupied = SocketTable((SocketEntry(tw()),))
+    # A fresh bucket: as asked and every variant with more flags.
+    results, skipped = gatherer._trials(request(uid=me), empty)
+    assert len(tried) == 4 and skipped == "" and set(results) == {replace(r, listen=False) for r in tried}
+    # SO_REUSEPORT in an occupied bucket: only the user's own bind.
+    tried.clear()
+    gatherer._trials(request(reuseport=True, uid=me), occupied)
+    assert tried == [request(reuseport=True, uid=me)]
+    # SO_REUSEADDR asked: no probe without it (it would clear tb->fastreuse).
+    tried.clear()
+    gatherer._trials(request(reuseaddr=True, uid=me), occupied)
+    assert all(r.reuseaddr for r in tried) and len(tried) == 2
+    # Another uid's SO_REUSEPORT bind cannot be tried by us at all: the model answers, and says so.
+    tried.clear()
+    results, skipped = gatherer._trials(request(reuseport=True, uid=me + 1), occupied)
+    assert tried == [] and results == {} and "cannot answer for uid" in skipped
+    d = advise(replace(facts(request(reuseport=True, uid=me + 1), held(tw())), trial_skipped=skipped))
+    assert d.trial is None and any("cannot answer for uid" in n for n in d.notes)
+    assert "note: no trial bind" in text(d)

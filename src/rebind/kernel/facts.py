@@ -58,10 +58,11 @@ def gather(
 def _probes(req: BindRequest) -> Iterator[BindRequest]:
     """As asked, then with more flags: what a harmless probe may add (see probe_is_harmless)."""
     yield req
-    probe = replace(req, listen=False)
+    seen = {replace(req, listen=False)}
     for ra, rp in ((True, False), (False, True), (True, True)):
-        variant = replace(probe, reuseaddr=req.reuseaddr or ra, reuseport=req.reuseport or rp)
-        if variant != probe:
+        variant = replace(req, listen=False, reuseaddr=req.reuseaddr or ra, reuseport=req.reuseport or rp)
+        if variant not in seen:
+            seen.add(variant)
             yield variant
 
 
