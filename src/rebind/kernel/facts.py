@@ -3,6 +3,11 @@
 Socket table (inet_diag), owners and their flags (pidfd_getfd + getsockopt), kernel settings,
 IPv6 address states, process-tree hints, and the trial binds that cannot change the answer
 (conflict.probe_is_harmless decides which may run).
+
+Known limits of the trials: a socket bound between the dump and a probe is not accounted for
+(the probe may then share its fresh bucket for a moment); a UDP probe is bound for a few
+microseconds and could receive a datagram meant for a wildcard socket on the port. An
+observer-free answer (``trials=False``) has neither.
 """
 
 from __future__ import annotations
