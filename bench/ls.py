@@ -482,11 +482,12 @@ def main() -> None:
             f"Socket table: {info['sockets']}; processes in the namespace: {info['processes']}; "
             f"load built in {info['build_s'] or 0:.0f} s.\n"
         )
-        print(f"Owners of the 8080 listener: `ss -tanp` {owners['ss']} pids;")
-        for k, v in owners.items():
-            if k not in ("ss", "same"):
-                print(f"`{k} ls 8080`: {v};")
-        print()
+        if "ss" in owners:
+            print(f"Owners of the 8080 listener: `ss -tanp` {owners['ss']} pids;")
+            for k, v in owners.items():
+                if k not in ("ss", "same"):
+                    print(f"`{k} ls 8080`: {v};")
+            print()
         print(table(info) + "\n")
     if idle:
         print("### Idle namespace (one listener on 8080, one owner)\n")

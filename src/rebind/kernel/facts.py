@@ -106,7 +106,7 @@ def _holders(table: SocketTable, req: BindRequest) -> tuple[HolderFacts, ...]:
     for e in table.entries:
         if e.socket.proto is not req.proto:
             continue
-        opts, src = _read_flags(e)
+        opts, src = _read_flags(e) if e.owners else (SockOpts(), Provenance.UNKNOWN)
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
         if src is Provenance.UNKNOWN and not e.owners and parent is not None:
             # A child's TIME_WAIT normally carries its listener's flags (inet_twsk_alloc copies
@@ -149,12 +149,13 @@ def _process_hints(table: SocketTable) -> dict[int, ProcessHint]:
     from rebind.kernel.owners import proc_root
     from rebind.kernel.procstat import PGRP, stat_field
 
+    owned = [e for e in table.entries if e.owners]  # leftovers (most of a busy port) have none
     holders_of: dict[int | None, set[int]] = {}
-    for e in table.entries:
+    for e in owned:
         holders_of.setdefault(e.socket.inode, set()).update(o.pid for o in e.owners)
     hints: dict[int, ProcessHint] = {}
     root = proc_root()
-    for e in table.entries:
+    for e in owned:
         pids = holders_of.get(e.socket.inode, set())
         for o in e.owners:
             if o.pid in hints:

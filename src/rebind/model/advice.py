@@ -231,7 +231,7 @@ def group_holders(holders: Iterable[HolderFacts]) -> tuple[tuple[HolderFacts, ..
 
 
 def _with_opts(group: tuple[HolderFacts, ...], opts: SockOpts, prov: Provenance) -> tuple[HolderFacts, ...]:
-    return tuple(replace(h, opts=opts, provenance=prov) for h in group)
+    return tuple(HolderFacts(h.entry, opts, prov) for h in group)  # not replace(): 10k of them
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,21 +431,33 @@ def blocker_infos(outcome: Outcome, a: Assessment, facts: Facts) -> list[Blocker
             listener_on_port=listener,
             ephemeral=facts.settings.ip_local_port_range,
         )
+        n = len(group)
+        views: dict[bool, OwnerView] = {}
         for h in group:
-            view = _owner_view(h.entry, facts)
-            out.append(BlockerInfo(h.entry, b, kind, h.opts, h.provenance, view, len(group)))
+            has = bool(h.entry.owners)
+            if has not in views:  # group members agree on everything but owners and peers
+                views[has] = _owner_view(h.entry, facts)
+            out.append(BlockerInfo(h.entry, b, kind, h.opts, h.provenance, views[has], n))
     return out
 
 
 def frees_in(infos: Iterable[BlockerInfo]) -> int | None:
     """When the last blocker goes away by itself; None if any blocker has no timer."""
-    times = []
+    latest: int | None = None
+    seen: set[int] = set()
     for b in infos:
-        r = b.entry.socket
-        if not (r.is_mini and r.expires_ms is not None):
+        if id(b.blocker) not in seen:  # the kind is per group: one check per group
+            seen.add(id(b.blocker))
+            if b.kind not in _TIMED:
+                return None
+        ms = b.entry.socket.expires_ms
+        if ms is None:
             return None
-        times.append(r.expires_ms)
-    return max(times) if times else None
+        latest = ms if latest is None else max(latest, ms)
+    return latest
+
+
+_TIMED = frozenset({HolderKind.TIME_WAIT, HolderKind.ORPHAN_FIN_WAIT2})
 
 
 def old_reuseaddr(infos: Iterable[BlockerInfo]) -> bool | None:
