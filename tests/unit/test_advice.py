@@ -632,21 +632,43 @@ def test_gatherer_runs_only_harmless_trials(monkeypatch: pytest.MonkeyPatch) -> 
     me = os.geteuid()
     empty = SocketTable(())
     occupied = SocketTable((SocketEntry(tw()),))
-    # A fresh bucket: as asked and every variant with more flags.
-    results, skipped = gatherer._trials(request(uid=me), empty)
-    assert len(tried) == 4 and skipped == "" and set(results) == {replace(r, listen=False) for r in tried}
+    # A fresh bucket: as asked, every variant with more flags, the other addresses (TCP only).
+    results, skipped = gatherer._trials(request(uid=me), empty, S)
+    assert skipped == "" and set(results) == {replace(r, listen=False) for r in tried}
+    flags = {(r.reuseaddr, r.reuseport) for r in tried if r.addr == ip_address("0.0.0.0")}
+    assert flags == {(False, False), (True, False), (False, True), (True, True)}
+    assert {str(r.addr) for r in tried} == {"0.0.0.0", "127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"}
+    tried.clear()
+    gatherer._trials(request(proto=Proto.UDP, uid=me), empty, S)
+    assert {str(r.addr) for r in tried} == {"0.0.0.0"}  # a UDP probe elsewhere could take datagrams
     # SO_REUSEPORT in an occupied bucket: only the user's own bind.
     tried.clear()
-    gatherer._trials(request(reuseport=True, uid=me), occupied)
+    gatherer._trials(request(reuseport=True, uid=me), occupied, S)
     assert tried == [request(reuseport=True, uid=me)]
     # SO_REUSEADDR asked: no probe without it (it would clear tb->fastreuse).
     tried.clear()
-    gatherer._trials(request(reuseaddr=True, uid=me), occupied)
-    assert all(r.reuseaddr for r in tried) and len(tried) == 2
+    gatherer._trials(request(reuseaddr=True, uid=me), occupied, S)
+    assert all(r.reuseaddr for r in tried) and len([r for r in tried if r.addr == ip_address("0.0.0.0")]) == 2
     # Another uid's SO_REUSEPORT bind cannot be tried by us at all: the model answers, and says so.
     tried.clear()
-    results, skipped = gatherer._trials(request(reuseport=True, uid=me + 1), occupied)
+    results, skipped = gatherer._trials(request(reuseport=True, uid=me + 1), occupied, S)
     assert tried == [] and results == {} and "cannot answer for uid" in skipped
     d = advise(replace(facts(request(reuseport=True, uid=me + 1), held(tw())), trial_skipped=skipped))
     assert d.trial is None and any("cannot answer for uid" in n for n in d.notes)
     assert "note: no trial bind" in text(d)
+
+
+def test_parse_if_inet6() -> None:
+    from rebind.kernel.addrs import parse_if_inet6
+
+    text = (
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "20010db8000100000000000000000005 03 40 00 c0       v0\n"
+        "fe8000000000000000fc00fffe000001 04 40 20 88     eth0\n"
+        "garbage line\n"
+        "zz010db8000100000000000000000005 03 40 00 c0       v1\n"
+    )
+    lo, v0, eth0 = parse_if_inet6(text)
+    assert (lo.addr, lo.ifindex, lo.usable) == (IPv6Address("::1"), 1, True)
+    assert (str(v0.addr), v0.ifname, v0.usable) == ("2001:db8:1::5", "v0", False)
+    assert eth0.flags & AddrFlag.DADFAILED and eth0.ifindex == 4

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from rebind.kernel.trial import try_request
 from rebind.model.advice import Facts, HolderFacts, Provenance
-from rebind.model.conflict import KernelSettings, SockOpts, probe_is_harmless
+from rebind.model.conflict import KernelSettings, SockOpts, alternative_requests, probe_is_harmless
 from rebind.model.diagnosis import ProcessHint
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
@@ -45,7 +45,7 @@ def gather(
     results: dict[BindRequest, TrialResult] = {}
     skipped = ""
     if trials:
-        results, skipped = _trials(req, table)
+        results, skipped = _trials(req, table, settings)
     euid = os.geteuid()
     return Facts(
         request=req,
@@ -60,23 +60,33 @@ def gather(
     )
 
 
-def _probes(req: BindRequest) -> Iterator[BindRequest]:
-    """As asked, then with more flags: what a harmless probe may add (see probe_is_harmless)."""
+def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:
+    """As asked, then with more flags, then (TCP) on the other addresses `why` offers: what a
+    harmless probe may be (see probe_is_harmless). No UDP probe on another address: a bound
+    UDP socket receives at once, and a more specific one would take datagrams meant for a
+    wildcard socket on the port; a TCP socket that never listens receives nothing."""
     yield req
     seen = {replace(req, listen=False)}
-    for ra, rp in ((True, False), (False, True), (True, True)):
-        variant = replace(req, listen=False, reuseaddr=req.reuseaddr or ra, reuseport=req.reuseport or rp)
+    variants = [
+        replace(req, listen=False, reuseaddr=req.reuseaddr or ra, reuseport=req.reuseport or rp)
+        for ra, rp in ((True, False), (False, True), (True, True))
+    ]
+    if req.proto is Proto.TCP:
+        variants += [replace(r, listen=False) for r in alternative_requests(req, settings)]
+    for variant in variants:
         if variant not in seen:
             seen.add(variant)
             yield variant
 
 
-def _trials(req: BindRequest, table: SocketTable) -> tuple[dict[BindRequest, TrialResult], str]:
+def _trials(
+    req: BindRequest, table: SocketTable, settings: KernelSettings
+) -> tuple[dict[BindRequest, TrialResult], str]:
     bucket = any(e.socket.proto is Proto.TCP and e.socket.local.port == req.port for e in table.entries)
     uid = os.geteuid()
     out: dict[BindRequest, TrialResult] = {}
     skipped = ""
-    for probe in _probes(req):
+    for probe in _probes(req, settings):
         if probe.reuseport and uid != req.uid:
             # SO_REUSEPORT compares sk_uid, and the probe's is ours: its answer would be for
             # another user's bind (and, in a TCP bucket, reset tb->fastuid to ours).

@@ -473,8 +473,12 @@ def trial_for(trials: Mapping[BindRequest, TrialResult], req: BindRequest) -> Tr
 def attempts_for(req: BindRequest, a: Assessment, facts: Facts) -> tuple[Attempt, ...]:
     """conflict.alternatives, each with the kernel's answer where a harmless trial ran."""
     reps = [g[0].holder for g in a.groups]
-    alts: tuple[Alternative, ...] = alternatives(req, reps, facts.settings)
-    return tuple(Attempt(x.label, x.request, x.outcome, trial_for(facts.trials, x.request)) for x in alts)
+
+    def attempt(x: Alternative) -> Attempt:
+        return Attempt(x.label, x.request, x.outcome, trial_for(facts.trials, x.request))
+
+    alts = alternatives(req, reps, facts.settings, works=lambda x: attempt(x).works)
+    return tuple(attempt(x) for x in alts)
 
 
 def advise(facts: Facts) -> Diagnosis:

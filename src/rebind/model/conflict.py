@@ -16,7 +16,7 @@ what the doc leaves out and the kernel oracle (tests/kernel/test_oracle.py) show
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from itertools import product
@@ -895,7 +895,7 @@ def check_listen(
     return _as_outcome(_check(req, hs, settings, cache, Stage.LISTEN), Stage.LISTEN, [])
 
 
-def _other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[IPAddress, bool | None]]:
+def other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[IPAddress, bool | None]]:
     """Addresses worth offering: leftovers hold only their own concrete address (A3)."""
     cands: list[tuple[IPAddress, bool | None]] = [
         (IPv4Address("127.0.0.1"), None),
@@ -915,17 +915,27 @@ def _other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[I
     return out
 
 
+def alternative_requests(req: BindRequest, settings: KernelSettings) -> list[BindRequest]:
+    """The same bind on the other addresses worth offering (in the order they are tried)."""
+    return [
+        replace(req, addr=a, v6only=v6 if a.version == 6 else None)
+        for a, v6 in other_addresses(req, settings)
+    ]
+
+
 def alternatives(
     req: BindRequest,
     holders: Iterable[Holder],
     settings: KernelSettings,
     *,
     cache: ReuseportCache | None = None,
+    works: Callable[[Alternative], bool] | None = None,
 ) -> tuple[Alternative, ...]:
     """What else could be bound now: plain / SO_REUSEADDR / SO_REUSEPORT / another address.
 
     Every variant is returned with its prediction (check ``.works``); at most one of the other
-    addresses (the first that works) is included.
+    addresses (the first that works) is included. ``works`` overrides what "works" means for
+    that choice (`why` passes the kernel's trial where one ran).
     """
     hs = list(holders)
     flag_variants = [
@@ -941,12 +951,13 @@ def alternatives(
         if r not in seen:
             seen.add(r)
             out.append(Alternative(label, r, evaluate(r, hs, settings, cache=cache)))
-    for a, v6 in _other_addresses(req, settings):
-        r = replace(req, addr=a, v6only=v6 if a.version == 6 else None)
-        outcome = evaluate(r, hs, settings, cache=cache)
-        if outcome.verdict is Verdict.OK:
-            shown = f"[{a}]" if a.version == 6 else str(a)
-            label = f"on {shown}" + (" (IPV6_V6ONLY)" if v6 else "")
-            out.append(Alternative(label, r, outcome))
+    for r in alternative_requests(req, settings):
+        a, v6 = r.addr, r.v6only
+        shown = f"[{a}]" if a.version == 6 else str(a)
+        alt = Alternative(
+            f"on {shown}" + (" (IPV6_V6ONLY)" if v6 else ""), r, evaluate(r, hs, settings, cache=cache)
+        )
+        if works(alt) if works is not None else alt.works:
+            out.append(alt)
             break
     return tuple(out)
