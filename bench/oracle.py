@@ -62,6 +62,7 @@ def asking(args: argparse.Namespace) -> int:
     """Asking never changes the answer, and why's verdict, headline and bindable agree."""
     t0 = time.monotonic()
     bad: list[AskCheck] = []
+    unstable = 0
     verdicts: Counter[str] = Counter()
     done = batch = 0
     while done < args.scenarios:
@@ -69,6 +70,7 @@ def asking(args: argparse.Namespace) -> int:
         with private_netns(), Lab() as lab:
             for c in run_asking(n, args.seed * 1_000_003 + batch, lab=lab, start=done, port_base=20000):
                 verdicts[c.verdict] += 1
+                unstable += c.unstable
                 if not c.same or not c.consistent or c.wrong:
                     bad.append(c)
         done += n
@@ -78,6 +80,7 @@ def asking(args: argparse.Namespace) -> int:
     print(
         f"scenarios {done}  differences {sum(not c.same for c in bad)}  "
         f"inconsistent {sum(not c.consistent for c in bad)}  wrong {sum(c.wrong for c in bad)}  "
+        f"not compared (copies never settled) {unstable}  "
         f"({dict(verdicts)})  {time.monotonic() - t0:.1f} s"
     )
     return 1 if bad else 0

@@ -154,5 +154,5 @@ def test_asking_never_changes_the_answer(netns: int) -> None:
     with Lab() as lab:
         checks = list(run_asking(count, 2026, lab=lab))
     bad = [c for c in checks if not c.same or not c.consistent or c.wrong]
-    assert len(checks) == count
+    assert len(checks) == count and sum(c.unstable for c in checks) <= count // 20
     assert not bad, "\n\n".join(str(c) for c in bad[:10])
