@@ -709,7 +709,7 @@ def run_asking(
                         lab._build(run, e)
                     except OSError:
                         pass
-            unstable = not lab._settle(runs)
+            unstable = not lab._settle(runs) or not _same_state(lab, sc.port, twin.port)
             p = sc.probes[0]
             without = lab.real_bind(runs[1], p)
             req = _request(p.spec, sc.port, p.listen is ListenMode.NOW)
@@ -726,6 +726,16 @@ def run_asking(
             for run in runs:
                 for s in run.open:
                     s.close()
+
+
+def _same_state(lab: Lab, a: int, b: int) -> bool:
+    """Both copies show the same sockets (states, addresses, flags' carriers), ports aside."""
+    snap = lab.snapshot([a, b])
+
+    def shape(port: int) -> list[tuple[str, str, str, bool]]:
+        return sorted((r.proto.value, r.state.name, str(r.local.addr), r.is_mini) for r in snap[port])
+
+    return shape(a) == shape(b)
 
 
 def _consistent_answer(d: Any) -> bool:
