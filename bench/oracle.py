@@ -11,8 +11,9 @@ import sys
 import time
 from collections import Counter
 
+from oracle_lib import AskCheck, Check, Lab, run_asking, run_scenarios
+
 from rebind.kernel.netns import private_netns
-from rebind.oracle import Check, Lab, run_scenarios
 
 #: Scenarios per namespace (each uses its own port; a fresh namespace drops old TIME_WAITs).
 PER_NAMESPACE = 2000
@@ -23,7 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--show", type=int, default=1000, help="print at most this many disagreements")
+    ap.add_argument(
+        "--asking",
+        action="store_true",
+        help="instead: the user's real bind with and without `rebind why` first (must not differ)",
+    )
     args = ap.parse_args(argv)
+    if args.asking:
+        return asking(args)
     t0 = time.monotonic()
     checks = 0
     bad: list[Check] = []
@@ -46,6 +54,34 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"scenarios {done}  checks {checks}  agree {checks - len(bad)}  disagree {len(bad)}  "
         f"agreement {rate:.3f}%  ({dict(stages)})  {time.monotonic() - t0:.1f} s"
+    )
+    return 1 if bad else 0
+
+
+def asking(args: argparse.Namespace) -> int:
+    """Asking never changes the answer, and why's verdict, headline and bindable agree."""
+    t0 = time.monotonic()
+    bad: list[AskCheck] = []
+    unstable = 0
+    verdicts: Counter[str] = Counter()
+    done = batch = 0
+    while done < args.scenarios:
+        n = min(PER_NAMESPACE, args.scenarios - done)
+        with private_netns(), Lab() as lab:
+            for c in run_asking(n, args.seed * 1_000_003 + batch, lab=lab, start=done, port_base=20000):
+                verdicts[c.verdict] += 1
+                unstable += c.unstable
+                if not c.same or not c.consistent or c.wrong:
+                    bad.append(c)
+        done += n
+        batch += 1
+    for c in bad[: args.show]:
+        print(c, end="\n\n")
+    print(
+        f"scenarios {done}  differences {sum(not c.same for c in bad)}  "
+        f"inconsistent {sum(not c.consistent for c in bad)}  wrong {sum(c.wrong for c in bad)}  "
+        f"not compared (copies never settled) {unstable}  "
+        f"({dict(verdicts)})  {time.monotonic() - t0:.1f} s"
     )
     return 1 if bad else 0
 

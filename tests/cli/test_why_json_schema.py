@@ -1,4 +1,4 @@
-"""docs/json.md documents exactly the fields `rebind why --json` emits (schema rebind.why/1)."""
+"""docs/json.md documents exactly the fields `rebind why --json` emits (schema rebind.why/2)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_why_json_matches_the_doc(netns, rebind_cli):
     srv.close()
     assert res.returncode == 1
     doc = json.loads(res.stdout)
-    assert doc["schema"] == "rebind.why/1"
+    assert doc["schema"] == "rebind.why/2"
     assert set(doc) == fields("why: top level")
     assert set(doc["request"]) == fields("why request")
     assert set(doc["blockers"][0]) == fields("why blocker")

@@ -1,4 +1,4 @@
-"""The conflict model against the kernel: random scenarios (rebind.oracle) and focused tests for
+"""The conflict model against the kernel: random scenarios (bench/oracle_lib.py) and focused tests for
 the behaviours the oracle found that bind-rules.md does not describe."""
 
 from __future__ import annotations
@@ -8,11 +8,22 @@ import socket
 from ipaddress import ip_address
 
 import pytest
+from bench.oracle_lib import (
+    SETTINGS,
+    Existing,
+    Kind,
+    Lab,
+    ListenMode,
+    Probe,
+    Scenario,
+    Spec,
+    run_asking,
+    run_scenarios,
+)
 
 from rebind.kernel.netns import private_netns
 from rebind.model.conflict import Verdict
 from rebind.model.records import Proto
-from rebind.oracle import SETTINGS, Existing, Kind, Lab, ListenMode, Probe, Scenario, Spec, run_scenarios
 
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 T, U = Proto.TCP, Proto.UDP
@@ -134,3 +145,14 @@ def test_address_not_local(netns: int) -> None:
     )
     assert [r[:2] for r in out] == [(Verdict.FAIL, 99), (Verdict.FAIL, 99)]
     assert SETTINGS.local_addresses is not None and ip_address("::1") in SETTINGS.local_addresses
+
+
+def test_asking_never_changes_the_answer(netns: int) -> None:
+    """The user's real bind gives the same result with and without `rebind why` just before it,
+    and why's verdict, headline and bindable (so exit code and JSON) agree. Benchmark: 2,000+."""
+    count = int(os.environ.get("REBIND_ASKING_SCENARIOS", "150"))
+    with Lab() as lab:
+        checks = list(run_asking(count, 2026, lab=lab))
+    bad = [c for c in checks if not c.same or not c.consistent or c.wrong]
+    assert len(checks) == count and sum(c.unstable for c in checks) <= count // 20
+    assert not bad, "\n\n".join(str(c) for c in bad[:10])

@@ -6,6 +6,8 @@ import json
 import socket
 from typing import Any
 
+import pytest
+
 from tests.kernel.helpers import BOUND_ONLY, LISTEN, ORPHAN_CHILD, OTHER_UID, TIME_WAIT
 
 REUSE = "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
@@ -35,7 +37,7 @@ def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
         and "free in" in doc["verdict"]
     )
     [b] = doc["blockers"]
-    assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == "inferred"
+    assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == "inferred-trial"
     assert 0 < doc["frees_in_ms"] <= 60_000
     # The post's fix does not help: the old socket lacked the flag.
     code, doc = why(rebind_cli, "18101", "--reuseaddr")
@@ -249,3 +251,149 @@ time.sleep(600)
     assert b["socket"]["state"] == "CLOSE_WAIT" and b["kind"] == "closing-leftover"
     assert [o["pid"] for o in b["socket"]["owners"]] == [p.pid] and b["flags_source"] == "read"
     assert "CLOSE_WAIT" in doc["verdict"]
+
+
+# --- issue 9: asking never changes the answer; the kernel's answer is the verdict ---------------
+
+SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+
+
+def _why_raw(rebind_cli: Any, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    res = rebind_cli("why", *args, "--json", env=env)
+    assert res.returncode in (0, 1), res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def _agrees(code: int, doc: dict[str, Any]) -> None:
+    """Verdict line, exit code and JSON bindable always agree."""
+    assert (code == 0) == doc["bindable"] == (doc["status"] == "free")
+    assert ("is busy" in doc["verdict"]) == (doc["status"] == "busy") or doc["status"] != "free"
+
+
+def test_reuseport_cleared_after_bind_why_says_free_and_the_real_bind_still_works(netns, rebind_cli):
+    """Wrong answer #1: the bucket's tb->fastreuseport cache lets B bind; a SO_REUSEPORT trial on
+    another address used to reset it, so `why` said busy and B's real bind then failed."""
+    for listen in (False, True):
+        port = 18130 + listen
+        a = socket.socket()
+        a.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+        a.bind(("127.0.0.1", port))
+        if listen:
+            a.listen()
+        a.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 0)
+        code, doc = _why_raw(rebind_cli, str(port), "--addr", "127.0.0.1", "--reuseport")
+        _agrees(code, doc)
+        assert code == 0 and doc["status"] == "free" and "busy" not in doc["verdict"]
+        # The model cannot see the cache: it disagrees, the kernel wins, and the cause is named.
+        assert doc["disagreement"] and "fastreuseport" in doc["explanation"]
+        b = socket.socket()
+        b.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+        b.bind(("127.0.0.1", port))  # raised EADDRINUSE before the fix
+        b.close()
+        a.close()
+
+
+def test_time_wait_of_a_reuseport_listener_lets_a_reuseport_restart(netns, procs, rebind_cli):
+    """Wrong answers #3/#4: TIME_WAIT left by a SO_REUSEPORT listener without SO_REUSEADDR."""
+    opts = "s.setsockopt(socket.SOL_SOCKET, 15, 1)\n"
+    p = procs.python(TIME_WAIT.format(port=18132, opts=opts))
+    procs.wait_line(p)
+    code, doc = _why_raw(rebind_cli, "18132", "--reuseport")
+    _agrees(code, doc)
+    assert code == 0 and doc["status"] == "free" and doc["disagreement"] is None
+    code, doc = _why_raw(rebind_cli, "18132")
+    _agrees(code, doc)
+    [b] = doc["blockers"]
+    # Inferred from the kernel's answers to harmless trials: SO_REUSEPORT as well as SO_REUSEADDR.
+    assert b["reuseport"] is True and b["reuseaddr"] is False and b["flags_source"] == "inferred-trial"
+    assert b["rule"] == "reuseport-missing-new"
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 18132))
+    s.close()
+
+
+def test_udp_flags_inferred_from_trials_without_owners(netns):
+    """Trials infer SO_REUSEPORT for UDP too (owners=False: nobody reads the flags)."""
+    from rebind.diagnosis import default_request, diagnose
+
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+    u.bind(("127.0.0.1", 18133))
+    d = diagnose(default_request(18133, proto="udp"), owners=False)
+    assert d.verdict.value == "busy" and not d.bindable and d.disagreement is None
+    [b] = d.blockers
+    assert b.opts.reuseport is True and b.provenance.value == "inferred-trial"
+    assert b.blocker.rule.value == "reuseport-missing-new"
+    assert any(a.works and a.request.reuseport for a in d.attempts)
+    u.close()
+
+
+def test_trial_honours_freebind(netns):
+    from dataclasses import replace
+
+    from rebind.diagnosis import default_request, diagnose
+
+    d = diagnose(replace(default_request(18999, addr="192.0.2.1"), freebind=True))
+    assert d.bindable and d.disagreement is None and d.trial is not None and d.trial.ok
+    d = diagnose(default_request(18999, addr="192.0.2.1"))
+    assert not d.bindable and d.disagreement is None and d.verdict.value == "cannot-bind"
+
+
+def test_tentative_ipv6_address(netns, rebind_cli):
+    """Wrong answer #2: DAD still running (a veth without carrier keeps the address tentative)."""
+    import subprocess
+
+    subprocess.run(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"], check=True)
+    subprocess.run(["ip", "link", "set", "v0", "up"], check=True)
+    subprocess.run(["ip", "addr", "add", "2001:db8:1::5/64", "dev", "v0"], check=True)
+    code, doc = _why_raw(rebind_cli, "18134", "--addr", "2001:db8:1::5")
+    _agrees(code, doc)
+    assert code == 1 and doc["status"] == "cannot-bind" and doc["disagreement"] is None
+    assert doc["blockers"][0]["kind"] == "address-tentative" and "tentative" in doc["verdict"]
+    assert doc["trial"]["error"] == "EADDRNOTAVAIL"
+
+
+def test_link_local_scope_and_bad_interface(netns, rebind_cli):
+    """Issue 8 #14: no "UNCONN connection" for a no-socket blocker; a bad interface is usage."""
+    code, doc = _why_raw(rebind_cli, "18135", "--addr", "fe80::1%lo")
+    assert code == 1 and doc["disagreement"] is None and doc["request"]["ifindex"] == 1
+    assert doc["blockers"][0]["kind"] == "address-not-local" and "connection" not in doc["verdict"]
+    res = rebind_cli("why", "18135", "--addr", "fe80::1%nosuchif")
+    assert res.returncode == 2 and "nosuchif" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    code, doc = _why_raw(rebind_cli, "18135", "--addr", "fe80::1")
+    assert code == 1 and doc["blockers"][0]["kind"] == "invalid-address" and doc["disagreement"] is None
+
+
+def test_procfs_fallback_names_its_blind_spot(netns, procs, rebind_cli):
+    """Issue 8 #22: bound-inactive sockets are not in /proc/net/tcp: a limitation, not a bug."""
+    p = procs.python(BOUND_ONLY.format(port=18136))
+    procs.wait_line(p)
+    res = rebind_cli("why", "18136", env={"REBIND_FORCE_PROCFS": "1"})
+    assert res.returncode == 1, res.stdout
+    assert "please report" not in res.stdout and "/proc/net/tcp" in res.stdout
+    assert "is busy" in res.stdout.splitlines()[0]
+
+
+def test_holder_outside_this_pid_namespace(netns, procs):
+    """Issue 8 #26: a listener no process here holds (root saw every fd): no `rebind free`."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare"):
+        pytest.skip("unshare(1) missing")
+    p = procs.python(LISTEN.format(opts="", addr="127.0.0.1", port=18137))
+    procs.wait_line(p)
+    env = {**os.environ, "NO_COLOR": "1"}
+    res = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "rebind", "why", "18137"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert res.returncode == 1, res.stderr
+    assert "outside this PID namespace" in res.stdout and "rebind free" not in res.stdout

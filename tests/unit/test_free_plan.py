@@ -26,6 +26,7 @@ from rebind.actions.free import (
 from rebind.diagnosis import BlockerInfo, Diagnosis
 from rebind.errors import UsageError
 from rebind.kernel.trial import TrialResult
+from rebind.model.advice import Provenance, WhyVerdict
 from rebind.model.conflict import (
     BindRequest,
     Blocker,
@@ -90,7 +91,7 @@ def blocker(
     rule: Rule = Rule.LISTENER_NEVER_YIELDS,
 ) -> BlockerInfo:
     b = Blocker(Holder(rec), Stage.BIND, rule, True, "blocks")
-    return BlockerInfo(SocketEntry(rec, owners), b, kind, SockOpts(), "read")
+    return BlockerInfo(SocketEntry(rec, owners), b, kind, SockOpts(), Provenance.READ)
 
 
 IN_USE = TrialResult(False, errno.EADDRINUSE)
@@ -109,7 +110,10 @@ def diag(
         tuple(b.blocker for b in blockers),
     )
     table = SocketTable(tuple(b.entry for b in blockers), scan=scan)
-    return Diagnosis(REQ, outcome, trial, tuple(blockers), (), (), None, "verdict", table, KernelSettings())
+    verdict = WhyVerdict.FREE if outcome.verdict is Verdict.OK else WhyVerdict.BUSY
+    return Diagnosis(
+        REQ, outcome, trial, tuple(blockers), (), (), None, verdict, "verdict", table, KernelSettings()
+    )
 
 
 def plan_for(d: Diagnosis, facts: HostFacts = USER_FACTS, **kw: object) -> FreePlan:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import errno
-from ipaddress import IPv4Address, IPv6Address, ip_address
+import os
+import socket
+from ipaddress import IPv4Address, IPv6Address
 
 from rebind.errors import UsageError
-from rebind.kernel.trial import TrialResult, trial_bind
-from rebind.model.conflict import BindRequest
+from rebind.kernel.trial import TrialResult, try_request
 from rebind.model.records import Proto, SocketRecord
+from rebind.model.request import BindRequest, parse_proto, split_scope
+from rebind.model.validate import parse_port
+
+__all__ = ["TRANSIENT_ERRNOS", "bind_request", "parse_addr", "parse_proto", "try_bind", "where"]
 from rebind.model.records import owner_label as owner_label  # the one owner label (escapes hostile names)
 
 IPAddress = IPv4Address | IPv6Address
@@ -19,66 +24,69 @@ AddrLike = str | IPAddress
 TRANSIENT_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 
 
-def parse_proto(proto: Proto | str) -> Proto:
-    try:
-        return proto if isinstance(proto, Proto) else Proto(str(proto).lower())
-    except ValueError:
-        raise UsageError(f"unknown protocol {proto!r} (tcp or udp)") from None
-
-
 def parse_addr(addr: AddrLike | None) -> IPAddress | None:
-    if addr is None or isinstance(addr, IPv4Address | IPv6Address):
-        return addr
-    text = addr.strip().strip("[]")
-    try:
-        return ip_address(text)
-    except ValueError:
-        raise UsageError(f"{addr!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1, ::)") from None
+    if addr is None:
+        return None
+    a, scope = split_scope(addr)
+    if scope:
+        raise UsageError(f"{addr!r}: a scope id is not accepted here")
+    return a
 
 
 def check_port(port: int) -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise UsageError(f"port {port!r} is out of range (1-65535)")
-    return port
+    return parse_port(port)
+
+
+def ifindex_of(name: str) -> int | None:
+    """An interface name (or decimal index) in this netns to its ifindex; None if absent."""
+    if name.isascii() and name.isdigit():
+        index = int(name)
+        try:
+            socket.if_indextoname(index)
+        except (OSError, OverflowError):
+            return None
+        return index
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 def bind_request(
-    port: int,
+    port: int | str,
     *,
     addr: AddrLike | None = None,
     proto: Proto | str = Proto.TCP,
     reuseaddr: bool = False,
     reuseport: bool = False,
     v6only: bool | None = None,
+    freebind: bool = False,
+    device: str | None = None,
+    uid: int | None = None,
 ) -> BindRequest:
-    """The request `rebind why` would diagnose, from user input (errors are UsageError)."""
-    from rebind.diagnosis import default_request
-
-    a = parse_addr(addr)
-    if v6only and a is None:
-        a = IPv6Address("::")  # as `rebind why --v6only` does
-    if v6only is not None and a is not None and a.version != 6:
-        raise UsageError("v6only needs an IPv6 address (e.g. ::)")
-    return default_request(
-        check_port(port),
-        addr=a,
-        proto=parse_proto(proto),
+    """The one constructor of bind requests from user input (CLI, API, actions); UsageError
+    for every bad field. The socket's uid defaults to this process's (as its bind would be)."""
+    return BindRequest.create(
+        port,
+        addr=addr,
+        proto=proto,
         reuseaddr=reuseaddr,
         reuseport=reuseport,
         v6only=v6only,
+        freebind=freebind,
+        device=device,
+        uid=os.geteuid() if uid is None else uid,
+        ifindex_of=ifindex_of,
     )
 
 
 def try_bind(req: BindRequest) -> TrialResult:
-    return trial_bind(
-        req.proto, req.addr, req.port, reuseaddr=req.reuseaddr, reuseport=req.reuseport, v6only=req.v6only
-    )
+    return try_request(req)
 
 
 def where(req: BindRequest) -> str:
     """``0.0.0.0:8080/tcp`` (IPv6 in brackets)."""
-    host = f"[{req.addr}]" if req.addr.version == 6 else str(req.addr)
-    return f"{host}:{req.port}/{req.proto.value}"
+    return req.where
 
 
 def socket_label(r: SocketRecord) -> str:

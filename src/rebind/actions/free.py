@@ -467,10 +467,13 @@ def _unexplained(d: Diagnosis, not_sockets: list[Obstacle]) -> tuple[Obstacle, .
     """The trial bind fails and the model names no blocker: say what the kernel said."""
     if d.blockers or not_sockets:
         return ()
-    err = d.trial.errno
+    # No trial runs where it could change the user's own bind (conflict.probe_is_harmless):
+    # then the model's answer stands in for the kernel's.
+    trial = d.trial
+    err = trial.errno if trial is not None else d.outcome.errno
     if err is not None and err != errno.EADDRINUSE:
-        return (_not_a_socket(str(d.trial), err in (errno.EACCES, errno.EPERM)),)
-    what = str(d.trial) if not d.trial.ok else "listen() would fail with EADDRINUSE"
+        return (_not_a_socket(str(trial) if trial else d.headline, err in (errno.EACCES, errno.EPERM)),)
+    what = str(trial) if trial is not None and not trial.ok else "listen() would fail with EADDRINUSE"
     return (Obstacle(ObstacleKind.NO_OWNER, f"{what}, but no socket that blocks it is visible", 1),)
 
 

@@ -116,7 +116,7 @@ def print_plan(plan: FreePlan) -> None:
     from rebind.actions.free import ObstacleKind, describe_target, no_owner_reason, signal_name
     from rebind.cli.render import fmt_ms
 
-    _echo(plan.diagnosis.verdict)
+    _echo(plan.diagnosis.headline)
     _echo(f"Plan to free {where(plan.request)}:")
     escalate = "" if signal_name(plan.signal) == "SIGKILL" else f", SIGKILL after {plan.grace:g}s"
     for t in plan.targets:

@@ -4,65 +4,19 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.params import ADDRESS, PORT_SPEC, SECONDS
+from rebind.cli.options import Spec, bind_options, request_from
+from rebind.cli.params import SECONDS
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
 
-F = TypeVar("F", bound=Callable[..., Any])
-Spec = tuple[IPv4Address | IPv6Address | None, int]
-
-
-def bind_options(f: F) -> F:
-    """The bind options `rebind why` takes, for every command that acts on a bind request."""
-    for deco in reversed(
-        [
-            click.argument("spec", type=PORT_SPEC, metavar="[ADDR:]PORT"),
-            click.option(
-                "--addr", type=ADDRESS, default=None, help="Address the server binds (default 0.0.0.0)."
-            ),
-            click.option("--udp", is_flag=True, help="A UDP socket instead of TCP."),
-            click.option("--reuseaddr", is_flag=True, help="The server sets SO_REUSEADDR."),
-            click.option("--reuseport", is_flag=True, help="The server sets SO_REUSEPORT."),
-            click.option("--v6only", is_flag=True, help="IPv6 socket with IPV6_V6ONLY=1."),
-        ]
-    ):
-        f = deco(f)
-    return f
-
-
-def request_from(
-    spec: Spec,
-    addr: IPv4Address | IPv6Address | None,
-    udp: bool,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool,
-) -> BindRequest:
-    """The same request `rebind why` builds from the same options."""
-    from rebind.actions.common import bind_request
-
-    spec_addr, port = spec
-    if spec_addr is not None and addr is not None and spec_addr != addr:
-        raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
-    address = addr or spec_addr
-    if v6only and address is not None and address.version != 6:
-        raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
-    return bind_request(
-        port,
-        addr=address,
-        proto="udp" if udp else "tcp",
-        reuseaddr=reuseaddr,
-        reuseport=reuseport,
-        v6only=True if v6only else None,
-    )
+__all__ = ["Spec", "bind_options", "request_from", "wait"]
 
 
 @click.command(
@@ -135,7 +89,7 @@ def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int
         def note(d: Diagnosis, elapsed: float) -> None:
             if not announced:
                 announced.append(True)
-                click.echo(f"waiting for {target}: {d.verdict}", err=True)
+                click.echo(f"waiting for {target}: {d.headline}", err=True)
 
         res = wait_request(req, timeout=timeout, on_progress=note)
     if res.ok:

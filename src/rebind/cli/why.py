@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.params import ADDRESS, PORT_SPEC
+from rebind.cli.options import Spec, bind_options_port_optional, device_options, request_from
+from rebind.textsafe import visible
 
 if TYPE_CHECKING:
-    from rebind.diagnosis import Diagnosis
+    from rebind.diagnosis import Attempt, Diagnosis
 
-WHY_SCHEMA = "rebind.why/1"
+WHY_SCHEMA = "rebind.why/2"
 
 
 @click.command(
@@ -22,69 +24,54 @@ Examples:
   rebind why 8080 --reuseaddr       would a server that sets SO_REUSEADDR start now?
   rebind why 127.0.0.1:5353 --udp
   rebind why 8080 --addr :: --v6only
+  rebind why 8080 --addr fe80::1%eth0
   rebind why 8080 --json | jq .verdict
   rebind why --connect 127.0.0.1:5432          can a new connection get a local port now?
   rebind why --connect db:5432 --from 10.0.0.9 --bind-before-connect
 
 \b
-Exit status: 0 bindable now, 1 busy, 2 usage error.
+Exit status: 0 bindable now, 1 busy (or cannot be bound), 2 usage error.
 With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permission.
 """,
 )
-@click.argument("spec", type=PORT_SPEC, metavar="[ADDR:]PORT", required=False)
+@bind_options_port_optional
+@device_options
 @click.option("--connect", metavar="HOST:PORT", help="Client side: can connect() get a local port?")
 @click.option("--from", "source", metavar="ADDR[:PORT]", help="--connect: bind ADDR (and a fixed PORT).")
 @click.option("--bind-before-connect", is_flag=True, help="--connect: bind(ADDR, 0) before connect().")
 @click.option("--probe", is_flag=True, help="--connect: one real connect(), aborted at once.")
-@click.option("--addr", type=ADDRESS, default=None, help="Address the server binds (default 0.0.0.0).")
-@click.option("--udp", is_flag=True, help="A UDP socket instead of TCP.")
-@click.option("--reuseaddr", is_flag=True, help="The server sets SO_REUSEADDR.")
-@click.option("--reuseport", is_flag=True, help="The server sets SO_REUSEPORT.")
-@click.option("--v6only", is_flag=True, help="IPv6 socket with IPV6_V6ONLY=1.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/1).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/2).")
 def why(
-    spec: tuple[IPv4Address | IPv6Address | None, int] | None,
-    connect: str | None,
-    source: str | None,
-    bind_before_connect: bool,
-    probe: bool,
+    spec: Spec | None,
     addr: IPv4Address | IPv6Address | None,
     udp: bool,
     reuseaddr: bool,
     reuseport: bool,
     v6only: bool,
+    device: str | None,
+    freebind: bool,
+    connect: str | None,
+    source: str | None,
+    bind_before_connect: bool,
+    probe: bool,
     as_json: bool,
 ) -> int:
     """Explain why a server cannot bind PORT, what would work right now, and when it frees.
 
     rebind reads every socket on the port from the kernel (bound-but-not-listening ones too),
     the processes holding them, their SO_REUSEADDR/SO_REUSEPORT flags where it can, applies the
-    kernel's bind() and listen() rules, and checks its answer with a real trial bind (a probe
-    socket that binds and closes at once, never listening).
+    kernel's bind() and listen() rules, and checks its answer with trial binds (probe sockets
+    that bind and close at once, never listening) -- only those that cannot change the kernel's
+    answer to your server's bind.
     """
+    # A new question dispatches here, before the bind request is built.
     if connect is not None or spec is None:  # the client half: rebind.cli.why_connect
         from rebind.cli.why_connect import dispatch
 
         return dispatch(spec, connect, source, bind_before_connect, reuseaddr, udp, as_json, probe)
-    from rebind.diagnosis import default_request, diagnose
-    from rebind.model.records import Proto
+    from rebind.diagnosis import diagnose
 
-    spec_addr, port = spec
-    if spec_addr is not None and addr is not None and spec_addr != addr:
-        raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
-    address = addr or spec_addr
-    if v6only and address is None:
-        address = IPv6Address("::")
-    if v6only and address is not None and address.version != 6:
-        raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
-    req = default_request(
-        port,
-        addr=address,
-        proto=Proto.UDP if udp else Proto.TCP,
-        reuseaddr=reuseaddr,
-        reuseport=reuseport,
-        v6only=True if v6only else None,
-    )
+    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only, device=device, freebind=freebind)
     d = diagnose(req)
     if as_json:
         from rebind.cli.render import dump_json
@@ -108,17 +95,23 @@ def why_json(d: Diagnosis) -> dict[str, Any]:
             "reuseaddr": r.reuseaddr,
             "reuseport": r.reuseport,
             "v6only": r.v6only,
+            "ifindex": r.ifindex,
+            "freebind": r.freebind,
             "uid": r.uid,
         },
         "bindable": d.bindable,
-        "verdict": d.verdict,
+        "status": d.verdict.value,
+        "verdict": d.headline,
         "outcome": {
             "verdict": d.outcome.verdict.value,
             "errno": d.outcome.errno,
             "stage": d.outcome.stage.value if d.outcome.stage else None,
         },
-        "trial": {"ok": d.trial.ok, "errno": d.trial.errno, "error": d.trial.error_name},
-        "disagreement": d.disagreement or None,
+        "trial": None
+        if d.trial is None
+        else {"ok": d.trial.ok, "errno": d.trial.errno, "error": d.trial.error_name},
+        "disagreement": d.disagreement.text if d.disagreement else None,
+        "explanation": d.disagreement.explanation or None if d.disagreement else None,
         "frees_in_ms": d.frees_in_ms,
         "blockers": [
             {
@@ -130,7 +123,8 @@ def why_json(d: Diagnosis) -> dict[str, Any]:
                 "reason": b.blocker.reason,
                 "reuseaddr": b.opts.reuseaddr,
                 "reuseport": b.opts.reuseport,
-                "flags_source": b.opts_source,
+                "flags_source": b.provenance.value,
+                "owners_seen": b.owners.value,
             }
             for b in d.blockers
         ],
@@ -140,14 +134,16 @@ def why_json(d: Diagnosis) -> dict[str, Any]:
                 "reuseaddr": a.request.reuseaddr,
                 "reuseport": a.request.reuseport,
                 "addr": str(a.request.addr),
-                "bind_ok": a.trial.ok,
-                "bind_error": a.trial.error_name,
+                "tried": a.trial is not None,
+                "bind_ok": a.trial.ok if a.trial is not None else None,
+                "bind_error": a.trial.error_name if a.trial is not None else None,
                 "predicted": a.outcome.verdict.value,
                 "predicted_stage": a.outcome.stage.value if a.outcome.stage else None,
                 "works": a.works,
             }
             for a in d.attempts
         ],
+        "notes": list(d.notes),
         "fixes": [
             {"title": f.title, "why": f.why, "command": f.command, "python": f.python, "c": f.c}
             for f in d.fixes
@@ -156,62 +152,125 @@ def why_json(d: Diagnosis) -> dict[str, Any]:
 
 
 def print_diagnosis(d: Diagnosis) -> None:
-    from rebind.cli.render import fmt_ms, out, owners_cell
+    from rebind.cli.render import out
 
     con = out()
-    escape = con.esc
-    style = "bold green" if d.bindable else "bold red"
-    con.print(f"[{style}]{escape(d.verdict)}[/]")
-    if d.disagreement:
-        con.print(
-            f"[bold red on yellow]MODEL/KERNEL DISAGREEMENT:[/] {escape(d.disagreement)} — please report"
-        )
-    if d.blockers:
-        con.print("\n[bold]Blocking[/]")
-        for b in d.blockers:
-            if b.kind.value in ("privileged-port", "address-not-local"):
-                con.print(f"  • {escape(b.blocker.reason)}")
-                continue
-            r = b.entry.socket
-            remote = "" if r.remote.port == 0 else f" → {r.remote}"
-            left = f", {fmt_ms(r.expires_ms)} left" if r.is_mini and r.expires_ms is not None else ""
-            own = owners_cell(b.entry.owners)
-            flags = _flags(b.opts.reuseaddr, b.opts.reuseport, b.opts_source)
-            con.print(
-                f"  • {r.proto.value} {r.state.label} {r.local}{remote}{left}"
-                + (f"  held by {escape(own)}" if own else "")
-                + (f"  [dim]{flags}[/]" if flags else "")
-            )
-            stage = "" if b.blocker.stage.value == "bind" else " (at listen())"
-            sure = "" if b.blocker.certain else " [yellow](depends on a flag nobody can read)[/]"
-            con.print(f"    {escape(b.blocker.reason)}{stage}{sure}")
-    for note in d.outcome.notes:
-        con.print(f"  [dim]note: {escape(note)}[/]")
-    if d.attempts and not d.bindable and any(a.trial.ok or a.works for a in d.attempts):
-        con.print("\n[bold]What works right now[/] [dim](trial bind for bind(); model for listen())[/]")
-        for a in d.attempts:
-            mark = "[green]✓[/]" if a.works else "[red]✗[/]"
-            if not a.trial.ok:
-                detail = f"bind() fails: {a.trial.error_name}"
-            elif a.outcome.verdict.value == "fail":
-                detail = f"bind() works, {a.outcome.stage or 'bind'}() would fail"
-            else:
-                detail = "works"
-            con.print(f"  {mark} {a.label:<22} {detail}")
-    if d.fixes:
-        con.print("\n[bold]Fixes[/]")
-        for i, f in enumerate(d.fixes, 1):
-            con.print(f"  {i}. {escape(f.title)}")
-            con.print(f"     [dim]{escape(f.why)}[/]")
-            if f.command:
-                con.print(f"     $ {escape(f.command)}")
-            if f.python:
-                con.print(f"     Python: {escape(f.python)}")
-            if f.c:
-                con.print(f"     C:      {escape(f.c)}")
+    for line in diagnosis_lines(d, con.esc):
+        con.print(line)
     err = out(stderr=True)
     for w in d.table.warnings:
         err.print(f"[yellow]note:[/] {err.esc(w)}")
+
+
+def diagnosis_lines(d: Diagnosis, esc_markup: Callable[[str], str] | None = None) -> list[str]:
+    """Every line `rebind why` prints, as markup for ``render.out()``. Every piece of text goes
+    through textsafe.visible first (process names, users and command lines are hostile: control
+    characters shown as escapes), then ``esc_markup`` (rich escaping; identity for plain output).
+    """
+    raw = esc_markup or (lambda t: t)
+
+    def esc(text: str) -> str:
+        return raw(visible(text))
+
+    style = "bold green" if d.bindable else "bold red"
+    lines = [f"[{style}]{esc(d.headline)}[/]"]
+    if d.disagreement is not None:
+        lines += _disagreement_lines(d, esc)
+    lines += _blocker_lines(d, esc)
+    for note in d.notes:
+        lines.append(f"  [dim]note: {esc(note)}[/]")
+    lines += _attempt_lines(d, esc)
+    if d.fixes:
+        lines.append("\n[bold]Fixes[/]")
+        for i, f in enumerate(d.fixes, 1):
+            lines.append(f"  {i}. {esc(f.title)}")
+            lines.append(f"     [dim]{esc(f.why)}[/]")
+            if f.command:
+                lines.append(f"     $ {esc(f.command)}")
+            if f.python:
+                lines.append(f"     Python: {esc(f.python)}")
+            if f.c:
+                lines.append(f"     C:      {esc(f.c)}")
+    return lines
+
+
+def _disagreement_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
+    dis = d.disagreement
+    assert dis is not None
+    if dis.is_bug:
+        return [f"[bold red on yellow]MODEL/KERNEL DISAGREEMENT:[/] {esc(dis.text)} — please report"]
+    return [
+        f"[yellow]The kernel's answer wins:[/] {esc(dis.text)}.",
+        f"  [dim]What explains it: {esc(dis.explanation)}.[/]",
+    ]
+
+
+def _blocker_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
+    from rebind.cli.render import fmt_ms, owners_cell
+    from rebind.model.diagnosis import NO_SOCKET_KINDS
+
+    if not d.blockers:
+        return []
+    lines = ["\n[bold]Blocking[/]"]
+    shown: set[int] = set()
+    for b in d.blockers:
+        if b.kind in NO_SOCKET_KINDS:
+            lines.append(f"  • {esc(b.blocker.reason)}")
+            continue
+        if id(b.blocker) in shown:
+            continue  # a group of identical leftovers: one line and the count
+        shown.add(id(b.blocker))
+        r = b.entry.socket
+        remote = "" if r.remote.port == 0 else f" → {r.remote}"
+        if b.group > 1:
+            remote = f" → {b.group} peers" if r.remote.port else f" ({b.group} sockets)"
+        left = f", {fmt_ms(r.expires_ms)} left" if r.is_mini and r.expires_ms is not None else ""
+        own = owners_cell(b.entry.owners)
+        flags = _flags(b.opts.reuseaddr, b.opts.reuseport, b.provenance.value)
+        held = f"  held by {esc(own)}" if own else _hidden(b.owners.value)
+        lines.append(
+            f"  • {r.proto.value} {r.state.label} {r.local}{remote}{left}{held}"
+            + (f"  [dim]{esc(flags)}[/]" if flags else "")
+        )
+        stage = "" if b.blocker.stage.value == "bind" else " (at listen())"
+        sure = "" if b.blocker.certain else " [yellow](depends on a flag nobody can read)[/]"
+        lines.append(f"    {esc(b.blocker.reason)}{stage}{sure}")
+    for note in d.outcome.notes:
+        lines.append(f"  [dim]note: {esc(note)}[/]")
+    return lines
+
+
+def _hidden(view: str) -> str:
+    if view == "outside-pid-namespace":
+        return "  held by a process outside this PID namespace"
+    if view == "unknown":
+        return "  owner not visible (run as root)"
+    return ""
+
+
+def _attempt_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
+    if d.bindable or not any(a.works for a in d.attempts):
+        return []
+    lines = ["\n[bold]What works right now[/] [dim](kernel trial where harmless; model otherwise)[/]"]
+    for a in d.attempts:
+        mark = "[green]✓[/]" if a.works else "[red]✗[/]"
+        lines.append(f"  {mark} {esc(a.label):<36} {attempt_detail(a)}")
+    return lines
+
+
+def attempt_detail(a: Attempt) -> str:
+    if a.trial is not None and not a.trial.ok:
+        return f"bind() fails: {a.trial.error_name}"
+    verdict = a.outcome.verdict.value
+    stage = a.outcome.stage.value if a.outcome.stage else "bind"
+    guess = "" if a.trial is not None else " (predicted)"
+    if verdict == "fail" and stage == "listen":
+        return f"bind() works, listen() would fail{guess}"
+    if verdict == "fail" and a.trial is None:
+        return "bind() would fail (predicted)"
+    if verdict == "depends" and a.trial is None:
+        return "depends on a flag nobody can read"
+    return f"works{guess}"
 
 
 def _flags(reuseaddr: bool | None, reuseport: bool | None, source: str) -> str:

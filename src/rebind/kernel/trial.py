@@ -8,32 +8,19 @@ predicted by the model, not tried.
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.model.records import Proto
+from rebind.model.request import BindRequest, TrialResult
+
+__all__ = ["TrialResult", "trial_bind", "try_request"]
 
 IPV6_V6ONLY = getattr(socket, "IPV6_V6ONLY", 26)
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
-
-
-@dataclass(frozen=True, slots=True)
-class TrialResult:
-    ok: bool
-    errno: int | None = None
-
-    @property
-    def error_name(self) -> str | None:
-        return errno.errorcode.get(self.errno, str(self.errno)) if self.errno else None
-
-    def __str__(self) -> str:
-        if self.ok:
-            return "bind() succeeded"
-        return f"bind() failed: [Errno {self.errno}] {os.strerror(self.errno or 0)}"
+IPV6_FREEBIND = 78  # include/uapi/linux/in6.h (Linux 4.15); not in Python's socket module
+SO_BINDTOIFINDEX = getattr(socket, "SO_BINDTOIFINDEX", 62)  # Linux 5.0: no name lookup, no race
 
 
 def trial_bind(
@@ -44,27 +31,54 @@ def trial_bind(
     reuseaddr: bool = False,
     reuseport: bool = False,
     v6only: bool | None = None,
-    device: str | None = None,
+    ifindex: int = 0,
     freebind: bool = False,
 ) -> TrialResult:
     """Bind a throwaway socket with these options and close it. Never listens, never sends."""
     family = socket.AF_INET6 if isinstance(addr, IPv6Address) else socket.AF_INET
     kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
+    scoped = isinstance(addr, IPv6Address) and addr.is_link_local
     with socket.socket(family, kind | socket.SOCK_CLOEXEC) as s:
-        if reuseaddr:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
-        if family == socket.AF_INET6 and v6only is not None:
-            s.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, int(v6only))
-        if device:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        if freebind:
-            s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         try:
-            s.bind((str(addr), port))
+            if reuseaddr:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and v6only is not None:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, int(v6only))
+            if ifindex and not scoped:
+                s.setsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, ifindex)
+            if freebind:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+                else:
+                    s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            # A link-local address carries its device as the scope id (__inet6_bind sets
+            # sk_bound_dev_if from sin6_scope_id); a numeric tuple skips getaddrinfo entirely.
+            target: tuple[str, int] | tuple[str, int, int, int] = (
+                (str(addr), port, 0, ifindex) if family == socket.AF_INET6 else (str(addr), port)
+            )
+            s.bind(target)
         except OSError as exc:
             return TrialResult(False, exc.errno)
         # An abortive close (SO_LINGER 0) is not needed: a bound, never-connected socket leaves
         # no TIME_WAIT behind; close() releases the port immediately.
     return TrialResult(True)
+
+
+def try_request(req: BindRequest) -> TrialResult:
+    """The trial bind of exactly this request: every field that changes the kernel's answer.
+
+    Not ``uid``: the probe's sk_uid is this process's fsuid. Callers compare ``req.uid`` with
+    os.geteuid() before trusting a SO_REUSEPORT trial (see kernel/facts.py).
+    """
+    return trial_bind(
+        req.proto,
+        req.addr,
+        req.port,
+        reuseaddr=req.reuseaddr,
+        reuseport=req.reuseport,
+        v6only=req.v6only,
+        ifindex=req.ifindex,
+        freebind=req.freebind,
+    )

@@ -16,12 +16,13 @@ what the doc leaves out and the kernel oracle (tests/kernel/test_oracle.py) show
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from itertools import product
 
 from rebind.model.records import Endpoint, Family, IPAddress, Proto, SocketRecord, State
+from rebind.model.request import BindRequest as BindRequest  # re-exported: its old home
 
 EACCES = 13
 EINVAL = 22
@@ -48,21 +49,32 @@ class Holder:
     opts: SockOpts = SockOpts()
 
 
+class AddrFlag(enum.IntFlag):
+    """IFA_F_* of an IPv6 address (include/uapi/linux/if_addr.h; /proc/net/if_inet6 shows the low 8)."""
+
+    TEMPORARY = 0x01
+    NODAD = 0x02
+    OPTIMISTIC = 0x04
+    DADFAILED = 0x08
+    HOMEADDRESS = 0x10
+    DEPRECATED = 0x20
+    TENTATIVE = 0x40
+    PERMANENT = 0x80
+
+
 @dataclass(frozen=True, slots=True)
-class BindRequest:
-    proto: Proto
-    addr: IPAddress
-    port: int
-    reuseaddr: bool = False
-    reuseport: bool = False
-    #: None: the sysctl default (net.ipv6.bindv6only); ignored for IPv4.
-    v6only: bool | None = None
-    ifindex: int = 0
-    #: The socket's uid (sk_uid, fixed at socket() time): what the SO_REUSEPORT check compares.
-    uid: int = 0
-    #: TCP: whether listen() will follow (the kernel checks conflicts again there).
-    listen: bool = True
-    freebind: bool = False
+class AddrState:
+    """One IPv6 address configured in this netns, on one interface, with its flags."""
+
+    addr: IPv6Address
+    ifindex: int
+    flags: AddrFlag = AddrFlag.PERMANENT
+    ifname: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """ipv6_chk_addr() bans IFA_F_TENTATIVE unless IFA_F_OPTIMISTIC (optimistic DAD)."""
+        return not (self.flags & AddrFlag.TENTATIVE) or bool(self.flags & AddrFlag.OPTIMISTIC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,8 @@ class KernelSettings:
     ip_local_port_range: tuple[int, int] = (32768, 60999)
     ip_local_reserved_ports: frozenset[int] = field(default_factory=frozenset)
     kernel_version: tuple[int, int] = (6, 18)
+    #: IPv6 addresses with their interface and DAD state; None = unknown (use local_addresses).
+    ipv6_addresses: tuple[AddrState, ...] | None = None
 
 
 class Stage(enum.StrEnum):
@@ -95,6 +109,7 @@ class Rule(enum.StrEnum):
     """Which kernel rule decided (named after the check in the kernel source)."""
 
     ADDRESS_NOT_LOCAL = "address-not-local"  # __inet_bind / __inet6_bind: EADDRNOTAVAIL
+    ADDRESS_TENTATIVE = "address-tentative"  # ipv6_chk_addr bans IFA_F_TENTATIVE: EADDRNOTAVAIL
     PRIVILEGED_PORT = "privileged-port"  # inet_port_requires_bind_service: EACCES
     INVALID_ADDRESS = "invalid-address"  # __inet6_bind: EINVAL (mapped on v6only, mcast TCP, scope)
     LISTENER_NEVER_YIELDS = "listener-never-yields"  # inet_bind_conflict: sk2 in LISTEN
@@ -475,9 +490,36 @@ def _address_error(req: BindRequest, settings: KernelSettings) -> Blocker | None
             return None
         if v4 in settings.local_addresses or v4 == IPv4Address("255.255.255.255"):
             return None
-    elif settings.ipv6_nonlocal_bind or a.is_unspecified or a.is_multicast or a in settings.local_addresses:
+    elif settings.ipv6_nonlocal_bind or a.is_unspecified or a.is_multicast:
+        return None
+    elif settings.ipv6_addresses is not None:
+        return _ipv6_address_error(req, IPv6Address(a), settings.ipv6_addresses)
+    elif a in settings.local_addresses:
         return None
     return _plain(Rule.ADDRESS_NOT_LOCAL, f"{a} is not an address of this host (network namespace)")
+
+
+def _ipv6_address_error(req: BindRequest, a: IPv6Address, states: tuple[AddrState, ...]) -> Blocker | None:
+    """ipv6_chk_addr(net, addr, dev, 0): a link-local address must be on the bound device; a
+    tentative one (DAD running, or failed: IFA_F_DADFAILED keeps IFA_F_TENTATIVE) is refused."""
+    scoped = a.is_link_local
+    found = [s for s in states if s.addr == a and (not scoped or s.ifindex == req.ifindex)]
+    if any(s.usable for s in found):
+        return None
+    if not found:
+        on = " on that interface" if scoped else ""
+        return _plain(Rule.ADDRESS_NOT_LOCAL, f"{a} is not an address of this host{on} (network namespace)")
+    s = found[0]
+    dev = f" on {s.ifname}" if s.ifname else ""
+    if s.flags & AddrFlag.DADFAILED:
+        why = "failed duplicate address detection (IFA_F_DADFAILED): another host on the link uses it"
+    else:
+        why = (
+            "is tentative: duplicate address detection is still running (IFA_F_TENTATIVE); "
+            "bind() works once it ends (net.ipv6.conf.IFACE.dad_transmits probes, about 1 s each, "
+            "once the link has carrier)"
+        )
+    return _plain(Rule.ADDRESS_TENTATIVE, f"{a}{dev} {why}")
 
 
 def _privilege_error(req: BindRequest, settings: KernelSettings) -> Blocker | None:
@@ -734,6 +776,42 @@ def reuseport_cache_after(
     return ReuseportCache(uid, addr, v6only)
 
 
+def probe_is_harmless(probe: BindRequest, user: BindRequest, *, bucket_exists: bool, prober_uid: int) -> bool:
+    """Can a trial bind of ``probe`` change the kernel's answer to the user's next bind?
+
+    A TCP bind that succeeds runs inet_csk_update_fastreuse() on the port's bind bucket (one per
+    port and netns, whatever the address), and the bucket keeps that cache after the probe closes
+    (until its last socket leaves): ``tb->fastreuse = tb->fastreuse && probe's SO_REUSEADDR``;
+    ``tb->fastreuseport`` = 0 without SO_REUSEPORT, else reset to the probe's uid and address
+    unless they already match. The user's bind reads ``fastreuse`` only with SO_REUSEADDR and
+    ``fastreuseport`` only with SO_REUSEPORT (sk_reuseport_match), and writes both itself. So a
+    probe is harmless when:
+
+    * no TCP socket is on the port: the probe creates a fresh bucket and destroys it on close
+      (inet_put_port -> inet_bind_bucket_destroy); or
+    * the user does not set SO_REUSEPORT and the probe has at least the user's SO_REUSEADDR:
+      the probe leaves ``fastreuse`` alone when the user reads it, and the user's own bind
+      overwrites the rest; or
+    * it is the user's bind itself (same flags, uid and address): if it fails nothing changed;
+      if it works, the user's bind works too (same state, same check) and leaves the cache as
+      it would have. A probe with *more* flags is not harmless here: one that works thanks to
+      SO_REUSEADDR sets ``tb->fastreuseport`` to the user's uid and address, and the user's
+      bind then skips the conflict check it would have failed (sk_reuseport_match).
+
+    A failed bind changes nothing (inet_csk_get_port jumps past update_fastreuse). UDP keeps no
+    such cache (udp_lib_get_port checks every socket each time).
+    """
+    if probe.proto is Proto.UDP or not bucket_exists:
+        return True
+    if user.reuseaddr and not probe.reuseaddr:
+        return False
+    if probe.reuseport and prober_uid != user.uid:
+        return False  # the probe's sk_uid (ours) would become tb->fastuid
+    if user.reuseport:
+        return replace(probe, listen=user.listen) == user
+    return True
+
+
 def _race_notes(req: BindRequest, holders: Sequence[Holder], settings: KernelSettings) -> list[str]:
     """Bound-inactive SO_REUSEADDR peers: whoever calls listen() first wins (C3, D7)."""
     if req.proto is not Proto.TCP or not req.reuseaddr:
@@ -817,7 +895,7 @@ def check_listen(
     return _as_outcome(_check(req, hs, settings, cache, Stage.LISTEN), Stage.LISTEN, [])
 
 
-def _other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[IPAddress, bool | None]]:
+def other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[IPAddress, bool | None]]:
     """Addresses worth offering: leftovers hold only their own concrete address (A3)."""
     cands: list[tuple[IPAddress, bool | None]] = [
         (IPv4Address("127.0.0.1"), None),
@@ -837,17 +915,27 @@ def _other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[I
     return out
 
 
+def alternative_requests(req: BindRequest, settings: KernelSettings) -> list[BindRequest]:
+    """The same bind on the other addresses worth offering (in the order they are tried)."""
+    return [
+        replace(req, addr=a, v6only=v6 if a.version == 6 else None)
+        for a, v6 in other_addresses(req, settings)
+    ]
+
+
 def alternatives(
     req: BindRequest,
     holders: Iterable[Holder],
     settings: KernelSettings,
     *,
     cache: ReuseportCache | None = None,
+    works: Callable[[Alternative], bool] | None = None,
 ) -> tuple[Alternative, ...]:
     """What else could be bound now: plain / SO_REUSEADDR / SO_REUSEPORT / another address.
 
     Every variant is returned with its prediction (check ``.works``); at most one of the other
-    addresses (the first that works) is included.
+    addresses (the first that works) is included. ``works`` overrides what "works" means for
+    that choice (`why` passes the kernel's trial where one ran).
     """
     hs = list(holders)
     flag_variants = [
@@ -863,12 +951,13 @@ def alternatives(
         if r not in seen:
             seen.add(r)
             out.append(Alternative(label, r, evaluate(r, hs, settings, cache=cache)))
-    for a, v6 in _other_addresses(req, settings):
-        r = replace(req, addr=a, v6only=v6 if a.version == 6 else None)
-        outcome = evaluate(r, hs, settings, cache=cache)
-        if outcome.verdict is Verdict.OK:
-            shown = f"[{a}]" if a.version == 6 else str(a)
-            label = f"on {shown}" + (" (IPV6_V6ONLY)" if v6 else "")
-            out.append(Alternative(label, r, outcome))
+    for r in alternative_requests(req, settings):
+        a, v6 = r.addr, r.v6only
+        shown = f"[{a}]" if a.version == 6 else str(a)
+        alt = Alternative(
+            f"on {shown}" + (" (IPV6_V6ONLY)" if v6 else ""), r, evaluate(r, hs, settings, cache=cache)
+        )
+        if works(alt) if works is not None else alt.works:
+            out.append(alt)
             break
     return tuple(out)

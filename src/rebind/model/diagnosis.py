@@ -6,6 +6,7 @@ Pure: every fact (owners, flags, process tree hints, trial results) comes in as 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
@@ -42,10 +43,19 @@ class HolderKind(enum.StrEnum):
     UDP = "udp"
     PRIVILEGED_PORT = "privileged-port"  # EACCES: no socket involved
     ADDRESS_NOT_LOCAL = "address-not-local"  # EADDRNOTAVAIL: no socket involved
+    ADDRESS_TENTATIVE = "address-tentative"  # EADDRNOTAVAIL: IPv6 DAD running or failed
+    INVALID_ADDRESS = "invalid-address"  # EINVAL: link-local without device, mapped on v6only
 
 
 #: Kinds that are not sockets at all, so there is no holder to show.
-NO_SOCKET_KINDS = frozenset({HolderKind.PRIVILEGED_PORT, HolderKind.ADDRESS_NOT_LOCAL})
+NO_SOCKET_KINDS = frozenset(
+    {
+        HolderKind.PRIVILEGED_PORT,
+        HolderKind.ADDRESS_NOT_LOCAL,
+        HolderKind.ADDRESS_TENTATIVE,
+        HolderKind.INVALID_ADDRESS,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +73,7 @@ class ProcessHint:
 def classify(
     entry: SocketEntry,
     *,
-    hints: dict[int, ProcessHint],
+    hints: Mapping[int, ProcessHint],
     listener_on_port: bool,
     ephemeral: tuple[int, int],
 ) -> HolderKind:
@@ -88,7 +98,7 @@ def classify(
     return HolderKind.CLOSING_LEFTOVER
 
 
-def _listener_kind(owners: tuple[Owner, ...], hints: dict[int, ProcessHint]) -> HolderKind:
+def _listener_kind(owners: tuple[Owner, ...], hints: Mapping[int, ProcessHint]) -> HolderKind:
     pids = {o.pid for o in owners}
     if len(pids) > 1 and any(hints.get(p) and hints[p].parent_holds for p in pids):
         return HolderKind.SHARED_LISTENER
@@ -133,6 +143,8 @@ def kind_phrase(kind: HolderKind, rec: SocketRecord, reuseaddr: bool | None) -> 
         HolderKind.UDP: "a bound UDP socket",
         HolderKind.PRIVILEGED_PORT: "a privileged port and no CAP_NET_BIND_SERVICE",
         HolderKind.ADDRESS_NOT_LOCAL: "the address is not on this host",
+        HolderKind.ADDRESS_TENTATIVE: "the IPv6 address is not usable yet (duplicate address detection)",
+        HolderKind.INVALID_ADDRESS: "the address cannot be bound as given",
     }[kind]
 
 
@@ -159,18 +171,72 @@ def fixes_for(
     old_reuseaddr: bool | None,
     pids: list[int],
     can_destroy: bool,
+    new_reuseaddr: bool = False,
+    holder_hidden: bool = False,
+    addr: str = "",
 ) -> list[Fix]:
-    """Ranked fixes for the blockers present (most direct first)."""
-    out: list[Fix] = []
+    """Ranked fixes for the blockers present: what helps now first, prevention after."""
     ks = set(kinds)
     udp = " --udp" if proto is Proto.UDP else ""
     timed = ks & {HolderKind.TIME_WAIT, HolderKind.ORPHAN_FIN_WAIT2}
     live = ks - timed - {HolderKind.CLOSING_LEFTOVER}
+    out = _fixes_now(ks, timed, live, port, udp, frees_in_ms, old_reuseaddr, new_reuseaddr, can_destroy)
+    out += _fixes_for_holders(ks, port, udp, pids, holder_hidden)
+    out += _fixes_without_socket(ks, port, addr)
+    if ks and ks <= NO_SOCKET_KINDS:
+        return out
+    out.append(
+        Fix("Use another port", "One that is free now and outside the ephemeral range.", "rebind pick")
+    )
+    if ks & {HolderKind.LISTENER, HolderKind.SHARED_LISTENER, HolderKind.INHERITED_LISTENER}:
+        out.append(
+            Fix(
+                "Share the port on purpose with SO_REUSEPORT (same user, both sockets)",
+                "Only if you control both servers: the one holding it must set SO_REUSEPORT too. "
+                "Linux has SO_REUSEPORT since 3.9: the kernel load-balances between the listeners.",
+                python="s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)",
+                c="setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);",
+            )
+        )
+    out.append(
+        Fix(
+            "Never close the listening socket on restart",
+            "A supervisor binds once and hands the socket to each new generation (LISTEN_FDS).",
+            f"rebind run --listen {port} -- YOUR-SERVER",
+            python=f"sock = rebind.listen('0.0.0.0', {port})  # uses LISTEN_FDS when present",
+        )
+    )
+    return out
+
+
+def _fixes_now(
+    ks: set[HolderKind],
+    timed: set[HolderKind],
+    live: set[HolderKind],
+    port: int,
+    udp: str,
+    frees_in_ms: int | None,
+    old_reuseaddr: bool | None,
+    new_reuseaddr: bool,
+    can_destroy: bool,
+) -> list[Fix]:
+    out: list[Fix] = []
+    if timed and old_reuseaddr is True and not new_reuseaddr and not live:
+        out.append(
+            Fix(
+                "Set SO_REUSEADDR on your socket, before bind()",
+                "The leftover was closed with SO_REUSEADDR set: a bind that sets it too works now "
+                "(both sockets need it; neither may be listening).",
+                python="s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)",
+                c="int one = 1; setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);",
+            )
+        )
     if timed and not live and frees_in_ms is not None:
         out.append(
             Fix(
                 f"Wait {fmt_seconds(frees_in_ms)}",
-                "TIME_WAIT lasts a fixed 60 s (TCP_TIMEWAIT_LEN); the port frees by itself.",
+                "The leftover's own timer frees the port by itself (TIME_WAIT: TCP_TIMEWAIT_LEN; an "
+                "orphaned FIN_WAIT2: net.ipv4.tcp_fin_timeout); that is when the last one expires.",
                 f"rebind wait {port}{udp}",
             )
         )
@@ -193,15 +259,32 @@ def fixes_for(
                 c="int one = 1; setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);",
             )
         )
+    return out
+
+
+def _fixes_for_holders(
+    ks: set[HolderKind], port: int, udp: str, pids: list[int], holder_hidden: bool
+) -> list[Fix]:
+    out: list[Fix] = []
     if ks & {HolderKind.LISTENER, HolderKind.SHARED_LISTENER, HolderKind.BOUND_INACTIVE, HolderKind.UDP}:
-        who = " ".join(str(p) for p in pids[:5])
-        out.append(
-            Fix(
-                "Stop the process holding the port",
-                "Only closing every fd that refers to the socket frees an explicitly bound port.",
-                f"rebind free {port}{udp}" + (f"   # or: kill {who}" if who else ""),
+        if holder_hidden and not pids:
+            out.append(
+                Fix(
+                    "Stop the holder from the PID namespace it lives in",
+                    "No process visible here holds the socket, although rebind read every fd as root: "
+                    "it belongs to a process outside this PID namespace (a container or host sharing "
+                    "this network namespace). rebind cannot signal it from here.",
+                )
             )
-        )
+        else:
+            who = " ".join(str(p) for p in pids[:5])
+            out.append(
+                Fix(
+                    "Stop the process holding the port",
+                    "Only closing every fd that refers to the socket frees an explicitly bound port.",
+                    f"rebind free {port}{udp}" + (f"   # or: kill {who}" if who else ""),
+                )
+            )
     if HolderKind.INHERITED_LISTENER in ks:
         out.append(
             Fix(
@@ -223,6 +306,19 @@ def fixes_for(
                 f"docker ps --filter publish={port}",
             )
         )
+    if HolderKind.OUTGOING in ks:
+        out.append(
+            Fix(
+                "Reserve the port so outgoing connections never take it",
+                "Ports in ip_local_port_range are handed to connect(); reserved ports are skipped.",
+                f"sysctl -w net.ipv4.ip_local_reserved_ports={port}",
+            )
+        )
+    return out
+
+
+def _fixes_without_socket(ks: set[HolderKind], port: int, addr: str) -> list[Fix]:
+    out: list[Fix] = []
     if HolderKind.PRIVILEGED_PORT in ks:
         out.append(
             Fix(
@@ -240,6 +336,16 @@ def fixes_for(
                 f"sudo rebind run --listen {port} -- YOUR-SERVER",
             )
         )
+    if HolderKind.ADDRESS_TENTATIVE in ks:
+        out.append(
+            Fix(
+                "Wait for duplicate address detection to finish",
+                "The address becomes usable when DAD ends (IFA_F_TENTATIVE clears); a failed DAD "
+                "(IFA_F_DADFAILED) needs another address. IPV6_FREEBIND binds it anyway.",
+                f"rebind wait {port} --addr {addr}",
+                python="s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND",
+            )
+        )
     if HolderKind.ADDRESS_NOT_LOCAL in ks:
         out.append(
             Fix(
@@ -250,34 +356,13 @@ def fixes_for(
                 python="s.setsockopt(socket.SOL_IP, socket.IP_FREEBIND, 1)  # if the address comes later",
             )
         )
-    if HolderKind.OUTGOING in ks:
+    if HolderKind.INVALID_ADDRESS in ks:
         out.append(
             Fix(
-                "Reserve the port so outgoing connections never take it",
-                "Ports in ip_local_port_range are handed to connect(); reserved ports are skipped.",
-                f"sysctl -w net.ipv4.ip_local_reserved_ports={port}",
+                "Give the address as the kernel accepts it",
+                "A link-local address needs its interface (scope id or SO_BINDTODEVICE); a v4-mapped "
+                "address cannot be bound by an IPV6_V6ONLY socket; TCP cannot bind multicast.",
+                f"rebind why {port} --addr {addr or 'fe80::1'}%IFACE",
             )
         )
-    if ks & {HolderKind.LISTENER, HolderKind.SHARED_LISTENER, HolderKind.INHERITED_LISTENER}:
-        out.append(
-            Fix(
-                "Share the port on purpose with SO_REUSEPORT (same user, both sockets)",
-                "Linux has SO_REUSEPORT since 3.9: the kernel load-balances between the listeners.",
-                python="s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)",
-                c="setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);",
-            )
-        )
-    if ks and ks <= NO_SOCKET_KINDS:
-        return out
-    out.append(
-        Fix(
-            "Never close the listening socket on restart",
-            "A supervisor binds once and hands the socket to each new generation (LISTEN_FDS).",
-            f"rebind run --listen {port} -- YOUR-SERVER",
-            python=f"sock = rebind.listen('0.0.0.0', {port})  # uses LISTEN_FDS when present",
-        )
-    )
-    out.append(
-        Fix("Use another port", "One that is free now and outside the ephemeral range.", "rebind pick")
-    )
     return out

@@ -1,5 +1,8 @@
 """Kernel oracle for the conflict model: random scenarios built for real, checked by bind()/listen().
 
+Test and benchmark harness, not part of the rebind package (it forks setuid helpers and binds
+real ports): bench/oracle.py and tests/kernel/test_oracle.py use it.
+
 A scenario is 1-4 existing sockets on one port (listening, bound-only, accepted child, client
 side, TIME_WAIT, orphan FIN_WAIT2, UDP), then 1-3 probe sockets that bind (and listen, now or
 after the next probe). Before every probe the holders are read with rebind's own inet_diag
@@ -23,7 +26,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
@@ -115,6 +118,9 @@ class Existing:
     keep_listener: bool = True
     #: Accepted child: setsockopt(SO_REUSEADDR) on the child before it closes (B4/B5).
     child_reuseaddr: bool | None = None
+    #: LISTEN/BOUND: clear SO_REUSEADDR and SO_REUSEPORT after bind (listen) -- the bucket's
+    #: fast-reuse cache keeps the bind-time values (used by the asking property only).
+    clear_after_bind: bool = False
 
     def __str__(self) -> str:
         extra = ""
@@ -400,10 +406,12 @@ class Lab:
             s = self._bound(run, spec)
             s.listen(8)
             self._joined(run, spec)
+            opts = _cleared(s, opts) if e.clear_after_bind else opts
             run.keep(s, opts)
             run.listeners.append((s, opts))
         elif e.kind is Kind.BOUND:
-            run.keep(self._bound(run, spec), opts)
+            s = self._bound(run, spec)
+            run.keep(s, _cleared(s, opts) if e.clear_after_bind else opts)
         elif e.kind in CHILD_KINDS:
             self._build_child(run, e, opts)
         else:
@@ -532,6 +540,20 @@ class Lab:
                     checks.append(Check(sc, i, Stage.LISTEN, predicted, actual, tuple(hs), unstable))
         return checks
 
+    def real_bind(self, run: _Run, p: Probe) -> tuple[Stage, int | None]:
+        """The user's real bind (and listen, if the probe listens now): where it failed, errno."""
+        s = self._socket(p.spec)
+        actual = _call(s.bind, (p.spec.addr, run.port))
+        if actual is not None:
+            s.close()
+            return Stage.BIND, actual
+        run.open.append(s)
+        if p.listen is ListenMode.NOW:
+            err = _call(s.listen, 8)
+            if err is not None:
+                return Stage.LISTEN, err
+        return Stage.BIND, None
+
     def _probe(
         self,
         sc: Scenario,
@@ -560,6 +582,12 @@ class Lab:
         else:
             s.close()
         return Check(sc, i, stage, predicted, actual, tuple(hs), unstable)
+
+
+def _cleared(s: socket.socket, opts: SockOpts) -> SockOpts:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 0)
+    return SockOpts(False, False, opts.v6only)
 
 
 def opts_of(run: _Run, s: socket.socket) -> SockOpts:
@@ -613,3 +641,106 @@ def run_scenarios(
     finally:
         if own:
             lab.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Asking never changes the answer: the user's real bind with and without `rebind why` first.
+
+
+@dataclass(frozen=True, slots=True)
+class AskCheck:
+    """One scenario built twice (two ports): the probe's real result without and with a
+    diagnose() just before it, and whether why's verdict, headline and bindable agree."""
+
+    scenario: Scenario
+    without: tuple[Stage, int | None]
+    with_why: tuple[Stage, int | None]
+    verdict: str
+    bindable: bool
+    headline: str
+    consistent: bool
+    #: why said bindable (from a trial) but the real bind failed, or the reverse.
+    wrong: bool
+    #: The two copies never reached the same state (an expected TIME_WAIT did not show up
+    #: within the settle deadline, as the oracle's own checks flag): nothing to compare.
+    unstable: bool = False
+
+    @property
+    def same(self) -> bool:
+        return self.unstable or self.without == self.with_why
+
+    def __str__(self) -> str:
+        return (
+            f"{self.scenario}\n  without why: {_res(self.without)}  with why: {_res(self.with_why)}\n"
+            f"  why: {self.verdict} bindable={self.bindable} consistent={self.consistent}: {self.headline}"
+        )
+
+
+def _res(r: tuple[Stage, int | None]) -> str:
+    stage, err = r
+    return "ok" if err is None else f"{stage.value}: {errno.errorcode.get(err, err)}"
+
+
+def random_asking_scenario(rng: random.Random, index: int, port: int) -> Scenario:
+    """A random scenario; some existing sockets clear their flags after bind (the kernel's
+    fast-reuse cache keeps the bind-time values: what a careless probe would reset)."""
+    sc = random_scenario(rng, index, port)
+    existing = tuple(
+        replace(e, clear_after_bind=rng.random() < 0.3) if e.kind in (Kind.LISTEN, Kind.BOUND) else e
+        for e in sc.existing
+    )
+    return replace(sc, existing=existing, probes=sc.probes[:1])
+
+
+def run_asking(
+    count: int, seed: int, *, lab: Lab, port_base: int = 40000, start: int = 0
+) -> Iterator[AskCheck]:
+    from rebind.diagnosis import diagnose
+
+    rng = random.Random(seed)
+    for k in range(count):
+        sc = random_asking_scenario(rng, start + k, port_base + 2 * k)
+        twin = replace(sc, port=sc.port + 1)
+        runs = [_Run(sc.port), _Run(twin.port)]
+        try:
+            for s, run in ((sc, runs[0]), (twin, runs[1])):
+                for e in s.existing:
+                    try:
+                        lab._build(run, e)
+                    except OSError:
+                        pass
+            unstable = not lab._settle(runs) or not _same_state(lab, sc.port, twin.port)
+            p = sc.probes[0]
+            without = lab.real_bind(runs[1], p)
+            req = _request(p.spec, sc.port, p.listen is ListenMode.NOW)
+            d = diagnose(req)
+            with_why = lab.real_bind(runs[0], p)
+            consistent = _consistent_answer(d)
+            wrong = (
+                d.trial is not None and d.bindable and with_why[1] is not None and with_why[0] is Stage.BIND
+            )
+            yield AskCheck(
+                sc, without, with_why, d.verdict.value, d.bindable, d.headline, consistent, wrong, unstable
+            )
+        finally:
+            for run in runs:
+                for s in run.open:
+                    s.close()
+
+
+def _same_state(lab: Lab, a: int, b: int) -> bool:
+    """Both copies show the same sockets (states, addresses, flags' carriers), ports aside."""
+    snap = lab.snapshot([a, b])
+
+    def shape(port: int) -> list[tuple[str, str, str, bool]]:
+        return sorted((r.proto.value, r.state.name, str(r.local.addr), r.is_mini) for r in snap[port])
+
+    return shape(a) == shape(b)
+
+
+def _consistent_answer(d: Any) -> bool:
+    """Headline, verdict and bindable (hence exit code and JSON) say the same thing."""
+    line = d.headline
+    if d.bindable:
+        return d.verdict.value == "free" and " is free" in line and "busy" not in line
+    return " is free" not in line and (d.verdict.value != "busy" or " is busy" in line)

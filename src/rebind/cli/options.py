@@ -1,0 +1,92 @@
+"""The bind options every command that acts on a bind request takes, and the one way they
+become a :class:`~rebind.model.request.BindRequest` (actions.common.bind_request)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from rebind.cli.params import ADDRESS, PORT_SPEC
+
+if TYPE_CHECKING:
+    from rebind.model.request import BindRequest
+
+F = TypeVar("F", bound=Callable[..., Any])
+Spec = tuple[IPv4Address | IPv6Address | None, int]
+
+
+def _bind_decorators(spec_required: bool) -> list[Callable[[F], F]]:
+    return [
+        click.argument("spec", type=PORT_SPEC, metavar="[ADDR:]PORT", required=spec_required),
+        click.option(
+            "--addr",
+            type=ADDRESS,
+            default=None,
+            help="Address the server binds (default 0.0.0.0; fe80::1%IFACE for link-local).",
+        ),
+        click.option("--udp", is_flag=True, help="A UDP socket instead of TCP."),
+        click.option("--reuseaddr", is_flag=True, help="The server sets SO_REUSEADDR."),
+        click.option("--reuseport", is_flag=True, help="The server sets SO_REUSEPORT."),
+        click.option("--v6only", is_flag=True, help="IPv6 socket with IPV6_V6ONLY=1."),
+    ]
+
+
+def bind_options(f: F) -> F:
+    """The bind options `rebind why` takes, for every command that acts on a bind request."""
+    for deco in reversed(_bind_decorators(True)):
+        f = deco(f)
+    return f
+
+
+def bind_options_port_optional(f: F) -> F:
+    """The same, with PORT optional: `rebind why --connect HOST:PORT` asks about no local port."""
+    for deco in reversed(_bind_decorators(False)):
+        f = deco(f)
+    return f
+
+
+def device_options(f: F) -> F:
+    """SO_BINDTODEVICE and IP_FREEBIND: options that change bind()'s answer too."""
+    for deco in reversed(
+        [
+            click.option("--device", metavar="IFACE", default=None, help="The server sets SO_BINDTODEVICE."),
+            click.option("--freebind", is_flag=True, help="The server sets IP_FREEBIND."),
+        ]
+    ):
+        f = deco(f)
+    return f
+
+
+def request_from(
+    spec: Spec,
+    addr: IPv4Address | IPv6Address | None,
+    udp: bool,
+    reuseaddr: bool,
+    reuseport: bool,
+    v6only: bool,
+    *,
+    device: str | None = None,
+    freebind: bool = False,
+) -> BindRequest:
+    """The same request `rebind why` builds from the same options."""
+    from rebind.actions.common import bind_request
+
+    spec_addr, port = spec
+    if spec_addr is not None and addr is not None and spec_addr != addr:
+        raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
+    address = addr or spec_addr
+    if v6only and address is not None and address.version != 6:
+        raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
+    return bind_request(
+        port,
+        addr=address,
+        proto="udp" if udp else "tcp",
+        reuseaddr=reuseaddr,
+        reuseport=reuseport,
+        v6only=True if v6only else None,
+        device=device,
+        freebind=freebind,
+    )

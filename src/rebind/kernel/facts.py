@@ -1,0 +1,195 @@
+"""The one I/O gatherer behind `rebind why`: everything model/advice.py needs, read once.
+
+Socket table (inet_diag), owners and their flags (pidfd_getfd + getsockopt), kernel settings,
+IPv6 address states, process-tree hints, and the trial binds that cannot change the answer
+(conflict.probe_is_harmless decides which may run).
+
+Known limits of the trials: a socket bound between the dump and a probe is not accounted for
+(the probe may then share its fresh bucket for a moment); a UDP probe is bound for a few
+microseconds and could receive a datagram meant for a wildcard socket on the port. An
+observer-free answer (``trials=False``) has neither.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+from rebind.kernel.trial import try_request
+from rebind.model.advice import Facts, HolderFacts, Provenance
+from rebind.model.conflict import KernelSettings, SockOpts, alternative_requests, probe_is_harmless
+from rebind.model.diagnosis import ProcessHint
+from rebind.model.records import Proto, SocketEntry, SocketTable, State
+from rebind.model.request import BindRequest, TrialResult
+
+
+def gather(
+    req: BindRequest,
+    *,
+    owners: bool = True,
+    table: SocketTable | None = None,
+    trials: bool = True,
+    settings: KernelSettings | None = None,
+) -> Facts:
+    """The facts for ``req``. ``trials=False``: observer-free (nothing is bound)."""
+    from rebind.kernel.sysctl import kernel_settings
+    from rebind.sockets import socket_table
+
+    if settings is None:
+        from rebind.kernel.addrs import ipv6_addresses
+
+        settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
+    table = table or socket_table(ports=[req.port], protos=[req.proto], owners=owners)
+    holders = _holders(table, req)
+    results: dict[BindRequest, TrialResult] = {}
+    skipped = ""
+    if trials:
+        results, skipped = _trials(req, table, settings)
+    euid = os.geteuid()
+    return Facts(
+        request=req,
+        holders=holders,
+        settings=settings,
+        table=table,
+        hints=_process_hints(table) if owners else {},
+        trials=results,
+        trial_skipped=skipped,
+        can_destroy=_can_destroy(),
+        owners_complete=owners and euid == 0 and table.scan.inaccessible == 0,
+    )
+
+
+def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:
+    """As asked, then with more flags, then (TCP) on the other addresses `why` offers: what a
+    harmless probe may be (see probe_is_harmless). No UDP probe on another address: a bound
+    UDP socket receives at once, and a more specific one would take datagrams meant for a
+    wildcard socket on the port; a TCP socket that never listens receives nothing."""
+    yield req
+    seen = {replace(req, listen=False)}
+    variants = [
+        replace(req, listen=False, reuseaddr=req.reuseaddr or ra, reuseport=req.reuseport or rp)
+        for ra, rp in ((True, False), (False, True), (True, True))
+    ]
+    if req.proto is Proto.TCP:
+        variants += [replace(r, listen=False) for r in alternative_requests(req, settings)]
+    for variant in variants:
+        if variant not in seen:
+            seen.add(variant)
+            yield variant
+
+
+def _trials(
+    req: BindRequest, table: SocketTable, settings: KernelSettings
+) -> tuple[dict[BindRequest, TrialResult], str]:
+    bucket = any(e.socket.proto is Proto.TCP and e.socket.local.port == req.port for e in table.entries)
+    uid = os.geteuid()
+    out: dict[BindRequest, TrialResult] = {}
+    skipped = ""
+    for probe in _probes(req, settings):
+        if probe.reuseport and uid != req.uid:
+            # SO_REUSEPORT compares sk_uid, and the probe's is ours: its answer would be for
+            # another user's bind (and, in a TCP bucket, reset tb->fastuid to ours).
+            if probe == req:
+                skipped = (
+                    f"no trial bind: SO_REUSEPORT depends on the socket's uid, and a probe made by "
+                    f"uid {uid} cannot answer for uid {req.uid}; this answer is the model's"
+                )
+            continue
+        if not probe_is_harmless(probe, req, bucket_exists=bucket, prober_uid=uid):
+            continue
+        # Keyed by the bind-only request (a trial never listens): advice.trial_for finds it.
+        out[replace(probe, listen=False)] = try_request(probe)
+    return out, skipped
+
+
+def _can_destroy() -> bool:
+    from rebind.kernel.sysctl import CAP_NET_ADMIN, has_cap, kernel_version
+
+    return has_cap(CAP_NET_ADMIN) and kernel_version() >= (6, 0)
+
+
+def _holders(table: SocketTable, req: BindRequest) -> tuple[HolderFacts, ...]:
+    listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
+    parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
+    out = []
+    for e in table.entries:
+        if e.socket.proto is not req.proto:
+            continue
+        opts, src = _read_flags(e) if e.owners else (SockOpts(), Provenance.UNKNOWN)
+        parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
+        if src is Provenance.UNKNOWN and not e.owners and parent is not None:
+            # A child's TIME_WAIT normally carries its listener's flags (inet_twsk_alloc copies
+            # sk_reuse from the child, which inherited it from the listener at accept()). Read
+            # once per listener: a port can have ten thousand TIME_WAITs of one server.
+            key = parent.socket.key
+            if key not in parent_flags:
+                parent_flags[key] = _read_flags(parent)
+            got, how = parent_flags[key]
+            if how is Provenance.READ:
+                opts, src = got, Provenance.INFERRED_LISTENER
+        if opts.v6only is None and e.socket.v6only is None and parent is not None:
+            # inet_diag reports v6only only for LISTEN/CLOSE sockets; an accepted child (and its
+            # TIME_WAIT) keeps the dual-stack listener's ipv6only.
+            opts = SockOpts(opts.reuseaddr, opts.reuseport, parent.socket.v6only)
+        out.append(HolderFacts(e, opts, src))
+    return tuple(out)
+
+
+def _read_flags(e: SocketEntry) -> tuple[SockOpts, Provenance]:
+    from rebind.kernel.pidfd import socket_flags
+
+    for o in e.owners:
+        flags = socket_flags(o.pid, o.fd, o.start_ticks)
+        if flags is not None:
+            return SockOpts(*flags), Provenance.READ
+    return SockOpts(), Provenance.UNKNOWN
+
+
+def _listener_for(e: SocketEntry, listeners: list[SocketEntry]) -> SocketEntry | None:
+    for lst in listeners:
+        la = lst.socket.local
+        if la.port == e.socket.local.port and (la.is_wildcard or la.addr == e.socket.local.addr):
+            return lst
+    return None
+
+
+def _process_hints(table: SocketTable) -> dict[int, ProcessHint]:
+    """Process-tree facts for owners: one /proc stat read each (owners can number hundreds)."""
+    from rebind.kernel.owners import proc_root
+    from rebind.kernel.procstat import PGRP, stat_field
+
+    owned = [e for e in table.entries if e.owners]  # leftovers (most of a busy port) have none
+    holders_of: dict[int | None, set[int]] = {}
+    for e in owned:
+        holders_of.setdefault(e.socket.inode, set()).update(o.pid for o in e.owners)
+    hints: dict[int, ProcessHint] = {}
+    root = proc_root()
+    for e in owned:
+        pids = holders_of.get(e.socket.inode, set())
+        for o in e.owners:
+            if o.pid in hints:
+                continue
+            parent = _comm(o.ppid, root) if o.ppid else None
+            pgid = stat_field(o.pid, PGRP, root)
+            lost = None
+            # A worker whose process-group leader is gone and who was re-parented to init (or a
+            # subreaper) was started by a parent that has exited.
+            if pgid and pgid != o.pid and not os.path.exists(f"{root}/{pgid}") and o.ppid in (0, 1):
+                lost = pgid
+            hints[o.pid] = ProcessHint(
+                pid=o.pid,
+                parent_alive=parent is not None,
+                parent_holds=o.ppid in pids,
+                parent_name=parent,
+                lost_group_leader=lost,
+            )
+    return hints
+
+
+def _comm(pid: int, root: str) -> str | None:
+    try:
+        with open(f"{root}/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
