@@ -7,6 +7,8 @@ listen() stage. Only trials that cannot change the kernel's answer to the user's
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rebind.model.advice import (
     Assessment,
     Attempt,
@@ -68,7 +70,49 @@ def diagnose(req: BindRequest, *, owners: bool = True, table: SocketTable | None
     """Everything `rebind why` says about ``req``."""
     from rebind.kernel.facts import gather
 
-    return advise(gather(req, owners=owners, table=table))
+    d = advise(gather(req, owners=owners, table=table))
+    notes = _context_notes(d)
+    return replace(d, notes=(*d.notes, *notes)) if notes else d
+
+
+def _context_notes(d: Diagnosis) -> tuple[str, ...]:
+    """What the port's surroundings add: a server port that outgoing connections may take first,
+    and a NAT rule that sends the port's traffic elsewhere although no socket holds it."""
+    from rebind.model.ephemeral import ephemeral_overlap_warning
+
+    req, notes = d.request, []
+    warning = ephemeral_overlap_warning(
+        req.port, d.settings.ip_local_port_range, d.settings.ip_local_reserved_ports
+    )
+    if warning:
+        notes.append(warning)
+    if not d.table.entries and d.verdict.bindable:
+        notes.extend(_nat_notes(req))
+    return tuple(notes)
+
+
+def _nat_notes(req: BindRequest) -> list[str]:
+    """A published container port (DOCKER, NETAVARK-HOSTPORT-DNAT, CNI-HOSTPORT-DNAT) or a
+    Kubernetes NodePort (KUBE-NODEPORTS) with nothing bound: bind() works, the traffic does not
+    reach it (kube-proxy in iptables mode holds no socket at all, k3s#8989)."""
+    from rebind.kernel.containers import captures_for, engine_state
+    from rebind.textsafe import visible
+
+    addr = None if req.addr.is_unspecified else req.addr
+    caps = captures_for(req.port, req.proto.value, addr)
+    if not caps:
+        return []
+    engines = engine_state()
+    out = []
+    for c in caps:
+        cid = c.container_id or (engines.by_ip.get(c.to_addr) if c.to_addr is not None else None)
+        who = f", container {visible(engines.ref(cid, c.engine).label)} ({c.engine.value})" if cid else ""
+        out.append(
+            f"your bind() works, but a NAT rule (chain {c.chain.value}) sends traffic for "
+            f"{req.port}/{req.proto.value} to {visible(c.destination)}{who}: connections that match it "
+            "never reach your server. Stop or re-map what publishes the port, or pick another one."
+        )
+    return out
 
 
 def assess_now(req: BindRequest, *, table: SocketTable | None = None) -> Assessment:

@@ -135,3 +135,82 @@ def test_host_network_container_is_named_from_its_cgroup(engine_netns: Netns) ->
         (owner,) = e.owners
         assert owner.proxy is None and owner.name == "busybox"
         assert owner.container is not None and owner.container.id == cid and owner.container.name == "hostweb"
+
+
+def _rebind_in(ns: Netns, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+    return subprocess.run(
+        ["nsenter", f"--net={ns.path}", sys.executable, "-m", "rebind", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_why_names_the_container_and_free_refuses_the_proxy(engine_netns: Netns) -> None:
+    port = free_port()
+    with docker_engine(engine_netns) as d:
+        d.cli(
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "-p",
+            f"127.0.0.1:{port}:80",
+            "localhost/bb:latest",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        )
+        (owner,) = _listener(port).owners
+        res = _rebind_in(engine_netns, "why", str(port), "--json")
+        assert res.returncode == 1, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["blockers"][0]["kind"] == "container-proxy"
+        assert doc["fixes"][0]["command"] == "docker stop web"
+        # free: refused (exit 5), nothing signalled, and it says to stop the container instead.
+        res = _rebind_in(engine_netns, "free", str(port), "--yes")
+        assert res.returncode == 5, res.stdout + res.stderr
+        assert "docker-proxy" in res.stdout and "stop or re-map the container" in res.stdout
+        assert os.path.exists(f"/proc/{owner.pid}")
+
+
+def test_why_warns_about_a_nat_rule_with_no_socket(netns: int) -> None:
+    """No engine at all: a DNAT rule like the ones Docker, netavark and kube-proxy write, in the
+    test's own namespace. bind() works; why says the traffic goes elsewhere."""
+    from tests.engines.conftest import need
+
+    need("iptables")
+    port = free_port()
+    for rule in (
+        ["-N", "DOCKER"],
+        [
+            "-A",
+            "DOCKER",
+            "-p",
+            "tcp",
+            "--dport",
+            str(port),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "172.17.0.9:80",
+        ],
+    ):
+        subprocess.run(["iptables", "-t", "nat", *rule], check=True, capture_output=True)
+    env = dict(os.environ, NO_COLOR="1")
+    res = subprocess.run(
+        [sys.executable, "-m", "rebind", "why", str(port), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    notes = json.loads(res.stdout)["notes"]
+    assert any("NAT rule (chain DOCKER)" in n and "172.17.0.9:80" in n for n in notes), notes

@@ -70,7 +70,10 @@ class Refusal(enum.StrEnum):
     OTHER_USER = "another user's process: only root with --force may signal it"
     NO_IDENTITY = "its start time could not be read, so a recycled pid could not be ruled out"
     OUTGOING = "only an outgoing connection whose local port is this port (pass --outgoing to include it)"
-    CONTAINER = "a container runtime's port proxy: stop or re-map the container instead"
+    CONTAINER = (
+        "a container engine's port proxy: stop or re-map the container instead "
+        "(--force kills the proxy anyway, cutting the container off)"
+    )
 
 
 class ObstacleKind(enum.StrEnum):
@@ -319,7 +322,9 @@ def owner_refusal(
     """Why this owner of a blocking socket must not be signalled, or None if it may be."""
     if o.pid in facts.protected:
         return facts.protected[o.pid]
-    if kind is HolderKind.CONTAINER_PROXY:
+    if kind is HolderKind.CONTAINER_PROXY and not force:
+        # The proxy forwards to (or reserves the port for) a container: killing it cuts the
+        # container off and the engine may not recreate it. Only --force overrides.
         return Refusal.CONTAINER
     if kind is HolderKind.OUTGOING and not outgoing:
         return Refusal.OUTGOING

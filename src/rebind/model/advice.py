@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import errno as E
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from rebind.model.conflict import (
@@ -31,6 +31,7 @@ from rebind.model.conflict import (
     alternatives,
     evaluate,
 )
+from rebind.model.containers import ContainerRef
 from rebind.model.diagnosis import (
     NO_SOCKET_KINDS,
     Fix,
@@ -481,6 +482,16 @@ def attempts_for(req: BindRequest, a: Assessment, facts: Facts) -> tuple[Attempt
     return tuple(attempt(x) for x in alts)
 
 
+def _containers(infos: Sequence[BlockerInfo]) -> tuple[ContainerRef, ...]:
+    """The containers behind the blockers' proxies, each once, in blocker order."""
+    seen: dict[str, ContainerRef] = {}
+    for b in infos:
+        for o in b.entry.owners:
+            if o.container is not None and (o.proxy is not None or b.kind is HolderKind.CONTAINER_PROXY):
+                seen.setdefault(o.container.id, o.container)
+    return tuple(seen.values())
+
+
 def advise(facts: Facts) -> Diagnosis:
     """The whole answer: verdict, headline, blockers, what works, fixes, cross-check."""
     req = facts.request
@@ -505,6 +516,7 @@ def advise(facts: Facts) -> Diagnosis:
             new_reuseaddr=req.reuseaddr,
             holder_hidden=hidden,
             addr=str(req.addr),
+            containers=_containers(infos),
         )
     notes = list(outcome.notes)
     if facts.trial_skipped:

@@ -6,10 +6,12 @@ Pure: every fact (owners, flags, process tree hints, trial results) comes in as 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from rebind.model.containers import ContainerRef, stop_command
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
+from rebind.textsafe import visible
 
 #: Processes that hold ports on behalf of containers or VMs (the real server is elsewhere).
 CONTAINER_PROXIES = frozenset(
@@ -79,7 +81,10 @@ def classify(
 ) -> HolderKind:
     r = entry.socket
     names = {o.name for o in entry.owners}
-    if names & CONTAINER_PROXIES:
+    # o.proxy is set by the owner annotation (kernel/containers.py: a root-owned docker-proxy,
+    # dockerd, conmon, or rootlessport); the name list also catches unannotated owners. A name
+    # only ever makes rebind *refuse* to act, so a process naming itself "conmon" gains nothing.
+    if any(o.proxy is not None for o in entry.owners) or names & CONTAINER_PROXIES:
         return HolderKind.CONTAINER_PROXY
     if r.proto is Proto.UDP:
         return HolderKind.UDP
@@ -174,6 +179,7 @@ def fixes_for(
     new_reuseaddr: bool = False,
     holder_hidden: bool = False,
     addr: str = "",
+    containers: Sequence[ContainerRef] = (),
 ) -> list[Fix]:
     """Ranked fixes for the blockers present: what helps now first, prevention after."""
     ks = set(kinds)
@@ -181,7 +187,7 @@ def fixes_for(
     timed = ks & {HolderKind.TIME_WAIT, HolderKind.ORPHAN_FIN_WAIT2}
     live = ks - timed - {HolderKind.CLOSING_LEFTOVER}
     out = _fixes_now(ks, timed, live, port, udp, frees_in_ms, old_reuseaddr, new_reuseaddr, can_destroy)
-    out += _fixes_for_holders(ks, port, udp, pids, holder_hidden)
+    out += _fixes_for_holders(ks, port, udp, pids, holder_hidden, containers)
     out += _fixes_without_socket(ks, port, addr)
     if ks and ks <= NO_SOCKET_KINDS:
         return out
@@ -263,7 +269,12 @@ def _fixes_now(
 
 
 def _fixes_for_holders(
-    ks: set[HolderKind], port: int, udp: str, pids: list[int], holder_hidden: bool
+    ks: set[HolderKind],
+    port: int,
+    udp: str,
+    pids: list[int],
+    holder_hidden: bool,
+    containers: Sequence[ContainerRef] = (),
 ) -> list[Fix]:
     out: list[Fix] = []
     if ks & {HolderKind.LISTENER, HolderKind.SHARED_LISTENER, HolderKind.BOUND_INACTIVE, HolderKind.UDP}:
@@ -299,13 +310,26 @@ def _fixes_for_holders(
             )
         )
     if HolderKind.CONTAINER_PROXY in ks:
-        out.append(
-            Fix(
-                "Stop or re-map the container that publishes this port",
-                "The proxy process only forwards to a container; killing it breaks that container.",
-                f"docker ps --filter publish={port}",
+        for ref in containers:
+            out.append(
+                Fix(
+                    f"Stop or re-map container {visible(ref.label)} ({ref.engine.value}), which "
+                    f"publishes {port}",
+                    "The process holding the port is the engine's port proxy (or a reservation "
+                    "socket for its NAT rule); the server is inside the container. Killing the proxy "
+                    "cuts the container off and the engine may not recreate it: stop the container, "
+                    "or publish it on another host port (-p OTHER:CONTAINER_PORT).",
+                    stop_command(ref),
+                )
             )
-        )
+        if not containers:
+            out.append(
+                Fix(
+                    "Stop or re-map the container that publishes this port",
+                    "The proxy process only forwards to a container; killing it breaks that container.",
+                    f"docker ps --filter publish={port}   # or: podman ps; rebind ls --all-netns {port}",
+                )
+            )
     if HolderKind.OUTGOING in ks:
         out.append(
             Fix(
