@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 
-from rebind.connect_oracle import Check, run_scenarios
+from connect_oracle_lib import Check, run_scenarios
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ bench/connect_oracle.py): the model's verdict must match what connect() does."""
 from __future__ import annotations
 
 import pytest
+from bench.connect_oracle_lib import run_scenarios
 
-from rebind.connect_oracle import run_scenarios
 from rebind.kernel import netns as _netns
 
 SCENARIOS = 300
