@@ -54,6 +54,8 @@ def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     if nr is None:
         raise BPFUnavailable(f"bpf(2) number unknown for {machine}")
     if _syscall is None:
+        # A handle of its own, not procstat.libc(): argtypes belong to the function object, and
+        # bpf(2)'s (long, int, void *, unsigned) would retype kernel/pidfd.py's syscall() too.
         fn = ctypes.CDLL(None, use_errno=True).syscall
         fn.restype = ctypes.c_long
         fn.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
