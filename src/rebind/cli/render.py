@@ -107,13 +107,10 @@ def dump_json(doc: Any, out: IO[str] | None = None) -> None:
 
 
 def fmt_ms(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    if ms < 10_000:
-        return f"{ms / 1000:.1f}s"
-    if ms < 120_000:
-        return f"{ms // 1000}s"
-    return f"{ms // 60_000}m{(ms // 1000) % 60:02d}s"
+    """A table cell: compact, empty for no timer."""
+    from rebind.model.diagnosis import fmt_seconds
+
+    return "" if ms is None else fmt_seconds(ms, compact=True)
 
 
 def owners_cell(owners: tuple[Owner, ...], limit: int = 4) -> str:

@@ -153,9 +153,18 @@ def kind_phrase(kind: HolderKind, rec: SocketRecord, reuseaddr: bool | None) -> 
     }[kind]
 
 
-def fmt_seconds(ms: int) -> str:
-    s = max(ms, 0) / 1000
-    return f"{s:.1f} s" if s < 10 else f"{round(s)} s"
+def fmt_seconds(ms: int, *, compact: bool = False) -> str:
+    """The one duration formatter: ``9.5 s``/``41 s`` in sentences; ``compact`` for table cells
+    (``9.5s``, ``41s``, ``2m03s``)."""
+    ms = max(ms, 0)
+    if not compact:
+        s = ms / 1000
+        return f"{s:.1f} s" if s < 10 else f"{round(s)} s"
+    if ms < 10_000:
+        return f"{ms / 1000:.1f}s"
+    if ms < 120_000:
+        return f"{ms // 1000}s"
+    return f"{ms // 60_000}m{(ms // 1000) % 60:02d}s"
 
 
 @dataclass(frozen=True, slots=True)
