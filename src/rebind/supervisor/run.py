@@ -31,8 +31,9 @@ from rebind.model.validate import parse_seconds
 from rebind.supervisor import machine as m
 from rebind.supervisor import members, procscan
 from rebind.supervisor.control import ControlServer, Request, read_request
-from rebind.supervisor.listen import bind_listener
-from rebind.supervisor.notify import NotifyReceiver
+from rebind.supervisor.inherit import adopt, passed_fds
+from rebind.supervisor.listen import bind_datagram, bind_listener
+from rebind.supervisor.notify import NotifyReceiver, OuterNotifier
 from rebind.supervisor.spawn import RESET_SIGNALS, become_subreaper, resolve_command, spawn
 from rebind.supervisor.spec import ListenSpec
 from rebind.supervisor.watchdog import TOKEN_ENV, Watchdog
@@ -60,9 +61,12 @@ STABLE_AFTER = m.STABLE_AFTER
 
 
 class ReadyMode(enum.Enum):
-    AUTO = "auto"  # whichever comes first: READY=1 or serving seen in /proc
-    NOTIFY = "notify"  # only READY=1 on NOTIFY_SOCKET
-    ACCEPT = "accept"  # only /proc: a process of the generation waits on every socket
+    # A process of the new tree is seen serving every socket (waiting on it, or holding a
+    # connection it accepted from it). READY=1 only makes us look at once: gunicorn's arbiter
+    # sends it before its workers have imported the app (issue 13), so it proves nothing alone.
+    AUTO = "auto"
+    NOTIFY = "notify"  # only READY=1 on NOTIFY_SOCKET (trust the app: it must mean "serving")
+    ACCEPT = "accept"  # only /proc, as AUTO but without listening to READY=1
     NONE = "none"  # ready as soon as exec succeeded
 
 
@@ -92,6 +96,7 @@ class RunConfig:
     reuse_port: bool = False
     backlog: int | None = None
     stop_signal: int = signal.SIGTERM  # what a replaced (or timed-out) generation gets
+    drain: float = 0.0  # after the stop signal: this long to finish, then SIGTERM to all of it
 
     def __post_init__(self) -> None:
         # Validated here, not only in the CLI: inf/nan/huge durations crash select() with
@@ -100,6 +105,7 @@ class RunConfig:
         parse_seconds(self.grace, what="--grace")
         parse_seconds(self.backoff_initial, what="backoff")
         parse_seconds(self.backoff_max, what="--backoff-max")
+        parse_seconds(self.drain, what="--drain")
         if self.backlog is not None and not (
             isinstance(self.backlog, int) and 1 <= self.backlog <= MAX_BACKLOG
         ):
@@ -120,6 +126,7 @@ class RunConfig:
             backoff_max=self.backoff_max,
             ready_on_spawn=self.ready is ReadyMode.NONE,
             stop_signal=self.stop_signal,
+            drain=self.drain,
         )
 
 
@@ -142,14 +149,21 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def bind_all(specs: Sequence[ListenSpec], reuse_port: bool, backlog: int | None) -> list[socket.socket]:
-    """Bind every spec; on failure close what was bound and explain in one line."""
+def bind_all(
+    specs: Sequence[ListenSpec],
+    reuse_port: bool,
+    backlog: int | None,
+    adopted: dict[int, socket.socket] | None = None,
+) -> list[socket.socket]:
+    """Bind every spec not ADOPTED (passed by systemd); on failure close all and explain in one line."""
+    adopted = dict(adopted or {})
     bound: list[socket.socket] = []
     try:
-        for spec in specs:
-            bound.append(_bind_one(spec, reuse_port, backlog))
+        for i, spec in enumerate(specs):
+            sock = adopted.pop(i, None)
+            bound.append(sock if sock is not None else _bind_one(spec, reuse_port, backlog))
     except BaseException:
-        for s in bound:
+        for s in (*bound, *adopted.values()):
             s.close()
         raise
     return _park_high(bound)
@@ -157,6 +171,8 @@ def bind_all(specs: Sequence[ListenSpec], reuse_port: bool, backlog: int | None)
 
 def _bind_one(spec: ListenSpec, reuse_port: bool, backlog: int | None) -> socket.socket:
     try:
+        if spec.proto == "udp":
+            return bind_datagram(spec.host, spec.port, reuse_port=reuse_port)
         return bind_listener(spec.host, spec.port, reuse_port=reuse_port, backlog=backlog)
     except socket.gaierror as exc:
         raise BindFailed(f"cannot listen on {spec}: {spec.host!r}: {exc.strerror}") from None
@@ -173,7 +189,7 @@ def _park_high(socks: list[socket.socket]) -> list[socket.socket]:
     out = []
     for s in socks:
         fd = fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, floor)
-        out.append(socket.socket(fileno=fd))
+        out.append(socket.socket(s.family, s.type, s.proto, fileno=fd))
         s.close()
     return out
 
@@ -195,12 +211,22 @@ class Supervisor:
         config: RunConfig,
         sockets: Sequence[socket.socket],
         log: Callable[[str], None] | None = None,
+        outer: OuterNotifier | None = None,
+        on_reload: Callable[[m.ReloadDone], None] | None = None,
     ) -> None:
         self.cfg = config
         self.mcfg = config.machine_config()
         self.state = m.State()
         self.sockets = list(sockets)
         self.inodes = frozenset(os.fstat(s.fileno()).st_ino for s in self.sockets)
+        # Listening TCP sockets' ports: "holds a connection it accepted" proves serving (procscan).
+        self.tcp_ports = {
+            os.fstat(s.fileno()).st_ino: int(s.getsockname()[1])
+            for s in self.sockets
+            if s.type == socket.SOCK_STREAM
+        }
+        self.outer = outer  # systemd's NOTIFY_SOCKET (Type=notify / notify-reload, fd store)
+        self.on_reload = on_reload  # the outcome of every reload (for metrics)
         self.log = log or stderr_log
         self.exe = resolve_command(config.argv, os.environ)
         self.procs = Procs()
@@ -234,13 +260,25 @@ class Supervisor:
         if self.cfg.control:
             self.control = ControlServer(self.cfg.control)
             self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
-        self.watchdog = Watchdog(self.inodes, self.token)
+        self._store_fds()
+        # With the sockets in systemd's fd store they are meant to outlive us: the watchdog must
+        # not wait for them to vanish (nor hunt their holders, PID 1 among them).
+        self.watchdog = Watchdog(frozenset() if self.outer else self.inodes, self.token)
         old: dict[int, object] = {}
         for sig in (signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD):
             old[sig] = signal.signal(sig, self._on_signal)
         # The C handler writes here, so a select() retried after EINTR (PEP 475) still wakes.
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         return old
+
+    def _store_fds(self) -> None:
+        """FDSTORE=1: systemd keeps our sockets while we restart (FileDescriptorStoreMax=); we get
+        them back with LISTEN_FDS/LISTEN_FDNAMES. systemd ignores an fd it already stores."""
+        if self.outer is None:
+            return
+        for spec, s in zip(self.cfg.listen, self.sockets, strict=True):
+            if not self.outer.send(f"FDSTORE=1\nFDNAME={spec.name}", (s.fileno(),)):
+                self.log(f"could not hand {spec} to the service manager's fd store")
 
     def _teardown(self, old_handlers: dict[int, object]) -> None:
         # Only when run() unwinds on an error is anything of a generation left: kill it all.
@@ -395,8 +433,17 @@ class Supervisor:
         elif isinstance(action, m.Forget):
             self.procs.known.pop(action.number, None)
             self.procs.groups.pop(action.number, None)
-        elif isinstance(action, (m.NotifyOuter, m.Finish)):
-            pass  # NotifyOuter: reserved for issue 13; Finish: run() returns state.final
+        elif isinstance(action, m.NotifyOuter):
+            if self.outer is not None:
+                text = action.state
+                if "READY=1" in text.splitlines():
+                    text += f"\nMAINPID={os.getpid()}"  # we are the stable main pid, not the app
+                self.outer.send(text)
+        elif isinstance(action, m.ReloadDone):
+            if self.on_reload is not None:
+                self.on_reload(action)
+        elif isinstance(action, m.Finish):
+            pass  # run() returns state.final
 
     def _env(self, number: int) -> dict[bytes, bytes]:
         # os.environb: a variable that is not UTF-8 is passed through untouched (issue 8).
@@ -463,7 +510,7 @@ class Supervisor:
         if leader is None:
             return
         try:
-            found = procscan.serving(leader, self.inodes)
+            found = procscan.serving(leader, self.inodes, self.tcp_ports)
         except OSError:
             return  # e.g. EMFILE while listing /proc: scan again shortly
         if len(found) == len(self.inodes):
@@ -499,7 +546,13 @@ class Supervisor:
         # The kernel-attested sender pid must belong to the *new* generation's tree: a READY=1
         # from the old generation (or anyone else in the netns) proves nothing.
         if gen is not None and self._in_generation(sender, gen):
-            self.feed(m.Ready(gen.number, f"READY=1 from pid {sender}", time.monotonic()))
+            if self.cfg.ready is ReadyMode.NOTIFY:
+                self.feed(m.Ready(gen.number, f"READY=1 from pid {sender}", time.monotonic()))
+            else:
+                # auto: READY=1 from a pre-fork parent comes before its workers serve; look now,
+                # and keep looking until a process of the tree really serves every socket.
+                self.log(f"READY=1 from pid {sender} (generation {gen.number}); waiting until it serves")
+                self.io.next_scan = time.monotonic()
             return
         if self._in_generation(sender, self.state.serving):
             return
@@ -684,7 +737,11 @@ def seal_inherited_fds(keep: Sequence[int] = ()) -> None:
                 os.set_inheritable(fd, False)
 
 
-def supervise(config: RunConfig, log: Callable[[str], None] | None = None) -> int:
+def supervise(
+    config: RunConfig,
+    log: Callable[[str], None] | None = None,
+    on_reload: Callable[[m.ReloadDone], None] | None = None,
+) -> int:
     """Bind, run generations until told to stop; returns the exit status to use.
 
     Everything that can be refused is checked before anything is bound: the command, the pid file.
@@ -693,16 +750,24 @@ def supervise(config: RunConfig, log: Callable[[str], None] | None = None) -> in
     resolve_command(config.argv, os.environ)  # fail on a missing CMD before binding anything
     if config.pid_file:
         write_pid_file(config.pid_file)
+    outer = OuterNotifier.from_env(dict(os.environ))
     try:
-        sockets = bind_all(config.listen, config.reuse_port, config.backlog)
+        # Socket activation or our own sockets back from systemd's fd store (a restart of rebind).
+        passed = passed_fds(os.environ, os.getpid())
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        adopted = adopt(config.listen, passed, config.backlog, log or stderr_log) if passed else {}
+        sockets = bind_all(config.listen, config.reuse_port, config.backlog, adopted)
         try:
             become_subreaper()
             for spec, s in zip(config.listen, sockets, strict=True):
                 (log or stderr_log)(f"listening on {spec} (fd {s.fileno()})")
-            return Supervisor(config, sockets, log).run()
+            return Supervisor(config, sockets, log, outer, on_reload).run()
         finally:
             for s in sockets:
                 s.close()
     finally:
+        if outer is not None:
+            outer.close()
         if config.pid_file:
             remove_pid_file(config.pid_file)
