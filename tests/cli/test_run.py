@@ -78,6 +78,7 @@ def test_run_reload_status_and_pid_file(netns: int, procs: Procs, rebind_cli: Cl
     app.write_text("import rebind, signal\ns = rebind.listen('', 0)\nrebind.notify_ready()\nsignal.pause()\n")
     ctl, pid_file, log = tmp_path / "ctl", tmp_path / "pid", tmp_path / "log"
     args = ["-m", "rebind", "run", "--listen", "8092", "--control", str(ctl), "--pid-file", str(pid_file)]
+    args += ["--ready", "notify"]  # the app never accepts: only READY=1 can make it ready
     sup = procs.start([sys.executable, *args, "--", sys.executable, str(app)], stderr=log.open("w"))
     while "ready after" not in log.read_text():
         assert sup.poll() is None, log.read_text()
