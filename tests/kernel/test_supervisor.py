@@ -353,3 +353,70 @@ def wsgi(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [str(os.getppid()).encode()]  # the arbiter's pid: one per generation
 """
+
+
+BROKEN_APP = "import no_such_module_rebind_test  # the deploy that fails to import\n"
+
+
+def test_gunicorn_default_settings_broken_deploy_is_rolled_back(
+    netns: int, procs: Procs, tmp_path: Path
+) -> None:
+    """Issue 13: gunicorn's arbiter sends READY=1 before its workers import the app. That must not
+    count: a deploy whose app fails to import is rolled back, the old generation never stops."""
+    pytest.importorskip("gunicorn")
+    (tmp_path / "webapp.py").write_text(WEBAPP)
+    cmd = [sys.executable, "-m", "gunicorn", "webapp:wsgi"]  # gunicorn's defaults: 1 sync worker
+    ctl, log = str(tmp_path / "ctl"), tmp_path / "log"
+    args = [sys.executable, "-m", "rebind", "run", "--listen", "127.0.0.1:8087", "--control", ctl]
+    p = procs.start([*args, "--", *cmd], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    deadline = time.monotonic() + 60
+    while "ready after" not in log.read_text():
+        assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    first = get(8087)
+    load = Load(8087)
+    (tmp_path / "webapp.py").write_text(BROKEN_APP)
+    answer = control.send(ctl, "reload", 60)
+    assert answer.startswith("failed: generation 2 exited with status 3 before it was ready"), answer
+    assert "still serving: generation 1" in answer
+    before = sum(load.counts.values())
+    while sum(load.counts.values()) < before + 50:
+        time.sleep(0.01)
+    counts = load.stop()
+    assert counts["ok"] > 0 and set(counts) == {"ok"}, (counts, log.read_text())
+    assert get(8087) == first  # the old arbiter's worker still answers
+    text = log.read_text()
+    assert "READY=1 from pid" in text and "waiting until it serves" in text
+    assert "restart" not in text.split("generation 2 exited", 1)[1]  # no restart loop
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(30) == 0
+
+
+# The documented stdlib recipe, blocking, one request at a time, saturated by client threads:
+# almost never *in* accept() when sampled, but always holding the connection it answers.
+BLOCKING_APP = r"""
+import os, signal, socket, sys
+import rebind
+s = rebind.listen("127.0.0.1", 0)
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+while True:
+    c, _ = s.accept()
+    c.recv(1024)
+    x = 0
+    for i in range(20000):  # some work per request
+        x += i
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(os.getpid())), os.getpid()))
+    c.close()
+"""
+
+
+def test_ready_under_saturating_load_is_seen(netns: int, procs: Procs, tmp_path: Path) -> None:
+    sup = Supervised(procs, tmp_path, 8088, BLOCKING_APP, "--ready-timeout", "20", ready="accept")
+    loads = [Load(8088, max_seconds=120) for _ in range(8)]
+    try:
+        for _ in range(5):
+            answer = sup.reload()
+            assert answer.startswith("ok: generation"), (answer, sup.log.read_text())
+    finally:
+        counts = sum((ld.stop() for ld in loads), Counter())
+    assert counts["ok"] > 0 and counts["refused"] == 0, counts
