@@ -420,3 +420,16 @@ def test_ready_under_saturating_load_is_seen(netns: int, procs: Procs, tmp_path:
     finally:
         counts = sum((ld.stop() for ld in loads), Counter())
     assert counts["ok"] > 0 and counts["refused"] == 0, counts
+
+
+def test_app_that_binds_the_port_itself_is_named_for_sure(netns: int, procs: Procs, tmp_path: Path) -> None:
+    app = "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 8089))\n"  # ignores LISTEN_FDS
+    (tmp_path / "app.py").write_text(app)
+    args = [sys.executable, "-m", "rebind", "run", "--listen", "127.0.0.1:8089", "--"]
+    r = subprocess.run(
+        [*args, sys.executable, str(tmp_path / "app.py")], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1, r.stderr
+    assert "Address already in use" in r.stderr  # the app's own traceback, passed through
+    assert "its stderr says 'Address already in use': the server ignores LISTEN_FDS" in r.stderr
+    assert "if it failed with" not in r.stderr  # no more guessing

@@ -30,6 +30,12 @@ BINDS_ITSELF_HINT = (
     "uvicorn --fd 3)"
 )
 
+ADDR_IN_USE_SEEN = (
+    "its stderr says 'Address already in use': the server ignores LISTEN_FDS and binds the port "
+    "itself, which rebind already holds; run it with its recipe (docs/supervisor.md: uvicorn --fd 3, "
+    "gunicorn reads LISTEN_FDS, nginx with NGINX='3;' and --stop-signal QUIT, granian via a wrapper)"
+)
+
 
 class Phase(enum.Enum):
     RUNNING = "running"
@@ -520,7 +526,10 @@ def _exited_starting(cfg: Config, state: State, ev: Event) -> Result:
     state, acts = _leader_gone(cfg, state, gen, ev)
     reason = f"{_name(gen.number)} exited with status {ev.code} before it was ready"
     acts.append(Log(reason))
-    if ev.code != 0 and not state.ever_ready and not ev.addr_in_use:
+    if ev.addr_in_use:
+        acts.append(Log(ADDR_IN_USE_SEEN))
+        reason += " (Address already in use: it ignores LISTEN_FDS)"
+    elif ev.code != 0 and not state.ever_ready:
         # The usual first failure under rebind run: the app binds the port itself, and the
         # kernel refuses because our socket holds it. Said for sure (ev.addr_in_use) by run.py
         # when it saw the error in the app's stderr; here only as a possibility.

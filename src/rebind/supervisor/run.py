@@ -57,6 +57,9 @@ NOTIFY_BUDGET = 64  # sd_notify datagrams handled per wake-up; the rest wait for
 LOG_ONCE_MAX = 1024  # senders remembered for "log once"
 MEMBERS_EVERY = 5.0  # how often live generations' process lists are recorded (a /proc pass)
 LINGER_POLL = 0.25  # how often a lingering generation is checked for being empty
+# What a server that binds the port itself prints when our socket holds it (Python, nginx, Go, ...).
+ADDR_IN_USE = (b"Address already in use", b"EADDRINUSE", b"[Errno 98]")
+TEE_CHUNK = 65536
 STABLE_AFTER = m.STABLE_AFTER
 
 
@@ -237,6 +240,10 @@ class Supervisor:
         self.io = _IoState()
         self.token = secrets.token_hex(16).encode()  # REBIND_SUPERVISOR: marks all we started
         self.wake_r, self.wake_w = socket.socketpair()
+        # Each generation's stderr comes through a pipe we copy to ours, to see for sure when it
+        # failed with "Address already in use" (issue 13): read end -> [generation, last bytes].
+        self.tees: dict[int, _Tee] = {}
+        self.addr_in_use: set[int] = set()
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -297,6 +304,8 @@ class Supervisor:
             req.conn.close()
         for req in self.io.waiters.values():
             req.reply("failed: supervisor exiting")
+        for fd in list(self.tees):
+            self._close_tee(fd)
         for closable in (self.notify, self.control):
             if closable is not None:
                 closable.close()
@@ -461,14 +470,34 @@ class Supervisor:
         fds = [s.fileno() for s in self.sockets]
         n = action.number
         try:
-            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset)
-        except RebindError as exc:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            r = w = -1  # out of fds: run it without the tee rather than not at all
+        try:
+            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset, w if w >= 0 else None)
+        except (RebindError, OSError) as exc:
+            if r >= 0:
+                os.close(r)
+            self._spawn_failed(n, exc)
+            return
+        finally:
+            if w >= 0:
+                os.close(w)
+        if r >= 0:
+            os.set_blocking(r, False)
+            self.tees[r] = _Tee(n)
+            self.sel.register(r, selectors.EVENT_READ, lambda: self._on_tee(r))
+        self._spawned(n, pid, action)
+
+    def _spawn_failed(self, n: int, exc: BaseException) -> None:
+        if isinstance(exc, RebindError):
             self.feed(m.SpawnFailed(n, str(exc), exc.exit_code, time.monotonic()))
             return
-        except OSError as exc:  # fork() or pipe2() failed (EAGAIN, ENOMEM, EMFILE): try again later
-            reason = f"cannot start a process: {exc.strerror or exc}"
-            self.feed(m.SpawnFailed(n, reason, int(ExitCode.ENVIRONMENT), time.monotonic()))
-            return
+        # fork() or pipe2() failed (EAGAIN, ENOMEM, EMFILE): a failed generation, try again later
+        reason = f"cannot start a process: {getattr(exc, 'strerror', None) or exc}"
+        self.feed(m.SpawnFailed(n, reason, int(ExitCode.ENVIRONMENT), time.monotonic()))
+
+    def _spawned(self, n: int, pid: int, action: m.Spawn) -> None:
         self.procs.leaders[n] = pid
         self.procs.groups[n] = pid  # spawn() makes the leader a process group leader
         self.procs.by_pid[pid] = n
@@ -477,6 +506,37 @@ class Supervisor:
         self.io.next_scan = time.monotonic()
         self.log(f"generation {n} (pid {pid}) started ({action.why})")
         self.feed(m.Spawned(n, time.monotonic()))
+
+    def _on_tee(self, fd: int) -> None:
+        tee = self.tees.get(fd)
+        if tee is None:
+            return
+        for _ in range(16):  # bounded per wake-up: a chatty app cannot starve the loop
+            try:
+                data = os.read(fd, TEE_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_tee(fd)
+                return
+            _write_all(2, data)
+            window = tee.tail + data
+            if any(marker in window for marker in ADDR_IN_USE):
+                self.addr_in_use.add(tee.number)
+            tee.tail = window[-64:]
+
+    def _close_tee(self, fd: int) -> None:
+        if self.tees.pop(fd, None) is not None:
+            self.sel.unregister(fd)
+            os.close(fd)
+
+    def _drain_tee(self, number: int) -> None:
+        """Its leader exited: read what it wrote before we decide why it failed."""
+        for fd, tee in list(self.tees.items()):
+            if tee.number == number:
+                self._on_tee(fd)
 
     def _signal_leader(self, number: int, sig: int) -> None:
         pid = self.procs.leaders.get(number)
@@ -583,7 +643,10 @@ class Supervisor:
             self.procs.leaders.pop(number, None)
             self._relisten_if_shut()
             remaining = bool(self._members(number))
-            self.feed(m.Exited(number, exit_code(status), remaining, time.monotonic()))
+            self._drain_tee(number)
+            seen = number in self.addr_in_use
+            self.addr_in_use.discard(number)
+            self.feed(m.Exited(number, exit_code(status), remaining, time.monotonic(), seen))
         if reaped_other and any(g.role is m.Role.LINGERING for g in self.state.gens):
             self.procs.recorded_at = 0.0  # look again now: the generation may be empty
 
@@ -653,6 +716,18 @@ class Supervisor:
             return f"generation {n}" + (f" (pid {pid})" if pid else "")
 
         return m.describe(self.state, name)
+
+
+@dataclass(slots=True)
+class _Tee:
+    number: int  # the generation whose stderr this pipe carries
+    tail: bytes = b""  # the last bytes read: a marker may straddle two reads
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # EPIPE/EIO/ENOSPC: drop it, as stderr_log does
+        while data:
+            data = data[os.write(fd, data) :]
 
 
 @dataclass(slots=True)
