@@ -433,3 +433,60 @@ def test_app_that_binds_the_port_itself_is_named_for_sure(netns: int, procs: Pro
     assert "Address already in use" in r.stderr  # the app's own traceback, passed through
     assert "its stderr says 'Address already in use': the server ignores LISTEN_FDS" in r.stderr
     assert "if it failed with" not in r.stderr  # no more guessing
+
+
+# UDP and TCP sockets by name (LISTEN_FDNAMES), both served from one selector loop.
+NAMED_APP = r"""
+import os, selectors, signal, sys
+import rebind
+socks = {s.name: s.sock for s in rebind.inherited_sockets()}
+sel = selectors.DefaultSelector()
+sel.register(socks["dns"], selectors.EVENT_READ, "dns")
+sel.register(socks["web"], selectors.EVENT_READ, "web")
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+while True:
+    for key, _ in sel.select():
+        if key.data == "dns":
+            data, peer = socks["dns"].recvfrom(512)
+            socks["dns"].sendto(b"%d %s" % (os.getpid(), data), peer)
+        else:
+            c, _ = socks["web"].accept()
+            c.sendall(b"%d %s" % (os.getpid(), ",".join(sorted(socks)).encode()))
+            c.close()
+"""
+
+
+def _udp_ask(port: int, data: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(10)
+        u.sendto(data, ("127.0.0.1", port))
+        return u.recv(512)
+
+
+def test_udp_and_named_sockets(netns: int, procs: Procs, tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(NAMED_APP)
+    ctl, log = str(tmp_path / "ctl"), tmp_path / "log"
+    args = [sys.executable, "-m", "rebind", "run", "--listen", "udp:127.0.0.1:8110/dns"]
+    args += [
+        "--listen",
+        "127.0.0.1:8110/web",
+        "--control",
+        ctl,
+        "--",
+        sys.executable,
+        str(tmp_path / "app.py"),
+    ]
+    p = procs.start(args, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    deadline = time.monotonic() + 30
+    while "ready after" not in log.read_text():
+        assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    pid1, payload = _udp_ask(8110, b"q1").split()
+    assert payload == b"q1"
+    with socket.create_connection(("127.0.0.1", 8110), timeout=10) as c:
+        assert c.recv(64).split()[1] == b"dns,web"
+    assert control.send(ctl, "reload", 60).startswith("ok: generation 2")
+    pid2, payload = _udp_ask(8110, b"q2").split()
+    assert payload == b"q2" and pid2 != pid1
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(30) == 0

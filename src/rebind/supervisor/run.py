@@ -654,6 +654,8 @@ class Supervisor:
         # shutdown(2) on a listening socket acts on the socket, not the fd: a generation that
         # calls it stops the port for everyone. It stays bound, so listen() again restores it.
         for s in self.sockets:
+            if s.type != socket.SOCK_STREAM:
+                continue  # a UDP socket never listens (listen() is EOPNOTSUPP)
             if not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 self.log(f"listening socket {s.getsockname()} was shut down by a generation; listening again")
                 s.listen(socket.SOMAXCONN if self.cfg.backlog is None else self.cfg.backlog)
