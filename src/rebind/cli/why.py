@@ -35,6 +35,9 @@ Exit status: 0 bindable now, 1 busy, 2 usage error.
 @click.option("--reuseport", is_flag=True, help="The server sets SO_REUSEPORT.")
 @click.option("--v6only", is_flag=True, help="IPv6 socket with IPV6_V6ONLY=1.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/1).")
+@click.option(
+    "--reload", "reload_check", is_flag=True, help="Would a SO_REUSEPORT hand-off reset queued connections?"
+)
 def why(
     spec: tuple[IPv4Address | IPv6Address | None, int],
     addr: IPv4Address | IPv6Address | None,
@@ -43,6 +46,7 @@ def why(
     reuseport: bool,
     v6only: bool,
     as_json: bool,
+    reload_check: bool = False,
 ) -> int:
     """Explain why a server cannot bind PORT, what would work right now, and when it frees.
 
@@ -51,6 +55,10 @@ def why(
     kernel's bind() and listen() rules, and checks its answer with a real trial bind (a probe
     socket that binds and closes at once, never listening).
     """
+    if reload_check:  # issue 13: a separate check, see rebind/cli/why_reload.py
+        from rebind.cli.why_reload import run_reload_check
+
+        return run_reload_check(spec[1], as_json)
     from rebind.diagnosis import default_request, diagnose
     from rebind.model.records import Proto
 
