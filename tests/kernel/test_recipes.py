@@ -146,6 +146,7 @@ def test_recipe_under_load_and_reloads(netns: int, procs: Procs, tmp_path: Path,
         (tmp_path / fname).write_text(text)
     ctl, log = str(tmp_path / "ctl"), tmp_path / "log"
     args = [PY, "-m", "rebind", "run", "--listen", f"127.0.0.1:{port}", "--control", ctl, *recipe.rebind]
+    args += os.environ.get("REBIND_RECIPE_ARGS", "").split()  # e.g. "--drain 2" for the measurements
     env = dict(os.environ, PORT=str(port), **recipe.env)
     cmd = [*args, "--", *recipe.cmd(tmp_path, port)]
     p = procs.start(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))

@@ -240,8 +240,32 @@ _HOW |= {"select": "select", "pselect6": "select", "recvfrom": "recv", "recvmsg"
 
 
 def connections_by_port(ports: Iterable[int]) -> dict[int, int]:
-    """inode -> local port of every TCP socket that is not listening, on one of PORTS."""
+    """inode -> local port of every TCP socket that is not listening, on one of PORTS.
+
+    Over inet_diag, filtered by port and state in the kernel: under load /proc/net/tcp lists
+    every TIME_WAIT socket of the port (tens of thousands), read at every scan. /proc otherwise."""
     wanted = set(ports)
+    from rebind.errors import RebindError
+
+    try:
+        return _connections_netlink(wanted)
+    except (OSError, ValueError, RebindError):  # no sock_diag here (EnvironmentProblem), or EMFILE
+        return _connections_proc(wanted)
+
+
+def _connections_netlink(ports: set[int]) -> dict[int, int]:
+    from rebind.kernel import diag
+    from rebind.model.records import Proto, State
+
+    states = frozenset(State) - {State.LISTEN, State.TIME_WAIT, State.CLOSE, State.SYN_RECV}
+    out: dict[int, int] = {}
+    for r in diag.iter_sockets(protos=(Proto.TCP,), states=states, ports=ports):
+        if r.inode:
+            out[r.inode] = r.local.port
+    return out
+
+
+def _connections_proc(wanted: set[int]) -> dict[int, int]:
     out: dict[int, int] = {}
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
