@@ -120,6 +120,7 @@ RECIPES = {
         "granian",
         lambda t, p: [PY, "granian_fd.py", "--interface", "asgi", "app:asgi", "--workers", "1"],
         files={"granian_fd.py": GRANIAN},
+        resets=True,
     ),
     "nginx": Recipe("nginx", _nginx, rebind=("--stop-signal", "QUIT"), env={"NGINX": "3;"}),
 }
