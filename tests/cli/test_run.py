@@ -132,6 +132,9 @@ def test_origin_post_server_rewritten(netns: int, procs: Procs, rebind_cli: Cli,
         (("--listen", "127.0.0.1:{port}", "--ready-timeout", "1e10"), "--ready-timeout"),
         (("--listen", "127.0.0.1:{port}", "--backoff-max", "inf"), "--backoff-max"),
         (("--listen", "127.0.0.1:{port}", "--pid-file", "/nonexistent/dir/x.pid"), "--pid-file"),
+        (("--listen", "127.0.0.1:{port}", "--drain", "nan"), "--drain"),
+        (("--listen", "udp:127.0.0.1:²"), "not a port"),
+        (("--listen", "udp:127.0.0.1:{port}", "--listen", "udp:127.0.0.1:{port}/b"), "twice"),
     ],
 )
 def test_bad_input_is_one_line_and_nothing_is_bound(

@@ -490,3 +490,36 @@ def test_udp_and_named_sockets(netns: int, procs: Procs, tmp_path: Path) -> None
     assert payload == b"q2" and pid2 != pid1
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait(30) == 0
+
+
+# Ignores the stop signal (QUIT) to show the order: QUIT, --drain seconds, then SIGTERM to all.
+DRAIN_APP = r"""
+import os, signal, sys, time
+import rebind
+s = rebind.listen("127.0.0.1", 0)
+signal.signal(signal.SIGQUIT, lambda *a: open(os.environ["REPORT"] + f".{os.getpid()}", "a").write(f"QUIT {time.monotonic()}\n"))
+def term(*a):
+    open(os.environ["REPORT"] + f".{os.getpid()}", "a").write(f"TERM {time.monotonic()}\n")
+    os._exit(0)
+signal.signal(signal.SIGTERM, term)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"%d" % os.getpid())
+    c.close()
+"""
+
+
+def test_drain_order_stop_signal_then_sigterm_to_all(netns: int, procs: Procs, tmp_path: Path) -> None:
+    sup = Supervised(procs, tmp_path, 8111, DRAIN_APP, "--stop-signal", "QUIT", "--drain", "1")
+    with socket.create_connection(("127.0.0.1", 8111), timeout=10) as c:
+        old = int(c.recv(16))
+    assert sup.reload().startswith("ok: generation 2")
+    sup.wait_log("generation 1 exited with status 0")
+    log = sup.log.read_text()
+    assert "generation 1 draining (replaced by generation 2): SIGQUIT, SIGTERM to all of it after 1s" in log
+    assert "generation 1 still running after draining 1s: SIGTERM to all of it" in log
+    quit_line, term_line = Path(f"{tmp_path / 'report'}.{old}").read_text().splitlines()
+    assert quit_line.startswith("QUIT") and term_line.startswith("TERM")
+    assert float(term_line.split()[1]) - float(quit_line.split()[1]) >= 0.9  # the drain time
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(30) == 0
