@@ -43,3 +43,8 @@ def test_different_addresses_are_different_groups() -> None:
 
 def test_a_listener_of_unknown_start_is_never_a_generation_of_its_own() -> None:
     assert generations([_l(1, None), _l(2, 100.0)]) == [[_l(2, 100.0)]]
+
+
+def test_nothing_listening() -> None:
+    (a,) = advise([], 0, 8080)
+    assert a.level is Level.OK and "nothing listens" in a.text

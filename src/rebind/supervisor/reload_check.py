@@ -92,6 +92,8 @@ def advise(listeners: Sequence[Listener], migrate_req: int | None, port: int) ->
                 ),
             )
         )
+    if not listeners:
+        return [Advice(Level.OK, f"port {port}: nothing listens on it (TCP)")]
     if not out:
         many = any(len(g) > 1 for g in groups.values())
         text = (
