@@ -78,6 +78,7 @@ def test_run_reload_status_and_pid_file(netns: int, procs: Procs, rebind_cli: Cl
     app.write_text("import rebind, signal\ns = rebind.listen('', 0)\nrebind.notify_ready()\nsignal.pause()\n")
     ctl, pid_file, log = tmp_path / "ctl", tmp_path / "pid", tmp_path / "log"
     args = ["-m", "rebind", "run", "--listen", "8092", "--control", str(ctl), "--pid-file", str(pid_file)]
+    args += ["--ready", "notify"]  # the app never accepts: only READY=1 can make it ready
     sup = procs.start([sys.executable, *args, "--", sys.executable, str(app)], stderr=log.open("w"))
     while "ready after" not in log.read_text():
         assert sup.poll() is None, log.read_text()
@@ -131,6 +132,9 @@ def test_origin_post_server_rewritten(netns: int, procs: Procs, rebind_cli: Cli,
         (("--listen", "127.0.0.1:{port}", "--ready-timeout", "1e10"), "--ready-timeout"),
         (("--listen", "127.0.0.1:{port}", "--backoff-max", "inf"), "--backoff-max"),
         (("--listen", "127.0.0.1:{port}", "--pid-file", "/nonexistent/dir/x.pid"), "--pid-file"),
+        (("--listen", "127.0.0.1:{port}", "--drain", "nan"), "--drain"),
+        (("--listen", "udp:127.0.0.1:²"), "not a port"),
+        (("--listen", "udp:127.0.0.1:{port}", "--listen", "udp:127.0.0.1:{port}/b"), "twice"),
     ],
 )
 def test_bad_input_is_one_line_and_nothing_is_bound(

@@ -353,3 +353,173 @@ def wsgi(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [str(os.getppid()).encode()]  # the arbiter's pid: one per generation
 """
+
+
+BROKEN_APP = "import no_such_module_rebind_test  # the deploy that fails to import\n"
+
+
+def test_gunicorn_default_settings_broken_deploy_is_rolled_back(
+    netns: int, procs: Procs, tmp_path: Path
+) -> None:
+    """Issue 13: gunicorn's arbiter sends READY=1 before its workers import the app. That must not
+    count: a deploy whose app fails to import is rolled back, the old generation never stops."""
+    pytest.importorskip("gunicorn")
+    (tmp_path / "webapp.py").write_text(WEBAPP)
+    cmd = [sys.executable, "-m", "gunicorn", "webapp:wsgi"]  # gunicorn's defaults: 1 sync worker
+    ctl, log = str(tmp_path / "ctl"), tmp_path / "log"
+    args = [sys.executable, "-m", "rebind", "run", "--listen", "127.0.0.1:8087", "--control", ctl]
+    p = procs.start([*args, "--", *cmd], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    deadline = time.monotonic() + 60
+    while "ready after" not in log.read_text():
+        assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    first = get(8087)
+    load = Load(8087)
+    (tmp_path / "webapp.py").write_text(BROKEN_APP)
+    answer = control.send(ctl, "reload", 60)
+    assert answer.startswith("failed: generation 2 exited with status 3 before it was ready"), answer
+    assert "still serving: generation 1" in answer
+    before = sum(load.counts.values())
+    while sum(load.counts.values()) < before + 50:
+        time.sleep(0.01)
+    counts = load.stop()
+    assert counts["ok"] > 0 and set(counts) == {"ok"}, (counts, log.read_text())
+    assert get(8087) == first  # the old arbiter's worker still answers
+    text = log.read_text()
+    assert "READY=1 from pid" in text and "waiting until it serves" in text
+    assert "restart" not in text.split("generation 2 exited", 1)[1]  # no restart loop
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(30) == 0
+
+
+# The documented stdlib recipe, blocking, one request at a time, saturated by client threads:
+# almost never *in* accept() when sampled, but always holding the connection it answers.
+BLOCKING_APP = r"""
+import os, signal, socket, sys
+import rebind
+s = rebind.listen("127.0.0.1", 0)
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+while True:
+    c, _ = s.accept()
+    c.recv(1024)
+    x = 0
+    for i in range(20000):  # some work per request
+        x += i
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(os.getpid())), os.getpid()))
+    c.close()
+"""
+
+
+def test_ready_under_saturating_load_is_seen(netns: int, procs: Procs, tmp_path: Path) -> None:
+    sup = Supervised(procs, tmp_path, 8088, BLOCKING_APP, "--ready-timeout", "20", ready="accept")
+    loads = [Load(8088, max_seconds=120) for _ in range(8)]
+    try:
+        for _ in range(5):
+            answer = sup.reload()
+            assert answer.startswith("ok: generation"), (answer, sup.log.read_text())
+    finally:
+        counts = sum((ld.stop() for ld in loads), Counter())
+    assert counts["ok"] > 0 and counts["refused"] == 0, counts
+
+
+def test_app_that_binds_the_port_itself_is_named_for_sure(netns: int, procs: Procs, tmp_path: Path) -> None:
+    app = "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 8089))\n"  # ignores LISTEN_FDS
+    (tmp_path / "app.py").write_text(app)
+    args = [sys.executable, "-m", "rebind", "run", "--listen", "127.0.0.1:8089", "--"]
+    r = subprocess.run(
+        [*args, sys.executable, str(tmp_path / "app.py")], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1, r.stderr
+    assert "Address already in use" in r.stderr  # the app's own traceback, passed through
+    assert "its stderr says 'Address already in use': the server ignores LISTEN_FDS" in r.stderr
+    assert "if it failed with" not in r.stderr  # no more guessing
+
+
+# UDP and TCP sockets by name (LISTEN_FDNAMES), both served from one selector loop.
+NAMED_APP = r"""
+import os, selectors, signal, sys
+import rebind
+socks = {s.name: s.sock for s in rebind.inherited_sockets()}
+sel = selectors.DefaultSelector()
+sel.register(socks["dns"], selectors.EVENT_READ, "dns")
+sel.register(socks["web"], selectors.EVENT_READ, "web")
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+while True:
+    for key, _ in sel.select():
+        if key.data == "dns":
+            data, peer = socks["dns"].recvfrom(512)
+            socks["dns"].sendto(b"%d %s" % (os.getpid(), data), peer)
+        else:
+            c, _ = socks["web"].accept()
+            c.sendall(b"%d %s" % (os.getpid(), ",".join(sorted(socks)).encode()))
+            c.close()
+"""
+
+
+def _udp_ask(port: int, data: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(10)
+        u.sendto(data, ("127.0.0.1", port))
+        return u.recv(512)
+
+
+def test_udp_and_named_sockets(netns: int, procs: Procs, tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(NAMED_APP)
+    ctl, log = str(tmp_path / "ctl"), tmp_path / "log"
+    args = [sys.executable, "-m", "rebind", "run", "--listen", "udp:127.0.0.1:8110/dns"]
+    args += [
+        "--listen",
+        "127.0.0.1:8110/web",
+        "--control",
+        ctl,
+        "--",
+        sys.executable,
+        str(tmp_path / "app.py"),
+    ]
+    p = procs.start(args, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    deadline = time.monotonic() + 30
+    while "ready after" not in log.read_text():
+        assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    pid1, payload = _udp_ask(8110, b"q1").split()
+    assert payload == b"q1"
+    with socket.create_connection(("127.0.0.1", 8110), timeout=10) as c:
+        assert c.recv(64).split()[1] == b"dns,web"
+    assert control.send(ctl, "reload", 60).startswith("ok: generation 2")
+    pid2, payload = _udp_ask(8110, b"q2").split()
+    assert payload == b"q2" and pid2 != pid1
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(30) == 0
+
+
+# Ignores the stop signal (QUIT) to show the order: QUIT, --drain seconds, then SIGTERM to all.
+DRAIN_APP = r"""
+import os, signal, sys, time
+import rebind
+s = rebind.listen("127.0.0.1", 0)
+signal.signal(signal.SIGQUIT, lambda *a: open(os.environ["REPORT"] + f".{os.getpid()}", "a").write(f"QUIT {time.monotonic()}\n"))
+def term(*a):
+    open(os.environ["REPORT"] + f".{os.getpid()}", "a").write(f"TERM {time.monotonic()}\n")
+    os._exit(0)
+signal.signal(signal.SIGTERM, term)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"%d" % os.getpid())
+    c.close()
+"""
+
+
+def test_drain_order_stop_signal_then_sigterm_to_all(netns: int, procs: Procs, tmp_path: Path) -> None:
+    sup = Supervised(procs, tmp_path, 8111, DRAIN_APP, "--stop-signal", "QUIT", "--drain", "1")
+    with socket.create_connection(("127.0.0.1", 8111), timeout=10) as c:
+        old = int(c.recv(16))
+    assert sup.reload().startswith("ok: generation 2")
+    sup.wait_log("generation 1 exited with status 0")
+    log = sup.log.read_text()
+    assert "generation 1 draining (replaced by generation 2): SIGQUIT, SIGTERM to all of it after 1s" in log
+    assert "generation 1 still running after draining 1s: SIGTERM to all of it" in log
+    quit_line, term_line = Path(f"{tmp_path / 'report'}.{old}").read_text().splitlines()
+    assert quit_line.startswith("QUIT") and term_line.startswith("TERM")
+    assert float(term_line.split()[1]) - float(quit_line.split()[1]) >= 0.9  # the drain time
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(30) == 0

@@ -116,3 +116,42 @@ def test_signal_verified_refuses_a_changed_start_time() -> None:
     assert members.signal_verified((os.getpid(), 1), 0) is False
     me = members.read_proc(os.getpid())
     assert me is not None and members.signal_verified((me.pid, me.start), 0) is True
+
+
+def test_listen_spec_udp_and_tcp_prefixes() -> None:
+    from rebind.supervisor.spec import check_unique, parse_listen
+
+    udp = parse_listen("udp:127.0.0.1:5353/dns")
+    assert (udp.proto, udp.host, udp.port, udp.name) == ("udp", "127.0.0.1", 5353, "dns")
+    assert str(udp) == "udp:127.0.0.1:5353/dns"
+    tcp = parse_listen("tcp:[::1]:8080", 1)
+    assert (tcp.proto, tcp.host, tcp.port, tcp.name) == ("tcp", "::1", 8080, "listen1")
+    check_unique((parse_listen("udp:53/a"), parse_listen("53/b")))  # same port, two protocols: fine
+
+
+def test_outer_notifier_sends_with_fds_and_ignores_a_missing_socket(tmp_path: Path) -> None:
+    import array
+
+    from rebind.supervisor.notify import OuterNotifier
+
+    assert (
+        OuterNotifier.from_env({}) is None and OuterNotifier.from_env({"NOTIFY_SOCKET": "vsock:2:1"}) is None
+    )
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(tmp_path / "n"))
+    tx = OuterNotifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "n")})
+    assert tx is not None
+    r, w = os.pipe()
+    try:
+        assert tx.send("FDSTORE=1\nFDNAME=web", (r,))
+        data, anc, _, _ = rx.recvmsg(4096, socket.CMSG_SPACE(4))
+        assert data == b"FDSTORE=1\nFDNAME=web"
+        fds = array.array("i")
+        fds.frombytes(anc[0][2])
+        os.close(fds[0])
+        rx.close()
+        assert not tx.send("READY=1")  # the manager's socket is gone: dropped, no exception
+    finally:
+        tx.close()
+        os.close(r)
+        os.close(w)

@@ -418,3 +418,82 @@ def test_first_failure_hints_at_an_app_that_binds_the_port_itself() -> None:
     r = Run().serving_one()
     r.reload()
     assert m.Log(m.BINDS_ITSELF_HINT) not in r.exited(2, 1)  # served before: not the likely cause
+
+
+# -- issue 13: the outer systemd, drain, reload outcomes ------------------------------------------
+
+
+def _outer(acts: list[m.Action]) -> list[str]:
+    return [a.state for a in acts if isinstance(a, m.NotifyOuter)]
+
+
+def test_outer_ready_once_the_first_generation_serves() -> None:
+    r = Run()
+    assert _outer(r.boot()) == []
+    assert _outer(r.ready(1)) == ["READY=1\nSTATUS=serving: generation 1"]
+
+
+def test_outer_reload_sends_reloading_then_ready_with_the_outcome() -> None:
+    r = Run().serving_one()
+    acts = r.at(1.5).reload()
+    assert _outer(acts) == ["RELOADING=1\nMONOTONIC_USEC=1500000"]
+    acts = r.at(2.0).ready(2)
+    assert _outer(acts) == ["READY=1\nSTATUS=serving: generation 2"]
+    assert _of(acts, m.ReloadDone) == [m.ReloadDone(2, True, 0.5, "test")]
+
+
+def test_outer_failed_reload_is_ready_with_a_status_and_no_restart() -> None:
+    r = Run().serving_one()
+    r.at(1.0).reload()
+    acts = r.at(1.25).exited(2, code=3)
+    (line,) = _outer(acts)
+    assert line.startswith("READY=1\nSTATUS=reload failed: generation 2 exited with status 3")
+    assert line.endswith("still serving: generation 1")
+    (done,) = _of(acts, m.ReloadDone)
+    assert isinstance(done, m.ReloadDone) and not done.ok and done.seconds == 0.25
+    assert r.state.restart_at is None and r.role(1) is Role.SERVING  # no restart loop
+
+
+def test_outer_queued_reload_answers_one_reloading_with_one_ready() -> None:
+    r = Run().serving_one()
+    r.reload()
+    assert _outer(r.reload()) == []  # queued behind generation 2: systemd already knows
+    assert _outer(r.ready(2)) == []  # generation 3 is still pending
+    assert _outer(r.ready(3)) == ["READY=1\nSTATUS=serving: generation 3"]
+
+
+def test_outer_crash_restart_is_not_a_reload_and_stop_says_stopping() -> None:
+    r = Run().serving_one()
+    r.exited(1, code=1)
+    r.at(1.0).timers()
+    assert _outer(r.ready(2)) == []  # a restart after a crash: no RELOADING=1 was sent
+    assert "STOPPING=1" in _outer(r.feed(m.Stop(signal.SIGTERM, r.now)))
+
+
+def test_drain_then_sigterm_to_all_then_sigkill() -> None:
+    r = Run(m.Config(ready_timeout=5.0, grace=2.0, drain=3.0, stop_signal=signal.SIGQUIT)).serving_one()
+    r.at(1.0).reload()
+    acts = r.ready(2)
+    assert r.role(1) is Role.DRAINING
+    assert _of(acts, m.SignalLeader) == [m.SignalLeader(1, signal.SIGQUIT)]
+    assert r.at(3.9).timers() == []
+    acts = r.at(4.0).timers()
+    assert r.role(1) is Role.STOPPING
+    assert _of(acts, m.SignalRest) == [m.SignalRest(1, signal.SIGTERM)]
+    acts = r.at(6.0).timers()
+    assert _of(acts, m.SignalRest) == [m.SignalRest(1, signal.SIGKILL)]
+
+
+def test_drained_generation_that_exits_is_gone() -> None:
+    r = Run(m.Config(drain=3.0)).serving_one()
+    r.reload()
+    r.ready(2)
+    acts = r.exited(1, code=0)
+    assert _of(acts, m.Forget) == [m.Forget(1)] and r.state.gen(1) is None
+
+
+def test_addr_in_use_seen_replaces_the_guess() -> None:
+    r = Run()
+    r.boot()
+    acts = r.feed(m.Exited(1, 1, False, 0.0, addr_in_use=True))
+    assert m.BINDS_ITSELF_HINT not in [a.line for a in _of(acts, m.Log)]  # type: ignore[attr-defined]

@@ -47,7 +47,8 @@ Examples:
 
 \b
 The sockets are passed as fds 3, 4, ... with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES
-(systemd socket activation); NOTIFY_SOCKET receives READY=1 (sd_notify).
+(systemd socket activation); NOTIFY_SOCKET receives READY=1 (sd_notify). Under systemd
+(Type=notify-reload) rebind sends READY=1, RELOADING=1 and its sockets to the fd store.
 Exit status: the app's; 1 when a port cannot be bound or the first generation never becomes
 ready (the app's own status if it exited non-zero); 2 on bad input (checked before binding).
 """,
@@ -56,16 +57,19 @@ ready (the app's own status if it exited non-zero); 2 on bad input (checked befo
     "--listen",
     "listen",
     multiple=True,
-    metavar="[HOST:]PORT[/NAME]",
-    help="Bind this TCP address once and pass it on (repeatable). No HOST: every address, dual-stack.",
+    metavar="[udp:][HOST:]PORT[/NAME]",
+    help="Bind this TCP (or udp:) address once and pass it on (repeatable). No HOST: every address, "
+    "dual-stack. Sockets passed to rebind itself (LISTEN_FDS: socket activation, systemd's fd store) "
+    "are used instead when one matches by NAME or address.",
 )
 @click.option(
     "--ready",
     type=click.Choice(["auto", "notify", "accept", "none"]),
     default="auto",
     show_default=True,
-    help="How a generation proves it serves: READY=1 on NOTIFY_SOCKET, waiting on every socket "
-    "(seen in /proc), either (auto), or nothing.",
+    help="How a generation proves it serves: a process of it waits on (or answers a connection from) "
+    "every socket, seen in /proc (auto: READY=1 only makes rebind look at once; accept: ignores "
+    "READY=1), READY=1 on NOTIFY_SOCKET alone (notify), or nothing.",
 )
 @click.option("--ready-timeout", callback=_seconds(0.1), default="30", show_default=True, metavar="SECONDS")
 @click.option(
@@ -86,6 +90,15 @@ ready (the app's own status if it exited non-zero); 2 on bad input (checked befo
     metavar="SIG",
     help="Signal that tells a replaced generation to stop (e.g. QUIT for nginx, WINCH for httpd).",
 )
+@click.option(
+    "--drain",
+    callback=_seconds(0),
+    default="0",
+    show_default=True,
+    metavar="SECONDS",
+    help="A replaced generation gets the stop signal, then this long to finish before SIGTERM "
+    "to all of it (then --grace, SIGKILL).",
+)
 @click.option("--backoff-max", callback=_seconds(0), default="10", show_default=True, metavar="SECONDS")
 @click.option(
     "--control",
@@ -104,6 +117,7 @@ def run(
     grace: float,
     restart: str,
     stop_signal: str,
+    drain: float,
     backoff_max: float,
     control: str | None,
     pid_file: str | None,
@@ -141,6 +155,7 @@ def run(
         reuse_port=reuse_port,
         backlog=backlog,
         stop_signal=parse_signal(stop_signal),
+        drain=drain,
     )
     return supervise(config)
 

@@ -41,6 +41,9 @@ With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permis
 @click.option("--bind-before-connect", is_flag=True, help="--connect: bind(ADDR, 0) before connect().")
 @click.option("--probe", is_flag=True, help="--connect: one real connect(), aborted at once.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/2).")
+@click.option(
+    "--reload", "reload_check", is_flag=True, help="Would a SO_REUSEPORT hand-off reset queued connections?"
+)
 def why(
     spec: Spec | None,
     addr: IPv4Address | IPv6Address | None,
@@ -55,6 +58,7 @@ def why(
     bind_before_connect: bool,
     probe: bool,
     as_json: bool,
+    reload_check: bool = False,
 ) -> int:
     """Explain why a server cannot bind PORT, what would work right now, and when it frees.
 
@@ -64,6 +68,12 @@ def why(
     that bind and close at once, never listening) -- only those that cannot change the kernel's
     answer to your server's bind.
     """
+    if reload_check:  # issue 13: a separate check, see rebind/cli/why_reload.py
+        if spec is None:
+            raise click.UsageError("--reload needs a PORT")
+        from rebind.cli.why_reload import run_reload_check
+
+        return run_reload_check(spec[1], as_json)
     # A new question dispatches here, before the bind request is built.
     if connect is not None or spec is None:  # the client half: rebind.cli.why_connect
         from rebind.cli.why_connect import dispatch

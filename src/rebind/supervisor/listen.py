@@ -196,6 +196,25 @@ def bind_listener(
     return sock
 
 
+def bind_datagram(host: str | None, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound UDP socket for `rebind run --listen udp:PORT` (the same options as a listener)."""
+    port = parse_port(port, what="port", allow_zero=True)
+    family, addr = resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        _set_options(sock, family, addr[0], reuse_port, None)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            if exc.errno in _EXPLAINED:
+                exc.add_note(_explain(addr[0], port, reuse_port))
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def resolve(host: str | None, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
     """(family, sockaddr) for HOST; empty/``*`` means every address, dual-stack when possible."""
     h = (host or "").strip()

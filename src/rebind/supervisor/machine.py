@@ -6,9 +6,11 @@ executes the returned :class:`Action` values in order. Every transition is one r
 :data:`TRANSITIONS`, keyed by (what happened, the role of the generation it concerns, the
 supervisor's phase); a missing row is a bug, and the unit tests walk the whole product.
 
-Room for issue 13: the stop signal for a replaced generation (``Config.stop_signal``, wired to
-``--stop-signal``); named but not wired yet: a drain phase (:attr:`Role.DRAINING`), notifying an
-outer systemd (:class:`NotifyOuter`) and a fd store.
+Issue 13: the stop signal for a replaced generation (``Config.stop_signal``), a drain phase
+(``Config.drain``, :attr:`Role.DRAINING`: stop signal, up to DRAIN seconds to finish, then SIGTERM to
+every process of it, then SIGKILL after grace), the outer systemd's protocol (:class:`NotifyOuter`:
+READY=1 once the first generation serves, RELOADING=1 + MONOTONIC_USEC at a reload, READY=1 again
+with its outcome, STOPPING=1) and :class:`ReloadDone` for metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ BINDS_ITSELF_HINT = (
     "uvicorn --fd 3)"
 )
 
+ADDR_IN_USE_SEEN = (
+    "its stderr says 'Address already in use': the server ignores LISTEN_FDS and binds the port "
+    "itself, which rebind already holds; run it with its recipe (docs/supervisor.md: uvicorn --fd 3, "
+    "gunicorn reads LISTEN_FDS, nginx with NGINX='3;' and --stop-signal QUIT, granian via a wrapper)"
+)
+
 
 class Phase(enum.Enum):
     RUNNING = "running"
@@ -38,7 +46,7 @@ class Phase(enum.Enum):
 class Role(enum.Enum):
     STARTING = "starting"  # spawned, not ready yet
     SERVING = "serving"
-    DRAINING = "draining"  # reserved (issue 13): told to stop accepting, still finishing work
+    DRAINING = "draining"  # replaced with --drain: stop signal sent, finishing in-flight work
     STOPPING = "stopping"  # stop signal sent to the leader, SIGKILL after grace
     LINGERING = "lingering"  # leader gone, the rest of its processes got SIGTERM, SIGKILL after grace
     NONE = "none"  # an event about no (or an unknown) generation
@@ -59,6 +67,7 @@ class Config:
     backoff_max: float = 10.0
     ready_on_spawn: bool = False  # --ready none
     stop_signal: int = signal.SIGTERM  # what a replaced generation gets (issue 13: --stop-signal)
+    drain: float = 0.0  # --drain: after the stop signal, this long before SIGTERM to all of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,7 @@ class Gen:
     ready_at: float | None = None
     deadline: float | None = None  # ready deadline (STARTING) or SIGKILL time (STOPPING, LINGERING)
     waiters: tuple[int, ...] = ()  # reload requests answered when this generation is ready or fails
+    reload: bool = False  # started by a reload (its outcome is a ReloadDone), not a start or restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,7 @@ class State:
     final: int | None = None  # our exit status, once decided
     final_from: int | None = None  # the generation whose exit status becomes ours on shutdown
     stopped_by: int | None = None  # the signal we were stopped with (and forwarded)
+    reloading: bool = False  # RELOADING=1 sent to the outer systemd, its READY=1 not yet
 
     def gen(self, number: int | None) -> Gen | None:
         return next((g for g in self.gens if g.number == number), None)
@@ -142,6 +153,7 @@ class Exited:
     code: int
     remaining: bool
     now: float
+    addr_in_use: bool = False  # its stderr said "Address already in use" (run.py explained it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,9 +259,20 @@ class Log:
 
 @dataclass(frozen=True, slots=True)
 class NotifyOuter:
-    """Reserved (issue 13): READY=1 / RELOADING=1 / STOPPING=1 to an outer $NOTIFY_SOCKET."""
+    """sd_notify to the outer $NOTIFY_SOCKET (systemd): newline-separated ``KEY=VALUE`` lines.
+    The caller adds ``MAINPID=`` (its own pid) to every READY=1."""
 
     state: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadDone:
+    """The outcome of a reload (for metrics): generation NUMBER took over (ok) or failed."""
+
+    number: int
+    ok: bool
+    seconds: float  # from its spawn to ready (ok) or to the failure
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +280,9 @@ class Finish:
     code: int
 
 
-Action: TypeAlias = Spawn | SignalLeader | SignalRest | Forget | Reply | Log | NotifyOuter | Finish
+Action: TypeAlias = (
+    Spawn | SignalLeader | SignalRest | Forget | Reply | Log | NotifyOuter | ReloadDone | Finish
+)
 
 
 def timer_events(state: State, now: float) -> list[Event]:
@@ -268,7 +293,7 @@ def timer_events(state: State, now: float) -> list[Event]:
             continue
         if g.role is Role.STARTING:
             out.append(ReadyTimeout(g.number, now))
-        elif g.role in (Role.STOPPING, Role.LINGERING):
+        elif g.role in (Role.STOPPING, Role.LINGERING, Role.DRAINING):
             out.append(GraceOver(g.number, now))
     if state.restart_at is not None and now >= state.restart_at:
         out.append(RestartDue(now))
@@ -293,9 +318,9 @@ def _drop(state: State, number: int) -> State:
     return replace(state, gens=tuple(g for g in state.gens if g.number != number))
 
 
-def _spawn(state: State, why: str, waiters: tuple[int, ...], now: float) -> Result:
+def _spawn(state: State, why: str, waiters: tuple[int, ...], now: float, reload: bool = False) -> Result:
     n = state.next_number
-    gen = Gen(n, Role.STARTING, now, waiters=waiters)
+    gen = Gen(n, Role.STARTING, now, waiters=waiters, reload=reload)
     state = replace(state, gens=(*state.gens, gen), next_number=n + 1, restart_at=None)
     return state, [Spawn(n, why)]
 
@@ -311,6 +336,23 @@ def _stop_gen(cfg: Config, state: State, gen: Gen, why: str, sig: int, now: floa
         )
     state = _set(state, replace(gen, role=Role.STOPPING, deadline=now + cfg.grace, waiters=()))
     return state, [*acts, SignalLeader(gen.number, sig)]
+
+
+def _drain_gen(cfg: Config, state: State, gen: Gen, why: str, now: float) -> Result:
+    """--drain: the stop signal (a graceful server stops accepting and finishes what it has), up
+    to DRAIN seconds for that, then SIGTERM to every process of it and SIGKILL after grace."""
+    sig = _signame(cfg.stop_signal)
+    line = f"{_name(gen.number)} draining ({why}): {sig}, SIGTERM to all of it after {cfg.drain:g}s"
+    state = _set(state, replace(gen, role=Role.DRAINING, deadline=now + cfg.drain, waiters=()))
+    return state, [Log(line), SignalLeader(gen.number, cfg.stop_signal)]
+
+
+def _outer_settled(state: State, acts: list[Action], status: str) -> Result:
+    """systemd's notify-reload: RELOADING=1 is answered by one READY=1 once nothing is pending
+    (a queued reload keeps it open), with STATUS= telling how it went."""
+    if not state.reloading or state.starting is not None or state.queued is not None:
+        return state, acts
+    return replace(state, reloading=False), [*acts, NotifyOuter(f"READY=1\nSTATUS={status}")]
 
 
 def _finish(state: State, code: int) -> State:
@@ -353,12 +395,15 @@ def _after_failure(
     reason: str,
     now: float,
     code: int | None = None,
+    failed: Gen | None = None,
 ) -> Result:
     """A new generation failed (did not start, exited or timed out before ready)."""
     serving = state.serving
     full = reason + (f"; still serving: {_name(serving.number)}" if serving else "")
     if waiters:
         acts.append(Reply(waiters, f"failed: {full}"))
+    if failed is not None and failed.reload:
+        acts.append(ReloadDone(failed.number, False, now - failed.started, full))
     if state.phase is not Phase.RUNNING:
         return state, acts
     if not state.ever_ready:
@@ -366,8 +411,9 @@ def _after_failure(
     if state.queued is not None:
         queued = state.queued
         state = replace(state, queued=None)
-        state, more = _spawn(state, "queued reload", queued, now)
+        state, more = _spawn(state, "queued reload", queued, now, reload=True)
         return state, acts + more
+    state, acts = _outer_settled(state, acts, f"reload failed: {full}")
     if serving is None and state.starting is None:
         return _schedule_restart(cfg, state, acts, None, now)
     return state, acts
@@ -427,7 +473,7 @@ def _spawn_failed(cfg: Config, state: State, ev: Event) -> Result:
     assert gen is not None
     state = _drop(state, ev.number)
     reason = f"{_name(ev.number)} did not start: {ev.reason}"
-    state, acts = _after_failure(cfg, state, [Log(reason)], gen.waiters, reason, ev.now, ev.code)
+    state, acts = _after_failure(cfg, state, [Log(reason)], gen.waiters, reason, ev.now, ev.code, gen)
     return _settle(state, acts)
 
 
@@ -441,19 +487,29 @@ def _ready(cfg: Config, state: State, ev: Event) -> Result:
     took = f"{ev.now - gen.started:.3f}s"
     acts: list[Action] = [Log(f"{_name(gen.number)} ready after {took}: {ev.how}")]
     old = state.serving
+    first = not state.ever_ready
     state = _set(state, replace(gen, role=Role.SERVING, ready_at=ev.now, deadline=None, waiters=()))
     state = replace(state, ever_ready=True)
+    if first:
+        # Type=notify: the service is up once the first generation serves (MAINPID added by run.py).
+        acts.append(NotifyOuter(f"READY=1\nSTATUS=serving: {_name(gen.number)}"))
     if old is not None:
-        state, more = _stop_gen(cfg, state, old, f"replaced by {_name(gen.number)}", cfg.stop_signal, ev.now)
+        why = f"replaced by {_name(gen.number)}"
+        if cfg.drain > 0:
+            state, more = _drain_gen(cfg, state, old, why, ev.now)
+        else:
+            state, more = _stop_gen(cfg, state, old, why, cfg.stop_signal, ev.now)
         acts += more
     if gen.waiters:
         acts.append(Reply(gen.waiters, f"ok: {_name(gen.number)} ready after {took} ({ev.how})"))
+    if gen.reload:
+        acts.append(ReloadDone(gen.number, True, ev.now - gen.started, ev.how))
     if state.queued is not None:
         queued = state.queued
         state = replace(state, queued=None)
-        state, more = _spawn(state, "queued reload", queued, ev.now)
+        state, more = _spawn(state, "queued reload", queued, ev.now, reload=True)
         acts += more
-    return state, acts
+    return _outer_settled(state, acts, f"serving: {_name(gen.number)}")
 
 
 def _ignore(cfg: Config, state: State, ev: Event) -> Result:
@@ -470,11 +526,15 @@ def _exited_starting(cfg: Config, state: State, ev: Event) -> Result:
     state, acts = _leader_gone(cfg, state, gen, ev)
     reason = f"{_name(gen.number)} exited with status {ev.code} before it was ready"
     acts.append(Log(reason))
-    if ev.code != 0 and not state.ever_ready:
+    if ev.addr_in_use:
+        acts.append(Log(ADDR_IN_USE_SEEN))
+        reason += " (Address already in use: it ignores LISTEN_FDS)"
+    elif ev.code != 0 and not state.ever_ready:
         # The usual first failure under rebind run: the app binds the port itself, and the
-        # kernel refuses because our socket holds it (we cannot see its errno, only say it).
+        # kernel refuses because our socket holds it. Said for sure (ev.addr_in_use) by run.py
+        # when it saw the error in the app's stderr; here only as a possibility.
         acts.append(Log(BINDS_ITSELF_HINT))
-    state, acts = _after_failure(cfg, state, acts, gen.waiters, reason, ev.now, ev.code)
+    state, acts = _after_failure(cfg, state, acts, gen.waiters, reason, ev.now, ev.code, gen)
     return _settle(state, acts)
 
 
@@ -486,6 +546,7 @@ def _exited_serving(cfg: Config, state: State, ev: Event) -> Result:
     acts.append(Log(f"{_name(gen.number)} exited with status {ev.code} while serving"))
     if cfg.restart is RestartPolicy.NO or (cfg.restart is RestartPolicy.ON_FAILURE and ev.code == 0):
         state = _finish(state, ev.code)
+        acts.append(NotifyOuter("STOPPING=1"))
         starting = state.starting
         if starting is not None:
             state, more = _stop_gen(cfg, state, starting, "supervisor exiting", cfg.stop_signal, ev.now)
@@ -541,6 +602,16 @@ def _grace_over_stopping(cfg: Config, state: State, ev: Event) -> Result:
     return state, [Log(line), SignalRest(gen.number, signal.SIGKILL)]
 
 
+def _drain_over(cfg: Config, state: State, ev: Event) -> Result:
+    assert isinstance(ev, GraceOver)
+    gen = state.gen(ev.number)
+    assert gen is not None
+    state = _set(state, replace(gen, role=Role.STOPPING, deadline=ev.now + cfg.grace))
+    line = f"{_name(gen.number)} still running after draining {cfg.drain:g}s: SIGTERM to all of it, "
+    line += f"SIGKILL after {cfg.grace:g}s"
+    return state, [Log(line), SignalRest(gen.number, signal.SIGTERM)]
+
+
 def _grace_over_lingering(cfg: Config, state: State, ev: Event) -> Result:
     assert isinstance(ev, GraceOver)
     state = _drop(state, ev.number)
@@ -558,7 +629,7 @@ def _ready_timeout(cfg: Config, state: State, ev: Event) -> Result:
         cfg, state, replace(gen, waiters=()), "not ready in time", cfg.stop_signal, ev.now
     )
     acts.insert(0, Log(reason))
-    return _after_failure(cfg, state, acts, waiters, reason, ev.now)
+    return _after_failure(cfg, state, acts, waiters, reason, ev.now, None, gen)
 
 
 def _restart_due(cfg: Config, state: State, ev: Event) -> Result:
@@ -581,15 +652,25 @@ def _reload(cfg: Config, state: State, ev: Event) -> Result:
     if starting is not None:
         # Code may have changed after the starting generation loaded it: run one more after it.
         state = replace(state, queued=(*(state.queued or ()), *waiters))
-        return state, [Log(f"reload queued behind {_name(starting.number)}")]
-    return _spawn(state, "reload", waiters, ev.now)
+        acts: list[Action] = [Log(f"reload queued behind {_name(starting.number)}")]
+        if not state.reloading:  # queued behind a crash restart: still one RELOADING=1 per reload
+            acts.insert(0, NotifyOuter(f"RELOADING=1\nMONOTONIC_USEC={int(ev.now * 1_000_000)}"))
+            state = replace(state, reloading=True)
+        return state, acts
+    state, acts = _spawn(state, "reload", waiters, ev.now, reload=True)
+    if not state.reloading:
+        # Type=notify-reload: systemd waits for RELOADING=1 stamped with CLOCK_MONOTONIC (our
+        # clock: time.monotonic()) after its SIGHUP, then for READY=1 (_outer_settled).
+        acts.insert(0, NotifyOuter(f"RELOADING=1\nMONOTONIC_USEC={int(ev.now * 1_000_000)}"))
+        state = replace(state, reloading=True)
+    return state, acts
 
 
 def _stop(cfg: Config, state: State, ev: Event) -> Result:
     assert isinstance(ev, Stop)
     name = _signame(ev.sig)
     target = state.serving or state.starting
-    acts: list[Action] = [Log(f"{name}: stopping")]
+    acts: list[Action] = [Log(f"{name}: stopping"), NotifyOuter("STOPPING=1")]
     final, final_from = (None, target.number) if target else (128 + ev.sig, None)
     state = replace(state, final=final, final_from=final_from, stopped_by=ev.sig)
     state, more = _stop_all(cfg, state, ev.sig, f"{name} forwarded", ev.now)
@@ -648,7 +729,8 @@ _rows(Emptied,      (R.STARTING, R.SERVING, R.DRAINING, R.STOPPING, R.NONE), _RS
 _rows(ReadyTimeout, (R.STARTING,),             (P.RUNNING,),  _ready_timeout)
 _rows(ReadyTimeout, (R.SERVING, R.DRAINING, R.STOPPING, R.LINGERING, R.NONE), _RS, _ignore)
 _rows(ReadyTimeout, (R.STARTING,),             (P.STOPPING,), _ignore)
-_rows(GraceOver,    (R.STOPPING, R.DRAINING),  _RS,           _grace_over_stopping)
+_rows(GraceOver,    (R.STOPPING,),             _RS,           _grace_over_stopping)
+_rows(GraceOver,    (R.DRAINING,),             _RS,           _drain_over)
 _rows(GraceOver,    (R.LINGERING,),            _RS,           _grace_over_lingering)
 _rows(GraceOver,    (R.STARTING, R.SERVING, R.NONE), _RS,     _ignore)
 _rows(RestartDue,   (R.NONE,),                 _RS,           _restart_due)

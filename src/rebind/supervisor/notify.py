@@ -75,3 +75,34 @@ def _parse(data: bytes, anc: list[tuple[int, int, bytes]]) -> NotifyMessage:
         if sep:
             fields.append((key, value))
     return NotifyMessage(pid, uid, tuple(fields))
+
+
+class OuterNotifier:
+    """Our own end of sd_notify towards the service manager that started us ($NOTIFY_SOCKET).
+
+    Send errors are dropped (systemd may be restarting; a notification is advisory): one failed
+    datagram must never stop the supervisor. The socket is close-on-exec, so no generation gets it.
+    """
+
+    def __init__(self, address: str) -> None:
+        # sd_notify(3): an absolute path, or '@' for the abstract namespace.
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str]) -> OuterNotifier | None:
+        address = environ.get("NOTIFY_SOCKET", "")
+        if not address.startswith(("/", "@")) or len(address) < 2:
+            return None  # unset, or a vsock address we do not speak
+        return cls(address)
+
+    def send(self, state: str, fds: tuple[int, ...] = ()) -> bool:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+        try:
+            self.sock.sendmsg([state.encode()], anc, 0, self.address)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()

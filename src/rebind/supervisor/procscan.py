@@ -6,9 +6,15 @@ does prove it is a process of the new generation waiting for connections on that
 
 * its epoll set watches the socket for input: /proc/PID/fdinfo/EPFD lists ``tfd: N events: M ...
   ino:HEX`` per watched file (fs/eventpoll.c ep_show_fdinfo), ``ino`` identifies the socket;
-* a thread is blocked in accept()/accept4() on it, or in poll()/ppoll()/select()/pselect6() with
-  it in the set: /proc/PID/task/TID/syscall gives the syscall number and arguments, and the
-  pollfd array or fd_set is read from /proc/PID/mem (we are its ancestor, so ptrace access holds).
+* a thread is blocked in accept()/accept4() on it (recvfrom()/recvmsg() for UDP), or in
+  poll()/ppoll()/select()/pselect6() with it in the set: /proc/PID/task/TID/syscall gives the
+  syscall number and arguments, and the pollfd array or fd_set is read from /proc/PID/mem (we are
+  its ancestor, so ptrace access holds);
+* it holds a connection it accepted from it: a TCP socket in /proc/net/tcp{,6}, not listening,
+  with the listener's local port. A saturated blocking server is almost never *in* accept() when
+  sampled (issue 13: ready after 0.19-29.3 s, twice killed as not ready within 30 s), but it
+  always holds the connection it is answering. Only accept() creates such a socket in a new
+  generation: it inherits the listening sockets and nothing else (everything of ours is CLOEXEC).
 """
 
 from __future__ import annotations
@@ -27,17 +33,26 @@ _MAX_POLLFDS = 4096
 
 # Syscall numbers differ per architecture (arch/*/entry/syscalls); aarch64 has no poll/select.
 _SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"accept": 43, "accept4": 288, "poll": 7, "ppoll": 271, "select": 23, "pselect6": 270},
-    "aarch64": {"accept": 202, "accept4": 242, "ppoll": 73, "pselect6": 72},
-}
+    "x86_64": {
+        "accept": 43, "accept4": 288, "poll": 7, "ppoll": 271, "select": 23, "pselect6": 270,
+        "recvfrom": 45, "recvmsg": 47,
+    },
+    "aarch64": {
+        "accept": 202, "accept4": 242, "ppoll": 73, "pselect6": 72, "recvfrom": 207, "recvmsg": 212,
+    },
+}  # fmt: skip
+TCP_LISTEN = "0A"
+TCP_TIME_WAIT = "06"
 
 
 @dataclass(frozen=True, slots=True)
 class Serving:
     pid: int
-    how: str  # "epoll", "accept", "poll", "select"
+    how: str  # "epoll", "accept", "poll", "select", "recv", "accepted"
 
     def __str__(self) -> str:
+        if self.how == "accepted":
+            return f"pid {self.pid} serves a connection it accepted"
         return f"pid {self.pid} waits for connections ({self.how})"
 
 
@@ -186,7 +201,7 @@ def _read_mem(pid: int, addr: int, size: int) -> bytes:
 
 
 def _waited_fds(pid: int, name: str, args: list[int]) -> set[int]:
-    if name in ("accept", "accept4"):
+    if name in ("accept", "accept4", "recvfrom", "recvmsg"):
         return {args[0]}
     if name in ("poll", "ppoll"):
         nfds = min(args[1], _MAX_POLLFDS)
@@ -221,16 +236,81 @@ def blocked_waiting(pid: int) -> dict[int, str]:
 
 
 _HOW = {"accept": "accept", "accept4": "accept", "poll": "poll", "ppoll": "poll"}
-_HOW |= {"select": "select", "pselect6": "select"}
+_HOW |= {"select": "select", "pselect6": "select", "recvfrom": "recv", "recvmsg": "recv"}
 
 
-def serving(root: int, inodes: frozenset[int]) -> dict[int, Serving]:
-    """inode -> who in ROOT's process tree waits for connections on it (only served ones)."""
+def connections_by_port(ports: Iterable[int]) -> dict[int, int]:
+    """inode -> local port of every TCP socket that is not listening, on one of PORTS.
+
+    Over inet_diag, filtered by port and state in the kernel: under load /proc/net/tcp lists
+    every TIME_WAIT socket of the port (tens of thousands), read at every scan. /proc otherwise."""
+    wanted = set(ports)
+    from rebind.errors import RebindError
+
+    try:
+        return _connections_netlink(wanted)
+    except (OSError, ValueError, RebindError):  # no sock_diag here (EnvironmentProblem), or EMFILE
+        return _connections_proc(wanted)
+
+
+def _connections_netlink(ports: set[int]) -> dict[int, int]:
+    from rebind.kernel import diag
+    from rebind.model.records import Proto, State
+
+    states = frozenset(State) - {State.LISTEN, State.TIME_WAIT, State.CLOSE, State.SYN_RECV}
+    out: dict[int, int] = {}
+    for r in diag.iter_sockets(protos=(Proto.TCP,), states=states, ports=ports):
+        if r.inode:
+            out[r.inode] = r.local.port
+    return out
+
+
+def _connections_proc(wanted: set[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10 or parts[3] in (TCP_LISTEN, TCP_TIME_WAIT):
+                        continue
+                    port = int(parts[1].rpartition(":")[2], 16)
+                    if port in wanted and parts[9] != "0":
+                        out[int(parts[9])] = port
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in entries:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def serving(root: int, inodes: frozenset[int], tcp_ports: dict[int, int] | None = None) -> dict[int, Serving]:
+    """inode -> who in ROOT's process tree serves it (only served ones).
+
+    TCP_PORTS (listening inode -> port) enables the "holds a connection it accepted" proof."""
     found: dict[int, Serving] = {}
-    for pid in process_tree(root):
+    tree = process_tree(root)
+    holders: list[tuple[int, dict[int, int]]] = []
+    for pid in tree:
         fds = socket_fds(pid, inodes)
         if not fds:
             continue
+        holders.append((pid, fds))
         for ino in epoll_watches(pid) & set(fds.values()):
             found.setdefault(ino, Serving(pid, "epoll"))
         if set(fds.values()) - set(found):
@@ -238,5 +318,23 @@ def serving(root: int, inodes: frozenset[int]) -> dict[int, Serving]:
                 if fd in fds:
                     found.setdefault(fds[fd], Serving(pid, how))
         if len(found) == len(inodes):
-            break
+            return found
+    if tcp_ports and holders:
+        _accepted(holders, {i: p for i, p in tcp_ports.items() if i not in found}, found)
     return found
+
+
+def _accepted(
+    holders: list[tuple[int, dict[int, int]]], ports: dict[int, int], found: dict[int, Serving]
+) -> None:
+    """Listeners still unproven: does a holder of one hold a connection on its port?"""
+    if not ports:
+        return
+    conns = connections_by_port(ports.values())
+    if not conns:
+        return
+    for pid, fds in holders:
+        held_ports = {conns[i] for i in _socket_inodes(pid) if i in conns}
+        for ino in set(fds.values()):
+            if ino in ports and ports[ino] in held_ports:
+                found.setdefault(ino, Serving(pid, "accepted"))

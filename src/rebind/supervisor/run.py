@@ -31,8 +31,9 @@ from rebind.model.validate import parse_seconds
 from rebind.supervisor import machine as m
 from rebind.supervisor import members, procscan
 from rebind.supervisor.control import ControlServer, Request, read_request
-from rebind.supervisor.listen import bind_listener
-from rebind.supervisor.notify import NotifyReceiver
+from rebind.supervisor.inherit import adopt, passed_fds
+from rebind.supervisor.listen import bind_datagram, bind_listener
+from rebind.supervisor.notify import NotifyReceiver, OuterNotifier
 from rebind.supervisor.spawn import RESET_SIGNALS, become_subreaper, resolve_command, spawn
 from rebind.supervisor.spec import ListenSpec
 from rebind.supervisor.watchdog import TOKEN_ENV, Watchdog
@@ -56,13 +57,19 @@ NOTIFY_BUDGET = 64  # sd_notify datagrams handled per wake-up; the rest wait for
 LOG_ONCE_MAX = 1024  # senders remembered for "log once"
 MEMBERS_EVERY = 5.0  # how often live generations' process lists are recorded (a /proc pass)
 LINGER_POLL = 0.25  # how often a lingering generation is checked for being empty
+# What a server that binds the port itself prints when our socket holds it (Python, nginx, Go, ...).
+ADDR_IN_USE = (b"Address already in use", b"EADDRINUSE", b"[Errno 98]")
+TEE_CHUNK = 65536
 STABLE_AFTER = m.STABLE_AFTER
 
 
 class ReadyMode(enum.Enum):
-    AUTO = "auto"  # whichever comes first: READY=1 or serving seen in /proc
-    NOTIFY = "notify"  # only READY=1 on NOTIFY_SOCKET
-    ACCEPT = "accept"  # only /proc: a process of the generation waits on every socket
+    # A process of the new tree is seen serving every socket (waiting on it, or holding a
+    # connection it accepted from it). READY=1 only makes us look at once: gunicorn's arbiter
+    # sends it before its workers have imported the app (issue 13), so it proves nothing alone.
+    AUTO = "auto"
+    NOTIFY = "notify"  # only READY=1 on NOTIFY_SOCKET (trust the app: it must mean "serving")
+    ACCEPT = "accept"  # only /proc, as AUTO but without listening to READY=1
     NONE = "none"  # ready as soon as exec succeeded
 
 
@@ -92,6 +99,7 @@ class RunConfig:
     reuse_port: bool = False
     backlog: int | None = None
     stop_signal: int = signal.SIGTERM  # what a replaced (or timed-out) generation gets
+    drain: float = 0.0  # after the stop signal: this long to finish, then SIGTERM to all of it
 
     def __post_init__(self) -> None:
         # Validated here, not only in the CLI: inf/nan/huge durations crash select() with
@@ -100,6 +108,7 @@ class RunConfig:
         parse_seconds(self.grace, what="--grace")
         parse_seconds(self.backoff_initial, what="backoff")
         parse_seconds(self.backoff_max, what="--backoff-max")
+        parse_seconds(self.drain, what="--drain")
         if self.backlog is not None and not (
             isinstance(self.backlog, int) and 1 <= self.backlog <= MAX_BACKLOG
         ):
@@ -120,6 +129,7 @@ class RunConfig:
             backoff_max=self.backoff_max,
             ready_on_spawn=self.ready is ReadyMode.NONE,
             stop_signal=self.stop_signal,
+            drain=self.drain,
         )
 
 
@@ -142,14 +152,21 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def bind_all(specs: Sequence[ListenSpec], reuse_port: bool, backlog: int | None) -> list[socket.socket]:
-    """Bind every spec; on failure close what was bound and explain in one line."""
+def bind_all(
+    specs: Sequence[ListenSpec],
+    reuse_port: bool,
+    backlog: int | None,
+    adopted: dict[int, socket.socket] | None = None,
+) -> list[socket.socket]:
+    """Bind every spec not ADOPTED (passed by systemd); on failure close all and explain in one line."""
+    adopted = dict(adopted or {})
     bound: list[socket.socket] = []
     try:
-        for spec in specs:
-            bound.append(_bind_one(spec, reuse_port, backlog))
+        for i, spec in enumerate(specs):
+            sock = adopted.pop(i, None)
+            bound.append(sock if sock is not None else _bind_one(spec, reuse_port, backlog))
     except BaseException:
-        for s in bound:
+        for s in (*bound, *adopted.values()):
             s.close()
         raise
     return _park_high(bound)
@@ -157,6 +174,8 @@ def bind_all(specs: Sequence[ListenSpec], reuse_port: bool, backlog: int | None)
 
 def _bind_one(spec: ListenSpec, reuse_port: bool, backlog: int | None) -> socket.socket:
     try:
+        if spec.proto == "udp":
+            return bind_datagram(spec.host, spec.port, reuse_port=reuse_port)
         return bind_listener(spec.host, spec.port, reuse_port=reuse_port, backlog=backlog)
     except socket.gaierror as exc:
         raise BindFailed(f"cannot listen on {spec}: {spec.host!r}: {exc.strerror}") from None
@@ -173,7 +192,7 @@ def _park_high(socks: list[socket.socket]) -> list[socket.socket]:
     out = []
     for s in socks:
         fd = fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, floor)
-        out.append(socket.socket(fileno=fd))
+        out.append(socket.socket(s.family, s.type, s.proto, fileno=fd))
         s.close()
     return out
 
@@ -195,12 +214,22 @@ class Supervisor:
         config: RunConfig,
         sockets: Sequence[socket.socket],
         log: Callable[[str], None] | None = None,
+        outer: OuterNotifier | None = None,
+        on_reload: Callable[[m.ReloadDone], None] | None = None,
     ) -> None:
         self.cfg = config
         self.mcfg = config.machine_config()
         self.state = m.State()
         self.sockets = list(sockets)
         self.inodes = frozenset(os.fstat(s.fileno()).st_ino for s in self.sockets)
+        # Listening TCP sockets' ports: "holds a connection it accepted" proves serving (procscan).
+        self.tcp_ports = {
+            os.fstat(s.fileno()).st_ino: int(s.getsockname()[1])
+            for s in self.sockets
+            if s.type == socket.SOCK_STREAM
+        }
+        self.outer = outer  # systemd's NOTIFY_SOCKET (Type=notify / notify-reload, fd store)
+        self.on_reload = on_reload  # the outcome of every reload (for metrics)
         self.log = log or stderr_log
         self.exe = resolve_command(config.argv, os.environ)
         self.procs = Procs()
@@ -211,6 +240,10 @@ class Supervisor:
         self.io = _IoState()
         self.token = secrets.token_hex(16).encode()  # REBIND_SUPERVISOR: marks all we started
         self.wake_r, self.wake_w = socket.socketpair()
+        # Each generation's stderr comes through a pipe we copy to ours, to see for sure when it
+        # failed with "Address already in use" (issue 13): read end -> [generation, last bytes].
+        self.tees: dict[int, _Tee] = {}
+        self.addr_in_use: set[int] = set()
 
     # -- set-up and tear-down -------------------------------------------------------------------
 
@@ -234,13 +267,25 @@ class Supervisor:
         if self.cfg.control:
             self.control = ControlServer(self.cfg.control)
             self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
-        self.watchdog = Watchdog(self.inodes, self.token)
+        self._store_fds()
+        # With the sockets in systemd's fd store they are meant to outlive us: the watchdog must
+        # not wait for them to vanish (nor hunt their holders, PID 1 among them).
+        self.watchdog = Watchdog(frozenset() if self.outer else self.inodes, self.token)
         old: dict[int, object] = {}
         for sig in (signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD):
             old[sig] = signal.signal(sig, self._on_signal)
         # The C handler writes here, so a select() retried after EINTR (PEP 475) still wakes.
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         return old
+
+    def _store_fds(self) -> None:
+        """FDSTORE=1: systemd keeps our sockets while we restart (FileDescriptorStoreMax=); we get
+        them back with LISTEN_FDS/LISTEN_FDNAMES. systemd ignores an fd it already stores."""
+        if self.outer is None:
+            return
+        for spec, s in zip(self.cfg.listen, self.sockets, strict=True):
+            if not self.outer.send(f"FDSTORE=1\nFDNAME={spec.name}", (s.fileno(),)):
+                self.log(f"could not hand {spec} to the service manager's fd store")
 
     def _teardown(self, old_handlers: dict[int, object]) -> None:
         # Only when run() unwinds on an error is anything of a generation left: kill it all.
@@ -259,6 +304,8 @@ class Supervisor:
             req.conn.close()
         for req in self.io.waiters.values():
             req.reply("failed: supervisor exiting")
+        for fd in list(self.tees):
+            self._close_tee(fd)
         for closable in (self.notify, self.control):
             if closable is not None:
                 closable.close()
@@ -395,8 +442,17 @@ class Supervisor:
         elif isinstance(action, m.Forget):
             self.procs.known.pop(action.number, None)
             self.procs.groups.pop(action.number, None)
-        elif isinstance(action, (m.NotifyOuter, m.Finish)):
-            pass  # NotifyOuter: reserved for issue 13; Finish: run() returns state.final
+        elif isinstance(action, m.NotifyOuter):
+            if self.outer is not None:
+                text = action.state
+                if "READY=1" in text.splitlines():
+                    text += f"\nMAINPID={os.getpid()}"  # we are the stable main pid, not the app
+                self.outer.send(text)
+        elif isinstance(action, m.ReloadDone):
+            if self.on_reload is not None:
+                self.on_reload(action)
+        elif isinstance(action, m.Finish):
+            pass  # run() returns state.final
 
     def _env(self, number: int) -> dict[bytes, bytes]:
         # os.environb: a variable that is not UTF-8 is passed through untouched (issue 8).
@@ -414,14 +470,34 @@ class Supervisor:
         fds = [s.fileno() for s in self.sockets]
         n = action.number
         try:
-            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset)
-        except RebindError as exc:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            r = w = -1  # out of fds: run it without the tee rather than not at all
+        try:
+            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset, w if w >= 0 else None)
+        except (RebindError, OSError) as exc:
+            if r >= 0:
+                os.close(r)
+            self._spawn_failed(n, exc)
+            return
+        finally:
+            if w >= 0:
+                os.close(w)
+        if r >= 0:
+            os.set_blocking(r, False)
+            self.tees[r] = _Tee(n)
+            self.sel.register(r, selectors.EVENT_READ, lambda: self._on_tee(r))
+        self._spawned(n, pid, action)
+
+    def _spawn_failed(self, n: int, exc: BaseException) -> None:
+        if isinstance(exc, RebindError):
             self.feed(m.SpawnFailed(n, str(exc), exc.exit_code, time.monotonic()))
             return
-        except OSError as exc:  # fork() or pipe2() failed (EAGAIN, ENOMEM, EMFILE): try again later
-            reason = f"cannot start a process: {exc.strerror or exc}"
-            self.feed(m.SpawnFailed(n, reason, int(ExitCode.ENVIRONMENT), time.monotonic()))
-            return
+        # fork() or pipe2() failed (EAGAIN, ENOMEM, EMFILE): a failed generation, try again later
+        reason = f"cannot start a process: {getattr(exc, 'strerror', None) or exc}"
+        self.feed(m.SpawnFailed(n, reason, int(ExitCode.ENVIRONMENT), time.monotonic()))
+
+    def _spawned(self, n: int, pid: int, action: m.Spawn) -> None:
         self.procs.leaders[n] = pid
         self.procs.groups[n] = pid  # spawn() makes the leader a process group leader
         self.procs.by_pid[pid] = n
@@ -430,6 +506,37 @@ class Supervisor:
         self.io.next_scan = time.monotonic()
         self.log(f"generation {n} (pid {pid}) started ({action.why})")
         self.feed(m.Spawned(n, time.monotonic()))
+
+    def _on_tee(self, fd: int) -> None:
+        tee = self.tees.get(fd)
+        if tee is None:
+            return
+        for _ in range(16):  # bounded per wake-up: a chatty app cannot starve the loop
+            try:
+                data = os.read(fd, TEE_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_tee(fd)
+                return
+            _write_all(2, data)
+            window = tee.tail + data
+            if any(marker in window for marker in ADDR_IN_USE):
+                self.addr_in_use.add(tee.number)
+            tee.tail = window[-64:]
+
+    def _close_tee(self, fd: int) -> None:
+        if self.tees.pop(fd, None) is not None:
+            self.sel.unregister(fd)
+            os.close(fd)
+
+    def _drain_tee(self, number: int) -> None:
+        """Its leader exited: read what it wrote before we decide why it failed."""
+        for fd, tee in list(self.tees.items()):
+            if tee.number == number:
+                self._on_tee(fd)
 
     def _signal_leader(self, number: int, sig: int) -> None:
         pid = self.procs.leaders.get(number)
@@ -463,7 +570,7 @@ class Supervisor:
         if leader is None:
             return
         try:
-            found = procscan.serving(leader, self.inodes)
+            found = procscan.serving(leader, self.inodes, self.tcp_ports)
         except OSError:
             return  # e.g. EMFILE while listing /proc: scan again shortly
         if len(found) == len(self.inodes):
@@ -499,7 +606,13 @@ class Supervisor:
         # The kernel-attested sender pid must belong to the *new* generation's tree: a READY=1
         # from the old generation (or anyone else in the netns) proves nothing.
         if gen is not None and self._in_generation(sender, gen):
-            self.feed(m.Ready(gen.number, f"READY=1 from pid {sender}", time.monotonic()))
+            if self.cfg.ready is ReadyMode.NOTIFY:
+                self.feed(m.Ready(gen.number, f"READY=1 from pid {sender}", time.monotonic()))
+            else:
+                # auto: READY=1 from a pre-fork parent comes before its workers serve; look now,
+                # and keep looking until a process of the tree really serves every socket.
+                self.log(f"READY=1 from pid {sender} (generation {gen.number}); waiting until it serves")
+                self.io.next_scan = time.monotonic()
             return
         if self._in_generation(sender, self.state.serving):
             return
@@ -530,7 +643,10 @@ class Supervisor:
             self.procs.leaders.pop(number, None)
             self._relisten_if_shut()
             remaining = bool(self._members(number))
-            self.feed(m.Exited(number, exit_code(status), remaining, time.monotonic()))
+            self._drain_tee(number)
+            seen = number in self.addr_in_use
+            self.addr_in_use.discard(number)
+            self.feed(m.Exited(number, exit_code(status), remaining, time.monotonic(), seen))
         if reaped_other and any(g.role is m.Role.LINGERING for g in self.state.gens):
             self.procs.recorded_at = 0.0  # look again now: the generation may be empty
 
@@ -538,6 +654,8 @@ class Supervisor:
         # shutdown(2) on a listening socket acts on the socket, not the fd: a generation that
         # calls it stops the port for everyone. It stays bound, so listen() again restores it.
         for s in self.sockets:
+            if s.type != socket.SOCK_STREAM:
+                continue  # a UDP socket never listens (listen() is EOPNOTSUPP)
             if not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 self.log(f"listening socket {s.getsockname()} was shut down by a generation; listening again")
                 s.listen(socket.SOMAXCONN if self.cfg.backlog is None else self.cfg.backlog)
@@ -600,6 +718,18 @@ class Supervisor:
             return f"generation {n}" + (f" (pid {pid})" if pid else "")
 
         return m.describe(self.state, name)
+
+
+@dataclass(slots=True)
+class _Tee:
+    number: int  # the generation whose stderr this pipe carries
+    tail: bytes = b""  # the last bytes read: a marker may straddle two reads
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # EPIPE/EIO/ENOSPC: drop it, as stderr_log does
+        while data:
+            data = data[os.write(fd, data) :]
 
 
 @dataclass(slots=True)
@@ -684,7 +814,11 @@ def seal_inherited_fds(keep: Sequence[int] = ()) -> None:
                 os.set_inheritable(fd, False)
 
 
-def supervise(config: RunConfig, log: Callable[[str], None] | None = None) -> int:
+def supervise(
+    config: RunConfig,
+    log: Callable[[str], None] | None = None,
+    on_reload: Callable[[m.ReloadDone], None] | None = None,
+) -> int:
     """Bind, run generations until told to stop; returns the exit status to use.
 
     Everything that can be refused is checked before anything is bound: the command, the pid file.
@@ -693,16 +827,24 @@ def supervise(config: RunConfig, log: Callable[[str], None] | None = None) -> in
     resolve_command(config.argv, os.environ)  # fail on a missing CMD before binding anything
     if config.pid_file:
         write_pid_file(config.pid_file)
+    outer = OuterNotifier.from_env(dict(os.environ))
     try:
-        sockets = bind_all(config.listen, config.reuse_port, config.backlog)
+        # Socket activation or our own sockets back from systemd's fd store (a restart of rebind).
+        passed = passed_fds(os.environ, os.getpid())
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        adopted = adopt(config.listen, passed, config.backlog, log or stderr_log) if passed else {}
+        sockets = bind_all(config.listen, config.reuse_port, config.backlog, adopted)
         try:
             become_subreaper()
             for spec, s in zip(config.listen, sockets, strict=True):
                 (log or stderr_log)(f"listening on {spec} (fd {s.fileno()})")
-            return Supervisor(config, sockets, log).run()
+            return Supervisor(config, sockets, log, outer, on_reload).run()
         finally:
             for s in sockets:
                 s.close()
     finally:
+        if outer is not None:
+            outer.close()
         if config.pid_file:
             remove_pid_file(config.pid_file)

@@ -52,8 +52,9 @@ def spawn(
     env: Mapping[bytes, bytes],
     fds: Sequence[int],
     reset: Sequence[int],
+    stderr: int | None = None,
 ) -> int:
-    """Start EXE with FDS as 3, 4, ... (inheritable) and LISTEN_PID set to its pid.
+    """Start EXE with FDS as 3, 4, ... (inheritable), STDERR as fd 2, LISTEN_PID set to its pid.
 
     Every fd in FDS must be >= 3 + len(FDS), so moving one into place never clobbers another.
     """
@@ -77,7 +78,7 @@ def spawn(
             raise
         if pid == 0:  # pragma: no cover - child, replaced by exec
             try:
-                _child(exe, argv_b, env_b, fds, reset, parent, lib)
+                _child(exe, argv_b, env_b, fds, reset, parent, lib, stderr)
             except BaseException as exc:
                 os.write(w, str(getattr(exc, "errno", 0) or 0).encode())
             finally:
@@ -106,6 +107,7 @@ def _child(
     reset: Sequence[int],
     parent: int,
     lib: ctypes.CDLL,
+    stderr: int | None,
 ) -> None:  # pragma: no cover - runs in the forked child
     # Own process group: the terminal's Ctrl-C reaches only the supervisor (which forwards it),
     # and a generation's whole tree can be killed with one killpg().
@@ -116,6 +118,8 @@ def _child(
     lib.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
+    if stderr is not None:
+        os.dup2(stderr, 2, inheritable=True)  # first: the loop below may reuse its number
     for i, fd in enumerate(fds):
         os.dup2(fd, 3 + i, inheritable=True)
     for sig in reset:

@@ -135,8 +135,8 @@ def _has_token(pid: int, token: bytes) -> bool:
 
 
 def _listed(inodes: frozenset[int]) -> bool:
-    """Does any of our sockets still exist? (/proc/net/tcp*: column 10 is the inode.)"""
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    """Does any of our sockets still exist? (/proc/net/{tcp,udp}*: column 10 is the inode.)"""
+    for name in ("/proc/net/tcp", "/proc/net/tcp6", "/proc/net/udp", "/proc/net/udp6"):
         try:
             with open(name, "rb") as f:
                 rows = f.read().splitlines()[1:]
