@@ -523,3 +523,64 @@ def test_drain_order_stop_signal_then_sigterm_to_all(netns: int, procs: Procs, t
     assert float(term_line.split()[1]) - float(quit_line.split()[1]) >= 0.9  # the drain time
     os.kill(sup.proc.pid, signal.SIGTERM)
     assert sup.proc.wait(30) == 0
+
+
+def _scrape(port: int) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("rebind_run_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_count_reloads_by_result_and_the_serving_generation(
+    netns: int, procs: Procs, tmp_path: Path
+) -> None:
+    """`rebind run --metrics`: the exporter's rebind_run_* series, fed by the supervisor."""
+    sup = Supervised(procs, tmp_path, 8081, HTTP_APP, "--metrics", "127.0.0.1:9464")
+    assert _scrape(9464)["rebind_run_generation"] == 1
+    assert sup.reload().startswith("ok: generation 2")
+    sup.mode.write_text("fail-start")
+    assert sup.reload().startswith("failed:")
+    m = _scrape(9464)
+    assert m['rebind_run_reloads_total{result="ok"}'] == 1
+    assert m['rebind_run_reloads_total{result="exited_before_ready"}'] == 1
+    assert m["rebind_run_generation"] == 2  # the failed generation 3 never served
+    assert m["rebind_run_reload_seconds_count"] == 2
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    assert sup.proc.wait(30) == 0
+
+
+def test_metrics_address_in_use_is_one_line(netns: int, procs: Procs, tmp_path: Path) -> None:
+    busy = socket.create_server(("127.0.0.1", 9465))
+    try:
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rebind",
+                "run",
+                "--listen",
+                "127.0.0.1:8082",
+                "--metrics",
+                "127.0.0.1:9465",
+                "--",
+                sys.executable,
+                "-c",
+                "pass",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        busy.close()
+    assert res.returncode == 3 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "127.0.0.1:9465" in res.stderr and "already in use" in res.stderr

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from rebind.supervisor.machine import ReloadDone
+    from rebind.supervisor.run import RunConfig
 
 CONTROL_ENV = "REBIND_CONTROL"
 
@@ -107,6 +111,12 @@ ready (the app's own status if it exited non-zero); 2 on bad input (checked befo
     help=f"Unix socket for `rebind reload` (env {CONTROL_ENV}).",
 )
 @click.option("--pid-file", metavar="PATH", help="Write the supervisor's pid here (for kill -HUP).")
+@click.option(
+    "--metrics",
+    metavar="ADDR:PORT",
+    help="Serve rebind_run_* Prometheus metrics here (reloads by result, reload seconds, the serving "
+    "generation; needs the `exporter` extra). Default address 127.0.0.1.",
+)
 @click.option("--reuse-port", is_flag=True, help="Set SO_REUSEPORT on the sockets.")
 @click.option("--backlog", callback=_backlog, default=None, metavar="N", help="listen() backlog [SOMAXCONN].")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
@@ -121,6 +131,7 @@ def run(
     backoff_max: float,
     control: str | None,
     pid_file: str | None,
+    metrics: str | None,
     reuse_port: bool,
     backlog: int | None,
     cmd: tuple[str, ...],
@@ -157,7 +168,46 @@ def run(
         stop_signal=parse_signal(stop_signal),
         drain=drain,
     )
-    return supervise(config)
+    if metrics is None:
+        return supervise(config)
+    return _supervise_with_metrics(config, metrics)
+
+
+def _supervise_with_metrics(config: RunConfig, addr: str) -> int:
+    """`--metrics`: the exporter's RunMetrics, fed by the supervisor's reload outcomes. The address
+    is checked and bound before anything else starts (a busy port is one line, exit 3)."""
+    from rebind.errors import EnvironmentProblem
+    from rebind.supervisor.run import supervise
+
+    try:
+        from rebind.exporter.run_metrics import ReloadResult, RunMetrics
+    except ImportError as exc:  # prometheus-client is the `exporter` extra
+        raise EnvironmentProblem(
+            f"--metrics needs prometheus-client (pip install 'rebind[exporter]'): {exc}"
+        ) from None
+    metrics = RunMetrics()
+    try:
+        metrics.serve(addr)
+    except OSError as exc:
+        raise EnvironmentProblem(f"--metrics {addr}: {exc.strerror or exc}") from exc
+
+    def on_reload(done: ReloadDone) -> None:
+        metrics.reload_finished(ReloadResult.OK if done.ok else _failure(done.detail), done.seconds)
+
+    try:
+        return supervise(config, on_reload=on_reload, on_serving=metrics.generation)
+    finally:
+        metrics.close()
+
+
+def _failure(detail: str) -> str:
+    """The reloads_total{result} label of a failed reload, from the machine's reason
+    (supervisor/machine.py: "did not start", "exited ... before it was ready", "not ready")."""
+    if "did not start" in detail:
+        return "failed_to_start"
+    if "before it was ready" in detail:
+        return "exited_before_ready"
+    return "not_ready_in_time"
 
 
 @click.command(

@@ -216,6 +216,7 @@ class Supervisor:
         log: Callable[[str], None] | None = None,
         outer: OuterNotifier | None = None,
         on_reload: Callable[[m.ReloadDone], None] | None = None,
+        on_serving: Callable[[int], None] | None = None,
     ) -> None:
         self.cfg = config
         self.mcfg = config.machine_config()
@@ -230,6 +231,7 @@ class Supervisor:
         }
         self.outer = outer  # systemd's NOTIFY_SOCKET (Type=notify / notify-reload, fd store)
         self.on_reload = on_reload  # the outcome of every reload (for metrics)
+        self.on_serving = on_serving  # the number of the generation now serving (for metrics)
         self.log = log or stderr_log
         self.exe = resolve_command(config.argv, os.environ)
         self.procs = Procs()
@@ -331,9 +333,13 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def feed(self, event: m.Event) -> None:
+        before = self.state.serving
         self.state, actions = m.step(self.mcfg, self.state, event)
         for action in actions:
             self._do(action)
+        after = self.state.serving
+        if self.on_serving is not None and after is not None and after is not before:
+            self.on_serving(after.number)
 
     def _step(self) -> None:
         for key, _ in self.sel.select(self._timeout()):
@@ -818,6 +824,7 @@ def supervise(
     config: RunConfig,
     log: Callable[[str], None] | None = None,
     on_reload: Callable[[m.ReloadDone], None] | None = None,
+    on_serving: Callable[[int], None] | None = None,
 ) -> int:
     """Bind, run generations until told to stop; returns the exit status to use.
 
@@ -839,7 +846,7 @@ def supervise(
             become_subreaper()
             for spec, s in zip(config.listen, sockets, strict=True):
                 (log or stderr_log)(f"listening on {spec} (fd {s.fileno()})")
-            return Supervisor(config, sockets, log, outer, on_reload).run()
+            return Supervisor(config, sockets, log, outer, on_reload, on_serving).run()
         finally:
             for s in sockets:
                 s.close()
