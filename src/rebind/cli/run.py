@@ -117,7 +117,9 @@ ready (the app's own status if it exited non-zero); 2 on bad input (checked befo
     help="Serve rebind_run_* Prometheus metrics here (reloads by result, reload seconds, the serving "
     "generation; needs the `exporter` extra). Default address 127.0.0.1.",
 )
-@click.option("--reuse-port", is_flag=True, help="Set SO_REUSEPORT on the sockets.")
+@click.option(
+    "--reuseport", "--reuse-port", "reuseport", is_flag=True, help="Set SO_REUSEPORT on the sockets."
+)
 @click.option("--backlog", callback=_backlog, default=None, metavar="N", help="listen() backlog [SOMAXCONN].")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
 def run(
@@ -132,7 +134,7 @@ def run(
     control: str | None,
     pid_file: str | None,
     metrics: str | None,
-    reuse_port: bool,
+    reuseport: bool,
     backlog: int | None,
     cmd: tuple[str, ...],
 ) -> int:
@@ -163,7 +165,7 @@ def run(
         backoff_max=backoff_max,
         control=os.path.abspath(control) if control else None,
         pid_file=pid_file,
-        reuse_port=reuse_port,
+        reuseport=reuseport,
         backlog=backlog,
         stop_signal=parse_signal(stop_signal),
         drain=drain,

@@ -124,7 +124,7 @@ def listen(
     port: int = 0,
     *,
     name: str | None = None,
-    reuse_port: bool = False,
+    reuseport: bool = False,
     backlog: int | None = None,
     dual_stack: bool | None = None,
 ) -> socket.socket:
@@ -138,7 +138,7 @@ def listen(
     inherited = inherited_sockets()
     if inherited:
         return _claim(inherited, host or "", port, name)
-    return bind_listener(host, port, reuse_port=reuse_port, backlog=backlog, dual_stack=dual_stack)
+    return bind_listener(host, port, reuseport=reuseport, backlog=backlog, dual_stack=dual_stack)
 
 
 def _claim(inherited: tuple[InheritedSocket, ...], host: str, port: int, name: str | None) -> socket.socket:
@@ -171,7 +171,7 @@ def bind_listener(
     host: str | None,
     port: int,
     *,
-    reuse_port: bool = False,
+    reuseport: bool = False,
     backlog: int | None = None,
     dual_stack: bool | None = None,
 ) -> socket.socket:
@@ -180,12 +180,12 @@ def bind_listener(
     family, addr = resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        _set_options(sock, family, addr[0], reuse_port, dual_stack)
+        _set_options(sock, family, addr[0], reuseport, dual_stack)
         try:
             sock.bind(addr)
         except OSError as exc:
             if exc.errno in _EXPLAINED:
-                exc.add_note(_explain(addr[0], port, reuse_port))
+                exc.add_note(_explain(addr[0], port, reuseport))
             raise
         # Kernel clamps to net.core.somaxconn; a long queue is what lets connections wait
         # (instead of being dropped) while no generation is accepting.
@@ -196,18 +196,18 @@ def bind_listener(
     return sock
 
 
-def bind_datagram(host: str | None, port: int, *, reuse_port: bool = False) -> socket.socket:
+def bind_datagram(host: str | None, port: int, *, reuseport: bool = False) -> socket.socket:
     """A bound UDP socket for `rebind run --listen udp:PORT` (the same options as a listener)."""
     port = parse_port(port, what="port", allow_zero=True)
     family, addr = resolve(host, port)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        _set_options(sock, family, addr[0], reuse_port, None)
+        _set_options(sock, family, addr[0], reuseport, None)
         try:
             sock.bind(addr)
         except OSError as exc:
             if exc.errno in _EXPLAINED:
-                exc.add_note(_explain(addr[0], port, reuse_port))
+                exc.add_note(_explain(addr[0], port, reuseport))
             raise
     except BaseException:
         sock.close()
@@ -238,7 +238,7 @@ def _ipv6_usable() -> bool:
 
 
 def _set_options(
-    sock: socket.socket, family: int, host: str, reuse_port: bool, dual_stack: bool | None
+    sock: socket.socket, family: int, host: str, reuseport: bool, dual_stack: bool | None
 ) -> None:
     if sys.platform == "win32":
         # On Windows SO_REUSEADDR lets another process steal a bound port; the safe equivalent
@@ -247,7 +247,7 @@ def _set_options(
     else:
         # POSIX SO_REUSEADDR: bind even while old connections on the port sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
+    if reuseport:
         sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         # Explicit: the default follows net.ipv6.bindv6only (Linux) or is 1 (Windows, BSD).
@@ -256,12 +256,12 @@ def _set_options(
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, 0 if both else 1)
 
 
-def _explain(host: str, port: int, reuse_port: bool) -> str:
+def _explain(host: str, port: int, reuseport: bool) -> str:
     try:
         from rebind.diagnosis import explain_bind_failure
     except ImportError:  # pragma: no cover - diagnose ships with rebind
         return f"(run `rebind why {host}:{port}` for who holds the port)"
-    return explain_bind_failure(host, port, "tcp", reuseaddr=True, reuseport=reuse_port)
+    return explain_bind_failure(host, port, "tcp", reuseaddr=True, reuseport=reuseport)
 
 
 async def start_server(

@@ -96,7 +96,7 @@ class RunConfig:
     backoff_max: float = 10.0
     control: str | None = None
     pid_file: str | None = None
-    reuse_port: bool = False
+    reuseport: bool = False
     backlog: int | None = None
     stop_signal: int = signal.SIGTERM  # what a replaced (or timed-out) generation gets
     drain: float = 0.0  # after the stop signal: this long to finish, then SIGTERM to all of it
@@ -154,7 +154,7 @@ def exit_code(status: int) -> int:
 
 def bind_all(
     specs: Sequence[ListenSpec],
-    reuse_port: bool,
+    reuseport: bool,
     backlog: int | None,
     adopted: dict[int, socket.socket] | None = None,
 ) -> list[socket.socket]:
@@ -164,7 +164,7 @@ def bind_all(
     try:
         for i, spec in enumerate(specs):
             sock = adopted.pop(i, None)
-            bound.append(sock if sock is not None else _bind_one(spec, reuse_port, backlog))
+            bound.append(sock if sock is not None else _bind_one(spec, reuseport, backlog))
     except BaseException:
         for s in (*bound, *adopted.values()):
             s.close()
@@ -172,11 +172,11 @@ def bind_all(
     return _park_high(bound)
 
 
-def _bind_one(spec: ListenSpec, reuse_port: bool, backlog: int | None) -> socket.socket:
+def _bind_one(spec: ListenSpec, reuseport: bool, backlog: int | None) -> socket.socket:
     try:
         if spec.proto == "udp":
-            return bind_datagram(spec.host, spec.port, reuse_port=reuse_port)
-        return bind_listener(spec.host, spec.port, reuse_port=reuse_port, backlog=backlog)
+            return bind_datagram(spec.host, spec.port, reuseport=reuseport)
+        return bind_listener(spec.host, spec.port, reuseport=reuseport, backlog=backlog)
     except socket.gaierror as exc:
         raise BindFailed(f"cannot listen on {spec}: {spec.host!r}: {exc.strerror}") from None
     except OSError as exc:
@@ -841,7 +841,7 @@ def supervise(
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
         adopted = adopt(config.listen, passed, config.backlog, log or stderr_log) if passed else {}
-        sockets = bind_all(config.listen, config.reuse_port, config.backlog, adopted)
+        sockets = bind_all(config.listen, config.reuseport, config.backlog, adopted)
         try:
             become_subreaper()
             for spec, s in zip(config.listen, sockets, strict=True):
