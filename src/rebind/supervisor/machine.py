@@ -400,10 +400,11 @@ def _after_failure(
     """A new generation failed (did not start, exited or timed out before ready)."""
     serving = state.serving
     full = reason + (f"; still serving: {_name(serving.number)}" if serving else "")
-    if waiters:
-        acts.append(Reply(waiters, f"failed: {full}"))
+    # ReloadDone before Reply: whoever asked for the reload may read the metrics at once.
     if failed is not None and failed.reload:
         acts.append(ReloadDone(failed.number, False, now - failed.started, full))
+    if waiters:
+        acts.append(Reply(waiters, f"failed: {full}"))
     if state.phase is not Phase.RUNNING:
         return state, acts
     if not state.ever_ready:
@@ -500,10 +501,10 @@ def _ready(cfg: Config, state: State, ev: Event) -> Result:
         else:
             state, more = _stop_gen(cfg, state, old, why, cfg.stop_signal, ev.now)
         acts += more
+    if gen.reload:  # before Reply, as in _after_failure
+        acts.append(ReloadDone(gen.number, True, ev.now - gen.started, ev.how))
     if gen.waiters:
         acts.append(Reply(gen.waiters, f"ok: {_name(gen.number)} ready after {took} ({ev.how})"))
-    if gen.reload:
-        acts.append(ReloadDone(gen.number, True, ev.now - gen.started, ev.how))
     if state.queued is not None:
         queued = state.queued
         state = replace(state, queued=None)

@@ -335,11 +335,12 @@ class Supervisor:
     def feed(self, event: m.Event) -> None:
         before = self.state.serving
         self.state, actions = m.step(self.mcfg, self.state, event)
-        for action in actions:
-            self._do(action)
         after = self.state.serving
+        # Before the actions: a Reply among them may make its reader scrape the metrics at once.
         if self.on_serving is not None and after is not None and after is not before:
             self.on_serving(after.number)
+        for action in actions:
+            self._do(action)
 
     def _step(self) -> None:
         for key, _ in self.sel.select(self._timeout()):
