@@ -5,9 +5,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import TYPE_CHECKING
 
-from rebind.model.containers import ContainerRef, ProxyKind
 from rebind.textsafe import visible
+
+if TYPE_CHECKING:  # field types only: `rebind ls` should not pay for the container parsers
+    from rebind.model.containers import ContainerRef, ProxyKind
 
 IPAddress = IPv4Address | IPv6Address
 
