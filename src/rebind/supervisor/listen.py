@@ -176,17 +176,8 @@ def bind_listener(
     dual_stack: bool | None = None,
 ) -> socket.socket:
     """Bind and listen with explicit, platform-correct options (what the origin post needed)."""
-    port = parse_port(port, what="port", allow_zero=True)
-    family, addr = resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = _bound(socket.SOCK_STREAM, host, port, reuseport, dual_stack)
     try:
-        _set_options(sock, family, addr[0], reuseport, dual_stack)
-        try:
-            sock.bind(addr)
-        except OSError as exc:
-            if exc.errno in _EXPLAINED:
-                exc.add_note(_explain(addr[0], port, reuseport))
-            raise
         # Kernel clamps to net.core.somaxconn; a long queue is what lets connections wait
         # (instead of being dropped) while no generation is accepting.
         sock.listen(socket.SOMAXCONN if backlog is None else backlog)
@@ -198,11 +189,16 @@ def bind_listener(
 
 def bind_datagram(host: str | None, port: int, *, reuseport: bool = False) -> socket.socket:
     """A bound UDP socket for `rebind run --listen udp:PORT` (the same options as a listener)."""
+    return _bound(socket.SOCK_DGRAM, host, port, reuseport, None)
+
+
+def _bound(kind: int, host: str | None, port: int, reuseport: bool, dual_stack: bool | None) -> socket.socket:
+    """A socket of ``kind`` bound to (host, port); a failed bind carries rebind's explanation."""
     port = parse_port(port, what="port", allow_zero=True)
     family, addr = resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(family, kind)
     try:
-        _set_options(sock, family, addr[0], reuseport, None)
+        _set_options(sock, family, addr[0], reuseport, dual_stack)
         try:
             sock.bind(addr)
         except OSError as exc:
