@@ -218,11 +218,13 @@ def test_no_fd_leak_across_100_reloads(netns: int, procs: Procs, tmp_path: Path)
     sup.wait_log("exited with status", count=100)
     with socket.create_connection(("127.0.0.1", 8081), timeout=10) as c:
         assert c.recv(16) == b"hi\n"
-    # A /proc scan may hold a directory fd for a moment: poll (a leak would grow, not flicker).
+    # A /proc scan may hold a directory fd for a moment, and a generation's stderr pipe lives
+    # until its reader sees EOF: poll, and allow that one or two transient fds (a leak of one fd
+    # per reload would show as ~99 more, not flicker).
     deadline = time.monotonic() + 10
     while sup.fd_count() > after_one and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert sup.fd_count() <= after_one, os.listdir(f"/proc/{sup.proc.pid}/fd")
+    assert sup.fd_count() <= after_one + 2, os.listdir(f"/proc/{sup.proc.pid}/fd")
     os.kill(sup.proc.pid, signal.SIGTERM)
     assert sup.proc.wait(30) == 0  # PLAIN_APP dies of the SIGTERM we forwarded: a clean stop
 
