@@ -47,6 +47,7 @@ KILL_WAIT = 5.0
 #: connections turn into FIN_WAIT1/FIN_WAIT2/TIME_WAIT orphans as the files close.
 SETTLE_ROUNDS = 4
 SETTLE_PAUSE = 0.05
+SETTLE_SECONDS = 2.0
 #: SOCK_DESTROY learned TIME_WAIT (tcp_abort on a timewait sock) in Linux 6.0 (af9784d007d8).
 DESTROY_TIME_WAIT_SINCE = (6, 0)
 #: Exit status when what blocks the port is something rebind will not touch (PID 1, itself or an
@@ -734,9 +735,16 @@ def _destroy(recs: Iterable[SocketRecord], say: Event) -> list[SocketOutcome]:
 
 
 def _settle(plan: FreePlan, done: set[object], say: Event) -> list[SocketOutcome]:
-    """Destroy the orphans the stopped processes left behind (their server-side connections)."""
+    """Destroy the orphans the stopped processes left behind (their server-side connections).
+
+    A closed connection turns into its leftover (FIN_WAIT1, then the FIN_WAIT2/TIME_WAIT
+    mini-socket) only as the peers exchange FIN and ACK, which a loaded machine may delay: keep
+    looking until SETTLE_ROUNDS passes in a row find nothing new, or SETTLE_SECONDS pass.
+    """
     out: list[SocketOutcome] = []
-    for _ in range(SETTLE_ROUNDS):
+    deadline = time.monotonic() + SETTLE_SECONDS
+    quiet = 0
+    while quiet < SETTLE_ROUNDS and time.monotonic() < deadline:
         d = diagnose(plan.request, owners=False)
         if d.bindable:
             break
@@ -751,6 +759,9 @@ def _settle(plan: FreePlan, done: set[object], say: Event) -> list[SocketOutcome
         if fresh:
             done.update(r.key for r in fresh)
             out += _destroy(fresh, say)
+            quiet = 0
+        else:
+            quiet += 1
         time.sleep(SETTLE_PAUSE)
     return out
 
