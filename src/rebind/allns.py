@@ -12,20 +12,18 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem
-from rebind.kernel.containers import EngineState, annotate, engine_state, iptables_nat, read_context
+from rebind.kernel.containers import EngineState, engine_state, iptables_nat, read_context
 from rebind.kernel.namespaces import NetnsScan, list_namespaces, records_per_netns, run_in
 from rebind.model.containers import Engine, ProxyKind, nat_captures
 from rebind.model.records import (
     LISTENING_STATES,
     Family,
-    Owner,
-    OwnerScanReport,
     Proto,
-    SocketEntry,
     SocketRecord,
     SocketTable,
     State,
 )
+from rebind.sockets import _families, _ports, _protos, _states, table_of  # one validation, one table
 
 
 def _netns_names(scan: NetnsScan, proc: str) -> dict[int, str | None]:
@@ -51,10 +49,10 @@ def socket_table_all_netns(
     proc: str = "/proc",
 ) -> SocketTable:
     """Every socket of every namespace matching the filters, with owners and their context."""
-    plist = sorted(set(ports)) if ports is not None else None
-    chosen = frozenset(states) if states is not None else (frozenset(State) if plist else LISTENING_STATES)
+    plist = _ports(ports)
+    given = _states(states)
+    chosen = given if given is not None else (frozenset(State) if plist else LISTENING_STATES)
     scan = list_namespaces(proc)
-    names = _netns_names(scan, proc)
     records: list[SocketRecord] = []
     warnings: list[str] = []
     if scan.unreadable:
@@ -66,27 +64,16 @@ def socket_table_all_netns(
             "their network namespaces may be missing"
         )
     sources = set()
-    for part in records_per_netns(
-        scan, protos=protos, families=families, states=chosen, ports=plist, proc=proc
-    ):
+    parts = records_per_netns(
+        scan, protos=_protos(protos), families=_families(families), states=chosen, ports=plist, proc=proc
+    )
+    for part in parts:
         records.extend(part.records)
         warnings.extend(part.warnings)
         sources.add(part.source)
     records.sort(key=lambda r: (r.local.port, r.proto.value, r.netns or 0, r.family.value, str(r.local)))
-    report = OwnerScanReport()
-    by_inode: dict[int, tuple[Owner, ...]] = {}
-    if owners and records:
-        from rebind.kernel.owners import find_owners
-
-        by_inode, report = find_owners(records)
-    entries = tuple(
-        SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else (), names.get(r.netns or 0)) for r in records
-    )
     source = "netlink" if sources <= {"netlink"} else "mixed"
-    table = SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=tuple(warnings))
-    if not owners:
-        return table
-    table = annotate(table, proc=proc)
+    table = table_of(records, source, tuple(warnings), owners=owners, netns_names=_netns_names(scan, proc))
     if not any(o.proxy is ProxyKind.DOCKERD and o.container is None for e in table.entries for o in e.owners):
         return table
     return resolve_reservations(table, scan, engine_state(proc))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from rebind.errors import UsageError
@@ -127,10 +127,23 @@ def socket_table(
     enums or their names (``"tcp"``, ``"ipv6"``, ``"time-wait"``).
     """
     recs, source, warnings = iter_records(ports=ports, protos=protos, families=families, states=states)
-    records = sorted(recs, key=_order)
+    return table_of(sorted(recs, key=_order), source, warnings, owners=owners)
+
+
+def table_of(
+    records: Sequence[SocketRecord],
+    source: str,
+    warnings: tuple[str, ...],
+    *,
+    owners: bool = True,
+    netns_names: Mapping[int, str | None] | None = None,
+) -> SocketTable:
+    """The table of these (sorted) records: every owner found, with its container, unit and
+    proxy role, and a warning for what could not be inspected. Shared by ``ls`` and
+    ``ls --all-netns`` (``netns_names``: the name of each record's namespace)."""
     report = OwnerScanReport()
     by_inode: dict[int, tuple[Owner, ...]] = {}
-    if owners:
+    if owners and records:
         from rebind.kernel.owners import find_owners
 
         found, report = find_owners(records)
@@ -141,7 +154,10 @@ def socket_table(
             from rebind.kernel.owners import inaccessible_warning
 
             warnings = (*warnings, inaccessible_warning(report.inaccessible, geteuid()))
-    entries = tuple(SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()) for r in records)
+    names = netns_names or {}
+    entries = tuple(
+        SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else (), names.get(r.netns or 0)) for r in records
+    )
     table = SocketTable(entries, source=source, owners_scanned=owners, scan=report, warnings=warnings)
     if not owners or not by_inode:
         return table
