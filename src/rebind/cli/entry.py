@@ -73,6 +73,10 @@ def _interrupted() -> None:
 
 
 def main() -> None:
+    # ^C while importing: exit from the handler itself. A KeyboardInterrupt raised there can land
+    # inside importlib's module-lock weakref callback, where Python prints it as "Exception
+    # ignored in ... Traceback" instead of propagating it to the except clause below.
+    signal.signal(signal.SIGINT, lambda _sig, _frame: _interrupted())
     try:
         stdout_closed = _reopen_closed_std_fds()
         argv = sys.argv[1:]
@@ -86,6 +90,7 @@ def main() -> None:
             elif why:
                 prefetch.start((why[0],), "udp" if why[1] else "tcp")
         from rebind.cli.main import main as cli_main
-    except KeyboardInterrupt:  # ^C during start-up (imports): no traceback
+    except KeyboardInterrupt:  # ^C before the handler above was installed
         _interrupted()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the commands handle ^C themselves
     cli_main(stdout_closed=stdout_closed)
