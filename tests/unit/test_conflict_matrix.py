@@ -4,6 +4,7 @@ and Hypothesis properties. Kernel ground truth for all of it: tests/kernel/test_
 from __future__ import annotations
 
 from ipaddress import ip_address
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,9 +12,12 @@ from hypothesis import strategies as st
 
 from rebind.model.conflict import (
     BindRequest,
+    BucketState,
     Flag,
     Holder,
     KernelSettings,
+    Outcome,
+    PortState,
     ReuseportCache,
     Rule,
     SockOpts,
@@ -21,15 +25,24 @@ from rebind.model.conflict import (
     Verdict,
     alternatives,
     check_listen,
-    evaluate,
     overlap,
     reuseport_cache_after,
     udp_chain_order,
 )
+from rebind.model.conflict import evaluate as _evaluate
 from rebind.model.records import Endpoint, Family, Proto, SocketRecord, State, Timer
 
 P = 8080
-S = KernelSettings()
+#: Upstream's UDP rule (the early stop); the other build's rule has its own tests.
+S = KernelSettings(udp_first_match=True)
+
+
+def evaluate(r: BindRequest, hs: Any, s: KernelSettings, **kw: Any) -> Outcome:
+    """The model with the port's state known (bucket empty unless ``cache``; UDP chain order
+    given): these rows test the rules, not what happens when the state is unknown."""
+    if "port" not in kw:
+        kw["port"] = PortState(BucketState.of_cache(kw.pop("cache", None)), udp_chain_order=True)
+    return _evaluate(r, hs, s, **kw)
 
 
 def rec(
@@ -465,3 +478,78 @@ def test_listen_never_fails_where_bind_alone_would_not_with_the_same_holders(
     full = evaluate(r, hs, S)
     if bind_only.verdict is Verdict.OK:
         assert full.verdict is Verdict.OK
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 17: rules that differ between kernel builds, and kernel state nobody read.
+
+UDP_PLAIN = h(rec("127.0.0.1", State.CLOSE, proto=Proto.UDP))
+UDP_SHARED = h(rec("127.0.0.2", State.CLOSE, proto=Proto.UDP), rp=True)
+UDP_WILD = req(proto=Proto.UDP, reuseport=True)
+
+
+@pytest.mark.parametrize("order", [[UDP_PLAIN, UDP_SHARED], [UDP_SHARED, UDP_PLAIN]])
+def test_udp_every_socket_rule_refuses_in_any_order(order: list[Holder]) -> None:
+    """6.18.44-fc: no early stop, the plain 127.0.0.1 refuses 0.0.0.0 whatever the chain says."""
+    every = KernelSettings(udp_first_match=False)
+    out = evaluate(UDP_WILD, udp_chain_order(order), every)
+    assert out.verdict is Verdict.FAIL and out.blockers[0].holder is UDP_PLAIN
+    assert not any("never checked" in n for n in out.notes)
+
+
+def test_udp_rule_not_calibrated_is_depends_only_where_builds_differ() -> None:
+    unknown = KernelSettings()
+    out = evaluate(UDP_WILD, udp_chain_order([UDP_PLAIN, UDP_SHARED]), unknown)
+    assert out.verdict is Verdict.DEPENDS
+    assert Flag.UDP_RULE in out.blockers[0].decided_by and any("calibrate" in n for n in out.notes)
+    # Both rules agree when the plain socket comes first in the chain.
+    assert evaluate(UDP_WILD, udp_chain_order([UDP_SHARED, UDP_PLAIN]), unknown).verdict is Verdict.FAIL
+    assert evaluate(UDP_WILD, [UDP_SHARED], unknown).verdict is Verdict.OK
+
+
+def test_udp_chain_order_unknown_is_depends_under_the_early_stop() -> None:
+    unknown_order = PortState(BucketState.of_cache(None), udp_chain_order=False)
+    out = evaluate(UDP_WILD, [UDP_PLAIN, UDP_SHARED], S, port=unknown_order)
+    assert out.verdict is Verdict.DEPENDS and Flag.CHAIN_ORDER in out.blockers[0].decided_by
+    every = KernelSettings(udp_first_match=False)
+    assert evaluate(UDP_WILD, [UDP_SHARED, UDP_PLAIN], every, port=unknown_order).verdict is Verdict.FAIL
+
+
+def test_unknown_bucket_never_gives_an_optimistic_or_wrong_fail() -> None:
+    """The SO_REUSEPORT cache may outlive the flag (cleared after bind): unknown is DEPENDS."""
+    cleared = h(rec("127.0.0.1", State.BOUND_INACTIVE), True, False)
+    r = req("127.0.0.1", reuseport=True)
+    out = _evaluate(r, [cleared], S)  # no port state: nothing read
+    assert out.verdict is Verdict.DEPENDS and out.blockers[0].decided_by == (Flag.BUCKET,)
+    assert "cleared the flag or closed" in " ".join(out.notes)
+    assert "depends on the port's" not in " ".join(out.notes)  # not a flag *of the holder*
+    # Without SO_REUSEPORT no fast path applies (fastreuse is dead since 6.8): a certain FAIL.
+    assert _evaluate(req("127.0.0.1", reuseaddr=True), [h(rec("127.0.0.1"))], S).verdict is Verdict.FAIL
+    # listen() after our own SO_REUSEPORT bind: the cache covers us whatever it was.
+    assert _evaluate(req("127.0.0.2", reuseport=True), [cleared], S).verdict is Verdict.OK
+
+
+def test_bucket_fields_decide_the_fast_path() -> None:
+    cleared = h(rec("127.0.0.1", State.BOUND_INACTIVE), True, False)
+    r = req("127.0.0.1", reuseport=True)
+    strict = BucketState(0, 2, 0, ip_address("127.0.0.1"), False)
+    assert _evaluate(r, [cleared], S, port=PortState(strict)).verdict is Verdict.OK
+    assert _evaluate(r, [cleared], S, port=PortState(BucketState(0, 0))).verdict is Verdict.FAIL
+    other_addr = BucketState(0, 2, 0, ip_address("127.0.0.2"), False)
+    assert _evaluate(r, [cleared], S, port=PortState(other_addr)).verdict is Verdict.FAIL
+    any_addr = BucketState(0, 1, 0, ip_address("127.0.0.2"), False)  # FASTREUSEPORT_ANY
+    assert _evaluate(r, [cleared], S, port=PortState(any_addr)).verdict is Verdict.OK
+    other_uid = BucketState(0, 2, 7, ip_address("127.0.0.1"), False)
+    assert _evaluate(r, [cleared], S, port=PortState(other_uid)).verdict is Verdict.FAIL
+    no_uid = BucketState(0, 2, None, ip_address("127.0.0.1"), False)
+    assert _evaluate(r, [cleared], S, port=PortState(no_uid)).verdict is Verdict.DEPENDS
+
+
+def test_subnet_broadcast_is_bindable() -> None:
+    """inet_addr_valid_or_nonlocal accepts RTN_BROADCAST (10.9.0.255 beside 10.9.0.1/24)."""
+    known = KernelSettings(
+        local_addresses=frozenset({ip_address("10.9.0.1")}),
+        broadcast_addresses=frozenset({ip_address("10.9.0.255")}),  # type: ignore[arg-type]
+    )
+    assert evaluate(req("10.9.0.255"), [], known).verdict is Verdict.OK
+    assert evaluate(req("10.9.0.0"), [], known).errno == 99

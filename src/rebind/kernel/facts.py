@@ -18,7 +18,13 @@ from dataclasses import replace
 
 from rebind.kernel.trial import try_request
 from rebind.model.advice import Facts, HolderFacts, Provenance
-from rebind.model.conflict import KernelSettings, SockOpts, alternative_requests, probe_is_harmless
+from rebind.model.conflict import (
+    KernelSettings,
+    PortState,
+    SockOpts,
+    alternative_requests,
+    probe_is_harmless,
+)
 from rebind.model.diagnosis import ProcessHint
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
@@ -31,8 +37,13 @@ def gather(
     table: SocketTable | None = None,
     trials: bool = True,
     settings: KernelSettings | None = None,
+    port: PortState | None = None,
 ) -> Facts:
-    """The facts for ``req``. ``trials=False``: observer-free (nothing is bound)."""
+    """The facts for ``req``. ``trials=False``: observer-free (nothing is bound).
+
+    ``port``: the port's kernel state beside its sockets (TCP bucket fast-reuse fields, UDP
+    chain order) when something read it; None = unknown (no trial then runs in an existing TCP
+    bucket: see conflict.probe_is_harmless)."""
     from rebind.kernel.sysctl import kernel_settings
     from rebind.sockets import socket_table
 
@@ -44,8 +55,8 @@ def gather(
     holders = _holders(table, req)
     results: dict[BindRequest, TrialResult] = {}
     skipped = ""
-    if trials:
-        results, skipped = _trials(req, table, settings)
+    if trials and not _model_is_exact(req, holders, settings, port):
+        results, skipped = _trials(req, table, settings, port or PortState())
     euid = os.geteuid()
     return Facts(
         request=req,
@@ -55,6 +66,7 @@ def gather(
         hints=_process_hints(table) if owners else {},
         trials=results,
         trial_skipped=skipped,
+        port=port,
         can_destroy=_can_destroy(),
         owners_complete=owners and euid == 0 and table.scan.inaccessible == 0,
     )
@@ -80,7 +92,7 @@ def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]
 
 
 def _trials(
-    req: BindRequest, table: SocketTable, settings: KernelSettings
+    req: BindRequest, table: SocketTable, settings: KernelSettings, port: PortState
 ) -> tuple[dict[BindRequest, TrialResult], str]:
     bucket = any(e.socket.proto is Proto.TCP and e.socket.local.port == req.port for e in table.entries)
     uid = os.geteuid()
@@ -96,11 +108,40 @@ def _trials(
                     f"uid {uid} cannot answer for uid {req.uid}; this answer is the model's"
                 )
             continue
-        if not probe_is_harmless(probe, req, bucket_exists=bucket, prober_uid=uid):
+        harmless = probe_is_harmless(
+            probe, bucket_exists=bucket, prober_uid=uid, bucket=port.bucket, settings=settings
+        )
+        if not harmless:
+            if probe == req and not skipped:
+                skipped = (
+                    "no trial bind: the port has TCP sockets and its bind bucket's fast-reuse cache "
+                    "is unknown, so a trial that worked could change the answer to a later bind "
+                    "(inet_csk_update_fastreuse); this answer is the model's"
+                    if port.bucket is None
+                    else "no trial bind: one that worked would change the port's fast-reuse cache "
+                    "(inet_csk_update_fastreuse) for later binds; this answer is the model's"
+                )
             continue
         # Keyed by the bind-only request (a trial never listens): advice.trial_for finds it.
         out[replace(probe, listen=False)] = try_request(probe)
     return out, skipped
+
+
+def _model_is_exact(
+    req: BindRequest, holders: tuple[HolderFacts, ...], settings: KernelSettings, port: PortState | None
+) -> bool:
+    """With the kernel's per-port state read, every flag known and the rules calibrated, the model
+    is exact and no trial runs (issue 17: a trial is a side effect, however small)."""
+    if port is None or not holders:
+        return False  # a fresh port: its (harmless) trial still checks addresses and privileges
+    if req.proto is Proto.TCP and port.bucket is None:
+        return False
+    if req.proto is Proto.UDP and (settings.udp_first_match is None or not port.udp_chain_order):
+        return False
+    return all(
+        h.opts.reuseaddr is not None and h.opts.reuseport is not None and h.entry.socket.uid is not None
+        for h in holders
+    )
 
 
 def _can_destroy() -> bool:

@@ -24,6 +24,7 @@ from rebind.model.conflict import (
     Holder,
     KernelSettings,
     Outcome,
+    PortState,
     Rule,
     SockOpts,
     Stage,
@@ -106,6 +107,8 @@ class Facts:
     trials: Mapping[BindRequest, TrialResult] = field(default_factory=dict)
     #: Why the as-asked trial did not run ("" when it ran, or trials were off).
     trial_skipped: str = ""
+    #: The port's kernel state beside its sockets (bucket cache, UDP chain order); None = unknown.
+    port: PortState | None = None
     can_destroy: bool = False
     #: Root read every process's fds (a socket without owners is held outside this PID namespace).
     owners_complete: bool = False
@@ -329,7 +332,7 @@ def assess(request: BindRequest, facts: Facts) -> Assessment:
     """
     groups = infer_from_trials(group_holders(facts.holders), facts.settings, facts.trials)
     reps = [g[0].holder for g in groups]
-    outcome = evaluate(request, reps, facts.settings)
+    outcome = evaluate(request, reps, facts.settings, port=facts.port)
     holders = tuple(h for g in groups for h in g)
     return Assessment(request, outcome, holders, groups)
 
@@ -363,11 +366,12 @@ def cross_check(
     bind_fails = outcome.verdict is Verdict.FAIL and outcome.stage is Stage.BIND
     if bind_fails and trial.ok:
         why = ""
-        if req.proto is Proto.TCP and outcome.errno == E.EADDRINUSE:
+        if req.proto is Proto.TCP and outcome.errno == E.EADDRINUSE and req.reuseport:
             why = (
-                "a socket option changed after bind() (setsockopt of SO_REUSEADDR/SO_REUSEPORT on a "
-                "bound socket) leaves the port's fast-reuse cache (tb->fastreuse, tb->fastreuseport; "
-                "inet_csk_update_fastreuse) letting binds through that the flags shown forbid"
+                "the port's SO_REUSEPORT cache (tb->fastreuseport; inet_csk_update_fastreuse) holds "
+                "your uid and an address covering yours from an earlier SO_REUSEPORT bind on the "
+                "port, whose socket may since have cleared the flag or closed: sk_reuseport_match() "
+                "then skips the conflict check"
             )
         return Disagreement(
             f"the model predicted bind() to fail with {E.errorcode.get(outcome.errno or 0)}, "

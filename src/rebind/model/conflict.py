@@ -7,10 +7,16 @@ what the doc leaves out and the kernel oracle (tests/kernel/test_oracle.py) show
 * TCP ``tb->fastreuseport`` cache (``sk_reuseport_match``): a SO_REUSEPORT socket whose uid and
   address match the cache skips every conflict check (``check_bind_conflict = false`` in
   inet_csk_get_port, the address-any buckets included). Pass it as ``ReuseportCache`` if known.
-* UDP ``udp_lib_lport_inuse`` returns at the *first* relevant socket in hash-chain order: a
-  same-uid SO_REUSEPORT socket there lets the bind through even if a later one would conflict.
-  Holders must be given in chain order for UDP (``udp_chain_order``; inet_diag dumps each
-  family in that order): newest first, except IPv6 SO_REUSEPORT sockets, appended at the tail.
+* UDP ``udp_lib_lport_inuse``: upstream returns at the *first* relevant socket in hash-chain
+  order (a same-uid SO_REUSEPORT socket there lets the bind through even if a later one would
+  conflict); some builds of the same version check every socket. Which one runs here is
+  ``KernelSettings.udp_first_match``, decided by a calibration experiment (kernel/calibrate.py);
+  None = not calibrated, and an answer that hinges on it is DEPENDS. With the early stop the
+  chain order matters: ``PortState.udp_chain_order`` says the holders are given in it
+  (``udp_chain_order`` rebuilds it from bind order: newest first, except IPv6 SO_REUSEPORT
+  sockets, appended at the tail); unknown order where it matters is DEPENDS too.
+* The TCP bucket's fast-reuse fields are an input (``BucketState``, read by a BPF iterator);
+  unknown means the SO_REUSEPORT fast path may or may not apply: never an optimistic answer.
 """
 
 from __future__ import annotations
@@ -91,6 +97,13 @@ class KernelSettings:
     kernel_version: tuple[int, int] = (6, 18)
     #: IPv6 addresses with their interface and DAD state; None = unknown (use local_addresses).
     ipv6_addresses: tuple[AddrState, ...] | None = None
+    #: IPv4 broadcast addresses of this netns (RTN_BROADCAST in the local table: bindable);
+    #: None = unknown (then only 255.255.255.255 is known to be one).
+    broadcast_addresses: frozenset[IPv4Address] | None = None
+    #: udp_lib_lport_inuse() returns 0 at the first same-uid SO_REUSEPORT match (upstream), or
+    #: checks every socket (some 6.18.44 builds). Calibrated per kernel build
+    #: (kernel/calibrate.py); None = unknown: answers that hinge on it are DEPENDS.
+    udp_first_match: bool | None = None
 
 
 class Stage(enum.StrEnum):
@@ -129,6 +142,12 @@ class Flag(enum.StrEnum):
     REUSEPORT = "SO_REUSEPORT"
     UID = "socket uid"
     V6ONLY = "IPV6_V6ONLY"
+    #: tb->fastreuseport/fastuid/fast_rcv_saddr: only a BPF iterator reads them.
+    BUCKET = "port's SO_REUSEPORT cache"
+    #: Which udp_lib_lport_inuse this kernel build has (not calibrated: no network namespace).
+    UDP_RULE = "kernel build's UDP rule"
+    #: The UDP hash chain's order (the early stop makes the first relevant socket decide).
+    CHAIN_ORDER = "UDP hash-chain order"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +186,61 @@ class ReuseportCache:
     uid: int
     addr: IPAddress
     v6only: bool
+    #: FASTREUSEPORT_STRICT (2) compares the address; FASTREUSEPORT_ANY (1, a bucket's first
+    #: socket before 6.8) lets every same-uid SO_REUSEPORT socket through.
+    strict: bool = True
+
+
+FASTREUSEPORT_ANY = 1
+FASTREUSEPORT_STRICT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    """A TCP port's ``inet_bind_bucket`` fast-reuse fields, as the kernel has them now.
+
+    Read by the BPF socket iterator (``icsk_bind_hash``); a field None = that field unknown.
+    ``fast_rcv_saddr`` is the cached socket's address in its own family's form
+    (``::ffff:a.b.c.d`` for an AF_INET6 socket on an IPv4 address).
+    """
+
+    fastreuse: int | None = None
+    fastreuseport: int | None = None
+    fastuid: int | None = None
+    fast_rcv_saddr: IPAddress | None = None
+    fast_ipv6_only: bool | None = None
+
+    @classmethod
+    def of_cache(cls, cache: ReuseportCache | None) -> BucketState:
+        """The fields for a known SO_REUSEPORT cache (None: tb->fastreuseport = 0)."""
+        if cache is None:
+            return cls(0, 0)
+        level = FASTREUSEPORT_STRICT if cache.strict else FASTREUSEPORT_ANY
+        return cls(0, level, cache.uid, cache.addr, cache.v6only)
+
+    @property
+    def cache(self) -> ReuseportCache | None:
+        """The SO_REUSEPORT cache when it is on and fully known, else None."""
+        if self.fastreuseport is None or self.fastreuseport <= 0:
+            return None
+        if self.fastuid is None or self.fast_rcv_saddr is None or self.fast_ipv6_only is None:
+            return None
+        strict = self.fastreuseport != FASTREUSEPORT_ANY
+        return ReuseportCache(self.fastuid, self.fast_rcv_saddr, self.fast_ipv6_only, strict)
+
+
+@dataclass(frozen=True, slots=True)
+class PortState:
+    """What the kernel keeps for the port besides its sockets; None = not read.
+
+    Both come from the BPF socket iterator when it runs; without it the model never assumes
+    the favourable value (an answer that hinges on them is DEPENDS).
+    """
+
+    #: TCP: the bind bucket's fast-reuse cache.
+    bucket: BucketState | None = None
+    #: UDP: the holders are given in the port's primary hash-chain order (sk_for_each order).
+    udp_chain_order: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,10 +527,23 @@ def _reason(req: BindRequest, h: Holder, rule: Rule, decided_by: tuple[Flag, ...
         text = f"SO_REUSEPORT is shared only within one user: it belongs to {who}, yours to uid {req.uid}"
     else:
         text = _RULE_TEXT.get(rule, str(rule))
-    if decided_by:
-        flags = " and ".join(str(f) for f in decided_by)
+    own = [f for f in decided_by if f not in _GLOBAL_FLAGS]
+    others = [f for f in decided_by if f in _GLOBAL_FLAGS]
+    if own:
+        flags = " and ".join(str(f) for f in own)
         text += f" — unless its {flags} is what sharing needs; nobody could read it"
+    if others:
+        text += " — unless the " + " or the ".join(_GLOBAL_FLAGS[f] for f in others)
     return f"{head}; {text}"
+
+
+#: Facts of the port or the kernel build (not of the holder) that an answer may hinge on.
+_GLOBAL_FLAGS = {
+    Flag.BUCKET: "port's SO_REUSEPORT cache lets the bind skip this check (unknown: no BPF iterator)",
+    Flag.UDP_RULE: "kernel build stops at an earlier same-uid SO_REUSEPORT socket (its UDP rule is "
+    "not calibrated here)",
+    Flag.CHAIN_ORDER: "UDP hash chain puts a same-uid SO_REUSEPORT socket before it (chain order unknown)",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,6 +576,10 @@ def _address_error(req: BindRequest, settings: KernelSettings) -> Blocker | None
         if settings.ip_nonlocal_bind or v4.is_unspecified or v4.is_loopback or v4.is_multicast:
             return None
         if v4 in settings.local_addresses or v4 == IPv4Address("255.255.255.255"):
+            return None
+        # A subnet broadcast (10.9.0.255 beside 10.9.0.1/24) is RTN_BROADCAST in the local
+        # table: inet_addr_valid_or_nonlocal accepts it like a local address.
+        if settings.broadcast_addresses is not None and v4 in settings.broadcast_addresses:
             return None
     elif settings.ipv6_nonlocal_bind or a.is_unspecified or a.is_multicast:
         return None
@@ -637,42 +728,86 @@ def _flip(f: _Facts, flag: Flag) -> _Facts:
 
 
 def _cache_match(cache: ReuseportCache | None, req: BindRequest, settings: KernelSettings) -> bool:
-    """sk_reuseport_match(): reuseport, same uid, and the cached address covers ours (STRICT)."""
+    """sk_reuseport_match(): reuseport, same uid, and (STRICT) the cached address covers ours."""
     if cache is None or not req.reuseport or cache.uid != req.uid:
         return False
+    if not cache.strict:
+        return True  # FASTREUSEPORT_ANY
     cached = _kaddr(cache.addr, cache.v6only)
     n = _kaddr(req.addr, effective_v6only(req.addr, req.v6only, settings))
     # ipv{4,6}_rcv_saddr_equal(cached, sk, match_sk1_wildcard=true, match_sk2_wildcard=false)
     return _rcv_saddr_equal(cached, n, True, False)
 
 
+def fast_path(
+    bucket: BucketState | None, req: BindRequest, stage: Stage, settings: KernelSettings
+) -> bool | None:
+    """Does inet_csk_get_port() skip the conflict check (check_bind_conflict = false)? None: unknown.
+
+    ``(tb->fastreuse > 0 && reuse) || sk_reuseport_match(tb, sk)``, where ``reuse`` is
+    SO_REUSEADDR outside TCP_LISTEN (listen() sets the state before it calls get_port). Without
+    the bucket: the SO_REUSEADDR path is dead since 6.8 (the bucket is created with
+    fastreuse = 0 and inet_csk_update_fastreuse only lowers it once tb->bhash2 is linked; the
+    oracle confirms it), but the SO_REUSEPORT cache outlives the socket that set it (it may have
+    cleared the flag or closed), so a SO_REUSEPORT bind may take the fast path.
+    """
+    reuse = req.reuseaddr and stage is Stage.BIND
+    if bucket is None:
+        return None if req.reuseport else False
+    if reuse and bucket.fastreuse is not None and bucket.fastreuse > 0:
+        return True
+    if not req.reuseport or bucket.fastreuseport is not None and bucket.fastreuseport <= 0:
+        return False if bucket.fastreuse is not None or not reuse else None
+    if bucket.fastuid is not None and bucket.fastuid != req.uid:
+        return False if bucket.fastreuse is not None or not reuse else None
+    cache = bucket.cache
+    if cache is None:
+        return None
+    if _cache_match(cache, req, settings):
+        return True
+    return False if bucket.fastreuse is not None or not reuse else None
+
+
 def _tcp_check(
     req: BindRequest,
     holders: Sequence[Holder],
     settings: KernelSettings,
-    cache: ReuseportCache | None,
+    bucket: BucketState | None,
     stage: Stage,
 ) -> _Check:
     """inet_csk_get_port() for an explicit port."""
     on_port = [h for h in holders if h.socket.proto is req.proto and h.socket.local.port == req.port]
     relevant = _relevant(req, on_port, settings)
     notes: list[str] = []
-    if on_port and _cache_match(cache, req, settings):
-        # check_bind_conflict = false: neither inet_bhash2_addr_any_conflict nor
-        # inet_csk_bind_conflict runs; the bind succeeds whatever the other sockets are.
-        skipped = [b for h, s in relevant if (b := _tcp_judge(req, h, stage, s)) is not None]
-        if skipped:
-            notes.append(
-                "the port's SO_REUSEPORT fast path (tb->fastreuseport: same uid and address as the "
-                "last SO_REUSEPORT binder) skips the conflict check that "
-                + ", ".join(_describe(b.holder.socket) for b in skipped)
-                + " would fail"
-            )
-        return _Check(Verdict.OK, (), tuple(notes))
     # A specific address: the address-any buckets (inet_bhash2_addr_any_conflict), then its own
     # bucket (inet_bhash2_conflict); a wildcard: every socket on the port (_relevant decides).
     blockers = [b for h, s in relevant if (b := _tcp_judge(req, h, stage, s)) is not None]
+    fast = fast_path(bucket, req, stage, settings) if on_port else False
+    if fast and blockers:
+        # check_bind_conflict = false: neither inet_bhash2_addr_any_conflict nor
+        # inet_csk_bind_conflict runs; the bind succeeds whatever the other sockets are.
+        notes.append(
+            "the port's SO_REUSEPORT fast path (tb->fastreuseport: same uid and address as the "
+            "last SO_REUSEPORT binder) skips the conflict check that "
+            + ", ".join(_describe(b.holder.socket) for b in blockers)
+            + " would fail"
+        )
+    if fast:
+        return _Check(Verdict.OK, (), tuple(notes))
+    if fast is None and blockers:
+        notes.append(
+            "the port's SO_REUSEPORT cache (tb->fastreuseport, tb->fastuid, tb->fast_rcv_saddr) "
+            "is unknown: it keeps the uid and address of the last SO_REUSEPORT bind on the port, "
+            "also after that socket cleared the flag or closed, and a bind that matches it skips "
+            "the conflict check (sk_reuseport_match)"
+        )
+        return _Check(Verdict.DEPENDS, tuple(_unsure(req, b, Flag.BUCKET) for b in blockers), tuple(notes))
     return _summarise(blockers, notes)
+
+
+def _unsure(req: BindRequest, b: Blocker, *flags: Flag) -> Blocker:
+    decided_by = b.decided_by + tuple(f for f in flags if f not in b.decided_by)
+    return replace(b, certain=False, decided_by=decided_by, reason=_reason(req, b.holder, b.rule, decided_by))
 
 
 def _summarise(blockers: list[Blocker], notes: list[str]) -> _Check:
@@ -684,52 +819,114 @@ def _summarise(blockers: list[Blocker], notes: list[str]) -> _Check:
     return _Check(Verdict.OK, (), tuple(notes))
 
 
-def _udp_check(req: BindRequest, holders: Sequence[Holder], settings: KernelSettings) -> _Check:
-    """udp_lib_get_port() -> udp_lib_lport_inuse(): the first relevant socket decides.
+@dataclass(frozen=True, slots=True)
+class _UdpHolder:
+    holder: Holder
+    sure: bool  # False: its v6only is unknown and decides whether it is checked at all
+    pairs: tuple[tuple[_Udp, Rule | None], ...]
+    acts: frozenset[_Udp]
 
-    ``holders`` are in hash-chain order (udp_chain_order). Each holder has a set of possible
-    actions over its unknown facts; the reachable endings (ok / EADDRINUSE) give the verdict.
-    """
+
+def _first_match_in_order(hs: Sequence[_UdpHolder]) -> tuple[set[Verdict], list[_UdpHolder]]:
+    """Upstream udp_lib_lport_inuse() in chain order: the first relevant socket decides."""
     endings: set[Verdict] = set()
-    blockers: list[Blocker] = []
-    missed: list[Holder] = []
-    shared_by: Holder | None = None
-    reachable = True
-    for h, sure in _relevant(req, holders, settings):
-        pairs = [_udp_pair(req, f) for f, _ in _fact_choices(req, h)]
-        acts = {a for a, _ in pairs} | (set() if sure else {_Udp.SKIP})
-        if not reachable:
-            if _Udp.CONFLICT in acts:
-                missed.append(h)
-            continue
-        if _Udp.CONFLICT in acts:
+    met: list[_UdpHolder] = []
+    for u in hs:
+        met.append(u)
+        if _Udp.CONFLICT in u.acts:
             endings.add(Verdict.FAIL)
-            rule = next(r for _, r in pairs if r is not None)
-            certain = acts == {_Udp.CONFLICT}
-            decided_by = () if certain else _deciding(req, h) + (() if sure else (Flag.V6ONLY,))
-            blockers.append(
-                Blocker(h, Stage.BIND, rule, certain, _reason(req, h, rule, decided_by), decided_by)
-            )
-        if _Udp.SHARE in acts:
+        if _Udp.SHARE in u.acts:
             endings.add(Verdict.OK)
-            shared_by = shared_by or h
-        reachable = _Udp.SKIP in acts
-    if reachable:
+        if _Udp.SKIP not in u.acts:
+            return endings, met
+    endings.add(Verdict.OK)
+    return endings, met
+
+
+def _first_match_any_order(hs: Sequence[_UdpHolder]) -> set[Verdict]:
+    """The early stop with the chain order unknown: any holder may come first."""
+    endings: set[Verdict] = set()
+    if any(_Udp.CONFLICT in u.acts for u in hs):
+        endings.add(Verdict.FAIL)
+    if any(_Udp.SHARE in u.acts for u in hs) or all(u.acts - {_Udp.CONFLICT} for u in hs):
         endings.add(Verdict.OK)
+    return endings
+
+
+def _every_socket(hs: Sequence[_UdpHolder]) -> set[Verdict]:
+    """Builds without the early stop: a same-uid SO_REUSEPORT match does not end the scan, so any
+    conflicting socket anywhere in the chain refuses the bind (calibrated on 6.18.44-fc)."""
+    endings: set[Verdict] = set()
+    if any(_Udp.CONFLICT in u.acts for u in hs):
+        endings.add(Verdict.FAIL)
+    if all(u.acts - {_Udp.CONFLICT} for u in hs):
+        endings.add(Verdict.OK)
+    return endings
+
+
+def _udp_check(
+    req: BindRequest, holders: Sequence[Holder], settings: KernelSettings, chain_order: bool
+) -> _Check:
+    """udp_lib_get_port() -> udp_lib_lport_inuse(), under the rule this kernel build has.
+
+    Each holder has a set of possible actions over its unknown facts; the reachable endings (ok /
+    EADDRINUSE) over the possible rules (``settings.udp_first_match``) and chain orders
+    (``chain_order``: the holders are given in it) give the verdict.
+    """
+    hs: list[_UdpHolder] = []
+    for h, sure in _relevant(req, holders, settings):
+        pairs = tuple(_udp_pair(req, f) for f, _ in _fact_choices(req, h))
+        acts = frozenset({a for a, _ in pairs} | (set() if sure else {_Udp.SKIP}))
+        hs.append(_UdpHolder(h, sure, pairs, acts))
+    in_order, met = _first_match_in_order(hs)
+    first = in_order if chain_order else _first_match_any_order(hs)
+    every = _every_socket(hs)
+    rule = settings.udp_first_match
+    endings = first if rule is True else every if rule is False else first | every
+    flags: list[Flag] = []
+    if rule is None and first != every:
+        flags.append(Flag.UDP_RULE)
+    if rule is not False and not chain_order and first != in_order:
+        flags.append(Flag.CHAIN_ORDER)
+    # Who can refuse the bind: everyone checked under some possible rule and order.
+    checked = hs if rule is False or not chain_order else (hs if rule is None else met)
+    blockers = []
+    for u in checked:
+        if _Udp.CONFLICT not in u.acts:
+            continue
+        why = next(r for _, r in u.pairs if r is not None)
+        certain = u.acts == {_Udp.CONFLICT}
+        decided_by = () if certain else _deciding(req, u.holder) + (() if u.sure else (Flag.V6ONLY,))
+        blockers.append(
+            Blocker(u.holder, Stage.BIND, why, certain, _reason(req, u.holder, why, decided_by), decided_by)
+        )
     notes: list[str] = []
-    if shared_by is not None and missed and endings == {Verdict.OK}:
+    missed = [u.holder for u in hs[len(met) :] if _Udp.CONFLICT in u.acts]
+    sharer = next((u.holder for u in met if _Udp.SHARE in u.acts), None)
+    if rule is True and chain_order and sharer is not None and missed and endings == {Verdict.OK}:
         notes.append(
             "udp_lib_lport_inuse() stops at the first same-uid SO_REUSEPORT socket ("
-            + _describe(shared_by.socket)
+            + _describe(sharer.socket)
             + "), so the older "
             + ", ".join(_describe(h.socket) for h in missed)
             + " is never checked"
         )
+    if Flag.UDP_RULE in flags:
+        notes.append(
+            "kernel builds differ here: upstream udp_lib_lport_inuse() stops at the first same-uid "
+            "SO_REUSEPORT socket (ok), some builds check every socket (EADDRINUSE); rebind could not "
+            "calibrate this one (it needs a private network namespace: run as root once)"
+        )
+    if Flag.CHAIN_ORDER in flags:
+        notes.append(
+            "udp_lib_lport_inuse() stops at the first same-uid SO_REUSEPORT socket in the port's "
+            "hash chain, and the chain's order is unknown (only the BPF socket iterator reads it)"
+        )
     if endings == {Verdict.OK}:
         return _Check(Verdict.OK, (), tuple(notes))
     if endings == {Verdict.FAIL}:
-        return _Check(Verdict.FAIL, tuple(blockers), tuple(notes))
-    return _Check(Verdict.DEPENDS, tuple(replace(b, certain=False) for b in blockers), tuple(notes))
+        return _Check(Verdict.FAIL, tuple(sorted(blockers, key=lambda b: not b.certain)), tuple(notes))
+    return _Check(Verdict.DEPENDS, tuple(_unsure(req, b, *flags) for b in blockers), tuple(notes))
 
 
 def udp_chain_order(holders_oldest_first: Iterable[Holder]) -> list[Holder]:
@@ -752,12 +949,27 @@ def _check(
     req: BindRequest,
     holders: Sequence[Holder],
     settings: KernelSettings,
-    cache: ReuseportCache | None,
+    port: PortState,
     stage: Stage,
 ) -> _Check:
     if req.proto is Proto.UDP:
-        return _udp_check(req, holders, settings)
-    return _tcp_check(req, holders, settings, cache, stage)
+        return _udp_check(req, holders, settings, port.udp_chain_order)
+    return _tcp_check(req, holders, settings, port.bucket, stage)
+
+
+class _Unset:
+    """The default of ``cache=``: not given (the port's state comes from ``port=``)."""
+
+
+_UNSET = _Unset()
+
+
+def _port_state(port: PortState | None, cache: ReuseportCache | None | _Unset) -> PortState:
+    if port is not None:
+        return port
+    if isinstance(cache, _Unset):
+        return PortState()
+    return PortState(BucketState.of_cache(cache))
 
 
 def reuseport_cache_after(
@@ -776,40 +988,66 @@ def reuseport_cache_after(
     return ReuseportCache(uid, addr, v6only)
 
 
-def probe_is_harmless(probe: BindRequest, user: BindRequest, *, bucket_exists: bool, prober_uid: int) -> bool:
-    """Can a trial bind of ``probe`` change the kernel's answer to the user's next bind?
+def bucket_after(bucket: BucketState | None, req: BindRequest, settings: KernelSettings) -> BucketState:
+    """inet_csk_update_fastreuse() after ``req``'s successful bind() in its port's bucket.
 
-    A TCP bind that succeeds runs inet_csk_update_fastreuse() on the port's bind bucket (one per
-    port and netns, whatever the address), and the bucket keeps that cache after the probe closes
-    (until its last socket leaves): ``tb->fastreuse = tb->fastreuse && probe's SO_REUSEADDR``;
-    ``tb->fastreuseport`` = 0 without SO_REUSEPORT, else reset to the probe's uid and address
-    unless they already match. The user's bind reads ``fastreuse`` only with SO_REUSEADDR and
-    ``fastreuseport`` only with SO_REUSEPORT (sk_reuseport_match), and writes both itself. So a
-    probe is harmless when:
+    Since 6.8 the bind2 bucket is linked before the update, so it always takes the "bucket not
+    empty" branch: ``tb->fastreuse`` only drops to 0 (without SO_REUSEADDR), and
+    ``tb->fastreuseport`` drops to 0 without SO_REUSEPORT, else stays if sk_reuseport_match()
+    and is reset to this socket's uid and address (STRICT) otherwise. With the bucket unknown
+    the SO_REUSEPORT cache still covers this socket afterwards: it matched, or it was reset.
+    """
+    fastreuse = bucket.fastreuse if bucket is not None else None
+    if not req.reuseaddr:
+        fastreuse = 0
+    if not req.reuseport:
+        return BucketState(fastreuse, 0)
+    if bucket is not None and bucket.cache is not None and _cache_match(bucket.cache, req, settings):
+        return replace(bucket, fastreuse=fastreuse)
+    v6only = effective_v6only(req.addr, req.v6only, settings)
+    return BucketState(fastreuse, FASTREUSEPORT_STRICT, req.uid, req.addr, v6only)
 
+
+def probe_is_harmless(
+    probe: BindRequest,
+    *,
+    bucket_exists: bool,
+    prober_uid: int,
+    bucket: BucketState | None = None,
+    settings: KernelSettings | None = None,
+) -> bool:
+    """Does a trial bind of ``probe`` leave the kernel's answer to EVERY later bind unchanged?
+
+    A failed bind changes nothing (inet_csk_get_port jumps past inet_csk_update_fastreuse). A
+    TCP bind that succeeds rewrites the port's bind bucket (one per port and netns, whatever
+    the address), and the bucket keeps that state after the probe closes, until its last
+    socket leaves. So a probe is harmless only when:
+
+    * it is UDP: udp_lib_get_port keeps no cache (it checks the sockets every time); or
     * no TCP socket is on the port: the probe creates a fresh bucket and destroys it on close
       (inet_put_port -> inet_bind_bucket_destroy); or
-    * the user does not set SO_REUSEPORT and the probe has at least the user's SO_REUSEADDR:
-      the probe leaves ``fastreuse`` alone when the user reads it, and the user's own bind
-      overwrites the rest; or
-    * it is the user's bind itself (same flags, uid and address): if it fails nothing changed;
-      if it works, the user's bind works too (same state, same check) and leaves the cache as
-      it would have. A probe with *more* flags is not harmless here: one that works thanks to
-      SO_REUSEADDR sets ``tb->fastreuseport`` to the user's uid and address, and the user's
-      bind then skips the conflict check it would have failed (sk_reuseport_match).
+    * the bucket's fields are known and the probe's update leaves every one as it is:
+      ``tb->fastreuse`` (to 0 without SO_REUSEADDR; -1 counts as a change: connect() reads
+      it), and ``tb->fastreuseport`` (to 0 without SO_REUSEPORT; reset to the probe's uid and
+      address -- ours, whatever the user asked -- with SO_REUSEPORT unless it already matches).
 
-    A failed bind changes nothing (inet_csk_get_port jumps past update_fastreuse). UDP keeps no
-    such cache (udp_lib_get_port checks every socket each time).
+    An unknown bucket is never harmless: the SO_REUSEPORT cache may hold the uid and address of
+    a socket that has since cleared the flag or closed, and a probe bound on *another* address
+    clears or resets it for someone else's later bind (issue 17: a bind on 127.0.0.2 took the
+    fast path away from a SO_REUSEPORT bind on 127.0.0.1).
     """
     if probe.proto is Proto.UDP or not bucket_exists:
         return True
-    if user.reuseaddr and not probe.reuseaddr:
+    if bucket is None:
         return False
-    if probe.reuseport and prober_uid != user.uid:
-        return False  # the probe's sk_uid (ours) would become tb->fastuid
-    if user.reuseport:
-        return replace(probe, listen=user.listen) == user
-    return True
+    if not probe.reuseaddr and bucket.fastreuse != 0:
+        return False
+    if not probe.reuseport:
+        return bucket.fastreuseport == 0
+    cache = bucket.cache
+    if cache is None:
+        return False
+    return _cache_match(cache, replace(probe, uid=prober_uid), settings or KernelSettings())
 
 
 def _race_notes(req: BindRequest, holders: Sequence[Holder], settings: KernelSettings) -> list[str]:
@@ -831,8 +1069,9 @@ def _race_notes(req: BindRequest, holders: Sequence[Holder], settings: KernelSet
 def _unknown_notes(blockers: Iterable[Blocker]) -> list[str]:
     out = []
     for b in blockers:
-        if b.decided_by:
-            flags = " and ".join(str(f) for f in b.decided_by)
+        own = [f for f in b.decided_by if f not in _GLOBAL_FLAGS]  # the others have their own note
+        if own:
+            flags = " and ".join(str(f) for f in own)
             out.append(
                 f"depends on the {flags} of {_describe(b.holder.socket)}: EADDRINUSE if it blocks, ok if not"
             )
@@ -851,27 +1090,29 @@ def evaluate(
     holders: Iterable[Holder],
     settings: KernelSettings,
     *,
-    cache: ReuseportCache | None = None,
+    port: PortState | None = None,
+    cache: ReuseportCache | None | _Unset = _UNSET,
 ) -> Outcome:
     """Predict bind() (and, for TCP with ``req.listen``, listen()) against the sockets on the port.
 
-    ``holders``: the sockets in this netns (others are ignored: other port/protocol). For UDP,
-    in hash-chain order (see udp_chain_order). ``cache``: the TCP bucket's SO_REUSEPORT
-    fast-path state if known; None means "no fast path" (tb->fastreuseport <= 0), the kernel
-    state after any non-reuseport binder.
+    ``holders``: the sockets in this netns (others are ignored: other port/protocol). ``port``:
+    what the kernel keeps beside them (the TCP bucket's fast-reuse fields, whether the UDP
+    holders are in hash-chain order); not given = unknown, and an answer that hinges on it is
+    DEPENDS. ``cache``: shorthand for a known bucket whose SO_REUSEPORT cache is this (None:
+    tb->fastreuseport = 0), as the kernel oracle tracks it.
     """
     hs = list(holders)
+    ps = _port_state(port, cache)
     pre = _pre_checks(req, settings)
     if pre is not None:
         return pre
     if req.port == 0:
         return Outcome(Verdict.OK, notes=("port 0: the kernel picks a free port (inet_csk_find_open_port)",))
-    bound = _check(req, hs, settings, cache, Stage.BIND)
+    bound = _check(req, hs, settings, ps, Stage.BIND)
     if bound.verdict is not Verdict.OK or req.proto is not Proto.TCP or not req.listen:
         return _as_outcome(bound, Stage.BIND, _race_notes(req, hs, settings))
     # listen(): inet_csk_listen_start() runs get_port again, now that our bind joined the bucket.
-    v6only = effective_v6only(req.addr, req.v6only, settings)
-    after = reuseport_cache_after(cache, addr=req.addr, v6only=v6only, uid=req.uid, reuseport=req.reuseport)
+    after = replace(ps, bucket=bucket_after(ps.bucket, req, settings))
     listened = _check(req, hs, settings, after, Stage.LISTEN)
     notes = list(bound.notes) + _race_notes(req, hs, settings)
     return _as_outcome(listened, Stage.LISTEN, notes)
@@ -882,17 +1123,19 @@ def check_listen(
     holders: Iterable[Holder],
     settings: KernelSettings,
     *,
-    cache: ReuseportCache | None = None,
+    port: PortState | None = None,
+    cache: ReuseportCache | None | _Unset = _UNSET,
 ) -> Outcome:
     """Predict listen() for a TCP socket that is already bound as ``req`` describes.
 
-    ``holders`` must not include the socket itself. ``cache`` is the bucket state now (after
-    the socket's own bind and whatever joined since).
+    ``holders`` must not include the socket itself. ``port``/``cache`` are the bucket state now
+    (after the socket's own bind and whatever joined since).
     """
     if req.proto is not Proto.TCP:
         raise ValueError("listen() is TCP only")
     hs = list(holders)
-    return _as_outcome(_check(req, hs, settings, cache, Stage.LISTEN), Stage.LISTEN, [])
+    ps = _port_state(port, cache)
+    return _as_outcome(_check(req, hs, settings, ps, Stage.LISTEN), Stage.LISTEN, [])
 
 
 def other_addresses(req: BindRequest, settings: KernelSettings) -> list[tuple[IPAddress, bool | None]]:
@@ -928,7 +1171,8 @@ def alternatives(
     holders: Iterable[Holder],
     settings: KernelSettings,
     *,
-    cache: ReuseportCache | None = None,
+    port: PortState | None = None,
+    cache: ReuseportCache | None | _Unset = _UNSET,
     works: Callable[[Alternative], bool] | None = None,
 ) -> tuple[Alternative, ...]:
     """What else could be bound now: plain / SO_REUSEADDR / SO_REUSEPORT / another address.
@@ -938,6 +1182,7 @@ def alternatives(
     that choice (`why` passes the kernel's trial where one ran).
     """
     hs = list(holders)
+    ps = _port_state(port, cache)
     flag_variants = [
         ("as asked", req),
         ("plain bind()", replace(req, reuseaddr=False, reuseport=False)),
@@ -950,12 +1195,12 @@ def alternatives(
     for label, r in flag_variants:
         if r not in seen:
             seen.add(r)
-            out.append(Alternative(label, r, evaluate(r, hs, settings, cache=cache)))
+            out.append(Alternative(label, r, evaluate(r, hs, settings, port=ps)))
     for r in alternative_requests(req, settings):
         a, v6 = r.addr, r.v6only
         shown = f"[{a}]" if a.version == 6 else str(a)
         alt = Alternative(
-            f"on {shown}" + (" (IPV6_V6ONLY)" if v6 else ""), r, evaluate(r, hs, settings, cache=cache)
+            f"on {shown}" + (" (IPV6_V6ONLY)" if v6 else ""), r, evaluate(r, hs, settings, port=ps)
         )
         if works(alt) if works is not None else alt.works:
             out.append(alt)
