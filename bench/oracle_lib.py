@@ -30,12 +30,15 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
+from rebind.kernel.calibrate import calibration
 from rebind.kernel.diag import iter_sockets
 from rebind.model.conflict import (
     BindRequest,
+    BucketState,
     Holder,
     KernelSettings,
     Outcome,
+    PortState,
     ReuseportCache,
     SockOpts,
     Stage,
@@ -62,7 +65,12 @@ ADDRS = (
     "::ffff:0.0.0.0",
 )
 NONLOCAL = ("192.0.2.1", "2001:db8::1")
-SETTINGS = KernelSettings(local_addresses=frozenset({IPv4Address("127.0.0.1"), IPv6Address("::1")}))
+#: The model's settings for the lab's namespaces, with this kernel build's calibrated rules
+#: (kernel/calibrate.py: its own throwaway namespace, cached per build).
+SETTINGS = KernelSettings(
+    local_addresses=frozenset({IPv4Address("127.0.0.1"), IPv6Address("::1")}),
+    udp_first_match=calibration().udp_first_match,
+)
 #: Where client-side sockets connect to (outside the scenario port range, below ephemeral ports).
 SERVER_PORT = 31999
 
@@ -286,6 +294,12 @@ class _Run:
     expect_mini: set[tuple[Endpoint, Endpoint]] = field(default_factory=set)
     cache: ReuseportCache | None = None
     listeners: list[tuple[socket.socket, SockOpts]] = field(default_factory=list)
+
+    @property
+    def port_state(self) -> PortState:
+        """What the oracle knows of the port's kernel state: the bucket cache it tracked, and
+        the UDP holders in chain order (Lab.holders sorts them so)."""
+        return PortState(BucketState.of_cache(self.cache), udp_chain_order=True)
 
     def keep(self, s: socket.socket, opts: SockOpts) -> None:
         self.open.append(s)
@@ -533,7 +547,7 @@ class Lab:
                     i, p, s = later[k][j]
                     hs = self.holders(run, snap[run.port], exclude=os.fstat(s.fileno()).st_ino)
                     req = _request(p.spec, sc.port, True)
-                    predicted = check_listen(req, hs, self.settings, cache=run.cache)
+                    predicted = check_listen(req, hs, self.settings, port=run.port_state)
                     actual = _call(s.listen, 8)
                     if actual is None:
                         self._joined(run, p.spec)
@@ -565,7 +579,7 @@ class Lab:
         unstable: bool,
     ) -> Check:
         req = _request(p.spec, run.port, p.listen is ListenMode.NOW)
-        predicted = evaluate(req, hs, self.settings, cache=run.cache)
+        predicted = evaluate(req, hs, self.settings, port=run.port_state)
         s = self._socket(p.spec)
         actual = _call(s.bind, (p.spec.addr, run.port))
         stage = Stage.BIND
@@ -649,8 +663,10 @@ def run_scenarios(
 
 @dataclass(frozen=True, slots=True)
 class AskCheck:
-    """One scenario built twice (two ports): the probe's real result without and with a
-    diagnose() just before it, and whether why's verdict, headline and bindable agree."""
+    """One scenario built twice (two ports): the same later binds (other users' binds that come
+    after the question), then the asked probe's real bind, on an untouched copy and on a copy
+    that `rebind why` (with its trial binds) just looked at; and whether why's verdict,
+    headline and bindable agree."""
 
     scenario: Scenario
     without: tuple[Stage, int | None]
@@ -664,16 +680,24 @@ class AskCheck:
     #: The two copies never reached the same state (an expected TIME_WAIT did not show up
     #: within the settle deadline, as the oracle's own checks flag): nothing to compare.
     unstable: bool = False
+    #: Binds that come after the question (before the asked one), and their results per copy.
+    later: tuple[Probe, ...] = ()
+    later_without: tuple[tuple[Stage, int | None], ...] = ()
+    later_with_why: tuple[tuple[Stage, int | None], ...] = ()
 
     @property
     def same(self) -> bool:
-        return self.unstable or self.without == self.with_why
+        return self.unstable or (self.without == self.with_why and self.later_without == self.later_with_why)
 
     def __str__(self) -> str:
-        return (
-            f"{self.scenario}\n  without why: {_res(self.without)}  with why: {_res(self.with_why)}\n"
+        lines = [str(self.scenario)]
+        for p, a, b in zip(self.later, self.later_without, self.later_with_why, strict=True):
+            lines.append(f"  later {p}: without why {_res(a)}  with why {_res(b)}")
+        lines.append(f"  asked: without why: {_res(self.without)}  with why: {_res(self.with_why)}")
+        lines.append(
             f"  why: {self.verdict} bindable={self.bindable} consistent={self.consistent}: {self.headline}"
         )
+        return "\n".join(lines)
 
 
 def _res(r: tuple[Stage, int | None]) -> str:
@@ -692,14 +716,27 @@ def random_asking_scenario(rng: random.Random, index: int, port: int) -> Scenari
     return replace(sc, existing=existing, probes=sc.probes[:1])
 
 
+def random_later_binds(rng: random.Random, count: int) -> tuple[Probe, ...]:
+    """Other users' binds after the question: mostly TCP, often SO_REUSEPORT (what the bucket's
+    fast-reuse cache decides), on every address of the scenarios."""
+    out = []
+    for _ in range(count):
+        proto = Proto.UDP if rng.random() < 0.15 else Proto.TCP
+        mode = rng.choice((ListenMode.NOW, ListenMode.NEVER)) if proto is Proto.TCP else ListenMode.NEVER
+        out.append(Probe(_spec(rng, proto), mode))
+    return tuple(out)
+
+
 def run_asking(
-    count: int, seed: int, *, lab: Lab, port_base: int = 40000, start: int = 0
+    count: int, seed: int, *, lab: Lab, port_base: int = 40000, start: int = 0, later: int = 3
 ) -> Iterator[AskCheck]:
+    """``later``: how many other binds follow the question (before the asked bind) on both copies."""
     from rebind.diagnosis import diagnose
 
     rng = random.Random(seed)
     for k in range(count):
         sc = random_asking_scenario(rng, start + k, port_base + 2 * k)
+        others = random_later_binds(rng, rng.randint(0, later))
         twin = replace(sc, port=sc.port + 1)
         runs = [_Run(sc.port), _Run(twin.port)]
         try:
@@ -711,16 +748,33 @@ def run_asking(
                         pass
             unstable = not lab._settle(runs) or not _same_state(lab, sc.port, twin.port)
             p = sc.probes[0]
+            later_without = tuple(lab.real_bind(runs[1], q) for q in others)
             without = lab.real_bind(runs[1], p)
             req = _request(p.spec, sc.port, p.listen is ListenMode.NOW)
             d = diagnose(req)
+            later_with = tuple(lab.real_bind(runs[0], q) for q in others)
             with_why = lab.real_bind(runs[0], p)
             consistent = _consistent_answer(d)
             wrong = (
-                d.trial is not None and d.bindable and with_why[1] is not None and with_why[0] is Stage.BIND
+                not others
+                and d.trial is not None
+                and d.bindable
+                and with_why[1] is not None
+                and with_why[0] is Stage.BIND
             )
             yield AskCheck(
-                sc, without, with_why, d.verdict.value, d.bindable, d.headline, consistent, wrong, unstable
+                sc,
+                without,
+                with_why,
+                d.verdict.value,
+                d.bindable,
+                d.headline,
+                consistent,
+                wrong,
+                unstable,
+                others,
+                later_without,
+                later_with,
             )
         finally:
             for run in runs:

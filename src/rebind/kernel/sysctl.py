@@ -75,8 +75,9 @@ def local_addresses() -> frozenset[IPv4Address | IPv6Address]:
     return frozenset(out)
 
 
-def _ipv4_addresses() -> set[IPv4Address | IPv6Address]:
-    """IPv4 addresses via /proc/net/fib_trie's LOCAL entries (no netlink route code needed)."""
+def _ipv4_addresses(kind: str = "LOCAL") -> set[IPv4Address | IPv6Address]:
+    """IPv4 addresses via /proc/net/fib_trie's ``/32 ... LOCAL`` (or BROADCAST) entries (no
+    netlink route code needed)."""
     out: set[IPv4Address | IPv6Address] = set()
     try:
         with open("/proc/net/fib_trie") as f:
@@ -84,16 +85,22 @@ def _ipv4_addresses() -> set[IPv4Address | IPv6Address]:
     except OSError:
         return out
     last = None
+    want = "/32 host LOCAL" if kind == "LOCAL" else f"/32 link {kind}"
     for line in lines:
         s = line.strip()
         if s.startswith(("|--", "+--")):
             last = s[3:].split()[0]
-        elif "/32 host LOCAL" in s and last:
+        elif want in s and last:
             try:
                 out.add(ip_address(last))
             except ValueError:
                 pass
     return out
+
+
+def broadcast_addresses() -> frozenset[IPv4Address]:
+    """RTN_BROADCAST addresses of this netns (subnet broadcasts): bind() accepts them."""
+    return frozenset(a for a in _ipv4_addresses("BROADCAST") if isinstance(a, IPv4Address))
 
 
 def kernel_settings() -> KernelSettings:
@@ -109,7 +116,16 @@ def kernel_settings() -> KernelSettings:
         ip_local_port_range=rng,
         ip_local_reserved_ports=_ports(_read("net/ipv4/ip_local_reserved_ports")),
         kernel_version=kernel_version(),
+        broadcast_addresses=broadcast_addresses(),
+        udp_first_match=_calibrated_udp_rule(),
     )
+
+
+def _calibrated_udp_rule() -> bool | None:
+    """kernel/calibrate.py: this build's UDP rule (cached per build; None when unknown)."""
+    from rebind.kernel.calibrate import calibration
+
+    return calibration().udp_first_match
 
 
 # ---------------------------------------------------------------------------------------------
