@@ -29,8 +29,10 @@ from rebind.model.advice import (
 from rebind.model.conflict import (
     AddrFlag,
     AddrState,
+    BucketState,
     KernelSettings,
     Outcome,
+    PortState,
     SockOpts,
     Stage,
     Verdict,
@@ -417,7 +419,8 @@ def test_listener_outside_the_pid_namespace() -> None:
 
 
 def test_kernel_wins_over_the_model_and_names_the_cache() -> None:
-    """A's SO_REUSEPORT was cleared after bind; the bucket cache still lets B (same uid) in."""
+    """A's SO_REUSEPORT was cleared after bind; the bucket cache still lets B (same uid) in. With
+    the bucket unread the model says it depends on that cache; the trial decides."""
     req = request("127.0.0.1", reuseport=True)
     d = advise(
         facts(
@@ -427,10 +430,28 @@ def test_kernel_wins_over_the_model_and_names_the_cache() -> None:
     assert (
         d.verdict is WhyVerdict.FREE and d.headline == f"{P}/tcp is free: the kernel's trial bind works now"
     )
-    assert d.disagreement is not None and not d.disagreement.is_bug
+    assert d.disagreement is None
     out = text(d)
-    assert "please report" not in out and "The kernel's answer wins" in out and "fastreuseport" in out
+    assert "please report" not in out and "fastreuseport" in out and "cleared the flag or closed" in out
     consistent(d)
+
+
+def test_disagreement_wording_names_the_reuseport_cache_only_where_it_can_apply() -> None:
+    """Issue 17: no "an option changed after bind()" where none did. SO_REUSEPORT asked: the
+    cache of an earlier SO_REUSEPORT bind (its socket may have cleared the flag or closed);
+    without SO_REUSEPORT no cache applies since 6.8: a model bug, reported as such."""
+    from rebind.model.advice import cross_check
+    from rebind.model.conflict import Outcome, Verdict
+
+    fail = Outcome(Verdict.FAIL, 98, Stage.BIND)
+    rp = cross_check(request(reuseport=True), fail, OK, SocketTable(()))
+    assert (
+        rp is not None
+        and "earlier SO_REUSEPORT bind" in rp.explanation
+        and "changed after" not in rp.explanation
+    )
+    plain = cross_check(request(reuseaddr=True), fail, OK, SocketTable(()))
+    assert plain is not None and plain.is_bug
 
 
 def test_unexplained_disagreement_asks_for_a_report() -> None:
@@ -597,19 +618,25 @@ def test_good_requests() -> None:
 
 
 def test_probe_is_harmless() -> None:
+    """Harmless = every later bind gets the answer it would have had (issue 17)."""
     plain, ra, rp = request(), request(reuseaddr=True), request(reuseport=True)
     both = request(reuseaddr=True, reuseport=True)
-    b = {"bucket_exists": True, "prober_uid": 0}
-    assert probe_is_harmless(both, plain, bucket_exists=False, prober_uid=1000)  # fresh bucket
-    assert probe_is_harmless(plain, plain, **b) and probe_is_harmless(ra, plain, **b)
-    assert probe_is_harmless(rp, plain, **b) and probe_is_harmless(both, ra, **b)
-    assert not probe_is_harmless(plain, ra, **b)  # would clear tb->fastreuse the user reads
-    assert probe_is_harmless(rp, rp, **b)
-    # With SO_REUSEPORT only the user's own bind: more flags would set a matching cache.
-    assert not probe_is_harmless(both, rp, **b)
-    assert not probe_is_harmless(request("127.0.0.2", reuseport=True), rp, **b)
-    assert not probe_is_harmless(rp, rp, bucket_exists=True, prober_uid=1000)
-    assert probe_is_harmless(request(proto=Proto.UDP), request(proto=Proto.UDP, reuseport=True), **b)
+    assert probe_is_harmless(both, bucket_exists=False, prober_uid=1000)  # fresh bucket, gone on close
+    assert probe_is_harmless(request(proto=Proto.UDP, reuseport=True), bucket_exists=True, prober_uid=0)
+    # An unread bucket: any probe that works may clear or reset the SO_REUSEPORT cache.
+    for p in (plain, ra, rp, both):
+        assert not probe_is_harmless(p, bucket_exists=True, prober_uid=0)
+    empty = BucketState(0, 0)
+    assert probe_is_harmless(plain, bucket_exists=True, prober_uid=0, bucket=empty)
+    assert not probe_is_harmless(rp, bucket_exists=True, prober_uid=0, bucket=empty)  # would set it
+    connect_only = BucketState(-1, -1)  # only connect()-bound sockets: connect() reads the -1
+    assert not probe_is_harmless(plain, bucket_exists=True, prober_uid=0, bucket=connect_only)
+    cached = BucketState(0, 2, 0, ip_address("0.0.0.0"), False)
+    assert not probe_is_harmless(plain, bucket_exists=True, prober_uid=0, bucket=cached)  # would clear it
+    assert probe_is_harmless(rp, bucket_exists=True, prober_uid=0, bucket=cached)  # matches: unchanged
+    assert not probe_is_harmless(rp, bucket_exists=True, prober_uid=1000, bucket=cached)  # our uid resets it
+    narrow = BucketState(0, 2, 0, ip_address("127.0.0.1"), False)
+    assert not probe_is_harmless(rp, bucket_exists=True, prober_uid=0, bucket=narrow)
 
 
 def test_api_default_request_validates() -> None:
@@ -633,25 +660,25 @@ def test_gatherer_runs_only_harmless_trials(monkeypatch: pytest.MonkeyPatch) -> 
     empty = SocketTable(())
     occupied = SocketTable((SocketEntry(tw()),))
     # A fresh bucket: as asked, every variant with more flags, the other addresses (TCP only).
-    results, skipped = gatherer._trials(request(uid=me), empty, S)
+    results, skipped = gatherer._trials(request(uid=me), empty, S, PortState())
     assert skipped == "" and set(results) == {replace(r, listen=False) for r in tried}
     flags = {(r.reuseaddr, r.reuseport) for r in tried if r.addr == ip_address("0.0.0.0")}
     assert flags == {(False, False), (True, False), (False, True), (True, True)}
     assert {str(r.addr) for r in tried} == {"0.0.0.0", "127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"}
     tried.clear()
-    gatherer._trials(request(proto=Proto.UDP, uid=me), empty, S)
+    gatherer._trials(request(proto=Proto.UDP, uid=me), empty, S, PortState())
     assert {str(r.addr) for r in tried} == {"0.0.0.0"}  # a UDP probe elsewhere could take datagrams
-    # SO_REUSEPORT in an occupied bucket: only the user's own bind.
+    # An occupied TCP bucket whose fast-reuse fields nobody read: no probe at all, and why says so.
     tried.clear()
-    gatherer._trials(request(reuseport=True, uid=me), occupied, S)
-    assert tried == [request(reuseport=True, uid=me)]
-    # SO_REUSEADDR asked: no probe without it (it would clear tb->fastreuse).
+    results, skipped = gatherer._trials(request(reuseport=True, uid=me), occupied, S, PortState())
+    assert tried == [] and results == {} and "fast-reuse cache is unknown" in skipped
+    # Read, and empty: the probes that leave it empty (no SO_REUSEPORT) run.
     tried.clear()
-    gatherer._trials(request(reuseaddr=True, uid=me), occupied, S)
-    assert all(r.reuseaddr for r in tried) and len([r for r in tried if r.addr == ip_address("0.0.0.0")]) == 2
+    gatherer._trials(request(reuseaddr=True, uid=me), occupied, S, PortState(BucketState(0, 0)))
+    assert tried and not any(r.reuseport for r in tried)
     # Another uid's SO_REUSEPORT bind cannot be tried by us at all: the model answers, and says so.
     tried.clear()
-    results, skipped = gatherer._trials(request(reuseport=True, uid=me + 1), occupied, S)
+    results, skipped = gatherer._trials(request(reuseport=True, uid=me + 1), occupied, S, PortState())
     assert tried == [] and results == {} and "cannot answer for uid" in skipped
     d = advise(replace(facts(request(reuseport=True, uid=me + 1), held(tw())), trial_skipped=skipped))
     assert d.trial is None and any("cannot answer for uid" in n for n in d.notes)
