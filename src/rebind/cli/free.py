@@ -61,7 +61,7 @@ def free(
     udp: bool,
     reuseaddr: bool,
     reuseport: bool,
-    v6only: bool,
+    v6only: bool | None,
     sig: str,
     grace: str,
     yes: bool,

@@ -30,8 +30,22 @@ def _bind_decorators(spec_required: bool) -> list[Callable[[F], F]]:
         click.option("--udp", is_flag=True, help="A UDP socket instead of TCP."),
         click.option("--reuseaddr", is_flag=True, help="The server sets SO_REUSEADDR."),
         click.option("--reuseport", is_flag=True, help="The server sets SO_REUSEPORT."),
-        click.option("--v6only", is_flag=True, help="IPv6 socket with IPV6_V6ONLY=1."),
+        click.option(
+            "--v6only",
+            type=click.Choice(["0", "1"]),
+            is_flag=False,
+            flag_value="1",
+            default=None,
+            metavar="[0|1]",
+            callback=_v6only_value,
+            help="IPv6 socket with IPV6_V6ONLY=1 (alone or 1), or =0: dual-stack even when "
+            "net.ipv6.bindv6only=1. Default: the sysctl's.",
+        ),
     ]
+
+
+def _v6only_value(ctx: click.Context, param: click.Parameter, value: str | None) -> bool | None:
+    return None if value is None else value == "1"
 
 
 def bind_options(f: F) -> F:
@@ -52,7 +66,13 @@ def device_options(f: F) -> F:
     """SO_BINDTODEVICE and IP_FREEBIND: options that change bind()'s answer too."""
     for deco in reversed(
         [
-            click.option("--device", metavar="IFACE", default=None, help="The server sets SO_BINDTODEVICE."),
+            click.option(
+                "--device",
+                metavar="IFACE",
+                default=None,
+                help="The server sets SO_BINDTODEVICE (a link-local --addr's %SCOPE overrides it at "
+                "bind(), as the kernel does).",
+            ),
             click.option("--freebind", is_flag=True, help="The server sets IP_FREEBIND."),
         ]
     ):
@@ -66,7 +86,7 @@ def request_from(
     udp: bool,
     reuseaddr: bool,
     reuseport: bool,
-    v6only: bool,
+    v6only: bool | None,
     *,
     device: str | None = None,
     freebind: bool = False,
@@ -78,7 +98,7 @@ def request_from(
     if spec_addr is not None and addr is not None and spec_addr != addr:
         raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
     address = addr or spec_addr
-    if v6only and address is not None and address.version != 6:
+    if v6only is not None and address is not None and address.version != 6:
         raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
     return bind_request(
         port,
@@ -86,7 +106,7 @@ def request_from(
         proto="udp" if udp else "tcp",
         reuseaddr=reuseaddr,
         reuseport=reuseport,
-        v6only=True if v6only else None,
+        v6only=v6only,
         device=device,
         freebind=freebind,
     )

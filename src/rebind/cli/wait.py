@@ -54,7 +54,7 @@ def wait(
     udp: bool,
     reuseaddr: bool,
     reuseport: bool,
-    v6only: bool,
+    v6only: bool | None,
     timeout: float | None,
     quiet: bool,
     until_listening: bool,
@@ -66,7 +66,11 @@ def wait(
     or killed by an RST), so the trial bind, not the countdown, decides.
     """
     if until_listening:
-        for name, on in (("--reuseaddr", reuseaddr), ("--reuseport", reuseport), ("--v6only", v6only)):
+        for name, on in (
+            ("--reuseaddr", reuseaddr),
+            ("--reuseport", reuseport),
+            ("--v6only", v6only is not None),
+        ):
             if on:
                 raise click.UsageError(f"{name} has no meaning with --until-listening")
         return _until_listening(spec, addr, udp, timeout, quiet)

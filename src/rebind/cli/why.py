@@ -50,7 +50,7 @@ def why(
     udp: bool,
     reuseaddr: bool,
     reuseport: bool,
-    v6only: bool,
+    v6only: bool | None,
     device: str | None,
     freebind: bool,
     connect: str | None,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from rebind.model.conflict import (
     Alternative,
     Blocker,
+    Flag,
     Holder,
     KernelSettings,
     Outcome,
@@ -546,6 +547,10 @@ def advise(facts: Facts) -> Diagnosis:
 # The headline: one sentence that always agrees with the verdict (and so the exit code).
 
 
+#: Facts of the port or the kernel build, not of a socket (conflict.Flag).
+_PORT_FACTS = frozenset({Flag.BUCKET, Flag.UDP_RULE, Flag.CHAIN_ORDER})
+
+
 def headline(
     req: BindRequest,
     verdict: WhyVerdict,
@@ -562,9 +567,12 @@ def headline(
     if verdict is WhyVerdict.LISTEN_FAILS:
         return f"{where}: bind() works, but listen() would fail with EADDRINUSE" + _by(infos)
     if verdict is WhyVerdict.UNCERTAIN:
-        flags = sorted({str(f) for b in infos for f in b.blocker.decided_by})
-        what = " and ".join(flags) or "flags"
-        return f"{where} may be busy: it depends on the {what} of sockets nobody could read" + _by(infos)
+        every = {f for b in infos for f in b.blocker.decided_by}
+        own = sorted(str(f) for f in every if f not in _PORT_FACTS)
+        parts = [f"the {' and '.join(own)} of sockets nobody could read"] if own else []
+        parts += sorted(f"the {f} (nothing here reads it)" for f in every if f in _PORT_FACTS)
+        parts = parts or ["the flags of sockets nobody could read"]
+        return f"{where} may be busy: it depends on " + " and ".join(parts) + _by(infos)
     sockets = [b for b in infos if b.kind not in NO_SOCKET_KINDS]
     if verdict is WhyVerdict.CANNOT_BIND or not sockets:
         return _cannot_bind(req, verdict, outcome, trial, infos)
