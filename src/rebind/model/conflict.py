@@ -751,21 +751,22 @@ def fast_path(
     oracle confirms it), but the SO_REUSEPORT cache outlives the socket that set it (it may have
     cleared the flag or closed), so a SO_REUSEPORT bind may take the fast path.
     """
-    reuse = req.reuseaddr and stage is Stage.BIND
+    if req.reuseaddr and stage is Stage.BIND and bucket is not None and (bucket.fastreuse or 0) > 0:
+        return True
+    return _reuseport_match(bucket, req, settings)
+
+
+def _reuseport_match(bucket: BucketState | None, req: BindRequest, settings: KernelSettings) -> bool | None:
+    """sk_reuseport_match() from whatever fields are known; None when they cannot decide."""
+    if not req.reuseport:
+        return False
     if bucket is None:
-        return None if req.reuseport else False
-    if reuse and bucket.fastreuse is not None and bucket.fastreuse > 0:
-        return True
-    if not req.reuseport or bucket.fastreuseport is not None and bucket.fastreuseport <= 0:
-        return False if bucket.fastreuse is not None or not reuse else None
-    if bucket.fastuid is not None and bucket.fastuid != req.uid:
-        return False if bucket.fastreuse is not None or not reuse else None
-    cache = bucket.cache
-    if cache is None:
         return None
-    if _cache_match(cache, req, settings):
-        return True
-    return False if bucket.fastreuse is not None or not reuse else None
+    frp = bucket.fastreuseport
+    if (frp is not None and frp <= 0) or (bucket.fastuid is not None and bucket.fastuid != req.uid):
+        return False
+    cache = bucket.cache
+    return None if cache is None else _cache_match(cache, req, settings)
 
 
 def _tcp_check(
@@ -964,7 +965,7 @@ class _Unset:
 _UNSET = _Unset()
 
 
-def _port_state(port: PortState | None, cache: ReuseportCache | None | _Unset) -> PortState:
+def _port_state(port: PortState | None, cache: ReuseportCache | _Unset | None) -> PortState:
     if port is not None:
         return port
     if isinstance(cache, _Unset):
@@ -1091,7 +1092,7 @@ def evaluate(
     settings: KernelSettings,
     *,
     port: PortState | None = None,
-    cache: ReuseportCache | None | _Unset = _UNSET,
+    cache: ReuseportCache | _Unset | None = _UNSET,
 ) -> Outcome:
     """Predict bind() (and, for TCP with ``req.listen``, listen()) against the sockets on the port.
 
@@ -1124,7 +1125,7 @@ def check_listen(
     settings: KernelSettings,
     *,
     port: PortState | None = None,
-    cache: ReuseportCache | None | _Unset = _UNSET,
+    cache: ReuseportCache | _Unset | None = _UNSET,
 ) -> Outcome:
     """Predict listen() for a TCP socket that is already bound as ``req`` describes.
 
@@ -1172,7 +1173,7 @@ def alternatives(
     settings: KernelSettings,
     *,
     port: PortState | None = None,
-    cache: ReuseportCache | None | _Unset = _UNSET,
+    cache: ReuseportCache | _Unset | None = _UNSET,
     works: Callable[[Alternative], bool] | None = None,
 ) -> tuple[Alternative, ...]:
     """What else could be bound now: plain / SO_REUSEADDR / SO_REUSEPORT / another address.
