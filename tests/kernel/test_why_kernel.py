@@ -416,3 +416,94 @@ def test_holder_outside_this_pid_namespace(netns, procs):
     )
     assert res.returncode == 1, res.stderr
     assert "outside this PID namespace" in res.stdout and "rebind free" not in res.stdout
+
+
+def _real_bind(
+    family: int, target: tuple[Any, ...], *, device: int = 0, v6only: int | None = None
+) -> int | None:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if device:
+            s.setsockopt(socket.SOL_SOCKET, 62, device)  # SO_BINDTOIFINDEX
+        if v6only is not None:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        s.bind(target)
+        return None
+    except OSError as exc:
+        return exc.errno
+    finally:
+        s.close()
+
+
+def _veth(*cmds: str) -> None:
+    import subprocess
+
+    subprocess.run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
+    for cmd in cmds:
+        subprocess.run(["ip", *cmd.split()], check=True)
+    subprocess.run(["ip", "link", "set", "d0", "up"], check=True)
+    subprocess.run(["ip", "link", "set", "d1", "up"], check=True)
+
+
+def test_scope_id_beside_device_the_scope_wins(netns, rebind_cli):
+    """Issue 17: `--addr fe80::1%d0 --device d1`: __inet6_bind lets the scope id override
+    SO_BINDTODEVICE. The model, the trial and the real bind (set up the same way) agree."""
+    _veth("addr add fe80::1/64 dev d0 nodad")
+    d0, d1 = socket.if_nametoindex("d0"), socket.if_nametoindex("d1")
+    for scope, device, ok in (("d0", "d1", True), ("d1", "d0", False)):
+        code, doc = _why_raw(rebind_cli, "18140", "--addr", f"fe80::1%{scope}", "--device", device)
+        _agrees(code, doc)
+        assert doc["request"]["ifindex"] == socket.if_nametoindex(scope) and doc["disagreement"] is None
+        real = _real_bind(
+            socket.AF_INET6,
+            ("fe80::1", 18140, 0, socket.if_nametoindex(scope)),
+            device=socket.if_nametoindex(device),
+        )
+        assert (real is None) is ok and (code == 0) is ok
+        if not ok:
+            assert real == 99 and doc["blockers"][0]["kind"] == "address-not-local"
+    assert {d0, d1} == {socket.if_nametoindex("d0"), socket.if_nametoindex("d1")}
+
+
+def test_v6only_0_can_be_asked_when_bindv6only_is_1(netns, rebind_cli):
+    """Issue 17: IPV6_V6ONLY=0 under net.ipv6.bindv6only=1 (per netns): dual-stack [::] meets an
+    IPv4 listener; the default (the sysctl's 1) does not. Model == real bind for each."""
+    path = "/proc/sys/net/ipv6/bindv6only"
+    with open(path) as f:
+        old = f.read().strip()
+    lst = socket.socket()
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+        lst.bind(("0.0.0.0", 18141))
+        lst.listen()
+        for flag, v6only, busy in (
+            (("--v6only", "0"), 0, True),
+            ((), None, False),
+            (("--v6only", "1"), 1, False),
+        ):
+            code, doc = _why_raw(rebind_cli, "18141", "--addr", "::", *flag)
+            _agrees(code, doc)
+            real = _real_bind(socket.AF_INET6, ("::", 18141), v6only=v6only)
+            assert (real == 98) is busy and (code == 1) is busy, (flag, doc["verdict"])
+            assert doc["request"]["v6only"] == (None if v6only is None else bool(v6only))
+    finally:
+        lst.close()
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def test_subnet_broadcast_address_is_bindable(netns, rebind_cli):
+    """Issue 17: 10.9.0.255 beside 10.9.0.1/24 is RTN_BROADCAST: bind() takes it (TCP too)."""
+    _veth("addr add 10.9.0.1/24 dev d0")
+    for addr, ok in (("10.9.0.255", True), ("10.9.0.0", False), ("10.9.0.7", False)):
+        code, doc = _why_raw(rebind_cli, "18142", "--addr", addr)
+        _agrees(code, doc)
+        real = _real_bind(socket.AF_INET, (addr, 18142))
+        assert (real is None) is ok and (code == 0) is ok and doc["disagreement"] is None, addr
+        from rebind.diagnosis import default_request
+        from rebind.kernel.facts import gather
+        from rebind.model.advice import assess
+
+        facts = gather(default_request(18142, addr=addr), trials=False)  # the model alone
+        assert assess(facts.request, facts).outcome.ok is ok, addr

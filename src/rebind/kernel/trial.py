@@ -33,8 +33,13 @@ def trial_bind(
     v6only: bool | None = None,
     ifindex: int = 0,
     freebind: bool = False,
+    bindtodevice: int = 0,
 ) -> TrialResult:
-    """Bind a throwaway socket with these options and close it. Never listens, never sends."""
+    """Bind a throwaway socket with these options and close it. Never listens, never sends.
+
+    ``ifindex``: the device the socket ends up bound to (SO_BINDTODEVICE, or a link-local
+    address's scope id); ``bindtodevice``: a SO_BINDTODEVICE set first that the scope id then
+    overrides (the kernel's order, reproduced)."""
     family = socket.AF_INET6 if isinstance(addr, IPv6Address) else socket.AF_INET
     kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
     scoped = isinstance(addr, IPv6Address) and addr.is_link_local
@@ -46,7 +51,9 @@ def trial_bind(
                 s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and v6only is not None:
                 s.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, int(v6only))
-            if ifindex and not scoped:
+            if bindtodevice:
+                s.setsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, bindtodevice)
+            elif ifindex and not scoped:
                 s.setsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, ifindex)
             if freebind:
                 if family == socket.AF_INET6:
@@ -81,4 +88,5 @@ def try_request(req: BindRequest) -> TrialResult:
         v6only=req.v6only,
         ifindex=req.ifindex,
         freebind=req.freebind,
+        bindtodevice=req.bindtodevice,
     )

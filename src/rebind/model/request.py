@@ -65,7 +65,8 @@ class BindRequest:
     reuseport: bool = False
     #: None: the sysctl default (net.ipv6.bindv6only); ignored for IPv4.
     v6only: bool | None = None
-    #: SO_BINDTODEVICE, or the scope id of a link-local IPv6 address (both set sk_bound_dev_if).
+    #: sk_bound_dev_if after bind(): SO_BINDTODEVICE, or the scope id of a link-local IPv6
+    #: address, which overrides SO_BINDTODEVICE (__inet6_bind). What the model compares.
     ifindex: int = 0
     #: The socket's uid (sk_uid, fixed at socket() time): what the SO_REUSEPORT check compares.
     uid: int = 0
@@ -73,6 +74,9 @@ class BindRequest:
     listen: bool = True
     #: IP_FREEBIND / IPV6_FREEBIND: bind an address this host does not have (yet).
     freebind: bool = False
+    #: SO_BINDTODEVICE set before bind() when a scope id then overrides it (0 otherwise): only
+    #: the trial bind needs it, to set up its socket exactly as the user's.
+    bindtodevice: int = 0
 
     def __post_init__(self) -> None:
         # Cheap checks on every construction (dataclasses.replace included): a request that
@@ -84,7 +88,7 @@ class BindRequest:
         if isinstance(self.addr, IPv6Address) and self.addr.scope_id:
             raise UsageError(f"{self.addr}: give the scope as ifindex, not inside the address")
         parse_port(self.port, allow_zero=True)
-        for name in ("ifindex", "uid"):
+        for name in ("ifindex", "uid", "bindtodevice"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
                 raise UsageError(f"{name} {value!r} is out of range (0-4294967295)")
@@ -113,20 +117,18 @@ class BindRequest:
         """
         p = parse_proto(proto)
         a, scope = split_scope(addr) if addr is not None else (None, None)
-        if v6only and a is None:
+        if v6only is not None and a is None:
             a = IPv6Address("::")
         if v6only is not None and a is not None and a.version != 6:
             raise UsageError("v6only needs an IPv6 address (e.g. ::)")
-        ifindex = 0
-        for what, name in (("scope", scope), ("device", device)):
-            if name is None:
-                continue
-            if what == "scope" and not (isinstance(a, IPv6Address) and a.is_link_local):
-                raise UsageError(f"{a}%{name}: a scope id is only meaningful on a link-local address")
-            found = _resolve(name, ifindex_of)
-            if ifindex and found != ifindex:
-                raise UsageError(f"two interfaces given: %{scope} and --device {device}")
-            ifindex = found
+        if scope is not None and not (isinstance(a, IPv6Address) and a.is_link_local):
+            raise UsageError(f"{a}%{scope}: a scope id is only meaningful on a link-local address")
+        scope_index = _resolve(scope, ifindex_of) if scope is not None else 0
+        device_index = _resolve(device, ifindex_of) if device is not None else 0
+        # __inet6_bind: a link-local address's scope id overrides SO_BINDTODEVICE ("Override any
+        # existing binding, if another one is supplied by user"): the scope id wins.
+        ifindex = scope_index or device_index
+        bindtodevice = device_index if scope_index and device_index != scope_index else 0
         return cls(
             proto=p,
             addr=a if a is not None else IPv4Address("0.0.0.0"),
@@ -138,6 +140,7 @@ class BindRequest:
             uid=uid,
             listen=(p is Proto.TCP) if listen is None else bool(listen and p is Proto.TCP),
             freebind=bool(freebind),
+            bindtodevice=bindtodevice,
         )
 
     @property
