@@ -1,7 +1,7 @@
 """`rebind why` as a function: gather the facts (kernel/facts.py), then advise (model/advice.py).
 
 The trial bind is ground truth for the bind() stage; the model explains it and predicts the
-listen() stage. Only trials that cannot change the kernel's answer to the user's next bind run
+listen() stage. Only trials that cannot change the kernel's answer to any later bind run
 (conflict.probe_is_harmless): asking never changes the answer.
 """
 

@@ -66,7 +66,7 @@ def why(
     the processes holding them, their SO_REUSEADDR/SO_REUSEPORT flags where it can, applies the
     kernel's bind() and listen() rules, and checks its answer with trial binds (probe sockets
     that bind and close at once, never listening) -- only those that cannot change the kernel's
-    answer to your server's bind.
+    answer to any later bind on the port.
     """
     if reload_check:  # issue 13: a separate check, see rebind/cli/why_reload.py
         if spec is None:

@@ -7,7 +7,7 @@ sentence is unit-tested without root.
 The kernel is ground truth for the bind() stage: when a trial bind ran, its answer is the
 verdict, and a model disagreement is named with what could explain it. The model predicts the
 listen() stage and every alternative (a trial in the port's bind bucket would change the bucket's
-fast-reuse cache for the user's next bind; see conflict.probe_is_harmless).
+fast-reuse cache for every later bind; see conflict.probe_is_harmless).
 """
 
 from __future__ import annotations
