@@ -242,6 +242,7 @@ def calibration(*, directory: str | None = None, run: bool = True) -> Calibratio
             if cal is not None and cal.known:
                 write_cached(key, cal, directory)
         cal = cal or Calibration()
-        if cal.known:
-            _memo[key] = cal
+        # Unknown too: a process that could not make a namespace will not be able to later
+        # (and the exporter asks on every scrape).
+        _memo[key] = cal
         return cal
