@@ -214,7 +214,7 @@ def check_layout(lay: SockLayout) -> None:
         _ctx_size(lay, f"bpf_iter__tcp.{key}")
     for key in ("uid", "meta", "udp_sk", "bucket"):
         _ctx_size(lay, f"bpf_iter__udp.{key}")
-    for _, dest, src, _ in _COPIES:
+    for dest, src in (*((d, m) for _, d, m, _ in _COPIES), *_TCP_TW_COPIES):
         b = lay.bits.get(src)
         if b is not None and b.bit_size > 8 * REC_SIZE[dest]:
             raise btfmod.BTFError(f"{src} ({b.bit_size} bits) does not fit the record's {dest}")
