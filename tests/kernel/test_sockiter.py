@@ -257,7 +257,12 @@ def test_cookies_and_states_agree_with_inet_diag(netns: int) -> None:
         assert set(got) == set(diag)
         for key, rec in diag.items():
             st = got[key]
-            assert (st.state, st.local, st.remote, st.family) == (rec.state, rec.local, rec.remote, rec.family)
+            assert (st.state, st.local, st.remote, st.family) == (
+                rec.state,
+                rec.local,
+                rec.remote,
+                rec.family,
+            )
             assert st.uid == rec.uid and st.netns == netns
     finally:
         for s in (cli, conn, srv, u):
@@ -360,7 +365,17 @@ def test_another_users_socket_is_read_whole(netns: int, procs: object) -> None:
         "s.bind(('127.0.0.1',0)); print(s.getsockname()[1], flush=True); sys.stdin.read()\n"
     )
     p = procs.start(  # type: ignore[attr-defined]
-        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "/usr/bin/python3", "-c", script],
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ],
         stdin=subprocess.PIPE,
     )
     port = int(procs.wait_line(p))  # type: ignore[attr-defined]
@@ -384,3 +399,25 @@ def test_unprivileged_caller_gets_unavailable_not_a_traceback(netns: int) -> Non
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Unavailable", "Unavailable"]
     assert "Traceback" not in out.stderr
+
+
+def test_why_reads_the_flags_of_sockets_whose_owner_nobody_read(netns: int) -> None:
+    """owners=False: no process is looked at, yet each holder's flags are the kernel's own
+    (provenance kernel), with the bucket/chain state beside them; REBIND_NO_BPF falls back."""
+    from rebind.diagnosis import default_request, diagnose
+
+    u = _udp(reuseport=True)
+    u.bind(("127.0.0.1", 0))
+    port = u.getsockname()[1]
+    try:
+        d = diagnose(default_request(port, proto="udp"), owners=False)
+        [b] = d.blockers
+        assert b.provenance.value == "kernel" and b.opts.reuseport is True and b.opts.reuseaddr is False
+        os.environ["REBIND_NO_BPF"] = "1"
+        try:
+            d = diagnose(default_request(port, proto="udp"), owners=False)
+        finally:
+            del os.environ["REBIND_NO_BPF"]
+        assert d.blockers[0].provenance.value != "kernel"
+    finally:
+        u.close()

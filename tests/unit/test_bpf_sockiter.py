@@ -89,10 +89,13 @@ def test_the_fixed_layout_names_every_member() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "proto", "count"), [("sock_tcp", "tcp", False), ("sock_udp", "udp", False), ("sock_count", "tcp", True)]
+    ("name", "proto", "count"),
+    [("sock_tcp", "tcp", False), ("sock_udp", "udp", False), ("sock_count", "tcp", True)],
 )
 def test_programs_match_their_saved_disassembly(name: str, proto: str, count: bool) -> None:
-    got = "\n".join(asm.disassemble(P.build_sock_program(fake_layout(), MAPS, proto=proto, count=count))) + "\n"
+    got = (
+        "\n".join(asm.disassemble(P.build_sock_program(fake_layout(), MAPS, proto=proto, count=count))) + "\n"
+    )
     path = GOLDEN / f"{name}.txt"
     if os.environ.get("REBIND_UPDATE_GOLDEN") == "1":
         path.write_text(got)
@@ -145,7 +148,9 @@ def test_every_stack_access_is_a_named_slot() -> None:
 
 
 def _record(**fields: Any) -> bytes:
-    values: dict[str, Any] = {n: (b"\0" * P.REC_SIZE[n] if f.endswith("s") else 0) for n, f in P.RECORD_FIELDS}
+    values: dict[str, Any] = {
+        n: (b"\0" * P.REC_SIZE[n] if f.endswith("s") else 0) for n, f in P.RECORD_FIELDS
+    }
     values.update(fields)
     return P.RECORD.pack(*(values[n] for n in P.RECORD_NAMES))
 
@@ -159,10 +164,23 @@ def test_codec_decodes_a_listener_with_its_bucket() -> None:
     )  # fmt: skip
     (st,), faulted = decode_records(Proto.TCP, raw)
     assert faulted == 0
-    assert (st.cookie, st.seq, st.netns, st.uid, st.sk_uid, st.bound_dev_if) == (77, 3, 4026531840, 1000, 1000, 1)
+    assert (st.cookie, st.seq, st.netns, st.uid, st.sk_uid, st.bound_dev_if) == (
+        77,
+        3,
+        4026531840,
+        1000,
+        1000,
+        1,
+    )
     assert st.family is Family.INET and st.state is State.LISTEN and st.kind is SockKind.FULL
     assert str(st.local) == "127.0.0.1:8080" and str(st.remote) == "0.0.0.0:0"
-    assert (st.reuseaddr, st.reuseport, st.ipv6only, st.port_locked, st.addr_locked) == (True, True, False, True, True)
+    assert (st.reuseaddr, st.reuseport, st.ipv6only, st.port_locked, st.addr_locked) == (
+        True,
+        True,
+        False,
+        True,
+        True,
+    )
     assert st.bucket is not None and st.bucket.fast_rcv_saddr == IPv4Address("127.0.0.1")
     assert (st.bucket.port, st.bucket.fastuid, st.bucket.fast_sk_family) == (8080, 1000, 2)
     assert st.chain is None and st.tw_substate is None and st.userlocks == 12
@@ -183,7 +201,11 @@ def test_codec_decodes_a_time_wait_and_hides_what_it_does_not_have() -> None:
     assert (st.tw_ts_recent, st.tw_ts_recent_stamp, st.tw_connect_bind) == (5, 9, None)
     b = st.bucket
     assert b is not None and (b.fastreuse, b.fastreuseport) == (-1, -1)
-    assert (b.fastuid, b.fast_rcv_saddr, b.fast_sk_family) == (None, None, None)  # stale unless fastreuseport > 0
+    assert (b.fastuid, b.fast_rcv_saddr, b.fast_sk_family) == (
+        None,
+        None,
+        None,
+    )  # stale unless fastreuseport > 0
 
 
 def test_codec_numbers_udp_chain_positions_per_bucket_and_skips_faulted_records() -> None:
@@ -195,7 +217,11 @@ def test_codec_numbers_udp_chain_positions_per_bucket_and_skips_faulted_records(
     ]
     got, faulted = decode_records(Proto.UDP, b"".join(recs))
     assert faulted == 1
-    assert [(s.cookie, s.chain) for s in got] == [(1, ChainPos(7, 0)), (2, ChainPos(9, 0)), (4, ChainPos(7, 1))]
+    assert [(s.cookie, s.chain) for s in got] == [
+        (1, ChainPos(7, 0)),
+        (2, ChainPos(9, 0)),
+        (4, ChainPos(7, 1)),
+    ]
 
 
 def test_codec_refuses_a_torn_record() -> None:

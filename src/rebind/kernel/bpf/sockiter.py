@@ -26,7 +26,7 @@ copies, for the sockets of the asked ports:
 The iterator runs in the network namespace of the thread that creates it (bpf_iter_init_seq_net
 takes current's), and reports that namespace's sockets only (tested:
 tests/kernel/test_sockiter.py). Needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), BTF and a
-kernel allowing tracing programs (not lockdown "confidentiality"); anything missing gives
+kernel allowing tracing programs (``REBIND_NO_BPF=1`` turns it off, as for the owner scan) (not lockdown "confidentiality"); anything missing gives
 :class:`~rebind.model.sockstate.Unavailable` with the reason, never an exception: callers fall
 back to inet_diag plus what they can infer, and mark the rest unknown.
 """
@@ -81,6 +81,8 @@ _layout: SockLayout | None = None
 
 
 def _check_caps() -> None:
+    if os.environ.get("REBIND_NO_BPF", "") not in ("", "0"):
+        raise BPFUnavailable("REBIND_NO_BPF is set")
     try:
         with open("/proc/self/status", "rb") as f:
             caps = next((int(line.split()[1], 16) for line in f if line.startswith(b"CapEff:")), 0)

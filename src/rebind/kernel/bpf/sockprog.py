@@ -191,7 +191,9 @@ class SockLayout:
 def sock_layout_from_btf(data: bytes) -> SockLayout:
     b = btfmod.BTF(data)
     structs = sorted({s for s, _ in (*SOCK_MEMBERS, *OPTIONAL_MEMBERS)})
-    ids = b.find_all([*((t, btfmod.KIND_FUNC) for t in SOCK_TARGETS), *((s, btfmod.KIND_STRUCT) for s in structs)])
+    ids = b.find_all(
+        [*((t, btfmod.KIND_FUNC) for t in SOCK_TARGETS), *((s, btfmod.KIND_STRUCT) for s in structs)]
+    )
     bits: dict[str, btfmod.Bits] = {}
     for s, m in SOCK_MEMBERS:
         bits[f"{s}.{m}"] = b.bits(ids[s, btfmod.KIND_STRUCT], m)
