@@ -65,11 +65,14 @@ def gather(
     )
 
 
-def _kernel_states(table: SocketTable, req: BindRequest) -> SockStates | Unavailable:
+def _kernel_states(table: SocketTable, req: BindRequest) -> SockStates | Unavailable | None:
     """The port's sockets as the kernel holds them (BPF iterator), when the table is of this
-    thread's network namespace: the iterator walks that one only."""
+    thread's network namespace: the iterator walks that one only. Not asked for a port nobody
+    holds: the iterator visits every socket of the namespace (bench/sockiter.py)."""
     from rebind.kernel.bpf.sockiter import read_socket_states
 
+    if not any(e.socket.proto is req.proto and e.socket.local.port == req.port for e in table.entries):
+        return None
     netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
     return read_socket_states([req.port], [req.proto], netns=netns)
 

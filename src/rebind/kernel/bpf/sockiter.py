@@ -26,7 +26,8 @@ copies, for the sockets of the asked ports:
 The iterator runs in the network namespace of the thread that creates it (bpf_iter_init_seq_net
 takes current's), and reports that namespace's sockets only (tested:
 tests/kernel/test_sockiter.py). Needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), BTF and a
-kernel allowing tracing programs (``REBIND_NO_BPF=1`` turns it off, as for the owner scan) (not lockdown "confidentiality"); anything missing gives
+kernel allowing tracing programs (not lockdown "confidentiality"); ``REBIND_NO_BPF=1`` turns
+it off, as for the owner scan. Anything missing gives
 :class:`~rebind.model.sockstate.Unavailable` with the reason, never an exception: callers fall
 back to inet_diag plus what they can infer, and mark the rest unknown.
 """
@@ -47,9 +48,12 @@ from rebind.kernel.bpf.sockprog import (
     KIND_TIMEWAIT,
     RECORD,
     RECORD_NAMES,
+    SOCK_MEMBERS,
+    SOCK_TARGETS,
     Maps,
     SockLayout,
     build_sock_program,
+    check_layout,
     sock_layout_from_btf,
 )
 from rebind.kernel.bpf.syscall import (
@@ -93,20 +97,97 @@ def _check_caps() -> None:
         raise BPFUnavailable("no CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN)")
 
 
-def load_sock_layout() -> SockLayout:
-    """This kernel's layout, read once per process from its BTF (about 20 ms)."""
+#: Reading the layout walks most of vmlinux BTF (~0.5 s on 6.18: bench/sockiter.py); it cannot
+#: change until the next boot, so it is kept in /run (a tmpfs emptied at boot), keyed by boot id
+#: and BTF size, like the owner scan's (kernel/bpf/scan.py).
+CACHE_PATH = "/run/rebind/bpf-sock-layout"
+_CACHE_MAGIC = "rebind-bpf-sock-layout 1"
+
+
+def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
+    """This kernel's layout: from this process, the per-boot cache, or its BTF."""
     global _layout
-    if _layout is None:
-        try:
-            with open(BTF_PATH, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise BPFUnavailable(f"no kernel BTF ({BTF_PATH}: {exc.strerror})") from exc
-        try:
-            _layout = sock_layout_from_btf(data)
-        except btfmod.BTFError as exc:
-            raise BPFUnavailable(f"kernel BTF: {exc}") from exc
+    if _layout is not None:
+        return _layout
+    key = _cache_key() if use_cache else None
+    if key is not None and (cached := _read_cache(key)) is not None:
+        _layout = cached
+        return cached
+    try:
+        with open(BTF_PATH, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BPFUnavailable(f"no kernel BTF ({BTF_PATH}: {exc.strerror})") from exc
+    try:
+        _layout = sock_layout_from_btf(data)
+    except btfmod.BTFError as exc:
+        raise BPFUnavailable(f"kernel BTF: {exc}") from exc
+    if key is not None:
+        _write_cache(key, _layout)
     return _layout
+
+
+def _cache_key() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()} {os.stat(BTF_PATH).st_size}"
+    except OSError:
+        return None
+
+
+def _read_cache(key: str) -> SockLayout | None:
+    try:
+        fd = os.open(CACHE_PATH, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None  # not ours, or writable by others: do not trust it
+        lines = os.read(fd, 1 << 16).decode().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+    if len(lines) < 2 or lines[0] != _CACHE_MAGIC or lines[1] != key:
+        return None
+    attach: dict[str, int] = {}
+    bits: dict[str, btfmod.Bits] = {}
+    try:
+        for line in lines[2:]:
+            kind, name, *values = line.split()
+            if kind == "attach":
+                attach[name] = int(values[0])
+            else:
+                bits[name] = btfmod.Bits(int(values[0]), int(values[1]))
+        lay = SockLayout(attach, bits)
+        check_layout(lay)
+    except (ValueError, IndexError, KeyError, btfmod.BTFError):
+        return None
+    required = {f"{s}.{m}" for s, m in SOCK_MEMBERS}
+    if set(attach) != set(SOCK_TARGETS) or not required <= set(bits):
+        return None
+    return lay
+
+
+def _write_cache(key: str, lay: SockLayout) -> None:
+    body = [_CACHE_MAGIC, key]
+    body += [f"attach {k} {v}" for k, v in sorted(lay.attach.items())]
+    body += [f"bits {k} {v.bit_offset} {v.bit_size}" for k, v in sorted(lay.bits.items())]
+    tmp = f"{CACHE_PATH}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(CACHE_PATH), mode=0o755, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, ("\n".join(body) + "\n").encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, CACHE_PATH)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def current_netns() -> int:
