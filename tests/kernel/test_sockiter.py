@@ -421,3 +421,34 @@ def test_why_reads_the_flags_of_sockets_whose_owner_nobody_read(netns: int) -> N
         assert d.blockers[0].provenance.value != "kernel"
     finally:
         u.close()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_udp_port_chain_order_is_the_order_proc_net_udp_walks(netns: int, family: int) -> None:
+    """/proc/net/udp{,6} walks udptable->hash chain by chain, in list order (udp_get_first /
+    udp_get_next): an independent reading of the chain udp_lib_lport_inuse walks for bind()."""
+    hosts = ["127.0.0.3", "127.0.0.1", "0.0.0.0", "127.0.0.2"]
+    if family == socket.AF_INET6:
+        hosts = ["::1", "::", "::ffff:127.0.0.1"]
+    socks: list[socket.socket] = []
+    try:
+        for host in hosts:
+            s = _udp(reuseaddr=True, family=family)
+            s.bind((host, socks[0].getsockname()[1] if socks else 0))
+            socks.append(s)
+        port = socks[0].getsockname()[1]
+        name = "udp" if family == socket.AF_INET else "udp6"
+        with open(f"/proc/thread-self/net/{name}") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        proc_order = [int(r[9]) for r in rows if int(r[1].split(":")[1], 16) == port]
+        inode = {_cookie(s): os.fstat(s.fileno()).st_ino for s in socks}
+        sts = _states([port], (Proto.UDP,)).sockets
+        assert all(st.chain is not None and st.chain.port_index is not None for st in sts)
+        ours = sorted(
+            sts, key=lambda st: st.chain.port_index if st.chain and st.chain.port_index is not None else 0
+        )
+        assert [inode[st.cookie] for st in ours] == proc_order
+        assert len(proc_order) == len(socks)
+    finally:
+        for s in socks:
+            s.close()

@@ -63,6 +63,8 @@ FAKE_BITS = {
     "sock_common.skc_family": Bits(128, 16),
     "sock_common.skc_ipv6only": Bits(157, 1),
     "sock_common.skc_net": Bits(384, 64),
+    "sock_common.skc_node": Bits(832, 128),
+    "hlist_node.next": Bits(0, 64),
     "sock_common.skc_num": Bits(112, 16),
     "sock_common.skc_rcv_saddr": Bits(32, 32),
     "sock_common.skc_reuse": Bits(152, 4),
@@ -209,18 +211,21 @@ def test_codec_decodes_a_time_wait_and_hides_what_it_does_not_have() -> None:
 
 
 def test_codec_numbers_udp_chain_positions_per_bucket_and_skips_faulted_records() -> None:
+    udp = {"family": 2, "state": State.CLOSE}
     recs = [
-        _record(family=2, lport=53, state=State.CLOSE, bucket=7, seq_num=0, cookie=1),
-        _record(family=2, lport=53, state=State.CLOSE, bucket=9, seq_num=1, cookie=2),
-        _record(family=2, lport=53, state=State.CLOSE, bucket=7, seq_num=2, cookie=3, faults=1),
-        _record(family=2, lport=53, state=State.CLOSE, bucket=7, seq_num=3, cookie=4),
+        _record(**udp, lport=53, bucket=7, seq_num=0, cookie=1, chain_after=4),
+        _record(**udp, lport=53, bucket=9, seq_num=1, cookie=2, chain_after=9),
+        _record(**udp, lport=53, bucket=7, seq_num=2, cookie=3, faults=1),
+        _record(**udp, lport=53, bucket=7, seq_num=3, cookie=4, chain_after=0),
+        _record(**udp, lport=54, bucket=1, seq_num=4, cookie=5, chain_after=P.CHAIN_UNKNOWN),
     ]
     got, faulted = decode_records(Proto.UDP, b"".join(recs))
     assert faulted == 1
     assert [(s.cookie, s.chain) for s in got] == [
-        (1, ChainPos(7, 0)),
-        (2, ChainPos(9, 0)),
-        (4, ChainPos(7, 1)),
+        (1, ChainPos(7, 0, 1)),
+        (2, ChainPos(9, 0, 0)),  # the most sockets after it: the head of the port's chain
+        (4, ChainPos(7, 1, 2)),
+        (5, ChainPos(1, 0, None)),  # a chain longer than the program follows: no position
     ]
 
 

@@ -60,14 +60,20 @@ class BindBucket:
 
 @dataclass(frozen=True, slots=True)
 class ChainPos:
-    """Where a UDP socket sits in the hash slot the iterator walked (kernel chain order).
+    """Where a UDP socket sits in the kernel's hash chains (their order decides, see below).
 
-    ``bucket`` is the iterator's slot number (on 6.7+ kernels a ``udptable->hash2`` slot,
-    keyed by local address and port); ``index`` counts, from 0, the reported sockets before it
-    in that slot, in the order the kernel's list holds them."""
+    ``port_index``: position, from 0, among the port's sockets in its ``udptable->hash`` chain
+    (keyed by port; ``sk_node``), the chain udp_lib_lport_inuse walks for bind() while the slot
+    holds at most 10 sockets -- and where it may stop at the first SO_REUSEPORT match. None when
+    the chain was longer than the program follows. Newer sockets are added at the head.
+
+    ``bucket``/``index``: the slot the iterator walked and the position among the reported
+    sockets in it (6.7+: a ``udptable->hash2`` slot, keyed by address and port: the chain
+    udp4_lib_lookup2 scores for delivery, and lport_inuse2 for bind() in big slots)."""
 
     bucket: int
     index: int
+    port_index: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

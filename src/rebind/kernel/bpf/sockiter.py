@@ -43,6 +43,7 @@ from rebind.errors import RebindError
 from rebind.kernel.bpf import btf as btfmod
 from rebind.kernel.bpf.sockprog import (
     ABSENT,
+    CHAIN_UNKNOWN,
     COUNT_VALUE,
     KIND_REQUEST,
     KIND_TIMEWAIT,
@@ -321,18 +322,37 @@ def decode_records(proto: Proto, data: bytes) -> tuple[list[SockState], int]:
     out: list[SockState] = []
     faulted = 0
     per_bucket: dict[int, int] = {}
+    rows = []
     for raw in RECORD.iter_unpack(data):
         r = dict(zip(RECORD_NAMES, raw, strict=True))
         if r["faults"]:
             faulted += 1
             continue
+        rows.append(r)
+    port_index = _port_chain_index(rows) if proto is Proto.UDP else {}
+    for r in rows:
         chain = None
         if proto is Proto.UDP:
-            index = per_bucket.get(r["bucket"], 0)
-            per_bucket[r["bucket"]] = index + 1
-            chain = ChainPos(r["bucket"], index)
+            index = per_bucket.get(int(r["bucket"]), 0)
+            per_bucket[int(r["bucket"])] = index + 1
+            chain = ChainPos(int(r["bucket"]), index, port_index.get(int(r["cookie"])))
         out.append(decode_one(proto, r, chain))
     return out, faulted
+
+
+def _port_chain_index(rows: list[dict[str, int | bytes]]) -> dict[int, int]:
+    """cookie -> position among its port's sockets in the port chain: the more sockets follow
+    it, the nearer the head. A port with a socket past the followed length gets none."""
+    by_port: dict[int, list[dict[str, int | bytes]]] = {}
+    for r in rows:
+        by_port.setdefault(int(r["lport"]), []).append(r)
+    out: dict[int, int] = {}
+    for group in by_port.values():
+        if any(r["chain_after"] == CHAIN_UNKNOWN for r in group):
+            continue
+        for i, r in enumerate(sorted(group, key=lambda r: -int(r["chain_after"]))):
+            out[int(r["cookie"])] = i
+    return out
 
 
 def _addr(family: Family, v4: bytes, v6: bytes) -> IPv4Address | IPv6Address:

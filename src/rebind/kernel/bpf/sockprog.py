@@ -34,6 +34,11 @@ TCP_NEW_SYN_RECV = 12
 KIND_FULL, KIND_TIMEWAIT, KIND_REQUEST = 0, 1, 2
 #: A one-byte field whose member this kernel's BTF lacks (e.g. tw_connect_bind before 6.18).
 ABSENT = 0xFF
+#: UDP: how far along its port chain the program follows ``next`` (udp_lib_lport_inuse walks
+#: that chain only while the slot is small: ``hslot->count > 10`` switches to hash2, unless the
+#: hash2 slot is larger still). Past this, ``chain_after`` is CHAIN_UNKNOWN.
+CHAIN_HOPS = 64
+CHAIN_UNKNOWN = 0xFFFFFFFF
 
 #: The record, field by field (little-endian, no padding; natural alignment kept by the order).
 RECORD_FIELDS: tuple[tuple[str, str], ...] = (
@@ -51,7 +56,7 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ("rcv_saddr", "4s"),  # skc_rcv_saddr (network order)
     ("daddr", "4s"),  # skc_daddr
     ("fast_rcv_saddr", "4s"),  # inet_bind_bucket
-    ("pad0", "4s"),
+    ("chain_after", "I"),  # UDP: sockets after this one in its port's chain (skc_node), or CHAIN_UNKNOWN
     ("v6_rcv_saddr", "16s"),
     ("v6_daddr", "16s"),
     ("fast_v6_rcv_saddr", "16s"),
@@ -131,6 +136,8 @@ SOCK_MEMBERS: tuple[tuple[str, str], ...] = (
     ("sock_common", "skc_daddr"),
     ("sock_common", "skc_v6_rcv_saddr"),
     ("sock_common", "skc_v6_daddr"),
+    ("sock_common", "skc_node"),
+    ("hlist_node", "next"),
     ("net", "ns.inum"),
     ("sock", "__sk_common"),
     ("sock", "sk_userlocks"),
@@ -163,6 +170,7 @@ _PREFIXES = (
     "inet_connection_sock.icsk_inet.sk",
     "inet_timewait_sock.__tw_common",
     "tcp_timewait_sock.tw_sk",
+    "hlist_node.next",
 )
 
 
@@ -265,6 +273,31 @@ _TCP_TW_COPIES = (
     ("tw_ts_recent", "tcp_timewait_sock.tw_ts_recent"),
     ("tw_ts_recent_stamp", "tcp_timewait_sock.tw_ts_recent_stamp"),
 )
+
+
+def _chain_after(p: asm.Program, e: _Emitter, lay: SockLayout) -> None:
+    """chain_after = nodes after this socket in its udptable->hash chain (sk_node, the port's
+    chain udp_lib_lport_inuse walks), counted along ``next`` up to CHAIN_HOPS (unrolled: no
+    loop for the verifier). Sorting a port's sockets by it, largest first, gives chain order."""
+    r1, r7, r8, fp = asm.R1, asm.R7, asm.R8, asm.FP
+    at = SockFrame.RECORD + REC["chain_after"]
+    p.store_imm(4, fp, at, CHAIN_UNKNOWN)
+    e.pointer(r8, r7, "sock_common.skc_node")  # skc_node.next (next is its first member)
+    for hop in range(CHAIN_HOPS + 1):
+        # the end: NULL (hlist) or an odd "nulls" marker
+        p.jump_imm(asm.JEQ, r8, 0, f"chain_end_{hop}")
+        p.jump_imm(asm.JSET, r8, 1, f"chain_end_{hop}")
+        if hop == CHAIN_HOPS:
+            p.goto("chain_done")  # longer than we follow: unknown
+            break
+        e.pointer(r8, r8, "hlist_node.next")
+    for hop in range(CHAIN_HOPS + 1):
+        p.label(f"chain_end_{hop}")
+        p.mov_imm(r1, hop)
+        p.goto("chain_store")
+    p.label("chain_store")
+    p.store(4, fp, at, r1)
+    p.label("chain_done")
 
 
 class Maps(NamedTuple):
@@ -440,6 +473,8 @@ def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: 
         if group == _BUCKET:
             e.copy(dest, member, r8)
     p.label("emit")
+    if proto == "udp":
+        _chain_after(p, e, lay)
     p.store(4, fp, rec + REC["faults"], r9)
     p.load(8, r1, r6, lay[f"{ctx}.meta"])
     p.load(8, r1, r1, lay["bpf_iter_meta.seq"])
