@@ -125,6 +125,21 @@ def test_bound_device_and_v6only(netns: int, proto: Proto) -> None:
             s.close()
 
 
+def test_a_specific_ipv6_address_makes_the_socket_v6only_whatever_was_set(netns: int) -> None:
+    """__inet6_bind sets sk_ipv6only for a specific non-mapped address: the kernel's field, not
+    the option the program set, is what conflicts are judged by (getsockopt says the same)."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::1", 0))
+    s.listen()
+    try:
+        st = _one([s.getsockname()[1]], lambda x: x.cookie == _cookie(s))
+        assert st.ipv6only is True
+        assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        s.close()
+
+
 def test_userlocks_tell_bind_from_connect(netns: int) -> None:
     """bind(ip, port), bind(0.0.0.0, port), bind(ip, 0) and connect()'s autobind, as inet_bind
     and __inet_hash_connect mark them; the oracle for "chosen by connect()" is the kernel's own
@@ -413,11 +428,9 @@ def test_why_reads_the_flags_of_sockets_whose_owner_nobody_read(netns: int) -> N
         d = diagnose(default_request(port, proto="udp"), owners=False)
         [b] = d.blockers
         assert b.provenance.value == "kernel" and b.opts.reuseport is True and b.opts.reuseaddr is False
-        os.environ["REBIND_NO_BPF"] = "1"
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("REBIND_NO_BPF", "1")
             d = diagnose(default_request(port, proto="udp"), owners=False)
-        finally:
-            del os.environ["REBIND_NO_BPF"]
         assert d.blockers[0].provenance.value != "kernel"
     finally:
         u.close()

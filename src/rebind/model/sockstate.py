@@ -116,8 +116,9 @@ class SockState:
 
     @property
     def port_locked(self) -> bool | None:
-        """SOCK_BINDPORT_LOCK: the port was taken by bind() (bind(ip, 0) included), not by
-        connect()'s autobind; None where the kernel keeps no such bit (TIME_WAIT, request)."""
+        """SOCK_BINDPORT_LOCK: bind() named the port (inet_bind_sk sets it for a non-zero port
+        only: bind(ip, 0) sets SOCK_BINDADDR_LOCK alone, and connect()'s autobind neither);
+        None where the kernel keeps no such bit (TIME_WAIT, request)."""
         return None if self.userlocks is None else bool(self.userlocks & SOCK_BINDPORT_LOCK)
 
     @property
