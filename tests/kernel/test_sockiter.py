@@ -224,8 +224,9 @@ def test_client_side_time_wait_says_connect_bind(netns: int) -> None:
     cli.close()  # the client closes first: the TIME_WAIT is on its (connect()-chosen) port
     conn.close()
     tw = _wait_for([cport], lambda x: x.local.port == cport and x.state is State.TIME_WAIT)
-    if tw.tw_connect_bind is not None:  # Linux 6.18 keeps it
+    if tw.tw_connect_bind is not None:  # Linux 6.18 keeps it, and marks connect()'s buckets
         assert tw.tw_connect_bind is True
+        assert tw.bucket is not None and (tw.bucket.fastreuse, tw.bucket.fastreuseport) == (-1, -1)
     srv.close()
 
 
@@ -247,6 +248,8 @@ def test_bind_bucket_cache_outlives_a_cleared_so_reuseport(netns: int) -> None:
     assert str(b.fast_rcv_saddr) == "127.0.0.1" and b.fast_sk_family == socket.AF_INET
     assert b.fast_ipv6_only is False
     assert b.fastreuse == 0  # no SO_REUSEADDR
+    if b.bind2_fastreuseport is not None:  # 6.18: the (port, address) bucket copies the port's
+        assert (b.bind2_fastreuse, b.bind2_fastreuseport) == (b.fastreuse, b.fastreuseport)
     # the oracle: the kernel admits a second SO_REUSEPORT bind by the cache alone
     c = _tcp(reuseport=True)
     try:

@@ -48,6 +48,10 @@ FAKE_BITS = {
     "inet_bind_bucket.fastuid": Bits(128, 32),
     "inet_bind_bucket.port": Bits(96, 16),
     "inet_connection_sock.icsk_bind_hash": Bits(8704, 64),
+    "inet_connection_sock.icsk_bind2_hash": Bits(8768, 64),
+    "inet_timewait_sock.tw_tb2": Bits(1664, 64),
+    "inet_bind2_bucket.fastreuse": Bits(576, 8),
+    "inet_bind2_bucket.fastreuseport": Bits(584, 8),
     "inet_connection_sock.icsk_inet.sk": Bits(0, 6272),
     "inet_timewait_sock.__tw_common": Bits(0, 1088),
     "inet_timewait_sock.tw_connect_bind": Bits(1174, 1),
@@ -119,6 +123,28 @@ def test_a_missing_optional_member_is_recorded_as_absent() -> None:
     assert any(f"*(u8 *)(r10 - {-slot}) = {P.ABSENT:#x}" in line for line in text)
 
 
+def test_a_kernel_without_bind2_caches_gets_a_program_without_them() -> None:
+    full = P.build_sock_program(fake_layout(), MAPS, proto="tcp", count=False)
+    lay = fake_layout(inet_bind2_bucket__fastreuse=True)
+    older = P.build_sock_program(lay, MAPS, proto="tcp", count=False)
+    assert len(older) < len(full)
+    slot = P.SockFrame.RECORD + P.REC["tb2_fastreuse"]
+    assert not any(f"r10 - {-slot})" in line for line in asm.disassemble(older))
+
+
+def test_the_layout_cache_round_trips_and_refuses_what_is_not_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rebind.kernel.bpf import sockiter
+
+    monkeypatch.setattr(sockiter, "CACHE_PATH", str(tmp_path / "layout"))
+    sockiter._write_cache("boot 1", fake_layout())
+    assert sockiter._read_cache("boot 1") == fake_layout()
+    assert sockiter._read_cache("boot 2") is None  # another boot or BTF
+    (tmp_path / "layout").chmod(0o666)
+    assert sockiter._read_cache("boot 1") is None  # writable by others: not trusted
+
+
 def test_a_layout_that_breaks_an_assumption_is_refused() -> None:
     bits = dict(FAKE_BITS)
     bits["sock.__sk_common"] = Bits(64, 1088)
@@ -161,7 +187,7 @@ def test_codec_decodes_a_listener_with_its_bucket() -> None:
     raw = _record(
         cookie=77, seq_num=3, netns=4026531840, uid=1000, sk_uid=1000, bound_dev_if=1, family=2, lport=8080,
         state=State.LISTEN, kind=P.KIND_FULL, reuse=1, reuseport=1, ipv6only=0, userlocks=12,
-        rcv_saddr=bytes([127, 0, 0, 1]), has_bucket=1, tb_port=8080, fastreuse=0, fastreuseport=FASTREUSEPORT_ANY,
+        rcv_saddr=bytes([127, 0, 0, 1]), has_bucket=3, tb2_fastreuse=0, tb2_fastreuseport=1, tb_port=8080, fastreuse=0, fastreuseport=FASTREUSEPORT_ANY,
         fastuid=1000, fast_rcv_saddr=bytes([127, 0, 0, 1]), fast_sk_family=2, fast_ipv6_only=0,
     )  # fmt: skip
     (st,), faulted = decode_records(Proto.TCP, raw)
@@ -185,6 +211,7 @@ def test_codec_decodes_a_listener_with_its_bucket() -> None:
     )
     assert st.bucket is not None and st.bucket.fast_rcv_saddr == IPv4Address("127.0.0.1")
     assert (st.bucket.port, st.bucket.fastuid, st.bucket.fast_sk_family) == (8080, 1000, 2)
+    assert (st.bucket.bind2_fastreuse, st.bucket.bind2_fastreuseport) == (0, 1)
     assert st.chain is None and st.tw_substate is None and st.userlocks == 12
 
 
@@ -194,7 +221,7 @@ def test_codec_decodes_a_time_wait_and_hides_what_it_does_not_have() -> None:
         family=10, lport=443, dport=(51000).to_bytes(2, "big"), state=State.TIME_WAIT, kind=P.KIND_TIMEWAIT,
         reuse=1, v6_rcv_saddr=v6, v6_daddr=v6, tw_substate=State.TIME_WAIT, tw_ts_recent=5, tw_ts_recent_stamp=9,
         tw_connect_bind=P.ABSENT, uid=0, userlocks=99, sk_uid=5, has_bucket=1, fastreuse=-1, fastreuseport=-1,
-        fastuid=123, tb_port=443,
+        fastuid=123, tb_port=443, tb2_fastreuse=-1, tb2_fastreuseport=-1,
     )  # fmt: skip
     (st,), _ = decode_records(Proto.TCP, raw)
     assert st.kind is SockKind.TIMEWAIT and st.tw_substate is State.TIME_WAIT

@@ -24,7 +24,7 @@ from rebind.model.conflict import KernelSettings, SockOpts, alternative_requests
 from rebind.model.diagnosis import ProcessHint
 from rebind.model.records import Family, Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
-from rebind.model.sockstate import SockStates, Unavailable
+from rebind.model.sockstate import SockKind, SockStates, Unavailable
 
 
 def gather(
@@ -137,7 +137,12 @@ def _holders(
         if e.socket.proto is not req.proto:
             continue
         st = by_cookie.get(e.socket.cookie) if e.socket.cookie is not None else None
-        if st is not None and st.proto is e.socket.proto and st.local.port == e.socket.local.port:
+        if (
+            st is not None
+            and st.kind is not SockKind.REQUEST  # a request_sock's flags are not its listener's
+            and st.proto is e.socket.proto
+            and st.local.port == e.socket.local.port
+        ):
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.

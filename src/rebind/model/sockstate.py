@@ -56,6 +56,10 @@ class BindBucket:
     fast_v6_rcv_saddr: IPv6Address | None
     fast_sk_family: int | None
     fast_ipv6_only: bool | None
+    #: The socket's (port, address) ``inet_bind2_bucket`` cache (6.18 keeps one per bhash2
+    #: bucket; inet_bind_bucket_destroy derives the port's from them): None where not read.
+    bind2_fastreuse: int | None = None
+    bind2_fastreuseport: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

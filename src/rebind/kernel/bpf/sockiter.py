@@ -35,6 +35,7 @@ back to inet_diag plus what they can infer, and mark the rest unknown.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
@@ -49,6 +50,7 @@ from rebind.kernel.bpf.sockprog import (
     KIND_TIMEWAIT,
     RECORD,
     RECORD_NAMES,
+    OPTIONAL_MEMBERS,
     SOCK_MEMBERS,
     SOCK_TARGETS,
     Maps,
@@ -102,7 +104,12 @@ def _check_caps() -> None:
 #: change until the next boot, so it is kept in /run (a tmpfs emptied at boot), keyed by boot id
 #: and BTF size, like the owner scan's (kernel/bpf/scan.py).
 CACHE_PATH = "/run/rebind/bpf-sock-layout"
-_CACHE_MAGIC = "rebind-bpf-sock-layout 1"
+#: Names the member lists too: a rebind that reads other members never takes this one's cache
+#: (an optional member absent from the file would otherwise read as absent from the kernel).
+_CACHE_MAGIC = (
+    "rebind-bpf-sock-layout 2 "
+    + hashlib.sha256(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()).hexdigest()[:16]
+)
 
 
 def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
@@ -374,7 +381,7 @@ def decode_one(proto: Proto, r: dict[str, int | bytes], chain: ChainPos | None =
     kind = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}.get(num("kind"), SockKind.FULL)
     full, tw = kind is SockKind.FULL, kind is SockKind.TIMEWAIT
     bucket = None
-    if num("has_bucket"):
+    if num("has_bucket") & 1:
         cached = num("fastreuseport") > 0  # else the fast_* fields are stale memory
         bucket = BindBucket(
             port=num("tb_port"),
@@ -385,6 +392,8 @@ def decode_one(proto: Proto, r: dict[str, int | bytes], chain: ChainPos | None =
             fast_v6_rcv_saddr=IPv6Address(raw("fast_v6_rcv_saddr")) if cached else None,
             fast_sk_family=num("fast_sk_family") if cached else None,
             fast_ipv6_only=bool(num("fast_ipv6_only")) if cached else None,
+            bind2_fastreuse=num("tb2_fastreuse") if num("has_bucket") & 2 else None,
+            bind2_fastreuseport=num("tb2_fastreuseport") if num("has_bucket") & 2 else None,
         )
     connect_bind = num("tw_connect_bind")
     return SockState(

@@ -72,12 +72,13 @@ RECORD_FIELDS: tuple[tuple[str, str], ...] = (
     ("ipv6only", "B"),  # skc_ipv6only:1
     ("userlocks", "B"),  # sk_userlocks (full sockets)
     ("tw_substate", "B"),  # inet_timewait_sock
-    ("has_bucket", "B"),  # 1: the inet_bind_bucket fields were read
+    ("has_bucket", "B"),  # bit 0: the inet_bind_bucket fields were read; bit 1: the bind2 one's
     ("fastreuse", "b"),  # inet_bind_bucket (signed: -1 on 6.18 for a connect()-made bucket)
     ("fastreuseport", "b"),
     ("fast_ipv6_only", "B"),
     ("tw_connect_bind", "B"),  # inet_timewait_sock.tw_connect_bind:1 (6.18), or ABSENT
-    ("pad1", "2s"),
+    ("tb2_fastreuse", "b"),  # inet_bind2_bucket (per port and address; 6.18), if has_bucket & 2
+    ("tb2_fastreuseport", "b"),
 )
 RECORD = struct.Struct("<" + "".join(f for _, f in RECORD_FIELDS))
 RECORD_NAMES = tuple(n for n, _ in RECORD_FIELDS)
@@ -161,7 +162,19 @@ SOCK_MEMBERS: tuple[tuple[str, str], ...] = (
     ("inet_bind_bucket", "fast_ipv6_only"),
 )
 #: Members some kernels lack: the record says ABSENT for them.
-OPTIONAL_MEMBERS: tuple[tuple[str, str], ...] = (("inet_timewait_sock", "tw_connect_bind"),)
+OPTIONAL_MEMBERS: tuple[tuple[str, str], ...] = (
+    ("inet_timewait_sock", "tw_connect_bind"),  # 6.18
+    ("inet_connection_sock", "icsk_bind2_hash"),  # 6.1 (bhash2)
+    ("inet_timewait_sock", "tw_tb2"),  # 6.1
+    ("inet_bind2_bucket", "fastreuse"),  # 6.18: the bind2 bucket's own cache
+    ("inet_bind2_bucket", "fastreuseport"),
+)
+_BUCKET2 = (
+    "inet_connection_sock.icsk_bind2_hash",
+    "inet_timewait_sock.tw_tb2",
+    "inet_bind2_bucket.fastreuse",
+    "inet_bind2_bucket.fastreuseport",
+)
 SOCK_TARGETS = ("bpf_iter_tcp", "bpf_iter_udp")
 #: Structs whose first member must be the one before them (the programs use one pointer for both).
 _PREFIXES = (
@@ -467,11 +480,27 @@ def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: 
             e.copy(dest, member, r7)
         e.pointer(r8, r7, "inet_timewait_sock.tw_tb")
     p.label("bucket")
-    p.jump_imm(asm.JEQ, r8, 0, "emit")
+    p.jump_imm(asm.JEQ, r8, 0, "bucket2")
     p.store_imm(1, fp, rec + REC["has_bucket"], 1)
     for group, dest, member, _ in _COPIES:
         if group == _BUCKET:
             e.copy(dest, member, r8)
+    p.label("bucket2")
+    if proto == "tcp" and all(k in lay.bits for k in _BUCKET2):
+        # the (port, address) bucket, whose own fastreuse/fastreuseport 6.18 keeps
+        p.load(1, r1, fp, rec + REC["kind"])
+        p.jump_imm(asm.JEQ, r1, KIND_TIMEWAIT, "bucket2_tw")
+        e.pointer(r8, r7, "inet_connection_sock.icsk_bind2_hash")
+        p.goto("bucket2_read")
+        p.label("bucket2_tw")
+        e.pointer(r8, r7, "inet_timewait_sock.tw_tb2")
+        p.label("bucket2_read")
+        p.jump_imm(asm.JEQ, r8, 0, "emit")
+        p.load(1, r1, fp, rec + REC["has_bucket"])
+        p.alu_imm(asm.OR, r1, 2)
+        p.store(1, fp, rec + REC["has_bucket"], r1)
+        e.copy("tb2_fastreuse", "inet_bind2_bucket.fastreuse", r8)
+        e.copy("tb2_fastreuseport", "inet_bind2_bucket.fastreuseport", r8)
     p.label("emit")
     if proto == "udp":
         _chain_after(p, e, lay)
