@@ -19,7 +19,8 @@ copies, for the sockets of the asked ports:
   ``tw_tb``): the fast-reuse cache (``fastreuse``, ``fastreuseport``, ``fastuid``,
   ``fast_rcv_saddr``, ``fast_v6_rcv_saddr``, ``fast_sk_family``, ``fast_ipv6_only``) that
   lets inet_csk_get_port skip the conflict walk, and so can allow a bind the owners' flags alone
-  would refuse;
+  would refuse; on 6.18 also the (port, address) ``inet_bind2_bucket``'s own
+  ``fastreuse``/``fastreuseport`` (``icsk_bind2_hash``, ``tw_tb2``; optional members);
 - for UDP, the iterator's hash slot and the order of the sockets in it (the kernel's chain
   order; on 6.7+ the iterator walks ``udptable->hash2``, keyed by address and port).
 
