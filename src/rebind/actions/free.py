@@ -264,6 +264,8 @@ class FreeResult:
 
 def parse_signal(sig: int | str) -> int:
     """``TERM``, ``SIGTERM``, ``term`` or ``15`` -> 15."""
+    if isinstance(sig, bool) or not isinstance(sig, int | str):
+        raise UsageError(f"signal must be a name or a number (e.g. TERM, 15), not {sig!r}")
     if isinstance(sig, int):
         number = sig
     else:
@@ -548,6 +550,8 @@ def free(
     touched. ``on_event`` gets one line per step (process names escaped). Returns what was done
     and what remains (``exit_code`` as the CLI's).
     """
+    if on_event is not None and not callable(on_event):
+        raise UsageError(f"on_event must be a function taking one line, not {on_event!r}")
     plan = plan_free(
         port,
         addr=addr,
@@ -574,6 +578,10 @@ def execute_plan(plan: FreePlan, *, on_event: Event | None = None) -> FreeResult
     ``on_event`` says why. The plan is carried out even if ``plan.obstacles`` say it cannot free
     the port (:func:`free` does not act then).
     """
+    if not isinstance(plan, FreePlan):
+        raise UsageError(f"execute_plan() needs a FreePlan (from plan_free()), not {type(plan).__name__}")
+    if on_event is not None and not callable(on_event):
+        raise UsageError(f"on_event must be a function taking one line, not {on_event!r}")
     parse_seconds(plan.grace, what="grace")  # before any signal: a wait that cannot end
     # Messages carry process names: control characters are escaped before anyone prints them.
     say: Event = (lambda msg: on_event(visible(msg))) if on_event else (lambda _msg: None)
