@@ -34,7 +34,7 @@ from rebind.top.model import (
     left_now,
     owners_text,
 )
-from rebind.top.record import Recorder
+from rebind.top.record import Recorder, RecordStopped
 from rebind.top.sampler import Sampler
 
 _SHORT = {
@@ -252,6 +252,11 @@ class TopApp(App[int]):
                 self.recorder.write(events)
             except OSError as exc:
                 self.error = f"--record: {exc.strerror}; recording stopped"
+                self.recorder.close()
+                self.recorder = None
+            except RecordStopped as exc:
+                self.error = visible(f"--record: {exc}; recording stopped")
+                self.recorder.close()
                 self.recorder = None
         log = self.query_one("#events", RichLog)
         initial = [e for e in events if e.initial]
