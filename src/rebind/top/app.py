@@ -387,13 +387,10 @@ class TopApp(App[int]):
         screen, view = got
 
         def planned(plan: Any) -> None:
-            screen.set_lines(keys.plan_lines(plan))
-            if plan.bindable:
-                screen.add("nothing to do: the port is bindable")
-            elif not plan.has_actions:
-                screen.add("nothing rebind may do frees it (see above)")
-            else:
-                screen.ask("Proceed (signal / destroy as above)? y/n", lambda yes: go(plan, yes))
+            lines, question = keys.free_confirmation(plan)
+            screen.set_lines(lines)
+            if question is not None:
+                screen.ask(question, lambda yes: go(plan, yes))
 
         def go(plan: Any, yes: bool) -> None:
             if not yes:
