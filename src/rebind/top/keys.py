@@ -121,6 +121,20 @@ def wait_step(key: PortKey, timeout: float = 1.0) -> WaitResult:
     return wait_request(request(key), timeout=timeout)
 
 
+def wait_status(res: WaitResult, waited: float) -> str:
+    """The wait screen's line while the port stays busy: `rebind why`'s headline (what blocks,
+    whose it is, and "free in N s" when it frees by itself: a countdown, as each 1 s slice
+    diagnoses again) and how long top has waited. Escaped."""
+    d = res.diagnosis
+    if d is not None:
+        what = d.headline
+    elif res.trial is not None:
+        what = f"a trial bind still fails ({res.trial})"
+    else:
+        what = "a trial bind still fails"
+    return visible(f"still busy: {what} · waiting {waited:.0f}s")
+
+
 # -- reload (rebind run) -------------------------------------------------------------------------
 
 
