@@ -196,7 +196,9 @@ def test_listen_unresolvable_host_is_a_usage_error(monkeypatch: pytest.MonkeyPat
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
-    with pytest.raises(UsageError, match=r"cannot resolve host 'notahost\.invalid': Name or service not known"):
+    with pytest.raises(
+        UsageError, match=r"cannot resolve host 'notahost\.invalid': Name or service not known"
+    ):
         rebind.listen("notahost.invalid", 0)
     with pytest.raises(UsageError, match="cannot resolve host"):
         _start_server("notahost.invalid")
