@@ -175,12 +175,20 @@ def _bad_api_calls() -> list[tuple[str, object]]:
         ("listen(port=None)", lambda: r.listen("127.0.0.1", None)),
         ("start_server(backlog=10**12)", lambda: _start_server("127.0.0.1", backlog=10**12)),
         ("start_server(5)", lambda: _start_server(5)),
+        ("notify(5)", lambda: r.notify(5)),
+        ("notify(None)", lambda: r.notify(None)),
+        ("notify_ready(5)", lambda: r.notify_ready(5)),
     ]
 
 
 @pytest.mark.parametrize(("label", "call"), _bad_api_calls(), ids=[c[0] for c in _bad_api_calls()])
-def test_public_api_bad_input_is_one_clear_rebind_error(label: str, call) -> None:
+def test_public_api_bad_input_is_one_clear_rebind_error(
+    label: str, call, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rebind.errors import RebindError
+
+    # notify() only looks at its argument when there is someone to tell.
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify.sock")
 
     with pytest.raises(RebindError) as err:
         call()

@@ -613,12 +613,16 @@ def collateral_summary(others: Iterable[OtherSocket]) -> str:
     return ", ".join(parts)
 
 
-def add_collateral(plan: FreePlan, proc: str = "/proc") -> FreePlan:
+def add_collateral(plan: FreePlan, proc: str | None = None) -> FreePlan:
     """The plan with each target's ``also_holds`` filled in from its fd table (free kills the
     whole process, not just the socket: the user must see every other port it serves before
     saying yes). Best effort: a process that exited or changed meanwhile shows nothing extra."""
     if not plan.targets:
         return plan
+    if proc is None:
+        from rebind.kernel.owners import proc_root
+
+        proc = proc_root()
     blocking = set(plan.blocking_inodes) | {r.inode for t in plan.targets for r in t.sockets if r.inode}
     held = {t.pid: _socket_inodes(t, proc) - blocking for t in plan.targets}
     wanted = set().union(*held.values())

@@ -310,6 +310,8 @@ async def start_server(
 
 def notify(state: str) -> bool:
     """sd_notify(3): send STATE to $NOTIFY_SOCKET; False when there is no one to tell."""
+    if not isinstance(state, str):
+        raise UsageError(f"notify() state must be a string such as 'READY=1', not {state!r}")
     target = os.environ.get("NOTIFY_SOCKET", "")
     if not target or target[0] not in "@/":
         return False
@@ -322,6 +324,8 @@ def notify(state: str) -> bool:
 
 def notify_ready(status: str | None = None) -> bool:
     """Tell the supervisor (systemd or `rebind run`) that this process serves now."""
+    if status is not None and not isinstance(status, str):
+        raise UsageError(f"notify_ready() status must be a string or None, not {status!r}")
     return notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
 
