@@ -291,3 +291,31 @@ def test_free_plan_names_the_other_ports_the_signal_takes_down(netns, procs, reb
     ports = {(o["proto"], o["port"]) for o in doc["stop"][0]["also_holds"] if o["port"] is not None}
     assert {("tcp", 8080), ("udp", 5353)} <= ports
     assert "--dry-run" in rebind_cli("free", "9001", "--json").stderr
+
+
+# A prefork server: parent and child share the listener on 8080 and the bound 9001; each then
+# accepts a connection of its own and says so.
+PREFORK = """
+import os, socket, sys, time
+web = socket.socket(); web.bind(('127.0.0.1', 8080)); web.listen()
+idle = socket.socket(); idle.bind(('127.0.0.1', 9001))
+clients = [socket.create_connection(('127.0.0.1', 8080)) for _ in range(2)]
+pid = os.fork()
+conn = web.accept()[0]
+os.write(1, f'{os.getpid()} accepted\\n'.encode())  # one write: two writers share the pipe
+time.sleep(600)
+"""
+
+
+def test_collateral_counts_each_socket_once_over_forked_workers(netns, procs):
+    p = procs.python(PREFORK)
+    first = procs.wait_line(p)
+    assert p.stdout is not None
+    second = p.stdout.readline()  # may already sit in the text buffer: select() would not see it
+    pids = {int(first.split()[0]), int(second.split()[0])}
+    for pid in pids - {p.pid}:
+        procs.adopt(pid)
+    plan = plan_free(9001)
+    assert {t.pid for t in plan.targets} == pids | {p.pid}
+    # one accepted connection per worker: 2 in all, not 1 (alike entries of two workers) nor 4
+    assert plan.collateral_summary().startswith("8080/tcp (LISTEN, 2 connections)"), plan.collateral_summary()

@@ -341,7 +341,7 @@ def _plan_with_collateral() -> FreePlan:
     }
     others = _group({80, 81, 82, 83, 84, 85, 86}, records, {85: "/run/app.sock"})
     (t,) = p.targets
-    return replace(p, targets=(replace(t, also_holds=others),))
+    return replace(p, targets=(replace(t, also_holds=others),), collateral=others)
 
 
 def test_other_ports_of_a_target_are_grouped_and_summarised() -> None:

@@ -200,6 +200,9 @@ class FreePlan:
     #: Inodes of every blocking socket that has a file: a target is signalled only while it
     #: still holds one of them.
     blocking_inodes: frozenset[int] = frozenset()
+    #: Everything else the signals take down, each socket once over all targets (forked
+    #: workers share sockets): filled in by :func:`add_collateral`.
+    collateral: tuple[OtherSocket, ...] = ()
 
     @property
     def bindable(self) -> bool:
@@ -226,15 +229,6 @@ class FreePlan:
     def leaves_orphans(self) -> bool:
         """Do the targets hold connections on the port? Closing them leaves FIN_WAIT/TIME_WAIT."""
         return any(r.state not in _IDLE for t in self.targets for r in t.sockets)
-
-    @property
-    def collateral(self) -> tuple[OtherSocket, ...]:
-        """Everything else the signals take down (each socket once, over all targets)."""
-        seen: dict[OtherSocket, None] = {}
-        for t in self.targets:
-            for o in t.also_holds:
-                seen.setdefault(o, None)
-        return tuple(seen)
 
     def collateral_summary(self) -> str:
         """``8080/tcp (LISTEN, 7 connections), 5353/udp, 1 unix socket``, or "" when stopping
@@ -630,10 +624,12 @@ def add_collateral(plan: FreePlan, proc: str | None = None) -> FreePlan:
         return plan
     records = _inet_records(wanted)
     targets = []
+    unix_all: dict[int, str] = {}
     for t in plan.targets:
         unix = _unix_paths(t.pid, held[t.pid] - records.keys(), proc)
+        unix_all.update(unix)
         targets.append(replace(t, also_holds=_group(held[t.pid], records, unix)))
-    return replace(plan, targets=tuple(targets))
+    return replace(plan, targets=tuple(targets), collateral=_group(wanted, records, unix_all))
 
 
 def _socket_inodes(t: Target, proc: str) -> set[int]:
