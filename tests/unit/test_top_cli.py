@@ -36,6 +36,8 @@ def test_top_needs_a_terminal(rebind_cli: Run) -> None:
         (["top", "--interval", "inf"], "finite"),
         (["top", "--interval", "0"], "out of range"),
         (["top", "--interval", "nan"], "finite"),
+        (["top", "--record-max", "lots"], "not a size"),
+        (["top", "--record-max", "1K"], "out of range"),
     ],
 )
 def test_top_bad_input(rebind_cli: Run, args: list[str], needle: str) -> None:
