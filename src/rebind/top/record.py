@@ -91,7 +91,9 @@ class Recorder:
         for e in self.rate.admit(events):
             data = to_line(e).encode()
             if self.size + len(data) > self.max_bytes:
-                self._rotate()
+                self.size = os.fstat(self.fd).st_size  # another appender may share FILE
+                if self.size + len(data) > self.max_bytes:
+                    self._rotate()
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view) :]
