@@ -88,12 +88,13 @@ class Recorder:
         """Append the events the rate limit admits; rotate first when one would pass the cap.
 
         Raises OSError (a failed write) or RecordStopped (no safe rotation): stop recording."""
-        for e in self.rate.admit(events):
+        admitted = self.rate.admit(events)
+        if admitted:
+            self.size = os.fstat(self.fd).st_size  # another appender may share FILE
+        for e in admitted:
             data = to_line(e).encode()
             if self.size + len(data) > self.max_bytes:
-                self.size = os.fstat(self.fd).st_size  # another appender may share FILE
-                if self.size + len(data) > self.max_bytes:
-                    self._rotate()
+                self._rotate()
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view) :]
