@@ -13,8 +13,12 @@ from tests.kernel.helpers import BOUND_ONLY, LISTEN, ORPHAN_CHILD, OTHER_UID, TI
 REUSE = "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
 
 
-def why(rebind_cli: Any, *args: str) -> tuple[int, dict[str, Any]]:
-    res = rebind_cli("why", *args, "--json")
+#: The fallback paths (flags read by pidfd, inferred from trials) as on a host without BPF.
+NO_BPF = {"REBIND_NO_BPF": "1"}
+
+
+def why(rebind_cli: Any, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    res = rebind_cli("why", *args, "--json", env=env)
     assert res.returncode in (0, 1), res.stderr
     doc = json.loads(res.stdout)
     assert doc["disagreement"] is None, doc["disagreement"]
@@ -26,22 +30,30 @@ def test_free_port(netns, rebind_cli):
     assert code == 0 and doc["bindable"] and doc["blockers"] == [] and "free" in doc["verdict"]
 
 
-def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
+@pytest.mark.parametrize(("env", "source"), [(None, "kernel"), (NO_BPF, "unknown")])
+def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli, env, source):
+    """With the BPF socket iterator the TIME_WAIT's own tw_reuse and the port's bucket are read
+    (provenance kernel): the model is exact. Without it no trial runs in the occupied bucket
+    (issue 17: it could change a later bind), so the flag stays unknown and says so."""
     p = procs.python(TIME_WAIT.format(port=18101, opts=""))
     procs.wait_line(p)
-    code, doc = why(rebind_cli, "18101")
+    code, doc = why(rebind_cli, "18101", env=env)
     assert code == 1
     assert "TIME_WAIT" in doc["verdict"] and "free in" in doc["verdict"] and "busy" in doc["verdict"]
     [b] = doc["blockers"]
-    # No trial in an occupied TCP bucket whose fast-reuse cache nobody read (issue 17): the
-    # TIME_WAIT's flags stay unknown, and a plain bind is refused whatever they are.
-    assert b["kind"] == "time-wait" and b["reuseaddr"] is None and b["flags_source"] == "unknown"
-    assert any("no trial bind" in n for n in doc["notes"])
+    assert b["kind"] == "time-wait" and b["flags_source"] == source
     assert 0 < doc["frees_in_ms"] <= 60_000
-    # With SO_REUSEADDR it depends on the TIME_WAIT's flag: said so, never "free".
-    code, doc = _why_raw(rebind_cli, "18101", "--reuseaddr")
+    code, doc = _why_raw(rebind_cli, "18101", "--reuseaddr", env=env)
     _agrees(code, doc)
-    assert code == 1 and doc["status"] == "uncertain" and "SO_REUSEADDR" in doc["verdict"]
+    if env is None:
+        assert b["reuseaddr"] is False and "without SO_REUSEADDR" in doc["verdict"]
+        # The post's fix does not help: the old socket lacked the flag.
+        assert code == 1 and doc["blockers"][0]["rule"] == "reuseaddr-missing-old"
+        assert doc["trial"] is None  # the model is exact: nothing is bound to ask
+    else:
+        assert b["reuseaddr"] is None and any("no trial bind" in n for n in doc["notes"])
+        # With SO_REUSEADDR it depends on the TIME_WAIT's flag: said so, never "free".
+        assert code == 1 and doc["status"] == "uncertain" and "SO_REUSEADDR" in doc["verdict"]
     # ...but another loopback address works: a TIME_WAIT holds only its own address.
     assert any(a["works"] and a["addr"] == "127.0.0.2" for a in doc["attempts"])
     assert any(f["command"] == "rebind wait 18101" for f in doc["fixes"])
@@ -57,23 +69,31 @@ def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
             s.close()
 
 
-def test_time_wait_with_reuseaddr_lets_reuseaddr_restart(netns, procs, rebind_cli):
+@pytest.mark.parametrize("env", [None, NO_BPF])
+def test_time_wait_with_reuseaddr_lets_reuseaddr_restart(netns, procs, rebind_cli, env):
     p = procs.python(TIME_WAIT.format(port=18102, opts=REUSE))
     procs.wait_line(p)
-    code, doc = _why_raw(rebind_cli, "18102", "--reuseaddr")
+    code, doc = _why_raw(rebind_cli, "18102", "--reuseaddr", env=env)
     _agrees(code, doc)
-    assert code == 1 and doc["status"] == "uncertain"  # unread TIME_WAIT flags, no trial
-    code, doc = why(rebind_cli, "18102")
+    if env is None:
+        assert code == 0 and doc["bindable"] and doc["disagreement"] is None
+    else:
+        assert code == 1 and doc["status"] == "uncertain"  # unread TIME_WAIT flags, no trial
+    code, doc = why(rebind_cli, "18102", env=env)
     assert code == 1 and doc["status"] == "busy"
+    assert doc["blockers"][0]["reuseaddr"] is (True if env is None else None)
 
 
 def test_live_listener_named_with_owner(netns, procs, rebind_cli):
     p = procs.python(LISTEN.format(opts=REUSE, addr="0.0.0.0", port=18103))
     procs.wait_line(p)
-    code, doc = why(rebind_cli, "18103", "--reuseaddr")
+    code, doc = why(rebind_cli, "18103", "--reuseaddr", env=NO_BPF)
     assert code == 1 and "live listener" in doc["verdict"] and str(p.pid) in doc["verdict"]
     [b] = doc["blockers"]
     assert b["rule"] == "listener-never-yields" and b["flags_source"] == "read" and b["reuseaddr"] is True
+    code, doc = why(rebind_cli, "18103", "--reuseaddr")  # the kernel's own flags: the same answer
+    [b] = doc["blockers"]
+    assert b["rule"] == "listener-never-yields" and b["flags_source"] == "kernel" and b["reuseaddr"] is True
     assert [o["pid"] for o in b["socket"]["owners"]] == [p.pid]
 
 
@@ -219,11 +239,13 @@ def _set_fin_timeout(seconds: int) -> None:
         f.write(f"{seconds}\n")
 
 
-def test_orphan_fin_wait2_leftover_with_and_without_reuseaddr(netns, rebind_cli):
-    """No trial in the occupied bucket (issue 17): the orphan's flags stay unknown, so a
-    SO_REUSEADDR restart is "uncertain" either way, never a wrong "free" or "busy"."""
+@pytest.mark.parametrize("env", [None, NO_BPF])
+def test_orphan_fin_wait2_leftover_with_and_without_reuseaddr(netns, rebind_cli, env):
+    """With the iterator the orphan's own flag is read and the answer exact; without it no trial
+    runs in the occupied bucket (issue 17), so a SO_REUSEADDR restart is "uncertain"."""
     _set_fin_timeout(30)
     for port, opts, expect_flag in ((18113, "", False), (18114, REUSE, True)):
+        port += 2000 if env else 0
         srv = socket.socket()
         if opts:
             srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -233,11 +255,19 @@ def test_orphan_fin_wait2_leftover_with_and_without_reuseaddr(netns, rebind_cli)
         acc, _ = srv.accept()
         acc.close()  # server closes first; the client never does -> server side orphan FIN_WAIT2
         srv.close()
-        code, doc = _why_raw(rebind_cli, str(port), "--reuseaddr")
+        code, doc = _why_raw(rebind_cli, str(port), "--reuseaddr", env=env)
         _agrees(code, doc)
-        assert code == 1 and doc["status"] == "uncertain"
-        assert doc["blockers"][0]["kind"] == "orphan-fin-wait2" and doc["blockers"][0]["reuseaddr"] is None
-        code, doc = why(rebind_cli, str(port))
+        if env is None:
+            assert (code == 0) is expect_flag, doc["verdict"]
+            if not expect_flag:
+                assert doc["blockers"][0]["kind"] == "orphan-fin-wait2"
+                assert doc["blockers"][0]["reuseaddr"] is False and "without SO_REUSEADDR" in doc["verdict"]
+        else:
+            assert code == 1 and doc["status"] == "uncertain"
+            assert (
+                doc["blockers"][0]["kind"] == "orphan-fin-wait2" and doc["blockers"][0]["reuseaddr"] is None
+            )
+        code, doc = why(rebind_cli, str(port), env=env)
         assert code == 1 and doc["status"] == "busy" and 0 < doc["frees_in_ms"] <= 30_000
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -266,7 +296,7 @@ time.sleep(600)
 """
     p = procs.python(code.format(port=18115))
     procs.wait_line(p)
-    code_, doc = why(rebind_cli, "18115")
+    code_, doc = why(rebind_cli, "18115", env=NO_BPF)
     assert code_ == 1
     [b] = doc["blockers"]
     assert b["socket"]["state"] == "CLOSE_WAIT" and b["kind"] == "closing-leftover"
@@ -291,22 +321,28 @@ def _agrees(code: int, doc: dict[str, Any]) -> None:
     assert ("is busy" in doc["verdict"]) == (doc["status"] == "busy") or doc["status"] != "free"
 
 
-def test_reuseport_cleared_after_bind_why_says_free_and_the_real_bind_still_works(netns, rebind_cli):
+@pytest.mark.parametrize("env", [None, NO_BPF])
+def test_reuseport_cleared_after_bind_why_says_free_and_the_real_bind_still_works(netns, rebind_cli, env):
     """Wrong answer #1: the bucket's tb->fastreuseport cache lets B bind although A cleared its
-    SO_REUSEPORT. Nothing here reads the cache, so the model says it depends on it (never a wrong
-    "busy"), runs no trial that could reset it, and B's real bind still works."""
+    SO_REUSEPORT. With the bucket read (the listener's icsk_bind_hash) the model takes the fast
+    path and says free; unread (no BPF, or only a bound-only socket, which no table the iterator
+    walks holds) it says it depends on the cache -- never a wrong "busy" -- and runs no trial that
+    could reset it. B's real bind works either way."""
     for listen in (False, True):
-        port = 18130 + listen
+        port = 18130 + listen + (2 if env else 0)
         a = socket.socket()
         a.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
         a.bind(("127.0.0.1", port))
         if listen:
             a.listen()
         a.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 0)
-        code, doc = _why_raw(rebind_cli, str(port), "--addr", "127.0.0.1", "--reuseport")
+        code, doc = _why_raw(rebind_cli, str(port), "--addr", "127.0.0.1", "--reuseport", env=env)
         _agrees(code, doc)
-        assert doc["status"] == "uncertain" and "SO_REUSEPORT cache" in doc["verdict"]
         assert doc["disagreement"] is None and "changed after" not in json.dumps(doc)
+        if listen and env is None:
+            assert code == 0 and doc["status"] == "free" and "fast path" in json.dumps(doc["notes"])
+        else:
+            assert doc["status"] == "uncertain" and "SO_REUSEPORT cache" in doc["verdict"]
         b = socket.socket()
         b.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
         b.bind(("127.0.0.1", port))  # raised EADDRINUSE when a trial reset the cache
@@ -317,24 +353,30 @@ def test_reuseport_cleared_after_bind_why_says_free_and_the_real_bind_still_work
 def test_time_wait_of_a_reuseport_listener_lets_a_reuseport_restart(netns, procs, rebind_cli):
     """Wrong answers #3/#4: TIME_WAIT left by a SO_REUSEPORT listener without SO_REUSEADDR."""
     opts = "s.setsockopt(socket.SOL_SOCKET, 15, 1)\n"
-    p = procs.python(TIME_WAIT.format(port=18132, opts=opts))
+    p = procs.python(TIME_WAIT.format(port=19132, opts=opts))
     procs.wait_line(p)
-    code, doc = _why_raw(rebind_cli, "18132", "--reuseport")
+    port = str(19132)
+    code, doc = _why_raw(rebind_cli, port, "--reuseport")
+    _agrees(code, doc)
+    assert code == 0 and doc["status"] == "free" and doc["disagreement"] is None
+    code, doc = _why_raw(rebind_cli, port, "--reuseport", env=NO_BPF)
     _agrees(code, doc)
     assert code == 1 and doc["status"] == "uncertain" and doc["disagreement"] is None
-    code, doc = _why_raw(rebind_cli, "18132")
-    _agrees(code, doc)
+    code, doc = _why_raw(rebind_cli, port)  # read from the TIME_WAIT itself
     [b] = doc["blockers"]
-    assert doc["status"] == "busy" and b["flags_source"] == "unknown"
+    assert b["reuseport"] is True and b["reuseaddr"] is False and b["flags_source"] == "kernel"
+    assert b["rule"] == "reuseport-missing-new"
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
-    s.bind(("127.0.0.1", 18132))
+    s.bind(("127.0.0.1", int(port)))
     s.close()
 
 
-def test_udp_flags_inferred_from_trials_without_owners(netns):
+def test_udp_flags_inferred_from_trials_without_owners(netns, monkeypatch):
     """Trials infer SO_REUSEPORT for UDP too (owners=False: nobody reads the flags)."""
     from rebind.diagnosis import default_request, diagnose
+
+    monkeypatch.setenv("REBIND_NO_BPF", "1")
 
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)

@@ -1,6 +1,8 @@
 """The one I/O gatherer behind `rebind why`: everything model/advice.py needs, read once.
 
-Socket table (inet_diag), owners and their flags (pidfd_getfd + getsockopt), kernel settings,
+Socket table (inet_diag), the sockets' own bind state where the BPF socket iterator can read it
+(kernel/bpf/sockiter.py: flags of every socket, TIME_WAITs and other users' included, userlocks,
+the bind bucket's cache; else owners' flags by pidfd_getfd + getsockopt), kernel settings,
 IPv6 address states, process-tree hints, and the trial binds that cannot change the answer
 (conflict.probe_is_harmless decides which may run).
 
@@ -13,12 +15,15 @@ observer-free answer (``trials=False``) has neither.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address
 
 from rebind.kernel.trial import try_request
 from rebind.model.advice import Facts, HolderFacts, Provenance
 from rebind.model.conflict import (
+    BucketState,
     KernelSettings,
     PortState,
     SockOpts,
@@ -26,8 +31,9 @@ from rebind.model.conflict import (
     probe_is_harmless,
 )
 from rebind.model.diagnosis import ProcessHint
-from rebind.model.records import Proto, SocketEntry, SocketTable, State
+from rebind.model.records import Family, Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
+from rebind.model.sockstate import BindBucket, SockKind, SockStates, Unavailable
 
 
 def gather(
@@ -52,7 +58,10 @@ def gather(
 
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
     table = table or socket_table(ports=[req.port], protos=[req.proto], owners=owners)
-    holders = _holders(table, req)
+    kernel = _kernel_states(table, req)
+    holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None)
+    if port is None:
+        holders, port = _port_state(req, holders)
     results: dict[BindRequest, TrialResult] = {}
     skipped = ""
     if trials and not _model_is_exact(req, holders, settings, port):
@@ -69,7 +78,52 @@ def gather(
         port=port,
         can_destroy=_can_destroy(),
         owners_complete=owners and euid == 0 and table.scan.inaccessible == 0,
+        kernel=kernel,
     )
+
+
+def _port_state(
+    req: BindRequest, holders: tuple[HolderFacts, ...]
+) -> tuple[tuple[HolderFacts, ...], PortState | None]:
+    """The port's kernel state for the model, from what the socket iterator read beside each
+    holder: the TCP bind bucket's fast-reuse fields (one bucket per port and netns: every
+    socket's icsk_bind_hash points at it), and the UDP holders put in the order of the chain
+    udp_lib_lport_inuse walks (None unless every UDP holder's place was read)."""
+    if not holders:
+        return holders, None
+    if req.proto is Proto.UDP:
+        if any(h.kernel is None for h in holders):
+            return holders, None
+        pos = [h.kernel.chain.port_index if h.kernel and h.kernel.chain else None for h in holders]
+        if any(p is None for p in pos):
+            return holders, None
+        ordered = tuple(h for _, h in sorted(zip(pos, holders, strict=True), key=lambda x: x[0] or 0))
+        return ordered, PortState(udp_chain_order=True)
+    buckets = {h.kernel.bucket for h in holders if h.kernel is not None and h.kernel.bucket is not None}
+    if len(buckets) != 1:
+        return holders, None  # none read, or several (VRFs: one bucket per l3mdev)
+    return holders, PortState(bucket=_bucket_state(buckets.pop()))
+
+
+def _bucket_state(b: BindBucket) -> BucketState:
+    """sockstate.BindBucket -> the model's BucketState (the cached socket's address in its own
+    family's form: sk_v6_rcv_saddr for an AF_INET6 socket, v4-mapped when on IPv4)."""
+    addr: IPv4Address | IPv6Address | None = (
+        b.fast_v6_rcv_saddr if b.fast_sk_family == socket.AF_INET6 else b.fast_rcv_saddr
+    )
+    return BucketState(b.fastreuse, b.fastreuseport, b.fastuid, addr, b.fast_ipv6_only)
+
+
+def _kernel_states(table: SocketTable, req: BindRequest) -> SockStates | Unavailable | None:
+    """The port's sockets as the kernel holds them (BPF iterator), when the table is of this
+    thread's network namespace: the iterator walks that one only. Not asked for a port nobody
+    holds: the iterator visits every socket of the namespace (bench/sockiter.py)."""
+    from rebind.kernel.bpf.sockiter import read_socket_states
+
+    if not any(e.socket.proto is req.proto and e.socket.local.port == req.port for e in table.entries):
+        return None
+    netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
+    return read_socket_states([req.port], [req.proto], netns=netns)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:
@@ -139,7 +193,9 @@ def _model_is_exact(
     if req.proto is Proto.UDP and (settings.udp_first_match is None or not port.udp_chain_order):
         return False
     return all(
-        h.opts.reuseaddr is not None and h.opts.reuseport is not None and h.entry.socket.uid is not None
+        h.opts.reuseaddr is not None
+        and h.opts.reuseport is not None
+        and (h.entry.socket.uid is not None or h.entry.socket.is_mini)  # a TIME_WAIT's uid never counts
         for h in holders
     )
 
@@ -150,12 +206,28 @@ def _can_destroy() -> bool:
     return has_cap(CAP_NET_ADMIN) and kernel_version() >= (6, 0)
 
 
-def _holders(table: SocketTable, req: BindRequest) -> tuple[HolderFacts, ...]:
+def _holders(
+    table: SocketTable, req: BindRequest, kernel: SockStates | None = None
+) -> tuple[HolderFacts, ...]:
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
+    by_cookie = kernel.by_cookie() if kernel is not None else {}
     out = []
     for e in table.entries:
         if e.socket.proto is not req.proto:
+            continue
+        st = by_cookie.get(e.socket.cookie) if e.socket.cookie is not None else None
+        if (
+            st is not None
+            and st.kind is not SockKind.REQUEST  # a request_sock's flags are not its listener's
+            and st.proto is e.socket.proto
+            and st.local.port == e.socket.local.port
+        ):
+            # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
+            # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
+            # they (and sockets made since) take the paths below.
+            v6 = st.ipv6only if st.family is Family.INET6 else None
+            out.append(HolderFacts(e, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st))
             continue
         opts, src = _read_flags(e) if e.owners else (SockOpts(), Provenance.UNKNOWN)
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
