@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,3 +141,87 @@ def test_busy_udp_port_under_run_is_explained_as_udp(
     assert "Address already in use" in res.stderr and "8420/udp is busy" in res.stderr, res.stderr
     assert "/tcp" not in res.stderr and "listen()" not in res.stderr, res.stderr
     assert f"pid {holder.pid}" in res.stderr, res.stderr
+
+
+# A fake `rebind run` control server (as nobody): answers every client with a success line.
+FAKE_CONTROL = r"""
+import os, socket, sys
+if sys.argv[1] == "fd":
+    s = socket.socket(fileno=int(sys.argv[2]))  # bound by root, listen()ed by us (SO_PEERCRED: us)
+else:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    os.umask(0)
+    s.bind(sys.argv[2])
+s.listen()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        c.sendall(b"ok: generation 9 ready after 0.001s (trust me)\n")
+    except OSError:
+        pass  # the client hung up first (refused us)
+    c.close()
+"""
+
+
+@pytest.mark.parametrize("where", ["own-dir", "sticky-dir", "root-file"])
+def test_reload_refuses_a_control_socket_served_by_another_user(
+    netns: int,
+    procs: Procs,
+    tmp_path: Path,
+    rebind_cli: Callable[..., subprocess.CompletedProcess[str]],
+    where: str,
+) -> None:
+    """Issue 18 item 10: `rebind reload --control` believed any server at PATH. Now: the socket
+    file, its directory and the server's SO_PEERCRED must be root's or the caller's."""
+    setpriv = _setpriv()
+    base = Path(tempfile.mkdtemp(prefix="rebind-ctl-", dir="/tmp"))
+    try:
+        extra: dict[str, object] = {}
+        if where == "own-dir":  # a directory nobody owns (e.g. their home, or /tmp/x they made)
+            os.chown(base, 65534, 65534)
+            path = str(base / "ctl")
+            args = ["path", path]
+        elif where == "sticky-dir":  # a shared sticky directory like /tmp: nobody's socket file in it
+            base.chmod(0o1777)
+            path = str(base / "ctl")
+            args = ["path", path]
+        else:  # root's file in root's directory, but the listening end is nobody's: only
+            # SO_PEERCRED tells (what a race between a path check and connect() would give)
+            base.chmod(0o755)
+            path = str(base / "ctl")
+            bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bound.bind(path)
+            extra = {"pass_fds": (bound.fileno(),)}
+            args = ["fd", str(bound.fileno())]
+        fake = procs.start([setpriv, *NOBODY, "/usr/bin/python3", "-c", FAKE_CONTROL, *args], **extra)
+        assert procs.wait_line(fake) == "ready"
+        if where == "root-file":
+            bound.close()
+            assert os.stat(path).st_uid == 0
+        for extra_args in ((), ("--status",)):
+            res = rebind_cli("reload", "--control", path, "--timeout", "5", *extra_args)
+            assert res.returncode == 5, (res.returncode, res.stdout, res.stderr)
+            assert res.stdout == "" and len(res.stderr.splitlines()) == 1, res.stderr
+            assert res.stderr.startswith("rebind: error: refused: control socket "), res.stderr
+            assert "trust me" not in res.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_both_control_clients_are_one_peer_checked_client(
+    netns: int, procs: Procs, tmp_path: Path, rebind_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """top's `r` and `rebind reload` answer through supervisor/client.py: the real supervisor is
+    trusted by both; top's expected pid is still checked."""
+    from rebind.supervisor.client import NotTrusted
+    from rebind.top.keys import Supervisor, control
+
+    (tmp_path / "app.py").write_text(SERVER)
+    env = dict(os.environ, REPORT=str(tmp_path / "report"))
+    sup, _log, ctl = _start(procs, tmp_path, 8430, [sys.executable, str(tmp_path / "app.py")], env=env)
+    assert control(Supervisor(sup.pid, ctl), "status", 10).startswith("ok: serving: generation 1")
+    with pytest.raises(NotTrusted, match=f"served by pid {sup.pid}, not by the supervisor"):
+        control(Supervisor(sup.pid + 100000, ctl), "status", 10)
+    res = rebind_cli("reload", "--control", ctl, "--status")
+    assert res.returncode == 0 and res.stdout.startswith("ok: serving: generation 1"), res
