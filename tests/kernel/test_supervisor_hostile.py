@@ -6,17 +6,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Procs
-from tests.kernel.test_supervisor_safety import SERVER, _start, _wait
+from tests.kernel.test_supervisor_safety import SERVER, _pids, _start, _wait
 
 NOBODY = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
 
@@ -225,3 +227,81 @@ def test_both_control_clients_are_one_peer_checked_client(
         control(Supervisor(sup.pid + 100000, ctl), "status", 10)
     res = rebind_cli("reload", "--control", ctl, "--status")
     assert res.returncode == 0 and res.stdout.startswith("ok: serving: generation 1"), res
+
+
+class _Filler:
+    """Keeps the supervisor's fd table full with idle control clients (each accepted one holds an
+    fd until the supervisor drops it after 5 s idle; a dropped one is replaced at once)."""
+
+    def __init__(self, ctl: str) -> None:
+        self.ctl = ctl
+        self.clients: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for c in list(self.clients):
+                try:
+                    if c.recv(64, socket.MSG_DONTWAIT | socket.MSG_PEEK) is not None:
+                        self.clients.remove(c)  # answered ("busy") or closed: replace it
+                        c.close()
+                except BlockingIOError:
+                    pass  # still idle, still holding a slot
+                except OSError:
+                    self.clients.remove(c)
+                    c.close()
+            while len(self.clients) < 48:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.setblocking(False)
+                try:
+                    c.connect(self.ctl)
+                except OSError:
+                    c.close()
+                    break  # the backlog is full: the supervisor is not accepting
+                self.clients.append(c)
+            self.stop.wait(0.02)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for c in self.clients:
+            c.close()
+
+
+def _fds(pid: int) -> list[int]:
+    return [int(n) for n in os.listdir(f"/proc/{pid}/fd")]
+
+
+def test_full_fd_table_does_not_stop_a_crash_restart(netns: int, procs: Procs, tmp_path: Path) -> None:
+    """Issue 18 item 2 (audit H1, supervisor side): with its fd table full, `rebind run` could not
+    restart a crashed app (`cannot start a process: Too many open files`, again and again) and the
+    served port went dark. Its reserve fds now start the generation; the port answers."""
+    import resource
+
+    (tmp_path / "app.py").write_text(SERVER)
+    report = tmp_path / "report"
+    env = dict(os.environ, REPORT=str(report))
+    cmd = [sys.executable, str(tmp_path / "app.py")]
+    sup, log, ctl = _start(procs, tmp_path, 8440, cmd, "--grace", "1", env=env)
+    _wait(lambda: bool(_pids(report, 1)), "generation 1 reported")
+    open_now = _fds(sup.pid)
+    limit = max(max(open_now) + 1, len(open_now) + 6)
+    resource.prlimit(sup.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    filler = _Filler(ctl)
+    try:
+        _wait(lambda: "pausing it" in log.read_text(), "the supervisor's table full (accept paused)")
+        assert len(_fds(sup.pid)) >= limit - 1
+        os.kill(min(_pids(report, 1)), signal.SIGKILL)  # the app crashes
+        _wait(lambda: "generation 2 (pid" in log.read_text(), f"generation 2 started\n{log.read_text()}", 30)
+        _wait(lambda: bool(_pids(report, 2)), "generation 2 reported")
+        _wait(lambda: "generation 2 ready after" in log.read_text(), f"generation 2 ready\n{log.read_text()}")
+        with socket.create_connection(("127.0.0.1", 8440), timeout=10) as c:
+            assert c.recv(8) == b"hi\n"
+        assert len(_fds(sup.pid)) >= limit - 1  # still full: the reserve did it, not a lull
+    finally:
+        filler.close()
+    text = log.read_text()
+    assert "out of file descriptors (Too many open files) to start generation 2" in text, text
+    assert sup.poll() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -15,6 +16,7 @@ import pytest
 
 from rebind.errors import UsageError
 from rebind.supervisor import members
+from rebind.supervisor.fdreserve import FdReserve
 from rebind.supervisor.notify import FdDisposal, NotifyReceiver
 from rebind.supervisor.run import remove_pid_file, write_pid_file
 
@@ -238,3 +240,33 @@ def test_foreign_unix_socket_goes_to_the_closer_thread(monkeypatch: pytest.Monke
         disposal.close()
         a.close()
         b.close()
+
+
+def test_fd_reserve_is_released_for_a_retry_and_logged_once_per_shortage() -> None:
+    """Issue 18 item 2: EMFILE -> the reserve is closed, the work retried, the reserve taken back."""
+    reserve = FdReserve(3)
+    lines: list[str] = []
+    calls = 0
+
+    def needs_fds() -> str:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        assert not reserve.fds  # retried with the reserve closed
+        return "done"
+
+    try:
+        assert reserve.retry(needs_fds, lines.append, "start generation 2") == "done"
+        assert reserve.retry(needs_fds, lines.append, "start generation 3") == "done"
+        assert len(reserve.fds) == 3 and calls == 4
+        assert lines == [
+            "out of file descriptors (Too many open files) to start generation 2: using 3 reserved"
+        ]
+        with pytest.raises(OSError):  # not a shortage: not retried
+            reserve.retry(lambda: os.close(-1), lines.append, "start generation 4")
+        with pytest.raises(OSError, match="Too many"):  # KEEP: never below it
+            reserve.retry(needs_fds, lines.append, "accept", 1, 3)
+    finally:
+        reserve.close()
+    assert not reserve.fds

@@ -31,6 +31,7 @@ from rebind.model.validate import parse_seconds
 from rebind.supervisor import machine as m
 from rebind.supervisor import members, procscan
 from rebind.supervisor.control import ControlServer, Request, read_request
+from rebind.supervisor.fdreserve import SHORTAGE, SPAWN_NEEDS, FdReserve
 from rebind.supervisor.inherit import adopt, passed_fds
 from rebind.supervisor.listen import bind_datagram, bind_listener
 from rebind.supervisor.notify import FdDisposal, NotifyMessage, NotifyReceiver, OuterNotifier
@@ -55,6 +56,7 @@ CONTROL_MAX = 32  # control clients still sending their line at once
 ACCEPT_BACKOFF = 1.0  # after EMFILE/ENFILE in accept(): stop accepting this long
 NOTIFY_BUDGET = 64  # sd_notify datagrams handled per wake-up; the rest wait for the next one
 PASSED_FDS_MAX = 64  # fds passed to the notify socket still waiting to be closed: then stop reading
+SCAN_NEEDS = 2  # fds a readiness scan holds at once (a /proc directory and a file in it)
 NOTIFY_RESUME = 0.1  # while reading is paused: how often the closer's backlog is looked at
 LOG_ONCE_MAX = 1024  # senders remembered for "log once"
 MEMBERS_EVERY = 5.0  # how often live generations' process lists are recorded (a /proc pass)
@@ -241,6 +243,8 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.notify: NotifyReceiver | None = None
         self.disposal = FdDisposal(PASSED_FDS_MAX)
+        # Taken last, after our own sockets: a full table must not stop a restart (issue 18 item 2).
+        self.reserve = FdReserve()
         self.control: ControlServer | None = None
         self.io = _IoState()
         self.token = secrets.token_hex(16).encode()  # REBIND_SUPERVISOR: marks all we started
@@ -321,6 +325,7 @@ class Supervisor:
         self.sel.close()
         self.wake_r.close()
         self.wake_w.close()
+        self.reserve.close()
 
     def _reap_orphans(self) -> None:
         """Kill and reap processes that re-parented to us (we are a child subreaper)."""
@@ -405,6 +410,8 @@ class Supervisor:
             self.sel.register(self.notify, selectors.EVENT_READ, self._on_notify)
         for req in [r for r in self.io.requests if now - r.since >= CONTROL_IDLE]:
             self._drop_request(req)  # idle: it must not hold a slot (or the loop) forever
+        if self.reserve.short:
+            self.reserve.refill()  # slots freed above (or anywhere) go to the reserve first
         if now >= self._next_record():
             self._record(now)
 
@@ -485,28 +492,47 @@ class Supervisor:
         return env
 
     def _spawn(self, action: m.Spawn) -> None:
-        reset = (*RESET_SIGNALS, signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD)
-        fds = [s.fileno() for s in self.sockets]
         n = action.number
+        attempts = 0
+
+        def fork() -> tuple[int, int]:
+            nonlocal attempts
+            attempts += 1
+            # The stderr tee is worth the reserve, not worth not starting: after the reserve (or
+            # without one) the generation runs without it.
+            return self._fork(n, tee_optional=attempts > 1 or len(self.reserve.fds) < SPAWN_NEEDS)
+
         try:
-            r, w = os.pipe2(os.O_CLOEXEC)
-        except OSError:
-            r = w = -1  # out of fds: run it without the tee rather than not at all
-        try:
-            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset, w if w >= 0 else None)
+            pid, r = self.reserve.retry(fork, self.log, f"start generation {n}")
         except (RebindError, OSError) as exc:
-            if r >= 0:
-                os.close(r)
             self._spawn_failed(n, exc)
             return
-        finally:
-            if w >= 0:
-                os.close(w)
         if r >= 0:
             os.set_blocking(r, False)
             self.tees[r] = _Tee(n)
             self.sel.register(r, selectors.EVENT_READ, lambda: self._on_tee(r))
         self._spawned(n, pid, action)
+
+    def _fork(self, n: int, tee_optional: bool) -> tuple[int, int]:
+        """Start generation N; (its leader's pid, the read end of its stderr pipe or -1)."""
+        reset = (*RESET_SIGNALS, signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD)
+        fds = [s.fileno() for s in self.sockets]
+        try:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            if not tee_optional:
+                raise
+            r = w = -1
+        try:
+            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset, w if w >= 0 else None)
+        except BaseException:
+            if r >= 0:
+                os.close(r)
+            raise
+        finally:
+            if w >= 0:
+                os.close(w)
+        return pid, r
 
     def _spawn_failed(self, n: int, exc: BaseException) -> None:
         if isinstance(exc, RebindError):
@@ -589,7 +615,10 @@ class Supervisor:
         if leader is None:
             return
         try:
-            found = procscan.serving(leader, self.inodes, self.tcp_ports)
+            # A scan holds one or two fds at a time and takes EMFILE for "not found": with the
+            # table full, a restart would never be seen to serve. The reserve lends them.
+            with self.reserve.lent(SCAN_NEEDS):
+                found = procscan.serving(leader, self.inodes, self.tcp_ports)
         except OSError:
             return  # e.g. EMFILE while listing /proc: scan again shortly
         if len(found) == len(self.inodes):
@@ -713,10 +742,12 @@ class Supervisor:
 
     def _on_control(self) -> None:
         assert self.control is not None
+        control = self.control
         try:
-            req = self.control.accept()
+            # One reserved fd may answer a client; the rest stays for starting a generation.
+            req = self.reserve.retry(control.accept, self.log, "accept a control client", 1, SPAWN_NEEDS)
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if exc.errno not in (*SHORTAGE, errno.ENOBUFS, errno.ENOMEM):
                 raise
             # Out of descriptors: the pending connection stays in the backlog and select() would
             # report it again at once. Stop watching the socket for a while instead of spinning.
