@@ -305,3 +305,33 @@ def test_full_fd_table_does_not_stop_a_crash_restart(netns: int, procs: Procs, t
     text = log.read_text()
     assert "out of file descriptors (Too many open files) to start generation 2" in text, text
     assert sup.poll() is None
+
+
+def _shape(line: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", "N", line)
+
+
+def test_documented_reload_sample_has_the_shape_of_real_output(
+    netns: int, procs: Procs, tmp_path: Path, rebind_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """Issue 18 item 16 (supervisor part): docs/supervisor.md showed `ok: generation 5 (pid 4242)
+    ready after ...`, a shape `rebind reload` never printed."""
+    from rebind.supervisor.procscan import Serving
+
+    doc = (Path(__file__).parents[2] / "docs" / "supervisor.md").read_text()
+    block = doc.split("<!-- reload-sample", 1)[1].split("```", 2)[1].strip().splitlines()
+    command, documented = block[0], block[1]
+    assert command.startswith("$ rebind reload --control ")
+    (tmp_path / "app.py").write_text(SERVER)
+    env = dict(os.environ, REPORT=str(tmp_path / "report"))
+    _sup, _log, ctl = _start(procs, tmp_path, 8450, [sys.executable, str(tmp_path / "app.py")], env=env)
+    args = command.split()[2:]
+    args[args.index("--control") + 1] = ctl  # the documented command, at this test's socket
+    res = rebind_cli(*args)
+    assert res.returncode == 0, res
+    real = res.stdout.strip()
+    hows = {_shape(str(Serving(1, how))) for how in ("accepted", "accept", "epoll", "poll", "select", "recv")}
+    for line in (documented, real):
+        head, sep, how = _shape(line).partition(" (")
+        assert head == "ok: generation N ready after Ns" and sep, line
+        assert how.removesuffix(")") in hows, line
