@@ -7,12 +7,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from rebind.errors import UsageError
 from rebind.supervisor import listen as L
-from rebind.supervisor.notify import NotifyReceiver
+from rebind.supervisor.notify import FdDisposal, NotifyReceiver
 from rebind.supervisor.procscan import _parse_epoll_fdinfo, serving
 from rebind.supervisor.run import exit_code
 from rebind.supervisor.spec import ListenSpec, check_unique, parse_listen
@@ -156,6 +157,15 @@ def test_notify_carries_kernel_checked_pid_and_closes_passed_fds(
         os.close(w)
         before = len(os.listdir("/proc/self/fd"))
         msgs = rx.receive()
+        # The passed fd is handed back for the supervisor's FdDisposal (the sender decides how
+        # it is closed); disposing of it leaves nothing in our table.
+        assert len(msgs[1].fds) == 1
+        disposal = FdDisposal()
+        disposal.dispose(msgs[1].fds, foreign=True)
+        disposal.close()
+        deadline = time.monotonic() + 10
+        while len(os.listdir("/proc/self/fd")) != before and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         rx.close()

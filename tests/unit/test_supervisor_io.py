@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from rebind.errors import UsageError
 from rebind.supervisor import members
-from rebind.supervisor.notify import NotifyReceiver
+from rebind.supervisor.fdreserve import FdReserve
+from rebind.supervisor.notify import FdDisposal, NotifyReceiver
 from rebind.supervisor.run import remove_pid_file, write_pid_file
 
 
@@ -155,3 +160,113 @@ def test_outer_notifier_sends_with_fds_and_ignores_a_missing_socket(tmp_path: Pa
         tx.close()
         os.close(r)
         os.close(w)
+
+
+def _lingering_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    """A client with SO_LINGER {1, 3600}, its accepted peer and the listener (loopback, no root)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    return c, peer, srv
+
+
+def _linger(s: socket.socket) -> tuple[int, int]:
+    on, secs = struct.unpack("ii", s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+    return on, secs
+
+
+def test_foreign_inet_socket_is_closed_at_once_without_linger() -> None:
+    """Issue 18 item 7: a passed socket from outside the generations gets SO_LINGER {1, 0} (close()
+    resets instead of waiting) and is closed by the caller itself, at once."""
+    c, peer, srv = _lingering_pair()
+    disposal = FdDisposal()
+    try:
+        passed = os.dup(c.fileno())
+        disposal.dispose((passed,), foreign=True)
+        with pytest.raises(OSError):
+            os.fstat(passed)  # closed already, not queued
+        assert disposal.pending == 0
+        assert _linger(c) == (1, 0)  # the same socket: the sender's copy resets too
+    finally:
+        disposal.close()
+        for s in (c, peer, srv):
+            s.close()
+
+
+def test_generation_socket_keeps_its_linger_and_is_closed_off_the_caller() -> None:
+    """A generation's passed socket may still be in use by the app: its options are not touched."""
+    c, peer, srv = _lingering_pair()
+    disposal = FdDisposal()
+    try:
+        passed = os.dup(c.fileno())
+        disposal.dispose((passed,), foreign=False)
+        disposal.close()
+        deadline = time.monotonic() + 10
+        while disposal.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert disposal.pending == 0
+        assert _linger(c) == (1, 3600)
+    finally:
+        for s in (c, peer, srv):
+            s.close()
+
+
+def test_foreign_unix_socket_goes_to_the_closer_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unix socket may carry queued fds whose release waits: the caller never closes it, and
+    the closer's backlog is counted (the supervisor stops reading at ``limit``)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    passed = os.dup(b.fileno())
+    gate = threading.Event()
+    real_close = os.close
+
+    def held_close(fd: int) -> None:
+        if fd == passed:
+            gate.wait(10)  # a close that waits, as a lingering release would
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", held_close)
+    disposal = FdDisposal(limit=1)
+    try:
+        disposal.dispose((passed,), foreign=True)
+        assert disposal.pending == 1 and disposal.full
+        gate.set()
+        deadline = time.monotonic() + 10
+        while disposal.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert disposal.pending == 0
+    finally:
+        gate.set()
+        disposal.close()
+        a.close()
+        b.close()
+
+
+def test_fd_reserve_is_released_for_a_retry_and_logged_once_per_shortage() -> None:
+    """Issue 18 item 2: EMFILE -> the reserve is closed, the work retried, the reserve taken back."""
+    reserve = FdReserve(3)
+    lines: list[str] = []
+    calls = 0
+
+    def needs_fds() -> str:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        assert not reserve.fds  # retried with the reserve closed
+        return "done"
+
+    try:
+        assert reserve.retry(needs_fds, lines.append, "start generation 2") == "done"
+        assert reserve.retry(needs_fds, lines.append, "start generation 3") == "done"
+        assert len(reserve.fds) == 3 and calls == 4
+        assert lines == [
+            "out of file descriptors (Too many open files) to start generation 2: using 3 reserved"
+        ]
+        with pytest.raises(OSError):  # not a shortage: not retried
+            reserve.retry(lambda: os.close(-1), lines.append, "start generation 4")
+        with pytest.raises(OSError, match="Too many"):  # KEEP: never below it
+            reserve.retry(needs_fds, lines.append, "accept", 1, 3)
+    finally:
+        reserve.close()
+    assert not reserve.fds

@@ -228,9 +228,11 @@ def reload(control: str | None, pid_file: str | None, timeout: float, status: bo
     from rebind.errors import UsageError
 
     if control:
-        from rebind.supervisor.control import send
+        from rebind.supervisor.client import ask
 
-        answer = send(control, "status" if status else "reload", timeout)
+        # The server end is checked first (SO_PEERCRED: root or us; the file and its directory
+        # not another user's): a planted socket is refused with exit 5, nothing sent to it.
+        answer = ask(control, "status" if status else "reload", timeout)
         ok = answer.startswith("ok")
         click.echo(answer or "failed: no answer (supervisor exited?)", err=not ok)
         return 0 if ok else 1

@@ -112,21 +112,7 @@ def _clear_stale(path: str) -> None:
 
 
 def send(path: str, command: str, timeout: float) -> str:
-    """Send COMMAND and wait for the one-line answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise UsageError(f"no `rebind run` listens on control socket {path}") from None
-        s.sendall(command.encode() + b"\n")
-        data = b""
-        try:
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        except TimeoutError:
-            raise EnvironmentProblem(f"no answer from {path} within {timeout:g}s") from None
-    return data.decode("utf-8", "replace").strip()
+    """Send COMMAND and wait for the one-line answer (the peer-checked client, client.ask)."""
+    from rebind.supervisor.client import ask
+
+    return ask(path, command, timeout)

@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,22 @@ def passed_fds(environ: Mapping[str, str], pid: int) -> list[Passed]:
     return out
 
 
+def _as_socket(fd: int) -> socket.socket | None:
+    """A socket object on a dup of FD, or None when FD is not a socket (socket(fileno=) would
+    raise ENOTSOCK and stop `rebind run` with a message that names no fd)."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None
+    except OSError:
+        return None
+    copy = os.dup(fd)
+    try:
+        return socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
+        return None
+
+
 def _kind(spec: ListenSpec) -> int:
     return socket.SOCK_DGRAM if spec.proto == "udp" else socket.SOCK_STREAM
 
@@ -83,7 +100,15 @@ def adopt(
     log: Callable[[str], None],
 ) -> dict[int, socket.socket]:
     """spec index -> the passed socket it takes over; unused passed fds are closed."""
-    socks = {p.fd: socket.socket(fileno=os.dup(p.fd)) for p in passed}
+    socks: dict[int, socket.socket] = {}
+    for p in passed:
+        sock = _as_socket(p.fd)
+        if sock is None:
+            # A regular file, pipe or tty in the LISTEN_FDS range (a stray fd of the shell, or a
+            # LISTEN_FDS that counts too many): not ours to serve; skipped like any mismatch.
+            log(f"passed fd {p.fd} ({p.name or 'unnamed'}) is not a socket: skipped (closed)")
+            continue
+        socks[p.fd] = sock
     names = {p.fd: p.name for p in passed}
     taken: dict[int, socket.socket] = {}
     free = dict(socks)

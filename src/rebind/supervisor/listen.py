@@ -232,7 +232,9 @@ def _bound(kind: int, host: str | None, port: int, reuseport: bool, dual_stack: 
             sock.bind(addr)
         except OSError as exc:
             if exc.errno in _EXPLAINED:
-                exc.add_note(_explain(addr[0], port, reuseport))
+                exc.add_note(
+                    _explain(addr[0], port, reuseport, "udp" if kind == socket.SOCK_DGRAM else "tcp")
+                )
             raise
     except BaseException:
         sock.close()
@@ -286,12 +288,13 @@ def _set_options(
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, 0 if both else 1)
 
 
-def _explain(host: str, port: int, reuseport: bool) -> str:
+def _explain(host: str, port: int, reuseport: bool, proto: str) -> str:
+    """Why binding HOST:PORT/PROTO failed: a UDP bind is judged by UDP's rules and holders."""
     try:
         from rebind.diagnosis import explain_bind_failure
     except ImportError:  # pragma: no cover - diagnose ships with rebind
-        return f"(run `rebind why {host}:{port}` for who holds the port)"
-    return explain_bind_failure(host, port, "tcp", reuseaddr=True, reuseport=reuseport)
+        return f"(run `rebind why {host}:{port}/{proto}` for who holds the port)"
+    return explain_bind_failure(host, port, proto, reuseaddr=True, reuseport=reuseport)
 
 
 async def start_server(

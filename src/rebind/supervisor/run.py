@@ -31,9 +31,10 @@ from rebind.model.validate import parse_seconds
 from rebind.supervisor import machine as m
 from rebind.supervisor import members, procscan
 from rebind.supervisor.control import ControlServer, Request, read_request
+from rebind.supervisor.fdreserve import SHORTAGE, SPAWN_NEEDS, FdReserve
 from rebind.supervisor.inherit import adopt, passed_fds
 from rebind.supervisor.listen import bind_datagram, bind_listener
-from rebind.supervisor.notify import NotifyReceiver, OuterNotifier
+from rebind.supervisor.notify import FdDisposal, NotifyMessage, NotifyReceiver, OuterNotifier
 from rebind.supervisor.spawn import RESET_SIGNALS, become_subreaper, resolve_command, spawn
 from rebind.supervisor.spec import ListenSpec
 from rebind.supervisor.watchdog import TOKEN_ENV, Watchdog
@@ -54,6 +55,9 @@ CONTROL_IDLE = 5.0  # a control client that has not sent its line by then is dro
 CONTROL_MAX = 32  # control clients still sending their line at once
 ACCEPT_BACKOFF = 1.0  # after EMFILE/ENFILE in accept(): stop accepting this long
 NOTIFY_BUDGET = 64  # sd_notify datagrams handled per wake-up; the rest wait for the next one
+PASSED_FDS_MAX = 64  # fds passed to the notify socket still waiting to be closed: then stop reading
+SCAN_NEEDS = 2  # fds a readiness scan holds at once (a /proc directory and a file in it)
+NOTIFY_RESUME = 0.1  # while reading is paused: how often the closer's backlog is looked at
 LOG_ONCE_MAX = 1024  # senders remembered for "log once"
 MEMBERS_EVERY = 5.0  # how often live generations' process lists are recorded (a /proc pass)
 LINGER_POLL = 0.25  # how often a lingering generation is checked for being empty
@@ -238,6 +242,9 @@ class Supervisor:
         self.watchdog: Watchdog | None = None
         self.sel = selectors.DefaultSelector()
         self.notify: NotifyReceiver | None = None
+        self.disposal = FdDisposal(PASSED_FDS_MAX)
+        # Taken last, after our own sockets: a full table must not stop a restart (issue 18 item 2).
+        self.reserve = FdReserve()
         self.control: ControlServer | None = None
         self.io = _IoState()
         self.token = secrets.token_hex(16).encode()  # REBIND_SUPERVISOR: marks all we started
@@ -308,12 +315,17 @@ class Supervisor:
             req.reply("failed: supervisor exiting")
         for fd in list(self.tees):
             self._close_tee(fd)
-        for closable in (self.notify, self.control):
-            if closable is not None:
-                closable.close()
+        if self.notify is not None:
+            # Datagrams still queued on it may carry fds whose release waits (a lingering TCP
+            # socket): closing it here could hang our exit, so the closer thread drops it.
+            self.disposal.dispose((self.notify.sock.detach(),), foreign=False)
+        self.disposal.close()
+        if self.control is not None:
+            self.control.close()
         self.sel.close()
         self.wake_r.close()
         self.wake_w.close()
+        self.reserve.close()
 
     def _reap_orphans(self) -> None:
         """Kill and reap processes that re-parented to us (we are a child subreaper)."""
@@ -361,6 +373,8 @@ class Supervisor:
         if self.io.signals:
             return 0
         times = [t for t in (self.state.next_deadline(), self.io.control_resume) if t is not None]
+        if self.io.notify_paused:
+            times.append(time.monotonic() + NOTIFY_RESUME)
         if self.state.starting and self.cfg.ready in (ReadyMode.AUTO, ReadyMode.ACCEPT):
             times.append(self.io.next_scan)
         if self.io.requests:
@@ -391,8 +405,13 @@ class Supervisor:
         if self.control is not None and self.io.control_resume is not None and now >= self.io.control_resume:
             self.io.control_resume = None
             self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
+        if self.notify is not None and self.io.notify_paused and self.disposal.pending < PASSED_FDS_MAX // 2:
+            self.io.notify_paused = False
+            self.sel.register(self.notify, selectors.EVENT_READ, self._on_notify)
         for req in [r for r in self.io.requests if now - r.since >= CONTROL_IDLE]:
             self._drop_request(req)  # idle: it must not hold a slot (or the loop) forever
+        if self.reserve.short:
+            self.reserve.refill()  # slots freed above (or anywhere) go to the reserve first
         if now >= self._next_record():
             self._record(now)
 
@@ -473,28 +492,47 @@ class Supervisor:
         return env
 
     def _spawn(self, action: m.Spawn) -> None:
-        reset = (*RESET_SIGNALS, signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD)
-        fds = [s.fileno() for s in self.sockets]
         n = action.number
+        attempts = 0
+
+        def fork() -> tuple[int, int]:
+            nonlocal attempts
+            attempts += 1
+            # The stderr tee is worth the reserve, not worth not starting: after the reserve (or
+            # without one) the generation runs without it.
+            return self._fork(n, tee_optional=attempts > 1 or len(self.reserve.fds) < SPAWN_NEEDS)
+
         try:
-            r, w = os.pipe2(os.O_CLOEXEC)
-        except OSError:
-            r = w = -1  # out of fds: run it without the tee rather than not at all
-        try:
-            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset, w if w >= 0 else None)
+            pid, r = self.reserve.retry(fork, self.log, f"start generation {n}")
         except (RebindError, OSError) as exc:
-            if r >= 0:
-                os.close(r)
             self._spawn_failed(n, exc)
             return
-        finally:
-            if w >= 0:
-                os.close(w)
         if r >= 0:
             os.set_blocking(r, False)
             self.tees[r] = _Tee(n)
             self.sel.register(r, selectors.EVENT_READ, lambda: self._on_tee(r))
         self._spawned(n, pid, action)
+
+    def _fork(self, n: int, tee_optional: bool) -> tuple[int, int]:
+        """Start generation N; (its leader's pid, the read end of its stderr pipe or -1)."""
+        reset = (*RESET_SIGNALS, signal.SIGHUP, signal.SIGCHLD, *STOP, *FORWARD)
+        fds = [s.fileno() for s in self.sockets]
+        try:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            if not tee_optional:
+                raise
+            r = w = -1
+        try:
+            pid = spawn(self.exe, self.cfg.argv, self._env(n), fds, reset, w if w >= 0 else None)
+        except BaseException:
+            if r >= 0:
+                os.close(r)
+            raise
+        finally:
+            if w >= 0:
+                os.close(w)
+        return pid, r
 
     def _spawn_failed(self, n: int, exc: BaseException) -> None:
         if isinstance(exc, RebindError):
@@ -577,7 +615,10 @@ class Supervisor:
         if leader is None:
             return
         try:
-            found = procscan.serving(leader, self.inodes, self.tcp_ports)
+            # A scan holds one or two fds at a time and takes EMFILE for "not found": with the
+            # table full, a restart would never be seen to serve. The reserve lends them.
+            with self.reserve.lent(SCAN_NEEDS):
+                found = procscan.serving(leader, self.inodes, self.tcp_ports)
         except OSError:
             return  # e.g. EMFILE while listing /proc: scan again shortly
         if len(found) == len(self.inodes):
@@ -587,10 +628,40 @@ class Supervisor:
         assert self.notify is not None
         # A budget per wake-up: a READY=1 flood from any local user cannot starve the loop
         # (issue 8, item 21); what is left is read at the next wake-up.
-        for msg in self.notify.receive(NOTIFY_BUDGET):
-            if msg.get("READY") != "1":
-                continue
-            self._on_ready_message(msg.pid)
+        for _ in range(NOTIFY_BUDGET):
+            got = self.notify.receive(1)
+            if not got:
+                return
+            msg = got[0]
+            if msg.fds:
+                self._dispose(msg)
+            if msg.get("READY") == "1":
+                self._on_ready_message(msg.pid)
+            if self.disposal.full:
+                # The closer thread is behind (a close that waits): every further message may
+                # install up to 253 fds in our table. Leave them queued in the kernel until it
+                # catches up; READY=1 waits too, /proc scans (auto, accept) do not.
+                self.log(f"{self.disposal.pending} passed fds not closed yet: pausing the notify socket")
+                self.sel.unregister(self.notify)
+                self.io.notify_paused = True
+                return
+
+    def _dispose(self, msg: NotifyMessage) -> None:
+        """Close fds passed with a notify message (we keep no fd store), never blocking the loop.
+
+        The kernel-attested sender decides how: from a live generation's tree, its sockets are
+        left as they are (the app may still use them); from anyone else they get SO_LINGER {1, 0}.
+        """
+        ours = any(self._in_generation(msg.pid, g) for g in self.state.gens)
+        self.disposal.dispose(msg.fds, foreign=not ours)
+        if ours or msg.pid in self.io.fd_senders:
+            return
+        if len(self.io.fd_senders) < LOG_ONCE_MAX:
+            self.io.fd_senders.add(msg.pid)
+            self.log(
+                f"closed {len(msg.fds)} fd(s) passed by pid {msg.pid} (uid {msg.uid}) to the notify socket:"
+                " not a process of a generation (logged once)"
+            )
 
     def _in_generation(self, sender: int, gen: m.Gen | None) -> bool:
         leader = self.procs.leaders.get(gen.number) if gen else None
@@ -671,10 +742,12 @@ class Supervisor:
 
     def _on_control(self) -> None:
         assert self.control is not None
+        control = self.control
         try:
-            req = self.control.accept()
+            # One reserved fd may answer a client; the rest stays for starting a generation.
+            req = self.reserve.retry(control.accept, self.log, "accept a control client", 1, SPAWN_NEEDS)
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if exc.errno not in (*SHORTAGE, errno.ENOBUFS, errno.ENOMEM):
                 raise
             # Out of descriptors: the pending connection stays in the backlog and select() would
             # report it again at once. Stop watching the socket for a while instead of spinning.
@@ -753,6 +826,8 @@ class _IoState:
     ignored: set[int] = field(default_factory=set)
     outsiders: set[tuple[int, int]] = field(default_factory=set)  # (generation, pid) not in its tree
     ignored_count: int = 0
+    fd_senders: set[int] = field(default_factory=set)  # foreign pids that passed fds (logged once)
+    notify_paused: bool = False  # too many passed fds waiting to be closed: not reading
 
 
 def write_pid_file(path: str) -> None:

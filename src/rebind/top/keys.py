@@ -13,9 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
-import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,7 +27,6 @@ if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
 
-_UCRED = struct.Struct("iII")
 #: /proc/net/unix flag of a listening socket (__SO_ACCEPTCON) and type of a stream socket.
 _ACCEPTCON = 0x10000
 _SOCK_STREAM = 1
@@ -217,32 +213,10 @@ def find_supervisor(view: PortView, proc: str = "/proc") -> Supervisor | str:
 def control(sup: Supervisor, command: str, timeout: float) -> str:
     """Send one command (``status``, ``reload``) to the supervisor and return its answer line.
 
-    The peer must be the supervisor itself (SO_PEERCRED pid): a socket file swapped in a shared
-    directory, or another process's socket, is refused.
+    The one control client (supervisor/client.py): the peer must be the supervisor itself
+    (SO_PEERCRED pid) and run as root or us; a socket file swapped in a shared directory, or
+    another process's socket, is refused.
     """
-    from rebind.errors import EnvironmentProblem
+    from rebind.supervisor.client import ask
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(min(timeout, 5.0))
-        try:
-            s.connect(sup.control)
-        except OSError as exc:
-            raise EnvironmentProblem(f"cannot connect to {visible(sup.control)}: {exc.strerror}") from None
-        pid, _, _ = _UCRED.unpack(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        if pid != sup.pid:
-            raise EnvironmentProblem(
-                f"{visible(sup.control)} is served by pid {pid}, not by the supervisor (pid {sup.pid})"
-            )
-        s.sendall(command.encode() + b"\n")
-        s.settimeout(timeout)
-        data = b""
-        deadline = time.monotonic() + timeout
-        while not data.endswith(b"\n") and time.monotonic() < deadline:
-            try:
-                chunk = s.recv(4096)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return visible(data.decode("utf-8", "replace").strip()) or "failed: no answer (supervisor exited?)"
+    return ask(sup.control, command, timeout, expect_pid=sup.pid) or "failed: no answer (supervisor exited?)"
