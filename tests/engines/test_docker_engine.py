@@ -69,7 +69,7 @@ def test_docker_proxy_resolves_to_its_container(engine_netns: Netns) -> None:
             check=True,
         ).stdout
         (sock,) = [s for s in json.loads(out)["sockets"] if s["netns_name"] == engine_netns.name]
-        assert sock["owners"][0]["container"] == {"engine": "docker", "id": cid, "name": "web"}
+        assert sock["owners"][0]["container"] == {"engine": "docker", "id": cid, "name": "web", "user": None}
         assert sock["owners"][0]["proxy"] == "docker-proxy"
         table = subprocess.run(
             [sys.executable, "-m", "rebind", "ls", "--all-netns", str(port), "--state", "listen"],
