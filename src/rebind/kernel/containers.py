@@ -5,12 +5,25 @@ source is tried when present and skipped quietly when not.
 Sources, cheapest first:
 
 * ``/proc/PID/cgroup`` → container id and systemd unit (:mod:`rebind.model.containers`);
-* the proxy's own command line (conmon ``-c ID -n NAME``; docker-proxy ``-container-ip``) — trusted
-  only when the proxy runs as root, since any user can name a process ``docker-proxy``;
-* Docker's API socket (``GET /containers/json``: names, addresses, sandbox keys), found at
-  ``/run/docker.sock`` and at every ``-H unix://…`` of a root-owned dockerd;
-* Podman's state on disk (``overlay-containers/containers.json``: ids and names);
+* the proxy's own command line (conmon ``-c ID -n NAME``; docker-proxy ``-container-ip``);
+* Docker's API socket (``GET /containers/json``: names, addresses), at ``/run/docker.sock`` and at
+  every ``-H unix://…`` of a real dockerd;
+* Podman's state on disk (``<graphroot>/overlay-containers/containers.json``: ids and names);
 * ``iptables-save -t nat`` (iptables-nft included) for NAT captures.
+
+rebind runs as root and every one of these is written by some other process, so each is
+believed only as far as the kernel vouches for its writer (issue 18):
+
+* a process is who the kernel says: its real uid (all four ``Uid:`` fields of /proc/PID/status,
+  not the owner of /proc/PID, which a setuid program started by anyone makes root) and its
+  executable (``/proc/PID/exe``: a root-owned file nobody else may write, named as the engine's
+  program), never its comm or argv[0];
+* a Docker socket is asked only when its path is root's all the way down, and the server end
+  (SO_PEERCRED) is root: the very dockerd whose ``-H`` named it;
+* a rootless proxy serves a container only if a conmon of its own user, in its namespace,
+  points at that user's Podman state, which lists the container; the fix then runs as that user;
+* every name and id is validated (model/containers.py) and the answer bounded in bytes, JSON
+  depth and total time: an engine that fails any of it "did not answer" (a table warning).
 """
 
 from __future__ import annotations
