@@ -339,3 +339,41 @@ def test_hostile_scripts_do_not_import_rebind() -> None:
         assert "rebind" not in code
     assert shlex.split("x")  # (shlex used by the fix-line checks above)
     assert sys.executable
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as other users")
+def test_root_only_path(tmp_path: Path) -> None:
+    """A Docker socket is asked only when root alone controls its path: every directory root's
+    and not writable by others (a root-owned sticky directory such as /tmp excepted)."""
+    import socket
+
+    base = tmp_path / "root"
+    base.mkdir(mode=0o755)
+    ok = base / "ok.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(ok))
+    assert kc.root_only_path(str(ok)) is None  # under /tmp (root, sticky): root's all the way
+    sticky = base / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    open_dir = base / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    users = base / "users"
+    users.mkdir(mode=0o755)
+    os.chown(users, 65534, 65534)
+    for d in (sticky, open_dir, users):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(d / "api.sock"))
+    theirs = base / "theirs.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(theirs))
+    os.chown(theirs, 65534, 65534)
+    assert kc.root_only_path(str(sticky / "api.sock")) is None
+    assert kc.root_only_path(str(open_dir / "api.sock")) == f"{open_dir} is writable by group or others"
+    assert kc.root_only_path(str(users / "api.sock")) == f"{users} is owned by uid 65534, not root"
+    assert kc.root_only_path(str(theirs)) == f"{theirs} is owned by uid 65534, not root"
+    assert kc.root_only_path("relative.sock") == "not an absolute path"
+    regular = base / "file"
+    regular.write_text("")
+    assert kc.root_only_path(str(regular)) == f"{regular} is not a socket"

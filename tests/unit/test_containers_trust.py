@@ -295,3 +295,103 @@ def test_resolve_proxy_believes_no_rootless_proxy_without_its_users_container(tm
     for name in ("rootlessport", "pasta", "slirp4netns"):
         assert kc.resolve_proxy(9, name, (name,), 65534, kc.EngineState(), str(tmp_path)) is None
         assert kc.resolve_proxy(9, name, (name,), None, kc.EngineState(), str(tmp_path)) is None
+
+
+# ----------------------------------------------------- rootless proxies, on a fake /proc tree
+
+RLP_EXE = "/usr/lib/podman/rootlessport"
+CONMON_EXE = "/usr/bin/conmon"
+
+
+def _exe_ok(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
+@pytest.fixture
+def rootless_tree(tmp_path: Path) -> dict[str, Path]:
+    """/proc as rootless Podman leaves it: rootlessport (100) whose main thread is in the
+    container's netns, the container's process (200) there, its parent conmon (300) pointing at
+    a bundle in the user's storage, whose containers.json lists the container."""
+    if not (_exe_ok(RLP_EXE) and _exe_ok(CONMON_EXE)):
+        pytest.skip("podman's rootlessport and conmon are not installed")
+    uid = os.getuid()
+    proc = tmp_path / "proc"
+    store = tmp_path / "storage" / "vfs-containers"
+    bundle = store / ID / "userdata"
+    bundle.mkdir(parents=True)
+    (store / "containers.json").write_text(json.dumps([{"id": ID, "names": ["rlweb"]}]))
+    for pid, comm, exe, argv in (
+        (100, "rootlessport", RLP_EXE, ["rootlessport"]),
+        (200, "httpd", None, ["httpd"]),
+        (300, "conmon", CONMON_EXE, [CONMON_EXE, "-c", ID, "-n", "rlweb", "-b", str(bundle)]),
+    ):
+        d = proc / str(pid)
+        (d / "ns").mkdir(parents=True)
+        (d / "fd").mkdir()
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+        (d / "stat").write_text(f"{pid} ({comm}) S {300 if pid == 200 else 1} 0 0\n")
+        if exe:
+            (d / "exe").symlink_to(exe)
+    (proc / "100" / "ns" / "net").write_text("")
+    os.link(proc / "100" / "ns" / "net", proc / "200" / "ns" / "net")  # same inode: same netns
+    (proc / "300" / "ns" / "net").write_text("")  # conmon lives in the host's
+    (proc / "self" / "ns").mkdir(parents=True)
+    os.link(proc / "300" / "ns" / "net", proc / "self" / "ns" / "net")
+    return {"proc": proc, "store": store, "bundle": bundle}
+
+
+def _resolve(tree: dict[str, Path]) -> ContainerRef | None:
+    found = kc.resolve_proxy(
+        100, "rootlessport", ("rootlessport",), os.getuid(), kc.EngineState(), str(tree["proc"])
+    )
+    return found[1] if found else None
+
+
+def test_rootless_proxy_with_its_users_container(rootless_tree: dict[str, Path]) -> None:
+    import pwd
+
+    ref = _resolve(rootless_tree)
+    user = None if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    assert ref == ContainerRef(Engine.PODMAN, ID, "rlweb", user)
+
+
+def test_rootless_conmon_of_another_user_is_not_believed(rootless_tree: dict[str, Path]) -> None:
+    (rootless_tree["proc"] / "300" / "status").write_text("Uid:\t4242\t4242\t4242\t4242\n")
+    assert _resolve(rootless_tree) is None
+
+
+def test_rootless_container_must_be_in_the_users_state(rootless_tree: dict[str, Path]) -> None:
+    state = rootless_tree["store"] / "containers.json"
+    state.write_text(json.dumps([{"id": "cd" * 32, "names": ["other"]}]))
+    assert _resolve(rootless_tree) is None
+    state.write_text(json.dumps([{"id": ID, "names": ["rlweb"]}]))
+    state.chmod(0o666)  # anyone may have written it
+    assert _resolve(rootless_tree) is None
+    state.chmod(0o644)
+    assert _resolve(rootless_tree) is not None
+
+
+def test_rootless_proxy_by_name_only_is_not_believed(rootless_tree: dict[str, Path]) -> None:
+    fake = rootless_tree["proc"].parent / "rootlessport"
+    fake.write_text("")
+    if os.geteuid() == 0:
+        os.chown(fake, 65534, 65534)  # as a user's own file is
+    exe = rootless_tree["proc"] / "100" / "exe"
+    exe.unlink()
+    exe.symlink_to(fake)  # the user's own file called rootlessport
+    assert _resolve(rootless_tree) is None
+
+
+def test_rootless_bundle_must_be_podmans_shape(rootless_tree: dict[str, Path]) -> None:
+    cmdline = rootless_tree["proc"] / "300" / "cmdline"
+    other = rootless_tree["store"] / ID
+    cmdline.write_bytes(b"\0".join(x.encode() for x in (CONMON_EXE, "-c", ID, "-b", str(other))) + b"\0")
+    assert _resolve(rootless_tree) is None
+    cmdline.write_bytes(b"\0".join(x.encode() for x in (CONMON_EXE, "-c", ID)) + b"\0")
+    assert _resolve(rootless_tree) is None
