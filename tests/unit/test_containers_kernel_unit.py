@@ -90,7 +90,7 @@ def test_docker_api_absent_or_silent(tmp_path: Path) -> None:
     try:
         assert kc._docker_api(str(tmp_path / "silent.sock"), time.monotonic() + 0.2) == (
             None,
-            f"did not answer within {kc.API_DEADLINE:g} s",
+            f"no complete answer within {kc.API_DEADLINE:g} s",
         )
     finally:
         silent.close()

@@ -235,7 +235,7 @@ def test_a_drip_ends_at_the_total_deadline(fake_api: tuple[str, dict[str, bytes 
     cfg["answer"] = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n"
     cfg["drip"] = 0.02
     answer, problem = kc._docker_api(path, time.monotonic() + 0.3)
-    assert answer is None and problem == f"did not answer within {kc.API_DEADLINE:g} s"
+    assert answer is None and problem == f"no complete answer within {kc.API_DEADLINE:g} s"
 
 
 def test_the_peer_check_runs_before_anything_is_sent(

@@ -266,7 +266,7 @@ def _docker_api(
         s.sendall(b"GET /containers/json HTTP/1.0\r\nHost: docker\r\nConnection: close\r\n\r\n")
         raw = _read_answer(s, deadline)
     except TimeoutError:
-        return None, f"did not answer within {API_DEADLINE:g} s"
+        return None, f"no complete answer within {API_DEADLINE:g} s"
     except OSError as exc:
         return None, f"could not be asked ({exc.strerror or exc})"
     except ValueError as exc:
@@ -387,7 +387,9 @@ def engine_state(proc: str = "/proc") -> EngineState:
                 _add_docker(state, answer)
                 sources.append(f"docker:{path}")
                 continue
-        problems.append(f"Docker API {visible(path)}: {why} (its container names are not shown)")
+        problems.append(
+            f"Docker engine at {visible(path)} did not answer ({why}): its containers are not named"
+        )
     for path in PODMAN_STATE:
         if root_only_path_file(path) is None and _add_podman(state, path):
             sources.append(f"podman:{path}")
