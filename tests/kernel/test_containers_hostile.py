@@ -273,8 +273,13 @@ def test_a_users_rootlessport_names_no_container(
     port = 18433
     rlp = procs.start([*NB, PY, "-u", "-c", FAKERLP, str(port), "b" * 64, "prod-db", "60", FAKECONMON])
     assert procs.wait_line(rlp) == "ready"
-    _wait(lambda: _pids_with_cmdline(b"prod-db"), "the fake conmon")
-    for pid in _pids_with_cmdline(b"prod-db"):
+
+    # The fake conmon and its forked child (both carry the argv): ended by pid at teardown.
+    def both() -> list[int] | None:
+        found = _pids_with_cmdline(b"\0-n\0prod-db")
+        return found if len(found) >= 2 else None
+
+    for pid in _wait(both, "the fake conmon and its child"):
         procs.adopt(pid)
 
     res = rebind_cli("why", str(port), "--json")
