@@ -8,7 +8,9 @@ that lives elsewhere (passed by SCM_RIGHTS: the socket's reference keeps its nam
 sk->sk_net). We collect all three and deduplicate by (device, inode) — the namespace's identity,
 the number ``ls -l /proc/PID/ns/net`` shows. The third needs root: each socket fd is copied with
 pidfd_getfd (Linux 5.6) and asked ``ioctl(SIOCGSKNS)`` (Linux 4.9), which returns an fd of the
-socket's namespace; that fd is what we then enter.
+socket's namespace; that fd is what we then enter. It costs a readlink per fd and a copy per
+distinct socket (measured here: about 6 s for 200,000 socket fds, well under 0.1 s for the few
+thousand of a usual host); a BPF iterator reading sk->sk_net would make it one pass.
 
 Reading a namespace's sockets: ``setns(fd, CLONE_NEWNET)`` acts on the calling *thread*, so each
 namespace is read by a short-lived worker thread that enters it, opens its own NETLINK_SOCK_DIAG
