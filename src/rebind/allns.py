@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import replace
 
-from rebind.errors import EnvironmentProblem
+from rebind.errors import EnvironmentProblem, UsageError
 from rebind.kernel.containers import EngineState, engine_state, iptables_nat, read_context
 from rebind.kernel.namespaces import NetnsScan, list_namespaces, records_per_netns, run_in
 from rebind.model.containers import Engine, ProxyKind, nat_captures
@@ -19,6 +19,7 @@ from rebind.model.records import (
     LISTENING_STATES,
     Family,
     Proto,
+    SocketEntry,
     SocketRecord,
     SocketTable,
     State,
@@ -52,7 +53,25 @@ def socket_table_all_netns(
     plist = _ports(ports)
     given = _states(states)
     chosen = given if given is not None else (frozenset(State) if plist else LISTENING_STATES)
-    scan = list_namespaces(proc)
+    if not isinstance(proc, str) or not os.path.isdir(proc):
+        raise UsageError(f"proc={proc!r} is not a directory (the proc filesystem, normally /proc)")
+    try:
+        scan = list_namespaces(proc)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot list the processes in {proc}: {exc.strerror}") from exc
+    with scan:
+        return _table(scan, plist, protos, families, chosen, owners, proc)
+
+
+def _table(
+    scan: NetnsScan,
+    plist: list[int] | None,
+    protos: Iterable[Proto],
+    families: Iterable[Family],
+    chosen: frozenset[State],
+    owners: bool,
+    proc: str,
+) -> SocketTable:
     records: list[SocketRecord] = []
     warnings: list[str] = []
     if scan.unreadable:
@@ -74,9 +93,33 @@ def socket_table_all_netns(
     records.sort(key=lambda r: (r.local.port, r.proto.value, r.netns or 0, r.family.value, str(r.local)))
     source = "netlink" if sources <= {"netlink"} else "mixed"
     table = table_of(records, source, tuple(warnings), owners=owners, netns_names=_netns_names(scan, proc))
+    if owners:
+        table = _owners_across_namespaces(table, scan)
     if not any(o.proxy is ProxyKind.DOCKERD and o.container is None for e in table.entries for o in e.owners):
         return table
     return resolve_reservations(table, scan, engine_state(proc))
+
+
+def _owners_across_namespaces(table: SocketTable, scan: NetnsScan) -> SocketTable:
+    """Owners of the sockets of namespaces found only through a socket: their holders live in
+    another namespace, which the owner scan (it looks in the socket's own namespace) skips."""
+    hidden = {ns.inode for ns in scan.namespaces if ns.via_socket}
+    lost = [e.socket for e in table.entries if e.socket.netns in hidden and not e.owners and e.socket.inode]
+    if not lost:
+        return table
+    from rebind.kernel.containers import annotate
+    from rebind.kernel.owners import find_owners
+
+    found, _report = find_owners(replace(r, netns=None) for r in lost)
+    by_inode = dict(found)
+    entries = tuple(SocketEntry(r, by_inode.get(r.inode or 0, ())) for r in lost)
+    extra = annotate(replace(table, entries=entries, warnings=()))
+    owners_of = {e.socket.inode: e.owners for e in extra.entries}
+    merged = tuple(
+        replace(e, owners=owners_of[e.socket.inode]) if e.socket.inode in owners_of and not e.owners else e
+        for e in table.entries
+    )
+    return replace(table, entries=merged, warnings=(*table.warnings, *extra.warnings))
 
 
 def resolve_reservations(table: SocketTable, scan: NetnsScan, engines: EngineState) -> SocketTable:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -240,12 +241,23 @@ class RootlessUser:
         )
 
 
+#: The throwaway user's uid is at least this (useradd's UID_MIN): never root's or a system user's.
+_FIRST_USER_UID = 1000
+
+
 def _pids_of_uid(uid: int) -> list[int]:
+    """Processes whose real uid is the throwaway user's (from /proc/PID/status, not the owner
+    of /proc/PID, which is the effective uid). Refuses a uid that could be root's or a system
+    user's: a wrong uid here would end every process of that user on the machine."""
+    if uid < _FIRST_USER_UID or uid == 65534:
+        raise AssertionError(f"refusing to end the processes of uid {uid}: not a throwaway user")
     pids = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.stat(entry.path).st_uid == uid:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"{entry.path}/status", "rb") as fh:
+                    uids = next(line for line in fh if line.startswith(b"Uid:")).split()[1:]
+                if int(uids[0]) == uid:
                     pids.append(int(entry.name))
     return pids
 
@@ -262,7 +274,12 @@ def rootless_user() -> Iterator[RootlessUser]:
     need("busybox")
     name = f"rbrl{uuid.uuid4().hex[:6]}"
     subprocess.run(["useradd", "-m", name], check=True, capture_output=True)
-    uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True, text=True).stdout)
+    # From the user database itself, not `id` (a stubbed /usr/bin/id printing 0 once made this
+    # fixture's cleanup end every root process on the machine).
+    uid = pwd.getpwnam(name).pw_uid
+    if uid < _FIRST_USER_UID:
+        subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+        pytest.fail(f"useradd gave {name} uid {uid}, not a regular user's")
     home = Path(f"/home/{name}")
     run_dir = Path(f"/run/user/{uid}")
     tun = "/dev/net/tun"

@@ -69,7 +69,7 @@ def test_docker_proxy_resolves_to_its_container(engine_netns: Netns) -> None:
             check=True,
         ).stdout
         (sock,) = [s for s in json.loads(out)["sockets"] if s["netns_name"] == engine_netns.name]
-        assert sock["owners"][0]["container"] == {"engine": "docker", "id": cid, "name": "web"}
+        assert sock["owners"][0]["container"] == {"engine": "docker", "id": cid, "name": "web", "user": None}
         assert sock["owners"][0]["proxy"] == "docker-proxy"
         table = subprocess.run(
             [sys.executable, "-m", "rebind", "ls", "--all-netns", str(port), "--state", "listen"],
@@ -178,6 +178,13 @@ def test_why_names_the_container_and_free_refuses_the_proxy(engine_netns: Netns)
         assert res.returncode == 5, res.stdout + res.stderr
         assert "docker-proxy" in res.stdout and "stop or re-map the container" in res.stdout
         assert os.path.exists(f"/proc/{owner.pid}")
+        # The fix, exactly as printed (DOCKER_HOST names this test's private dockerd), stops it.
+        env = dict(os.environ, DOCKER_HOST=d.host)
+        done = subprocess.run(
+            ["sh", "-c", doc["fixes"][0]["command"]], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert d.cli("inspect", "-f", "{{.State.Running}}", "web").stdout.strip() == "false"
 
 
 def test_why_warns_about_a_nat_rule_with_no_socket(netns: int) -> None:

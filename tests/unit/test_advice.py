@@ -38,6 +38,7 @@ from rebind.model.conflict import (
     Verdict,
     probe_is_harmless,
 )
+from rebind.model.containers import ProxyKind
 from rebind.model.diagnosis import HolderKind, ProcessHint, classify, fixes_for, kind_phrase
 from rebind.model.records import (
     Endpoint,
@@ -161,7 +162,16 @@ def consistent(d: Diagnosis) -> None:
         (rec(state=State.ESTABLISHED, remote_port=50000), (owner(),), True, HolderKind.CONNECTION),
         (rec(state=State.ESTABLISHED, remote_port=50000), (owner(),), False, HolderKind.CONNECTION),
         (rec(state=State.CLOSE_WAIT, remote_port=50000), (owner(),), True, HolderKind.CLOSING_LEFTOVER),
-        (rec(), (owner(name="docker-proxy"),), False, HolderKind.CONTAINER_PROXY),
+        # A proxy is what the owner annotation proved (kernel/containers.py), not a name.
+        (
+            rec(),
+            (replace(owner(name="docker-proxy"), proxy=ProxyKind.DOCKER_PROXY),),
+            False,
+            HolderKind.CONTAINER_PROXY,
+        ),
+        (rec(), (owner(name="docker-proxy"),), False, HolderKind.LISTENER),
+        (rec(), (owner(name="rootlessport"),), False, HolderKind.LISTENER),
+        (rec(), (owner(name="vpnkit"),), False, HolderKind.CONTAINER_PROXY),
     ],
 )
 def test_classify(record: SocketRecord, owners: tuple[Owner, ...], listener: bool, kind: HolderKind) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
@@ -73,8 +74,8 @@ def docker_api(tmp_path: Path) -> Iterator[str]:
 
 
 def test_docker_api_names_and_addresses(docker_api: str) -> None:
-    answer = kc._docker_api(docker_api)
-    assert answer is not None
+    answer, problem = kc._docker_api(docker_api)
+    assert answer is not None and problem is None
     state = kc.EngineState()
     kc._add_docker(state, answer)
     assert state.names[ID] == (Engine.DOCKER, "web")
@@ -82,12 +83,15 @@ def test_docker_api_names_and_addresses(docker_api: str) -> None:
 
 
 def test_docker_api_absent_or_silent(tmp_path: Path) -> None:
-    assert kc._docker_api(str(tmp_path / "nothing.sock")) is None
+    assert kc._docker_api(str(tmp_path / "nothing.sock"))[0] is None
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.bind(str(tmp_path / "silent.sock"))
-    silent.listen()  # accepts into the backlog, never answers: bounded by API_TIMEOUT
+    silent.listen()  # accepts into the backlog, never answers: bounded by the deadline
     try:
-        assert kc._docker_api(str(tmp_path / "silent.sock")) is None
+        assert kc._docker_api(str(tmp_path / "silent.sock"), time.monotonic() + 0.2) == (
+            None,
+            f"no complete answer within {kc.API_DEADLINE:g} s",
+        )
     finally:
         silent.close()
 

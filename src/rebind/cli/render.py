@@ -48,7 +48,7 @@ def owner_json(o: Owner) -> dict[str, Any]:
 
 
 def container_json(c: ContainerRef | None) -> dict[str, Any] | None:
-    return None if c is None else {"engine": c.engine.value, "id": c.id, "name": c.name}
+    return None if c is None else {"engine": c.engine.value, "id": c.id, "name": c.name, "user": c.user}
 
 
 def socket_json(r: SocketRecord) -> dict[str, Any]:

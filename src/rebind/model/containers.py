@@ -39,8 +39,26 @@ _POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f
 # A container scope or directory: an optional runtime prefix, the 64-hex id, an optional ".scope".
 _SCOPE = re.compile(r"(?:(docker|libpod|cri-containerd|crio|containerd)-)?([0-9a-f]{64})(?:\.scope)?")
 _UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".slice")
-#: Names a container runtime gives a port proxy's process (comm, or argv[0]'s basename).
+#: A container name as the engines accept it (docker's and podman's ``[a-zA-Z0-9][a-zA-Z0-9_.-]*``),
+#: and the only shape of engine-supplied name rebind shows or puts in a command: every other
+#: string (from an engine's API, a state file or a command line) is dropped.
 _NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+#: A login name as useradd accepts it (Debian's default NAME_REGEX, without the trailing "$").
+_USER_OK = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def valid_name(name: object) -> bool:
+    """Is this an engine-supplied container name rebind may show and quote into a command?"""
+    return isinstance(name, str) and _NAME_OK.fullmatch(name) is not None
+
+
+def valid_id(cid: object) -> bool:
+    """A full container id: exactly 64 lowercase hex digits."""
+    return isinstance(cid, str) and _HEX64.fullmatch(cid) is not None
+
+
+def valid_user(user: object) -> bool:
+    return isinstance(user, str) and _USER_OK.fullmatch(user) is not None
 
 
 class Engine(enum.StrEnum):
@@ -58,6 +76,8 @@ class ContainerRef:
     #: The full id (64 hex) when known; for a Kubernetes pod without a container id, ``pod<uid>``.
     id: str
     name: str | None = None
+    #: A rootless container's user (its engine runs as that user, not root); None for root's.
+    user: str | None = None
 
     @property
     def label(self) -> str:
@@ -65,9 +85,7 @@ class ContainerRef:
         return self.name or self.id[:12]
 
     def with_name(self, name: str | None) -> ContainerRef:
-        return (
-            self if name is None or not _NAME_OK.fullmatch(name) else ContainerRef(self.engine, self.id, name)
-        )
+        return self if not valid_name(name) else ContainerRef(self.engine, self.id, name, self.user)
 
 
 def _cgroup_paths(text: str) -> list[str]:
@@ -251,14 +269,138 @@ def classify_proxy(comm: str, cmdline: Sequence[str]) -> ProxyInfo | None:
 
 
 def stop_command(ref: ContainerRef) -> str:
-    """The command that stops what really serves (never "kill the proxy")."""
-    target = ref.name or ref.id[:12]
+    """The command line that stops what really serves (never "kill the proxy"), safe to paste.
+
+    Built only from validated pieces, each ``shlex.quote``d: a name that is not a valid container
+    name (an engine's answer is another process's text) is replaced by the id, and an id that is
+    not 64 hex by nothing (then the line only lists the engine's containers). A rootless
+    container is stopped by its own user's engine (``su - USER -c 'podman stop NAME'``): root's
+    ``podman stop NAME`` would act on root's containers, which may have the same name.
+    """
+    import shlex  # not at import time: records.py imports this module on every start
+
+    q = shlex.quote
     if ref.engine is Engine.KUBERNETES:
-        return "kubectl delete pod / scale the workload that runs this container (crictl ps to find it)"
-    tool = {Engine.DOCKER: "docker", Engine.PODMAN: "podman", Engine.CONTAINERD: "ctr -n k8s.io task kill"}
+        # kubelet restarts whatever is stopped by hand: the workload is what to change.
+        return "crictl ps   # then delete the pod or scale the workload that runs this container"
+    target = ref.name if valid_name(ref.name) else (ref.id[:12] if valid_id(ref.id) else None)
     if ref.engine is Engine.CONTAINERD:
-        return f"{tool[ref.engine]} {target}"
-    return f"{tool[ref.engine]} stop {target}"
+        return f"ctr -n k8s.io task kill {q(target)}" if target else "ctr -n k8s.io task ls"
+    tool = "podman" if ref.engine is Engine.PODMAN else "docker"
+    words = [tool, "stop", target] if target else [tool, "ps"]
+    line = " ".join(q(w) for w in words)
+    if ref.user is None:
+        return line
+    if not valid_user(ref.user):
+        return f"{tool} ps   # the container belongs to another user: run this as that user"
+    return f"su - {q(ref.user)} -c {q(line)}"
+
+
+# ------------------------------------------------------------------- an engine's API answer
+#
+# Docker's API socket answers HTTP; the answer is another process's bytes, read as root. Before
+# json.loads sees it, it is bounded in size (by the reader), checked for its status, and checked
+# for its nesting depth: json.loads recurses once per level, and "[" * 200000 raised
+# RecursionError out of `rebind ls` (exit 70).
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def json_nesting_problem(text: bytes, limit: int) -> str | None:
+    """Why a JSON text must not reach json.loads ("deeper than LIMIT levels", "unbalanced"), or
+    None. Linear passes in C: strings are blanked, everything but brackets dropped, then the
+    innermost pairs removed once per level."""
+    brackets = _JSON_STRING.sub(b'""', text).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return None
+        brackets, n = _INNERMOST.subn(b"", brackets)
+        if n == 0:
+            return "with unbalanced brackets"  # json.loads would fail (or first recurse) on it
+    return f"nested deeper than {limit} levels" if brackets else None
+
+
+def json_depth_within(text: bytes, limit: int) -> bool:
+    """Do the brackets of a JSON text balance and nest at most ``limit`` deep?"""
+    return json_nesting_problem(text, limit) is None
+
+
+def _headers(raw: bytes) -> tuple[int, dict[bytes, bytes], int] | None:
+    """(status, lower-cased headers, offset of the body) of an HTTP/1.x answer, or None."""
+    head, sep, _ = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        key, colon, value = line.partition(b":")
+        if colon:
+            headers[key.strip().lower()] = value.strip()
+    return int(parts[1]), headers, len(head) + len(sep)
+
+
+def content_end(raw: bytes) -> int | None:
+    """Where an answer ends by its Content-Length (None: it ends when the server closes)."""
+    h = _headers(raw)
+    if h is None or b"chunked" in h[1].get(b"transfer-encoding", b"").lower():
+        return None
+    length = h[1].get(b"content-length", b"")
+    return h[2] + int(length) if length.isdigit() and len(length) < 12 else None
+
+
+def _dechunk(body: bytes) -> bytes | None:
+    out = bytearray()
+    at = 0
+    while True:
+        line_end = body.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        size_text = body[at:line_end].split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return None
+        if size == 0:
+            return bytes(out)
+        start = line_end + 2
+        if size < 0 or start + size > len(body):
+            return None
+        out += body[start : start + size]
+        at = start + size + 2
+
+
+def parse_api_answer(raw: bytes, max_depth: int) -> list[object] | str:
+    """The JSON list an engine answered, or why it is not believed (one short line)."""
+    import json
+
+    h = _headers(raw)
+    if h is None:
+        return "answered no HTTP"
+    status, headers, at = h
+    if status != 200:
+        return f"answered HTTP {status}"
+    body: bytes | None = raw[at:]
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        body = _dechunk(raw[at:])
+    else:
+        end = content_end(raw)
+        if end is not None:
+            body = raw[at:end] if len(raw) >= end else None
+    if body is None:
+        return "answered an incomplete body"
+    problem = json_nesting_problem(body, max_depth)
+    if problem is not None:
+        return f"answered JSON {problem}"
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return "answered no valid JSON"
+    return doc if isinstance(doc, list) else "answered JSON that is not a list"
 
 
 # ----------------------------------------------------------------------------- NAT captures

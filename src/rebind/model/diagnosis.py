@@ -31,6 +31,13 @@ CONTAINER_PROXIES = frozenset(
 )
 
 
+#: Names kernel/containers.py believes only with proof (the process's real uid and executable,
+#: and for rootless ones its user's container): a name alone proves nothing.
+JUDGED_PROXY_NAMES = frozenset(
+    {"docker-proxy", "dockerd", "conmon", "rootlessport", "pasta", "pasta.avx2", "slirp4netns"}
+)
+
+
 class HolderKind(enum.StrEnum):
     LISTENER = "listener"
     SHARED_LISTENER = "shared-listener"  # parent and forked children hold one listener
@@ -80,10 +87,12 @@ def classify(
     ephemeral: tuple[int, int],
 ) -> HolderKind:
     r = entry.socket
-    names = {o.name for o in entry.owners}
-    # o.proxy is set by the owner annotation (kernel/containers.py: a root-owned docker-proxy,
-    # dockerd, conmon, or rootlessport); the name list also catches unannotated owners. A name
-    # only ever makes rebind *refuse* to act, so a process naming itself "conmon" gains nothing.
+    # o.proxy is set by the owner annotation (kernel/containers.py: a docker-proxy, dockerd or
+    # conmon run by root, a rootlessport/pasta/slirp4netns with its own user's container behind
+    # it). The names the annotation judges count only through it: a user's process calling itself
+    # "rootlessport" is that user's process, and `free` must say so. Other proxies' names (vpnkit,
+    # qemu, ...) only ever make rebind *refuse* to act.
+    names = {o.name for o in entry.owners} - JUDGED_PROXY_NAMES
     if any(o.proxy is not None for o in entry.owners) or names & CONTAINER_PROXIES:
         return HolderKind.CONTAINER_PROXY
     if r.proto is Proto.UDP:
@@ -322,8 +331,9 @@ def _fixes_for_holders(
         for ref in containers:
             out.append(
                 Fix(
-                    f"Stop or re-map container {visible(ref.label)} ({ref.engine.value}), which "
-                    f"publishes {port}",
+                    f"Stop or re-map container {visible(ref.label)} ({ref.engine.value}"
+                    + (f", rootless, user {visible(ref.user)}" if ref.user else "")
+                    + f"), which publishes {port}",
                     "The process holding the port is the engine's port proxy (or a reservation "
                     "socket for its NAT rule); the server is inside the container. Killing the proxy "
                     "cuts the container off and the engine may not recreate it: stop the container, "
