@@ -89,7 +89,6 @@ def why(
 
         return dispatch(spec, connect, source, bind_before_connect, reuseaddr, udp, as_json, probe)
     from rebind.diagnosis import diagnose
-
     from rebind.kernel.wellknown import findings as gather_findings
 
     req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only, device=device, freebind=freebind)

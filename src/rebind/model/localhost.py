@@ -209,8 +209,7 @@ def reach(entries: Iterable[SocketEntry], dest: IPv4Address | IPv6Address, lo_if
         scored = [
             (s, e)
             for e in listeners
-            if (e.socket.local.addr.is_unspecified) is not exact
-            and (s := _score(e, dest, lo_ifindex)) >= 0
+            if (e.socket.local.addr.is_unspecified) is not exact and (s := _score(e, dest, lo_ifindex)) >= 0
         ]
         if scored:
             best = max(s for s, _ in scored)
@@ -251,8 +250,10 @@ def audiences(res: LocalhostResolution, v4: Reach, v6: Reach) -> tuple[Audience,
         first_only = first
     browser_order = (Family.INET6, Family.INET) if res.ipv6_loopback else (Family.INET,)
     return (
-        Audience("curl, Python, Go, Node >= 20 (resolver order, next address on refusal)",
-                 _first_listening(order, v4, v6)),
+        Audience(
+            "curl, Python, Go, Node >= 20 (resolver order, next address on refusal)",
+            _first_listening(order, v4, v6),
+        ),
         Audience("Node 17-19 (first resolver result only)", first_only),
         Audience("browsers (::1 first, then 127.0.0.1)", _first_listening(browser_order, v4, v6)),
     )
@@ -312,7 +313,9 @@ def finding_json(f: SplitBrain) -> dict[str, object]:
         "ipv4": side(f.v4),
         "ipv6": side(f.v6),
         "resolver_order": [fam(x) for x in f.resolution.order],
-        "hosts_lines": [{"line": h.lineno, "addr": h.addr, "names": list(h.names)} for h in f.resolution.hosts],
+        "hosts_lines": [
+            {"line": h.lineno, "addr": h.addr, "names": list(h.names)} for h in f.resolution.hosts
+        ],
         "clients": [{"client": a.client, "reaches": fam(a.reaches)} for a in f.audiences],
         "text": list(f.lines()),
         "fix": f.fix(),

@@ -276,7 +276,8 @@ def recognise_nat(
         svc = service_of_comment(comment)
         if svc is None:
             return Recognised(e, port, proto, None, (), (), withheld="the rule names no Service", via=chain)
-        values: dict[str, str | int] = {"port": port, "proto": proto.value, "namespace": svc[0], "service": svc[1]}
+        values: dict[str, str | int] = {"port": port, "proto": proto.value}
+        values.update(namespace=svc[0], service=svc[1])
         return Recognised(
             e, port, proto, None, _render(e.fix, values), _render(e.revert, values), unit=None, via=chain
         )
