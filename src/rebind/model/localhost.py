@@ -142,6 +142,9 @@ class SplitBrain:
         order = " then ".join("::1" if f is Family.INET6 else "127.0.0.1" for f in self.resolution.order)
         lines = "; ".join(f"line {h.lineno}: {h.addr} {' '.join(h.names)}" for h in self.resolution.hosts)
         src = f" (/etc/hosts {lines})" if lines else ""
+        in_file = [Family.INET6 if ":" in h.addr else Family.INET for h in self.resolution.hosts]
+        if in_file and self.resolution.order and in_file[0] != self.resolution.order[0]:
+            src += "; the resolver sorts them by RFC 6724 (/etc/gai.conf), not by file order"
         return f"getaddrinfo('localhost') here returns {order or 'nothing'}{src}"
 
     def lines(self) -> tuple[str, ...]:
