@@ -22,6 +22,7 @@ WHOAMI = """
 import os, socket, sys
 fam = socket.AF_INET6 if ':' in {addr!r} else socket.AF_INET
 s = socket.socket(fam)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, {reuseport})
 if fam == socket.AF_INET6:
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, {v6only})
 s.bind(({addr!r}, {port}))
@@ -34,8 +35,8 @@ while True:
 """
 
 
-def serve(procs, addr: str, port: int, v6only: int = 1) -> int:  # type: ignore[no-untyped-def]
-    p = procs.python(WHOAMI.format(addr=addr, port=port, v6only=v6only))
+def serve(procs, addr: str, port: int, v6only: int = 1, reuseport: int = 0) -> int:  # type: ignore[no-untyped-def]
+    p = procs.python(WHOAMI.format(addr=addr, port=port, v6only=v6only, reuseport=reuseport))
     assert procs.wait_line(p) == "ready"
     return int(p.pid)
 
@@ -86,6 +87,24 @@ def test_model_matches_real_connects(netns, procs, v4, v6) -> None:  # type: ign
     port = 18200
     serve(procs, v4[0], port)
     serve(procs, v6[0], port, v6[1])
+    assert model_answers(port) == kernel_answers(port)
+
+
+@pytest.mark.parametrize(
+    "addrs",
+    [
+        ("0.0.0.0", "127.0.0.1"),  # the exact address wins over the wildcard (first lookup pass)
+        ("::", "::1"),
+        ("::", "0.0.0.0"),  # dual-stack [::] vs 0.0.0.0: compute_score prefers the AF_INET socket
+        ("::", "127.0.0.1", "::1"),
+    ],
+)
+def test_overlapping_listeners_model_matches_kernel(netns, procs, addrs) -> None:  # type: ignore[no-untyped-def]
+    """SO_REUSEPORT lets different processes of one user hold overlapping addresses: the
+    kernel's listener lookup then decides, and the model must name the same process."""
+    port = 18206
+    for a in addrs:
+        serve(procs, a, port, v6only=0, reuseport=1)
     assert model_answers(port) == kernel_answers(port)
 
 
