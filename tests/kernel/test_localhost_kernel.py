@@ -179,12 +179,22 @@ def test_resolver_order_from_etc_hosts_decides_who_curl_reaches(netns, procs, tm
     assert lh["kind"] == "split" and lh["resolver_order"] == ["::1", "127.0.0.1"]
     assert lh["hosts_lines"][0] == {"line": 1, "addr": "::1", "names": ["localhost", "ip6-localhost"]}
     curl = lh["clients"][0]["reaches"]
-    probe = (
-        "import socket; c = socket.create_connection(('localhost', %d)); print(c.recv(64).decode())" % port
-    )
+    probe = f"import socket; c = socket.create_connection(('localhost', {port})); print(c.recv(64).decode())"
     inner = 'mount --bind "$0" /etc/hosts && exec "$@"'
     got = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner, str(hosts), sys.executable, "-c", probe],
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            inner,
+            str(hosts),
+            sys.executable,
+            "-c",
+            probe,
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -200,7 +210,19 @@ def test_resolver_order_from_etc_hosts_decides_who_curl_reaches(netns, procs, tm
     lh2 = json.loads(cli("why", str(port), "--json", hosts=hosts).stdout)["localhost"]
     order = "import socket; print(' '.join(dict.fromkeys(a[4][0] for a in socket.getaddrinfo('localhost', 1, type=socket.SOCK_STREAM))))"
     real = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner, str(hosts), sys.executable, "-c", order],
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            inner,
+            str(hosts),
+            sys.executable,
+            "-c",
+            order,
+        ],
         capture_output=True,
         text=True,
         timeout=30,

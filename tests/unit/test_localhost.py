@@ -33,7 +33,9 @@ V4_ONLY_HOSTS = LocalhostResolution(order=(Family.INET,))
 NO_IPV6 = LocalhostResolution(order=(Family.INET,), ipv6_loopback=False)
 
 
-def listener(addr: str, pid: int | None, port: int = 5173, v6only: bool | None = None, ifindex: int = 0) -> SocketEntry:
+def listener(
+    addr: str, pid: int | None, port: int = 5173, v6only: bool | None = None, ifindex: int = 0
+) -> SocketEntry:
     a = ip_address(addr)
     fam = Family.INET if a.version == 4 else Family.INET6
     rec = SocketRecord(
@@ -81,7 +83,9 @@ def test_reach(entries: list[SocketEntry], v4: int | None, v6: int | None) -> No
 def test_reach_ignores_other_ports_states_and_udp() -> None:
     e = listener("127.0.0.1", 1)
     tw = SocketEntry(
-        SocketRecord(Proto.TCP, Family.INET, State.TIME_WAIT, e.socket.local, Endpoint(V4_LOOPBACK, 4), None, None)
+        SocketRecord(
+            Proto.TCP, Family.INET, State.TIME_WAIT, e.socket.local, Endpoint(V4_LOOPBACK, 4), None, None
+        )
     )
     udp = SocketEntry(
         SocketRecord(Proto.UDP, Family.INET, State.CLOSE, e.socket.local, Endpoint(V4_LOOPBACK, 0), 0, 9)
@@ -155,7 +159,12 @@ def test_find_splits_and_json() -> None:
     assert set(found) == {5173}
     doc = finding_json(found[5173])
     assert doc["kind"] == "split" and doc["resolver_order"] == ["::1", "127.0.0.1"]
-    assert doc["ipv4"] == {"addr": "127.0.0.1", "refused": False, "listeners": ["127.0.0.1:5173"], "pids": [10]}
+    assert doc["ipv4"] == {
+        "addr": "127.0.0.1",
+        "refused": False,
+        "listeners": ["127.0.0.1:5173"],
+        "pids": [10],
+    }
     assert [c["reaches"] for c in doc["clients"]] == ["::1", "::1", "::1"]
 
 

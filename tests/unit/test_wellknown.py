@@ -40,8 +40,24 @@ IDS = {
 }
 
 
-def facts(exe: str, uid: int = 0, *, exe_uid: int = 0, mode: int = ROOT_EXE, name: str = "", cmd: tuple[str, ...] = ()) -> ProcFacts:
-    return ProcFacts(pid=42, exe=exe, exe_uid=exe_uid, exe_mode=mode, uid=uid, name=name or exe.rsplit("/", 1)[-1], cmdline=cmd)
+def facts(
+    exe: str,
+    uid: int = 0,
+    *,
+    exe_uid: int = 0,
+    mode: int = ROOT_EXE,
+    name: str = "",
+    cmd: tuple[str, ...] = (),
+) -> ProcFacts:
+    return ProcFacts(
+        pid=42,
+        exe=exe,
+        exe_uid=exe_uid,
+        exe_mode=mode,
+        uid=uid,
+        name=name or exe.rsplit("/", 1)[-1],
+        cmdline=cmd,
+    )
 
 
 def test_catalogue_loads_and_names_every_holder_of_the_issue() -> None:
@@ -68,7 +84,9 @@ def test_systemd_resolved_recognised_from_its_packaged_exe_and_account() -> None
     assert got.fix[-2] == "ln -sf /run/systemd/resolve/resolv.conf /etc/resolv.conf"
     assert any("rebind-nostub.conf" in r and r.startswith("rm ") for r in got.revert)
     # 53 over TCP too; never on a port it does not hold.
-    assert isinstance(recognise(catalogue(), facts("/lib/systemd/systemd-resolved", 991), 53, Proto.TCP, UIDS), Recognised)
+    assert isinstance(
+        recognise(catalogue(), facts("/lib/systemd/systemd-resolved", 991), 53, Proto.TCP, UIDS), Recognised
+    )
     assert recognise(catalogue(), facts("/lib/systemd/systemd-resolved", 991), 5353, Proto.UDP, UIDS) is None
 
 
@@ -92,7 +110,9 @@ def test_systemd_resolved_fix_runs_in_a_scratch_root(tmp_path) -> None:  # type:
             subprocess.run(["sh", "-ec", moved], check=True)
 
     run(entry.fix)
-    assert (root / "etc/systemd/resolved.conf.d/rebind-nostub.conf").read_text() == "[Resolve]\nDNSStubListener=no\n"
+    assert (
+        root / "etc/systemd/resolved.conf.d/rebind-nostub.conf"
+    ).read_text() == "[Resolve]\nDNSStubListener=no\n"
     assert os.readlink(root / "etc/resolv.conf") == f"{root}/run/systemd/resolve/resolv.conf"
     run(entry.revert)
     assert not (root / "etc/systemd/resolved.conf.d/rebind-nostub.conf").exists()
@@ -103,7 +123,10 @@ def test_systemd_resolved_fix_runs_in_a_scratch_root(tmp_path) -> None:  # type:
     ("why", "f"),
     [
         ("a script named like the daemon", facts("/usr/bin/python3.11", 65534, name="avahi-daemon")),
-        ("a copy owned by the user", facts("/usr/sbin/avahi-daemon", 65534, exe_uid=65534, name="avahi-daemon")),
+        (
+            "a copy owned by the user",
+            facts("/usr/sbin/avahi-daemon", 65534, exe_uid=65534, name="avahi-daemon"),
+        ),
         ("a group-writable binary", facts("/usr/sbin/avahi-daemon", 0, mode=stat.S_IFREG | 0o775)),
         ("the real binary run by nobody", facts("/usr/sbin/avahi-daemon", 65534)),
         ("a look-alike path", facts("/tmp/usr/sbin/avahi-daemon", 0, name="avahi-daemon")),
@@ -117,7 +140,10 @@ def test_hostile_lookalikes_get_no_advice(why: str, f: ProcFacts) -> None:
 
 
 def test_name_alone_is_not_even_a_lookalike_when_unrelated() -> None:
-    assert recognise(catalogue(), facts("/usr/bin/python3", 1000, name="myserver"), 5353, Proto.UDP, UIDS) is None
+    assert (
+        recognise(catalogue(), facts("/usr/bin/python3", 1000, name="myserver"), 5353, Proto.UDP, UIDS)
+        is None
+    )
 
 
 def test_deleted_binary_after_an_upgrade_still_counts() -> None:
@@ -127,12 +153,16 @@ def test_deleted_binary_after_an_upgrade_still_counts() -> None:
 
 def test_libvirt_dnsmasq_is_told_apart_by_its_conf_file() -> None:
     virt = facts(
-        "/usr/sbin/dnsmasq", 993, cmd=("/usr/sbin/dnsmasq", "--conf-file=/var/lib/libvirt/dnsmasq/default.conf")
+        "/usr/sbin/dnsmasq",
+        993,
+        cmd=("/usr/sbin/dnsmasq", "--conf-file=/var/lib/libvirt/dnsmasq/default.conf"),
     )
     got = recognise(catalogue(), virt, 53, Proto.UDP, UIDS)
     assert isinstance(got, Recognised) and got.entry.id == "libvirt-dnsmasq"
     assert got.fix == ("virsh net-destroy default",) and got.revert == ("virsh net-start default",)
-    plain = recognise(catalogue(), facts("/usr/sbin/dnsmasq", 994, cmd=("/usr/sbin/dnsmasq", "-k")), 53, Proto.UDP, UIDS)
+    plain = recognise(
+        catalogue(), facts("/usr/sbin/dnsmasq", 994, cmd=("/usr/sbin/dnsmasq", "-k")), 53, Proto.UDP, UIDS
+    )
     assert isinstance(plain, Recognised) and plain.entry.id == "dnsmasq"
 
 
