@@ -263,6 +263,7 @@ def findings_lines(found: Findings, esc_markup: Callable[[str], str] | None = No
         lines.append(f"\n[bold yellow]localhost:[/] {esc(head)}")
         lines += [f"  [dim]{esc(x)}[/]" for x in rest]
         lines.append(f"  fix: {esc(f.fix())}")
+        lines += [f"    $ {esc(c)}" for c in f.commands()]
     for x in found.lookalikes:
         lines.append(f"\n[yellow]note:[/] {esc(x.line())}")
     for r in found.holders:

@@ -17,6 +17,7 @@ socket bound to a specific IPv6 address is always IPv6-only (``__inet6_bind`` se
 from __future__ import annotations
 
 import enum
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -154,6 +155,17 @@ class SplitBrain:
             self.resolver_text(),
             *(a.describe(self.v4, self.v6) for a in self.audiences),
         )
+
+    def commands(self) -> tuple[str, ...]:
+        """For a split: stop one side, exactly (each line keeps the other server). A one-family
+        server needs its own configuration changed: no command fits every server."""
+        if self.kind is not SplitKind.SPLIT:
+            return ()
+        out = []
+        for side, other in ((self.v4, self.v6), (self.v6, self.v4)):
+            spec = shlex.quote(str(side.listeners[0].socket.local))
+            out.append(f"rebind free {spec}   # keeps the server on {other.addr}")
+        return tuple(out)
 
     def fix(self) -> str:
         p = self.port
@@ -322,4 +334,5 @@ def finding_json(f: SplitBrain) -> dict[str, object]:
         "clients": [{"client": a.client, "reaches": fam(a.reaches)} for a in f.audiences],
         "text": list(f.lines()),
         "fix": f.fix(),
+        "commands": list(f.commands()),
     }
