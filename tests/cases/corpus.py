@@ -11,9 +11,12 @@ Kinds of reproduction:
   (tests/cases/sandbox.py); the fix is the catalogue's, run line by line.
 * ``python``: Python stand-ins for the reporter's own server (a dev server, a reloader's child,
   a restarted server's TIME_WAIT): the situation is the kernel's sockets, not the program.
-* ``recorded``: the holder cannot run here (systemd-resolved needs systemd as PID 1, a NodePort
-  needs a cluster): recognition from recorded kernel facts, the fix's file steps in a scratch
-  root. Kept apart in the pass rate (tests/cases/README.md).
+* ``nat``: a NodePort Service: kube-proxy's KUBE-NODEPORTS rule, installed in the namespace as
+  kube-proxy writes it; the printed kubectl lines run against a stand-in that drops or restores
+  the rule, as kube-proxy does when the Service goes or comes back.
+* ``recorded``: the holder cannot run here (systemd-resolved needs systemd as PID 1):
+  recognition from recorded kernel facts, the fix's file steps in a scratch root. Counted apart
+  in the pass rate (tests/cases/README.md).
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class Case:
     thread: str
     #: What the reporter hit, in one line.
     situation: str
-    kind: str  # "daemon" | "python" | "recorded"
+    kind: str  # "daemon" | "python" | "nat" | "recorded"
     port: int
     proto: str = "tcp"
     daemon: str | None = None
@@ -630,24 +633,35 @@ CASES: tuple[Case, ...] = (
         fix="wellknown",
         note="systemd-resolved needs systemd as PID 1",
     ),
+    # -- kube-proxy NodePorts: the real iptables rule in the namespace, kubectl a stand-in ---------
     Case(
         "nodeport-kubernetes-76892",
         "kubernetes/kubernetes#76892: Set the svc nodeport to 6443 causes the cluster to not work properly",
         "a NodePort rule captures a host port a host server listens on",
-        "recorded",
+        "nat",
         30080,
         cause="wellknown:kube-proxy-nodeport",
         fix="wellknown",
-        note="needs a cluster: the rule is recorded iptables-save text",
+        note="no cluster here: kube-proxy's rule is installed as it writes it; kubectl is a stand-in",
     ),
     Case(
         "nodeport-kubernetes-100643",
         "kubernetes/kubernetes#100643: Consider: remove node-port conflict prevention in kube-proxy and kubelet",
         "kube-proxy no longer holds NodePort sockets: a host server binds fine and never sees traffic",
-        "recorded",
+        "nat",
         30081,
         cause="wellknown:kube-proxy-nodeport",
         fix="wellknown",
-        note="needs a cluster: the rule is recorded iptables-save text",
+        note="no cluster here: kube-proxy's rule is installed as it writes it; kubectl is a stand-in",
+    ),
+    Case(
+        "nodeport-kubernetes-35641",
+        "kubernetes/kubernetes#35641: kube-proxy iptables rules not created",
+        "can't open nodePort for common/a-analysis175:8008: a host process holds the NodePort",
+        "nat",
+        30082,
+        cause="wellknown:kube-proxy-nodeport",
+        fix="wellknown",
+        note="no cluster here: kube-proxy's rule is installed as it writes it; kubectl is a stand-in",
     ),
 )

@@ -42,6 +42,23 @@ import json, os, signal, subprocess, sys, time
 cfg = json.load(open(os.environ["REBIND_TEST_UNITS"]))
 prog = os.path.basename(sys.argv[0])
 args = sys.argv[1:]
+if prog == "kubectl":  # a Service whose NodePort is an iptables rule, as kube-proxy writes it
+    rules = cfg.get("_kube", {})
+    ns = args[args.index("-n") + 1] if "-n" in args else "default"
+    if "get" in args:
+        svc = args[args.index("service") + 1]
+        print(f"apiVersion: v1\nkind: Service\nmetadata:\n  name: {svc}\n  namespace: {ns}\n"
+              f"  resourceVersion: \"1\"\n  uid: 0\nspec:\n  type: NodePort")
+    elif "delete" in args:
+        svc = args[args.index("service") + 1]
+        subprocess.run(["iptables", "-t", "nat", "-D", "KUBE-NODEPORTS", *rules[f"{ns}/{svc}"]], check=True)
+    elif "create" in args:
+        meta = dict(l.strip().split(": ", 1) for l in sys.stdin if l.startswith("  ") and ": " in l)
+        key = f"{meta['namespace']}/{meta['name']}"
+        subprocess.run(["iptables", "-t", "nat", "-A", "KUBE-NODEPORTS", *rules[key]], check=True)
+    else:
+        sys.exit(f"kubectl stand-in: unsupported: {' '.join(args)}")
+    sys.exit(0)
 if prog == "virsh":  # virsh net-destroy NAME / net-start NAME: the network's dnsmasq
     verb = {"net-destroy": "stop", "net-start": "start"}.get(args[0], "?")
     units = ["libvirt-network-" + a for a in args[1:]]
@@ -138,7 +155,7 @@ class Sandbox:
     def open(self, setup: Sequence[str] = ()) -> None:
         """The mount namespace, with ``setup`` shell lines run inside it first (mkdir /run/x)."""
         self.shims.mkdir(parents=True)
-        for name in ("systemctl", "virsh"):
+        for name in ("systemctl", "virsh", "kubectl"):
             shim = self.shims / name
             shim.write_text(SHIM)
             shim.chmod(0o755)
@@ -197,6 +214,36 @@ class Sandbox:
             raise TimeoutError(f"{unit}: {log.read_text(errors='replace') if log.exists() else ''}") from None
         return self.pid(unit) or 0
 
+    def nodeport(self, namespace: str, service: str, port: int, proto: str = "tcp") -> None:
+        """A NodePort Service as kube-proxy (iptables mode) programs it, in the test's namespace:
+        KUBE-NODEPORTS with the ``namespace/service:port-name`` comment, DNAT to a pod."""
+        rule = [
+            "-p",
+            proto,
+            "-m",
+            "comment",
+            "--comment",
+            f"{namespace}/{service}:http",
+            "-m",
+            proto,
+            "--dport",
+            str(port),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.42.0.7:8080",
+        ]
+        for cmd in (
+            ["-N", "KUBE-NODEPORTS"],
+            ["-A", "PREROUTING", "-j", "KUBE-NODEPORTS"],
+            ["-A", "KUBE-NODEPORTS", *rule],
+        ):
+            subprocess.run(["iptables", "-t", "nat", *cmd], check=True, capture_output=True)
+        kube = self.units.setdefault("_kube", {})
+        assert isinstance(kube, dict)
+        kube[f"{namespace}/{service}"] = rule
+        self.units_file.write_text(json.dumps(self.units))
+
     def pid(self, unit: str) -> int | None:
         try:
             return int(Path(str(self.units[unit]["pidfile"])).read_text())
@@ -229,6 +276,8 @@ class Sandbox:
 
     def close(self) -> None:
         for u in self.units:
+            if u.startswith("_"):
+                continue
             pid = self.pid(u)
             if pid is not None:
                 try:

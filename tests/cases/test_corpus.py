@@ -18,7 +18,7 @@ import pytest
 
 from rebind.kernel.wellknown import catalogue
 from rebind.model.records import Proto
-from rebind.model.wellknown import ProcFacts, Recognised, recognise, recognise_nat
+from rebind.model.wellknown import ProcFacts, Recognised, recognise
 from tests.cases.corpus import CASES, LISTEN, ORPHAN, Case
 from tests.cases.daemons import DAEMONS
 from tests.cases.sandbox import VENV_BIN, bind_works, need, port_held, run_on_terminal, sandbox, wait_for
@@ -137,14 +137,20 @@ def run_daemon_case(case: Case, tmp_path: Path) -> None:
 
 
 RESOLVED = ProcFacts(1, "/usr/lib/systemd/systemd-resolved", 0, stat.S_IFREG | 0o755, 991, "systemd-resolve")
-KUBE_SAVE = """*nat
-:KUBE-NODEPORTS - [0:0]
--A KUBE-NODEPORTS -p tcp -m comment --comment "{svc}" -m tcp --dport {port} -j KUBE-EXT-X
--A KUBE-EXT-X -j KUBE-SVC-X
--A KUBE-SVC-X -j KUBE-SEP-X
--A KUBE-SEP-X -p tcp -m tcp -j DNAT --to-destination 10.42.0.9:8443
-COMMIT
-"""
+
+
+def run_nat_case(case: Case, tmp_path: Path) -> None:
+    need("iptables")
+    with sandbox(tmp_path) as box:
+        box.nodeport("web", "frontend", case.port, case.proto)
+        doc = json.loads(box.rebind("why", str(case.port), "--json").stdout)
+        check_cause(case, doc)
+        assert doc["wellknown"][0]["fix"][-1] == "kubectl -n web delete service frontend"
+        for line in doc["wellknown"][0]["fix"]:
+            ran = box.run(line)
+            assert ran.returncode == 0, (line, ran.stderr)
+        assert box.rebind("why", str(case.port), "--check-fix").returncode == 0
+        assert bind_works(case.port, case.proto, case.bind_addr)
 
 
 def run_recorded_case(case: Case, tmp_path: Path) -> None:
@@ -165,16 +171,6 @@ def run_recorded_case(case: Case, tmp_path: Path) -> None:
         assert "DNSStubListener=no" in conf.read_text()
         # With the stub gone, the reporter's server binds 53.
         assert bind_works(case.port, case.proto)
-    else:
-        from rebind.model.containers import nat_captures
-
-        (cap,) = nat_captures(
-            KUBE_SAVE.format(svc="web/frontend:https", port=case.port), case.port, case.proto
-        )
-        got_nat = recognise_nat(catalogue(), cap.chain.value, cap.comment, case.port, proto)
-        assert got_nat is not None and got_nat.entry.id == "kube-proxy-nodeport"
-        assert got_nat.fix[-1] == "kubectl -n web delete service frontend"
-        assert bind_works(case.port, case.proto)  # binds fine: the rule, not a socket, is the cause
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -183,6 +179,8 @@ def test_case(case: Case, netns, procs: Procs, tmp_path: Path) -> None:  # type:
         run_daemon_case(case, tmp_path)
     elif case.kind == "python":
         run_python_case(case, procs)
+    elif case.kind == "nat":
+        run_nat_case(case, tmp_path)
     else:
         run_recorded_case(case, tmp_path)
 
@@ -193,6 +191,6 @@ def test_corpus_shape() -> None:
     for c in CASES:
         assert "#" in c.thread and ": " in c.thread, c.id
     covered = {c.daemon for c in CASES if c.daemon} | {
-        c.cause.split(":")[1] for c in CASES if c.kind == "recorded"
+        c.cause.split(":")[1] for c in CASES if c.kind in ("recorded", "nat")
     }
     assert covered == {e.id for e in catalogue()}  # every catalogue entry is exercised

@@ -124,3 +124,30 @@ def test_real_binary_run_by_an_ordinary_user_is_not_the_system_daemon(netns, pro
     assert doc["wellknown"] == []
     assert [x["like"] for x in doc["lookalikes"]] == ["dnsmasq"]
     assert "uid 65534" in doc["lookalikes"][0]["reason"]
+
+
+def test_kube_nodeport_rule_recognised_fix_works_and_reverts(netns, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """kube-proxy holds no socket: the KUBE-NODEPORTS rule (real, in this namespace) is the
+    holder; the Service's name comes from the rule's comment, the printed kubectl lines run
+    against a stand-in that does what kube-proxy does when the Service goes (drops the rule)."""
+    need("iptables")
+    with sandbox(tmp_path) as box:
+        box.nodeport("shop", "cart", 30080)
+        doc = json.loads(box.rebind("why", "30080", "--json").stdout)
+        assert doc["bindable"] is True  # binds fine: the rule, not a socket, is the trouble
+        (w,) = doc["wellknown"]
+        assert w["id"] == "kube-proxy-nodeport" and w["via"] == "KUBE-NODEPORTS" and w["pid"] is None
+        assert w["fix"] == [
+            "kubectl -n shop get service cart -o yaml > rebind-service-backup.yaml",
+            "kubectl -n shop delete service cart",
+        ]
+        assert box.rebind("why", "30080", "--check-fix").returncode == 1
+        for line in w["fix"]:
+            ran = box.run(line)
+            assert ran.returncode == 0, (line, ran.stderr)
+        check = box.rebind("why", "30080", "--check-fix")
+        assert check.returncode == 0, check.stdout
+        for line in w["revert"]:
+            ran = box.run(line)
+            assert ran.returncode == 0, (line, ran.stderr)
+        assert box.rebind("why", "30080", "--check-fix").returncode == 1  # the Service is back
