@@ -295,8 +295,11 @@ def find_split(port: int, entries: Iterable[SocketEntry], res: LocalhostResoluti
 
 def find_splits(entries: Sequence[SocketEntry], res: LocalhostResolution) -> dict[int, SplitBrain]:
     """Every TCP port in ``entries`` with a split-brain finding (for `ls` and `top`)."""
-    ports = sorted({e.socket.port for e in entries if e.socket.proto is Proto.TCP})
-    found = {p: find_split(p, entries, res) for p in ports}
+    by_port: dict[int, list[SocketEntry]] = {}
+    for e in entries:  # one pass: `ls` on a big table has thousands of ports
+        if e.socket.proto is Proto.TCP and e.socket.state is State.LISTEN:
+            by_port.setdefault(e.socket.port, []).append(e)
+    found = {p: find_split(p, group, res) for p, group in sorted(by_port.items())}
     return {p: f for p, f in found.items() if f is not None}
 
 
