@@ -243,3 +243,21 @@ fix = ["echo {port} {proto}"]
 def test_malformed_entries_are_refused(bad: str) -> None:
     with pytest.raises(CatalogueError):
         parse_catalogue("[[holder]]\n" + bad)
+
+
+def test_why_text_prints_each_fix_line_exactly_and_escapes_hostile_text() -> None:
+    from rebind.cli.why import findings_lines
+    from rebind.model.wellknown import Findings
+
+    f = ProcFacts(42, "/usr/sbin/avahi-daemon", 0, ROOT_EXE, 0, "avahi-daemon", (), "evil\x1b[2J.service")
+    got = recognise(catalogue(), f, 5353, Proto.UDP, UIDS)
+    assert isinstance(got, Recognised)
+    fake = recognise(
+        catalogue(), facts("/usr/bin/python3", 65534, name="avahi-daemon\x1b]0;x\x07"), 5353, Proto.UDP, UIDS
+    )
+    assert isinstance(fake, Lookalike)
+    text = "\n".join(findings_lines(Findings(holders=(got,), lookalikes=(fake,))))
+    assert "\x1b" not in text and "\x07" not in text and "\\x1b" in text
+    assert "    $ systemctl disable --now avahi-daemon.socket avahi-daemon.service" in text.splitlines()
+    assert "    $ systemctl enable --now avahi-daemon.socket avahi-daemon.service" in text.splitlines()
+    assert "Then verify: $ rebind why 5353 --udp --check-fix" in text

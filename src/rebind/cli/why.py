@@ -206,14 +206,19 @@ def why_json(d: Diagnosis, found: Findings | None = None) -> dict[str, Any]:
 
 
 def print_diagnosis(d: Diagnosis, found: Findings | None = None) -> None:
+    """Print `why`'s answer. Without ``found`` (top's why screen), the known situations are
+    gathered here, without the NodePort search (it runs iptables-save)."""
     from rebind.cli.render import out
 
+    if found is None:
+        from rebind.kernel.wellknown import findings
+
+        found = findings(d.table.entries, d.request.port, d.request.proto, nat=False)
     con = out()
     for line in diagnosis_lines(d, con.esc):
         con.print(line)
-    if found is not None:
-        for line in findings_lines(found, con.esc):
-            con.print(line)
+    for line in findings_lines(found, con.esc):
+        con.print(line)
     err = out(stderr=True)
     for w in d.table.warnings:
         err.print(f"[yellow]note:[/] {err.esc(w)}")
