@@ -253,7 +253,11 @@ def test_why_text_prints_each_fix_line_exactly_and_escapes_hostile_text() -> Non
     got = recognise(catalogue(), f, 5353, Proto.UDP, UIDS)
     assert isinstance(got, Recognised)
     fake = recognise(
-        catalogue(), facts("/usr/bin/python3", 65534, name="avahi-daemon\x1b]0;x\x07"), 5353, Proto.UDP, UIDS
+        catalogue(),
+        facts("/usr/bin/python3", 65534, name="av\x1b]0;x\x07", cmd=("avahi-daemon: running",)),
+        5353,
+        Proto.UDP,
+        UIDS,
     )
     assert isinstance(fake, Lookalike)
     text = "\n".join(findings_lines(Findings(holders=(got,), lookalikes=(fake,))))
