@@ -40,8 +40,16 @@ def test_same_process_and_no_resolution_are_not_marked() -> None:
     assert views([listener("127.0.0.1", 10), listener("::1", 20)], res=None) == {5173: None}
 
 
-def test_loopback_one_family_is_marked() -> None:
-    assert views([listener("::1", 20)]) == {5173: "lh:v6-only"}
+def test_loopback_one_family_is_marked_when_a_client_is_refused() -> None:
+    v4_only = LocalhostResolution(order=(Family.INET,))
+    # localhost resolves to 127.0.0.1 only: a ::1-only server refuses curl and Node
+    assert views([listener("::1", 20)], res=v4_only) == {5173: "lh:v6-only"}
+    # ::1 first: every kind of client reaches it -- nothing to mark
+    assert views([listener("::1", 20)]) == {5173: None}
+    # 127.0.0.1 only, localhost is 127.0.0.1 only: everyone reaches it
+    assert views([listener("127.0.0.1", 20)], res=v4_only) == {5173: None}
+    # 127.0.0.1 only, ::1 first: Node 17-19 gets ECONNREFUSED ::1
+    assert views([listener("127.0.0.1", 20)]) == {5173: "lh:v4-only"}
 
 
 def test_port_cell_shows_the_mark() -> None:

@@ -234,7 +234,8 @@ _STATE_STYLE = {
 def localhost_marks(found: Mapping[int, SplitBrain]) -> dict[tuple[int, str], str]:
     """(port, local endpoint) -> the mark `ls` shows on that listener's row: every listener of a
     split port; a one-family port only when its listener is bound to the loopback address itself
-    (a dev server on localhost), not a wildcard server (sshd on 0.0.0.0 alone is common)."""
+    (a dev server on localhost, not sshd on 0.0.0.0) and some client is refused through the name
+    localhost (model.localhost.loopback_only)."""
     from rebind.model.localhost import loopback_only
 
     marks: dict[tuple[int, str], str] = {}

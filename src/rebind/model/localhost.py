@@ -304,13 +304,16 @@ def find_splits(entries: Sequence[SocketEntry], res: LocalhostResolution) -> dic
 
 
 def loopback_only(f: SplitBrain) -> bool:
-    """A one-family finding whose listener is bound to the loopback address itself (a dev server
-    on ``localhost``): the case worth a mark in `ls`. A wildcard server on one family is common
-    (sshd on 0.0.0.0) and only `why` mentions it."""
+    """Worth a mark in `ls` and `top`: every split; a one-family server only when it is bound to
+    the loopback address itself (a dev server on localhost, not sshd on 0.0.0.0) *and* some kind
+    of client gets ECONNREFUSED through the name localhost here (resolver order first, e.g. Node
+    17-19 with ::1 first). A 127.0.0.1-only server on a host whose localhost is 127.0.0.1 only
+    reaches every client: `why` still describes it, the table stays quiet."""
     if f.kind is SplitKind.SPLIT:
         return True
     r = f.v4 if f.kind is SplitKind.V4_ONLY else f.v6
-    return any(not e.socket.local.addr.is_unspecified for e in r.listeners)
+    bound = any(not e.socket.local.addr.is_unspecified for e in r.listeners)
+    return bound and any(a.reaches is None for a in f.audiences)
 
 
 def finding_json(f: SplitBrain) -> dict[str, object]:
