@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
 
 import click
 
 from rebind.cli.params import PORT_SPEC, STATE
-from rebind.model.records import Proto, State
+from rebind.model.records import Proto, SocketTable, State
+
+if TYPE_CHECKING:
+    from rebind.model.localhost import SplitBrain
 
 
 @click.command(
@@ -94,6 +98,8 @@ def ls(
         states=chosen,
         owners=not no_owners,
     )
+    # Before the address filter: `ls 127.0.0.1:5173` must still see the ::1 listener.
+    found = {} if all_netns or no_owners or Proto.TCP not in protos else _localhost(table)
     addrs = {(a, p) for a, p in ports if a is not None}
     if addrs:
         plain = {p for a, p in ports if a is None}
@@ -108,7 +114,18 @@ def ls(
     if warn := server_port_warnings(e.socket for e in table.entries):  # issue 10
         table = replace(table, warnings=table.warnings + warn)
     if as_json:
-        render.dump_json(render.table_json(table))
+        render.dump_json(render.table_json(table, found))
     else:
-        render.print_table(table)
+        render.print_table(table, render.localhost_marks(found))
     return 0 if table.entries else 1
+
+
+def _localhost(table: SocketTable) -> dict[int, SplitBrain]:
+    """Issue 20: TCP ports whose 127.0.0.1 and ::1 reach different processes (or one family
+    only). One namespace only: a split is about one host's loopback."""
+    if not any(e.socket.state is State.LISTEN for e in table.entries):
+        return {}
+    from rebind.kernel.resolver import localhost_resolution
+    from rebind.model.localhost import find_splits
+
+    return find_splits(table.entries, localhost_resolution(0))

@@ -9,7 +9,8 @@ import json
 import os
 import re
 import sys
-from typing import IO, Any
+from collections.abc import Mapping
+from typing import IO, TYPE_CHECKING, Any
 
 from rebind.model.containers import ContainerRef
 from rebind.model.records import (
@@ -23,6 +24,9 @@ from rebind.model.records import (
     owner_label,
 )
 from rebind.textsafe import visible
+
+if TYPE_CHECKING:
+    from rebind.model.localhost import SplitBrain
 
 LS_SCHEMA = "rebind.ls/1"
 
@@ -86,13 +90,17 @@ def scan_json(s: OwnerScanReport) -> dict[str, int]:
     }
 
 
-def table_json(t: SocketTable) -> dict[str, Any]:
+def table_json(t: SocketTable, localhost: Mapping[int, SplitBrain] | None = None) -> dict[str, Any]:
+    from rebind.model.localhost import finding_json
+
     return {
         "schema": LS_SCHEMA,
         "source": t.source,
         "sockets": [entry_json(e, with_owners=t.owners_scanned) for e in t.entries],
         "owner_scan": scan_json(t.scan) if t.owners_scanned else None,
         "warnings": list(t.warnings),
+        # issue 20 (additive): TCP ports whose localhost reaches different servers, or one family
+        "localhost": [finding_json(f) for _, f in sorted((localhost or {}).items())],
     }
 
 
@@ -223,9 +231,31 @@ _STATE_STYLE = {
 }
 
 
-def _rows(t: SocketTable) -> tuple[list[str], list[list[str]]]:
+def localhost_marks(found: Mapping[int, SplitBrain]) -> dict[tuple[int, str], str]:
+    """(port, local endpoint) -> the mark `ls` shows on that listener's row: every listener of a
+    split port; a one-family port only when its listener is bound to the loopback address itself
+    (a dev server on localhost, not sshd on 0.0.0.0) and some client is refused through the name
+    localhost (model.localhost.loopback_only)."""
+    from rebind.model.localhost import loopback_only
+
+    marks: dict[tuple[int, str], str] = {}
+    for port, f in found.items():
+        if not loopback_only(f):
+            continue
+        for side in (f.v4, f.v6):
+            for e in side.listeners:
+                marks[(port, str(e.socket.local))] = f.kind.marker
+    return marks
+
+
+def _rows(
+    t: SocketTable, marks: Mapping[tuple[int, str], str] | None = None
+) -> tuple[list[str], list[list[str]]]:
     many_ns = len({e.socket.netns for e in t.entries}) > 1
+    marks = marks or {}
     head = ["proto", "state", "local", "remote", "left", "uid"] + (["owners"] if t.owners_scanned else [])
+    if marks:
+        head.append("note")
     if many_ns:
         head.insert(0, "netns")
     rows = []
@@ -243,12 +273,15 @@ def _rows(t: SocketTable) -> tuple[list[str], list[list[str]]]:
         ]
         if t.owners_scanned:
             row.append(owners_cell(e.owners) or ("-" if r.is_mini else ""))
+        if marks:
+            listening = r.state.label == "LISTEN" and r.proto.value == "tcp"
+            row.append(marks.get((r.port, str(r.local)), "") if listening else "")
         rows.append(row)
     return head, rows
 
 
-def print_table(t: SocketTable) -> None:
-    head, rows = _rows(t)
+def print_table(t: SocketTable, marks: Mapping[tuple[int, str], str] | None = None) -> None:
+    head, rows = _rows(t, marks)
     if not rows:
         for w in t.warnings:
             sys.stderr.write(f"note: {visible(w)}\n")

@@ -13,6 +13,7 @@ from rebind.textsafe import visible
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Attempt, Diagnosis
+    from rebind.model.wellknown import Findings
 
 WHY_SCHEMA = "rebind.why/2"
 
@@ -28,9 +29,11 @@ Examples:
   rebind why 8080 --json | jq .verdict
   rebind why --connect 127.0.0.1:5432          can a new connection get a local port now?
   rebind why --connect db:5432 --from 10.0.0.9 --bind-before-connect
+  rebind why 53 --udp --check-fix             after applying a printed fix: is the port free now?
 
 \b
 Exit status: 0 bindable now, 1 busy (or cannot be bound), 2 usage error.
+With --check-fix: 0 the well-known holder is gone and the bind works, 1 not yet.
 With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permission.
 """,
 )
@@ -43,6 +46,11 @@ With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permis
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/2).")
 @click.option(
     "--reload", "reload_check", is_flag=True, help="Would a SO_REUSEPORT hand-off reset queued connections?"
+)
+@click.option(
+    "--check-fix",
+    is_flag=True,
+    help="After applying a well-known holder's fix: verify it no longer holds PORT and the bind works.",
 )
 def why(
     spec: Spec | None,
@@ -59,6 +67,7 @@ def why(
     probe: bool,
     as_json: bool,
     reload_check: bool = False,
+    check_fix: bool = False,
 ) -> int:
     """Explain why a server cannot bind PORT, what would work right now, and when it frees.
 
@@ -80,20 +89,51 @@ def why(
 
         return dispatch(spec, connect, source, bind_before_connect, reuseaddr, udp, as_json, probe)
     from rebind.diagnosis import diagnose
+    from rebind.kernel.wellknown import findings as gather_findings
 
     req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only, device=device, freebind=freebind)
     d = diagnose(req)
+    # iptables-save already ran for diagnose()'s NAT notes: look for a NodePort Service only when
+    # they found a KUBE-NODEPORTS rule (one more run of it on every free port costs ~20 ms).
+    nodeport = any("KUBE-NODEPORTS" in n for n in d.notes)
+    found = gather_findings(d.table.entries, req.port, req.proto, nat=nodeport)
+    if check_fix:
+        return _check_fix(d, found, as_json)
     if as_json:
         from rebind.cli.render import dump_json
 
-        dump_json(why_json(d))
+        dump_json(why_json(d, found))
     else:
-        print_diagnosis(d)
+        print_diagnosis(d, found)
     return 0 if d.bindable else 1
 
 
-def why_json(d: Diagnosis) -> dict[str, Any]:
+def _check_fix(d: Diagnosis, found: Findings, as_json: bool) -> int:
+    """Issue 20: after a well-known holder's fix, the holder is gone and the bind works."""
+    from rebind.cli.render import dump_json, out
+
+    still = list(found.holders)
+    fixed = d.bindable and not still
+    if as_json:
+        doc = why_json(d, found)
+        doc["check_fix"] = {"fixed": fixed, "still_held_by": [r.entry.id for r in still]}
+        dump_json(doc)
+        return 0 if fixed else 1
+    con = out()
+    port = f"{d.request.port}/{d.request.proto.value}"
+    if fixed:
+        con.print(f"[bold green]fixed: no well-known holder on {port}, and {con.esc(d.headline)}[/]")
+        return 0
+    con.print(f"[bold red]not fixed yet: {con.esc(d.headline)}[/]")
+    for r in still:
+        con.print(f"  still there: {con.esc(r.lines()[0])}")
+    return 1
+
+
+def why_json(d: Diagnosis, found: Findings | None = None) -> dict[str, Any]:
     from rebind.cli.render import entry_json
+    from rebind.model.localhost import finding_json
+    from rebind.model.wellknown import lookalike_json, recognised_json
 
     r = d.request
     return {
@@ -158,14 +198,26 @@ def why_json(d: Diagnosis) -> dict[str, Any]:
             {"title": f.title, "why": f.why, "command": f.command, "python": f.python, "c": f.c}
             for f in d.fixes
         ],
+        # issue 20 (additive): localhost split-brain and well-known holders with their owners' fix
+        "localhost": finding_json(found.localhost) if found and found.localhost else None,
+        "wellknown": [recognised_json(x) for x in found.holders] if found else [],
+        "lookalikes": [lookalike_json(x) for x in found.lookalikes] if found else [],
     }
 
 
-def print_diagnosis(d: Diagnosis) -> None:
+def print_diagnosis(d: Diagnosis, found: Findings | None = None) -> None:
+    """Print `why`'s answer. Without ``found`` (top's why screen), the known situations are
+    gathered here, without the NodePort search (it runs iptables-save)."""
     from rebind.cli.render import out
 
+    if found is None:
+        from rebind.kernel.wellknown import findings
+
+        found = findings(d.table.entries, d.request.port, d.request.proto, nat=False)
     con = out()
     for line in diagnosis_lines(d, con.esc):
+        con.print(line)
+    for line in findings_lines(found, con.esc):
         con.print(line)
     err = out(stderr=True)
     for w in d.table.warnings:
@@ -201,6 +253,43 @@ def diagnosis_lines(d: Diagnosis, esc_markup: Callable[[str], str] | None = None
                 lines.append(f"     Python: {esc(f.python)}")
             if f.c:
                 lines.append(f"     C:      {esc(f.c)}")
+    return lines
+
+
+def findings_lines(found: Findings, esc_markup: Callable[[str], str] | None = None) -> list[str]:
+    """Issue 20: the localhost split-brain note and each well-known holder's own fix, as exact
+    shell lines (safe to paste: every value in them is validated and shell-quoted)."""
+    raw = esc_markup or (lambda t: t)
+
+    def esc(text: str) -> str:
+        return raw(visible(text))
+
+    lines: list[str] = []
+    if found.localhost is not None:
+        f = found.localhost
+        head, *rest = f.lines()
+        lines.append(f"\n[bold yellow]localhost:[/] {esc(head)}")
+        lines += [f"  [dim]{esc(x)}[/]" for x in rest]
+        lines.append(f"  fix: {esc(f.fix())}")
+        lines += [f"    $ {esc(c)}" for c in f.commands()]
+    for x in found.lookalikes:
+        lines.append(f"\n[yellow]note:[/] {esc(x.line())}")
+    for r in found.holders:
+        what, explain = r.lines()
+        lines.append(f"\n[bold]Well-known holder:[/] {esc(what)}")
+        lines.append(f"  [dim]{esc(explain)}[/]")
+        if r.withheld is not None:
+            lines.append(f"  {esc(r.withheld)}")
+            continue
+        if r.fix:
+            lines.append(f"  [bold]Its owner's fix[/] ({esc(r.entry.fix_title)}):")
+            lines += [f"    $ {esc(c)}" for c in r.fix]
+        if r.revert:
+            lines.append("  To undo it:")
+            lines += [f"    $ {esc(c)}" for c in r.revert]
+        if r.fix:
+            port = f"{r.port}" + (" --udp" if r.proto.value == "udp" else "")
+            lines.append(f"  Then verify: $ rebind why {port} --check-fix")
     return lines
 
 

@@ -69,6 +69,8 @@ def state_text(row: SocketRow) -> Text:
 def row_cells(view: PortView, row: SocketRow | None, first: bool, now: float, snap_mono: float) -> list[Text]:
     """The cells of one table row (all Text: nothing here is parsed as markup)."""
     port = Text(str(view.key) if first else "")
+    if first and view.localhost:
+        port.append(f" {view.localhost}", style="yellow")  # issue 20: localhost split-brain
     mark = view.bindable.mark
     bind = Text(mark if first else "", style=_MARK_STYLE.get(mark, ""))
     if row is None:
@@ -259,9 +261,12 @@ class TopApp(App[int]):
             self.refreshes += 1
             cur = snap.by_key()
             events = diff(self.prev, cur, snap.taken_at)
+            before = {k: v.localhost for k, v in (self.prev or {}).items()}
+            new_split = [v for k, v in cur.items() if v.localhost and v.localhost != before.get(k)]
             self.prev = cur
             self.snapshot = snap
             self._log_events(events)
+            self._log_localhost(new_split)
         self.render_table()
         self.render_status()
 
@@ -285,6 +290,12 @@ class TopApp(App[int]):
         for e in events:
             if not e.initial:
                 log.write(Text(describe(e, with_date=False)))
+
+    def _log_localhost(self, views: list[PortView]) -> None:
+        """Issue 20: an event line when a port's localhost becomes split (or one-family)."""
+        log = self.query_one("#events", RichLog)
+        for v in views:
+            log.write(Text(f"{v.key}: {v.localhost} (127.0.0.1 and ::1 differ; press w for why)"))
 
     # -- drawing --------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
 from rebind.model.conflict import BindRequest, Holder, KernelSettings, Verdict, evaluate
+from rebind.model.localhost import LocalhostResolution, find_split, loopback_only
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
 from rebind.textsafe import visible
 
@@ -136,6 +137,8 @@ class PortView:
     bindable: Bindable = Bindable.YES
     #: Asked for on the command line: shown even with no socket.
     watched: bool = False
+    #: Issue 20: localhost split-brain mark (``localhost-split``, ``lh:v6-only``), or None.
+    localhost: str | None = None
 
     @property
     def held(self) -> bool:
@@ -302,6 +305,7 @@ def build_ports(
     sampled: float = 0.0,
     extra_rows: Mapping[PortKey, Sequence[SocketRow]] | None = None,
     extra_sockets: Mapping[PortKey, Sequence[SocketRecord]] | None = None,
+    localhost: LocalhostResolution | None = None,
 ) -> tuple[PortView, ...]:
     """One view per (port, protocol) in the entries, plus every watched one (even if empty).
 
@@ -323,8 +327,18 @@ def build_ports(
         if k in extra_rows:
             rows = sort_rows((*rows, *extra_rows[k]))
         socks = [m.socket for m in members] + list(extra_sockets.get(k, ()))
-        out.append(PortView(key=k, rows=rows, bindable=assess(k, socks, settings, uid), watched=k in want))
+        view = PortView(key=k, rows=rows, bindable=assess(k, socks, settings, uid), watched=k in want)
+        if localhost is not None and k.proto is Proto.TCP:
+            view = replace(view, localhost=localhost_mark(k.port, members, localhost))
+        out.append(view)
     return tuple(out)
+
+
+def localhost_mark(port: int, members: Sequence[SocketEntry], res: LocalhostResolution) -> str | None:
+    """The same mark `rebind ls` shows (rebind.cli.render.localhost_marks): a split port, or a
+    one-family listener bound to the loopback address itself."""
+    f = find_split(port, members, res)
+    return f.kind.marker if f is not None and loopback_only(f) else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 
+from rebind.model.localhost import LocalhostResolution
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
 from rebind.top.cadence import Cadence
 from rebind.top.model import PortKey, Snapshot, SocketRow, build_ports, build_rows, left_now, reduce_holders
@@ -70,6 +71,15 @@ class Sampler:
         self._owners: dict[int, tuple[Owner, ...]] = {}
 
     # -- kernel reads ---------------------------------------------------------------------------
+
+    def _localhost(self) -> LocalhostResolution:
+        """Issue 20: how localhost resolves, read once (top marks split-brain ports)."""
+        res: LocalhostResolution | None = getattr(self, "_lh", None)
+        if res is None:
+            from rebind.kernel.resolver import localhost_resolution
+
+            res = self._lh = localhost_resolution(0)
+        return res
 
     def _dump(
         self, protos: Iterable[Proto], states: Iterable[State], ports: Sequence[int] | None
@@ -179,6 +189,7 @@ class Sampler:
             sampled=now,
             extra_rows=rows,
             extra_sockets=socks,
+            localhost=self._localhost(),
         )
         return Snapshot(
             ports=ports,

@@ -1,0 +1,131 @@
+"""Facts for the well-known-holder catalogue and the localhost split-brain check: each holder's
+executable as the kernel sees it, the package accounts' uids, kube-proxy's NodePort rules and the
+resolver's answer for localhost. The decisions are pure (model/wellknown.py, model/localhost.py).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Iterable, Sequence
+from functools import cache
+from importlib import resources
+
+from rebind.model.localhost import find_split
+from rebind.model.records import Owner, Proto, SocketEntry, State
+from rebind.model.wellknown import (
+    Findings,
+    Lookalike,
+    ProcFacts,
+    Recognised,
+    WellKnown,
+    parse_catalogue,
+    recognise,
+    recognise_nat,
+)
+
+
+@cache
+def catalogue() -> tuple[WellKnown, ...]:
+    """The shipped catalogue (rebind/data/wellknown.toml, package data)."""
+    text = resources.files("rebind").joinpath("data/wellknown.toml").read_text(encoding="utf-8")
+    return parse_catalogue(text)
+
+
+def system_uids(entries: Iterable[WellKnown]) -> dict[str, int]:
+    """uid of each package account the catalogue names that exists here."""
+    out: dict[str, int] = {}
+    for e in entries:
+        for user in e.users:
+            try:
+                out[user] = pwd.getpwnam(user).pw_uid
+            except KeyError:
+                continue
+    return out
+
+
+def _real_uid(pid: int, proc: str) -> int | None:
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def exe_facts(o: Owner, proc: str = "/proc") -> ProcFacts:
+    """The kernel's view of ``o``: readlink and stat of /proc/PID/exe (the image the process
+    runs, deleted or not), and its real uid. Unreadable parts stay None (never guessed)."""
+    path = f"{proc}/{o.pid}/exe"
+    try:
+        exe: str | None = os.readlink(path)
+        st = os.stat(path)
+        exe_uid, exe_mode = st.st_uid, st.st_mode
+    except OSError:
+        exe, exe_uid, exe_mode = None, None, None
+    return ProcFacts(
+        pid=o.pid,
+        exe=exe,
+        exe_uid=exe_uid,
+        exe_mode=exe_mode,
+        uid=_real_uid(o.pid, proc),
+        name=o.name,
+        cmdline=o.cmdline,
+        unit=o.unit,
+        container=o.container.label if o.container is not None else None,
+    )
+
+
+def recognise_holders(
+    entries: Sequence[SocketEntry], port: int, proto: Proto, proc: str = "/proc"
+) -> tuple[tuple[Recognised, ...], tuple[Lookalike, ...]]:
+    """Well-known daemons among the owners of the sockets holding ``port``/``proto``."""
+    cat = catalogue()
+    uids = system_uids(cat)
+    found: dict[str, Recognised] = {}
+    fakes: dict[int, Lookalike] = {}
+    seen: set[int] = set()
+    for e in entries:
+        r = e.socket
+        if r.proto is not proto or r.port != port or r.is_mini:
+            continue
+        for o in e.owners:
+            if o.pid in seen:
+                continue
+            seen.add(o.pid)
+            got = recognise(cat, exe_facts(o, proc), port, proto, uids)
+            if isinstance(got, Recognised):
+                found.setdefault(got.entry.id, got)
+            elif isinstance(got, Lookalike):
+                fakes.setdefault(got.pid, got)
+    return tuple(found.values()), tuple(fakes.values())
+
+
+def recognise_nodeports(port: int, proto: Proto) -> tuple[Recognised, ...]:
+    """kube-proxy NodePorts: rules of KUBE-NODEPORTS that capture the port (iptables-save)."""
+    from rebind.kernel.containers import captures_for
+
+    out = []
+    for c in captures_for(port, proto.value, None):
+        got = recognise_nat(catalogue(), c.chain.value, c.comment, port, proto)
+        if got is not None:
+            out.append(got)
+    return tuple(out)
+
+
+def findings(entries: Sequence[SocketEntry], port: int, proto: Proto, *, nat: bool = True) -> Findings:
+    """What `why PORT` adds: localhost split-brain (TCP) and well-known holders (or NodePorts when
+    no socket holds the port: kube-proxy in iptables mode holds none)."""
+    from rebind.kernel.resolver import localhost_resolution
+
+    split = find_split(port, entries, localhost_resolution(port)) if proto is Proto.TCP else None
+    holders, fakes = recognise_holders(entries, port, proto)
+    holding = any(
+        e.socket.state in (State.LISTEN, State.CLOSE, State.BOUND_INACTIVE) and e.socket.port == port
+        for e in entries
+    )
+    if nat and not holders and not holding:
+        holders = recognise_nodeports(port, proto)
+    return Findings(split, holders, fakes)
