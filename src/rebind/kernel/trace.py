@@ -20,7 +20,8 @@ import mmap
 import os
 import select
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
 from rebind.kernel.bpf import btf as btfmod
@@ -40,11 +41,14 @@ from rebind.kernel.bpf.trace_prog import (
     COUNTERS,
     EVENT,
     MAX_ERRNO,
+    Bits,
     TraceLayout,
     TraceMaps,
     build_program,
     layout_from_btf,
 )
+from rebind.model.records import IPAddress, Proto
+from rebind.model.trace import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, Kind, TraceEvent
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -86,7 +90,9 @@ def check_environment() -> None:
         # bpf_get_current_pid_tgid() gives pids of the initial namespace; ours would differ.
         raise BPFUnavailable("rebind trace must run in the initial pid namespace (pids would not match)")
     if not os.path.exists(BTF_PATH):
-        raise BPFUnavailable(f"no kernel BTF ({BTF_PATH}; CONFIG_DEBUG_INFO_BTF): the trace program is built from it")
+        raise BPFUnavailable(
+            f"no kernel BTF ({BTF_PATH}; CONFIG_DEBUG_INFO_BTF): the trace program is built from it"
+        )
 
 
 def load_layout() -> TraceLayout:
@@ -288,4 +294,66 @@ class Tracer:
         self.close()
 
 
-RECORD_SIZE = EVENT.size
+# ---------------------------------------------------------------------------------------------
+# Decoding a record
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def _bits(value: int, b: Bits) -> int:
+    return (value >> b.shift) & ((1 << b.width) - 1)
+
+
+def _sockaddr(raw: bytes) -> tuple[IPAddress | None, int, int]:
+    """(address, port, scope id) of a sockaddr_in / sockaddr_in6; (None, 0, 0) for another family."""
+    fam, port = struct.unpack_from("<HH", raw)  # sa_family is host order, sin_port network
+    port = int.from_bytes(raw[2:4], "big")
+    if fam == AF_INET:
+        return IPv4Address(raw[4:8]), port, 0
+    if fam == AF_INET6:
+        return IPv6Address(raw[8:24]), port, struct.unpack_from("<I", raw, 24)[0]
+    return None, port, 0
+
+
+def decode(raw: bytes, bits: Mapping[str, Bits]) -> TraceEvent | None:
+    """A record as a TraceEvent; None for sockets that are not TCP/UDP over IPv4/IPv6 (a
+    failing bind of an AF_UNIX socket, a record cut short)."""
+    if len(raw) < EVENT.size:
+        return None
+    (mono, cgroup, ino, tid, tgid, netns, err, uid, dev, kind, family, _stype, proto, flags, num, _pad,
+     arg, saddr4, sockaddr, saddr6, comm, fd) = EVENT.unpack_from(raw)  # fmt: skip
+    if family not in (AF_INET, AF_INET6) or kind not in {k.value for k in Kind}:
+        return None
+    k = Kind(kind)
+    p = {IPPROTO_TCP: Proto.TCP, IPPROTO_UDP: Proto.UDP}.get(proto)
+    local: IPAddress = IPv4Address(struct.pack("<I", saddr4)) if family == AF_INET else IPv6Address(saddr6)
+    addr, port, scope = _sockaddr(sockaddr)
+    if k is Kind.LISTEN:
+        addr, port, scope = local, num, 0
+    return TraceEvent(
+        kind=k,
+        errno=err,
+        pid=tgid,
+        tid=tid,
+        comm=_cstr(comm),
+        cgroup_id=cgroup,
+        netns=netns,
+        family=family,
+        proto=p,
+        fd=fd,
+        addr=addr,
+        port=port,
+        scope_id=scope,
+        local_addr=local,
+        local_port=num,
+        reuseaddr=_bits(flags, bits["skc_reuse"]) != 0,
+        reuseport=_bits(flags, bits["skc_reuseport"]) != 0,
+        v6only=_bits(flags, bits["skc_ipv6only"]) != 0,
+        bound_dev_if=dev,
+        uid=uid,
+        inode=ino,
+        arg=arg,
+        mono_ns=mono,
+    )

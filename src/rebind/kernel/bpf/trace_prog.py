@@ -33,13 +33,13 @@ and decoded in Python with the bit offsets BTF gives (:class:`TraceLayout`).
 
 from __future__ import annotations
 
-import enum
 import os
 import struct
 from typing import Final, NamedTuple
 
 from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import btf as btfmod
+from rebind.model.trace import Kind
 
 # enum bpf_func_id (include/uapi/linux/bpf.h)
 HELPER_MAP_LOOKUP_ELEM = 1
@@ -57,12 +57,6 @@ MAX_ERRNO = 4095
 S_IFMT = 0o170000
 S_IFSOCK = 0o140000
 SOCKADDR_BYTES = 28  # sizeof(struct sockaddr_in6), the largest inet address
-
-
-class Kind(enum.IntEnum):
-    BIND = 1
-    LISTEN = 2
-    CONNECT = 3
 
 
 #: Syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl) and where the arguments sit in
