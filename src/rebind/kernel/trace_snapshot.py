@@ -16,6 +16,7 @@ on that one thread, so nothing else runs meanwhile.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, RebindError
 from rebind.model.records import SocketTable
-from rebind.model.request import BindRequest
+from rebind.model.request import BindRequest, TrialResult
 from rebind.model.trace import Kind, Snapshot, TraceEvent, from_connect, from_diagnosis, unavailable
 
 
@@ -100,7 +101,9 @@ def _without(table: SocketTable, inode: int) -> SocketTable:
 
 
 def _bind_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
+    from rebind.kernel.addrs import ipv6_addresses
     from rebind.kernel.facts import gather
+    from rebind.kernel.sysctl import kernel_settings
     from rebind.model.advice import advise
     from rebind.sockets import socket_table
 
@@ -110,7 +113,19 @@ def _bind_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
     if req.port == 0:
         return unavailable("bind() to port 0: no port of the ephemeral range was free")
     table = _without(socket_table(ports=[req.port], protos=[req.proto], owners=owners), ev.inode)
-    return from_diagnosis(advise(gather(req, owners=owners, table=table, trials=False)))
+    # The privilege is the caller's, not ours: __inet_bind checks the address (EADDRNOTAVAIL),
+    # then the port's privilege (EACCES: no CAP_NET_BIND_SERVICE over the netns), then conflicts
+    # (EADDRINUSE). So EACCES says the caller lacked it; any other errno: judge as if it had it.
+    settings = replace(
+        kernel_settings(), ipv6_addresses=ipv6_addresses(), cap_net_bind_service=ev.errno != errno.EACCES
+    )
+    facts = gather(req, owners=owners, table=table, trials=False, settings=settings)
+    if ev.kind is Kind.BIND:
+        # The failed bind() *is* the kernel's answer to this very request, given a moment ago:
+        # the model uses it as `why` uses its trial bind (to settle flags nobody could read,
+        # e.g. a TIME_WAIT's SO_REUSEADDR once its server is gone). Nothing is bound by us.
+        facts = replace(facts, trials={replace(req, listen=False): TrialResult(ok=False, errno=ev.errno)})
+    return from_diagnosis(advise(facts))
 
 
 def _connect_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
