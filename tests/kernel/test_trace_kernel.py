@@ -385,3 +385,16 @@ def test_unprivileged_says_what_is_missing(procs: Procs) -> None:
     assert res.returncode == 3, (res.returncode, res.stderr)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "CAP_BPF" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_demo_trace_catches_the_failed_restart(rebind_cli: Run, netns: int) -> None:
+    res = rebind_cli("demo", "--trace", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OSError: [Errno 98] Address already in use" in res.stdout
+    assert "bind 0.0.0.0:12345/tcp → EADDRINUSE: TIME_WAIT 127.0.0.1:12345 → 127.0.0.1:" in res.stdout
+    assert " 0 dropped" in res.stdout and "\x1b[" not in res.stdout
+
+
+def test_demo_client_and_trace_together_is_bad_input(rebind_cli: Run) -> None:
+    res = rebind_cli("demo", "--client", "--trace")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
