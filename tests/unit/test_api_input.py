@@ -158,6 +158,8 @@ def _bad_api_calls() -> list[tuple[str, object]]:
         ("execute_plan(None)", lambda: r.execute_plan(None)),
         ("execute_plan('x')", lambda: r.execute_plan("x")),
         ("pick_port('x')", lambda: r.pick_port("x")),
+        ("pick_port(settings=5)", lambda: r.pick_port(settings=5)),
+        ("wait_bindable(on_progress=5)", lambda: r.wait_bindable(1, timeout=0.1, on_progress=5)),
         ("pick_port(port_range=(1,))", lambda: r.pick_port(port_range=(1,))),
         ("connect_diagnose(None, 80)", lambda: r.connect_diagnose(None, 80, owners=False)),
         ("connect_diagnose(port 70000)", lambda: r.connect_diagnose("127.0.0.1", 70000, owners=False)),
