@@ -279,6 +279,62 @@ class Demo:
         self.rebind("ls", str(port), "--state", "listen")
         return len(seen) == 2
 
+    # -- `rebind demo --trace` ---------------------------------------------------------------
+
+    def trace_story(self, netns_inode: int) -> bool:
+        """The failed restart, caught by `rebind trace` with its reason (docs/trace.md)."""
+        port = 12345
+        self.step("`rebind trace` starts recording failing binds (this namespace only)")
+        self.out(f"  [bold]$ rebind trace --netns {netns_inode} --count 1[/]")
+        tracer = self.start(
+            [sys.executable, "-m", "rebind", "trace", "--netns", str(netns_inode), "--count", "1"]
+        )
+        assert tracer.stderr is not None and tracer.stdout is not None
+        first = tracer.stderr.readline().strip()
+        if "tracing" not in first:
+            tracer.wait(30)
+            self.show(first or tracer.stderr.read().strip() or "rebind trace did not start", "red")
+            return False
+        self.step("The post's server serves one client and exits: its side is left in TIME_WAIT")
+        srv = self.start_server(POST_SERVER.format(setsockopt="", port=port), "server.py")
+        if not self.wait_ready(srv):
+            self.say("the server did not start")
+            return False
+        self.connect_and_finish(port, srv)
+        self.step("The restart fails with Errno 98 ... and the recorder says why, as it happened")
+        again = self.start_server(POST_SERVER.format(setsockopt="", port=port), "server.py")
+        _, err = again.communicate(timeout=10)
+        self.show(err.strip().splitlines()[-1] if err.strip() else "(no error?)", "red")
+        try:
+            out, summary = tracer.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.say("rebind trace printed nothing within 30 s")
+            return False
+        line = out.strip()
+        self.show(line, "yellow")
+        self.show(summary.strip(), "dim")
+        self.say("By the time anyone runs `rebind why`, this TIME_WAIT may be gone; the line stays.")
+        self.say("Record it for later: `rebind trace --record fails.jsonl`, read with `rebind history`.")
+        return "Errno 98" in err and "EADDRINUSE" in line and f"TIME_WAIT 127.0.0.1:{port} → " in line
+
+
+def run_trace_demo(out: Out) -> bool:
+    """`rebind demo --trace`: needs root, a private network namespace and `rebind trace`."""
+    from rebind.kernel import netns
+
+    t0 = time.monotonic()
+    if not netns.namespaces_permitted():
+        out("[red]rebind demo --trace needs a private network namespace (run as root).[/]")
+        return False
+    with ExitStack() as stack:
+        inode = stack.enter_context(netns.private_netns())
+        out("[dim]Running in a private network namespace: nothing here touches the machine's ports.[/]")
+        demo = Demo(out, in_netns=True)
+        stack.callback(demo.cleanup)
+        ok = demo.trace_story(inode)
+    out(f"\n[dim]Demo finished in {time.monotonic() - t0:.1f} s.[/]")
+    return ok
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -11,11 +11,12 @@ Examples:
   rebind top 8080 --record ports.jsonl     (in another terminal, or earlier)
   rebind history ports.jsonl               every event, one line each
   rebind history ports.jsonl 8080          only port 8080
+  rebind history fails.jsonl               failing binds from `rebind trace --record fails.jsonl`
 
 \b
 Exit status: 0 events printed, 1 no event for PORT, 2 unreadable or malformed FILE (events
 before a malformed line are printed first), a FIFO, device or directory, or a symlink.
-Schema of the file: docs/top.md (rebind.top.event/1).
+Schemas: docs/top.md (rebind.top.event/1), docs/trace.md (rebind.trace/1, from rebind trace --record).
 """,
 )
 @click.argument("file", metavar="FILE")
@@ -27,8 +28,9 @@ def history(file: str, port: str | None) -> int:
     from rebind.errors import UsageError
     from rebind.model.validate import parse_port
     from rebind.textsafe import visible
-    from rebind.top.events import BadRecord, history, parse_lines
+    from rebind.top.events import BadRecord
     from rebind.top.record import open_record, read_lines
+    from rebind.trace_record import history
 
     wanted = parse_port(port, what="PORT") if port is not None else None
     try:
@@ -39,7 +41,7 @@ def history(file: str, port: str | None) -> int:
     try:
         # Streamed: one line in memory at a time, whatever the file's size. Events before a
         # malformed line are printed, then the error (exit 2) names that line.
-        for line in history(parse_lines(read_lines(fd)), wanted):
+        for line in history(read_lines(fd), wanted):
             click.echo(line)
             n += 1
     except OSError as exc:

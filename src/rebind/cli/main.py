@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Ask a running `rebind run` supervisor to start a new generation.",
     ),
     "top": ("rebind.cli.top", "top", "Watch ports live: states, countdowns, queues, owners; one key acts."),
+    "trace": (
+        "rebind.cli.trace",
+        "trace",
+        "Record failing bind/listen/connect calls with the blocker seen then.",
+    ),
     "history": (
         "rebind.cli.history",
         "history",

@@ -1,0 +1,450 @@
+"""`rebind trace` events: decoded records, the requests they ask, their lines and JSON. Pure.
+
+A record comes from the kernel program (:mod:`rebind.kernel.bpf.trace_prog`, layout
+:data:`~rebind.kernel.bpf.trace_prog.EVENT`); everything in it is what the failing socket looked
+like at the failing call. The blockers seen "at that instant" come from the same pipeline as
+`rebind why` (observer-free: nothing is bound) and are attached as a :class:`Snapshot`.
+
+JSON (``rebind.trace/1``, docs/json.md) is one object per event, the same on ``--json`` and in
+``--record`` files, which `rebind history` reads beside `rebind top`'s records.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import errno as _errno
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from rebind.errors import UsageError
+from rebind.model.advice import BlockerInfo, Diagnosis, WhyVerdict
+from rebind.model.connect import ConnectResult
+from rebind.model.diagnosis import NO_SOCKET_KINDS, HolderKind, describe_owner, fmt_seconds, kind_phrase
+from rebind.model.records import IPAddress, Proto
+from rebind.textsafe import visible
+
+SCHEMA = "rebind.trace/1"
+AF_INET, AF_INET6 = 2, 10
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+
+
+class Kind(enum.IntEnum):
+    """The failing call (the numbers are the kernel program's EVENT.KIND)."""
+
+    BIND = 1
+    LISTEN = 2
+    CONNECT = 3
+
+
+#: What `rebind trace` reports without --errno: the errors rebind's models explain.
+DEFAULT_ERRNOS = ("EADDRINUSE", "EADDRNOTAVAIL", "EACCES")
+#: A record's text is capped: the line a hostile process can make us print or store is bounded.
+MAX_TEXT = 512
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    """One failing call, as the kernel saw it when the call returned."""
+
+    kind: Kind
+    errno: int
+    pid: int  # tgid, initial pid namespace
+    tid: int
+    comm: str
+    cgroup_id: int
+    netns: int
+    family: int  # the socket's (AF_INET, AF_INET6)
+    proto: Proto | None  # None: another protocol (MPTCP, SCTP, ping...)
+    fd: int
+    #: bind: the address asked for; connect: the destination; listen: the bound address.
+    addr: IPAddress | None
+    port: int
+    scope_id: int = 0
+    #: The socket's own bound address and port at the call (connect: its source, if bound).
+    local_addr: IPAddress | None = None
+    local_port: int = 0
+    reuseaddr: bool = False
+    reuseport: bool = False
+    v6only: bool = False
+    bound_dev_if: int = 0
+    uid: int = 0
+    inode: int = 0
+    arg: int = 0  # addrlen, or listen's backlog
+    mono_ns: int = 0  # CLOCK_MONOTONIC at the failure
+    ts: float = 0.0  # wall clock, from mono_ns
+
+    @property
+    def errno_name(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno))
+
+    @property
+    def where(self) -> str:
+        if self.addr is None:
+            return f"?:{self.port}"
+        host = f"[{self.addr}]" if self.addr.version == 6 else str(self.addr)
+        return f"{host}:{self.port}"
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        out = []
+        if self.reuseaddr:
+            out.append("SO_REUSEADDR")
+        if self.reuseport:
+            out.append("SO_REUSEPORT")
+        if self.v6only and self.family == AF_INET6:
+            out.append("IPV6_V6ONLY")
+        if self.bound_dev_if:
+            out.append(f"SO_BINDTODEVICE={self.bound_dev_if}")
+        return tuple(out)
+
+
+def parse_errnos(text: str | None) -> frozenset[int]:
+    """``EADDRINUSE,EACCES`` or numbers, or ``all``; UsageError for an unknown name."""
+    if text is None:
+        return frozenset(getattr(_errno, n) for n in DEFAULT_ERRNOS)
+    out: set[int] = set()
+    for part in text.split(","):
+        name = part.strip().upper()
+        if not name:
+            continue
+        if name == "ALL":
+            return frozenset(range(1, 4096))
+        if name.isascii() and name.isdigit():
+            value = int(name)
+        else:
+            value = getattr(_errno, name, 0) if name.startswith("E") and name.isidentifier() else 0
+        if not isinstance(value, int) or not 0 < value < 4096:
+            raise UsageError(f"--errno: {part.strip()!r} is not an errno name (e.g. EADDRINUSE) or number")
+        out.add(value)
+    if not out:
+        raise UsageError("--errno: no errno given (e.g. EADDRINUSE,EADDRNOTAVAIL,EACCES, or all)")
+    return frozenset(out)
+
+
+def wanted(ev: TraceEvent, ports: frozenset[int]) -> bool:
+    """The PORT filter: the port asked for, or (connect) the socket's own bound port."""
+    return not ports or ev.port in ports or (ev.kind is Kind.CONNECT and ev.local_port in ports)
+
+
+# ---------------------------------------------------------------------------------------------
+# The snapshot: what the model names, taken right after the failure
+
+
+@dataclass(frozen=True, slots=True)
+class BlockerView:
+    """One blocker, flattened for lines and JSON."""
+
+    kind: str  # HolderKind value, or "range" for a connect's port range
+    text: str  # the words of a line: "TIME_WAIT 127.0.0.1:8080 → 127.0.0.1:5000 left by ..."
+    state: str | None = None
+    local: str | None = None
+    remote: str | None = None
+    left_ms: int | None = None
+    pids: tuple[int, ...] = ()
+    group: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The model's answer for the event's request, read just after the event."""
+
+    verdict: str  # WhyVerdict value (bind/listen) or connect Verdict value
+    reason: str  # one line
+    blockers: tuple[BlockerView, ...] = ()
+    headline: str = ""
+    #: Milliseconds between the failure and the end of the snapshot.
+    after_ms: float | None = None
+    #: The snapshot could not be taken (namespace gone, no permission): why.
+    error: str | None = None
+
+
+def unavailable(why: str) -> Snapshot:
+    return Snapshot(verdict="unknown", reason=f"no snapshot: {why}", error=why)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lines
+
+
+def _clock(ts: float, *, date: bool = False) -> str:
+    t = _dt.datetime.fromtimestamp(ts).astimezone()
+    return t.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+
+
+def describe(ev: TraceEvent, snap: Snapshot | None, *, unit: str | None = None, date: bool = False) -> str:
+    """``03:12:07 myapp[4121] (myapp.service) bind 0.0.0.0:8080 SO_REUSEADDR → EADDRINUSE: ...``
+    (process-supplied text escaped)."""
+    who = f"{ev.comm}[{ev.pid}]" + (f" ({unit})" if unit else "")
+    what = ev.kind.name.lower()
+    proto = f"/{ev.proto.value}" if ev.proto else ""
+    target = ev.where + proto
+    if ev.kind is Kind.CONNECT and ev.local_port:
+        target = f"{target} from :{ev.local_port}"
+    flags = "".join(f" {f}" for f in ev.flags)
+    head = f"{_clock(ev.ts, date=date)} {who} {what} {target}{flags} → {ev.errno_name}"
+    if snap is None:
+        return visible(head)
+    return visible(f"{head}: {snap.reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON (rebind.trace/1)
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def to_json(
+    ev: TraceEvent, snap: Snapshot | None, *, unit: str | None = None, container: str | None = None
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "ts": round(ev.ts, 6),
+        "time": _dt.datetime.fromtimestamp(ev.ts, _dt.UTC).isoformat(timespec="milliseconds"),
+        "call": ev.kind.name.lower(),
+        "errno": ev.errno_name,
+        "errno_value": ev.errno,
+        "proto": ev.proto.value if ev.proto else None,
+        "family": "ipv4" if ev.family == AF_INET else "ipv6",
+        "addr": str(ev.addr) if ev.addr is not None else None,
+        "port": ev.port,
+        "scope_id": ev.scope_id,
+        "local_addr": str(ev.local_addr) if ev.local_addr is not None else None,
+        "local_port": ev.local_port,
+        "options": {
+            "reuseaddr": ev.reuseaddr,
+            "reuseport": ev.reuseport,
+            "v6only": ev.v6only if ev.family == AF_INET6 else None,
+            "bound_dev_if": ev.bound_dev_if,
+        },
+        "process": {
+            "pid": ev.pid,
+            "tid": ev.tid,
+            "comm": _cap(ev.comm),
+            "uid": ev.uid,
+            "cgroup_id": ev.cgroup_id,
+            "unit": _cap(unit) if unit else None,
+            "container": _cap(container) if container else None,
+        },
+        "netns": ev.netns,
+        "fd": ev.fd,
+        "socket_inode": ev.inode,
+        "snapshot": None,
+    }
+    if snap is not None:
+        doc["snapshot"] = {
+            "verdict": snap.verdict,
+            "reason": _cap(snap.reason),
+            "headline": _cap(snap.headline),
+            "after_ms": None if snap.after_ms is None else round(snap.after_ms, 3),
+            "error": snap.error,
+            "blockers": [
+                {
+                    "kind": b.kind,
+                    "text": _cap(b.text),
+                    "state": b.state,
+                    "local": b.local,
+                    "remote": b.remote,
+                    "left_ms": b.left_ms,
+                    "pids": list(b.pids),
+                    "group": b.group,
+                }
+                for b in snap.blockers[:16]
+            ],
+        }
+    return doc
+
+
+def to_line(
+    ev: TraceEvent, snap: Snapshot | None, *, unit: str | None = None, container: str | None = None
+) -> str:
+    # ensure_ascii: a hostile comm cannot put raw control bytes or a newline into the file.
+    return (
+        json.dumps(
+            to_json(ev, snap, unit=unit, container=container), ensure_ascii=True, separators=(",", ":")
+        )
+        + "\n"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    """A ``rebind.trace/1`` line read back (`rebind history`): what a line needs, validated."""
+
+    ts: float
+    call: str
+    errno: str
+    proto: str | None
+    where: str
+    comm: str
+    pid: int
+    unit: str | None
+    flags: tuple[str, ...]
+    reason: str | None
+    port: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        who = f"{self.comm}[{self.pid}]" + (f" ({self.unit})" if self.unit else "")
+        proto = f"/{self.proto}" if self.proto else ""
+        flags = "".join(f" {f}" for f in self.flags)
+        tail = f": {self.reason}" if self.reason else ""
+        return visible(
+            f"{_clock(self.ts, date=True)}  {who} {self.call} {self.where}{proto}{flags} → {self.errno}{tail}"
+        )
+
+
+class BadTraceRecord(ValueError):
+    pass
+
+
+def _str(v: Any, what: str, *, optional: bool = False) -> str | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or len(v) > 4 * MAX_TEXT:
+        raise BadTraceRecord(f"{what} is not a string")
+    return v
+
+
+def _int(v: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise BadTraceRecord(f"{what} is not an integer in {lo}-{hi}")
+    return v
+
+
+def from_json(doc: Any) -> TraceRecord:
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise BadTraceRecord(f"schema is not {SCHEMA}")
+    ts = doc.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not 0 <= ts < 1e11:
+        raise BadTraceRecord("ts is not a time")
+    call = _str(doc.get("call"), "call")
+    if call not in ("bind", "listen", "connect"):
+        raise BadTraceRecord("call is not bind, listen or connect")
+    proc = doc.get("process")
+    opts = doc.get("options")
+    if not isinstance(proc, dict) or not isinstance(opts, dict):
+        raise BadTraceRecord("process or options is not an object")
+    addr = _str(doc.get("addr"), "addr", optional=True)
+    port = _int(doc.get("port"), "port", 0, 65535)
+    host = "?" if addr is None else (f"[{addr}]" if ":" in addr else addr)
+    flags = [
+        n
+        for k, n in (("reuseaddr", "SO_REUSEADDR"), ("reuseport", "SO_REUSEPORT"), ("v6only", "IPV6_V6ONLY"))
+        if opts.get(k) is True
+    ]
+    snap = doc.get("snapshot")
+    reason = None
+    if snap is not None:
+        if not isinstance(snap, dict):
+            raise BadTraceRecord("snapshot is not an object")
+        reason = _str(snap.get("reason"), "snapshot.reason")
+    proto = _str(doc.get("proto"), "proto", optional=True)
+    return TraceRecord(
+        ts=float(ts),
+        call=call,
+        errno=_str(doc.get("errno"), "errno") or "?",
+        proto=proto,
+        where=f"{host}:{port}",
+        comm=_str(proc.get("comm"), "process.comm") or "?",
+        pid=_int(proc.get("pid"), "process.pid", 0, 2**32),
+        unit=_str(proc.get("unit"), "process.unit", optional=True),
+        flags=tuple(flags),
+        reason=reason,
+        port=port,
+    )
+
+
+def is_trace_doc(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("schema") == SCHEMA
+
+
+# ---------------------------------------------------------------------------------------------
+# From the models' answers to a Snapshot (pure)
+
+
+def _timed_text(kind: HolderKind, words: str, where: str) -> str:
+    """'TIME_WAIT left by a server ...' with the endpoints right after the state's name."""
+    if kind in (HolderKind.TIME_WAIT, HolderKind.ORPHAN_FIN_WAIT2):
+        first, _, rest = words.partition(" ")
+        if kind is HolderKind.ORPHAN_FIN_WAIT2:  # "an orphaned FIN_WAIT2 left by ..."
+            return f"{words} {where}"
+        return f"{first} {where} {rest}"
+    return f"{words} {where}"
+
+
+def _blocker_view(b: BlockerInfo) -> BlockerView:
+    r = b.entry.socket
+    if b.kind in NO_SOCKET_KINDS:
+        return BlockerView(kind=b.kind.value, text=b.blocker.reason)
+    remote = f" → {r.remote}" if r.remote.port else ""
+    text = _timed_text(b.kind, kind_phrase(b.kind, r, b.opts.reuseaddr), f"{r.local}{remote}")
+    if b.entry.owners:
+        text += f" ({describe_owner(b.entry.owners)})"
+    if r.is_mini and r.expires_ms is not None:
+        text += f", {fmt_seconds(r.expires_ms)} left"
+    if b.group > 1:
+        text += f" (and {b.group - 1} like it)"
+    if not b.blocker.certain:
+        text += " (depends on a flag nobody can read)"
+    return BlockerView(
+        kind=b.kind.value,
+        text=text,
+        state=r.state.label,
+        local=str(r.local),
+        remote=str(r.remote) if r.remote.port else None,
+        left_ms=r.expires_ms if r.is_mini else None,
+        pids=tuple(sorted({o.pid for o in b.entry.owners})),
+        group=b.group,
+    )
+
+
+def from_diagnosis(d: Diagnosis) -> Snapshot:
+    """The bind/listen model's answer (observer-free `why`) as a one-line reason."""
+    views = []
+    seen: set[int] = set()
+    for b in d.blockers:
+        if id(b.blocker) in seen:
+            continue  # one representative per group of identical leftovers
+        seen.add(id(b.blocker))
+        views.append(_blocker_view(b))
+    if d.verdict is WhyVerdict.FREE:
+        reason = f"gone by the snapshot: {d.headline}"
+    elif views:
+        reason = views[0].text
+        if len(views) > 1:
+            reason += f"; and {len(views) - 1} more"
+        if d.verdict is WhyVerdict.LISTEN_FAILS:
+            reason += " (at listen())"
+    else:
+        reason = d.headline
+    return Snapshot(verdict=d.verdict.value, reason=reason, blockers=tuple(views), headline=d.headline)
+
+
+def from_connect(res: ConnectResult) -> Snapshot:
+    """The client-port model's answer: where the range went."""
+    acc = res.accounting
+    lo, hi = res.effective_range
+    parts = [f"{n} {k}" for k, n in sorted(acc.counts.items(), key=lambda kv: -kv[1]) if n]
+    reason = f"{acc.usable} of {acc.total} ports of {lo}-{hi} usable"
+    if parts:
+        reason += f" ({', '.join(parts)})"
+    if res.consumers:
+        c = res.consumers[0]
+        held = c.to_destination + c.by_bind + c.other
+        reason += f"; most held by {c.name} (pid {c.pid}): {held}"
+    views = tuple(
+        BlockerView(
+            kind="time-wait",
+            text=tw.why,
+            state=tw.holder.entry.socket.state.label,
+            local=str(tw.holder.entry.socket.local),
+            remote=str(tw.holder.entry.socket.remote),
+            left_ms=tw.left_ms,
+        )
+        for tw in res.time_waits[:16]
+    )
+    return Snapshot(verdict=res.outcome.verdict.value, reason=reason, blockers=views, headline=res.headline)
