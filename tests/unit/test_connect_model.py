@@ -329,14 +329,40 @@ def test_consumers_ranked_and_json_escapes_process_text():
     assert doc["consumers"][0]["unit"] is None
 
 
-def test_ambiguous_client_sockets_are_reported_with_the_worst_case():
+def test_ambiguous_client_sockets_give_the_worst_case_never_ok():
+    """Issue 17: a port held by a client whose port origin is unknown is not counted usable; when
+    no port is surely usable the verdict is may-fail (exit 1), never ok."""
     hs = [hold(rec(p, remote=("127.0.0.1", 9001)), explicit=None) for p in range(40000, 40004)]
     res = evaluate_connect(req(), hs, settings())
-    assert res.outcome.ok and res.accounting.ambiguous == 4 and res.accounting.usable_worst == 0
+    acc = res.accounting
+    assert res.outcome.verdict is Verdict.MAY_FAIL and res.outcome.errno_name == "EADDRNOTAVAIL"
+    assert (acc.ambiguous, acc.usable, acc.usable_worst, acc.usable_best) == (4, 0, 0, 4)
+    assert acc.counts == {PortUse.UNKNOWN_ORIGIN.value: 4}
+    assert "worst case" in res.headline
+    # One free port left: ok in the worst case too.
+    res = evaluate_connect(req(), hs[:3], settings())
+    assert res.outcome.ok and res.accounting.usable == 1 and res.accounting.usable_best == 4
+
+
+def test_one_bound_client_port_range_is_not_usable():
+    """Issue 17: a 1-port range held by a client connected elsewhere: "1 of 1 usable" was wrong
+    when that client had bound its port (connect() gets EADDRNOTAVAIL)."""
+    h = rec(40000, remote=("127.0.0.1", 9001))
+    unknown = evaluate_connect(req(), [hold(h, explicit=None)], settings(40000, 40000))
+    assert unknown.outcome.verdict is Verdict.MAY_FAIL and unknown.accounting.usable == 0
+    bound = evaluate_connect(req(), [hold(h, explicit=None, bind_port_locked=True)], settings(40000, 40000))
+    assert bound.outcome.verdict is Verdict.FAIL and bound.accounting.counts == {"bind-before-connect": 1}
+    # bind_port_locked=False alone proves nothing (bind(ip, 0) leaves it clear): still the worst case.
+    clear = evaluate_connect(req(), [hold(h, explicit=None, bind_port_locked=False)], settings(40000, 40000))
+    assert clear.outcome.verdict is Verdict.MAY_FAIL
+    chosen = evaluate_connect(req(), [hold(h, explicit=None, connect_bind=True)], settings(40000, 40000))
+    assert chosen.outcome.ok and chosen.accounting.counts == {"shared": 1}
+    by_bind = evaluate_connect(req(), [hold(h, explicit=None, connect_bind=False)], settings(40000, 40000))
+    assert by_bind.outcome.verdict is Verdict.FAIL
 
 
 def test_ephemeral_overlap_warning():
     assert ephemeral_overlap_warning(8080, (32768, 60999)) is None
     assert ephemeral_overlap_warning(40000, (32768, 60999), {40000}) is None
     w = ephemeral_overlap_warning(40000, (32768, 60999), {9000})
-    assert w is not None and "ip_local_reserved_ports=40000" in w and "EADDRINUSE" in w
+    assert w is not None and "ip_local_reserved_ports=9000,40000" in w and "EADDRINUSE" in w

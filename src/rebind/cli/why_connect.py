@@ -25,6 +25,7 @@ ROWS = (
     ("in-use-to-destination", "in use to this destination"),
     ("time-wait-to-destination", "TIME_WAIT to this destination, not reusable now"),
     ("time-wait-reusable", "TIME_WAIT to this destination, connect() takes it over"),
+    ("unknown-origin", "held by clients: bind() or connect()? (worst case: bind())"),
     ("shared", "used by connections elsewhere (shareable)"),
     ("free", "unused"),
 )
@@ -120,10 +121,10 @@ def _print_range(con: PlainOut | RichOut, res: ConnectResult) -> None:
             p(f"  {label:<62} {n:>6}  {_pct(n, acc.total):>4}")
     p(f"  {'usable for this connect()':<62} {acc.usable:>6}  {_pct(acc.usable, acc.total):>4}")
     if acc.ambiguous:
-        worst = "" if acc.usable_worst is None else f" (usable then: {acc.usable_worst})"
+        best = "" if acc.usable_best is None else f"; {acc.usable_best} usable if connect() chose them all"
         p(
             f"  [dim]{acc.ambiguous} client socket(s) in the range: inet_diag does not say whether they got "
-            f"their port from bind() or connect(); counted as connect(){worst}[/]"
+            f"their port from bind() or connect(); counted as bind(), the worst case{best}[/]"
         )
 
 

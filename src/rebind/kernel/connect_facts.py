@@ -5,10 +5,14 @@
   (ip4_datagram_connect -> ip_route_connect) and getsockname() then shows the chosen source;
   nothing is sent;
 * the sockets that matter, filtered **in the kernel** in one TCPDIAG_GETSOCK walk: every socket
-  connected to the destination (one D_COND op with the port), plus the ports of the range held
-  by sockets that have no peer (listeners and bound-inactive sockets: dport 0), plus, for
-  bind-before-connect, every socket in the range on an overlapping address, plus, for a fixed
-  local port, every socket on it;
+  connected to the destination (one D_COND op with the port), plus every socket whose local
+  port lies in the range (any state, any peer: a client to another server may hold its port
+  by bind(), and then connect() cannot share it -- C6), plus, for a fixed local port, every
+  socket on it;
+* the ports this namespace's servers hold (listening and bound-inactive TCP sockets, unconnected
+  UDP sockets outside the range), so a printed "widen the range" fix takes none in;
+* the bind() facts (local addresses, ip_nonlocal_bind) that decide whether a ``--from``
+  address can be bound at all;
 * the processes holding them (:func:`rebind.kernel.owners.find_owners`).
 
 How a socket got its port (bind() or connect()) is not in inet_diag (connect-rules §8): LISTEN,
@@ -24,10 +28,11 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import ip_address
 
 from rebind.errors import EnvironmentProblem
 from rebind.kernel import diag_codec as codec
+from rebind.model.conflict import KernelSettings
 from rebind.model.connect import ConnectRequest, ConnectSettings, PortHolder, effective_range
 from rebind.model.records import (
     IPAddress,
@@ -51,6 +56,7 @@ def connect_settings(root: str = "/proc") -> ConnectSettings:
         tcp_timestamps=sysctl.tcp_timestamps(root),
         autobind_reuse=sysctl.ip_autobind_reuse(root),
         kernel_version=sysctl.kernel_version(),
+        unprivileged_port_start=sysctl.unprivileged_port_start(root),
     )
 
 
@@ -127,31 +133,19 @@ def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
     return None
 
 
-def _wildcards(src: IPAddress) -> list[IPAddress]:
-    # Addresses whose holders overlap a bind on ``src``: itself, and the wildcards (a dual-stack
-    # [::] holder overlaps IPv4 addresses too; the model applies v6only).
-    out: list[IPAddress] = [src, IPv4Address("0.0.0.0"), IPv6Address("::")]
-    return list(dict.fromkeys(out))
-
-
 def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
     """The kernel-side filter for :func:`gather` (see the module docstring)."""
     lo, hi = rng
     in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
     chains: list[list[codec.Cond]] = [
         [codec.host_cond(codec.BcOp.D_COND, req.dst, port=req.dport)],
-        # No peer (dport 0): listeners and bound-inactive sockets, which always hold by bind().
-        [*in_range, codec.host_cond(codec.BcOp.D_COND, None, port=0)],
+        # Every socket on a port of the range, whatever its peer: one connected elsewhere may
+        # still hold its port by bind() (its bucket is then not connect-only, C6), and a
+        # bind(ip, 0) / UDP autobind needs the port unused on an overlapping address (C13, C20).
+        in_range,
     ]
     if req.local_port is not None:
         chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
-    if (req.bind_before_connect and not req.bind_address_no_port) or req.proto is Proto.UDP:
-        bind_addr = req.src if req.src is not None else src
-        if bind_addr.is_unspecified or req.proto is Proto.UDP:
-            chains.append(in_range)  # a wildcard overlaps everybody of its family
-        else:
-            for a in _wildcards(bind_addr):
-                chains.append([*in_range, codec.host_cond(codec.BcOp.S_COND, a)])
     return codec.compile_any(chains)
 
 
@@ -162,6 +156,32 @@ class ConnectFacts:
     holders: tuple[PortHolder, ...]
     scan: OwnerScanReport
     warnings: tuple[str, ...] = ()
+    #: Ports held by servers of this netns (see server_ports); None when unreadable.
+    servers: frozenset[int] | None = None
+    #: The bind() facts that decide whether a --from address can be bound.
+    bind_settings: KernelSettings | None = None
+
+
+def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
+    """Ports servers of this netns hold: TCP LISTEN and bound-inactive sockets anywhere, and
+    unconnected UDP sockets outside the range (inside it they may be clients' autobinds). A
+    widened range must take none of them in (C26). None when the table cannot be read."""
+    from rebind.kernel import diag
+    from rebind.model.records import Family
+
+    lo, hi = rng
+    out: set[int] = set()
+    try:
+        with diag.DiagSocket() as d:
+            for r in d.dump(None, Proto.TCP, {State.LISTEN, State.BOUND_INACTIVE}):
+                out.add(r.local.port)
+            for fam in (Family.INET, Family.INET6):
+                for r in d.dump(fam, Proto.UDP, {State.CLOSE}):
+                    if not r.remote.port and not lo <= r.local.port <= hi:
+                        out.add(r.local.port)
+    except OSError:
+        return None
+    return frozenset(out)
 
 
 def _records(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> Iterator[SocketRecord]:
@@ -233,7 +253,17 @@ def gather(
     holders = tuple(
         _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
     )
-    return ConnectFacts(st, src, holders, scan, tuple(warnings))
+    from rebind.kernel.sysctl import kernel_settings
+
+    return ConnectFacts(
+        st,
+        src,
+        holders,
+        scan,
+        tuple(warnings),
+        servers=server_ports(st.port_range),
+        bind_settings=kernel_settings(),
+    )
 
 
 def _with_flags(req: ConnectRequest, entry: SocketEntry, explicit: bool | None) -> PortHolder:
