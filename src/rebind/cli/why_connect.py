@@ -193,18 +193,27 @@ def _print_fixes(con: PlainOut | RichOut, res: ConnectResult) -> None:
         return
     p = con.print
     esc = con.esc
+
+    def verbatim(text: str) -> None:
+        # A line meant to be pasted is never broken by rich's wrapping at the terminal width.
+        rich = getattr(con, "con", None)
+        if rich is not None:
+            rich.print(text, soft_wrap=True)
+        else:
+            p(text)
+
     p("\n[bold]Fixes[/]")
     for i, f in enumerate(res.fixes, 1):
         p(f"  {i}. {esc(f.title)}")
         p(f"     [dim]{esc(f.why)}[/]")
         if f.command:
-            p(f"     $ {esc(f.command)}")
+            verbatim(f"     $ {esc(f.command)}")
         for label, code in (("Python", f.python), ("C", f.c)):
             if code:
                 lines = code.splitlines()
-                p(f"     {label + ':':<8}{esc(lines[0])}")
+                verbatim(f"     {label + ':':<8}{esc(lines[0])}")
                 for line in lines[1:]:
-                    p(f"     {'':<8}{esc(line)}")
+                    verbatim(f"     {'':<8}{esc(line)}")
 
 
 def dispatch(
