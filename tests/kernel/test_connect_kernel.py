@@ -11,7 +11,7 @@ from rebind.connect_diagnosis import connect_diagnose, probe
 from rebind.errors import EnvironmentProblem
 from rebind.kernel import sysctl
 from rebind.kernel.connect_facts import connect_settings, route_source
-from rebind.model.connect import ConnectRequest, Verdict
+from rebind.model.connect import ConnectRequest, Stage, Verdict
 
 
 def write(name: str, value: str) -> None:
@@ -93,3 +93,71 @@ def test_probe_on_success_aborts_at_once(netns):
                     pass
     finally:
         srv.close()
+
+
+def _real_bind(src: str, port: int = 0) -> int:
+    """errno of a real bind(src, port) with IP_BIND_ADDRESS_NO_PORT (0: it worked)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.IPPROTO_IP, 24, 1)
+        try:
+            s.bind((src, port))
+        except OSError as exc:
+            return exc.errno or -1
+    return 0
+
+
+def test_non_local_source_is_eaddrnotavail_like_the_kernel(netns):
+    """Issue 17: `--from 10.99.0.1` (no such address here) said ok; the kernel refuses the bind."""
+    import errno
+
+    srv = socket.create_server(("127.0.0.1", 9000))
+    try:
+        for local_port in (None, 40000):
+            d = connect_diagnose("127.0.0.1", 9000, source="10.99.0.1", local_port=local_port)
+            o = d.result.outcome
+            assert (o.verdict, o.errno_name, o.stage) == (Verdict.FAIL, "EADDRNOTAVAIL", Stage.BIND)
+            assert "not local" in d.result.headline and not d.result.fixes
+            assert _real_bind("10.99.0.1", local_port or 0) == errno.EADDRNOTAVAIL
+        # ip_nonlocal_bind=1: the kernel binds it, and the model says so.
+        write("ip_nonlocal_bind", "1")
+        assert _real_bind("10.99.0.1") == 0
+        d = connect_diagnose("127.0.0.1", 9000, source="10.99.0.1")
+        assert d.result.outcome.errno_name != "EADDRNOTAVAIL" or d.result.outcome.stage is not Stage.BIND
+        write("ip_nonlocal_bind", "0")
+        # Once the address is configured it is local.
+        import subprocess
+
+        subprocess.run(["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"], check=True)
+        assert _real_bind("10.99.0.1") == 0
+        assert connect_diagnose("127.0.0.1", 9000, source="10.99.0.1").result.outcome.stage is not Stage.BIND
+    finally:
+        srv.close()
+
+
+def test_port_held_by_a_bound_client_elsewhere_is_never_called_usable(netns):
+    """Issue 17: a 1-port range whose port a client holds by bind() while connected to another
+    server: connect() gets EADDRNOTAVAIL; the model said "1 of 1 ports usable" (the socket was
+    not even read) and labelled the port "unused". Now: the worst case, never ok."""
+    import errno
+
+    write("ip_local_port_range", "40000 40001")
+    a = socket.create_server(("127.0.0.1", 9000))
+    b = socket.create_server(("127.0.0.1", 9001))
+    clients = []
+    try:
+        for port in (40000, 40001):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            c.bind(("127.0.0.1", port))
+            c.connect(("127.0.0.1", 9001))
+            clients.append(c)
+        d = connect_diagnose("127.0.0.1", 9000, with_probe=True)
+        res = d.result
+        assert res.outcome.verdict is Verdict.MAY_FAIL and res.accounting.usable == 0
+        assert "free" not in res.accounting.counts and res.accounting.counts == {"unknown-origin": 2}
+        assert d.probe is not None and d.probe.error_name == "EADDRNOTAVAIL" and not d.ok
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", 9000)) == errno.EADDRNOTAVAIL
+    finally:
+        for s in (*clients, a, b):
+            s.close()

@@ -366,3 +366,45 @@ def test_ephemeral_overlap_warning():
     assert ephemeral_overlap_warning(40000, (32768, 60999), {40000}) is None
     w = ephemeral_overlap_warning(40000, (32768, 60999), {9000})
     assert w is not None and "ip_local_reserved_ports=9000,40000" in w and "EADDRINUSE" in w
+
+
+def test_reserved_ports_in_the_kernels_form_and_merged():
+    from rebind.model.ephemeral import format_reserved, parse_reserved, reserve_command
+
+    assert format_reserved({45000, 8080, *range(30000, 30012)}) == "8080,30000-30011,45000"
+    assert format_reserved(()) == ""
+    old = parse_reserved("30000-30010,45000")
+    assert reserve_command(old, {8080, 9000}) == (
+        "sysctl -w net.ipv4.ip_local_reserved_ports=8080,9000,30000-30010,45000"
+    )
+    assert reserve_command(old, {30005}) is None  # nothing to change: no line
+
+
+def test_widened_range_never_takes_a_server_port_in():
+    from rebind.model.connect import widened_range
+
+    none: frozenset[int] = frozenset()
+    assert widened_range((32768, 60999), none, none, 1024) == (15000, 64999)
+    # Server ports just outside: stop short of them, keep an even count.
+    lo, hi = widened_range((40000, 40009), none, frozenset({39990, 40100, 8080}), 1024)  # type: ignore[misc]
+    assert (lo, hi) == (39992, 40099) and (hi - lo + 1) % 2 == 0
+    # A reserved server port is no obstacle (connect() never takes it).
+    assert widened_range((40000, 40009), frozenset({39990}), frozenset({39990}), 1024) == (15000, 64999)
+    # Bordered on both sides: nothing to propose.
+    assert widened_range((40000, 40009), none, frozenset({39999, 40010}), 1024) is None
+    # ip_unprivileged_port_start above the target: the low end stays at or above it.
+    assert widened_range((32768, 60999), none, none, 20000) == (20000, 64999)
+
+
+def test_widen_fix_is_built_from_the_hosts_values():
+    held = [hold(rec(p, remote=("0.0.0.0", 0), state=State.LISTEN), explicit=True) for p in range(40000, 40004)]
+    st = settings(reserved=frozenset({30000, 30001, 45000}))
+    res = evaluate_connect(req(), held, st, servers=frozenset({40000, 40001, 40002, 40003, 39000}))
+    widen = next(f for f in res.fixes if "Widen" in f.title)
+    assert widen.command == (
+        "sysctl -w net.ipv4.ip_local_reserved_ports=30000-30001,40000-40003,45000 && "
+        "sysctl -w net.ipv4.ip_local_port_range='39002 64999'"
+    )
+    # Server ports unknown: no widening is guessed.
+    res = evaluate_connect(req(), held, st)
+    assert not any("Widen" in f.title for f in res.fixes)
