@@ -26,13 +26,9 @@ import pytest
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        msg = f"{tool} is not installed (.ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+    from tests.toolcheck import need_tool
+
+    return need_tool(tool)
 
 
 def wait_for(check: object, timeout: float, what: str) -> None:

@@ -127,7 +127,9 @@ def test_non_local_source_is_eaddrnotavail_like_the_kernel(netns):
         # Once the address is configured it is local.
         import subprocess
 
-        subprocess.run(["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"], check=True)
+        from tests.toolcheck import need_tool
+
+        subprocess.run([need_tool("ip"), "addr", "add", "10.99.0.1/32", "dev", "lo"], check=True)
         assert _real_bind("10.99.0.1") == 0
         assert connect_diagnose("127.0.0.1", 9000, source="10.99.0.1").result.outcome.stage is not Stage.BIND
     finally:

@@ -397,7 +397,9 @@ def test_widened_range_never_takes_a_server_port_in():
 
 
 def test_widen_fix_is_built_from_the_hosts_values():
-    held = [hold(rec(p, remote=("0.0.0.0", 0), state=State.LISTEN), explicit=True) for p in range(40000, 40004)]
+    held = [
+        hold(rec(p, remote=("0.0.0.0", 0), state=State.LISTEN), explicit=True) for p in range(40000, 40004)
+    ]
     st = settings(reserved=frozenset({30000, 30001, 45000}))
     res = evaluate_connect(req(), held, st, servers=frozenset({40000, 40001, 40002, 40003, 39000}))
     widen = next(f for f in res.fixes if "Widen" in f.title)
