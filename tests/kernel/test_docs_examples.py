@@ -198,7 +198,9 @@ def test_actions_md_free_and_pick_blocks_run(netns, procs):
     )
     assert procs.wait_line(holder) == "ready"
     prelude = "import socket\nimport rebind\n"
-    res = subprocess.run([sys.executable, "-c", prelude + free_block], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", prelude + free_block], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     holder.wait(10)  # freed: the holder was signalled
     server = textwrap.dedent(
