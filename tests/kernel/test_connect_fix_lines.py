@@ -10,6 +10,7 @@ connect() must work.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -225,3 +226,17 @@ def test_server_side_reserve_line_keeps_existing_reservations(netns, rebind_cli)
     finally:
         for s in (acc, cli, srv):
             s.close()
+
+
+def test_server_side_rebind_lines_run_as_printed(netns, rebind_cli):
+    """The `$ rebind ...` lines of `rebind why` for an address this host lacks: each runs, as
+    printed, to a clean answer (no traceback, no usage error)."""
+    res = rebind_cli("why", "18110", "--addr", "192.0.2.1")
+    assert res.returncode == 1, res.stdout
+    cmds = [m.group(1) for m in re.finditer(r"^\s+\$ (rebind .*)$", res.stdout, re.M)]
+    assert any("--addr 0.0.0.0" in c for c in cmds), res.stdout
+    for cmd in cmds:
+        if cmd.split()[1] in ("run", "free", "wait"):
+            continue  # covered by tests/kernel/test_docs_examples.py
+        done = rebind_cli(*cmd.split()[1:], timeout=30)
+        assert done.returncode in (0, 1) and "Traceback" not in done.stderr, (cmd, done.stderr)
