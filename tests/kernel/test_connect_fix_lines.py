@@ -145,6 +145,7 @@ def test_widening_is_not_proposed_when_server_ports_border_the_range(netns, rebi
         assert res.returncode == 1
         fixes = printed_fixes(res.stdout)
         assert not any("ip_local_port_range" in c for c in fixes.commands), res.stdout
+        assert "No wider ephemeral range is proposed" in res.stdout and "39999, 40010" in res.stdout
     finally:
         for s in socks:
             s.close()

@@ -1341,6 +1341,24 @@ def widened_range(
     return nlo, nhi
 
 
+def _no_widening(settings: ConnectSettings, servers: frozenset[int]) -> Fix:
+    """Why no wider range is proposed: the server ports that border it (no command: widening
+    over them would hand them to connect())."""
+    lo, hi = settings.port_range
+    floor = max(min(lo, WIDE_RANGE[0]), settings.unprivileged_port_start)
+    exposed = servers - settings.reserved
+    below = [p for p in exposed if floor <= p < lo]
+    above = [p for p in exposed if hi < p <= max(hi, WIDE_RANGE[1])]
+    near = sorted(({max(below)} if below else set()) | ({min(above)} if above else set()))
+    ports = ", ".join(map(str, near)) or "none"
+    return Fix(
+        f"No wider ephemeral range is proposed: server ports border {lo}-{hi}",
+        f"unreserved server ports next to the range ({ports}) would fall into a wider one, and any "
+        "connect() could take them first (C26); move those servers, or reserve their ports "
+        "(ip_local_reserved_ports, keeping the ports reserved now), then widen",
+    )
+
+
 def _py_family(a: IPAddress) -> str:
     return "socket.AF_INET" if a.version == 4 else "socket.AF_INET6"
 
@@ -1481,6 +1499,8 @@ def _fix_catalogue(
             why,
             command=f"{reserve} && {command}" if reserve else command,
         )
+    elif servers is not None:
+        out["widen"] = _no_widening(settings, servers)
     part = _slice(uses) if uses is not None else None
     if part is not None:
         plo, phi = part
