@@ -26,3 +26,18 @@ def test_client_model_agrees_with_the_kernel(request):
     failures = sum(1 for c in checks if not c.actual_ok)
     assert failures >= SCENARIOS // 10  # the scenarios do exhaust ranges
     assert not bad, "\n\n".join(map(str, bad[:5]))
+
+
+@pytest.mark.kernel
+def test_blind_model_is_never_better_than_the_kernel(request):
+    """Issue 17: the model fed only what `rebind why --connect` reads (no truth about how each port
+    was taken) may say "may fail", but never ok where connect() fails, nor fail where it works."""
+    if not _netns.namespaces_permitted():
+        if request.config.getoption("--require-kernel"):
+            pytest.fail("network namespaces are not permitted here")
+        pytest.skip("network namespaces are not permitted here")
+    request.getfixturevalue("netns")
+    checks = list(run_scenarios(SCENARIOS, seed=20261205, blind=True))
+    bad = [c for c in checks if not c.agree]
+    assert not bad, "\n\n".join(map(str, bad[:5]))
+    assert sum(1 for c in checks if not c.skipped and not c.actual_ok) >= SCENARIOS // 10
