@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-import urllib.request
+import time
 from pathlib import Path
 
 import pytest
@@ -156,14 +156,16 @@ def test_json_md_ls_example_has_the_real_shape(netns, procs):
     """docs/json.md's `rebind ls 8080 --json` after http.server answered one request."""
     doc = json.loads(fenced(DOCS / "json.md", "## Example", "json"))
     p = procs.start([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "8080"])
-    for _ in range(200):
+    deadline = time.monotonic() + 30
+    while True:  # one request, read to EOF: the server closes first, its side is the TIME_WAIT
         try:
-            with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=2) as r:
-                r.read()
+            with socket.create_connection(("127.0.0.1", 8080), timeout=5) as c:
+                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                while c.recv(65536):
+                    pass
             break
         except OSError:
-            import time
-
+            assert time.monotonic() < deadline, "http.server did not start"
             time.sleep(0.05)
     res = subprocess.run(
         [sys.executable, "-m", "rebind", "ls", "8080", "--json"], capture_output=True, text=True, timeout=60
