@@ -58,6 +58,7 @@ class Netns:
 
 @pytest.fixture
 def engine_netns(netns: int) -> Iterator[Netns]:
+    need("ip")
     name = f"rebind-eng-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
