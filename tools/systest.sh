@@ -28,13 +28,14 @@ can_install() {
 
 added=()
 added_policy=
+policy=${REBIND_POLICY_RC:-/usr/sbin/policy-rc.d}  # overridable for tests/cli/test_toolcheck.py
 cleanup() {
     status=$?
     if ((${#added[@]})); then
         echo "systest: removing what it installed: ${added[*]}"
         DEBIAN_FRONTEND=noninteractive apt-get purge -y -q "${added[@]}" >/dev/null 2>&1 || true
     fi
-    [ -n "$added_policy" ] && rm -f /usr/sbin/policy-rc.d
+    if [ -n "$added_policy" ]; then rm -f "$policy"; fi
     exit "$status"
 }
 
@@ -43,9 +44,9 @@ if ((${#missing[@]})) && can_install; then
     before=$(installed)
     # Debian's prometheus, docker.io and nginx would start their services; policy-rc.d (exit 101)
     # keeps invoke-rc.d from starting anything during the install.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"
+        chmod 755 "$policy"
         added_policy=1
     fi
     echo "systest: installing ${missing[*]} (removed again afterwards)"

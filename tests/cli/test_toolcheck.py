@@ -78,3 +78,60 @@ def test_systest_without_root_or_apt_runs_the_command_and_says_what_it_skips(tmp
     assert res.stdout.splitlines()[-1] == "ran"
     line = res.stdout.splitlines()[0]
     assert line.startswith("systest: not installing") and "prometheus" in line and "nginx-light" in line
+
+
+FAKE_DPKG_QUERY = """#!/bin/bash
+while read -r p; do printf 'ii  %s\\n' "$p"; done < "$FAKE/state"
+"""
+FAKE_APT_GET = """#!/bin/bash
+echo "apt-get $*" >> "$FAKE/log"
+case " $* " in
+  *" install "*) for a in "$@"; do case "$a" in -*|install) ;; *) echo "$a" >> "$FAKE/state";; esac; done
+                 echo libdep-pulled-in >> "$FAKE/state"
+                 [ -x "$FAKE/policy" ] && echo "policy present during install" >> "$FAKE/log" ;;
+  *" purge "*) for a in "$@"; do grep -vx -- "$a" "$FAKE/state" > "$FAKE/state.new"; mv "$FAKE/state.new" "$FAKE/state"; done ;;
+esac
+exit 0
+"""
+
+
+def test_systest_as_root_with_apt_installs_then_purges_exactly_what_it_added(tmp_path):
+    """The install path with apt-get, dpkg-query and id faked (nothing touches the machine): the
+    missing tools' packages are installed with policy-rc.d in place, the command runs, and the
+    purge removes exactly the packages that were not there before -- dependencies included,
+    packages already installed never."""
+    path = _bare_path(tmp_path)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for name, text in (
+        ("dpkg-query", FAKE_DPKG_QUERY),
+        ("apt-get", FAKE_APT_GET),
+        ("id", "#!/bin/sh\necho 0\n"),
+    ):
+        f = Path(path) / name
+        f.write_text(text)
+        f.chmod(0o755)
+    (Path(path) / "tmux").symlink_to("/bin/true")  # present: not installed
+    for tool in ("grep", "mv", "chmod", "rm"):
+        for d in ("/usr/bin", "/bin"):
+            if os.path.exists(f"{d}/{tool}") and not (Path(path) / tool).exists():
+                (Path(path) / tool).symlink_to(f"{d}/{tool}")
+    before = "base-files\nlibc6\n"
+    (fake / "state").write_text(before)
+    env = dict(os.environ, PATH=path, FAKE=str(fake), REBIND_POLICY_RC=str(fake / "policy"))
+    env.pop("REBIND_SYSTEST_INSTALL", None)
+    res = subprocess.run(
+        [str(ROOT / "tools" / "systest.sh"), "bash", "-c", "echo ran; exit 7"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 7, res.stdout + res.stderr  # the command's status is the script's
+    assert "ran" in res.stdout
+    log = (fake / "log").read_text().splitlines()
+    install = next(ln for ln in log if " install " in ln)
+    assert "prometheus" in install and "nginx-light" in install and " tmux" not in install
+    assert "policy present during install" in log
+    purge = next(ln for ln in log if " purge " in ln).split()
+    assert "libdep-pulled-in" in purge and "prometheus" in purge
+    assert "libc6" not in purge and "base-files" not in purge
+    assert (fake / "state").read_text() == before  # left as found
+    assert not (fake / "policy").exists()
