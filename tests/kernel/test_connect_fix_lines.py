@@ -152,33 +152,36 @@ def test_widening_is_not_proposed_when_server_ports_border_the_range(netns, rebi
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("target", "args"),
     [
-        (),  # pool, sources, widen, per-socket range, tcp_tw_reuse
-        ("--bind-before-connect", "--from", "127.0.0.1"),  # + IP_BIND_ADDRESS_NO_PORT
-        ("--from", "127.0.0.1:40100", "--reuseaddr"),  # + never a fixed port
+        ("127.0.0.1:9000", ()),  # pool, sources, widen, per-socket range, tcp_tw_reuse
+        ("127.0.0.1:9000", ("--bind-before-connect", "--from", "127.0.0.1")),  # + IP_BIND_ADDRESS_NO_PORT
+        ("127.0.0.1:9000", ("--from", "127.0.0.1:40100", "--reuseaddr")),  # + never a fixed port
+        ("[::1]:9000", ()),
+        ("[::1]:9000", ("--bind-before-connect", "--from", "::1")),
     ],
-    ids=["own-choice", "bind-before-connect", "fixed-port"],
+    ids=["own-choice", "bind-before-connect", "fixed-port", "v6-own-choice", "v6-bind-before-connect"],
 )
-def test_every_python_and_c_fix_runs_as_printed(netns, rebind_cli, tmp_path, args):
+def test_every_python_and_c_fix_runs_as_printed(netns, rebind_cli, tmp_path, target, args):
     """Under pressure (60 of 100 ports held by bind()) every fix is printed; each Python block
     runs with python3 -c and each C block compiles and connects. The IP_LOCAL_PORT_RANGE line
     raised before the fix (an int > INT_MAX) and ignored the real range."""
     sysctl("ip_local_port_range", "40000 40099")
     socks = hold([9000, *range(40000, 40060)])
+    socks.append(socket.create_server(("::1", 9000), family=socket.AF_INET6))
+    family = "AF_INET6" if target.startswith("[") else "AF_INET"
     try:
-        res = rebind_cli("why", "--connect", "127.0.0.1:9000", *args)
+        res = rebind_cli("why", "--connect", target, *args)
         fixes = printed_fixes(res.stdout)
         assert len(fixes.python) >= 3, res.stdout
-        titles = res.stdout
         if args:
-            assert ("IP_BIND_ADDRESS_NO_PORT" in titles) or ("Never bind" in titles)
+            assert ("IP_BIND_ADDRESS_NO_PORT" in res.stdout) or ("Never bind" in res.stdout)
         assert any("struct.pack" in p for p in fixes.python) or args, res.stdout
         for code in fixes.python:
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
             assert done.returncode == 0, (code, done.stderr)
         for code in fixes.c:
-            done = run_c(code, tmp_path)
+            done = run_c(code, tmp_path, family)
             assert done.returncode == 0, (code, done.returncode)
     finally:
         for s in socks:

@@ -811,9 +811,10 @@ def evaluate_connect(
     tws = _time_waits(req, hs, settings, src)
     consumers = _consumers(hs, uses, req, src)
     cap = None
+    own: PortMap | None = None
     if req.proto is Proto.TCP:
         # Capacity is about this destination's 4-tuple space: connect()'s own choice, whatever
-        # the request does before connect().
+        # the request does before connect(). So is the per-socket range fix (a plain connect()).
         own = uses
         if not req.own_choice:
             own = _uses_own_choice(req, by_port, settings, lo, hi, src)
@@ -824,7 +825,7 @@ def evaluate_connect(
         ()
         if bad_src is not None
         else tuple(
-            rank_fixes(req, outcome, acc, tws, settings, (lo, hi), uses=uses, src=src, servers=servers)
+            rank_fixes(req, outcome, acc, tws, settings, (lo, hi), uses=own, src=src, servers=servers)
         )
     )
     head = _headline(req, outcome, acc, (lo, hi))
@@ -1377,7 +1378,8 @@ def _c_sockaddr(name: str, a: IPAddress, port: int) -> str:
 
 
 def _slice(uses: PortMap) -> tuple[int, int] | None:
-    """The half of the range with more usable ports, for a per-socket IP_LOCAL_PORT_RANGE; None
+    """The half of the range with more ports usable by connect()'s own choice (``uses`` must be
+    that map: the printed line is a plain connect()), for a per-socket IP_LOCAL_PORT_RANGE; None
     when neither half has one."""
     if uses.total < 4:
         return None
