@@ -71,7 +71,7 @@ C_HARNESS = """#include <arpa/inet.h>
 #include <stdint.h>
 #include <sys/socket.h>
 int main(void) {
-    int fd = socket(%s, SOCK_STREAM, 0);
+    int fd = socket(%s, %s, 0);
     {
 %s
     }
@@ -83,13 +83,15 @@ int main(void) {
 """
 
 
-def run_c(code: str, tmp: Path, family: str = "AF_INET") -> subprocess.CompletedProcess[str]:
+def run_c(
+    code: str, tmp: Path, family: str = "AF_INET", kind: str = "SOCK_STREAM"
+) -> subprocess.CompletedProcess[str]:
     """Compile the printed statements around an open socket ``fd``; when they connect(), the
     program exits 0 only if the socket is connected afterwards."""
     cc = need_tool("cc")
     check = "connected ? 0 : 3" if "connect(" in code else "(void)connected, 0"
     src = tmp / "fix.c"
-    src.write_text(C_HARNESS % (family, code, check))
+    src.write_text(C_HARNESS % (family, kind, code, check))
     exe = tmp / "fix"
     comp = subprocess.run([cc, "-Wall", "-Werror", "-o", str(exe), str(src)], capture_output=True, text=True)
     assert comp.returncode == 0, comp.stderr + src.read_text()
@@ -182,6 +184,31 @@ def test_every_python_and_c_fix_runs_as_printed(netns, rebind_cli, tmp_path, tar
             assert done.returncode == 0, (code, done.stderr)
         for code in fixes.c:
             done = run_c(code, tmp_path, family)
+            assert done.returncode == 0, (code, done.returncode)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_udp_fix_lines_run_as_printed(netns, rebind_cli, tmp_path):
+    """UDP: 60 of 100 ports held by bound UDP sockets; the fixes are UDP ones (no tcp_tw_reuse,
+    SOCK_DGRAM sockets) and each Python and C block runs as printed."""
+    sysctl("ip_local_port_range", "40000 40099")
+    socks = []
+    for p in range(40000, 40060):
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("0.0.0.0", p))
+        socks.append(u)
+    try:
+        res = rebind_cli("why", "--connect", "127.0.0.1:9000", "--udp")
+        fixes = printed_fixes(res.stdout)
+        assert "tcp_tw_reuse" not in res.stdout and len(fixes.python) >= 3, res.stdout
+        assert all("SOCK_DGRAM" in p for p in fixes.python if "socket.socket(" in p), res.stdout
+        for code in fixes.python:
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, (code, done.stderr)
+        for code in fixes.c:
+            done = run_c(code, tmp_path, "AF_INET", "SOCK_DGRAM")
             assert done.returncode == 0, (code, done.returncode)
     finally:
         for s in socks:

@@ -811,7 +811,8 @@ def evaluate_connect(
     tws = _time_waits(req, hs, settings, src)
     consumers = _consumers(hs, uses, req, src)
     cap = None
-    own: PortMap | None = None
+    # UDP autobind honours IP_LOCAL_PORT_RANGE too (C3): its map is the one a slice needs.
+    own: PortMap | None = uses if req.proto is Proto.UDP and req.local_port is None else None
     if req.proto is Proto.TCP:
         # Capacity is about this destination's 4-tuple space: connect()'s own choice, whatever
         # the request does before connect(). So is the per-socket range fix (a plain connect()).
@@ -824,9 +825,7 @@ def evaluate_connect(
     fixes = (
         ()
         if bad_src is not None
-        else tuple(
-            rank_fixes(req, outcome, acc, tws, settings, (lo, hi), uses=own, src=src, servers=servers)
-        )
+        else tuple(rank_fixes(req, outcome, acc, tws, settings, (lo, hi), uses=own, src=src, servers=servers))
     )
     head = _headline(req, outcome, acc, (lo, hi))
     return ConnectResult(
@@ -1403,10 +1402,11 @@ def _fix_catalogue(
 ) -> dict[str, Fix]:
     """Every line here is built from this host's values and runs as printed (tests/kernel/
     test_connect_fix_lines.py): Python lines are one program for ``python3 -c``; C lines are
-    statements for a function where ``int fd`` is an open socket of the destination's family
-    (<sys/socket.h>, <netinet/in.h>, <arpa/inet.h>, <stdint.h>)."""
+    statements for a function where ``int fd`` is an open socket of the destination's family and
+    the request's type (<sys/socket.h>, <netinet/in.h>, <arpa/inet.h>, <stdint.h>)."""
     dst = f"({str(req.dst)!r}, {req.dport})"
-    fam = _py_family(req.dst)
+    udp = req.proto is Proto.UDP
+    fam = _py_family(req.dst) + (", socket.SOCK_DGRAM" if udp else "")
     psrc = repr(str(src))
     c_dst = _c_sockaddr("dst", req.dst, req.dport)
     c_connect = "connect(fd, (struct sockaddr *)&dst, sizeof dst);"
@@ -1417,6 +1417,15 @@ def _fix_catalogue(
     lo, hi = settings.port_range
     out = {
         "pool": Fix(
+            "Reuse sockets: one connected UDP socket per destination, kept open",
+            "each UDP socket that sends holds a port of the range until it is closed, whatever its "
+            "destination (C20); one long-lived socket holds one",
+            python=f"import socket\ns = socket.socket({fam})\n"
+            f"s.connect({dst})  # once; then s.send() every datagram to it",
+            c="/* keep fd open and send every datagram on it */",
+        )
+        if udp
+        else Fix(
             "Reuse connections: a pool with keep-alive instead of one connection per request",
             "each new connection to the same destination takes a port for its lifetime plus 60 s of "
             "TIME_WAIT when the client closes first; a pooled connection takes one port for good",
@@ -1551,6 +1560,8 @@ def rank_fixes(
     order += ["sources", "widen", "per_socket_range"]
     if "tw_reuse" not in order and settings.tw_reuse != 1:
         order.append("tw_reuse")
+    if req.proto is Proto.UDP:
+        order = [k for k in order if k != "tw_reuse"]  # UDP has no TIME_WAIT
     return [cat[k] for k in dict.fromkeys(order) if k in cat]
 
 
