@@ -45,12 +45,14 @@ from rebind.model.diagnosis import (
 )
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
+from rebind.model.sockstate import SockState, SockStates, Unavailable
 
 
 class Provenance(enum.StrEnum):
     """Where a holder's SO_REUSEADDR/SO_REUSEPORT came from."""
 
     READ = "read"  # pidfd_getfd + getsockopt on the socket itself
+    KERNEL = "kernel"  # the kernel's own fields, read by the BPF socket iterator (any owner, TIME_WAIT)
     INFERRED_LISTENER = "inferred-listener"  # a child or its TIME_WAIT copies its listener's flags
     INFERRED_TRIAL = "inferred-trial"  # the only values consistent with the kernel's trial binds
     UNKNOWN = "unknown"
@@ -87,6 +89,8 @@ class HolderFacts:
     entry: SocketEntry
     opts: SockOpts = field(default_factory=SockOpts)
     provenance: Provenance = Provenance.UNKNOWN
+    #: The socket as the kernel holds it (BPF iterator): userlocks, bind bucket cache, chain.
+    kernel: SockState | None = None
 
     @property
     def holder(self) -> Holder:
@@ -109,6 +113,8 @@ class Facts:
     can_destroy: bool = False
     #: Root read every process's fds (a socket without owners is held outside this PID namespace).
     owners_complete: bool = False
+    #: What the BPF socket iterator read for the port, or why it could not (None: not asked).
+    kernel: SockStates | Unavailable | None = None
 
 
 @dataclass(frozen=True, slots=True)
