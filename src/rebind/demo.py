@@ -392,10 +392,10 @@ class ClientDemo(Demo):
         out = self.rebind("why", "--connect", "127.0.0.1:9000")
         ok &= "EADDRNOTAVAIL" in out
         self.say("Ports are shared across destinations: connections to 127.0.0.1:9001 still work ...")
-        self.say("(the socket table cannot show that connect() chose those ports, so the model gives")
-        self.say('its worst case, "may fail"; --probe asks the kernel with one real connect())')
+        self.say("(rebind reads the ports' bind buckets with a BPF iterator; where it cannot, the model")
+        self.say('gives its worst case, "may fail"; --probe asks the kernel with one real connect())')
         out = self.rebind("why", "--connect", "127.0.0.1:9001", "--probe")
-        ok &= "may fail" in out and "got local port" in out
+        ok &= "got local port" in out and ("would get a local port" in out or "may fail" in out)
         self.say("... unless the client binds before connecting (bind(ip, 0) needs a wholly unused port):")
         out = self.rebind(
             "why", "--connect", "127.0.0.1:9001", "--bind-before-connect", "--from", "127.0.0.1"

@@ -17,7 +17,11 @@
 
 How a socket got its port (bind() or connect()) is not in inet_diag (connect-rules §8): LISTEN,
 bound-inactive sockets and the children of a listener are explicit; other client sockets in
-the range are ambiguous and marked so (``explicit=None``).
+the range are ambiguous and marked so (``explicit=None``). For the ports of those, the BPF socket
+iterator (kernel/bpf/sockiter.py) reads the kernel's own answer where it can run: the port's bind
+bucket (connect-only or not, the test __inet_hash_connect makes), SOCK_BINDPORT_LOCK, and a
+time-wait entry's TCP timestamps. Where it cannot (no privilege, no BTF, REBIND_NO_BPF), the
+model takes the worst case and a warning says why.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import ip_address
 
 from rebind.errors import EnvironmentProblem
@@ -253,6 +257,7 @@ def gather(
     holders = tuple(
         _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
     )
+    holders = _with_kernel_origin(req, holders, warnings)
     from rebind.kernel.sysctl import kernel_settings
 
     return ConnectFacts(
@@ -264,6 +269,58 @@ def gather(
         servers=server_ports(st.port_range),
         bind_settings=kernel_settings(),
     )
+
+
+def _with_kernel_origin(
+    req: ConnectRequest, holders: tuple[PortHolder, ...], warnings: list[str]
+) -> tuple[PortHolder, ...]:
+    """Fill in, from the kernel, how the ports of ambiguous client sockets were taken (TCP)."""
+    ports = {h.socket.local.port for h in holders if h.explicit is None and h.socket.proto is Proto.TCP}
+    if req.proto is Proto.TCP and req.local_port is not None and any(
+        h.socket.is_mini and h.socket.local.port == req.local_port for h in holders
+    ):
+        ports.add(req.local_port)  # a time-wait entry's own timestamps decide C17
+    if not ports:
+        return holders
+    from rebind.kernel.bpf.sockiter import read_socket_states
+    from rebind.model.sockstate import SockKind, SockStates
+
+    got = read_socket_states(ports, [Proto.TCP])
+    if not isinstance(got, SockStates):
+        n = sum(1 for h in holders if h.explicit is None and h.socket.proto is Proto.TCP)
+        if n:
+            warnings.append(
+                f"how {n} client socket(s) got their ports is unknown ({got.reason}): the worst case is assumed"
+            )
+        return holders
+    # The bucket is one per port: any socket's copy of it answers for all of them.
+    connect_only: dict[int, bool] = {}
+    for one in got.sockets:
+        if one.bucket is not None:
+            connect_only[one.local.port] = one.bucket.fastreuse < 0 and one.bucket.fastreuseport < 0
+    by_cookie = got.by_cookie()
+    out = []
+    for h in holders:
+        r = h.socket
+        if r.proto is not Proto.TCP or r.local.port not in ports:
+            out.append(h)
+            continue
+        st = by_cookie.get(r.cookie) if r.cookie is not None else None
+        locked = st.port_locked if st is not None and st.kind is SockKind.FULL else None
+        ts = h.timestamps
+        if st is not None and st.kind is SockKind.TIMEWAIT and st.tw_ts_recent_stamp is not None:
+            ts = st.tw_ts_recent_stamp != 0  # what tcp_twsk_unique tests
+        out.append(
+            replace(
+                h,
+                bucket_connect_only=connect_only.get(r.local.port),
+                bind_port_locked=locked,
+                timestamps=ts,
+            )
+        )
+    if got.faulted:
+        warnings.append(f"{got.faulted} socket(s) changed while the kernel was read: answers may lag")
+    return tuple(out)
 
 
 def _with_flags(req: ConnectRequest, entry: SocketEntry, explicit: bool | None) -> PortHolder:

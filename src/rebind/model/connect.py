@@ -232,6 +232,9 @@ class PortHolder:
     * ``connect_bind``: ``sk_userlocks & SOCK_CONNECT_BIND`` (tw_connect_bind for a time-wait
       entry), 6.18+ only: True = connect()'s own choice, False = the port came from bind() in some
       form. Leave it None on older kernels, where the flag does not exist.
+    * ``bucket_connect_only``: the port's bind bucket has ``fastreuse < 0 and fastreuseport < 0``
+      -- the very test __inet_hash_connect makes (C6) -- so it decides for every socket on the
+      port, on any kernel.
 
     Unknown origin never makes the answer optimistic: see :attr:`port_from_bind` and
     ``PortUse.UNKNOWN_ORIGIN``.
@@ -244,6 +247,7 @@ class PortHolder:
     reuseport: bool | None = None
     bind_port_locked: bool | None = None
     connect_bind: bool | None = None
+    bucket_connect_only: bool | None = None
 
     @property
     def socket(self) -> SocketRecord:
@@ -253,6 +257,8 @@ class PortHolder:
     def port_from_bind(self) -> bool | None:
         """Did bind() give this socket its port (its bucket is then not connect-only, C6)?
         Kernel facts first, then the table's inference; None when nothing can tell."""
+        if self.bucket_connect_only is not None:
+            return not self.bucket_connect_only
         if self.connect_bind is not None:
             return not self.connect_bind
         if self.bind_port_locked:
