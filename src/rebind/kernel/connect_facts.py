@@ -276,8 +276,10 @@ def _with_kernel_origin(
 ) -> tuple[PortHolder, ...]:
     """Fill in, from the kernel, how the ports of ambiguous client sockets were taken (TCP)."""
     ports = {h.socket.local.port for h in holders if h.explicit is None and h.socket.proto is Proto.TCP}
-    if req.proto is Proto.TCP and req.local_port is not None and any(
-        h.socket.is_mini and h.socket.local.port == req.local_port for h in holders
+    if (
+        req.proto is Proto.TCP
+        and req.local_port is not None
+        and any(h.socket.is_mini and h.socket.local.port == req.local_port for h in holders)
     ):
         ports.add(req.local_port)  # a time-wait entry's own timestamps decide C17
     if not ports:
@@ -290,7 +292,8 @@ def _with_kernel_origin(
         n = sum(1 for h in holders if h.explicit is None and h.socket.proto is Proto.TCP)
         if n:
             warnings.append(
-                f"how {n} client socket(s) got their ports is unknown ({got.reason}): the worst case is assumed"
+                f"how {n} client socket(s) got their ports is unknown ({got.reason}): "
+                "the worst case is assumed"
             )
         return holders
     # The bucket is one per port: any socket's copy of it answers for all of them.
