@@ -418,7 +418,8 @@ class ClientDemo(Demo):
 
         deadline = time.monotonic() + 5  # polls the model until the entries are old enough
         while time.monotonic() < deadline and not all(
-            t.reusable for t in connect_diagnose("127.0.0.1", 9000, owners=False).result.time_waits
+            t.reusable is not False
+            for t in connect_diagnose("127.0.0.1", 9000, owners=False).result.time_waits
         ):
             time.sleep(0.05)
         out = self.rebind("why", "--connect", "127.0.0.1:9000", "--probe")

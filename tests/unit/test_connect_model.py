@@ -193,17 +193,35 @@ def test_tw_reuse_2_is_loopback_only():
     s = settings(tw_reuse=2)
     r = ConnectRequest.create("10.0.0.9", 80, src="10.0.0.1")
     hs = [
-        hold(rec(p, local="10.0.0.1", remote=("10.0.0.9", 80), state=State.TIME_WAIT, left_ms=1000))
+        hold(
+            rec(p, local="10.0.0.1", remote=("10.0.0.9", 80), state=State.TIME_WAIT, left_ms=1000),
+            timestamps=True,
+        )
         for p in range(40000, 40004)
     ]
     assert not evaluate_connect(r, hs, s).outcome.ok
     assert evaluate_connect(r, hs, settings(tw_reuse=1)).outcome.ok
 
 
-def test_time_wait_timestamps_assumed_from_sysctl_when_unknown():
+def test_time_wait_with_unknown_timestamps_is_the_worst_case_whatever_the_sysctl():
+    """Issue 17: a TIME_WAIT keeps the old connection's own timestamps (tcp_twsk_unique reads
+    tw_ts_recent_stamp); tcp_timestamps now says nothing about it. Unknown -> may fail, never ok
+    (was: ok with tcp_timestamps=1) and never a certain fail (was: fail with tcp_timestamps=0)."""
     hs = [hold(tw(p, 1000), timestamps=None) for p in range(40000, 40004)]
-    assert evaluate_connect(req(), hs, settings(tw_reuse=1, tcp_timestamps=1)).outcome.ok
-    assert not evaluate_connect(req(), hs, settings(tw_reuse=1, tcp_timestamps=0)).outcome.ok
+    for sysctl_ts in (1, 0):
+        res = evaluate_connect(req(), hs, settings(tw_reuse=1, tcp_timestamps=sysctl_ts))
+        assert res.outcome.verdict is Verdict.MAY_FAIL and res.accounting.usable == 0
+        assert res.accounting.counts == {"time-wait-unknown": 4}
+        assert all(t.reusable is None for t in res.time_waits)
+    # Known either way: decided.
+    known = [hold(tw(p, 1000), timestamps=True) for p in range(40000, 40004)]
+    assert evaluate_connect(req(), known, settings(tw_reuse=1, tcp_timestamps=0)).outcome.ok
+    # A fixed port over such an entry: may fail, not ok.
+    t = hold(tw(40001, 59_990), explicit=True, reuseaddr=True, reuseport=False, timestamps=None)
+    r = ConnectRequest.create(*DST, src="127.0.0.1", local_port=40001, reuseaddr=True)
+    assert evaluate_connect(r, [t], settings()).outcome.verdict is Verdict.MAY_FAIL
+    # tcp_tw_reuse=0: no takeover by connect()'s own choice with or without timestamps: decided.
+    assert evaluate_connect(req(), hs, settings(tw_reuse=0)).outcome.verdict is Verdict.FAIL
 
 
 def test_other_source_has_its_own_four_tuples():

@@ -25,6 +25,7 @@ ROWS = (
     ("in-use-to-destination", "in use to this destination"),
     ("time-wait-to-destination", "TIME_WAIT to this destination, not reusable now"),
     ("time-wait-reusable", "TIME_WAIT to this destination, connect() takes it over"),
+    ("time-wait-unknown", "TIME_WAIT to this destination, timestamps unknown (worst: no)"),
     ("unknown-origin", "held by clients: bind() or connect()? (worst case: bind())"),
     ("shared", "used by connections elsewhere (shareable)"),
     ("free", "unused"),
@@ -136,14 +137,17 @@ def _print_time_waits(con: PlainOut | RichOut, res: ConnectResult) -> None:
         return
     p = con.print
     reusable = sum(1 for t in tws if t.reusable)
+    unknown = sum(1 for t in tws if t.reusable is None)
     s = res.settings
     p(
-        f"\n[bold]TIME_WAIT to this destination[/]: {len(tws)}, {reusable} reusable now "
+        f"\n[bold]TIME_WAIT to this destination[/]: {len(tws)}, {reusable} reusable now"
+        + (f", {unknown} unknown (timestamps not readable)" if unknown else "")
+        + " "
         f"[dim](tcp_tw_reuse={s.tw_reuse}, tcp_timestamps={s.tcp_timestamps}, "
         f"tcp_tw_reuse_delay={s.tw_reuse_delay_ms} ms)[/]"
     )
     for t in tws[:5]:
-        mark = "✓" if t.reusable else "✗"
+        mark = "?" if t.reusable is None else "✓" if t.reusable else "✗"
         left = fmt_ms(t.left_ms) + " left" if t.left_ms is not None else ""
         p(f"  {mark} {t.holder.socket.local} {t.holder.socket.state.label} {left}  [dim]{t.why}[/]")
     if len(tws) > 5:

@@ -302,6 +302,9 @@ class PortUse(enum.StrEnum):
     """Why a port of the range is, or is not, usable for this connect()."""
 
     FREE = "free"  # no socket on the port
+    #: TIME_WAIT to this destination whose takeover hinges on its unread TCP timestamps: counted
+    #: as not usable (the worst case).
+    TIME_WAIT_UNKNOWN = "time-wait-unknown"
     SHARED = "shared"  # connect-only bucket, 4-tuple free: usable
     TIME_WAIT_REUSABLE = "time-wait-reusable"  # usable: tcp_twsk_unique takes the entry over
     RESERVED = "reserved"
@@ -331,7 +334,8 @@ class TimeWaitInfo:
 
     holder: PortHolder
     left_ms: int | None
-    reusable: bool
+    #: None: it depends on the entry's own TCP timestamps, which nobody could read.
+    reusable: bool | None
     why: str
 
 
@@ -479,14 +483,29 @@ def tw_left_ms(r: SocketRecord) -> int | None:
 
 def tw_reuse_check(
     h: PortHolder, settings: ConnectSettings, *, explicit_port: bool = False
-) -> tuple[bool, str]:
+) -> tuple[bool | None, str]:
     """tcp_twsk_unique: may connect() take over this time-wait entry with the same 4-tuple?
+    None when it depends on whether the entry carries TCP timestamps and nobody could read that:
+    the entry keeps the old connection's own (tw_ts_recent_stamp), whatever tcp_timestamps says
+    now, so the sysctl is no evidence (issue 17).
 
     ``explicit_port``: the new socket already has its port (C17): only timestamps count.
     """
+    if h.timestamps is None:
+        yes, why = _tw_reuse(h, settings, explicit_port, ts=True)
+        no, _ = _tw_reuse(h, settings, explicit_port, ts=False)
+        if yes == no:
+            return yes, why
+        return None, (
+            "only if the old connection used TCP timestamps, which the socket table does not show "
+            f"(the entry keeps its own; tcp_timestamps={settings.tcp_timestamps} now is no evidence)"
+        )
+    return _tw_reuse(h, settings, explicit_port, ts=h.timestamps)
+
+
+def _tw_reuse(h: PortHolder, settings: ConnectSettings, explicit_port: bool, *, ts: bool) -> tuple[bool, str]:
     r = h.socket
-    ts = h.timestamps if h.timestamps is not None else settings.tcp_timestamps != 0
-    ts_word = "" if h.timestamps is not None else " (assumed from tcp_timestamps)"
+    ts_word = ""
     if explicit_port:
         if ts:
             return True, f"a socket with its own port takes a time-wait entry with timestamps over{ts_word}"
@@ -694,6 +713,8 @@ def _classify_own_choice(
             return PortUse.IN_USE_TO_DESTINATION, h
     if tw_hit is not None:
         ok, _ = tw_reuse_check(tw_hit, settings)
+        if ok is None:
+            return PortUse.TIME_WAIT_UNKNOWN, tw_hit
         return (PortUse.TIME_WAIT_REUSABLE if ok else PortUse.TIME_WAIT_TO_DESTINATION), tw_hit
     return PortUse.SHARED, None
 
@@ -905,6 +926,20 @@ def _own_choice(
     uses = _uses_own_choice(req, by_port, settings, lo, hi, src)
     usable = uses.usable_count()
     unknown = uses.count(PortUse.UNKNOWN_ORIGIN)
+    unknown_ts = uses.count(PortUse.TIME_WAIT_UNKNOWN)
+    if not usable and unknown_ts and not unknown:
+        return (
+            ConnectOutcome(
+                Verdict.MAY_FAIL,
+                EADDRNOTAVAIL,
+                Stage.CONNECT,
+                f"connect() may fail with EADDRNOTAVAIL: no port of {lo}-{hi} is surely usable. "
+                f"{unknown_ts} port(s) carry a TIME_WAIT of this 4-tuple that connect() takes over only "
+                "if the old connection used TCP timestamps (tcp_twsk_unique), which the socket table "
+                "does not show: the worst case says no.",
+            ),
+            uses,
+        )
     if not usable and unknown:
         return (
             ConnectOutcome(
@@ -1069,6 +1104,17 @@ def _fixed_port(
             )
         if r.is_mini:
             ok, why = tw_reuse_check(h, settings, explicit_port=True)
+            if ok is None:
+                return (
+                    ConnectOutcome(
+                        Verdict.MAY_FAIL,
+                        EADDRNOTAVAIL,
+                        Stage.CONNECT,
+                        "connect() may fail with EADDRNOTAVAIL: the old connection's time-wait entry holds "
+                        f"the same 4-tuple, and it is taken over {why} (C17).",
+                    ),
+                    uses,
+                )
             if not ok:
                 return (
                     ConnectOutcome(
@@ -1182,7 +1228,7 @@ def _accounting(
     )
     best: int | None = None
     if ambiguous and req.proto is Proto.TCP and req.own_choice and req.local_port is None:
-        best = usable + uses.count(PortUse.UNKNOWN_ORIGIN)
+        best = usable + uses.count(PortUse.UNKNOWN_ORIGIN) + uses.count(PortUse.TIME_WAIT_UNKNOWN)
     return Accounting(
         total=hi - lo + 1,
         usable=usable,
@@ -1260,7 +1306,12 @@ def _capacity(
 ) -> Capacity:
     c = acc.counts
     live = c.get(PortUse.IN_USE_TO_DESTINATION.value, 0)
-    gone = (PortUse.RESERVED, PortUse.UNKNOWN_ORIGIN, *(u for u in PortUse if u.by_bind))
+    gone = (
+        PortUse.RESERVED,
+        PortUse.UNKNOWN_ORIGIN,
+        PortUse.TIME_WAIT_UNKNOWN,
+        *(u for u in PortUse if u.by_bind),
+    )
     base = acc.total - sum(c.get(u.value, 0) for u in gone)
     base = max(base - live, 0)
     # Would a future time-wait entry to this destination be taken over (C8)?
@@ -1561,7 +1612,7 @@ def rank_fixes(
     if not pressure and not order:
         return []
     order.append("pool")
-    if tws and not all(t.reusable for t in tws) and settings.tw_reuse != 1:
+    if tws and not all(t.reusable is True for t in tws) and settings.tw_reuse != 1:
         order.append("tw_reuse")
     order += ["sources", "widen", "per_socket_range"]
     if "tw_reuse" not in order and settings.tw_reuse != 1:
