@@ -442,8 +442,12 @@ def _peer(s: socket.socket) -> Endpoint:
         return Endpoint(ip_address("::" if s.family == socket.AF_INET6 else "0.0.0.0"), 0)
 
 
-def run_one(sc: Scenario) -> Check:
-    """Build ``sc`` in a fresh network namespace, predict, then connect() for real."""
+def run_one(sc: Scenario, *, blind: bool = False) -> Check:
+    """Build ``sc`` in a fresh network namespace, predict, then connect() for real.
+
+    ``blind``: the model gets what `rebind why --connect` reads (kernel/connect_facts.gather:
+    no ground truth about how each port was taken); its answer must then never be better than
+    the kernel's (the worst case, issue 17)."""
     from rebind.connect_diagnosis import probe
     from rebind.kernel.connect_facts import connect_settings, route_source
     from rebind.kernel.netns import private_netns
@@ -460,7 +464,20 @@ def run_one(sc: Scenario) -> Check:
         _sysctl("tcp_timestamps", "1")
         settings = connect_settings()
         src = route_source(req.dst, req.dport, bound=req.src)
-        res = evaluate_connect(req, lab.holders(recs), settings, route_src=src)
+        if blind:
+            from rebind.kernel.connect_facts import gather
+
+            facts = gather(req, owners=True, settings=settings)
+            res = evaluate_connect(
+                req,
+                facts.holders,
+                settings,
+                route_src=src,
+                bind_settings=facts.bind_settings,
+                servers=facts.servers,
+            )
+        else:
+            res = evaluate_connect(req, lab.holders(recs), settings, route_src=src)
         p = probe(req)
         name = errno.errorcode.get(p.errno) if p.errno and not p.ok else None
         return Check(
@@ -474,7 +491,7 @@ def run_one(sc: Scenario) -> Check:
         )
 
 
-def run_scenarios(n: int, seed: int, *, start: int = 0) -> Iterator[Check]:
+def run_scenarios(n: int, seed: int, *, start: int = 0, blind: bool = False) -> Iterator[Check]:
     rng = random.Random(seed)
     for i in range(start, start + n):
-        yield run_one(random_scenario(rng, i))
+        yield run_one(random_scenario(rng, i), blind=blind)

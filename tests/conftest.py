@@ -20,6 +20,8 @@ from rebind.kernel import netns as _netns
 
 # rebind's pytest plugin (the free_port fixture) is opt-in, as it is for users of the package.
 pytest_plugins = ["rebind.pytest_plugin"]
+# tests.toolcheck: need_tool(), the one way tests find tmux, promtool, dockerd, nginx, cc, ...
+pytest_plugins += ["tests.toolcheck"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _kernel_ran = 0

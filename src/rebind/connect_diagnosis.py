@@ -174,7 +174,14 @@ def diagnose_request(
     from rebind.kernel.connect_facts import gather
 
     facts = gather(req, owners=owners)
-    res = evaluate_connect(req, facts.holders, facts.settings, route_src=facts.source)
+    res = evaluate_connect(
+        req,
+        facts.holders,
+        facts.settings,
+        route_src=facts.source,
+        bind_settings=facts.bind_settings,
+        servers=facts.servers,
+    )
     pr = None
     if with_probe:
         p = probe(res.request)

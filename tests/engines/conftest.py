@@ -27,13 +27,9 @@ import pytest
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        msg = f"{tool} is not installed (.ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+    from tests.toolcheck import need_tool
+
+    return need_tool(tool)
 
 
 def wait_for(check: object, timeout: float, what: str) -> None:
@@ -63,6 +59,7 @@ class Netns:
 
 @pytest.fixture
 def engine_netns(netns: int) -> Iterator[Netns]:
+    need("ip")
     name = f"rebind-eng-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)

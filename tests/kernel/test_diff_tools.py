@@ -168,6 +168,10 @@ def zoo(netns, procs):
 
 
 def test_rebind_agrees_with_ss_and_lsof(zoo, rebind_cli):
+    from tests.toolcheck import need_tool
+
+    need_tool("ss")
+    need_tool("lsof")
     ss = subprocess.run(["ss", "-tanuepH"], capture_output=True, text=True, check=True).stdout
     ss_rows = parse_ss(ss)
     pids = sorted(set().union(*zoo.values()) | {os.getpid()})

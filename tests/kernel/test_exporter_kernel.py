@@ -293,12 +293,9 @@ def test_listen_on_a_busy_port_is_one_line_exit_3(netns, rebind_cli):
 
 @pytest.fixture
 def prometheus_bin(request: pytest.FixtureRequest) -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if request.config.getoption("--require-kernel"):
-            pytest.fail("prometheus is missing (.ci/run installs Debian's prometheus package)")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    return path
+    from tests.toolcheck import need_tool
+
+    return need_tool("prometheus")
 
 
 def _query(base: str, expr: str) -> list[dict[str, object]]:
@@ -334,7 +331,9 @@ def test_prometheus_scrapes_the_exporter_end_to_end(netns, procs, tmp_path, prom
         run.generation(2)
         run.reload_finished("ok", 0.4)
         body = _http_get("http://127.0.0.1:19811/metrics", time.monotonic() + 30)
-        promtool = shutil.which("promtool")
+        from tests.toolcheck import need_tool
+
+        promtool = need_tool("promtool")
         if promtool:
             lint = subprocess.run([promtool, "check", "metrics"], input=body, text=True, capture_output=True)
             assert lint.returncode == 0, lint.stdout + lint.stderr

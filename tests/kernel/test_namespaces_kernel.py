@@ -32,6 +32,9 @@ time.sleep(600)
 @pytest.fixture
 def named_netns(netns: int) -> Iterator[str]:
     """An `ip netns add` namespace (an nsfs mount under /run/netns) with lo up, removed after."""
+    from tests.toolcheck import need_tool
+
+    need_tool("ip")
     name = f"rebind-test-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:

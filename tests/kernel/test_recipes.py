@@ -139,6 +139,10 @@ def _available(needs: str) -> bool:
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_under_load_and_reloads(netns: int, procs: Procs, tmp_path: Path, name: str) -> None:
     recipe = RECIPES[name]
+    if recipe.needs == "nginx":
+        from tests.toolcheck import need_tool
+
+        need_tool("nginx")
     if not _available(recipe.needs):
         pytest.skip(f"{recipe.needs} is not installed (.ci/run installs it)")
     port = 8300 + sorted(RECIPES).index(name)

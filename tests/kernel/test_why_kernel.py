@@ -405,6 +405,9 @@ def test_tentative_ipv6_address(netns, rebind_cli):
     """Wrong answer #2: DAD still running (a veth without carrier keeps the address tentative)."""
     import subprocess
 
+    from tests.toolcheck import need_tool
+
+    need_tool("ip")
     subprocess.run(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"], check=True)
     subprocess.run(["ip", "link", "set", "v0", "up"], check=True)
     subprocess.run(["ip", "addr", "add", "2001:db8:1::5/64", "dev", "v0"], check=True)

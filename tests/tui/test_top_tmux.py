@@ -4,7 +4,6 @@ types, capture-pane reads the screen. Every wait polls the screen with a deadlin
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,8 +15,16 @@ from tests.conftest import Procs
 
 pytestmark = [
     pytest.mark.kernel,
-    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)"),
+    pytest.mark.usefixtures("tmux_tool"),
 ]
+
+
+@pytest.fixture
+def tmux_tool() -> str:
+    from tests.toolcheck import need_tool
+
+    return need_tool("tmux")
+
 
 DEADLINE = 20.0
 

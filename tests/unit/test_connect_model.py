@@ -193,17 +193,35 @@ def test_tw_reuse_2_is_loopback_only():
     s = settings(tw_reuse=2)
     r = ConnectRequest.create("10.0.0.9", 80, src="10.0.0.1")
     hs = [
-        hold(rec(p, local="10.0.0.1", remote=("10.0.0.9", 80), state=State.TIME_WAIT, left_ms=1000))
+        hold(
+            rec(p, local="10.0.0.1", remote=("10.0.0.9", 80), state=State.TIME_WAIT, left_ms=1000),
+            timestamps=True,
+        )
         for p in range(40000, 40004)
     ]
     assert not evaluate_connect(r, hs, s).outcome.ok
     assert evaluate_connect(r, hs, settings(tw_reuse=1)).outcome.ok
 
 
-def test_time_wait_timestamps_assumed_from_sysctl_when_unknown():
+def test_time_wait_with_unknown_timestamps_is_the_worst_case_whatever_the_sysctl():
+    """Issue 17: a TIME_WAIT keeps the old connection's own timestamps (tcp_twsk_unique reads
+    tw_ts_recent_stamp); tcp_timestamps now says nothing about it. Unknown -> may fail, never ok
+    (was: ok with tcp_timestamps=1) and never a certain fail (was: fail with tcp_timestamps=0)."""
     hs = [hold(tw(p, 1000), timestamps=None) for p in range(40000, 40004)]
-    assert evaluate_connect(req(), hs, settings(tw_reuse=1, tcp_timestamps=1)).outcome.ok
-    assert not evaluate_connect(req(), hs, settings(tw_reuse=1, tcp_timestamps=0)).outcome.ok
+    for sysctl_ts in (1, 0):
+        res = evaluate_connect(req(), hs, settings(tw_reuse=1, tcp_timestamps=sysctl_ts))
+        assert res.outcome.verdict is Verdict.MAY_FAIL and res.accounting.usable == 0
+        assert res.accounting.counts == {"time-wait-unknown": 4}
+        assert all(t.reusable is None for t in res.time_waits)
+    # Known either way: decided.
+    known = [hold(tw(p, 1000), timestamps=True) for p in range(40000, 40004)]
+    assert evaluate_connect(req(), known, settings(tw_reuse=1, tcp_timestamps=0)).outcome.ok
+    # A fixed port over such an entry: may fail, not ok.
+    t = hold(tw(40001, 59_990), explicit=True, reuseaddr=True, reuseport=False, timestamps=None)
+    r = ConnectRequest.create(*DST, src="127.0.0.1", local_port=40001, reuseaddr=True)
+    assert evaluate_connect(r, [t], settings()).outcome.verdict is Verdict.MAY_FAIL
+    # tcp_tw_reuse=0: no takeover by connect()'s own choice with or without timestamps: decided.
+    assert evaluate_connect(req(), hs, settings(tw_reuse=0)).outcome.verdict is Verdict.FAIL
 
 
 def test_other_source_has_its_own_four_tuples():
@@ -329,14 +347,84 @@ def test_consumers_ranked_and_json_escapes_process_text():
     assert doc["consumers"][0]["unit"] is None
 
 
-def test_ambiguous_client_sockets_are_reported_with_the_worst_case():
+def test_ambiguous_client_sockets_give_the_worst_case_never_ok():
+    """Issue 17: a port held by a client whose port origin is unknown is not counted usable; when
+    no port is surely usable the verdict is may-fail (exit 1), never ok."""
     hs = [hold(rec(p, remote=("127.0.0.1", 9001)), explicit=None) for p in range(40000, 40004)]
     res = evaluate_connect(req(), hs, settings())
-    assert res.outcome.ok and res.accounting.ambiguous == 4 and res.accounting.usable_worst == 0
+    acc = res.accounting
+    assert res.outcome.verdict is Verdict.MAY_FAIL and res.outcome.errno_name == "EADDRNOTAVAIL"
+    assert (acc.ambiguous, acc.usable, acc.usable_worst, acc.usable_best) == (4, 0, 0, 4)
+    assert acc.counts == {PortUse.UNKNOWN_ORIGIN.value: 4}
+    assert "worst case" in res.headline
+    # One free port left: ok in the worst case too.
+    res = evaluate_connect(req(), hs[:3], settings())
+    assert res.outcome.ok and res.accounting.usable == 1 and res.accounting.usable_best == 4
+
+
+def test_one_bound_client_port_range_is_not_usable():
+    """Issue 17: a 1-port range held by a client connected elsewhere: "1 of 1 usable" was wrong
+    when that client had bound its port (connect() gets EADDRNOTAVAIL)."""
+    h = rec(40000, remote=("127.0.0.1", 9001))
+    unknown = evaluate_connect(req(), [hold(h, explicit=None)], settings(40000, 40000))
+    assert unknown.outcome.verdict is Verdict.MAY_FAIL and unknown.accounting.usable == 0
+    bound = evaluate_connect(req(), [hold(h, explicit=None, bind_port_locked=True)], settings(40000, 40000))
+    assert bound.outcome.verdict is Verdict.FAIL and bound.accounting.counts == {"bind-before-connect": 1}
+    # bind_port_locked=False alone proves nothing (bind(ip, 0) leaves it clear): still the worst case.
+    clear = evaluate_connect(req(), [hold(h, explicit=None, bind_port_locked=False)], settings(40000, 40000))
+    assert clear.outcome.verdict is Verdict.MAY_FAIL
+    chosen = evaluate_connect(req(), [hold(h, explicit=None, connect_bind=True)], settings(40000, 40000))
+    assert chosen.outcome.ok and chosen.accounting.counts == {"shared": 1}
+    by_bind = evaluate_connect(req(), [hold(h, explicit=None, connect_bind=False)], settings(40000, 40000))
+    assert by_bind.outcome.verdict is Verdict.FAIL
 
 
 def test_ephemeral_overlap_warning():
     assert ephemeral_overlap_warning(8080, (32768, 60999)) is None
     assert ephemeral_overlap_warning(40000, (32768, 60999), {40000}) is None
     w = ephemeral_overlap_warning(40000, (32768, 60999), {9000})
-    assert w is not None and "ip_local_reserved_ports=40000" in w and "EADDRINUSE" in w
+    assert w is not None and "ip_local_reserved_ports=9000,40000" in w and "EADDRINUSE" in w
+
+
+def test_reserved_ports_in_the_kernels_form_and_merged():
+    from rebind.model.ephemeral import format_reserved, parse_reserved, reserve_command
+
+    assert format_reserved({45000, 8080, *range(30000, 30012)}) == "8080,30000-30011,45000"
+    assert format_reserved(()) == ""
+    old = parse_reserved("30000-30010,45000")
+    assert reserve_command(old, {8080, 9000}) == (
+        "sysctl -w net.ipv4.ip_local_reserved_ports=8080,9000,30000-30010,45000"
+    )
+    assert reserve_command(old, {30005}) is None  # nothing to change: no line
+
+
+def test_widened_range_never_takes_a_server_port_in():
+    from rebind.model.connect import widened_range
+
+    none: frozenset[int] = frozenset()
+    assert widened_range((32768, 60999), none, none, 1024) == (15000, 64999)
+    # Server ports just outside: stop short of them, keep an even count.
+    lo, hi = widened_range((40000, 40009), none, frozenset({39990, 40100, 8080}), 1024)  # type: ignore[misc]
+    assert (lo, hi) == (39992, 40099) and (hi - lo + 1) % 2 == 0
+    # A reserved server port is no obstacle (connect() never takes it).
+    assert widened_range((40000, 40009), frozenset({39990}), frozenset({39990}), 1024) == (15000, 64999)
+    # Bordered on both sides: nothing to propose.
+    assert widened_range((40000, 40009), none, frozenset({39999, 40010}), 1024) is None
+    # ip_unprivileged_port_start above the target: the low end stays at or above it.
+    assert widened_range((32768, 60999), none, none, 20000) == (20000, 64999)
+
+
+def test_widen_fix_is_built_from_the_hosts_values():
+    held = [
+        hold(rec(p, remote=("0.0.0.0", 0), state=State.LISTEN), explicit=True) for p in range(40000, 40004)
+    ]
+    st = settings(reserved=frozenset({30000, 30001, 45000}))
+    res = evaluate_connect(req(), held, st, servers=frozenset({40000, 40001, 40002, 40003, 39000}))
+    widen = next(f for f in res.fixes if "Widen" in f.title)
+    assert widen.command == (
+        "sysctl -w net.ipv4.ip_local_reserved_ports=30000-30001,40000-40003,45000 && "
+        "sysctl -w net.ipv4.ip_local_port_range='39002 64999'"
+    )
+    # Server ports unknown: no widening is guessed.
+    res = evaluate_connect(req(), held, st)
+    assert not any("Widen" in f.title for f in res.fixes)

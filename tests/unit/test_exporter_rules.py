@@ -7,7 +7,6 @@ promtool comes from Debian's `prometheus` package, which .ci/run installs: under
 from __future__ import annotations
 
 import importlib.resources
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,12 +22,9 @@ RULES = Path(str(importlib.resources.files("rebind.exporter") / "rules.yml"))
 
 @pytest.fixture
 def promtool(request: pytest.FixtureRequest) -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if request.config.getoption("--require-kernel"):
-            pytest.fail("promtool is missing (.ci/run installs Debian's prometheus package)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return path
+    from tests.toolcheck import need_tool
+
+    return need_tool("promtool")
 
 
 def test_rules_ship_with_the_package() -> None:

@@ -25,6 +25,8 @@ ROWS = (
     ("in-use-to-destination", "in use to this destination"),
     ("time-wait-to-destination", "TIME_WAIT to this destination, not reusable now"),
     ("time-wait-reusable", "TIME_WAIT to this destination, connect() takes it over"),
+    ("time-wait-unknown", "TIME_WAIT to this destination, timestamps unknown (worst: no)"),
+    ("unknown-origin", "held by clients: bind() or connect()? (worst case: bind())"),
     ("shared", "used by connections elsewhere (shareable)"),
     ("free", "unused"),
 )
@@ -120,10 +122,10 @@ def _print_range(con: PlainOut | RichOut, res: ConnectResult) -> None:
             p(f"  {label:<62} {n:>6}  {_pct(n, acc.total):>4}")
     p(f"  {'usable for this connect()':<62} {acc.usable:>6}  {_pct(acc.usable, acc.total):>4}")
     if acc.ambiguous:
-        worst = "" if acc.usable_worst is None else f" (usable then: {acc.usable_worst})"
+        best = "" if acc.usable_best is None else f"; {acc.usable_best} usable if connect() chose them all"
         p(
             f"  [dim]{acc.ambiguous} client socket(s) in the range: inet_diag does not say whether they got "
-            f"their port from bind() or connect(); counted as connect(){worst}[/]"
+            f"their port from bind() or connect(); counted as bind(), the worst case{best}[/]"
         )
 
 
@@ -135,14 +137,17 @@ def _print_time_waits(con: PlainOut | RichOut, res: ConnectResult) -> None:
         return
     p = con.print
     reusable = sum(1 for t in tws if t.reusable)
+    unknown = sum(1 for t in tws if t.reusable is None)
     s = res.settings
     p(
-        f"\n[bold]TIME_WAIT to this destination[/]: {len(tws)}, {reusable} reusable now "
+        f"\n[bold]TIME_WAIT to this destination[/]: {len(tws)}, {reusable} reusable now"
+        + (f", {unknown} unknown (timestamps not readable)" if unknown else "")
+        + " "
         f"[dim](tcp_tw_reuse={s.tw_reuse}, tcp_timestamps={s.tcp_timestamps}, "
         f"tcp_tw_reuse_delay={s.tw_reuse_delay_ms} ms)[/]"
     )
     for t in tws[:5]:
-        mark = "✓" if t.reusable else "✗"
+        mark = "?" if t.reusable is None else "✓" if t.reusable else "✗"
         left = fmt_ms(t.left_ms) + " left" if t.left_ms is not None else ""
         p(f"  {mark} {t.holder.socket.local} {t.holder.socket.state.label} {left}  [dim]{t.why}[/]")
     if len(tws) > 5:
@@ -192,18 +197,27 @@ def _print_fixes(con: PlainOut | RichOut, res: ConnectResult) -> None:
         return
     p = con.print
     esc = con.esc
+
+    def verbatim(text: str) -> None:
+        # A line meant to be pasted is never broken by rich's wrapping at the terminal width.
+        rich = getattr(con, "con", None)
+        if rich is not None:
+            rich.print(text, soft_wrap=True)
+        else:
+            p(text)
+
     p("\n[bold]Fixes[/]")
     for i, f in enumerate(res.fixes, 1):
         p(f"  {i}. {esc(f.title)}")
         p(f"     [dim]{esc(f.why)}[/]")
         if f.command:
-            p(f"     $ {esc(f.command)}")
+            verbatim(f"     $ {esc(f.command)}")
         for label, code in (("Python", f.python), ("C", f.c)):
             if code:
                 lines = code.splitlines()
-                p(f"     {label + ':':<8}{esc(lines[0])}")
+                verbatim(f"     {label + ':':<8}{esc(lines[0])}")
                 for line in lines[1:]:
-                    p(f"     {'':<8}{esc(line)}")
+                    verbatim(f"     {'':<8}{esc(line)}")
 
 
 def dispatch(

@@ -5,15 +5,23 @@
   (ip4_datagram_connect -> ip_route_connect) and getsockname() then shows the chosen source;
   nothing is sent;
 * the sockets that matter, filtered **in the kernel** in one TCPDIAG_GETSOCK walk: every socket
-  connected to the destination (one D_COND op with the port), plus the ports of the range held
-  by sockets that have no peer (listeners and bound-inactive sockets: dport 0), plus, for
-  bind-before-connect, every socket in the range on an overlapping address, plus, for a fixed
-  local port, every socket on it;
+  connected to the destination (one D_COND op with the port), plus every socket whose local
+  port lies in the range (any state, any peer: a client to another server may hold its port
+  by bind(), and then connect() cannot share it -- C6), plus, for a fixed local port, every
+  socket on it;
+* the ports this namespace's servers hold (listening and bound-inactive TCP sockets, unconnected
+  UDP sockets outside the range), so a printed "widen the range" fix takes none in;
+* the bind() facts (local addresses, ip_nonlocal_bind) that decide whether a ``--from``
+  address can be bound at all;
 * the processes holding them (:func:`rebind.kernel.owners.find_owners`).
 
 How a socket got its port (bind() or connect()) is not in inet_diag (connect-rules §8): LISTEN,
 bound-inactive sockets and the children of a listener are explicit; other client sockets in
-the range are ambiguous and marked so (``explicit=None``).
+the range are ambiguous and marked so (``explicit=None``). For the ports of those, the BPF socket
+iterator (kernel/bpf/sockiter.py) reads the kernel's own answer where it can run: the port's bind
+bucket (connect-only or not, the test __inet_hash_connect makes), SOCK_BINDPORT_LOCK, and a
+time-wait entry's TCP timestamps. Where it cannot (no privilege, no BTF, REBIND_NO_BPF), the
+model takes the worst case and a warning says why.
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from dataclasses import dataclass, replace
+from ipaddress import ip_address
 
 from rebind.errors import EnvironmentProblem
 from rebind.kernel import diag_codec as codec
+from rebind.model.conflict import KernelSettings
 from rebind.model.connect import ConnectRequest, ConnectSettings, PortHolder, effective_range
 from rebind.model.records import (
     IPAddress,
@@ -51,6 +60,7 @@ def connect_settings(root: str = "/proc") -> ConnectSettings:
         tcp_timestamps=sysctl.tcp_timestamps(root),
         autobind_reuse=sysctl.ip_autobind_reuse(root),
         kernel_version=sysctl.kernel_version(),
+        unprivileged_port_start=sysctl.unprivileged_port_start(root),
     )
 
 
@@ -127,31 +137,19 @@ def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
     return None
 
 
-def _wildcards(src: IPAddress) -> list[IPAddress]:
-    # Addresses whose holders overlap a bind on ``src``: itself, and the wildcards (a dual-stack
-    # [::] holder overlaps IPv4 addresses too; the model applies v6only).
-    out: list[IPAddress] = [src, IPv4Address("0.0.0.0"), IPv6Address("::")]
-    return list(dict.fromkeys(out))
-
-
 def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
     """The kernel-side filter for :func:`gather` (see the module docstring)."""
     lo, hi = rng
     in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
     chains: list[list[codec.Cond]] = [
         [codec.host_cond(codec.BcOp.D_COND, req.dst, port=req.dport)],
-        # No peer (dport 0): listeners and bound-inactive sockets, which always hold by bind().
-        [*in_range, codec.host_cond(codec.BcOp.D_COND, None, port=0)],
+        # Every socket on a port of the range, whatever its peer: one connected elsewhere may
+        # still hold its port by bind() (its bucket is then not connect-only, C6), and a
+        # bind(ip, 0) / UDP autobind needs the port unused on an overlapping address (C13, C20).
+        in_range,
     ]
     if req.local_port is not None:
         chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
-    if (req.bind_before_connect and not req.bind_address_no_port) or req.proto is Proto.UDP:
-        bind_addr = req.src if req.src is not None else src
-        if bind_addr.is_unspecified or req.proto is Proto.UDP:
-            chains.append(in_range)  # a wildcard overlaps everybody of its family
-        else:
-            for a in _wildcards(bind_addr):
-                chains.append([*in_range, codec.host_cond(codec.BcOp.S_COND, a)])
     return codec.compile_any(chains)
 
 
@@ -162,6 +160,32 @@ class ConnectFacts:
     holders: tuple[PortHolder, ...]
     scan: OwnerScanReport
     warnings: tuple[str, ...] = ()
+    #: Ports held by servers of this netns (see server_ports); None when unreadable.
+    servers: frozenset[int] | None = None
+    #: The bind() facts that decide whether a --from address can be bound.
+    bind_settings: KernelSettings | None = None
+
+
+def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
+    """Ports servers of this netns hold: TCP LISTEN and bound-inactive sockets anywhere, and
+    unconnected UDP sockets outside the range (inside it they may be clients' autobinds). A
+    widened range must take none of them in (C26). None when the table cannot be read."""
+    from rebind.kernel import diag
+    from rebind.model.records import Family
+
+    lo, hi = rng
+    out: set[int] = set()
+    try:
+        with diag.DiagSocket() as d:
+            for r in d.dump(None, Proto.TCP, {State.LISTEN, State.BOUND_INACTIVE}):
+                out.add(r.local.port)
+            for fam in (Family.INET, Family.INET6):
+                for r in d.dump(fam, Proto.UDP, {State.CLOSE}):
+                    if not r.remote.port and not lo <= r.local.port <= hi:
+                        out.add(r.local.port)
+    except OSError:
+        return None
+    return frozenset(out)
 
 
 def _records(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> Iterator[SocketRecord]:
@@ -233,7 +257,73 @@ def gather(
     holders = tuple(
         _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
     )
-    return ConnectFacts(st, src, holders, scan, tuple(warnings))
+    holders = _with_kernel_origin(req, holders, warnings)
+    from rebind.kernel.sysctl import kernel_settings
+
+    return ConnectFacts(
+        st,
+        src,
+        holders,
+        scan,
+        tuple(warnings),
+        servers=server_ports(st.port_range),
+        bind_settings=kernel_settings(),
+    )
+
+
+def _with_kernel_origin(
+    req: ConnectRequest, holders: tuple[PortHolder, ...], warnings: list[str]
+) -> tuple[PortHolder, ...]:
+    """Fill in, from the kernel, how the ports of ambiguous client sockets were taken (TCP)."""
+    ports = {h.socket.local.port for h in holders if h.explicit is None and h.socket.proto is Proto.TCP}
+    if (
+        req.proto is Proto.TCP
+        and req.local_port is not None
+        and any(h.socket.is_mini and h.socket.local.port == req.local_port for h in holders)
+    ):
+        ports.add(req.local_port)  # a time-wait entry's own timestamps decide C17
+    if not ports:
+        return holders
+    from rebind.kernel.bpf.sockiter import read_socket_states
+    from rebind.model.sockstate import SockKind, SockStates
+
+    got = read_socket_states(ports, [Proto.TCP])
+    if not isinstance(got, SockStates):
+        n = sum(1 for h in holders if h.explicit is None and h.socket.proto is Proto.TCP)
+        if n:
+            warnings.append(
+                f"how {n} client socket(s) got their ports is unknown ({got.reason}): "
+                "the worst case is assumed"
+            )
+        return holders
+    # The bucket is one per port: any socket's copy of it answers for all of them.
+    connect_only: dict[int, bool] = {}
+    for one in got.sockets:
+        if one.bucket is not None:
+            connect_only[one.local.port] = one.bucket.fastreuse < 0 and one.bucket.fastreuseport < 0
+    by_cookie = got.by_cookie()
+    out = []
+    for h in holders:
+        r = h.socket
+        if r.proto is not Proto.TCP or r.local.port not in ports:
+            out.append(h)
+            continue
+        st = by_cookie.get(r.cookie) if r.cookie is not None else None
+        locked = st.port_locked if st is not None and st.kind is SockKind.FULL else None
+        ts = h.timestamps
+        if st is not None and st.kind is SockKind.TIMEWAIT and st.tw_ts_recent_stamp is not None:
+            ts = st.tw_ts_recent_stamp != 0  # what tcp_twsk_unique tests
+        out.append(
+            replace(
+                h,
+                bucket_connect_only=connect_only.get(r.local.port),
+                bind_port_locked=locked,
+                timestamps=ts,
+            )
+        )
+    if got.faulted:
+        warnings.append(f"{got.faulted} socket(s) changed while the kernel was read: answers may lag")
+    return tuple(out)
 
 
 def _with_flags(req: ConnectRequest, entry: SocketEntry, explicit: bool | None) -> PortHolder:

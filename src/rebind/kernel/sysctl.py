@@ -146,6 +146,10 @@ def reserved_ports(root: str = "/proc") -> frozenset[int]:
     return parse_reserved(_read("net/ipv4/ip_local_reserved_ports", root))
 
 
+def unprivileged_port_start(root: str = "/proc") -> int:
+    return _int("net/ipv4/ip_unprivileged_port_start", 1024, root)
+
+
 def tcp_tw_reuse(root: str = "/proc") -> int:
     """0 off, 1 on, 2 loopback only (the default since 2018, 79e9fed46038)."""
     return _int("net/ipv4/tcp_tw_reuse", 2, root)

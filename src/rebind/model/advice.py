@@ -528,6 +528,7 @@ def advise(facts: Facts) -> Diagnosis:
             holder_hidden=hidden,
             addr=str(req.addr),
             containers=_containers(infos),
+            reserved=facts.settings.ip_local_reserved_ports,
         )
     notes = list(outcome.notes)
     if facts.trial_skipped:

@@ -27,7 +27,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from rebind.errors import UsageError
+from rebind.model import conflict as bindmodel
 from rebind.model.ephemeral import ephemeral_overlap_warning as ephemeral_overlap_warning
+from rebind.model.ephemeral import format_reserved, reserve_command
 from rebind.model.records import Family, IPAddress, Owner, Proto, SocketEntry, SocketRecord, State
 from rebind.model.validate import parse_port
 
@@ -221,6 +223,21 @@ class PortHolder:
     inet_diag cannot say (None: a client socket inside the range; connect-rules §8).
     ``timestamps``: for a time-wait entry, whether the old connection used TCP timestamps
     (not exported by inet_diag: None = assume the namespace's ``tcp_timestamps``).
+
+    Per-socket kernel facts, when a reader (the BPF socket iterator) has them; None = unknown:
+
+    * ``bind_port_locked``: ``sk_userlocks & SOCK_BINDPORT_LOCK``, set by a bind() with a non-zero
+      port (__inet_bind). True proves bind(); False does *not* prove connect(): bind(ip, 0),
+      listen()'s autobind and accepted children leave it clear.
+    * ``connect_bind``: ``sk_userlocks & SOCK_CONNECT_BIND`` (tw_connect_bind for a time-wait
+      entry), 6.18+ only: True = connect()'s own choice, False = the port came from bind() in some
+      form. Leave it None on older kernels, where the flag does not exist.
+    * ``bucket_connect_only``: the port's bind bucket has ``fastreuse < 0 and fastreuseport < 0``
+      -- the very test __inet_hash_connect makes (C6) -- so it decides for every socket on the
+      port, on any kernel.
+
+    Unknown origin never makes the answer optimistic: see :attr:`port_from_bind` and
+    ``PortUse.UNKNOWN_ORIGIN``.
     """
 
     entry: SocketEntry
@@ -228,10 +245,25 @@ class PortHolder:
     timestamps: bool | None = None
     reuseaddr: bool | None = None
     reuseport: bool | None = None
+    bind_port_locked: bool | None = None
+    connect_bind: bool | None = None
+    bucket_connect_only: bool | None = None
 
     @property
     def socket(self) -> SocketRecord:
         return self.entry.socket
+
+    @property
+    def port_from_bind(self) -> bool | None:
+        """Did bind() give this socket its port (its bucket is then not connect-only, C6)?
+        Kernel facts first, then the table's inference; None when nothing can tell."""
+        if self.bucket_connect_only is not None:
+            return not self.bucket_connect_only
+        if self.connect_bind is not None:
+            return not self.connect_bind
+        if self.bind_port_locked:
+            return True
+        return self.explicit
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +277,9 @@ class ConnectSettings:
     tcp_timestamps: int = 1
     autobind_reuse: bool = False
     kernel_version: tuple[int, int] = (6, 18)
+    #: net.ipv4.ip_unprivileged_port_start: ip_local_port_range's low end may not go below it
+    #: (ipv4_local_port_range() refuses the write with EINVAL).
+    unprivileged_port_start: int = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +302,9 @@ class PortUse(enum.StrEnum):
     """Why a port of the range is, or is not, usable for this connect()."""
 
     FREE = "free"  # no socket on the port
+    #: TIME_WAIT to this destination whose takeover hinges on its unread TCP timestamps: counted
+    #: as not usable (the worst case).
+    TIME_WAIT_UNKNOWN = "time-wait-unknown"
     SHARED = "shared"  # connect-only bucket, 4-tuple free: usable
     TIME_WAIT_REUSABLE = "time-wait-reusable"  # usable: tcp_twsk_unique takes the entry over
     RESERVED = "reserved"
@@ -277,6 +315,9 @@ class PortUse(enum.StrEnum):
     TIME_WAIT_TO_DESTINATION = "time-wait-to-destination"
     #: bind(ip, 0) / UDP autobind: some socket on the port overlaps the address.
     OVERLAPPING_OWNER = "overlapping-owner"
+    #: Usable only if a client socket on it got its port from connect(), which nothing here can
+    #: tell (connect-rules §8): counted as not usable, the worst case.
+    UNKNOWN_ORIGIN = "unknown-origin"
 
     @property
     def usable(self) -> bool:
@@ -293,7 +334,8 @@ class TimeWaitInfo:
 
     holder: PortHolder
     left_ms: int | None
-    reusable: bool
+    #: None: it depends on the entry's own TCP timestamps, which nobody could read.
+    reusable: bool | None
     why: str
 
 
@@ -307,10 +349,16 @@ class Accounting:
     #: connect()'s parity half (C10): usable ports with lo's parity / all of them.
     first_half_usable: int
     first_half_total: int
-    #: Client sockets in the range whose port origin inet_diag cannot show (assumed connect()).
+    #: Client sockets in the range whose port origin inet_diag cannot show.
     ambiguous: int = 0
-    #: usable if every ambiguous client socket had bound its port (the worst case).
-    usable_worst: int | None = None
+    #: ``usable`` is already the worst case (every ambiguous socket bound its port); this is the
+    #: count if every one of them had its port from connect() instead (None: no ambiguity).
+    usable_best: int | None = None
+
+    @property
+    def usable_worst(self) -> int | None:
+        """The worst case, which ``usable`` is (kept for the JSON key)."""
+        return self.usable if self.ambiguous else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,14 +483,29 @@ def tw_left_ms(r: SocketRecord) -> int | None:
 
 def tw_reuse_check(
     h: PortHolder, settings: ConnectSettings, *, explicit_port: bool = False
-) -> tuple[bool, str]:
+) -> tuple[bool | None, str]:
     """tcp_twsk_unique: may connect() take over this time-wait entry with the same 4-tuple?
+    None when it depends on whether the entry carries TCP timestamps and nobody could read that:
+    the entry keeps the old connection's own (tw_ts_recent_stamp), whatever tcp_timestamps says
+    now, so the sysctl is no evidence (issue 17).
 
     ``explicit_port``: the new socket already has its port (C17): only timestamps count.
     """
+    if h.timestamps is None:
+        yes, why = _tw_reuse(h, settings, explicit_port, ts=True)
+        no, _ = _tw_reuse(h, settings, explicit_port, ts=False)
+        if yes == no:
+            return yes, why
+        return None, (
+            "only if the old connection used TCP timestamps, which the socket table does not show "
+            f"(the entry keeps its own; tcp_timestamps={settings.tcp_timestamps} now is no evidence)"
+        )
+    return _tw_reuse(h, settings, explicit_port, ts=h.timestamps)
+
+
+def _tw_reuse(h: PortHolder, settings: ConnectSettings, explicit_port: bool, *, ts: bool) -> tuple[bool, str]:
     r = h.socket
-    ts = h.timestamps if h.timestamps is not None else settings.tcp_timestamps != 0
-    ts_word = "" if h.timestamps is not None else " (assumed from tcp_timestamps)"
+    ts_word = ""
     if explicit_port:
         if ts:
             return True, f"a socket with its own port takes a time-wait entry with timestamps over{ts_word}"
@@ -476,7 +539,8 @@ def _explicit_kind(h: PortHolder) -> PortUse:
 def _is_explicit(h: PortHolder, assume_ambiguous: bool) -> bool:
     if h.socket.state in (State.LISTEN, State.BOUND_INACTIVE):
         return True
-    return h.explicit if h.explicit is not None else assume_ambiguous
+    known = h.port_from_bind
+    return known if known is not None else assume_ambiguous
 
 
 # inet_rcv_saddr_equal() as the kernel runs it for a port choice. What it compares is the socket's
@@ -649,6 +713,8 @@ def _classify_own_choice(
             return PortUse.IN_USE_TO_DESTINATION, h
     if tw_hit is not None:
         ok, _ = tw_reuse_check(tw_hit, settings)
+        if ok is None:
+            return PortUse.TIME_WAIT_UNKNOWN, tw_hit
         return (PortUse.TIME_WAIT_REUSABLE if ok else PortUse.TIME_WAIT_TO_DESTINATION), tw_hit
     return PortUse.SHARED, None
 
@@ -686,6 +752,32 @@ def _classify_udp(
 # The evaluation
 
 
+def _source_problem(
+    req: ConnectRequest, bind_settings: bindmodel.KernelSettings | None
+) -> ConnectOutcome | None:
+    """A bound source address must be local: __inet_bind / __inet6_bind refuse any other with
+    EADDRNOTAVAIL before a port is looked at (inet_addr_valid_or_nonlocal: RTN_LOCAL, unless
+    IP_FREEBIND / IP_TRANSPARENT / ip_nonlocal_bind; connect-rules §0.1). The bind() model's own
+    check, so both answers are one (port 0: only the address and privilege checks run)."""
+    if bind_settings is None or req.src is None or req.src.is_unspecified:
+        return None
+    if req.local_port is None and not req.bind_before_connect:
+        return None
+    breq = bindmodel.BindRequest(proto=req.proto, addr=req.src, port=0, reuseaddr=req.reuseaddr, listen=False)
+    bo = bindmodel.evaluate(breq, (), bind_settings)
+    if bo.verdict is bindmodel.Verdict.OK or bo.errno != EADDRNOTAVAIL:
+        return None
+    why = bo.blockers[0].reason if bo.blockers else f"{req.src} is not an address of this host"
+    return ConnectOutcome(
+        Verdict.FAIL,
+        EADDRNOTAVAIL,
+        Stage.BIND,
+        f'bind({req.src}, {req.local_port or 0}) fails with EADDRNOTAVAIL ("Cannot assign requested '
+        f'address") before connect() is reached: {why}. Use an address of this namespace, or set '
+        "IP_FREEBIND (or net.ipv4.ip_nonlocal_bind=1) if it is meant to appear later.",
+    )
+
+
 def connect_source(req: ConnectRequest) -> IPAddress:
     if req.src is None or req.src.is_unspecified:
         # The route's source is the gatherer's job; without one, the loopback of the family.
@@ -703,6 +795,8 @@ def evaluate_connect(
     route_src: IPAddress | None = None,
     observed_window_s: float | None = 60.0,
     uid: int = 0,
+    bind_settings: bindmodel.KernelSettings | None = None,
+    servers: frozenset[int] | None = None,
 ) -> ConnectResult:
     """Predict the outcome of ``req`` now, with the range accounting and ranked fixes.
 
@@ -710,6 +804,11 @@ def evaluate_connect(
     lies in the effective range — at least every socket to the destination and every socket
     holding its port by bind() — plus, for a fixed local port, every socket on that port.
     ``route_src``: the address the route picks when the request binds no specific address.
+    ``bind_settings``: the netns's bind() facts (local addresses, ip_nonlocal_bind): with them a
+    source address is checked as __inet_bind does (EADDRNOTAVAIL unless local); None skips it.
+    ``servers``: ports that servers of this netns hold (TCP listening or bound-inactive sockets,
+    unconnected UDP sockets outside the range) -- a widened range must not take them in, and
+    the printed fix reserves those inside the range; None (unknown): no widening is proposed.
     """
     hs = [h for h in holders if h.socket.proto is req.proto]
     lo, hi = effective_range(settings, req.port_range)
@@ -723,10 +822,13 @@ def evaluate_connect(
     for h in hs:
         by_port[h.socket.local.port].append(h)
 
-    if req.proto is Proto.UDP:
+    bad_src = _source_problem(req, bind_settings)
+    if bad_src is not None:
+        outcome, uses = bad_src, _uses_own_choice(req, by_port, settings, lo, hi, src)
+    elif req.proto is Proto.UDP:
         outcome, uses = _udp(req, by_port, settings, lo, hi, src, uid)
     elif req.local_port is not None:
-        outcome, uses = _fixed_port(req, by_port, settings, lo, hi, src)
+        outcome, uses = _fixed_port(req, by_port, settings, lo, hi, src, bind_settings)
     elif req.bind_before_connect and not req.bind_address_no_port:
         outcome, uses = _bind_any(req, by_port, settings, lo, hi, src)
     else:
@@ -736,16 +838,22 @@ def evaluate_connect(
     tws = _time_waits(req, hs, settings, src)
     consumers = _consumers(hs, uses, req, src)
     cap = None
+    # UDP autobind honours IP_LOCAL_PORT_RANGE too (C3): its map is the one a slice needs.
+    own: PortMap | None = uses if req.proto is Proto.UDP and req.local_port is None else None
     if req.proto is Proto.TCP:
         # Capacity is about this destination's 4-tuple space: connect()'s own choice, whatever
-        # the request does before connect().
+        # the request does before connect(). So is the per-socket range fix (a plain connect()).
         own = uses
         if not req.own_choice:
-            own = _uses_own_choice(req, by_port, settings, lo, hi, src, assume_ambiguous=False)
+            own = _uses_own_choice(req, by_port, settings, lo, hi, src)
         cap = _capacity(
             req, _accounting(req, own, by_port, settings, lo, hi, src), tws, settings, observed_window_s
         )
-    fixes = tuple(rank_fixes(req, outcome, acc, tws, settings, (lo, hi)))
+    fixes = (
+        ()
+        if bad_src is not None
+        else tuple(rank_fixes(req, outcome, acc, tws, settings, (lo, hi), uses=own, src=src, servers=servers))
+    )
     head = _headline(req, outcome, acc, (lo, hi))
     return ConnectResult(
         request=replace(req, src=req.src if req.src is not None else src),
@@ -768,14 +876,24 @@ def _uses_own_choice(
     lo: int,
     hi: int,
     src: IPAddress,
-    assume_ambiguous: bool,
+    assume_ambiguous: bool | None = None,
 ) -> PortMap:
+    """Each port as connect()'s own choice sees it. ``assume_ambiguous`` None: the answer the
+    model can stand by -- a port usable only if an ambiguous socket got it from connect() is
+    UNKNOWN_ORIGIN (not usable); True/False: assume every ambiguous socket bound / did not."""
     uses = PortMap(lo, hi)
     for p in _special_ports(by_port, settings, lo, hi):
         if p in settings.reserved:
             uses[p] = PortUse.RESERVED
             continue
-        uses[p] = _classify_own_choice(req, src, by_port.get(p, ()), settings, assume_ambiguous)[0]
+        on = by_port.get(p, ())
+        if assume_ambiguous is not None:
+            uses[p] = _classify_own_choice(req, src, on, settings, assume_ambiguous)[0]
+            continue
+        best = _classify_own_choice(req, src, on, settings, False)[0]
+        if best.usable and not _classify_own_choice(req, src, on, settings, True)[0].usable:
+            best = PortUse.UNKNOWN_ORIGIN
+        uses[p] = best
     return uses
 
 
@@ -805,8 +923,37 @@ def _own_choice(
     hi: int,
     src: IPAddress,
 ) -> tuple[ConnectOutcome, PortMap]:
-    uses = _uses_own_choice(req, by_port, settings, lo, hi, src, assume_ambiguous=False)
+    uses = _uses_own_choice(req, by_port, settings, lo, hi, src)
     usable = uses.usable_count()
+    unknown = uses.count(PortUse.UNKNOWN_ORIGIN)
+    unknown_ts = uses.count(PortUse.TIME_WAIT_UNKNOWN)
+    if not usable and unknown_ts and not unknown:
+        return (
+            ConnectOutcome(
+                Verdict.MAY_FAIL,
+                EADDRNOTAVAIL,
+                Stage.CONNECT,
+                f"connect() may fail with EADDRNOTAVAIL: no port of {lo}-{hi} is surely usable. "
+                f"{unknown_ts} port(s) carry a TIME_WAIT of this 4-tuple that connect() takes over only "
+                "if the old connection used TCP timestamps (tcp_twsk_unique), which the socket table "
+                "does not show: the worst case says no.",
+            ),
+            uses,
+        )
+    if not usable and unknown:
+        return (
+            ConnectOutcome(
+                Verdict.MAY_FAIL,
+                EADDRNOTAVAIL,
+                Stage.CONNECT,
+                f"connect() may fail with EADDRNOTAVAIL: no port of {lo}-{hi} is surely usable. "
+                f"{unknown} port(s) are held by client sockets that inet_diag cannot place: if they "
+                "got their ports from bind(), as the worst case assumes, connect() cannot use them "
+                "(__inet_hash_connect skips a bucket that is not connect-only, C6); only if connect() "
+                "chose them would they be shared.",
+            ),
+            uses,
+        )
     if not usable:
         return (
             ConnectOutcome(
@@ -907,9 +1054,8 @@ def _fixed_port(
     lo: int,
     hi: int,
     src: IPAddress,
+    bind_settings: bindmodel.KernelSettings | None = None,
 ) -> tuple[ConnectOutcome, PortMap]:
-    from rebind.model import conflict as bindmodel  # the bind() rules, for the fixed port
-
     assert req.local_port is not None
     port = req.local_port
     on = by_port.get(port, [])
@@ -921,9 +1067,11 @@ def _fixed_port(
         bindmodel.Holder(h.socket, bindmodel.SockOpts(reuseaddr=h.reuseaddr, reuseport=h.reuseport))
         for h in on
     ]
+    # The client's capabilities are not ours to know: a port below ip_unprivileged_port_start is
+    # not what this question is about. Addresses: _source_problem checked them already.
     bsettings = bindmodel.KernelSettings(local_addresses=None, cap_net_bind_service=True)
     bo = bindmodel.evaluate(breq, holders, bsettings)
-    uses = _uses_own_choice(req, by_port, settings, lo, hi, src, assume_ambiguous=False)
+    uses = _uses_own_choice(req, by_port, settings, lo, hi, src)
     if bo.verdict is not bindmodel.Verdict.OK:
         why = bo.blockers[0].reason if bo.blockers else "another socket holds it"
         verdict = Verdict.FAIL if bo.verdict is bindmodel.Verdict.FAIL else Verdict.MAY_FAIL
@@ -956,6 +1104,17 @@ def _fixed_port(
             )
         if r.is_mini:
             ok, why = tw_reuse_check(h, settings, explicit_port=True)
+            if ok is None:
+                return (
+                    ConnectOutcome(
+                        Verdict.MAY_FAIL,
+                        EADDRNOTAVAIL,
+                        Stage.CONNECT,
+                        "connect() may fail with EADDRNOTAVAIL: the old connection's time-wait entry holds "
+                        f"the same 4-tuple, and it is taken over {why} (C17).",
+                    ),
+                    uses,
+                )
             if not ok:
                 return (
                     ConnectOutcome(
@@ -980,8 +1139,6 @@ def _udp(
     uid: int,
 ) -> tuple[ConnectOutcome, PortMap]:
     if req.local_port is not None:
-        from rebind.model import conflict as bindmodel  # the bind() rules, for the fixed port
-
         bind_addr = (
             req.src
             if req.src is not None
@@ -1066,13 +1223,12 @@ def _accounting(
             for p, hs in by_port.items()
             if lo <= p <= hi
             for h in hs
-            if h.explicit is None and h.socket.state not in (State.LISTEN, State.BOUND_INACTIVE)
+            if h.port_from_bind is None and h.socket.state not in (State.LISTEN, State.BOUND_INACTIVE)
         )
     )
-    worst: int | None = None
+    best: int | None = None
     if ambiguous and req.proto is Proto.TCP and req.own_choice and req.local_port is None:
-        w = _uses_own_choice(req, by_port, settings, lo, hi, src, assume_ambiguous=True)
-        worst = w.usable_count()
+        best = usable + uses.count(PortUse.UNKNOWN_ORIGIN) + uses.count(PortUse.TIME_WAIT_UNKNOWN)
     return Accounting(
         total=hi - lo + 1,
         usable=usable,
@@ -1080,7 +1236,7 @@ def _accounting(
         first_half_usable=half_usable,
         first_half_total=half_total,
         ambiguous=ambiguous,
-        usable_worst=worst,
+        usable_best=best,
     )
 
 
@@ -1150,7 +1306,13 @@ def _capacity(
 ) -> Capacity:
     c = acc.counts
     live = c.get(PortUse.IN_USE_TO_DESTINATION.value, 0)
-    base = acc.total - c.get(PortUse.RESERVED.value, 0) - sum(c.get(u.value, 0) for u in PortUse if u.by_bind)
+    gone = (
+        PortUse.RESERVED,
+        PortUse.UNKNOWN_ORIGIN,
+        PortUse.TIME_WAIT_UNKNOWN,
+        *(u for u in PortUse if u.by_bind),
+    )
+    base = acc.total - sum(c.get(u.value, 0) for u in gone)
     base = max(base - live, 0)
     # Would a future time-wait entry to this destination be taken over (C8)?
     loop = is_loopback(req.dst) or (req.src is not None and is_loopback(req.src))
@@ -1179,7 +1341,11 @@ def _capacity(
 
 def _headline(req: ConnectRequest, o: ConnectOutcome, acc: Accounting, rng: tuple[int, int]) -> str:
     target = fmt_endpoint(req.dst, req.dport)
+    if o.stage is Stage.BIND and o.errno == EADDRNOTAVAIL:
+        return f"bind() for {target} would fail with EADDRNOTAVAIL: source {req.src} is not local"
     what = f"{acc.usable} of {acc.total} ports of {rng[0]}-{rng[1]} usable"
+    if acc.usable_best is not None and acc.usable_best != acc.usable:
+        what += f" (worst case; {acc.usable_best} if every unplaced client port came from connect())"
     if o.verdict is Verdict.OK:
         return f"connect() to {target} would get a local port: {what}"
     if o.verdict is Verdict.MAY_FAIL:
@@ -1196,61 +1362,173 @@ def _headline(req: ConnectRequest, o: ConnectOutcome, acc: Accounting, rng: tupl
 # Fixes
 
 
-def _fix_catalogue(req: ConnectRequest, rng: tuple[int, int], settings: ConnectSettings) -> dict[str, Fix]:
-    host = f"'{req.dst}'"
-    fam_py = "socket.AF_INET" if req.dst.version == 4 else "socket.AF_INET6"
-    src = req.src if req.src is not None and not req.src.is_unspecified else None
+#: IP_LOCAL_PORT_RANGE (include/uapi/linux/in.h, Linux 6.3+): a u32, low port in the low 16 bits,
+#: high port in the high 16 (do_ip_setsockopt); IP_BIND_ADDRESS_NO_PORT (4.2+). Printed as numbers:
+#: Python's socket module and older C headers lack the names.
+IP_BIND_ADDRESS_NO_PORT = 24
+IP_LOCAL_PORT_RANGE = 51
+#: Where a widened range aims (an even number of ports: C1); the kernel's own limits bound it.
+WIDE_RANGE = (15000, 64999)
+
+
+def widened_range(
+    current: tuple[int, int], reserved: frozenset[int], servers: frozenset[int], unprivileged_port_start: int
+) -> tuple[int, int] | None:
+    """A wider ip_local_port_range that takes in no server port: it stops just short of the
+    nearest unreserved server port on each side, never goes below ip_unprivileged_port_start
+    (the write would be EINVAL), keeps an even port count (C1: an odd one leaves an end out of
+    reach; the kernel warns "prefer different parity"). None when it cannot grow."""
+    lo, hi = current
+    nlo = max(min(lo, WIDE_RANGE[0]), unprivileged_port_start, 1)
+    nhi = min(max(hi, WIDE_RANGE[1]), 65535)
+    exposed = servers - reserved
+    below = [p for p in exposed if nlo <= p < lo]
+    above = [p for p in exposed if hi < p <= nhi]
+    if below:
+        nlo = max(below) + 1
+    if above:
+        nhi = min(above) - 1
+    if nlo < lo and (nhi - nlo + 1) % 2:
+        nlo += 1
+    if nhi > hi and (nhi - nlo + 1) % 2:
+        nhi -= 1
+    nlo, nhi = min(nlo, lo), max(nhi, hi)
+    if (nlo, nhi) == (lo, hi):
+        return None
+    return nlo, nhi
+
+
+def _no_widening(settings: ConnectSettings, servers: frozenset[int]) -> Fix:
+    """Why no wider range is proposed: the server ports that border it (no command: widening
+    over them would hand them to connect())."""
     lo, hi = settings.port_range
-    return {
+    floor = max(min(lo, WIDE_RANGE[0]), settings.unprivileged_port_start)
+    exposed = servers - settings.reserved
+    below = [p for p in exposed if floor <= p < lo]
+    above = [p for p in exposed if hi < p <= max(hi, WIDE_RANGE[1])]
+    near = sorted(({max(below)} if below else set()) | ({min(above)} if above else set()))
+    ports = ", ".join(map(str, near)) or "none"
+    return Fix(
+        f"No wider ephemeral range is proposed: server ports border {lo}-{hi}",
+        f"unreserved server ports next to the range ({ports}) would fall into a wider one, and any "
+        "connect() could take them first (C26); move those servers, or reserve their ports "
+        "(ip_local_reserved_ports, keeping the ports reserved now), then widen",
+    )
+
+
+def _py_family(a: IPAddress) -> str:
+    return "socket.AF_INET" if a.version == 4 else "socket.AF_INET6"
+
+
+def _c_sockaddr(name: str, a: IPAddress, port: int) -> str:
+    """A C declaration of a sockaddr for ``a`` (an ip_address: nothing to escape)."""
+    if a.version == 4:
+        return (
+            f"struct sockaddr_in {name} = {{ .sin_family = AF_INET, .sin_port = htons({port}) }};\n"
+            f'inet_pton(AF_INET, "{a}", &{name}.sin_addr);'
+        )
+    return (
+        f"struct sockaddr_in6 {name} = {{ .sin6_family = AF_INET6, .sin6_port = htons({port}) }};\n"
+        f'inet_pton(AF_INET6, "{a}", &{name}.sin6_addr);'
+    )
+
+
+def _slice(uses: PortMap) -> tuple[int, int] | None:
+    """The half of the range with more ports usable by connect()'s own choice (``uses`` must be
+    that map: the printed line is a plain connect()), for a per-socket IP_LOCAL_PORT_RANGE; None
+    when neither half has one."""
+    if uses.total < 4:
+        return None
+    mid = uses.lo + uses.total // 2
+    halves = [(uses.lo, mid - 1), (mid, uses.hi)]
+
+    def usable(h: tuple[int, int]) -> int:
+        bad = sum(1 for p, u in uses.special.items() if h[0] <= p <= h[1] and not u.usable)
+        return h[1] - h[0] + 1 - bad
+
+    best = max(halves, key=usable)
+    return best if usable(best) else None
+
+
+def _fix_catalogue(
+    req: ConnectRequest,
+    settings: ConnectSettings,
+    src: IPAddress,
+    uses: PortMap | None,
+    servers: frozenset[int] | None,
+) -> dict[str, Fix]:
+    """Every line here is built from this host's values and runs as printed (tests/kernel/
+    test_connect_fix_lines.py): Python lines are one program for ``python3 -c``; C lines are
+    statements for a function where ``int fd`` is an open socket of the destination's family and
+    the request's type (<sys/socket.h>, <netinet/in.h>, <arpa/inet.h>, <stdint.h>)."""
+    dst = f"({str(req.dst)!r}, {req.dport})"
+    udp = req.proto is Proto.UDP
+    fam = _py_family(req.dst) + (", socket.SOCK_DGRAM" if udp else "")
+    psrc = repr(str(src))
+    c_dst = _c_sockaddr("dst", req.dst, req.dport)
+    c_connect = "connect(fd, (struct sockaddr *)&dst, sizeof dst);"
+    c_no_port = (
+        f"int one = 1;\nsetsockopt(fd, IPPROTO_IP, {IP_BIND_ADDRESS_NO_PORT} /* IP_BIND_ADDRESS_NO_PORT */, "
+        "&one, sizeof one);"
+    )
+    lo, hi = settings.port_range
+    out = {
         "pool": Fix(
+            "Reuse sockets: one connected UDP socket per destination, kept open",
+            "each UDP socket that sends holds a port of the range until it is closed, whatever its "
+            "destination (C20); one long-lived socket holds one",
+            python=f"import socket\ns = socket.socket({fam})\n"
+            f"s.connect({dst})  # once; then s.send() every datagram to it",
+            c="/* keep fd open and send every datagram on it */",
+        )
+        if udp
+        else Fix(
             "Reuse connections: a pool with keep-alive instead of one connection per request",
             "each new connection to the same destination takes a port for its lifetime plus 60 s of "
             "TIME_WAIT when the client closes first; a pooled connection takes one port for good",
-            python="s = requests.Session()  # or httpx.Client(); keep-alive reuses connections",
-            c="/* keep the fd open and send the next request on it; HTTP: Connection: keep-alive */",
+            python="import socket\n"
+            f"conn = socket.create_connection({dst})  # open once, keep it open\n"
+            "# ...and send every request on conn (HTTP keep-alive: requests.Session(), httpx.Client())",
+            c="/* keep fd open and send the next request on it (HTTP: Connection: keep-alive) */",
         ),
         "no_port": Fix(
             "Set IP_BIND_ADDRESS_NO_PORT before bind(ip, 0)",
             "bind() then records only the address and connect() picks the port per 4-tuple, sharing ports "
             "across destinations; without it bind() needs a wholly unused port (C13, C15; Linux 4.2+)",
-            python=f"s = socket.socket({fam_py})\n"
-            "s.setsockopt(socket.IPPROTO_IP, 24, 1)  # IP_BIND_ADDRESS_NO_PORT\n"
-            f"s.bind(({repr(str(src)) if src else host}, 0))\ns.connect(({host}, {req.dport}))",
-            c="int one = 1; setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);\n"
-            "bind(fd, (struct sockaddr *)&src, sizeof src);  /* port 0 */ connect(fd, ...);",
+            python=f"import socket\ns = socket.socket({fam})\n"
+            f"s.setsockopt(socket.IPPROTO_IP, {IP_BIND_ADDRESS_NO_PORT}, 1)  # IP_BIND_ADDRESS_NO_PORT\n"
+            f"s.bind(({psrc}, 0))\ns.connect({dst})",
+            c=f"{c_no_port}\n"
+            f"{_c_sockaddr('src', src, 0)}\n"
+            "bind(fd, (struct sockaddr *)&src, sizeof src);  /* port 0: connect() picks it */\n"
+            f"{c_dst}\n{c_connect}",
         ),
         "no_fixed": Fix(
             "Never bind a fixed client port, with or without SO_REUSEADDR",
             "two clients on one port to the same server share a 4-tuple (EADDRNOTAVAIL), and the port is "
             "removed from every connect() in the namespace while it or its TIME_WAIT exists (C19); "
             "no kernel setting fixes it: bind port 0 with IP_BIND_ADDRESS_NO_PORT, or do not bind()",
-            python=f"s = socket.create_connection(({host}, {req.dport}))  # no bind(): the kernel picks",
-            c="/* drop the bind(); or bind port 0 after setsockopt(IP_BIND_ADDRESS_NO_PORT) */",
+            python=f"import socket\ns = socket.socket({fam})  # no bind(): connect() picks the port\n"
+            f"s.connect({dst})",
+            c=f"{c_dst}\n{c_connect}  /* no bind(): connect() picks the port */",
         ),
         "sources": Fix(
             "Spread connections over more source addresses",
             "every (source, destination, port) has its own range of 4-tuples; with "
             "IP_BIND_ADDRESS_NO_PORT, each extra source address adds a whole range for this destination",
-            python="s.setsockopt(socket.IPPROTO_IP, 24, 1); s.bind((next(sources), 0)); s.connect(dst)",
-            c="setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one); "
-            "bind(fd, next_source(), len); connect(fd, dst, dlen);",
-        ),
-        "widen": Fix(
-            "Widen the ephemeral range, reserving the service ports inside it",
-            f"the range is {lo}-{hi} ({hi - lo + 1} ports); a wider one gives every destination more "
-            "4-tuples — list your servers' ports in ip_local_reserved_ports first so no connection "
-            "takes them (C26)",
-            command="sysctl -w net.ipv4.ip_local_reserved_ports=8080,9000 && "
-            "sysctl -w net.ipv4.ip_local_port_range='15000 64999'",
-        ),
-        "per_socket_range": Fix(
-            "Give busy clients their own slice of the range with IP_LOCAL_PORT_RANGE (Linux 6.3+)",
-            "a per-socket range inside the netns range keeps one client from using up everyone's ports, "
-            "and since 6.8 connect() walks it without the parity split (no slow half, C3/C10)",
-            python="# IP_LOCAL_PORT_RANGE = 51: low in the low 16 bits, high in the high 16 bits\n"
-            "s.setsockopt(socket.IPPROTO_IP, 51, (50000 << 16) | 40000)",
-            c="__u32 r = (50000u << 16) | 40000u;\n"
-            "setsockopt(fd, IPPROTO_IP, IP_LOCAL_PORT_RANGE, &r, sizeof r);",
+            python="import itertools, socket\n"
+            f"sources = itertools.cycle([{psrc}])  # list every local address you may use\n"
+            f"s = socket.socket({fam})\n"
+            f"s.setsockopt(socket.IPPROTO_IP, {IP_BIND_ADDRESS_NO_PORT}, 1)  # IP_BIND_ADDRESS_NO_PORT\n"
+            f"s.bind((next(sources), 0))\ns.connect({dst})",
+            c=f'static const char *sources[] = {{ "{src}" }};  /* every local address you may use */\n'
+            "static unsigned next_source;\n"
+            f"{c_no_port}\n"
+            f"{_c_sockaddr('src', src, 0).splitlines()[0]}\n"
+            f"inet_pton({'AF_INET' if src.version == 4 else 'AF_INET6'}, "
+            f"sources[next_source++ % (sizeof sources / sizeof *sources)], "
+            f"&src.{'sin_addr' if src.version == 4 else 'sin6_addr'});\n"
+            f"bind(fd, (struct sockaddr *)&src, sizeof src);\n{c_dst}\n{c_connect}",
         ),
         "tw_reuse": Fix(
             "Let connect() take over old TIME_WAIT entries: net.ipv4.tcp_tw_reuse=1",
@@ -1260,6 +1538,55 @@ def _fix_catalogue(req: ConnectRequest, rng: tuple[int, int], settings: ConnectS
             command="sysctl -w net.ipv4.tcp_tw_reuse=1",
         ),
     }
+    if (
+        servers is not None
+        and (
+            wide := widened_range(
+                settings.port_range, settings.reserved, servers, settings.unprivileged_port_start
+            )
+        )
+        is not None
+    ):
+        wlo, whi = wide
+        inside = sorted(p for p in servers if lo <= p <= hi and p not in settings.reserved)
+        reserve = reserve_command(settings.reserved, inside)
+        kept = format_reserved(settings.reserved)
+        why = (
+            f"the range is {lo}-{hi} ({hi - lo + 1} ports); {wlo}-{whi} ({whi - wlo + 1}) gives every "
+            "destination more 4-tuples. It stops short of every server port outside the range "
+            "(a connection could take one first, C26)"
+        )
+        if reserve:
+            why += (
+                f"; the first command reserves the server ports inside it ({format_reserved(inside)}), "
+                f"keeping those reserved now ({kept or 'none'})"
+            )
+        command = f"sysctl -w net.ipv4.ip_local_port_range='{wlo} {whi}'"
+        out["widen"] = Fix(
+            f"Widen the ephemeral range to {wlo}-{whi}, clear of this host's server ports",
+            why,
+            command=f"{reserve} && {command}" if reserve else command,
+        )
+    elif servers is not None:
+        out["widen"] = _no_widening(settings, servers)
+    part = _slice(uses) if uses is not None else None
+    if part is not None:
+        plo, phi = part
+        out["per_socket_range"] = Fix(
+            f"Give busy clients their own slice of the range: IP_LOCAL_PORT_RANGE {plo}-{phi} (Linux 6.3+)",
+            "a per-socket range inside the netns range keeps one client from using up everyone's ports, "
+            "and since 6.8 connect() walks it without the parity split (no slow half, C3/C10)",
+            python=f"import socket, struct\ns = socket.socket({fam})\n"
+            f"# IP_LOCAL_PORT_RANGE ({IP_LOCAL_PORT_RANGE}): a u32, low port in bits 0-15, high in 16-31\n"
+            f"s.setsockopt(socket.IPPROTO_IP, {IP_LOCAL_PORT_RANGE}, "
+            f"struct.pack('=I', ({phi} << 16) | {plo}))\n"
+            f"s.connect({dst})",
+            c=f"uint32_t range = ({phi}u << 16) | {plo}u;  /* high << 16 | low */\n"
+            f"setsockopt(fd, IPPROTO_IP, {IP_LOCAL_PORT_RANGE} /* IP_LOCAL_PORT_RANGE */, "
+            "&range, sizeof range);\n"
+            f"{c_dst}\n{c_connect}",
+        )
+    return out
 
 
 def rank_fixes(
@@ -1269,9 +1596,13 @@ def rank_fixes(
     tws: Sequence[TimeWaitInfo],
     settings: ConnectSettings,
     rng: tuple[int, int],
+    *,
+    uses: PortMap | None = None,
+    src: IPAddress | None = None,
+    servers: frozenset[int] | None = None,
 ) -> list[Fix]:
     """The fixes that apply, most effective first."""
-    cat = _fix_catalogue(req, rng, settings)
+    cat = _fix_catalogue(req, settings, src if src is not None else connect_source(req), uses, servers)
     order: list[str] = []
     if req.local_port is not None:
         order.append("no_fixed")
@@ -1281,12 +1612,14 @@ def rank_fixes(
     if not pressure and not order:
         return []
     order.append("pool")
-    if tws and not all(t.reusable for t in tws) and settings.tw_reuse != 1:
+    if tws and not all(t.reusable is True for t in tws) and settings.tw_reuse != 1:
         order.append("tw_reuse")
     order += ["sources", "widen", "per_socket_range"]
     if "tw_reuse" not in order and settings.tw_reuse != 1:
         order.append("tw_reuse")
-    return [cat[k] for k in dict.fromkeys(order)]
+    if req.proto is Proto.UDP:
+        order = [k for k in order if k != "tw_reuse"]  # UDP has no TIME_WAIT
+    return [cat[k] for k in dict.fromkeys(order) if k in cat]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1339,6 +1672,7 @@ def result_json(res: ConnectResult, *, probe: dict[str, Any] | None = None) -> d
             "first_half": {"usable": acc.first_half_usable, "total": acc.first_half_total},
             "ambiguous_sockets": acc.ambiguous,
             "usable_if_ambiguous_were_bound": acc.usable_worst,
+            "usable_if_ambiguous_came_from_connect": acc.usable_best,
         },
         "time_wait_to_destination": [
             {

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rebind.model.containers import ContainerRef, stop_command
+from rebind.model.ephemeral import reserve_command
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
 from rebind.textsafe import visible
 
@@ -198,14 +199,18 @@ def fixes_for(
     holder_hidden: bool = False,
     addr: str = "",
     containers: Sequence[ContainerRef] = (),
+    reserved: frozenset[int] = frozenset(),
 ) -> list[Fix]:
-    """Ranked fixes for the blockers present: what helps now first, prevention after."""
+    """Ranked fixes for the blockers present: what helps now first, prevention after.
+
+    ``reserved``: this netns's ip_local_reserved_ports now; a printed sysctl keeps them (a write
+    replaces the whole list)."""
     ks = set(kinds)
     udp = " --udp" if proto is Proto.UDP else ""
     timed = ks & {HolderKind.TIME_WAIT, HolderKind.ORPHAN_FIN_WAIT2}
     live = ks - timed - {HolderKind.CLOSING_LEFTOVER}
     out = _fixes_now(ks, timed, live, port, udp, frees_in_ms, old_reuseaddr, new_reuseaddr, can_destroy)
-    out += _fixes_for_holders(ks, port, udp, pids, holder_hidden, containers)
+    out += _fixes_for_holders(ks, port, udp, pids, holder_hidden, containers, reserved)
     out += _fixes_without_socket(ks, port, addr)
     if ks and ks <= NO_SOCKET_KINDS:
         return out
@@ -293,6 +298,7 @@ def _fixes_for_holders(
     pids: list[int],
     holder_hidden: bool,
     containers: Sequence[ContainerRef] = (),
+    reserved: frozenset[int] = frozenset(),
 ) -> list[Fix]:
     out: list[Fix] = []
     if ks & {HolderKind.LISTENER, HolderKind.SHARED_LISTENER, HolderKind.BOUND_INACTIVE, HolderKind.UDP}:
@@ -349,12 +355,13 @@ def _fixes_for_holders(
                     f"docker ps --filter publish={port}   # or: podman ps; rebind ls --all-netns {port}",
                 )
             )
-    if HolderKind.OUTGOING in ks:
+    if HolderKind.OUTGOING in ks and (cmd := reserve_command(reserved, {port})) is not None:
         out.append(
             Fix(
                 "Reserve the port so outgoing connections never take it",
-                "Ports in ip_local_port_range are handed to connect(); reserved ports are skipped.",
-                f"sysctl -w net.ipv4.ip_local_reserved_ports={port}",
+                "Ports in ip_local_port_range are handed to connect(); reserved ports are skipped. "
+                "The line keeps the ports reserved now (a write replaces the whole list).",
+                cmd,
             )
         )
     return out

@@ -38,17 +38,46 @@ def parse_reserved(text: str | None) -> frozenset[int]:
     return frozenset(out)
 
 
+def format_reserved(ports: Iterable[int]) -> str:
+    """Ports in the kernel's own ``ip_local_reserved_ports`` form: ascending, runs as ``A-B``,
+    comma-separated (proc_do_large_bitmap's read side), e.g. ``8080,30000-30010,45000``."""
+    out: list[str] = []
+    run: list[int] = []
+    for p in sorted(set(ports)):
+        if run and p == run[-1] + 1:
+            run[-1] = p
+            continue
+        if run:
+            out.append(str(run[0]) if run[0] == run[1] else f"{run[0]}-{run[1]}")
+        run = [p, p]
+    if run:
+        out.append(str(run[0]) if run[0] == run[1] else f"{run[0]}-{run[1]}")
+    return ",".join(out)
+
+
+def reserve_command(existing: Iterable[int], add: Iterable[int]) -> str | None:
+    """The sysctl line that reserves ``add`` *and keeps* ``existing``: a write to
+    ip_local_reserved_ports replaces the whole bitmap, so the line carries the union. None when
+    nothing would change."""
+    old = frozenset(existing)
+    merged = old | frozenset(add)
+    if merged == old:
+        return None
+    return f"sysctl -w net.ipv4.ip_local_reserved_ports={format_reserved(merged)}"
+
+
 def ephemeral_overlap_warning(
     port: int, port_range: tuple[int, int], reserved: Iterable[int] = ()
 ) -> str | None:
     """A warning when a server port lies in ``ip_local_port_range`` and is not reserved."""
     lo, hi = port_range
-    if not lo <= port <= hi or port in set(reserved):
+    res = frozenset(reserved)
+    if not lo <= port <= hi or port in res:
         return None
     return (
         f"port {port} lies inside the ephemeral range {lo}-{hi} and is not reserved: an outgoing "
-        f"connection may take it first and the server's bind() then fails with EADDRINUSE; reserve it "
-        f"(sysctl -w net.ipv4.ip_local_reserved_ports={port}) or use a port below {lo}"
+        f"connection may take it first and the server's bind() then fails with EADDRINUSE; reserve it, "
+        f"keeping the ports reserved now ({reserve_command(res, {port})}) or use a port below {lo}"
     )
 
 
@@ -67,5 +96,6 @@ def server_ports_warning(
     return (
         f"server ports {', '.join(map(str, exposed[:limit]))}{more} lie inside the ephemeral range "
         f"{lo}-{hi} and are not reserved: outgoing connections may take them first (bind() then fails "
-        f"with EADDRINUSE); reserve them (net.ipv4.ip_local_reserved_ports) or move them below {lo}"
+        f"with EADDRINUSE); reserve them, keeping the ports reserved now ({reserve_command(res, exposed)}) "
+        f"or move them below {lo}"
     )
