@@ -42,6 +42,7 @@ from rebind.kernel.bpf.syscall import (
     map_update,
     prog_load,
     read_all,
+    read_vmlinux_btf,
 )
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -165,11 +166,7 @@ def load_layout(*, use_cache: bool = True) -> Layout:
     if key is not None and (cached := _read_cache(key)) is not None:
         _layout = cached
         return cached
-    try:
-        with open(BTF_PATH, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise BPFUnavailable(f"no kernel BTF ({BTF_PATH}: {exc.strerror})") from exc
+    data = read_vmlinux_btf(BTF_PATH)
     try:
         _layout = layout_from_btf(data)
     except btfmod.BTFError as exc:

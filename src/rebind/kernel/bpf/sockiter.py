@@ -70,6 +70,7 @@ from rebind.kernel.bpf.syscall import (
     map_update,
     prog_load,
     read_all,
+    read_vmlinux_btf,
 )
 from rebind.model.records import Endpoint, Family, Proto, State
 from rebind.model.sockstate import (
@@ -122,11 +123,7 @@ def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
     if key is not None and (cached := _read_cache(key)) is not None:
         _layout = cached
         return cached
-    try:
-        with open(BTF_PATH, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise BPFUnavailable(f"no kernel BTF ({BTF_PATH}: {exc.strerror})") from exc
+    data = read_vmlinux_btf(BTF_PATH)
     try:
         _layout = sock_layout_from_btf(data)
     except btfmod.BTFError as exc:

@@ -208,3 +208,13 @@ def read_all(fd: int) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def read_vmlinux_btf(path: str) -> bytes:
+    """The kernel's own BTF (CONFIG_DEBUG_INFO_BTF, Linux 5.4): every program's offsets come from
+    it, so its absence is "BPF unavailable", one line, never a traceback."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise BPFUnavailable(f"no kernel BTF ({path}: {exc.strerror})") from exc
