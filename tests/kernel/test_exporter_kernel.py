@@ -522,3 +522,99 @@ def test_user_bound_addresses_add_no_series(netns, procs, tmp_path, rebind_cli):
     assert len(after) == len(before)
     assert _get(after, "rebind_port_bindable", port=8080, proto="tcp", addr="0.0.0.0") == 0
     assert _bind_works(8080) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The Grafana dashboard against a real Prometheus fed by both sources (issue 18 item 15)
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
+
+
+def _label_values(base: str, query: str, subst: dict[str, str]) -> list[str]:
+    """Grafana's ``label_values(SELECTOR, LABEL)`` for a Prometheus data source: the series API."""
+    import re
+
+    m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query.strip())
+    assert m, query
+    selector = _substitute(m.group(1), subst)
+    url = f"{base}/api/v1/series?" + urllib.parse.urlencode({"match[]": selector})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        doc = json.load(resp)
+    return sorted({s[m.group(2)] for s in doc["data"] if m.group(2) in s})
+
+
+def _substitute(expr: str, subst: dict[str, str]) -> str:
+    for name in sorted(subst, key=len, reverse=True):  # $__rate_interval before shorter names
+        expr = expr.replace(f"${name}", subst[name]).replace(f"${{{name}}}", subst[name])
+    return expr
+
+
+def _all_value(var: dict[str, object], values: list[str]) -> str:
+    """What Grafana puts in for "All": the variable's allValue, else a regex of every value it
+    found (Prometheus data source: regex-escaped, joined with |)."""
+    import re
+
+    if var.get("allValue"):
+        return str(var["allValue"])
+    return "(" + "|".join(re.escape(v).replace("\\", "\\\\") for v in values) + ")"
+
+
+def test_every_grafana_panel_has_series_from_the_exporter_and_rebind_run(
+    netns, procs, tmp_path, prometheus_bin
+):
+    from tests.kernel.test_supervisor import HTTP_APP, Supervised
+
+    keep = _table()  # a listener with a queue, peers, a client holding a port, EPH in the range
+    try:
+        no_route = "10.99.0.1:80"  # only lo is up: rebind_exporter_missing{reason="no_route"}
+        dests = f"127.0.0.1:{LQ},{no_route}"
+        _start_exporter(procs, 19841, "--watch", WATCH, "--dest", dests, "--interval", "0")
+        sup = Supervised(procs, tmp_path, 8095, HTTP_APP, "--metrics", "127.0.0.1:19842")
+        assert sup.reload().startswith("ok: generation 2")
+        cfg = tmp_path / "prometheus.yml"
+        cfg.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: rebind\n"
+            "    static_configs: [{targets: ['127.0.0.1:19841', '127.0.0.1:19842']}]\n"
+        )
+        data = tmp_path / "data"
+        data.mkdir()
+        procs.start(
+            [prometheus_bin, f"--config.file={cfg}", f"--storage.tsdb.path={data}",
+             "--web.listen-address=127.0.0.1:19091"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        base = "http://127.0.0.1:19091"
+        deadline = time.monotonic() + 90
+        # Enough samples of both targets for increase()/rate() over the panels' window.
+        _poll_value(base, "min(count_over_time(up[15s]))", 5, deadline)
+        dash = json.loads(DASHBOARD.read_text())
+        variables = {v["name"]: v for v in dash["templating"]["list"]}
+        subst = {"__rate_interval": "15s", "datasource": "prometheus"}
+        instances = _label_values(base, variables["instance"]["query"], subst)
+        assert instances == ["127.0.0.1:19841", "127.0.0.1:19842"]
+        subst["instance"] = _all_value(variables["instance"], instances)
+        ports = _label_values(base, variables["port"]["query"], subst)
+        assert str(LQ) in ports
+        subst["port"] = _all_value(variables["port"], ports)
+        empty = []
+        for panel in dash["panels"]:
+            for target in panel.get("targets", []):
+                expr = _substitute(target["expr"], subst)
+                assert "$" not in expr, expr
+                if not _query(base, expr):
+                    empty.append(f"{panel['id']} {panel['title']}: {expr}")
+        assert not empty, "panels without series (instance=All):\n" + "\n".join(empty)
+        # `rebind run`'s panels with only its own instance selected.
+        import re
+
+        one = dict(subst, instance=re.escape("127.0.0.1:19842").replace("\\", "\\\\"))
+        run_panels = [p for p in dash["panels"] if "rebind_run_" in json.dumps(p.get("targets", []))]
+        assert len(run_panels) == 3
+        for panel in run_panels:
+            for target in panel["targets"]:
+                assert _query(base, _substitute(target["expr"], one)), panel["title"]
+    finally:
+        for k in keep:
+            k.close()
