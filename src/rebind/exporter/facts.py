@@ -19,7 +19,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from rebind.errors import UsageError
 from rebind.model.assess import BindNow, HolderFacts, Judgement, Provenance, judge
 from rebind.model.conflict import BindRequest, Flag, KernelSettings, SockOpts
-from rebind.model.records import IPAddress, Proto, SocketEntry, SocketRecord, State, fmt_addr
+from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, fmt_addr
 
 WILDCARD4 = IPv4Address("0.0.0.0")
 
@@ -247,11 +247,28 @@ def _own_states(proto: Proto) -> frozenset[State]:
     return frozenset({State.LISTEN}) if proto is Proto.TCP else frozenset({State.CLOSE})
 
 
-def _covers(lst: SocketRecord, r: SocketRecord) -> bool:
-    """A listener whose address the socket's local address falls under (its accept() children)."""
-    if lst.local.is_wildcard:
-        return lst.family is r.family or (lst.local.addr.version == 6 and lst.v6only is not True)
-    return norm(lst.local.addr) == norm(r.local.addr)
+class _Listeners:
+    """The listeners of one port, indexed so that finding a socket's parent is O(1): linear work
+    per scrape whatever number of listeners and connections other users create."""
+
+    def __init__(self, records: Iterable[SocketRecord]) -> None:
+        self.by_addr: dict[IPAddress, SocketRecord] = {}
+        self.wild: dict[Family, SocketRecord] = {}
+        self.dual: SocketRecord | None = None  # a [::] listener without IPV6_V6ONLY
+        for r in records:
+            if r.state is not State.LISTEN:
+                continue
+            if r.local.is_wildcard:
+                self.wild.setdefault(r.family, r)
+                if r.local.addr.version == 6 and r.v6only is not True and self.dual is None:
+                    self.dual = r
+            else:
+                self.by_addr.setdefault(norm(r.local.addr), r)
+
+    def parent(self, r: SocketRecord) -> SocketRecord | None:
+        """The listener whose address the socket's local address falls under (its accept()
+        children): the same address, else a wildcard of its family, else a dual-stack [::]."""
+        return self.by_addr.get(norm(r.local.addr)) or self.wild.get(r.family) or self.dual
 
 
 def port_holders(
@@ -273,13 +290,13 @@ def port_holders(
       as its source port) has unknown flags: the conflict model says where they decide.
     """
     recs = on_port(records, key)
-    listeners = [r for r in recs if r.state is State.LISTEN]
+    listeners = _Listeners(recs)
     wild = [(a, f) for a, f in servers.items() if a.is_unspecified]
     out: list[HolderFacts] = []
     for r in recs:
         opts, prov = SockOpts(), Provenance.UNKNOWN
         if r.state not in (State.LISTEN, State.BOUND_INACTIVE, State.CLOSE):
-            parent = next((lst for lst in listeners if _covers(lst, r)), None)
+            parent = listeners.parent(r)
             if parent is not None:
                 f = servers.get(norm(parent.local.addr))
                 if f is not None:
