@@ -204,10 +204,15 @@ class MetricsServer:
                         pass
                 else:
                     conn: _Conn = key.data
-                    if events & selectors.EVENT_READ:
-                        self._read(conn)
-                    elif events & selectors.EVENT_WRITE:
-                        self._write(conn)
+                    try:
+                        if events & selectors.EVENT_READ:
+                            self._read(conn)
+                        elif events & selectors.EVENT_WRITE:
+                            self._write(conn)
+                    except (OSError, ValueError, KeyError):
+                        # One connection's surprise (a socket closed under us) never ends the
+                        # loop: the endpoint outlives any client.
+                        self._drop(conn)
 
     def _expire(self, now: float) -> float:
         """Close connections past their deadline; seconds until the next deadline (max 1 s)."""
