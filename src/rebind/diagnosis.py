@@ -53,6 +53,10 @@ def default_request(
 ) -> BindRequest:
     """A bind request as this process would make it (alias of actions.common.bind_request)."""
     from rebind.actions.common import bind_request
+    from rebind.errors import UsageError
+
+    if device is not None and not isinstance(device, str):
+        raise UsageError(f"device must be an interface name (a string), not {device!r}")
 
     return bind_request(
         port,
@@ -67,8 +71,20 @@ def default_request(
 
 
 def diagnose(req: BindRequest, *, owners: bool = True, table: SocketTable | None = None) -> Diagnosis:
-    """Everything `rebind why` says about ``req``."""
+    """Everything `rebind why` says about ``req``.
+
+    ``req`` must be a :class:`BindRequest` (:func:`default_request` builds one from a port);
+    anything else is a UsageError before anything is read.
+    """
+    from rebind.errors import UsageError
     from rebind.kernel.facts import gather
+
+    if not isinstance(req, BindRequest):
+        raise UsageError(
+            f"diagnose() needs a BindRequest, not {type(req).__name__} (build one with default_request(PORT))"
+        )
+    if table is not None and not isinstance(table, SocketTable):
+        raise UsageError(f"diagnose(table=...) needs a SocketTable or None, not {type(table).__name__}")
 
     d = advise(gather(req, owners=owners, table=table))
     notes = _context_notes(d)

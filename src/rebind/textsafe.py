@@ -8,30 +8,42 @@ Pure and cheap: no rich import unless :func:`markup` is called.
 
 from __future__ import annotations
 
-import re
+import unicodedata
 
-# C0 controls except none (tab and newline too: one record must stay on one line), DEL, C1
-# controls, and the bidirectional overrides/isolates that reorder what a terminal shows
-# ("Trojan Source", CVE-2021-42574), plus line/paragraph separators.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: Unicode categories shown as escapes, never sent raw:
+#: Cc: C0/C1 controls and DEL (tab and newline too: one record must stay on one line);
+#: Cf: invisible format characters: every bidirectional control (overrides and isolates, the
+#: "Trojan Source" reordering of CVE-2021-42574, and the marks U+200E LRM, U+200F RLM, U+061C
+#: ALM), zero-width space/joiners, soft hyphen, BOM, tag characters. A legitimate name with a
+#: zero-width joiner (some scripts and emoji sequences use one) shows it as ``\\u200d``: better
+#: visible than able to hide or reorder text;
+#: Zl, Zp: line and paragraph separators (a terminal or pager may break the line there);
+#: Cs: lone surrogates left by ``os.fsdecode`` of non-UTF-8 bytes (they cannot be encoded).
+#: Unassigned code points (Cn) stay raw: a newer terminal may know them as ordinary characters.
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
 
-def _escape_char(m: re.Match[str]) -> str:
-    ch = m.group(0)
+def _escape_char(ch: str) -> str:
     code = ord(ch)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
 def visible(text: str) -> str:
-    """``text`` with every control character shown as an escape (``\\x1b``), never sent raw.
+    """``text`` with every control and invisible format character shown as an escape
+    (``\\x1b``, ``\\u200f``), never sent raw.
 
-    Surrogates left by ``os.fsdecode`` of non-UTF-8 bytes are shown as ``\\udcXX`` so the result
-    always encodes as UTF-8 (printing it cannot raise UnicodeEncodeError).
+    The result always encodes as UTF-8 (printing it cannot raise UnicodeEncodeError).
     """
-    out = _UNSAFE.sub(_escape_char, text)
-    if any("\ud800" <= c <= "\udfff" for c in out):
-        out = "".join(f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in out)
-    return out
+    # Fast path: str.isprintable() is False for every category escaped here (and for a few
+    # harmless ones, e.g. no-break space, which the slow path keeps).
+    if text.isprintable():
+        return text
+    category = unicodedata.category
+    return "".join(_escape_char(c) if category(c) in UNSAFE_CATEGORIES else c for c in text)
 
 
 def markup(text: str) -> str:

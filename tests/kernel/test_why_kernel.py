@@ -13,8 +13,12 @@ from tests.kernel.helpers import BOUND_ONLY, LISTEN, ORPHAN_CHILD, OTHER_UID, TI
 REUSE = "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
 
 
-def why(rebind_cli: Any, *args: str) -> tuple[int, dict[str, Any]]:
-    res = rebind_cli("why", *args, "--json")
+#: The fallback paths (flags read by pidfd, inferred from trials) as on a host without BPF.
+NO_BPF = {"REBIND_NO_BPF": "1"}
+
+
+def why(rebind_cli: Any, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    res = rebind_cli("why", *args, "--json", env=env)
     assert res.returncode in (0, 1), res.stderr
     doc = json.loads(res.stdout)
     assert doc["disagreement"] is None, doc["disagreement"]
@@ -26,10 +30,13 @@ def test_free_port(netns, rebind_cli):
     assert code == 0 and doc["bindable"] and doc["blockers"] == [] and "free" in doc["verdict"]
 
 
-def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
+@pytest.mark.parametrize(("env", "source"), [(None, "kernel"), (NO_BPF, "inferred-trial")])
+def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli, env, source):
+    """With the BPF socket iterator the TIME_WAIT's own tw_reuse is read (provenance kernel);
+    without it, the flag is inferred from harmless trials."""
     p = procs.python(TIME_WAIT.format(port=18101, opts=""))
     procs.wait_line(p)
-    code, doc = why(rebind_cli, "18101")
+    code, doc = why(rebind_cli, "18101", env=env)
     assert code == 1
     assert (
         "TIME_WAIT" in doc["verdict"]
@@ -37,7 +44,7 @@ def test_origin_story_time_wait_without_reuseaddr(netns, procs, rebind_cli):
         and "free in" in doc["verdict"]
     )
     [b] = doc["blockers"]
-    assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == "inferred-trial"
+    assert b["kind"] == "time-wait" and b["reuseaddr"] is False and b["flags_source"] == source
     assert 0 < doc["frees_in_ms"] <= 60_000
     # The post's fix does not help: the old socket lacked the flag.
     code, doc = why(rebind_cli, "18101", "--reuseaddr")
@@ -59,10 +66,13 @@ def test_time_wait_with_reuseaddr_lets_reuseaddr_restart(netns, procs, rebind_cl
 def test_live_listener_named_with_owner(netns, procs, rebind_cli):
     p = procs.python(LISTEN.format(opts=REUSE, addr="0.0.0.0", port=18103))
     procs.wait_line(p)
-    code, doc = why(rebind_cli, "18103", "--reuseaddr")
+    code, doc = why(rebind_cli, "18103", "--reuseaddr", env=NO_BPF)
     assert code == 1 and "live listener" in doc["verdict"] and str(p.pid) in doc["verdict"]
     [b] = doc["blockers"]
     assert b["rule"] == "listener-never-yields" and b["flags_source"] == "read" and b["reuseaddr"] is True
+    code, doc = why(rebind_cli, "18103", "--reuseaddr")  # the kernel's own flags: the same answer
+    [b] = doc["blockers"]
+    assert b["rule"] == "listener-never-yields" and b["flags_source"] == "kernel" and b["reuseaddr"] is True
     assert [o["pid"] for o in b["socket"]["owners"]] == [p.pid]
 
 
@@ -245,7 +255,7 @@ time.sleep(600)
 """
     p = procs.python(code.format(port=18115))
     procs.wait_line(p)
-    code_, doc = why(rebind_cli, "18115")
+    code_, doc = why(rebind_cli, "18115", env=NO_BPF)
     assert code_ == 1
     [b] = doc["blockers"]
     assert b["socket"]["state"] == "CLOSE_WAIT" and b["kind"] == "closing-leftover"
@@ -301,11 +311,14 @@ def test_time_wait_of_a_reuseport_listener_lets_a_reuseport_restart(netns, procs
     code, doc = _why_raw(rebind_cli, "18132", "--reuseport")
     _agrees(code, doc)
     assert code == 0 and doc["status"] == "free" and doc["disagreement"] is None
-    code, doc = _why_raw(rebind_cli, "18132")
+    code, doc = _why_raw(rebind_cli, "18132", env=NO_BPF)
     _agrees(code, doc)
     [b] = doc["blockers"]
     # Inferred from the kernel's answers to harmless trials: SO_REUSEPORT as well as SO_REUSEADDR.
     assert b["reuseport"] is True and b["reuseaddr"] is False and b["flags_source"] == "inferred-trial"
+    code, doc = _why_raw(rebind_cli, "18132")  # read from the TIME_WAIT itself
+    [b] = doc["blockers"]
+    assert b["reuseport"] is True and b["reuseaddr"] is False and b["flags_source"] == "kernel"
     assert b["rule"] == "reuseport-missing-new"
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
@@ -313,9 +326,11 @@ def test_time_wait_of_a_reuseport_listener_lets_a_reuseport_restart(netns, procs
     s.close()
 
 
-def test_udp_flags_inferred_from_trials_without_owners(netns):
+def test_udp_flags_inferred_from_trials_without_owners(netns, monkeypatch):
     """Trials infer SO_REUSEPORT for UDP too (owners=False: nobody reads the flags)."""
     from rebind.diagnosis import default_request, diagnose
+
+    monkeypatch.setenv("REBIND_NO_BPF", "1")
 
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)

@@ -248,3 +248,50 @@ def test_reload_says_when_it_cannot_identify_a_supervisor(term: Callable[..., Te
     t.wait_for(lambda s: f"[{p.pid}]" in s, "the holder")
     t.keys("r")
     t.wait_for(lambda s: "cannot reload" in s and "not served by `rebind run`" in s, "the explanation")
+
+
+# A listener shared by a parent and its forked child: two owners on one row.
+SHARED_LISTENER = """
+import os, socket, time
+s = socket.socket()
+s.bind(('127.0.0.1', {port}))
+s.listen()
+pid = os.fork()
+if pid == 0:
+    time.sleep(600)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_owners_column_is_shortened_with_an_ellipsis_at_80_columns(
+    term: Callable[..., Term], procs: Procs
+) -> None:
+    """interop 2026-12-05 §5: at 80x24 the owners column was cut by the screen's edge
+    (`python3[9277] roo`), hiding the second owner without a sign. Now it is shortened to fit,
+    ending in an ellipsis."""
+    p = procs.python(SHARED_LISTENER.format(port=8088))
+    child = int(procs.wait_line(p))
+    procs.adopt(child)
+    t = term("8088")
+    screen = t.wait_for(lambda s: f"[{p.pid}]" in _row(s, "LISTEN"), "the listener's owners")
+    row = _row(screen, "LISTEN")
+    assert t.tmux("display-message", "-p", "-t", "t", "#{pane_width}").strip() == "80"
+    assert "…" in row, row  # two owners with users do not fit in 80 columns
+    assert row.rstrip().endswith("…") and len(row.rstrip()) <= 80, row
+    assert f"python3[{min(p.pid, child)}]" in row, row  # the first owner is whole
+
+
+def test_wait_screen_names_the_blocker_and_counts_down(term: Callable[..., Term], procs: Procs) -> None:
+    """interop 2026-12-05 §5: `W` said "still busy: busy"; it says what blocks and when it frees."""
+    p = procs.python(TIME_WAIT.format(port=9002))
+    assert procs.wait_line(p) == "ready"
+    t = term("9002")
+    t.wait_for(lambda s: _left(s) is not None, "the TIME_WAIT row")
+    t.keys("W")
+    screen = t.wait_for(lambda s: "still busy:" in s, "the wait screen's status")
+    line = _row(screen, "still busy:")
+    assert "still busy: busy" not in line
+    assert "9002/tcp is busy" in screen and "TIME_WAIT" in screen and "free in" in screen, screen
+    t.keys("Escape")

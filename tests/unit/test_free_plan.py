@@ -317,3 +317,90 @@ def test_process_names_are_escaped_in_every_message() -> None:
     res = replace(res, remaining=explain_remaining(res))
     for text in (p.obstacles[0].text, *res.remaining):
         assert "\x1b" not in text and "\x07" not in text and "\\x1b[2J" in text, text
+
+
+# --- what else the signal takes down (issue 18 item 12) -------------------------------------
+
+
+def _udp(port: int, inode: int) -> SocketRecord:
+    return SocketRecord(
+        Proto.UDP, Family.INET, State.CLOSE, Endpoint(IPv4Address("0.0.0.0"), port), ANY, ME, inode
+    )
+
+
+def _plan_with_collateral() -> FreePlan:
+    from rebind.actions.free import _group
+
+    p = plan_for(diag(blocker(sock(State.BOUND_INACTIVE, inode=77, port=9001), (owner(),))))
+    records = {
+        80: sock(State.LISTEN, inode=80, port=8080),
+        81: sock(State.ESTABLISHED, inode=81, port=8080),
+        82: sock(State.ESTABLISHED, inode=82, port=8080),
+        83: _udp(5353, 83),
+        84: sock(State.ESTABLISHED, inode=84, port=41234),  # outgoing: no listener on 41234
+    }
+    others = _group({80, 81, 82, 83, 84, 85, 86}, records, {85: "/run/app.sock"})
+    (t,) = p.targets
+    return replace(p, targets=(replace(t, also_holds=others),), collateral=others)
+
+
+def test_other_ports_of_a_target_are_grouped_and_summarised() -> None:
+    p = _plan_with_collateral()
+    shown = [str(o) for o in p.targets[0].also_holds]
+    assert shown == [
+        "udp UNCONN 0.0.0.0:5353",
+        "tcp LISTEN 127.0.0.1:8080",
+        "tcp ESTABLISHED 127.0.0.1:8080 ×2",
+        "tcp ESTABLISHED (outgoing)",
+        "unix /run/app.sock",
+        "socket not identified here (another network namespace, netlink, ...)",
+    ]
+    assert p.collateral_summary() == (
+        "5353/udp, 8080/tcp (LISTEN, 2 connections), 1 outgoing connection, 1 unix socket, 1 other socket"
+    )
+
+
+def test_free_plan_and_top_confirmation_name_every_other_port_before_proceed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rebind.cli.free import plan_json, print_plan
+    from rebind.top.keys import free_confirmation
+
+    p = _plan_with_collateral()
+    print_plan(p)
+    out = capsys.readouterr().out
+    assert (
+        "server[100] also holds" in out
+        and "tcp LISTEN 127.0.0.1:8080" in out
+        and "udp UNCONN 0.0.0.0:5353" in out
+    )
+    assert "WARNING: stopping server[100] also takes down 5353/udp, 8080/tcp" in out
+    lines, question = free_confirmation(p)
+    assert question is not None and "also takes down 5353/udp, 8080/tcp (LISTEN, 2 connections)" in question
+    assert question.startswith("Proceed?")
+    assert any("tcp LISTEN 127.0.0.1:8080" in line for line in lines)
+    doc = plan_json(p)
+    assert doc["schema"] == "rebind.free.plan/1"
+    assert [(o["proto"], o["port"]) for o in doc["stop"][0]["also_holds"][:3]] == [
+        ("udp", 5353),
+        ("tcp", 8080),
+        ("tcp", 8080),
+    ]
+    assert doc["also_takes_down"].startswith("5353/udp, 8080/tcp")
+
+
+def test_a_target_holding_nothing_else_asks_the_plain_question() -> None:
+    from rebind.top.keys import free_confirmation
+
+    p = plan_for(diag(blocker(sock(), (owner(),))))
+    _, question = free_confirmation(p)
+    assert question == "Proceed (signal / destroy as above)? y/n"
+    _, question = free_confirmation(plan_for(diag(trial=TrialResult(True, None))))
+    assert question is None
+
+
+def test_hostile_unix_path_in_collateral_is_escaped() -> None:
+    from rebind.actions.free import _group
+
+    (o,) = _group({1}, {}, {1: "/tmp/\x1b[2J\u202e"})
+    assert "\x1b" not in str(o) and "\u202e" not in str(o)

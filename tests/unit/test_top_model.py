@@ -175,3 +175,59 @@ def test_cadence_budget() -> None:
     cad.job("b").ran(0, 0.1)
     assert set(cad.slowed()) == {"b"}
     assert ip_address("127.0.0.1")  # keep the import honest
+
+
+# --- fitting the owners column (interop 2026-12-05 §5: cut at 80 columns without a sign) -----
+
+
+def test_fit_owners_prefers_whole_owners_then_labels_then_an_ellipsis() -> None:
+    from rebind.top.model import OwnerView, fit_owners
+
+    a = OwnerView(pid=4205, name="rebind", user="root")
+    b = OwnerView(pid=4252, name="python", user="root")
+    assert fit_owners((a, b), 80) == "rebind[4205] root, python[4252] root"
+    assert fit_owners((a, b), 30) == "rebind[4205], python[4252]"  # both owners still seen
+    short = fit_owners((a, b), 20)
+    assert short.endswith("…") and len(short) == 20 and short.startswith("rebind[4205], ")
+    assert fit_owners((a,), 8) == "rebind[…"
+    wide = OwnerView(pid=1, name="日本語サーバー", user="root")
+    from rich.cells import cell_len
+
+    assert cell_len(fit_owners((wide,), 9)) <= 9 and fit_owners((wide,), 9).endswith("…")
+
+
+def test_owners_width_leaves_the_rest_of_the_screen_to_owners() -> None:
+    from rich.text import Text
+
+    from rebind.top.app import COLUMNS, MIN_OWNERS_WIDTH, owners_width
+
+    row = [
+        Text("8080/tcp"),
+        Text("✗"),
+        Text("LISTEN"),
+        Text("127.0.0.1"),
+        Text(""),
+        Text("░░░░░░ 0/8"),
+        Text("x"),
+    ]
+    assert len(row) == len(COLUMNS)
+    # port 8, bind 4, state 6, addr 9, left 4, queue 10: each +2 padding; owners' own padding
+    # and a scrollbar cell.
+    assert owners_width([row], 80) == 80 - (8 + 4 + 6 + 9 + 4 + 10 + 6 * 2) - 2 - 1
+    assert owners_width([row], 40) == MIN_OWNERS_WIDTH
+
+
+def test_wait_status_names_the_blocker_and_the_countdown() -> None:
+    from dataclasses import dataclass
+
+    from rebind.actions.wait import WaitResult
+    from rebind.top.keys import wait_status
+
+    @dataclass
+    class D:
+        headline: str
+
+    res = WaitResult(ok=False, elapsed=1.0, diagnosis=D("9000/tcp is busy: a TIME_WAIT — free in 41 s"))  # type: ignore[arg-type]
+    assert wait_status(res, 3.2) == "still busy: 9000/tcp is busy: a TIME_WAIT — free in 41 s · waiting 3s"
+    hostile = WaitResult(ok=False, elapsed=1.0, diagnosis=D("x\x1b[2J\u200f"))  # type: ignore[arg-type]
+    assert "\x1b" not in wait_status(hostile, 0) and "\u200f" not in wait_status(hostile, 0)

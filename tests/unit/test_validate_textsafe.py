@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -50,6 +52,17 @@ def test_good_seconds() -> None:
         ("\x9b31m", "\\x9b31m"),
         ("nginx: worker", "nginx: worker"),
         ("bad\udcffbyte", "bad\\udcffbyte"),
+        # Bidi marks (audit 2026-12-05 L5): they reorder what a terminal shows, like overrides.
+        ("a\u200eb", "a\\u200eb"),
+        ("\u200fevil", "\\u200fevil"),
+        ("\u061c1", "\\u061c1"),
+        # Other invisible format characters (Cf): zero-width space/joiner, BOM, soft hyphen, tags.
+        ("a\u200bb\u200dc\ufeff", "a\\u200bb\\u200dc\\ufeff"),
+        ("soft\xadhyphen", "soft\\xadhyphen"),
+        ("flag\U000e0067", "flag\\U000e0067"),
+        ("\u2028\u2029", "\\u2028\\u2029"),
+        # Visible non-ASCII text stays as it is.
+        ("caf\u00e9 \u65e5\u672c \u00a0", "caf\u00e9 \u65e5\u672c \u00a0"),
     ],
 )
 def test_visible(raw: str, shown: str) -> None:
@@ -68,3 +81,19 @@ def test_visible_output_has_no_controls_and_encodes(s: str) -> None:
     out = visible(s)
     out.encode("utf-8")
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
+    # No control, format (bidi marks, zero-width), separator or surrogate character survives.
+    assert not any(unicodedata.category(c) in {"Cc", "Cf", "Zl", "Zp", "Cs"} for c in out)
+
+
+@given(st.text(alphabet=st.characters(categories=["Cf", "Cc"])))
+def test_every_format_and_control_character_is_escaped(s: str) -> None:
+    out = visible(s)
+    assert out.isascii()
+    assert out == "".join(
+        f"\\x{ord(c):02x}"
+        if ord(c) <= 0xFF
+        else f"\\u{ord(c):04x}"
+        if ord(c) <= 0xFFFF
+        else f"\\U{ord(c):08x}"
+        for c in s
+    )

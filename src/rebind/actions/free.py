@@ -122,6 +122,34 @@ class HostFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class OtherSocket:
+    """A socket a target holds besides the ones that block the port: the signal that stops the
+    target takes it down too (another server port, its connections, a UDP socket, a unix
+    socket). Alike connections are one entry with a count."""
+
+    #: ``tcp``, ``udp``, ``unix``, or ``socket`` (not identified here: another network
+    #: namespace, netlink, ...).
+    proto: str
+    #: ``LISTEN``, ``BOUND_INACTIVE``, ``UNCONN``, ``ESTABLISHED``...; "" for unix / unknown.
+    state: str = ""
+    #: ``127.0.0.1:8080``, a unix socket's path (escaped), or "".
+    local: str = ""
+    port: int | None = None
+    count: int = 1
+
+    @property
+    def serves(self) -> bool:
+        """A server's own socket (listening or bound), rather than a connection."""
+        return self.state in ("LISTEN", "BOUND_INACTIVE", "UNCONN")
+
+    def __str__(self) -> str:
+        text = " ".join(x for x in (self.proto, self.state, self.local) if x)
+        if self.proto == "socket":
+            text = "socket not identified here (another network namespace, netlink, ...)"
+        return f"{text} ×{self.count}" if self.count > 1 else text
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     """A process to signal, with the identity captured at plan time."""
 
@@ -131,6 +159,8 @@ class Target:
     uid: int | None
     sockets: tuple[SocketRecord, ...]
     fds: tuple[int, ...]
+    #: Every other socket it holds (:func:`add_collateral`): stopping it takes them down too.
+    also_holds: tuple[OtherSocket, ...] = ()
 
     @property
     def label(self) -> str:
@@ -170,6 +200,9 @@ class FreePlan:
     #: Inodes of every blocking socket that has a file: a target is signalled only while it
     #: still holds one of them.
     blocking_inodes: frozenset[int] = frozenset()
+    #: Everything else the signals take down, each socket once over all targets (forked
+    #: workers share sockets): filled in by :func:`add_collateral`.
+    collateral: tuple[OtherSocket, ...] = ()
 
     @property
     def bindable(self) -> bool:
@@ -196,6 +229,11 @@ class FreePlan:
     def leaves_orphans(self) -> bool:
         """Do the targets hold connections on the port? Closing them leaves FIN_WAIT/TIME_WAIT."""
         return any(r.state not in _IDLE for t in self.targets for r in t.sockets)
+
+    def collateral_summary(self) -> str:
+        """``8080/tcp (LISTEN, 7 connections), 5353/udp, 1 unix socket``, or "" when stopping
+        the targets takes down nothing but what blocks the port."""
+        return collateral_summary(self.collateral)
 
 
 class Fate(enum.StrEnum):
@@ -264,6 +302,8 @@ class FreeResult:
 
 def parse_signal(sig: int | str) -> int:
     """``TERM``, ``SIGTERM``, ``term`` or ``15`` -> 15."""
+    if isinstance(sig, bool) or not isinstance(sig, int | str):
+        raise UsageError(f"signal must be a name or a number (e.g. TERM, 15), not {sig!r}")
     if isinstance(sig, int):
         number = sig
     else:
@@ -518,7 +558,158 @@ def plan_free(
     grace = parse_seconds(grace, what="grace")
     sig = parse_signal(signal)
     req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
-    return make_plan(diagnose(req), signal=sig, grace=grace, force=force, outgoing=outgoing)
+    return add_collateral(make_plan(diagnose(req), signal=sig, grace=grace, force=force, outgoing=outgoing))
+
+
+# ---------------------------------------------------------------------------------------------
+# Collateral: what else stopping a target takes down (I/O: /proc and one socket dump)
+
+#: More entries than this per target are summarised as "+N more".
+MAX_OTHER_SOCKETS = 50
+#: ``OtherSocket.local`` of a target's outgoing connections (grouped: one entry per state).
+OUTGOING = "(outgoing)"
+_SERVING = ("LISTEN", "BOUND_INACTIVE", "UNCONN")
+
+
+def collateral_summary(others: Iterable[OtherSocket]) -> str:
+    """One line naming every other port (and counting other sockets) the signals take down."""
+    ports: dict[tuple[int, str], list[str]] = {}
+    conns: dict[tuple[int, str], int] = {}
+    unix = unknown = outgoing = 0
+    for o in others:
+        if o.local == OUTGOING:
+            outgoing += o.count
+        elif o.port is not None:
+            key = (o.port, o.proto)
+            ports.setdefault(key, [])
+            if o.serves:
+                if o.state not in ports[key] and o.state != "UNCONN":
+                    ports[key].append(o.state)
+            else:
+                conns[key] = conns.get(key, 0) + o.count
+        elif o.proto == "unix":
+            unix += o.count
+        else:
+            unknown += o.count
+    parts = []
+    for port, proto in sorted(ports):
+        notes = list(ports[(port, proto)])
+        n = conns.get((port, proto), 0)
+        if n:
+            notes.append(f"{n} connection{'s' if n != 1 else ''}")
+        parts.append(f"{port}/{proto}" + (f" ({', '.join(notes)})" if notes else ""))
+    if outgoing:
+        parts.append(f"{outgoing} outgoing connection{'s' if outgoing != 1 else ''}")
+    if unix:
+        parts.append(f"{unix} unix socket{'s' if unix != 1 else ''}")
+    if unknown:
+        parts.append(f"{unknown} other socket{'s' if unknown != 1 else ''}")
+    return ", ".join(parts)
+
+
+def add_collateral(plan: FreePlan, proc: str | None = None) -> FreePlan:
+    """The plan with each target's ``also_holds`` filled in from its fd table (free kills the
+    whole process, not just the socket: the user must see every other port it serves before
+    saying yes). Best effort: a process that exited or changed meanwhile shows nothing extra."""
+    if not plan.targets:
+        return plan
+    if proc is None:
+        from rebind.kernel.owners import proc_root
+
+        proc = proc_root()
+    blocking = set(plan.blocking_inodes) | {r.inode for t in plan.targets for r in t.sockets if r.inode}
+    held = {t.pid: _socket_inodes(t, proc) - blocking for t in plan.targets}
+    wanted = set().union(*held.values())
+    if not wanted:
+        return plan
+    records = _inet_records(wanted)
+    targets = []
+    unix_all: dict[int, str] = {}
+    for t in plan.targets:
+        unix = _unix_paths(t.pid, held[t.pid] - records.keys(), proc)
+        unix_all.update(unix)
+        targets.append(replace(t, also_holds=_group(held[t.pid], records, unix)))
+    return replace(plan, targets=tuple(targets), collateral=_group(wanted, records, unix_all))
+
+
+def _socket_inodes(t: Target, proc: str) -> set[int]:
+    from rebind.kernel.procstat import start_ticks
+
+    out: set[int] = set()
+    try:
+        names = os.listdir(f"{proc}/{t.pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            link = os.readlink(f"{proc}/{t.pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link.endswith("]") and link[8:-1].isdigit():
+            out.add(int(link[8:-1]))
+    # Read after the fds: a pid recycled meanwhile is another process, not this target.
+    return out if start_ticks(t.pid, proc) == t.start_ticks else set()
+
+
+def _inet_records(inodes: set[int]) -> dict[int, SocketRecord]:
+    """TCP (every state) and UDP sockets of this network namespace with these inodes."""
+    from rebind.sockets import iter_records
+
+    out: dict[int, SocketRecord] = {}
+    recs, _source, _warnings = iter_records(states=frozenset(State))
+    for r in recs:
+        if r.inode in inodes:
+            out.setdefault(r.inode, r)
+    return out
+
+
+def _unix_paths(pid: int, inodes: set[int], proc: str) -> dict[int, str]:
+    """Inode -> path (or "" when unnamed; ``@name`` when abstract) of the process's unix sockets."""
+    if not inodes:
+        return {}
+    out: dict[int, str] = {}
+    try:
+        with open(f"{proc}/{pid}/net/unix", encoding="utf-8", errors="surrogateescape") as f:
+            next(f, None)
+            for line in f:
+                parts = line.rstrip("\n").split(maxsplit=7)
+                if len(parts) >= 7 and parts[6].isdigit() and int(parts[6]) in inodes:
+                    out[int(parts[6])] = parts[7] if len(parts) > 7 else ""
+    except OSError:
+        pass
+    return out
+
+
+def _other_order(o: OtherSocket) -> tuple[int, int, str, bool, str, str]:
+    # Other ports first (by port), then outgoing connections, unix sockets, the unidentified.
+    rank = 0 if o.port is not None else 1 if o.local == OUTGOING else 2 if o.proto == "unix" else 3
+    return (rank, o.port or 0, o.proto, not o.serves, o.state, o.local)
+
+
+def _group(
+    inodes: set[int], records: dict[int, SocketRecord], unix: dict[int, str]
+) -> tuple[OtherSocket, ...]:
+    # Connections on a port the process serves are its server side (grouped per local address);
+    # the others are its outgoing connections (grouped together: ephemeral ports say nothing).
+    served = {(r.proto, r.local.port) for r in records.values() if r.inode in inodes and r.state in _IDLE}
+    counts: dict[OtherSocket, int] = {}
+    for ino in sorted(inodes):
+        r = records.get(ino)
+        if r is not None and (r.state in _IDLE or (r.proto, r.local.port) in served):
+            key = OtherSocket(r.proto.value, r.state.label, str(r.local), r.local.port)
+        elif r is not None:
+            key = OtherSocket(r.proto.value, r.state.label, OUTGOING)
+        elif ino in unix:
+            key = OtherSocket("unix", "", visible(unix[ino]))
+        else:
+            key = OtherSocket("socket")
+        counts[key] = counts.get(key, 0) + 1
+    out = [replace(k, count=n) for k, n in counts.items()]
+    out.sort(key=_other_order)
+    if len(out) > MAX_OTHER_SOCKETS:
+        rest = sum(o.count for o in out[MAX_OTHER_SOCKETS:])
+        out = [*out[:MAX_OTHER_SOCKETS], OtherSocket("socket", count=rest)]
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +739,8 @@ def free(
     touched. ``on_event`` gets one line per step (process names escaped). Returns what was done
     and what remains (``exit_code`` as the CLI's).
     """
+    if on_event is not None and not callable(on_event):
+        raise UsageError(f"on_event must be a function taking one line, not {on_event!r}")
     plan = plan_free(
         port,
         addr=addr,
@@ -574,6 +767,10 @@ def execute_plan(plan: FreePlan, *, on_event: Event | None = None) -> FreeResult
     ``on_event`` says why. The plan is carried out even if ``plan.obstacles`` say it cannot free
     the port (:func:`free` does not act then).
     """
+    if not isinstance(plan, FreePlan):
+        raise UsageError(f"execute_plan() needs a FreePlan (from plan_free()), not {type(plan).__name__}")
+    if on_event is not None and not callable(on_event):
+        raise UsageError(f"on_event must be a function taking one line, not {on_event!r}")
     parse_seconds(plan.grace, what="grace")  # before any signal: a wait that cannot end
     # Messages carry process names: control characters are escaped before anyone prints them.
     say: Event = (lambda msg: on_event(visible(msg))) if on_event else (lambda _msg: None)

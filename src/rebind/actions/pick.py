@@ -233,6 +233,8 @@ def pick_port(
         raise UsageError("v6only needs an IPv6 address (e.g. ::)")
     rng = check_range(port_range) if port_range is not None else DEFAULT_RANGE
     lease = parse_seconds(lease, what="lease", maximum=MAX_SECONDS)
+    if settings is not None and not isinstance(settings, KernelSettings):
+        raise UsageError(f"settings must be a KernelSettings (or None to read the host's), not {settings!r}")
     settings = settings or kernel_settings()
     tiers = _tiers(rng, settings)
     if not any(pool for pool, _ in tiers):

@@ -109,6 +109,12 @@ def _check_timing(timeout: float | None, interval: float) -> None:
         raise UsageError(f"interval must be > 0, not {interval}")
 
 
+def _check_callback(on_progress: object) -> None:
+    """A callback that is not callable would fail only once the port is busy, seconds later."""
+    if on_progress is not None and not callable(on_progress):
+        raise UsageError(f"on_progress must be callable (diagnosis, elapsed) or None, not {on_progress!r}")
+
+
 def wait_bindable(
     port: int,
     *,
@@ -141,6 +147,7 @@ def wait_request(
 ) -> WaitResult:
     """:func:`wait_bindable` for a ready-made request (as `rebind why` builds it)."""
     _check_timing(timeout, interval)
+    _check_callback(on_progress)
     return _run(_bindable_steps(req, timeout, interval, on_progress))
 
 
@@ -158,6 +165,7 @@ async def wait_bindable_async(
 ) -> WaitResult:
     """:func:`wait_bindable` for asyncio: sleeps with ``asyncio.sleep`` between trial binds."""
     _check_timing(timeout, interval)
+    _check_callback(on_progress)
     req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
     return await _run_async(_bindable_steps(req, timeout, interval, on_progress))
 

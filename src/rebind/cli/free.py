@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,7 @@ Examples:
   rebind free 8080                  ask, then stop the holders and destroy leftovers
   rebind free 8080 --yes --grace 2  for scripts: SIGTERM, SIGKILL after 2 s
   rebind free 5353 --udp --signal INT
+  rebind free 8080 --dry-run --json the plan as JSON (schema rebind.free.plan/1)
 
 \b
 Only sockets that block this bind are touched: never a process that merely has a connection
@@ -29,7 +30,9 @@ to the port, never rebind itself, its ancestors or PID 1; other users' processes
 with --force; outgoing connections that happen to use the port only with --outgoing.
 Processes are signalled through pidfds opened against the identity seen when planning, and
 only while they still hold a blocking socket, so a recycled pid or a process that let go is
-never hit. TIME_WAIT leftovers are destroyed with SOCK_DESTROY (root, Linux 6.0+); otherwise
+never hit. A signal stops the whole process: the plan names every other port and socket each
+process holds (another server port, its connections, UDP and unix sockets) before asking.
+TIME_WAIT leftovers are destroyed with SOCK_DESTROY (root, Linux 6.0+); otherwise
 rebind says when they expire. When the port cannot be freed this way (a refused holder, an
 owner nobody can see, a privileged port, an address that is not local) nothing is done.
 \b
@@ -55,6 +58,9 @@ permitted); 5 refused: held by a process rebind will not signal.
 @click.option("-n", "--dry-run", is_flag=True, help="Print the plan and do nothing.")
 @click.option("--force", is_flag=True, help="As root: also signal other users' processes.")
 @click.option("--outgoing", is_flag=True, help="Also stop owners of outgoing connections using the port.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON (schema rebind.free.plan/1)."
+)
 def free(
     spec: Spec,
     addr: IPv4Address | IPv6Address | None,
@@ -68,17 +74,27 @@ def free(
     dry_run: bool,
     force: bool,
     outgoing: bool,
+    as_json: bool,
 ) -> int:
     """Make PORT bindable: stop the processes holding it, destroy TIME_WAIT leftovers, verify."""
     from rebind.actions.common import where
-    from rebind.actions.free import execute_plan, make_plan, parse_signal
+    from rebind.actions.free import add_collateral, execute_plan, make_plan, parse_signal
     from rebind.diagnosis import diagnose
     from rebind.model.validate import parse_seconds
 
+    if as_json and not dry_run:
+        raise click.UsageError("--json prints the plan: use it with --dry-run")
     req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
     signal = parse_signal(sig)  # UsageError: exit 2 before anything is read
     seconds = parse_seconds(grace, what="--grace")
-    plan = make_plan(diagnose(req), signal=signal, grace=seconds, force=force, outgoing=outgoing)
+    plan = add_collateral(
+        make_plan(diagnose(req), signal=signal, grace=seconds, force=force, outgoing=outgoing)
+    )
+    if as_json:
+        from rebind.cli.render import dump_json
+
+        dump_json(plan_json(plan))
+        return plan.exit_code
     if plan.bindable:
         _echo(f"{where(req)} is already bindable; nothing to do")
         return 0
@@ -121,6 +137,10 @@ def print_plan(plan: FreePlan) -> None:
     escalate = "" if signal_name(plan.signal) == "SIGKILL" else f", SIGKILL after {plan.grace:g}s"
     for t in plan.targets:
         _echo(f"  stop     {describe_target(t)} ({signal_name(plan.signal)}{escalate})")
+        if t.also_holds:
+            _echo(f"           {t.label} also holds (stopping it takes these down too):")
+            for other in t.also_holds:
+                _echo(f"             {other}")
     if plan.leaves_orphans and not plan.destroy_blocked:
         _echo("  destroy  connections the stopped processes leave behind on the port (TIME_WAIT, FIN_WAIT)")
     elif plan.leaves_orphans:
@@ -144,6 +164,62 @@ def print_plan(plan: FreePlan) -> None:
         _echo(f"This cannot make {where(plan.request)} bindable: nothing would be done.")
     elif plan.expiring:
         _echo(f"After it, {where(plan.request)} is bindable once the leftovers above expire.")
+    summary = plan.collateral_summary()
+    if summary and plan.worth_acting:
+        _echo(f"WARNING: stopping {', '.join(t.label for t in plan.targets)} also takes down {summary}.")
+
+
+PLAN_SCHEMA = "rebind.free.plan/1"
+
+
+def plan_json(plan: FreePlan) -> dict[str, Any]:
+    """``rebind free --dry-run --json`` (docs/actions.md). Process names are JSON-escaped text."""
+    from rebind.actions.common import where
+    from rebind.actions.free import signal_name
+    from rebind.cli.render import socket_json
+
+    r = plan.request
+    return {
+        "schema": PLAN_SCHEMA,
+        "request": {"proto": r.proto.value, "addr": str(r.addr), "port": r.port, "where": where(r)},
+        "bindable": plan.bindable,
+        "worth_acting": plan.worth_acting,
+        "exit_code": plan.exit_code,
+        "headline": plan.diagnosis.headline,
+        "signal": signal_name(plan.signal),
+        "grace": plan.grace,
+        "stop": [
+            {
+                "pid": t.pid,
+                "start_ticks": t.start_ticks,
+                "name": t.name,
+                "uid": t.uid,
+                "fds": sorted(set(t.fds)),
+                "sockets": [socket_json(x) for x in t.sockets],
+                "also_holds": [
+                    {"proto": o.proto, "state": o.state, "local": o.local, "port": o.port, "count": o.count}
+                    for o in t.also_holds
+                ],
+            }
+            for t in plan.targets
+        ],
+        "also_takes_down": plan.collateral_summary(),
+        "destroy": [socket_json(x) for x in plan.destroy],
+        "expiring": [socket_json(x) for x in plan.expiring],
+        "refused": [
+            {
+                "pid": x.pid,
+                "name": x.name,
+                "reason": str(x.reason),
+                "sockets": [socket_json(y) for y in x.sockets],
+            }
+            for x in plan.refused
+        ],
+        "unowned": [socket_json(x) for x in plan.unowned],
+        "obstacles": [
+            {"kind": o.kind.value, "text": o.text, "exit_code": o.exit_code} for o in plan.obstacles
+        ],
+    }
 
 
 def print_result(result: FreeResult) -> None:

@@ -41,8 +41,22 @@ Exit status: 0 on quit, 2 usage error (e.g. not a terminal), 3 missing permissio
     metavar="FILE",
     help="Append events (ports appearing/disappearing, owner changes) to FILE as JSON lines.",
 )
+@click.option(
+    "--record-max",
+    default="32M",
+    metavar="SIZE",
+    show_default=True,
+    help="Rotate the --record FILE to FILE.1 when it would grow past SIZE (64K-1T).",
+)
 @click.option("--no-owners", is_flag=True, help="Skip the owner scan (cheaper; no process names).")
-def top(ports: tuple[str, ...], all_ports: bool, interval: str, record: str | None, no_owners: bool) -> int:
+def top(
+    ports: tuple[str, ...],
+    all_ports: bool,
+    interval: str,
+    record: str | None,
+    record_max: str,
+    no_owners: bool,
+) -> int:
     """Watch ports live: each socket's state, TIME_WAIT time left, accept queues, SO_REUSEPORT
     groups, owners, and whether a bind would succeed now; act with one key."""
     from rebind.errors import UsageError
@@ -50,13 +64,16 @@ def top(ports: tuple[str, ...], all_ports: bool, interval: str, record: str | No
 
     plist = [parse_port(p, what="PORT") for p in ports]
     seconds = parse_seconds(interval, what="--interval", minimum=0.2, maximum=3600)
+    from rebind.top.record import parse_size
+
+    max_bytes = parse_size(record_max, what="--record-max")
     if not (sys.stdout.isatty() and sys.stdin.isatty()):
         raise UsageError(NOT_A_TERMINAL)
     from rebind.top.record import Recorder
     from rebind.top.sampler import Sampler
 
     sampler = Sampler(plist, all_ports=all_ports, owners=not no_owners, interval=seconds)
-    recorder = Recorder(record) if record else None
+    recorder = Recorder(record, max_bytes) if record else None
     try:
         from rebind.top.app import TopApp
 

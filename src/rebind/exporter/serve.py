@@ -98,6 +98,8 @@ class _Conn:
     deadline: float
     inbuf: bytearray = field(default_factory=bytearray)
     out: memoryview | None = None
+    #: Sent part of a request but not all of it: the first to go when the cap is reached.
+    partial: bool = False
 
 
 class MetricsServer:
@@ -238,12 +240,19 @@ class MetricsServer:
                     self._pause()
                 return
             if len(self._conns) >= self.max_connections:
-                # The oldest connection has had the most time to send its request: an idle one.
-                self._drop(min(self._conns.values(), key=lambda c: c.deadline))
+                self._drop(self._victim())
             sock.setblocking(False)
             conn = _Conn(sock, time.monotonic() + self.deadline_s)
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._read(conn)  # a scrape's request is usually there already: answer it now
+
+    def _victim(self) -> _Conn:
+        """The connection to close for a new one: the oldest that sent part of a request and
+        stalled (a flood's), else the oldest. A real scrape sends its request at once and is
+        answered when it is first read, so it is never the one that waits."""
+        stalled = [c for c in self._conns.values() if c.partial and c.out is None]
+        return min(stalled or self._conns.values(), key=lambda c: c.deadline)
 
     def _out_of_fds(self) -> None:
         """EMFILE: the process is out of fds (not because of us: we hold at most the cap). Use
@@ -279,6 +288,7 @@ class MetricsServer:
             self._drop(c)
             return
         c.inbuf += data
+        c.partial = True
         end = c.inbuf.find(b"\r\n\r\n")
         if end < 0:
             end = c.inbuf.find(b"\n\n")

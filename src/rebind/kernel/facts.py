@@ -1,6 +1,8 @@
 """The one I/O gatherer behind `rebind why`: everything model/advice.py needs, read once.
 
-Socket table (inet_diag), owners and their flags (pidfd_getfd + getsockopt), kernel settings,
+Socket table (inet_diag), the sockets' own bind state where the BPF socket iterator can read it
+(kernel/bpf/sockiter.py: flags of every socket, TIME_WAITs and other users' included, userlocks,
+the bind bucket's cache; else owners' flags by pidfd_getfd + getsockopt), kernel settings,
 IPv6 address states, process-tree hints, and the trial binds that cannot change the answer
 (conflict.probe_is_harmless decides which may run).
 
@@ -20,8 +22,9 @@ from rebind.kernel.trial import try_request
 from rebind.model.advice import Facts, HolderFacts, Provenance
 from rebind.model.conflict import KernelSettings, SockOpts, alternative_requests, probe_is_harmless
 from rebind.model.diagnosis import ProcessHint
-from rebind.model.records import Proto, SocketEntry, SocketTable, State
+from rebind.model.records import Family, Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
+from rebind.model.sockstate import SockKind, SockStates, Unavailable
 
 
 def gather(
@@ -41,7 +44,8 @@ def gather(
 
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
     table = table or socket_table(ports=[req.port], protos=[req.proto], owners=owners)
-    holders = _holders(table, req)
+    kernel = _kernel_states(table, req)
+    holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None)
     results: dict[BindRequest, TrialResult] = {}
     skipped = ""
     if trials:
@@ -57,7 +61,20 @@ def gather(
         trial_skipped=skipped,
         can_destroy=_can_destroy(),
         owners_complete=owners and euid == 0 and table.scan.inaccessible == 0,
+        kernel=kernel,
     )
+
+
+def _kernel_states(table: SocketTable, req: BindRequest) -> SockStates | Unavailable | None:
+    """The port's sockets as the kernel holds them (BPF iterator), when the table is of this
+    thread's network namespace: the iterator walks that one only. Not asked for a port nobody
+    holds: the iterator visits every socket of the namespace (bench/sockiter.py)."""
+    from rebind.kernel.bpf.sockiter import read_socket_states
+
+    if not any(e.socket.proto is req.proto and e.socket.local.port == req.port for e in table.entries):
+        return None
+    netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
+    return read_socket_states([req.port], [req.proto], netns=netns)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:
@@ -109,12 +126,28 @@ def _can_destroy() -> bool:
     return has_cap(CAP_NET_ADMIN) and kernel_version() >= (6, 0)
 
 
-def _holders(table: SocketTable, req: BindRequest) -> tuple[HolderFacts, ...]:
+def _holders(
+    table: SocketTable, req: BindRequest, kernel: SockStates | None = None
+) -> tuple[HolderFacts, ...]:
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
+    by_cookie = kernel.by_cookie() if kernel is not None else {}
     out = []
     for e in table.entries:
         if e.socket.proto is not req.proto:
+            continue
+        st = by_cookie.get(e.socket.cookie) if e.socket.cookie is not None else None
+        if (
+            st is not None
+            and st.kind is not SockKind.REQUEST  # a request_sock's flags are not its listener's
+            and st.proto is e.socket.proto
+            and st.local.port == e.socket.local.port
+        ):
+            # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
+            # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
+            # they (and sockets made since) take the paths below.
+            v6 = st.ipv6only if st.family is Family.INET6 else None
+            out.append(HolderFacts(e, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st))
             continue
         opts, src = _read_flags(e) if e.owners else (SockOpts(), Provenance.UNKNOWN)
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None

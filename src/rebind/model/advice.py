@@ -48,6 +48,7 @@ from rebind.model.diagnosis import (
 )
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
+from rebind.model.sockstate import SockStates, Unavailable
 
 
 class WhyVerdict(enum.StrEnum):
@@ -90,6 +91,8 @@ class Facts:
     can_destroy: bool = False
     #: Root read every process's fds (a socket without owners is held outside this PID namespace).
     owners_complete: bool = False
+    #: What the BPF socket iterator read for the port, or why it could not (None: not asked).
+    kernel: SockStates | Unavailable | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from rebind.model.conflict import (
 )
 from rebind.model.records import SocketEntry
 from rebind.model.request import BindRequest
+from rebind.model.sockstate import SockState
 
 EADDRINUSE = 98
 
@@ -60,6 +61,8 @@ class HolderFacts:
     entry: SocketEntry
     opts: SockOpts = field(default_factory=SockOpts)
     provenance: Provenance = Provenance.UNKNOWN
+    #: The socket as the kernel holds it (BPF iterator): userlocks, bind bucket cache, chain.
+    kernel: SockState | None = None
 
     @property
     def holder(self) -> Holder:

@@ -135,10 +135,39 @@ def listen(
     does not hold (that would bring "Address already in use" back on the next reload).
     """
     port = parse_port(port, what="listen() port", allow_zero=True)  # getaddrinfo wraps 70000 to 4464
+    _check_listen_args(host, name, reuseport, backlog, dual_stack)
     inherited = inherited_sockets()
     if inherited:
         return _claim(inherited, host or "", port, name)
     return bind_listener(host, port, reuseport=reuseport, backlog=backlog, dual_stack=dual_stack)
+
+
+#: listen(2)'s backlog is a C int; the kernel caps it at net.core.somaxconn (__sys_listen).
+MAX_BACKLOG = 2**31 - 1
+
+
+def _check_listen_args(
+    host: object, name: object, reuseport: object, backlog: object, dual_stack: object
+) -> None:
+    """UsageError (one line) for arguments socket calls would reject with a raw TypeError,
+    OverflowError or AttributeError, before any socket exists."""
+    if host is not None and not isinstance(host, str):
+        raise UsageError(f"listen() host must be a string (an address or a name), not {host!r}")
+    if host is not None and "\0" in host:
+        raise UsageError(f"listen() host {host!r} contains a NUL character")
+    if name is not None and not isinstance(name, str):
+        raise UsageError(f"listen() name must be a string (a LISTEN_FDNAMES name), not {name!r}")
+    if not isinstance(reuseport, bool):
+        raise UsageError(f"listen() reuseport must be True or False, not {reuseport!r}")
+    if dual_stack is not None and not isinstance(dual_stack, bool):
+        raise UsageError(f"listen() dual_stack must be True, False or None, not {dual_stack!r}")
+    if backlog is not None and (
+        isinstance(backlog, bool) or not isinstance(backlog, int) or not 0 <= backlog <= MAX_BACKLOG
+    ):
+        raise UsageError(
+            f"listen() backlog must be an integer in 0-{MAX_BACKLOG} (the kernel caps it at "
+            f"net.core.somaxconn), not {backlog!r}"
+        )
 
 
 def _claim(inherited: tuple[InheritedSocket, ...], host: str, port: int, name: str | None) -> socket.socket:
@@ -220,7 +249,12 @@ def resolve(host: str | None, port: int) -> tuple[socket.AddressFamily, tuple[st
         if socket.has_ipv6 and _ipv6_usable():
             return socket.AF_INET6, ("::", port)
         return socket.AF_INET, ("0.0.0.0", port)
-    infos = socket.getaddrinfo(h, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        infos = socket.getaddrinfo(h, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve host {h!r}: {exc.strerror}") from None
+    except UnicodeError:  # the idna codec: a label longer than 63 characters, an empty label
+        raise UsageError(f"{h!r} is not a valid host name") from None
     fam, _, _, _, sa = infos[0]
     return fam, (str(sa[0]), int(sa[1]))
 
@@ -276,6 +310,8 @@ async def start_server(
 
 def notify(state: str) -> bool:
     """sd_notify(3): send STATE to $NOTIFY_SOCKET; False when there is no one to tell."""
+    if not isinstance(state, str):
+        raise UsageError(f"notify() state must be a string such as 'READY=1', not {state!r}")
     target = os.environ.get("NOTIFY_SOCKET", "")
     if not target or target[0] not in "@/":
         return False
@@ -288,6 +324,8 @@ def notify(state: str) -> bool:
 
 def notify_ready(status: str | None = None) -> bool:
     """Tell the supervisor (systemd or `rebind run`) that this process serves now."""
+    if status is not None and not isinstance(status, str):
+        raise UsageError(f"notify_ready() status must be a string or None, not {status!r}")
     return notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
 

@@ -29,12 +29,14 @@ from rebind.top.model import (
     Snapshot,
     SocketRow,
     bar,
+    cut,
     filter_ports,
+    fit_owners,
     fmt_left,
     left_now,
     owners_text,
 )
-from rebind.top.record import Recorder
+from rebind.top.record import Recorder, RecordStopped
 from rebind.top.sampler import Sampler
 
 _SHORT = {
@@ -89,6 +91,23 @@ def row_cells(view: PortView, row: SocketRow | None, first: bool, now: float, sn
         Text(bar(row.queue, row.backlog, width=6)),
         Text(owners_text(row.owners)),
     ]
+
+
+#: DataTable's default cell padding: one cell each side of every column.
+CELL_PADDING = 1
+#: Never squeeze the owners column below this (past it the table scrolls sideways instead).
+MIN_OWNERS_WIDTH = 12
+
+
+def owners_width(rows: list[list[Text]], total: int) -> int:
+    """Cells left for the owners column (the last) once the other columns take what their
+    widest cell or header needs, so owners are shortened with an ellipsis rather than cut off
+    by the screen's edge (80 columns). One cell is kept for a vertical scrollbar."""
+    used = 0
+    for i, name in enumerate(COLUMNS[:-1]):
+        widest = max([len(name), *(r[i].cell_len for r in rows)])
+        used += widest + 2 * CELL_PADDING
+    return max(MIN_OWNERS_WIDTH, total - used - 2 * CELL_PADDING - 1)
 
 
 class TextScreen(Screen[None]):
@@ -252,6 +271,11 @@ class TopApp(App[int]):
                 self.recorder.write(events)
             except OSError as exc:
                 self.error = f"--record: {exc.strerror}; recording stopped"
+                self.recorder.close()
+                self.recorder = None
+            except RecordStopped as exc:
+                self.error = visible(f"--record: {exc}; recording stopped")
+                self.recorder.close()
                 self.recorder = None
         log = self.query_one("#events", RichLog)
         initial = [e for e in events if e.initial]
@@ -276,13 +300,22 @@ class TopApp(App[int]):
             return
         keep = self.selected
         now = time.monotonic()
-        table.clear()
-        self.row_keys = []
+        built: list[tuple[list[Text], SocketRow | None, PortKey]] = []
         for view in self.visible_ports():
             rows: list[SocketRow | None] = list(view.rows) or [None]
             for i, row in enumerate(rows):
-                table.add_row(*row_cells(view, row, i == 0, now, snap.mono))
-                self.row_keys.append(view.key)
+                built.append((row_cells(view, row, i == 0, now, snap.mono), row, view.key))
+        width = owners_width([cells for cells, _, _ in built], table.size.width or self.size.width)
+        # Columns too: DataTable never shrinks an auto-width column, so after a resize to fewer
+        # columns (or a long cell that is gone) the owners would be cut by the screen's edge.
+        table.clear(columns=True)
+        for col in COLUMNS:
+            table.add_column(col, key=col)
+        self.row_keys = []
+        for cells, row, key in built:
+            text = fit_owners(row.owners, width) if row is not None else cut(cells[-1].plain, width)
+            table.add_row(*cells[:-1], Text(text))
+            self.row_keys.append(key)
         if self.row_keys:
             target = self.row_keys.index(keep) if keep in self.row_keys else 0
             table.move_cursor(row=target, animate=False)
@@ -382,13 +415,10 @@ class TopApp(App[int]):
         screen, view = got
 
         def planned(plan: Any) -> None:
-            screen.set_lines(keys.plan_lines(plan))
-            if plan.bindable:
-                screen.add("nothing to do: the port is bindable")
-            elif not plan.has_actions:
-                screen.add("nothing rebind may do frees it (see above)")
-            else:
-                screen.ask("Proceed (signal / destroy as above)? y/n", lambda yes: go(plan, yes))
+            lines, question = keys.free_confirmation(plan)
+            screen.set_lines(lines)
+            if question is not None:
+                screen.ask(question, lambda yes: go(plan, yes))
 
         def go(plan: Any, yes: bool) -> None:
             if not yes:
@@ -418,10 +448,8 @@ class TopApp(App[int]):
                 res = keys.wait_step(view.key, timeout=1.0)
                 if res.ok:
                     return f"{view.key} is bindable now (after {time.monotonic() - start:.1f}s)"
-                d = res.diagnosis
-                if d is not None:
-                    line = visible(d.verdict)
-                    self.call_from_thread(screen.set_lines, [screen.lines[0], f"still busy: {line}"])
+                line = keys.wait_status(res, time.monotonic() - start)
+                self.call_from_thread(screen.set_lines, [screen.lines[0], line])
             return "stopped"
 
         def done(msg: str) -> None:

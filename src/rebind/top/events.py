@@ -12,7 +12,7 @@ import datetime as _dt
 import enum
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rebind.model.records import Proto
@@ -39,6 +39,9 @@ class Event:
     states: tuple[str, ...] = ()
     #: Seen at the first sample (already there when top started), not a change.
     initial: bool = False
+    #: Owner events of this port left out of the record just before this one (rate limit,
+    #: :class:`OwnerEventRate`); 0 on screen and in records without a gap.
+    suppressed: int = 0
 
 
 def _states(v: PortView | None) -> tuple[str, ...]:
@@ -73,6 +76,102 @@ def _order(ident: tuple[int, int | None]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# What a record may cost (audit 2026-12-05 M3: a user restarting a listener whose argv was
+# thirteen 120 KB arguments made root's record grow 3.8 MB/s)
+
+#: Per owner: at most this many command-line arguments, and this many bytes of them as stored
+#: (JSON with ensure_ascii: a non-ASCII character costs 6 or 12 bytes, so the cap is on what is
+#: written, not on characters). An owner cut short is recorded with ``"truncated": true``.
+MAX_CMDLINE_ARGS = 32
+MAX_CMDLINE_BYTES = 4096
+#: Name, user, unit, container: bytes as stored, each.
+MAX_FIELD_BYTES = 256
+#: The longest line `rebind history` reads. A capped record line stays under ~6 KiB; the margin
+#: lets history read records written before the caps, while one line of /dev/zero-like input
+#: cannot take more memory than this.
+MAX_LINE_BYTES = 1 << 20
+
+
+def _json_cost(text: str) -> int:
+    """Bytes ``text`` takes inside a JSON string written with ensure_ascii (quotes excluded)."""
+    return len(json.dumps(text, ensure_ascii=True)) - 2
+
+
+def cap_text(text: str, budget: int) -> tuple[str, bool]:
+    """The longest prefix of ``text`` that costs at most ``budget`` bytes as stored, and
+    whether anything was cut. Linear in the budget, not in the text (a 120 KB argument)."""
+    if len(text) <= budget and _json_cost(text) <= budget:
+        return text, False
+    used = 0
+    for i, ch in enumerate(text):
+        used += _json_cost(ch)
+        if used > budget:
+            return text[:i], True
+    return text, False  # pragma: no cover - only reached when the fast check was pessimistic
+
+
+def cap_cmdline(args: Iterable[str]) -> tuple[tuple[str, ...], bool]:
+    """At most MAX_CMDLINE_ARGS arguments and MAX_CMDLINE_BYTES bytes of them; cut or not."""
+    out: list[str] = []
+    left = MAX_CMDLINE_BYTES
+    for i, arg in enumerate(args):
+        if i >= MAX_CMDLINE_ARGS:
+            return tuple(out), True
+        kept, cut = cap_text(arg, left)
+        out.append(kept)
+        if cut:
+            return tuple(out), True
+        left -= _json_cost(kept)
+    return tuple(out), False
+
+
+def _capped_field(v: str | None) -> tuple[str | None, bool]:
+    if v is None:
+        return None, False
+    return cap_text(v, MAX_FIELD_BYTES)
+
+
+@dataclass(slots=True)
+class OwnerEventRate:
+    """Per-port budget of owner events in the record: a token bucket of ``burst`` events that
+    refills one event every ``refill_s`` seconds (event time, so it is pure and testable).
+
+    A port whose owners churn (a listener restarted in a loop) gets its first ``burst`` owner
+    events recorded, then one every ``refill_s``; the next recorded owner event of that port
+    carries ``suppressed``: how many were left out. ``appeared``/``gone`` events are small and
+    always recorded, so when a port was held stays exact; only who held it during the churn is
+    summarised. The defaults let a reload of a 30-worker server through (60 events).
+    """
+
+    burst: int = 64
+    refill_s: float = 2.0
+    _tokens: dict[PortKey, tuple[float, float]] = field(default_factory=dict)
+    _dropped: dict[PortKey, int] = field(default_factory=dict)
+
+    def admit(self, events: Iterable[Event]) -> list[Event]:
+        out: list[Event] = []
+        for e in events:
+            if e.owner is None:
+                out.append(e)
+                continue
+            tokens, last = self._tokens.get(e.key, (float(self.burst), e.ts))
+            tokens = min(float(self.burst), tokens + max(0.0, e.ts - last) / self.refill_s)
+            if tokens >= 1.0:
+                tokens -= 1.0
+                gap = self._dropped.pop(e.key, 0)
+                out.append(replace(e, suppressed=gap) if gap else e)
+            else:
+                self._dropped[e.key] = self._dropped.get(e.key, 0) + 1
+            self._tokens[e.key] = (tokens, e.ts)
+        return out
+
+    @property
+    def dropped(self) -> int:
+        """Owner events left out and not yet reported by a later recorded event."""
+        return sum(self._dropped.values())
+
+
+# ---------------------------------------------------------------------------------------------
 # JSON lines
 
 
@@ -86,18 +185,23 @@ def to_json(e: Event) -> dict[str, Any]:
         "port": e.key.port,
         "states": list(e.states),
         "initial": e.initial,
+        "suppressed": e.suppressed,
         "owner": None,
     }
     if e.owner is not None:
         o = e.owner
+        cmdline, cut = cap_cmdline(o.cmdline)
+        texts = {k: _capped_field(v) for k, v in (("name", o.name), ("user", o.user), ("unit", o.unit))}
+        texts["container"] = _capped_field(o.container)
         doc["owner"] = {
             "pid": o.pid,
             "start_ticks": o.start_ticks,
-            "name": o.name,
-            "user": o.user,
-            "cmdline": list(o.cmdline),
-            "unit": o.unit,
-            "container": o.container,
+            "name": texts["name"][0],
+            "user": texts["user"][0],
+            "cmdline": list(cmdline),
+            "unit": texts["unit"][0],
+            "container": texts["container"][0],
+            "truncated": cut or any(c for _, c in texts.values()),
         }
     return doc
 
@@ -158,6 +262,7 @@ def from_json(doc: Any) -> Event:
             unit=_opt_str(od.get("unit"), "owner.unit"),
             container=_opt_str(od.get("container"), "owner.container"),
         )
+    suppressed = doc.get("suppressed", 0)
     return Event(
         ts=float(ts),
         kind=kind,
@@ -165,6 +270,7 @@ def from_json(doc: Any) -> Event:
         owner=owner,
         states=tuple(states),
         initial=doc.get("initial") is True,
+        suppressed=_int(suppressed, "suppressed", 0, 2**63),
     )
 
 
@@ -173,10 +279,14 @@ def parse_lines(lines: Iterable[str]) -> Iterator[Event]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_BYTES:
+            raise BadRecord(f"line {n}: longer than {MAX_LINE_BYTES} bytes")
         try:
             doc = json.loads(line)
         except ValueError:
             raise BadRecord(f"line {n}: not JSON") from None
+        except RecursionError:  # "[" * 200000: the decoder's recursion limit, not a crash
+            raise BadRecord(f"line {n}: JSON nested too deeply") from None
         try:
             yield from_json(doc)
         except BadRecord as exc:
@@ -204,6 +314,8 @@ def describe(e: Event, *, with_date: bool = True) -> str:
         what = f"{'held by' if e.initial else 'now also held by'} {who}"
     else:
         what = f"released by {who}"
+    if e.suppressed:
+        what += f" ({e.suppressed} earlier owner event(s) of this port not recorded: rate limit)"
     return visible(f"{when}  {e.key!s:<11} {what}")
 
 

@@ -82,6 +82,23 @@ def plan_lines(plan: FreePlan) -> list[str]:
     return captured(print_plan, plan)
 
 
+def free_confirmation(plan: FreePlan) -> tuple[list[str], str | None]:
+    """What the `f` screen shows and asks: the plan as `rebind free --dry-run` prints it (each
+    target's other ports and sockets included), then, when there is something to do, a last
+    line naming everything else the signal takes down right above the question. Returns
+    (lines, question); question None: nothing to ask."""
+    lines = plan_lines(plan)
+    if plan.bindable:
+        return [*lines, "nothing to do: the port is bindable"], None
+    if not plan.has_actions:
+        return [*lines, "nothing rebind may do frees it (see above)"], None
+    also = plan.collateral_summary()
+    question = "Proceed (signal / destroy as above)? y/n"
+    if also:
+        question = visible(f"Proceed? This also takes down {also}. y/n")
+    return lines, question
+
+
 def run_free(plan: FreePlan, say: Callable[[str], None]) -> FreeResult:
     from rebind.actions.free import execute_plan
 
@@ -102,6 +119,20 @@ def wait_step(key: PortKey, timeout: float = 1.0) -> WaitResult:
     from rebind.actions.wait import wait_request
 
     return wait_request(request(key), timeout=timeout)
+
+
+def wait_status(res: WaitResult, waited: float) -> str:
+    """The wait screen's line while the port stays busy: `rebind why`'s headline (what blocks,
+    whose it is, and "free in N s" when it frees by itself: a countdown, as each 1 s slice
+    diagnoses again) and how long top has waited. Escaped."""
+    d = res.diagnosis
+    if d is not None:
+        what = d.headline
+    elif res.trial is not None:
+        what = f"a trial bind still fails ({res.trial})"
+    else:
+        what = "a trial bind still fails"
+    return visible(f"still busy: {what} · waiting {waited:.0f}s")
 
 
 # -- reload (rebind run) -------------------------------------------------------------------------

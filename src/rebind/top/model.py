@@ -369,6 +369,33 @@ def owners_text(owners: Sequence[OwnerView], limit: int = 2) -> str:
     return f"{shown} +{extra}" if extra > 0 else shown
 
 
+def cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` terminal cells, ending with ``…`` when cut (never silently:
+    a cut that hides a second owner must show that something is missing)."""
+    from rich.cells import cell_len, set_cell_size
+
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    return set_cell_size(text, width - 1).rstrip() + "…"
+
+
+def fit_owners(owners: Sequence[OwnerView], width: int, limit: int = 2) -> str:
+    """:func:`owners_text` in ``width`` cells: the full ``name[pid] user`` form when it fits,
+    else ``name[pid]`` only (so a second owner, e.g. the app under `rebind run`, stays
+    visible), else cut with an ellipsis."""
+    from rich.cells import cell_len
+
+    full = owners_text(owners, limit)
+    if cell_len(full) <= width:
+        return full
+    labels = ", ".join(o.label for o in owners[:limit])
+    extra = len(owners) - limit
+    short = f"{labels} +{extra}" if extra > 0 else labels
+    return cut(short, width)
+
+
 def matches(view: PortView, query: str) -> bool:
     """Every whitespace-separated term of ``query`` appears in the port, protocol, a state,
     an address, or an owner's name, pid, user, unit or container (case-insensitive)."""

@@ -26,6 +26,18 @@ A second program, ``bpf_iter_task_file`` (Linux 5.8, one call per open file of e
 machine), was 2.5-8.5x faster than /proc only when the namespace held most of the host's files,
 and 35-95x slower (0.34-0.76 s) for an idle namespace on a host with 0.6-1.2M open files; it
 was removed. Kernels without bpf_loop (5.8-5.16) use the /proc scan.
+
+The socket iterators (:mod:`.sockiter`, programs in :mod:`.sockprog`): ``bpf_iter__tcp`` and
+``bpf_iter__udp`` (Linux 5.9; bpf_seq_write 5.8; bpf_get_socket_cookie from tracing programs
+5.12) read each asked port's sockets as the kernel holds them -- SO_REUSEADDR/SO_REUSEPORT bits
+(TIME_WAITs' too), ipv6only, bound device, sk_userlocks (bind() vs connect() port), sk_uid,
+TIME_WAIT timestamps, the TCP bind bucket's fast-reuse cache, UDP chain order -- which inet_diag
+does not show and which was otherwise inferred. Why, and what each field decides, is in
+:mod:`.sockiter`'s docstring. Cost (bench/sockiter.py, docs/benchmarks.md): every socket of the
+namespace is visited, ~2 ms in an idle namespace and ~130 ms CPU on bench/mkload.py's 211k
+sockets, where the inet_diag dump of one port takes ~65 ms; counting per (port, state) in the
+kernel took 0.41x the CPU of counting the dump's records. Unavailable (no capability, no BTF,
+lockdown, REBIND_NO_BPF) -> callers fall back and mark the facts unknown.
 """
 
 from __future__ import annotations

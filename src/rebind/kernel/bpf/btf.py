@@ -63,6 +63,13 @@ class Member(NamedTuple):
     type_id: int  # that peeled type
 
 
+class Bits(NamedTuple):
+    """Where a member's value sits, to the bit: a bitfield, or a whole member (8 * size bits)."""
+
+    bit_offset: int  # bits from the start of the outer struct (little-endian: from byte 0's LSB)
+    bit_size: int
+
+
 def _record_words(info: int) -> int:
     kind = (info >> 24) & 0x1F
     return 3 + _FIXED_WORDS.get(kind, 0) + _WORDS_PER_VLEN.get(kind, 0) * (info & 0xFFFF)
@@ -220,14 +227,38 @@ class BTF:
             found = self._named_member(found.type_id, name, found.offset)
         return found
 
+    def bits(self, struct_id: int, path: str) -> Bits:
+        """Bit offset and width of a member that may be a bitfield (``skc_reuse:4``).
+
+        A bitfield's place changes between kernel builds (``sk_userlocks`` was ``:4`` before it
+        became a u8): read it from BTF, never assume it. ``path`` as for :meth:`member`.
+        """
+        *outer, last = path.split(".")
+        base, sid = 0, struct_id
+        for name in outer:
+            m = self._named_member(sid, name, base)
+            base, sid = m.offset, m.type_id
+        offs = self.string_offsets(last)
+        found = self._member(sid, offs, base * 8, 0, bits=True) if offs else None
+        if found is None:
+            raise BTFError(f"type id {struct_id} has no member {path!r}")
+        bit_off, width, size = found
+        return Bits(bit_off, width or size * 8)
+
     def _named_member(self, struct_id: int, name: str, base: int) -> Member:
         offs = self.string_offsets(name)
-        found = self._member(struct_id, offs, base, 0) if offs else None
+        found = self._member(struct_id, offs, base * 8, 0) if offs else None
         if found is None:
             raise BTFError(f"type id {struct_id} has no member {name!r}")
-        return found
+        bit_off, _, size, kind, tid = found
+        return Member(bit_off // 8, size, kind, tid)
 
-    def _member(self, struct_id: int, name_offs: frozenset[int], base: int, depth: int) -> Member | None:
+    def _member(
+        self, struct_id: int, name_offs: frozenset[int], base_bits: int, depth: int, *, bits: bool = False
+    ) -> tuple[int, ...] | None:
+        """(bit offset, bitfield width or 0, byte size[, kind, type id]) of a named member.
+
+        Without ``bits`` a bitfield is an error: byte-addressed loads cannot read it."""
         if depth > 8:
             return None
         at = self._record(struct_id)
@@ -240,17 +271,20 @@ class BTF:
         for m in range(info & 0xFFFF):
             m_name, m_type, m_off = self._words[at + 3 + 3 * m : at + 6 + 3 * m]
             bit_off = m_off & 0xFFFFFF if kflag else m_off  # kflag: bitfield_size << 24 | offset
+            width = m_off >> 24 if kflag else 0
             if m_name in name_offs:
-                if (kflag and m_off >> 24) or bit_off % 8:
+                if not bits and (width or bit_off % 8):
                     raise BTFError("member is a bitfield")
                 m_kind, m_size, m_id = self.resolve(m_type)
-                return Member(base + bit_off // 8, m_size, m_kind, m_id)
+                if bits:
+                    return (base_bits + bit_off, width, m_size)
+                return (base_bits + bit_off, width, m_size, m_kind, m_id)
             if m_name == 0:
-                anonymous.append((m_type, base + bit_off // 8))
+                anonymous.append((m_type, base_bits + bit_off))
         for m_type, m_base in anonymous:
             while self.kind(m_type) in _MODIFIERS:
                 m_type = self._words[self._record(m_type) + 2]
-            found = self._member(m_type, name_offs, m_base, depth + 1)
+            found = self._member(m_type, name_offs, m_base, depth + 1, bits=bits)
             if found is not None:
                 return found
         return None

@@ -1,0 +1,423 @@
+"""The kernel's own bind state of some ports' sockets: the BPF tcp/udp socket iterators.
+
+inet_diag shows a socket's addresses, state, uid and (LISTEN/CLOSE only) v6only, never the
+flags bind() and connect() decide by. The iterators (``bpf_iter__tcp``/``bpf_iter__udp``,
+Linux 5.9) hand a program every socket of one network namespace; :mod:`.sockprog`'s program
+copies, for the sockets of the asked ports:
+
+- ``skc_reuse`` / ``skc_reuseport`` (SO_REUSEADDR / SO_REUSEPORT; a TIME_WAIT's ``tw_reuse`` /
+  ``tw_reuseport`` are the same bits, copied from the closing socket by inet_twsk_alloc),
+  ``skc_ipv6only``, ``skc_bound_dev_if``: what inet_csk_bind_conflict / udp_lib_lport_inuse
+  compare;
+- ``sk_userlocks``: SOCK_BINDPORT_LOCK / SOCK_BINDADDR_LOCK say the port (address) came from
+  bind(), not from connect()'s autobind (SOCK_CONNECT_BIND, Linux 6.18) -- what connect()'s
+  port choice and __inet_hash_connect's reuse of a port depend on;
+- ``sk_uid`` (SO_REUSEPORT compares it) and the iterator's uid;
+- for TIME_WAIT: ``tw_substate``, ``tw_ts_recent`` / ``tw_ts_recent_stamp`` (tcp_twsk_unique
+  reuses a TIME_WAIT for connect() by its own timestamps) and ``tw_connect_bind`` (6.18);
+- for TCP, the port's ``struct inet_bind_bucket`` (``icsk_bind_hash``, a TIME_WAIT's
+  ``tw_tb``): the fast-reuse cache (``fastreuse``, ``fastreuseport``, ``fastuid``,
+  ``fast_rcv_saddr``, ``fast_v6_rcv_saddr``, ``fast_sk_family``, ``fast_ipv6_only``) that
+  lets inet_csk_get_port skip the conflict walk, and so can allow a bind the owners' flags alone
+  would refuse; on 6.18 also the (port, address) ``inet_bind2_bucket``'s own
+  ``fastreuse``/``fastreuseport`` (``icsk_bind2_hash``, ``tw_tb2``; optional members);
+- for UDP, the iterator's hash slot and the order of the sockets in it (the kernel's chain
+  order; on 6.7+ the iterator walks ``udptable->hash2``, keyed by address and port).
+
+The iterator runs in the network namespace of the thread that creates it (bpf_iter_init_seq_net
+takes current's), and reports that namespace's sockets only (tested:
+tests/kernel/test_sockiter.py). Needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), BTF and a
+kernel allowing tracing programs (not lockdown "confidentiality"); ``REBIND_NO_BPF=1`` turns
+it off, as for the owner scan. Anything missing gives
+:class:`~rebind.model.sockstate.Unavailable` with the reason, never an exception: callers fall
+back to inet_diag plus what they can infer, and mark the rest unknown.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv6Address
+
+from rebind.errors import RebindError
+from rebind.kernel.bpf import btf as btfmod
+from rebind.kernel.bpf.sockprog import (
+    ABSENT,
+    CHAIN_UNKNOWN,
+    COUNT_VALUE,
+    KIND_REQUEST,
+    KIND_TIMEWAIT,
+    OPTIONAL_MEMBERS,
+    RECORD,
+    RECORD_NAMES,
+    SOCK_MEMBERS,
+    SOCK_TARGETS,
+    Maps,
+    SockLayout,
+    build_sock_program,
+    check_layout,
+    sock_layout_from_btf,
+)
+from rebind.kernel.bpf.syscall import (
+    BPF_MAP_TYPE_HASH,
+    BPFUnavailable,
+    iter_create,
+    link_create,
+    map_create,
+    map_lookup,
+    map_update,
+    prog_load,
+    read_all,
+)
+from rebind.model.records import Endpoint, Family, Proto, State
+from rebind.model.sockstate import (
+    BindBucket,
+    ChainPos,
+    PortStateCounts,
+    SockKind,
+    SockState,
+    SockStates,
+    Unavailable,
+)
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+_layout: SockLayout | None = None
+
+
+def _check_caps() -> None:
+    if os.environ.get("REBIND_NO_BPF", "") not in ("", "0"):
+        raise BPFUnavailable("REBIND_NO_BPF is set")
+    try:
+        with open("/proc/self/status", "rb") as f:
+            caps = next((int(line.split()[1], 16) for line in f if line.startswith(b"CapEff:")), 0)
+    except (OSError, ValueError, IndexError):
+        caps = 0
+    need = (1 << CAP_BPF) | (1 << CAP_PERFMON)
+    if caps & need != need and not caps & (1 << CAP_SYS_ADMIN):
+        raise BPFUnavailable("no CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN)")
+
+
+#: Reading the layout walks most of vmlinux BTF (~0.5 s on 6.18: bench/sockiter.py); it cannot
+#: change until the next boot, so it is kept in /run (a tmpfs emptied at boot), keyed by boot id
+#: and BTF size, like the owner scan's (kernel/bpf/scan.py).
+CACHE_PATH = "/run/rebind/bpf-sock-layout"
+#: Names the member lists too: a rebind that reads other members never takes this one's cache
+#: (an optional member absent from the file would otherwise read as absent from the kernel).
+_CACHE_MAGIC = (
+    "rebind-bpf-sock-layout 2 "
+    + hashlib.sha256(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()).hexdigest()[:16]
+)
+
+
+def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
+    """This kernel's layout: from this process, the per-boot cache, or its BTF."""
+    global _layout
+    if _layout is not None:
+        return _layout
+    key = _cache_key() if use_cache else None
+    if key is not None and (cached := _read_cache(key)) is not None:
+        _layout = cached
+        return cached
+    try:
+        with open(BTF_PATH, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BPFUnavailable(f"no kernel BTF ({BTF_PATH}: {exc.strerror})") from exc
+    try:
+        _layout = sock_layout_from_btf(data)
+    except btfmod.BTFError as exc:
+        raise BPFUnavailable(f"kernel BTF: {exc}") from exc
+    if key is not None:
+        _write_cache(key, _layout)
+    return _layout
+
+
+def _cache_key() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()} {os.stat(BTF_PATH).st_size}"
+    except OSError:
+        return None
+
+
+def _read_cache(key: str) -> SockLayout | None:
+    try:
+        fd = os.open(CACHE_PATH, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None  # not ours, or writable by others: do not trust it
+        lines = os.read(fd, 1 << 16).decode().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+    if len(lines) < 2 or lines[0] != _CACHE_MAGIC or lines[1] != key:
+        return None
+    attach: dict[str, int] = {}
+    bits: dict[str, btfmod.Bits] = {}
+    try:
+        for line in lines[2:]:
+            kind, name, *values = line.split()
+            if kind == "attach":
+                attach[name] = int(values[0])
+            else:
+                bits[name] = btfmod.Bits(int(values[0]), int(values[1]))
+        lay = SockLayout(attach, bits)
+        check_layout(lay)
+    except (ValueError, IndexError, KeyError, btfmod.BTFError):
+        return None
+    required = {f"{s}.{m}" for s, m in SOCK_MEMBERS}
+    if set(attach) != set(SOCK_TARGETS) or not required <= set(bits):
+        return None
+    return lay
+
+
+def _write_cache(key: str, lay: SockLayout) -> None:
+    body = [_CACHE_MAGIC, key]
+    body += [f"attach {k} {v}" for k, v in sorted(lay.attach.items())]
+    body += [f"bits {k} {v.bit_offset} {v.bit_size}" for k, v in sorted(lay.bits.items())]
+    tmp = f"{CACHE_PATH}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(CACHE_PATH), mode=0o755, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, ("\n".join(body) + "\n").encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, CACHE_PATH)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def current_netns() -> int:
+    """The inode of this thread's network namespace (the one the iterators walk)."""
+    return os.stat(f"/proc/self/task/{_gettid()}/ns/net").st_ino
+
+
+def _gettid() -> int:
+    return int(os.readlink("/proc/thread-self").rsplit("/", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _ports_map(ports: Iterable[int]) -> tuple[int, list[int]]:
+    wanted = sorted({p for p in ports if 0 < p < 1 << 16})
+    fd = map_create(BPF_MAP_TYPE_HASH, 4, COUNT_VALUE.size, max(len(wanted), 1))
+    try:
+        zero = bytes(COUNT_VALUE.size)
+        for port in wanted:
+            map_update(fd, port.to_bytes(4, "little"), zero)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, wanted
+
+
+def _load(insns: bytes, attach_btf_id: int) -> int:
+    try:
+        return prog_load(insns, attach_btf_id)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            raise BPFUnavailable(f"loading a BPF program: {exc.strerror}") from exc
+    return prog_load(insns, attach_btf_id, log_size=1 << 20)  # again, for the verifier's log
+
+
+def _iterate(proto: Proto, ports_fd: int, *, count: bool) -> bytes:
+    lay = load_sock_layout()
+    insns = build_sock_program(lay, Maps(ports=ports_fd), proto=proto.value, count=count)
+    prog_fd = _load(insns, lay.attach[f"bpf_iter_{proto.value}"])
+    try:
+        link_fd = link_create(prog_fd)
+        try:
+            iter_fd = iter_create(link_fd)  # the namespace is taken here: this thread's
+            try:
+                return read_all(iter_fd)
+            finally:
+                os.close(iter_fd)
+        finally:
+            os.close(link_fd)
+    finally:
+        os.close(prog_fd)
+
+
+def read_socket_states(
+    ports: Iterable[int], protos: Iterable[Proto] = (Proto.TCP, Proto.UDP), *, netns: int | None = None
+) -> SockStates | Unavailable:
+    """Every socket of these local ports in this thread's network namespace, as the kernel holds it.
+
+    ``netns``: the namespace the caller means (an inode); if this thread is elsewhere, the
+    answer would be another namespace's, so it is Unavailable instead.
+    """
+    try:
+        here = current_netns()
+        if netns is not None and netns != here:
+            return Unavailable(f"the iterator walks this thread's network namespace ({here}), not {netns}")
+        _check_caps()
+        fd, wanted = _ports_map(ports)
+        try:
+            if not wanted:
+                return SockStates(here, ())
+            out: list[SockState] = []
+            faulted = 0
+            for proto in dict.fromkeys(protos):
+                got, bad = decode_records(proto, _iterate(proto, fd, count=False))
+                out.extend(got)
+                faulted += bad
+        finally:
+            os.close(fd)
+    except (BPFUnavailable, OSError) as exc:
+        return Unavailable(_reason(exc))
+    except RebindError as exc:
+        return Unavailable(str(exc))
+    return SockStates(here, tuple(out), faulted)
+
+
+def count_socket_states(
+    ports: Iterable[int], protos: Iterable[Proto] = (Proto.TCP, Proto.UDP)
+) -> PortStateCounts | Unavailable:
+    """Sockets per (proto, port, state), counted in the kernel: nothing per socket crosses."""
+    try:
+        here = current_netns()
+        _check_caps()
+        counts: list[tuple[Proto, int, State, int]] = []
+        for proto in dict.fromkeys(protos):
+            fd, wanted = _ports_map(ports)  # a fresh map per protocol: counters start at 0
+            try:
+                if not wanted:
+                    continue
+                _iterate(proto, fd, count=True)
+                for port in wanted:
+                    values = COUNT_VALUE.unpack(map_lookup(fd, port.to_bytes(4, "little"), COUNT_VALUE.size))
+                    counts += [(proto, port, State(s), n) for s, n in enumerate(values) if n and s in _STATES]
+            finally:
+                os.close(fd)
+    except (BPFUnavailable, OSError) as exc:
+        return Unavailable(_reason(exc))
+    except RebindError as exc:
+        return Unavailable(str(exc))
+    return PortStateCounts(here, tuple(counts))
+
+
+_STATES = frozenset(s.value for s in State)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, BPFUnavailable):
+        return f"BPF socket iterator: {exc.strerror or exc}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# the record codec
+
+
+def decode_records(proto: Proto, data: bytes) -> tuple[list[SockState], int]:
+    """Records -> SockState, in the iterator's order; (states, records left out for faults)."""
+    if len(data) % RECORD.size:
+        raise BPFUnavailable(f"iterator output of {len(data)} bytes is not whole records")
+    out: list[SockState] = []
+    faulted = 0
+    per_bucket: dict[int, int] = {}
+    rows = []
+    for raw in RECORD.iter_unpack(data):
+        r = dict(zip(RECORD_NAMES, raw, strict=True))
+        if r["faults"]:
+            faulted += 1
+            continue
+        rows.append(r)
+    port_index = _port_chain_index(rows) if proto is Proto.UDP else {}
+    for r in rows:
+        chain = None
+        if proto is Proto.UDP:
+            index = per_bucket.get(int(r["bucket"]), 0)
+            per_bucket[int(r["bucket"])] = index + 1
+            chain = ChainPos(int(r["bucket"]), index, port_index.get(int(r["cookie"])))
+        out.append(decode_one(proto, r, chain))
+    return out, faulted
+
+
+def _port_chain_index(rows: list[dict[str, int | bytes]]) -> dict[int, int]:
+    """cookie -> position among its port's sockets in the port chain: the more sockets follow
+    it, the nearer the head. A port with a socket past the followed length gets none."""
+    by_port: dict[int, list[dict[str, int | bytes]]] = {}
+    for r in rows:
+        by_port.setdefault(int(r["lport"]), []).append(r)
+    out: dict[int, int] = {}
+    for group in by_port.values():
+        if any(r["chain_after"] == CHAIN_UNKNOWN for r in group):
+            continue
+        for i, r in enumerate(sorted(group, key=lambda r: -int(r["chain_after"]))):
+            out[int(r["cookie"])] = i
+    return out
+
+
+def _addr(family: Family, v4: bytes, v6: bytes) -> IPv4Address | IPv6Address:
+    return IPv4Address(v4) if family is Family.INET else IPv6Address(v6)
+
+
+def decode_one(proto: Proto, r: dict[str, int | bytes], chain: ChainPos | None = None) -> SockState:
+    def num(key: str) -> int:
+        v = r[key]
+        assert isinstance(v, int)
+        return v
+
+    def raw(key: str) -> bytes:
+        v = r[key]
+        assert isinstance(v, bytes)
+        return v
+
+    family = Family(num("family"))
+    kind = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}.get(num("kind"), SockKind.FULL)
+    full, tw = kind is SockKind.FULL, kind is SockKind.TIMEWAIT
+    bucket = None
+    if num("has_bucket") & 1:
+        cached = num("fastreuseport") > 0  # else the fast_* fields are stale memory
+        bucket = BindBucket(
+            port=num("tb_port"),
+            fastreuse=num("fastreuse"),
+            fastreuseport=num("fastreuseport"),
+            fastuid=num("fastuid") if cached else None,
+            fast_rcv_saddr=IPv4Address(raw("fast_rcv_saddr")) if cached else None,
+            fast_v6_rcv_saddr=IPv6Address(raw("fast_v6_rcv_saddr")) if cached else None,
+            fast_sk_family=num("fast_sk_family") if cached else None,
+            fast_ipv6_only=bool(num("fast_ipv6_only")) if cached else None,
+            bind2_fastreuse=num("tb2_fastreuse") if num("has_bucket") & 2 else None,
+            bind2_fastreuseport=num("tb2_fastreuseport") if num("has_bucket") & 2 else None,
+        )
+    connect_bind = num("tw_connect_bind")
+    return SockState(
+        proto=proto,
+        family=family,
+        state=State(num("state")),
+        kind=kind,
+        local=Endpoint(_addr(family, raw("rcv_saddr"), raw("v6_rcv_saddr")), num("lport")),
+        remote=Endpoint(_addr(family, raw("daddr"), raw("v6_daddr")), int.from_bytes(raw("dport"), "big")),
+        cookie=num("cookie"),
+        netns=num("netns"),
+        uid=None if tw else num("uid"),
+        sk_uid=num("sk_uid") if full else None,
+        bound_dev_if=num("bound_dev_if"),
+        reuse=num("reuse"),
+        reuseport=bool(num("reuseport")),
+        ipv6only=bool(num("ipv6only")),
+        userlocks=num("userlocks") if full else None,
+        tw_substate=State(num("tw_substate")) if tw else None,
+        tw_ts_recent=num("tw_ts_recent") if tw and proto is Proto.TCP else None,
+        tw_ts_recent_stamp=num("tw_ts_recent_stamp") if tw and proto is Proto.TCP else None,
+        tw_connect_bind=bool(connect_bind) if tw and connect_bind != ABSENT else None,
+        bucket=bucket,
+        chain=chain,
+        seq=num("seq_num"),
+    )

@@ -1,0 +1,162 @@
+"""What the kernel itself holds about each bound socket, as read by the BPF socket iterator.
+
+Pure vocabulary (no I/O): :mod:`rebind.kernel.bpf.sockiter` fills it; the why gatherer
+(kernel/facts.py) puts it beside each holder; the conflict model may use the bind bucket's
+fast-reuse cache and the UDP chain order. Everything here has provenance ``kernel``: it is the
+kernel's own field, not an inference.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from rebind.model.records import Endpoint, Family, Proto, State
+
+# include/net/sock.h: sk_userlocks bits
+SOCK_SNDBUF_LOCK = 1
+SOCK_RCVBUF_LOCK = 2
+SOCK_BINDADDR_LOCK = 4  # bind() to a specific address (inet_bind_sk)
+SOCK_BINDPORT_LOCK = 8  # bind() to a port, explicit or chosen by bind(ip, 0)
+SOCK_CONNECT_BIND = 16  # Linux 6.18: the port was chosen by connect() (__inet_hash_connect)
+
+# include/net/sock.h: sk_reuse values
+SK_NO_REUSE, SK_CAN_REUSE, SK_FORCE_REUSE = 0, 1, 2
+
+# include/net/inet_hashtables.h: inet_bind_bucket.fastreuseport values
+FASTREUSEPORT_ANY, FASTREUSEPORT_STRICT = 1, 2
+
+
+class SockKind(enum.StrEnum):
+    """What the iterated object is: the iterators hand out struct sock_common for all three."""
+
+    FULL = "full"  # struct sock: listening, connected, bound
+    TIMEWAIT = "timewait"  # struct inet_timewait_sock (TIME_WAIT, or FIN_WAIT2 kept as one)
+    REQUEST = "request"  # struct request_sock (NEW_SYN_RECV): no flags of its own
+
+
+@dataclass(frozen=True, slots=True)
+class BindBucket:
+    """A TCP port's ``struct inet_bind_bucket`` (net/ipv4/inet_connection_sock.c): the cache
+    inet_csk_bind_conflict is skipped by (``inet_csk_bind_conflict`` runs only when
+    ``sk_reuseport_match``/``fastreuse`` do not already allow the bind)."""
+
+    port: int
+    #: -1: a bucket made by connect() (6.18: not shared with bind()); 0: no; 1: every owner
+    #: had SO_REUSEADDR and none listens.
+    fastreuse: int
+    #: 0, FASTREUSEPORT_ANY (1), FASTREUSEPORT_STRICT (2), or -1 (connect()-made, 6.18)
+    fastreuseport: int
+    #: The SO_REUSEPORT owner the cache was made for. The kernel writes these only when it sets
+    #: fastreuseport > 0 and reads them only then (sk_reuseport_match): None otherwise, as the
+    #: bucket's memory holds leftovers there.
+    fastuid: int | None
+    fast_rcv_saddr: IPv4Address | None
+    fast_v6_rcv_saddr: IPv6Address | None
+    fast_sk_family: int | None
+    fast_ipv6_only: bool | None
+    #: The socket's (port, address) ``inet_bind2_bucket`` cache (6.18 keeps one per bhash2
+    #: bucket; inet_bind_bucket_destroy derives the port's from them): None where not read.
+    bind2_fastreuse: int | None = None
+    bind2_fastreuseport: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainPos:
+    """Where a UDP socket sits in the kernel's hash chains (their order decides, see below).
+
+    ``port_index``: position, from 0, among the port's sockets in its ``udptable->hash`` chain
+    (keyed by port; ``sk_node``), the chain udp_lib_lport_inuse walks for bind() while the slot
+    holds at most 10 sockets -- and where it may stop at the first SO_REUSEPORT match. None when
+    the chain was longer than the program follows. Newer sockets are added at the head.
+
+    ``bucket``/``index``: the slot the iterator walked and the position among the reported
+    sockets in it (6.7+: a ``udptable->hash2`` slot, keyed by address and port: the chain
+    udp4_lib_lookup2 scores for delivery, and lport_inuse2 for bind() in big slots)."""
+
+    bucket: int
+    index: int
+    port_index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SockState:
+    """One socket as the kernel holds it. Fields not meaningful for a kind are None."""
+
+    proto: Proto
+    family: Family
+    state: State
+    kind: SockKind
+    local: Endpoint
+    remote: Endpoint
+    cookie: int
+    netns: int
+    #: The owner uid as /proc and inet_diag show it (None for TIME_WAIT: it has no owner).
+    uid: int | None
+    #: sk_uid, the kuid SO_REUSEPORT compares (full sockets only).
+    sk_uid: int | None
+    bound_dev_if: int
+    #: skc_reuse: SK_NO_REUSE / SK_CAN_REUSE (SO_REUSEADDR) / SK_FORCE_REUSE
+    reuse: int
+    reuseport: bool
+    ipv6only: bool
+    #: sk_userlocks (full sockets): SOCK_BINDPORT_LOCK etc.; None for TIME_WAIT and requests.
+    userlocks: int | None
+    tw_substate: State | None = None
+    #: tcp_timewait_sock: what tcp_twsk_unique compares (None unless TIME_WAIT)
+    tw_ts_recent: int | None = None
+    tw_ts_recent_stamp: int | None = None
+    #: inet_timewait_sock.tw_connect_bind (6.18); None elsewhere or where the kernel lacks it
+    tw_connect_bind: bool | None = None
+    bucket: BindBucket | None = None
+    chain: ChainPos | None = None
+    #: the iterator's visiting order (bpf_iter_meta.seq_num)
+    seq: int = 0
+
+    @property
+    def reuseaddr(self) -> bool:
+        return self.reuse != SK_NO_REUSE
+
+    @property
+    def port_locked(self) -> bool | None:
+        """SOCK_BINDPORT_LOCK: bind() named the port (inet_bind_sk sets it for a non-zero port
+        only: bind(ip, 0) sets SOCK_BINDADDR_LOCK alone, and connect()'s autobind neither);
+        None where the kernel keeps no such bit (TIME_WAIT, request)."""
+        return None if self.userlocks is None else bool(self.userlocks & SOCK_BINDPORT_LOCK)
+
+    @property
+    def addr_locked(self) -> bool | None:
+        return None if self.userlocks is None else bool(self.userlocks & SOCK_BINDADDR_LOCK)
+
+
+@dataclass(frozen=True, slots=True)
+class SockStates:
+    """The iterator's answer for some ports in one network namespace."""
+
+    netns: int
+    sockets: tuple[SockState, ...]
+    #: Records whose copies faulted (a socket freed mid-read): left out, so "not seen" is not
+    #: "not there" when this is non-zero.
+    faulted: int = 0
+
+    def by_cookie(self) -> dict[int, SockState]:
+        return {s.cookie: s for s in self.sockets}
+
+
+@dataclass(frozen=True, slots=True)
+class PortStateCounts:
+    """Count mode: sockets per (proto, port, state), counted in the kernel."""
+
+    netns: int
+    counts: tuple[tuple[Proto, int, State, int], ...]
+
+    def get(self, proto: Proto, port: int, state: State) -> int:
+        return sum(n for p, q, s, n in self.counts if (p, q, s) == (proto, port, state))
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """The iterator cannot run here; the caller falls back and marks what it could not read."""
+
+    reason: str
