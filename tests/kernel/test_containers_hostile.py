@@ -205,7 +205,7 @@ def test_a_fake_dockerd_is_not_believed(
     doc = json.loads(res.stdout)
     assert doc["blockers"][0]["kind"] == "container-proxy"  # a root docker-proxy stays one
     # the payload, not the word: the localhost finding names curl as a client kind
-    assert "curl http" not in res.stdout and "web;" not in res.stdout and "\"web" not in res.stdout
+    assert "curl http" not in res.stdout and "web;" not in res.stdout and '"web' not in res.stdout
     for fix in doc["fixes"]:
         command = fix.get("command") or ""
         assert not SHELL_META.search(command.split("   #")[0]), command

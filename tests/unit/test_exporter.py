@@ -20,25 +20,30 @@ from rebind.exporter.facts import (
     Dest,
     EphemeralRange,
     Missing,
+    PortKey,
     Reason,
+    ServerFlags,
     Snapshot,
     Tally,
     WarningKind,
     Watch,
-    assess_bindable,
+    assess_restart,
     bind_held_ports,
     bindable_value,
     config_warnings,
     connect_counts,
     frees_in_seconds,
     listener_groups,
-    server_addresses,
+    port_holders,
+    restart_answers,
+    server_flags,
     state_counts,
 )
 from rebind.exporter.families import families
 from rebind.exporter.serve import parse_listen, registry_with, write_atomic
 from rebind.kernel.diag_codec import BC_OP, BcOp, port_filter
-from rebind.model.conflict import KernelSettings
+from rebind.model.assess import BindNow, Provenance
+from rebind.model.conflict import KernelSettings, SockOpts
 from rebind.model.records import Endpoint, Family, Proto, SocketRecord, State, Timer
 
 ANY4 = IPv4Address("0.0.0.0")
@@ -145,29 +150,94 @@ def test_any_of_rejects_nothing() -> None:
 
 
 W = Watch(8080)
+K = PortKey(8080)
+
+
+def answer(
+    table: list[SocketRecord],
+    w: Watch = W,
+    *,
+    settings: KernelSettings = SETTINGS,
+    watches: tuple[Watch, ...] | None = None,
+    flags: tuple[tuple[Watch, ServerFlags], ...] = (),
+) -> tuple[int, BindNow]:
+    """The exported value and the judgement for ``w``, through a Tally as the gatherer does."""
+    snap = snap_of(table, watches or (w,), settings=settings, server_flags=flags)
+    [a] = [x for x in restart_answers(snap) if x.watch == w]
+    return bindable_value(a.judgement), a.judgement.now
+
+
+def read(reuseaddr: bool, reuseport: bool = False) -> ServerFlags:
+    return ServerFlags(SockOpts(reuseaddr, reuseport), Provenance.READ, 1000, 7)
 
 
 def test_running_server_with_connections_and_its_time_wait_would_restart() -> None:
     table = [
         listener(),
         rec(State.ESTABLISHED, ("127.0.0.1", 8080), ("127.0.0.1", 50000)),
+        rec(State.ESTABLISHED, ("127.0.0.1", 8080), ("127.0.0.1", 50002)),
         rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("127.0.0.1", 50001), expires=42_000),
+        rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("127.0.0.1", 50003), expires=41_000),
     ]
-    assert server_addresses(table, W) == [ANY4]
-    assert bindable_value(assess_bindable(table, W, ANY4, SETTINGS)) == 1
+    # Unread flags: the restart and the live listener's own children share the assumption.
+    assert answer(table) == (1, BindNow.BINDABLE)
+    assert answer(table, flags=((W, read(True)),)) == (1, BindNow.BINDABLE)
+    # Read without SO_REUSEADDR: its connections refuse the restart, as the kernel would.
+    assert answer(table, flags=((W, read(False)),)) == (0, BindNow.BUSY)
     snap = snap_of(table, (W,))
-    assert frees_in_seconds(snap, W) == 42.0
-    # Children and leftovers are counted, never handed to the model.
-    assert list(snap.watched or ()) == [table[0]]
+    assert frees_in_seconds(snap, K) == 42.0
+    # One representative of the children and of the leftovers per local address, not all.
+    assert list(snap.watched or ()) == [table[0], table[1], table[3]]
+
+
+def test_seed_case_time_wait_of_a_server_never_seen_is_unknown_and_exported_0() -> None:
+    """The seed: a server without SO_REUSEADDR is gone, its TIME_WAIT stays. Its SO_REUSEADDR is
+    unknown (inet_diag does not report it): never 1, and the missing fact is named."""
+    table = [rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("127.0.0.1", 50001), expires=42_000)]
+    assert answer(table) == (0, BindNow.UNKNOWN)
+    snap = snap_of(table, (W,))
+    got = _scrape(snap)
+    want = {"metric": "rebind_port_bindable", "reason": "so_reuseaddr_unknown"}
+    assert (want, 1.0) in got["rebind_exporter_missing"]
+    assert got["rebind_port_bindable"] == [({"port": "8080", "proto": "tcp", "addr": "0.0.0.0"}, 0.0)]
+    # Its listener was read in an earlier scrape: the TIME_WAIT's flags are inferred from it.
+    assert answer(table, flags=((W, read(False)),)) == (0, BindNow.BUSY)
+    assert answer(table, flags=((W, read(True)),)) == (1, BindNow.BINDABLE)
+    # A listener whose flags could not be read tells nothing about its leftovers.
+    unread = ServerFlags(SockOpts(), Provenance.UNKNOWN, 1000, 7)
+    assert answer(table, flags=((W, unread),)) == (0, BindNow.UNKNOWN)
+    assert not server_flags(snap_of(table, (W,), server_flags=((W, unread),)), W).exact
 
 
 def test_client_that_took_the_server_port_blocks_the_restart() -> None:
     # kubernetes#111682: the server is down and an outgoing connection got 8080 as its source.
+    # It blocks unless it set SO_REUSEADDR itself, which inet_diag does not say: 0, not 1.
     table = [rec(State.ESTABLISHED, ("10.0.0.1", 8080), ("10.0.0.9", 443))]
-    assert bindable_value(assess_bindable(table, W, ANY4, SETTINGS)) == 0
+    assert answer(table) == (0, BindNow.UNKNOWN)
     snap = snap_of(table, (W,))
     assert list(snap.watched or ()) == table
-    assert frees_in_seconds(snap, W) == 0.0
+    assert frees_in_seconds(snap, K) == 0.0
+
+
+def test_squatter_on_another_address_is_a_holder_not_the_server() -> None:
+    """M4: a listener on 127.0.0.77 while the real (0.0.0.0) server is down: the only series is
+    the configured address's, and it says the restart fails."""
+    table = [rec(State.LISTEN, ("127.0.0.77", 8080), uid=65534)]
+    assert answer(table) == (0, BindNow.BUSY)
+    got = _scrape(snap_of(table, (W,)))
+    assert got["rebind_port_bindable"] == [({"port": "8080", "proto": "tcp", "addr": "0.0.0.0"}, 0.0)]
+    assert "rebind_listener_accept_queue" not in got  # not a watched address: no series
+
+
+def test_thousands_of_user_bound_addresses_add_no_series() -> None:
+    """H3: labels come from the command line. 2,000 listeners on 127.x.y.z: still one bindable
+    series and one set of listener series (the watched address's)."""
+    table = [listener("0.0.0.0")]
+    table += [rec(State.LISTEN, (f"127.100.{i >> 8}.{i & 255}", 8080), uid=65534) for i in range(2000)]
+    got = _scrape(snap_of(table, (W,)))
+    assert len(got["rebind_port_bindable"]) == 1
+    assert len(got["rebind_listener_accept_queue"]) == 1
+    assert len(got["rebind_listener_reuseport_group_size"]) == 1
 
 
 TABLES = [
@@ -176,6 +246,7 @@ TABLES = [
     [listener("::"), rec(State.ESTABLISHED, ("::ffff:127.0.0.1", 8080), ("::ffff:127.0.0.1", 5))],
     [
         rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("127.0.0.1", 6), expires=1),
+        rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("127.0.0.1", 7), expires=1),
         rec(State.BOUND_INACTIVE, ("127.0.0.3", 8080)),
     ],
     [rec(State.SYN_SENT, ("127.0.0.1", 8080), ("10.1.1.1", 80))],
@@ -184,40 +255,93 @@ TABLES = [
 
 @pytest.mark.parametrize("table", TABLES)
 def test_the_model_sees_the_same_answer_from_the_tally_kept_sockets(table: list[SocketRecord]) -> None:
-    """Leaving children and leftovers out (the fast path) never changes a bindable answer."""
-    kept = list(snap_of(table, (W,)).watched or ())
-    for addr in (ANY4, LO, IPv4Address("127.0.0.2"), IPv6Address("::")):
-        assert (
-            assess_bindable(kept, W, addr, SETTINGS).verdict
-            == assess_bindable(table, W, addr, SETTINGS).verdict
-        )
+    """Keeping one child and one leftover per local address (the fast path) never changes an
+    answer."""
+    watches = tuple(Watch(8080, addr=a) for a in (ANY4, LO, IPv4Address("127.0.0.2"), IPv6Address("::")))
+    kept = list(snap_of(table, watches).watched or ())
+    for flags in (ServerFlags(SockOpts(True, False), Provenance.ASSUMED), read(False), read(True)):
+        servers = {w.addr: flags for w in watches}
+        for w in watches:
+            a = assess_restart(port_holders(kept, K, servers), w, flags, SETTINGS)
+            b = assess_restart(port_holders(table, K, servers), w, flags, SETTINGS)
+            assert a.now == b.now, (w, flags)
 
 
 def test_stray_bound_inactive_socket_blocks_a_wildcard_server() -> None:
     table = [listener("127.0.0.1"), rec(State.BOUND_INACTIVE, ("127.0.0.2", 8080))]
-    assert server_addresses(table, W) == [LO, IPv4Address("127.0.0.2")]
-    assert bindable_value(assess_bindable(table, W, ANY4, SETTINGS)) == 0
+    both = (W, Watch(8080, addr=LO))
+    assert answer(table, watches=both)[0] == 0
     # ...while the server's own address (127.0.0.1) does not overlap 127.0.0.2.
-    assert bindable_value(assess_bindable(table, W, LO, SETTINGS)) == 1
+    assert answer(table, Watch(8080, addr=LO), watches=both) == (1, BindNow.BINDABLE)
 
 
 def test_another_listener_on_an_overlapping_address_blocks() -> None:
     table = [listener("0.0.0.0"), listener("127.0.0.1")]  # impossible without SO_REUSEPORT...
-    assert bindable_value(assess_bindable(table, W, LO, SETTINGS)) == 0  # ...and the other one stays
+    assert answer(table, Watch(8080, addr=LO))[0] == 0  # ...and the other one stays
 
 
 def test_privileged_port_is_judged_as_the_server_would_bind_it() -> None:
     table = [listener(port=80)]
     unpriv = KernelSettings(cap_net_bind_service=False)
-    assert bindable_value(assess_bindable(table, Watch(80), ANY4, unpriv)) == 1
+    assert answer(table, Watch(80), settings=unpriv) == (1, BindNow.BINDABLE)
 
 
 def test_udp_server_own_socket_excluded_other_socket_blocks() -> None:
     u = Watch(5353, Proto.UDP)
     own = rec(State.CLOSE, ("0.0.0.0", 5353), proto=Proto.UDP)
-    assert bindable_value(assess_bindable([own], u, ANY4, SETTINGS)) == 1
+    assert answer([own], u) == (1, BindNow.BINDABLE)
     other = rec(State.CLOSE, ("127.0.0.1", 5353), proto=Proto.UDP)
-    assert bindable_value(assess_bindable([own, other], u, ANY4, SETTINGS)) == 0
+    assert answer([own, other], u)[0] == 0
+
+
+def test_ipv4_mapped_addr_labels_are_dotted_on_every_python() -> None:
+    """L4: ``::ffff:127.0.0.9``, never 3.11's ``::ffff:7f00:9``."""
+    w = Watch(8080, addr=IPv6Address("::ffff:127.0.0.9"))
+    table = [rec(State.LISTEN, ("::ffff:127.0.0.9", 8080))]
+    got = _scrape(snap_of(table, (w,)))
+    assert {lab["addr"] for lab, _ in got["rebind_port_bindable"]} == {"::ffff:127.0.0.9"}
+    assert {lab["addr"] for lab, _ in got["rebind_listener_backlog"]} == {"::ffff:127.0.0.9"}
+
+
+def test_watch_and_collector_refuse_bad_input_with_a_usage_error() -> None:
+    """L2: out-of-range ports, strings for watches, nan or negative intervals."""
+    for bad in (
+        lambda: RebindCollector([Watch(70000)], []),
+        lambda: RebindCollector(["8080"], []),  # type: ignore[list-item]
+        lambda: RebindCollector("8080", []),  # type: ignore[arg-type]
+        lambda: RebindCollector([W], [], interval=float("nan")),
+        lambda: RebindCollector([W], [], interval=-5),
+        lambda: Watch(True),
+        lambda: Watch(8080, "sctp"),  # type: ignore[arg-type]
+        lambda: Watch(8080, addr="localhost"),  # type: ignore[arg-type]
+        lambda: Dest(IPv4Address("10.0.0.1"), 0),
+    ):
+        with pytest.raises(UsageError):
+            bad()
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("8080", [Watch(8080)]),
+        ("127.0.0.1:8080", [Watch(8080, addr=LO)]),
+        ("[::]:8080", [Watch(8080, addr=IPv6Address("::"))]),
+        ("[::1]:53/udp", [Watch(53, Proto.UDP, IPv6Address("::1"))]),
+        ("0.0.0.0:53/UDP,53", [Watch(53), Watch(53, Proto.UDP)]),
+    ],
+)
+def test_parse_watches(text: str, want: list[Watch]) -> None:
+    from rebind.cli.exporter import parse_watches
+
+    assert parse_watches((text,)) == want
+
+
+@pytest.mark.parametrize("text", ["::1:8080", "localhost:8080", "[fe80::1%lo]:80", "1.2.3.4:0", ":8080"])
+def test_parse_watches_rejects(text: str) -> None:
+    from rebind.cli.exporter import parse_watches
+
+    with pytest.raises(UsageError):
+        parse_watches((text,))
 
 
 def test_state_counts_lower_case_with_zeros() -> None:
@@ -228,23 +352,24 @@ def test_state_counts_lower_case_with_zeros() -> None:
         rec(State.NEW_SYN_RECV, ("127.0.0.1", 8080), ("127.0.0.1", 2)),
         rec(State.ESTABLISHED, ("127.0.0.1", 9999), ("127.0.0.1", 3)),  # other port
     ]
-    counts = state_counts(snap_of(table, (W,)), W)
+    counts = state_counts(snap_of(table, (W,)), K)
     assert counts["listen"] == 1 and counts["time_wait"] == 1 and counts["bound_inactive"] == 1
     assert counts["syn_recv"] == 1 and counts["established"] == 0
     assert all(k == k.lower() for k in counts)
     assert "unconn" not in counts
     u = Watch(53, Proto.UDP)
-    udp = state_counts(snap_of([rec(State.CLOSE, ("0.0.0.0", 53), proto=Proto.UDP)], (u,)), u)
+    udp = state_counts(snap_of([rec(State.CLOSE, ("0.0.0.0", 53), proto=Proto.UDP)], (u,)), u.key)
     assert udp == {"unconn": 1, "established": 0}
 
 
 def test_listener_groups_report_the_fullest_reuseport_member() -> None:
     table = [listener(rq=10, wq=100), listener(rq=90, wq=100), listener(rq=5, wq=10), listener("::", rq=1)]
-    groups = listener_groups(table, [W])
+    groups = listener_groups(table, [W, Watch(8080, addr=IPv6Address("::"))])
     assert [(g.addr, g.size, g.accept_queue, g.backlog) for g in groups] == [
         (ANY4, 3, 90, 100),
         (IPv6Address("::"), 1, 1, 128),
     ]
+    assert [g.addr for g in listener_groups(table, [W])] == [ANY4]  # only watched addresses
     assert listener_groups(table, [Watch(8080, Proto.UDP)]) == []
 
 

@@ -67,13 +67,15 @@ tests:
         values: '1x20'
       - series: 'rebind_config_warning{{instance="h",job="rebind",kind="ephemeral_range_odd"}}'
         values: '0x20'
+      - series: 'rebind_exporter_missing{{instance="h",job="rebind",metric="rebind_port_bindable",reason="so_reuseaddr_unknown"}}'
+        values: '1x20'
     alert_rule_test:
       - eval_time: 3m
         alertname: RebindRestartWouldFail
         exp_alerts:
           - exp_labels: {{severity: critical, instance: h, job: rebind, port: "8080", proto: tcp, addr: 0.0.0.0}}
             exp_annotations:
-              summary: "Restarting the server on 0.0.0.0:8080/tcp would fail with EADDRINUSE"
+              summary: "Restarting the server on 0.0.0.0:8080/tcp would fail with EADDRINUSE (or rebind cannot tell)"
               description: "Run `rebind why 8080` on h to see what holds the port and how to free it."
       - eval_time: 4m
         alertname: RebindAcceptQueueNearlyFull
@@ -99,6 +101,12 @@ tests:
             exp_annotations:
               summary: "rebind configuration warning server_port_in_ephemeral_range on h"
               description: "See docs/metrics.md (rebind_config_warning) for what server_port_in_ephemeral_range means and how to fix it."
+      - eval_time: 16m
+        alertname: RebindExporterMissingMetrics
+        exp_alerts:
+          - exp_labels: {{severity: info, instance: h, job: rebind, metric: rebind_port_bindable, reason: so_reuseaddr_unknown}}
+            exp_annotations:
+              summary: "rebind exporter on h cannot (fully) produce rebind_port_bindable (so_reuseaddr_unknown)"
 """
 
 

@@ -27,6 +27,7 @@ MAX_DEST = 64
     epilog="""\b
 Examples:
   rebind exporter --watch 80,443,53/udp                  serve 127.0.0.1:9811/metrics
+  rebind exporter --watch 127.0.0.1:8080,[::]:9000       servers on one address, dual-stack
   rebind exporter --listen 0.0.0.0:9811 --watch 8080 --dest 10.0.0.5:5432
   rebind exporter --watch 8080 --textfile /var/lib/node_exporter/textfile/rebind.prom --once
 
@@ -47,8 +48,9 @@ package: rebind/exporter/rules.yml). Exit status: 0 ok, 2 usage error, 3 cannot 
     "--watch",
     "watch",
     multiple=True,
-    metavar="PORT[/udp][,...]",
-    help="Server ports to watch (repeatable; TCP unless /udp).",
+    metavar="[ADDR:]PORT[/udp][,...]",
+    help="Servers to watch: the address their restart binds (default 0.0.0.0; [::]:PORT for a "
+    "dual-stack server) and the port (repeatable; TCP unless /udp).",
 )
 @click.option(
     "--dest",
@@ -153,6 +155,8 @@ def _stop_event() -> threading.Event:
 
 
 def parse_watches(values: tuple[str, ...]) -> list[Watch]:
+    """``PORT``, ``ADDR:PORT`` or ``[V6ADDR]:PORT``, each with an optional ``/udp`` (or ``/tcp``):
+    the address a restart of the server binds (default ``0.0.0.0``)."""
     from rebind.exporter.facts import Watch
     from rebind.model.records import Proto
     from rebind.model.validate import parse_port
@@ -162,15 +166,34 @@ def parse_watches(values: tuple[str, ...]) -> list[Watch]:
         for item in value.split(","):
             item = item.strip()
             if not item:
-                raise UsageError(f"--watch {value!r}: empty port (PORT[/udp][,...])")
-            port_text, _, proto_text = item.partition("/")
+                raise UsageError(f"--watch {value!r}: empty port ([ADDR:]PORT[/udp][,...])")
+            where, _, proto_text = item.partition("/")
             proto_text = proto_text.strip().lower() or "tcp"
             if proto_text not in ("tcp", "udp"):
                 raise UsageError(f"--watch {item!r}: protocol must be tcp or udp")
-            out.add(Watch(parse_port(port_text, what="--watch"), Proto(proto_text)))
+            host, sep, port_text = where.rpartition(":")
+            if not sep:
+                port_text = where
+            elif host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            elif ":" in host:
+                raise UsageError(f"--watch {item!r}: write an IPv6 address in brackets, e.g. [::]:8080")
+            addr = _watch_addr(host, item) if sep else None
+            port = parse_port(port_text, what="--watch")
+            w = Watch(port, Proto(proto_text)) if addr is None else Watch(port, Proto(proto_text), addr)
+            out.add(w)
     if len(out) > MAX_WATCH:
-        raise UsageError(f"--watch: at most {MAX_WATCH} ports (each adds series)")
-    return sorted(out)
+        raise UsageError(f"--watch: at most {MAX_WATCH} ports and addresses (each adds series)")
+    return sorted(out, key=lambda w: w.sort_key())
+
+
+def _watch_addr(host: str, item: str) -> IPAddress:
+    if "%" in host:
+        raise UsageError(f"--watch {item!r}: no scope ids (watch the port on [::] or the address)")
+    try:
+        return ip_address(host)
+    except ValueError:
+        raise UsageError(f"--watch {item!r}: {host!r} is not an IP address (ADDR:PORT)") from None
 
 
 def parse_dests(values: tuple[str, ...]) -> list[Dest]:
@@ -191,7 +214,7 @@ def parse_dests(values: tuple[str, ...]) -> list[Dest]:
             out.setdefault((addr, port), Dest(addr, port, host))
     if len(out) > MAX_DEST:
         raise UsageError(f"--dest: at most {MAX_DEST} destinations (each adds series)")
-    return sorted(out.values())
+    return sorted(out.values(), key=lambda d: d.sort_key())
 
 
 def _resolve(host: str) -> IPAddress:

@@ -5,15 +5,29 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from rebind.errors import UsageError
 from rebind.exporter.facts import Dest, Snapshot, Watch
 from rebind.exporter.families import families
 from rebind.exporter.gather import Gatherer
+from rebind.model.validate import parse_seconds
 
 SnapshotSource = Callable[[], Snapshot]
+T = TypeVar("T")
+
+
+def _all_of(items: Sequence[T], kind: type[T], what: str) -> tuple[T, ...]:
+    if isinstance(items, str | bytes):
+        raise UsageError(f"RebindCollector {what}: a sequence of {kind.__name__}, not a string")
+    out = tuple(items)
+    for x in out:
+        if not isinstance(x, kind):
+            raise UsageError(f"RebindCollector {what}: {x!r} is not a rebind.{kind.__name__}")
+    return out
 
 
 class RebindCollector(Collector):
@@ -30,10 +44,11 @@ class RebindCollector(Collector):
         gatherer: SnapshotSource | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.watches = tuple(watches)
-        self.dests = tuple(dests)
-        self.interval = interval
-        self._gather: SnapshotSource = gatherer or Gatherer(watches, dests)
+        self.watches = _all_of(watches, Watch, "watches")
+        self.dests = _all_of(dests, Dest, "dests")
+        # nan would never compare >= and gather once ever; negative is a typo (usage error).
+        self.interval = parse_seconds(interval, what="RebindCollector interval", minimum=0.0)
+        self._gather: SnapshotSource = gatherer or Gatherer(self.watches, self.dests)
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None

@@ -1,11 +1,9 @@
 """What one scrape knows, and what follows from it. Pure: no I/O, no prometheus-client.
 
-Two judgements here are placeholders for shared layers being built elsewhere, each kept in one
-function so it can be swapped:
-
-* :func:`assess_bindable` uses the conflict model (``model.conflict.evaluate``) over the socket
-  table, never a trial bind (a scrape must not perturb kernel state). The middle layer's
-  observer-free "bindable now" assessment replaces it.
+* "Would a restart bind?" is the one assessment of rebind (``model.assess.judge``: the conflict
+  model over the socket table, never a trial bind -- a scrape must not perturb kernel state), for
+  each address the operator watches, with the facts this module assembles once per port
+  (:func:`port_holders`, :func:`restart_request`).
 * :func:`connect_counts` / :func:`bind_held_ports` are a small count over the socket table and the
   ``ip_local_port_range`` / ``ip_local_reserved_ports`` sysctls (connect-rules.md §0.2 step 4
   without the parts inet_diag cannot show). ``why --connect``'s client model replaces them.
@@ -14,31 +12,84 @@ function so it can be swapped:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from rebind.model.conflict import BindRequest, Holder, KernelSettings, Outcome, SockOpts, Verdict, evaluate
-from rebind.model.records import IPAddress, Proto, SocketRecord, State
+from rebind.errors import UsageError
+from rebind.model.assess import BindNow, HolderFacts, Judgement, Provenance, judge
+from rebind.model.conflict import BindRequest, Flag, KernelSettings, SockOpts
+from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, fmt_addr
 
 WILDCARD4 = IPv4Address("0.0.0.0")
 
 
 @dataclass(frozen=True, slots=True, order=True)
-class Watch:
-    """A watched server port (``--watch PORT[/udp]``)."""
+class PortKey:
+    """A watched port and protocol: what per-port metrics (states, peers, timers) are keyed by."""
 
     port: int
     proto: Proto = Proto.TCP
 
 
-@dataclass(frozen=True, slots=True, order=True)
+def _check_port(port: object, what: str) -> int:
+    from rebind.model.validate import parse_port
+
+    if not isinstance(port, int):
+        raise UsageError(f"{what} {port!r} is not a port number (1-65535)")
+    return parse_port(port, what=what)
+
+
+def _check_addr(addr: object, what: str) -> IPAddress:
+    if isinstance(addr, IPv4Address | IPv6Address):
+        return addr
+    try:
+        return ip_address(str(addr))
+    except ValueError:
+        raise UsageError(f"{what} {addr!r} is not an IP address") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """A watched server (``--watch [ADDR:]PORT[/udp]``): the address a restart binds (by default
+    the IPv4 wildcard; ``[::]`` for a dual-stack server), the port and protocol. Validated here,
+    so the API (``RebindCollector``) refuses what the command line refuses."""
+
+    port: int
+    proto: Proto = Proto.TCP
+    addr: IPAddress = WILDCARD4
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, "Watch port")
+        try:
+            proto = Proto(self.proto)
+        except ValueError:
+            raise UsageError(f"Watch proto {self.proto!r}: tcp or udp") from None
+        object.__setattr__(self, "proto", proto)
+        object.__setattr__(self, "addr", _check_addr(self.addr, "Watch addr"))
+
+    @property
+    def key(self) -> PortKey:
+        return PortKey(self.port, self.proto)
+
+    def sort_key(self) -> tuple[int, str, int, int]:
+        return (self.port, self.proto.value, self.addr.version, int(self.addr))
+
+
+@dataclass(frozen=True, slots=True)
 class Dest:
     """A watched destination (``--dest HOST:PORT``); HOST resolved once, at start-up."""
 
     addr: IPAddress
     port: int
     host: str = ""
+
+    def __post_init__(self) -> None:
+        _check_port(self.port, "Dest port")
+        object.__setattr__(self, "addr", _check_addr(self.addr, "Dest addr"))
+
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.addr.version, int(self.addr), self.port)
 
 
 class Reason(enum.StrEnum):
@@ -50,6 +101,21 @@ class Reason(enum.StrEnum):
     KERNEL_ERROR = "kernel_error"
     SYSCTL_UNREADABLE = "sysctl_unreadable"
     NO_ROUTE = "no_route"
+    #: rebind_port_bindable is 0 because the answer hinges on this fact of a socket on the port,
+    #: which nobody could read (e.g. SO_REUSEADDR of a TIME_WAIT whose server was never seen).
+    REUSEADDR_UNKNOWN = "so_reuseaddr_unknown"
+    REUSEPORT_UNKNOWN = "so_reuseport_unknown"
+    UID_UNKNOWN = "socket_uid_unknown"
+    V6ONLY_UNKNOWN = "ipv6_v6only_unknown"
+
+
+#: The Reason naming each fact the one assessment may miss (model.conflict.Flag).
+MISSING_FACT = {
+    Flag.REUSEADDR: Reason.REUSEADDR_UNKNOWN,
+    Flag.REUSEPORT: Reason.REUSEPORT_UNKNOWN,
+    Flag.UID: Reason.UID_UNKNOWN,
+    Flag.V6ONLY: Reason.V6ONLY_UNKNOWN,
+}
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -83,7 +149,7 @@ OTHER = "other"
 
 @dataclass(frozen=True, slots=True)
 class PeerCount:
-    watch: Watch
+    key: PortKey
     peer: str
     sockets: int
 
@@ -97,19 +163,38 @@ class DestUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerFlags:
+    """What is known of the flags the server on a watched address uses: read from its listener
+    (or bound UDP socket) while it lived, and remembered across scrapes by the gatherer (a
+    server's TIME_WAITs outlive it). ``inode`` is the socket they were read from."""
+
+    opts: SockOpts
+    provenance: Provenance
+    uid: int | None = None
+    inode: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.provenance.exact
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything one scrape gathered. ``None`` means "could not be gathered" (see ``missing``)."""
 
     watches: tuple[Watch, ...] = ()
     dests: tuple[Dest, ...] = ()
     #: The sockets on watched ports that the conflict model needs: listeners, bound-inactive and
-    #: bound UDP sockets, and connections that are not a listener's children (see Tally.conn).
-    #: Children and TIME_WAIT leftovers are only counted (``counts``, ``tw_expires_ms``).
+    #: UDP sockets, connections that are not a listener's children, and one representative of
+    #: the children and of the TIME_WAIT leftovers on each local address (see Tally.conn); the
+    #: rest are only counted (``counts``, ``tw_expires_ms``).
     watched: tuple[SocketRecord, ...] | None = ()
-    #: Sockets on watched ports by state: ((watch, state), n).
-    counts: tuple[tuple[tuple[Watch, State], int], ...] = ()
+    #: Sockets on watched ports by state: ((port, state), n).
+    counts: tuple[tuple[tuple[PortKey, State], int], ...] = ()
     #: The longest TIME_WAIT/FIN_WAIT2 timer left on each watched TCP port (ms).
-    tw_expires_ms: tuple[tuple[Watch, int], ...] = ()
+    tw_expires_ms: tuple[tuple[PortKey, int], ...] = ()
+    #: The flags each watched server was seen with (only those the gatherer could read).
+    server_flags: tuple[tuple[Watch, ServerFlags], ...] = ()
     #: Connections to each dest, by source address: which ports are live and which in TIME_WAIT.
     usage: tuple[DestUsage, ...] | None = ()
     #: Connections on watched TCP ports by remote address: top TOP_PEERS per port, then "other".
@@ -138,69 +223,128 @@ def norm(a: IPAddress) -> IPAddress:
     return a
 
 
-def on_port(records: Iterable[SocketRecord], w: Watch) -> list[SocketRecord]:
-    return [r for r in records if r.local.port == w.port and r.proto is w.proto]
-
-
-def server_addresses(records: Sequence[SocketRecord], w: Watch) -> list[IPAddress]:
-    """The addresses a server uses on the port: those of its listeners (TCP) or bound sockets
-    (UDP) and bound-inactive sockets; 0.0.0.0 when there are none. Bounded by the sockets a
-    server opens, not by its clients."""
-    kinds = {State.LISTEN, State.BOUND_INACTIVE} if w.proto is Proto.TCP else {State.CLOSE}
-    seen = sorted({r.local.addr for r in on_port(records, w) if r.state in kinds}, key=_addr_key)
-    return seen or [WILDCARD4]
+def on_port(records: Iterable[SocketRecord], key: PortKey) -> list[SocketRecord]:
+    return [r for r in records if r.local.port == key.port and r.proto is key.proto]
 
 
 def _addr_key(a: IPAddress) -> tuple[int, int]:
     return (a.version, int(a))
 
 
-def _restart_holders(records: Sequence[SocketRecord], w: Watch, addr: IPAddress) -> list[Holder]:
-    """The sockets a restart of the server on ``addr`` would meet, with assumed flags.
+#: The flags a server is assumed to use when they could not be read: nearly every server sets
+#: SO_REUSEADDR (and its accepted sockets inherit it).
+ASSUMED = ServerFlags(SockOpts(reuseaddr=True, reuseport=False), Provenance.ASSUMED)
 
-    A restart closes the server's own listener (or bound UDP socket) on ``addr``, so those are
-    left out. Its accepted connections and ownerless leftovers (TIME_WAIT, orphaned FIN_WAIT2)
-    carry the listener's SO_REUSEADDR (inet_twsk_alloc copies sk_reuse, inherited at accept()),
-    which nobody can read without signalling-grade access to the process; they are assumed to
-    have it, as the restarting server is assumed to. Every other socket (a client that took the
-    port as its ephemeral source, a stray bind) is assumed to have neither flag: it blocks.
+
+def server_flags(snap: Snapshot, w: Watch) -> ServerFlags:
+    """The flags of the server on ``w``: read (now or in an earlier scrape), else assumed."""
+    got = dict(snap.server_flags).get(w)
+    return got if got is not None and got.exact else ASSUMED
+
+
+def _own_states(proto: Proto) -> frozenset[State]:
+    """What a restart closes: the server's listeners (TCP) or bound sockets (UDP)."""
+    return frozenset({State.LISTEN}) if proto is Proto.TCP else frozenset({State.CLOSE})
+
+
+class _Listeners:
+    """The listeners of one port, indexed so that finding a socket's parent is O(1): linear work
+    per scrape whatever number of listeners and connections other users create."""
+
+    def __init__(self, records: Iterable[SocketRecord]) -> None:
+        self.by_addr: dict[IPAddress, SocketRecord] = {}
+        self.wild: dict[Family, SocketRecord] = {}
+        self.dual: SocketRecord | None = None  # a [::] listener without IPV6_V6ONLY
+        for r in records:
+            if r.state is not State.LISTEN:
+                continue
+            if r.local.is_wildcard:
+                self.wild.setdefault(r.family, r)
+                if r.local.addr.version == 6 and r.v6only is not True and self.dual is None:
+                    self.dual = r
+            else:
+                self.by_addr.setdefault(norm(r.local.addr), r)
+
+    def parent(self, r: SocketRecord) -> SocketRecord | None:
+        """The listener whose address the socket's local address falls under (its accept()
+        children): the same address, else a wildcard of its family, else a dual-stack [::]."""
+        return self.by_addr.get(norm(r.local.addr)) or self.wild.get(r.family) or self.dual
+
+
+def port_holders(
+    records: Sequence[SocketRecord], key: PortKey, servers: Mapping[IPAddress, ServerFlags]
+) -> tuple[HolderFacts, ...]:
+    """The sockets on the port with what is known of their flags, built once per port.
+
+    ``servers``: the flags of the server on each watched address of the port (normalised
+    address -> :func:`server_flags`). Flags are facts or the stated assumption, never a guess:
+
+    * a connection or leftover under a live listener of a watched server is that server's (an
+      accepted socket inherits sk_reuse; inet_twsk_alloc copies it into the TIME_WAIT): the
+      server's flags, with their provenance (read: ``inferred-listener``; else ``assumed``, the
+      same assumption the restart is judged with);
+    * a leftover with no live listener above it takes the flags of a watched server on its
+      address only if they were *read* while that server lived; otherwise they are unknown --
+      the seed's case: a server without SO_REUSEADDR is gone, its TIME_WAIT refuses the restart;
+    * every other socket (a listener of someone else, a stray bind, a client that took the port
+      as its source port) has unknown flags: the conflict model says where they decide.
     """
-    mine = {State.LISTEN} if w.proto is Proto.TCP else {State.CLOSE}
-    listeners = [r for r in on_port(records, w) if r.state is State.LISTEN]
-    out: list[Holder] = []
-    for r in on_port(records, w):
-        if r.state in mine and norm(r.local.addr) == norm(addr):
-            continue
-        child = r.remote.port != 0 and any(
-            lst.local.is_wildcard or norm(lst.local.addr) == norm(r.local.addr) for lst in listeners
-        )
-        server_side = r.proto is Proto.TCP and (child or r.is_mini)
-        opts = SockOpts(reuseaddr=True, reuseport=False) if server_side else SockOpts(False, False)
-        out.append(Holder(r, opts))
-    return out
+    recs = on_port(records, key)
+    listeners = _Listeners(recs)
+    wild = [(a, f) for a, f in servers.items() if a.is_unspecified]
+    out: list[HolderFacts] = []
+    for r in recs:
+        opts, prov = SockOpts(), Provenance.UNKNOWN
+        if r.state not in (State.LISTEN, State.BOUND_INACTIVE, State.CLOSE):
+            parent = listeners.parent(r)
+            if parent is not None:
+                f = servers.get(norm(parent.local.addr))
+                if f is not None:
+                    how = Provenance.INFERRED_LISTENER if f.exact else Provenance.ASSUMED
+                    opts, prov = f.opts, how
+                if opts.v6only is None and r.v6only is None:
+                    # inet_diag reports v6only for LISTEN/CLOSE only; a child keeps its listener's.
+                    opts = SockOpts(opts.reuseaddr, opts.reuseport, parent.v6only)
+            elif r.is_mini:
+                f = servers.get(norm(r.local.addr))
+                if f is None or not f.exact:
+                    v = norm(r.local.addr).version  # a dual-stack [::] server covers both
+                    f = next((g for a, g in wild if g.exact and a.version in (v, 6)), None)
+                if f is not None and f.exact:
+                    opts, prov = f.opts, Provenance.INFERRED_LISTENER
+        out.append(HolderFacts(SocketEntry(r), opts, prov))
+    return tuple(out)
 
 
-def assess_bindable(
-    records: Sequence[SocketRecord], w: Watch, addr: IPAddress, settings: KernelSettings
-) -> Outcome:
-    """Would the server on ``addr:port`` get its port back if it restarted now?
-
-    The request is a restarting server's: bind() with SO_REUSEADDR (what nearly every server
-    sets) and, for TCP, listen(). Privilege is assumed (the server has it). Judged by the
-    conflict model only -- no trial bind, so a scrape never changes a bind bucket's state.
-    Swap for the middle layer's observer-free assessment when it lands.
-    """
-    req = BindRequest(
+def restart_request(w: Watch, flags: ServerFlags) -> BindRequest:
+    """A restarting server's bind() on the watched address, with the flags it was seen with (else
+    SO_REUSEADDR), then listen() for TCP. Privilege and the address are assumed (the server has
+    them: a configured address is not re-checked per scrape)."""
+    o = flags.opts
+    return BindRequest(
         proto=w.proto,
-        addr=addr,
+        addr=w.addr,
         port=w.port,
-        reuseaddr=True,
-        v6only=None,
+        reuseaddr=o.reuseaddr if o.reuseaddr is not None else True,
+        reuseport=bool(o.reuseport),
+        v6only=o.v6only if w.addr.version == 6 else None,
+        uid=flags.uid or 0,
         listen=w.proto is Proto.TCP,
-        freebind=True,  # a configured server address; local_addresses is not re-checked per scrape
+        freebind=True,
     )
-    holders = _restart_holders(records, w, addr)
-    return evaluate(req, holders, _server_settings(settings))
+
+
+def assess_restart(
+    holders: Sequence[HolderFacts], w: Watch, flags: ServerFlags, settings: KernelSettings
+) -> Judgement:
+    """Would the server on ``w`` get its port back if it restarted now? ``holders`` from
+    :func:`port_holders` (once per port); the server's own listeners on ``w.addr`` are left out
+    (the restart closes them), every other socket -- a squatter on another address included --
+    is judged as a holder."""
+    own = _own_states(w.proto)
+    mine = norm(w.addr)
+    hs = [h for h in holders if not (h.entry.socket.state in own and norm(h.entry.socket.local.addr) == mine)]
+    return judge(restart_request(w, flags), hs, _server_settings(settings))
 
 
 def _server_settings(s: KernelSettings) -> KernelSettings:
@@ -215,17 +359,48 @@ def _server_settings(s: KernelSettings) -> KernelSettings:
     )
 
 
-def bindable_value(outcome: Outcome) -> int:
-    """1 when the model says the bind works; 0 when it fails (DEPENDS cannot arise: every
-    holder's flags are assumed above)."""
-    return 1 if outcome.verdict is Verdict.OK else 0
+def bindable_value(j: Judgement) -> int:
+    """1 only when the restart certainly binds; 0 when it fails or when unknown (never
+    optimistic: rebind_exporter_missing names the missing fact)."""
+    return 1 if j.bindable else 0
 
 
-def frees_in_seconds(snap: Snapshot, w: Watch) -> float:
+@dataclass(frozen=True, slots=True)
+class RestartAnswer:
+    watch: Watch
+    judgement: Judgement
+
+
+def restart_answers(snap: Snapshot) -> list[RestartAnswer]:
+    """Every watched address's answer: holders built once per port, judged per address."""
+    if snap.watched is None:
+        return []
+    by_port: dict[PortKey, list[Watch]] = {}
+    for w in snap.watches:
+        by_port.setdefault(w.key, []).append(w)
+    out: list[RestartAnswer] = []
+    for key, ws in by_port.items():
+        servers: dict[IPAddress, ServerFlags] = {}
+        for w in ws:
+            f = server_flags(snap, w)
+            servers[norm(w.addr)] = f
+        holders = port_holders(snap.watched, key, servers)
+        for w in ws:
+            out.append(RestartAnswer(w, assess_restart(holders, w, servers[norm(w.addr)], snap.settings)))
+    return out
+
+
+def missing_facts(answers: Iterable[RestartAnswer]) -> list[Missing]:
+    """rebind_exporter_missing entries for bindable series that are 0 only for want of a fact."""
+    flags = {f for a in answers if a.judgement.now is BindNow.UNKNOWN for f in a.judgement.missing}
+    return [Missing("rebind_port_bindable", MISSING_FACT[f]) for f in Flag if f in flags]
+
+
+def frees_in_seconds(snap: Snapshot, key: PortKey) -> float:
     """Seconds until the last timed leftover (TIME_WAIT, orphaned FIN_WAIT2) on the port expires:
     after that, even a server without SO_REUSEADDR binds, unless a live socket holds the port.
     0 when none is left."""
-    return dict(snap.tw_expires_ms).get(w, 0) / 1000.0
+    return dict(snap.tw_expires_ms).get(key, 0) / 1000.0
 
 
 def state_label(s: State) -> str:
@@ -239,11 +414,11 @@ TCP_STATES = tuple(s for s in State if s not in (State.CLOSE, State.NEW_SYN_RECV
 UDP_STATES = (State.CLOSE, State.ESTABLISHED)
 
 
-def state_counts(snap: Snapshot, w: Watch) -> dict[str, int]:
-    states = TCP_STATES if w.proto is Proto.TCP else UDP_STATES
+def state_counts(snap: Snapshot, key: PortKey) -> dict[str, int]:
+    states = TCP_STATES if key.proto is Proto.TCP else UDP_STATES
     out = {state_label(s): 0 for s in states}
-    for (watch, state), n in snap.counts:
-        if watch == w:
+    for (k, state), n in snap.counts:
+        if k == key:
             label = state_label(state)
             out[label] = out.get(label, 0) + n
     return out
@@ -263,13 +438,16 @@ class ListenerGroup:
 
 
 def listener_groups(records: Sequence[SocketRecord], watches: Sequence[Watch]) -> list[ListenerGroup]:
-    """For listeners, inet_diag reports sk_ack_backlog as rqueue and sk_max_ack_backlog as wqueue
-    (inet_diag_msg_common_fill / tcp_diag_get_info)."""
-    tcp_ports = {w.port for w in watches if w.proto is Proto.TCP}
+    """The listeners on each watched TCP address (only those: labels come from the command line,
+    never from what other users bind). For listeners, inet_diag reports sk_ack_backlog as rqueue
+    and sk_max_ack_backlog as wqueue (inet_diag_msg_common_fill / tcp_diag_get_info)."""
+    wanted = {(w.port, norm(w.addr)): w.addr for w in watches if w.proto is Proto.TCP}
     groups: dict[tuple[int, IPAddress], list[SocketRecord]] = {}
     for r in records:
-        if r.proto is Proto.TCP and r.state is State.LISTEN and r.local.port in tcp_ports:
-            groups.setdefault((r.local.port, r.local.addr), []).append(r)
+        if r.proto is Proto.TCP and r.state is State.LISTEN:
+            addr = wanted.get((r.local.port, norm(r.local.addr)))
+            if addr is not None:
+                groups.setdefault((r.local.port, addr), []).append(r)
     out = []
     for (port, addr), members in sorted(groups.items(), key=lambda kv: (kv[0][0], _addr_key(kv[0][1]))):
         fullest = max(members, key=_fill)
@@ -376,10 +554,12 @@ class Tally:
 
     def __init__(self, watches: Iterable[Watch], dests: Iterable[Dest]) -> None:
         watches = tuple(watches)
-        self.watch_set = frozenset(watches)
+        self.port_set = frozenset(w.key for w in watches)
         self.tcp_ports = frozenset(w.port for w in watches if w.proto is Proto.TCP)
         self.dests = {(addr_key(d.addr), d.port): d for d in dests}
-        self._server_counts: dict[tuple[Watch, State], int] = {}
+        self._server_counts: dict[tuple[PortKey, State], int] = {}
+        #: (port, leftover?, local address) already kept: one representative of each for the model.
+        self._kept: set[tuple[int, bool, bytes]] = set()
         self._conn_counts: dict[tuple[int, int], int] = {}
         self._tw_max: dict[int, int] = {}
         self._peers: dict[tuple[int, bytes], int] = {}
@@ -388,7 +568,7 @@ class Tally:
 
     def server(self, r: SocketRecord) -> None:
         """A TCP listener or bound-inactive socket, or a UDP socket, on a watched port."""
-        key = (Watch(r.local.port, r.proto), r.state)
+        key = (PortKey(r.local.port, r.proto), r.state)
         self._server_counts[key] = self._server_counts.get(key, 0) + 1
         if r.state is State.LISTEN:
             self.listeners.setdefault(r.local.port, set()).add(addr_key(r.local.addr))
@@ -397,8 +577,10 @@ class Tally:
         self, state: int, mini: bool, sport: int, dport: int, src: bytes, dst: bytes, expires: int
     ) -> bool:
         """A TCP connection-table socket (state as its number, addresses as keys). True when the
-        conflict model needs it: a socket on a watched port that is neither a TIME_WAIT leftover
-        nor a child of a listener on its port (children and leftovers carry the server's flags)."""
+        conflict model needs it: a socket on a watched port that is not a child of a listener on
+        its port, or the first child or TIME_WAIT leftover on its local address (the others
+        decide alike: bind conflicts compare local addresses, and they share their flags' source).
+        Linear in the sockets, bounded by their distinct local addresses."""
         wanted = False
         if sport in self.tcp_ports:
             key = (sport, state)
@@ -408,10 +590,15 @@ class Tally:
             if mini:
                 if expires > self._tw_max.get(sport, -1):
                     self._tw_max[sport] = expires
+                child = True
             else:
                 keys = self.listeners.get(sport, ())
                 child = dport != 0 and (src in keys or _WILDCARDS[0] in keys or _WILDCARDS[1] in keys)
-                wanted = not child
+            if not child:
+                wanted = True
+            elif (sport, mini, src) not in self._kept:
+                self._kept.add((sport, mini, src))
+                wanted = True
         d = self.dests.get((dst, dport))
         if d is not None:
             live, tw = self.usage.setdefault((d, src), (set(), set()))
@@ -424,9 +611,9 @@ class Tally:
         recs = list(recs)
         wanted: list[SocketRecord] = []
         for r in recs:
-            if (r.proto is Proto.UDP or r.state in _SERVER_STATES) and Watch(
+            if (r.proto is Proto.UDP or r.state in _SERVER_STATES) and PortKey(
                 r.port, r.proto
-            ) in self.watch_set:
+            ) in self.port_set:
                 self.server(r)
                 wanted.append(r)
         for r in recs:
@@ -437,16 +624,16 @@ class Tally:
         return wanted
 
     @property
-    def counts(self) -> dict[tuple[Watch, State], int]:
+    def counts(self) -> dict[tuple[PortKey, State], int]:
         out = dict(self._server_counts)
         for (port, st), n in self._conn_counts.items():
-            key = (Watch(port), State(st))
+            key = (PortKey(port), State(st))
             out[key] = out.get(key, 0) + n
         return out
 
     @property
-    def tw_max(self) -> dict[Watch, int]:
-        return {Watch(p): ms for p, ms in self._tw_max.items()}
+    def tw_max(self) -> dict[PortKey, int]:
+        return {PortKey(p): ms for p, ms in self._tw_max.items()}
 
     def peers(self, k: int = TOP_PEERS) -> tuple[PeerCount, ...]:
         """The ``k`` remote addresses with the most sockets on each watched TCP port, and the
@@ -457,10 +644,10 @@ class Tally:
         out: list[PeerCount] = []
         for port, items in sorted(by_port.items()):
             items.sort(key=lambda item: (-item[0], item[1]))
-            out += [PeerCount(Watch(port), str(_from_key(peer)), n) for n, peer in items[:k]]
+            out += [PeerCount(PortKey(port), fmt_addr(_from_key(peer)), n) for n, peer in items[:k]]
             rest = sum(n for n, _ in items[k:])
             if rest:
-                out.append(PeerCount(Watch(port), OTHER, rest))
+                out.append(PeerCount(PortKey(port), OTHER, rest))
         return tuple(out)
 
     def dest_usage(self) -> tuple[DestUsage, ...]:

@@ -1,9 +1,10 @@
 """Facts to Prometheus metric families. Pure (no I/O); the names and labels are a contract
 documented in docs/metrics.md -- change them only with a new metric name.
 
-Cardinality is bounded by the command line: per watched port a fixed set of states and the
-server's own addresses; per ``--dest`` one series per metric. Nothing here is labelled by a
-client address or port, a process name, or anything else the scraped machine's users control.
+Cardinality is bounded by the command line: per watched port a fixed set of states, per watched
+address (``--watch [ADDR:]PORT``) one bindable series and the listener series; per ``--dest`` one
+series per metric. Nothing here is labelled by an address another user binds, a client port, a
+process name, or anything else the scraped machine's users control (peers: top 5 + "other").
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ from prometheus_client.metrics_core import Metric
 from rebind.exporter.facts import (
     OTHER,
     TOP_PEERS,
+    Missing,
     Snapshot,
-    assess_bindable,
     bind_held_ports,
     bindable_value,
     config_warnings,
     connect_counts,
     frees_in_seconds,
     listener_groups,
-    server_addresses,
+    missing_facts,
+    restart_answers,
     state_counts,
 )
+from rebind.model.records import IPAddress, fmt_addr
 
 #: Every metric this exporter can produce (rebind_run_* come from `rebind run --metrics`).
 EXPORTER_METRICS = (
@@ -47,25 +50,28 @@ EXPORTER_METRICS = (
 )
 
 
-def addr_label(a: object) -> str:
-    return str(a)
+def addr_label(a: IPAddress) -> str:
+    """The project's one address spelling (IPv4-mapped as ``::ffff:127.0.0.9`` on every Python)."""
+    return fmt_addr(a)
 
 
 def families(snap: Snapshot) -> list[Metric]:
     out: list[Metric] = []
-    out += _server(snap)
+    missing: list[Missing] = []
+    out += _server(snap, missing)
     out += _listeners(snap)
     out += _client(snap)
     out += _config(snap)
-    out += _self(snap)
+    out += _self(snap, missing)
     return out
 
 
-def _server(snap: Snapshot) -> Iterable[Metric]:
+def _server(snap: Snapshot, missing: list[Missing]) -> Iterable[Metric]:
     bindable = GaugeMetricFamily(
         "rebind_port_bindable",
-        "1 if a server restarting on addr:port (bind() with SO_REUSEADDR, then listen() for TCP) "
-        "would get the port now, 0 if it would fail with EADDRINUSE (conflict model, no trial bind).",
+        "1 if the server watched on addr:port, restarting now with the flags it was seen with "
+        "(else SO_REUSEADDR), would get its port back; 0 if it would fail with EADDRINUSE, or if "
+        "that depends on a fact nobody could read (see rebind_exporter_missing). No trial bind.",
         labels=["port", "proto", "addr"],
     )
     frees = GaugeMetricFamily(
@@ -88,14 +94,16 @@ def _server(snap: Snapshot) -> Iterable[Metric]:
     if snap.watched is None:
         return []
     for p in snap.peers:
-        peers.add_metric([str(p.watch.port), p.peer], p.sockets)
-    for w in snap.watches:
-        port, proto = str(w.port), w.proto.value
-        for addr in server_addresses(snap.watched, w):
-            outcome = assess_bindable(snap.watched, w, addr, snap.settings)
-            bindable.add_metric([port, proto, addr_label(addr)], bindable_value(outcome))
-        frees.add_metric([port, proto], frees_in_seconds(snap, w))
-        for state, n in state_counts(snap, w).items():
+        peers.add_metric([str(p.key.port), p.peer], p.sockets)
+    answers = restart_answers(snap)
+    for a in answers:
+        w = a.watch
+        bindable.add_metric([str(w.port), w.proto.value, addr_label(w.addr)], bindable_value(a.judgement))
+    missing += missing_facts(answers)
+    for key in sorted({w.key for w in snap.watches}):
+        port, proto = str(key.port), key.proto.value
+        frees.add_metric([port, proto], frees_in_seconds(snap, key))
+        for state, n in state_counts(snap, key).items():
             if state == "bound_inactive" and not snap.bound_inactive_visible:
                 continue  # unknown, not zero: rebind_exporter_missing says why
             sockets.add_metric([port, proto, state], n)
@@ -183,7 +191,7 @@ def _config(snap: Snapshot) -> Iterable[Metric]:
     return [m]
 
 
-def _self(snap: Snapshot) -> Iterable[Metric]:
+def _self(snap: Snapshot, facts: Iterable[Missing] = ()) -> Iterable[Metric]:
     d = GaugeMetricFamily(
         "rebind_scrape_duration_seconds",
         "Wall time the exporter took to gather the facts of this scrape.",
@@ -192,9 +200,10 @@ def _self(snap: Snapshot) -> Iterable[Metric]:
     missing = GaugeMetricFamily(
         "rebind_exporter_missing",
         "1 for each metric this exporter could not produce, and why (e.g. netlink_unavailable, "
-        "permission_denied, no_route).",
+        "permission_denied, no_route), or could answer only with 0 for want of a fact "
+        "(metric=rebind_port_bindable, reason=so_reuseaddr_unknown, ...).",
         labels=["metric", "reason"],
     )
-    for m in sorted(set(snap.missing)):
+    for m in sorted({*snap.missing, *facts}):
         missing.add_metric([m.metric, m.reason.value], 1)
     return [d, missing]

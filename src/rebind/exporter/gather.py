@@ -13,13 +13,17 @@ watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
 * UDP, per family, only when a UDP port is watched.
 
 Nothing here binds, connects or destroys: a scrape never changes kernel state.
+
+The flags of each watched server (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY) are read from its
+listener (or bound UDP socket) once per socket -- ``pidfd_getfd`` + ``getsockopt``, which needs
+ptrace-grade access (root) -- and remembered after it is gone: its TIME_WAITs carry them.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, KernelError
@@ -29,12 +33,15 @@ from rebind.exporter.facts import (
     EphemeralRange,
     Missing,
     Reason,
+    ServerFlags,
     Snapshot,
     Tally,
     Watch,
+    norm,
 )
 from rebind.exporter.route import NoRoute, source_for
-from rebind.model.conflict import KernelSettings
+from rebind.model.assess import Provenance
+from rebind.model.conflict import KernelSettings, SockOpts
 from rebind.model.records import Family, IPAddress, Proto, SocketRecord, State, Timer
 
 #: inet_diag's TCP_BOUND_INACTIVE state bit (91051f003948).
@@ -91,13 +98,47 @@ def read_settings(rng: EphemeralRange | None) -> KernelSettings:
     return replace(base, ip_local_port_range=(rng.lo, rng.hi), ip_local_reserved_ports=rng.reserved)
 
 
-class Gatherer:
-    """Gathers snapshots for one set of watches and dests; remembers the bound-inactive walk."""
+#: Reads a live socket's (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY); None when not permitted.
+FlagReader = Callable[[SocketRecord], SockOpts | None]
 
-    def __init__(self, watches: Sequence[Watch], dests: Sequence[Dest], *, slow_every: float = 60.0) -> None:
+
+def read_socket_flags(r: SocketRecord) -> SockOpts | None:
+    """The flags of one live socket, through its owner (an owner scan for this one inode, then
+    pidfd_getfd + getsockopt). None when no owner is visible or access is denied (unprivileged)."""
+    from rebind.errors import RebindError
+    from rebind.kernel.owners import find_owners
+    from rebind.kernel.pidfd import socket_flags
+
+    if not r.inode:
+        return None
+    try:
+        owners, _report = find_owners([r])
+        for o in owners.get(r.inode, ()):
+            got = socket_flags(o.pid, o.fd, o.start_ticks)
+            if got is not None:
+                return SockOpts(*got)
+    except (OSError, RebindError):
+        return None
+    return None
+
+
+class Gatherer:
+    """Gathers snapshots for one set of watches and dests; remembers the bound-inactive walk and
+    the flags each watched server was seen with."""
+
+    def __init__(
+        self,
+        watches: Sequence[Watch],
+        dests: Sequence[Dest],
+        *,
+        slow_every: float = 60.0,
+        read_flags: FlagReader = read_socket_flags,
+    ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
         self.slow_every = slow_every
+        self._read_flags = read_flags
+        self._flags: dict[Watch, ServerFlags] = {}
         self._bound: tuple[SocketRecord, ...] | None = None
         self._bound_at = 0.0
         self._bound_cost = 0.0
@@ -142,6 +183,7 @@ class Gatherer:
             watched=tuple(watched),
             counts=tuple(tally.counts.items()),
             tw_expires_ms=tuple(tally.tw_max.items()),
+            server_flags=self._remember(watched),
             usage=tally.dest_usage(),
             peers=tally.peers(),
             bound_in_range=bound,
@@ -153,6 +195,25 @@ class Gatherer:
             missing=tuple(missing),
             duration_s=time.perf_counter() - t0,
         )
+
+    def _remember(self, watched: Sequence[SocketRecord]) -> tuple[tuple[Watch, ServerFlags], ...]:
+        """Read the flags of each watched server's own socket when it is new (once per socket:
+        an owner scan is not per-scrape work), and keep them after it is gone."""
+        own: dict[tuple[int, Proto, IPAddress], SocketRecord] = {}
+        for r in watched:
+            if r.state is (State.LISTEN if r.proto is Proto.TCP else State.CLOSE):
+                own.setdefault((r.local.port, r.proto, norm(r.local.addr)), r)
+        for w in self.watches:
+            mine = own.get((w.port, w.proto, norm(w.addr)))
+            if mine is None:
+                continue  # gone (or not up yet): what was read while it lived still holds
+            known = self._flags.get(w)
+            if known is not None and known.inode == mine.inode:
+                continue
+            opts = self._read_flags(mine)
+            how = Provenance.READ if opts is not None else Provenance.UNKNOWN
+            self._flags[w] = ServerFlags(opts or SockOpts(), how, mine.uid, mine.inode)
+        return tuple(self._flags.items())
 
     def _sources(self, missing: list[Missing]) -> tuple[tuple[Dest, IPAddress | None], ...]:
         out: list[tuple[Dest, IPAddress | None]] = []

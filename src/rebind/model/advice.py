@@ -18,6 +18,9 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from rebind.model.assess import HolderFacts as HolderFacts  # re-exported: its old home
+from rebind.model.assess import Provenance as Provenance
+from rebind.model.assess import judge
 from rebind.model.conflict import (
     Alternative,
     Blocker,
@@ -47,17 +50,7 @@ from rebind.model.diagnosis import (
 )
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
-from rebind.model.sockstate import SockState, SockStates, Unavailable
-
-
-class Provenance(enum.StrEnum):
-    """Where a holder's SO_REUSEADDR/SO_REUSEPORT came from."""
-
-    READ = "read"  # pidfd_getfd + getsockopt on the socket itself
-    KERNEL = "kernel"  # the kernel's own fields, read by the BPF socket iterator (any owner, TIME_WAIT)
-    INFERRED_LISTENER = "inferred-listener"  # a child or its TIME_WAIT copies its listener's flags
-    INFERRED_TRIAL = "inferred-trial"  # the only values consistent with the kernel's trial binds
-    UNKNOWN = "unknown"
+from rebind.model.sockstate import SockStates, Unavailable
 
 
 class WhyVerdict(enum.StrEnum):
@@ -82,21 +75,6 @@ class OwnerView(enum.StrEnum):
     NOT_SCANNED = "not-scanned"
     OUTSIDE = "outside-pid-namespace"  # root read every fd here: the holder is elsewhere
     UNKNOWN = "unknown"  # not root, or some processes could not be read
-
-
-@dataclass(frozen=True, slots=True)
-class HolderFacts:
-    """One socket on the port with what is known of its flags, and how it is known."""
-
-    entry: SocketEntry
-    opts: SockOpts = field(default_factory=SockOpts)
-    provenance: Provenance = Provenance.UNKNOWN
-    #: The socket as the kernel holds it (BPF iterator): userlocks, bind bucket cache, chain.
-    kernel: SockState | None = None
-
-    @property
-    def holder(self) -> Holder:
-        return Holder(self.entry.socket, self.opts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +317,8 @@ def assess(request: BindRequest, facts: Facts) -> Assessment:
     """
     groups = infer_from_trials(group_holders(facts.holders), facts.settings, facts.trials)
     reps = [g[0].holder for g in groups]
-    outcome = evaluate(request, reps, facts.settings, port=facts.port)
+    # the one assessment (model/assess.py), with the bucket state the kernel read
+    outcome = judge(request, reps, facts.settings, port=facts.port).outcome
     holders = tuple(h for g in groups for h in g)
     return Assessment(request, outcome, holders, groups)
 

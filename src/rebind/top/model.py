@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
-from rebind.model.conflict import BindRequest, Holder, KernelSettings, Verdict, evaluate
+from rebind.model.assess import BindNow, judge
+from rebind.model.conflict import BindRequest, Holder, KernelSettings
 from rebind.model.localhost import LocalhostResolution, find_split, loopback_only
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
 from rebind.textsafe import visible
@@ -190,11 +191,10 @@ def assess_bindable(
 ) -> Bindable:
     """Would a plain ``bind(0.0.0.0:PORT)`` (+ ``listen()`` for TCP) by ``uid`` succeed now?
 
-    Uses the conflict model (rebind.model.conflict.evaluate) over the sockets the table shows,
-    with unknown SO_REUSEADDR/SO_REUSEPORT flags: no trial bind, so watching a port never
+    The one assessment (rebind.model.assess.judge: the conflict model) over the sockets the
+    table shows, with unknown SO_REUSEADDR/SO_REUSEPORT flags: no trial bind, so watching a port never
     changes the kernel's state (a trial bind would briefly occupy the port and could make a
-    restarting server fail). Kept in this one function so an observer-free assessment from
-    the `why` pipeline can replace it.
+    restarting server fail).
     """
     unique: dict[tuple[object, ...], Holder] = {}
     for r in sockets:
@@ -208,12 +208,12 @@ def assess_bindable(
         uid=uid,
         listen=key.proto is Proto.TCP,
     )
-    plain = evaluate(req, holders, settings)
-    if plain.verdict is Verdict.OK:
+    plain = judge(req, holders, settings)  # the one assessment (rebind.model.assess)
+    if plain.now is BindNow.BINDABLE:
         return Bindable.YES
-    if plain.verdict is Verdict.DEPENDS:
+    if plain.now is BindNow.UNKNOWN:
         return Bindable.UNKNOWN
-    if evaluate(replace(req, reuseaddr=True), holders, settings).verdict is Verdict.OK:
+    if judge(replace(req, reuseaddr=True), holders, settings).now is BindNow.BINDABLE:
         return Bindable.REUSEADDR
     return Bindable.NO
 

@@ -1,0 +1,135 @@
+"""Can this be bound now? One pure answer for `why`, the exporter and `top` (issue 17 item 4).
+
+Input: a request, the sockets on its port with whatever is known of their flags (and how it is
+known), and the kernel settings. Output: a :class:`Judgement` -- BINDABLE, BUSY, REFUSED or
+UNKNOWN, with the sockets that block and, when UNKNOWN, the facts that are missing. The rules
+themselves are ``model.conflict`` (``evaluate``); this module only turns its outcome into the
+one answer every caller shares, so a fact that nobody could read never becomes an optimistic yes.
+
+Nothing here does I/O or binds: callers gather the facts (``kernel/facts.py`` for `why`,
+``exporter/gather.py``, ``top/sampler.py``) and pass them in.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from rebind.model.conflict import (
+    _UNSET,
+    Blocker,
+    Flag,
+    Holder,
+    KernelSettings,
+    Outcome,
+    PortState,
+    ReuseportCache,
+    SockOpts,
+    Verdict,
+    _Unset,
+    evaluate,
+)
+from rebind.model.records import SocketEntry
+from rebind.model.request import BindRequest
+from rebind.model.sockstate import SockState
+
+EADDRINUSE = 98
+
+
+class Provenance(enum.StrEnum):
+    """Where a socket's SO_REUSEADDR / SO_REUSEPORT (/ IPV6_V6ONLY) came from."""
+
+    #: Read from the kernel's own socket (a BPF socket iterator: sk_reuse, tw_reuse, ...). Exact,
+    #: for every socket, TIME_WAIT and sockets of invisible owners included.
+    KERNEL = "kernel"
+    READ = "read"  # pidfd_getfd + getsockopt on the socket itself
+    INFERRED_LISTENER = "inferred-listener"  # a child or its TIME_WAIT copies its listener's flags
+    INFERRED_TRIAL = "inferred-trial"  # the only values consistent with the kernel's trial binds
+    #: A stated assumption of the caller, never a fact: the exporter's "an unread server sets
+    #: SO_REUSEADDR", applied alike to the restart and to the live listener's own children.
+    ASSUMED = "assumed"
+    UNKNOWN = "unknown"
+
+    @property
+    def exact(self) -> bool:
+        """Facts the answer may rest on without a caveat."""
+        return self in (Provenance.KERNEL, Provenance.READ, Provenance.INFERRED_LISTENER)
+
+
+@dataclass(frozen=True, slots=True)
+class HolderFacts:
+    """One socket on the port with what is known of its flags, and how it is known."""
+
+    entry: SocketEntry
+    opts: SockOpts = field(default_factory=SockOpts)
+    provenance: Provenance = Provenance.UNKNOWN
+    #: The socket as the kernel holds it (BPF iterator): userlocks, bind bucket cache, chain.
+    kernel: SockState | None = None
+
+    @property
+    def holder(self) -> Holder:
+        return Holder(self.entry.socket, self.opts)
+
+
+class BindNow(enum.StrEnum):
+    """The answer, one word."""
+
+    BINDABLE = "bindable"  # bind() works now (and listen(), when asked)
+    BUSY = "busy"  # EADDRINUSE at bind() or listen(): sockets hold the port
+    REFUSED = "refused"  # no socket involved: EACCES, EADDRNOTAVAIL, EINVAL
+    UNKNOWN = "unknown"  # depends on facts nobody could read (``Judgement.missing``)
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    request: BindRequest
+    now: BindNow
+    #: The conflict model's outcome (stage, errno, every blocker with its reason).
+    outcome: Outcome
+    #: When UNKNOWN, the facts that decide it (SO_REUSEADDR of a TIME_WAIT, ...); else empty.
+    missing: tuple[Flag, ...] = ()
+
+    @property
+    def bindable(self) -> bool:
+        """True only for a certain yes: UNKNOWN is not bindable."""
+        return self.now is BindNow.BINDABLE
+
+    @property
+    def blockers(self) -> tuple[Blocker, ...]:
+        """The sockets that block (certain) or may block (uncertain, when UNKNOWN)."""
+        return self.outcome.blockers
+
+
+def judge(
+    request: BindRequest,
+    holders: Iterable[Holder | HolderFacts],
+    settings: KernelSettings,
+    *,
+    port: PortState | None = None,
+    cache: ReuseportCache | _Unset | None = _UNSET,
+) -> Judgement:
+    """The one "can this be bound now?" answer (no trial bind: nothing is bound).
+
+    ``holders``: the sockets on the port (UDP: in hash-chain order, see
+    ``conflict.udp_chain_order``), with unknown flags as ``None`` in their ``SockOpts``: the
+    conflict model reports DEPENDS where such a flag decides, and that is UNKNOWN here, with the
+    flags named in ``missing``.
+    """
+    hs = [h.holder if isinstance(h, HolderFacts) else h for h in holders]
+    # port: the bucket's fast-reuse state (tb->fastreuse*) when read; not given = unknown, and an
+    # answer that hinges on it becomes UNKNOWN (never an optimistic BINDABLE).
+    outcome = evaluate(request, hs, settings, port=port, cache=cache)
+    return judgement_of(request, outcome)
+
+
+def judgement_of(request: BindRequest, outcome: Outcome) -> Judgement:
+    """The answer for an outcome ``conflict.evaluate`` gave (callers that already ran it)."""
+    if outcome.verdict is Verdict.OK:
+        return Judgement(request, BindNow.BINDABLE, outcome)
+    if outcome.verdict is Verdict.DEPENDS:
+        flags = {f for b in outcome.blockers if not b.certain for f in b.decided_by}
+        return Judgement(request, BindNow.UNKNOWN, outcome, tuple(f for f in Flag if f in flags))
+    if outcome.errno == EADDRINUSE:
+        return Judgement(request, BindNow.BUSY, outcome)
+    return Judgement(request, BindNow.REFUSED, outcome)
