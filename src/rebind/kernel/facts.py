@@ -14,8 +14,9 @@ observer-free answer (``trials=False``) has neither.
 
 from __future__ import annotations
 
+import enum
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 from rebind.kernel.trial import try_request
@@ -44,8 +45,8 @@ def gather(
 
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
     table = table or socket_table(ports=[req.port], protos=[req.proto], owners=owners)
-    kernel = _kernel_states(table, req)
-    holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None)
+    kernel, read = _kernel_states(table, req)
+    holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     results: dict[BindRequest, TrialResult] = {}
     skipped = ""
     if trials:
@@ -65,16 +66,97 @@ def gather(
     )
 
 
-def _kernel_states(table: SocketTable, req: BindRequest) -> SockStates | Unavailable | None:
-    """The port's sockets as the kernel holds them (BPF iterator), when the table is of this
-    thread's network namespace: the iterator walks that one only. Not asked for a port nobody
-    holds: the iterator visits every socket of the namespace (bench/sockiter.py)."""
+class IterScope(enum.Enum):
+    """How much of the namespace's socket tables `why` has the BPF iterator walk."""
+
+    NONE = "none"  # nothing the cheaper paths cannot give exactly
+    LISTENERS = "listeners"  # the listening hash only (a few ms): listeners and the bind bucket
+    ALL = "all"  # every socket (~130 ms CPU on 211k sockets: bench/whyperf.py)
+
+
+#: Sockets the TCP iterator cannot help with: request socks (no flags of their own, not in the
+#: bind bucket) and bound-only sockets (in no table bpf_iter_tcp walks: only the bind hashes
+#: have them). Their flags come from their owner, or stay unknown.
+_NOT_ITERATED = frozenset({State.SYN_RECV, State.NEW_SYN_RECV, State.BOUND_INACTIVE, State.CLOSE})
+
+
+def iterator_scope(
+    req: BindRequest, entries: Sequence[SocketEntry], read: Mapping[int, tuple[SockOpts, Provenance]]
+) -> tuple[IterScope, str]:
+    """Whether the iterator adds a fact the cheaper paths cannot give exactly, and the reason.
+
+    ``read``: index in ``entries`` -> flags read by pidfd_getfd + getsockopt (Provenance.READ:
+    SO_REUSEADDR is sk_reuse, SO_REUSEPORT sk_reuseport, IPV6_V6ONLY sk_ipv6only, the kernel's
+    own fields; the device and uid come from inet_diag: idiag_if is sk_bound_dev_if, idiag_uid
+    sk_uid). Pure: unit-tested without root (tests/unit/test_iterator_scope.py).
+
+    * No socket of the protocol on the port: nothing to read (and no TCP bind bucket).
+    * A socket whose flags were not read (TIME_WAIT: tw_reuse/tw_reuseport live only in the
+      kernel; an owner in another PID namespace or none yet; a failed read): ALL, or LISTENERS
+      when only listeners are unread.
+    * TCP, every flag read: the port's bind bucket still matters. Its SO_REUSEPORT cache
+      (tb->fastreuseport, fastuid, fast_rcv_saddr) keeps the uid and address of the last
+      SO_REUSEPORT bind on the port also after that socket cleared the flag or closed, and a
+      SO_REUSEPORT bind that matches it skips the conflict check (sk_reuseport_match in
+      inet_csk_get_port); `why` always weighs SO_REUSEPORT variants, so without the bucket they
+      could only be "depends". The bucket hangs off every socket in it (icsk_bind_hash): a
+      listener's is reached by walking the listening hash alone (LISTENERS); without a listener
+      only connections and TIME_WAITs lead to it (ALL), and a port of bound-only sockets has
+      none the iterator sees (NONE: the bucket stays unknown).
+    * UDP, every flag read: no bucket cache (udp_lib_get_port checks every socket each time);
+      the chain order matters only where udp_lib_lport_inuse may stop early, at a same-uid
+      SO_REUSEPORT socket: ALL when a socket on the port has SO_REUSEPORT, else NONE.
+    """
+    on_port = [
+        (i, e)
+        for i, e in enumerate(entries)
+        if e.socket.proto is req.proto and e.socket.local.port == req.port
+    ]
+    if not on_port:
+        return IterScope.NONE, "no socket on the port"
+    unread = [e for i, e in on_port if read.get(i, (None, Provenance.UNKNOWN))[1] is not Provenance.READ]
+    if req.proto is Proto.UDP:
+        if unread:
+            return IterScope.ALL, f"flags of {_what(unread[0])} are only in the kernel"
+        if any(read[i][0].reuseport for i, _ in on_port):
+            return IterScope.ALL, "SO_REUSEPORT on the port: the UDP chain order decides"
+        return IterScope.NONE, "every flag read from its owner; no SO_REUSEPORT on the port"
+    unread = [e for e in unread if e.socket.state not in _NOT_ITERATED]
+    if any(e.socket.state is not State.LISTEN for e in unread):
+        e = next(e for e in unread if e.socket.state is not State.LISTEN)
+        return IterScope.ALL, f"flags of {_what(e)} are only in the kernel"
+    if any(e.socket.state is State.LISTEN for _, e in on_port):
+        why = f"flags of {_what(unread[0])} are only in the kernel" if unread else "the bind bucket's cache"
+        return IterScope.LISTENERS, why
+    if any(e.socket.state not in _NOT_ITERATED for _, e in on_port):
+        return IterScope.ALL, "the bind bucket's cache (no listener leads to it)"
+    return IterScope.NONE, "bound-only sockets: in no table the iterator walks"
+
+
+def _what(e: SocketEntry) -> str:
+    owner = "" if e.owners else " (no owner in sight)"
+    return f"{e.socket.state.label} {e.socket.local}{owner}"
+
+
+def _kernel_states(
+    table: SocketTable, req: BindRequest
+) -> tuple[SockStates | Unavailable | None, dict[int, tuple[SockOpts, Provenance]]]:
+    """The port's sockets as the kernel holds them (BPF iterator), as far as iterator_scope
+    asks, when the table is of this thread's network namespace: the iterator walks that one
+    only. Also the flags read from owners (index in table.entries -> flags), read once here."""
     from rebind.kernel.bpf.sockiter import read_socket_states
 
-    if not any(e.socket.proto is req.proto and e.socket.local.port == req.port for e in table.entries):
-        return None
+    read = {
+        i: _read_flags(e)
+        for i, e in enumerate(table.entries)
+        if e.owners and e.socket.proto is req.proto and e.socket.local.port == req.port
+    }
+    scope, _ = iterator_scope(req, table.entries, read)
+    if scope is IterScope.NONE:
+        return None, read
     netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
-    return read_socket_states([req.port], [req.proto], netns=netns)
+    only = scope is IterScope.LISTENERS
+    return read_socket_states([req.port], [req.proto], netns=netns, listeners_only=only), read
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:
@@ -127,40 +209,54 @@ def _can_destroy() -> bool:
 
 
 def _holders(
-    table: SocketTable, req: BindRequest, kernel: SockStates | None = None
+    table: SocketTable,
+    req: BindRequest,
+    kernel: SockStates | None = None,
+    read: Mapping[int, tuple[SockOpts, Provenance]] | None = None,
 ) -> tuple[HolderFacts, ...]:
+    """Each socket of the protocol with its flags: read from the socket itself (``read``, or
+    read here), else the kernel's (BPF iterator), else inferred from its listener, else unknown.
+    Both of the first two are the kernel's own fields; the iterator's state is attached either
+    way (userlocks, bind bucket)."""
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
     by_cookie = kernel.by_cookie() if kernel is not None else {}
     out = []
-    for e in table.entries:
+    for i, e in enumerate(table.entries):
         if e.socket.proto is not req.proto:
             continue
         st = by_cookie.get(e.socket.cookie) if e.socket.cookie is not None else None
-        if (
-            st is not None
-            and st.kind is not SockKind.REQUEST  # a request_sock's flags are not its listener's
-            and st.proto is e.socket.proto
-            and st.local.port == e.socket.local.port
+        if st is not None and (
+            st.kind is SockKind.REQUEST  # a request_sock's flags are not its listener's
+            or st.proto is not e.socket.proto
+            or st.local.port != e.socket.local.port
         ):
+            st = None
+        got = read.get(i) if read is not None else None
+        if got is None and e.owners and st is None:
+            got = _read_flags(e)
+        if got is not None and got[1] is Provenance.READ:
+            out.append(HolderFacts(e, got[0], Provenance.READ, st))
+            continue
+        if st is not None:
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
             v6 = st.ipv6only if st.family is Family.INET6 else None
             out.append(HolderFacts(e, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st))
             continue
-        opts, src = _read_flags(e) if e.owners else (SockOpts(), Provenance.UNKNOWN)
+        opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
-        if src is Provenance.UNKNOWN and not e.owners and parent is not None:
+        if not e.owners and parent is not None:
             # A child's TIME_WAIT normally carries its listener's flags (inet_twsk_alloc copies
             # sk_reuse from the child, which inherited it from the listener at accept()). Read
             # once per listener: a port can have ten thousand TIME_WAITs of one server.
             key = parent.socket.key
             if key not in parent_flags:
                 parent_flags[key] = _read_flags(parent)
-            got, how = parent_flags[key]
+            got_parent, how = parent_flags[key]
             if how is Provenance.READ:
-                opts, src = got, Provenance.INFERRED_LISTENER
+                opts, src = got_parent, Provenance.INFERRED_LISTENER
         if opts.v6only is None and e.socket.v6only is None and parent is not None:
             # inet_diag reports v6only only for LISTEN/CLOSE sockets; an accepted child (and its
             # TIME_WAIT) keeps the dual-stack listener's ipv6only.

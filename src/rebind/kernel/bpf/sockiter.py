@@ -36,8 +36,8 @@ back to inet_diag plus what they can infer, and mark the rest unknown.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
+import zlib
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
 
@@ -54,6 +54,7 @@ from rebind.kernel.bpf.sockprog import (
     RECORD_NAMES,
     SOCK_MEMBERS,
     SOCK_TARGETS,
+    STOP_KEY,
     Maps,
     SockLayout,
     build_sock_program,
@@ -101,16 +102,18 @@ def _check_caps() -> None:
         raise BPFUnavailable("no CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN)")
 
 
+_MEMBERS_CRC = format(zlib.crc32(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()), "08x")
 #: Reading the layout walks most of vmlinux BTF (~0.5 s on 6.18: bench/sockiter.py); it cannot
 #: change until the next boot, so it is kept in /run (a tmpfs emptied at boot), keyed by boot id
-#: and BTF size, like the owner scan's (kernel/bpf/scan.py).
-CACHE_PATH = "/run/rebind/bpf-sock-layout"
+#: and BTF size, like the owner scan's (kernel/bpf/scan.py). One file per member list: two
+#: rebind versions on one host (a venv beside the system's) would otherwise rewrite each other's
+#: cache on every run, and each pay the BTF walk each time.
+CACHE_PATH = f"/run/rebind/bpf-sock-layout-{_MEMBERS_CRC}"
 #: Names the member lists too: a rebind that reads other members never takes this one's cache
 #: (an optional member absent from the file would otherwise read as absent from the kernel).
-_CACHE_MAGIC = (
-    "rebind-bpf-sock-layout 2 "
-    + hashlib.sha256(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()).hexdigest()[:16]
-)
+#: crc32, not hashlib: this tells our own versions apart (no adversary picks the lists), and
+#: importing hashlib loads OpenSSL, 4-12 ms of every `why` (bench/whyperf.py).
+_CACHE_MAGIC = f"rebind-bpf-sock-layout 3 {_MEMBERS_CRC}"
 
 
 def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
@@ -212,12 +215,13 @@ def _gettid() -> int:
 # running
 
 
-def _ports_map(ports: Iterable[int]) -> tuple[int, list[int]]:
+def _ports_map(ports: Iterable[int], *, stop_key: bool = False) -> tuple[int, list[int]]:
     wanted = sorted({p for p in ports if 0 < p < 1 << 16})
-    fd = map_create(BPF_MAP_TYPE_HASH, 4, COUNT_VALUE.size, max(len(wanted), 1))
+    keys = wanted + ([STOP_KEY] if stop_key else [])
+    fd = map_create(BPF_MAP_TYPE_HASH, 4, COUNT_VALUE.size, max(len(keys), 1))
     try:
         zero = bytes(COUNT_VALUE.size)
-        for port in wanted:
+        for port in keys:
             map_update(fd, port.to_bytes(4, "little"), zero)
     except BaseException:
         os.close(fd)
@@ -234,15 +238,19 @@ def _load(insns: bytes, attach_btf_id: int) -> int:
     return prog_load(insns, attach_btf_id, log_size=1 << 20)  # again, for the verifier's log
 
 
-def _iterate(proto: Proto, ports_fd: int, *, count: bool) -> bytes:
+def _iterate(proto: Proto, ports_fd: int, *, count: bool, listeners_only: bool = False) -> bytes:
     lay = load_sock_layout()
-    insns = build_sock_program(lay, Maps(ports=ports_fd), proto=proto.value, count=count)
+    insns = build_sock_program(
+        lay, Maps(ports=ports_fd), proto=proto.value, count=count, listeners_only=listeners_only
+    )
     prog_fd = _load(insns, lay.attach[f"bpf_iter_{proto.value}"])
     try:
         link_fd = link_create(prog_fd)
         try:
             iter_fd = iter_create(link_fd)  # the namespace is taken here: this thread's
             try:
+                if listeners_only:
+                    return _read_until_stopped(iter_fd, ports_fd)
                 return read_all(iter_fd)
             finally:
                 os.close(iter_fd)
@@ -252,27 +260,58 @@ def _iterate(proto: Proto, ports_fd: int, *, count: bool) -> bytes:
         os.close(prog_fd)
 
 
+def _read_until_stopped(iter_fd: int, ports_fd: int) -> bytes:
+    """The records up to the program's stop (build_sock_program's ``listeners_only``): the read
+    after it fails with EAGAIN, and the STOP_KEY counter says it was the program's stop, not
+    bpf_seq_read's pause after a million objects without output (read again then)."""
+    chunks: list[bytes] = []
+    again = 0
+    while True:
+        try:
+            chunk = os.read(iter_fd, 1 << 16)
+        except BlockingIOError:
+            flag = map_lookup(ports_fd, STOP_KEY.to_bytes(4, "little"), COUNT_VALUE.size)
+            if COUNT_VALUE.unpack(flag)[0]:
+                return b"".join(chunks)
+            again += 1  # a million sockets without output (see read_all): go on from there
+            if again > 10_000:
+                raise
+            continue
+        if not chunk:
+            return b"".join(chunks)  # no connection at all: the walk ended by itself
+        chunks.append(chunk)
+
+
 def read_socket_states(
-    ports: Iterable[int], protos: Iterable[Proto] = (Proto.TCP, Proto.UDP), *, netns: int | None = None
+    ports: Iterable[int],
+    protos: Iterable[Proto] = (Proto.TCP, Proto.UDP),
+    *,
+    netns: int | None = None,
+    listeners_only: bool = False,
 ) -> SockStates | Unavailable:
     """Every socket of these local ports in this thread's network namespace, as the kernel holds it.
 
     ``netns``: the namespace the caller means (an inode); if this thread is elsewhere, the
     answer would be another namespace's, so it is Unavailable instead.
+
+    ``listeners_only``: TCP listening sockets only (with their bind bucket), read by walking the
+    listening hash and stopping where the established hash begins: a few milliseconds where the
+    whole walk takes over a hundred (bench/whyperf.py). UDP is walked whole either way.
     """
     try:
         here = current_netns()
         if netns is not None and netns != here:
             return Unavailable(f"the iterator walks this thread's network namespace ({here}), not {netns}")
         _check_caps()
-        fd, wanted = _ports_map(ports)
+        fd, wanted = _ports_map(ports, stop_key=listeners_only)
         try:
             if not wanted:
                 return SockStates(here, ())
             out: list[SockState] = []
             faulted = 0
             for proto in dict.fromkeys(protos):
-                got, bad = decode_records(proto, _iterate(proto, fd, count=False))
+                only = listeners_only and proto is Proto.TCP
+                got, bad = decode_records(proto, _iterate(proto, fd, count=False, listeners_only=only))
                 out.extend(got)
                 faulted += bad
         finally:
@@ -281,7 +320,7 @@ def read_socket_states(
         return Unavailable(_reason(exc))
     except RebindError as exc:
         return Unavailable(str(exc))
-    return SockStates(here, tuple(out), faulted)
+    return SockStates(here, tuple(out), faulted, listeners_only=listeners_only)
 
 
 def count_socket_states(
