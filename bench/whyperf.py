@@ -142,6 +142,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (ip netns, setns, BPF)")
+    # Byte-compile first: with PYTHONDONTWRITEBYTECODE (set in some shells) a module edited since
+    # install is compiled again on every run, and only `why` imports the BPF socket modules.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "rebind")], check=True)
     tmp = Path(tempfile.mkdtemp(prefix="rebind-bench-whyperf-"))
     tmp.chmod(0o711)
     ns = Namespace(args.use_existing or f"rebind-bench-whyperf-{os.getpid()}", create=not args.use_existing)

@@ -40,6 +40,7 @@ import os
 import zlib
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import btf as btfmod
@@ -377,13 +378,14 @@ def decode_records(proto: Proto, data: bytes) -> tuple[list[SockState], int]:
             continue
         rows.append(r)
     port_index = _port_chain_index(rows) if proto is Proto.UDP else {}
+    memo = _Memo()
     for r in rows:
         chain = None
         if proto is Proto.UDP:
             index = per_bucket.get(int(r["bucket"]), 0)
             per_bucket[int(r["bucket"])] = index + 1
             chain = ChainPos(int(r["bucket"]), index, port_index.get(int(r["cookie"])))
-        out.append(decode_one(proto, r, chain))
+        out.append(decode_one(proto, r, chain, memo))
     return out, faulted
 
 
@@ -402,11 +404,61 @@ def _port_chain_index(rows: list[dict[str, int | bytes]]) -> dict[int, int]:
     return out
 
 
+_STATE_OF = {s.value: s for s in State}
+_FAMILY_OF = {f.value: f for f in Family}
+_BUCKET_FIELDS = (
+    "has_bucket",
+    "tb_port",
+    "fastreuse",
+    "fastreuseport",
+    "fastuid",
+    "fast_rcv_saddr",
+    "fast_v6_rcv_saddr",
+    "fast_sk_family",
+    "fast_ipv6_only",
+    "tb2_fastreuse",
+    "tb2_fastreuseport",
+)
+
+
+class _Memo:
+    """What many records of one read share (a port's ten thousand TIME_WAITs have one bucket and
+    a handful of addresses): decoded once. Decoding was ~19 us a record, more than the kernel's
+    walk for a port with TIME_WAITs (bench/whyperf.py)."""
+
+    __slots__ = ("addrs", "buckets", "endpoints")
+
+    def __init__(self) -> None:
+        self.addrs: dict[tuple[Family, bytes, bytes], IPv4Address | IPv6Address] = {}
+        self.endpoints: dict[tuple[Family, bytes, bytes, int], Endpoint] = {}
+        self.buckets: dict[tuple[object, ...], BindBucket | None] = {}
+
+    def endpoint(self, family: Family, v4: bytes, v6: bytes, port: int) -> Endpoint:
+        key = (family, v4 if family is Family.INET else v6, b"", port)
+        got = self.endpoints.get(key)
+        if got is None:
+            got = self.endpoints[key] = Endpoint(self.addr(family, v4, v6), port)
+        return got
+
+    def addr(self, family: Family, v4: bytes, v6: bytes) -> IPv4Address | IPv6Address:
+        key = (family, v4 if family is Family.INET else v6, b"")
+        got = self.addrs.get(key)
+        if got is None:
+            got = self.addrs[key] = _addr(family, v4, v6)
+        return got
+
+    def bucket(self, r: dict[str, int | bytes]) -> BindBucket | None:
+        key = tuple(r[k] for k in _BUCKET_FIELDS)
+        if key not in self.buckets:
+            self.buckets[key] = _bucket(r)
+        return self.buckets[key]
+
+
 def _addr(family: Family, v4: bytes, v6: bytes) -> IPv4Address | IPv6Address:
     return IPv4Address(v4) if family is Family.INET else IPv6Address(v6)
 
 
-def decode_one(proto: Proto, r: dict[str, int | bytes], chain: ChainPos | None = None) -> SockState:
+def _bucket(r: dict[str, int | bytes]) -> BindBucket | None:
     def num(key: str) -> int:
         v = r[key]
         assert isinstance(v, int)
@@ -417,46 +469,59 @@ def decode_one(proto: Proto, r: dict[str, int | bytes], chain: ChainPos | None =
         assert isinstance(v, bytes)
         return v
 
-    family = Family(num("family"))
-    kind = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}.get(num("kind"), SockKind.FULL)
+    if not num("has_bucket") & 1:
+        return None
+    cached = num("fastreuseport") > 0  # else the fast_* fields are stale memory
+    return BindBucket(
+        port=num("tb_port"),
+        fastreuse=num("fastreuse"),
+        fastreuseport=num("fastreuseport"),
+        fastuid=num("fastuid") if cached else None,
+        fast_rcv_saddr=IPv4Address(raw("fast_rcv_saddr")) if cached else None,
+        fast_v6_rcv_saddr=IPv6Address(raw("fast_v6_rcv_saddr")) if cached else None,
+        fast_sk_family=num("fast_sk_family") if cached else None,
+        fast_ipv6_only=bool(num("fast_ipv6_only")) if cached else None,
+        bind2_fastreuse=num("tb2_fastreuse") if num("has_bucket") & 2 else None,
+        bind2_fastreuseport=num("tb2_fastreuseport") if num("has_bucket") & 2 else None,
+    )
+
+
+_KIND_OF = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}
+
+
+def decode_one(
+    proto: Proto, rec: dict[str, int | bytes], chain: ChainPos | None = None, memo: _Memo | None = None
+) -> SockState:
+    m = memo if memo is not None else _Memo()
+    # The record's types are fixed by RECORD's format (ints, and bytes for the "Ns" fields);
+    # typed Any here because this runs for every socket of a port (10k TIME_WAITs: issue 17).
+    r: dict[str, Any] = rec
+    family = _FAMILY_OF.get(r["family"]) or Family(r["family"])
+    kind = _KIND_OF.get(r["kind"], SockKind.FULL)
     full, tw = kind is SockKind.FULL, kind is SockKind.TIMEWAIT
-    bucket = None
-    if num("has_bucket") & 1:
-        cached = num("fastreuseport") > 0  # else the fast_* fields are stale memory
-        bucket = BindBucket(
-            port=num("tb_port"),
-            fastreuse=num("fastreuse"),
-            fastreuseport=num("fastreuseport"),
-            fastuid=num("fastuid") if cached else None,
-            fast_rcv_saddr=IPv4Address(raw("fast_rcv_saddr")) if cached else None,
-            fast_v6_rcv_saddr=IPv6Address(raw("fast_v6_rcv_saddr")) if cached else None,
-            fast_sk_family=num("fast_sk_family") if cached else None,
-            fast_ipv6_only=bool(num("fast_ipv6_only")) if cached else None,
-            bind2_fastreuse=num("tb2_fastreuse") if num("has_bucket") & 2 else None,
-            bind2_fastreuseport=num("tb2_fastreuseport") if num("has_bucket") & 2 else None,
-        )
-    connect_bind = num("tw_connect_bind")
+    tcp_tw = tw and proto is Proto.TCP
+    connect_bind = r["tw_connect_bind"]
     return SockState(
         proto=proto,
         family=family,
-        state=State(num("state")),
+        state=_STATE_OF.get(r["state"]) or State(r["state"]),
         kind=kind,
-        local=Endpoint(_addr(family, raw("rcv_saddr"), raw("v6_rcv_saddr")), num("lport")),
-        remote=Endpoint(_addr(family, raw("daddr"), raw("v6_daddr")), int.from_bytes(raw("dport"), "big")),
-        cookie=num("cookie"),
-        netns=num("netns"),
-        uid=None if tw else num("uid"),
-        sk_uid=num("sk_uid") if full else None,
-        bound_dev_if=num("bound_dev_if"),
-        reuse=num("reuse"),
-        reuseport=bool(num("reuseport")),
-        ipv6only=bool(num("ipv6only")),
-        userlocks=num("userlocks") if full else None,
-        tw_substate=State(num("tw_substate")) if tw else None,
-        tw_ts_recent=num("tw_ts_recent") if tw and proto is Proto.TCP else None,
-        tw_ts_recent_stamp=num("tw_ts_recent_stamp") if tw and proto is Proto.TCP else None,
+        local=m.endpoint(family, r["rcv_saddr"], r["v6_rcv_saddr"], r["lport"]),
+        remote=m.endpoint(family, r["daddr"], r["v6_daddr"], int.from_bytes(r["dport"], "big")),
+        cookie=r["cookie"],
+        netns=r["netns"],
+        uid=None if tw else r["uid"],
+        sk_uid=r["sk_uid"] if full else None,
+        bound_dev_if=r["bound_dev_if"],
+        reuse=r["reuse"],
+        reuseport=bool(r["reuseport"]),
+        ipv6only=bool(r["ipv6only"]),
+        userlocks=r["userlocks"] if full else None,
+        tw_substate=State(r["tw_substate"]) if tw else None,
+        tw_ts_recent=r["tw_ts_recent"] if tcp_tw else None,
+        tw_ts_recent_stamp=r["tw_ts_recent_stamp"] if tcp_tw else None,
         tw_connect_bind=bool(connect_bind) if tw and connect_bind != ABSENT else None,
-        bucket=bucket,
+        bucket=m.bucket(r),
         chain=chain,
-        seq=num("seq_num"),
+        seq=r["seq_num"],
     )
