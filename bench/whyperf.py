@@ -43,7 +43,7 @@ sys.path.insert(0, str(BENCH))
 from ls import REBIND, Namespace, start_load, stop_load  # noqa: E402
 
 from rebind.kernel.bpf.sockiter import read_socket_states  # noqa: E402
-from rebind.kernel.facts import _read_flags, iterator_scope  # noqa: E402
+from rebind.kernel.facts import _read_flags, iterator_plan  # noqa: E402
 from rebind.model.records import Proto  # noqa: E402
 from rebind.model.request import BindRequest  # noqa: E402
 from rebind.model.sockstate import Unavailable  # noqa: E402
@@ -98,8 +98,10 @@ def scope_of(port: int) -> str:
     req = BindRequest(Proto.TCP, IPv4Address("0.0.0.0"), port)
     table = socket_table(ports=[port], protos=[Proto.TCP], owners=True)
     read = {i: _read_flags(e) for i, e in enumerate(table.entries) if e.owners}
-    scope, why = iterator_scope(req, table.entries, read)
-    return f"{scope.value} ({why})"
+    plan = iterator_plan(req, table.entries, read)
+    how = [w for w, on in (("listening hash", plan.listeners), ("whole walk", plan.walk)) if on]
+    how += [f"{len(plan.lookup)} lookups"] if plan.lookup else []
+    return f"{' + '.join(how) or 'no BPF'} ({plan.why})"
 
 
 def iterator_costs(port: int, runs: int) -> str:

@@ -14,10 +14,9 @@ observer-free answer (``trials=False``) has neither.
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from rebind.kernel.trial import try_request
 from rebind.model.advice import Facts, HolderFacts, Provenance
@@ -66,46 +65,64 @@ def gather(
     )
 
 
-class IterScope(enum.Enum):
-    """How much of the namespace's socket tables `why` has the BPF iterator walk."""
+@dataclass(frozen=True, slots=True)
+class KernelRead:
+    """How `why` reads what only the kernel has about the port's sockets (iterator_plan).
 
-    NONE = "none"  # nothing the cheaper paths cannot give exactly
-    LISTENERS = "listeners"  # the listening hash only (a few ms): listeners and the bind bucket
-    ALL = "all"  # every socket (~130 ms CPU on 211k sockets: bench/whyperf.py)
+    Costs on a 211k-socket namespace (bench/whyperf.py): the whole walk ~130 ms CPU whatever the
+    port; the listening hash alone ~2 ms; a lookup by 4-tuple ~1 us of kernel time a socket.
+    """
+
+    #: TCP: walk the listening hash (listeners' flags, and the bind bucket through them).
+    listeners: bool = False
+    #: TCP: entries (indexes) to find by their 4-tuple in the established hash: TIME_WAITs and
+    #: connections whose flags nobody read, or one socket that leads to the bind bucket.
+    lookup: tuple[int, ...] = ()
+    #: Walk every socket of the protocol (UDP: the chain order; the iterator decides there).
+    walk: bool = False
+    #: Why (the first fact that needs the kernel), for docs and tests.
+    why: str = ""
+
+    @property
+    def nothing(self) -> bool:
+        return not (self.listeners or self.lookup or self.walk)
 
 
-#: Sockets the TCP iterator cannot help with: request socks (no flags of their own, not in the
-#: bind bucket) and bound-only sockets (in no table bpf_iter_tcp walks: only the bind hashes
-#: have them). Their flags come from their owner, or stay unknown.
+#: Sockets the TCP iterator and lookup cannot help with: request socks (no flags of their own,
+#: not in the bind bucket) and bound-only sockets (in no table bpf_iter_tcp walks and not in the
+#: established hash: only the bind hashes have them). Their flags come from their owner, or stay
+#: unknown.
 _NOT_ITERATED = frozenset({State.SYN_RECV, State.NEW_SYN_RECV, State.BOUND_INACTIVE, State.CLOSE})
+#: ... and listeners: what is not looked up by 4-tuple in the established hash.
+_NOT_CONNECTED = _NOT_ITERATED | {State.LISTEN}
 
 
-def iterator_scope(
+def iterator_plan(
     req: BindRequest, entries: Sequence[SocketEntry], read: Mapping[int, tuple[SockOpts, Provenance]]
-) -> tuple[IterScope, str]:
-    """Whether the iterator adds a fact the cheaper paths cannot give exactly, and the reason.
+) -> KernelRead:
+    """What only the kernel can say exactly about the port, and the cheapest way to read it.
 
     ``read``: index in ``entries`` -> flags read by pidfd_getfd + getsockopt (Provenance.READ:
     SO_REUSEADDR is sk_reuse, SO_REUSEPORT sk_reuseport, IPV6_V6ONLY sk_ipv6only, the kernel's
     own fields; the device and uid come from inet_diag: idiag_if is sk_bound_dev_if, idiag_uid
-    sk_uid). Pure: unit-tested without root (tests/unit/test_iterator_scope.py).
+    sk_uid). Pure: unit-tested without root (tests/unit/test_iterator_plan.py).
 
     * No socket of the protocol on the port: nothing to read (and no TCP bind bucket).
-    * A socket whose flags were not read (TIME_WAIT: tw_reuse/tw_reuseport live only in the
-      kernel; an owner in another PID namespace or none yet; a failed read): ALL, or LISTENERS
-      when only listeners are unread.
+    * A socket whose flags were not read -- a TIME_WAIT (tw_reuse/tw_reuseport live only in the
+      kernel), a connection not yet accept()ed or held from another PID namespace, a failed
+      read: a listener is read by walking the listening hash, any other TCP socket by its
+      4-tuple; UDP walks its table.
     * TCP, every flag read: the port's bind bucket still matters. Its SO_REUSEPORT cache
       (tb->fastreuseport, fastuid, fast_rcv_saddr) keeps the uid and address of the last
       SO_REUSEPORT bind on the port also after that socket cleared the flag or closed, and a
       SO_REUSEPORT bind that matches it skips the conflict check (sk_reuseport_match in
       inet_csk_get_port); `why` always weighs SO_REUSEPORT variants, so without the bucket they
-      could only be "depends". The bucket hangs off every socket in it (icsk_bind_hash): a
-      listener's is reached by walking the listening hash alone (LISTENERS); without a listener
-      only connections and TIME_WAITs lead to it (ALL), and a port of bound-only sockets has
-      none the iterator sees (NONE: the bucket stays unknown).
+      could only be "depends". Every socket in the bucket leads to it (icsk_bind_hash, tw_tb):
+      a listener through the listening walk, else one connection looked up; a port of bound-only
+      sockets has none the iterator sees (the bucket stays unknown).
     * UDP, every flag read: no bucket cache (udp_lib_get_port checks every socket each time);
       the chain order matters only where udp_lib_lport_inuse may stop early, at a same-uid
-      SO_REUSEPORT socket: ALL when a socket on the port has SO_REUSEPORT, else NONE.
+      SO_REUSEPORT socket: walk when a socket on the port has SO_REUSEPORT, else nothing.
     """
     on_port = [
         (i, e)
@@ -113,24 +130,30 @@ def iterator_scope(
         if e.socket.proto is req.proto and e.socket.local.port == req.port
     ]
     if not on_port:
-        return IterScope.NONE, "no socket on the port"
-    unread = [e for i, e in on_port if read.get(i, (None, Provenance.UNKNOWN))[1] is not Provenance.READ]
+        return KernelRead(why="no socket on the port")
+    unread = [(i, e) for i, e in on_port if read.get(i, (None, Provenance.UNKNOWN))[1] is not Provenance.READ]
     if req.proto is Proto.UDP:
         if unread:
-            return IterScope.ALL, f"flags of {_what(unread[0])} are only in the kernel"
+            return KernelRead(walk=True, why=f"flags of {_what(unread[0][1])} are only in the kernel")
         if any(read[i][0].reuseport for i, _ in on_port):
-            return IterScope.ALL, "SO_REUSEPORT on the port: the UDP chain order decides"
-        return IterScope.NONE, "every flag read from its owner; no SO_REUSEPORT on the port"
-    unread = [e for e in unread if e.socket.state not in _NOT_ITERATED]
-    if any(e.socket.state is not State.LISTEN for e in unread):
-        e = next(e for e in unread if e.socket.state is not State.LISTEN)
-        return IterScope.ALL, f"flags of {_what(e)} are only in the kernel"
-    if any(e.socket.state is State.LISTEN for _, e in on_port):
-        why = f"flags of {_what(unread[0])} are only in the kernel" if unread else "the bind bucket's cache"
-        return IterScope.LISTENERS, why
-    if any(e.socket.state not in _NOT_ITERATED for _, e in on_port):
-        return IterScope.ALL, "the bind bucket's cache (no listener leads to it)"
-    return IterScope.NONE, "bound-only sockets: in no table the iterator walks"
+            return KernelRead(walk=True, why="SO_REUSEPORT on the port: the UDP chain order decides")
+        return KernelRead(why="every flag read from its owner; no SO_REUSEPORT on the port")
+    listening = any(e.socket.state is State.LISTEN for _, e in on_port)
+    connected = [(i, e) for i, e in on_port if e.socket.state not in _NOT_ITERATED | {State.LISTEN}]
+    lookup = tuple(i for i, e in unread if e.socket.state not in _NOT_ITERATED | {State.LISTEN})
+    why = next(
+        (
+            f"flags of {_what(e)} are only in the kernel"
+            for _, e in unread
+            if e.socket.state not in _NOT_ITERATED
+        ),
+        "the bind bucket's cache",
+    )
+    if not listening and not lookup and connected:
+        lookup = (connected[0][0],)  # any socket in the bucket leads to it
+    if not listening and not lookup:
+        return KernelRead(why="bound-only sockets: in no table the iterator walks")
+    return KernelRead(listeners=listening, lookup=lookup, why=why)
 
 
 def _what(e: SocketEntry) -> str:
@@ -141,22 +164,49 @@ def _what(e: SocketEntry) -> str:
 def _kernel_states(
     table: SocketTable, req: BindRequest
 ) -> tuple[SockStates | Unavailable | None, dict[int, tuple[SockOpts, Provenance]]]:
-    """The port's sockets as the kernel holds them (BPF iterator), as far as iterator_scope
-    asks, when the table is of this thread's network namespace: the iterator walks that one
-    only. Also the flags read from owners (index in table.entries -> flags), read once here."""
-    from rebind.kernel.bpf.sockiter import read_socket_states
-
+    """The port's sockets as the kernel holds them, as far as iterator_plan asks, when the table
+    is of this thread's network namespace (the iterator and the lookup read that one only).
+    Also the flags read from owners (index in table.entries -> flags), read once here."""
     read = {
         i: _read_flags(e)
         for i, e in enumerate(table.entries)
         if e.owners and e.socket.proto is req.proto and e.socket.local.port == req.port
     }
-    scope, _ = iterator_scope(req, table.entries, read)
-    if scope is IterScope.NONE:
+    plan = iterator_plan(req, table.entries, read)
+    if plan.nothing:
         return None, read
+    return read_kernel(table, req, plan), read
+
+
+def read_kernel(table: SocketTable, req: BindRequest, plan: KernelRead) -> SockStates | Unavailable:
+    """Carry out an iterator_plan: the listening walk and the lookups (each found socket checked
+    against its 4-tuple and given inet_diag's cookie), or the whole walk where the lookup is
+    unavailable (it needs bpf_skc_lookup_tcp in a test run: Linux 5.2+)."""
+    from rebind.kernel.bpf.sockiter import current_netns, load_sock_layout, read_socket_states
+    from rebind.kernel.bpf.socklookup import lookup_socket_states
+    from rebind.kernel.bpf.syscall import BPFUnavailable
+
     netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
-    only = scope is IterScope.LISTENERS
-    return read_socket_states([req.port], [req.proto], netns=netns, listeners_only=only), read
+    if plan.walk:
+        return read_socket_states([req.port], [req.proto], netns=netns)
+    got = read_socket_states([req.port], [req.proto], netns=netns, listeners_only=True)
+    if isinstance(got, Unavailable) or not plan.lookup:
+        return got
+    wanted = [table.entries[i].socket for i in plan.lookup]
+    try:
+        lay = load_sock_layout()
+    except BPFUnavailable as exc:  # read_socket_states worked, so this does not happen
+        return Unavailable(str(exc))
+    found = lookup_socket_states(lay, [(w.local, w.remote) for w in wanted], current_netns())
+    if isinstance(found, Unavailable):
+        return read_socket_states([req.port], [req.proto], netns=netns)
+    states, faulted = found
+    extra = [
+        replace(st, cookie=w.cookie, uid=st.uid if st.kind is SockKind.TIMEWAIT else w.uid)
+        for w, st in zip(wanted, states, strict=True)
+        if st is not None and (st.local, st.remote) == (w.local, w.remote) and w.cookie is not None
+    ]
+    return SockStates(got.netns, got.sockets + tuple(extra), got.faulted + faulted, listeners_only=True)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:

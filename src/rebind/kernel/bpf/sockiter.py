@@ -36,6 +36,7 @@ back to inet_diag plus what they can infer, and mark the rest unknown.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import zlib
 from collections.abc import Iterable
@@ -367,161 +368,165 @@ def decode_records(proto: Proto, data: bytes) -> tuple[list[SockState], int]:
     """Records -> SockState, in the iterator's order; (states, records left out for faults)."""
     if len(data) % RECORD.size:
         raise BPFUnavailable(f"iterator output of {len(data)} bytes is not whole records")
-    out: list[SockState] = []
-    faulted = 0
-    per_bucket: dict[int, int] = {}
-    rows = []
-    for raw in RECORD.iter_unpack(data):
-        r = dict(zip(RECORD_NAMES, raw, strict=True))
-        if r["faults"]:
-            faulted += 1
-            continue
-        rows.append(r)
-    port_index = _port_chain_index(rows) if proto is Proto.UDP else {}
+    rows = list(RECORD.iter_unpack(data))
+    kept = [r for r in rows if not r[_I["faults"]]]
+    port_index = _port_chain_index(kept) if proto is Proto.UDP else {}
     memo = _Memo()
-    for r in rows:
+    out: list[SockState] = []
+    per_bucket: dict[int, int] = {}
+    for r in kept:
         chain = None
         if proto is Proto.UDP:
-            index = per_bucket.get(int(r["bucket"]), 0)
-            per_bucket[int(r["bucket"])] = index + 1
-            chain = ChainPos(int(r["bucket"]), index, port_index.get(int(r["cookie"])))
+            slot = r[_I["bucket"]]
+            index = per_bucket.get(slot, 0)
+            per_bucket[slot] = index + 1
+            chain = ChainPos(slot, index, port_index.get(r[_I["cookie"]]))
         out.append(decode_one(proto, r, chain, memo))
-    return out, faulted
+    return out, len(rows) - len(kept)
 
 
-def _port_chain_index(rows: list[dict[str, int | bytes]]) -> dict[int, int]:
+#: Record field -> index in the unpacked tuple (RECORD's order).
+_I = {name: i for i, name in enumerate(RECORD_NAMES)}
+
+
+def _port_chain_index(rows: list[tuple[Any, ...]]) -> dict[int, int]:
     """cookie -> position among its port's sockets in the port chain: the more sockets follow
     it, the nearer the head. A port with a socket past the followed length gets none."""
-    by_port: dict[int, list[dict[str, int | bytes]]] = {}
+    by_port: dict[int, list[tuple[Any, ...]]] = {}
     for r in rows:
-        by_port.setdefault(int(r["lport"]), []).append(r)
+        by_port.setdefault(r[_I["lport"]], []).append(r)
     out: dict[int, int] = {}
+    after, cookie = _I["chain_after"], _I["cookie"]
     for group in by_port.values():
-        if any(r["chain_after"] == CHAIN_UNKNOWN for r in group):
+        if any(r[after] == CHAIN_UNKNOWN for r in group):
             continue
-        for i, r in enumerate(sorted(group, key=lambda r: -int(r["chain_after"]))):
-            out[int(r["cookie"])] = i
+        for i, r in enumerate(sorted(group, key=lambda r: -r[after])):
+            out[r[cookie]] = i
     return out
 
 
 _STATE_OF = {s.value: s for s in State}
 _FAMILY_OF = {f.value: f for f in Family}
-_BUCKET_FIELDS = (
-    "has_bucket",
-    "tb_port",
-    "fastreuse",
-    "fastreuseport",
-    "fastuid",
-    "fast_rcv_saddr",
-    "fast_v6_rcv_saddr",
-    "fast_sk_family",
-    "fast_ipv6_only",
-    "tb2_fastreuse",
-    "tb2_fastreuseport",
+_KIND_OF = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}
+#: The record fields of the bind buckets: many sockets share one (a key of _Memo.buckets).
+_BUCKET_KEY = operator.itemgetter(
+    *(
+        _I[k]
+        for k in (
+            "has_bucket",
+            "tb_port",
+            "fastreuse",
+            "fastreuseport",
+            "fastuid",
+            "fast_rcv_saddr",
+            "fast_v6_rcv_saddr",
+            "fast_sk_family",
+            "fast_ipv6_only",
+            "tb2_fastreuse",
+            "tb2_fastreuseport",
+        )
+    )
 )
 
 
 class _Memo:
     """What many records of one read share (a port's ten thousand TIME_WAITs have one bucket and
-    a handful of addresses): decoded once. Decoding was ~19 us a record, more than the kernel's
-    walk for a port with TIME_WAITs (bench/whyperf.py)."""
+    a handful of addresses): decoded once. Decoding is the larger part of reading a port's
+    TIME_WAITs, larger than the kernel's walk (bench/whyperf.py)."""
 
     __slots__ = ("addrs", "buckets", "endpoints")
 
     def __init__(self) -> None:
-        self.addrs: dict[tuple[Family, bytes, bytes], IPv4Address | IPv6Address] = {}
-        self.endpoints: dict[tuple[Family, bytes, bytes, int], Endpoint] = {}
-        self.buckets: dict[tuple[object, ...], BindBucket | None] = {}
+        self.addrs: dict[tuple[int, bytes], IPv4Address | IPv6Address] = {}
+        self.endpoints: dict[tuple[int, bytes, int], Endpoint] = {}
+        self.buckets: dict[tuple[Any, ...], BindBucket | None] = {}
 
-    def endpoint(self, family: Family, v4: bytes, v6: bytes, port: int) -> Endpoint:
-        key = (family, v4 if family is Family.INET else v6, b"", port)
-        got = self.endpoints.get(key)
+    def endpoint(self, family: int, v4: bytes, v6: bytes, port: int) -> Endpoint:
+        raw = v4 if family == Family.INET else v6
+        got = self.endpoints.get((family, raw, port))
         if got is None:
-            got = self.endpoints[key] = Endpoint(self.addr(family, v4, v6), port)
+            got = self.endpoints[family, raw, port] = Endpoint(self.addr(family, raw), port)
         return got
 
-    def addr(self, family: Family, v4: bytes, v6: bytes) -> IPv4Address | IPv6Address:
-        key = (family, v4 if family is Family.INET else v6, b"")
-        got = self.addrs.get(key)
+    def addr(self, family: int, raw: bytes) -> IPv4Address | IPv6Address:
+        got = self.addrs.get((family, raw))
         if got is None:
-            got = self.addrs[key] = _addr(family, v4, v6)
+            got = self.addrs[family, raw] = IPv4Address(raw) if family == Family.INET else IPv6Address(raw)
         return got
 
-    def bucket(self, r: dict[str, int | bytes]) -> BindBucket | None:
-        key = tuple(r[k] for k in _BUCKET_FIELDS)
+    def bucket(self, r: tuple[Any, ...]) -> BindBucket | None:
+        key = _BUCKET_KEY(r)
         if key not in self.buckets:
             self.buckets[key] = _bucket(r)
         return self.buckets[key]
 
 
-def _addr(family: Family, v4: bytes, v6: bytes) -> IPv4Address | IPv6Address:
-    return IPv4Address(v4) if family is Family.INET else IPv6Address(v6)
-
-
-def _bucket(r: dict[str, int | bytes]) -> BindBucket | None:
-    def num(key: str) -> int:
-        v = r[key]
-        assert isinstance(v, int)
-        return v
-
-    def raw(key: str) -> bytes:
-        v = r[key]
-        assert isinstance(v, bytes)
-        return v
-
-    if not num("has_bucket") & 1:
+def _bucket(r: tuple[Any, ...]) -> BindBucket | None:
+    has = r[_I["has_bucket"]]
+    if not has & 1:
         return None
-    cached = num("fastreuseport") > 0  # else the fast_* fields are stale memory
+    cached = r[_I["fastreuseport"]] > 0  # else the fast_* fields are stale memory
     return BindBucket(
-        port=num("tb_port"),
-        fastreuse=num("fastreuse"),
-        fastreuseport=num("fastreuseport"),
-        fastuid=num("fastuid") if cached else None,
-        fast_rcv_saddr=IPv4Address(raw("fast_rcv_saddr")) if cached else None,
-        fast_v6_rcv_saddr=IPv6Address(raw("fast_v6_rcv_saddr")) if cached else None,
-        fast_sk_family=num("fast_sk_family") if cached else None,
-        fast_ipv6_only=bool(num("fast_ipv6_only")) if cached else None,
-        bind2_fastreuse=num("tb2_fastreuse") if num("has_bucket") & 2 else None,
-        bind2_fastreuseport=num("tb2_fastreuseport") if num("has_bucket") & 2 else None,
+        port=r[_I["tb_port"]],
+        fastreuse=r[_I["fastreuse"]],
+        fastreuseport=r[_I["fastreuseport"]],
+        fastuid=r[_I["fastuid"]] if cached else None,
+        fast_rcv_saddr=IPv4Address(r[_I["fast_rcv_saddr"]]) if cached else None,
+        fast_v6_rcv_saddr=IPv6Address(r[_I["fast_v6_rcv_saddr"]]) if cached else None,
+        fast_sk_family=r[_I["fast_sk_family"]] if cached else None,
+        fast_ipv6_only=bool(r[_I["fast_ipv6_only"]]) if cached else None,
+        bind2_fastreuse=r[_I["tb2_fastreuse"]] if has & 2 else None,
+        bind2_fastreuseport=r[_I["tb2_fastreuseport"]] if has & 2 else None,
     )
 
 
-_KIND_OF = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}
+# Indexes of the fields decode_one reads for every socket.
+(
+    _FAMILY, _KIND, _STATE, _RCV, _RCV6, _LPORT, _DADDR, _DADDR6, _DPORT, _COOKIE, _NETNS, _UID,
+    _SK_UID, _DEV, _REUSE, _REUSEPORT, _V6ONLY, _LOCKS, _TW_SUB, _TS, _TS_STAMP, _CONNECT_BIND, _SEQ,
+) = (
+    _I[k]
+    for k in (
+        "family", "kind", "state", "rcv_saddr", "v6_rcv_saddr", "lport", "daddr", "v6_daddr",
+        "dport", "cookie", "netns", "uid", "sk_uid", "bound_dev_if", "reuse", "reuseport",
+        "ipv6only", "userlocks", "tw_substate", "tw_ts_recent", "tw_ts_recent_stamp",
+        "tw_connect_bind", "seq_num",
+    )
+)  # fmt: skip
 
 
 def decode_one(
-    proto: Proto, rec: dict[str, int | bytes], chain: ChainPos | None = None, memo: _Memo | None = None
+    proto: Proto, r: tuple[Any, ...], chain: ChainPos | None = None, memo: _Memo | None = None
 ) -> SockState:
+    """One unpacked RECORD (its types are fixed by RECORD's format: ints, bytes for "Ns")."""
     m = memo if memo is not None else _Memo()
-    # The record's types are fixed by RECORD's format (ints, and bytes for the "Ns" fields);
-    # typed Any here because this runs for every socket of a port (10k TIME_WAITs: issue 17).
-    r: dict[str, Any] = rec
-    family = _FAMILY_OF.get(r["family"]) or Family(r["family"])
-    kind = _KIND_OF.get(r["kind"], SockKind.FULL)
+    fam = r[_FAMILY]
+    family = _FAMILY_OF.get(fam) or Family(fam)
+    kind = _KIND_OF.get(r[_KIND], SockKind.FULL)
     full, tw = kind is SockKind.FULL, kind is SockKind.TIMEWAIT
     tcp_tw = tw and proto is Proto.TCP
-    connect_bind = r["tw_connect_bind"]
+    connect_bind = r[_CONNECT_BIND]
     return SockState(
         proto=proto,
         family=family,
-        state=_STATE_OF.get(r["state"]) or State(r["state"]),
+        state=_STATE_OF.get(r[_STATE]) or State(r[_STATE]),
         kind=kind,
-        local=m.endpoint(family, r["rcv_saddr"], r["v6_rcv_saddr"], r["lport"]),
-        remote=m.endpoint(family, r["daddr"], r["v6_daddr"], int.from_bytes(r["dport"], "big")),
-        cookie=r["cookie"],
-        netns=r["netns"],
-        uid=None if tw else r["uid"],
-        sk_uid=r["sk_uid"] if full else None,
-        bound_dev_if=r["bound_dev_if"],
-        reuse=r["reuse"],
-        reuseport=bool(r["reuseport"]),
-        ipv6only=bool(r["ipv6only"]),
-        userlocks=r["userlocks"] if full else None,
-        tw_substate=State(r["tw_substate"]) if tw else None,
-        tw_ts_recent=r["tw_ts_recent"] if tcp_tw else None,
-        tw_ts_recent_stamp=r["tw_ts_recent_stamp"] if tcp_tw else None,
+        local=m.endpoint(fam, r[_RCV], r[_RCV6], r[_LPORT]),
+        remote=m.endpoint(fam, r[_DADDR], r[_DADDR6], int.from_bytes(r[_DPORT], "big")),
+        cookie=r[_COOKIE],
+        netns=r[_NETNS],
+        uid=None if tw else r[_UID],
+        sk_uid=r[_SK_UID] if full else None,
+        bound_dev_if=r[_DEV],
+        reuse=r[_REUSE],
+        reuseport=bool(r[_REUSEPORT]),
+        ipv6only=bool(r[_V6ONLY]),
+        userlocks=r[_LOCKS] if full else None,
+        tw_substate=State(r[_TW_SUB]) if tw else None,
+        tw_ts_recent=r[_TS] if tcp_tw else None,
+        tw_ts_recent_stamp=r[_TS_STAMP] if tcp_tw else None,
         tw_connect_bind=bool(connect_bind) if tw and connect_bind != ABSENT else None,
         bucket=m.bucket(r),
         chain=chain,
-        seq=r["seq_num"],
+        seq=r[_SEQ],
     )

@@ -1,11 +1,13 @@
-"""`why` walks the kernel's socket tables only as far as a fact needs it (facts.iterator_scope),
-and what it reads by the cheaper paths is what the kernel holds (model == kernel, checked against
-the iterator's own reading and a real bind on whatever kernel runs this)."""
+"""`why` reads from the kernel only what the cheaper paths cannot give exactly, the cheapest way
+(facts.iterator_plan: the listening hash, lookups by 4-tuple, or no BPF at all), and what it
+reads is what the kernel holds (model == kernel, checked against the whole walk of the BPF
+iterator and a real bind on whatever kernel runs this)."""
 
 from __future__ import annotations
 
 import errno
 import socket
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
@@ -74,12 +76,15 @@ def test_a_visible_listener_is_read_from_its_owner_and_the_iterator_agrees(
             d = advise(gather(r, trials=False))
             got = _real_bind(port, reuseaddr=ra, reuseport=rp)
             assert d.verdict.bindable == (got == 0), (ra, rp, d.headline, got)
-        # A connection not yet accept()ed has no owner: its flags are the kernel's alone.
+        # A connection not yet accept()ed has no owner: its flags are the kernel's alone, found
+        # by its 4-tuple (it inherited the listener's), and the same as the whole walk reads.
         c = socket.create_connection(("127.0.0.1", port))
         facts = gather(req, trials=False)
-        assert isinstance(facts.kernel, SockStates) and not facts.kernel.listeners_only
+        assert isinstance(facts.kernel, SockStates) and facts.kernel.listeners_only
         [child] = [h for h in facts.holders if h.entry.socket.state is State.ESTABLISHED]
         assert child.provenance is Provenance.KERNEL and child.opts.reuseport is reuseport
+        whole = {s.cookie: s for s in _states(port, listeners_only=False).sockets}
+        assert child.kernel == replace(whole[child.entry.socket.cookie], seq=0)
     finally:
         if c is not None:
             c.close()
@@ -92,11 +97,14 @@ def test_time_wait_flags_come_from_the_kernel(netns: int, procs: object) -> None
     procs.wait_line(p)  # type: ignore[attr-defined]
     req = BindRequest(Proto.TCP, IPv4Address("0.0.0.0"), port)
     facts = gather(req, trials=False)
-    assert isinstance(facts.kernel, SockStates) and not facts.kernel.listeners_only
+    assert isinstance(facts.kernel, SockStates)
     [tw] = [h for h in facts.holders if h.entry.socket.state is State.TIME_WAIT]
     assert tw.provenance is Provenance.KERNEL
     assert tw.kernel is not None and tw.kernel.kind is SockKind.TIMEWAIT
     assert tw.opts.reuseaddr is True and tw.opts.reuseport is False
+    # Found by its 4-tuple: every field (bucket included) as the whole walk reads it.
+    [walked] = [s for s in _states(port, listeners_only=False).sockets if s.cookie == tw.entry.socket.cookie]
+    assert tw.kernel == replace(walked, seq=0)
     for ra in (False, True):
         r = BindRequest(Proto.TCP, IPv4Address("0.0.0.0"), port, reuseaddr=ra)
         d = advise(gather(r, trials=False))
