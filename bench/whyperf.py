@@ -73,9 +73,11 @@ def run(argv: list[str]) -> tuple[float, float, int]:
     return wall, (usage.ru_utime + usage.ru_stime) * 1e3, os.waitstatus_to_exitcode(status)
 
 
-def pairs(port: int, runs: int) -> dict[str, list[tuple[float, float, int]]]:
-    out: dict[str, list[tuple[float, float, int]]] = {"ls": [], "why": []}
+def pairs(port: int, runs: int, baseline: str | None) -> dict[str, list[tuple[float, float, int]]]:
     argvs = {"ls": [REBIND, "ls", str(port)], "why": [REBIND, "why", str(port)]}
+    if baseline:
+        argvs["base"] = [baseline, "why", str(port)]
+    out: dict[str, list[tuple[float, float, int]]] = {key: [] for key in argvs}
     for argv in argvs.values():
         run(argv)  # warm-up
     for _ in range(runs):
@@ -128,9 +130,13 @@ def report(port: int, label: str, got: dict[str, list[tuple[float, float, int]]]
     ls_wm = statistics.median(w for w, _, _ in got["ls"])
     why_wm = statistics.median(w for w, _, _ in got["why"])
     rcs = sorted({rc for _, _, rc in got["why"]})
+    base = ""
+    if "base" in got:
+        bw, bc = min(w for w, _, _ in got["base"]), min(c for _, c, _ in got["base"])
+        base = f" {bw / ls_w:.2f} | {bc / ls_c:.2f} |"
     return (
         f"| {port} | {label} | {ls_w:.0f} (med {ls_wm:.0f}) | {why_w:.0f} (med {why_wm:.0f}) | "
-        f"**{why_w / ls_w:.2f}** | {ls_c:.0f} | {why_c:.0f} | **{why_c / ls_c:.2f}** | {rcs} |"
+        f"**{why_w / ls_w:.2f}** | {ls_c:.0f} | {why_c:.0f} | **{why_c / ls_c:.2f}** | {rcs} |{base}"
     )
 
 
@@ -140,6 +146,11 @@ def main() -> None:
     ap.add_argument("--build-timeout", type=float, default=1200)
     ap.add_argument(
         "--use-existing", metavar="NETNS", help="a namespace already loaded (mkload --reuseport 4)"
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="REBIND",
+        help="another rebind executable whose `why` is timed in the same rounds (e.g. the checkout before)",
     )
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -160,17 +171,20 @@ def main() -> None:
         total = next((line for line in out.splitlines() if line.startswith("TCP:")), "?")
         print(f"# {platform.release()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
         print(f"# load built in {built:.0f}s; {total.strip()}; runs: best (and median) of {args.runs}")
-        print(
-            "| port | holders | ls wall ms | why wall ms | why/ls wall | ls CPU ms | why CPU ms | why/ls CPU | why rc |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
+        head = "| port | holders | ls wall ms | why wall ms | why/ls wall | ls CPU ms | why CPU ms | why/ls CPU | why rc |"
+        rule = "|---|---|---|---|---|---|---|---|---|"
+        if args.baseline:
+            head += " baseline why/ls wall | baseline why/ls CPU |"
+            rule += "---|---|"
+        print(head)
+        print(rule)
         rows, notes = [], []
         for port, label in PORTS.items():
             if port == 9000:
                 make_timewaits(port, TIMEWAITS)
                 tws = sum(1 for e in socket_table(ports=[port], protos=[Proto.TCP], owners=False).entries)
                 label = f"{tws} TIME_WAITs"
-            got = pairs(port, args.runs)
+            got = pairs(port, args.runs, args.baseline)
             rows.append(report(port, label, got))
             print(rows[-1], flush=True)
             notes.append(f"# {port}: iterator scope {scope_of(port)}; {iterator_costs(port, args.runs)}")

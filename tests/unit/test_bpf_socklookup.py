@@ -8,8 +8,8 @@ import struct
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.kernel.bpf import asm
-from rebind.kernel.bpf import sockprog as P
 from rebind.kernel.bpf import socklookup as L
+from rebind.kernel.bpf import sockprog as P
 from rebind.model.records import Endpoint
 from tests.unit.test_bpf_sockiter import MAPS, fake_layout
 
@@ -33,7 +33,7 @@ def test_the_lookup_program_releases_what_it_looks_up_and_stays_in_its_frame() -
     calls = _calls(insns)
     assert calls.count(L.HELPER_SKC_LOOKUP_TCP) == 1 and calls.count(L.HELPER_SK_RELEASE) == 1
     for off, size in _stack_offsets(insns):
-        assert -512 <= off and off + size <= 0
+        assert off >= -512 and off + size <= 0
         if size == 8 and off in (L.REF_SLOT, L.ENTRY_SLOT):
             assert off % 8 == 0  # spilled pointers: aligned slots
     # the spilled slots lie below the record, outside every slot of the iterator's frame
@@ -47,7 +47,9 @@ def test_a_tuple_is_the_packet_to_the_socket_from_its_peer() -> None:
     assert size == 12 and raw[:12] == bytes([127, 0, 0, 9, 127, 0, 0, 1]) + struct.pack(">HH", 40000, 9000)
     local6, remote6 = Endpoint(IPv6Address("::1"), 9000), Endpoint(IPv6Address("fe80::2"), 40000)
     raw, size = L.ENTRY_IN.unpack(L._tuple(local6, remote6))
-    assert size == 36 and raw[:16] == IPv6Address("fe80::2").packed and raw[16:32] == IPv6Address("::1").packed
+    assert (
+        size == 36 and raw[:16] == IPv6Address("fe80::2").packed and raw[16:32] == IPv6Address("::1").packed
+    )
 
 
 def test_the_listening_program_stops_at_the_first_socket_not_listening() -> None:

@@ -182,7 +182,7 @@ def read_kernel(table: SocketTable, req: BindRequest, plan: KernelRead) -> SockS
     """Carry out an iterator_plan: the listening walk and the lookups (each found socket checked
     against its 4-tuple and given inet_diag's cookie), or the whole walk where the lookup is
     unavailable (it needs bpf_skc_lookup_tcp in a test run: Linux 5.2+)."""
-    from rebind.kernel.bpf.sockiter import current_netns, load_sock_layout, read_socket_states
+    from rebind.kernel.bpf.sockiter import load_sock_layout, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_socket_states
     from rebind.kernel.bpf.syscall import BPFUnavailable
 
@@ -197,15 +197,11 @@ def read_kernel(table: SocketTable, req: BindRequest, plan: KernelRead) -> SockS
         lay = load_sock_layout()
     except BPFUnavailable as exc:  # read_socket_states worked, so this does not happen
         return Unavailable(str(exc))
-    found = lookup_socket_states(lay, [(w.local, w.remote) for w in wanted], current_netns())
+    found = lookup_socket_states(lay, wanted)
     if isinstance(found, Unavailable):
         return read_socket_states([req.port], [req.proto], netns=netns)
     states, faulted = found
-    extra = [
-        replace(st, cookie=w.cookie, uid=st.uid if st.kind is SockKind.TIMEWAIT else w.uid)
-        for w, st in zip(wanted, states, strict=True)
-        if st is not None and (st.local, st.remote) == (w.local, w.remote) and w.cookie is not None
-    ]
+    extra = [st for st in states if st is not None]
     return SockStates(got.netns, got.sockets + tuple(extra), got.faulted + faulted, listeners_only=True)
 
 

@@ -49,7 +49,7 @@ from rebind.kernel.bpf.sockprog import (
     _Emitter,
 )
 from rebind.kernel.bpf.syscall import LICENSE, BPFUnavailable, attr_buf, bpf
-from rebind.model.records import Endpoint, Proto
+from rebind.model.records import Endpoint, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
 
 HELPER_SK_RELEASE = 86
@@ -253,15 +253,17 @@ def _tuple(local: Endpoint, remote: Endpoint) -> bytes:
 
 
 def lookup_socket_states(
-    lay: SockLayout, conns: Sequence[tuple[Endpoint, Endpoint]], netns: int
+    lay: SockLayout, targets: Sequence[SocketRecord]
 ) -> tuple[list[SockState | None], int] | Unavailable:
-    """For each (local, remote) of a TCP socket in the established hash: the kernel's state of
-    that socket (None: not found, e.g. gone since the dump), and how many copies faulted."""
+    """For each TCP socket of the established hash that inet_diag named (TIME_WAIT, connected):
+    the kernel's state of that very socket, with inet_diag's cookie and uid (the program has
+    neither), or None where the 4-tuple finds no socket or another one (gone since the dump: the
+    lookup then falls through to a listener). Also how many records faulted."""
     from rebind.kernel.bpf.sockiter import decode_records
 
-    if not conns:
+    if not targets:
         return [], 0
-    n = len(conns)
+    n = len(targets)
     fds: list[int] = []
     try:
         ctr = _map_create(4, 1, 0)
@@ -270,8 +272,8 @@ def lookup_socket_states(
         fds.append(io)
         size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-            for i, (local, remote) in enumerate(conns):
-                mem[i * ENTRY_SIZE : i * ENTRY_SIZE + ENTRY_IN.size] = _tuple(local, remote)
+            for i, t in enumerate(targets):
+                mem[i * ENTRY_SIZE : i * ENTRY_SIZE + ENTRY_IN.size] = _tuple(t.local, t.remote)
             insns = build_lookup_program(lay, ctr, io)
             try:
                 prog = _prog_load(insns)
@@ -279,19 +281,18 @@ def lookup_socket_states(
                 prog = _prog_load(insns, 1 << 22)
             fds.append(prog)
             _test_run(prog, n)
-            data = bytes(mem[: ENTRY_SIZE * n])
+            data = bytearray(mem[: ENTRY_SIZE * n])
     except (OSError, RebindError) as exc:
         return Unavailable(f"BPF socket lookup: {exc}".splitlines()[0])
     finally:
         for fd in fds:
             os.close(fd)
     found = [i for i in range(n) if FOUND.unpack_from(data, i * ENTRY_SIZE + FOUND_AT)[0]]
+    for i in found:  # inet_diag's cookie and uid into the record, before it is decoded once
+        at = i * ENTRY_SIZE + RECORD_AT
+        struct.pack_into("<Q", data, at + REC["cookie"], targets[i].cookie or 0)
+        struct.pack_into("<I", data, at + REC["uid"], targets[i].uid or 0)
     raw = b"".join(data[i * ENTRY_SIZE + RECORD_AT : i * ENTRY_SIZE + RECORD_AT + RECORD.size] for i in found)
     states, faulted = decode_records(Proto.TCP, raw)  # one call: shared addresses and buckets
-    if faulted:  # records left out: match the rest by their own 4-tuple, not by position
-        by_tuple = {(s.local, s.remote): s for s in states}
-        return [by_tuple.get(c) for c in conns], faulted
-    out: list[SockState | None] = [None] * n
-    for i, st in zip(found, states, strict=True):
-        out[i] = st
-    return out, 0
+    by_tuple = {(s.local, s.remote): s for s in states}
+    return [by_tuple.get((t.local, t.remote)) for t in targets], faulted
