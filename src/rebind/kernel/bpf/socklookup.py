@@ -294,5 +294,22 @@ def lookup_socket_states(
         struct.pack_into("<I", data, at + REC["uid"], targets[i].uid or 0)
     raw = b"".join(data[i * ENTRY_SIZE + RECORD_AT : i * ENTRY_SIZE + RECORD_AT + RECORD.size] for i in found)
     states, faulted = decode_records(Proto.TCP, raw)  # one call: shared addresses and buckets
-    by_tuple = {(s.local, s.remote): s for s in states}
-    return [by_tuple.get((t.local, t.remote)) for t in targets], faulted
+    if faulted:  # records left out: pair the rest by their cookie (written above)
+        by_cookie = {s.cookie: s for s in states}
+        pairs = [(t, by_cookie.get(t.cookie or 0)) for t in targets]
+    else:
+        got: list[SockState | None] = [None] * n
+        for i, st in zip(found, states, strict=True):
+            got[i] = st
+        pairs = list(zip(targets, got, strict=True))
+    # The 4-tuple of a socket gone since the dump finds a listener, or a newer socket: not ours.
+    return [st if st is not None and _same(st, t) else None for t, st in pairs], faulted
+
+
+def _same(st: SockState, t: SocketRecord) -> bool:
+    return (
+        st.local.port == t.local.port
+        and st.remote.port == t.remote.port
+        and st.local.addr == t.local.addr
+        and st.remote.addr == t.remote.addr
+    )
