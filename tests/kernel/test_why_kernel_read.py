@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
@@ -140,3 +140,23 @@ def test_the_listening_walk_stops_before_the_connections(netns: int) -> None:
     finally:
         for s in conns + listeners:
             s.close()
+
+
+def test_a_dual_stack_child_talking_ipv4_is_found_by_its_ipv4_tuple(netns: int) -> None:
+    """A child of a [::] listener accepted from an IPv4 peer is hashed by its IPv4 addresses:
+    its lookup must be IPv4 (inet_diag shows ::ffff:127.0.0.1)."""
+    lst = socket.socket(socket.AF_INET6)
+    lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    lst.bind(("::", 18306))
+    lst.listen()
+    c = socket.create_connection(("127.0.0.1", 18306))  # never accept()ed: no owner
+    try:
+        facts = gather(BindRequest(Proto.TCP, IPv4Address("0.0.0.0"), 18306), trials=False)
+        [child] = [h for h in facts.holders if h.entry.socket.state is State.ESTABLISHED]
+        assert child.entry.socket.local.addr == IPv6Address("::ffff:127.0.0.1")
+        assert child.provenance is Provenance.KERNEL and child.kernel is not None
+        whole = {s.cookie: s for s in _states(18306, listeners_only=False).sockets}
+        assert child.kernel == replace(whole[child.entry.socket.cookie], seq=0)
+    finally:
+        c.close()
+        lst.close()

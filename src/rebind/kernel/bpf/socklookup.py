@@ -243,9 +243,15 @@ def _test_run(prog_fd: int, repeat: int) -> None:
 
 
 def _tuple(local: Endpoint, remote: Endpoint) -> bytes:
-    """struct bpf_sock_tuple as a packet to this socket would carry it: from remote to local."""
-    if isinstance(local.addr, IPv4Address) and isinstance(remote.addr, IPv4Address):
-        raw = remote.addr.packed + local.addr.packed + struct.pack(">HH", remote.port, local.port)
+    """struct bpf_sock_tuple as a packet to this socket would carry it: from remote to local.
+
+    An IPv6 socket talking IPv4 (``::ffff:a.b.c.d`` both ends) is hashed by its IPv4 addresses
+    (tcp_v6_connect hands mapped peers to tcp_v4_connect; an accepted one is a tcp_v4 child
+    made IPv6), so it is looked up as IPv4."""
+    la4 = local.addr if isinstance(local.addr, IPv4Address) else local.addr.ipv4_mapped
+    ra4 = remote.addr if isinstance(remote.addr, IPv4Address) else remote.addr.ipv4_mapped
+    if la4 is not None and ra4 is not None:
+        raw = ra4.packed + la4.packed + struct.pack(">HH", remote.port, local.port)
         return ENTRY_IN.pack(raw, 12)
     la, ra = IPv6Address(int(local.addr)), IPv6Address(int(remote.addr))
     raw = ra.packed + la.packed + struct.pack(">HH", remote.port, local.port)
