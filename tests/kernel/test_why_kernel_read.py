@@ -160,3 +160,16 @@ def test_a_dual_stack_child_talking_ipv4_is_found_by_its_ipv4_tuple(netns: int) 
     finally:
         c.close()
         lst.close()
+
+
+def test_rebind_no_bpf_turns_the_lookups_off_too(
+    netns: int, procs: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = 18307
+    p = procs.python(TIME_WAIT.format(opts="", port=port))  # type: ignore[attr-defined]
+    procs.wait_line(p)  # type: ignore[attr-defined]
+    monkeypatch.setenv("REBIND_NO_BPF", "1")
+    facts = gather(BindRequest(Proto.TCP, IPv4Address("0.0.0.0"), port), trials=False)
+    assert isinstance(facts.kernel, Unavailable) and "REBIND_NO_BPF" in facts.kernel.reason
+    [tw] = [h for h in facts.holders if h.entry.socket.state is State.TIME_WAIT]
+    assert tw.provenance is not Provenance.KERNEL and tw.kernel is None

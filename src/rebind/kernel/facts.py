@@ -1,8 +1,9 @@
 """The one I/O gatherer behind `rebind why`: everything model/advice.py needs, read once.
 
-Socket table (inet_diag), the sockets' own bind state where the BPF socket iterator can read it
-(kernel/bpf/sockiter.py: flags of every socket, TIME_WAITs and other users' included, userlocks,
-the bind bucket's cache; else owners' flags by pidfd_getfd + getsockopt), kernel settings,
+Socket table (inet_diag), the sockets' own bind state (owners' flags by pidfd_getfd +
+getsockopt; what only the kernel has -- TIME_WAITs' and owner-less sockets' flags, userlocks, the
+bind bucket's cache, UDP chain order -- read by BPF as cheaply as iterator_plan finds: the
+listening hash, lookups by 4-tuple (kernel/bpf/socklookup.py) or the whole walk), kernel settings,
 IPv6 address states, process-tree hints, and the trial binds that cannot change the answer
 (conflict.probe_is_harmless decides which may run).
 
@@ -182,27 +183,27 @@ def read_kernel(table: SocketTable, req: BindRequest, plan: KernelRead) -> SockS
     """Carry out an iterator_plan: the listening walk and the lookups (each found socket checked
     against its 4-tuple and given inet_diag's cookie), or the whole walk where the lookup is
     unavailable (it needs bpf_skc_lookup_tcp in a test run: Linux 5.2+)."""
-    from rebind.kernel.bpf.sockiter import load_sock_layout, read_socket_states
+    from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_socket_states
-    from rebind.kernel.bpf.syscall import BPFUnavailable
 
     netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
     if plan.walk:
         return read_socket_states([req.port], [req.proto], netns=netns)
-    got = read_socket_states([req.port], [req.proto], netns=netns, listeners_only=True)
-    if isinstance(got, Unavailable) or not plan.lookup:
-        return got
-    wanted = [table.entries[i].socket for i in plan.lookup]
-    try:
-        lay = load_sock_layout()
-    except BPFUnavailable as exc:  # read_socket_states worked, so this does not happen
-        return Unavailable(str(exc))
-    found = lookup_socket_states(lay, wanted)
+    if plan.listeners:
+        got = read_socket_states([req.port], [req.proto], netns=netns, listeners_only=True)
+        if isinstance(got, Unavailable) or not plan.lookup:
+            return got
+    else:
+        here = prepare(netns)  # the lookups alone: no walk at all
+        if isinstance(here, Unavailable):
+            return here
+        got = SockStates(here, (), listeners_only=True)
+    found = lookup_socket_states(load_sock_layout(), [table.entries[i].socket for i in plan.lookup])
     if isinstance(found, Unavailable):
         return read_socket_states([req.port], [req.proto], netns=netns)
     states, faulted = found
-    extra = [st for st in states if st is not None]
-    return SockStates(got.netns, got.sockets + tuple(extra), got.faulted + faulted, listeners_only=True)
+    extra = tuple(st for st in states if st is not None)
+    return SockStates(got.netns, got.sockets + extra, got.faulted + faulted, listeners_only=True)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:

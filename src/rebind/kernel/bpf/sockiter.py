@@ -325,6 +325,20 @@ def read_socket_states(
     return SockStates(here, tuple(out), faulted, listeners_only=listeners_only)
 
 
+def prepare(netns: int | None = None) -> int | Unavailable:
+    """This thread's network namespace if the BPF socket programs can run here for ``netns``
+    (the namespace meant; capabilities, REBIND_NO_BPF, the BTF layout), else why not."""
+    try:
+        here = current_netns()
+        if netns is not None and netns != here:
+            return Unavailable(f"the BPF programs read this thread's network namespace ({here}), not {netns}")
+        _check_caps()
+        load_sock_layout()
+    except (BPFUnavailable, OSError) as exc:
+        return Unavailable(_reason(exc))
+    return here
+
+
 def count_socket_states(
     ports: Iterable[int], protos: Iterable[Proto] = (Proto.TCP, Proto.UDP)
 ) -> PortStateCounts | Unavailable:
