@@ -187,7 +187,7 @@ def main() -> None:
             got = pairs(port, args.runs, args.baseline)
             rows.append(report(port, label, got))
             print(rows[-1], flush=True)
-            notes.append(f"# {port}: iterator scope {scope_of(port)}; {iterator_costs(port, args.runs)}")
+            notes.append(f"# {port}: why reads {scope_of(port)}; {iterator_costs(port, args.runs)}")
         for note in notes:
             print(note)
     finally:
