@@ -173,3 +173,27 @@ def test_rebind_no_bpf_turns_the_lookups_off_too(
     assert isinstance(facts.kernel, Unavailable) and "REBIND_NO_BPF" in facts.kernel.reason
     [tw] = [h for h in facts.holders if h.entry.socket.state is State.TIME_WAIT]
     assert tw.provenance is not Provenance.KERNEL and tw.kernel is None
+
+
+@pytest.mark.parametrize("v6only", [False, True])
+def test_what_getsockopt_and_inet_diag_give_is_the_kernels_own(netns: int, v6only: bool) -> None:
+    """The cheaper paths are exact, not inferred: getsockopt's SO_REUSEADDR/SO_REUSEPORT/
+    IPV6_V6ONLY are sk_reuse/sk_reuseport/sk_ipv6only, inet_diag's idiag_if is sk_bound_dev_if
+    and its uid the socket's (checked against the iterator's whole walk)."""
+    s = socket.socket(socket.AF_INET6)
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, int(v6only))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+        s.bind(("::", 18308))
+        s.listen()
+        facts = gather(BindRequest(Proto.TCP, IPv6Address("::"), 18308), trials=False)
+        [h] = [h for h in facts.holders if h.entry.socket.state is State.LISTEN]
+        assert h.provenance is Provenance.READ  # this test's own process owns it
+        [k] = [x for x in _states(18308, listeners_only=False).sockets if x.cookie == h.entry.socket.cookie]
+        assert (h.opts.reuseaddr, h.opts.reuseport, h.opts.v6only) == (k.reuseaddr, k.reuseport, k.ipv6only)
+        assert h.entry.socket.ifindex == k.bound_dev_if == socket.if_nametoindex("lo")
+        assert h.entry.socket.uid == k.uid and h.opts.v6only is v6only
+    finally:
+        s.close()
