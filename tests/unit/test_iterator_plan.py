@@ -7,6 +7,7 @@ cheapest way that gives it exactly.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
@@ -94,6 +95,18 @@ def test_a_connection_without_owner_is_looked_up() -> None:
     # Not yet accepted, or held from another PID namespace: its flags are in the kernel only.
     got = plan(TCP, [entry(State.LISTEN), entry(State.ESTABLISHED, rport=5000, owned=False)])
     assert got == KernelRead(listeners=True, lookup=(1,))
+
+
+def test_a_socket_bound_to_a_device_is_walked_for() -> None:
+    # The lookup runs on loopback's skb: a socket bound to another device is not found by it.
+    tw = entry(State.TIME_WAIT, rport=5000)
+    on_eth = SocketEntry(replace(tw.socket, ifindex=2))
+    assert plan(TCP, [SocketEntry(replace(tw.socket, ifindex=1))]) == KernelRead(lookup=(0,))
+    assert plan(TCP, [tw, on_eth]) == WALK
+    # for the bucket alone (every flag read), a connection the lookup can find is chosen
+    conns = [entry(State.ESTABLISHED, rport=5000), entry(State.ESTABLISHED, rport=5001)]
+    conns[0] = SocketEntry(replace(conns[0].socket, ifindex=2), OWNER)
+    assert plan(TCP, conns) == KernelRead(lookup=(1,))
 
 
 def test_without_a_listener_one_connection_leads_to_the_bucket() -> None:

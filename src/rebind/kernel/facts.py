@@ -96,6 +96,9 @@ class KernelRead:
 _NOT_ITERATED = frozenset({State.SYN_RECV, State.NEW_SYN_RECV, State.BOUND_INACTIVE, State.CLOSE})
 #: ... and listeners: what is not looked up by 4-tuple in the established hash.
 _NOT_CONNECTED = _NOT_ITERATED | {State.LISTEN}
+#: sk_bound_dev_if values a lookup from a BPF test run finds: none, or loopback (ifindex 1 in
+#: every network namespace: the test run's skb device).
+_LOOKUP_DEVICES = frozenset({0, 1})
 
 
 def iterator_plan(
@@ -140,18 +143,25 @@ def iterator_plan(
             return KernelRead(walk=True, why="SO_REUSEPORT on the port: the UDP chain order decides")
         return KernelRead(why="every flag read from its owner; no SO_REUSEPORT on the port")
     listening = any(e.socket.state is State.LISTEN for _, e in on_port)
-    connected = [(i, e) for i, e in on_port if e.socket.state not in _NOT_ITERATED | {State.LISTEN}]
-    lookup = tuple(i for i, e in unread if e.socket.state not in _NOT_ITERATED | {State.LISTEN})
-    why = next(
-        (
-            f"flags of {_what(e)} are only in the kernel"
-            for _, e in unread
-            if e.socket.state not in _NOT_ITERATED
-        ),
-        "the bind bucket's cache",
+    connected = [(i, e) for i, e in on_port if e.socket.state not in _NOT_CONNECTED]
+    lookup = tuple(i for i, e in unread if e.socket.state not in _NOT_CONNECTED)
+    kernel_only = [e for _, e in unread if e.socket.state not in _NOT_ITERATED]
+    why = (
+        f"flags of {_what(kernel_only[0])} are only in the kernel"
+        if kernel_only
+        else "the bind bucket's cache"
     )
     if not listening and not lookup and connected:
-        lookup = (connected[0][0],)  # any socket in the bucket leads to it
+        # any socket in the bucket leads to it; one the lookup can find, if there is one
+        findable = [i for i, e in connected if e.socket.ifindex in _LOOKUP_DEVICES]
+        lookup = tuple(findable or [connected[0][0]])[:1]
+    away = [entries[i] for i in lookup if entries[i].socket.ifindex not in _LOOKUP_DEVICES]
+    if away:
+        # bpf_skc_lookup_tcp compares the test run's device (loopback) with the socket's
+        # sk_bound_dev_if (inet_sk_bound_dev_eq): a socket bound elsewhere is not found so.
+        return KernelRead(
+            walk=True, why=f"flags of {_what(away[0])} are only in the kernel (bound to a device)"
+        )
     if not listening and not lookup:
         return KernelRead(why="bound-only sockets: in no table the iterator walks")
     return KernelRead(listeners=listening, lookup=lookup, why=why)
@@ -199,10 +209,12 @@ def read_kernel(table: SocketTable, req: BindRequest, plan: KernelRead) -> SockS
             return here
         got = SockStates(here, (), listeners_only=True)
     found = lookup_socket_states(load_sock_layout(), [table.entries[i].socket for i in plan.lookup])
-    if isinstance(found, Unavailable):
+    if isinstance(found, Unavailable) or None in found[0]:
+        # Unavailable here, or a socket its 4-tuple did not find (gone since the dump, or a
+        # lookup rule not foreseen, e.g. a VRF): the whole walk sees whatever is there.
         return read_socket_states([req.port], [req.proto], netns=netns)
     states, faulted = found
-    extra = tuple(st for st in states if st is not None)
+    extra = tuple(st for st in states if st is not None)  # all of them (checked above)
     return SockStates(got.netns, got.sockets + extra, got.faulted + faulted, listeners_only=True)
 
 
