@@ -10,6 +10,7 @@ Run it inside a throwaway namespace, e.g.  unshare -n sh -c 'ip link set lo up; 
 What it builds:
   * a listener on 0.0.0.0:8080 (the target) and a decoy listener on 127.0.0.1:8081;
   * server-side TIME_WAIT sockets on 127.0.0.1:9000 (the server closes first);
+  * --reuseport N (default 0): a SO_REUSEPORT group of N listeners on 0.0.0.0:8443;
   * --procs child processes, each holding established loopback connection pairs
     (--established pairs in total, spread over 127.0.0.2..201 and ports 10000+);
   * by default every child inherits the 8080 listener through fork, as a server
@@ -33,6 +34,7 @@ ap.add_argument("--timewait", type=int, default=20000)
 ap.add_argument("--procs", type=int, default=200)
 ap.add_argument("--uids", type=int, default=0)
 ap.add_argument("--keep", type=int, default=4)
+ap.add_argument("--reuseport", type=int, default=0)
 ap.add_argument("--ready", required=True)
 args = ap.parse_args()
 
@@ -41,6 +43,9 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 target = socket.create_server(("0.0.0.0", 8080), backlog=4096)
 decoy = socket.create_server(("127.0.0.1", 8081), backlog=4096)
+group = [
+    socket.create_server(("0.0.0.0", 8443), backlog=4096, reuse_port=True) for _ in range(args.reuseport)
+]
 
 srv = socket.create_server(("127.0.0.1", 9000), backlog=4096)
 for _ in range(args.timewait):

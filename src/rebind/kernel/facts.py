@@ -1,8 +1,9 @@
 """The one I/O gatherer behind `rebind why`: everything model/advice.py needs, read once.
 
-Socket table (inet_diag), the sockets' own bind state where the BPF socket iterator can read it
-(kernel/bpf/sockiter.py: flags of every socket, TIME_WAITs and other users' included, userlocks,
-the bind bucket's cache; else owners' flags by pidfd_getfd + getsockopt), kernel settings,
+Socket table (inet_diag), the sockets' own bind state (owners' flags by pidfd_getfd +
+getsockopt; what only the kernel has -- TIME_WAITs' and owner-less sockets' flags, userlocks, the
+bind bucket's cache, UDP chain order -- read by BPF as cheaply as iterator_plan finds: the
+listening hash, lookups by 4-tuple (kernel/bpf/socklookup.py) or the whole walk), kernel settings,
 IPv6 address states, process-tree hints, and the trial binds that cannot change the answer
 (conflict.probe_is_harmless decides which may run).
 
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.kernel.trial import try_request
@@ -58,8 +59,8 @@ def gather(
 
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
     table = table or socket_table(ports=[req.port], protos=[req.proto], owners=owners)
-    kernel = _kernel_states(table, req)
-    holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None)
+    kernel, read = _kernel_states(table, req)
+    holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     if port is None:
         holders, port = _port_state(req, holders)
     results: dict[BindRequest, TrialResult] = {}
@@ -114,16 +115,156 @@ def _bucket_state(b: BindBucket) -> BucketState:
     return BucketState(b.fastreuse, b.fastreuseport, b.fastuid, addr, b.fast_ipv6_only)
 
 
-def _kernel_states(table: SocketTable, req: BindRequest) -> SockStates | Unavailable | None:
-    """The port's sockets as the kernel holds them (BPF iterator), when the table is of this
-    thread's network namespace: the iterator walks that one only. Not asked for a port nobody
-    holds: the iterator visits every socket of the namespace (bench/sockiter.py)."""
-    from rebind.kernel.bpf.sockiter import read_socket_states
+@dataclass(frozen=True, slots=True)
+class KernelRead:
+    """How `why` reads what only the kernel has about the port's sockets (iterator_plan).
 
-    if not any(e.socket.proto is req.proto and e.socket.local.port == req.port for e in table.entries):
-        return None
+    Costs on a 211k-socket namespace (bench/whyperf.py): the whole walk ~130 ms CPU whatever the
+    port; the listening hash alone ~2 ms; a lookup by 4-tuple ~1 us of kernel time a socket.
+    """
+
+    #: TCP: walk the listening hash (listeners' flags, and the bind bucket through them).
+    listeners: bool = False
+    #: TCP: entries (indexes) to find by their 4-tuple in the established hash: TIME_WAITs and
+    #: connections whose flags nobody read, or one socket that leads to the bind bucket.
+    lookup: tuple[int, ...] = ()
+    #: Walk every socket of the protocol (UDP: the chain order; the iterator decides there).
+    walk: bool = False
+    #: Why (the first fact that needs the kernel), for docs and tests.
+    why: str = ""
+
+    @property
+    def nothing(self) -> bool:
+        return not (self.listeners or self.lookup or self.walk)
+
+
+#: Sockets the TCP iterator and lookup cannot help with: request socks (no flags of their own,
+#: not in the bind bucket) and bound-only sockets (in no table bpf_iter_tcp walks and not in the
+#: established hash: only the bind hashes have them). Their flags come from their owner, or stay
+#: unknown.
+_NOT_ITERATED = frozenset({State.SYN_RECV, State.NEW_SYN_RECV, State.BOUND_INACTIVE, State.CLOSE})
+#: ... and listeners: what is not looked up by 4-tuple in the established hash.
+_NOT_CONNECTED = _NOT_ITERATED | {State.LISTEN}
+#: sk_bound_dev_if values a lookup from a BPF test run finds: none, or loopback (ifindex 1 in
+#: every network namespace: the test run's skb device).
+_LOOKUP_DEVICES = frozenset({0, 1})
+
+
+def iterator_plan(
+    req: BindRequest, entries: Sequence[SocketEntry], read: Mapping[int, tuple[SockOpts, Provenance]]
+) -> KernelRead:
+    """What only the kernel can say exactly about the port, and the cheapest way to read it.
+
+    ``read``: index in ``entries`` -> flags read by pidfd_getfd + getsockopt (Provenance.READ:
+    SO_REUSEADDR is sk_reuse, SO_REUSEPORT sk_reuseport, IPV6_V6ONLY sk_ipv6only, the kernel's
+    own fields; the device and uid come from inet_diag: idiag_if is sk_bound_dev_if, idiag_uid
+    sk_uid). Pure: unit-tested without root (tests/unit/test_iterator_plan.py).
+
+    * No socket of the protocol on the port: nothing to read (and no TCP bind bucket).
+    * A socket whose flags were not read -- a TIME_WAIT (tw_reuse/tw_reuseport live only in the
+      kernel), a connection not yet accept()ed or held from another PID namespace, a failed
+      read: a listener is read by walking the listening hash, any other TCP socket by its
+      4-tuple; UDP walks its table.
+    * TCP, every flag read: the port's bind bucket still matters. Its SO_REUSEPORT cache
+      (tb->fastreuseport, fastuid, fast_rcv_saddr) keeps the uid and address of the last
+      SO_REUSEPORT bind on the port also after that socket cleared the flag or closed, and a
+      SO_REUSEPORT bind that matches it skips the conflict check (sk_reuseport_match in
+      inet_csk_get_port); `why` always weighs SO_REUSEPORT variants, so without the bucket they
+      could only be "depends". Every socket in the bucket leads to it (icsk_bind_hash, tw_tb):
+      a listener through the listening walk, else one connection looked up; a port of bound-only
+      sockets has none the iterator sees (the bucket stays unknown).
+    * UDP, every flag read: no bucket cache (udp_lib_get_port checks every socket each time);
+      the chain order matters only where udp_lib_lport_inuse may stop early, at a same-uid
+      SO_REUSEPORT socket: walk when a socket on the port has SO_REUSEPORT, else nothing.
+    """
+    on_port = [
+        (i, e)
+        for i, e in enumerate(entries)
+        if e.socket.proto is req.proto and e.socket.local.port == req.port
+    ]
+    if not on_port:
+        return KernelRead(why="no socket on the port")
+    unread = [(i, e) for i, e in on_port if read.get(i, (None, Provenance.UNKNOWN))[1] is not Provenance.READ]
+    if req.proto is Proto.UDP:
+        if unread:
+            return KernelRead(walk=True, why=f"flags of {_what(unread[0][1])} are only in the kernel")
+        if any(read[i][0].reuseport for i, _ in on_port):
+            return KernelRead(walk=True, why="SO_REUSEPORT on the port: the UDP chain order decides")
+        return KernelRead(why="every flag read from its owner; no SO_REUSEPORT on the port")
+    listening = any(e.socket.state is State.LISTEN for _, e in on_port)
+    connected = [(i, e) for i, e in on_port if e.socket.state not in _NOT_CONNECTED]
+    lookup = tuple(i for i, e in unread if e.socket.state not in _NOT_CONNECTED)
+    kernel_only = [e for _, e in unread if e.socket.state not in _NOT_ITERATED]
+    why = (
+        f"flags of {_what(kernel_only[0])} are only in the kernel"
+        if kernel_only
+        else "the bind bucket's cache"
+    )
+    if not listening and not lookup and connected:
+        # any socket in the bucket leads to it; one the lookup can find, if there is one
+        findable = [i for i, e in connected if e.socket.ifindex in _LOOKUP_DEVICES]
+        lookup = tuple(findable or [connected[0][0]])[:1]
+    away = [entries[i] for i in lookup if entries[i].socket.ifindex not in _LOOKUP_DEVICES]
+    if away:
+        # bpf_skc_lookup_tcp compares the test run's device (loopback) with the socket's
+        # sk_bound_dev_if (inet_sk_bound_dev_eq): a socket bound elsewhere is not found so.
+        return KernelRead(
+            walk=True, why=f"flags of {_what(away[0])} are only in the kernel (bound to a device)"
+        )
+    if not listening and not lookup:
+        return KernelRead(why="bound-only sockets: in no table the iterator walks")
+    return KernelRead(listeners=listening, lookup=lookup, why=why)
+
+
+def _what(e: SocketEntry) -> str:
+    owner = "" if e.owners else " (no owner in sight)"
+    return f"{e.socket.state.label} {e.socket.local}{owner}"
+
+
+def _kernel_states(
+    table: SocketTable, req: BindRequest
+) -> tuple[SockStates | Unavailable | None, dict[int, tuple[SockOpts, Provenance]]]:
+    """The port's sockets as the kernel holds them, as far as iterator_plan asks, when the table
+    is of this thread's network namespace (the iterator and the lookup read that one only).
+    Also the flags read from owners (index in table.entries -> flags), read once here."""
+    read = {
+        i: _read_flags(e)
+        for i, e in enumerate(table.entries)
+        if e.owners and e.socket.proto is req.proto and e.socket.local.port == req.port
+    }
+    plan = iterator_plan(req, table.entries, read)
+    if plan.nothing:
+        return None, read
+    return read_kernel(table, req, plan), read
+
+
+def read_kernel(table: SocketTable, req: BindRequest, plan: KernelRead) -> SockStates | Unavailable:
+    """Carry out an iterator_plan: the listening walk and the lookups (each found socket checked
+    against its 4-tuple and given inet_diag's cookie), or the whole walk where the lookup is
+    unavailable (it needs bpf_skc_lookup_tcp in a test run: Linux 5.2+)."""
+    from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
+    from rebind.kernel.bpf.socklookup import lookup_socket_states
+
     netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
-    return read_socket_states([req.port], [req.proto], netns=netns)
+    if plan.walk:
+        return read_socket_states([req.port], [req.proto], netns=netns)
+    if plan.listeners:
+        got = read_socket_states([req.port], [req.proto], netns=netns, listeners_only=True)
+        if isinstance(got, Unavailable) or not plan.lookup:
+            return got
+    else:
+        here = prepare(netns)  # the lookups alone: no walk at all
+        if isinstance(here, Unavailable):
+            return here
+        got = SockStates(here, (), listeners_only=True)
+    found = lookup_socket_states(load_sock_layout(), [table.entries[i].socket for i in plan.lookup])
+    if isinstance(found, Unavailable) or None in found[0]:
+        # Unavailable here, or a socket its 4-tuple did not find (gone since the dump, or a
+        # lookup rule not foreseen, e.g. a VRF): the whole walk sees whatever is there.
+        return read_socket_states([req.port], [req.proto], netns=netns)
+    states, faulted = found
+    extra = tuple(st for st in states if st is not None)  # all of them (checked above)
+    return SockStates(got.netns, got.sockets + extra, got.faulted + faulted, listeners_only=True)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:
@@ -207,40 +348,54 @@ def _can_destroy() -> bool:
 
 
 def _holders(
-    table: SocketTable, req: BindRequest, kernel: SockStates | None = None
+    table: SocketTable,
+    req: BindRequest,
+    kernel: SockStates | None = None,
+    read: Mapping[int, tuple[SockOpts, Provenance]] | None = None,
 ) -> tuple[HolderFacts, ...]:
+    """Each socket of the protocol with its flags: read from the socket itself (``read``, or
+    read here), else the kernel's (BPF iterator), else inferred from its listener, else unknown.
+    Both of the first two are the kernel's own fields; the iterator's state is attached either
+    way (userlocks, bind bucket)."""
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
     by_cookie = kernel.by_cookie() if kernel is not None else {}
     out = []
-    for e in table.entries:
+    for i, e in enumerate(table.entries):
         if e.socket.proto is not req.proto:
             continue
         st = by_cookie.get(e.socket.cookie) if e.socket.cookie is not None else None
-        if (
-            st is not None
-            and st.kind is not SockKind.REQUEST  # a request_sock's flags are not its listener's
-            and st.proto is e.socket.proto
-            and st.local.port == e.socket.local.port
+        if st is not None and (
+            st.kind is SockKind.REQUEST  # a request_sock's flags are not its listener's
+            or st.proto is not e.socket.proto
+            or st.local.port != e.socket.local.port
         ):
+            st = None
+        got = read.get(i) if read is not None else None
+        if got is None and e.owners and st is None:
+            got = _read_flags(e)
+        if got is not None and got[1] is Provenance.READ:
+            out.append(HolderFacts(e, got[0], Provenance.READ, st))
+            continue
+        if st is not None:
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
             v6 = st.ipv6only if st.family is Family.INET6 else None
             out.append(HolderFacts(e, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st))
             continue
-        opts, src = _read_flags(e) if e.owners else (SockOpts(), Provenance.UNKNOWN)
+        opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
-        if src is Provenance.UNKNOWN and not e.owners and parent is not None:
+        if not e.owners and parent is not None:
             # A child's TIME_WAIT normally carries its listener's flags (inet_twsk_alloc copies
             # sk_reuse from the child, which inherited it from the listener at accept()). Read
             # once per listener: a port can have ten thousand TIME_WAITs of one server.
             key = parent.socket.key
             if key not in parent_flags:
                 parent_flags[key] = _read_flags(parent)
-            got, how = parent_flags[key]
+            got_parent, how = parent_flags[key]
             if how is Provenance.READ:
-                opts, src = got, Provenance.INFERRED_LISTENER
+                opts, src = got_parent, Provenance.INFERRED_LISTENER
         if opts.v6only is None and e.socket.v6only is None and parent is not None:
             # inet_diag reports v6only only for LISTEN/CLOSE sockets; an accepted child (and its
             # TIME_WAIT) keeps the dual-stack listener's ipv6only.

@@ -139,6 +139,9 @@ class SockStates:
     #: Records whose copies faulted (a socket freed mid-read): left out, so "not seen" is not
     #: "not there" when this is non-zero.
     faulted: int = 0
+    #: TCP listening sockets only (the walk stopped where the established hash begins): a TCP
+    #: socket of another state missing here was not looked for.
+    listeners_only: bool = False
 
     def by_cookie(self) -> dict[int, SockState]:
         return {s.cookie: s for s in self.sockets}

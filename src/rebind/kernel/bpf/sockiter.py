@@ -36,10 +36,12 @@ back to inet_diag plus what they can infer, and mark the rest unknown.
 from __future__ import annotations
 
 import errno
-import hashlib
+import operator
 import os
+import zlib
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import btf as btfmod
@@ -54,6 +56,7 @@ from rebind.kernel.bpf.sockprog import (
     RECORD_NAMES,
     SOCK_MEMBERS,
     SOCK_TARGETS,
+    STOP_KEY,
     Maps,
     SockLayout,
     build_sock_program,
@@ -102,16 +105,18 @@ def _check_caps() -> None:
         raise BPFUnavailable("no CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN)")
 
 
+_MEMBERS_CRC = format(zlib.crc32(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()), "08x")
 #: Reading the layout walks most of vmlinux BTF (~0.5 s on 6.18: bench/sockiter.py); it cannot
 #: change until the next boot, so it is kept in /run (a tmpfs emptied at boot), keyed by boot id
-#: and BTF size, like the owner scan's (kernel/bpf/scan.py).
-CACHE_PATH = "/run/rebind/bpf-sock-layout"
+#: and BTF size, like the owner scan's (kernel/bpf/scan.py). One file per member list: two
+#: rebind versions on one host (a venv beside the system's) would otherwise rewrite each other's
+#: cache on every run, and each pay the BTF walk each time.
+CACHE_PATH = f"/run/rebind/bpf-sock-layout-{_MEMBERS_CRC}"
 #: Names the member lists too: a rebind that reads other members never takes this one's cache
 #: (an optional member absent from the file would otherwise read as absent from the kernel).
-_CACHE_MAGIC = (
-    "rebind-bpf-sock-layout 2 "
-    + hashlib.sha256(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()).hexdigest()[:16]
-)
+#: crc32, not hashlib: this tells our own versions apart (no adversary picks the lists), and
+#: importing hashlib loads OpenSSL, 4-12 ms of every `why` (bench/whyperf.py).
+_CACHE_MAGIC = f"rebind-bpf-sock-layout 3 {_MEMBERS_CRC}"
 
 
 def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
@@ -209,12 +214,13 @@ def _gettid() -> int:
 # running
 
 
-def _ports_map(ports: Iterable[int]) -> tuple[int, list[int]]:
+def _ports_map(ports: Iterable[int], *, stop_key: bool = False) -> tuple[int, list[int]]:
     wanted = sorted({p for p in ports if 0 < p < 1 << 16})
-    fd = map_create(BPF_MAP_TYPE_HASH, 4, COUNT_VALUE.size, max(len(wanted), 1))
+    keys = wanted + ([STOP_KEY] if stop_key else [])
+    fd = map_create(BPF_MAP_TYPE_HASH, 4, COUNT_VALUE.size, max(len(keys), 1))
     try:
         zero = bytes(COUNT_VALUE.size)
-        for port in wanted:
+        for port in keys:
             map_update(fd, port.to_bytes(4, "little"), zero)
     except BaseException:
         os.close(fd)
@@ -231,15 +237,19 @@ def _load(insns: bytes, attach_btf_id: int) -> int:
     return prog_load(insns, attach_btf_id, log_size=1 << 20)  # again, for the verifier's log
 
 
-def _iterate(proto: Proto, ports_fd: int, *, count: bool) -> bytes:
+def _iterate(proto: Proto, ports_fd: int, *, count: bool, listeners_only: bool = False) -> bytes:
     lay = load_sock_layout()
-    insns = build_sock_program(lay, Maps(ports=ports_fd), proto=proto.value, count=count)
+    insns = build_sock_program(
+        lay, Maps(ports=ports_fd), proto=proto.value, count=count, listeners_only=listeners_only
+    )
     prog_fd = _load(insns, lay.attach[f"bpf_iter_{proto.value}"])
     try:
         link_fd = link_create(prog_fd)
         try:
             iter_fd = iter_create(link_fd)  # the namespace is taken here: this thread's
             try:
+                if listeners_only:
+                    return _read_until_stopped(iter_fd, ports_fd)
                 return read_all(iter_fd)
             finally:
                 os.close(iter_fd)
@@ -249,27 +259,58 @@ def _iterate(proto: Proto, ports_fd: int, *, count: bool) -> bytes:
         os.close(prog_fd)
 
 
+def _read_until_stopped(iter_fd: int, ports_fd: int) -> bytes:
+    """The records up to the program's stop (build_sock_program's ``listeners_only``): the read
+    after it fails with EAGAIN, and the STOP_KEY counter says it was the program's stop, not
+    bpf_seq_read's pause after a million objects without output (read again then)."""
+    chunks: list[bytes] = []
+    again = 0
+    while True:
+        try:
+            chunk = os.read(iter_fd, 1 << 16)
+        except BlockingIOError:
+            flag = map_lookup(ports_fd, STOP_KEY.to_bytes(4, "little"), COUNT_VALUE.size)
+            if COUNT_VALUE.unpack(flag)[0]:
+                return b"".join(chunks)
+            again += 1  # a million sockets without output (see read_all): go on from there
+            if again > 10_000:
+                raise
+            continue
+        if not chunk:
+            return b"".join(chunks)  # no connection at all: the walk ended by itself
+        chunks.append(chunk)
+
+
 def read_socket_states(
-    ports: Iterable[int], protos: Iterable[Proto] = (Proto.TCP, Proto.UDP), *, netns: int | None = None
+    ports: Iterable[int],
+    protos: Iterable[Proto] = (Proto.TCP, Proto.UDP),
+    *,
+    netns: int | None = None,
+    listeners_only: bool = False,
 ) -> SockStates | Unavailable:
     """Every socket of these local ports in this thread's network namespace, as the kernel holds it.
 
     ``netns``: the namespace the caller means (an inode); if this thread is elsewhere, the
     answer would be another namespace's, so it is Unavailable instead.
+
+    ``listeners_only``: TCP listening sockets only (with their bind bucket), read by walking the
+    listening hash and stopping where the established hash begins: a few milliseconds where the
+    whole walk takes over a hundred (bench/whyperf.py). UDP is walked whole either way.
     """
     try:
         here = current_netns()
         if netns is not None and netns != here:
             return Unavailable(f"the iterator walks this thread's network namespace ({here}), not {netns}")
         _check_caps()
-        fd, wanted = _ports_map(ports)
+        fd, wanted = _ports_map(ports, stop_key=listeners_only)
         try:
             if not wanted:
                 return SockStates(here, ())
             out: list[SockState] = []
             faulted = 0
             for proto in dict.fromkeys(protos):
-                got, bad = decode_records(proto, _iterate(proto, fd, count=False))
+                only = listeners_only and proto is Proto.TCP
+                got, bad = decode_records(proto, _iterate(proto, fd, count=False, listeners_only=only))
                 out.extend(got)
                 faulted += bad
         finally:
@@ -278,7 +319,21 @@ def read_socket_states(
         return Unavailable(_reason(exc))
     except RebindError as exc:
         return Unavailable(str(exc))
-    return SockStates(here, tuple(out), faulted)
+    return SockStates(here, tuple(out), faulted, listeners_only=listeners_only)
+
+
+def prepare(netns: int | None = None) -> int | Unavailable:
+    """This thread's network namespace if the BPF socket programs can run here for ``netns``
+    (the namespace meant; capabilities, REBIND_NO_BPF, the BTF layout), else why not."""
+    try:
+        here = current_netns()
+        if netns is not None and netns != here:
+            return Unavailable(f"the BPF programs read this thread's network namespace ({here}), not {netns}")
+        _check_caps()
+        load_sock_layout()
+    except (BPFUnavailable, OSError) as exc:
+        return Unavailable(_reason(exc))
+    return here
 
 
 def count_socket_states(
@@ -324,97 +379,165 @@ def decode_records(proto: Proto, data: bytes) -> tuple[list[SockState], int]:
     """Records -> SockState, in the iterator's order; (states, records left out for faults)."""
     if len(data) % RECORD.size:
         raise BPFUnavailable(f"iterator output of {len(data)} bytes is not whole records")
+    rows = list(RECORD.iter_unpack(data))
+    kept = [r for r in rows if not r[_I["faults"]]]
+    port_index = _port_chain_index(kept) if proto is Proto.UDP else {}
+    memo = _Memo()
     out: list[SockState] = []
-    faulted = 0
     per_bucket: dict[int, int] = {}
-    rows = []
-    for raw in RECORD.iter_unpack(data):
-        r = dict(zip(RECORD_NAMES, raw, strict=True))
-        if r["faults"]:
-            faulted += 1
-            continue
-        rows.append(r)
-    port_index = _port_chain_index(rows) if proto is Proto.UDP else {}
-    for r in rows:
+    for r in kept:
         chain = None
         if proto is Proto.UDP:
-            index = per_bucket.get(int(r["bucket"]), 0)
-            per_bucket[int(r["bucket"])] = index + 1
-            chain = ChainPos(int(r["bucket"]), index, port_index.get(int(r["cookie"])))
-        out.append(decode_one(proto, r, chain))
-    return out, faulted
+            slot = r[_I["bucket"]]
+            index = per_bucket.get(slot, 0)
+            per_bucket[slot] = index + 1
+            chain = ChainPos(slot, index, port_index.get(r[_I["cookie"]]))
+        out.append(decode_one(proto, r, chain, memo))
+    return out, len(rows) - len(kept)
 
 
-def _port_chain_index(rows: list[dict[str, int | bytes]]) -> dict[int, int]:
+#: Record field -> index in the unpacked tuple (RECORD's order).
+_I = {name: i for i, name in enumerate(RECORD_NAMES)}
+
+
+def _port_chain_index(rows: list[tuple[Any, ...]]) -> dict[int, int]:
     """cookie -> position among its port's sockets in the port chain: the more sockets follow
     it, the nearer the head. A port with a socket past the followed length gets none."""
-    by_port: dict[int, list[dict[str, int | bytes]]] = {}
+    by_port: dict[int, list[tuple[Any, ...]]] = {}
     for r in rows:
-        by_port.setdefault(int(r["lport"]), []).append(r)
+        by_port.setdefault(r[_I["lport"]], []).append(r)
     out: dict[int, int] = {}
+    after, cookie = _I["chain_after"], _I["cookie"]
     for group in by_port.values():
-        if any(r["chain_after"] == CHAIN_UNKNOWN for r in group):
+        if any(r[after] == CHAIN_UNKNOWN for r in group):
             continue
-        for i, r in enumerate(sorted(group, key=lambda r: -int(r["chain_after"]))):
-            out[int(r["cookie"])] = i
+        for i, r in enumerate(sorted(group, key=lambda r: -r[after])):
+            out[r[cookie]] = i
     return out
 
 
-def _addr(family: Family, v4: bytes, v6: bytes) -> IPv4Address | IPv6Address:
-    return IPv4Address(v4) if family is Family.INET else IPv6Address(v6)
-
-
-def decode_one(proto: Proto, r: dict[str, int | bytes], chain: ChainPos | None = None) -> SockState:
-    def num(key: str) -> int:
-        v = r[key]
-        assert isinstance(v, int)
-        return v
-
-    def raw(key: str) -> bytes:
-        v = r[key]
-        assert isinstance(v, bytes)
-        return v
-
-    family = Family(num("family"))
-    kind = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}.get(num("kind"), SockKind.FULL)
-    full, tw = kind is SockKind.FULL, kind is SockKind.TIMEWAIT
-    bucket = None
-    if num("has_bucket") & 1:
-        cached = num("fastreuseport") > 0  # else the fast_* fields are stale memory
-        bucket = BindBucket(
-            port=num("tb_port"),
-            fastreuse=num("fastreuse"),
-            fastreuseport=num("fastreuseport"),
-            fastuid=num("fastuid") if cached else None,
-            fast_rcv_saddr=IPv4Address(raw("fast_rcv_saddr")) if cached else None,
-            fast_v6_rcv_saddr=IPv6Address(raw("fast_v6_rcv_saddr")) if cached else None,
-            fast_sk_family=num("fast_sk_family") if cached else None,
-            fast_ipv6_only=bool(num("fast_ipv6_only")) if cached else None,
-            bind2_fastreuse=num("tb2_fastreuse") if num("has_bucket") & 2 else None,
-            bind2_fastreuseport=num("tb2_fastreuseport") if num("has_bucket") & 2 else None,
+_STATE_OF = {s.value: s for s in State}
+_FAMILY_OF = {f.value: f for f in Family}
+_KIND_OF = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}
+#: The record fields of the bind buckets: many sockets share one (a key of _Memo.buckets).
+_BUCKET_KEY = operator.itemgetter(
+    *(
+        _I[k]
+        for k in (
+            "has_bucket",
+            "tb_port",
+            "fastreuse",
+            "fastreuseport",
+            "fastuid",
+            "fast_rcv_saddr",
+            "fast_v6_rcv_saddr",
+            "fast_sk_family",
+            "fast_ipv6_only",
+            "tb2_fastreuse",
+            "tb2_fastreuseport",
         )
-    connect_bind = num("tw_connect_bind")
+    )
+)
+
+
+class _Memo:
+    """What many records of one read share (a port's ten thousand TIME_WAITs have one bucket and
+    a handful of addresses): decoded once. Decoding is the larger part of reading a port's
+    TIME_WAITs, larger than the kernel's walk (bench/whyperf.py)."""
+
+    __slots__ = ("addrs", "buckets", "endpoints")
+
+    def __init__(self) -> None:
+        self.addrs: dict[tuple[int, bytes], IPv4Address | IPv6Address] = {}
+        self.endpoints: dict[tuple[int, bytes, int], Endpoint] = {}
+        self.buckets: dict[tuple[Any, ...], BindBucket | None] = {}
+
+    def endpoint(self, family: int, v4: bytes, v6: bytes, port: int) -> Endpoint:
+        raw = v4 if family == Family.INET else v6
+        got = self.endpoints.get((family, raw, port))
+        if got is None:
+            got = self.endpoints[family, raw, port] = Endpoint(self.addr(family, raw), port)
+        return got
+
+    def addr(self, family: int, raw: bytes) -> IPv4Address | IPv6Address:
+        got = self.addrs.get((family, raw))
+        if got is None:
+            got = self.addrs[family, raw] = IPv4Address(raw) if family == Family.INET else IPv6Address(raw)
+        return got
+
+    def bucket(self, r: tuple[Any, ...]) -> BindBucket | None:
+        key = _BUCKET_KEY(r)
+        if key not in self.buckets:
+            self.buckets[key] = _bucket(r)
+        return self.buckets[key]
+
+
+def _bucket(r: tuple[Any, ...]) -> BindBucket | None:
+    has = r[_I["has_bucket"]]
+    if not has & 1:
+        return None
+    cached = r[_I["fastreuseport"]] > 0  # else the fast_* fields are stale memory
+    return BindBucket(
+        port=r[_I["tb_port"]],
+        fastreuse=r[_I["fastreuse"]],
+        fastreuseport=r[_I["fastreuseport"]],
+        fastuid=r[_I["fastuid"]] if cached else None,
+        fast_rcv_saddr=IPv4Address(r[_I["fast_rcv_saddr"]]) if cached else None,
+        fast_v6_rcv_saddr=IPv6Address(r[_I["fast_v6_rcv_saddr"]]) if cached else None,
+        fast_sk_family=r[_I["fast_sk_family"]] if cached else None,
+        fast_ipv6_only=bool(r[_I["fast_ipv6_only"]]) if cached else None,
+        bind2_fastreuse=r[_I["tb2_fastreuse"]] if has & 2 else None,
+        bind2_fastreuseport=r[_I["tb2_fastreuseport"]] if has & 2 else None,
+    )
+
+
+# Indexes of the fields decode_one reads for every socket.
+(
+    _FAMILY, _KIND, _STATE, _RCV, _RCV6, _LPORT, _DADDR, _DADDR6, _DPORT, _COOKIE, _NETNS, _UID,
+    _SK_UID, _DEV, _REUSE, _REUSEPORT, _V6ONLY, _LOCKS, _TW_SUB, _TS, _TS_STAMP, _CONNECT_BIND, _SEQ,
+) = (
+    _I[k]
+    for k in (
+        "family", "kind", "state", "rcv_saddr", "v6_rcv_saddr", "lport", "daddr", "v6_daddr",
+        "dport", "cookie", "netns", "uid", "sk_uid", "bound_dev_if", "reuse", "reuseport",
+        "ipv6only", "userlocks", "tw_substate", "tw_ts_recent", "tw_ts_recent_stamp",
+        "tw_connect_bind", "seq_num",
+    )
+)  # fmt: skip
+
+
+def decode_one(
+    proto: Proto, r: tuple[Any, ...], chain: ChainPos | None = None, memo: _Memo | None = None
+) -> SockState:
+    """One unpacked RECORD (its types are fixed by RECORD's format: ints, bytes for "Ns")."""
+    m = memo if memo is not None else _Memo()
+    fam = r[_FAMILY]
+    family = _FAMILY_OF.get(fam) or Family(fam)
+    kind = _KIND_OF.get(r[_KIND], SockKind.FULL)
+    full, tw = kind is SockKind.FULL, kind is SockKind.TIMEWAIT
+    tcp_tw = tw and proto is Proto.TCP
+    connect_bind = r[_CONNECT_BIND]
     return SockState(
         proto=proto,
         family=family,
-        state=State(num("state")),
+        state=_STATE_OF.get(r[_STATE]) or State(r[_STATE]),
         kind=kind,
-        local=Endpoint(_addr(family, raw("rcv_saddr"), raw("v6_rcv_saddr")), num("lport")),
-        remote=Endpoint(_addr(family, raw("daddr"), raw("v6_daddr")), int.from_bytes(raw("dport"), "big")),
-        cookie=num("cookie"),
-        netns=num("netns"),
-        uid=None if tw else num("uid"),
-        sk_uid=num("sk_uid") if full else None,
-        bound_dev_if=num("bound_dev_if"),
-        reuse=num("reuse"),
-        reuseport=bool(num("reuseport")),
-        ipv6only=bool(num("ipv6only")),
-        userlocks=num("userlocks") if full else None,
-        tw_substate=State(num("tw_substate")) if tw else None,
-        tw_ts_recent=num("tw_ts_recent") if tw and proto is Proto.TCP else None,
-        tw_ts_recent_stamp=num("tw_ts_recent_stamp") if tw and proto is Proto.TCP else None,
+        local=m.endpoint(fam, r[_RCV], r[_RCV6], r[_LPORT]),
+        remote=m.endpoint(fam, r[_DADDR], r[_DADDR6], int.from_bytes(r[_DPORT], "big")),
+        cookie=r[_COOKIE],
+        netns=r[_NETNS],
+        uid=None if tw else r[_UID],
+        sk_uid=r[_SK_UID] if full else None,
+        bound_dev_if=r[_DEV],
+        reuse=r[_REUSE],
+        reuseport=bool(r[_REUSEPORT]),
+        ipv6only=bool(r[_V6ONLY]),
+        userlocks=r[_LOCKS] if full else None,
+        tw_substate=State(r[_TW_SUB]) if tw else None,
+        tw_ts_recent=r[_TS] if tcp_tw else None,
+        tw_ts_recent_stamp=r[_TS_STAMP] if tcp_tw else None,
         tw_connect_bind=bool(connect_bind) if tw and connect_bind != ABSENT else None,
-        bucket=bucket,
+        bucket=m.bucket(r),
         chain=chain,
-        seq=num("seq_num"),
+        seq=r[_SEQ],
     )

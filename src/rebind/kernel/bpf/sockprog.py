@@ -28,6 +28,7 @@ HELPER_SEQ_WRITE = 127
 
 # include/net/tcp_states.h
 TCP_TIME_WAIT = 6
+TCP_LISTEN = 10
 TCP_NEW_SYN_RECV = 12
 
 #: Record kinds: what the iterator's pointer really is (struct sock_common is the prefix of all).
@@ -89,6 +90,10 @@ for _name, _fmt in RECORD_FIELDS:
     REC[_name] = _at
     _at += struct.calcsize("<" + _fmt)
 REC_SIZE: dict[str, int] = {n: struct.calcsize("<" + f) for n, f in RECORD_FIELDS}
+
+#: Listeners-only mode: the ports map key whose first counter the program sets to 1 when it stops
+#: the walk (port 0 is never asked about).
+STOP_KEY = 0
 
 #: Count mode: the ports map's value, one u64 counter per socket state (skc_state & 15).
 COUNT_STATES = 16
@@ -372,14 +377,27 @@ class _Emitter:
         self.p.load(8, dst, asm.FP, SockFrame.SCRATCH)
 
 
-def build_sock_program(lay: SockLayout, maps: Maps, *, proto: str, count: bool) -> bytes:
+def build_sock_program(
+    lay: SockLayout, maps: Maps, *, proto: str, count: bool, listeners_only: bool = False
+) -> bytes:
     """The ``bpf_iter__tcp`` (``proto="tcp"``) or ``bpf_iter__udp`` program.
 
     r6 ctx, r7 the socket (struct sock_common * / struct udp_sock *, sock_common first),
     r8 the bind bucket, r9 faults of this record.
+
+    ``listeners_only`` (TCP): stop the walk at the first socket that is not listening.
+    bpf_iter_tcp walks the listening hash (lhash2: TCP_LISTEN sockets only) before the
+    established hash (net/ipv4/tcp_ipv4.c, bpf_iter_tcp_batch), so that socket is the first of
+    the ehash, and stopping there skips the walk of every connection and TIME_WAIT, the bulk of
+    the iterator's cost on a busy host. The program returns 1, which bpf_iter_run_prog turns
+    into -EAGAIN for show(): bpf_seq_read then ends the read with what it has and fails the
+    next one with EAGAIN; first it sets the STOP_KEY counter, so the reader can tell this stop
+    from the iterator's own EAGAIN after a million objects without output.
     """
     if proto not in ("tcp", "udp"):
         raise ValueError(proto)
+    if listeners_only and (proto != "tcp" or count):
+        raise ValueError("listeners_only: TCP records only")
     p = asm.Program()
     e = _Emitter(p, lay)
     r0, r1, r2, r3, r6, r7, r8, r9, fp = (
@@ -393,6 +411,8 @@ def build_sock_program(lay: SockLayout, maps: Maps, *, proto: str, count: bool) 
     p.load(8, r7, r6, lay[f"{ctx}.{sk_member}"])
     p.jump_imm(asm.JEQ, r7, 0, "out")  # the final call, from seq stop
     p.mov_imm(r9, 0)
+    if listeners_only:
+        _stop_after_listeners(p, e, lay, maps)
     # the local port: key of the ports map (u16 skc_num, zero-extended into the u32 key)
     p.store_imm(8, fp, F.SCRATCH, 0)
     e.probe_read(F.SCRATCH, 2, r7, lay["sock_common.skc_num"])
@@ -425,6 +445,28 @@ def build_sock_program(lay: SockLayout, maps: Maps, *, proto: str, count: bool) 
     p.exit()
     del r3, rec
     return p.assemble()
+
+
+def _stop_after_listeners(p: asm.Program, e: _Emitter, lay: SockLayout, maps: Maps) -> None:
+    """Return 1 (stop) at the first socket not in TCP_LISTEN, after marking STOP_KEY."""
+    r0, r1, r2, r7, r9, fp = asm.R0, asm.R1, asm.R2, asm.R7, asm.R9, asm.FP
+    F = SockFrame
+    p.store_imm(8, fp, F.SCRATCH, 0)
+    e.probe_read(F.SCRATCH, 1, r7, lay["sock_common.skc_state"])
+    p.jump_imm(asm.JNE, r9, 0, "out")  # unreadable: skip the socket, do not stop on a guess
+    p.load(1, r1, fp, F.SCRATCH)
+    p.jump_imm(asm.JEQ, r1, TCP_LISTEN, "listening")
+    p.store_imm(4, fp, F.KEY, STOP_KEY)
+    p.ld_map_fd(r1, maps.ports)
+    p.mov(r2, fp)
+    p.alu_imm(asm.ADD, r2, F.KEY)
+    p.call(HELPER_MAP_LOOKUP_ELEM)
+    p.jump_imm(asm.JEQ, r0, 0, "stop")
+    p.store_imm(8, r0, 0, 1)
+    p.label("stop")
+    p.mov_imm(r0, 1)
+    p.exit()
+    p.label("listening")
 
 
 def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: str) -> None:
