@@ -126,7 +126,7 @@ def need(tool: str) -> str:
     """The tool's path; skip (fail under CI=true) when its package is not installed."""
     path = shutil.which(tool) or (tool if os.path.isabs(tool) and os.access(tool, os.X_OK) else None)
     if path is None:
-        msg = f"{tool} is not installed (tests/cases/packages.txt lists the Debian packages)"
+        msg = f"{tool} is not installed (tools/system-tools.txt lists its Debian package)"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
