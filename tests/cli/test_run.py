@@ -155,7 +155,7 @@ def test_reload_timeout_is_validated(rebind_cli: Cli, tmp_path: Path, value: str
 
 def test_run_config_validates_durations_at_the_api() -> None:
     from rebind.errors import UsageError
-    from rebind.supervisor.run import RunConfig
+    from rebind.supervisor.config import RunConfig
     from rebind.supervisor.spec import ListenSpec
 
     spec = (ListenSpec("127.0.0.1", 8080, "web"),)
@@ -171,7 +171,7 @@ def test_run_config_validates_durations_at_the_api() -> None:
 
 @pytest.mark.parametrize(("text", "number"), [("TERM", 15), ("sigquit", 3), ("3", 3), (" WINCH ", 28)])
 def test_stop_signal_parses(text: str, number: int) -> None:
-    from rebind.supervisor.run import parse_signal
+    from rebind.supervisor.config import parse_signal
 
     assert parse_signal(text) == number
 

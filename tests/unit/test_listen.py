@@ -13,9 +13,9 @@ import pytest
 
 from rebind.errors import UsageError
 from rebind.supervisor import listen as L
+from rebind.supervisor.config import exit_code
 from rebind.supervisor.notify import FdDisposal, NotifyReceiver
 from rebind.supervisor.procscan import _parse_epoll_fdinfo, serving
-from rebind.supervisor.run import exit_code
 from rebind.supervisor.spec import ListenSpec, check_unique, parse_listen
 
 

@@ -18,7 +18,7 @@ from rebind.errors import UsageError
 from rebind.supervisor import members
 from rebind.supervisor.fdreserve import FdReserve
 from rebind.supervisor.notify import FdDisposal, NotifyReceiver
-from rebind.supervisor.run import remove_pid_file, write_pid_file
+from rebind.supervisor.pidfile import remove_pid_file, write_pid_file
 
 
 def test_pid_file_replaces_a_symlink_instead_of_following_it(tmp_path: Path) -> None:

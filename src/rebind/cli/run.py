@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from rebind.supervisor.config import RunConfig
     from rebind.supervisor.machine import ReloadDone
-    from rebind.supervisor.run import RunConfig
 
 CONTROL_ENV = "REBIND_CONTROL"
 
@@ -31,7 +31,7 @@ def _backlog(_ctx: click.Context, _param: click.Parameter, value: Any) -> int | 
     if value is None:
         return None
     from rebind.errors import UsageError
-    from rebind.supervisor.run import MAX_BACKLOG
+    from rebind.supervisor.config import MAX_BACKLOG
 
     text = str(value).strip()
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_BACKLOG:
@@ -148,7 +148,8 @@ def run(
     exits with CMD's status (0 if CMD dies of the forwarded signal).
     """
     from rebind.errors import UsageError
-    from rebind.supervisor.run import ReadyMode, Restart, RunConfig, parse_signal, supervise
+    from rebind.supervisor.config import ReadyMode, Restart, RunConfig, parse_signal
+    from rebind.supervisor.run import supervise
     from rebind.supervisor.spec import check_unique, parse_listen
 
     if not listen:
