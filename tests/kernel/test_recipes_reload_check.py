@@ -1,6 +1,7 @@
 """`rebind why --reload`, against the kernel: the queued connections a SO_REUSEPORT hand-off
 resets when the old listener closes (200 of 200 with tcp_migrate_req=0, 0 with 1, 0 while
-another process still holds the old socket), and the warning that predicts it."""
+another process still holds the old socket), the warning that predicts it, and its printed
+command, run exactly as printed in this throwaway namespace, which makes the hand-off lose none."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rebind.supervisor.reload_check import SAME_GENERATION_SECONDS
+from rebind.model.reload import SAME_GENERATION_SECONDS
 from tests.conftest import Procs
 
 PORT = 8400
@@ -40,13 +41,22 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize(("migrate", "hold", "resets"), [(0, False, QUEUED), (1, False, 0), (0, True, 0)])
+def printed_commands(stdout: str) -> list[str]:
+    """The ``  $ LINE`` lines of the plain output: each is meant to be pasted as is."""
+    return [line[4:] for line in stdout.splitlines() if line.startswith("  $ ")]
+
+
+@pytest.mark.parametrize(
+    ("migrate", "hold", "run_fix", "resets"),
+    [(0, False, False, QUEUED), (1, False, False, 0), (0, True, False, 0), (0, False, True, 0)],
+)
 def test_reuseport_handoff_resets_queued_connections(
     netns: int,
     procs: Procs,
     rebind_cli: Callable[..., subprocess.CompletedProcess[str]],
     migrate: int,
     hold: bool,
+    run_fix: bool,
     resets: int,
 ) -> None:
     with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:  # this namespace only
@@ -65,8 +75,18 @@ def test_reuseport_handoff_resets_queued_connections(
     if migrate == 0:
         assert r.returncode == 1 and f"{QUEUED} connection(s) wait" in r.stdout, r
         assert "RESETS" in r.stdout
+        commands = printed_commands(r.stdout)
+        assert commands and any("tcp_migrate_req=1" in c for c in commands), r.stdout
     else:
         assert r.returncode == 0 and "moves them" in r.stdout, r
+    if run_fix:
+        for command in commands:  # exactly as printed, in this namespace (the netns fixture)
+            done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0 and not done.stderr, (command, done)
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+            assert f.read().strip() == "1"
+        r = rebind_cli("why", "--reload", str(PORT))
+        assert r.returncode == 0 and "moves them" in r.stdout and not printed_commands(r.stdout), r
 
     assert old.stdin is not None
     old.stdin.write("close\n")

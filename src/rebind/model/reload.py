@@ -9,6 +9,9 @@ unless net.ipv4.tcp_migrate_req=1 (Linux 5.14+, reuseport_migrate_sock) moves th
 listener of the group. Measured (tests/kernel/test_recipes_reload_check.py): 200 of 200 queued
 connections reset with tcp_migrate_req=0, 0 with 1, 0 when another process still holds the old
 socket's fd (the socket is not closed, so its queue stays).
+
+The facts come from ``kernel/reload_facts.py``; the text and ``rebind.why-reload/1`` renderers
+are here too (pure), so the CLI only prints what they return.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = "rebind.why-reload/1"
+# The fix as one shell line, safe to paste as printed (the remark is a shell comment); the kernel
+# test runs it exactly as printed in a throwaway namespace (tests/kernel/test_recipes_reload_check.py).
+MIGRATE_REQ_FIX = "sysctl -w net.ipv4.tcp_migrate_req=1  # Linux 5.14+; this network namespace only"
 
 SAME_GENERATION_SECONDS = 1.0  # creators started this close together: one generation's workers
 
@@ -40,7 +49,8 @@ class Listener:
 class Advice:
     level: Level
     text: str
-    fixes: tuple[str, ...] = ()
+    fixes: tuple[str, ...] = ()  # what to do, in words
+    commands: tuple[str, ...] = ()  # shell lines that do it, each safe to paste as printed
 
 
 def generations(group: Sequence[Listener]) -> list[list[Listener]]:
@@ -85,11 +95,11 @@ def advise(listeners: Sequence[Listener], migrate_req: int | None, port: int) ->
                 what + f"; net.ipv4.tcp_migrate_req={setting}: closing the old listener RESETS every "
                 "connection queued in it",
                 (
-                    "sysctl -w net.ipv4.tcp_migrate_req=1   (Linux 5.14+; per network namespace)",
-                    f"rebind run --listen {port} -- CMD   (one socket, held across generations: no "
-                    "queue is ever closed)",
-                    "keep the old socket's fd open elsewhere until its queue is empty",
+                    f"or run the server under `rebind run --listen {port} -- CMD`: one socket, held "
+                    "across generations, so no queue is ever closed",
+                    "or keep the old socket's fd open elsewhere until its queue is empty",
                 ),
+                (MIGRATE_REQ_FIX,),
             )
         )
     if not listeners:
@@ -103,3 +113,41 @@ def advise(listeners: Sequence[Listener], migrate_req: int | None, port: int) ->
         )
         out.append(Advice(Level.OK, text))
     return out
+
+
+# -- renderers ---------------------------------------------------------------------------------------
+
+
+def to_json(port: int, migrate_req: int | None, advice: Sequence[Advice]) -> dict[str, Any]:
+    """``rebind.why-reload/1``. ``fixes`` lists the commands first, as printed (additive:
+    ``commands`` holds them alone)."""
+    return {
+        "schema": SCHEMA,
+        "port": port,
+        "tcp_migrate_req": migrate_req,
+        "advice": [
+            {
+                "level": a.level.value,
+                "text": a.text,
+                "fixes": [*a.commands, *a.fixes],
+                "commands": list(a.commands),
+            }
+            for a in advice
+        ],
+    }
+
+
+def text_lines(advice: Sequence[Advice]) -> list[tuple[Level | None, str]]:
+    """The plain text, line by line, with the level of each headline (for its colour): a
+    command is printed as ``  $ LINE`` (LINE pastes as is), a fix in words as ``  fix: TEXT``."""
+    out: list[tuple[Level | None, str]] = []
+    for a in advice:
+        out.append((a.level, f"{a.level.value}: {a.text}"))
+        out += [(None, f"  $ {c}") for c in a.commands]
+        out += [(None, f"  fix: {f}") for f in a.fixes]
+    return out
+
+
+def exit_status(advice: Sequence[Advice]) -> int:
+    """1 when a hand-off would reset queued connections, else 0."""
+    return 1 if any(a.level is Level.WARN for a in advice) else 0
