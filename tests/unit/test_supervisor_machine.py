@@ -13,7 +13,7 @@ from rebind.supervisor import machine as m
 from rebind.supervisor.machine import Phase, Role
 
 CFG = m.Config(ready_timeout=5.0, grace=2.0, backoff_initial=0.1, backoff_max=1.0)
-_NUMBERED = (m.Spawned, m.SpawnFailed, m.Ready, m.Exited, m.Emptied, m.ReadyTimeout, m.GraceOver)
+_NUMBERED = m.NUMBERED
 
 
 class Run:
@@ -497,3 +497,37 @@ def test_addr_in_use_seen_replaces_the_guess() -> None:
     r.boot()
     acts = r.feed(m.Exited(1, 1, False, 0.0, addr_in_use=True))
     assert m.BINDS_ITSELF_HINT not in [a.line for a in _of(acts, m.Log)]  # type: ignore[attr-defined]
+
+
+# -- READY=1 from a generation's tree (readiness.py checked the sender) ------------------------------
+
+
+def test_ready_1_in_auto_mode_only_makes_it_look_now() -> None:
+    """gunicorn's arbiter sends READY=1 before its workers have imported the app (issue 13):
+    in auto mode it is a reason to scan /proc at once, never readiness by itself."""
+    r = Run()
+    r.boot()
+    acts = r.feed(m.Notified(1, 4242, 0.5))
+    assert r.role(1) is Role.STARTING
+    assert _of(acts, m.ScanNow) == [m.ScanNow(1)]
+    assert any(
+        "READY=1 from pid 4242 (generation 1); waiting until it serves" in a.line for a in _of(acts, m.Log)
+    )
+
+
+def test_ready_1_in_notify_mode_is_ready() -> None:
+    r = Run(m.Config(ready_timeout=5.0, grace=2.0, ready_on_notify=True))
+    r.serving_one()
+    r.reload(7)
+    acts = r.feed(m.Notified(2, 4242, 1.0))
+    assert r.role(2) is Role.SERVING and r.role(1) is Role.STOPPING
+    assert _replies(acts) == [((7,), "ok: generation 2 ready after 1.000s (READY=1 from pid 4242)")]
+    assert not _of(acts, m.ScanNow)
+
+
+@pytest.mark.parametrize("on_notify", [False, True])
+def test_ready_1_from_the_serving_generation_changes_nothing(on_notify: bool) -> None:
+    r = Run(m.Config(ready_timeout=5.0, grace=2.0, ready_on_notify=on_notify))
+    r.serving_one()
+    before = r.state
+    assert r.feed(m.Notified(1, 4242, 1.0)) == [] and r.state == before

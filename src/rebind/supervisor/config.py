@@ -82,6 +82,7 @@ class RunConfig:
             backoff_initial=self.backoff_initial,
             backoff_max=self.backoff_max,
             ready_on_spawn=self.ready is ReadyMode.NONE,
+            ready_on_notify=self.ready is ReadyMode.NOTIFY,
             stop_signal=self.stop_signal,
             drain=self.drain,
         )

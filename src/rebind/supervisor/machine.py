@@ -37,6 +37,7 @@ from rebind.supervisor.vocab import Forward as Forward
 from rebind.supervisor.vocab import Gen as Gen
 from rebind.supervisor.vocab import GraceOver as GraceOver
 from rebind.supervisor.vocab import Log as Log
+from rebind.supervisor.vocab import Notified as Notified
 from rebind.supervisor.vocab import NotifyOuter as NotifyOuter
 from rebind.supervisor.vocab import Phase as Phase
 from rebind.supervisor.vocab import Ready as Ready
@@ -47,6 +48,7 @@ from rebind.supervisor.vocab import Reply as Reply
 from rebind.supervisor.vocab import RestartDue as RestartDue
 from rebind.supervisor.vocab import RestartPolicy as RestartPolicy
 from rebind.supervisor.vocab import Role as Role
+from rebind.supervisor.vocab import ScanNow as ScanNow
 from rebind.supervisor.vocab import SignalLeader as SignalLeader
 from rebind.supervisor.vocab import SignalRest as SignalRest
 from rebind.supervisor.vocab import Spawn as Spawn
@@ -304,6 +306,15 @@ def _ready(cfg: Config, state: State, ev: Ready, gen: Gen) -> Result:
     return _outer_settled(state, acts, f"serving: {_name(gen.number)}")
 
 
+def _notified(cfg: Config, state: State, ev: Notified, gen: Gen) -> Result:
+    if cfg.ready_on_notify:
+        return _ready(cfg, state, Ready(gen.number, f"READY=1 from pid {ev.pid}", ev.now), gen)
+    # auto: READY=1 from a pre-fork parent comes before its workers serve (gunicorn's arbiter,
+    # issue 13); look now, and keep looking until a process of the tree really serves every socket.
+    line = f"READY=1 from pid {ev.pid} ({_name(gen.number)}); waiting until it serves"
+    return state, [Log(line), ScanNow(gen.number)]
+
+
 def _exited_starting(cfg: Config, state: State, ev: Exited, gen: Gen) -> Result:
     state, acts = _leader_gone(cfg, state, gen, ev)
     reason = f"{_name(gen.number)} exited with status {ev.code} before it was ready"
@@ -472,6 +483,8 @@ _gen_rows(Spawned,      (R.STARTING,),             (P.STOPPING,),       _spawned
 _gen_rows(SpawnFailed,  (R.STARTING, R.STOPPING),  _RS,                 _spawn_failed)
 _gen_rows(Ready,        (R.STARTING,),             (P.RUNNING,),        _ready)
 _add(Ready,             (R.STARTING,),             (P.STOPPING,),       _ignore)  # already told to stop
+_gen_rows(Notified,     (R.STARTING,),             (P.RUNNING,),        _notified)
+_add(Notified,          (R.STARTING,),             (P.STOPPING,),       _ignore)
 _gen_rows(Exited,       (R.STARTING,),             _RS,                 _exited_starting)
 _gen_rows(Exited,       (R.SERVING,),              (P.RUNNING,),        _exited_serving)
 _gen_rows(Exited,       (R.SERVING,),              (P.STOPPING,),       _exited_stopping)
@@ -492,6 +505,7 @@ _rows(Forward,          _RS,                                            _forward
 _add(Spawned,           _NOT_STARTING,                                 _RS, _ignore)
 _add(SpawnFailed,       (R.SERVING, R.DRAINING, R.LINGERING, R.NONE),  _RS, _ignore)
 _add(Ready,             _NOT_STARTING,                                 _RS, _ignore)
+_add(Notified,          _NOT_STARTING,                                 _RS, _ignore)  # the serving one's
 _add(Emptied,           (R.STARTING, R.SERVING, R.DRAINING, R.STOPPING, R.NONE), _RS, _ignore)
 _add(ReadyTimeout,      _NOT_STARTING,                                 _RS, _ignore)
 _add(GraceOver,         (R.STARTING, R.SERVING, R.NONE),               _RS, _ignore)

@@ -1,10 +1,11 @@
-"""Is the new generation ready? Readiness decisions, each one a machine event (``m.Ready``).
+"""Is the new generation ready? What the witnesses see, each as a machine event.
 
 Two witnesses (docs/supervisor.md, "Readiness"): a /proc scan that sees a process of the new
 generation's tree serving every socket (procscan), and READY=1 on our notify socket from a sender
-the kernel attests (SCM_CREDENTIALS) to be in that tree. In ``auto`` mode READY=1 only makes us
-look at once; in ``notify`` mode it is the event. Fds passed along with a message are closed
-here without ever blocking the loop (issue 18): the sender decides how (notify.FdDisposal).
+the kernel attests (SCM_CREDENTIALS) to be in that tree (``m.Notified``: the machine decides what
+it means, the proof in ``notify`` mode, a reason to look at once in ``auto`` mode). Fds passed
+along with a message are closed here without ever blocking the loop (issue 18): the sender
+decides how (notify.FdDisposal).
 """
 
 from __future__ import annotations
@@ -173,20 +174,13 @@ class Readiness:
 
     def _ready_message(self, sender: int) -> Iterator[m.Event]:
         state = self.state()
-        gen = state.starting
-        # The kernel-attested sender pid must belong to the *new* generation's tree: a READY=1
-        # from the old generation (or anyone else in the netns) proves nothing.
-        if gen is not None and self._in_generation(sender, gen):
-            if self.mode is ReadyMode.NOTIFY:
-                yield m.Ready(gen.number, f"READY=1 from pid {sender}", time.monotonic())
-            else:
-                # auto: READY=1 from a pre-fork parent comes before its workers serve; look now,
-                # and keep looking until a process of the tree really serves every socket.
-                self.log(f"READY=1 from pid {sender} (generation {gen.number}); waiting until it serves")
-                self.next_scan = time.monotonic()
-            return
-        if self._in_generation(sender, state.serving):
-            return
+        # The kernel-attested sender pid must belong to a live generation's tree: a READY=1 from
+        # anyone else in the netns proves nothing. What it means (the proof in notify mode, a
+        # reason to look now in auto mode, nothing from the serving generation) is the machine's.
+        for gen in (state.starting, state.serving):
+            if gen is not None and self._in_generation(sender, gen):
+                yield m.Notified(gen.number, sender, time.monotonic())
+                return
         if sender in self.ignored:
             self.ignored_count += 1
             return

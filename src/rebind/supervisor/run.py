@@ -264,6 +264,8 @@ class Supervisor:
         elif isinstance(action, m.Reply):
             if self.control is not None:
                 self.control.reply(action.waiters, action.line)
+        elif isinstance(action, m.ScanNow):
+            self.ready.look_now(time.monotonic())
         elif isinstance(action, m.Forget):
             self.gens.forget(action.number)
         elif isinstance(action, m.NotifyOuter):

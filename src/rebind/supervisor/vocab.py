@@ -43,6 +43,7 @@ class Config:
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
     ready_on_spawn: bool = False  # --ready none
+    ready_on_notify: bool = False  # --ready notify: READY=1 from the tree is the proof (else a hint)
     stop_signal: int = signal.SIGTERM  # what a replaced generation gets (issue 13: --stop-signal)
     drain: float = 0.0  # --drain: after the stop signal, this long before SIGTERM to all of it
 
@@ -145,6 +146,16 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
+class Notified:
+    """READY=1 on the notify socket from PID, a process of generation NUMBER's tree (the sender the
+    kernel attests, checked against the tree by readiness.py)."""
+
+    number: int
+    pid: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Exited:
     """The generation's leader was reaped; ``remaining``: other processes of it still run."""
 
@@ -187,6 +198,7 @@ Event: TypeAlias = (
     | Spawned
     | SpawnFailed
     | Ready
+    | Notified
     | Exited
     | Emptied
     | ReadyTimeout
@@ -197,7 +209,7 @@ Event: TypeAlias = (
     | Forward
 )
 EVENTS: tuple[type, ...] = Event.__args__
-NUMBERED: tuple[type, ...] = (Spawned, SpawnFailed, Ready, Exited, Emptied, ReadyTimeout, GraceOver)
+NUMBERED: tuple[type, ...] = (Spawned, SpawnFailed, Ready, Notified, Exited, Emptied, ReadyTimeout, GraceOver)
 
 
 # -- actions: what the caller must do, in order ------------------------------------------------------
@@ -223,6 +235,13 @@ class SignalLeader(ToGen):
 @dataclass(frozen=True, slots=True)
 class SignalRest(ToGen):
     """Send SIG to every process of the generation (its group, its tree, orphans re-parented to us)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScanNow:
+    """Look at /proc now: is a process of generation NUMBER serving every socket?"""
+
+    number: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,5 +286,5 @@ class Finish:
 
 
 Action: TypeAlias = (
-    Spawn | SignalLeader | SignalRest | Forget | Reply | Log | NotifyOuter | ReloadDone | Finish
+    Spawn | SignalLeader | SignalRest | ScanNow | Forget | Reply | Log | NotifyOuter | ReloadDone | Finish
 )
