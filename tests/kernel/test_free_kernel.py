@@ -11,11 +11,13 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from rebind.actions.free import Fate, Refusal, SocketFate, execute_plan, free, plan_free
+from rebind.actions.free import execute_plan, free, plan_free
 from rebind.actions.wait import accepts
 from rebind.kernel.diag import iter_sockets
 from rebind.kernel.owners import read_start_ticks
 from rebind.kernel.trial import trial_bind
+from rebind.model.free import Refusal
+from rebind.model.free_result import Fate, SocketFate
 from rebind.model.records import Proto, State
 from tests.kernel.helpers import LISTEN, OTHER_UID, SHARED, TIME_WAIT
 

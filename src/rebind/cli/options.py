@@ -1,5 +1,5 @@
 """The bind options every command that acts on a bind request takes, and the one way they
-become a :class:`~rebind.model.request.BindRequest` (actions.common.bind_request)."""
+become a :class:`~rebind.model.request.BindRequest` (:func:`rebind.diagnosis.default_request`)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def request_from(
     freebind: bool = False,
 ) -> BindRequest:
     """The same request `rebind why` builds from the same options."""
-    from rebind.actions.common import bind_request
+    from rebind.diagnosis import default_request
 
     spec_addr, port = spec
     if spec_addr is not None and addr is not None and spec_addr != addr:
@@ -100,7 +100,7 @@ def request_from(
     address = addr or spec_addr
     if v6only is not None and address is not None and address.version != 6:
         raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
-    return bind_request(
+    return default_request(
         port,
         addr=address,
         proto="udp" if udp else "tcp",
