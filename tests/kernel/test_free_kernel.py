@@ -220,6 +220,31 @@ def test_free_udp_socket(netns, procs):
     assert [o.target.pid for o in res.processes] == [p.pid] and res.ok
 
 
+def test_a_bind_request_is_what_the_keywords_build(netns, procs):
+    """plan_free / free / wait_bindable take the request `rebind why` builds; the documented
+    port + keyword form is the same request (issue 21: requests all the way through)."""
+    from rebind.actions.wait import wait_bindable
+    from rebind.diagnosis import default_request
+
+    code = (
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.bind(('127.0.0.1', 18212))\nprint('ready', flush=True)\ntime.sleep(600)\n"
+    )
+    p = procs.python(code)
+    procs.wait_line(p)
+    req = default_request(18212, proto="udp", addr="127.0.0.1")
+    by_request, by_keywords = (
+        plan_free(req, grace=2),
+        plan_free(18212, proto="udp", addr="127.0.0.1", grace=2),
+    )
+    assert by_request.request == by_keywords.request == req
+    assert [t.pid for t in by_request.targets] == [t.pid for t in by_keywords.targets] == [p.pid]
+    assert not wait_bindable(req, timeout=0).ok
+    res = free(req, grace=2)
+    assert [o.target.pid for o in res.processes] == [p.pid] and res.ok
+    assert wait_bindable(req, timeout=0).ok
+
+
 def test_nothing_to_do_when_bindable(netns, procs):
     res = free(18210)
     assert res.ok and res.processes == () and res.sockets == () and not res.plan.has_actions

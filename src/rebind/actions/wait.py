@@ -4,8 +4,8 @@ wait-for-it and wait-on test *connect*: they say "free" while a TIME_WAIT still 
 restart's bind() fail. Here "bindable" means a real bind() with the caller's options succeeds
 (a probe that never listens), and progress comes from the blockers' own timers.
 
-Each wait is one generator of sleep intervals, driven by a sync or an async loop, so both
-variants share every decision.
+Each wait is one generator of steps (sleep this long, try this connect), driven by a sync or an
+async loop, so both variants share every decision.
 """
 
 from __future__ import annotations
@@ -35,7 +35,18 @@ REFRESH_INTERVAL = 1.0
 LOOPBACKS: tuple[IPv4Address | IPv6Address, ...] = (IPv4Address("127.0.0.1"), IPv6Address("::1"))
 
 Progress = Callable[[Diagnosis, float], None]
-Steps = Generator[float, None, "WaitResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """A step asking the driver to try a TCP connect (:func:`accepts`) and send back the answer."""
+
+    addr: IPv4Address | IPv6Address
+    port: int
+
+
+#: Each wait is a generator of steps: seconds to sleep, or a connect to try (its answer is sent in).
+Steps = Generator["float | Connect", "bool | None", "WaitResult"]
 
 
 #: bind() errors that can go away by themselves: a holder leaves (EADDRINUSE), or an address
@@ -229,15 +240,7 @@ def wait_listening(
 
     For UDP, until a bound UDP socket receives on one of those addresses.
     """
-    _check_timing(timeout, interval)
-    p, addrs, port = parse_proto(proto), _targets(addr), parse_port(port)
-    start = time.monotonic()
-    while True:
-        hit = udp_bound(addrs, port) if p is Proto.UDP else _first_accepting(addrs, port)
-        elapsed = time.monotonic() - start
-        if hit is not None or (timeout is not None and elapsed >= timeout):
-            return WaitResult(hit is not None, elapsed, answered=hit)
-        time.sleep(_next_delay(elapsed, timeout, interval))
+    return _run(_listening(port, addr, proto, timeout, interval))
 
 
 async def wait_listening_async(
@@ -249,8 +252,20 @@ async def wait_listening_async(
     interval: float = POLL_INTERVAL,
 ) -> WaitResult:
     """:func:`wait_listening` for asyncio (non-blocking connects)."""
+    return await _run_async(_listening(port, addr, proto, timeout, interval))
+
+
+def _listening(
+    port: int, addr: AddrLike | None, proto: Proto | str, timeout: float | None, interval: float
+) -> Steps:
+    """Every argument checked (UsageError) before the first connect, then the steps."""
     _check_timing(timeout, interval)
-    p, addrs, port = parse_proto(proto), _targets(addr), parse_port(port)
+    return _listening_steps(parse_proto(proto), _targets(addr), parse_port(port), timeout, interval)
+
+
+def _listening_steps(
+    p: Proto, addrs: tuple[IPv4Address | IPv6Address, ...], port: int, timeout: float | None, interval: float
+) -> Steps:
     start = time.monotonic()
     while True:
         hit: IPv4Address | IPv6Address | None = None
@@ -258,19 +273,13 @@ async def wait_listening_async(
             hit = udp_bound(addrs, port)
         else:
             for a in addrs:
-                if await accepts_async(a, port):
+                if (yield Connect(a, port)):  # the driver connects, sync or async
                     hit = a
                     break
         elapsed = time.monotonic() - start
         if hit is not None or (timeout is not None and elapsed >= timeout):
             return WaitResult(hit is not None, elapsed, answered=hit)
-        await asyncio.sleep(_next_delay(elapsed, timeout, interval))
-
-
-def _first_accepting(
-    addrs: tuple[IPv4Address | IPv6Address, ...], port: int
-) -> IPv4Address | IPv6Address | None:
-    return next((a for a in addrs if accepts(a, port)), None)
+        yield _next_delay(elapsed, timeout, interval)
 
 
 def _next_delay(elapsed: float, timeout: float | None, interval: float) -> float:
@@ -282,18 +291,30 @@ def _next_delay(elapsed: float, timeout: float | None, interval: float) -> float
 
 
 def _run(steps: Steps) -> WaitResult:
+    answer: bool | None = None
     try:
         while True:
-            time.sleep(next(steps))
+            ask = steps.send(answer)
+            answer = None
+            if isinstance(ask, Connect):
+                answer = accepts(ask.addr, ask.port)
+            else:
+                time.sleep(ask)
     except StopIteration as stop:
         result: WaitResult = stop.value
         return result
 
 
 async def _run_async(steps: Steps) -> WaitResult:
+    answer: bool | None = None
     try:
         while True:
-            await asyncio.sleep(next(steps))
+            ask = steps.send(answer)
+            answer = None
+            if isinstance(ask, Connect):
+                answer = await accepts_async(ask.addr, ask.port)
+            else:
+                await asyncio.sleep(ask)
     except StopIteration as stop:
         result: WaitResult = stop.value
         return result

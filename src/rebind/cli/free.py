@@ -6,15 +6,15 @@ as JSON (``--dry-run --json``) is here."""
 from __future__ import annotations
 
 import sys
-from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.options import Spec, bind_options, request_from
+from rebind.cli.options import bind_request_options
 
 if TYPE_CHECKING:
     from rebind.model.free import FreePlan
+    from rebind.model.request import BindRequest
 
 
 @click.command(
@@ -45,7 +45,7 @@ terminal, or an address that cannot be bound; 3 missing permission or kernel fea
 permitted); 5 refused: held by a process rebind will not signal.
 """,
 )
-@bind_options
+@bind_request_options
 @click.option(
     "--signal", "sig", default="TERM", show_default=True, help="First signal to send (name or number)."
 )
@@ -64,12 +64,7 @@ permitted); 5 refused: held by a process rebind will not signal.
     "--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON (schema rebind.free.plan/1)."
 )
 def free(
-    spec: Spec,
-    addr: IPv4Address | IPv6Address | None,
-    udp: bool,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool | None,
+    req: BindRequest,
     sig: str,
     grace: str,
     yes: bool,
@@ -86,7 +81,6 @@ def free(
 
     if as_json and not dry_run:
         raise click.UsageError("--json prints the plan: use it with --dry-run")
-    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
     signal = parse_signal(sig)  # UsageError: exit 2 before anything is read
     seconds = parse_seconds(grace, what="--grace")
     plan = plan_free(req, signal=signal, grace=seconds, force=force, outgoing=outgoing)

@@ -3,6 +3,7 @@ become a :class:`~rebind.model.request.BindRequest` (:func:`rebind.diagnosis.def
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,6 +54,26 @@ def bind_options(f: F) -> F:
     for deco in reversed(_bind_decorators(True)):
         f = deco(f)
     return f
+
+
+def bind_request_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`bind_options` handed to the command as one ``req`` (:func:`request_from`): for a
+    command that needs nothing but the request from them (`rebind free`)."""
+
+    @functools.wraps(f)
+    def command(
+        *args: Any,
+        spec: Spec,
+        addr: IPv4Address | IPv6Address | None,
+        udp: bool,
+        reuseaddr: bool,
+        reuseport: bool,
+        v6only: bool | None,
+        **kwargs: Any,
+    ) -> Any:
+        return f(*args, req=request_from(spec, addr, udp, reuseaddr, reuseport, v6only), **kwargs)
+
+    return bind_options(command)
 
 
 def bind_options_port_optional(f: F) -> F:
