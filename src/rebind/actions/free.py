@@ -33,12 +33,11 @@ from rebind.model.free import (
     Target,
     is_socket_blocker,
     make_plan,
-    parse_signal,
 )
 from rebind.model.free_collateral import group_sockets
 from rebind.model.free_result import FreeResult, SocketFate, SocketOutcome, explain_remaining
 from rebind.model.records import SocketRecord, State, socket_label
-from rebind.model.validate import parse_seconds
+from rebind.model.validate import parse_seconds, parse_signal
 from rebind.textsafe import visible
 
 Event = Callable[[str], None]

@@ -75,8 +75,7 @@ def free(
 ) -> int:
     """Make PORT bindable: stop the processes holding it, destroy TIME_WAIT leftovers, verify."""
     from rebind.actions.free import execute_plan, plan_free
-    from rebind.model.free import parse_signal
-    from rebind.model.validate import parse_seconds
+    from rebind.model.validate import parse_seconds, parse_signal
     from rebind.render.free import echo, print_plan, print_result
 
     if as_json and not dry_run:
@@ -119,7 +118,7 @@ PLAN_SCHEMA = "rebind.free.plan/1"
 def plan_json(plan: FreePlan) -> dict[str, Any]:
     """``rebind free --dry-run --json`` (docs/actions.md). Process names are JSON-escaped text."""
     from rebind.cli.render import socket_json
-    from rebind.model.free import signal_name
+    from rebind.model.validate import signal_name
 
     r = plan.request
     return {

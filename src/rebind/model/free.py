@@ -23,7 +23,7 @@ import signal as _signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from rebind.errors import ExitCode, UsageError
+from rebind.errors import ExitCode
 from rebind.model.advice import BlockerInfo, Diagnosis
 from rebind.model.conflict import BindRequest, Rule
 from rebind.model.diagnosis import NO_SOCKET_KINDS, HolderKind, fmt_seconds
@@ -36,7 +36,7 @@ from rebind.model.records import (
     inaccessible_warning,
     socket_label,
 )
-from rebind.model.validate import parse_seconds
+from rebind.model.validate import parse_seconds, parse_signal
 from rebind.textsafe import visible
 
 DEFAULT_GRACE = 5.0
@@ -363,32 +363,3 @@ def _expiring_obstacle(r: SocketRecord, why: str) -> Obstacle:
     return Obstacle(
         ObstacleKind.CANNOT_DESTROY, f"{socket_label(r)}: {why}; {left}", int(ExitCode.ENVIRONMENT)
     )
-
-
-def parse_signal(sig: int | str) -> int:
-    """``TERM``, ``SIGTERM``, ``term`` or ``15`` -> 15."""
-    if isinstance(sig, bool) or not isinstance(sig, int | str):
-        raise UsageError(f"signal must be a name or a number (e.g. TERM, 15), not {sig!r}")
-    if isinstance(sig, int):
-        number = sig
-    else:
-        text = sig.strip().upper()
-        if text.isascii() and text.isdigit():
-            number = int(text)
-        else:
-            name = text if text.startswith("SIG") else f"SIG{text}"
-            member = getattr(_signal.Signals, name, None)
-            if member is None:
-                raise UsageError(f"unknown signal {sig!r} (e.g. TERM, INT, HUP, KILL)")
-            number = int(member)
-    valid = {int(s) for s in _signal.valid_signals()}
-    if number not in valid or number == 0:
-        raise UsageError(f"{sig!r} is not a signal number")
-    return number
-
-
-def signal_name(sig: int) -> str:
-    try:
-        return _signal.Signals(sig).name
-    except ValueError:
-        return str(sig)

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TypeAlias
 
-from rebind.model.free import signal_name
 from rebind.model.free_result import Fate
+from rebind.model.validate import signal_name
 
 #: After SIGKILL a process normally dies at once; one in uninterruptible sleep (D) may not.
 KILL_WAIT = 5.0
@@ -130,8 +130,6 @@ class WaitOver:
 
 Event: TypeAlias = Pinned | PinFailed | Begin | Sent | Exited | WaitOver
 EVENTS: tuple[type, ...] = Event.__args__
-#: Events about every process at once (the others name one pid).
-GROUP_EVENTS: tuple[type, ...] = (Begin, WaitOver)
 
 
 # -- actions: what the caller must do, in order ------------------------------------------------------
@@ -170,7 +168,8 @@ Handler: TypeAlias = Callable[[Config, State, Proc, Event], Row]
 
 
 def step(cfg: Config, state: State, event: Event) -> tuple[State, list[Action]]:
-    """One event in, the new state and the actions to carry out out."""
+    """One event in; the new state and the actions to carry out, in order, out. Begin and
+    WaitOver concern every process (each one's row by its stage); the others name one pid."""
     if isinstance(event, Begin | WaitOver):
         return _group_step(cfg, state, event)
     pid = event.pid

@@ -12,9 +12,10 @@ import os
 import click
 
 from rebind.model.diagnosis import fmt_seconds
-from rebind.model.free import FreePlan, ObstacleKind, Target, no_owner_reason, signal_name
+from rebind.model.free import FreePlan, ObstacleKind, Target, no_owner_reason
 from rebind.model.free_result import FreeResult
 from rebind.model.records import socket_label
+from rebind.model.validate import signal_name
 from rebind.textsafe import visible
 
 
