@@ -56,22 +56,18 @@ def bind_options(f: F) -> F:
     return f
 
 
+#: The parameters :func:`bind_options` adds, in :func:`request_from`'s order.
+BIND_PARAMS = ("spec", "addr", "udp", "reuseaddr", "reuseport", "v6only")
+
+
 def bind_request_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """:func:`bind_options` handed to the command as one ``req`` (:func:`request_from`): for a
     command that needs nothing but the request from them (`rebind free`)."""
 
     @functools.wraps(f)
-    def command(
-        *args: Any,
-        spec: Spec,
-        addr: IPv4Address | IPv6Address | None,
-        udp: bool,
-        reuseaddr: bool,
-        reuseport: bool,
-        v6only: bool | None,
-        **kwargs: Any,
-    ) -> Any:
-        return f(*args, req=request_from(spec, addr, udp, reuseaddr, reuseport, v6only), **kwargs)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        req = request_from(*(kwargs.pop(name) for name in BIND_PARAMS))
+        return f(*args, req=req, **kwargs)
 
     return bind_options(command)
 
