@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
 
-__all__ = ["Spec", "bind_options", "request_from", "wait"]
+__all__ = ["wait"]
 
 
 @click.command(
