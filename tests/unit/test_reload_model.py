@@ -10,9 +10,8 @@ from rebind.model.reload import (
     advise,
     exit_status,
     generations,
-    text_lines,
-    to_json,
 )
+from rebind.render.reload import text_lines, to_json
 
 
 def _l(inode: int, start: float | None, queued: int = 0, local: str = "0.0.0.0:8080") -> Listener:

@@ -340,9 +340,9 @@ def test_shutdown_waits_for_lingering_processes() -> None:
 def test_status_line() -> None:
     r = Run().serving_one()
     r.reload()
-    assert m.describe(r.state) == "serving: generation 1; starting: generation 2"
+    assert r.state.describe() == "serving: generation 1; starting: generation 2"
     r.ready(2)
-    assert m.describe(r.state) == "serving: generation 2; stopping: generation 1"
+    assert r.state.describe() == "serving: generation 2; stopping: generation 1"
 
 
 # -- any sequence: no crash, invariants hold ------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def run_reload_check(port: int, as_json: bool) -> int:
     from rebind.kernel.reload_facts import listeners, read_migrate_req
-    from rebind.model.reload import Level, advise, exit_status, text_lines, to_json
+    from rebind.model.reload import Level, advise, exit_status
+    from rebind.render.reload import text_lines, to_json
 
     migrate_req = read_migrate_req()
     advice = advise(listeners(port), migrate_req, port)

@@ -11,7 +11,7 @@ connections reset with tcp_migrate_req=0, 0 with 1, 0 when another process still
 socket's fd (the socket is not closed, so its queue stays).
 
 The facts come from ``kernel/reload_facts.py``; the text and ``rebind.why-reload/1`` renderers
-are here too (pure), so the CLI only prints what they return.
+are ``render/reload.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-SCHEMA = "rebind.why-reload/1"
 # The fix as one shell line, safe to paste as printed (the remark is a shell comment); the kernel
 # test runs it exactly as printed in a throwaway namespace (tests/kernel/test_recipes_reload_check.py).
 MIGRATE_REQ_FIX = "sysctl -w net.ipv4.tcp_migrate_req=1  # Linux 5.14+; this network namespace only"
@@ -112,39 +110,6 @@ def advise(listeners: Sequence[Listener], migrate_req: int | None, port: int) ->
             else f"port {port}: no SO_REUSEPORT group (a single listener per address)"
         )
         out.append(Advice(Level.OK, text))
-    return out
-
-
-# -- renderers ---------------------------------------------------------------------------------------
-
-
-def to_json(port: int, migrate_req: int | None, advice: Sequence[Advice]) -> dict[str, Any]:
-    """``rebind.why-reload/1``. ``fixes`` lists the commands first, as printed (additive:
-    ``commands`` holds them alone)."""
-    return {
-        "schema": SCHEMA,
-        "port": port,
-        "tcp_migrate_req": migrate_req,
-        "advice": [
-            {
-                "level": a.level.value,
-                "text": a.text,
-                "fixes": [*a.commands, *a.fixes],
-                "commands": list(a.commands),
-            }
-            for a in advice
-        ],
-    }
-
-
-def text_lines(advice: Sequence[Advice]) -> list[tuple[Level | None, str]]:
-    """The plain text, line by line, with the level of each headline (for its colour): a
-    command is printed as ``  $ LINE`` (LINE pastes as is), a fix in words as ``  fix: TEXT``."""
-    out: list[tuple[Level | None, str]] = []
-    for a in advice:
-        out.append((a.level, f"{a.level.value}: {a.text}"))
-        out += [(None, f"  $ {c}") for c in a.commands]
-        out += [(None, f"  fix: {f}") for f in a.fixes]
     return out
 
 

@@ -527,16 +527,3 @@ def step(cfg: Config, state: State, event: Event) -> Result:
     if handler is None:
         raise AssertionError(f"no transition for {key}")  # a bug: the table must be complete
     return handler(cfg, state, event)
-
-
-def describe(state: State, name: Callable[[int], str] = _name) -> str:
-    """`rebind reload --status`: which generations run, in which role."""
-    serving, starting = state.serving, state.starting
-    parts = [f"serving: {name(serving.number) if serving else 'none'}"]
-    if starting:
-        parts.append(f"starting: {name(starting.number)}")
-    leaving = (Role.STOPPING, Role.LINGERING, Role.DRAINING)
-    stopping = [name(g.number) for g in state.gens if g.role in leaving]
-    if stopping:
-        parts.append("stopping: " + ", ".join(stopping))
-    return "; ".join(parts)

@@ -248,7 +248,7 @@ class Supervisor:
                 s.listen(socket.SOMAXCONN if self.cfg.backlog is None else self.cfg.backlog)
 
     def _status(self) -> str:
-        return m.describe(self.state, self.gens.name)
+        return self.state.describe(self.gens.name)
 
     # -- actions ----------------------------------------------------------------------------------
 

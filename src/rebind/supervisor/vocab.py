@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -92,6 +93,18 @@ class State:
         if self.restart_at is not None:
             times.append(self.restart_at)
         return min(times) if times else None
+
+    def describe(self, name: Callable[[int], str] = lambda n: f"generation {n}") -> str:
+        """`rebind reload --status`: which generations run, in which role."""
+        serving, starting = self.serving, self.starting
+        parts = [f"serving: {name(serving.number) if serving else 'none'}"]
+        if starting:
+            parts.append(f"starting: {name(starting.number)}")
+        leaving = (Role.STOPPING, Role.LINGERING, Role.DRAINING)
+        stopping = [name(g.number) for g in self.gens if g.role in leaving]
+        if stopping:
+            parts.append("stopping: " + ", ".join(stopping))
+        return "; ".join(parts)
 
 
 # -- events: what happened --------------------------------------------------------------------------
