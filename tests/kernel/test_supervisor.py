@@ -174,6 +174,9 @@ class Load:
             except OSError as exc:
                 self.counts[type(exc).__name__] += 1
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> Counter[str]:
         self._stop.set()
         self._thread.join(30)
@@ -182,7 +185,9 @@ class Load:
 
 def test_reloads_crash_and_failed_reload_under_load(netns: int, procs: Procs, tmp_path: Path) -> None:
     sup = Supervised(procs, tmp_path, 8080, HTTP_APP)
-    load = Load(8080)
+    # 23 reloads take ~15 s on an idle machine and were seen to take over 60 s on a loaded one:
+    # the load's own time bound (which ends it, "gave up") must outlast them.
+    load = Load(8080, max_seconds=600)
     for i in range(22):
         assert sup.reload().startswith("ok: generation"), sup.log.read_text()
         if i == 10:
@@ -197,7 +202,10 @@ def test_reloads_crash_and_failed_reload_under_load(netns: int, procs: Procs, tm
     assert "still serving" in answer
     sup.mode.write_text("ok")
     before = sum(load.counts.values())
+    deadline = time.monotonic() + 60
     while sum(load.counts.values()) < before + 50:  # the old generation keeps serving
+        # Bounded: a load thread that ended (its time bound) once made this spin forever.
+        assert time.monotonic() < deadline and load.running(), (load.counts, sup.log.read_text()[-2000:])
         time.sleep(0.01)
     counts = load.stop()
     assert counts["ok"] > 0
