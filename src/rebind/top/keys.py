@@ -1,7 +1,7 @@
 """What the keys of `rebind top` run: why, free, wait, reload. I/O; no Textual here.
 
 ``why`` and ``free`` reuse the commands' own engines and printed forms: `rebind why`'s
-:func:`rebind.diagnosis.diagnose` + ``print_diagnosis`` and `rebind free`'s
+:func:`rebind.diagnosis.diagnose` + ``rebind.render.why.print_diagnosis`` and `rebind free`'s
 :func:`rebind.actions.free.plan_free` / :func:`~rebind.actions.free.execute_plan` +
 ``print_plan``, captured as text through :func:`captured` (one small adapter each, so changes to
 those commands show up here unchanged). Every captured line goes through
@@ -58,7 +58,7 @@ def why(key: PortKey) -> Diagnosis:
 
 
 def why_lines(d: Diagnosis) -> list[str]:
-    from rebind.cli.why import print_diagnosis
+    from rebind.render.why import print_diagnosis
 
     return captured(print_diagnosis, d)
 
