@@ -416,17 +416,100 @@ def _server_time_wait(port: int, reuseaddr: bool, *, keep_listener: bool = False
     return None
 
 
+def _bpf_or_skip() -> None:
+    from rebind.kernel.bpf.sockiter import prepare
+    from rebind.model.sockstate import Unavailable
+
+    got = prepare()
+    if isinstance(got, Unavailable):
+        pytest.skip(f"the BPF socket iterator cannot run here: {got.reason}")
+
+
 def test_seed_case_time_wait_without_reuseaddr_is_0_as_the_kernel_says(netns, tmp_path, rebind_cli):
     """Issue 17: a server without SO_REUSEADDR is gone, its TIME_WAIT stays. The restart (even
-    with SO_REUSEADDR) gets EADDRINUSE; the exporter, which never saw the server, says 0 and
-    names the fact it misses. Before: 1 (it assumed the TIME_WAIT had SO_REUSEADDR)."""
+    with SO_REUSEADDR) gets EADDRINUSE. The exporter never saw the server; it reads the
+    TIME_WAIT's own tw_reuse from the kernel (the BPF lookup `why` uses), so its 0 is a fact:
+    no missing fact is named. Before: 1 (it assumed SO_REUSEADDR), then 0 only as "unknown"."""
+    _bpf_or_skip()
     port = 7202
     _server_time_wait(port, reuseaddr=False)
     s = _textfile(rebind_cli, tmp_path, "--watch", str(port))
     assert _get(s, "rebind_sockets", port=port, proto="tcp", state="time_wait") == 1
     assert _get(s, "rebind_port_bindable", port=port, proto="tcp", addr="0.0.0.0") == 0
-    assert s[UNKNOWN_REUSEADDR] == 1
+    assert not [k for k in s if k[0] == "rebind_exporter_missing"]  # exact: read from the kernel
     assert _bind_works(port) is False  # model == kernel: the bind a restart would do fails
+
+
+def test_seed_case_without_bpf_is_0_and_names_the_missing_fact(netns, tmp_path, rebind_cli):
+    """Where BPF cannot run, the same TIME_WAIT's SO_REUSEADDR is unknown: 0, never an
+    optimistic 1, and rebind_exporter_missing names the fact."""
+    port = 7202
+    _server_time_wait(port, reuseaddr=False)
+    s = _textfile(rebind_cli, tmp_path, "--watch", str(port), env={"REBIND_NO_BPF": "1"})
+    assert _get(s, "rebind_port_bindable", port=port, proto="tcp", addr="0.0.0.0") == 0
+    assert s[UNKNOWN_REUSEADDR] == 1
+    assert _bind_works(port) is False
+
+
+def _reuseport_cache_kept_by_a_cleared_listener(port: int) -> tuple[socket.socket, socket.socket]:
+    """The watched server (0.0.0.0:port, SO_REUSEPORT only) and another listener on 127.0.0.1
+    that bound with SO_REUSEPORT too and cleared the flag after listen(): the bucket's cache
+    (tb->fastreuseport = FASTREUSEPORT_ANY, fastuid = ours) outlives the flag, so a SO_REUSEPORT
+    restart by the same uid takes the fast path past the conflict the socket's flags alone make
+    (sk_reuseport_match in inet_csk_get_port)."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    server.bind(("0.0.0.0", port))
+    server.listen()
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", port))
+    other.listen()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+    return server, other
+
+
+def _reuseport_restart_works(port: int) -> bool:
+    """The restart the exporter judged: the flags read from the server (SO_REUSEPORT, no
+    SO_REUSEADDR), bind, listen."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind(("0.0.0.0", port))
+        s.listen()
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def test_reuseport_restart_is_judged_with_the_ports_bucket_as_the_kernel(netns, tmp_path, rebind_cli):
+    """Issue 17: the exporter judges with the port's kernel state `why` reads (the TCP bind
+    bucket's SO_REUSEPORT cache): the SO_REUSEPORT restart of the server is 1, as the kernel
+    binds it. Without the bucket the answer was "unknown" (0)."""
+    _bpf_or_skip()
+    port = 7203
+    server, other = _reuseport_cache_kept_by_a_cleared_listener(port)
+    s = _textfile(rebind_cli, tmp_path, "--watch", str(port))
+    got = _get(s, "rebind_port_bindable", port=port, proto="tcp", addr="0.0.0.0")
+    server.close()  # the restart: the server's own listener goes, the other stays
+    assert got == int(_reuseport_restart_works(port)) == 1  # model == kernel
+    assert not [k for k in s if k[0] == "rebind_exporter_missing"]
+    other.close()
+
+
+def test_reuseport_restart_without_bpf_names_the_bucket(netns, tmp_path, rebind_cli):
+    """Without BPF the same restart hinges on flags and the bucket nobody read: 0, with the
+    facts named (never the optimistic 1)."""
+    port = 7203
+    server, other = _reuseport_cache_kept_by_a_cleared_listener(port)
+    s = _textfile(rebind_cli, tmp_path, "--watch", str(port), env={"REBIND_NO_BPF": "1"})
+    assert _get(s, "rebind_port_bindable", port=port, proto="tcp", addr="0.0.0.0") == 0
+    reasons = {dict(k[1])["reason"] for k in s if k[0] == "rebind_exporter_missing"}
+    assert "port_reuseport_cache_unknown" in reasons
+    server.close()
+    other.close()
 
 
 def _scrape_until(url: str, name: str, labels: dict[str, str], want: float, deadline: float) -> Samples:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from rebind.errors import UsageError
-from rebind.model.assess import BindNow, HolderFacts, Judgement, Provenance, judge
+from rebind.model.assess import BindNow, HolderFacts, Judgement, Provenance, judge, port_state
 from rebind.model.conflict import BindRequest, Flag, KernelSettings, SockOpts
 from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, fmt_addr
+from rebind.model.sockstate import SockKind, SockState
 
 WILDCARD4 = IPv4Address("0.0.0.0")
 
@@ -107,6 +108,13 @@ class Reason(enum.StrEnum):
     REUSEPORT_UNKNOWN = "so_reuseport_unknown"
     UID_UNKNOWN = "socket_uid_unknown"
     V6ONLY_UNKNOWN = "ipv6_v6only_unknown"
+    #: The port's bind bucket (tb->fastreuseport, fastuid, fast_rcv_saddr) or UDP chain order,
+    #: which only the BPF socket iterator reads (root), decides a SO_REUSEPORT restart.
+    BUCKET_UNKNOWN = "port_reuseport_cache_unknown"
+    CHAIN_ORDER_UNKNOWN = "udp_chain_order_unknown"
+    #: This kernel build's UDP rule was not calibrated (kernel/calibrate.py needs a network
+    #: namespace of its own: root).
+    UDP_RULE_UNKNOWN = "udp_rule_uncalibrated"
 
 
 #: The Reason naming each fact the one assessment may miss (model.conflict.Flag).
@@ -115,6 +123,9 @@ MISSING_FACT = {
     Flag.REUSEPORT: Reason.REUSEPORT_UNKNOWN,
     Flag.UID: Reason.UID_UNKNOWN,
     Flag.V6ONLY: Reason.V6ONLY_UNKNOWN,
+    Flag.BUCKET: Reason.BUCKET_UNKNOWN,
+    Flag.CHAIN_ORDER: Reason.CHAIN_ORDER_UNKNOWN,
+    Flag.UDP_RULE: Reason.UDP_RULE_UNKNOWN,
 }
 
 
@@ -195,6 +206,10 @@ class Snapshot:
     tw_expires_ms: tuple[tuple[PortKey, int], ...] = ()
     #: The flags each watched server was seen with (only those the gatherer could read).
     server_flags: tuple[tuple[Watch, ServerFlags], ...] = ()
+    #: The kernel's own state of the ``watched`` sockets the BPF socket iterator / lookup read
+    #: (kernel/facts.py: iterator_plan, read_kernel_ports): their flags, the TCP bind bucket's
+    #: fast-reuse cache, the UDP chain order. Empty when it could not run (unprivileged, no BTF).
+    kernel: tuple[SockState, ...] = ()
     #: Connections to each dest, by source address: which ports are live and which in TIME_WAIT.
     usage: tuple[DestUsage, ...] | None = ()
     #: Connections on watched TCP ports by remote address: top TOP_PEERS per port, then "other".
@@ -272,7 +287,10 @@ class _Listeners:
 
 
 def port_holders(
-    records: Sequence[SocketRecord], key: PortKey, servers: Mapping[IPAddress, ServerFlags]
+    records: Sequence[SocketRecord],
+    key: PortKey,
+    servers: Mapping[IPAddress, ServerFlags],
+    kernel: Mapping[int, SockState] | None = None,
 ) -> tuple[HolderFacts, ...]:
     """The sockets on the port with what is known of their flags, built once per port.
 
@@ -288,12 +306,23 @@ def port_holders(
       the seed's case: a server without SO_REUSEADDR is gone, its TIME_WAIT refuses the restart;
     * every other socket (a listener of someone else, a stray bind, a client that took the port
       as its source port) has unknown flags: the conflict model says where they decide.
+
+    ``kernel`` (cookie -> the socket as the BPF iterator read it) comes first: the kernel's own
+    sk_reuse / sk_reuseport / ipv6only (a TIME_WAIT's tw_* copies) are facts for every socket,
+    a squatter's and an invisible owner's included, and carry the bucket and chain position
+    :func:`rebind.model.assess.port_state` derives the port's state from.
     """
     recs = on_port(records, key)
     listeners = _Listeners(recs)
     wild = [(a, f) for a, f in servers.items() if a.is_unspecified]
     out: list[HolderFacts] = []
     for r in recs:
+        st = _kernel_of(r, kernel)
+        if st is not None:
+            v6 = st.ipv6only if st.family is Family.INET6 else None
+            opts = SockOpts(st.reuseaddr, st.reuseport, v6)
+            out.append(HolderFacts(SocketEntry(r), opts, Provenance.KERNEL, st))
+            continue
         opts, prov = SockOpts(), Provenance.UNKNOWN
         if r.state not in (State.LISTEN, State.BOUND_INACTIVE, State.CLOSE):
             parent = listeners.parent(r)
@@ -314,6 +343,17 @@ def port_holders(
                     opts, prov = f.opts, Provenance.INFERRED_LISTENER
         out.append(HolderFacts(SocketEntry(r), opts, prov))
     return tuple(out)
+
+
+def _kernel_of(r: SocketRecord, kernel: Mapping[int, SockState] | None) -> SockState | None:
+    """The iterator's record of ``r`` (joined by inet_diag's socket cookie), if it is that very
+    socket: a request sock has no flags of its own (they are not its listener's)."""
+    if not kernel or r.cookie is None:
+        return None
+    st = kernel.get(r.cookie)
+    if st is None or st.kind is SockKind.REQUEST or st.proto is not r.proto or st.local.port != r.local.port:
+        return None
+    return st
 
 
 def restart_request(w: Watch, flags: ServerFlags) -> BindRequest:
@@ -343,8 +383,14 @@ def assess_restart(
     is judged as a holder."""
     own = _own_states(w.proto)
     mine = norm(w.addr)
-    hs = [h for h in holders if not (h.entry.socket.state in own and norm(h.entry.socket.local.addr) == mine)]
-    return judge(restart_request(w, flags), hs, _server_settings(settings))
+    hs = tuple(
+        h for h in holders if not (h.entry.socket.state in own and norm(h.entry.socket.local.addr) == mine)
+    )
+    req = restart_request(w, flags)
+    # The bucket outlives the restart's own listeners whenever another socket is left in it (its
+    # cache is not recomputed when a socket leaves), and with none left the restart finds no holder.
+    hs, port = port_state(req, hs)
+    return judge(req, hs, _server_settings(settings), port=port)
 
 
 def _server_settings(s: KernelSettings) -> KernelSettings:
@@ -356,6 +402,7 @@ def _server_settings(s: KernelSettings) -> KernelSettings:
         ip_local_port_range=s.ip_local_port_range,
         ip_local_reserved_ports=s.ip_local_reserved_ports,
         kernel_version=s.kernel_version,
+        udp_first_match=s.udp_first_match,
     )
 
 
@@ -379,12 +426,13 @@ def restart_answers(snap: Snapshot) -> list[RestartAnswer]:
     for w in snap.watches:
         by_port.setdefault(w.key, []).append(w)
     out: list[RestartAnswer] = []
+    kernel = {st.cookie: st for st in snap.kernel}
     for key, ws in by_port.items():
         servers: dict[IPAddress, ServerFlags] = {}
         for w in ws:
             f = server_flags(snap, w)
             servers[norm(w.addr)] = f
-        holders = port_holders(snap.watched, key, servers)
+        holders = port_holders(snap.watched, key, servers, kernel)
         for w in ws:
             out.append(RestartAnswer(w, assess_restart(holders, w, servers[norm(w.addr)], snap.settings)))
     return out

@@ -29,6 +29,7 @@ from dataclasses import replace
 from rebind.errors import EnvironmentProblem, KernelError
 from rebind.exporter import bytecode as bc
 from rebind.exporter.facts import (
+    WILDCARD4,
     Dest,
     EphemeralRange,
     Missing,
@@ -42,7 +43,8 @@ from rebind.exporter.facts import (
 from rebind.exporter.route import NoRoute, source_for
 from rebind.model.assess import Provenance
 from rebind.model.conflict import KernelSettings, SockOpts
-from rebind.model.records import Family, IPAddress, Proto, SocketRecord, State, Timer
+from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, Timer
+from rebind.model.sockstate import SockState, SockStates
 
 #: inet_diag's TCP_BOUND_INACTIVE state bit (91051f003948).
 BOUND_INACTIVE_SINCE = (6, 8)
@@ -92,10 +94,19 @@ def read_settings(rng: EphemeralRange | None) -> KernelSettings:
         unprivileged_port_start=num("net/ipv4/ip_unprivileged_port_start", 1024),
         bindv6only=num("net/ipv6/bindv6only", 0) == 1,
         kernel_version=kernel_version(),
+        udp_first_match=_udp_rule(),
     )
     if rng is None:
         return base
     return replace(base, ip_local_port_range=(rng.lo, rng.hi), ip_local_reserved_ports=rng.reserved)
+
+
+def _udp_rule() -> bool | None:
+    """This build's UDP rule, as `why` has it (kernel/calibrate.py: cached per build, run once
+    in a throwaway network namespace; None when it cannot run). Memoized by calibration()."""
+    from rebind.kernel.calibrate import calibration
+
+    return calibration().udp_first_match
 
 
 #: Reads a live socket's (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY); None when not permitted.
@@ -133,11 +144,13 @@ class Gatherer:
         *,
         slow_every: float = 60.0,
         read_flags: FlagReader = read_socket_flags,
+        read_kernel: bool = True,
     ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
         self.slow_every = slow_every
         self._read_flags = read_flags
+        self.read_kernel = read_kernel
         self._flags: dict[Watch, ServerFlags] = {}
         self._bound: tuple[SocketRecord, ...] | None = None
         self._bound_at = 0.0
@@ -184,6 +197,7 @@ class Gatherer:
             counts=tuple(tally.counts.items()),
             tw_expires_ms=tuple(tally.tw_max.items()),
             server_flags=self._remember(watched),
+            kernel=self._kernel(watched) if self.read_kernel else (),
             usage=tally.dest_usage(),
             peers=tally.peers(),
             bound_in_range=bound,
@@ -214,6 +228,24 @@ class Gatherer:
             how = Provenance.READ if opts is not None else Provenance.UNKNOWN
             self._flags[w] = ServerFlags(opts or SockOpts(), how, mine.uid, mine.inode)
         return tuple(self._flags.items())
+
+    def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
+        """The kernel's own state of the sockets the model judges, read as `why` reads it
+        (kernel/facts.py: iterator_plan per watched port, all of them carried out at once by
+        read_kernel_ports: one listening-hash walk, lookups by 4-tuple, the UDP walk). Empty
+        where BPF cannot run (unprivileged, no BTF, REBIND_NO_BPF): the answers that hinge on
+        it are then unknown, never optimistic (rebind_exporter_missing says which fact)."""
+        from rebind.kernel.facts import iterator_plan, read_kernel_ports
+        from rebind.model.request import BindRequest
+
+        entries = [SocketEntry(r) for r in watched]
+        plans = [
+            (req, iterator_plan(req, entries, {}))
+            for key in sorted({w.key for w in self.watches})
+            for req in (BindRequest(proto=key.proto, addr=WILDCARD4, port=key.port),)
+        ]
+        got = read_kernel_ports(entries, plans)
+        return got.sockets if isinstance(got, SockStates) else ()
 
     def _sources(self, missing: list[Missing]) -> tuple[tuple[Dest, IPAddress | None], ...]:
         out: list[tuple[Dest, IPAddress | None]] = []
