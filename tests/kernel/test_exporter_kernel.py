@@ -60,6 +60,15 @@ def _bind_works(port: int, addr: str = "0.0.0.0") -> bool:
         s.close()
 
 
+def _bpf_available() -> bool:
+    """Whether this process (root, like the exporter the tests start) can run the BPF socket
+    iterator / lookup: then the exporter reads what only the kernel has."""
+    from rebind.kernel.bpf.sockiter import prepare
+    from rebind.model.sockstate import Unavailable
+
+    return not isinstance(prepare(), Unavailable)
+
+
 def _table() -> list[socket.socket]:
     """Real states: a full-ish accept queue, a reuseport pair, a stray bound socket, a server
     TIME_WAIT, a client holding a server port, and a listener inside the ephemeral range."""
@@ -140,10 +149,11 @@ def test_scrape_real_socket_states(netns, tmp_path, rebind_cli):
         assert _get(s, "rebind_port_bindable", port=BI, proto="tcp", addr="0.0.0.0") == 0
         # The stray's own address: judged as a restart there; the stray is not "the server".
         assert _get(s, "rebind_port_bindable", port=BI, proto="tcp", addr="127.0.0.2") == 0
-        # A TIME_WAIT whose server this exporter never saw: its SO_REUSEADDR is unknown, so 0
-        # and the missing fact named -- never an optimistic 1 (here the kernel would bind).
-        assert _get(s, "rebind_port_bindable", port=TW, proto="tcp", addr="0.0.0.0") == 0
-        assert s[UNKNOWN_REUSEADDR] == 1
+        # A TIME_WAIT whose server this exporter never saw: its tw_reuse is read from the
+        # kernel (BPF lookup, as `why`): 1, as the kernel binds. Without BPF, its SO_REUSEADDR
+        # is unknown: 0 and the missing fact named -- never an optimistic 1.
+        tw = _get(s, "rebind_port_bindable", port=TW, proto="tcp", addr="0.0.0.0")
+        assert tw == (1 if _bpf_available() else 0)
         # Running servers would get their port back (their own listener is what a restart closes).
         assert _get(s, "rebind_port_bindable", port=LQ, proto="tcp", addr="127.0.0.1") == 1
         # Client side: 10 ports, 1 held by bind(), 3 used by the clients to 127.0.0.1:LQ.
@@ -153,7 +163,10 @@ def test_scrape_real_socket_states(netns, tmp_path, rebind_cli):
         assert _get(s, "rebind_connect_free_ports", **labels) == 6
         assert _get(s, "rebind_connect_timewait", **labels) == 0
         assert _get(s, "rebind_config_warning", kind="server_port_in_ephemeral_range") == 1
+        # The stray bound-only socket's SO_REUSEADDR stays unknown either way (in no table the
+        # iterator walks, and not the watched server's: nobody reads it).
         assert [k for k in s if k[0] == "rebind_exporter_missing"] == [UNKNOWN_REUSEADDR]
+        assert tw == int(_bind_works(TW))  # model == kernel (last: the bind updates the bucket)
     finally:
         for k in keep:
             k.close()
@@ -271,8 +284,14 @@ def test_unprivileged_serves_what_it_can(netns, procs):
             skip = ("rebind_scrape_duration_seconds", "rebind_port_frees_in_seconds")
             return {k: v for k, v in s.items() if k[0].startswith("rebind_") and k[0] not in skip}
 
-        # sock_diag dumps, the sysctls and route lookups need no privilege: the same facts.
-        assert rebind_series(as_nobody) == rebind_series(as_root)
+        # sock_diag dumps, the sysctls and route lookups need no privilege: the same facts, but
+        # for what only root reads (the TIME_WAIT's own tw_reuse, through BPF): there the
+        # unprivileged answer is 0 with the fact named, never an optimistic 1.
+        tw = ("rebind_port_bindable", frozenset({("port", str(TW)), ("proto", "tcp"), ("addr", "0.0.0.0")}))
+        root_series, nobody_series = rebind_series(as_root), rebind_series(as_nobody)
+        if _bpf_available():
+            assert (root_series.pop(tw), nobody_series.pop(tw)) == (1, 0)
+        assert nobody_series == root_series
         assert [k for k in as_nobody if k[0] == "rebind_exporter_missing"] == [UNKNOWN_REUSEADDR]
     finally:
         for k in keep:
@@ -417,12 +436,8 @@ def _server_time_wait(port: int, reuseaddr: bool, *, keep_listener: bool = False
 
 
 def _bpf_or_skip() -> None:
-    from rebind.kernel.bpf.sockiter import prepare
-    from rebind.model.sockstate import Unavailable
-
-    got = prepare()
-    if isinstance(got, Unavailable):
-        pytest.skip(f"the BPF socket iterator cannot run here: {got.reason}")
+    if not _bpf_available():
+        pytest.skip("the BPF socket iterator cannot run here")
 
 
 def test_seed_case_time_wait_without_reuseaddr_is_0_as_the_kernel_says(netns, tmp_path, rebind_cli):

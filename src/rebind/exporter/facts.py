@@ -17,10 +17,19 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from rebind.errors import UsageError
-from rebind.model.assess import BindNow, HolderFacts, Judgement, Provenance, judge, port_state
+from rebind.model.assess import (
+    BindNow,
+    HolderFacts,
+    Judgement,
+    Provenance,
+    judge,
+    kernel_holder,
+    kernel_state_of,
+    port_state,
+)
 from rebind.model.conflict import BindRequest, Flag, KernelSettings, SockOpts
 from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, fmt_addr
-from rebind.model.sockstate import SockKind, SockState
+from rebind.model.sockstate import SockState
 
 WILDCARD4 = IPv4Address("0.0.0.0")
 
@@ -317,11 +326,9 @@ def port_holders(
     wild = [(a, f) for a, f in servers.items() if a.is_unspecified]
     out: list[HolderFacts] = []
     for r in recs:
-        st = _kernel_of(r, kernel)
+        st = kernel_state_of(r, kernel)
         if st is not None:
-            v6 = st.ipv6only if st.family is Family.INET6 else None
-            opts = SockOpts(st.reuseaddr, st.reuseport, v6)
-            out.append(HolderFacts(SocketEntry(r), opts, Provenance.KERNEL, st))
+            out.append(kernel_holder(SocketEntry(r), st))
             continue
         opts, prov = SockOpts(), Provenance.UNKNOWN
         if r.state not in (State.LISTEN, State.BOUND_INACTIVE, State.CLOSE):
@@ -343,17 +350,6 @@ def port_holders(
                     opts, prov = f.opts, Provenance.INFERRED_LISTENER
         out.append(HolderFacts(SocketEntry(r), opts, prov))
     return tuple(out)
-
-
-def _kernel_of(r: SocketRecord, kernel: Mapping[int, SockState] | None) -> SockState | None:
-    """The iterator's record of ``r`` (joined by inet_diag's socket cookie), if it is that very
-    socket: a request sock has no flags of its own (they are not its listener's)."""
-    if not kernel or r.cookie is None:
-        return None
-    st = kernel.get(r.cookie)
-    if st is None or st.kind is SockKind.REQUEST or st.proto is not r.proto or st.local.port != r.local.port:
-        return None
-    return st
 
 
 def restart_request(w: Watch, flags: ServerFlags) -> BindRequest:

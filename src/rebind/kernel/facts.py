@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from rebind.kernel.trial import try_request
 from rebind.model.advice import Facts, HolderFacts, Provenance
-from rebind.model.assess import port_state
+from rebind.model.assess import kernel_holder, port_state
 from rebind.model.conflict import (
     KernelSettings,
     PortState,
@@ -30,7 +30,7 @@ from rebind.model.conflict import (
     probe_is_harmless,
 )
 from rebind.model.diagnosis import ProcessHint
-from rebind.model.records import Family, Proto, SocketEntry, SocketTable, State
+from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
 from rebind.model.sockstate import SockKind, SockState, SockStates, Unavailable
 
@@ -386,8 +386,7 @@ def _holders(
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
-            v6 = st.ipv6only if st.family is Family.INET6 else None
-            out.append(HolderFacts(e, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st))
+            out.append(kernel_holder(e, st))
             continue
         opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None

@@ -13,7 +13,7 @@ Nothing here does I/O or binds: callers gather the facts (``kernel/facts.py`` fo
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rebind.model.conflict import (
@@ -31,9 +31,9 @@ from rebind.model.conflict import (
     _Unset,
     evaluate,
 )
-from rebind.model.records import Proto, SocketEntry
+from rebind.model.records import Family, Proto, SocketEntry, SocketRecord
 from rebind.model.request import BindRequest
-from rebind.model.sockstate import BindBucket, SockState
+from rebind.model.sockstate import BindBucket, SockKind, SockState
 
 AF_INET6 = 10  # socket.AF_INET6 on Linux (this module does no I/O and imports no socket)
 
@@ -167,3 +167,21 @@ def bucket_state(b: BindBucket) -> BucketState:
     family's form: sk_v6_rcv_saddr for an AF_INET6 socket, v4-mapped when on IPv4)."""
     addr = b.fast_v6_rcv_saddr if b.fast_sk_family == AF_INET6 else b.fast_rcv_saddr
     return BucketState(b.fastreuse, b.fastreuseport, b.fastuid, addr, b.fast_ipv6_only)
+
+
+def kernel_state_of(r: SocketRecord, kernel: Mapping[int, SockState] | None) -> SockState | None:
+    """The BPF iterator's / lookup's record of that very socket, joined by inet_diag's cookie;
+    None for a request sock (it has no flags of its own: they are not its listener's)."""
+    if not kernel or r.cookie is None:
+        return None
+    st = kernel.get(r.cookie)
+    if st is None or st.kind is SockKind.REQUEST or st.proto is not r.proto or st.local.port != r.local.port:
+        return None
+    return st
+
+
+def kernel_holder(entry: SocketEntry, st: SockState) -> HolderFacts:
+    """A holder whose flags are the kernel's own sk_reuse / sk_reuseport / ipv6only (a TIME_WAIT's
+    tw_* copies), whoever owns it (provenance ``kernel``), with its state attached."""
+    v6 = st.ipv6only if st.family is Family.INET6 else None
+    return HolderFacts(entry, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st)
