@@ -207,6 +207,44 @@ def test_connect_free_ports_match_what_connect_can_still_take(netns, tmp_path, r
             k.close()
 
 
+@pytest.mark.parametrize("fixed_port", [True, False], ids=["bind-named-port", "connect-chosen"])
+def test_connect_free_ports_count_ports_bind_took_for_other_destinations(
+    netns, tmp_path, rebind_cli, fixed_port
+):
+    """Issue 17 (client side): the range's 2 ports are taken by clients connected to another
+    server. Taken by bind() naming the port (the seed's fixed-port client), connect() skips them
+    for every destination (their bucket is bind-made): 0 free, EADDRNOTAVAIL. Chosen by
+    connect(), they are shared with a new 4-tuple: 2 free. Before: 2 both times (the exporter
+    saw only sockets to its destinations)."""
+    _sysctl("ip_local_port_range", "40000 40001")
+    _sysctl("ip_local_reserved_ports", "")
+    servers = [socket.create_server(("127.0.0.1", p)) for p in (5432, 5433)]
+    keep: list[socket.socket] = []
+    try:
+        for port in (40000, 40001):
+            c = socket.socket()
+            if fixed_port:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                c.bind(("127.0.0.1", port))
+            c.connect(("127.0.0.1", 5433))
+            keep.append(c)
+        s = _textfile(rebind_cli, tmp_path, "--dest", "127.0.0.1:5432")
+        labels = {"src": "127.0.0.1", "dst": "127.0.0.1", "dport": 5432}
+        free = _get(s, "rebind_connect_free_ports", **labels)
+        assert _get(s, "rebind_ephemeral_bind_held_ports") == (2 if fixed_port else 0)
+        more = 0
+        while True:  # model == kernel: the exported count is how many connect() calls succeed
+            try:
+                keep.append(socket.create_connection(("127.0.0.1", 5432)))
+                more += 1
+            except OSError:
+                break
+        assert free == more == (0 if fixed_port else 2)
+    finally:
+        for k in (*keep, *servers):
+            k.close()
+
+
 def test_udp_watch(netns, tmp_path, rebind_cli):
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.bind(("0.0.0.0", 5353))

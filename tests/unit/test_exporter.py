@@ -134,6 +134,43 @@ def test_any_of_jumps_land_on_term_starts_and_the_end() -> None:
     assert d_cond[1] is BcOp.D_COND and d_cond[2] == 4 + 8 + 4
 
 
+def _bc_run(code: bytes, holds: dict[BcOp, bool]) -> bool:
+    """inet_diag_bc_run over ops whose outcome is given per op code (JMP always takes ``no``)."""
+    off = 0
+    while off < len(code):
+        kind, yes, no = BC_OP.unpack_from(code, off)
+        off += yes if kind != BcOp.JMP and holds[BcOp(kind)] else no
+    return off == len(code)
+
+
+def _bc_audit(code: bytes) -> bool:
+    """inet_diag_bc_audit: the ``yes`` chain lands exactly on the end; every ``no`` lands on it,
+    on the end, or 4 past it (valid_cc is not modelled: the term starts are checked elsewhere)."""
+    off = 0
+    while off < len(code):
+        _kind, yes, no = BC_OP.unpack_from(code, off)
+        if not (4 <= no <= len(code) - off + 4 and 4 <= yes <= len(code) - off + 4):
+            return False
+        off += yes
+    return off == len(code)
+
+
+def test_port_bound_explicitly_is_a_negated_auto_that_ends_the_program() -> None:
+    """INET_DIAG_BC_AUTO matches an autobound port; the exporter wants the opposite (a port bind()
+    named), as the last term: a match of AUTO rejects, a miss accepts, and the audit's yes-chain
+    ends exactly on the end (else EINVAL: a kernel test runs it for real)."""
+    group = bc.Group((), ((bc.sport_ge(40000), bc.sport_le(40001), bc.port_bound_explicitly()),))
+    code = bc.program([bc.Group((), ((bc.sport_eq(8080),),)), group])
+    assert _bc_audit(code)
+    in_range = {BcOp.S_EQ: False, BcOp.S_GE: True, BcOp.S_LE: True}
+    assert _bc_run(code, {**in_range, BcOp.AUTO: False})  # bind() named the port
+    assert not _bc_run(code, {**in_range, BcOp.AUTO: True})  # autobound
+    assert not _bc_run(code, {BcOp.S_EQ: False, BcOp.S_GE: False, BcOp.S_LE: True, BcOp.AUTO: False})
+    assert _bc_run(code, {BcOp.S_EQ: True, BcOp.S_GE: False, BcOp.S_LE: False, BcOp.AUTO: True})
+    with pytest.raises(ValueError):  # anywhere but last, the op after it would be unreachable
+        bc.program([group, bc.Group((), ((bc.sport_eq(8080),),))])
+
+
 def test_remote_is_uses_ipv4_for_a_mapped_address() -> None:
     assert bc.remote_is(IPv6Address("::ffff:127.0.0.1"), 80) == bc.remote_is(LO, 80)
     v6 = bc.remote_is(IPv6Address("::1"), 80)

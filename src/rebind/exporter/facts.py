@@ -225,6 +225,9 @@ class Snapshot:
     peers: tuple[PeerCount, ...] = ()
     #: TCP LISTEN and bound-inactive sockets whose local port lies in the ephemeral range.
     bound_in_range: tuple[SocketRecord, ...] | None = ()
+    #: Ports of the range held by connections whose port bind() named (SOCK_BINDPORT_LOCK, read
+    #: by the kernel's filter: inet_diag's INET_DIAG_BC_AUTO, negated).
+    bind_held_conn: frozenset[int] = frozenset()
     ephemeral: EphemeralRange | None = None
     #: The source address the route to each dest selects (None: no route).
     sources: tuple[tuple[Dest, IPAddress | None], ...] = ()
@@ -507,16 +510,22 @@ def _fill(m: SocketRecord) -> tuple[float, int]:
 # Client side: a count over the socket table (switch to the `why --connect` model at merge)
 
 
-def bind_held_ports(bound: Iterable[SocketRecord], rng: EphemeralRange) -> frozenset[int]:
+def bind_held_ports(
+    bound: Iterable[SocketRecord], rng: EphemeralRange, conns: Iterable[int] = ()
+) -> frozenset[int]:
     """Ephemeral-range ports whose bind bucket bind() created: connect() skips them whatever the
     destination (__inet_hash_connect: tb->fastreuse >= 0). Counted from TCP listeners and
-    bound-inactive sockets (their children share their port). A lower bound: a bind-before-
-    connect client socket inside the range looks like any connection (connect-rules.md §8)."""
-    return frozenset(
+    bound-inactive sockets (their children share their port) and ``conns``: the ports of
+    connections whose port bind() named (a fixed-port client, SOCK_BINDPORT_LOCK; the kernel's
+    filter finds them). Still a lower bound: a client that let bind(ip, 0) pick its port, and a
+    fixed-port client's TIME_WAIT, keep the bucket bind-made and show no such lock
+    (connect-rules.md §8); `why --connect` reads those from the kernel (root)."""
+    held = {
         r.local.port
         for r in bound
         if r.proto is Proto.TCP and r.state in (State.LISTEN, State.BOUND_INACTIVE) and r.local.port in rng
-    )
+    }
+    return frozenset(held | {p for p in conns if p in rng})
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,6 +618,14 @@ class Tally:
         self._peers: dict[tuple[int, bytes], int] = {}
         self.listeners: dict[int, set[bytes]] = {}
         self.usage: dict[tuple[Dest, bytes], tuple[set[int], set[int]]] = {}
+        #: Ports of the range that connections bound by bind() hold (see client_range).
+        self.bind_held: set[int] = set()
+        self._range = (1, 0)
+
+    def client_range(self, rng: EphemeralRange | None) -> None:
+        """The connection dump also returns the connections on ports of this range whose port
+        bind() named (gather.py's filter): ``conn`` then counts their ports as bind-held."""
+        self._range = (rng.lo, rng.hi) if rng is not None else (1, 0)
 
     def server(self, r: SocketRecord) -> None:
         """A TCP listener or bound-inactive socket, or a UDP socket, on a watched port."""
@@ -647,6 +664,9 @@ class Tally:
         if d is not None:
             live, tw = self.usage.setdefault((d, src), (set(), set()))
             (tw if mini or state == State.TIME_WAIT else live).add(sport)
+        elif sport not in self.tcp_ports and self._range[0] <= sport <= self._range[1]:
+            # neither watched nor to a dest: only the filter's bind-named group returns it
+            self.bind_held.add(sport)
         return wanted
 
     def records(self, recs: Iterable[SocketRecord]) -> list[SocketRecord]:

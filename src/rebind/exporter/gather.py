@@ -201,6 +201,7 @@ class Gatherer:
             usage=tally.dest_usage(),
             peers=tally.peers(),
             bound_in_range=bound,
+            bind_held_conn=frozenset(tally.bind_held),
             ephemeral=rng,
             sources=sources,
             settings=settings,
@@ -270,11 +271,17 @@ class Gatherer:
             groups.append(bc.Group((), ((bc.sport_ge(rng.lo), bc.sport_le(rng.hi)),)))
         return bc.program(groups) if any(g.terms for g in groups) else None
 
-    def _conn_filter(self) -> bytes | None:
+    def _conn_filter(self, rng: EphemeralRange | None) -> bytes | None:
         dports = sorted({d.port for d in self.dests})
         guard = (bc.dport_ge(dports[0]), bc.dport_le(dports[-1])) if len(self.dests) > 1 else ()
         dest_group = bc.Group(guard, tuple((bc.remote_is(d.addr, d.port),) for d in self.dests))
         groups = [self._port_group(), dest_group]
+        if self.dests and rng is not None and rng.lo <= rng.hi:
+            # Connections on ports of the range that bind() named (a fixed-port client): their
+            # bucket is bind-made, so connect() skips the port for every destination (C6).
+            # Last: the negated op must end the program (bytecode.Op.negate).
+            bound = (bc.sport_ge(rng.lo), bc.sport_le(rng.hi), bc.port_bound_explicitly())
+            groups.append(bc.Group((), (bound,)))
         return bc.program(groups) if any(g.terms for g in groups) else None
 
     def _tcp_ports(self) -> set[int]:
@@ -305,7 +312,8 @@ class Gatherer:
                         tally.server(r)
                     if rng is not None and rng.lo <= r.local.port <= rng.hi:
                         in_range.append(r)
-            ccode = self._conn_filter()
+            ccode = self._conn_filter(rng)
+            tally.client_range(rng)
             if ccode is not None:
                 req = codec.dump_request_tcp_any_family(states_mask(_CONN_STATES), bytecode=ccode)
                 tw_timer, conn, key = int(Timer.TIME_WAIT), tally.conn, fastdiag.addr_key
