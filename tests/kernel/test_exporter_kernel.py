@@ -595,6 +595,46 @@ def test_flags_read_from_the_live_listener_are_remembered_for_its_time_wait(netn
     assert UNKNOWN_REUSEADDR not in s  # both answers rest on read flags
 
 
+def _udp(addr: str, port: int, reuseport: bool) -> socket.socket:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
+    u.bind((addr, port))
+    return u
+
+
+def test_udp_reuseport_restart_is_judged_with_the_chain_and_the_calibrated_rule(netns, procs):
+    """Issue 17's UDP case in the exporter: the server (0.0.0.0, SO_REUSEPORT, read while it
+    ran) is gone; 127.0.0.1 (plain) and 127.0.0.2 (SO_REUSEPORT) are bound. Whether its restart
+    binds hinges on udp_lib_lport_inuse's rule on this build and on the chain order: the
+    exporter reads both (kernel/calibrate.py, the BPF walk) and says what a real bind says,
+    with no fact missing."""
+    _bpf_or_skip()
+    port = 7204
+    server = _udp("0.0.0.0", port, reuseport=True)
+    _start_exporter(procs, 19834, "--watch", f"{port}/udp", "--interval", "0")
+    url = "http://127.0.0.1:19834/metrics"
+    deadline = time.monotonic() + 30
+    _parse(_http_get(url, deadline))  # the server is up: its flags are read now
+    server.close()
+    others = [_udp("127.0.0.1", port, reuseport=False), _udp("127.0.0.2", port, reuseport=True)]
+    try:
+        labels = {"port": str(port), "proto": "udp", "addr": "0.0.0.0"}
+        s = _parse(_http_get(url, time.monotonic() + 30))  # --interval 0: gathered now
+        got = s[("rebind_port_bindable", frozenset(labels.items()))]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                u.bind(("0.0.0.0", port))
+                works = True
+            except OSError:
+                works = False
+        assert got == int(works)  # model == kernel, whatever this build's rule
+        assert not [k for k in s if k[0] == "rebind_exporter_missing"]
+    finally:
+        for o in others:
+            o.close()
+
+
 HOSTILE_LISTEN = r"""
 import socket, sys, time
 addrs = sys.argv[2].split(",")
