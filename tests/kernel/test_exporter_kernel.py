@@ -552,6 +552,31 @@ def test_reuseport_restart_is_judged_with_the_ports_bucket_as_the_kernel(netns, 
     other.close()
 
 
+def test_server_flags_come_from_the_kernel_when_no_owner_can_be_read(netns):
+    """The restart is judged with the flags of the server's own listener: read from the kernel
+    (BPF) when its owner cannot be read (another PID namespace, an fd in flight; played here by
+    a flag reader that always fails). Before: assumed SO_REUSEADDR without SO_REUSEPORT, so this
+    SO_REUSEPORT server's restart was 0 where the kernel binds it."""
+    _bpf_or_skip()
+    from rebind.exporter.facts import Watch, restart_answers
+    from rebind.exporter.gather import Gatherer
+    from rebind.model.assess import BindNow, Provenance
+
+    port = 7205
+    server, other = _reuseport_cache_kept_by_a_cleared_listener(port)
+    try:
+        snap = Gatherer([Watch(port)], [], read_flags=lambda r: None)()
+        [answer] = restart_answers(snap)
+        [(_, flags)] = snap.server_flags
+        assert flags.provenance is Provenance.KERNEL and flags.opts.reuseport is True
+        server.close()
+        assert answer.judgement.now is BindNow.BINDABLE
+        assert _reuseport_restart_works(port)  # model == kernel
+    finally:
+        server.close()
+        other.close()
+
+
 def test_reuseport_restart_without_bpf_names_the_bucket(netns, tmp_path, rebind_cli):
     """Without BPF the same restart hinges on flags and the bucket nobody read: 0, with the
     facts named (never the optimistic 1)."""

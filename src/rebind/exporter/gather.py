@@ -15,15 +15,18 @@ watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
 Nothing here binds, connects or destroys: a scrape never changes kernel state.
 
 The flags of each watched server (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY) are read from its
-listener (or bound UDP socket) once per socket -- ``pidfd_getfd`` + ``getsockopt``, which needs
-ptrace-grade access (root) -- and remembered after it is gone: its TIME_WAITs carry them.
+listener (or bound UDP socket) -- the kernel's own, by BPF, else once per socket through its
+owner (``pidfd_getfd`` + ``getsockopt``, which needs ptrace-grade access: root) -- and remembered
+after it is gone: its TIME_WAITs carry them. The kernel's state of the sockets the model judges
+(their flags, the TCP bind bucket, the UDP chain order) is read each scrape as `why` reads it
+(:meth:`Gatherer._kernel`); where BPF cannot run, what hinges on it is unknown, never optimistic.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, KernelError
@@ -41,7 +44,7 @@ from rebind.exporter.facts import (
     norm,
 )
 from rebind.exporter.route import NoRoute, source_for
-from rebind.model.assess import Provenance
+from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
 from rebind.model.conflict import KernelSettings, SockOpts
 from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, Timer
 from rebind.model.sockstate import SockState, SockStates
@@ -190,14 +193,15 @@ class Gatherer:
                 ephemeral=rng, sources=sources, settings=settings, missing=tuple(missing),
                 duration_s=time.perf_counter() - t0,
             )  # fmt: skip
+        kernel = self._kernel(watched) if self.read_kernel else ()
         return Snapshot(
             watches=self.watches,
             dests=self.dests,
             watched=tuple(watched),
             counts=tuple(tally.counts.items()),
             tw_expires_ms=tuple(tally.tw_max.items()),
-            server_flags=self._remember(watched),
-            kernel=self._kernel(watched) if self.read_kernel else (),
+            server_flags=self._remember(watched, {st.cookie: st for st in kernel}),
+            kernel=kernel,
             usage=tally.dest_usage(),
             peers=tally.peers(),
             bound_in_range=bound,
@@ -211,9 +215,12 @@ class Gatherer:
             duration_s=time.perf_counter() - t0,
         )
 
-    def _remember(self, watched: Sequence[SocketRecord]) -> tuple[tuple[Watch, ServerFlags], ...]:
-        """Read the flags of each watched server's own socket when it is new (once per socket:
-        an owner scan is not per-scrape work), and keep them after it is gone."""
+    def _remember(
+        self, watched: Sequence[SocketRecord], kernel: Mapping[int, SockState]
+    ) -> tuple[tuple[Watch, ServerFlags], ...]:
+        """The flags of each watched server's own socket, kept after it is gone: the kernel's own
+        (``kernel``, the BPF read of this scrape: no owner needed), else read through its owner
+        when the socket is new (once per socket: an owner scan is not per-scrape work)."""
         own: dict[tuple[int, Proto, IPAddress], SocketRecord] = {}
         for r in watched:
             if r.state is (State.LISTEN if r.proto is Proto.TCP else State.CLOSE):
@@ -223,8 +230,15 @@ class Gatherer:
             if mine is None:
                 continue  # gone (or not up yet): what was read while it lived still holds
             known = self._flags.get(w)
-            if known is not None and known.inode == mine.inode:
+            if known is not None and known.inode == mine.inode and known.exact:
                 continue
+            st = kernel_state_of(mine, kernel)
+            if st is not None:
+                got = kernel_holder(SocketEntry(mine), st)
+                self._flags[w] = ServerFlags(got.opts, Provenance.KERNEL, mine.uid, mine.inode)
+                continue
+            if known is not None and known.inode == mine.inode:
+                continue  # its owner was asked once already
             opts = self._read_flags(mine)
             how = Provenance.READ if opts is not None else Provenance.UNKNOWN
             self._flags[w] = ServerFlags(opts or SockOpts(), how, mine.uid, mine.inode)
