@@ -63,3 +63,22 @@ def test_fix_lines_are_whole_at_40_columns(netns, rebind_cli):
     # ... while prose still wraps at the terminal's width
     prose = [line for line in narrow.splitlines() if line.strip() and not is_fix_line(line)]
     assert all(len(line) <= 40 for line in prose)
+
+
+def test_connect_fix_lines_are_whole_at_40_columns(netns, rebind_cli):
+    """`why --connect` (its own renderer, the same RichOut.print(nowrap=True)): the range is used
+    up, the fixes print sysctl commands and code lines; none is split."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+        f.write("40000 40001")
+    srv = socket.create_server(("127.0.0.1", 9000))
+    clients = [socket.create_connection(("127.0.0.1", 9000)) for _ in range(2)]
+    try:
+        plain = rebind_cli("why", "--connect", "127.0.0.1:9000")
+        narrow = _on_a_tty(["why", "--connect", "127.0.0.1:9000"], 40)
+    finally:
+        for c in (*clients, srv):
+            c.close()
+    pasted = [line.rstrip() for line in plain.stdout.splitlines() if line.lstrip().startswith(("$ ", "C: "))]
+    assert any(line.lstrip().startswith("$ sysctl") and len(line) > 40 for line in pasted)
+    shown = {line.rstrip() for line in narrow.splitlines()}
+    assert [line for line in pasted if line not in shown] == []
