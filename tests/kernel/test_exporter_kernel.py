@@ -207,15 +207,22 @@ def test_connect_free_ports_match_what_connect_can_still_take(netns, tmp_path, r
             k.close()
 
 
-@pytest.mark.parametrize("fixed_port", [True, False], ids=["bind-named-port", "connect-chosen"])
-def test_connect_free_ports_count_ports_bind_took_for_other_destinations(
-    netns, tmp_path, rebind_cli, fixed_port
-):
+BIND_IP_0_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="known gap: a port bind(ip, 0) picked carries no SOCK_BINDPORT_LOCK, which is all "
+    "inet_diag can filter on; the exporter counts it free (why --connect reads the bucket)",
+)
+
+
+@pytest.mark.parametrize(
+    "how", ["bind-named-port", "connect-chosen", pytest.param("bind-ip-0", marks=BIND_IP_0_GAP)]
+)
+def test_connect_free_ports_count_ports_bind_took_for_other_destinations(netns, tmp_path, rebind_cli, how):
     """Issue 17 (client side): the range's 2 ports are taken by clients connected to another
     server. Taken by bind() naming the port (the seed's fixed-port client), connect() skips them
     for every destination (their bucket is bind-made): 0 free, EADDRNOTAVAIL. Chosen by
     connect(), they are shared with a new 4-tuple: 2 free. Before: 2 both times (the exporter
-    saw only sockets to its destinations)."""
+    saw only sockets to its destinations). Picked by bind(ip, 0): still counted free (xfail)."""
     _sysctl("ip_local_port_range", "40000 40001")
     _sysctl("ip_local_reserved_ports", "")
     servers = [socket.create_server(("127.0.0.1", p)) for p in (5432, 5433)]
@@ -223,15 +230,18 @@ def test_connect_free_ports_count_ports_bind_took_for_other_destinations(
     try:
         for port in (40000, 40001):
             c = socket.socket()
-            if fixed_port:
+            keep.append(c)
+            if how == "bind-named-port":
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 c.bind(("127.0.0.1", port))
+            elif how == "bind-ip-0":
+                c.bind(("127.0.0.1", 0))
             c.connect(("127.0.0.1", 5433))
-            keep.append(c)
+        by_bind = how != "connect-chosen"
         s = _textfile(rebind_cli, tmp_path, "--dest", "127.0.0.1:5432")
         labels = {"src": "127.0.0.1", "dst": "127.0.0.1", "dport": 5432}
         free = _get(s, "rebind_connect_free_ports", **labels)
-        assert _get(s, "rebind_ephemeral_bind_held_ports") == (2 if fixed_port else 0)
+        assert _get(s, "rebind_ephemeral_bind_held_ports") == (2 if by_bind else 0)
         more = 0
         while True:  # model == kernel: the exported count is how many connect() calls succeed
             try:
@@ -239,7 +249,7 @@ def test_connect_free_ports_count_ports_bind_took_for_other_destinations(
                 more += 1
             except OSError:
                 break
-        assert free == more == (0 if fixed_port else 2)
+        assert free == more == (0 if by_bind else 2)
     finally:
         for k in (*keep, *servers):
             k.close()
