@@ -5,19 +5,24 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from ipaddress import IPv4Address, IPv6Address
 
-from rebind.errors import UsageError
 from rebind.kernel.trial import TrialResult, try_request
+from rebind.model.addr import AddrLike, IPAddress, parse_ip
 from rebind.model.records import Proto, SocketRecord
-from rebind.model.request import BindRequest, parse_proto, split_scope
+from rebind.model.request import BindRequest, parse_proto
 from rebind.model.validate import parse_port
 
-__all__ = ["TRANSIENT_ERRNOS", "bind_request", "parse_addr", "parse_proto", "try_bind", "where"]
+__all__ = [
+    "TRANSIENT_ERRNOS",
+    "AddrLike",
+    "IPAddress",
+    "bind_request",
+    "parse_addr",
+    "parse_proto",
+    "try_bind",
+    "where",
+]
 from rebind.model.records import owner_label as owner_label  # the one owner label (escapes hostile names)
-
-IPAddress = IPv4Address | IPv6Address
-AddrLike = str | IPAddress
 
 #: bind() errors that can go away by themselves: a holder leaves (EADDRINUSE), or an address
 #: finishes IPv6 duplicate address detection or gets configured (EADDRNOTAVAIL).
@@ -25,12 +30,7 @@ TRANSIENT_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 
 
 def parse_addr(addr: AddrLike | None) -> IPAddress | None:
-    if addr is None:
-        return None
-    a, scope = split_scope(addr)
-    if scope:
-        raise UsageError(f"{addr!r}: a scope id is not accepted here")
-    return a
+    return None if addr is None else parse_ip(addr, wildcard=True)
 
 
 def check_port(port: int) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import click
 
 from rebind.errors import UsageError
+from rebind.model.addr import parse_ip, split_host_port
 from rebind.model.records import State, parse_state
 from rebind.model.validate import MAX_SECONDS, parse_port, parse_seconds
 
@@ -68,22 +69,17 @@ class StateType(click.ParamType):  # type: ignore[type-arg]  # generic only in c
 
 
 class AddressType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
+    """ADDR: a literal address ([v6] brackets, '*', and %SCOPE on IPv6: model/addr.py)."""
+
     name = "ADDR"
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> IPv4Address | IPv6Address:
-        if isinstance(value, IPv4Address | IPv6Address):
-            return value
-        text = str(value).strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        if text in ("*", "any"):
-            text = "0.0.0.0"
         try:
-            return ip_address(text)
-        except ValueError:
-            self.fail(f"{value!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1, ::)", param, ctx)
+            return parse_ip(value, wildcard=True, scope=True)
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
@@ -96,13 +92,12 @@ class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only i
     ) -> tuple[IPv4Address | IPv6Address | None, int]:
         if isinstance(value, tuple):
             return value
-        text = str(value).strip()
-        addr = None
-        if ":" in text:
-            host, _, port_text = text.rpartition(":")
-            addr = ADDRESS.convert(host, param, ctx)
-            text = port_text
-        return addr, PORT.convert(text, param, ctx)
+        try:
+            host, port = split_host_port(str(value), what="", alone="port")
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+        addr = None if host is None else ADDRESS.convert(host, param, ctx)
+        return addr, PORT.convert(port or "", param, ctx)
 
 
 PORT = PortType()
