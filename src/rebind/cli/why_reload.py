@@ -19,11 +19,12 @@ def read_migrate_req() -> int | None:
 
 
 def listeners(port: int) -> list[Listener]:
+    from rebind.kernel.walk import table as socket_table
+    from rebind.model.query import SocketQuery
     from rebind.model.records import Proto, State, owner_label
-    from rebind.sockets import socket_table
 
     ticks = os.sysconf("SC_CLK_TCK")
-    table = socket_table(ports=[port], protos=[Proto.TCP], states=[State.LISTEN])
+    table = socket_table(SocketQuery.create(ports=[port], protos=[Proto.TCP], states=[State.LISTEN]))
     out = []
     for e in table.entries:
         r = e.socket
