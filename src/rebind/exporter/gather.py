@@ -39,7 +39,7 @@ from rebind.exporter.facts import (
     Watch,
     norm,
 )
-from rebind.exporter.route import NoRoute, source_for
+from rebind.kernel.route import NoRoute, source_for
 from rebind.model.assess import Provenance
 from rebind.model.conflict import KernelSettings, SockOpts
 from rebind.model.records import Family, IPAddress, Proto, SocketRecord, State, Timer

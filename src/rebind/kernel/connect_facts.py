@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import ip_address
@@ -92,49 +91,14 @@ def route_source(dst: IPAddress, dport: int, *, bound: IPAddress | None = None) 
         return ip_address(s.getsockname()[0])
 
 
-# rtnetlink.h: RTM_NEWROUTE / RTM_GETROUTE, struct rtmsg, RTA_DST / RTA_PREFSRC.
-RTM_NEWROUTE = 24
-RTM_GETROUTE = 26
-RTA_DST = 1
-RTA_PREFSRC = 7
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_NLMSG = struct.Struct("=IHHII")
-_RTA = struct.Struct("=HH")
-
-
 def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
-    """RTM_GETROUTE for ``dst``: the preferred source of the route, None if it names none."""
-    fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-    raw = dst.packed
-    attr = _RTA.pack(_RTA.size + len(raw), RTA_DST) + raw
-    body = _RTMSG.pack(fam, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + attr
-    msg = _NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE, 1, 1, 0) + body  # NLM_F_REQUEST
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as nl:
-        nl.settimeout(2.0)
-        nl.send(msg)
-        data = nl.recv(65536)
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size or off + length > len(data):
-            return None
-        if kind == 2:  # NLMSG_ERROR: no route
-            (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
-            if err < 0:
-                code = -err
-                raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(code)}")
-        if kind == RTM_NEWROUTE:
-            a = off + _NLMSG.size + _RTMSG.size
-            while a + _RTA.size <= off + length:
-                alen, atype = _RTA.unpack_from(data, a)
-                if alen < _RTA.size:
-                    return None
-                if atype == RTA_PREFSRC and alen - _RTA.size in (4, 16):
-                    return ip_address(bytes(data[a + _RTA.size : a + alen]))
-                a += (alen + 3) & ~3
-            return None
-        off += (length + 3) & ~3
-    return None
+    """RTM_GETROUTE for ``dst`` (kernel/route.py): the preferred source, None if it names none."""
+    from rebind.kernel.route import NoRoute, source_for
+
+    try:
+        return source_for(dst)
+    except NoRoute as exc:
+        raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(exc.errno)}") from None
 
 
 def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
