@@ -49,17 +49,19 @@ from rebind.model.records import (
 
 
 def connect_settings(root: str = "/proc") -> ConnectSettings:
+    """The connect() settings (model/connect.py), projected from the one sysctl reader."""
     from rebind.kernel import sysctl
 
+    h = sysctl.host_settings(root)
     return ConnectSettings(
-        port_range=sysctl.local_port_range(root),
-        reserved=sysctl.reserved_ports(root),
-        tw_reuse=sysctl.tcp_tw_reuse(root),
-        tw_reuse_delay_ms=sysctl.tcp_tw_reuse_delay_ms(root),
-        tcp_timestamps=sysctl.tcp_timestamps(root),
-        autobind_reuse=sysctl.ip_autobind_reuse(root),
+        port_range=h.range_or_default,
+        reserved=h.reserved_or_none,
+        tw_reuse=h.tcp_tw_reuse,
+        tw_reuse_delay_ms=h.tcp_tw_reuse_delay_ms,
+        tcp_timestamps=h.tcp_timestamps,
+        autobind_reuse=h.ip_autobind_reuse,
         kernel_version=sysctl.kernel_version(),
-        unprivileged_port_start=sysctl.unprivileged_port_start(root),
+        unprivileged_port_start=h.unprivileged_port_start,
     )
 
 

@@ -26,6 +26,7 @@ from rebind.kernel.netlink import NLA_TYPE_MASK as NLA_TYPE_MASK
 from rebind.kernel.netlink import NLM_F_ACK as NLM_F_ACK
 from rebind.kernel.netlink import NLM_F_DUMP as NLM_F_DUMP
 from rebind.kernel.netlink import NLM_F_DUMP_INTR as NLM_F_DUMP_INTR
+from rebind.kernel.netlink import NLM_F_MULTI as NLM_F_MULTI
 from rebind.kernel.netlink import NLM_F_REQUEST as NLM_F_REQUEST
 from rebind.kernel.netlink import NLMSG_DONE as NLMSG_DONE
 from rebind.kernel.netlink import NLMSG_ERROR as NLMSG_ERROR
