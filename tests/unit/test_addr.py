@@ -86,3 +86,15 @@ def test_every_entry_point_wants_brackets_around_ipv6_with_a_port() -> None:
         with pytest.raises((UsageError, click.BadParameter), match="brackets"):
             parse("::1:80")
     assert PORT_SPEC.convert("[::1]:80", None, None) == (IPv6Address("::1"), 80)
+
+
+def test_public_functions_take_a_request() -> None:
+    """as_request: wait_bindable(req), plan_free(req), free(req) take a BindRequest as is."""
+    from rebind.actions.common import as_request
+    from rebind.model.request import BindRequest
+
+    req = BindRequest.create(8080, addr="::1", reuseport=True, uid=0)
+    assert as_request(req) is req
+    assert as_request(8080, addr="::1", reuseport=True, v6only=None).where == req.where
+    with pytest.raises(UsageError, match="either a BindRequest or a port"):
+        as_request(req, reuseaddr=True)

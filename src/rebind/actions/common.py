@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 
+from rebind.errors import UsageError
 from rebind.kernel.trial import TrialResult, try_request
 from rebind.model.addr import AddrLike, IPAddress, parse_ip
 from rebind.model.records import Proto, SocketRecord
@@ -16,6 +17,7 @@ __all__ = [
     "TRANSIENT_ERRNOS",
     "AddrLike",
     "IPAddress",
+    "as_request",
     "bind_request",
     "parse_addr",
     "parse_proto",
@@ -78,6 +80,28 @@ def bind_request(
         uid=os.geteuid() if uid is None else uid,
         ifindex_of=ifindex_of,
     )
+
+
+def as_request(
+    port: int | str | BindRequest,
+    *,
+    addr: AddrLike | None = None,
+    proto: Proto | str = Proto.TCP,
+    reuseaddr: bool = False,
+    reuseport: bool = False,
+    v6only: bool | None = None,
+) -> BindRequest:
+    """A :class:`BindRequest` given where a port is accepted passes through (then the options
+    must be left alone: they are the request's); a port is built into one by
+    :func:`bind_request`. Lets the public functions take a request (``wait_bindable(req)``,
+    ``plan_free(req)``) while keeping their keyword form."""
+    if not isinstance(port, BindRequest):
+        return bind_request(
+            port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only
+        )
+    if (addr, proto, reuseaddr, reuseport, v6only) != (None, Proto.TCP, False, False, None):
+        raise UsageError("give either a BindRequest or a port with options, not both")
+    return port
 
 
 def try_bind(req: BindRequest) -> TrialResult:

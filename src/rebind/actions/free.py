@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from rebind.actions.common import AddrLike, bind_request, owner_label, socket_label
+from rebind.actions.common import AddrLike, as_request, owner_label, socket_label
 from rebind.diagnosis import BlockerInfo, Diagnosis, diagnose
 from rebind.errors import ExitCode, KernelError, UsageError
 from rebind.model.conflict import BindRequest, Rule
@@ -538,7 +538,7 @@ def _expiring_obstacle(r: SocketRecord, why: str) -> Obstacle:
 
 
 def plan_free(
-    port: int,
+    port: int | BindRequest,
     *,
     addr: AddrLike | None = None,
     proto: Proto | str = Proto.TCP,
@@ -557,7 +557,7 @@ def plan_free(
     """
     grace = parse_seconds(grace, what="grace")
     sig = parse_signal(signal)
-    req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
+    req = as_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
     return add_collateral(make_plan(diagnose(req), signal=sig, grace=grace, force=force, outgoing=outgoing))
 
 
@@ -717,7 +717,7 @@ def _group(
 
 
 def free(
-    port: int,
+    port: int | BindRequest,
     *,
     addr: AddrLike | None = None,
     proto: Proto | str = Proto.TCP,

@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv6Address
 from rebind.actions.common import (
     TRANSIENT_ERRNOS,
     AddrLike,
-    bind_request,
+    as_request,
     check_port,
     parse_addr,
     parse_proto,
@@ -116,7 +116,7 @@ def _check_callback(on_progress: object) -> None:
 
 
 def wait_bindable(
-    port: int,
+    port: int | BindRequest,
     *,
     addr: AddrLike | None = None,
     proto: Proto | str = Proto.TCP,
@@ -134,7 +134,7 @@ def wait_bindable(
     ``on_progress(diagnosis, elapsed)`` is called about once a second while blocked;
     ``diagnosis.frees_in_ms`` says when the last timed blocker (TIME_WAIT) expires.
     """
-    req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
+    req = as_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
     return wait_request(req, timeout=timeout, interval=interval, on_progress=on_progress)
 
 
@@ -152,7 +152,7 @@ def wait_request(
 
 
 async def wait_bindable_async(
-    port: int,
+    port: int | BindRequest,
     *,
     addr: AddrLike | None = None,
     proto: Proto | str = Proto.TCP,
@@ -166,7 +166,7 @@ async def wait_bindable_async(
     """:func:`wait_bindable` for asyncio: sleeps with ``asyncio.sleep`` between trial binds."""
     _check_timing(timeout, interval)
     _check_callback(on_progress)
-    req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
+    req = as_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
     return await _run_async(_bindable_steps(req, timeout, interval, on_progress))
 
 
