@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import click
 
 from rebind.errors import UsageError
-from rebind.model.addr import parse_ip, split_host_port
+from rebind.model.addr import parse_ip, parse_source, parse_target, split_host_port
 from rebind.model.records import State, parse_state
 from rebind.model.validate import MAX_SECONDS, parse_port, parse_seconds
 
 
-class PortType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
-    name = "PORT"
+class Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
+    """A parameter type made of a model parser (model/addr.py, model/validate.py): its
+    UsageError becomes click's one line and exit 2; a value already of a ``ready`` type (a
+    default, or a value passed programmatically) goes through as it is."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        # parse_port, not str.isdigit(): '²' is a digit to isdigit() and a ValueError to int().
+    def __init__(self, name: str, parse: Callable[[Any], Any], ready: tuple[type, ...] = ()) -> None:
+        self.name = name
+        self._parse = parse
+        self._ready = ready
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self._ready and isinstance(value, self._ready):
+            return value
         try:
-            return parse_port(value)
+            return self._parse(value)
         except UsageError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -68,20 +77,6 @@ class StateType(click.ParamType):  # type: ignore[type-arg]  # generic only in c
             self.fail(str(exc), param, ctx)
 
 
-class AddressType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
-    """ADDR: a literal address ([v6] brackets, '*', and %SCOPE on IPv6: model/addr.py)."""
-
-    name = "ADDR"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> IPv4Address | IPv6Address:
-        try:
-            return parse_ip(value, wildcard=True, scope=True)
-        except UsageError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     """PORT or ADDR:PORT ([v6]:PORT)."""
 
@@ -100,8 +95,14 @@ class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only i
         return addr, PORT.convert(port or "", param, ctx)
 
 
-PORT = PortType()
+# parse_port, not str.isdigit(): '²' is a digit to isdigit() and a ValueError to int().
+PORT = Parsed("PORT", parse_port)
+#: ADDR: a literal address ([v6] brackets, '*', and %SCOPE on IPv6).
+ADDRESS = Parsed("ADDR", lambda v: parse_ip(v, wildcard=True, scope=True), (IPv4Address, IPv6Address))
+#: --connect HOST:PORT / [V6]:PORT -> (host text, port); the host is resolved later.
+TARGET = Parsed("HOST:PORT", lambda v: parse_target(str(v)), (tuple,))
+#: --from ADDR / ADDR:PORT / [V6]:PORT -> (address, fixed local port or None).
+SOURCE = Parsed("ADDR[:PORT]", lambda v: parse_source(str(v)), (tuple,))
 SECONDS = SecondsType()
 STATE = StateType()
-ADDRESS = AddressType()
 PORT_SPEC = PortSpecType()
