@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.wait import Spec, bind_options, request_from
+from rebind.cli.options import BindArgs, bind_options
 
 if TYPE_CHECKING:
     from rebind.actions.free import FreePlan, FreeResult
@@ -62,12 +61,7 @@ permitted); 5 refused: held by a process rebind will not signal.
     "--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON (schema rebind.free.plan/1)."
 )
 def free(
-    spec: Spec,
-    addr: IPv4Address | IPv6Address | None,
-    udp: bool,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool | None,
+    bind: BindArgs,
     sig: str,
     grace: str,
     yes: bool,
@@ -84,7 +78,7 @@ def free(
 
     if as_json and not dry_run:
         raise click.UsageError("--json prints the plan: use it with --dry-run")
-    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
+    req = bind.request()
     signal = parse_signal(sig)  # UsageError: exit 2 before anything is read
     seconds = parse_seconds(grace, what="--grace")
     plan = add_collateral(

@@ -1,11 +1,17 @@
 """The bind options every command that acts on a bind request takes, and the one way they
-become a :class:`~rebind.model.request.BindRequest` (actions.common.bind_request)."""
+become a :class:`~rebind.model.request.BindRequest` (actions.common.bind_request).
+
+The options arrive as one typed value: the decorators below collect them into a frozen
+:class:`BindArgs` passed as the command's ``bind`` argument (not six keywords in every
+command's signature); ``bind.request()`` is the request."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -48,8 +54,56 @@ def _v6only_value(ctx: click.Context, param: click.Parameter, value: str | None)
     return None if value is None else value == "1"
 
 
+@dataclass(frozen=True, slots=True)
+class BindArgs:
+    """The bind options as click parsed them (typed by cli/params.py), before the request."""
+
+    spec: Spec | None
+    addr: IPv4Address | IPv6Address | None = None
+    udp: bool = False
+    reuseaddr: bool = False
+    reuseport: bool = False
+    v6only: bool | None = None
+    device: str | None = None
+    freebind: bool = False
+
+    def request(self) -> BindRequest:
+        """The same request `rebind why` builds from the same options."""
+        if self.spec is None:
+            raise click.UsageError("missing PORT")
+        return request_from(
+            self.spec,
+            self.addr,
+            self.udp,
+            self.reuseaddr,
+            self.reuseport,
+            self.v6only,
+            device=self.device,
+            freebind=self.freebind,
+        )
+
+
+_BIND_FIELDS = BindArgs.__slots__
+
+
+def _collected(f: F) -> F:
+    """``f`` called with ``bind=BindArgs(...)`` in place of the bind options' keywords. Keeps the
+    click parameters the options below it attached (functools.wraps copies __click_params__)."""
+    if getattr(f, "_rebind_collects", False):
+        return f
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        parts = {k: kwargs.pop(k) for k in _BIND_FIELDS if k in kwargs}
+        return f(*args, bind=BindArgs(**parts), **kwargs)
+
+    wrapper._rebind_collects = True  # type: ignore[attr-defined]
+    return cast(F, wrapper)
+
+
 def bind_options(f: F) -> F:
     """The bind options `rebind why` takes, for every command that acts on a bind request."""
+    f = _collected(f)
     for deco in reversed(_bind_decorators(True)):
         f = deco(f)
     return f
@@ -57,13 +111,16 @@ def bind_options(f: F) -> F:
 
 def bind_options_port_optional(f: F) -> F:
     """The same, with PORT optional: `rebind why --connect HOST:PORT` asks about no local port."""
+    f = _collected(f)
     for deco in reversed(_bind_decorators(False)):
         f = deco(f)
     return f
 
 
 def device_options(f: F) -> F:
-    """SO_BINDTODEVICE and IP_FREEBIND: options that change bind()'s answer too."""
+    """SO_BINDTODEVICE and IP_FREEBIND: options that change bind()'s answer too (collected
+    into the same :class:`BindArgs`)."""
+    f = _collected(f)
     for deco in reversed(
         [
             click.option(

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.options import Spec, bind_options, request_from
+from rebind.cli.options import BindArgs, Spec, bind_options, request_from
 from rebind.cli.params import SECONDS
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
 
-__all__ = ["Spec", "bind_options", "request_from", "wait"]
+__all__ = ["BindArgs", "Spec", "bind_options", "request_from", "wait"]
 
 
 @click.command(
@@ -49,12 +49,7 @@ ip_unprivileged_port_start without root).
     "--until-listening", is_flag=True, help="Wait until something accepts connections on PORT instead."
 )
 def wait(
-    spec: Spec,
-    addr: IPv4Address | IPv6Address | None,
-    udp: bool,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool | None,
+    bind: BindArgs,
     timeout: float | None,
     quiet: bool,
     until_listening: bool,
@@ -67,14 +62,16 @@ def wait(
     """
     if until_listening:
         for name, on in (
-            ("--reuseaddr", reuseaddr),
-            ("--reuseport", reuseport),
-            ("--v6only", v6only is not None),
+            ("--reuseaddr", bind.reuseaddr),
+            ("--reuseport", bind.reuseport),
+            ("--v6only", bind.v6only is not None),
         ):
             if on:
                 raise click.UsageError(f"{name} has no meaning with --until-listening")
-        return _until_listening(spec, addr, udp, timeout, quiet)
-    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
+        if bind.spec is None:
+            raise click.UsageError("missing PORT")
+        return _until_listening(bind.spec, bind.addr, bind.udp, timeout, quiet)
+    req = bind.request()
     return _until_bindable(req, timeout, quiet)
 
 
