@@ -7,15 +7,12 @@ from typing import Any
 
 from rebind.supervisor.reload_check import Advice, Level, Listener
 
-MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
-
 
 def read_migrate_req() -> int | None:
-    try:
-        with open(MIGRATE_REQ) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None  # before Linux 5.14 there is no such knob: as good as 0
+    """net.ipv4.tcp_migrate_req; None before Linux 5.14 (no such knob: as good as 0)."""
+    from rebind.kernel.sysctl import read_int
+
+    return read_int("net/ipv4/tcp_migrate_req")
 
 
 def listeners(port: int) -> list[Listener]:

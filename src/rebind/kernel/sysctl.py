@@ -31,12 +31,18 @@ def read(path: str, root: str = "/proc") -> str | None:
         return None
 
 
-def _int(path: str, default: int, root: str = "/proc") -> int:
+def read_int(path: str, root: str = "/proc") -> int | None:
+    """One integer sysctl; None when it cannot be read or is not an integer."""
     v = read(path, root)
     try:
-        return int(v) if v is not None else default
+        return int(v) if v is not None else None
     except ValueError:
-        return default
+        return None
+
+
+def _int(path: str, default: int, root: str = "/proc") -> int:
+    v = read_int(path, root)
+    return default if v is None else v
 
 
 @dataclass(frozen=True, slots=True)
