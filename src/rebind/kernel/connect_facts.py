@@ -136,20 +136,21 @@ def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
     """Ports servers of this netns hold: TCP LISTEN and bound-inactive sockets anywhere, and
     unconnected UDP sockets outside the range (inside it they may be clients' autobinds). A
     widened range must take none of them in (C26). None when the table cannot be read."""
-    from rebind.kernel import diag
-    from rebind.model.records import Family
+    from rebind.errors import RebindError
+    from rebind.kernel.walk import walk
+    from rebind.model.query import SocketQuery
 
     lo, hi = rng
     out: set[int] = set()
     try:
-        with diag.DiagSocket() as d:
-            for r in d.dump(None, Proto.TCP, {State.LISTEN, State.BOUND_INACTIVE}):
+        # The listening and bound sockets of both protocols (UDP: CLOSE), in one walk.
+        w = walk(SocketQuery.create(states=[State.LISTEN, State.BOUND_INACTIVE]))
+        if w.source != "netlink":
+            return None  # /proc/net hides bound-inactive sockets: the answer would be short
+        for r in w.records:
+            if r.proto is Proto.TCP or (not r.remote.port and not lo <= r.local.port <= hi):
                 out.add(r.local.port)
-            for fam in (Family.INET, Family.INET6):
-                for r in d.dump(fam, Proto.UDP, {State.CLOSE}):
-                    if not r.remote.port and not lo <= r.local.port <= hi:
-                        out.add(r.local.port)
-    except OSError:
+    except (OSError, RebindError):
         return None
     return frozenset(out)
 
