@@ -51,12 +51,8 @@ def default_request(
     freebind: bool = False,
     device: str | None = None,
 ) -> BindRequest:
-    """A bind request as this process would make it (alias of actions.common.bind_request)."""
-    from rebind.actions.common import bind_request
-    from rebind.errors import UsageError
-
-    if device is not None and not isinstance(device, str):
-        raise UsageError(f"device must be an interface name (a string), not {device!r}")
+    """A bind request as this process would make it (kernel/request.py: bind_request)."""
+    from rebind.kernel.request import bind_request
 
     return bind_request(
         port,

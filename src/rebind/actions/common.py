@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import errno
-import os
-import socket
 
 from rebind.errors import UsageError
+from rebind.kernel.request import bind_request as bind_request  # its home: kernel/request.py
+from rebind.kernel.request import ifindex_of as ifindex_of
 from rebind.kernel.trial import TrialResult, try_request
 from rebind.model.addr import AddrLike, IPAddress, parse_ip
 from rebind.model.records import Proto, SocketRecord
@@ -37,49 +37,6 @@ def parse_addr(addr: AddrLike | None) -> IPAddress | None:
 
 def check_port(port: int) -> int:
     return parse_port(port)
-
-
-def ifindex_of(name: str) -> int | None:
-    """An interface name (or decimal index) in this netns to its ifindex; None if absent."""
-    if name.isascii() and name.isdigit():
-        index = int(name)
-        try:
-            socket.if_indextoname(index)
-        except (OSError, OverflowError):
-            return None
-        return index
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return None
-
-
-def bind_request(
-    port: int | str,
-    *,
-    addr: AddrLike | None = None,
-    proto: Proto | str = Proto.TCP,
-    reuseaddr: bool = False,
-    reuseport: bool = False,
-    v6only: bool | None = None,
-    freebind: bool = False,
-    device: str | None = None,
-    uid: int | None = None,
-) -> BindRequest:
-    """The one constructor of bind requests from user input (CLI, API, actions); UsageError
-    for every bad field. The socket's uid defaults to this process's (as its bind would be)."""
-    return BindRequest.create(
-        port,
-        addr=addr,
-        proto=proto,
-        reuseaddr=reuseaddr,
-        reuseport=reuseport,
-        v6only=v6only,
-        freebind=freebind,
-        device=device,
-        uid=os.geteuid() if uid is None else uid,
-        ifindex_of=ifindex_of,
-    )
 
 
 def as_request(

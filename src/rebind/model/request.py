@@ -95,6 +95,8 @@ class BindRequest:
         address means ``[::]``. ``listen`` defaults to True for TCP.
         """
         p = parse_proto(proto)
+        if device is not None and not isinstance(device, str):
+            raise UsageError(f"device must be an interface name (a string), not {device!r}")
         a, scope = split_scope(addr) if addr is not None else (None, None)
         if v6only is not None and a is None:
             a = IPv6Address("::")
