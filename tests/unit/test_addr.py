@@ -88,25 +88,12 @@ def test_every_entry_point_wants_brackets_around_ipv6_with_a_port() -> None:
     assert PORT_SPEC.convert("[::1]:80", None, None) == (IPv6Address("::1"), 80)
 
 
-def test_public_functions_take_a_request() -> None:
-    """as_request: wait_bindable(req), plan_free(req), free(req) take a BindRequest as is."""
-    from rebind.actions.common import as_request
-    from rebind.model.request import BindRequest
-
-    req = BindRequest.create(8080, addr="::1", reuseport=True, uid=0)
-    assert as_request(req) is req
-    assert as_request(8080, addr="::1", reuseport=True, v6only=None).where == req.where
-    with pytest.raises(UsageError, match="either a BindRequest or a port"):
-        as_request(req, reuseaddr=True)
-
-
 def test_device_must_be_a_name_whoever_builds_the_request() -> None:
     """The check default_request() alone made now sits in BindRequest.create (validation once):
-    bind_request(device=3) was an AttributeError traceback."""
+    BindRequest.create(80, device=3) was an AttributeError traceback."""
     from rebind.diagnosis import default_request
-    from rebind.kernel.request import bind_request
     from rebind.model.request import BindRequest
 
-    for build in (BindRequest.create, bind_request, default_request):
+    for build in (BindRequest.create, default_request):
         with pytest.raises(UsageError, match="device must be an interface name"):
             build(80, device=3)  # type: ignore[operator, arg-type]

@@ -1,17 +1,12 @@
 """The bind options every command that acts on a bind request takes, and the one way they
-become a :class:`~rebind.model.request.BindRequest` (actions.common.bind_request).
-
-The options arrive as one typed value: the decorators below collect them into a frozen
-:class:`BindArgs` passed as the command's ``bind`` argument (not six keywords in every
-command's signature); ``bind.request()`` is the request."""
+become a :class:`~rebind.model.request.BindRequest` (:func:`rebind.diagnosis.default_request`)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -54,73 +49,38 @@ def _v6only_value(ctx: click.Context, param: click.Parameter, value: str | None)
     return None if value is None else value == "1"
 
 
-@dataclass(frozen=True, slots=True)
-class BindArgs:
-    """The bind options as click parsed them (typed by cli/params.py), before the request."""
-
-    spec: Spec | None
-    addr: IPv4Address | IPv6Address | None = None
-    udp: bool = False
-    reuseaddr: bool = False
-    reuseport: bool = False
-    v6only: bool | None = None
-    device: str | None = None
-    freebind: bool = False
-
-    def request(self) -> BindRequest:
-        """The same request `rebind why` builds from the same options."""
-        if self.spec is None:
-            raise click.UsageError("missing PORT")
-        return request_from(
-            self.spec,
-            self.addr,
-            self.udp,
-            self.reuseaddr,
-            self.reuseport,
-            self.v6only,
-            device=self.device,
-            freebind=self.freebind,
-        )
-
-
-_BIND_FIELDS = BindArgs.__slots__
-
-
-def _collected(f: F) -> F:
-    """``f`` called with ``bind=BindArgs(...)`` in place of the bind options' keywords. Keeps the
-    click parameters the options below it attached (functools.wraps copies __click_params__)."""
-    if getattr(f, "_rebind_collects", False):
-        return f
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        parts = {k: kwargs.pop(k) for k in _BIND_FIELDS if k in kwargs}
-        return f(*args, bind=BindArgs(**parts), **kwargs)
-
-    wrapper._rebind_collects = True  # type: ignore[attr-defined]
-    return cast(F, wrapper)
-
-
 def bind_options(f: F) -> F:
     """The bind options `rebind why` takes, for every command that acts on a bind request."""
-    f = _collected(f)
     for deco in reversed(_bind_decorators(True)):
         f = deco(f)
     return f
 
 
+#: The parameters :func:`bind_options` adds, in :func:`request_from`'s order.
+BIND_PARAMS = ("spec", "addr", "udp", "reuseaddr", "reuseport", "v6only")
+
+
+def bind_request_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`bind_options` handed to the command as one ``req`` (:func:`request_from`): for a
+    command that needs nothing but the request from them (`rebind free`)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        req = request_from(*(kwargs.pop(name) for name in BIND_PARAMS))
+        return f(*args, req=req, **kwargs)
+
+    return bind_options(command)
+
+
 def bind_options_port_optional(f: F) -> F:
     """The same, with PORT optional: `rebind why --connect HOST:PORT` asks about no local port."""
-    f = _collected(f)
     for deco in reversed(_bind_decorators(False)):
         f = deco(f)
     return f
 
 
 def device_options(f: F) -> F:
-    """SO_BINDTODEVICE and IP_FREEBIND: options that change bind()'s answer too (collected
-    into the same :class:`BindArgs`)."""
-    f = _collected(f)
+    """SO_BINDTODEVICE and IP_FREEBIND: options that change bind()'s answer too."""
     for deco in reversed(
         [
             click.option(
@@ -149,7 +109,7 @@ def request_from(
     freebind: bool = False,
 ) -> BindRequest:
     """The same request `rebind why` builds from the same options."""
-    from rebind.actions.common import bind_request
+    from rebind.diagnosis import default_request
 
     spec_addr, port = spec
     if spec_addr is not None and addr is not None and spec_addr != addr:
@@ -157,7 +117,7 @@ def request_from(
     address = addr or spec_addr
     if v6only is not None and address is not None and address.version != 6:
         raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
-    return bind_request(
+    return default_request(
         port,
         addr=address,
         proto="udp" if udp else "tcp",

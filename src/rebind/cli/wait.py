@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.options import BindArgs, Spec, bind_options, request_from
+from rebind.cli.options import Spec, bind_options, request_from
 from rebind.cli.params import SECONDS
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
 
-__all__ = ["BindArgs", "Spec", "bind_options", "request_from", "wait"]
+__all__ = ["wait"]
 
 
 @click.command(
@@ -49,7 +49,12 @@ ip_unprivileged_port_start without root).
     "--until-listening", is_flag=True, help="Wait until something accepts connections on PORT instead."
 )
 def wait(
-    bind: BindArgs,
+    spec: Spec,
+    addr: IPv4Address | IPv6Address | None,
+    udp: bool,
+    reuseaddr: bool,
+    reuseport: bool,
+    v6only: bool | None,
     timeout: float | None,
     quiet: bool,
     until_listening: bool,
@@ -62,26 +67,23 @@ def wait(
     """
     if until_listening:
         for name, on in (
-            ("--reuseaddr", bind.reuseaddr),
-            ("--reuseport", bind.reuseport),
-            ("--v6only", bind.v6only is not None),
+            ("--reuseaddr", reuseaddr),
+            ("--reuseport", reuseport),
+            ("--v6only", v6only is not None),
         ):
             if on:
                 raise click.UsageError(f"{name} has no meaning with --until-listening")
-        if bind.spec is None:
-            raise click.UsageError("missing PORT")
-        return _until_listening(bind.spec, bind.addr, bind.udp, timeout, quiet)
-    req = bind.request()
+        return _until_listening(spec, addr, udp, timeout, quiet)
+    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
     return _until_bindable(req, timeout, quiet)
 
 
 def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int:
-    from rebind.actions.common import where
-    from rebind.actions.wait import WaitResult, wait_request
+    from rebind.actions.wait import WaitResult, wait_bindable
 
-    target = where(req)
+    target = req.where
     if quiet:
-        res: WaitResult = wait_request(req, timeout=timeout)
+        res: WaitResult = wait_bindable(req, timeout=timeout)
     elif sys.stderr.isatty():
         res = _with_progress(req, timeout)
     else:
@@ -92,7 +94,7 @@ def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int
                 announced.append(True)
                 click.echo(f"waiting for {target}: {d.headline}", err=True)
 
-        res = wait_request(req, timeout=timeout, on_progress=note)
+        res = wait_bindable(req, timeout=timeout, on_progress=note)
     if res.ok:
         if not quiet:
             click.echo(
@@ -105,8 +107,8 @@ def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int
 
 
 def _report_timeout(target: str, res: Any) -> None:
-    from rebind.actions.common import socket_label
     from rebind.cli.render import fmt_ms, owners_cell
+    from rebind.model.records import socket_label
 
     click.echo(
         f"rebind: timed out after {res.elapsed:.1f}s: {target} is still not bindable ({res.trial})", err=True
@@ -127,8 +129,7 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
     from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
     from rich.text import Text
 
-    from rebind.actions.common import where
-    from rebind.actions.wait import wait_request
+    from rebind.actions.wait import wait_bindable
     from rebind.cli.render import console, fmt_ms
 
     class Countdown(ProgressColumn):
@@ -152,12 +153,12 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
         console=con,
         transient=True,
     ) as progress:
-        task = progress.add_task(f"waiting for {where(req)}", total=None, deadline=None)
+        task = progress.add_task(f"waiting for {req.where}", total=None, deadline=None)
 
         def update(d: Diagnosis, elapsed: float) -> None:
             first = d.blockers[0].entry.socket.state.label if d.blockers else "blocked"
             more = f" +{len(d.blockers) - 1}" if len(d.blockers) > 1 else ""
-            desc = f"waiting for {where(req)} ({first}{more})"
+            desc = f"waiting for {req.where} ({first}{more})"
             if d.frees_in_ms is None:
                 # An untimed holder (a live listener): no countdown, just a pulsing bar.
                 progress.update(task, description=desc, total=None, deadline=None)
@@ -167,7 +168,7 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
             deadline = time.monotonic() + d.frees_in_ms / 1000
             progress.update(task, description=desc, total=total, completed=elapsed, deadline=deadline)
 
-        return wait_request(req, timeout=timeout, on_progress=update)
+        return wait_bindable(req, timeout=timeout, on_progress=update)
 
 
 def _until_listening(
