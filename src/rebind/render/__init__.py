@@ -1,5 +1,7 @@
-"""Renderers that both the CLI (rebind.cli) and the TUI (rebind.top) call: one per question, no
-click and no Textual here, so nothing below the CLI imports it (issue 21).
+"""Renderers that more than one front end calls (the CLI commands and `rebind top`'s keys):
+a question's answer as the lines people read. They import the model, never ``cli`` or ``top``
+(tests/unit/test_layers.py), nor Textual.
 
-``console``: the markup printer and shared cells; ``why``: `rebind why`'s text.
+``console``: the markup printer (rich on a colour terminal, plain otherwise) and shared cells;
+``why``: `rebind why`'s text; ``free``: `rebind free`'s plan and result.
 """

@@ -4,6 +4,7 @@ well-known holders). `rebind why` prints it; `rebind top`'s why screen captures 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,13 +24,20 @@ def print_diagnosis(d: Diagnosis, found: Findings | None = None) -> None:
 
         found = findings(d.table.entries, d.request.port, d.request.proto, nat=False)
     con = out()
-    for line in diagnosis_lines(d, con.esc):
-        con.print(line)
-    for line in findings_lines(found, con.esc):
-        con.print(line)
+    for line in [*diagnosis_lines(d, con.esc), *findings_lines(found, con.esc)]:
+        con.print(line, nowrap=is_fix_line(line))
     err = out(stderr=True)
     for w in d.table.warnings:
         err.print(f"[yellow]note:[/] {err.esc(w)}")
+
+
+#: The lines that carry something to paste: shell commands, code lines, a fix with a command.
+_FIX_LINE = re.compile(r"^\s*(?:\d+\. )?(?:\$ |Python: |C: |fix: |Then verify: \$ )")
+
+
+def is_fix_line(line: str) -> bool:
+    """A line printed as one line at any terminal width (rich would otherwise wrap it)."""
+    return _FIX_LINE.match(line) is not None
 
 
 def diagnosis_lines(d: Diagnosis, esc_markup: Callable[[str], str] | None = None) -> list[str]:
