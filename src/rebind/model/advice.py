@@ -1,7 +1,7 @@
 """`rebind why`, pure: from the gathered facts to one answer and its words.
 
 Flow: request -> facts (kernel/facts.py: table, owners, flags with provenance, settings, safe
-trial binds) -> :func:`advise` (this module) -> render (cli/why.py). No I/O here, so every
+trial binds) -> :func:`advise` (this module) -> render (render/why.py). No I/O here, so every
 sentence is unit-tested without root.
 
 The kernel is ground truth for the bind() stage: when a trial bind ran, its answer is the
