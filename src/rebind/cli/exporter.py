@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from rebind.exporter.facts import Dest, Watch
+    from rebind.exporter.failures import FailureCounters
 
 #: Bounds on the command line, so a typo cannot make a cardinality (or bytecode) explosion.
 MAX_WATCH = 512
@@ -76,6 +77,14 @@ package: rebind/exporter/rules.yml). Exit status: 0 ok, 2 usage error, 3 cannot 
     help="Write the metrics to PATH (*.prom) atomically instead of serving HTTP.",
 )
 @click.option("--once", is_flag=True, help="With --textfile: write once and exit.")
+@click.option(
+    "--trace/--no-trace",
+    "trace",
+    default=None,
+    help="Count failing bind/listen/connect calls on the watched ports and destinations "
+    "(rebind_bind_failures_total, rebind_connect_failures_total) with rebind trace's kernel "
+    "program while the exporter runs. Default: on when root with kernel BTF, else off.",
+)
 def exporter(
     listen: str,
     watch: tuple[str, ...],
@@ -83,6 +92,7 @@ def exporter(
     interval: str,
     textfile: str | None,
     once: bool,
+    trace: bool | None,
 ) -> int:
     """Export port health to Prometheus: would a restart bind, accept queues, sockets by state,
     ephemeral ports left per destination, and configuration warnings.
@@ -105,11 +115,40 @@ def exporter(
     if textfile and not once and seconds < 1:
         raise UsageError("--interval must be at least 1 s when rewriting --textfile")
     host, port = parse_listen(listen)
+    if trace and once:
+        raise UsageError("--trace counts while the exporter runs: not with --once")
     collector = RebindCollector(watches, dests, interval=0.0 if textfile else seconds)
     registry = registry_with(collector, process=not textfile)
-    if textfile:
-        return _textfile(registry, textfile, seconds, once)
-    return _serve(registry, host, port)
+    counters = _failure_counters(watches, dests, trace, once)
+    if counters is not None:
+        registry.register(counters)
+    try:
+        if textfile:
+            return _textfile(registry, textfile, seconds, once)
+        return _serve(registry, host, port)
+    finally:
+        if counters is not None:
+            counters.close()
+
+
+def _failure_counters(
+    watches: list[Watch], dests: list[Dest], trace: bool | None, once: bool
+) -> FailureCounters | None:
+    """The registration hook of exporter/failures.py: explicit --trace fails with exit 3 where
+    it cannot run; the default turns it on quietly where it can (root, BTF) and says why not."""
+    from rebind.kernel.bpf.syscall import BPFUnavailable
+
+    if trace is False or once or not (watches or dests):
+        return None
+    from rebind.exporter import failures
+
+    try:
+        return failures.start(watches, dests)
+    except BPFUnavailable as exc:
+        if trace:
+            raise
+        click.echo(f"rebind exporter: failure counters off ({exc})", err=True)
+        return None
 
 
 def _need_prometheus_client() -> None:
