@@ -121,9 +121,9 @@ def test_without_trace_there_are_no_failure_counters(netns: int, procs: Procs) -
 
 def test_unprivileged_explicit_trace_says_what_is_missing(netns: int) -> None:
     env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PATH": os.environ.get("PATH", "")}
+    args = ["exporter", "--listen", f"127.0.0.1:{METRICS_PORT}", "--watch", "8190", "--trace"]
     res = subprocess.run(
-        [*NOBODY, sys.executable, "-m", "rebind", "exporter", "--listen", f"127.0.0.1:{METRICS_PORT}"]
-        + ["--watch", "8190", "--trace"],
+        [*NOBODY, sys.executable, "-m", "rebind", *args],
         capture_output=True,
         text=True,
         env=env,
