@@ -114,7 +114,7 @@ def test_bind_and_connect_counters_equal_the_failures_made(netns: int, procs: Pr
 
 
 def test_without_trace_there_are_no_failure_counters(netns: int, procs: Procs) -> None:
-    _start_exporter(procs, "--watch", "8190", "--no-trace")
+    _start_exporter(procs, "--watch", "8190")
     text = _scrape()
     assert "rebind_bind_failures_total" not in text
 

@@ -78,12 +78,12 @@ package: rebind/exporter/rules.yml). Exit status: 0 ok, 2 usage error, 3 cannot 
 )
 @click.option("--once", is_flag=True, help="With --textfile: write once and exit.")
 @click.option(
-    "--trace/--no-trace",
+    "--trace",
     "trace",
-    default=None,
-    help="Count failing bind/listen/connect calls on the watched ports and destinations "
+    is_flag=True,
+    help="Also count failing bind/listen/connect calls on the watched ports and destinations "
     "(rebind_bind_failures_total, rebind_connect_failures_total) with rebind trace's kernel "
-    "program while the exporter runs. Default: on when root with kernel BTF, else off.",
+    "program while the exporter runs (root, kernel BTF).",
 )
 def exporter(
     listen: str,
@@ -92,7 +92,7 @@ def exporter(
     interval: str,
     textfile: str | None,
     once: bool,
-    trace: bool | None,
+    trace: bool,
 ) -> int:
     """Export port health to Prometheus: would a restart bind, accept queues, sockets by state,
     ephemeral ports left per destination, and configuration warnings.
@@ -119,7 +119,7 @@ def exporter(
         raise UsageError("--trace counts while the exporter runs: not with --once")
     collector = RebindCollector(watches, dests, interval=0.0 if textfile else seconds)
     registry = registry_with(collector, process=not textfile)
-    counters = _failure_counters(watches, dests, trace, once)
+    counters = _failure_counters(watches, dests) if trace else None
     if counters is not None:
         registry.register(counters)
     try:
@@ -131,24 +131,14 @@ def exporter(
             counters.close()
 
 
-def _failure_counters(
-    watches: list[Watch], dests: list[Dest], trace: bool | None, once: bool
-) -> FailureCounters | None:
-    """The registration hook of exporter/failures.py: explicit --trace fails with exit 3 where
-    it cannot run; the default turns it on quietly where it can (root, BTF) and says why not."""
-    from rebind.kernel.bpf.syscall import BPFUnavailable
-
-    if trace is False or once or not (watches or dests):
-        return None
+def _failure_counters(watches: list[Watch], dests: list[Dest]) -> FailureCounters:
+    """The registration hook of exporter/failures.py (off unless --trace: a root exporter then
+    exports series an unprivileged one cannot; where tracing cannot run, exit 3)."""
+    if not (watches or dests):
+        raise UsageError("--trace counts failures on --watch ports and --dest destinations: name some")
     from rebind.exporter import failures
 
-    try:
-        return failures.start(watches, dests)
-    except BPFUnavailable as exc:
-        if trace:
-            raise
-        click.echo(f"rebind exporter: failure counters off ({exc})", err=True)
-        return None
+    return failures.start(watches, dests)
 
 
 def _need_prometheus_client() -> None:
