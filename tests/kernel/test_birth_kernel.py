@@ -196,3 +196,18 @@ def test_unprivileged_install_says_what_is_missing(pins: str) -> None:
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "CAP_BPF" in lines[0] and "Traceback" not in res.stderr
     assert not os.path.exists(pins)
+
+
+def test_a_map_in_a_directory_others_can_write_is_not_read(
+    installed: str, netns: int, procs: Procs, rebind_cli: Run
+) -> None:
+    """Root's `ls` reads certificates only from root's own pin directory, not one others can
+    write (where anyone could have pinned a map of their own first)."""
+    binder, _ = _bind_fork_exit(procs, 8185)
+    assert f"binder-a[{binder}]" in rebind_cli("ls", "8185").stdout
+    os.chmod(installed, 0o777)
+    try:
+        res = rebind_cli("ls", "8185")
+        assert res.returncode == 0 and "bound by" not in res.stdout
+    finally:
+        os.chmod(installed, 0o700)

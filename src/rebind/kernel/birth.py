@@ -285,8 +285,16 @@ def open_map() -> int | None:
     """A read-only fd of the pinned map, or None (not installed, no privilege, REBIND_NO_BPF)."""
     if os.environ.get("REBIND_NO_BPF", "") not in ("", "0"):
         return None
-    path = os.path.join(pin_dir(), MAP_PIN)
+    d = pin_dir()
     try:
-        return obj_get(path, BPF_F_RDONLY)
+        st = os.lstat(d)
+    except OSError:
+        return None
+    # Only root's own directory: on a bpffs mounted writable for others, a user's map pinned
+    # here first would put their words in root's `ls` ("bound by" whoever they like).
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        return None
+    try:
+        return obj_get(os.path.join(d, MAP_PIN), BPF_F_RDONLY)
     except (OSError, BPFUnavailable):
         return None
