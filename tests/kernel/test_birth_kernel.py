@@ -211,3 +211,28 @@ def test_a_map_in_a_directory_others_can_write_is_not_read(
         assert res.returncode == 0 and "bound by" not in res.stdout
     finally:
         os.chmod(installed, 0o700)
+
+
+def test_trace_without_owner_scan_names_the_binder(installed: str, netns: int, procs: Procs) -> None:
+    """`rebind trace --no-owners` skips the owner scan; the blocker still has a name."""
+    t = procs.start(
+        [
+            sys.executable,
+            "-m",
+            "rebind",
+            "trace",
+            "--json",
+            "--no-owners",
+            "--netns",
+            str(netns),
+            "--count",
+            "1",
+        ]
+    )
+    assert t.stderr is not None and "tracing" in t.stderr.readline()
+    binder, _ = _bind_fork_exit(procs, 8186)
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", 8186))
+    out, _err = t.communicate(timeout=60)
+    doc = json.loads(out.splitlines()[0])
+    assert doc["port"] == 8186 and f"(bound by binder-a[{binder}] at " in doc["snapshot"]["reason"]
