@@ -236,3 +236,34 @@ def test_trace_without_owner_scan_names_the_binder(installed: str, netns: int, p
     out, _err = t.communicate(timeout=60)
     doc = json.loads(out.splitlines()[0])
     assert doc["port"] == 8186 and f"(bound by binder-a[{binder}] at " in doc["snapshot"]["reason"]
+
+
+def test_listen_without_bind_is_certified_and_a_bind_certificate_is_kept(
+    installed: str, netns: int, procs: Procs, rebind_cli: Run
+) -> None:
+    """listen() on an unbound socket picks its own port (inet_csk_listen_start): the sock_ops
+    listen hook certifies it; for a socket bind() certified, listen() changes nothing."""
+    comm = Path("/proc/thread-self/comm")
+    old = comm.read_text().strip()
+    try:
+        comm.write_text("auto-listener")
+        auto = socket.socket()
+        auto.listen()
+        comm.write_text("later-listen")
+        bound = socket.socket()
+        comm.write_text("the-binder")
+        bound.bind(("127.0.0.1", 0))
+        comm.write_text("later-listen")
+        bound.listen()
+    finally:
+        comm.write_text(old)
+    with auto, bound:
+        ports = {auto.getsockname()[1]: "auto-listener", bound.getsockname()[1]: "the-binder"}
+        doc = json.loads(rebind_cli("ls", *map(str, ports), "--json", "--no-owners").stdout)
+        got = {
+            s["local"]["port"]: (s["birth"]["comm"], s["birth"]["hook"], s["birth"]["port"])
+            for s in doc["sockets"]
+        }
+        assert got == {
+            p: (name, "listen" if name == "auto-listener" else "bind4", p) for p, name in ports.items()
+        }

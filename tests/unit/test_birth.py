@@ -86,7 +86,7 @@ def test_map_btf_describes_the_value() -> None:
 
 
 def test_program_writes_every_field_and_always_allows() -> None:
-    text = asm.disassemble(birth_prog.build_program(5, v6=True))
+    text = asm.disassemble(birth_prog.build_program(5, birth.Flag.BIND6))
     assert text[-2].endswith("r0 = 0x1") and text[-1].endswith("exit")
     assert any(line.endswith(f"call helper {birth_prog.HELPER_SK_STORAGE_GET}") for line in text)
     assert text[-3].endswith(f"*(u16 *)(r7 + {birth_prog.Off.FLAGS}) = 0x{birth.Flag.BIND6}")
@@ -107,3 +107,14 @@ def test_top_row_falls_back_to_the_certificate() -> None:
     (row,) = build_rows([SocketEntry(rec)])
     assert row_owners_text(row).startswith("bound by nginx[4121] at ")
     assert row_owners_text(row, 12).endswith("…")
+
+
+def test_listen_program_keeps_a_bind_certificate_and_writes_no_reply() -> None:
+    text = asm.disassemble(birth_prog.build_program(5, birth.Flag.LISTEN))
+    assert text[0].endswith(f"r2 = *(u32 *)(r1 + {birth_prog.OPS_OP})")
+    assert text[1].endswith(f"if r2 != 0x{birth_prog.BPF_SOCK_OPS_TCP_LISTEN_CB:x} goto {len(text) - 2}")
+    assert any(line.endswith(f"r1 = *(u16 *)(r7 + {birth_prog.Off.FLAGS})") for line in text)
+    # every store goes to the map value (r7): nothing to the ctx (its reply stays 0) or the socket
+    stores = [line.split(None, 5)[-1] for line in text if line.split(None, 5)[-1].startswith("*(")]
+    assert stores and all("(r7 + " in st for st in stores)
+    assert text[-3].endswith(f"*(u16 *)(r7 + {birth_prog.Off.FLAGS}) = 0x{birth.Flag.LISTEN}")

@@ -138,9 +138,9 @@ def _install() -> int:
         click.echo(f"birth certificates: already installed ({done.pin_dir})")
         return 0
     click.echo(
-        f"birth certificates installed: programs rebind_birth4/rebind_birth6 on {done.cgroup}'s "
-        f"post-bind hooks, map rebind_birth; pinned in {done.pin_dir} (they stay loaded until "
-        "`rebind trace --uninstall`, or a reboot)"
+        f"birth certificates installed: programs rebind_birth4/rebind_birth6 (post-bind) and "
+        f"rebind_birthl (sock_ops, listen) on {done.cgroup}, map rebind_birth; pinned in "
+        f"{done.pin_dir} (they stay loaded until `rebind trace --uninstall`, or a reboot)"
     )
     return 0
 

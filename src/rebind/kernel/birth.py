@@ -1,12 +1,13 @@
 """Birth certificates' kernel side: install, remove and read the post-bind program's map.
 
-``rebind trace --install`` loads :mod:`rebind.kernel.bpf.birth_prog`'s program twice (IPv4 and
-IPv6 post-bind hooks), attaches both to the root of the cgroup v2 hierarchy with
-``BPF_LINK_CREATE`` (Linux 5.7) and pins the two links and the ``BPF_MAP_TYPE_SK_STORAGE`` map
+``rebind trace --install`` loads :mod:`rebind.kernel.bpf.birth_prog`'s program for three hooks
+(IPv4 and IPv6 post-bind, the sock_ops listen callback), attaches them to the root of the
+cgroup v2 hierarchy with ``BPF_LINK_CREATE`` (Linux 5.7) and pins the three links and the
+``BPF_MAP_TYPE_SK_STORAGE`` map
 under :func:`pin_dir` (``/sys/fs/bpf/rebind``). The pins are what keeps them: the processes
 that made them exit, the links stay attached and the map stays. ``rebind trace --uninstall``
 (or ``rm /sys/fs/bpf/rebind/birth_*``) unpins them; with the last reference gone the kernel
-detaches the links, frees both programs and the map, and with it every socket's certificate.
+detaches the links, frees the programs and the map, and with it every socket's certificate.
 
 Readers (:mod:`rebind.kernel.diag`) open the pinned map with ``BPF_OBJ_GET`` and pass its fd in
 each inet_diag dump (``INET_DIAG_REQ_SK_BPF_STORAGES``, Linux 5.2; the kernel requires
@@ -34,15 +35,44 @@ from rebind.kernel.bpf.syscall import (
     bpf,
     btf_load,
 )
-from rebind.model.birth import VALUE
+from rebind.model.birth import VALUE, Flag
 
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_F_RDONLY = 1 << 3  # file_flags of BPF_OBJ_GET: a read-only map fd is all inet_diag needs
 DEFAULT_PIN_DIR = "/sys/fs/bpf/rebind"
 MAP_PIN = "birth_map"
-LINK_PINS = {False: "birth_bind4", True: "birth_bind6"}
-PINS = (LINK_PINS[False], LINK_PINS[True], MAP_PIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    flag: int  # model.birth.Flag: what the program writes, and which program it is
+    prog_type: int
+    attach_type: int
+    name: bytes  # the program's name (bpftool prog show)
+    pin: str  # the link's pin name
+
+
+HOOKS = (
+    Hook(
+        Flag.BIND4,
+        prog.BPF_PROG_TYPE_CGROUP_SOCK,
+        prog.BPF_CGROUP_INET4_POST_BIND,
+        b"rebind_birth4",
+        "birth_bind4",
+    ),
+    Hook(
+        Flag.BIND6,
+        prog.BPF_PROG_TYPE_CGROUP_SOCK,
+        prog.BPF_CGROUP_INET6_POST_BIND,
+        b"rebind_birth6",
+        "birth_bind6",
+    ),
+    Hook(
+        Flag.LISTEN, prog.BPF_PROG_TYPE_SOCK_OPS, prog.BPF_CGROUP_SOCK_OPS, b"rebind_birthl", "birth_listen"
+    ),
+)
+PINS = (*(h.pin for h in HOOKS), MAP_PIN)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 
 
@@ -167,17 +197,16 @@ def _create_map() -> int:
         os.close(btf_fd)
 
 
-def _load(map_fd: int, v6: bool) -> int:
-    insns = prog.build_program(map_fd, v6)
+def _load(map_fd: int, hook: Hook) -> int:
+    insns = prog.build_program(map_fd, hook.flag)
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(LICENSE, len(LICENSE))
     log = ctypes.create_string_buffer(1 << 16)
-    hook = prog.BPF_CGROUP_INET6_POST_BIND if v6 else prog.BPF_CGROUP_INET4_POST_BIND
     # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
     # prog_flags, prog_name[16], prog_ifindex, expected_attach_type
     attr = attr_buf(
         "<IIQQIIQII16sII",
-        prog.BPF_PROG_TYPE_CGROUP_SOCK,
+        hook.prog_type,
         len(insns) // 8,
         ctypes.addressof(code),
         ctypes.addressof(lic),
@@ -186,9 +215,9 @@ def _load(map_fd: int, v6: bool) -> int:
         ctypes.addressof(log),
         0,
         0,
-        b"rebind_birth6" if v6 else b"rebind_birth4",
+        hook.name,
         0,
-        hook,
+        hook.attach_type,
     )
     try:
         return bpf(BPF_PROG_LOAD, attr)
@@ -199,12 +228,11 @@ def _load(map_fd: int, v6: bool) -> int:
         raise VerifierRejected(f"verifier rejected the birth program ({exc.strerror}):\n{text}") from exc
 
 
-def _attach(prog_fd: int, cgroup_fd: int, v6: bool) -> int:
-    hook = prog.BPF_CGROUP_INET6_POST_BIND if v6 else prog.BPF_CGROUP_INET4_POST_BIND
+def _attach(prog_fd: int, cgroup_fd: int, hook: Hook) -> int:
     # link_create: prog_fd, target_fd (the cgroup), attach_type, flags. A link, not
     # BPF_PROG_ATTACH: it lives as long as its pin, so unpinning is the whole uninstall, and it
     # sits beside other programs on the same hook (links are always BPF_F_ALLOW_MULTI).
-    return bpf(BPF_LINK_CREATE, attr_buf("<IIII", prog_fd, cgroup_fd, hook, 0))
+    return bpf(BPF_LINK_CREATE, attr_buf("<IIII", prog_fd, cgroup_fd, hook.attach_type, 0))
 
 
 def installed(directory: str | None = None) -> list[str]:
@@ -240,20 +268,20 @@ def install(directory: str | None = None) -> Installed:
         cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds.append(cg_fd)
         links = {}
-        for v6 in (False, True):
+        for hook in HOOKS:
             try:
-                prog_fd = _load(map_fd, v6)
+                prog_fd = _load(map_fd, hook)
                 fds.append(prog_fd)
-                links[v6] = _attach(prog_fd, cg_fd, v6)
+                links[hook.pin] = _attach(prog_fd, cg_fd, hook)
             except VerifierRejected:
                 raise
             except OSError as exc:
-                raise BPFUnavailable(f"loading the post-bind program: {exc.strerror}") from exc
-            fds.append(links[v6])
+                raise BPFUnavailable(f"loading the {hook.name.decode()} program: {exc.strerror}") from exc
+            fds.append(links[hook.pin])
         try:
             _pin(map_fd, os.path.join(d, MAP_PIN))
-            for v6, link_fd in links.items():
-                _pin(link_fd, os.path.join(d, LINK_PINS[v6]))
+            for pin, link_fd in links.items():
+                _pin(link_fd, os.path.join(d, pin))
         except OSError as exc:
             uninstall(d)
             raise BPFUnavailable(f"pinning under {d}: {exc.strerror}") from exc

@@ -27,6 +27,7 @@ class Flag:
 
     BIND4: Final = 1  # BPF_CGROUP_INET4_POST_BIND (__inet_bind)
     BIND6: Final = 2  # BPF_CGROUP_INET6_POST_BIND (__inet6_bind)
+    LISTEN: Final = 4  # BPF_SOCK_OPS_TCP_LISTEN_CB: listen() on a socket no bind() certified
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,10 @@ def text(b: Birth, now: float) -> str:
     return f"{b.label} at {when(b, now)}"
 
 
+def hook_name(flags: int) -> str:
+    return "listen" if flags & Flag.LISTEN else "bind6" if flags & Flag.BIND6 else "bind4"
+
+
 def to_json(b: Birth | None) -> dict[str, Any] | None:
     if b is None:
         return None
@@ -82,5 +87,5 @@ def to_json(b: Birth | None) -> dict[str, Any] | None:
         "cgroup_id": b.cgroup_id,
         "port": b.port,
         "at": round(b.at, 6),
-        "hook": "bind6" if b.flags & Flag.BIND6 else "bind4",
+        "hook": hook_name(b.flags),
     }

@@ -4,14 +4,17 @@ Attach point, decided by measurement on 6.18.44 (docs/trace.md, "Birth certifica
 
 * fexit on ``inet_bind`` / fentry on ``inet_csk_listen_start``: ``BPF_PROG_LOAD`` of even
   ``r0 = 0; exit`` fails with EPERM on this kernel (as for `rebind trace`), so not usable here.
+* ``BPF_PROG_TYPE_SOCK_OPS`` on ``BPF_SOCK_OPS_TCP_LISTEN_CB`` (root cgroup too) certifies a
+  TCP socket that listen() bound itself (no bind() before): sock_ops programs may call
+  ``bpf_sk_storage_get`` on ``ctx->sk`` and, on 6.18, the same current-task helpers.
 * ``BPF_PROG_TYPE_CGROUP_SOCK`` with expected attach type ``BPF_CGROUP_INET4_POST_BIND`` /
   ``BPF_CGROUP_INET6_POST_BIND`` (Linux 4.17) loads and attaches to the root cgroup v2: the
   hook runs in ``__inet_bind`` / ``__inet6_bind`` right after the port was taken, in the
   binder's context, with the socket as ctx, so ``bpf_sk_storage_get(map, ctx, NULL,
   F_CREATE)`` (cgroup sock programs: Linux 5.11, ``bpf_sk_storage_get_cg_sock_proto``) and
   ``bpf_get_current_{pid_tgid,comm,uid_gid,cgroup_id}`` (``cgroup_current_func_proto``) all
-  work. It runs for explicit bind() only: a port taken implicitly (connect(), listen() on an
-  unbound socket, UDP sendmsg) gets no certificate. Programs attached to a cgroup are not
+  work. It runs for explicit bind() only; with the listen hook below, a port taken by
+  connect() or a UDP sendmsg() is the only kind without a certificate. Programs attached to a cgroup are not
   namespaced: every bind on the host, in every network namespace, gets one.
 
 The program returns 1 (allow) always: post-bind programs may refuse a bind, this one never does.
@@ -43,6 +46,13 @@ BPF_CGROUP_INET6_POST_BIND = 13
 
 #: ``struct bpf_sock`` (the ctx): ``src_port``, host byte order, readable in post-bind hooks.
 CTX_SRC_PORT = 44
+BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_CGROUP_SOCK_OPS = 3
+BPF_SOCK_OPS_TCP_LISTEN_CB = 11  # Linux 4.17
+#: ``struct bpf_sock_ops`` (include/uapi/linux/bpf.h): op, local_port (host order), sk (5.3).
+OPS_OP = 0
+OPS_LOCAL_PORT = 68
+OPS_SK = 184
 
 
 class Off:
@@ -107,21 +117,41 @@ def map_btf() -> bytes:
     return header + bytes(types) + bytes(strings)
 
 
-def build_program(map_fd: int, v6: bool) -> bytes:
-    """The post-bind program: fill the socket's certificate, allow the bind.
+def build_program(map_fd: int, hook: int) -> bytes:
+    """The program of one hook (:class:`rebind.model.birth.Flag`): fill the socket's
+    certificate, and allow (post-bind programs may refuse a bind; these never do).
 
-    r6 ctx (struct bpf_sock *, also the sk_storage_get owner argument), r7 the map value.
+    BIND4/BIND6 (``CGROUP_SOCK``, post-bind): ctx is the socket (``struct bpf_sock``).
+    LISTEN (``SOCK_OPS``): runs for every sock_ops callback of every TCP socket; only
+    ``BPF_SOCK_OPS_TCP_LISTEN_CB`` (called by ``__inet_listen_sk`` in the listener's context
+    once it listens) goes on, and only a socket that no bind() certified yet (one that listen()
+    bound to a port of its own choosing) gets a certificate: a bind()'s is kept. It never
+    writes ``reply``, so the TCP callbacks that read one (RTO, window, ECN) get 0, as with no
+    program at all (``tcp_call_bpf``).
+
+    r6 ctx, then the socket (the sk_storage_get owner argument); r7 the map value; r8 the port.
     """
     p = asm.Program()
-    r0, r1, r2, r3, r4, r6, r7 = asm.R0, asm.R1, asm.R2, asm.R3, asm.R4, asm.R6, asm.R7
-    p.mov(r6, r1)
+    r0, r1, r2, r3, r4, r6, r7, r8 = asm.R0, asm.R1, asm.R2, asm.R3, asm.R4, asm.R6, asm.R7, asm.R8
+    if hook == Flag.LISTEN:
+        p.load(4, r2, r1, OPS_OP)
+        p.jump_imm(asm.JNE, r2, BPF_SOCK_OPS_TCP_LISTEN_CB, "out")
+        p.load(4, r8, r1, OPS_LOCAL_PORT)
+        p.load(8, r6, r1, OPS_SK)
+        p.jump_imm(asm.JEQ, r6, 0, "out")
+    else:
+        p.mov(r6, r1)
+        p.load(4, r8, r6, CTX_SRC_PORT)
     p.ld_map_fd(r1, map_fd)
     p.mov(r2, r6)
     p.mov_imm(r3, 0)  # no initial value: the new storage is zeroed
     p.mov_imm(r4, BPF_SK_STORAGE_GET_F_CREATE)
     p.call(HELPER_SK_STORAGE_GET)
-    p.jump_imm(asm.JEQ, r0, 0, "out")  # no memory for it: the bind goes on uncertified
+    p.jump_imm(asm.JEQ, r0, 0, "out")  # no memory for it: the call goes on uncertified
     p.mov(r7, r0)
+    if hook == Flag.LISTEN:
+        p.load(2, r1, r7, Off.FLAGS)
+        p.jump_imm(asm.JNE, r1, 0, "out")  # bind() certified it: that is who chose the port
     p.call(HELPER_GET_CURRENT_PID_TGID)
     p.store(8, r7, Off.TID, r0)
     p.call(HELPER_GET_CURRENT_UID_GID)
@@ -132,12 +162,11 @@ def build_program(map_fd: int, v6: bool) -> bytes:
     p.alu_imm(asm.ADD, r1, Off.COMM)
     p.mov_imm(r2, 16)
     p.call(HELPER_GET_CURRENT_COMM)
-    p.load(4, r1, r6, CTX_SRC_PORT)
-    p.store(2, r7, Off.PORT, r1)
+    p.store(2, r7, Off.PORT, r8)
     p.call(HELPER_KTIME_GET_BOOT_NS)
     p.store(8, r7, Off.BOOT_NS, r0)
-    # flags last: a dump racing the bind sees 0 there and shows no certificate (model.birth.decode)
-    p.store_imm(2, r7, Off.FLAGS, Flag.BIND6 if v6 else Flag.BIND4)
+    # flags last: a dump racing the call sees 0 there and shows no certificate (model.birth.decode)
+    p.store_imm(2, r7, Off.FLAGS, hook)
     p.label("out")
     p.mov_imm(r0, 1)
     p.exit()
