@@ -18,8 +18,9 @@
    it smaller sizes where the fd limit does not allow its defaults).
 3. Missed events: --misses failing binds in a tight loop, `rebind trace --count N` must print
    a line for each (and its summary says how many the ring dropped).
-4. Birth certificates: a loop of bind(127.0.0.1:0)s with and without `rebind trace --install`
-   (pinned in a private BPF filesystem, removed after each round).
+4. Birth certificates: a loop of bind(127.0.0.1:0)s, and the connect loop of 1. (the sock_ops
+   program runs at every TCP callback), with and without `rebind trace --install` (pinned in
+   a private BPF filesystem, removed after each round).
 
 Not a test: it asserts no time.
 """
@@ -182,24 +183,28 @@ def births(n: int, rounds: int) -> None:
     if libc.mount(b"bpf", fs.encode(), b"bpf", 0, b"mode=0700") != 0:
         raise SystemExit(f"cannot mount bpffs: {os.strerror(ctypes.get_errno())}")
     pins = os.path.join(fs, "rebind")
-    off: list[float] = []
-    on: list[float] = []
+    loops = {"bind": lambda: bind_loop(n), "connect": lambda: connect_loop(n, 20100)}
+    off: dict[str, list[float]] = {k: [] for k in loops}
+    on: dict[str, list[float]] = {k: [] for k in loops}
     try:
         for _ in range(rounds):
-            off.append(bind_loop(n))
+            for name, loop in loops.items():
+                off[name].append(loop())
             birth.install(pins)
             try:
-                on.append(bind_loop(n))
+                for name, loop in loops.items():
+                    on[name].append(loop())
             finally:
                 birth.uninstall(pins)
     finally:
         libc.umount2(fs.encode(), 0)
         os.rmdir(fs)
-    ratio = statistics.median(on) / statistics.median(off)
-    print(f"bind loop, {n} binds x {rounds} rounds (binds/s):")
-    print(f"  without certificates: best {max(off):,.0f}  median {statistics.median(off):,.0f}")
-    print(f"  with certificates:    best {max(on):,.0f}  median {statistics.median(on):,.0f}")
-    print(f"  ratio of medians (with/without): {ratio:.3f}  -> overhead {100 * (1 - ratio):.1f}%")
+    for name in loops:
+        ratio = statistics.median(on[name]) / statistics.median(off[name])
+        print(f"{name} loop, {n} calls x {rounds} rounds (per second), birth certificates:")
+        print(f"  without: best {max(off[name]):,.0f}  median {statistics.median(off[name]):,.0f}")
+        print(f"  with:    best {max(on[name]):,.0f}  median {statistics.median(on[name]):,.0f}")
+        print(f"  ratio of medians (with/without): {ratio:.3f}  -> overhead {100 * (1 - ratio):.1f}%")
 
 
 def big_table(failures: int, build_timeout: float, extra: list[str]) -> None:

@@ -69,8 +69,8 @@ Exit status: 0 after --count events, 2 usage error, 3 missing permission or kern
 @click.option(
     "--install",
     is_flag=True,
-    help="Install birth certificates: a post-bind BPF program that stays loaded (pinned under "
-    "/sys/fs/bpf/rebind) so that ls/why/top show who bound each TCP socket, and when.",
+    help="Install birth certificates: post-bind and listen BPF programs that stay loaded (pinned "
+    "under /sys/fs/bpf/rebind) so that ls/why/top show who bound each TCP socket, and when.",
 )
 @click.option("--uninstall", is_flag=True, help="Remove what --install left loaded.")
 def trace(
