@@ -9,7 +9,8 @@ that made them exit, the links stay attached and the map stays. ``rebind trace -
 (or ``rm /sys/fs/bpf/rebind/birth_*``) unpins them; with the last reference gone the kernel
 detaches the links, frees the programs and the map, and with it every socket's certificate.
 
-Readers (:mod:`rebind.kernel.diag`) open the pinned map with ``BPF_OBJ_GET`` and pass its fd in
+Readers (:mod:`rebind.kernel.diag`, through :mod:`rebind.kernel.birth_pins`) open the pinned
+map with ``BPF_OBJ_GET`` and pass its fd in
 each inet_diag dump (``INET_DIAG_REQ_SK_BPF_STORAGES``, Linux 5.2; the kernel requires
 CAP_BPF or CAP_SYS_ADMIN, ``bpf_sk_storage_diag_alloc``); when the map is not there, or cannot
 be opened, dumps are as before and no certificate is shown.
@@ -23,6 +24,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from rebind.kernel.birth_pins import MAP_PIN, open_map, pin_dir
 from rebind.kernel.bpf import birth_prog as prog
 from rebind.kernel.bpf.syscall import (
     BPF_LINK_CREATE,
@@ -39,9 +41,6 @@ from rebind.model.birth import VALUE, Flag
 
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
-BPF_F_RDONLY = 1 << 3  # file_flags of BPF_OBJ_GET: a read-only map fd is all inet_diag needs
-DEFAULT_PIN_DIR = "/sys/fs/bpf/rebind"
-MAP_PIN = "birth_map"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +73,6 @@ HOOKS = (
 )
 PINS = (*(h.pin for h in HOOKS), MAP_PIN)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
-
-
-def pin_dir() -> str:
-    """Where the pins live: ``REBIND_BPF_DIR`` (tests: a private bpffs) or /sys/fs/bpf/rebind."""
-    return os.environ.get("REBIND_BPF_DIR") or DEFAULT_PIN_DIR
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,20 +303,14 @@ def uninstall(directory: str | None = None, *, remove_dir: bool = True) -> list[
     return removed
 
 
-def open_map() -> int | None:
-    """A read-only fd of the pinned map, or None (not installed, no privilege, REBIND_NO_BPF)."""
-    if os.environ.get("REBIND_NO_BPF", "") not in ("", "0"):
-        return None
-    d = pin_dir()
-    try:
-        st = os.lstat(d)
-    except OSError:
-        return None
-    # Only root's own directory: on a bpffs mounted writable for others, a user's map pinned
-    # here first would put their words in root's `ls` ("bound by" whoever they like).
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-        return None
-    try:
-        return obj_get(os.path.join(d, MAP_PIN), BPF_F_RDONLY)
-    except (OSError, BPFUnavailable):
-        return None
+__all__ = [
+    "MAP_PIN",
+    "PINS",
+    "Installed",
+    "install",
+    "installed",
+    "obj_get",
+    "open_map",
+    "pin_dir",
+    "uninstall",
+]

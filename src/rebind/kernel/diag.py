@@ -49,7 +49,7 @@ class DiagSocket:
         self._buf = bytearray(RECV_SIZE)
         self.netns = current_netns()
         # Birth certificates (kernel/birth.py): asked for in every dump when installed.
-        from rebind.kernel.birth import open_map
+        from rebind.kernel.birth_pins import open_map
 
         self._storage = open_map()
         self._boot_to_epoch = (

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.errors import CodecError, KernelError
-from rebind.model.birth import decode as birth_decode
 from rebind.model.records import Endpoint, Family, Proto, SocketRecord, State, Timer
 
 NETLINK_SOCK_DIAG = 4
@@ -459,6 +458,8 @@ def decode_socket(
         cgroup = struct.unpack_from("=Q", raw)[0]
     birth = None
     if boot_to_epoch is not None and (raw := attrs.get(Attr.SK_BPF_STORAGES)) is not None:
+        from rebind.model.birth import decode as birth_decode
+
         for value in storage_values(raw):
             birth = birth_decode(value, boot_to_epoch) or birth
     return SocketRecord(

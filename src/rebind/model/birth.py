@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Final
 
 from rebind.textsafe import visible
@@ -63,6 +62,8 @@ def decode(raw: bytes, boot_to_epoch: float) -> Birth | None:
 
 def when(b: Birth, now: float) -> str:
     """Local time of the bind: ``12:03:07`` today-ish, with the date when older than 20 hours."""
+    from datetime import datetime
+
     t = datetime.fromtimestamp(b.at)
     return t.strftime("%H:%M:%S" if now - b.at < 20 * 3600 else "%Y-%m-%d %H:%M:%S")
 
