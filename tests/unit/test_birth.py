@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address
 
+import pytest
+
 from rebind.kernel import diag_codec as codec
 from rebind.kernel.bpf import asm, birth_prog
 from rebind.kernel.bpf import btf as btfmod
@@ -118,3 +120,21 @@ def test_listen_program_keeps_a_bind_certificate_and_writes_no_reply() -> None:
     stores = [line.split(None, 5)[-1] for line in text if line.split(None, 5)[-1].startswith("*(")]
     assert stores and all("(r7 + " in st for st in stores)
     assert text[-3].endswith(f"*(u16 *)(r7 + {birth_prog.Off.FLAGS}) = 0x{birth.Flag.LISTEN}")
+
+
+def test_pins_need_a_bpf_filesystem_and_only_sys_fs_bpf_is_mounted_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rebind.kernel import birth as kbirth
+    from rebind.kernel.bpf.syscall import BPFUnavailable
+
+    mounts = [("/", "/", "ext4"), ("/sys", "/", "sysfs"), ("/mnt/b", "/", "bpf")]
+    monkeypatch.setattr(kbirth, "_mounts", lambda: mounts)
+    kbirth._ensure_bpffs("/mnt/b/rebind")  # a bpffs already: nothing to do
+    with pytest.raises(BPFUnavailable, match="not a BPF filesystem"):
+        kbirth._ensure_bpffs("/tmp/elsewhere/rebind")  # never mounts anywhere but /sys/fs/bpf
+    assert kbirth._fstype_of("/sys/fs/bpf") == "sysfs"
+    mounts.append(("/sys/fs/cgroup/unified", "/", "cgroup2"))
+    assert kbirth.cgroup2_root() == "/sys/fs/cgroup/unified"
+    mounts.append(("/sys/fs/cgroup", "/", "cgroup2"))
+    assert kbirth.cgroup2_root() == "/sys/fs/cgroup"
