@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
@@ -319,6 +320,7 @@ def _disagreement_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
 
 def _blocker_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
     from rebind.cli.render import fmt_ms, owners_cell
+    from rebind.model.birth import text as birth_text
     from rebind.model.diagnosis import NO_SOCKET_KINDS
 
     if not d.blockers:
@@ -340,6 +342,8 @@ def _blocker_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
         own = owners_cell(b.entry.owners)
         flags = _flags(b.opts.reuseaddr, b.opts.reuseport, b.provenance.value)
         held = f"  held by {esc(own)}" if own else _hidden(b.owners.value)
+        if r.birth is not None:
+            held += f"  bound by {esc(birth_text(r.birth, time.time()))}"
         lines.append(
             f"  • {r.proto.value} {r.state.label} {r.local}{remote}{left}{held}"
             + (f"  [dim]{esc(flags)}[/]" if flags else "")
