@@ -23,16 +23,15 @@ The /proc root is configurable (as psutil does) instead of patching ``open``.
 
 from __future__ import annotations
 
-import enum
-import errno
 import marshal
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from rebind.kernel.pidfd import PROC, DupWatch, exited, own_duplicates, pin
+from rebind.kernel.pidfd import DupWatch, exited, own_duplicates, pin
+from rebind.kernel.procfs import FdRead, ProcFS
 from rebind.kernel.procstat import start_ticks
 from rebind.model.records import Owner, OwnerScanReport, SocketRecord
 
@@ -54,12 +53,12 @@ bpf_fallback_reason: str | None = None
 
 
 def proc_root() -> str:
-    return os.environ.get("REBIND_PROC_ROOT", "/proc")
+    return ProcFS.default().root
 
 
 def bpf_wanted(root: str) -> bool:
     """BPF looks at the live kernel: only for the real /proc, and not when told not to."""
-    return root == "/proc" and os.environ.get("REBIND_NO_BPF", "") in ("", "0")
+    return ProcFS(root).live and os.environ.get("REBIND_NO_BPF", "") in ("", "0")
 
 
 #: Test seam: called with each pid right after its fd table was read and before its identity
@@ -103,7 +102,7 @@ def find_owners(
                 # Every task of the system was visited (no namespace pruning, no permission
                 # failures).
                 return _owners(_not_ours(hits, dups), root, OwnerScanReport(scanned=result.tables))
-        wanted = {f"socket:[{r.inode}]": r.inode for r in recs if r.inode}
+        wanted = frozenset(r.inode for r in recs if r.inode)
         netns = {r.netns for r in recs if r.netns is not None}
         uids = {r.uid for r in recs if r.uid is not None}
         plan = _plan(root, netns, uids)
@@ -188,10 +187,7 @@ def _with_fd(base: Owner, fd: int) -> Owner:
 def _plan(root: str, netns: set[int], uids: set[int]) -> _Plan:
     rows: list[tuple[int, int, int]] = []  # (priority, pid, fd count)
     other = vanished = 0
-    for name in os.listdir(root):
-        if not name.isdigit():
-            continue
-        pid = int(name)
+    for pid in ProcFS(root).pids():
         try:
             if netns and os.stat(f"{root}/{pid}/ns/net").st_ino not in netns:
                 other += 1
@@ -226,7 +222,7 @@ class Hit(NamedTuple):
     start_ticks: int
 
 
-def _scan_pids(root: str, pids: Sequence[int], wanted: dict[str, int]) -> tuple[list[Hit], int, int]:
+def _scan_pids(root: str, pids: Sequence[int], wanted: Set[int]) -> tuple[list[Hit], int, int]:
     hits: list[Hit] = []
     inaccessible = vanished = 0
     for pid in pids:
@@ -237,10 +233,10 @@ def _scan_pids(root: str, pids: Sequence[int], wanted: dict[str, int]) -> tuple[
             if ident.gone:
                 vanished += 1
                 continue
-            found, state = _read_fds(root, pid, wanted)
-            inaccessible += state is _Read.DENIED
+            found, state = _read_fds(ProcFS(root), pid, wanted)
+            inaccessible += state is FdRead.INACCESSIBLE
             if not found:
-                vanished += state is _Read.GONE
+                vanished += state is FdRead.VANISHED
                 continue
             if _after_fd_scan is not None:
                 _after_fd_scan(pid)
@@ -260,7 +256,7 @@ class _Identity:
         self.root, self.pid = root, pid
         self.pfd: int | None = None
         self.before: int | None = None
-        if root == PROC:
+        if ProcFS(root).live:
             try:
                 self.pfd = pin(pid)
             except OSError:
@@ -284,45 +280,10 @@ class _Identity:
             os.close(self.pfd)
 
 
-class _Read(enum.Enum):
-    OK = "ok"
-    GONE = "gone"
-    DENIED = "denied"
-
-
-def _read_fds(root: str, pid: int, wanted: dict[str, int]) -> tuple[list[tuple[int, int]], _Read]:
+def _read_fds(proc: ProcFS, pid: int, wanted: Set[int]) -> tuple[list[tuple[int, int]], FdRead]:
     """(fd, inode) of the wanted sockets in a process's fd table, and how the reading went."""
-    try:
-        dfd = os.open(f"{root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except PermissionError:
-        return [], _Read.DENIED
-    except OSError:
-        return [], _Read.GONE
-    found: list[tuple[int, int]] = []
-    readlink = os.readlink
-    try:
-        try:
-            names = os.listdir(dfd)
-        except PermissionError:
-            return [], _Read.DENIED
-        except OSError:
-            return [], _Read.GONE
-        for name in names:
-            try:
-                link = readlink(name, dir_fd=dfd)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EPERM):
-                    # proc_fd_access_allowed(): each link needs ptrace read access, which a
-                    # listable directory does not imply (root without CAP_SYS_PTRACE, another
-                    # user namespace, an LSM). Not "fd closed": this process is unknown.
-                    return found, _Read.DENIED
-                continue  # fd closed between listdir and readlink
-            inode = wanted.get(link)
-            if inode is not None:
-                found.append((int(name), inode))
-    finally:
-        os.close(dfd)
-    return found, _Read.OK
+    got = proc.socket_fds(pid)
+    return [(fd, ino) for fd, ino in got.fds.items() if ino in wanted], got.read
 
 
 def _partition(plan: _Plan, n: int) -> list[list[int]]:
@@ -336,7 +297,7 @@ def _partition(plan: _Plan, n: int) -> list[list[int]]:
     return parts
 
 
-def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -> tuple[list[Hit], int, int]:
+def _scan(root: str, plan: _Plan, wanted: Set[int], workers: int | None) -> tuple[list[Hit], int, int]:
     total = sum(plan.fd_counts)
     n = workers if workers is not None else min(os.cpu_count() or 1, MAX_WORKERS)
     # fork() is only safe while this is the sole thread (a lock held by another thread would be

@@ -25,8 +25,11 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from rebind.kernel.procfs import ProcFS
 from rebind.kernel.procstat import PPID, stat_field
 
+#: The supervisor reads its own children: always the live /proc.
+_PROC = ProcFS()
 EPOLLIN = 0x1
 POLLIN = 0x1
 _MAX_POLLFDS = 4096
@@ -126,33 +129,18 @@ def _scan_parents() -> dict[int, list[int]]:
 
 def socket_fds(pid: int, inodes: frozenset[int]) -> dict[int, int]:
     """fd -> inode for the fds of PID that refer to one of INODES."""
-    found: dict[int, int] = {}
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return found
-    for name in entries:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:[") and int(link[8:-1]) in inodes:
-            found[int(name)] = int(link[8:-1])
-    return found
+    return {fd: ino for fd, ino in _PROC.socket_fds(pid).fds.items() if ino in inodes}
 
 
 def epoll_watches(pid: int) -> set[int]:
     """Inodes that an epoll instance of PID watches for input."""
     watched: set[int] = set()
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return watched
-    for name in entries:
+    links, _read = _PROC.fd_links(pid)
+    for fd, link in links.items():
+        if link != "anon_inode:[eventpoll]":
+            continue
         try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[eventpoll]":
-                continue
-            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+            with open(_PROC.path(pid, "fdinfo", str(fd))) as f:
                 lines = f.read().splitlines()
         except OSError:
             continue
@@ -283,22 +271,6 @@ def _connections_proc(wanted: set[int]) -> dict[int, int]:
     return out
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for name in entries:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out.add(int(link[8:-1]))
-    return out
-
-
 def serving(root: int, inodes: frozenset[int], tcp_ports: dict[int, int] | None = None) -> dict[int, Serving]:
     """inode -> who in ROOT's process tree serves it (only served ones).
 
@@ -334,7 +306,7 @@ def _accepted(
     if not conns:
         return
     for pid, fds in holders:
-        held_ports = {conns[i] for i in _socket_inodes(pid) if i in conns}
+        held_ports = {conns[i] for i in _PROC.socket_fds(pid).inodes() if i in conns}
         for ino in set(fds.values()):
             if ino in ports and ports[ino] in held_ports:
                 found.setdefault(ino, Serving(pid, "accepted"))
