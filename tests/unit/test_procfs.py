@@ -89,3 +89,10 @@ def test_the_live_root_is_the_only_one_pidfds_and_bpf_see(monkeypatch: pytest.Mo
     monkeypatch.setenv("REBIND_PROC_ROOT", "/srv/proc")
     assert ProcFS.default() == ProcFS("/srv/proc")
     assert ProcFS("/x").path(3, "fd", "4") == "/x/3/fd/4"
+
+
+def test_a_question_of_any_stops_at_the_first_answer(tmp_path: Path) -> None:
+    proc = _proc(tmp_path, 8, {3: "socket:[1]", 4: "socket:[2]", 5: "socket:[3]"})
+    got = proc.socket_fds(8, first=[5], until={3})
+    assert got.fds == {5: 3} and got.read is FdRead.OK  # the hinted fd first, and enough
+    assert proc.socket_fds(8, first=[7], until={9}).fds == {3: 1, 4: 2, 5: 3}  # a stale hint

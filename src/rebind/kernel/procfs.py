@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from rebind.kernel.procstat import ProcStat, read_stat, start_ticks
@@ -100,10 +100,16 @@ class ProcFS:
         return start_ticks(pid, self.root)
 
     def fd_links(
-        self, pid: int, *, task: int | None = None, first: Iterable[int] = ()
+        self,
+        pid: int,
+        *,
+        task: int | None = None,
+        first: Iterable[int] = (),
+        stop: Callable[[str], bool] | None = None,
     ) -> tuple[dict[int, str], FdRead]:
         """fd -> link target of every fd of PID (of thread TASK's table if given), and how the
-        reading went. ``first``: fds to read before the rest (where they were last seen)."""
+        reading went. ``first``: fds to read before the rest (where they were last seen);
+        ``stop``: the reading ends at the first link it accepts (a question of "any", not "all")."""
         where = self.path(pid, "task", str(task), "fd") if task is not None else self.path(pid, "fd")
         try:
             dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -125,13 +131,22 @@ class ProcFS:
                     return out, FdRead.INACCESSIBLE
                 if name.isdigit():
                     out[int(name)] = link
+                if stop is not None and stop(link):
+                    break
         finally:
             os.close(dfd)
         return out, FdRead.OK
 
-    def socket_fds(self, pid: int, *, task: int | None = None, first: Iterable[int] = ()) -> SocketFds:
-        """The sockets PID holds (fd -> inode), and how reading its fd table went."""
-        links, read = self.fd_links(pid, task=task, first=first)
+    def socket_fds(
+        self, pid: int, *, task: int | None = None, first: Iterable[int] = (), until: Container[int] = ()
+    ) -> SocketFds:
+        """The sockets PID holds (fd -> inode), and how reading its fd table went; ``until``:
+        stop at the first socket among these inodes (enough to say it holds one)."""
+
+        def stop(link: str) -> bool:
+            return socket_inode(link) in until
+
+        links, read = self.fd_links(pid, task=task, first=first, stop=stop if until else None)
         fds = {fd: ino for fd, link in links.items() if (ino := socket_inode(link)) is not None}
         return SocketFds(fds, read)
 
