@@ -108,9 +108,14 @@ def test_systest_as_root_with_apt_installs_then_purges_exactly_what_it_added(tmp
         ("apt-get", FAKE_APT_GET),
         ("id", "#!/bin/sh\necho 0\n"),
     ):
+        # _bare_path linked `id` to the real /usr/bin/id: writing through that link replaced the
+        # machine's id with this fake (and the podman fixture then took every uid for 0). A fake
+        # replaces the link itself, and is created O_EXCL|O_NOFOLLOW so it can never follow one.
         f = Path(path) / name
-        f.write_text(text)
-        f.chmod(0o755)
+        f.unlink(missing_ok=True)
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
     (Path(path) / "tmux").symlink_to("/bin/true")  # present: not installed
     for tool in ("grep", "mv", "chmod", "rm"):
         for d in ("/usr/bin", "/bin"):
@@ -135,3 +140,4 @@ def test_systest_as_root_with_apt_installs_then_purges_exactly_what_it_added(tmp
     assert "libc6" not in purge and "base-files" not in purge
     assert (fake / "state").read_text() == before  # left as found
     assert not (fake / "policy").exists()
+    assert "echo 0" not in Path("/usr/bin/id").read_bytes().decode("latin-1")  # the real id untouched
