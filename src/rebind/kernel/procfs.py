@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from rebind.kernel.procstat import ProcStat, read_stat, start_ticks
+from rebind.kernel.procstat import ProcStat, default_root, read_stat, start_ticks
 
 LIVE = "/proc"
 
@@ -77,7 +77,7 @@ class ProcFS:
     @classmethod
     def default(cls) -> ProcFS:
         """The host's /proc unless REBIND_PROC_ROOT names another (tests, containers)."""
-        return cls(os.environ.get("REBIND_PROC_ROOT", LIVE))
+        return cls(default_root())
 
     @property
     def live(self) -> bool:

@@ -50,8 +50,14 @@ def parse_stat(pid: int, data: bytes) -> ProcStat | None:
         return None
 
 
+def default_root() -> str:
+    """The host's /proc unless REBIND_PROC_ROOT names another (tests, containers): the one
+    reading of that variable (kernel/procfs.py: ProcFS.default)."""
+    return os.environ.get("REBIND_PROC_ROOT", "/proc")
+
+
 def _stat_path(pid: int, root: str | None) -> str:
-    return f"{root or os.environ.get('REBIND_PROC_ROOT', '/proc')}/{pid}/stat"
+    return f"{root or default_root()}/{pid}/stat"
 
 
 def read_stat(pid: int, root: str | None = None) -> ProcStat | None:
