@@ -68,7 +68,7 @@ _BY_NR = _numbers()
 
 
 def read_ppid(pid: int) -> int | None:
-    return stat_field(pid, PPID)
+    return stat_field(pid, PPID, _PROC.root)
 
 
 def in_tree(pid: int, root: int) -> bool:
@@ -88,12 +88,12 @@ def _children(pid: int) -> list[int] | None:
     """Children from /proc/PID/task/*/children (CONFIG_PROC_CHILDREN); None if unavailable."""
     out: list[int] = []
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(_PROC.path(pid, "task"))
     except OSError:
         return []
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
+            with open(_PROC.path(pid, "task", tid, "children")) as f:
                 out.extend(int(c) for c in f.read().split())
         except FileNotFoundError:
             return None
@@ -119,11 +119,10 @@ def process_tree(root: int) -> list[int]:
 
 def _scan_parents() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            ppid = read_ppid(int(entry.name))
-            if ppid is not None:
-                children.setdefault(ppid, []).append(int(entry.name))
+    for pid in _PROC.pids():
+        ppid = read_ppid(pid)
+        if ppid is not None:
+            children.setdefault(ppid, []).append(pid)
     return children
 
 
@@ -166,7 +165,7 @@ def _parse_epoll_fdinfo(lines: Iterable[str]) -> set[int]:
 
 def _read_syscall(pid: int, tid: str) -> tuple[int, list[int]] | None:
     try:
-        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+        with open(_PROC.path(pid, "task", tid, "syscall")) as f:
             parts = f.read().split()
     except OSError:
         return None
@@ -177,7 +176,7 @@ def _read_syscall(pid: int, tid: str) -> tuple[int, list[int]] | None:
 
 def _read_mem(pid: int, addr: int, size: int) -> bytes:
     try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(_PROC.path(pid, "mem"), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return b""
     try:
@@ -207,7 +206,7 @@ def blocked_waiting(pid: int) -> dict[int, str]:
     """fd -> how a thread of PID is blocked waiting for input on it right now."""
     out: dict[int, str] = {}
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(_PROC.path(pid, "task"))
     except OSError:
         return out
     for tid in tids:
