@@ -13,17 +13,6 @@ from typing import TYPE_CHECKING, Any
 from rebind._version import __version__
 
 if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily through _LAZY
-    from rebind.actions.free import Fate as Fate
-    from rebind.actions.free import FreePlan as FreePlan
-    from rebind.actions.free import FreeResult as FreeResult
-    from rebind.actions.free import Obstacle as Obstacle
-    from rebind.actions.free import ObstacleKind as ObstacleKind
-    from rebind.actions.free import ProcessOutcome as ProcessOutcome
-    from rebind.actions.free import Refusal as Refusal
-    from rebind.actions.free import Refused as Refused
-    from rebind.actions.free import SocketFate as SocketFate
-    from rebind.actions.free import SocketOutcome as SocketOutcome
-    from rebind.actions.free import Target as Target
     from rebind.actions.free import execute_plan as execute_plan
     from rebind.actions.free import free as free
     from rebind.actions.free import plan_free as plan_free
@@ -62,6 +51,17 @@ if TYPE_CHECKING:  # for type checkers only; at run time names resolve lazily th
     from rebind.model.containers import Engine as Engine
     from rebind.model.containers import ProxyKind as ProxyKind
     from rebind.model.diagnosis import HolderKind as HolderKind
+    from rebind.model.free import FreePlan as FreePlan
+    from rebind.model.free import Obstacle as Obstacle
+    from rebind.model.free import ObstacleKind as ObstacleKind
+    from rebind.model.free import Refusal as Refusal
+    from rebind.model.free import Refused as Refused
+    from rebind.model.free import Target as Target
+    from rebind.model.free_result import Fate as Fate
+    from rebind.model.free_result import FreeResult as FreeResult
+    from rebind.model.free_result import ProcessOutcome as ProcessOutcome
+    from rebind.model.free_result import SocketFate as SocketFate
+    from rebind.model.free_result import SocketOutcome as SocketOutcome
     from rebind.model.records import Endpoint as Endpoint
     from rebind.model.records import Owner as Owner
     from rebind.model.records import OwnerScanReport as OwnerScanReport
@@ -117,17 +117,17 @@ _LAZY: dict[str, str] = {
     "free": "rebind.actions.free",
     "plan_free": "rebind.actions.free",
     "execute_plan": "rebind.actions.free",
-    "FreePlan": "rebind.actions.free",
-    "FreeResult": "rebind.actions.free",
-    "Target": "rebind.actions.free",
-    "Refused": "rebind.actions.free",
-    "Refusal": "rebind.actions.free",
-    "ProcessOutcome": "rebind.actions.free",
-    "Fate": "rebind.actions.free",
-    "SocketOutcome": "rebind.actions.free",
-    "SocketFate": "rebind.actions.free",
-    "Obstacle": "rebind.actions.free",
-    "ObstacleKind": "rebind.actions.free",
+    "FreePlan": "rebind.model.free",
+    "FreeResult": "rebind.model.free_result",
+    "Target": "rebind.model.free",
+    "Refused": "rebind.model.free",
+    "Refusal": "rebind.model.free",
+    "ProcessOutcome": "rebind.model.free_result",
+    "Fate": "rebind.model.free_result",
+    "SocketOutcome": "rebind.model.free_result",
+    "SocketFate": "rebind.model.free_result",
+    "Obstacle": "rebind.model.free",
+    "ObstacleKind": "rebind.model.free",
     "pick_port": "rebind.actions.pick",
     "PickedPort": "rebind.actions.pick",
     "NoPortFree": "rebind.actions.pick",

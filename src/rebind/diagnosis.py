@@ -8,6 +8,7 @@ listen() stage. Only trials that cannot change the kernel's answer to any later 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TypedDict, Unpack
 
 from rebind.model.advice import (
     Assessment,
@@ -27,6 +28,7 @@ from rebind.model.request import AddrLike, BindRequest
 __all__ = [
     "Assessment",
     "Attempt",
+    "BindOptions",
     "BlockerInfo",
     "Diagnosis",
     "Disagreement",
@@ -37,37 +39,50 @@ __all__ = [
     "default_request",
     "diagnose",
     "explain_bind_failure",
+    "request_for",
 ]
 
 
-def default_request(
-    port: int,
-    *,
-    addr: AddrLike | None = None,
-    proto: Proto | str = Proto.TCP,
-    reuseaddr: bool = False,
-    reuseport: bool = False,
-    v6only: bool | None = None,
-    freebind: bool = False,
-    device: str | None = None,
-) -> BindRequest:
-    """A bind request as this process would make it (alias of actions.common.bind_request)."""
-    from rebind.actions.common import bind_request
-    from rebind.errors import UsageError
+class BindOptions(TypedDict, total=False):
+    """The bind options of a request given as keywords (the functions that take a
+    :class:`BindRequest` or a port: :func:`default_request`, ``plan_free``, ``free``,
+    ``wait_bindable``); each one as in :meth:`BindRequest.create`."""
 
+    addr: AddrLike | None
+    proto: Proto | str
+    reuseaddr: bool
+    reuseport: bool
+    v6only: bool | None
+    freebind: bool
+    device: str | None
+
+
+def default_request(port: int | str, **options: Unpack[BindOptions]) -> BindRequest:
+    """A bind request as this process would make it: the one place a :class:`BindRequest` is
+    built from user input (the CLI's bind options, the API, top's keys). UsageError for every bad
+    field; interface names are resolved here, and the socket's uid is this process's."""
+    import os
+
+    from rebind.errors import UsageError
+    from rebind.kernel.addrs import ifindex_of
+
+    device = options.get("device")
     if device is not None and not isinstance(device, str):
         raise UsageError(f"device must be an interface name (a string), not {device!r}")
+    return BindRequest.create(port, **options, uid=os.geteuid(), ifindex_of=ifindex_of)
 
-    return bind_request(
-        port,
-        addr=addr,
-        proto=proto,
-        reuseaddr=reuseaddr,
-        reuseport=reuseport,
-        v6only=v6only,
-        freebind=freebind,
-        device=device,
-    )
+
+def request_for(req: BindRequest | int | str, **options: Unpack[BindOptions]) -> BindRequest:
+    """A ready :class:`BindRequest` as it is, or a port and its keyword options through
+    :func:`default_request` (the public functions accept both)."""
+    from rebind.errors import UsageError
+
+    if not isinstance(req, BindRequest):
+        return default_request(req, **options)
+    if options:
+        given = ", ".join(sorted(options))
+        raise UsageError(f"the bind options belong in the BindRequest, not beside it (got {given})")
+    return req
 
 
 def diagnose(req: BindRequest, *, owners: bool = True, table: SocketTable | None = None) -> Diagnosis:

@@ -151,7 +151,7 @@ def table_of(
         if report.inaccessible:
             from os import geteuid
 
-            from rebind.kernel.owners import inaccessible_warning
+            from rebind.model.records import inaccessible_warning
 
             warnings = (*warnings, inaccessible_warning(report.inaccessible, geteuid()))
     names = netns_names or {}

@@ -90,9 +90,9 @@ def test_wait_blocker_list_escapes_owner_names(hostile, rebind_cli):
 def test_owner_label_is_the_one_escaping_place():
     o = Owner(pid=7, fd=3, name=SCREEN)
     assert owner_label(o) == "\\x1b[2J\\x1b]0;PWN\\x07[7]"
-    from rebind.actions.common import owner_label as action_label
+    from rebind.model import free_result
 
-    assert action_label is owner_label  # free's plan uses the same label
+    assert free_result.owner_label is owner_label  # free's result uses the same label
     assert owners_cell((Owner(pid=1, fd=3, name="a\nb"),)) == "a\\x0ab[1]"
 
 

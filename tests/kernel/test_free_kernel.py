@@ -11,11 +11,13 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from rebind.actions.free import Fate, Refusal, SocketFate, execute_plan, free, plan_free
+from rebind.actions.free import execute_plan, free, plan_free
 from rebind.actions.wait import accepts
 from rebind.kernel.diag import iter_sockets
 from rebind.kernel.owners import read_start_ticks
 from rebind.kernel.trial import trial_bind
+from rebind.model.free import Refusal
+from rebind.model.free_result import Fate, SocketFate
 from rebind.model.records import Proto, State
 from tests.kernel.helpers import LISTEN, OTHER_UID, SHARED, TIME_WAIT
 
@@ -216,6 +218,31 @@ def test_free_udp_socket(netns, procs):
     assert free(18209, proto="tcp").processes == ()  # TCP is a separate table: nothing blocks it
     res = free(18209, proto="udp", grace=2)
     assert [o.target.pid for o in res.processes] == [p.pid] and res.ok
+
+
+def test_a_bind_request_is_what_the_keywords_build(netns, procs):
+    """plan_free / free / wait_bindable take the request `rebind why` builds; the documented
+    port + keyword form is the same request (issue 21: requests all the way through)."""
+    from rebind.actions.wait import wait_bindable
+    from rebind.diagnosis import default_request
+
+    code = (
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.bind(('127.0.0.1', 18212))\nprint('ready', flush=True)\ntime.sleep(600)\n"
+    )
+    p = procs.python(code)
+    procs.wait_line(p)
+    req = default_request(18212, proto="udp", addr="127.0.0.1")
+    by_request, by_keywords = (
+        plan_free(req, grace=2),
+        plan_free(18212, proto="udp", addr="127.0.0.1", grace=2),
+    )
+    assert by_request.request == by_keywords.request == req
+    assert [t.pid for t in by_request.targets] == [t.pid for t in by_keywords.targets] == [p.pid]
+    assert not wait_bindable(req, timeout=0).ok
+    res = free(req, grace=2)
+    assert [o.target.pid for o in res.processes] == [p.pid] and res.ok
+    assert wait_bindable(req, timeout=0).ok
 
 
 def test_nothing_to_do_when_bindable(netns, procs):

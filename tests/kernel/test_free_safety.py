@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from rebind.actions.free import Fate, execute_plan, free, plan_free
+from rebind.actions.free import execute_plan, free, plan_free
 from rebind.errors import UsageError
 from rebind.kernel import owners, pidfd
+from rebind.model.free_result import Fate
 from rebind.model.records import Proto
 from rebind.sockets import iter_records
 from tests.kernel.helpers import LISTEN, OTHER_UID, TIME_WAIT

@@ -155,6 +155,10 @@ def _bad_api_calls() -> list[tuple[str, object]]:
         ("plan_free(signal=True)", lambda: r.plan_free(1, signal=True)),
         ("plan_free(signal=10**30)", lambda: r.plan_free(1, signal=10**30)),
         ("plan_free(grace=nan)", lambda: r.plan_free(1, grace=nan)),
+        ("plan_free(req, proto=)", lambda: r.plan_free(r.default_request(1), proto="udp")),
+        ("free(req, addr=)", lambda: r.free(r.default_request(1), addr="127.0.0.1")),
+        ("wait_bindable(req, reuseaddr=)", lambda: r.wait_bindable(r.default_request(1), reuseaddr=True)),
+        ("plan_free(None)", lambda: r.plan_free(None)),
         ("execute_plan(None)", lambda: r.execute_plan(None)),
         ("execute_plan('x')", lambda: r.execute_plan("x")),
         ("pick_port('x')", lambda: r.pick_port("x")),
@@ -219,3 +223,13 @@ def test_diagnose_names_what_it_needs() -> None:
 
     with pytest.raises(UsageError, match=r"diagnose\(\) needs a BindRequest, not NoneType"):
         rebind.diagnose(None)  # type: ignore[arg-type]
+
+
+def test_a_request_is_taken_as_is_and_keywords_build_the_same_one() -> None:
+    from rebind.diagnosis import default_request, request_for
+
+    req = default_request(8080, proto="udp", addr="127.0.0.1", reuseaddr=True)
+    assert request_for(req) is req
+    assert request_for(8080, proto="udp", addr="127.0.0.1", reuseaddr=True) == req
+    with pytest.raises(UsageError, match=r"belong in the BindRequest.*\(got addr, proto\)"):
+        request_for(req, proto="tcp", addr="::1")

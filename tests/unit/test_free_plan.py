@@ -10,19 +10,6 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from rebind.actions.free import (
-    EXIT_REFUSED,
-    Fate,
-    FreePlan,
-    FreeResult,
-    HostFacts,
-    ObstacleKind,
-    ProcessOutcome,
-    Refusal,
-    Target,
-    explain_remaining,
-    make_plan,
-)
 from rebind.diagnosis import BlockerInfo, Diagnosis
 from rebind.errors import UsageError
 from rebind.kernel.trial import TrialResult
@@ -39,6 +26,17 @@ from rebind.model.conflict import (
     Verdict,
 )
 from rebind.model.diagnosis import HolderKind
+from rebind.model.free import (
+    EXIT_REFUSED,
+    FreePlan,
+    HostFacts,
+    ObstacleKind,
+    Refusal,
+    Target,
+    make_plan,
+)
+from rebind.model.free_collateral import group_sockets
+from rebind.model.free_result import Fate, FreeResult, ProcessOutcome, explain_remaining
 from rebind.model.records import (
     Endpoint,
     Family,
@@ -314,7 +312,7 @@ def test_process_names_are_escaped_in_every_message() -> None:
     hostile = owner(pid=1, name="\x1b[2J\x1b]0;PWN\x07[/x]")
     p = plan_for(diag(blocker(sock(), (hostile,))))
     res = FreeResult(p, (), (), p.diagnosis)
-    res = replace(res, remaining=explain_remaining(res))
+    res = replace(res, remaining=explain_remaining(res, USER_FACTS))
     for text in (p.obstacles[0].text, *res.remaining):
         assert "\x1b" not in text and "\x07" not in text and "\\x1b[2J" in text, text
 
@@ -329,8 +327,6 @@ def _udp(port: int, inode: int) -> SocketRecord:
 
 
 def _plan_with_collateral() -> FreePlan:
-    from rebind.actions.free import _group
-
     p = plan_for(diag(blocker(sock(State.BOUND_INACTIVE, inode=77, port=9001), (owner(),))))
     records = {
         80: sock(State.LISTEN, inode=80, port=8080),
@@ -339,7 +335,7 @@ def _plan_with_collateral() -> FreePlan:
         83: _udp(5353, 83),
         84: sock(State.ESTABLISHED, inode=84, port=41234),  # outgoing: no listener on 41234
     }
-    others = _group({80, 81, 82, 83, 84, 85, 86}, records, {85: "/run/app.sock"})
+    others = group_sockets({80, 81, 82, 83, 84, 85, 86}, records, {85: "/run/app.sock"})
     (t,) = p.targets
     return replace(p, targets=(replace(t, also_holds=others),), collateral=others)
 
@@ -363,7 +359,8 @@ def test_other_ports_of_a_target_are_grouped_and_summarised() -> None:
 def test_free_plan_and_top_confirmation_name_every_other_port_before_proceed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from rebind.cli.free import plan_json, print_plan
+    from rebind.cli.free import plan_json
+    from rebind.render.free import print_plan
     from rebind.top.keys import free_confirmation
 
     p = _plan_with_collateral()
@@ -400,7 +397,5 @@ def test_a_target_holding_nothing_else_asks_the_plain_question() -> None:
 
 
 def test_hostile_unix_path_in_collateral_is_escaped() -> None:
-    from rebind.actions.free import _group
-
-    (o,) = _group({1}, {}, {1: "/tmp/\x1b[2J\u202e"})
+    (o,) = group_sockets({1}, {}, {1: "/tmp/\x1b[2J\u202e"})
     assert "\x1b" not in str(o) and "\u202e" not in str(o)

@@ -1,27 +1,20 @@
-"""What the actions share: one validated bind request, the trial bind, and socket wording."""
+"""What the actions share: the address spelling of their keyword APIs (``pick``, ``wait``).
+
+Bind requests are built in one place, :func:`rebind.diagnosis.default_request`; sockets and owners
+become text in one place each, ``model.records.socket_label`` and ``owner_label``.
+"""
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.errors import UsageError
-from rebind.kernel.trial import TrialResult, try_request
-from rebind.model.records import Proto, SocketRecord
-from rebind.model.request import BindRequest, parse_proto, split_scope
-from rebind.model.validate import parse_port
+from rebind.model.request import parse_proto, split_scope
 
-__all__ = ["TRANSIENT_ERRNOS", "bind_request", "parse_addr", "parse_proto", "try_bind", "where"]
-from rebind.model.records import owner_label as owner_label  # the one owner label (escapes hostile names)
+__all__ = ["AddrLike", "IPAddress", "parse_addr", "parse_proto"]
 
 IPAddress = IPv4Address | IPv6Address
 AddrLike = str | IPAddress
-
-#: bind() errors that can go away by themselves: a holder leaves (EADDRINUSE), or an address
-#: finishes IPv6 duplicate address detection or gets configured (EADDRNOTAVAIL).
-TRANSIENT_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 
 
 def parse_addr(addr: AddrLike | None) -> IPAddress | None:
@@ -31,64 +24,3 @@ def parse_addr(addr: AddrLike | None) -> IPAddress | None:
     if scope:
         raise UsageError(f"{addr!r}: a scope id is not accepted here")
     return a
-
-
-def check_port(port: int) -> int:
-    return parse_port(port)
-
-
-def ifindex_of(name: str) -> int | None:
-    """An interface name (or decimal index) in this netns to its ifindex; None if absent."""
-    if name.isascii() and name.isdigit():
-        index = int(name)
-        try:
-            socket.if_indextoname(index)
-        except (OSError, OverflowError):
-            return None
-        return index
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return None
-
-
-def bind_request(
-    port: int | str,
-    *,
-    addr: AddrLike | None = None,
-    proto: Proto | str = Proto.TCP,
-    reuseaddr: bool = False,
-    reuseport: bool = False,
-    v6only: bool | None = None,
-    freebind: bool = False,
-    device: str | None = None,
-    uid: int | None = None,
-) -> BindRequest:
-    """The one constructor of bind requests from user input (CLI, API, actions); UsageError
-    for every bad field. The socket's uid defaults to this process's (as its bind would be)."""
-    return BindRequest.create(
-        port,
-        addr=addr,
-        proto=proto,
-        reuseaddr=reuseaddr,
-        reuseport=reuseport,
-        v6only=v6only,
-        freebind=freebind,
-        device=device,
-        uid=os.geteuid() if uid is None else uid,
-        ifindex_of=ifindex_of,
-    )
-
-
-def try_bind(req: BindRequest) -> TrialResult:
-    return try_request(req)
-
-
-def where(req: BindRequest) -> str:
-    """``0.0.0.0:8080/tcp`` (IPv6 in brackets)."""
-    return req.where
-
-
-def socket_label(r: SocketRecord) -> str:
-    remote = "" if r.remote.port == 0 and r.remote.addr.is_unspecified else f" -> {r.remote}"
-    return f"{r.proto.value} {r.state.label} {r.local}{remote}"

@@ -4,8 +4,8 @@ wait-for-it and wait-on test *connect*: they say "free" while a TIME_WAIT still 
 restart's bind() fail. Here "bindable" means a real bind() with the caller's options succeeds
 (a probe that never listens), and progress comes from the blockers' own timers.
 
-Each wait is one generator of sleep intervals, driven by a sync or an async loop, so both
-variants share every decision.
+Each wait is one generator of steps (sleep this long, try this connect), driven by a sync or an
+async loop, so both variants share every decision.
 """
 
 from __future__ import annotations
@@ -17,22 +17,15 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from typing import Unpack
 
-from rebind.actions.common import (
-    TRANSIENT_ERRNOS,
-    AddrLike,
-    bind_request,
-    check_port,
-    parse_addr,
-    parse_proto,
-    try_bind,
-)
-from rebind.diagnosis import Diagnosis, diagnose
+from rebind.actions.common import AddrLike, parse_addr, parse_proto
+from rebind.diagnosis import BindOptions, Diagnosis, diagnose, request_for
 from rebind.errors import Fault, RebindError, UsageError
-from rebind.kernel.trial import TrialResult
+from rebind.kernel.trial import TrialResult, try_request
 from rebind.model.conflict import BindRequest
 from rebind.model.records import Proto
-from rebind.model.validate import parse_seconds
+from rebind.model.validate import parse_port, parse_seconds
 
 #: How often the trial bind runs: one socket() + bind() + close(), cheap enough for 10 Hz.
 POLL_INTERVAL = 0.1
@@ -42,9 +35,23 @@ REFRESH_INTERVAL = 1.0
 LOOPBACKS: tuple[IPv4Address | IPv6Address, ...] = (IPv4Address("127.0.0.1"), IPv6Address("::1"))
 
 Progress = Callable[[Diagnosis, float], None]
-Steps = Generator[float, None, "WaitResult"]
 
 
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """A step asking the driver to try a TCP connect (:func:`accepts`) and send back the answer."""
+
+    addr: IPv4Address | IPv6Address
+    port: int
+
+
+#: Each wait is a generator of steps: seconds to sleep, or a connect to try (its answer is sent in).
+Steps = Generator["float | Connect", "bool | None", "WaitResult"]
+
+
+#: bind() errors that can go away by themselves: a holder leaves (EADDRINUSE), or an address
+#: finishes IPv6 duplicate address detection or gets configured (EADDRNOTAVAIL).
+TRANSIENT_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 #: bind() errors that mean a missing permission or kernel feature (exit 3), not bad input.
 _ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT})
 
@@ -80,24 +87,48 @@ class WaitResult:
 # Bindable
 
 
-def _bindable_steps(
-    req: BindRequest, timeout: float | None, interval: float, on_progress: Progress | None
+def wait_bindable(
+    req: BindRequest | int | str,
+    *,
+    timeout: float | None = None,
+    interval: float = POLL_INTERVAL,
+    on_progress: Progress | None = None,
+    **options: Unpack[BindOptions],
+) -> WaitResult:
+    """Block until ``req``'s bind() would succeed: a :class:`BindRequest`, or a port with the
+    bind options as keywords (``addr`` default 0.0.0.0, ``proto``, ``reuseaddr``, ...).
+
+    Returns ``ok=False`` with the remaining blockers after ``timeout`` seconds. Raises
+    :class:`NotWaitable` when bind() fails for a reason time cannot fix (e.g. EACCES).
+    ``on_progress(diagnosis, elapsed)`` is called about once a second while blocked;
+    ``diagnosis.frees_in_ms`` says when the last timed blocker (TIME_WAIT) expires.
+    """
+    return _run(_bindable(req, timeout, interval, on_progress, options))
+
+
+async def wait_bindable_async(
+    req: BindRequest | int | str,
+    *,
+    timeout: float | None = None,
+    interval: float = POLL_INTERVAL,
+    on_progress: Progress | None = None,
+    **options: Unpack[BindOptions],
+) -> WaitResult:
+    """:func:`wait_bindable` for asyncio: sleeps with ``asyncio.sleep`` between trial binds."""
+    return await _run_async(_bindable(req, timeout, interval, on_progress, options))
+
+
+def _bindable(
+    req: BindRequest | int | str,
+    timeout: float | None,
+    interval: float,
+    on_progress: Progress | None,
+    options: BindOptions,
 ) -> Steps:
-    start = time.monotonic()
-    refreshed = -REFRESH_INTERVAL
-    while True:
-        trial = try_bind(req)
-        elapsed = time.monotonic() - start
-        if trial.ok:
-            return WaitResult(True, elapsed, req, trial)
-        if trial.errno not in TRANSIENT_ERRNOS:
-            raise NotWaitable(f"{trial}; waiting will not change that", trial.errno)
-        if on_progress is not None and elapsed - refreshed >= REFRESH_INTERVAL:
-            refreshed = elapsed
-            on_progress(diagnose(req, owners=False), elapsed)
-        if timeout is not None and elapsed >= timeout:
-            return WaitResult(False, elapsed, req, trial, diagnose(req, owners=True))
-        yield _next_delay(elapsed, timeout, interval)
+    """Every argument checked (UsageError) before the first trial bind, then the steps."""
+    _check_timing(timeout, interval)
+    _check_callback(on_progress)
+    return _bindable_steps(request_for(req, **options), timeout, interval, on_progress)
 
 
 def _check_timing(timeout: float | None, interval: float) -> None:
@@ -115,59 +146,24 @@ def _check_callback(on_progress: object) -> None:
         raise UsageError(f"on_progress must be callable (diagnosis, elapsed) or None, not {on_progress!r}")
 
 
-def wait_bindable(
-    port: int,
-    *,
-    addr: AddrLike | None = None,
-    proto: Proto | str = Proto.TCP,
-    reuseaddr: bool = False,
-    reuseport: bool = False,
-    v6only: bool | None = None,
-    timeout: float | None = None,
-    interval: float = POLL_INTERVAL,
-    on_progress: Progress | None = None,
-) -> WaitResult:
-    """Block until bind() with these options would succeed (default address 0.0.0.0).
-
-    Returns ``ok=False`` with the remaining blockers after ``timeout`` seconds. Raises
-    :class:`NotWaitable` when bind() fails for a reason time cannot fix (e.g. EACCES).
-    ``on_progress(diagnosis, elapsed)`` is called about once a second while blocked;
-    ``diagnosis.frees_in_ms`` says when the last timed blocker (TIME_WAIT) expires.
-    """
-    req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
-    return wait_request(req, timeout=timeout, interval=interval, on_progress=on_progress)
-
-
-def wait_request(
-    req: BindRequest,
-    *,
-    timeout: float | None = None,
-    interval: float = POLL_INTERVAL,
-    on_progress: Progress | None = None,
-) -> WaitResult:
-    """:func:`wait_bindable` for a ready-made request (as `rebind why` builds it)."""
-    _check_timing(timeout, interval)
-    _check_callback(on_progress)
-    return _run(_bindable_steps(req, timeout, interval, on_progress))
-
-
-async def wait_bindable_async(
-    port: int,
-    *,
-    addr: AddrLike | None = None,
-    proto: Proto | str = Proto.TCP,
-    reuseaddr: bool = False,
-    reuseport: bool = False,
-    v6only: bool | None = None,
-    timeout: float | None = None,
-    interval: float = POLL_INTERVAL,
-    on_progress: Progress | None = None,
-) -> WaitResult:
-    """:func:`wait_bindable` for asyncio: sleeps with ``asyncio.sleep`` between trial binds."""
-    _check_timing(timeout, interval)
-    _check_callback(on_progress)
-    req = bind_request(port, addr=addr, proto=proto, reuseaddr=reuseaddr, reuseport=reuseport, v6only=v6only)
-    return await _run_async(_bindable_steps(req, timeout, interval, on_progress))
+def _bindable_steps(
+    req: BindRequest, timeout: float | None, interval: float, on_progress: Progress | None
+) -> Steps:
+    start = time.monotonic()
+    refreshed = -REFRESH_INTERVAL
+    while True:
+        trial = try_request(req)
+        elapsed = time.monotonic() - start
+        if trial.ok:
+            return WaitResult(True, elapsed, req, trial)
+        if trial.errno not in TRANSIENT_ERRNOS:
+            raise NotWaitable(f"{trial}; waiting will not change that", trial.errno)
+        if on_progress is not None and elapsed - refreshed >= REFRESH_INTERVAL:
+            refreshed = elapsed
+            on_progress(diagnose(req, owners=False), elapsed)
+        if timeout is not None and elapsed >= timeout:
+            return WaitResult(False, elapsed, req, trial, diagnose(req, owners=True))
+        yield _next_delay(elapsed, timeout, interval)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +240,7 @@ def wait_listening(
 
     For UDP, until a bound UDP socket receives on one of those addresses.
     """
-    _check_timing(timeout, interval)
-    p, addrs, port = parse_proto(proto), _targets(addr), check_port(port)
-    start = time.monotonic()
-    while True:
-        hit = udp_bound(addrs, port) if p is Proto.UDP else _first_accepting(addrs, port)
-        elapsed = time.monotonic() - start
-        if hit is not None or (timeout is not None and elapsed >= timeout):
-            return WaitResult(hit is not None, elapsed, answered=hit)
-        time.sleep(_next_delay(elapsed, timeout, interval))
+    return _run(_listening(port, addr, proto, timeout, interval))
 
 
 async def wait_listening_async(
@@ -264,8 +252,20 @@ async def wait_listening_async(
     interval: float = POLL_INTERVAL,
 ) -> WaitResult:
     """:func:`wait_listening` for asyncio (non-blocking connects)."""
+    return await _run_async(_listening(port, addr, proto, timeout, interval))
+
+
+def _listening(
+    port: int, addr: AddrLike | None, proto: Proto | str, timeout: float | None, interval: float
+) -> Steps:
+    """Every argument checked (UsageError) before the first connect, then the steps."""
     _check_timing(timeout, interval)
-    p, addrs, port = parse_proto(proto), _targets(addr), check_port(port)
+    return _listening_steps(parse_proto(proto), _targets(addr), parse_port(port), timeout, interval)
+
+
+def _listening_steps(
+    p: Proto, addrs: tuple[IPv4Address | IPv6Address, ...], port: int, timeout: float | None, interval: float
+) -> Steps:
     start = time.monotonic()
     while True:
         hit: IPv4Address | IPv6Address | None = None
@@ -273,19 +273,13 @@ async def wait_listening_async(
             hit = udp_bound(addrs, port)
         else:
             for a in addrs:
-                if await accepts_async(a, port):
+                if (yield Connect(a, port)):  # the driver connects, sync or async
                     hit = a
                     break
         elapsed = time.monotonic() - start
         if hit is not None or (timeout is not None and elapsed >= timeout):
             return WaitResult(hit is not None, elapsed, answered=hit)
-        await asyncio.sleep(_next_delay(elapsed, timeout, interval))
-
-
-def _first_accepting(
-    addrs: tuple[IPv4Address | IPv6Address, ...], port: int
-) -> IPv4Address | IPv6Address | None:
-    return next((a for a in addrs if accepts(a, port)), None)
+        yield _next_delay(elapsed, timeout, interval)
 
 
 def _next_delay(elapsed: float, timeout: float | None, interval: float) -> float:
@@ -297,18 +291,30 @@ def _next_delay(elapsed: float, timeout: float | None, interval: float) -> float
 
 
 def _run(steps: Steps) -> WaitResult:
+    answer: bool | None = None
     try:
         while True:
-            time.sleep(next(steps))
+            ask = steps.send(answer)
+            answer = None
+            if isinstance(ask, Connect):
+                answer = accepts(ask.addr, ask.port)
+            else:
+                time.sleep(ask)
     except StopIteration as stop:
         result: WaitResult = stop.value
         return result
 
 
 async def _run_async(steps: Steps) -> WaitResult:
+    answer: bool | None = None
     try:
         while True:
-            await asyncio.sleep(next(steps))
+            ask = steps.send(answer)
+            answer = None
+            if isinstance(ask, Connect):
+                answer = await accepts_async(ask.addr, ask.port)
+            else:
+                await asyncio.sleep(ask)
     except StopIteration as stop:
         result: WaitResult = stop.value
         return result

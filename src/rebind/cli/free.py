@@ -1,18 +1,20 @@
-"""`rebind free PORT`: make PORT bindable again, touching only what blocks it."""
+"""`rebind free PORT`: make PORT bindable again, touching only what blocks it.
+
+The plan and the result are worded by ``render/free.py`` (which `rebind top` shares); the plan
+as JSON (``--dry-run --json``) is here."""
 
 from __future__ import annotations
 
-import os
 import sys
-from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.wait import Spec, bind_options, request_from
+from rebind.cli.options import bind_request_options
 
 if TYPE_CHECKING:
-    from rebind.actions.free import FreePlan, FreeResult
+    from rebind.model.free import FreePlan
+    from rebind.model.request import BindRequest
 
 
 @click.command(
@@ -43,7 +45,7 @@ terminal, or an address that cannot be bound; 3 missing permission or kernel fea
 permitted); 5 refused: held by a process rebind will not signal.
 """,
 )
-@bind_options
+@bind_request_options
 @click.option(
     "--signal", "sig", default="TERM", show_default=True, help="First signal to send (name or number)."
 )
@@ -62,12 +64,7 @@ permitted); 5 refused: held by a process rebind will not signal.
     "--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON (schema rebind.free.plan/1)."
 )
 def free(
-    spec: Spec,
-    addr: IPv4Address | IPv6Address | None,
-    udp: bool,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool | None,
+    req: BindRequest,
     sig: str,
     grace: str,
     yes: bool,
@@ -77,26 +74,22 @@ def free(
     as_json: bool,
 ) -> int:
     """Make PORT bindable: stop the processes holding it, destroy TIME_WAIT leftovers, verify."""
-    from rebind.actions.common import where
-    from rebind.actions.free import add_collateral, execute_plan, make_plan, parse_signal
-    from rebind.diagnosis import diagnose
-    from rebind.model.validate import parse_seconds
+    from rebind.actions.free import execute_plan, plan_free
+    from rebind.model.validate import parse_seconds, parse_signal
+    from rebind.render.free import echo, print_plan, print_result
 
     if as_json and not dry_run:
         raise click.UsageError("--json prints the plan: use it with --dry-run")
-    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
     signal = parse_signal(sig)  # UsageError: exit 2 before anything is read
     seconds = parse_seconds(grace, what="--grace")
-    plan = add_collateral(
-        make_plan(diagnose(req), signal=signal, grace=seconds, force=force, outgoing=outgoing)
-    )
+    plan = plan_free(req, signal=signal, grace=seconds, force=force, outgoing=outgoing)
     if as_json:
         from rebind.cli.render import dump_json
 
         dump_json(plan_json(plan))
         return plan.exit_code
     if plan.bindable:
-        _echo(f"{where(req)} is already bindable; nothing to do")
+        echo(f"{req.where} is already bindable; nothing to do")
         return 0
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if plan.worth_acting and not (yes or dry_run or interactive):
@@ -109,64 +102,14 @@ def free(
         return plan.exit_code
     if not plan.worth_acting:
         why = plan.obstacles[0].text if plan.obstacles else "nothing rebind may do frees it"
-        _echo(f"rebind cannot free {where(req)}: {why}; nothing done", err=True)
+        echo(f"rebind cannot free {req.where}: {why}; nothing done", err=True)
         return plan.exit_code or 1
     if not yes and not click.confirm("Proceed?", default=False):
-        _echo("nothing done")
+        echo("nothing done")
         return 1
-    result = execute_plan(plan, on_event=lambda msg: _echo(f"  {msg}"))
+    result = execute_plan(plan, on_event=lambda msg: echo(f"  {msg}"))
     print_result(result)
     return result.exit_code
-
-
-def _echo(line: str, *, err: bool = False) -> None:
-    """Every line may carry process-supplied text (names, cmdlines): control characters are shown
-    as escapes, never sent to the terminal."""
-    from rebind.textsafe import visible
-
-    click.echo(visible(line), err=err)
-
-
-def print_plan(plan: FreePlan) -> None:
-    from rebind.actions.common import socket_label, where
-    from rebind.actions.free import ObstacleKind, describe_target, no_owner_reason, signal_name
-    from rebind.cli.render import fmt_ms
-
-    _echo(plan.diagnosis.headline)
-    _echo(f"Plan to free {where(plan.request)}:")
-    escalate = "" if signal_name(plan.signal) == "SIGKILL" else f", SIGKILL after {plan.grace:g}s"
-    for t in plan.targets:
-        _echo(f"  stop     {describe_target(t)} ({signal_name(plan.signal)}{escalate})")
-        if t.also_holds:
-            _echo(f"           {t.label} also holds (stopping it takes these down too):")
-            for other in t.also_holds:
-                _echo(f"             {other}")
-    if plan.leaves_orphans and not plan.destroy_blocked:
-        _echo("  destroy  connections the stopped processes leave behind on the port (TIME_WAIT, FIN_WAIT)")
-    elif plan.leaves_orphans:
-        _echo(f"  wait     connections the stopped processes leave behind ({plan.destroy_blocked})")
-    for r in plan.destroy:
-        _echo(f"  destroy  {socket_label(r)} (SOCK_DESTROY)")
-    for r in plan.expiring:
-        left = f"frees in {fmt_ms(r.expires_ms)}" if r.expires_ms is not None else "frees by itself"
-        _echo(f"  wait     {socket_label(r)}: {left} ({plan.destroy_blocked})")
-    for x in plan.refused:
-        socks = ", ".join(sorted({socket_label(s) for s in x.sockets}))
-        _echo(f"  leave    {x.label}: {socks}: {x.reason}")
-    for o in plan.obstacles:
-        if o.kind is ObstacleKind.NOT_A_SOCKET:
-            _echo(f"  cannot   {o.text}")
-    for r in plan.unowned:
-        _echo(f"  cannot   {socket_label(r)}: no visible owner")
-    if plan.unowned:
-        _echo(f"           ({no_owner_reason(plan.diagnosis.table.scan, os.geteuid())})")
-    if plan.obstacles and not plan.worth_acting:
-        _echo(f"This cannot make {where(plan.request)} bindable: nothing would be done.")
-    elif plan.expiring:
-        _echo(f"After it, {where(plan.request)} is bindable once the leftovers above expire.")
-    summary = plan.collateral_summary()
-    if summary and plan.worth_acting:
-        _echo(f"WARNING: stopping {', '.join(t.label for t in plan.targets)} also takes down {summary}.")
 
 
 PLAN_SCHEMA = "rebind.free.plan/1"
@@ -174,14 +117,13 @@ PLAN_SCHEMA = "rebind.free.plan/1"
 
 def plan_json(plan: FreePlan) -> dict[str, Any]:
     """``rebind free --dry-run --json`` (docs/actions.md). Process names are JSON-escaped text."""
-    from rebind.actions.common import where
-    from rebind.actions.free import signal_name
     from rebind.cli.render import socket_json
+    from rebind.model.validate import signal_name
 
     r = plan.request
     return {
         "schema": PLAN_SCHEMA,
-        "request": {"proto": r.proto.value, "addr": str(r.addr), "port": r.port, "where": where(r)},
+        "request": {"proto": r.proto.value, "addr": str(r.addr), "port": r.port, "where": r.where},
         "bindable": plan.bindable,
         "worth_acting": plan.worth_acting,
         "exit_code": plan.exit_code,
@@ -220,15 +162,3 @@ def plan_json(plan: FreePlan) -> dict[str, Any]:
             {"kind": o.kind.value, "text": o.text, "exit_code": o.exit_code} for o in plan.obstacles
         ],
     }
-
-
-def print_result(result: FreeResult) -> None:
-    from rebind.actions.common import where
-
-    target = where(result.plan.request)
-    if result.ok:
-        _echo(f"{target} is bindable now ({result.after.trial})")
-        return
-    _echo(f"{target} is still not bindable: {result.after.trial}", err=True)
-    for line in result.remaining:
-        _echo(f"  still held: {line}", err=True)

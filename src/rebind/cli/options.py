@@ -1,8 +1,9 @@
 """The bind options every command that acts on a bind request takes, and the one way they
-become a :class:`~rebind.model.request.BindRequest` (actions.common.bind_request)."""
+become a :class:`~rebind.model.request.BindRequest` (:func:`rebind.diagnosis.default_request`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -55,6 +56,22 @@ def bind_options(f: F) -> F:
     return f
 
 
+#: The parameters :func:`bind_options` adds, in :func:`request_from`'s order.
+BIND_PARAMS = ("spec", "addr", "udp", "reuseaddr", "reuseport", "v6only")
+
+
+def bind_request_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`bind_options` handed to the command as one ``req`` (:func:`request_from`): for a
+    command that needs nothing but the request from them (`rebind free`)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        req = request_from(*(kwargs.pop(name) for name in BIND_PARAMS))
+        return f(*args, req=req, **kwargs)
+
+    return bind_options(command)
+
+
 def bind_options_port_optional(f: F) -> F:
     """The same, with PORT optional: `rebind why --connect HOST:PORT` asks about no local port."""
     for deco in reversed(_bind_decorators(False)):
@@ -92,7 +109,7 @@ def request_from(
     freebind: bool = False,
 ) -> BindRequest:
     """The same request `rebind why` builds from the same options."""
-    from rebind.actions.common import bind_request
+    from rebind.diagnosis import default_request
 
     spec_addr, port = spec
     if spec_addr is not None and addr is not None and spec_addr != addr:
@@ -100,7 +117,7 @@ def request_from(
     address = addr or spec_addr
     if v6only is not None and address is not None and address.version != 6:
         raise click.UsageError("--v6only needs an IPv6 address (e.g. --addr ::)")
-    return bind_request(
+    return default_request(
         port,
         addr=address,
         proto="udp" if udp else "tcp",

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
 
-__all__ = ["Spec", "bind_options", "request_from", "wait"]
+__all__ = ["wait"]
 
 
 @click.command(
@@ -79,12 +79,11 @@ def wait(
 
 
 def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int:
-    from rebind.actions.common import where
-    from rebind.actions.wait import WaitResult, wait_request
+    from rebind.actions.wait import WaitResult, wait_bindable
 
-    target = where(req)
+    target = req.where
     if quiet:
-        res: WaitResult = wait_request(req, timeout=timeout)
+        res: WaitResult = wait_bindable(req, timeout=timeout)
     elif sys.stderr.isatty():
         res = _with_progress(req, timeout)
     else:
@@ -95,7 +94,7 @@ def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int
                 announced.append(True)
                 click.echo(f"waiting for {target}: {d.headline}", err=True)
 
-        res = wait_request(req, timeout=timeout, on_progress=note)
+        res = wait_bindable(req, timeout=timeout, on_progress=note)
     if res.ok:
         if not quiet:
             click.echo(
@@ -108,8 +107,8 @@ def _until_bindable(req: BindRequest, timeout: float | None, quiet: bool) -> int
 
 
 def _report_timeout(target: str, res: Any) -> None:
-    from rebind.actions.common import socket_label
     from rebind.cli.render import fmt_ms, owners_cell
+    from rebind.model.records import socket_label
 
     click.echo(
         f"rebind: timed out after {res.elapsed:.1f}s: {target} is still not bindable ({res.trial})", err=True
@@ -130,8 +129,7 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
     from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
     from rich.text import Text
 
-    from rebind.actions.common import where
-    from rebind.actions.wait import wait_request
+    from rebind.actions.wait import wait_bindable
     from rebind.cli.render import console, fmt_ms
 
     class Countdown(ProgressColumn):
@@ -155,12 +153,12 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
         console=con,
         transient=True,
     ) as progress:
-        task = progress.add_task(f"waiting for {where(req)}", total=None, deadline=None)
+        task = progress.add_task(f"waiting for {req.where}", total=None, deadline=None)
 
         def update(d: Diagnosis, elapsed: float) -> None:
             first = d.blockers[0].entry.socket.state.label if d.blockers else "blocked"
             more = f" +{len(d.blockers) - 1}" if len(d.blockers) > 1 else ""
-            desc = f"waiting for {where(req)} ({first}{more})"
+            desc = f"waiting for {req.where} ({first}{more})"
             if d.frees_in_ms is None:
                 # An untimed holder (a live listener): no countdown, just a pulsing bar.
                 progress.update(task, description=desc, total=None, deadline=None)
@@ -170,7 +168,7 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
             deadline = time.monotonic() + d.frees_in_ms / 1000
             progress.update(task, description=desc, total=total, completed=elapsed, deadline=deadline)
 
-        return wait_request(req, timeout=timeout, on_progress=update)
+        return wait_bindable(req, timeout=timeout, on_progress=update)
 
 
 def _until_listening(

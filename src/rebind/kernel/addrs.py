@@ -8,6 +8,7 @@ IFA_F_OPTIMISTIC 0x04), so no RTM_GETADDR dump is needed.
 
 from __future__ import annotations
 
+import socket
 from ipaddress import IPv6Address
 
 from rebind.model.conflict import AddrFlag, AddrState
@@ -32,5 +33,20 @@ def ipv6_addresses(root: str = "/proc") -> tuple[AddrState, ...] | None:
     try:
         with open(f"{root}/net/if_inet6") as f:
             return parse_if_inet6(f.read())
+    except OSError:
+        return None
+
+
+def ifindex_of(name: str) -> int | None:
+    """An interface name (or decimal index) in this netns to its ifindex; None if absent."""
+    if name.isascii() and name.isdigit():
+        index = int(name)
+        try:
+            socket.if_indextoname(index)
+        except (OSError, OverflowError):
+            return None
+        return index
+    try:
+        return socket.if_nametoindex(name)
     except OSError:
         return None

@@ -117,17 +117,6 @@ def find_owners(
     return _owners(_not_ours(hits, dups), proc, report)
 
 
-def inaccessible_warning(count: int, euid: int) -> str:
-    """What ``count`` unreadable fd tables (OwnerScanReport.inaccessible) mean for the caller."""
-    if euid == 0:
-        # Root is refused only by ptrace_may_access() (proc_fd_access_allowed): a process in
-        # another user namespace, an LSM, or CAP_SYS_PTRACE dropped from rebind's capabilities.
-        why = "permission denied even as root: another user namespace, an LSM, or CAP_SYS_PTRACE missing"
-    else:
-        why = "other users' processes: run as root to see them"
-    return f"{count} process(es) could not be inspected ({why}): owners of their sockets may be missing"
-
-
 def _only(values: Iterable[int | None]) -> int | None:
     distinct = set(values)
     return distinct.pop() if len(distinct) == 1 else None

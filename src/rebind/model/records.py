@@ -222,6 +222,24 @@ def owner_label(o: Owner) -> str:
     return f"{label} ({visible(o.unit)})" if o.unit else label
 
 
+def socket_label(r: SocketRecord) -> str:
+    """``tcp LISTEN 0.0.0.0:8080`` (`` -> PEER`` for a connection): the one place a socket of a
+    plan, a wait or a free result becomes text."""
+    remote = "" if r.remote.port == 0 and r.remote.addr.is_unspecified else f" -> {r.remote}"
+    return f"{r.proto.value} {r.state.label} {r.local}{remote}"
+
+
+def inaccessible_warning(count: int, euid: int) -> str:
+    """What ``count`` unreadable fd tables (OwnerScanReport.inaccessible) mean for the caller."""
+    if euid == 0:
+        # Root is refused only by ptrace_may_access() (proc_fd_access_allowed): a process in
+        # another user namespace, an LSM, or CAP_SYS_PTRACE dropped from rebind's capabilities.
+        why = "permission denied even as root: another user namespace, an LSM, or CAP_SYS_PTRACE missing"
+    else:
+        why = "other users' processes: run as root to see them"
+    return f"{count} process(es) could not be inspected ({why}): owners of their sockets may be missing"
+
+
 @dataclass(frozen=True, slots=True)
 class OwnerScanReport:
     """How complete an owner scan was; never guessed."""

@@ -6,6 +6,7 @@ bad input into :class:`rebind.errors.UsageError`, so no caller sees ``struct.err
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any
 
 from rebind.errors import UsageError
@@ -53,3 +54,34 @@ def parse_seconds(
     if not minimum <= seconds <= maximum:
         raise UsageError(f"{what} {seconds:g} s is out of range ({minimum:g}-{maximum:g} s)")
     return seconds
+
+
+def parse_signal(sig: int | str) -> int:
+    """``TERM``, ``SIGTERM``, ``term`` or ``15`` -> 15; UsageError for anything else (0, a number
+    no signal has, an unknown name, a bool)."""
+    if isinstance(sig, bool) or not isinstance(sig, int | str):
+        raise UsageError(f"signal must be a name or a number (e.g. TERM, 15), not {sig!r}")
+    if isinstance(sig, int):
+        number = sig
+    else:
+        text = sig.strip().upper()
+        if text.isascii() and text.isdigit():
+            number = int(text)
+        else:
+            name = text if text.startswith("SIG") else f"SIG{text}"
+            member = getattr(signal.Signals, name, None)
+            if member is None:
+                raise UsageError(f"unknown signal {sig!r} (e.g. TERM, INT, HUP, KILL)")
+            number = int(member)
+    valid = {int(s) for s in signal.valid_signals()}
+    if number not in valid or number == 0:
+        raise UsageError(f"{sig!r} is not a signal number")
+    return number
+
+
+def signal_name(sig: int) -> str:
+    """15 -> ``SIGTERM`` (the number itself when no signal has it)."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)

@@ -2,9 +2,10 @@
 
 ``why`` and ``free`` reuse the commands' own engines and printed forms: `rebind why`'s
 :func:`rebind.diagnosis.diagnose` + ``print_diagnosis`` and `rebind free`'s
-:func:`rebind.actions.free.plan_free` / :func:`~rebind.actions.free.execute_plan` +
-``print_plan``, captured as text through :func:`captured` (one small adapter each, so changes to
-those commands show up here unchanged). Every captured line goes through
+:func:`rebind.actions.free.plan_free` / :func:`~rebind.actions.free.execute_plan` + the
+renderer both share (``render/free.py``: ``print_plan``, ``print_result``), captured as text
+through :func:`captured` (one small adapter each, so changes to those commands show up here
+unchanged). Every captured line goes through
 :func:`rebind.textsafe.visible`: process names in them are hostile.
 """
 
@@ -21,10 +22,11 @@ from rebind.textsafe import visible
 from rebind.top.model import PortKey, PortView
 
 if TYPE_CHECKING:
-    from rebind.actions.free import FreePlan, FreeResult
     from rebind.actions.wait import WaitResult
     from rebind.diagnosis import Diagnosis
     from rebind.model.conflict import BindRequest
+    from rebind.model.free import FreePlan
+    from rebind.model.free_result import FreeResult
 
 #: /proc/net/unix flag of a listening socket (__SO_ACCEPTCON) and type of a stream socket.
 _ACCEPTCON = 0x10000
@@ -42,9 +44,9 @@ def captured(fn: Callable[..., Any], *args: Any) -> list[str]:
 
 def request(key: PortKey) -> BindRequest:
     """What `rebind why PORT` asks: a plain bind of the wildcard address, as this user."""
-    from rebind.actions.common import bind_request
+    from rebind.diagnosis import default_request
 
-    return bind_request(key.port, proto=key.proto)
+    return default_request(key.port, proto=key.proto)
 
 
 # -- why -----------------------------------------------------------------------------------------
@@ -68,11 +70,11 @@ def why_lines(d: Diagnosis) -> list[str]:
 def free_plan(key: PortKey) -> FreePlan:
     from rebind.actions.free import plan_free
 
-    return plan_free(key.port, proto=key.proto)
+    return plan_free(request(key))
 
 
 def plan_lines(plan: FreePlan) -> list[str]:
-    from rebind.cli.free import print_plan
+    from rebind.render.free import print_plan
 
     return captured(print_plan, plan)
 
@@ -101,7 +103,7 @@ def run_free(plan: FreePlan, say: Callable[[str], None]) -> FreeResult:
 
 
 def result_lines(result: FreeResult) -> list[str]:
-    from rebind.cli.free import print_result
+    from rebind.render.free import print_result
 
     return captured(print_result, result)
 
@@ -111,9 +113,9 @@ def result_lines(result: FreeResult) -> list[str]:
 
 def wait_step(key: PortKey, timeout: float = 1.0) -> WaitResult:
     """One bounded slice of `rebind wait PORT` (trial binds), so the TUI can stop between slices."""
-    from rebind.actions.wait import wait_request
+    from rebind.actions.wait import wait_bindable
 
-    return wait_request(request(key), timeout=timeout)
+    return wait_bindable(request(key), timeout=timeout)
 
 
 def wait_status(res: WaitResult, waited: float) -> str:
