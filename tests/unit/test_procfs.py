@@ -96,3 +96,9 @@ def test_a_question_of_any_stops_at_the_first_answer(tmp_path: Path) -> None:
     got = proc.socket_fds(8, first=[5], until={3})
     assert got.fds == {5: 3} and got.read is FdRead.OK  # the hinted fd first, and enough
     assert proc.socket_fds(8, first=[7], until={9}).fds == {3: 1, 4: 2, 5: 3}  # a stale hint
+
+
+def test_a_limit_bounds_the_links_read(tmp_path: Path) -> None:
+    proc = _proc(tmp_path, 9, {n: f"net:[{n}]" for n in range(10)})
+    links, read = proc.fd_links(9, limit=4)
+    assert len(links) == 4 and read is FdRead.OK

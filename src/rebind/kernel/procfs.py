@@ -106,10 +106,12 @@ class ProcFS:
         task: int | None = None,
         first: Iterable[int] = (),
         stop: Callable[[str], bool] | None = None,
+        limit: int | None = None,
     ) -> tuple[dict[int, str], FdRead]:
         """fd -> link target of every fd of PID (of thread TASK's table if given), and how the
         reading went. ``first``: fds to read before the rest (where they were last seen);
-        ``stop``: the reading ends at the first link it accepts (a question of "any", not "all")."""
+        ``stop``: the reading ends at the first link it accepts (a question of "any", not "all");
+        ``limit``: at most this many fds of the listing are read (a hostile process's million)."""
         where = self.path(pid, "task", str(task), "fd") if task is not None else self.path(pid, "fd")
         try:
             dfd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -119,7 +121,7 @@ class ProcFS:
         readlink = os.readlink
         try:
             try:
-                names = [*(str(f) for f in first), *os.listdir(dfd)]
+                names = [*(str(f) for f in first), *os.listdir(dfd)[:limit]]
             except OSError as exc:
                 return {}, outcome(exc)
             for name in names:
