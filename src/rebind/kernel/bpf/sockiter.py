@@ -234,10 +234,8 @@ def read_socket_states(
                 faulted += bad
         finally:
             os.close(fd)
-    except (BPFUnavailable, OSError) as exc:
+    except (OSError, RebindError) as exc:  # BPFUnavailable included: never an exception
         return Unavailable(_reason(exc))
-    except RebindError as exc:
-        return Unavailable(str(exc))
     return SockStates(here, tuple(out), faulted, listeners_only=listeners_only)
 
 
@@ -274,10 +272,8 @@ def count_socket_states(
                     counts += [(proto, port, State(s), n) for s, n in enumerate(values) if n and s in _STATES]
             finally:
                 os.close(fd)
-    except (BPFUnavailable, OSError) as exc:
+    except (OSError, RebindError) as exc:  # BPFUnavailable included: never an exception
         return Unavailable(_reason(exc))
-    except RebindError as exc:
-        return Unavailable(str(exc))
     return PortStateCounts(here, tuple(counts))
 
 
@@ -285,6 +281,7 @@ _STATES = frozenset(s.value for s in State)
 
 
 def _reason(exc: BaseException) -> str:
+    """One line: an errno's words, or the first line of our error (a verifier's log follows it)."""
     if isinstance(exc, OSError) and not isinstance(exc, BPFUnavailable):
         return f"BPF socket iterator: {exc.strerror or exc}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
