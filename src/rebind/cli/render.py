@@ -199,8 +199,8 @@ class PlainOut:
         """Text from outside (process names, messages) made safe to embed in markup."""
         return escape_markup(visible(text))
 
-    def print(self, text: str = "") -> None:
-        self.stream.write(strip_markup(text) + "\n")
+    def print(self, text: str = "", *, nowrap: bool = False) -> None:
+        self.stream.write(strip_markup(text) + "\n")  # never wrapped
 
 
 class RichOut:
@@ -211,8 +211,10 @@ class RichOut:
         """Text from outside (process names, messages) made safe to embed in markup."""
         return escape_markup(visible(text))
 
-    def print(self, text: str = "") -> None:
-        self.con.print(text)
+    def print(self, text: str = "", *, nowrap: bool = False) -> None:
+        """``nowrap``: one line whatever the terminal's width (a command split over two lines is
+        not pasteable); the terminal folds it for display, the copied text stays whole."""
+        self.con.print(text, soft_wrap=nowrap)
 
 
 def out(stderr: bool = False) -> PlainOut | RichOut:

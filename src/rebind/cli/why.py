@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rebind.cli.options import Spec, bind_options_port_optional, device_options, request_from
+from rebind.cli.params import SOURCE, TARGET
 from rebind.textsafe import visible
 
 if TYPE_CHECKING:
@@ -39,8 +41,12 @@ With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permis
 )
 @bind_options_port_optional
 @device_options
-@click.option("--connect", metavar="HOST:PORT", help="Client side: can connect() get a local port?")
-@click.option("--from", "source", metavar="ADDR[:PORT]", help="--connect: bind ADDR (and a fixed PORT).")
+@click.option(
+    "--connect", type=TARGET, metavar="HOST:PORT", help="Client side: can connect() get a local port?"
+)
+@click.option(
+    "--from", "source", type=SOURCE, metavar="ADDR[:PORT]", help="--connect: bind ADDR (and a fixed PORT)."
+)
 @click.option("--bind-before-connect", is_flag=True, help="--connect: bind(ADDR, 0) before connect().")
 @click.option("--probe", is_flag=True, help="--connect: one real connect(), aborted at once.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/2).")
@@ -61,8 +67,8 @@ def why(
     v6only: bool | None,
     device: str | None,
     freebind: bool,
-    connect: str | None,
-    source: str | None,
+    connect: tuple[str, int] | None,
+    source: tuple[IPv4Address | IPv6Address, int | None] | None,
     bind_before_connect: bool,
     probe: bool,
     as_json: bool,
@@ -215,13 +221,20 @@ def print_diagnosis(d: Diagnosis, found: Findings | None = None) -> None:
 
         found = findings(d.table.entries, d.request.port, d.request.proto, nat=False)
     con = out()
-    for line in diagnosis_lines(d, con.esc):
-        con.print(line)
-    for line in findings_lines(found, con.esc):
-        con.print(line)
+    for line in [*diagnosis_lines(d, con.esc), *findings_lines(found, con.esc)]:
+        con.print(line, nowrap=is_fix_line(line))
     err = out(stderr=True)
     for w in d.table.warnings:
         err.print(f"[yellow]note:[/] {err.esc(w)}")
+
+
+#: The lines that carry something to paste: shell commands, code lines, a fix with a command.
+_FIX_LINE = re.compile(r"^\s*(?:\d+\. )?(?:\$ |Python: |C: |fix: |Then verify: \$ )")
+
+
+def is_fix_line(line: str) -> bool:
+    """A line printed as one line at any terminal width (rich would otherwise wrap it)."""
+    return _FIX_LINE.match(line) is not None
 
 
 def diagnosis_lines(d: Diagnosis, esc_markup: Callable[[str], str] | None = None) -> list[str]:
