@@ -775,6 +775,10 @@ def test_every_grafana_panel_has_series_from_the_exporter_and_rebind_run(
     from tests.kernel.test_supervisor import HTTP_APP, Supervised
 
     keep = _table()  # a listener with a queue, peers, a client holding a port, EPH in the range
+    # _table's 10-port range is for the tests that count it; here the test's own HTTP queries to
+    # Prometheus and the scrapes need ports (each query leaves a TIME_WAIT that tcp_tw_reuse may
+    # take over only a second later): widen it, EPH still inside, so no query gets EADDRNOTAVAIL.
+    _sysctl("ip_local_port_range", "40000 40999")
     try:
         no_route = "10.99.0.1:80"  # only lo is up: rebind_exporter_missing{reason="no_route"}
         dests = f"127.0.0.1:{LQ},{no_route}"
