@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any
 
+from rebind.model.birth import text as birth_text
+from rebind.model.birth import to_json as birth_json
 from rebind.model.containers import ContainerRef
 from rebind.model.records import (
     Endpoint,
@@ -77,6 +80,8 @@ def socket_json(r: SocketRecord) -> dict[str, Any]:
         "v6only": r.v6only,
         "cgroup_id": r.cgroup_id,
         "netns": r.netns,
+        # issue 19 (additive): who bound it, when (rebind trace --install; null otherwise)
+        "birth": birth_json(r.birth),
     }
 
 
@@ -147,8 +152,12 @@ def _rows(
     t: SocketTable, marks: Mapping[tuple[int, str], str] | None = None
 ) -> tuple[list[str], list[list[str]]]:
     many_ns = len({e.socket.netns for e in t.entries}) > 1
+    births = any(e.socket.birth is not None for e in t.entries)
+    now = time.time()
     marks = marks or {}
     head = ["proto", "state", "local", "remote", "left", "uid"] + (["owners"] if t.owners_scanned else [])
+    if births:
+        head.append("bound by")
     if marks:
         head.append("note")
     if many_ns:
@@ -168,6 +177,8 @@ def _rows(
         ]
         if t.owners_scanned:
             row.append(owners_cell(e.owners) or ("-" if r.is_mini else ""))
+        if births:
+            row.append(birth_text(r.birth, now) if r.birth is not None else "")
         if marks:
             listening = r.state.label == "LISTEN" and r.proto.value == "tcp"
             row.append(marks.get((r.port, str(r.local)), "") if listening else "")

@@ -5,6 +5,7 @@ well-known holders). `rebind why` prints it; `rebind top`'s why screen captures 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,7 @@ def _disagreement_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
 
 
 def _blocker_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
+    from rebind.model.birth import text as birth_text
     from rebind.model.diagnosis import NO_SOCKET_KINDS
 
     if not d.blockers:
@@ -142,6 +144,8 @@ def _blocker_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
         own = owners_cell(b.entry.owners)
         flags = _flags(b.opts.reuseaddr, b.opts.reuseport, b.provenance.value)
         held = f"  held by {esc(own)}" if own else _hidden(b.owners.value)
+        if r.birth is not None:
+            held += f"  bound by {esc(birth_text(r.birth, time.time()))}"
         lines.append(
             f"  • {r.proto.value} {r.state.label} {r.local}{remote}{left}{held}"
             + (f"  [dim]{esc(flags)}[/]" if flags else "")
