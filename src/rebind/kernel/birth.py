@@ -19,7 +19,6 @@ be opened, dumps are as before and no certificate is shown.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ from rebind.kernel.bpf import birth_prog as prog
 from rebind.kernel.bpf.syscall import (
     BPF_LINK_CREATE,
     BPF_MAP_CREATE,
-    BPF_PROG_LOAD,
-    LICENSE,
     BPFUnavailable,
+    ProgType,
     VerifierRejected,
     attr_buf,
     bpf,
     btf_load,
+    load_program,
 )
 from rebind.model.birth import VALUE, Flag
 
@@ -192,34 +191,10 @@ def _create_map() -> int:
 
 
 def _load(map_fd: int, hook: Hook) -> int:
-    insns = prog.build_program(map_fd, hook.flag)
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(LICENSE, len(LICENSE))
-    log = ctypes.create_string_buffer(1 << 16)
-    # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
-    # prog_flags, prog_name[16], prog_ifindex, expected_attach_type
-    attr = attr_buf(
-        "<IIQQIIQII16sII",
-        hook.prog_type,
-        len(insns) // 8,
-        ctypes.addressof(code),
-        ctypes.addressof(lic),
-        1,
-        len(log),
-        ctypes.addressof(log),
-        0,
-        0,
-        hook.name,
-        0,
-        hook.attach_type,
-    )
-    try:
-        return bpf(BPF_PROG_LOAD, attr)
-    except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise
-        text = log.value.decode(errors="replace").strip()
-        raise VerifierRejected(f"verifier rejected the birth program ({exc.strerror}):\n{text}") from exc
+    """The hook's program through the one loader (kernel/bpf/syscall.load_program): no permission
+    is BPFUnavailable, a refusal is VerifierRejected with the verifier's log."""
+    kind = ProgType(hook.prog_type, hook.attach_type, hook.name, "the birth program", log_size=1 << 16)
+    return load_program(prog.build_program(map_fd, hook.flag), prog=kind)
 
 
 def _attach(prog_fd: int, cgroup_fd: int, hook: Hook) -> int:
@@ -267,7 +242,7 @@ def install(directory: str | None = None) -> Installed:
                 prog_fd = _load(map_fd, hook)
                 fds.append(prog_fd)
                 links[hook.pin] = _attach(prog_fd, cg_fd, hook)
-            except VerifierRejected:
+            except (VerifierRejected, BPFUnavailable):
                 raise
             except OSError as exc:
                 raise BPFUnavailable(f"loading the {hook.name.decode()} program: {exc.strerror}") from exc
