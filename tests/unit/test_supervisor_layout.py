@@ -53,7 +53,7 @@ def test_no_import_runs_back_up(rel: str, never: tuple[str, ...]) -> None:
 
 def test_the_machine_and_its_vocabulary_do_no_io() -> None:
     """The state machine is pure (h11's style): no os, socket, selectors, time or subprocess."""
-    for rel in ("supervisor/machine.py", "supervisor/vocab.py", "model/reload.py", "render/reload.py"):
+    for rel in ("supervisor/machine.py", "supervisor/vocab.py", "model/reload.py"):
         tree = ast.parse((SRC / rel).read_text(), rel)
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

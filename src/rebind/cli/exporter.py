@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
-from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 import click
@@ -17,6 +15,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from rebind.exporter.facts import Dest, Watch
+    from rebind.exporter.failures import FailureCounters
 
 #: Bounds on the command line, so a typo cannot make a cardinality (or bytecode) explosion.
 MAX_WATCH = 512
@@ -76,6 +75,14 @@ package: rebind/exporter/rules.yml). Exit status: 0 ok, 2 usage error, 3 cannot 
     help="Write the metrics to PATH (*.prom) atomically instead of serving HTTP.",
 )
 @click.option("--once", is_flag=True, help="With --textfile: write once and exit.")
+@click.option(
+    "--trace",
+    "trace",
+    is_flag=True,
+    help="Also count failing bind/listen/connect calls on the watched ports and destinations "
+    "(rebind_bind_failures_total, rebind_connect_failures_total) with rebind trace's kernel "
+    "program while the exporter runs (root, kernel BTF).",
+)
 def exporter(
     listen: str,
     watch: tuple[str, ...],
@@ -83,6 +90,7 @@ def exporter(
     interval: str,
     textfile: str | None,
     once: bool,
+    trace: bool,
 ) -> int:
     """Export port health to Prometheus: would a restart bind, accept queues, sockets by state,
     ephemeral ports left per destination, and configuration warnings.
@@ -105,11 +113,30 @@ def exporter(
     if textfile and not once and seconds < 1:
         raise UsageError("--interval must be at least 1 s when rewriting --textfile")
     host, port = parse_listen(listen)
+    if trace and once:
+        raise UsageError("--trace counts while the exporter runs: not with --once")
     collector = RebindCollector(watches, dests, interval=0.0 if textfile else seconds)
     registry = registry_with(collector, process=not textfile)
-    if textfile:
-        return _textfile(registry, textfile, seconds, once)
-    return _serve(registry, host, port)
+    counters = _failure_counters(watches, dests) if trace else None
+    if counters is not None:
+        registry.register(counters)
+    try:
+        if textfile:
+            return _textfile(registry, textfile, seconds, once)
+        return _serve(registry, host, port)
+    finally:
+        if counters is not None:
+            counters.close()
+
+
+def _failure_counters(watches: list[Watch], dests: list[Dest]) -> FailureCounters:
+    """The registration hook of exporter/failures.py (off unless --trace: a root exporter then
+    exports series an unprivileged one cannot; where tracing cannot run, exit 3)."""
+    if not (watches or dests):
+        raise UsageError("--trace counts failures on --watch ports and --dest destinations: name some")
+    from rebind.exporter import failures
+
+    return failures.start(watches, dests)
 
 
 def _need_prometheus_client() -> None:
@@ -158,6 +185,7 @@ def parse_watches(values: tuple[str, ...]) -> list[Watch]:
     """``PORT``, ``ADDR:PORT`` or ``[V6ADDR]:PORT``, each with an optional ``/udp`` (or ``/tcp``):
     the address a restart of the server binds (default ``0.0.0.0``)."""
     from rebind.exporter.facts import Watch
+    from rebind.model.addr import parse_ip, split_host_port
     from rebind.model.records import Proto
     from rebind.model.validate import parse_port
 
@@ -171,15 +199,9 @@ def parse_watches(values: tuple[str, ...]) -> list[Watch]:
             proto_text = proto_text.strip().lower() or "tcp"
             if proto_text not in ("tcp", "udp"):
                 raise UsageError(f"--watch {item!r}: protocol must be tcp or udp")
-            host, sep, port_text = where.rpartition(":")
-            if not sep:
-                port_text = where
-            elif host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
-            elif ":" in host:
-                raise UsageError(f"--watch {item!r}: write an IPv6 address in brackets, e.g. [::]:8080")
-            addr = _watch_addr(host, item) if sep else None
-            port = parse_port(port_text, what="--watch")
+            host, port_text = split_host_port(where, what="--watch", alone="port")
+            addr = None if host is None else parse_ip(host, what=f"--watch {item!r}:")
+            port = parse_port(port_text or "", what="--watch")
             w = Watch(port, Proto(proto_text)) if addr is None else Watch(port, Proto(proto_text), addr)
             out.add(w)
     if len(out) > MAX_WATCH:
@@ -187,28 +209,18 @@ def parse_watches(values: tuple[str, ...]) -> list[Watch]:
     return sorted(out, key=lambda w: w.sort_key())
 
 
-def _watch_addr(host: str, item: str) -> IPAddress:
-    if "%" in host:
-        raise UsageError(f"--watch {item!r}: no scope ids (watch the port on [::] or the address)")
-    try:
-        return ip_address(host)
-    except ValueError:
-        raise UsageError(f"--watch {item!r}: {host!r} is not an IP address (ADDR:PORT)") from None
-
-
 def parse_dests(values: tuple[str, ...]) -> list[Dest]:
     from rebind.exporter.facts import Dest
+    from rebind.model.addr import split_host_port
     from rebind.model.validate import parse_port
 
     out: dict[tuple[IPAddress, int], Dest] = {}
     for value in values:
         for item in value.split(","):
             item = item.strip()
-            host, sep, port_text = item.rpartition(":")
-            if not sep or not host:
+            host, port_text = split_host_port(item, what="--dest", alone="port")
+            if not host or port_text is None:
                 raise UsageError(f"--dest {item!r}: expected HOST:PORT ([V6ADDR]:PORT for IPv6)")
-            if host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
             port = parse_port(port_text, what="--dest port")
             addr = _resolve(host)
             out.setdefault((addr, port), Dest(addr, port, host))
@@ -218,14 +230,6 @@ def parse_dests(values: tuple[str, ...]) -> list[Dest]:
 
 
 def _resolve(host: str) -> IPAddress:
-    try:
-        return ip_address(host)
-    except ValueError:
-        pass
-    if not host or len(host) > 253 or not host.isascii() or any(c.isspace() for c in host):
-        raise UsageError(f"--dest host {host!r} is not an address or a host name")
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UsageError(f"--dest host {host!r} does not resolve: {exc}") from None
-    return ip_address(str(infos[0][4][0]).split("%")[0])
+    from rebind.kernel.resolver import resolve_host
+
+    return resolve_host(host, what="--dest host")

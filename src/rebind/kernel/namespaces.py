@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from rebind.errors import EnvironmentProblem
-from rebind.model.records import Family, Proto, SocketRecord, State
+from rebind.model.query import SocketQuery
+from rebind.model.records import SocketRecord, State
 
 T = TypeVar("T")
 
@@ -205,32 +206,24 @@ def socket_namespaces(known: set[tuple[int, int]], proc: str = "/proc") -> dict[
     an fd of it, ours to close. Each socket inode is asked once; processes that vanish or refuse
     (pidfd_getfd needs ptrace access) are skipped."""
     from rebind.kernel import pidfd
+    from rebind.kernel.procfs import ProcFS
 
     out: dict[tuple[int, int], int] = {}
-    seen: set[str] = set()
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            fds = os.listdir(f"{proc}/{pid}/fd")
-        except OSError:
-            continue
+    seen: set[int] = set()
+    procfs = ProcFS(proc)
+    for pid in procfs.pids():
+        fds = procfs.socket_fds(pid).fds  # what could be read: a refused table holds nothing we can dup
         pfd: int | None = None
         try:
-            for name in fds:
-                try:
-                    link = os.readlink(f"{proc}/{pid}/fd/{name}")
-                except OSError:
+            for fd, inode in fds.items():
+                if inode in seen:
                     continue
-                if not link.startswith("socket:[") or link in seen:
-                    continue
-                seen.add(link)
+                seen.add(inode)
                 if pfd is None:
                     pfd = pidfd.pin(pid)
                     if pfd is None:
                         break  # exited
-                key_fd = _socket_netns(pfd, int(name))
+                key_fd = _socket_netns(pfd, fd)
                 if key_fd is None:
                     continue
                 key, nsfd = key_fd
@@ -309,15 +302,7 @@ def run_in(ns: Netns, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
-def _procfs_records(
-    ns: Netns,
-    proc: str,
-    *,
-    protos: Iterable[Proto],
-    families: Iterable[Family],
-    states: Iterable[State],
-    ports: Iterable[int] | None,
-) -> tuple[SocketRecord, ...]:
+def _procfs_records(ns: Netns, proc: str, query: SocketQuery) -> tuple[SocketRecord, ...]:
     """The unprivileged view: /proc/PID/net/* of a process in the namespace."""
     from dataclasses import replace
 
@@ -326,17 +311,19 @@ def _procfs_records(
     if ns.pid is None:
         raise PermissionError(errno.EPERM, "a namespace kept only by a mount has no /proc view")
     recs = procnet.iter_sockets(
-        protos=protos, families=families, states=states, ports=ports, root=f"{proc}/{ns.pid}"
+        protos=query.protos,
+        families=query.families,
+        states=query.states,
+        ports=query.ports,
+        root=f"{proc}/{ns.pid}",
     )
-    return tuple(replace(r, netns=ns.inode) for r in recs)
+    return tuple(replace(r, netns=ns.inode) for r in recs if query.matches(r))
 
 
 def records_per_netns(
     scan: NetnsScan,
+    query: SocketQuery | None = None,
     *,
-    protos: Iterable[Proto] = (Proto.TCP, Proto.UDP),
-    families: Iterable[Family] = (Family.INET, Family.INET6),
-    states: Iterable[State] = frozenset(State),
     ports: Iterable[int] | None = None,
     proc: str = "/proc",
 ) -> Iterator[NetnsRecords]:
@@ -344,11 +331,17 @@ def records_per_netns(
     partial /proc view, else nothing (with a warning naming the namespace)."""
     from rebind.kernel import diag
 
-    protos, families, states = tuple(protos), tuple(families), frozenset(states)
-    plist = sorted(set(ports)) if ports is not None else None
+    if query is None:
+        query = SocketQuery.create(ports=ports, states=list(State))
+    q = query
 
+    # netlink from a thread that entered the namespace; never /proc/net there (it shows the
+    # namespace of the thread group leader, not the thread's).
     def dump() -> tuple[SocketRecord, ...]:
-        return tuple(diag.iter_sockets(protos=protos, families=families, states=states, ports=plist))
+        recs = diag.iter_sockets(
+            protos=q.protos, families=q.families, states=q.states, ports=q.ports, port_range=q.port_range
+        )
+        return tuple(r for r in recs if q.matches(r))
 
     for ns in scan.namespaces:
         try:
@@ -359,7 +352,7 @@ def records_per_netns(
         except (EnvironmentProblem, PermissionError, OSError) as exc:
             reason = str(exc)
         try:
-            recs = _procfs_records(ns, proc, protos=protos, families=families, states=states, ports=plist)
+            recs = _procfs_records(ns, proc, q)
         except OSError:
             yield NetnsRecords(ns, (), "none", (f"net:[{ns.inode}] could not be read ({reason})",))
             continue

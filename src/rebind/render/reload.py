@@ -2,8 +2,8 @@
 
 A command is printed as ``  $ LINE``: LINE is one shell line, safe to paste exactly as printed
 (its remark is a shell comment; tests/kernel/test_recipes_reload_check.py runs it as printed).
-A fix in words is ``  fix: TEXT``. Pure: cli/why_reload.py prints the lines (coloured on a
-terminal), or the JSON.
+A fix in words is ``  fix: TEXT``. ``text_lines`` and ``to_json`` are pure; ``print_advice`` prints
+the lines (coloured on a terminal).
 """
 
 from __future__ import annotations
@@ -42,3 +42,17 @@ def text_lines(advice: Sequence[Advice]) -> list[tuple[Level | None, str]]:
         out += [(None, f"  $ {c}") for c in a.commands]
         out += [(None, f"  fix: {f}") for f in a.fixes]
     return out
+
+
+def print_advice(advice: Sequence[Advice]) -> None:
+    """The lines on stdout: the level coloured on a terminal, plain otherwise; text escaped."""
+    from rebind.render.console import out
+
+    con = out()
+    for level, line in text_lines(advice):
+        if level is None:
+            con.print(con.esc(line))
+            continue
+        style = "bold red" if level is Level.WARN else "bold green"
+        head, _, rest = line.partition(" ")
+        con.print(f"[{style}]{con.esc(head)}[/] {con.esc(rest)}")

@@ -12,17 +12,16 @@ import os
 import selectors
 import socket
 import stat
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from rebind.errors import EnvironmentProblem, UsageError
 from rebind.supervisor import machine as m
+from rebind.supervisor.client import peer_of
 from rebind.supervisor.fdreserve import SHORTAGE, SPAWN_NEEDS, FdReserve
 from rebind.textsafe import visible
 
-_UCRED = struct.Struct("iII")
 MAX_LINE = 256
 CONTROL_IDLE = 5.0  # a control client that has not sent its line by then is dropped
 CONTROL_MAX = 32  # control clients still sending their line at once
@@ -78,9 +77,7 @@ class ControlServer:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
         conn.setblocking(False)
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        _, uid, _ = _UCRED.unpack(creds)
-        return Request(conn, uid=uid)
+        return Request(conn, uid=peer_of(conn).uid)  # the kernel's SO_PEERCRED (supervisor/client.py)
 
     def close(self) -> None:
         self.sock.close()
