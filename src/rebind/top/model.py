@@ -15,7 +15,7 @@ from ipaddress import IPv4Address
 from rebind.model.assess import BindNow, HolderFacts, judge, kernel_holder, kernel_state_of, port_state
 from rebind.model.conflict import BindRequest, KernelSettings
 from rebind.model.localhost import LocalhostResolution, find_split, loopback_only
-from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
+from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State, process_label
 from rebind.model.sockstate import SockState
 from rebind.textsafe import visible
 
@@ -88,7 +88,7 @@ class OwnerView:
     @property
     def label(self) -> str:
         """``name[pid]`` with every control character escaped (safe to print)."""
-        return f"{visible(self.name)}[{self.pid}]"
+        return process_label(self.name, self.pid)
 
     @property
     def detail(self) -> str:
