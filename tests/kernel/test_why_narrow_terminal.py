@@ -17,7 +17,7 @@ import subprocess
 import sys
 import termios
 
-from rebind.cli.why import is_fix_line
+from rebind.render.why import is_fix_line
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

@@ -1,4 +1,4 @@
-"""The one I/O gatherer behind `rebind why`: everything model/advice.py needs, read once.
+"""The one I/O gatherer behind `rebind why`: everything model/advice/ needs, read once.
 
 Socket table (inet_diag), the sockets' own bind state (owners' flags by pidfd_getfd +
 getsockopt; what only the kernel has -- TIME_WAITs' and owner-less sockets' flags, userlocks, the

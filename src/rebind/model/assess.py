@@ -13,11 +13,11 @@ Nothing here does I/O or binds: callers gather the facts (``kernel/facts.py`` fo
 from __future__ import annotations
 
 import enum
+import errno
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rebind.model.conflict import (
-    _UNSET,
     Blocker,
     BucketState,
     Flag,
@@ -25,10 +25,8 @@ from rebind.model.conflict import (
     KernelSettings,
     Outcome,
     PortState,
-    ReuseportCache,
     SockOpts,
     Verdict,
-    _Unset,
     evaluate,
 )
 from rebind.model.records import Family, Proto, SocketEntry, SocketRecord
@@ -36,8 +34,6 @@ from rebind.model.request import BindRequest
 from rebind.model.sockstate import BindBucket, SockKind, SockState
 
 AF_INET6 = 10  # socket.AF_INET6 on Linux (this module does no I/O and imports no socket)
-
-EADDRINUSE = 98
 
 
 class Provenance(enum.StrEnum):
@@ -110,7 +106,6 @@ def judge(
     settings: KernelSettings,
     *,
     port: PortState | None = None,
-    cache: ReuseportCache | _Unset | None = _UNSET,
 ) -> Judgement:
     """The one "can this be bound now?" answer (no trial bind: nothing is bound).
 
@@ -122,7 +117,7 @@ def judge(
     hs = [h.holder if isinstance(h, HolderFacts) else h for h in holders]
     # port: the bucket's fast-reuse state (tb->fastreuse*) when read; not given = unknown, and an
     # answer that hinges on it becomes UNKNOWN (never an optimistic BINDABLE).
-    outcome = evaluate(request, hs, settings, port=port, cache=cache)
+    outcome = evaluate(request, hs, settings, port=port)
     return judgement_of(request, outcome)
 
 
@@ -133,7 +128,7 @@ def judgement_of(request: BindRequest, outcome: Outcome) -> Judgement:
     if outcome.verdict is Verdict.DEPENDS:
         flags = {f for b in outcome.blockers if not b.certain for f in b.decided_by}
         return Judgement(request, BindNow.UNKNOWN, outcome, tuple(f for f in Flag if f in flags))
-    if outcome.errno == EADDRINUSE:
+    if outcome.errno == errno.EADDRINUSE:
         return Judgement(request, BindNow.BUSY, outcome)
     return Judgement(request, BindNow.REFUSED, outcome)
 

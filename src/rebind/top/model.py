@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
 from rebind.model.assess import BindNow, HolderFacts, judge, kernel_holder, kernel_state_of, port_state
+from rebind.model.birth import Birth
+from rebind.model.birth import text as birth_text
 from rebind.model.conflict import BindRequest, KernelSettings
 from rebind.model.localhost import LocalhostResolution, find_split, loopback_only
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State, process_label
@@ -130,6 +132,9 @@ class SocketRow:
     owners: tuple[OwnerView, ...] = ()
     #: Monotonic time the row was read (``left_ms`` counts from then); 0: the snapshot's.
     sampled: float = 0.0
+    #: Who bound the holding socket and when (birth certificate, `rebind trace --install`):
+    #: shown where no owner is (--no-owners, the owner gone or not visible).
+    birth: Birth | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +279,7 @@ def build_rows(entries: Sequence[SocketEntry], sampled: float = 0.0) -> tuple[So
                     group=group_size[(r.proto, r.state, r.local)],
                     owners=_owners([e]),
                     sampled=sampled,
+                    birth=r.birth,
                 )
             )
         else:
@@ -398,6 +404,14 @@ def owners_text(owners: Sequence[OwnerView], limit: int = 2) -> str:
     shown = ", ".join(o.detail for o in owners[:limit])
     extra = len(owners) - limit
     return f"{shown} +{extra}" if extra > 0 else shown
+
+
+def row_owners_text(row: SocketRow, width: int | None = None) -> str:
+    """The owners cell: the owners, else the birth certificate (``bound by python[7] at 12:03:07``)."""
+    if row.owners or row.birth is None:
+        return owners_text(row.owners) if width is None else fit_owners(row.owners, width)
+    text = f"bound by {birth_text(row.birth, row.birth.at)}"
+    return text if width is None else cut(text, width)
 
 
 def cut(text: str, width: int) -> str:
