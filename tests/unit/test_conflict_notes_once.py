@@ -40,3 +40,18 @@ def test_no_note_twice(state: State, ra: bool | None, rp: bool | None, req_ra: b
     req = BindRequest.create(8080, addr="0.0.0.0", reuseaddr=req_ra, reuseport=req_rp, listen=True)
     out = evaluate(req, [_holder(state, ra, rp)], KernelSettings())
     assert len(out.notes) == len(set(out.notes)), out.notes
+
+
+def test_the_reuseport_fast_path_note_is_said_once() -> None:
+    """The case `why` printed twice: a SO_REUSEPORT bind+listen that the bucket's cache lets
+    through, once for bind() and once for listen()."""
+    cache = ReuseportCache(0, IPv4Address("0.0.0.0"), False, True)
+    req = BindRequest.create(8080, addr="0.0.0.0", reuseport=True, listen=True)
+    out = evaluate(
+        req,
+        [_holder(State.LISTEN, None, None)],
+        KernelSettings(),
+        port=PortState(BucketState.of_cache(cache)),
+    )
+    fast = [n for n in out.notes if "fast path" in n]
+    assert len(fast) == 1, out.notes
