@@ -7,8 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rebind.model.conflict import (
+    BucketState,
     Holder,
     KernelSettings,
+    PortState,
+    ReuseportCache,
     SockOpts,
     evaluate,
 )
