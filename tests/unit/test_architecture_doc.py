@@ -21,8 +21,8 @@ REPO_DIRS = {"bench", "docs", "tests", "tools"}
 PATH = re.compile(r"(?<![\w./*])((?:[a-z_0-9]+/)+[a-z_0-9]+)(\.(?:py|toml|md))?")
 # `families.py` alone: a file beside another module the same row names.
 BARE = re.compile(r"(?<![\w./])([a-z_0-9]+\.py)\b")
-# `rebind.diagnosis.default_request`, `rebind.sockets` (not a schema name like `rebind.ls/1`).
-DOTTED = re.compile(r"(?<![\w./])rebind((?:\.[a-z_0-9]+)+)(?![\w/])")
+# `rebind.diagnosis.default_request`, `rebind.sockets` (not a schema name like `rebind.ls/1`, `rebind.why-reload/1`).
+DOTTED = re.compile(r"(?<![\w./])rebind((?:\.[a-z_0-9]+)+)(?![\w/-])")
 
 
 def table_rows(text: str) -> list[str]:
