@@ -25,6 +25,7 @@ import os
 import struct
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import asm
@@ -49,8 +50,11 @@ from rebind.kernel.bpf.sockprog import (
     _Emitter,
 )
 from rebind.kernel.bpf.syscall import LICENSE, BPFUnavailable, attr_buf, bpf
-from rebind.model.records import Endpoint, Proto, SocketRecord
+from rebind.model.records import Endpoint, Family, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
+
+if TYPE_CHECKING:
+    from rebind.kernel.bpf.sockiter import BulkDecoder
 
 HELPER_SK_RELEASE = 86
 HELPER_SKC_LOOKUP_TCP = 99
@@ -248,14 +252,20 @@ def _tuple(local: Endpoint, remote: Endpoint) -> bytes:
     An IPv6 socket talking IPv4 (``::ffff:a.b.c.d`` both ends) is hashed by its IPv4 addresses
     (tcp_v6_connect hands mapped peers to tcp_v4_connect; an accepted one is a tcp_v4 child
     made IPv6), so it is looked up as IPv4."""
-    la4 = local.addr if isinstance(local.addr, IPv4Address) else local.addr.ipv4_mapped
-    ra4 = remote.addr if isinstance(remote.addr, IPv4Address) else remote.addr.ipv4_mapped
+    la, ra = local.addr, remote.addr
+    la4 = la if isinstance(la, IPv4Address) else la.ipv4_mapped
+    ra4 = ra if isinstance(ra, IPv4Address) else ra.ipv4_mapped
     if la4 is not None and ra4 is not None:
-        raw = ra4.packed + la4.packed + struct.pack(">HH", remote.port, local.port)
-        return ENTRY_IN.pack(raw, 12)
-    la, ra = IPv6Address(int(local.addr)), IPv6Address(int(remote.addr))
-    raw = ra.packed + la.packed + struct.pack(">HH", remote.port, local.port)
-    return ENTRY_IN.pack(raw, TUPLE_SIZE)
+        return ENTRY_IN.pack(ra4.packed + la4.packed + _PORTS.pack(remote.port, local.port), 12)
+    la6, ra6 = IPv6Address(int(la)), IPv6Address(int(ra))
+    return ENTRY_IN.pack(ra6.packed + la6.packed + _PORTS.pack(remote.port, local.port), TUPLE_SIZE)
+
+
+_PORTS = struct.Struct(">HH")
+
+
+#: What precedes each record in an entry, as the results are read: whether the lookup found it.
+_LEAD = f"{FOUND_AT}xI{RECORD_AT - FOUND_AT - 4}x"
 
 
 def lookup_socket_states(
@@ -264,8 +274,12 @@ def lookup_socket_states(
     """For each TCP socket of the established hash that inet_diag named (TIME_WAIT, connected):
     the kernel's state of that very socket, with inet_diag's cookie and uid (the program has
     neither), or None where the 4-tuple finds no socket or another one (gone since the dump: the
-    lookup then falls through to a listener). Also how many records faulted."""
-    from rebind.kernel.bpf.sockiter import decode_records
+    lookup then falls through to a listener), or its copy faulted. Also how many faulted.
+
+    The map is written and read whole (one mmap copy each way, struct.iter_unpack over the
+    entries); each record decodes into a SockState that shares its SockCommon with the records
+    like it (sockiter._Memo): a port's ten thousand TIME_WAITs cost ~1 us each in Python."""
+    from rebind.kernel.bpf.sockiter import BulkDecoder
 
     if not targets:
         return [], 0
@@ -278,8 +292,7 @@ def lookup_socket_states(
         fds.append(io)
         size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-            for i, t in enumerate(targets):
-                mem[i * ENTRY_SIZE : i * ENTRY_SIZE + ENTRY_IN.size] = _tuple(t.local, t.remote)
+            mem[: ENTRY_SIZE * n] = _entries(targets)
             insns = build_lookup_program(lay, ctr, io)
             try:
                 prog = _prog_load(insns)
@@ -287,35 +300,47 @@ def lookup_socket_states(
                 prog = _prog_load(insns, 1 << 22)
             fds.append(prog)
             _test_run(prog, n)
-            data = bytearray(mem[: ENTRY_SIZE * n])
+            data = mem[: ENTRY_SIZE * n]
     except (OSError, RebindError) as exc:
         return Unavailable(f"BPF socket lookup: {exc}".splitlines()[0])
     finally:
         for fd in fds:
             os.close(fd)
-    found = [i for i in range(n) if FOUND.unpack_from(data, i * ENTRY_SIZE + FOUND_AT)[0]]
-    for i in found:  # inet_diag's cookie and uid into the record, before it is decoded once
-        at = i * ENTRY_SIZE + RECORD_AT
-        struct.pack_into("<Q", data, at + REC["cookie"], targets[i].cookie or 0)
-        struct.pack_into("<I", data, at + REC["uid"], targets[i].uid or 0)
-    raw = b"".join(data[i * ENTRY_SIZE + RECORD_AT : i * ENTRY_SIZE + RECORD_AT + RECORD.size] for i in found)
-    states, faulted = decode_records(Proto.TCP, raw)  # one call: shared addresses and buckets
-    if faulted:  # records left out: pair the rest by their cookie (written above)
-        by_cookie = {s.cookie: s for s in states}
-        pairs = [(t, by_cookie.get(t.cookie or 0)) for t in targets]
-    else:
-        got: list[SockState | None] = [None] * n
-        for i, st in zip(found, states, strict=True):
-            got[i] = st
-        pairs = list(zip(targets, got, strict=True))
-    # The 4-tuple of a socket gone since the dump finds a listener, or a newer socket: not ours.
-    return [st if st is not None and _same(st, t) else None for t, st in pairs], faulted
+    dec = BulkDecoder(Proto.TCP, lead=_LEAD, trail=ENTRY_SIZE - RECORD_AT - RECORD.size)
+    out: list[SockState | None] = []
+    faulted = 0
+    for i, (t, v) in enumerate(zip(targets, dec.rows(data), strict=True)):
+        if not v[0]:  # not found
+            out.append(None)
+        elif v[dec.faults]:  # a socket freed mid-read: not decoded (read_kernel then walks)
+            faulted += 1
+            out.append(None)
+        elif _is(dec, v, t):
+            # inet_diag's remote end: the record's, checked byte for byte
+            out.append(dec.decode(v, data, i, t.cookie or 0, t.uid or 0, t.remote))
+        else:  # the 4-tuple of a socket gone since the dump finds a listener, or a newer socket
+            out.append(None)
+    return out, faulted
 
 
-def _same(st: SockState, t: SocketRecord) -> bool:
-    return (
-        st.local.port == t.local.port
-        and st.remote.port == t.remote.port
-        and st.local.addr == t.local.addr
-        and st.remote.addr == t.remote.addr
-    )
+def _entries(targets: Sequence[SocketRecord]) -> bytearray:
+    """The map's contents before the run: each entry's tuple, the rest zero."""
+    buf = bytearray(ENTRY_SIZE * len(targets))
+    for i, t in enumerate(targets):
+        at = i * ENTRY_SIZE
+        buf[at : at + ENTRY_IN.size] = _tuple(t.local, t.remote)
+    return buf
+
+
+def _is(dec: BulkDecoder, v: tuple[Any, ...], t: SocketRecord) -> bool:
+    """The record is of the socket inet_diag named: same family, addresses and ports, compared
+    as the kernel stores them (the record's address of the socket's own family)."""
+    fam = v[dec.family]
+    if fam != t.family.value or v[dec.lport] != t.local.port or v[dec.dport] != _PORT.pack(t.remote.port):
+        return False
+    inet = fam == Family.INET
+    local, remote = (v[dec.rcv], v[dec.daddr]) if inet else (v[dec.rcv6], v[dec.daddr6])
+    return bool(local == t.local.addr.packed and remote == t.remote.addr.packed)
+
+
+_PORT = struct.Struct(">H")
