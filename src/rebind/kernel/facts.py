@@ -177,24 +177,40 @@ def iterator_plan(
       the chain order matters only where udp_lib_lport_inuse may stop early, at a same-uid
       SO_REUSEPORT socket: walk when a socket on the port has SO_REUSEPORT, else nothing.
     """
-    on_port = [
-        (i, e)
-        for i, e in enumerate(entries)
-        if e.socket.proto is req.proto and e.socket.local.port == req.port
-    ]
+    # One pass over the table (a port can have ten thousand TIME_WAITs): the port's sockets,
+    # those whose flags were not read, and what only the lookups or the walk can reach.
+    on_port: list[tuple[int, SocketEntry]] = []
+    unread: list[tuple[int, SocketEntry]] = []
+    connected: list[tuple[int, SocketEntry]] = []
+    lookup_list: list[int] = []
+    kernel_only: list[SocketEntry] = []
+    listening = False
+    proto, port = req.proto, req.port
+    for i, e in enumerate(entries):
+        r = e.socket
+        if r.proto is not proto or r.local.port != port:
+            continue
+        on_port.append((i, e))
+        state = r.state
+        listening = listening or state is State.LISTEN
+        is_read = (got := read.get(i)) is not None and got[1] is Provenance.READ
+        if state not in _NOT_CONNECTED:
+            connected.append((i, e))
+            if not is_read:
+                lookup_list.append(i)
+        if not is_read:
+            unread.append((i, e))
+            if not kernel_only and state not in _NOT_ITERATED:
+                kernel_only.append(e)
     if not on_port:
         return KernelRead(why="no socket on the port")
-    unread = [(i, e) for i, e in on_port if read.get(i, (None, Provenance.UNKNOWN))[1] is not Provenance.READ]
     if req.proto is Proto.UDP:
         if unread:
             return KernelRead(walk=True, why=f"flags of {_what(unread[0][1])} are only in the kernel")
         if any(read[i][0].reuseport for i, _ in on_port):
             return KernelRead(walk=True, why="SO_REUSEPORT on the port: the UDP chain order decides")
         return KernelRead(why="every flag read from its owner; no SO_REUSEPORT on the port")
-    listening = any(e.socket.state is State.LISTEN for _, e in on_port)
-    connected = [(i, e) for i, e in on_port if e.socket.state not in _NOT_CONNECTED]
-    lookup = tuple(i for i, e in unread if e.socket.state not in _NOT_CONNECTED)
-    kernel_only = [e for _, e in unread if e.socket.state not in _NOT_ITERATED]
+    lookup = tuple(lookup_list)
     why = (
         f"flags of {_what(kernel_only[0])} are only in the kernel"
         if kernel_only
@@ -360,15 +376,18 @@ def _holders(
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
     by_cookie = kernel.by_cookie() if kernel is not None else {}
+    #: id(SockCommon) -> its flags: sockets alike share one (a port's 10k TIME_WAITs, one)
+    kernel_opts: dict[int, SockOpts] = {}
     out = []
     for i, e in enumerate(table.entries):
-        if e.socket.proto is not req.proto:
+        r = e.socket
+        if r.proto is not req.proto:
             continue
-        st = by_cookie.get(e.socket.cookie) if e.socket.cookie is not None else None
+        st = by_cookie.get(r.cookie) if r.cookie is not None else None
         if st is not None and (
-            st.kind is SockKind.REQUEST  # a request_sock's flags are not its listener's
-            or st.proto is not e.socket.proto
-            or st.local.port != e.socket.local.port
+            st.common.kind is SockKind.REQUEST  # a request_sock's flags are not its listener's
+            or st.common.proto is not r.proto
+            or st.common.local.port != r.local.port
         ):
             st = None
         got = read.get(i) if read is not None else None
@@ -381,8 +400,11 @@ def _holders(
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
-            v6 = st.ipv6only if st.family is Family.INET6 else None
-            out.append(HolderFacts(e, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st))
+            opts = kernel_opts.get(id(st.common))
+            if opts is None:
+                v6 = st.ipv6only if st.family is Family.INET6 else None
+                opts = kernel_opts[id(st.common)] = SockOpts(st.reuseaddr, st.reuseport, v6)
+            out.append(HolderFacts(e, opts, Provenance.KERNEL, st))
             continue
         opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None

@@ -246,21 +246,30 @@ def _test_run(prog_fd: int, repeat: int) -> None:
     bpf(BPF_PROG_TEST_RUN, attr)
 
 
-def _tuple(local: Endpoint, remote: Endpoint) -> bytes:
-    """struct bpf_sock_tuple as a packet to this socket would carry it: from remote to local.
+def _entry(local: Endpoint, remote: Endpoint) -> tuple[bytes, _Expect]:
+    """The map entry's input (struct bpf_sock_tuple as a packet to this socket would carry it:
+    from remote to local), and what the found socket's record must then hold (its addresses as
+    the socket's family stores them, and the ports).
 
     An IPv6 socket talking IPv4 (``::ffff:a.b.c.d`` both ends) is hashed by its IPv4 addresses
     (tcp_v6_connect hands mapped peers to tcp_v4_connect; an accepted one is a tcp_v4 child
     made IPv6), so it is looked up as IPv4."""
     la, ra = local.addr, remote.addr
+    lp, rp = la.packed, ra.packed
+    ports = _PORTS.pack(remote.port, local.port)
+    expect = (lp, rp, ports[:2], local.port)
+    if len(lp) == 4 and len(rp) == 4:
+        return ENTRY_IN.pack(rp + lp + ports, 12), expect
     la4 = la if isinstance(la, IPv4Address) else la.ipv4_mapped
     ra4 = ra if isinstance(ra, IPv4Address) else ra.ipv4_mapped
     if la4 is not None and ra4 is not None:
-        return ENTRY_IN.pack(ra4.packed + la4.packed + _PORTS.pack(remote.port, local.port), 12)
+        return ENTRY_IN.pack(ra4.packed + la4.packed + ports, 12), expect
     la6, ra6 = IPv6Address(int(la)), IPv6Address(int(ra))
-    return ENTRY_IN.pack(ra6.packed + la6.packed + _PORTS.pack(remote.port, local.port), TUPLE_SIZE)
+    return ENTRY_IN.pack(ra6.packed + la6.packed + ports, TUPLE_SIZE), expect
 
 
+#: (local address, remote address, remote port as skc_dport holds it, local port)
+_Expect = tuple[bytes, bytes, bytes, int]
 _PORTS = struct.Struct(">HH")
 
 
@@ -292,7 +301,8 @@ def lookup_socket_states(
         fds.append(io)
         size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-            mem[: ENTRY_SIZE * n] = _entries(targets)
+            entries, expect = _entries(targets)
+            mem[: ENTRY_SIZE * n] = entries
             insns = build_lookup_program(lay, ctr, io)
             try:
                 prog = _prog_load(insns)
@@ -309,13 +319,13 @@ def lookup_socket_states(
     dec = BulkDecoder(Proto.TCP, lead=_LEAD, trail=ENTRY_SIZE - RECORD_AT - RECORD.size)
     out: list[SockState | None] = []
     faulted = 0
-    for i, (t, v) in enumerate(zip(targets, dec.rows(data), strict=True)):
+    for i, (t, want, v) in enumerate(zip(targets, expect, dec.rows(data), strict=True)):
         if not v[0]:  # not found
             out.append(None)
         elif v[dec.faults]:  # a socket freed mid-read: not decoded (read_kernel then walks)
             faulted += 1
             out.append(None)
-        elif _is(dec, v, t):
+        elif _is(dec, v, t, want):
             # inet_diag's remote end: the record's, checked byte for byte
             out.append(dec.decode(v, data, i, t.cookie or 0, t.uid or 0, t.remote))
         else:  # the 4-tuple of a socket gone since the dump finds a listener, or a newer socket
@@ -323,24 +333,28 @@ def lookup_socket_states(
     return out, faulted
 
 
-def _entries(targets: Sequence[SocketRecord]) -> bytearray:
-    """The map's contents before the run: each entry's tuple, the rest zero."""
+def _entries(targets: Sequence[SocketRecord]) -> tuple[bytearray, list[_Expect]]:
+    """The map's contents before the run (each entry's tuple, the rest zero), and what each
+    entry's record must hold to be of that very socket (see _is)."""
     buf = bytearray(ENTRY_SIZE * len(targets))
+    expect: list[_Expect] = []
+    size = ENTRY_IN.size
     for i, t in enumerate(targets):
         at = i * ENTRY_SIZE
-        buf[at : at + ENTRY_IN.size] = _tuple(t.local, t.remote)
-    return buf
+        buf[at : at + size], want = _entry(t.local, t.remote)
+        expect.append(want)
+    return buf, expect
 
 
-def _is(dec: BulkDecoder, v: tuple[Any, ...], t: SocketRecord) -> bool:
+def _is(dec: BulkDecoder, v: tuple[Any, ...], t: SocketRecord, want: _Expect) -> bool:
     """The record is of the socket inet_diag named: same family, addresses and ports, compared
     as the kernel stores them (the record's address of the socket's own family)."""
     fam = v[dec.family]
-    if fam != t.family.value or v[dec.lport] != t.local.port or v[dec.dport] != _PORT.pack(t.remote.port):
+    local, remote, dport, lport = want
+    if fam != t.family or v[dec.lport] != lport or v[dec.dport] != dport:
         return False
-    inet = fam == Family.INET
-    local, remote = (v[dec.rcv], v[dec.daddr]) if inet else (v[dec.rcv6], v[dec.daddr6])
-    return bool(local == t.local.addr.packed and remote == t.remote.addr.packed)
+    if fam == Family.INET:
+        return bool(v[dec.rcv] == local and v[dec.daddr] == remote)
+    return bool(v[dec.rcv6] == local and v[dec.daddr6] == remote)
 
 
-_PORT = struct.Struct(">H")
