@@ -14,9 +14,10 @@ from dataclasses import replace
 from rebind.errors import EnvironmentProblem, UsageError
 from rebind.kernel.containers import EngineState, engine_state, iptables_nat, read_context
 from rebind.kernel.namespaces import NetnsScan, list_namespaces, records_per_netns, run_in
+from rebind.kernel.walk import table_of  # one table
 from rebind.model.containers import Engine, ProxyKind, nat_captures
+from rebind.model.query import SocketQuery  # one validation
 from rebind.model.records import (
-    LISTENING_STATES,
     Family,
     Proto,
     SocketEntry,
@@ -24,7 +25,6 @@ from rebind.model.records import (
     SocketTable,
     State,
 )
-from rebind.sockets import _families, _ports, _protos, _states, table_of  # one validation, one table
 
 
 def _netns_names(scan: NetnsScan, proc: str) -> dict[int, str | None]:
@@ -50,9 +50,7 @@ def socket_table_all_netns(
     proc: str = "/proc",
 ) -> SocketTable:
     """Every socket of every namespace matching the filters, with owners and their context."""
-    plist = _ports(ports)
-    given = _states(states)
-    chosen = given if given is not None else (frozenset(State) if plist else LISTENING_STATES)
+    query = SocketQuery.create(ports=ports, protos=protos, families=families, states=states)
     if not isinstance(proc, str) or not os.path.isdir(proc):
         raise UsageError(f"proc={proc!r} is not a directory (the proc filesystem, normally /proc)")
     try:
@@ -60,15 +58,12 @@ def socket_table_all_netns(
     except OSError as exc:
         raise EnvironmentProblem(f"cannot list the processes in {proc}: {exc.strerror}") from exc
     with scan:
-        return _table(scan, plist, protos, families, chosen, owners, proc)
+        return _table(scan, query, owners, proc)
 
 
 def _table(
     scan: NetnsScan,
-    plist: list[int] | None,
-    protos: Iterable[Proto],
-    families: Iterable[Family],
-    chosen: frozenset[State],
+    query: SocketQuery,
     owners: bool,
     proc: str,
 ) -> SocketTable:
@@ -83,9 +78,7 @@ def _table(
             "their network namespaces may be missing"
         )
     sources = set()
-    parts = records_per_netns(
-        scan, protos=_protos(protos), families=_families(families), states=chosen, ports=plist, proc=proc
-    )
+    parts = records_per_netns(scan, query, proc=proc)
     for part in parts:
         records.extend(part.records)
         warnings.extend(part.warnings)

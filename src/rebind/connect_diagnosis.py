@@ -15,7 +15,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from rebind.errors import UsageError
 from rebind.model.connect import (
     ConnectRequest,
     ConnectResult,
@@ -84,24 +83,11 @@ class ConnectDiagnosis:
         return doc
 
 
-def resolve(host: str, *, udp: bool = False) -> IPAddress:
+def resolve(host: str, *, udp: bool = False, what: str = "") -> IPAddress:
     """HOST as an address, or a name resolved once (the first answer, as connect() callers do)."""
-    from ipaddress import ip_address
+    from rebind.kernel.resolver import resolve_host
 
-    text = host.strip().strip("[]")
-    try:
-        return ip_address(text)
-    except ValueError:
-        pass
-    if not text or len(text) > 253 or any(c.isspace() or ord(c) < 32 for c in text):
-        raise UsageError(f"{host!r} is not a host name or address")
-    try:
-        infos = socket.getaddrinfo(text, None, type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UsageError(f"cannot resolve {host!r}: {exc}") from None
-    if not infos:
-        raise UsageError(f"cannot resolve {host!r}")
-    return ip_address(infos[0][4][0])
+    return resolve_host(host, udp=udp, what=what)
 
 
 def probe(req: ConnectRequest) -> ProbeResult:

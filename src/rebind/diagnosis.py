@@ -63,12 +63,8 @@ def default_request(port: int | str, **options: Unpack[BindOptions]) -> BindRequ
     field; interface names are resolved here, and the socket's uid is this process's."""
     import os
 
-    from rebind.errors import UsageError
     from rebind.kernel.addrs import ifindex_of
 
-    device = options.get("device")
-    if device is not None and not isinstance(device, str):
-        raise UsageError(f"device must be an interface name (a string), not {device!r}")
     return BindRequest.create(port, **options, uid=os.geteuid(), ifindex_of=ifindex_of)
 
 

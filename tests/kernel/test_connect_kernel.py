@@ -26,9 +26,9 @@ def test_sysctl_readers(netns):
     write("tcp_tw_reuse", "1")
     write("tcp_timestamps", "0")
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        assert "\t" in f.read()  # the reason local_port_range() splits on any whitespace
-    assert sysctl.local_port_range() == (40000, 40123)
-    assert sysctl.reserved_ports() == frozenset({40001, 40010, 40011, 40012})
+        assert "\t" in f.read()  # the reason read_port_range() splits on any whitespace
+    assert sysctl.host_settings().port_range == (40000, 40123)
+    assert sysctl.host_settings().reserved_ports == frozenset({40001, 40010, 40011, 40012})
     s = connect_settings()
     assert (s.tw_reuse, s.tcp_timestamps, s.port_range) == (1, 0, (40000, 40123))
 

@@ -168,3 +168,24 @@ def test_ls_all_netns_cli(netns: int, named_netns: str, procs: Procs, rebind_cli
     assert [s["netns"] for s in plain["sockets"]] == [netns]
     table = rebind_cli("ls", "--all-netns", "41030", "--state", "listen")
     assert table.returncode == 0 and named_netns in table.stdout and f"net:{netns}" in table.stdout
+
+
+def test_walk_reads_the_namespace_the_query_names(netns: int, named_netns: str, procs: Procs) -> None:
+    """kernel/walk.py: SocketQuery(netns=INODE) is read inside that namespace, whichever
+    namespace the caller is in; the address filter keeps only the asked local address."""
+    from rebind.kernel.walk import records
+    from rebind.model.query import SocketQuery
+
+    p = procs.start(
+        ["ip", "netns", "exec", named_netns, sys.executable, "-u", "-c", LISTENER.format(port=41020)]
+    )
+    assert procs.wait_line(p) == "ready"
+    named_ino = os.stat(f"/run/netns/{named_netns}").st_ino
+    assert records(SocketQuery.create(ports=[41020, 41021])) == []  # not in the test's namespace
+    there = records(SocketQuery.create(ports=[41020, 41021], netns=named_ino))
+    assert sorted((r.local.port, r.state) for r in there) == [
+        (41020, State.LISTEN),
+        (41021, State.BOUND_INACTIVE),
+    ]
+    assert all(r.netns == named_ino for r in there)
+    assert records(SocketQuery.create(ports=[41020], addrs=["127.0.0.2"], netns=named_ino)) == []

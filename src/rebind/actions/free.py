@@ -171,11 +171,11 @@ def _socket_inodes(t: Target, proc: str) -> set[int]:
 
 def _inet_records(inodes: set[int]) -> dict[int, SocketRecord]:
     """TCP (every state) and UDP sockets of this network namespace with these inodes."""
-    from rebind.sockets import iter_records
+    from rebind.kernel.walk import records
+    from rebind.model.query import SocketQuery
 
     out: dict[int, SocketRecord] = {}
-    recs, _source, _warnings = iter_records(states=frozenset(State))
-    for r in recs:
+    for r in records(SocketQuery.create(states=frozenset(State))):
         if r.inode in inodes:
             out.setdefault(r.inode, r)
     return out

@@ -337,9 +337,10 @@ def _parse(raw: bytes) -> dict[int, float]:
 
 def someone_else_bound(port: int, protos: tuple[Proto, ...], ours: set[int]) -> bool:
     """Is there a socket on ``port`` that is not one of ours (by inode)?"""
-    from rebind.kernel.diag import iter_sockets
+    from rebind.kernel.walk import records
+    from rebind.model.query import SocketQuery
 
-    return any(r.inode not in ours for r in iter_sockets(protos=protos, ports=[port]))
+    return any(r.inode not in ours for r in records(SocketQuery.create(ports=[port], protos=protos)))
 
 
 def hold_until(picked: PickedPort, seconds: float, poll: float = 0.1) -> None:

@@ -217,11 +217,12 @@ async def accepts_async(addr: IPv4Address | IPv6Address, port: int, timeout: flo
 
 def udp_bound(addrs: tuple[IPv4Address | IPv6Address, ...], port: int) -> IPv4Address | IPv6Address | None:
     """A bound UDP socket on port that receives on one of addrs (UDP has nothing to connect to)."""
-    from rebind.kernel.diag import iter_sockets
+    from rebind.kernel.walk import records
     from rebind.model.conflict import overlap
+    from rebind.model.query import SocketQuery
     from rebind.model.records import State
 
-    for r in iter_sockets(protos=[Proto.UDP], states=[State.CLOSE], ports=[port]):
+    for r in records(SocketQuery.create(ports=[port], protos=[Proto.UDP], states=[State.CLOSE])):
         for a in addrs:
             if overlap(r.local.addr, bool(r.v6only), a, a.version == 6):
                 return a

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
-from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 import click
@@ -158,6 +156,7 @@ def parse_watches(values: tuple[str, ...]) -> list[Watch]:
     """``PORT``, ``ADDR:PORT`` or ``[V6ADDR]:PORT``, each with an optional ``/udp`` (or ``/tcp``):
     the address a restart of the server binds (default ``0.0.0.0``)."""
     from rebind.exporter.facts import Watch
+    from rebind.model.addr import parse_ip, split_host_port
     from rebind.model.records import Proto
     from rebind.model.validate import parse_port
 
@@ -171,15 +170,9 @@ def parse_watches(values: tuple[str, ...]) -> list[Watch]:
             proto_text = proto_text.strip().lower() or "tcp"
             if proto_text not in ("tcp", "udp"):
                 raise UsageError(f"--watch {item!r}: protocol must be tcp or udp")
-            host, sep, port_text = where.rpartition(":")
-            if not sep:
-                port_text = where
-            elif host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
-            elif ":" in host:
-                raise UsageError(f"--watch {item!r}: write an IPv6 address in brackets, e.g. [::]:8080")
-            addr = _watch_addr(host, item) if sep else None
-            port = parse_port(port_text, what="--watch")
+            host, port_text = split_host_port(where, what="--watch", alone="port")
+            addr = None if host is None else parse_ip(host, what=f"--watch {item!r}:")
+            port = parse_port(port_text or "", what="--watch")
             w = Watch(port, Proto(proto_text)) if addr is None else Watch(port, Proto(proto_text), addr)
             out.add(w)
     if len(out) > MAX_WATCH:
@@ -187,28 +180,18 @@ def parse_watches(values: tuple[str, ...]) -> list[Watch]:
     return sorted(out, key=lambda w: w.sort_key())
 
 
-def _watch_addr(host: str, item: str) -> IPAddress:
-    if "%" in host:
-        raise UsageError(f"--watch {item!r}: no scope ids (watch the port on [::] or the address)")
-    try:
-        return ip_address(host)
-    except ValueError:
-        raise UsageError(f"--watch {item!r}: {host!r} is not an IP address (ADDR:PORT)") from None
-
-
 def parse_dests(values: tuple[str, ...]) -> list[Dest]:
     from rebind.exporter.facts import Dest
+    from rebind.model.addr import split_host_port
     from rebind.model.validate import parse_port
 
     out: dict[tuple[IPAddress, int], Dest] = {}
     for value in values:
         for item in value.split(","):
             item = item.strip()
-            host, sep, port_text = item.rpartition(":")
-            if not sep or not host:
+            host, port_text = split_host_port(item, what="--dest", alone="port")
+            if not host or port_text is None:
                 raise UsageError(f"--dest {item!r}: expected HOST:PORT ([V6ADDR]:PORT for IPv6)")
-            if host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
             port = parse_port(port_text, what="--dest port")
             addr = _resolve(host)
             out.setdefault((addr, port), Dest(addr, port, host))
@@ -218,14 +201,6 @@ def parse_dests(values: tuple[str, ...]) -> list[Dest]:
 
 
 def _resolve(host: str) -> IPAddress:
-    try:
-        return ip_address(host)
-    except ValueError:
-        pass
-    if not host or len(host) > 253 or not host.isascii() or any(c.isspace() for c in host):
-        raise UsageError(f"--dest host {host!r} is not an address or a host name")
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UsageError(f"--dest host {host!r} does not resolve: {exc}") from None
-    return ip_address(str(infos[0][4][0]).split("%")[0])
+    from rebind.kernel.resolver import resolve_host
+
+    return resolve_host(host, what="--dest host")

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import math
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import click
 
 from rebind.errors import UsageError
+from rebind.model.addr import parse_ip, parse_source, parse_target, split_host_port
 from rebind.model.records import State, parse_state
 from rebind.model.validate import MAX_SECONDS, parse_port, parse_seconds
 
 
-class PortType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
-    name = "PORT"
+class Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
+    """A parameter type made of a model parser (model/addr.py, model/validate.py): its
+    UsageError becomes click's one line and exit 2; a value already of a ``ready`` type (a
+    default, or a value passed programmatically) goes through as it is."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        # parse_port, not str.isdigit(): '²' is a digit to isdigit() and a ValueError to int().
+    def __init__(self, name: str, parse: Callable[[Any], Any], ready: tuple[type, ...] = ()) -> None:
+        self.name = name
+        self._parse = parse
+        self._ready = ready
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self._ready and isinstance(value, self._ready):
+            return value
         try:
-            return parse_port(value)
+            return self._parse(value)
         except UsageError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -67,25 +77,6 @@ class StateType(click.ParamType):  # type: ignore[type-arg]  # generic only in c
             self.fail(str(exc), param, ctx)
 
 
-class AddressType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
-    name = "ADDR"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> IPv4Address | IPv6Address:
-        if isinstance(value, IPv4Address | IPv6Address):
-            return value
-        text = str(value).strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        if text in ("*", "any"):
-            text = "0.0.0.0"
-        try:
-            return ip_address(text)
-        except ValueError:
-            self.fail(f"{value!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1, ::)", param, ctx)
-
-
 class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     """PORT or ADDR:PORT ([v6]:PORT)."""
 
@@ -96,17 +87,22 @@ class PortSpecType(click.ParamType):  # type: ignore[type-arg]  # generic only i
     ) -> tuple[IPv4Address | IPv6Address | None, int]:
         if isinstance(value, tuple):
             return value
-        text = str(value).strip()
-        addr = None
-        if ":" in text:
-            host, _, port_text = text.rpartition(":")
-            addr = ADDRESS.convert(host, param, ctx)
-            text = port_text
-        return addr, PORT.convert(text, param, ctx)
+        try:
+            host, port = split_host_port(str(value), what="", alone="port")
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+        addr = None if host is None else ADDRESS.convert(host, param, ctx)
+        return addr, PORT.convert(port or "", param, ctx)
 
 
-PORT = PortType()
+# parse_port, not str.isdigit(): '²' is a digit to isdigit() and a ValueError to int().
+PORT = Parsed("PORT", parse_port)
+#: ADDR: a literal address ([v6] brackets, '*', and %SCOPE on IPv6).
+ADDRESS = Parsed("ADDR", lambda v: parse_ip(v, wildcard=True, scope=True), (IPv4Address, IPv6Address))
+#: --connect HOST:PORT / [V6]:PORT -> (host text, port); the host is resolved later.
+TARGET = Parsed("HOST:PORT", lambda v: parse_target(str(v)), (tuple,))
+#: --from ADDR / ADDR:PORT / [V6]:PORT -> (address, fixed local port or None).
+SOURCE = Parsed("ADDR[:PORT]", lambda v: parse_source(str(v)), (tuple,))
 SECONDS = SecondsType()
 STATE = StateType()
-ADDRESS = AddressType()
 PORT_SPEC = PortSpecType()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rebind.cli.options import Spec, bind_options_port_optional, device_options, request_from
+from rebind.cli.params import SOURCE, TARGET
 from rebind.textsafe import visible
 
 if TYPE_CHECKING:
@@ -39,8 +40,12 @@ With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permis
 )
 @bind_options_port_optional
 @device_options
-@click.option("--connect", metavar="HOST:PORT", help="Client side: can connect() get a local port?")
-@click.option("--from", "source", metavar="ADDR[:PORT]", help="--connect: bind ADDR (and a fixed PORT).")
+@click.option(
+    "--connect", type=TARGET, metavar="HOST:PORT", help="Client side: can connect() get a local port?"
+)
+@click.option(
+    "--from", "source", type=SOURCE, metavar="ADDR[:PORT]", help="--connect: bind ADDR (and a fixed PORT)."
+)
 @click.option("--bind-before-connect", is_flag=True, help="--connect: bind(ADDR, 0) before connect().")
 @click.option("--probe", is_flag=True, help="--connect: one real connect(), aborted at once.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema rebind.why/2).")
@@ -61,8 +66,8 @@ def why(
     v6only: bool | None,
     device: str | None,
     freebind: bool,
-    connect: str | None,
-    source: str | None,
+    connect: tuple[str, int] | None,
+    source: tuple[IPv4Address | IPv6Address, int | None] | None,
     bind_before_connect: bool,
     probe: bool,
     as_json: bool,

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from rebind.cli.render import PlainOut, RichOut
     from rebind.connect_diagnosis import ConnectDiagnosis
     from rebind.model.connect import ConnectResult
+    from rebind.model.records import IPAddress
 
 # Accounting rows: (reason value, label), in the order the issue lists them.
 ROWS = (
@@ -33,9 +34,9 @@ ROWS = (
 
 
 def run(
-    target: str,
+    target: str | tuple[str, int],
     *,
-    source: str | None,
+    source: str | tuple[IPAddress, int | None] | None,
     bind_before_connect: bool,
     reuseaddr: bool,
     udp: bool,
@@ -45,8 +46,11 @@ def run(
     from rebind.connect_diagnosis import diagnose_request, resolve
     from rebind.model.connect import ConnectRequest, parse_source, parse_target
 
-    host, port = parse_target(target)
-    src, local_port = parse_source(source) if source else (None, None)
+    # Parsed by the click types (cli/params.py: TARGET, SOURCE); text from other callers.
+    host, port = parse_target(target) if isinstance(target, str) else target
+    src, local_port = (
+        (parse_source(source) if isinstance(source, str) else source) if source else (None, None)
+    )
     req = ConnectRequest.create(
         resolve(host, udp=udp),
         port,
@@ -222,8 +226,8 @@ def _print_fixes(con: PlainOut | RichOut, res: ConnectResult) -> None:
 
 def dispatch(
     spec: object,
-    connect: str | None,
-    source: str | None,
+    connect: tuple[str, int] | None,
+    source: tuple[IPAddress, int | None] | None,
     bind_before_connect: bool,
     reuseaddr: bool,
     udp: bool,

@@ -7,23 +7,21 @@ from typing import Any
 
 from rebind.supervisor.reload_check import Advice, Level, Listener
 
-MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
-
 
 def read_migrate_req() -> int | None:
-    try:
-        with open(MIGRATE_REQ) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None  # before Linux 5.14 there is no such knob: as good as 0
+    """net.ipv4.tcp_migrate_req; None before Linux 5.14 (no such knob: as good as 0)."""
+    from rebind.kernel.sysctl import read_int
+
+    return read_int("net/ipv4/tcp_migrate_req")
 
 
 def listeners(port: int) -> list[Listener]:
+    from rebind.kernel.walk import table as socket_table
+    from rebind.model.query import SocketQuery
     from rebind.model.records import Proto, State, owner_label
-    from rebind.sockets import socket_table
 
     ticks = os.sysconf("SC_CLK_TCK")
-    table = socket_table(ports=[port], protos=[Proto.TCP], states=[State.LISTEN])
+    table = socket_table(SocketQuery.create(ports=[port], protos=[Proto.TCP], states=[State.LISTEN]))
     out = []
     for e in table.entries:
         r = e.socket

@@ -39,7 +39,8 @@ from rebind.exporter.facts import (
     Watch,
     norm,
 )
-from rebind.exporter.route import NoRoute, source_for
+from rebind.kernel.route import NoRoute, source_for
+from rebind.kernel.sysctl import HostSettings, host_settings
 from rebind.model.assess import Provenance
 from rebind.model.conflict import KernelSettings, SockOpts
 from rebind.model.records import Family, IPAddress, Proto, SocketRecord, State, Timer
@@ -55,42 +56,22 @@ _SERVER_METRICS = ("rebind_sockets", "rebind_port_bindable", "rebind_listener_ac
 _CLIENT_METRICS = ("rebind_ephemeral_bind_held_ports", "rebind_connect_free_ports", "rebind_connect_timewait")
 
 
-def _sysctl(path: str) -> str | None:
-    try:
-        with open(f"/proc/sys/{path}") as f:
-            return f.read().strip()
-    except OSError:
+def read_ephemeral(host: HostSettings | None = None) -> EphemeralRange | None:
+    """The ephemeral range and its reservations (kernel/sysctl.py); None when unreadable."""
+    h = host or host_settings()
+    if h.port_range is None or h.reserved_ports is None:
         return None
+    return EphemeralRange(*h.port_range, h.reserved_ports)
 
 
-def read_ephemeral() -> EphemeralRange | None:
-    """ip_local_port_range is "lo<TAB>hi"; ip_local_reserved_ports "8080,9000-9010"."""
-    text = _sysctl("net/ipv4/ip_local_port_range")
-    reserved_text = _sysctl("net/ipv4/ip_local_reserved_ports")
-    if text is None or reserved_text is None:
-        return None
-    try:
-        lo, hi = (int(x) for x in text.split())
-        reserved: set[int] = set()
-        for part in reserved_text.split(","):
-            if part.strip():
-                a, _, b = part.strip().partition("-")
-                reserved.update(range(int(a), int(b or a) + 1))
-    except ValueError:
-        return None
-    return EphemeralRange(lo, hi, frozenset(reserved))
-
-
-def read_settings(rng: EphemeralRange | None) -> KernelSettings:
+def read_settings(rng: EphemeralRange | None, host: HostSettings | None = None) -> KernelSettings:
+    """The bind settings a scrape needs (no capabilities, addresses or calibration)."""
     from rebind.kernel.sysctl import kernel_version
 
-    def num(path: str, default: int) -> int:
-        v = _sysctl(path)
-        return int(v) if v is not None and v.lstrip("-").isdigit() else default
-
+    h = host or host_settings()
     base = KernelSettings(
-        unprivileged_port_start=num("net/ipv4/ip_unprivileged_port_start", 1024),
-        bindv6only=num("net/ipv6/bindv6only", 0) == 1,
+        unprivileged_port_start=h.unprivileged_port_start,
+        bindv6only=h.bindv6only,
         kernel_version=kernel_version(),
     )
     if rng is None:
@@ -146,13 +127,14 @@ class Gatherer:
     def __call__(self) -> Snapshot:
         t0 = time.perf_counter()
         missing: list[Missing] = []
-        rng = read_ephemeral()
+        host = host_settings()
+        rng = read_ephemeral(host)
         if rng is None:
             missing += [
                 Missing(m, Reason.SYSCTL_UNREADABLE)
                 for m in ("rebind_ephemeral_range_ports", *_CLIENT_METRICS)
             ]
-        settings = read_settings(rng)
+        settings = read_settings(rng, host)
         sources = self._sources(missing)
         netlink = not os.environ.get("REBIND_FORCE_PROCFS")  # as rebind.kernel.diag.netlink_available
         bi_visible = netlink and settings.kernel_version >= BOUND_INACTIVE_SINCE

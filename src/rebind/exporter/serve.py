@@ -23,6 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from rebind.errors import EnvironmentProblem, UsageError
+from rebind.model.addr import parse_ip, split_host_port
 from rebind.model.validate import parse_port
 
 DEFAULT_PORT = 9811
@@ -31,20 +32,9 @@ DEFAULT_PORT = 9811
 def parse_listen(text: str, *, what: str = "--listen") -> tuple[str, int]:
     """ADDR:PORT, [V6ADDR]:PORT, :PORT (every IPv4 address) or PORT; the address must be literal
     (a name could resolve differently at each start)."""
-    text = text.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "127.0.0.1", text
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(f"{what} {text!r}: write an IPv6 address in brackets, e.g. [::1]:{DEFAULT_PORT}")
-    host = host or "0.0.0.0"
-    try:
-        addr = ip_address(host)
-    except ValueError:
-        raise UsageError(f"{what} {text!r}: {host!r} is not an IP address (ADDR:PORT)") from None
-    return str(addr), parse_port(port_text, what=f"{what} port")
+    host, port_text = split_host_port(text, what=what, alone="port")
+    addr = parse_ip("127.0.0.1" if host is None else host or "0.0.0.0", what=f"{what} {text.strip()!r}:")
+    return str(addr), parse_port(port_text or "", what=f"{what} port")
 
 
 def registry_with(collector: Collector, *, process: bool = True) -> CollectorRegistry:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import ip_address
@@ -50,17 +49,19 @@ from rebind.model.records import (
 
 
 def connect_settings(root: str = "/proc") -> ConnectSettings:
+    """The connect() settings (model/connect.py), projected from the one sysctl reader."""
     from rebind.kernel import sysctl
 
+    h = sysctl.host_settings(root)
     return ConnectSettings(
-        port_range=sysctl.local_port_range(root),
-        reserved=sysctl.reserved_ports(root),
-        tw_reuse=sysctl.tcp_tw_reuse(root),
-        tw_reuse_delay_ms=sysctl.tcp_tw_reuse_delay_ms(root),
-        tcp_timestamps=sysctl.tcp_timestamps(root),
-        autobind_reuse=sysctl.ip_autobind_reuse(root),
+        port_range=h.range_or_default,
+        reserved=h.reserved_or_none,
+        tw_reuse=h.tcp_tw_reuse,
+        tw_reuse_delay_ms=h.tcp_tw_reuse_delay_ms,
+        tcp_timestamps=h.tcp_timestamps,
+        autobind_reuse=h.ip_autobind_reuse,
         kernel_version=sysctl.kernel_version(),
-        unprivileged_port_start=sysctl.unprivileged_port_start(root),
+        unprivileged_port_start=h.unprivileged_port_start,
     )
 
 
@@ -92,49 +93,14 @@ def route_source(dst: IPAddress, dport: int, *, bound: IPAddress | None = None) 
         return ip_address(s.getsockname()[0])
 
 
-# rtnetlink.h: RTM_NEWROUTE / RTM_GETROUTE, struct rtmsg, RTA_DST / RTA_PREFSRC.
-RTM_NEWROUTE = 24
-RTM_GETROUTE = 26
-RTA_DST = 1
-RTA_PREFSRC = 7
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_NLMSG = struct.Struct("=IHHII")
-_RTA = struct.Struct("=HH")
-
-
 def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
-    """RTM_GETROUTE for ``dst``: the preferred source of the route, None if it names none."""
-    fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-    raw = dst.packed
-    attr = _RTA.pack(_RTA.size + len(raw), RTA_DST) + raw
-    body = _RTMSG.pack(fam, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + attr
-    msg = _NLMSG.pack(_NLMSG.size + len(body), RTM_GETROUTE, 1, 1, 0) + body  # NLM_F_REQUEST
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as nl:
-        nl.settimeout(2.0)
-        nl.send(msg)
-        data = nl.recv(65536)
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size or off + length > len(data):
-            return None
-        if kind == 2:  # NLMSG_ERROR: no route
-            (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
-            if err < 0:
-                code = -err
-                raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(code)}")
-        if kind == RTM_NEWROUTE:
-            a = off + _NLMSG.size + _RTMSG.size
-            while a + _RTA.size <= off + length:
-                alen, atype = _RTA.unpack_from(data, a)
-                if alen < _RTA.size:
-                    return None
-                if atype == RTA_PREFSRC and alen - _RTA.size in (4, 16):
-                    return ip_address(bytes(data[a + _RTA.size : a + alen]))
-                a += (alen + 3) & ~3
-            return None
-        off += (length + 3) & ~3
-    return None
+    """RTM_GETROUTE for ``dst`` (kernel/route.py): the preferred source, None if it names none."""
+    from rebind.kernel.route import NoRoute, source_for
+
+    try:
+        return source_for(dst)
+    except NoRoute as exc:
+        raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(exc.errno)}") from None
 
 
 def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
@@ -170,20 +136,21 @@ def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
     """Ports servers of this netns hold: TCP LISTEN and bound-inactive sockets anywhere, and
     unconnected UDP sockets outside the range (inside it they may be clients' autobinds). A
     widened range must take none of them in (C26). None when the table cannot be read."""
-    from rebind.kernel import diag
-    from rebind.model.records import Family
+    from rebind.errors import RebindError
+    from rebind.kernel.walk import walk
+    from rebind.model.query import SocketQuery
 
     lo, hi = rng
     out: set[int] = set()
     try:
-        with diag.DiagSocket() as d:
-            for r in d.dump(None, Proto.TCP, {State.LISTEN, State.BOUND_INACTIVE}):
+        # The listening and bound sockets of both protocols (UDP: CLOSE), in one walk.
+        w = walk(SocketQuery.create(states=[State.LISTEN, State.BOUND_INACTIVE]))
+        if w.source != "netlink":
+            return None  # /proc/net hides bound-inactive sockets: the answer would be short
+        for r in w.records:
+            if r.proto is Proto.TCP or (not r.remote.port and not lo <= r.local.port <= hi):
                 out.add(r.local.port)
-            for fam in (Family.INET, Family.INET6):
-                for r in d.dump(fam, Proto.UDP, {State.CLOSE}):
-                    if not r.remote.port and not lo <= r.local.port <= hi:
-                        out.add(r.local.port)
-    except OSError:
+    except (OSError, RebindError):
         return None
     return frozenset(out)
 

@@ -19,22 +19,27 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.errors import CodecError, KernelError
+
+# netlink.h: the one framing (kernel/netlink.py), re-exported for the codec's users.
+from rebind.kernel.netlink import NETLINK_SOCK_DIAG as NETLINK_SOCK_DIAG
+from rebind.kernel.netlink import NLA_TYPE_MASK as NLA_TYPE_MASK
+from rebind.kernel.netlink import NLM_F_ACK as NLM_F_ACK
+from rebind.kernel.netlink import NLM_F_DUMP as NLM_F_DUMP
+from rebind.kernel.netlink import NLM_F_DUMP_INTR as NLM_F_DUMP_INTR
+from rebind.kernel.netlink import NLM_F_MULTI as NLM_F_MULTI
+from rebind.kernel.netlink import NLM_F_REQUEST as NLM_F_REQUEST
+from rebind.kernel.netlink import NLMSG_DONE as NLMSG_DONE
+from rebind.kernel.netlink import NLMSG_ERROR as NLMSG_ERROR
+from rebind.kernel.netlink import NLMSG_NOOP as NLMSG_NOOP
+from rebind.kernel.netlink import NLMSG_OVERRUN as NLMSG_OVERRUN
+from rebind.kernel.netlink import NLMSGERR as NLMSGERR
+from rebind.kernel.netlink import NLMSGHDR as NLMSGHDR
+from rebind.kernel.netlink import RTA as RTA
+from rebind.kernel.netlink import attr as _rta
+from rebind.kernel.netlink import error_of, iter_frames
+from rebind.kernel.netlink import iter_attrs as iter_attrs
+from rebind.kernel.netlink import message as _nlmsg
 from rebind.model.records import Endpoint, Family, Proto, SocketRecord, State, Timer
-
-NETLINK_SOCK_DIAG = 4
-
-# netlink.h
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSG_OVERRUN = 4
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP_INTR = 0x10
-NLM_F_ROOT = 0x100
-NLM_F_MATCH = 0x200
-NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
 
 # sock_diag.h
 SOCK_DIAG_BY_FAMILY = 20
@@ -108,10 +113,6 @@ class BcOp(enum.IntEnum):
     CGROUP_COND = 13
 
 
-# struct nlmsghdr { __u32 nlmsg_len; __u16 nlmsg_type; __u16 nlmsg_flags; __u32 nlmsg_seq; __u32 nlmsg_pid; }
-NLMSGHDR = struct.Struct("=IHHII")
-# struct nlmsgerr { int error; struct nlmsghdr msg; }
-NLMSGERR = struct.Struct("=i")
 # struct inet_diag_sockid { __be16 sport, dport; __be32 src[4], dst[4]; __u32 if; __u32 cookie[2]; }
 SOCKID = struct.Struct(">HH16s16s")
 SOCKID_TAIL = struct.Struct("=III")  # if, cookie[0], cookie[1] are host order
@@ -126,15 +127,8 @@ REQ_V1_TAIL = struct.Struct("=II")
 MSG_HEAD = struct.Struct("=BBBB")
 MSG_TAIL = struct.Struct("=IIIII")
 MSG_SIZE = MSG_HEAD.size + SOCKID_SIZE + MSG_TAIL.size  # 72
-# struct rtattr / nlattr { __u16 len; __u16 type; }
-RTA = struct.Struct("=HH")
 # struct inet_diag_bc_op { unsigned char code, yes; unsigned short no; }
 BC_OP = struct.Struct("=BBH")
-NLA_TYPE_MASK = 0x3FFF  # strip NLA_F_NESTED / NLA_F_NET_BYTEORDER
-
-
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,11 +283,6 @@ def destination_filter(dst: IPv4Address | IPv6Address, dport: int) -> bytes:
     return compile_any([[host_cond(BcOp.D_COND, dst, port=dport)]])
 
 
-def _rta(kind: int, payload: bytes) -> bytes:
-    length = RTA.size + len(payload)
-    return RTA.pack(length, kind) + payload + bytes(_align4(length) - length)
-
-
 def dump_request(
     family: Family,
     proto: Proto,
@@ -350,10 +339,6 @@ def destroy_request(rec: SocketRecord, *, seq: int = 1) -> bytes:
 
 def _addr_bytes(ep: Endpoint) -> bytes:
     return ep.addr.packed.ljust(16, b"\0")
-
-
-def _nlmsg(kind: int, flags: int, seq: int, body: bytes) -> bytes:
-    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,31 +417,11 @@ def decode_socket(proto: Proto, payload: memoryview, *, netns: int | None = None
     )
 
 
-def iter_attrs(buf: memoryview, off: int) -> Iterator[tuple[int, bytes]]:
-    """Walk rtattrs from ``off`` to the end of ``buf``."""
-    end = len(buf)
-    while off + RTA.size <= end:
-        length, kind = RTA.unpack_from(buf, off)
-        if length < RTA.size or off + length > end:
-            raise CodecError(f"attribute of length {length} at offset {off} overruns its message")
-        yield kind & NLA_TYPE_MASK, bytes(buf[off + RTA.size : off + length])
-        off += _align4(length)
-
-
 def iter_messages(
     data: bytes | bytearray | memoryview, proto: Proto, *, netns: int | None = None
 ) -> Iterator[Message]:
     """Decode every netlink message in one datagram as read from the socket."""
-    buf = memoryview(data)
-    off = 0
-    end = len(buf)
-    while off < end:
-        if end - off < NLMSGHDR.size:
-            raise CodecError(f"{end - off} trailing bytes are too short for a netlink header")
-        length, kind, flags, seq, _pid = NLMSGHDR.unpack_from(buf, off)
-        if length < NLMSGHDR.size or off + length > end:
-            raise CodecError(f"netlink message length {length} at offset {off} is out of bounds")
-        payload = buf[off + NLMSGHDR.size : off + length]
+    for kind, flags, seq, payload in iter_frames(data):
         # Dispatch on the message type before anything else.
         if kind == NLMSG_ERROR:
             yield _decode_error(payload, seq)
@@ -471,13 +436,10 @@ def iter_messages(
             yield decode_socket(proto, payload, netns=netns)
         else:
             raise CodecError(f"unexpected netlink message type {kind}")
-        off += _align4(length)
 
 
 def _decode_error(payload: memoryview, seq: int) -> Ack:
-    if len(payload) < NLMSGERR.size:
-        raise CodecError("NLMSG_ERROR truncated")
-    (err,) = NLMSGERR.unpack_from(payload, 0)
+    err = error_of(payload)
     if err == 0:
         return Ack(seq)
     code = _errno_of(err, "NLMSG_ERROR")

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from rebind.kernel.sysctl import read
 from rebind.model.ephemeral import parse_port_range, parse_reserved, server_ports_warning
 from rebind.model.records import Proto, SocketRecord, State
-
-
-def _read(name: str, root: str) -> str | None:
-    try:
-        with open(f"{root}/sys/net/ipv4/{name}") as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def server_port_warnings(records: Iterable[SocketRecord], *, root: str = "/proc") -> tuple[str, ...]:
@@ -26,6 +19,7 @@ def server_port_warnings(records: Iterable[SocketRecord], *, root: str = "/proc"
     }
     if not ports:
         return ()
-    rng = parse_port_range(_read("ip_local_port_range", root))
-    w = server_ports_warning(ports, rng, parse_reserved(_read("ip_local_reserved_ports", root)))
+    # Two sysctls, not host_settings(): `ls` reads only what this warning needs.
+    rng = parse_port_range(read("net/ipv4/ip_local_port_range", root))
+    w = server_ports_warning(ports, rng, parse_reserved(read("net/ipv4/ip_local_reserved_ports", root)))
     return (w,) if w else ()

@@ -52,13 +52,14 @@ def gather(
     chain order) when something read it; None = unknown (no trial then runs in an existing TCP
     bucket: see conflict.probe_is_harmless)."""
     from rebind.kernel.sysctl import kernel_settings
-    from rebind.sockets import socket_table
+    from rebind.kernel.walk import table as socket_table
+    from rebind.model.query import SocketQuery
 
     if settings is None:
         from rebind.kernel.addrs import ipv6_addresses
 
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
-    table = table or socket_table(ports=[req.port], protos=[req.proto], owners=owners)
+    table = table or socket_table(SocketQuery.create(ports=[req.port], protos=[req.proto]), owners=owners)
     kernel, read = _kernel_states(table, req)
     holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     if port is None:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from rebind.errors import EnvironmentProblem
-from rebind.model.records import Family, Proto, SocketRecord, State
+from rebind.model.query import SocketQuery
+from rebind.model.records import SocketRecord, State
 
 T = TypeVar("T")
 
@@ -309,15 +310,7 @@ def run_in(ns: Netns, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
-def _procfs_records(
-    ns: Netns,
-    proc: str,
-    *,
-    protos: Iterable[Proto],
-    families: Iterable[Family],
-    states: Iterable[State],
-    ports: Iterable[int] | None,
-) -> tuple[SocketRecord, ...]:
+def _procfs_records(ns: Netns, proc: str, query: SocketQuery) -> tuple[SocketRecord, ...]:
     """The unprivileged view: /proc/PID/net/* of a process in the namespace."""
     from dataclasses import replace
 
@@ -326,17 +319,19 @@ def _procfs_records(
     if ns.pid is None:
         raise PermissionError(errno.EPERM, "a namespace kept only by a mount has no /proc view")
     recs = procnet.iter_sockets(
-        protos=protos, families=families, states=states, ports=ports, root=f"{proc}/{ns.pid}"
+        protos=query.protos,
+        families=query.families,
+        states=query.states,
+        ports=query.ports,
+        root=f"{proc}/{ns.pid}",
     )
-    return tuple(replace(r, netns=ns.inode) for r in recs)
+    return tuple(replace(r, netns=ns.inode) for r in recs if query.matches(r))
 
 
 def records_per_netns(
     scan: NetnsScan,
+    query: SocketQuery | None = None,
     *,
-    protos: Iterable[Proto] = (Proto.TCP, Proto.UDP),
-    families: Iterable[Family] = (Family.INET, Family.INET6),
-    states: Iterable[State] = frozenset(State),
     ports: Iterable[int] | None = None,
     proc: str = "/proc",
 ) -> Iterator[NetnsRecords]:
@@ -344,11 +339,17 @@ def records_per_netns(
     partial /proc view, else nothing (with a warning naming the namespace)."""
     from rebind.kernel import diag
 
-    protos, families, states = tuple(protos), tuple(families), frozenset(states)
-    plist = sorted(set(ports)) if ports is not None else None
+    if query is None:
+        query = SocketQuery.create(ports=ports, states=list(State))
+    q = query
 
+    # netlink from a thread that entered the namespace; never /proc/net there (it shows the
+    # namespace of the thread group leader, not the thread's).
     def dump() -> tuple[SocketRecord, ...]:
-        return tuple(diag.iter_sockets(protos=protos, families=families, states=states, ports=plist))
+        recs = diag.iter_sockets(
+            protos=q.protos, families=q.families, states=q.states, ports=q.ports, port_range=q.port_range
+        )
+        return tuple(r for r in recs if q.matches(r))
 
     for ns in scan.namespaces:
         try:
@@ -359,7 +360,7 @@ def records_per_netns(
         except (EnvironmentProblem, PermissionError, OSError) as exc:
             reason = str(exc)
         try:
-            recs = _procfs_records(ns, proc, protos=protos, families=families, states=states, ports=plist)
+            recs = _procfs_records(ns, proc, q)
         except OSError:
             yield NetnsRecords(ns, (), "none", (f"net:[{ns.inode}] could not be read ({reason})",))
             continue

@@ -9,7 +9,10 @@ nss-myhostname. The hosts lines are only the explanation shown to the user.
 from __future__ import annotations
 
 import socket
+from ipaddress import ip_address
 
+from rebind.errors import UsageError
+from rebind.model.addr import IPAddress, unbracket
 from rebind.model.localhost import HostsLine, LocalhostResolution
 from rebind.model.records import Family
 
@@ -17,6 +20,26 @@ HOSTS = "/etc/hosts"
 #: /etc/hosts is a small file; a huge one (an ad-block list) is read only this far for the
 #: explanation: the resolver's order above is what counts.
 _MAX_HOSTS_BYTES = 1 << 20
+
+
+def resolve_host(host: str, *, udp: bool = False, what: str = "") -> IPAddress:
+    """HOST as a literal address, or a name resolved once: the resolver's first answer, as a
+    connect() caller takes it (its scope id dropped). One UsageError line for every failure."""
+    said = f"{what} {host!r}" if what else repr(host)
+    text = unbracket(host)
+    try:
+        return ip_address(text)
+    except ValueError:
+        pass
+    if not text or len(text) > 253 or any(c.isspace() or ord(c) < 32 for c in text):
+        raise UsageError(f"{said} is not a host name or address")
+    try:
+        infos = socket.getaddrinfo(text, None, type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"cannot resolve {said}: {exc}") from None
+    if not infos:
+        raise UsageError(f"cannot resolve {said}")
+    return ip_address(str(infos[0][4][0]).split("%")[0])
 
 
 def resolver_order(port: int, name: str = "localhost") -> tuple[Family, ...]:

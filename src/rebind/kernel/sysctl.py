@@ -1,15 +1,29 @@
-"""Kernel settings that change bind() outcomes, read from /proc/sys of this netns."""
+"""The host settings of this network namespace: the one sysctl reader (/proc/sys), and the
+bind(), connect() and ephemeral-range settings projected from what it reads.
+
+``host_settings(root)`` reads every sysctl rebind's models use, once, into a frozen
+:class:`HostSettings`; ``kernel_settings()`` (bind: model/conflict.py),
+``kernel/connect_facts.connect_settings()`` (connect: model/connect.py) and the exporter's
+``read_ephemeral``/``read_settings`` are projections of it. The text formats are parsed in one
+place each (model/ephemeral.py: the port range and the reserved-ports list).
+"""
 
 from __future__ import annotations
 
 import os
-import platform
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import TYPE_CHECKING
 
-from rebind.model.conflict import KernelSettings
+from rebind.model.ephemeral import DEFAULT_RANGE, parse_reserved, read_port_range
+
+if TYPE_CHECKING:
+    from rebind.model.conflict import KernelSettings
 
 
-def _read(path: str, root: str = "/proc") -> str | None:
+def read(path: str, root: str = "/proc") -> str | None:
+    """One sysctl's text (``net/ipv4/tcp_tw_reuse``), stripped; None when it cannot be read
+    (absent on this kernel, or no /proc)."""
     try:
         with open(f"{root}/sys/{path}") as f:
             return f.read().strip()
@@ -17,27 +31,70 @@ def _read(path: str, root: str = "/proc") -> str | None:
         return None
 
 
-def _int(path: str, default: int, root: str = "/proc") -> int:
-    v = _read(path, root)
+def read_int(path: str, root: str = "/proc") -> int | None:
+    """One integer sysctl; None when it cannot be read or is not an integer."""
+    v = read(path, root)
     try:
-        return int(v) if v is not None else default
+        return int(v) if v is not None else None
     except ValueError:
-        return default
+        return None
 
 
-def _ports(text: str | None) -> frozenset[int]:
-    """Parse ip_local_reserved_ports syntax: "8080,9000-9010"."""
-    out: set[int] = set()
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return frozenset(out)
+def _int(path: str, default: int, root: str = "/proc") -> int:
+    v = read_int(path, root)
+    return default if v is None else v
+
+
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    """What this namespace's sysctls say (read once); the defaults stand for an unreadable one.
+
+    ``port_range`` and ``reserved_ports`` are None when unreadable: the exporter reports that
+    rather than assume the default; the models take :data:`DEFAULT_RANGE` and no reservations.
+    """
+
+    port_range: tuple[int, int] | None
+    reserved_ports: frozenset[int] | None
+    unprivileged_port_start: int = 1024
+    bindv6only: bool = False
+    ip_nonlocal_bind: bool = False
+    ipv6_nonlocal_bind: bool = False
+    #: 0 off, 1 on, 2 loopback only (the default since 2018, 79e9fed46038).
+    tcp_tw_reuse: int = 2
+    #: net.ipv4.tcp_tw_reuse_delay (6.14+, ms); older kernels use a fixed ~1 s.
+    tcp_tw_reuse_delay_ms: int = 1000
+    tcp_timestamps: int = 1
+    ip_autobind_reuse: bool = False
+
+    @property
+    def range_or_default(self) -> tuple[int, int]:
+        return self.port_range or DEFAULT_RANGE
+
+    @property
+    def reserved_or_none(self) -> frozenset[int]:
+        return self.reserved_ports or frozenset()
+
+
+def host_settings(root: str = "/proc") -> HostSettings:
+    """The one reader: every sysctl the bind, connect and ephemeral models use."""
+    reserved = read("net/ipv4/ip_local_reserved_ports", root)
+    return HostSettings(
+        port_range=read_port_range(read("net/ipv4/ip_local_port_range", root)),
+        reserved_ports=None if reserved is None else parse_reserved(reserved),
+        unprivileged_port_start=_int("net/ipv4/ip_unprivileged_port_start", 1024, root),
+        bindv6only=_int("net/ipv6/bindv6only", 0, root) == 1,
+        ip_nonlocal_bind=_int("net/ipv4/ip_nonlocal_bind", 0, root) == 1,
+        ipv6_nonlocal_bind=_int("net/ipv6/ip_nonlocal_bind", 0, root) == 1,
+        tcp_tw_reuse=_int("net/ipv4/tcp_tw_reuse", 2, root),
+        tcp_tw_reuse_delay_ms=_int("net/ipv4/tcp_tw_reuse_delay", 1000, root),
+        tcp_timestamps=_int("net/ipv4/tcp_timestamps", 1, root),
+        ip_autobind_reuse=_int("net/ipv4/ip_autobind_reuse", 0, root) == 1,
+    )
 
 
 def kernel_version() -> tuple[int, int]:
+    import platform  # lazily: `ls` imports this module for one sysctl read
+
     rel = platform.release().split(".")
     try:
         return int(rel[0]), int("".join(ch for ch in rel[1] if ch.isdigit()) or 0)
@@ -103,18 +160,21 @@ def broadcast_addresses() -> frozenset[IPv4Address]:
     return frozenset(a for a in _ipv4_addresses("BROADCAST") if isinstance(a, IPv4Address))
 
 
-def kernel_settings() -> KernelSettings:
-    lo, _, hi = (_read("net/ipv4/ip_local_port_range") or "32768 60999").partition("\t")
-    rng = (int(lo), int(hi.strip() or 60999)) if lo.strip().isdigit() else (32768, 60999)
+def kernel_settings(host: HostSettings | None = None) -> KernelSettings:
+    """The bind() settings (model/conflict.py) of this namespace: projected from the host
+    settings, plus capabilities, local addresses and the calibrated UDP rule."""
+    from rebind.model.conflict import KernelSettings
+
+    h = host or host_settings()
     return KernelSettings(
-        unprivileged_port_start=_int("net/ipv4/ip_unprivileged_port_start", 1024),
-        bindv6only=_int("net/ipv6/bindv6only", 0) == 1,
+        unprivileged_port_start=h.unprivileged_port_start,
+        bindv6only=h.bindv6only,
         cap_net_bind_service=has_cap(CAP_NET_BIND_SERVICE),
         local_addresses=local_addresses(),
-        ip_nonlocal_bind=_int("net/ipv4/ip_nonlocal_bind", 0) == 1,
-        ipv6_nonlocal_bind=_int("net/ipv6/ip_nonlocal_bind", 0) == 1,
-        ip_local_port_range=rng,
-        ip_local_reserved_ports=_ports(_read("net/ipv4/ip_local_reserved_ports")),
+        ip_nonlocal_bind=h.ip_nonlocal_bind,
+        ipv6_nonlocal_bind=h.ipv6_nonlocal_bind,
+        ip_local_port_range=h.range_or_default,
+        ip_local_reserved_ports=h.reserved_or_none,
         kernel_version=kernel_version(),
         broadcast_addresses=broadcast_addresses(),
         udp_first_match=_calibrated_udp_rule(),
@@ -126,43 +186,3 @@ def _calibrated_udp_rule() -> bool | None:
     from rebind.kernel.calibrate import calibration
 
     return calibration().udp_first_match
-
-
-# ---------------------------------------------------------------------------------------------
-# The client side (docs/connect-rules.md): all per network namespace.
-
-
-def local_port_range(root: str = "/proc") -> tuple[int, int]:
-    """net.ipv4.ip_local_port_range (tab-separated in /proc: see parse_port_range)."""
-    from rebind.model.ephemeral import parse_port_range
-
-    return parse_port_range(_read("net/ipv4/ip_local_port_range", root))
-
-
-def reserved_ports(root: str = "/proc") -> frozenset[int]:
-    """net.ipv4.ip_local_reserved_ports ("8080,9000-9010"; empty when none)."""
-    from rebind.model.ephemeral import parse_reserved
-
-    return parse_reserved(_read("net/ipv4/ip_local_reserved_ports", root))
-
-
-def unprivileged_port_start(root: str = "/proc") -> int:
-    return _int("net/ipv4/ip_unprivileged_port_start", 1024, root)
-
-
-def tcp_tw_reuse(root: str = "/proc") -> int:
-    """0 off, 1 on, 2 loopback only (the default since 2018, 79e9fed46038)."""
-    return _int("net/ipv4/tcp_tw_reuse", 2, root)
-
-
-def tcp_tw_reuse_delay_ms(root: str = "/proc") -> int:
-    """net.ipv4.tcp_tw_reuse_delay (6.14+, ms); older kernels use a fixed ~1 s."""
-    return _int("net/ipv4/tcp_tw_reuse_delay", 1000, root)
-
-
-def tcp_timestamps(root: str = "/proc") -> int:
-    return _int("net/ipv4/tcp_timestamps", 1, root)
-
-
-def ip_autobind_reuse(root: str = "/proc") -> bool:
-    return _int("net/ipv4/ip_autobind_reuse", 0, root) == 1

@@ -104,15 +104,17 @@ def _bind_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
     from rebind.kernel.addrs import ipv6_addresses
     from rebind.kernel.facts import gather
     from rebind.kernel.sysctl import kernel_settings
+    from rebind.kernel.walk import table as socket_table
     from rebind.model.advice import advise
-    from rebind.sockets import socket_table
+    from rebind.model.query import SocketQuery
 
     req = bind_request(ev)
     if req is None:
         return unavailable("not a TCP or UDP socket")
     if req.port == 0:
         return unavailable("bind() to port 0: no port of the ephemeral range was free")
-    table = _without(socket_table(ports=[req.port], protos=[req.proto], owners=owners), ev.inode)
+    query = SocketQuery.create(ports=[req.port], protos=[req.proto])
+    table = _without(socket_table(query, owners=owners), ev.inode)
     # The privilege is the caller's, not ours: __inet_bind checks the address (EADDRNOTAVAIL),
     # then the port's privilege (EACCES: no CAP_NET_BIND_SERVICE over the netns), then conflicts
     # (EADDRINUSE). So EACCES says the caller lacked it; any other errno: judge as if it had it.

@@ -23,11 +23,14 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from rebind.errors import UsageError
 from rebind.model import conflict as bindmodel
+from rebind.model.addr import parse_ip
+from rebind.model.addr import parse_source as parse_source
+from rebind.model.addr import parse_target as parse_target
 from rebind.model.ephemeral import ephemeral_overlap_warning as ephemeral_overlap_warning
 from rebind.model.ephemeral import format_reserved, reserve_command
 from rebind.model.records import Family, IPAddress, Owner, Proto, SocketEntry, SocketRecord, State
@@ -168,43 +171,7 @@ class ConnectRequest:
 
 
 def _addr(value: str | IPAddress, what: str) -> IPAddress:
-    if isinstance(value, IPv4Address | IPv6Address):
-        return value
-    text = str(value).strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        return ip_address(text)
-    except ValueError:
-        raise UsageError(f"{what} {value!r} is not an IP address") from None
-
-
-def parse_target(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` / ``[V6]:PORT`` (the host is not resolved here)."""
-    t = str(text).strip()
-    if t.startswith("["):
-        host, sep, rest = t[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise UsageError(f"{text!r} is not [IPV6]:PORT")
-        return host, parse_port(rest[1:], what="destination port")
-    host, sep, port = t.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"{text!r} is not HOST:PORT")
-    if ":" in host:
-        raise UsageError(f"{text!r}: write an IPv6 destination as [ADDR]:PORT")
-    return host, parse_port(port, what="destination port")
-
-
-def parse_source(text: str) -> tuple[IPAddress, int | None]:
-    """``--from ADDR`` or ``--from ADDR:PORT`` (a fixed local port)."""
-    t = str(text).strip()
-    if t.startswith("[") and "]:" in t:
-        host, _, port = t[1:].partition("]:")
-        return _addr(host, "source address"), parse_port(port, what="local port", allow_zero=True)
-    if t.count(":") == 1:
-        host, _, port = t.partition(":")
-        return _addr(host, "source address"), parse_port(port, what="local port", allow_zero=True)
-    return _addr(t, "source address"), None
+    return parse_ip(value, what=what, scope=True)
 
 
 def fmt_endpoint(addr: IPAddress, port: int) -> str:

@@ -13,14 +13,19 @@ from collections.abc import Iterable
 DEFAULT_RANGE = (32768, 60999)
 
 
-def parse_port_range(text: str | None) -> tuple[int, int]:
-    """``ip_local_port_range`` as /proc shows it: "32768\\t60999". proc_dointvec_minmax writes a
-    two-int vector separated by a *tab*, so split on any whitespace."""
+def read_port_range(text: str | None) -> tuple[int, int] | None:
+    """``ip_local_port_range`` as /proc shows it: "32768\t60999" (proc_dointvec_minmax writes a
+    two-int vector separated by a *tab*, so split on any white space); None when unreadable."""
     parts = (text or "").split()
     try:
         return int(parts[0]), int(parts[1])
     except (IndexError, ValueError):
-        return DEFAULT_RANGE
+        return None
+
+
+def parse_port_range(text: str | None) -> tuple[int, int]:
+    """:func:`read_port_range`, or the kernel's default range when the text is unreadable."""
+    return read_port_range(text) or DEFAULT_RANGE
 
 
 def parse_reserved(text: str | None) -> frozenset[int]:

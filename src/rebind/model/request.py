@@ -13,13 +13,14 @@ import errno as _errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 
 from rebind.errors import UsageError
+from rebind.model.addr import AddrLike, split_scope
 from rebind.model.records import IPAddress, Proto
 from rebind.model.validate import parse_port
 
-AddrLike = str | IPv4Address | IPv6Address
+__all__ = ["AddrLike", "BindRequest", "IfindexOf", "TrialResult", "parse_proto", "split_scope"]
 
 #: An interface name (or decimal index) to its ifindex; None when there is no such interface.
 IfindexOf = Callable[[str], int | None]
@@ -30,28 +31,6 @@ def parse_proto(proto: Proto | str) -> Proto:
         return proto if isinstance(proto, Proto) else Proto(str(proto).lower())
     except ValueError:
         raise UsageError(f"unknown protocol {proto!r} (tcp or udp)") from None
-
-
-def split_scope(addr: AddrLike) -> tuple[IPAddress, str | None]:
-    """``'fe80::1%eth0'`` -> (fe80::1, 'eth0'); brackets and '*' accepted; UsageError otherwise."""
-    if isinstance(addr, IPv4Address):
-        return addr, None
-    if isinstance(addr, IPv6Address):
-        scope = addr.scope_id
-        return (IPv6Address(str(addr).split("%", 1)[0]), scope) if scope else (addr, None)
-    text = str(addr).strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if text in ("*", "any"):
-        text = "0.0.0.0"
-    host, sep, scope = text.partition("%")
-    try:
-        a = ip_address(host)
-    except ValueError:
-        raise UsageError(f"{addr!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1, ::)") from None
-    if sep and (not scope or a.version != 6):
-        raise UsageError(f"{addr!r}: a scope id (%IFACE) needs an IPv6 address and an interface name")
-    return a, (scope if sep else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +95,8 @@ class BindRequest:
         address means ``[::]``. ``listen`` defaults to True for TCP.
         """
         p = parse_proto(proto)
+        if device is not None and not isinstance(device, str):
+            raise UsageError(f"device must be an interface name (a string), not {device!r}")
         a, scope = split_scope(addr) if addr is not None else (None, None)
         if v6only is not None and a is None:
             a = IPv6Address("::")

@@ -41,8 +41,6 @@ _SYSCALLS: dict[str, dict[str, int]] = {
         "accept": 202, "accept4": 242, "ppoll": 73, "pselect6": 72, "recvfrom": 207, "recvmsg": 212,
     },
 }  # fmt: skip
-TCP_LISTEN = "0A"
-TCP_TIME_WAIT = "06"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,45 +240,23 @@ _HOW |= {"select": "select", "pselect6": "select", "recvfrom": "recv", "recvmsg"
 def connections_by_port(ports: Iterable[int]) -> dict[int, int]:
     """inode -> local port of every TCP socket that is not listening, on one of PORTS.
 
-    Over inet_diag, filtered by port and state in the kernel: under load /proc/net/tcp lists
-    every TIME_WAIT socket of the port (tens of thousands), read at every scan. /proc otherwise."""
-    wanted = set(ports)
+    One walk (kernel/walk.py), filtered by port and state in the kernel over inet_diag: under
+    load /proc/net/tcp lists every TIME_WAIT socket of the port (tens of thousands), read at
+    every scan; /proc only where inet_diag is missing."""
     from rebind.errors import RebindError
-
-    try:
-        return _connections_netlink(wanted)
-    except (OSError, ValueError, RebindError):  # no sock_diag here (EnvironmentProblem), or EMFILE
-        return _connections_proc(wanted)
-
-
-def _connections_netlink(ports: set[int]) -> dict[int, int]:
-    from rebind.kernel import diag
+    from rebind.kernel.walk import walk
+    from rebind.model.query import SocketQuery
     from rebind.model.records import Proto, State
 
+    wanted = set(ports)
+    if not wanted:
+        return {}
     states = frozenset(State) - {State.LISTEN, State.TIME_WAIT, State.CLOSE, State.SYN_RECV}
-    out: dict[int, int] = {}
-    for r in diag.iter_sockets(protos=(Proto.TCP,), states=states, ports=ports):
-        if r.inode:
-            out[r.inode] = r.local.port
-    return out
-
-
-def _connections_proc(wanted: set[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) < 10 or parts[3] in (TCP_LISTEN, TCP_TIME_WAIT):
-                        continue
-                    port = int(parts[1].rpartition(":")[2], 16)
-                    if port in wanted and parts[9] != "0":
-                        out[int(parts[9])] = port
-        except (OSError, ValueError):
-            continue
-    return out
+    try:
+        recs = walk(SocketQuery.create(ports=wanted, protos=[Proto.TCP], states=states)).records
+        return {r.inode: r.local.port for r in recs if r.inode}
+    except (OSError, ValueError, RebindError):  # EMFILE, or a port that is not one
+        return {}
 
 
 def _socket_inodes(pid: int) -> set[int]:

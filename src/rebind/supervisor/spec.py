@@ -6,6 +6,7 @@ import string
 from dataclasses import dataclass
 
 from rebind.errors import UsageError
+from rebind.model.addr import split_host_port
 from rebind.model.validate import parse_port
 
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "-_.@")
@@ -55,19 +56,10 @@ def parse_listen(text: str, index: int = 0) -> ListenSpec:
 
 
 def _split_host(body: str, text: str) -> tuple[str, str]:
-    if body.startswith("["):
-        host, sep, rest = body[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise UsageError(f"--listen {text!r}: bad bracketed IPv6 address ({_EXAMPLE})")
-        return host, rest[1:]
-    if body.count(":") > 1:
-        raise UsageError(f"--listen {text!r}: put IPv6 addresses in brackets, e.g. [::1]:8080")
-    if ":" in body:
-        host, _, port = body.partition(":")
-        return ("" if host in ("*", "") else host), port
-    if body.isascii() and body.isdigit():
-        return "", body
-    return body, ""  # a bare host: the port is missing
+    host, port = split_host_port(body, what="--listen", alone="guess")
+    if host is not None and port is not None and host == "*":
+        host = ""
+    return host or "", port or ""
 
 
 def check_unique(specs: tuple[ListenSpec, ...]) -> None:

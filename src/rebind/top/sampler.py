@@ -84,12 +84,14 @@ class Sampler:
     def _dump(
         self, protos: Iterable[Proto], states: Iterable[State], ports: Sequence[int] | None
     ) -> list[SocketRecord]:
-        from rebind.sockets import iter_records
+        from rebind.kernel.walk import walk
+        from rebind.model.query import SocketQuery
 
-        recs, self.source, warnings = iter_records(ports=ports, protos=protos, states=states)
-        if warnings:
-            self.warnings = warnings
-        return list(recs)
+        w = walk(SocketQuery.create(ports=ports, protos=protos, states=states))
+        self.source = w.source
+        if w.warnings:
+            self.warnings = w.warnings
+        return list(w.records)
 
     def _fast(self) -> list[SocketRecord]:
         out: dict[tuple[object, ...], SocketRecord] = {}
