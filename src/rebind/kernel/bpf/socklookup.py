@@ -356,5 +356,3 @@ def _is(dec: BulkDecoder, v: tuple[Any, ...], t: SocketRecord, want: _Expect) ->
     if fam == Family.INET:
         return bool(v[dec.rcv] == local and v[dec.daddr] == remote)
     return bool(v[dec.rcv6] == local and v[dec.daddr6] == remote)
-
-
