@@ -64,6 +64,36 @@ def scrape_costs(runs: int) -> dict[str, object]:
     }
 
 
+def _cpu_ms(fn: object, runs: int) -> dict[str, float]:
+    assert callable(fn)
+    fn()  # warm: imports, the BPF layout, first-use allocations
+    cpu = []
+    for _ in range(runs):
+        c0 = time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+    return {"cpu_ms_median": statistics.median(cpu) * 1000, "cpu_ms_best": min(cpu) * 1000}
+
+
+def side_by_side(runs: int) -> dict[str, dict[str, float]]:
+    """Issue 17: one scrape's facts (exporter.gather.Gatherer, no rendering) with the kernel
+    state read as `why` reads it (iterator_plan + read_kernel_ports), without it (before), and
+    the count mode of the BPF socket iterator (count_socket_states: sockets per port and state
+    counted in the kernel) for the same watched ports, which the scrape's counts would need."""
+    from rebind.exporter.gather import Gatherer
+    from rebind.kernel.bpf.sockiter import count_socket_states
+    from rebind.model.records import Proto
+
+    with_kernel = Gatherer(WATCH, DESTS)
+    without = Gatherer(WATCH, DESTS, read_kernel=False)
+    ports = sorted({w.port for w in WATCH})
+    return {
+        "gather_with_kernel_state": _cpu_ms(with_kernel, runs),
+        "gather_without_kernel_state": _cpu_ms(without, runs),
+        "count_socket_states": _cpu_ms(lambda: count_socket_states(ports, [Proto.TCP]), runs),
+    }
+
+
 def walk_floor(runs: int) -> dict[str, float]:
     """The kernel's share: CPU of one connection-table walk that matches nothing (what any
     inet_diag reader pays for a filtered dump of this table), and of the bound-inactive walk."""
@@ -168,6 +198,11 @@ def main() -> None:
     ap.add_argument("--build-timeout", type=float, default=1200)
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="big table only: the scrape's facts with/without the kernel state, and the in-kernel count",
+    )
+    ap.add_argument(
         "--idle-only",
         action="store_true",
         help="only the idle namespace (the host's TCP hash is shared: run it when no other load exists)",
@@ -202,6 +237,12 @@ def main() -> None:
         result["sockets"] = socket_count()
         result["build_s"] = built
         result["big_sockstat"] = host_tcp_sockets()
+        if args.side_by_side:
+            print(f"Socket table: {result['sockets']}; `{result['big_sockstat']}`")
+            print("| measured (CPU, process_time) | median ms | best ms |\n|---|---:|---:|")
+            for name, d in side_by_side(args.runs).items():
+                print(f"| {name} | {d['cpu_ms_median']:.1f} | {d['cpu_ms_best']:.1f} |")
+            return
         result["big"] = scrape_costs(args.runs)
         result["floor"] = walk_floor(args.runs)
         result["ss"] = ss_reference(args.runs)

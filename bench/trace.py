@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/trace.py                    # 3 rounds of 20,000 connects, 50 failures
     sudo .venv/bin/python bench/trace.py --connects 50000 --rounds 5 --failures 200
+    sudo .venv/bin/python bench/trace.py --only misses,births --big   # and the big table
 
 1. Overhead: a loop of successful TCP connect()s on loopback (connect, accept, close with
    SO_LINGER 0 so no TIME_WAIT piles up), in a private network namespace, timed with no trace
@@ -12,8 +13,14 @@
 2. Event to line: one failing bind() (EADDRINUSE, a listener on the port) at a time; the time
    from the call's return to the moment its line (with the blocker snapshot) is read from
    `rebind trace --json`'s stdout, with the owner scan and without (--no-owners); also the
-   snapshot's own ``after_ms``. Idle namespace only: the 211k-socket table of the issue's
-   budget is not built here (bench/mkload.py can build it; not measured yet).
+   snapshot's own ``after_ms``. In an idle namespace, and with ``--big`` in one holding
+   bench/mkload.py's table (built in a named namespace as bench/ls.py does; ``--mkload`` passes
+   it smaller sizes where the fd limit does not allow its defaults).
+3. Missed events: --misses failing binds in a tight loop, `rebind trace --count N` must print
+   a line for each (and its summary says how many the ring dropped).
+4. Birth certificates: a loop of bind(127.0.0.1:0)s, and the connect loop of 1. (the sock_ops
+   program runs at every TCP callback), with and without `rebind trace --install` (pinned in
+   a private BPF filesystem, removed after each round).
 
 Not a test: it asserts no time.
 """
@@ -128,17 +135,135 @@ def latency(netns: int, failures: int, *extra: str) -> None:
         print(f"  snapshot after_ms:  median {statistics.median(after):.1f} ms  max {max(after):.1f} ms")
 
 
+def misses(netns: int, n: int) -> None:
+    """n failing binds in a tight loop by one process; `rebind trace --count n` must print n lines."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 30001))
+    lst.listen()
+    p = start_trace(netns, "--count", str(n))
+    assert p.stdout is not None and p.stderr is not None
+    t0 = time.monotonic()
+    failed = 0
+    for _ in range(n):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 30001))
+            except OSError:
+                failed += 1
+    loop_s = time.monotonic() - t0
+    out, err = p.communicate(timeout=600)
+    lst.close()
+    lines = [json.loads(x) for x in out.splitlines() if x.strip()]
+    mine = sum(1 for d in lines if d["port"] == 30001 and d["errno"] == "EADDRINUSE")
+    summary = err.decode().strip().splitlines()[-1]
+    print(f"{n} failing binds ({failed} failed, in {loop_s:.2f} s: {failed / loop_s:,.0f}/s):")
+    print(f"  lines printed for them: {mine}; missed: {failed - mine}")
+    print(f"  {summary}")
+
+
+def bind_loop(n: int) -> float:
+    """bind()s per second: socket, bind 127.0.0.1:0, close (the post-bind hook runs each time)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+    return n / (time.perf_counter() - t0)
+
+
+def births(n: int, rounds: int) -> None:
+    """What birth certificates cost a bind(): the loop with and without `rebind trace --install`
+    (pinned in a private BPF filesystem, removed after each round)."""
+    import ctypes
+    import tempfile
+
+    from rebind.kernel import birth
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fs = tempfile.mkdtemp(prefix="rebind-bench-bpffs-")
+    if libc.mount(b"bpf", fs.encode(), b"bpf", 0, b"mode=0700") != 0:
+        raise SystemExit(f"cannot mount bpffs: {os.strerror(ctypes.get_errno())}")
+    pins = os.path.join(fs, "rebind")
+    loops = {"bind": lambda: bind_loop(n), "connect": lambda: connect_loop(n, 20100)}
+    off: dict[str, list[float]] = {k: [] for k in loops}
+    on: dict[str, list[float]] = {k: [] for k in loops}
+    try:
+        for _ in range(rounds):
+            for name, loop in loops.items():
+                off[name].append(loop())
+            birth.install(pins)
+            try:
+                for name, loop in loops.items():
+                    on[name].append(loop())
+            finally:
+                birth.uninstall(pins)
+    finally:
+        libc.umount2(fs.encode(), 0)
+        os.rmdir(fs)
+    for name in loops:
+        ratio = statistics.median(on[name]) / statistics.median(off[name])
+        print(f"{name} loop, {n} calls x {rounds} rounds (per second), birth certificates:")
+        print(f"  without: best {max(off[name]):,.0f}  median {statistics.median(off[name]):,.0f}")
+        print(f"  with:    best {max(on[name]):,.0f}  median {statistics.median(on[name]):,.0f}")
+        print(f"  ratio of medians (with/without): {ratio:.3f}  -> overhead {100 * (1 - ratio):.1f}%")
+
+
+def big_table(failures: int, build_timeout: float, extra: list[str]) -> None:
+    """Event to line with bench/mkload.py's table in the namespace (bench/ls.py builds it)."""
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ls import Namespace, start_load, stop_load
+
+    from rebind.kernel.diag import current_netns
+
+    tmp = Path(tempfile.mkdtemp(prefix="rebind-bench-trace-"))
+    tmp.chmod(0o711)
+    ns = Namespace(f"rebind-bench-trace-{os.getpid()}", create=True)
+    load = None
+    try:
+        load, built = start_load(ns, extra, tmp, build_timeout)
+        ns.enter()
+        ino = current_netns()
+        assert ino is not None
+        tcp = sum(Path(f"/proc/net/{t}").read_text().count("\n") - 1 for t in ("tcp", "tcp6"))
+        print(f"big table ({tcp:,} TCP sockets in the namespace, built in {built:.0f} s, mkload {extra}):")
+        latency(ino, failures)
+        latency(ino, failures, "--no-owners")
+    finally:
+        if load is not None:
+            stop_load(load)
+        ns.delete()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connects", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--failures", type=int, default=50)
+    ap.add_argument("--misses", type=int, default=10000, help="failing binds for the missed-events count")
+    ap.add_argument("--binds", type=int, default=20000, help="binds per round for the certificate cost")
+    ap.add_argument("--big", action="store_true", help="also event -> line at bench/mkload.py's table")
+    ap.add_argument("--mkload", default="", help="arguments for mkload.py (default: its own defaults)")
+    ap.add_argument("--build-timeout", type=float, default=1200)
+    ap.add_argument(
+        "--only", default="overhead,latency,misses,births", help="comma-separated parts to run (and 'big')"
+    )
     args = ap.parse_args()
+    parts = set(args.only.split(",")) | ({"big"} if args.big else set())
     print(f"load average before: {os.getloadavg()}")
     with private_netns() as netns:
-        overhead(netns, args.connects, args.rounds)
-        latency(netns, args.failures)
-        latency(netns, args.failures, "--no-owners")
+        if "overhead" in parts:
+            overhead(netns, args.connects, args.rounds)
+        if "latency" in parts:
+            latency(netns, args.failures)
+            latency(netns, args.failures, "--no-owners")
+        if "misses" in parts:
+            misses(netns, args.misses)
+        if "births" in parts:
+            births(args.binds, args.rounds)
+    if "big" in parts:
+        big_table(args.failures, args.build_timeout, args.mkload.split())
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -7,12 +7,14 @@ into an error, and fails the run if no kernel test actually ran.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +80,7 @@ class Procs:
     def __init__(self) -> None:
         self.popens: list[subprocess.Popen[str]] = []
         self.extra_pids: list[int] = []
+        self._buffers: dict[tuple[int, str], bytes] = {}  # read ahead by wait_line, per (pid, stream)
 
     def start(self, args: list[str], **kw: object) -> subprocess.Popen[str]:
         kw.setdefault("stdout", subprocess.PIPE)
@@ -91,20 +94,46 @@ class Procs:
         """Run a Python snippet; by convention it prints 'ready' (and maybe pids) when set up."""
         return self.start([sys.executable, "-u", "-c", code], **kw)
 
-    def wait_line(self, p: subprocess.Popen[str], timeout: float = 10.0) -> str:
-        """Read one line of the process's stdout (a readiness handshake)."""
-        assert p.stdout is not None
-        import selectors
+    def wait_line(self, p: subprocess.Popen[Any], timeout: float = 10.0, *, stream: str = "stdout") -> str:
+        """The next line the process prints on ``stream`` (a readiness handshake), stripped.
 
-        sel = selectors.DefaultSelector()
-        sel.register(p.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError(f"no output from pid {p.pid} within {timeout}s: {p.args!r}")
-        line = p.stdout.readline()
-        if not line:
-            err = p.stderr.read() if p.stderr else ""
-            raise RuntimeError(f"pid {p.pid} exited before it was ready: {err}")
-        return line.strip()
+        The pipe is read with os.read into a buffer kept per process and stream, never through
+        the Popen's buffered file: a child printing two lines in one write gives both, one per
+        call (select() does not see a line already pulled into a file's buffer, and readline()
+        after select() blocks on half a line past the timeout). Do not mix with ``p.stdout``
+        reads: what this read ahead is in the buffer, see :meth:`rest`.
+        """
+        f = p.stdout if stream == "stdout" else p.stderr
+        assert f is not None, f"pid {p.pid}: std{stream[3:]} is not a pipe"
+        key = (p.pid, stream)
+        buf = self._buffers.get(key, b"")
+        deadline = time.monotonic() + timeout
+        try:
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([f.fileno()], [], [], left)[0]:
+                    raise TimeoutError(f"no line on {stream} of pid {p.pid} within {timeout}s: {p.args!r}")
+                chunk = os.read(f.fileno(), 1 << 16)
+                if not chunk:
+                    err = "" if stream == "stderr" else self.rest(p, "stderr")
+                    raise RuntimeError(f"pid {p.pid} exited before it was ready: {err}")
+                buf += chunk
+        finally:
+            self._buffers[key] = buf
+        line, _, self._buffers[key] = buf.partition(b"\n")
+        return line.decode(errors="replace").strip()
+
+    def rest(self, p: subprocess.Popen[Any], stream: str = "stdout", timeout: float = 60) -> str:
+        """Everything left on ``stream`` once the process has exited: what :meth:`wait_line`
+        read ahead, then the rest of the pipe."""
+        f = p.stdout if stream == "stdout" else p.stderr
+        if f is None:
+            return ""
+        p.wait(timeout)
+        chunks = [self._buffers.pop((p.pid, stream), b"")]
+        while chunk := os.read(f.fileno(), 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
     def adopt(self, pid: int) -> None:
         """Track a pid the test did not start directly (e.g. a forked grandchild)."""

@@ -1,4 +1,4 @@
-"""`rebind why` as a function: gather the facts (kernel/facts.py), then advise (model/advice.py).
+"""`rebind why` as a function: gather the facts (kernel/facts.py), then advise (model/advice/).
 
 The trial bind is ground truth for the bind() stage; the model explains it and predicts the
 listen() stage. Only trials that cannot change the kernel's answer to any later bind run

@@ -22,6 +22,7 @@ Kinds of reproduction:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # ---------------------------------------------------------------------------------------------
 # Stand-in servers (each prints 'ready' once its sockets exist)
@@ -140,6 +141,7 @@ class Case:
 def _d(
     id: str, thread: str, situation: str, daemon: str, port: int, proto: str = "tcp", note: str = ""
 ) -> Case:
+    """A well-known daemon, for real: the cause is the catalogue's entry, the fix its lines."""
     return Case(
         id,
         thread,
@@ -154,9 +156,12 @@ def _d(
     )
 
 
-CASES: tuple[Case, ...] = (
-    # -- well-known daemons, for real ------------------------------------------------------------
-    _d(
+# Each table below is one way a situation arises; a row is one reported case of it:
+# (id, thread, situation, ...). The builders turn rows into Cases; CASES keeps their order.
+
+#: (id, thread, situation, daemon, port[, proto[, note]])
+DAEMONS: tuple[tuple[Any, ...], ...] = (
+    (
         "avahi-node-mdns",
         "mdns-js/node-mdns-js#31: Error: bind EADDRINUSE",
         "an mDNS library cannot bind 0.0.0.0:5353 while avahi-daemon runs",
@@ -164,7 +169,7 @@ CASES: tuple[Case, ...] = (
         5353,
         "udp",
     ),
-    _d(
+    (
         "avahi-blocks-others",
         "avahi/avahi#308: avahi-daemon blocks mDNS for others",
         "custom mDNS discovery only works with avahi-daemon stopped",
@@ -172,7 +177,7 @@ CASES: tuple[Case, ...] = (
         5353,
         "udp",
     ),
-    _d(
+    (
         "avahi-zeroconf-go",
         "grandcat/zeroconf#63: listen udp4 224.0.0.0:5353: bind: address already in use",
         "Go zeroconf resolver fails on 5353 on a host with avahi-daemon",
@@ -180,21 +185,21 @@ CASES: tuple[Case, ...] = (
         5353,
         "udp",
     ),
-    _d(
+    (
         "cups-airprint",
         "thyrlian/AirPdfPrinter#2: the phone can find the printer, but printing says Offline",
         "a containerised CUPS cannot open 0.0.0.0:631: the host's cupsd holds it",
         "cupsd",
         631,
     ),
-    _d(
+    (
         "cups-two-schedulers",
         "apple/cups#1169: not possible to start several cupsd on one host",
         "a second cupsd cannot bind 631 on localhost",
         "cupsd",
         631,
     ),
-    _d(
+    (
         "dnsmasq-already-running",
         "KiaraGrouwstra/nix-config#45: dnsmasq: failed to create listening socket for 127.0.0.1: Address already in use",
         "dnsmasq's service fails because a dnsmasq already answers on 0.0.0.0:53",
@@ -202,7 +207,7 @@ CASES: tuple[Case, ...] = (
         53,
         "udp",
     ),
-    _d(
+    (
         "dnsmasq-siriproxy",
         "plamoni/SiriProxy#342: DNSmasq Error",
         "restarting a configured dnsmasq fails: another DNS server (a dnsmasq) holds 53",
@@ -210,7 +215,7 @@ CASES: tuple[Case, ...] = (
         53,
         "udp",
     ),
-    _d(
+    (
         "dnsmasq-nixos-restart",
         "NixOS/nixpkgs#126177: dnsmasq unable to restart after nixos-rebuild switch",
         "the new dnsmasq cannot bind 53 while the old instance still holds it",
@@ -218,249 +223,408 @@ CASES: tuple[Case, ...] = (
         53,
         "udp",
     ),
-    _d(
+    (
         "libvirt-dnsmasq-openstack",
         "bilelmsekni/OpenStack-Grizzly-Install-Guide#91: dnsmasq: failed to create listening socket for port 53",
         "a DNS service cannot bind 0.0.0.0:53 on a host that runs libvirt's default network",
         "libvirt-dnsmasq",
         53,
         "udp",
-        note="the thread does not name the holder; libvirt's dnsmasq on virbr0 is the one such hosts run, rebuilt here",
+        "the thread does not name the holder; libvirt's dnsmasq on virbr0 is the one such hosts run, rebuilt here",
     ),
-    _d(
+    (
         "libvirt-dnsmasq-pihole",
         "pi-hole/FTL#1861: dnsmasq: failed to create listening socket for port 53: Address already in use",
         "Pi-hole's embedded dnsmasq fails on 53 on a desktop with libvirt's virbr0 network",
         "libvirt-dnsmasq",
         53,
         "udp",
-        note="rebuilt with libvirt's dnsmasq as the holder (the thread asks the user to find it)",
+        "rebuilt with libvirt's dnsmasq as the holder (the thread asks the user to find it)",
     ),
-    _d(
+    (
         "rpcbind-nfs-container",
         "ehough/docker-nfs-server#51: Cannot bind to port 111",
         "an NFS server container cannot publish 111: rpcbind runs on the host",
         "rpcbind",
         111,
     ),
-    _d(
+    (
         "rpcbind-socket-gluster",
         "heketi/heketi#653: Failed to start Configuring GlusterFS in container",
         "rpcbind.socket failed to listen on sockets: Address already in use (another rpcbind holds 111)",
         "rpcbind",
         111,
     ),
-    _d(
+    (
         "sshd-gogs",
         "gogs/gogs#6464: Failed to start SSH server: listen tcp 0.0.0.0:22: bind: address already in use",
         "the built-in SSH server of gogs wants 22, the host's sshd has it",
         "sshd",
         22,
     ),
-    _d(
+    (
         "sshd-gitea-arm",
         "Kunde21/raspberry-dev#7: Bind to port 22 on 0.0.0.0 failed: Address in use",
         "a Gitea container's sshd cannot take 22 from the host's",
         "sshd",
         22,
     ),
-    _d(
+    (
         "sshd-gitlab",
         "dchqinc/dchq-on-premise-issue-tracker#17: Port binding fails on port 22",
         "publishing a GitLab container on 22: the host's sshd holds it",
         "sshd",
         22,
     ),
-    _d(
+    (
         "apache-vs-nginx-aws",
         "StreisandEffect/streisand#91: https on Amazon AWS is not working out of the box",
         "nginx: bind() to 0.0.0.0:80 failed (98): the default apache2 install holds 80",
         "apache2",
         80,
     ),
-    _d(
+    (
         "apache-vs-nginx-bbb",
         "bigbluebutton/bigbluebutton#1127: Can not start nginx service",
         "nginx cannot start: Apache already uses port 80",
         "apache2",
         80,
     ),
-    _d(
+    (
         "nginx-default-easyengine",
         "EasyEngine/easyengine#10: Nginx Doesn't Start Properly",
         "[emerg] bind() to 0.0.0.0:80 failed (98): an nginx with the default site already holds 80",
         "nginx-default-site",
         80,
     ),
-    _d(
+    (
         "nginx-default-fruitywifi",
         "xtr4nge/FruityWifi#224: Imposible start nginx",
         "[emerg] bind() to [::]:80 failed (98): the packaged default site listens on [::]:80 too",
         "nginx-default-site",
         80,
     ),
-    _d(
+    (
         "docker-proxy-stale-25981",
         "moby/moby#25981: Docker-proxy binds on ports but no container is running (anymore)",
         "docker-proxy keeps a published port after its container is gone",
         "docker-proxy",
         8080,
     ),
-    _d(
+    (
         "docker-proxy-stale-26527",
         "moby/moby#26527: Docker proxy using ports after removal of containers",
         "Bind for 0.0.0.0:PORT failed: port is already allocated, with no container",
         "docker-proxy",
         8080,
     ),
-    _d(
+    (
         "docker-proxy-hangs-7856",
         "moby/moby#7856: docker-proxy does not die / hangs around / blocks port",
         "a stopped container's docker-proxy still holds its host port",
         "docker-proxy",
         8080,
     ),
-    _d(
+    (
         "docker-proxy-allocated-20486",
         "moby/moby#20486: Cannot start containers: port is already allocated",
         "after a host rebuild, docker-proxy processes hold ports no running container publishes",
         "docker-proxy",
         8080,
     ),
-    # -- the reporter's own server: Python stand-ins ---------------------------------------------
-    Case(
+)
+
+#: A server without SO_REUSEADDR restarted within a minute: its TIME_WAIT holds the port.
+#: (id, thread, situation, port)
+TIME_WAITS: tuple[tuple[str, str, str, int], ...] = (
+    (
         "timewait-pelican",
         "getpelican/pelican#1264: Server fails with socket.error: [Errno 98] Address already in use",
         "pelican's dev server restarted within a minute of serving a page",
-        "python",
         8000,
-        procs=(Proc(TIME_WAIT, "127.0.0.1", exits=True),),
-        cause="blocker:time-wait",
-        fix="fix:Destroy the leftover",
     ),
-    Case(
+    (
         "timewait-modbus-tk",
         "ljean/modbus-tk#82: [Errno 98] Address already in use",
         "a Modbus TCP server restarted with the same arguments right after closing",
-        "python",
         5020,
-        procs=(Proc(TIME_WAIT, "127.0.0.1", exits=True),),
-        cause="blocker:time-wait",
-        fix="fix:Destroy the leftover",
     ),
-    Case(
+    (
         "timewait-umodbus",
         "AdvancedClimateSystems/uModbus#18: Unable to set socket options",
         "examples re-run too quickly fail: the previous run left TIME_WAIT",
-        "python",
         5021,
-        procs=(Proc(TIME_WAIT, "127.0.0.1", exits=True),),
-        cause="blocker:time-wait",
-        fix="fix:Destroy the leftover",
     ),
-    Case(
+    (
         "timewait-power-dev",
         "mlcommons/power-dev#61: Fix OSError: [Errno 98] Address already in use",
         "server interrupted with ^C after a telnet client connected, restarted at once",
-        "python",
         4950,
-        procs=(Proc(TIME_WAIT, "127.0.0.1", exits=True),),
-        cause="blocker:time-wait",
-        fix="fix:Destroy the leftover",
     ),
-    Case(
+    (
         "timewait-getsomecats",
         "getsomecat/GetSomeCats#19: Use SO_REUSEADDR before binding to a port",
         "ThreadingTCPServer restarted after serving one request: Errno 98",
-        "python",
         7122,
-        procs=(Proc(TIME_WAIT, "127.0.0.1", exits=True),),
-        cause="blocker:time-wait",
-        fix="fix:Destroy the leftover",
     ),
-    Case(
+)
+
+#: A dev server's reloader child outlives its parent and keeps the listener (127.0.0.1).
+#: (id, thread, situation, port)
+ORPHANS: tuple[tuple[str, str, str, int], ...] = (
+    (
         "orphan-werkzeug-503",
         "pallets/werkzeug#503: Parent task doesn't properly kill children",
         "killing the debug-mode parent leaves the reloader's child serving",
-        "python",
         5000,
-        procs=(Proc(ORPHAN, "127.0.0.1", exits=True),),
-        cause="blocker:inherited-listener",
-        fix="fix:Stop the orphaned child",
-        bind_addr="127.0.0.1",
     ),
-    Case(
+    (
         "orphan-flask-1304",
         "pallets/flask#1304: Dev server fails to terminate, becomes orphan",
         "after toggling debug, the old server process kept the port",
-        "python",
         5001,
-        procs=(Proc(ORPHAN, "127.0.0.1", exits=True),),
-        cause="blocker:inherited-listener",
-        fix="fix:Stop the orphaned child",
-        bind_addr="127.0.0.1",
     ),
-    Case(
+    (
         "orphan-fastmcp-reload",
         "PrefectHQ/fastmcp#3070: Fix --reload port conflict when using explicit port",
         "SIGKILL to `uv` orphans the real server, which keeps the port",
-        "python",
         8002,
-        procs=(Proc(ORPHAN, "127.0.0.1", exits=True),),
-        cause="blocker:inherited-listener",
-        fix="fix:Stop the orphaned child",
-        bind_addr="127.0.0.1",
     ),
-    Case(
+    (
         "orphan-thonny",
         "thonny/thonny#3029: TC port aren't liberated",
         "the IDE's Stop button kills the process it started, not Flask's child",
-        "python",
         5002,
-        procs=(Proc(ORPHAN, "127.0.0.1", exits=True),),
-        cause="blocker:inherited-listener",
-        fix="fix:Stop the orphaned child",
-        bind_addr="127.0.0.1",
     ),
-    Case(
+)
+
+#: The server (an earlier run, a second instance) still listens on 0.0.0.0.
+#: (id, thread, situation, port)
+LISTENERS: tuple[tuple[str, str, str, int], ...] = (
+    (
         "listener-jpmc",
         "insidesherpa/JPMC-tech-task-1-PY3#232: OSError: [Errno 98] Address already in use",
         "the server is still running in another terminal",
-        "python",
         8080,
-        procs=(Proc(LISTEN),),
-        cause="blocker:listener",
-        fix="fix:Stop the process holding",
     ),
-    Case(
+    (
         "listener-os-lab",
         "SJTU-IPADS/OS-Course-Lab#99: OSError: [Errno 98] Address already in use",
         "a server from an earlier run was never closed",
-        "python",
         12345,
-        procs=(Proc(LISTEN),),
-        cause="blocker:listener",
-        fix="fix:Stop the process holding",
     ),
-    Case(
+    (
         "listener-time-server",
         "codeplea/Hands-On-Network-Programming-with-C#6: Chap02 - Time Server Bind failing",
         "bind() failed (98): another program uses 8080",
-        "python",
         8080,
-        procs=(Proc(LISTEN),),
-        cause="blocker:listener",
-        fix="fix:Stop the process holding",
     ),
-    Case(
+    (
         "listener-second-instance",
         "quantumcore/remote_hacker_probe#5: Bind Error",
         "the program was started twice: the first instance holds the port",
-        "python",
         1234,
-        procs=(Proc(LISTEN),),
-        cause="blocker:listener",
-        fix="fix:Stop the process holding",
+    ),
+)
+
+#: localhost split-brain: two listeners, one per family. (id, thread, situation, port, first
+#: listener's address, second's, the side the fix frees: "v4" or "v6"; the reporter then binds
+#: that side: ::1 for v6, 0.0.0.0 for v4)
+SPLITS: tuple[tuple[str, str, str, int, str, str, str], ...] = (
+    (
+        "split-vite-1395",
+        "vitejs/vite#1395: The port was overwritten when the server was created",
+        "an IPv4 project on 3000 and vite on IPv6 3000: the browser gets vite",
+        3000,
+        "127.0.0.1",
+        "::1",
+        "v6",
+    ),
+    (
+        "split-vite-5241",
+        "vitejs/vite#5241: a problem related to the vite server port",
+        "vite and a koa server both on 3000 with no conflict reported",
+        3000,
+        "0.0.0.0",
+        "::1",
+        "v4",
+    ),
+    (
+        "split-vite-10638",
+        "vitejs/vite#10638: Check 0.0.0.0 as well as localhost/127.0.0.1 when checking for used port",
+        "Next.js on 0.0.0.0:3000, vite starts on localhost:3000 unnoticed",
+        3000,
+        "0.0.0.0",
+        "::1",
+        "v6",
+    ),
+    (
+        "split-vite-12205",
+        "vitejs/vite#12205: Dev servers are opened in identical ports",
+        "`vite dev` and `vite dev --host` both on localhost:5173",
+        5173,
+        "::1",
+        "0.0.0.0",
+        "v6",
+    ),
+    (
+        "split-tuval-8593",
+        "kamp-us/phoenix#8593: The Tuval desk page binds IPv4 only, so a second server on ::1 silently takes localhost",
+        "the browser's localhost landed on a stranger's vite on [::1]:5173",
+        5173,
+        "127.0.0.1",
+        "::1",
+        "v6",
+    ),
+    (
+        "split-aphex-312",
+        "IcelandicIcecream/aphex#312: Port 5173 is not checked if it is already in use",
+        "two SvelteKit/vite projects on 5173, one with --host",
+        5173,
+        "::1",
+        "0.0.0.0",
+        "v4",
+    ),
+)
+
+#: A one-family listener that localhost reaches only one way. (id, thread, situation, port,
+#: address: the cause is localhost:ipv4-only or ipv6-only after its family)
+ONE_FAMILY: tuple[tuple[str, str, str, int, str], ...] = (
+    (
+        "v4only-node-40702",
+        "nodejs/node#40702: Unable to connect to establish a TCP connection (ECONNREFUSED)",
+        "browser and curl reach localhost:3004, Node 17 gets ECONNREFUSED ::1",
+        3004,
+        "127.0.0.1",
+    ),
+    (
+        "v4only-mysql-2547",
+        "mysqljs/mysql#2547: Node 17.4, MySQL Server 8.0 ... ECONNREFUSED ::1:3306",
+        "MySQL on 127.0.0.1:3306, Node 17 connects to ::1",
+        3306,
+        "127.0.0.1",
+    ),
+    (
+        "v4only-solana-375",
+        "solana-labs/example-helloworld#375: Node v17.1.0 resolves localhost differently",
+        "the validator on 127.0.0.1:8899; fetch to localhost fails with ::1",
+        8899,
+        "127.0.0.1",
+    ),
+    (
+        "v6only-vscode-openapi",
+        "42Crunch/vscode-openapi#228: connect ECONNREFUSED 127.0.0.1:4200",
+        "the app listens on ::1 only; a client that tries 127.0.0.1 is refused",
+        4200,
+        "::1",
+    ),
+)
+
+#: systemd-resolved's stub on 127.0.0.53:53 (recorded facts). (id, thread, situation, proto)
+RESOLVED: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "resolved-moby-32545",
+        "moby/moby#32545: Can't listen on port 53 with systemd on host",
+        "docker run -p 53:53/udp fails: systemd-resolved's stub on 127.0.0.53:53",
+        "udp",
+    ),
+    (
+        "resolved-docker-bind-65",
+        "sameersbn/docker-bind#65: listen tcp 0.0.0.0:53: bind: address already in use",
+        "a bind9 container cannot publish 53 over TCP",
+        "tcp",
+    ),
+    (
+        "resolved-adguard-4283",
+        "AdguardTeam/AdGuardHome#4283: Port 53 already in use",
+        "AdGuard Home's own guide: a resolved.conf.d drop-in with DNSStubListener=no",
+        "udp",
+    ),
+)
+
+#: A NodePort Service's kube-proxy rule captures a host port. (id, thread, situation, port)
+NODEPORTS: tuple[tuple[str, str, str, int], ...] = (
+    (
+        "nodeport-kubernetes-76892",
+        "kubernetes/kubernetes#76892: Set the svc nodeport to 6443 causes the cluster to not work properly",
+        "a NodePort rule captures a host port a host server listens on",
+        30080,
+    ),
+    (
+        "nodeport-kubernetes-100643",
+        "kubernetes/kubernetes#100643: Consider: remove node-port conflict prevention in kube-proxy and kubelet",
+        "kube-proxy no longer holds NodePort sockets: a host server binds fine and never sees traffic",
+        30081,
+    ),
+    (
+        "nodeport-kubernetes-35641",
+        "kubernetes/kubernetes#35641: kube-proxy iptables rules not created",
+        "can't open nodePort for common/a-analysis175:8008: a host process holds the NodePort",
+        30082,
+    ),
+)
+
+RESOLVED_NOTE = "systemd-resolved needs systemd as PID 1"
+NODEPORT_NOTE = "no cluster here: kube-proxy's rule is installed as it writes it; kubectl is a stand-in"
+
+
+def _python(
+    row: tuple[str, str, str, int], *procs: Proc, cause: str, fix: str, bind_addr: str = "0.0.0.0"
+) -> Case:
+    """The reporter's own server, rebuilt with Python stand-ins."""
+    id, thread, situation, port = row
+    return Case(id, thread, situation, "python", port, procs=procs, cause=cause, fix=fix, bind_addr=bind_addr)
+
+
+def _split(row: tuple[str, str, str, int, str, str, str]) -> Case:
+    id, thread, situation, port, first, second, side = row
+    return _python(
+        (id, thread, situation, port),
+        Proc(LISTEN, first),
+        Proc(LISTEN, second),
+        cause="localhost:split",
+        fix=f"localhost:{side}",
+        bind_addr="::1" if side == "v6" else "0.0.0.0",
+    )
+
+
+def _one_family(row: tuple[str, str, str, int, str]) -> Case:
+    id, thread, situation, port, addr = row
+    family = "ipv6" if ":" in addr else "ipv4"
+    return _python(
+        (id, thread, situation, port),
+        Proc(LISTEN, addr),
+        cause=f"localhost:{family}-only",
+        fix="dual-stack",
+    )
+
+
+CASES: tuple[Case, ...] = (
+    # -- well-known daemons, for real ------------------------------------------------------------
+    *(_d(*row) for row in DAEMONS),
+    # -- the reporter's own server: Python stand-ins ---------------------------------------------
+    *(
+        _python(
+            row,
+            Proc(TIME_WAIT, "127.0.0.1", exits=True),
+            cause="blocker:time-wait",
+            fix="fix:Destroy the leftover",
+        )
+        for row in TIME_WAITS
+    ),
+    *(
+        _python(
+            row,
+            Proc(ORPHAN, "127.0.0.1", exits=True),
+            cause="blocker:inherited-listener",
+            fix="fix:Stop the orphaned child",
+            bind_addr="127.0.0.1",
+        )
+        for row in ORPHANS
+    ),
+    *(
+        _python(row, Proc(LISTEN), cause="blocker:listener", fix="fix:Stop the process holding")
+        for row in LISTENERS
     ),
     Case(
         "shared-workers-uvicorn",
@@ -495,173 +659,35 @@ CASES: tuple[Case, ...] = (
         fix="fix:Stop the process holding",
     ),
     # -- localhost split-brain ---------------------------------------------------------------------
-    Case(
-        "split-vite-1395",
-        "vitejs/vite#1395: The port was overwritten when the server was created",
-        "an IPv4 project on 3000 and vite on IPv6 3000: the browser gets vite",
-        "python",
-        3000,
-        procs=(Proc(LISTEN, "127.0.0.1"), Proc(LISTEN, "::1")),
-        cause="localhost:split",
-        fix="localhost:v6",
-        bind_addr="::1",
-    ),
-    Case(
-        "split-vite-5241",
-        "vitejs/vite#5241: a problem related to the vite server port",
-        "vite and a koa server both on 3000 with no conflict reported",
-        "python",
-        3000,
-        procs=(Proc(LISTEN, "0.0.0.0"), Proc(LISTEN, "::1")),
-        cause="localhost:split",
-        fix="localhost:v4",
-    ),
-    Case(
-        "split-vite-10638",
-        "vitejs/vite#10638: Check 0.0.0.0 as well as localhost/127.0.0.1 when checking for used port",
-        "Next.js on 0.0.0.0:3000, vite starts on localhost:3000 unnoticed",
-        "python",
-        3000,
-        procs=(Proc(LISTEN, "0.0.0.0"), Proc(LISTEN, "::1")),
-        cause="localhost:split",
-        fix="localhost:v6",
-        bind_addr="::1",
-    ),
-    Case(
-        "split-vite-12205",
-        "vitejs/vite#12205: Dev servers are opened in identical ports",
-        "`vite dev` and `vite dev --host` both on localhost:5173",
-        "python",
-        5173,
-        procs=(Proc(LISTEN, "::1"), Proc(LISTEN, "0.0.0.0")),
-        cause="localhost:split",
-        fix="localhost:v6",
-        bind_addr="::1",
-    ),
-    Case(
-        "split-tuval-8593",
-        "kamp-us/phoenix#8593: The Tuval desk page binds IPv4 only, so a second server on ::1 silently takes localhost",
-        "the browser's localhost landed on a stranger's vite on [::1]:5173",
-        "python",
-        5173,
-        procs=(Proc(LISTEN, "127.0.0.1"), Proc(LISTEN, "::1")),
-        cause="localhost:split",
-        fix="localhost:v6",
-        bind_addr="::1",
-    ),
-    Case(
-        "split-aphex-312",
-        "IcelandicIcecream/aphex#312: Port 5173 is not checked if it is already in use",
-        "two SvelteKit/vite projects on 5173, one with --host",
-        "python",
-        5173,
-        procs=(Proc(LISTEN, "::1"), Proc(LISTEN, "0.0.0.0")),
-        cause="localhost:split",
-        fix="localhost:v4",
-    ),
-    Case(
-        "v4only-node-40702",
-        "nodejs/node#40702: Unable to connect to establish a TCP connection (ECONNREFUSED)",
-        "browser and curl reach localhost:3004, Node 17 gets ECONNREFUSED ::1",
-        "python",
-        3004,
-        procs=(Proc(LISTEN, "127.0.0.1"),),
-        cause="localhost:ipv4-only",
-        fix="dual-stack",
-    ),
-    Case(
-        "v4only-mysql-2547",
-        "mysqljs/mysql#2547: Node 17.4, MySQL Server 8.0 ... ECONNREFUSED ::1:3306",
-        "MySQL on 127.0.0.1:3306, Node 17 connects to ::1",
-        "python",
-        3306,
-        procs=(Proc(LISTEN, "127.0.0.1"),),
-        cause="localhost:ipv4-only",
-        fix="dual-stack",
-    ),
-    Case(
-        "v4only-solana-375",
-        "solana-labs/example-helloworld#375: Node v17.1.0 resolves localhost differently",
-        "the validator on 127.0.0.1:8899; fetch to localhost fails with ::1",
-        "python",
-        8899,
-        procs=(Proc(LISTEN, "127.0.0.1"),),
-        cause="localhost:ipv4-only",
-        fix="dual-stack",
-    ),
-    Case(
-        "v6only-vscode-openapi",
-        "42Crunch/vscode-openapi#228: connect ECONNREFUSED 127.0.0.1:4200",
-        "the app listens on ::1 only; a client that tries 127.0.0.1 is refused",
-        "python",
-        4200,
-        procs=(Proc(LISTEN, "::1"),),
-        cause="localhost:ipv6-only",
-        fix="dual-stack",
-    ),
+    *(_split(row) for row in SPLITS),
+    *(_one_family(row) for row in ONE_FAMILY),
     # -- cannot run here: recorded facts ---------------------------------------------------------
-    Case(
-        "resolved-moby-32545",
-        "moby/moby#32545: Can't listen on port 53 with systemd on host",
-        "docker run -p 53:53/udp fails: systemd-resolved's stub on 127.0.0.53:53",
-        "recorded",
-        53,
-        "udp",
-        cause="wellknown:systemd-resolved",
-        fix="wellknown",
-        note="systemd-resolved needs systemd as PID 1",
-    ),
-    Case(
-        "resolved-docker-bind-65",
-        "sameersbn/docker-bind#65: listen tcp 0.0.0.0:53: bind: address already in use",
-        "a bind9 container cannot publish 53 over TCP",
-        "recorded",
-        53,
-        "tcp",
-        cause="wellknown:systemd-resolved",
-        fix="wellknown",
-        note="systemd-resolved needs systemd as PID 1",
-    ),
-    Case(
-        "resolved-adguard-4283",
-        "AdguardTeam/AdGuardHome#4283: Port 53 already in use",
-        "AdGuard Home's own guide: a resolved.conf.d drop-in with DNSStubListener=no",
-        "recorded",
-        53,
-        "udp",
-        cause="wellknown:systemd-resolved",
-        fix="wellknown",
-        note="systemd-resolved needs systemd as PID 1",
+    *(
+        Case(
+            id,
+            thread,
+            situation,
+            "recorded",
+            53,
+            proto,
+            cause="wellknown:systemd-resolved",
+            fix="wellknown",
+            note=RESOLVED_NOTE,
+        )
+        for id, thread, situation, proto in RESOLVED
     ),
     # -- kube-proxy NodePorts: the real iptables rule in the namespace, kubectl a stand-in ---------
-    Case(
-        "nodeport-kubernetes-76892",
-        "kubernetes/kubernetes#76892: Set the svc nodeport to 6443 causes the cluster to not work properly",
-        "a NodePort rule captures a host port a host server listens on",
-        "nat",
-        30080,
-        cause="wellknown:kube-proxy-nodeport",
-        fix="wellknown",
-        note="no cluster here: kube-proxy's rule is installed as it writes it; kubectl is a stand-in",
-    ),
-    Case(
-        "nodeport-kubernetes-100643",
-        "kubernetes/kubernetes#100643: Consider: remove node-port conflict prevention in kube-proxy and kubelet",
-        "kube-proxy no longer holds NodePort sockets: a host server binds fine and never sees traffic",
-        "nat",
-        30081,
-        cause="wellknown:kube-proxy-nodeport",
-        fix="wellknown",
-        note="no cluster here: kube-proxy's rule is installed as it writes it; kubectl is a stand-in",
-    ),
-    Case(
-        "nodeport-kubernetes-35641",
-        "kubernetes/kubernetes#35641: kube-proxy iptables rules not created",
-        "can't open nodePort for common/a-analysis175:8008: a host process holds the NodePort",
-        "nat",
-        30082,
-        cause="wellknown:kube-proxy-nodeport",
-        fix="wellknown",
-        note="no cluster here: kube-proxy's rule is installed as it writes it; kubectl is a stand-in",
+    *(
+        Case(
+            id,
+            thread,
+            situation,
+            "nat",
+            port,
+            cause="wellknown:kube-proxy-nodeport",
+            fix="wellknown",
+            note=NODEPORT_NOTE,
+        )
+        for id, thread, situation, port in NODEPORTS
     ),
 )

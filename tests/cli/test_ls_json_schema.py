@@ -92,3 +92,23 @@ def test_documented_values():
         assert f"`{st.label}`" in states_row, st
     no_owners = sample(owners_scanned=False)
     assert no_owners["owner_scan"] is None and all(s["owners"] is None for s in no_owners["sockets"])
+
+
+def test_birth_fields_match():
+    from dataclasses import replace
+
+    from rebind.model.birth import Birth
+
+    rec = SocketRecord(
+        Proto.TCP,
+        Family.INET,
+        State.LISTEN,
+        Endpoint(ip_address("127.0.0.1"), 80),
+        Endpoint(ip_address("0.0.0.0"), 0),
+        0,
+        5,
+    )
+    b = Birth(pid=7, tid=7, comm="srv", cgroup_id=1, uid=0, port=80, flags=1, boot_ns=10, at=1.5)
+    d = render.socket_json(replace(rec, birth=b))
+    assert list(d["birth"]) == documented_fields("birth")
+    assert render.socket_json(rec)["birth"] is None

@@ -174,6 +174,9 @@ class Load:
             except OSError as exc:
                 self.counts[type(exc).__name__] += 1
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> Counter[str]:
         self._stop.set()
         self._thread.join(30)
@@ -198,6 +201,8 @@ def test_reloads_crash_and_failed_reload_under_load(netns: int, procs: Procs, tm
     sup.mode.write_text("ok")
     before = sum(load.counts.values())
     while sum(load.counts.values()) < before + 50:  # the old generation keeps serving
+        # the client loop has its own time bound: once it gave up, waiting here would spin forever
+        assert load.running(), f"the load ended before 50 more requests: {load.counts}"
         time.sleep(0.01)
     counts = load.stop()
     assert counts["ok"] > 0

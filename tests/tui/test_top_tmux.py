@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,8 @@ def term(netns: int) -> Iterator[Callable[..., Term]]:
 
     def start(*args: str) -> Term:
         env = {"TERM": "xterm-256color", "NO_COLOR": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+        if "REBIND_BPF_DIR" in os.environ:  # a test's private birth-certificate pins
+            env["REBIND_BPF_DIR"] = os.environ["REBIND_BPF_DIR"]
         t = Term([sys.executable, "-m", "rebind", "top", *args], env)
         made.append(t)
         return t
@@ -302,7 +305,9 @@ def test_owners_column_is_shortened_with_an_ellipsis_at_80_columns(
     assert t.tmux("display-message", "-p", "-t", "t", "#{pane_width}").strip() == "80"
     assert "…" in row, row  # two owners with users do not fit in 80 columns
     assert row.rstrip().endswith("…") and len(row.rstrip()) <= 80, row
-    assert f"python3[{min(p.pid, child)}]" in row, row  # the first owner is whole
+    first = min(p.pid, child)
+    comm = Path(f"/proc/{first}/comm").read_text().strip()  # python or python3: how pytest was run
+    assert f"{comm}[{first}]" in row, row  # the first owner is whole
 
 
 def test_wait_screen_names_the_blocker_and_counts_down(term: Callable[..., Term], procs: Procs) -> None:
@@ -317,3 +322,31 @@ def test_wait_screen_names_the_blocker_and_counts_down(term: Callable[..., Term]
     assert "still busy: busy" not in line
     assert "9002/tcp is busy" in screen and "TIME_WAIT" in screen and "free in" in screen, screen
     t.keys("Escape")
+
+
+def test_no_owners_names_the_binder_by_its_birth_certificate(
+    term: Callable[..., Term], procs: Procs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`top --no-owners` scans no process, yet a listener's row says who bound it (`rebind trace
+    --install`, pinned in a private BPF filesystem here, removed at the end)."""
+    import ctypes
+
+    from rebind.kernel import birth
+
+    fs = tmp_path / "bpffs"
+    fs.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", str(fs).encode(), b"bpf", 0, b"mode=0700") != 0:
+        pytest.skip(f"cannot mount a BPF filesystem: {os.strerror(ctypes.get_errno())}")
+    pins = str(fs / "rebind")
+    monkeypatch.setenv("REBIND_BPF_DIR", pins)
+    try:
+        birth.install(pins)
+        p = procs.python("open('/proc/self/comm', 'w').write('srv')\n" + LISTEN.format(port=8097))
+        assert procs.wait_line(p) == "ready"
+        t = term("8097", "--no-owners")
+        # 80 columns: the owners cell is cut after the pid's first digits
+        t.wait_for(lambda s: f"bound by srv[{str(p.pid)[:3]}" in _row(s, "LISTEN"), "the certificate")
+    finally:
+        birth.uninstall(pins)
+        libc.umount2(str(fs).encode(), 0)

@@ -128,3 +128,33 @@ def test_disassembly_names_what_the_program_does() -> None:
         "call pc 10",
         "exit",
     ]
+
+
+def test_the_macros_are_the_sequences_every_program_shares() -> None:
+    p = asm.Program()
+    p.map_lookup(7, -16, "out")
+    p.probe_read(-24, 8, asm.R1, 0)  # no offset: no "r3 += 0"
+    p.probe_read(-32, 4, asm.R2, 40, asm.HELPER_PROBE_READ_USER)
+    p.label("out")
+    p.exit()
+    text = [line.strip().split("  ", 1)[1] for line in asm.disassemble(p.assemble())]
+    assert text == [
+        "r1 = map_fd 7",
+        "(second half of ld_imm64)",
+        "r2 = r10",
+        "r2 += -0x10",
+        "call helper 1",
+        "if r0 == 0x0 goto 17",
+        "r3 = r1",
+        "r1 = r10",
+        "r1 += -0x18",
+        "r2 = 0x8",
+        "call helper 113",
+        "r3 = r2",  # the source first: it may be r1 or r2
+        "r3 += 0x28",
+        "r1 = r10",
+        "r1 += -0x20",
+        "r2 = 0x4",
+        "call helper 112",
+        "exit",
+    ]

@@ -136,13 +136,15 @@ def test_the_layout_cache_round_trips_and_refuses_what_is_not_ours(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from rebind.kernel.bpf import sockiter
+    from rebind.kernel.bpf.layoutcache import LayoutCache
 
-    monkeypatch.setattr(sockiter, "CACHE_PATH", str(tmp_path / "layout"))
-    sockiter._write_cache("boot 1", fake_layout())
-    assert sockiter._read_cache("boot 1") == fake_layout()
-    assert sockiter._read_cache("boot 2") is None  # another boot or BTF
+    c = sockiter.LAYOUT_CACHE
+    cache = LayoutCache(str(tmp_path / "layout"), c.magic, build=c.build, encode=c.encode, decode=c.decode)
+    cache.write("boot 1", fake_layout())
+    assert cache.read("boot 1") == fake_layout()
+    assert cache.read("boot 2") is None  # another boot or BTF
     (tmp_path / "layout").chmod(0o666)
-    assert sockiter._read_cache("boot 1") is None  # writable by others: not trusted
+    assert cache.read("boot 1") is None  # writable by others: not trusted
 
 
 def test_a_layout_that_breaks_an_assumption_is_refused() -> None:

@@ -373,11 +373,24 @@ def test_reuseport_fast_path_cache() -> None:
 
 
 def test_alternatives() -> None:
-    alts = alternatives(req(), [h(tw(), True)], S)
-    works = {a.label: a.works for a in alts}
-    assert works["as asked"] is False and works["with SO_REUSEADDR"] is True
-    assert any(a.label.startswith("on ") and a.works for a in alts)
-    assert all(a.works == (a.outcome.verdict is Verdict.OK) for a in alts)
+    """Each variant once (plain bind() is the request as asked here), with the model's own
+    prediction for its request, and the first other address that works (127.0.0.1 holds the
+    TIME_WAIT)."""
+    hs = [h(tw(), True)]
+    port = PortState(BucketState.of_cache(None))
+    alts = alternatives(req(), hs, S, port=port)
+    got = [(a.label, a.request.reuseaddr, a.request.reuseport, str(a.request.addr), a.works) for a in alts]
+    assert got == [
+        ("as asked", False, False, "0.0.0.0", False),
+        ("with SO_REUSEADDR", True, False, "0.0.0.0", True),
+        ("with SO_REUSEPORT", False, True, "0.0.0.0", False),
+        ("with SO_REUSEADDR and SO_REUSEPORT", True, True, "0.0.0.0", True),
+        ("on 127.0.0.2", False, False, "127.0.0.2", True),
+    ]
+    assert all(a.outcome == _evaluate(a.request, hs, S, port=port) for a in alts)
+    # ``works`` overrides what works for the other address (why passes the kernel's trial).
+    tried = alternatives(req(), hs, S, port=port, works=lambda a: str(a.request.addr) == "::1")
+    assert [a.label for a in tried][-1] == "on [::1]"
 
 
 ADDRS = ["0.0.0.0", "127.0.0.1", "127.0.0.2", "::", "::1", "::ffff:127.0.0.1", "::ffff:0.0.0.0"]

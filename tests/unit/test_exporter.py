@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from rebind.exporter.facts import (
     connect_counts,
     frees_in_seconds,
     listener_groups,
+    missing_facts,
     port_holders,
     restart_answers,
     server_flags,
@@ -45,6 +47,7 @@ from rebind.kernel.diag_codec import BC_OP, BcOp, port_filter
 from rebind.model.assess import BindNow, Provenance
 from rebind.model.conflict import KernelSettings, SockOpts
 from rebind.model.records import Endpoint, Family, Proto, SocketRecord, State, Timer
+from rebind.model.sockstate import BindBucket, SockKind, SockState
 
 ANY4 = IPv4Address("0.0.0.0")
 LO = IPv4Address("127.0.0.1")
@@ -134,6 +137,43 @@ def test_any_of_jumps_land_on_term_starts_and_the_end() -> None:
     assert d_cond[1] is BcOp.D_COND and d_cond[2] == 4 + 8 + 4
 
 
+def _bc_run(code: bytes, holds: dict[BcOp, bool]) -> bool:
+    """inet_diag_bc_run over ops whose outcome is given per op code (JMP always takes ``no``)."""
+    off = 0
+    while off < len(code):
+        kind, yes, no = BC_OP.unpack_from(code, off)
+        off += yes if kind != BcOp.JMP and holds[BcOp(kind)] else no
+    return off == len(code)
+
+
+def _bc_audit(code: bytes) -> bool:
+    """inet_diag_bc_audit: the ``yes`` chain lands exactly on the end; every ``no`` lands on it,
+    on the end, or 4 past it (valid_cc is not modelled: the term starts are checked elsewhere)."""
+    off = 0
+    while off < len(code):
+        _kind, yes, no = BC_OP.unpack_from(code, off)
+        if not (4 <= no <= len(code) - off + 4 and 4 <= yes <= len(code) - off + 4):
+            return False
+        off += yes
+    return off == len(code)
+
+
+def test_port_bound_explicitly_is_a_negated_auto_that_ends_the_program() -> None:
+    """INET_DIAG_BC_AUTO matches an autobound port; the exporter wants the opposite (a port bind()
+    named), as the last term: a match of AUTO rejects, a miss accepts, and the audit's yes-chain
+    ends exactly on the end (else EINVAL: a kernel test runs it for real)."""
+    group = bc.Group((), ((bc.sport_ge(40000), bc.sport_le(40001), bc.port_bound_explicitly()),))
+    code = bc.program([bc.Group((), ((bc.sport_eq(8080),),)), group])
+    assert _bc_audit(code)
+    in_range = {BcOp.S_EQ: False, BcOp.S_GE: True, BcOp.S_LE: True}
+    assert _bc_run(code, {**in_range, BcOp.AUTO: False})  # bind() named the port
+    assert not _bc_run(code, {**in_range, BcOp.AUTO: True})  # autobound
+    assert not _bc_run(code, {BcOp.S_EQ: False, BcOp.S_GE: False, BcOp.S_LE: True, BcOp.AUTO: False})
+    assert _bc_run(code, {BcOp.S_EQ: True, BcOp.S_GE: False, BcOp.S_LE: False, BcOp.AUTO: True})
+    with pytest.raises(ValueError):  # anywhere but last, the op after it would be unreachable
+        bc.program([group, bc.Group((), ((bc.sport_eq(8080),),))])
+
+
 def test_remote_is_uses_ipv4_for_a_mapped_address() -> None:
     assert bc.remote_is(IPv6Address("::ffff:127.0.0.1"), 80) == bc.remote_is(LO, 80)
     v6 = bc.remote_is(IPv6Address("::1"), 80)
@@ -207,6 +247,48 @@ def test_seed_case_time_wait_of_a_server_never_seen_is_unknown_and_exported_0() 
     unread = ServerFlags(SockOpts(), Provenance.UNKNOWN, 1000, 7)
     assert answer(table, flags=((W, unread),)) == (0, BindNow.UNKNOWN)
     assert not server_flags(snap_of(table, (W,), server_flags=((W, unread),)), W).exact
+
+
+def _kernel_state(
+    r: SocketRecord, reuse: int, reuseport: bool = False, bucket: BindBucket | None = None
+) -> SockState:
+    """The BPF iterator's record of ``r`` (joined by cookie), with its own sk_reuse/sk_reuseport."""
+    tw = r.state is State.TIME_WAIT
+    return SockState(
+        proto=r.proto, family=r.family, state=r.state, kind=SockKind.TIMEWAIT if tw else SockKind.FULL,
+        local=r.local, remote=r.remote, cookie=r.cookie or 0, netns=1, uid=r.uid, sk_uid=r.uid,
+        bound_dev_if=0, reuse=reuse, reuseport=reuseport, ipv6only=False, userlocks=None if tw else 8,
+        bucket=bucket,
+    )  # fmt: skip
+
+
+def test_time_wait_flags_read_from_the_kernel_are_exact_both_ways() -> None:
+    """Issue 17: with the TIME_WAIT's own tw_reuse read (BPF, as `why`), the seed's leftover is
+    judged exactly -- BUSY without SO_REUSEADDR, BINDABLE with -- and nothing is missing."""
+    tw = replace(rec(State.TIME_WAIT, ("127.0.0.1", 8080), ("127.0.0.1", 50001), expires=42_000), cookie=77)
+    for reuse, want in ((0, (0, BindNow.BUSY)), (1, (1, BindNow.BINDABLE))):
+        snap = snap_of([tw], (W,), kernel=(_kernel_state(tw, reuse),))
+        [a] = restart_answers(snap)
+        assert (bindable_value(a.judgement), a.judgement.now) == want
+        assert missing_facts([a]) == []
+
+
+def test_a_reuseport_restart_takes_the_buckets_fast_path_as_the_kernel() -> None:
+    """A listener on 127.0.0.1 that bound with SO_REUSEPORT and cleared it after listen(): its
+    flags alone refuse a SO_REUSEPORT restart on 0.0.0.0, but the bucket's cache (FASTREUSEPORT_ANY,
+    same uid) lets it through (sk_reuseport_match). Without the bucket: unknown, the cache named."""
+    other = replace(listener("127.0.0.1"), cookie=5, uid=0)
+    bucket = BindBucket(8080, 0, 1, 0, LO, None, 2, False)
+    flags = ServerFlags(SockOpts(False, True), Provenance.READ, 0, 9)
+    snap = snap_of(
+        [other], (W,), server_flags=((W, flags),), kernel=(_kernel_state(other, 0, False, bucket),)
+    )
+    [a] = restart_answers(snap)
+    assert a.judgement.now is BindNow.BINDABLE
+    blind = snap_of([other], (W,), server_flags=((W, flags),), kernel=(_kernel_state(other, 0, False),))
+    [b] = restart_answers(blind)
+    assert b.judgement.now is BindNow.UNKNOWN
+    assert Missing("rebind_port_bindable", Reason.BUCKET_UNKNOWN) in missing_facts([b])
 
 
 def test_client_that_took_the_server_port_blocks_the_restart() -> None:

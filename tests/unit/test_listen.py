@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
@@ -17,6 +19,8 @@ from rebind.supervisor.notify import FdDisposal, NotifyReceiver
 from rebind.supervisor.procscan import _parse_epoll_fdinfo, serving
 from rebind.supervisor.run import exit_code
 from rebind.supervisor.spec import ListenSpec, check_unique, parse_listen
+
+T = TypeVar("T")
 
 
 @pytest.mark.parametrize(
@@ -163,10 +167,7 @@ def test_notify_carries_kernel_checked_pid_and_closes_passed_fds(
         disposal = FdDisposal()
         disposal.dispose(msgs[1].fds, foreign=True)
         disposal.close()
-        deadline = time.monotonic() + 10
-        while len(os.listdir("/proc/self/fd")) != before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(os.listdir("/proc/self/fd")) == before
+        _wait_for(lambda: len(os.listdir("/proc/self/fd")) == before, "the passed fd to be closed")
     finally:
         rx.close()
     assert [m.get("READY") for m in msgs] == ["1", None]
@@ -188,17 +189,42 @@ def test_serving_sees_blocking_accept_not_a_mere_listener(netns: int) -> None:
             p = _with_fd3(code + waits[mode], s.fileno())
             try:
                 assert p.stdout is not None and p.stdout.readline().strip() == "go"
-                found: dict[int, object] = {}
-                for _ in range(500):  # until the thread has entered accept()
-                    found = dict(serving(p.pid, ino))
-                    if found or mode == "sleep":
-                        break
-                results[mode] = found
+                results[mode] = _served_once_waiting(p.pid, ino, mode)
             finally:
                 p.kill()
                 p.wait()
     assert results["accept"] and "accept" in str(next(iter(results["accept"].values())))
     assert results["sleep"] == {}  # holds the socket, waits on nothing: not serving
+
+
+def _served_once_waiting(pid: int, ino: frozenset[int], mode: str) -> dict[int, object]:
+    """serving() once the child waits: in accept() (it serves from then on), or in a sleep."""
+    if mode == "accept":
+        return _wait_for(lambda: dict(serving(pid, ino)), "the child to enter accept()")
+    _wait_for(lambda: _blocked(pid), "the child to block in time.sleep()")
+    return dict(serving(pid, ino))
+
+
+def _wait_for(cond: Callable[[], T], what: str, timeout: float = 10.0) -> T:
+    """cond()'s first true value, polled until a deadline (a loaded machine is slow, not wrong)."""
+    deadline = time.monotonic() + timeout
+    while not (got := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+    return got
+
+
+def _blocked(pid: int) -> bool:
+    """The process sleeps inside a system call (state S, /proc/PID/syscall not "running")."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/{pid}/syscall") as f:
+            call = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return state == "S" and call not in ("running", "-1")
 
 
 def _with_fd3(code: str, fd: int) -> subprocess.Popen[str]:

@@ -3,7 +3,9 @@ documentation's Python examples use only public names."""
 
 from __future__ import annotations
 
+import ast
 import enum
+import importlib
 import re
 import subprocess
 import sys
@@ -17,12 +19,29 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_every_public_name_resolves() -> None:
-    for name in rebind.__all__:
-        assert getattr(rebind, name) is not None, name
-    assert set(rebind.__all__) <= set(dir(rebind))
+def test_every_public_name_resolves_to_its_home() -> None:
+    """Each name is the object its ``_LAZY`` module defines (not None, not a stale copy), and
+    that object is rebind's own."""
+    assert rebind.__all__[0] == "__version__" and re.fullmatch(r"\d+\.\d+\.\d+\S*", rebind.__version__)
+    for name in rebind.__all__[1:]:
+        value = getattr(rebind, name)
+        assert value is getattr(importlib.import_module(rebind._LAZY[name]), name), name
+        assert value.__module__.startswith("rebind."), (name, value.__module__)
     with pytest.raises(AttributeError):
         rebind.no_such_name  # noqa: B018
+
+
+def test_type_checkers_see_the_names_the_runtime_gives() -> None:
+    """The ``if TYPE_CHECKING:`` imports (what mypy and IDEs see) name the same module for every
+    public name as ``_LAZY`` (what ``rebind.NAME`` resolves at run time)."""
+    tree = ast.parse(Path(rebind.__file__).read_text())
+    static: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.module is not None
+                static.update((a.asname or a.name, imp.module) for a in imp.names)
+    assert static == rebind._LAZY
 
 
 def test_errors_enums_and_result_types_are_exported() -> None:

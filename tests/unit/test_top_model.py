@@ -231,3 +231,17 @@ def test_wait_status_names_the_blocker_and_the_countdown() -> None:
     assert wait_status(res, 3.2) == "still busy: 9000/tcp is busy: a TIME_WAIT — free in 41 s · waiting 3s"
     hostile = WaitResult(ok=False, elapsed=1.0, diagnosis=D("x\x1b[2J\u200f"))  # type: ignore[arg-type]
     assert "\x1b" not in wait_status(hostile, 0) and "\u200f" not in wait_status(hostile, 0)
+
+
+def test_bindable_with_so_reuseaddr_when_the_kernel_read_the_leftovers_flag() -> None:
+    """✓ra: a plain bind fails, one with SO_REUSEADDR works -- reachable only once the TIME_WAIT's
+    own tw_reuse is read (top's kernel-state job); without SO_REUSEADDR on it, still ✗."""
+    from dataclasses import replace
+
+    from tests.unit.test_exporter import _kernel_state
+
+    key = PortKey(8080, Proto.TCP)
+    tw = replace(rec(State.TIME_WAIT, remote=("127.0.0.1", 50001), expires=1000), cookie=77)
+    for reuse, want in ((1, Bindable.REUSEADDR), (0, Bindable.NO)):
+        kernel = {77: _kernel_state(tw, reuse)}
+        assert assess_bindable(key, [tw], SETTINGS, 0, kernel) is want, reuse

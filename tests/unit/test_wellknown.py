@@ -246,8 +246,8 @@ def test_malformed_entries_are_refused(bad: str) -> None:
 
 
 def test_why_text_prints_each_fix_line_exactly_and_escapes_hostile_text() -> None:
-    from rebind.cli.why import findings_lines
     from rebind.model.wellknown import Findings
+    from rebind.render.why import findings_lines
 
     f = ProcFacts(42, "/usr/sbin/avahi-daemon", 0, ROOT_EXE, 0, "avahi-daemon", (), "evil\x1b[2J.service")
     got = recognise(catalogue(), f, 5353, Proto.UDP, UIDS)

@@ -151,20 +151,10 @@ def add_collateral(plan: FreePlan, proc: str | None = None) -> FreePlan:
 
 
 def _socket_inodes(t: Target, proc: str) -> set[int]:
+    from rebind.kernel.procfs import ProcFS
     from rebind.kernel.procstat import start_ticks
 
-    out: set[int] = set()
-    try:
-        names = os.listdir(f"{proc}/{t.pid}/fd")
-    except OSError:
-        return out
-    for name in names:
-        try:
-            link = os.readlink(f"{proc}/{t.pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:[") and link.endswith("]") and link[8:-1].isdigit():
-            out.add(int(link[8:-1]))
+    out = ProcFS(proc).socket_fds(t.pid).inodes()
     # Read after the fds: a pid recycled meanwhile is another process, not this target.
     return out if start_ticks(t.pid, proc) == t.start_ticks else set()
 

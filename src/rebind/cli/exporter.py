@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
     from rebind.exporter.facts import Dest, Watch
+    from rebind.exporter.failures import FailureCounters
 
 #: Bounds on the command line, so a typo cannot make a cardinality (or bytecode) explosion.
 MAX_WATCH = 512
@@ -74,6 +75,14 @@ package: rebind/exporter/rules.yml). Exit status: 0 ok, 2 usage error, 3 cannot 
     help="Write the metrics to PATH (*.prom) atomically instead of serving HTTP.",
 )
 @click.option("--once", is_flag=True, help="With --textfile: write once and exit.")
+@click.option(
+    "--trace",
+    "trace",
+    is_flag=True,
+    help="Also count failing bind/listen/connect calls on the watched ports and destinations "
+    "(rebind_bind_failures_total, rebind_connect_failures_total) with rebind trace's kernel "
+    "program while the exporter runs (root, kernel BTF).",
+)
 def exporter(
     listen: str,
     watch: tuple[str, ...],
@@ -81,6 +90,7 @@ def exporter(
     interval: str,
     textfile: str | None,
     once: bool,
+    trace: bool,
 ) -> int:
     """Export port health to Prometheus: would a restart bind, accept queues, sockets by state,
     ephemeral ports left per destination, and configuration warnings.
@@ -103,11 +113,30 @@ def exporter(
     if textfile and not once and seconds < 1:
         raise UsageError("--interval must be at least 1 s when rewriting --textfile")
     host, port = parse_listen(listen)
+    if trace and once:
+        raise UsageError("--trace counts while the exporter runs: not with --once")
     collector = RebindCollector(watches, dests, interval=0.0 if textfile else seconds)
     registry = registry_with(collector, process=not textfile)
-    if textfile:
-        return _textfile(registry, textfile, seconds, once)
-    return _serve(registry, host, port)
+    counters = _failure_counters(watches, dests) if trace else None
+    if counters is not None:
+        registry.register(counters)
+    try:
+        if textfile:
+            return _textfile(registry, textfile, seconds, once)
+        return _serve(registry, host, port)
+    finally:
+        if counters is not None:
+            counters.close()
+
+
+def _failure_counters(watches: list[Watch], dests: list[Dest]) -> FailureCounters:
+    """The registration hook of exporter/failures.py (off unless --trace: a root exporter then
+    exports series an unprivileged one cannot; where tracing cannot run, exit 3)."""
+    if not (watches or dests):
+        raise UsageError("--trace counts failures on --watch ports and --dest destinations: name some")
+    from rebind.exporter import failures
+
+    return failures.start(watches, dests)
 
 
 def _need_prometheus_client() -> None:

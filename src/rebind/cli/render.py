@@ -6,12 +6,13 @@ rich is imported only when a table is printed, so `--json` and scripted use stay
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any
 
+from rebind.model.birth import text as birth_text
+from rebind.model.birth import to_json as birth_json
 from rebind.model.containers import ContainerRef
 from rebind.model.records import (
     Endpoint,
@@ -21,8 +22,16 @@ from rebind.model.records import (
     SocketRecord,
     SocketTable,
     fmt_addr,
-    owner_label,
 )
+from rebind.render.console import PlainOut as PlainOut
+from rebind.render.console import RichOut as RichOut
+from rebind.render.console import console as console
+from rebind.render.console import escape_markup as escape_markup
+from rebind.render.console import fmt_ms as fmt_ms
+from rebind.render.console import out as out
+from rebind.render.console import owners_cell as owners_cell
+from rebind.render.console import strip_markup as strip_markup
+from rebind.render.console import use_color as use_color
 from rebind.textsafe import visible
 
 if TYPE_CHECKING:
@@ -71,6 +80,8 @@ def socket_json(r: SocketRecord) -> dict[str, Any]:
         "v6only": r.v6only,
         "cgroup_id": r.cgroup_id,
         "netns": r.netns,
+        # issue 19 (additive): who bound it, when (rebind trace --install; null otherwise)
+        "birth": birth_json(r.birth),
     }
 
 
@@ -110,117 +121,6 @@ def dump_json(doc: Any, out: IO[str] | None = None) -> None:
     out.write("\n")
 
 
-# ---------------------------------------------------------------------------------------------
-# Text
-
-
-def fmt_ms(ms: int | None) -> str:
-    """A table cell: compact, empty for no timer."""
-    from rebind.model.diagnosis import fmt_seconds
-
-    return "" if ms is None else fmt_seconds(ms, compact=True)
-
-
-def owners_cell(owners: tuple[Owner, ...], limit: int = 4) -> str:
-    if not owners:
-        return ""
-    labels: list[str] = []
-    for o in owners:
-        lab = owner_label(o)
-        if lab not in labels:
-            labels.append(lab)
-    extra = len(labels) - limit
-    shown = ", ".join(labels[:limit])
-    return f"{shown}, +{extra} more" if extra > 0 else shown
-
-
-def use_color(stream: IO[str] | None = None) -> bool:
-    stream = stream or sys.stdout
-    if os.environ.get("NO_COLOR"):
-        return False
-    if os.environ.get("FORCE_COLOR"):
-        return True
-    return stream.isatty()
-
-
-def console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    color = use_color(stream)
-    return Console(
-        file=stream,
-        # color_system=None: no escapes at all (no_color alone still writes bold/underline).
-        color_system="auto" if color else None,
-        no_color=not color,
-        highlight=False,
-        emoji=False,  # ":fire:" in a process name stays text
-        force_terminal=color if color else None,
-        soft_wrap=False,
-        width=None if stream.isatty() else 200,
-    )
-
-
-# rich's markup grammar (rich.markup.RE_TAGS and escape()), so that plain and rich output read
-# the same markup the same way without importing rich: "[::]:80" and "python3[12]" are no tags.
-_RICH_TAG = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
-_RICH_ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
-
-
-def escape_markup(text: str) -> str:
-    """``text`` shown as itself by rich markup: rich.markup.escape, without importing rich."""
-    out = _RICH_ESCAPE.sub(lambda m: f"{m.group(1)}{m.group(1)}\\{m.group(2)}", text)
-    return out + "\\" if out.endswith("\\") and not out.endswith("\\\\") else out
-
-
-def strip_markup(markup: str) -> str:
-    """The text rich would print for ``markup``, without styles (tags dropped, escapes undone)."""
-    parts: list[str] = []
-    pos = 0
-    for m in _RICH_TAG.finditer(markup):
-        full, escapes, _ = m.groups()
-        parts.append(markup[pos : m.start()])
-        pos = m.end()
-        backslashes, escaped = divmod(len(escapes), 2)
-        parts.append("\\" * backslashes)
-        if escaped:
-            parts.append(full[len(escapes) :])
-    parts.append(markup[pos:])
-    return "".join(parts)
-
-
-class PlainOut:
-    """Markup-stripping printer for pipes and NO_COLOR: no rich import, no escapes."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-
-    def esc(self, text: str) -> str:
-        """Text from outside (process names, messages) made safe to embed in markup."""
-        return escape_markup(visible(text))
-
-    def print(self, text: str = "") -> None:
-        self.stream.write(strip_markup(text) + "\n")
-
-
-class RichOut:
-    def __init__(self, stderr: bool) -> None:
-        self.con = console(stderr)
-
-    def esc(self, text: str) -> str:
-        """Text from outside (process names, messages) made safe to embed in markup."""
-        return escape_markup(visible(text))
-
-    def print(self, text: str = "") -> None:
-        self.con.print(text)
-
-
-def out(stderr: bool = False) -> PlainOut | RichOut:
-    """A printer for rich-style markup: rich on a colour terminal, plain text otherwise."""
-    stream = sys.stderr if stderr else sys.stdout
-    return RichOut(stderr) if use_color(stream) else PlainOut(stream)
-
-
 _STATE_STYLE = {
     "LISTEN": "bold green",
     "BOUND_INACTIVE": "bold magenta",
@@ -252,8 +152,12 @@ def _rows(
     t: SocketTable, marks: Mapping[tuple[int, str], str] | None = None
 ) -> tuple[list[str], list[list[str]]]:
     many_ns = len({e.socket.netns for e in t.entries}) > 1
+    births = any(e.socket.birth is not None for e in t.entries)
+    now = time.time()
     marks = marks or {}
     head = ["proto", "state", "local", "remote", "left", "uid"] + (["owners"] if t.owners_scanned else [])
+    if births:
+        head.append("bound by")
     if marks:
         head.append("note")
     if many_ns:
@@ -273,6 +177,8 @@ def _rows(
         ]
         if t.owners_scanned:
             row.append(owners_cell(e.owners) or ("-" if r.is_mini else ""))
+        if births:
+            row.append(birth_text(r.birth, now) if r.birth is not None else "")
         if marks:
             listening = r.state.label == "LISTEN" and r.proto.value == "tcp"
             row.append(marks.get((r.port, str(r.local)), "") if listening else "")

@@ -239,24 +239,10 @@ def reload(control: str | None, pid_file: str | None, timeout: float, status: bo
     if pid_file:
         if status:
             raise UsageError("--status needs --control")
-        pid = _read_supervisor_pid(pid_file)
+        from rebind.supervisor.client import supervisor_pid
+
+        pid = supervisor_pid(pid_file)  # only a `rebind run` is signalled (a pid file can be stale)
         os.kill(pid, signal.SIGHUP)
         click.echo(f"sent SIGHUP to rebind run (pid {pid}); the outcome is in its log")
         return 0
     raise UsageError(f"give --control PATH (or set {CONTROL_ENV}) or --pid-file PATH")
-
-
-def _read_supervisor_pid(path: str) -> int:
-    from rebind.errors import UsageError
-
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--pid-file {path}: no running supervisor ({exc})") from None
-    # A stale pid file may name a recycled pid: only signal a process that is a `rebind run`.
-    if b"run" not in argv or not any(b"rebind" in a for a in argv):
-        raise UsageError(f"--pid-file {path}: pid {pid} is not a `rebind run` process")
-    return pid

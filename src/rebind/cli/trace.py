@@ -30,6 +30,8 @@ Examples:
   rebind trace --errno all --json       every errno, one rebind.trace/1 object per line
   rebind trace 8080 --record fails.jsonl
   rebind history fails.jsonl 8080       read it back (beside `rebind top --record` files)
+  rebind trace --install                birth certificates: ls/why/top say who bound each socket
+  rebind trace --uninstall              remove them (unpins /sys/fs/bpf/rebind/birth_*)
 
 \b
 Each line: time, process[pid] (unit or container), the call and its address, the failing
@@ -64,6 +66,13 @@ Exit status: 0 after --count events, 2 usage error, 3 missing permission or kern
     "--no-owners", is_flag=True, help="Skip the owner scan in the snapshot (cheaper; no process names)."
 )
 @click.option("--no-snapshot", is_flag=True, help="Record the failures only, without the blocker snapshot.")
+@click.option(
+    "--install",
+    is_flag=True,
+    help="Install birth certificates: post-bind and listen BPF programs that stay loaded (pinned "
+    "under /sys/fs/bpf/rebind) so that ls/why/top show who bound each TCP socket, and when.",
+)
+@click.option("--uninstall", is_flag=True, help="Remove what --install left loaded.")
 def trace(
     ports: tuple[str, ...],
     errno_text: str | None,
@@ -74,10 +83,19 @@ def trace(
     count_text: str | None,
     no_owners: bool,
     no_snapshot: bool,
+    install: bool,
+    uninstall: bool,
 ) -> int:
     """Record every failing bind(), listen() and connect() on this host with the blocker seen
     at that instant (address, options, errno, process, namespace)."""
     from rebind.errors import UsageError
+
+    if install or uninstall:
+        if install and uninstall:
+            raise UsageError("--install and --uninstall exclude each other")
+        if ports or errno_text or as_json or record or netns_text or count_text or no_owners or no_snapshot:
+            raise UsageError("--install and --uninstall take no other option")
+        return _install() if install else _uninstall()
     from rebind.model.trace import parse_errnos
     from rebind.model.validate import parse_port
     from rebind.top.record import parse_size
@@ -109,6 +127,33 @@ def trace(
         if recorder is not None:
             recorder.close()
         _note(summary)
+    return 0
+
+
+def _install() -> int:
+    from rebind.kernel import birth
+
+    done = birth.install()
+    if done.already:
+        click.echo(f"birth certificates: already installed ({done.pin_dir})")
+        return 0
+    click.echo(
+        f"birth certificates installed: programs rebind_birth4/rebind_birth6 (post-bind) and "
+        f"rebind_birthl (sock_ops, listen) on {done.cgroup}, map rebind_birth; pinned in "
+        f"{done.pin_dir} (they stay loaded until `rebind trace --uninstall`, or a reboot)"
+    )
+    return 0
+
+
+def _uninstall() -> int:
+    from rebind.kernel import birth
+
+    birth.check_privilege()
+    removed = birth.uninstall()
+    if removed:
+        click.echo(f"birth certificates removed ({birth.pin_dir()}: {', '.join(removed)} unpinned)")
+    else:
+        click.echo(f"birth certificates: not installed ({birth.pin_dir()})")
     return 0
 
 

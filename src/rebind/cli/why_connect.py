@@ -204,11 +204,7 @@ def _print_fixes(con: PlainOut | RichOut, res: ConnectResult) -> None:
 
     def verbatim(text: str) -> None:
         # A line meant to be pasted is never broken by rich's wrapping at the terminal width.
-        rich = getattr(con, "con", None)
-        if rich is not None:
-            rich.print(text, soft_wrap=True)
-        else:
-            p(text)
+        con.print(text, nowrap=True)
 
     p("\n[bold]Fixes[/]")
     for i, f in enumerate(res.fixes, 1):

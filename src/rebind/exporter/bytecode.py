@@ -33,10 +33,16 @@ class Op:
 
     code: BcOp
     payload: bytes
+    #: Match when the condition does NOT hold. Only the last op of a whole program may be
+    #: negated. It is followed by a JMP: a match (yes) runs into the JMP, whose ``no`` (taken at
+    #: run time: inet_diag_bc_run) lands past the end, reject; a miss (no) lands exactly on the
+    #: end, accept. inet_diag_bc_audit follows ``yes`` only (to exactly the end: the JMP's
+    #: yes = 4), and checks a ``no`` target with valid_cc only when it lies before the end.
+    negate: bool = False
 
     @property
     def size(self) -> int:
-        return BC_OP.size + len(self.payload)
+        return BC_OP.size + len(self.payload) + (BC_OP.size if self.negate else 0)
 
 
 def sport_eq(port: int) -> Op:
@@ -58,6 +64,13 @@ def dport_ge(port: int) -> Op:
 
 def dport_le(port: int) -> Op:
     return Op(BcOp.D_LE, BC_OP.pack(0, 0, port))
+
+
+def port_bound_explicitly() -> Op:
+    """The socket's port came from a bind() naming it (SOCK_BINDPORT_LOCK): the negation of
+    INET_DIAG_BC_AUTO (``!(userlocks & SOCK_BINDPORT_LOCK)``; userlocks is 0 for TIME_WAIT and
+    request socks, which never match). Only as the program's last op (see Op.negate)."""
+    return Op(BcOp.AUTO, b"", negate=True)
 
 
 def remote_is(addr: IPAddress, port: int) -> Op:
@@ -146,6 +159,13 @@ def program(groups: Sequence[Group]) -> bytes:
         for ti, term in enumerate(g.terms):
             miss = term_starts[gi][ti + 1] if ti + 1 < len(g.terms) else next_group(gi)
             for op in term:
+                if op.negate:
+                    if len(out) + op.size != total:
+                        raise ValueError("only the last op of a program may be negated")
+                    head = BC_OP.size + len(op.payload)
+                    out += BC_OP.pack(op.code, head, op.size) + op.payload  # miss: accept
+                    out += BC_OP.pack(BcOp.JMP, BC_OP.size, 2 * BC_OP.size)  # match: reject
+                    continue
                 out += BC_OP.pack(op.code, op.size, miss - len(out)) + op.payload
             if len(out) < total:
                 out += BC_OP.pack(BcOp.JMP, 4, total - len(out))  # matched: accept

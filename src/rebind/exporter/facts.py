@@ -17,9 +17,19 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from rebind.errors import UsageError
-from rebind.model.assess import BindNow, HolderFacts, Judgement, Provenance, judge
+from rebind.model.assess import (
+    BindNow,
+    HolderFacts,
+    Judgement,
+    Provenance,
+    judge,
+    kernel_holder,
+    kernel_state_of,
+    port_state,
+)
 from rebind.model.conflict import BindRequest, Flag, KernelSettings, SockOpts
 from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, fmt_addr
+from rebind.model.sockstate import SockState
 
 WILDCARD4 = IPv4Address("0.0.0.0")
 
@@ -107,6 +117,13 @@ class Reason(enum.StrEnum):
     REUSEPORT_UNKNOWN = "so_reuseport_unknown"
     UID_UNKNOWN = "socket_uid_unknown"
     V6ONLY_UNKNOWN = "ipv6_v6only_unknown"
+    #: The port's bind bucket (tb->fastreuseport, fastuid, fast_rcv_saddr) or UDP chain order,
+    #: which only the BPF socket iterator reads (root), decides a SO_REUSEPORT restart.
+    BUCKET_UNKNOWN = "port_reuseport_cache_unknown"
+    CHAIN_ORDER_UNKNOWN = "udp_chain_order_unknown"
+    #: This kernel build's UDP rule was not calibrated (kernel/calibrate.py needs a network
+    #: namespace of its own: root).
+    UDP_RULE_UNKNOWN = "udp_rule_uncalibrated"
 
 
 #: The Reason naming each fact the one assessment may miss (model.conflict.Flag).
@@ -115,6 +132,9 @@ MISSING_FACT = {
     Flag.REUSEPORT: Reason.REUSEPORT_UNKNOWN,
     Flag.UID: Reason.UID_UNKNOWN,
     Flag.V6ONLY: Reason.V6ONLY_UNKNOWN,
+    Flag.BUCKET: Reason.BUCKET_UNKNOWN,
+    Flag.CHAIN_ORDER: Reason.CHAIN_ORDER_UNKNOWN,
+    Flag.UDP_RULE: Reason.UDP_RULE_UNKNOWN,
 }
 
 
@@ -195,12 +215,19 @@ class Snapshot:
     tw_expires_ms: tuple[tuple[PortKey, int], ...] = ()
     #: The flags each watched server was seen with (only those the gatherer could read).
     server_flags: tuple[tuple[Watch, ServerFlags], ...] = ()
+    #: The kernel's own state of the ``watched`` sockets the BPF socket iterator / lookup read
+    #: (kernel/facts.py: iterator_plan, read_kernel_ports): their flags, the TCP bind bucket's
+    #: fast-reuse cache, the UDP chain order. Empty when it could not run (unprivileged, no BTF).
+    kernel: tuple[SockState, ...] = ()
     #: Connections to each dest, by source address: which ports are live and which in TIME_WAIT.
     usage: tuple[DestUsage, ...] | None = ()
     #: Connections on watched TCP ports by remote address: top TOP_PEERS per port, then "other".
     peers: tuple[PeerCount, ...] = ()
     #: TCP LISTEN and bound-inactive sockets whose local port lies in the ephemeral range.
     bound_in_range: tuple[SocketRecord, ...] | None = ()
+    #: Ports of the range held by connections whose port bind() named (SOCK_BINDPORT_LOCK, read
+    #: by the kernel's filter: inet_diag's INET_DIAG_BC_AUTO, negated).
+    bind_held_conn: frozenset[int] = frozenset()
     ephemeral: EphemeralRange | None = None
     #: The source address the route to each dest selects (None: no route).
     sources: tuple[tuple[Dest, IPAddress | None], ...] = ()
@@ -272,7 +299,10 @@ class _Listeners:
 
 
 def port_holders(
-    records: Sequence[SocketRecord], key: PortKey, servers: Mapping[IPAddress, ServerFlags]
+    records: Sequence[SocketRecord],
+    key: PortKey,
+    servers: Mapping[IPAddress, ServerFlags],
+    kernel: Mapping[int, SockState] | None = None,
 ) -> tuple[HolderFacts, ...]:
     """The sockets on the port with what is known of their flags, built once per port.
 
@@ -288,12 +318,21 @@ def port_holders(
       the seed's case: a server without SO_REUSEADDR is gone, its TIME_WAIT refuses the restart;
     * every other socket (a listener of someone else, a stray bind, a client that took the port
       as its source port) has unknown flags: the conflict model says where they decide.
+
+    ``kernel`` (cookie -> the socket as the BPF iterator read it) comes first: the kernel's own
+    sk_reuse / sk_reuseport / ipv6only (a TIME_WAIT's tw_* copies) are facts for every socket,
+    a squatter's and an invisible owner's included, and carry the bucket and chain position
+    :func:`rebind.model.assess.port_state` derives the port's state from.
     """
     recs = on_port(records, key)
     listeners = _Listeners(recs)
     wild = [(a, f) for a, f in servers.items() if a.is_unspecified]
     out: list[HolderFacts] = []
     for r in recs:
+        st = kernel_state_of(r, kernel)
+        if st is not None:
+            out.append(kernel_holder(SocketEntry(r), st))
+            continue
         opts, prov = SockOpts(), Provenance.UNKNOWN
         if r.state not in (State.LISTEN, State.BOUND_INACTIVE, State.CLOSE):
             parent = listeners.parent(r)
@@ -343,8 +382,14 @@ def assess_restart(
     is judged as a holder."""
     own = _own_states(w.proto)
     mine = norm(w.addr)
-    hs = [h for h in holders if not (h.entry.socket.state in own and norm(h.entry.socket.local.addr) == mine)]
-    return judge(restart_request(w, flags), hs, _server_settings(settings))
+    hs = tuple(
+        h for h in holders if not (h.entry.socket.state in own and norm(h.entry.socket.local.addr) == mine)
+    )
+    req = restart_request(w, flags)
+    # The bucket outlives the restart's own listeners whenever another socket is left in it (its
+    # cache is not recomputed when a socket leaves), and with none left the restart finds no holder.
+    hs, port = port_state(req, hs)
+    return judge(req, hs, _server_settings(settings), port=port)
 
 
 def _server_settings(s: KernelSettings) -> KernelSettings:
@@ -356,6 +401,7 @@ def _server_settings(s: KernelSettings) -> KernelSettings:
         ip_local_port_range=s.ip_local_port_range,
         ip_local_reserved_ports=s.ip_local_reserved_ports,
         kernel_version=s.kernel_version,
+        udp_first_match=s.udp_first_match,
     )
 
 
@@ -379,12 +425,13 @@ def restart_answers(snap: Snapshot) -> list[RestartAnswer]:
     for w in snap.watches:
         by_port.setdefault(w.key, []).append(w)
     out: list[RestartAnswer] = []
+    kernel = {st.cookie: st for st in snap.kernel}
     for key, ws in by_port.items():
         servers: dict[IPAddress, ServerFlags] = {}
         for w in ws:
             f = server_flags(snap, w)
             servers[norm(w.addr)] = f
-        holders = port_holders(snap.watched, key, servers)
+        holders = port_holders(snap.watched, key, servers, kernel)
         for w in ws:
             out.append(RestartAnswer(w, assess_restart(holders, w, servers[norm(w.addr)], snap.settings)))
     return out
@@ -463,16 +510,22 @@ def _fill(m: SocketRecord) -> tuple[float, int]:
 # Client side: a count over the socket table (switch to the `why --connect` model at merge)
 
 
-def bind_held_ports(bound: Iterable[SocketRecord], rng: EphemeralRange) -> frozenset[int]:
+def bind_held_ports(
+    bound: Iterable[SocketRecord], rng: EphemeralRange, conns: Iterable[int] = ()
+) -> frozenset[int]:
     """Ephemeral-range ports whose bind bucket bind() created: connect() skips them whatever the
     destination (__inet_hash_connect: tb->fastreuse >= 0). Counted from TCP listeners and
-    bound-inactive sockets (their children share their port). A lower bound: a bind-before-
-    connect client socket inside the range looks like any connection (connect-rules.md §8)."""
-    return frozenset(
+    bound-inactive sockets (their children share their port) and ``conns``: the ports of
+    connections whose port bind() named (a fixed-port client, SOCK_BINDPORT_LOCK; the kernel's
+    filter finds them). Still a lower bound: a client that let bind(ip, 0) pick its port, and a
+    fixed-port client's TIME_WAIT, keep the bucket bind-made and show no such lock
+    (connect-rules.md §8); `why --connect` reads those from the kernel (root)."""
+    held = {
         r.local.port
         for r in bound
         if r.proto is Proto.TCP and r.state in (State.LISTEN, State.BOUND_INACTIVE) and r.local.port in rng
-    )
+    }
+    return frozenset(held | {p for p in conns if p in rng})
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,6 +618,14 @@ class Tally:
         self._peers: dict[tuple[int, bytes], int] = {}
         self.listeners: dict[int, set[bytes]] = {}
         self.usage: dict[tuple[Dest, bytes], tuple[set[int], set[int]]] = {}
+        #: Ports of the range that connections bound by bind() hold (see client_range).
+        self.bind_held: set[int] = set()
+        self._range = (1, 0)
+
+    def client_range(self, rng: EphemeralRange | None) -> None:
+        """The connection dump also returns the connections on ports of this range whose port
+        bind() named (gather.py's filter): ``conn`` then counts their ports as bind-held."""
+        self._range = (rng.lo, rng.hi) if rng is not None else (1, 0)
 
     def server(self, r: SocketRecord) -> None:
         """A TCP listener or bound-inactive socket, or a UDP socket, on a watched port."""
@@ -603,6 +664,9 @@ class Tally:
         if d is not None:
             live, tw = self.usage.setdefault((d, src), (set(), set()))
             (tw if mini or state == State.TIME_WAIT else live).add(sport)
+        elif sport not in self.tcp_ports and self._range[0] <= sport <= self._range[1]:
+            # neither watched nor to a dest: only the filter's bind-named group returns it
+            self.bind_held.add(sport)
         return wanted
 
     def records(self, recs: Iterable[SocketRecord]) -> list[SocketRecord]:

@@ -149,11 +149,11 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     out.append(size)
     if snap.bound_in_range is None:
         return out
-    held = bind_held_ports(snap.bound_in_range, rng)
+    held = bind_held_ports(snap.bound_in_range, rng, snap.bind_held_conn)
     held_m = GaugeMetricFamily(
         "rebind_ephemeral_bind_held_ports",
-        "Ports of the ephemeral range held by bind() (TCP listeners and bound-inactive sockets): "
-        "connect() skips them for every destination.",
+        "Ports of the ephemeral range held by bind() (TCP listeners, bound-inactive sockets and "
+        "connections whose port bind() named): connect() skips them for every destination.",
     )
     held_m.add_metric([], len(held))
     out.append(held_m)

@@ -15,20 +15,24 @@ watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
 Nothing here binds, connects or destroys: a scrape never changes kernel state.
 
 The flags of each watched server (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY) are read from its
-listener (or bound UDP socket) once per socket -- ``pidfd_getfd`` + ``getsockopt``, which needs
-ptrace-grade access (root) -- and remembered after it is gone: its TIME_WAITs carry them.
+listener (or bound UDP socket) -- the kernel's own, by BPF, else once per socket through its
+owner (``pidfd_getfd`` + ``getsockopt``, which needs ptrace-grade access: root) -- and remembered
+after it is gone: its TIME_WAITs carry them. The kernel's state of the sockets the model judges
+(their flags, the TCP bind bucket, the UDP chain order) is read each scrape as `why` reads it
+(:meth:`Gatherer._kernel`); where BPF cannot run, what hinges on it is unknown, never optimistic.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, KernelError
 from rebind.exporter import bytecode as bc
 from rebind.exporter.facts import (
+    WILDCARD4,
     Dest,
     EphemeralRange,
     Missing,
@@ -41,9 +45,10 @@ from rebind.exporter.facts import (
 )
 from rebind.kernel.route import NoRoute, source_for
 from rebind.kernel.sysctl import HostSettings, host_settings
-from rebind.model.assess import Provenance
+from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
 from rebind.model.conflict import KernelSettings, SockOpts
-from rebind.model.records import Family, IPAddress, Proto, SocketRecord, State, Timer
+from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, Timer
+from rebind.model.sockstate import SockState, SockStates
 
 #: inet_diag's TCP_BOUND_INACTIVE state bit (91051f003948).
 BOUND_INACTIVE_SINCE = (6, 8)
@@ -65,7 +70,8 @@ def read_ephemeral(host: HostSettings | None = None) -> EphemeralRange | None:
 
 
 def read_settings(rng: EphemeralRange | None, host: HostSettings | None = None) -> KernelSettings:
-    """The bind settings a scrape needs (no capabilities, addresses or calibration)."""
+    """The bind settings a scrape needs: no capabilities or addresses; this build's calibrated
+    UDP rule (as `why` has it)."""
     from rebind.kernel.sysctl import kernel_version
 
     h = host or host_settings()
@@ -73,10 +79,19 @@ def read_settings(rng: EphemeralRange | None, host: HostSettings | None = None) 
         unprivileged_port_start=h.unprivileged_port_start,
         bindv6only=h.bindv6only,
         kernel_version=kernel_version(),
+        udp_first_match=_udp_rule(),
     )
     if rng is None:
         return base
     return replace(base, ip_local_port_range=(rng.lo, rng.hi), ip_local_reserved_ports=rng.reserved)
+
+
+def _udp_rule() -> bool | None:
+    """This build's UDP rule, as `why` has it (kernel/calibrate.py: cached per build, run once
+    in a throwaway network namespace; None when it cannot run). Memoized by calibration()."""
+    from rebind.kernel.calibrate import calibration
+
+    return calibration().udp_first_match
 
 
 #: Reads a live socket's (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY); None when not permitted.
@@ -114,11 +129,13 @@ class Gatherer:
         *,
         slow_every: float = 60.0,
         read_flags: FlagReader = read_socket_flags,
+        read_kernel: bool = True,
     ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
         self.slow_every = slow_every
         self._read_flags = read_flags
+        self.read_kernel = read_kernel
         self._flags: dict[Watch, ServerFlags] = {}
         self._bound: tuple[SocketRecord, ...] | None = None
         self._bound_at = 0.0
@@ -159,16 +176,19 @@ class Gatherer:
                 ephemeral=rng, sources=sources, settings=settings, missing=tuple(missing),
                 duration_s=time.perf_counter() - t0,
             )  # fmt: skip
+        kernel = self._kernel(watched) if self.read_kernel else ()
         return Snapshot(
             watches=self.watches,
             dests=self.dests,
             watched=tuple(watched),
             counts=tuple(tally.counts.items()),
             tw_expires_ms=tuple(tally.tw_max.items()),
-            server_flags=self._remember(watched),
+            server_flags=self._remember(watched, {st.cookie: st for st in kernel}),
+            kernel=kernel,
             usage=tally.dest_usage(),
             peers=tally.peers(),
             bound_in_range=bound,
+            bind_held_conn=frozenset(tally.bind_held),
             ephemeral=rng,
             sources=sources,
             settings=settings,
@@ -178,9 +198,12 @@ class Gatherer:
             duration_s=time.perf_counter() - t0,
         )
 
-    def _remember(self, watched: Sequence[SocketRecord]) -> tuple[tuple[Watch, ServerFlags], ...]:
-        """Read the flags of each watched server's own socket when it is new (once per socket:
-        an owner scan is not per-scrape work), and keep them after it is gone."""
+    def _remember(
+        self, watched: Sequence[SocketRecord], kernel: Mapping[int, SockState]
+    ) -> tuple[tuple[Watch, ServerFlags], ...]:
+        """The flags of each watched server's own socket, kept after it is gone: the kernel's own
+        (``kernel``, the BPF read of this scrape: no owner needed), else read through its owner
+        when the socket is new (once per socket: an owner scan is not per-scrape work)."""
         own: dict[tuple[int, Proto, IPAddress], SocketRecord] = {}
         for r in watched:
             if r.state is (State.LISTEN if r.proto is Proto.TCP else State.CLOSE):
@@ -190,12 +213,37 @@ class Gatherer:
             if mine is None:
                 continue  # gone (or not up yet): what was read while it lived still holds
             known = self._flags.get(w)
-            if known is not None and known.inode == mine.inode:
+            if known is not None and known.inode == mine.inode and known.exact:
                 continue
+            st = kernel_state_of(mine, kernel)
+            if st is not None:
+                got = kernel_holder(SocketEntry(mine), st)
+                self._flags[w] = ServerFlags(got.opts, Provenance.KERNEL, mine.uid, mine.inode)
+                continue
+            if known is not None and known.inode == mine.inode:
+                continue  # its owner was asked once already
             opts = self._read_flags(mine)
             how = Provenance.READ if opts is not None else Provenance.UNKNOWN
             self._flags[w] = ServerFlags(opts or SockOpts(), how, mine.uid, mine.inode)
         return tuple(self._flags.items())
+
+    def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
+        """The kernel's own state of the sockets the model judges, read as `why` reads it
+        (kernel/facts.py: iterator_plan per watched port, all of them carried out at once by
+        read_kernel_ports: one listening-hash walk, lookups by 4-tuple, the UDP walk). Empty
+        where BPF cannot run (unprivileged, no BTF, REBIND_NO_BPF): the answers that hinge on
+        it are then unknown, never optimistic (rebind_exporter_missing says which fact)."""
+        from rebind.kernel.facts import iterator_plan, read_kernel_ports
+        from rebind.model.request import BindRequest
+
+        entries = [SocketEntry(r) for r in watched]
+        plans = [
+            (req, iterator_plan(req, entries, {}))
+            for key in sorted({w.key for w in self.watches})
+            for req in (BindRequest(proto=key.proto, addr=WILDCARD4, port=key.port),)
+        ]
+        got = read_kernel_ports(entries, plans)
+        return got.sockets if isinstance(got, SockStates) else ()
 
     def _sources(self, missing: list[Missing]) -> tuple[tuple[Dest, IPAddress | None], ...]:
         out: list[tuple[Dest, IPAddress | None]] = []
@@ -220,11 +268,17 @@ class Gatherer:
             groups.append(bc.Group((), ((bc.sport_ge(rng.lo), bc.sport_le(rng.hi)),)))
         return bc.program(groups) if any(g.terms for g in groups) else None
 
-    def _conn_filter(self) -> bytes | None:
+    def _conn_filter(self, rng: EphemeralRange | None) -> bytes | None:
         dports = sorted({d.port for d in self.dests})
         guard = (bc.dport_ge(dports[0]), bc.dport_le(dports[-1])) if len(self.dests) > 1 else ()
         dest_group = bc.Group(guard, tuple((bc.remote_is(d.addr, d.port),) for d in self.dests))
         groups = [self._port_group(), dest_group]
+        if self.dests and rng is not None and rng.lo <= rng.hi:
+            # Connections on ports of the range that bind() named (a fixed-port client): their
+            # bucket is bind-made, so connect() skips the port for every destination (C6).
+            # Last: the negated op must end the program (bytecode.Op.negate).
+            bound = (bc.sport_ge(rng.lo), bc.sport_le(rng.hi), bc.port_bound_explicitly())
+            groups.append(bc.Group((), (bound,)))
         return bc.program(groups) if any(g.terms for g in groups) else None
 
     def _tcp_ports(self) -> set[int]:
@@ -255,7 +309,8 @@ class Gatherer:
                         tally.server(r)
                     if rng is not None and rng.lo <= r.local.port <= rng.hi:
                         in_range.append(r)
-            ccode = self._conn_filter()
+            ccode = self._conn_filter(rng)
+            tally.client_range(rng)
             if ccode is not None:
                 req = codec.dump_request_tcp_any_family(states_mask(_CONN_STATES), bytecode=ccode)
                 tw_timer, conn, key = int(Timer.TIME_WAIT), tally.conn, fastdiag.addr_key

@@ -249,6 +249,14 @@ def _with_kernel_origin(
         and any(h.socket.is_mini and h.socket.local.port == req.local_port for h in holders)
     ):
         ports.add(req.local_port)  # a time-wait entry's own timestamps decide C17
+    if req.local_port is not None and any(
+        h.socket.proto is Proto.TCP and h.socket.local.port == req.local_port and h.reuseaddr is None
+        for h in holders
+    ):
+        # a fixed-port bind(): the bind rules compare the holders' SO_REUSEADDR/SO_REUSEPORT, which
+        # no owner gave (none visible, another PID namespace, a TIME_WAIT): the kernel's own
+        # sk_reuse/sk_reuseport (tw_* copies) answer (C19: the seed's fixed-port client)
+        ports.add(req.local_port)
     if not ports:
         return holders
     from rebind.kernel.bpf.sockiter import read_socket_states
@@ -280,12 +288,17 @@ def _with_kernel_origin(
         ts = h.timestamps
         if st is not None and st.kind is SockKind.TIMEWAIT and st.tw_ts_recent_stamp is not None:
             ts = st.tw_ts_recent_stamp != 0  # what tcp_twsk_unique tests
+        reuseaddr, reuseport = h.reuseaddr, h.reuseport
+        if reuseaddr is None and st is not None and st.kind is not SockKind.REQUEST:
+            reuseaddr, reuseport = st.reuseaddr, st.reuseport
         out.append(
             replace(
                 h,
                 bucket_connect_only=connect_only.get(r.local.port),
                 bind_port_locked=locked,
                 timestamps=ts,
+                reuseaddr=reuseaddr,
+                reuseport=reuseport,
             )
         )
     if got.faulted:

@@ -465,18 +465,13 @@ def _netns_inodes(pid: int, proc: str) -> set[int]:
     """The network namespaces a proxy works in: its main thread's (rootlessport's is the
     container's), and every namespace it holds open (pasta and slirp4netns keep the
     container's namespace fd while living in the host's)."""
+    from rebind.kernel.procfs import ProcFS
+
     found: set[int] = set()
     with contextlib.suppress(OSError):
         found.add(os.stat(f"{proc}/{pid}/ns/net").st_ino)
-    try:
-        fds = os.listdir(f"{proc}/{pid}/fd")
-    except OSError:
-        return found
-    for fd in fds[:4096]:
-        try:
-            link = os.readlink(f"{proc}/{pid}/fd/{fd}")
-        except OSError:
-            continue
+    links, _read = ProcFS(proc).fd_links(pid, limit=4096)
+    for link in links.values():
         if link.startswith("net:[") and link.endswith("]"):
             with contextlib.suppress(ValueError):
                 found.add(int(link[5:-1]))

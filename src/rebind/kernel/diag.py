@@ -10,6 +10,7 @@ import errno
 import itertools
 import os
 import socket
+import time
 from collections.abc import Iterable, Iterator
 
 from rebind.errors import EnvironmentProblem, KernelError
@@ -47,9 +48,19 @@ class DiagSocket:
             raise EnvironmentProblem(f"netlink sock_diag is unavailable: {exc.strerror}") from exc
         self._buf = bytearray(RECV_SIZE)
         self.netns = current_netns()
+        # Birth certificates (kernel/birth.py): asked for in every dump when installed.
+        from rebind.kernel.birth_pins import open_map
+
+        self._storage = open_map()
+        self._boot_to_epoch = (
+            time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) if self._storage is not None else None
+        )
 
     def close(self) -> None:
         self._sock.close()
+        if self._storage is not None:
+            os.close(self._storage)
+            self._storage = None
 
     def __enter__(self) -> DiagSocket:
         return self
@@ -75,9 +86,13 @@ class DiagSocket:
         if family is None:
             if proto is not Proto.TCP:
                 raise ValueError("an any-family dump exists for TCP only")
-            req = codec.dump_request_tcp_any_family(mask, bytecode=bytecode, sport=sport, seq=seq)
+            req = codec.dump_request_tcp_any_family(
+                mask, bytecode=bytecode, sport=sport, seq=seq, storage_fd=self._storage
+            )
         else:
-            req = codec.dump_request(family, proto, mask, bytecode=bytecode, seq=seq)
+            req = codec.dump_request(
+                family, proto, mask, bytecode=bytecode, seq=seq, storage_fd=self._storage
+            )
         self._sock.send(req)
         # Each recv() returns one skb of whole netlink messages (netlink_dump() never splits a
         # message), so decoding per datagram is safe; an error for the request arrives as
@@ -86,7 +101,9 @@ class DiagSocket:
         view = memoryview(self._buf)
         while True:
             n = self._sock.recv_into(self._buf)
-            for msg in codec.iter_messages(view[:n], proto, netns=self.netns):
+            for msg in codec.iter_messages(
+                view[:n], proto, netns=self.netns, boot_to_epoch=self._boot_to_epoch
+            ):
                 if isinstance(msg, SocketRecord):
                     yield msg
                 elif isinstance(msg, codec.Done):

@@ -283,6 +283,36 @@ def destination_filter(dst: IPv4Address | IPv6Address, dport: int) -> bytes:
     return compile_any([[host_cond(BcOp.D_COND, dst, port=dport)]])
 
 
+#: Nested attributes of the sk_storage request and reply (include/uapi/linux/sock_diag.h).
+NLA_F_NESTED = 0x8000
+SK_DIAG_BPF_STORAGE_REQ_MAP_FD = 1
+SK_DIAG_BPF_STORAGE = 1
+SK_DIAG_BPF_STORAGE_MAP_ID = 2
+SK_DIAG_BPF_STORAGE_MAP_VALUE = 3
+
+
+def storage_request(map_fd: int | None) -> bytes:
+    """INET_DIAG_REQ_SK_BPF_STORAGES {SK_DIAG_BPF_STORAGE_REQ_MAP_FD: fd}, or nothing."""
+    if map_fd is None:
+        return b""
+    inner = _rta(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, struct.pack("=I", map_fd))
+    return _rta(ReqAttr.SK_BPF_STORAGES | NLA_F_NESTED, inner)
+
+
+def storage_values(raw: bytes) -> list[bytes]:
+    """The map values in an INET_DIAG_SK_BPF_STORAGES reply (one per map asked for that holds
+    a value for this socket; bpf_sk_storage_diag_put)."""
+    out = []
+    buf = memoryview(raw)
+    for kind, nested in iter_attrs(buf, 0):
+        if kind != SK_DIAG_BPF_STORAGE:
+            continue
+        for k, value in iter_attrs(memoryview(nested), 0):
+            if k == SK_DIAG_BPF_STORAGE_MAP_VALUE:
+                out.append(value)
+    return out
+
+
 def dump_request(
     family: Family,
     proto: Proto,
@@ -291,16 +321,26 @@ def dump_request(
     bytecode: bytes | None = None,
     seq: int = 1,
     ext: int = 0,
+    storage_fd: int | None = None,
 ) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY dump request (inet_diag_req_v2) with an optional filter."""
+    """A SOCK_DIAG_BY_FAMILY dump request (inet_diag_req_v2) with an optional filter.
+
+    ``storage_fd``: an sk_storage map whose value each socket's record should carry
+    (birth certificates, kernel/birth.py)."""
     body = REQ_V2_HEAD.pack(family, PROTO_NUMBERS[proto], ext, states) + SockId().pack()
     if bytecode:
         body += _rta(ReqAttr.BYTECODE, bytecode)
+    body += storage_request(storage_fd)
     return _nlmsg(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
 
 
 def dump_request_tcp_any_family(
-    states: int, *, bytecode: bytes | None = None, sport: int = 0, seq: int = 1
+    states: int,
+    *,
+    bytecode: bytes | None = None,
+    sport: int = 0,
+    seq: int = 1,
+    storage_fd: int | None = None,
 ) -> bytes:
     """A TCPDIAG_GETSOCK dump: both address families in one walk of the kernel's TCP tables.
 
@@ -317,6 +357,7 @@ def dump_request_tcp_any_family(
     body = REQ_V1_HEAD.pack(Family.INET, 0, 0, 0) + sid.pack() + REQ_V1_TAIL.pack(states, 0)
     if bytecode:
         body += _rta(ReqAttr.BYTECODE, bytecode)
+    body += storage_request(storage_fd)  # the compat path parses it too (__inet_diag_dump_start)
     return _nlmsg(TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
 
 
@@ -369,8 +410,13 @@ def _decode_addr(family: int, raw: bytes) -> IPv4Address | IPv6Address:
     return IPv6Address(raw)
 
 
-def decode_socket(proto: Proto, payload: memoryview, *, netns: int | None = None) -> SocketRecord:
-    """Decode one inet_diag_msg with its attributes."""
+def decode_socket(
+    proto: Proto, payload: memoryview, *, netns: int | None = None, boot_to_epoch: float | None = None
+) -> SocketRecord:
+    """Decode one inet_diag_msg with its attributes.
+
+    ``boot_to_epoch`` (epoch seconds at CLOCK_BOOTTIME 0) is given when the request asked for
+    the birth-certificate map: its value is then decoded into ``birth``."""
     if len(payload) < MSG_SIZE:
         raise CodecError(f"inet_diag_msg truncated: {len(payload)} < {MSG_SIZE} bytes")
     fam, state, timer, _retrans = MSG_HEAD.unpack_from(payload, 0)
@@ -395,6 +441,12 @@ def decode_socket(proto: Proto, payload: memoryview, *, netns: int | None = None
     cgroup = None
     if (raw := attrs.get(Attr.CGROUP_ID)) is not None and len(raw) >= 8:
         cgroup = struct.unpack_from("=Q", raw)[0]
+    birth = None
+    if boot_to_epoch is not None and (raw := attrs.get(Attr.SK_BPF_STORAGES)) is not None:
+        from rebind.model.birth import decode as birth_decode
+
+        for value in storage_values(raw):
+            birth = birth_decode(value, boot_to_epoch) or birth
     return SocketRecord(
         proto=proto,
         family=Family(fam),
@@ -414,11 +466,16 @@ def decode_socket(proto: Proto, payload: memoryview, *, netns: int | None = None
         rqueue=rqueue,
         wqueue=wqueue,
         netns=netns,
+        birth=birth,
     )
 
 
 def iter_messages(
-    data: bytes | bytearray | memoryview, proto: Proto, *, netns: int | None = None
+    data: bytes | bytearray | memoryview,
+    proto: Proto,
+    *,
+    netns: int | None = None,
+    boot_to_epoch: float | None = None,
 ) -> Iterator[Message]:
     """Decode every netlink message in one datagram as read from the socket."""
     for kind, flags, seq, payload in iter_frames(data):
@@ -433,7 +490,7 @@ def iter_messages(
         elif kind == NLMSG_OVERRUN:
             raise KernelError("netlink overrun: the kernel dropped part of the dump", _errno.ENOBUFS)
         elif kind in (SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK):
-            yield decode_socket(proto, payload, netns=netns)
+            yield decode_socket(proto, payload, netns=netns, boot_to_epoch=boot_to_epoch)
         else:
             raise CodecError(f"unexpected netlink message type {kind}")
 

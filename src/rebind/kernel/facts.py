@@ -1,4 +1,4 @@
-"""The one I/O gatherer behind `rebind why`: everything model/advice.py needs, read once.
+"""The one I/O gatherer behind `rebind why`: everything model/advice/ needs, read once.
 
 Socket table (inet_diag), the sockets' own bind state (owners' flags by pidfd_getfd +
 getsockopt; what only the kernel has -- TIME_WAITs' and owner-less sockets' flags, userlocks, the
@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv6Address
 
 from rebind.kernel.trial import try_request
 from rebind.model.advice import Facts, HolderFacts, Provenance
+from rebind.model.assess import kernel_holder, port_state
 from rebind.model.conflict import (
-    BucketState,
     KernelSettings,
     PortState,
     SockOpts,
@@ -34,9 +32,9 @@ from rebind.model.conflict import (
     probe_is_harmless,
 )
 from rebind.model.diagnosis import ProcessHint
-from rebind.model.records import Family, Proto, SocketEntry, SocketTable, State
+from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
-from rebind.model.sockstate import BindBucket, SockKind, SockStates, Unavailable
+from rebind.model.sockstate import SockKind, SockState, SockStates, Unavailable
 
 
 def gather(
@@ -66,7 +64,7 @@ def gather(
         kernel, read = _kernel_states(table, req)
         holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     if port is None:
-        holders, port = _port_state(req, holders)
+        holders, port = port_state(req, holders)
     results: dict[BindRequest, TrialResult] = {}
     skipped = ""
     if trials and not _model_is_exact(req, holders, settings, port):
@@ -101,38 +99,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
-
-
-def _port_state(
-    req: BindRequest, holders: tuple[HolderFacts, ...]
-) -> tuple[tuple[HolderFacts, ...], PortState | None]:
-    """The port's kernel state for the model, from what the socket iterator read beside each
-    holder: the TCP bind bucket's fast-reuse fields (one bucket per port and netns: every
-    socket's icsk_bind_hash points at it), and the UDP holders put in the order of the chain
-    udp_lib_lport_inuse walks (None unless every UDP holder's place was read)."""
-    if not holders:
-        return holders, None
-    if req.proto is Proto.UDP:
-        if any(h.kernel is None for h in holders):
-            return holders, None
-        pos = [h.kernel.chain.port_index if h.kernel and h.kernel.chain else None for h in holders]
-        if any(p is None for p in pos):
-            return holders, None
-        ordered = tuple(h for _, h in sorted(zip(pos, holders, strict=True), key=lambda x: x[0] or 0))
-        return ordered, PortState(udp_chain_order=True)
-    buckets = {h.kernel.bucket for h in holders if h.kernel is not None and h.kernel.bucket is not None}
-    if len(buckets) != 1:
-        return holders, None  # none read, or several (VRFs: one bucket per l3mdev)
-    return holders, PortState(bucket=_bucket_state(buckets.pop()))
-
-
-def _bucket_state(b: BindBucket) -> BucketState:
-    """sockstate.BindBucket -> the model's BucketState (the cached socket's address in its own
-    family's form: sk_v6_rcv_saddr for an AF_INET6 socket, v4-mapped when on IPv4)."""
-    addr: IPv4Address | IPv6Address | None = (
-        b.fast_v6_rcv_saddr if b.fast_sk_family == socket.AF_INET6 else b.fast_rcv_saddr
-    )
-    return BucketState(b.fastreuse, b.fastreuseport, b.fastuid, addr, b.fast_ipv6_only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,29 +244,68 @@ def read_kernel(table: SocketTable, req: BindRequest, plan: KernelRead) -> SockS
     """Carry out an iterator_plan: the listening walk and the lookups (each found socket checked
     against its 4-tuple and given inet_diag's cookie), or the whole walk where the lookup is
     unavailable (it needs bpf_skc_lookup_tcp in a test run: Linux 5.2+)."""
+    got = read_kernel_ports(table.entries, [(req, plan)])
+    return got if got is not None else Unavailable("nothing to read")
+
+
+def read_kernel_ports(
+    entries: Sequence[SocketEntry], plans: Sequence[tuple[BindRequest, KernelRead]]
+) -> SockStates | Unavailable | None:
+    """Carry out several iterator_plans over one table at once (the exporter and `top` ask for
+    many ports per refresh; a walk costs the same for one port as for all of them): one whole
+    walk per protocol for the ports that need it, one listening-hash walk for the TCP ports
+    whose listeners lead to the bucket, one lookup run for the sockets found by 4-tuple -- or,
+    where the lookup is unavailable or misses one (gone since the dump, a VRF), the whole TCP
+    walk for those ports. None when no plan reads anything."""
     from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_socket_states
 
-    netns = next((e.socket.netns for e in table.entries if e.socket.netns is not None), None)
-    if plan.walk:
-        return read_socket_states([req.port], [req.proto], netns=netns)
-    if plan.listeners:
-        got = read_socket_states([req.port], [req.proto], netns=netns, listeners_only=True)
-        if isinstance(got, Unavailable) or not plan.lookup:
-            return got
-    else:
-        here = prepare(netns)  # the lookups alone: no walk at all
+    todo = [(r, p) for r, p in plans if not p.nothing]
+    if not todo:
+        return None
+    netns = next((e.socket.netns for e in entries if e.socket.netns is not None), None)
+    walk: dict[Proto, set[int]] = {}
+    for r, p in todo:
+        if p.walk:
+            walk.setdefault(r.proto, set()).add(r.port)
+    walked_tcp = walk.get(Proto.TCP, set())
+    listen = sorted({r.port for r, p in todo if p.listeners and r.port not in walked_tcp})
+    lookup = sorted({i for r, p in todo if r.port not in walked_tcp for i in p.lookup})
+    parts: list[SockStates] = []
+    looked = False
+    if lookup:
+        here = prepare(netns)  # before any walk: the lookup alone needs no walk at all
         if isinstance(here, Unavailable):
             return here
-        got = SockStates(here, (), listeners_only=True)
-    found = lookup_socket_states(load_sock_layout(), [table.entries[i].socket for i in plan.lookup])
-    if isinstance(found, Unavailable) or None in found[0]:
-        # Unavailable here, or a socket its 4-tuple did not find (gone since the dump, or a
-        # lookup rule not foreseen, e.g. a VRF): the whole walk sees whatever is there.
-        return read_socket_states([req.port], [req.proto], netns=netns)
-    states, faulted = found
-    extra = tuple(st for st in states if st is not None)  # all of them (checked above)
-    return SockStates(got.netns, got.sockets + extra, got.faulted + faulted, listeners_only=True)
+        found = lookup_socket_states(load_sock_layout(), [entries[i].socket for i in lookup])
+        if isinstance(found, Unavailable) or None in found[0]:
+            walk.setdefault(Proto.TCP, set()).update(entries[i].socket.local.port for i in lookup)
+        else:
+            states, faulted = found
+            looked = True
+            parts.append(SockStates(here, tuple(st for st in states if st is not None), faulted))
+    listen = [p for p in listen if p not in walk.get(Proto.TCP, set())]
+    for proto, ports in walk.items():
+        got = read_socket_states(sorted(ports), [proto], netns=netns)
+        if isinstance(got, Unavailable):
+            return got
+        parts.append(got)
+    if listen:
+        got = read_socket_states(listen, [Proto.TCP], netns=netns, listeners_only=True)
+        if isinstance(got, Unavailable):
+            return got
+        parts.append(got)
+    if not parts:
+        here = prepare(netns)
+        return here if isinstance(here, Unavailable) else SockStates(here, ())
+    seen: dict[int, SockState] = {}
+    for part in parts:
+        for st in part.sockets:
+            seen.setdefault(st.cookie, st)
+    partial = bool(listen) or looked  # TCP sockets of other states not looked for
+    return SockStates(
+        parts[0].netns, tuple(seen.values()), sum(p.faulted for p in parts), listeners_only=partial
+    )
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:
@@ -396,8 +401,6 @@ def _holders(
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
     by_cookie = kernel.by_cookie() if kernel is not None else {}
-    #: id(SockCommon) -> its flags: sockets alike share one (a port's 10k TIME_WAITs, one)
-    kernel_opts: dict[int, SockOpts] = {}
     out = []
     for i, e in enumerate(table.entries):
         r = e.socket
@@ -420,11 +423,7 @@ def _holders(
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
-            opts = kernel_opts.get(id(st.common))
-            if opts is None:
-                v6 = st.ipv6only if st.family is Family.INET6 else None
-                opts = kernel_opts[id(st.common)] = SockOpts(st.reuseaddr, st.reuseport, v6)
-            out.append(HolderFacts(e, opts, Provenance.KERNEL, st))
+            out.append(kernel_holder(e, st))
             continue
         opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None

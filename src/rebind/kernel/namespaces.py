@@ -206,32 +206,24 @@ def socket_namespaces(known: set[tuple[int, int]], proc: str = "/proc") -> dict[
     an fd of it, ours to close. Each socket inode is asked once; processes that vanish or refuse
     (pidfd_getfd needs ptrace access) are skipped."""
     from rebind.kernel import pidfd
+    from rebind.kernel.procfs import ProcFS
 
     out: dict[tuple[int, int], int] = {}
-    seen: set[str] = set()
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            fds = os.listdir(f"{proc}/{pid}/fd")
-        except OSError:
-            continue
+    seen: set[int] = set()
+    procfs = ProcFS(proc)
+    for pid in procfs.pids():
+        fds = procfs.socket_fds(pid).fds  # what could be read: a refused table holds nothing we can dup
         pfd: int | None = None
         try:
-            for name in fds:
-                try:
-                    link = os.readlink(f"{proc}/{pid}/fd/{name}")
-                except OSError:
+            for fd, inode in fds.items():
+                if inode in seen:
                     continue
-                if not link.startswith("socket:[") or link in seen:
-                    continue
-                seen.add(link)
+                seen.add(inode)
                 if pfd is None:
                     pfd = pidfd.pin(pid)
                     if pfd is None:
                         break  # exited
-                key_fd = _socket_netns(pfd, int(name))
+                key_fd = _socket_netns(pfd, fd)
                 if key_fd is None:
                     continue
                 key, nsfd = key_fd

@@ -18,21 +18,21 @@ A hit names a process only with its identity: each process is pinned with a pidf
 fds are read and must still be alive after (pid + start time, as the BPF path records them),
 so a pid reused meanwhile is never reported -- and never signalled by `rebind free`.
 Processes vanishing mid-scan and permission-denied processes are normal: counted, never guessed.
-The /proc root is configurable (as psutil does) instead of patching ``open``.
+The /proc root is a :class:`~rebind.kernel.procfs.ProcFS` handed down (psutil's ``PROCFS_PATH``, as
+an object) instead of patching ``open``; ``REBIND_PROC_ROOT`` names another by default.
 """
 
 from __future__ import annotations
 
-import enum
-import errno
 import marshal
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from rebind.kernel.pidfd import PROC, DupWatch, exited, own_duplicates, pin
+from rebind.kernel.pidfd import DupWatch, exited, own_duplicates, pin
+from rebind.kernel.procfs import FdRead, ProcFS
 from rebind.kernel.procstat import start_ticks
 from rebind.model.records import Owner, OwnerScanReport, SocketRecord
 
@@ -54,12 +54,12 @@ bpf_fallback_reason: str | None = None
 
 
 def proc_root() -> str:
-    return os.environ.get("REBIND_PROC_ROOT", "/proc")
+    return ProcFS.default().root
 
 
 def bpf_wanted(root: str) -> bool:
     """BPF looks at the live kernel: only for the real /proc, and not when told not to."""
-    return root == "/proc" and os.environ.get("REBIND_NO_BPF", "") in ("", "0")
+    return ProcFS(root).live and os.environ.get("REBIND_NO_BPF", "") in ("", "0")
 
 
 #: Test seam: called with each pid right after its fd table was read and before its identity
@@ -70,7 +70,7 @@ _after_fd_scan: Callable[[int], None] | None = None
 def find_owners(
     records: Iterable[SocketRecord],
     *,
-    root: str | None = None,
+    proc: ProcFS | None = None,
     workers: int | None = None,
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
     """Map socket inode -> owners (every pid and fd), with a report of what could not be read.
@@ -79,7 +79,7 @@ def find_owners(
     identity (pid + start time) is taken before its fds are read and confirmed after.
     """
     global bpf_fallback_reason
-    root = root or proc_root()
+    proc = proc or ProcFS.default()
     recs = [r for r in records if r.inode]
     bpf_fallback_reason = None
     if not recs:
@@ -87,7 +87,7 @@ def find_owners(
     # rebind's own transient pidfd_getfd duplicates (another thread reading socket flags) would
     # look like rebind holding the socket: leave out every fd that was one during the scan.
     with own_duplicates() as dups:
-        if bpf_wanted(root):
+        if bpf_wanted(proc.root):
             from rebind.kernel import bpf as bpf_iter
 
             try:
@@ -102,19 +102,19 @@ def find_owners(
                 hits = [Hit(h.pid, h.fd, h.inode, h.start_ticks) for h in result.hits]
                 # Every task of the system was visited (no namespace pruning, no permission
                 # failures).
-                return _owners(_not_ours(hits, dups), root, OwnerScanReport(scanned=result.tables))
-        wanted = {f"socket:[{r.inode}]": r.inode for r in recs if r.inode}
+                return _owners(_not_ours(hits, dups), proc, OwnerScanReport(scanned=result.tables))
+        wanted = frozenset(r.inode for r in recs if r.inode)
         netns = {r.netns for r in recs if r.netns is not None}
         uids = {r.uid for r in recs if r.uid is not None}
-        plan = _plan(root, netns, uids)
-        hits, inaccessible, vanished = _scan(root, plan, wanted, workers)
+        plan = _plan(proc, netns, uids)
+        hits, inaccessible, vanished = _scan(proc, plan, wanted, workers)
     report = OwnerScanReport(
         scanned=len(plan.pids) - inaccessible,
         inaccessible=inaccessible,
         vanished=plan.vanished + vanished,
         other_netns=plan.other_netns,
     )
-    return _owners(_not_ours(hits, dups), root, report)
+    return _owners(_not_ours(hits, dups), proc, report)
 
 
 def _only(values: Iterable[int | None]) -> int | None:
@@ -128,13 +128,13 @@ def _not_ours(hits: Iterable[Hit], dups: DupWatch) -> list[Hit]:
 
 
 def _owners(
-    hits: list[Hit], root: str, report: OwnerScanReport
+    hits: list[Hit], proc: ProcFS, report: OwnerScanReport
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
     owners: dict[int, list[Owner]] = {}
     details: dict[int, Owner | None] = {}
     for hit in sorted(hits):
         if hit.pid not in details:
-            details[hit.pid] = _describe_as(hit.pid, hit.start_ticks, root)
+            details[hit.pid] = _describe_as(hit.pid, hit.start_ticks, proc)
         base = details[hit.pid]
         if base is not None:
             owners.setdefault(hit.inode, []).append(_with_fd(base, hit.fd))
@@ -144,17 +144,17 @@ def _owners(
     return {k: tuple(sorted(v, key=lambda o: (o.pid, o.fd))) for k, v in owners.items()}, report
 
 
-def _describe_as(pid: int, start: int, root: str) -> Owner | None:
+def _describe_as(pid: int, start: int, proc: ProcFS) -> Owner | None:
     """Details of the process that held the socket, or None if the pid now names another one.
 
     The scan saw the process that started at ``start``; a different start now means it exited
     and the pid was reused. A pidfd brackets the reads where it can, so a process that exits
     while being described is not mixed up with its successor either.
     """
-    with _Identity(root, pid) as ident:
+    with _Identity(proc, pid) as ident:
         if ident.gone:
             return None
-        base = describe_process(pid, root=root)
+        base = describe_process(pid, proc=proc)
         if base is None or base.start_ticks != start or ident.confirm() != start:
             return None
         return base
@@ -174,15 +174,12 @@ def _with_fd(base: Owner, fd: int) -> Owner:
     )
 
 
-def _plan(root: str, netns: set[int], uids: set[int]) -> _Plan:
+def _plan(proc: ProcFS, netns: set[int], uids: set[int]) -> _Plan:
     rows: list[tuple[int, int, int]] = []  # (priority, pid, fd count)
     other = vanished = 0
-    for name in os.listdir(root):
-        if not name.isdigit():
-            continue
-        pid = int(name)
+    for pid in proc.pids():
         try:
-            if netns and os.stat(f"{root}/{pid}/ns/net").st_ino not in netns:
+            if netns and os.stat(proc.path(pid, "ns", "net")).st_ino not in netns:
                 other += 1
                 continue
         except FileNotFoundError:
@@ -191,9 +188,9 @@ def _plan(root: str, netns: set[int], uids: set[int]) -> _Plan:
         except PermissionError:
             pass  # cannot tell its namespace: scan it rather than guess
         try:
-            st_dir = os.stat(f"{root}/{pid}")
+            st_dir = os.stat(proc.path(pid))
             # The number of open fds since Linux 6.2 (proc_fd_getattr); 0 before: order only.
-            nfds = os.stat(f"{root}/{pid}/fd").st_size
+            nfds = os.stat(proc.path(pid, "fd")).st_size
         except FileNotFoundError:
             vanished += 1
             continue
@@ -215,21 +212,21 @@ class Hit(NamedTuple):
     start_ticks: int
 
 
-def _scan_pids(root: str, pids: Sequence[int], wanted: dict[str, int]) -> tuple[list[Hit], int, int]:
+def _scan_pids(proc: ProcFS, pids: Sequence[int], wanted: Set[int]) -> tuple[list[Hit], int, int]:
     hits: list[Hit] = []
     inaccessible = vanished = 0
     for pid in pids:
         # Identity first: pin the process (or note its start time), then read its fds, then
         # confirm it is the same process. Reading the start time only afterwards would describe
         # whichever process got the pid meanwhile (and `rebind free` would signal it).
-        with _Identity(root, pid) as ident:
+        with _Identity(proc, pid) as ident:
             if ident.gone:
                 vanished += 1
                 continue
-            found, state = _read_fds(root, pid, wanted)
-            inaccessible += state is _Read.DENIED
+            found, state = _read_fds(proc, pid, wanted)
+            inaccessible += state is FdRead.INACCESSIBLE
             if not found:
-                vanished += state is _Read.GONE
+                vanished += state is FdRead.VANISHED
                 continue
             if _after_fd_scan is not None:
                 _after_fd_scan(pid)
@@ -245,21 +242,21 @@ class _Identity:
     """Whichever process has ``pid`` before its fds are read; :meth:`confirm` after reading says
     whether it still is the same one (and gives its start time)."""
 
-    def __init__(self, root: str, pid: int) -> None:
-        self.root, self.pid = root, pid
+    def __init__(self, proc: ProcFS, pid: int) -> None:
+        self.proc, self.pid = proc, pid
         self.pfd: int | None = None
         self.before: int | None = None
-        if root == PROC:
+        if proc.live:
             try:
                 self.pfd = pin(pid)
             except OSError:
                 pass  # no pidfds (Linux < 5.3) or no fd left: the start time alone
         if self.pfd is None:
-            self.before = start_ticks(pid, root)
+            self.before = proc.start_ticks(pid)
         self.gone = self.pfd is None and self.before is None
 
     def confirm(self) -> int | None:
-        start = start_ticks(self.pid, self.root)
+        start = self.proc.start_ticks(self.pid)
         if self.pfd is not None:
             # Pinned before the reads and not exited after: the pid named it all along.
             return None if exited(self.pfd) else start
@@ -273,45 +270,10 @@ class _Identity:
             os.close(self.pfd)
 
 
-class _Read(enum.Enum):
-    OK = "ok"
-    GONE = "gone"
-    DENIED = "denied"
-
-
-def _read_fds(root: str, pid: int, wanted: dict[str, int]) -> tuple[list[tuple[int, int]], _Read]:
+def _read_fds(proc: ProcFS, pid: int, wanted: Set[int]) -> tuple[list[tuple[int, int]], FdRead]:
     """(fd, inode) of the wanted sockets in a process's fd table, and how the reading went."""
-    try:
-        dfd = os.open(f"{root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except PermissionError:
-        return [], _Read.DENIED
-    except OSError:
-        return [], _Read.GONE
-    found: list[tuple[int, int]] = []
-    readlink = os.readlink
-    try:
-        try:
-            names = os.listdir(dfd)
-        except PermissionError:
-            return [], _Read.DENIED
-        except OSError:
-            return [], _Read.GONE
-        for name in names:
-            try:
-                link = readlink(name, dir_fd=dfd)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EPERM):
-                    # proc_fd_access_allowed(): each link needs ptrace read access, which a
-                    # listable directory does not imply (root without CAP_SYS_PTRACE, another
-                    # user namespace, an LSM). Not "fd closed": this process is unknown.
-                    return found, _Read.DENIED
-                continue  # fd closed between listdir and readlink
-            inode = wanted.get(link)
-            if inode is not None:
-                found.append((int(name), inode))
-    finally:
-        os.close(dfd)
-    return found, _Read.OK
+    got = proc.socket_fds(pid)
+    return [(fd, ino) for fd, ino in got.fds.items() if ino in wanted], got.read
 
 
 def _partition(plan: _Plan, n: int) -> list[list[int]]:
@@ -325,13 +287,13 @@ def _partition(plan: _Plan, n: int) -> list[list[int]]:
     return parts
 
 
-def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -> tuple[list[Hit], int, int]:
+def _scan(proc: ProcFS, plan: _Plan, wanted: Set[int], workers: int | None) -> tuple[list[Hit], int, int]:
     total = sum(plan.fd_counts)
     n = workers if workers is not None else min(os.cpu_count() or 1, MAX_WORKERS)
     # fork() is only safe while this is the sole thread (a lock held by another thread would be
     # inherited locked); libraries embedding rebind in threaded programs get the serial scan.
     if n <= 1 or total < PARALLEL_MIN_FDS or threading.active_count() > 1:
-        return _scan_pids(root, plan.pids, wanted)
+        return _scan_pids(proc, plan.pids, wanted)
     parts = _partition(plan, n)
     children: list[tuple[int, int, list[int]]] = []
     for part in parts[1:]:
@@ -340,7 +302,7 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
         if pid == 0:  # pragma: no cover - runs in the worker
             try:
                 os.close(r)
-                h, i, v = _scan_pids(root, part, wanted)
+                h, i, v = _scan_pids(proc, part, wanted)
                 data = marshal.dumps(([tuple(x) for x in h], i, v))
                 view = memoryview(data)
                 while view:
@@ -349,7 +311,7 @@ def _scan(root: str, plan: _Plan, wanted: dict[str, int], workers: int | None) -
                 os._exit(0)
         os.close(w)
         children.append((pid, r, part))
-    hits, inacc, van = _scan_pids(root, parts[0], wanted)
+    hits, inacc, van = _scan_pids(proc, parts[0], wanted)
     for pid, r, part in children:
         chunks = []
         while chunk := os.read(r, 1 << 16):
@@ -389,32 +351,32 @@ def read_start_ticks(pid: int, root: str | None = None) -> int | None:
     return start_ticks(pid, root or proc_root())
 
 
-def describe_process(pid: int, *, root: str | None = None) -> Owner | None:
+def describe_process(pid: int, *, proc: ProcFS | None = None) -> Owner | None:
     """Details of a live process (psutil), or None if it is gone. fd is left 0."""
     import psutil
 
-    root = root or proc_root()
-    if root != psutil.PROCFS_PATH:
-        psutil.PROCFS_PATH = root
+    fs = proc or ProcFS.default()
+    if fs.root != psutil.PROCFS_PATH:
+        psutil.PROCFS_PATH = fs.root
     try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            name = proc.name()
-            ppid = proc.ppid()
-            start = proc.create_time()
-            uids = proc.uids()
+        ps = psutil.Process(pid)
+        with ps.oneshot():
+            name = ps.name()
+            ppid = ps.ppid()
+            start = ps.create_time()
+            uids = ps.uids()
             try:
-                cmdline = tuple(proc.cmdline())
+                cmdline = tuple(ps.cmdline())
             except psutil.AccessDenied:
                 cmdline = ()
             try:
-                user: str | None = proc.username()
+                user: str | None = ps.username()
             except (KeyError, psutil.Error):
                 user = None  # uid without a passwd entry (e.g. a container's user)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
     except psutil.AccessDenied:
-        return Owner(pid=pid, fd=0, name="?", start_ticks=read_start_ticks(pid, root))
+        return Owner(pid=pid, fd=0, name="?", start_ticks=fs.start_ticks(pid))
     return Owner(
         pid=pid,
         fd=0,
@@ -424,5 +386,5 @@ def describe_process(pid: int, *, root: str | None = None) -> Owner | None:
         user=user or str(uids.real),
         ppid=ppid,
         start_time=start,
-        start_ticks=read_start_ticks(pid, root),
+        start_ticks=fs.start_ticks(pid),
     )

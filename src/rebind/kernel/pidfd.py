@@ -22,6 +22,7 @@ from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 
 from rebind.errors import EnvironmentProblem
+from rebind.kernel.procfs import FdRead, ProcFS
 from rebind.kernel.procstat import libc, start_ticks
 
 SYS_pidfd_getfd = 438  # same number on every architecture but alpha (Linux 5.6)
@@ -98,11 +99,18 @@ def holds_socket(pfd: int, pid: int, inodes: Collection[int], hint_fds: Iterable
     they moved, then the tables of threads that unshared theirs (CLONE_FILES). A process that
     exited meanwhile holds nothing.
     """
-    want = {f"socket:[{i}]" for i in inodes}
-    found, denied = _find_links(f"{PROC}/{pid}/fd", want, hint_fds)
+    want = frozenset(inodes)
+    proc = ProcFS(PROC)
+
+    def read(task: int | None, first: Iterable[int] = ()) -> tuple[bool, bool]:
+        """(found, inaccessible) for one fd table."""
+        got = proc.socket_fds(pid, task=task, first=first, until=want)
+        return not want.isdisjoint(got.fds.values()), got.read is FdRead.INACCESSIBLE
+
+    found, denied = read(None, hint_fds)
     if not (found or denied):
         for tid in _other_tasks(pid):
-            found, denied = _find_links(f"{PROC}/{pid}/task/{tid}/fd", want, ())
+            found, denied = read(tid)
             if found or denied:
                 break
     # What was read is the pinned process's only if it was alive throughout: it was when
@@ -114,41 +122,11 @@ def holds_socket(pfd: int, pid: int, inodes: Collection[int], hint_fds: Iterable
     return Holding.UNKNOWN if denied else Holding.NO
 
 
-def _other_tasks(pid: int) -> list[str]:
+def _other_tasks(pid: int) -> list[int]:
     try:
-        return [t for t in os.listdir(f"{PROC}/{pid}/task") if t != str(pid)]
+        return [int(t) for t in os.listdir(f"{PROC}/{pid}/task") if t != str(pid)]
     except OSError:
         return []
-
-
-def _find_links(path: str, want: set[str], hint_fds: Iterable[int]) -> tuple[bool, bool]:
-    """(found, permission denied) for the links of a /proc fd directory."""
-    try:
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except PermissionError:
-        return False, True
-    except OSError:
-        return False, False  # gone: exited() decides
-    try:
-        names = [*(str(f) for f in hint_fds), *os.listdir(dfd)]
-        for name in names:
-            try:
-                link = os.readlink(name, dir_fd=dfd)
-            except PermissionError:
-                # proc_fd_access_allowed(): readlink needs ptrace read access even where
-                # listing the directory is allowed.
-                return False, True
-            except OSError:
-                continue  # closed meanwhile
-            if link in want:
-                return True, False
-        return False, False
-    except PermissionError:
-        return False, True
-    except OSError:
-        return False, False
-    finally:
-        os.close(dfd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 bind(), connect() and ephemeral-range settings projected from what it reads.
 
 ``host_settings(root)`` reads every sysctl rebind's models use, once, into a frozen
-:class:`HostSettings`; ``kernel_settings()`` (bind: model/conflict.py),
+:class:`HostSettings`; ``kernel_settings()`` (bind: model/conflict/),
 ``kernel/connect_facts.connect_settings()`` (connect: model/connect.py) and the exporter's
 ``read_ephemeral``/``read_settings`` are projections of it. The text formats are parsed in one
 place each (model/ephemeral.py: the port range and the reserved-ports list).
@@ -161,7 +161,7 @@ def broadcast_addresses() -> frozenset[IPv4Address]:
 
 
 def kernel_settings(host: HostSettings | None = None) -> KernelSettings:
-    """The bind() settings (model/conflict.py) of this namespace: projected from the host
+    """The bind() settings (model/conflict/) of this namespace: projected from the host
     settings, plus capabilities, local addresses and the calibrated UDP rule."""
     from rebind.model.conflict import KernelSettings
 

@@ -15,7 +15,6 @@ and maps live as long as their fds).
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import select
@@ -26,16 +25,20 @@ from typing import NamedTuple
 
 from rebind.kernel.bpf import btf as btfmod
 from rebind.kernel.bpf.syscall import (
-    BPF_MAP_CREATE,
     BPF_MAP_TYPE_ARRAY,
-    BPF_PROG_LOAD,
-    LICENSE,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_RINGBUF,
+    BPF_RAW_TRACEPOINT_OPEN,
+    RAW_TRACEPOINT,
     BPFUnavailable,
-    VerifierRejected,
     attr_buf,
     bpf,
+    check_bpf_environment,
+    load_program,
+    map_create,
     map_lookup,
     map_update,
+    read_vmlinux_btf,
 )
 from rebind.kernel.bpf.trace_prog import (
     COUNTERS,
@@ -50,11 +53,6 @@ from rebind.kernel.bpf.trace_prog import (
 from rebind.model.records import IPAddress, Proto
 from rebind.model.trace import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, Kind, TraceEvent
 
-BTF_PATH = "/sys/kernel/btf/vmlinux"
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_RINGBUF = 27  # Linux 5.8
-BPF_PROG_TYPE_RAW_TRACEPOINT = 17
-BPF_RAW_TRACEPOINT_OPEN = 17
 #: raw_syscalls:sys_exit (include/trace/events/syscalls.h; CONFIG_HAVE_SYSCALL_TRACEPOINTS)
 TRACEPOINT = "sys_exit"
 #: Ring size: ~27k events of 152 bytes (header included) before one is dropped.
@@ -62,9 +60,6 @@ RING_BYTES = 4 << 20
 RINGBUF_BUSY_BIT = 1 << 31
 RINGBUF_DISCARD_BIT = 1 << 30
 RINGBUF_HDR = 8
-#: /proc/self/ns/pid of the initial pid namespace (PROC_PID_INIT_INO, include/linux/proc_ns.h).
-PROC_PID_INIT_INO = 0xEFFFFFFC
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
 
 class Counters(NamedTuple):
@@ -74,87 +69,25 @@ class Counters(NamedTuple):
 
 def check_environment() -> None:
     """What is missing to trace here, as one BPFUnavailable (cheap checks, before BTF)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            caps = next((int(line.split()[1], 16) for line in f if line.startswith(b"CapEff:")), 0)
-    except (OSError, ValueError, IndexError):
-        caps = 0
-    need = (1 << CAP_BPF) | (1 << CAP_PERFMON)
-    if caps & need != need and not caps & (1 << CAP_SYS_ADMIN):
-        raise BPFUnavailable("rebind trace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): run it as root")
-    try:
-        pidns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError as exc:
-        raise BPFUnavailable(f"cannot tell the pid namespace: {exc.strerror}") from exc
-    if pidns != PROC_PID_INIT_INO:
+    check_bpf_environment(
+        no_caps="rebind trace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): run it as root",
         # bpf_get_current_pid_tgid() gives pids of the initial namespace; ours would differ.
-        raise BPFUnavailable("rebind trace must run in the initial pid namespace (pids would not match)")
-    if not os.path.exists(BTF_PATH):
-        raise BPFUnavailable(
-            f"no kernel BTF ({BTF_PATH}; CONFIG_DEBUG_INFO_BTF): the trace program is built from it"
-        )
+        initial_pidns="rebind trace must run in the initial pid namespace (pids would not match)",
+    )
 
 
 def load_layout() -> TraceLayout:
     try:
-        with open(BTF_PATH, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise BPFUnavailable(f"no kernel BTF ({BTF_PATH}: {exc.strerror})") from exc
-    try:
-        return layout_from_btf(data)
+        return layout_from_btf(read_vmlinux_btf())
     except btfmod.BTFError as exc:
         raise BPFUnavailable(f"kernel BTF: {exc}") from exc
 
 
 def _map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
     try:
-        return bpf(BPF_MAP_CREATE, attr_buf("<5I", map_type, key_size, value_size, max_entries, 0))
+        return map_create(map_type, key_size, value_size, max_entries)
     except OSError as exc:
         raise BPFUnavailable(f"creating a BPF map (type {map_type}): {exc.strerror}") from exc
-
-
-def _prog_load(insns: bytes, log_size: int = 0) -> int:
-    """BPF_PROG_LOAD of a raw tracepoint program (syscall.prog_load loads iterators only)."""
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(LICENSE, len(LICENSE))
-    log = ctypes.create_string_buffer(log_size) if log_size else None
-    # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
-    # prog_flags, prog_name[16]
-    attr = attr_buf(
-        "<IIQQIIQII16s",
-        BPF_PROG_TYPE_RAW_TRACEPOINT,
-        len(insns) // 8,
-        ctypes.addressof(code),
-        ctypes.addressof(lic),
-        1 if log else 0,
-        log_size,
-        ctypes.addressof(log) if log else 0,
-        0,
-        0,
-        b"rebind_trace",
-    )
-    try:
-        return bpf(BPF_PROG_LOAD, attr)
-    except OSError as exc:
-        if log is None:
-            raise
-        text = log.value.decode(errors="replace").strip()
-        raise VerifierRejected(f"verifier rejected the trace program ({exc.strerror}):\n{text}") from exc
-
-
-def _load(insns: bytes) -> int:
-    try:
-        return _prog_load(insns)
-    except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise BPFUnavailable(f"loading a BPF program: {exc.strerror}") from exc
-    try:  # again, with the verifier's log this time, to say why
-        return _prog_load(insns, log_size=1 << 20)
-    except VerifierRejected:
-        raise
-    except OSError as exc:
-        raise BPFUnavailable(f"loading the trace program: {exc.strerror}") from exc
 
 
 def _attach(prog_fd: int, tracepoint: str = TRACEPOINT) -> int:
@@ -244,7 +177,7 @@ class Tracer:
                     raise ValueError(f"errno {e} out of range")
                 map_update(self.maps.errnos, struct.pack("<I", e), b"\x01")
             self.ring = Ring(self.maps.ring, ring_bytes)
-            prog = self._own(_load(build_program(self.layout, self.maps)))
+            prog = self._own(load_program(build_program(self.layout, self.maps), prog=RAW_TRACEPOINT))
             self._own(_attach(prog))
         except BaseException:
             self.close()

@@ -13,28 +13,27 @@ Nothing here does I/O or binds: callers gather the facts (``kernel/facts.py`` fo
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import errno
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rebind.model.conflict import (
-    _UNSET,
     Blocker,
+    BucketState,
     Flag,
     Holder,
     KernelSettings,
     Outcome,
     PortState,
-    ReuseportCache,
     SockOpts,
     Verdict,
-    _Unset,
     evaluate,
 )
-from rebind.model.records import SocketEntry
+from rebind.model.records import Family, Proto, SocketEntry, SocketRecord
 from rebind.model.request import BindRequest
-from rebind.model.sockstate import SockState
+from rebind.model.sockstate import BindBucket, SockKind, SockState
 
-EADDRINUSE = 98
+AF_INET6 = 10  # socket.AF_INET6 on Linux (this module does no I/O and imports no socket)
 
 
 class Provenance(enum.StrEnum):
@@ -107,7 +106,6 @@ def judge(
     settings: KernelSettings,
     *,
     port: PortState | None = None,
-    cache: ReuseportCache | _Unset | None = _UNSET,
 ) -> Judgement:
     """The one "can this be bound now?" answer (no trial bind: nothing is bound).
 
@@ -119,7 +117,7 @@ def judge(
     hs = [h.holder if isinstance(h, HolderFacts) else h for h in holders]
     # port: the bucket's fast-reuse state (tb->fastreuse*) when read; not given = unknown, and an
     # answer that hinges on it becomes UNKNOWN (never an optimistic BINDABLE).
-    outcome = evaluate(request, hs, settings, port=port, cache=cache)
+    outcome = evaluate(request, hs, settings, port=port)
     return judgement_of(request, outcome)
 
 
@@ -130,6 +128,55 @@ def judgement_of(request: BindRequest, outcome: Outcome) -> Judgement:
     if outcome.verdict is Verdict.DEPENDS:
         flags = {f for b in outcome.blockers if not b.certain for f in b.decided_by}
         return Judgement(request, BindNow.UNKNOWN, outcome, tuple(f for f in Flag if f in flags))
-    if outcome.errno == EADDRINUSE:
+    if outcome.errno == errno.EADDRINUSE:
         return Judgement(request, BindNow.BUSY, outcome)
     return Judgement(request, BindNow.REFUSED, outcome)
+
+
+def port_state(
+    req: BindRequest, holders: tuple[HolderFacts, ...]
+) -> tuple[tuple[HolderFacts, ...], PortState | None]:
+    """The port's kernel state for the model, from what the socket iterator read beside each
+    holder (``HolderFacts.kernel``): the TCP bind bucket's fast-reuse fields (one bucket per port
+    and netns: every socket's icsk_bind_hash points at it), and the UDP holders put in the order
+    of the chain udp_lib_lport_inuse walks (None unless every UDP holder's place was read).
+    The one derivation for `why` (kernel/facts.py), the exporter and `top`."""
+    if not holders:
+        return holders, None
+    if req.proto is Proto.UDP:
+        if any(h.kernel is None for h in holders):
+            return holders, None
+        pos = [h.kernel.chain.port_index if h.kernel and h.kernel.chain else None for h in holders]
+        if any(p is None for p in pos):
+            return holders, None
+        ordered = tuple(h for _, h in sorted(zip(pos, holders, strict=True), key=lambda x: x[0] or 0))
+        return ordered, PortState(udp_chain_order=True)
+    buckets = {h.kernel.bucket for h in holders if h.kernel is not None and h.kernel.bucket is not None}
+    if len(buckets) != 1:
+        return holders, None  # none read, or several (VRFs: one bucket per l3mdev)
+    return holders, PortState(bucket=bucket_state(buckets.pop()))
+
+
+def bucket_state(b: BindBucket) -> BucketState:
+    """sockstate.BindBucket -> the model's BucketState (the cached socket's address in its own
+    family's form: sk_v6_rcv_saddr for an AF_INET6 socket, v4-mapped when on IPv4)."""
+    addr = b.fast_v6_rcv_saddr if b.fast_sk_family == AF_INET6 else b.fast_rcv_saddr
+    return BucketState(b.fastreuse, b.fastreuseport, b.fastuid, addr, b.fast_ipv6_only)
+
+
+def kernel_state_of(r: SocketRecord, kernel: Mapping[int, SockState] | None) -> SockState | None:
+    """The BPF iterator's / lookup's record of that very socket, joined by inet_diag's cookie;
+    None for a request sock (it has no flags of its own: they are not its listener's)."""
+    if not kernel or r.cookie is None:
+        return None
+    st = kernel.get(r.cookie)
+    if st is None or st.kind is SockKind.REQUEST or st.proto is not r.proto or st.local.port != r.local.port:
+        return None
+    return st
+
+
+def kernel_holder(entry: SocketEntry, st: SockState) -> HolderFacts:
+    """A holder whose flags are the kernel's own sk_reuse / sk_reuseport / ipv6only (a TIME_WAIT's
+    tw_* copies), whoever owns it (provenance ``kernel``), with its state attached."""
+    v6 = st.ipv6only if st.family is Family.INET6 else None
+    return HolderFacts(entry, SockOpts(st.reuseaddr, st.reuseport, v6), Provenance.KERNEL, st)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from rebind.textsafe import visible
 
 if TYPE_CHECKING:  # field types only: `rebind ls` should not pay for the container parsers
+    from rebind.model.birth import Birth
     from rebind.model.containers import ContainerRef, ProxyKind
 
 IPAddress = IPv4Address | IPv6Address
@@ -169,6 +170,8 @@ class SocketRecord:
     wqueue: int = 0
     #: The netns inode the socket was read in, so owners can be matched by namespace.
     netns: int | None = None
+    #: Who bound it and when, from the kernel (``rebind trace --install``; model/birth.py).
+    birth: Birth | None = None
 
     @property
     def port(self) -> int:

@@ -1,2 +1,7 @@
 """Renderers that more than one front end calls (the CLI commands and `rebind top`'s keys):
-a question's answer as the lines people read. They import the model, never ``cli`` or ``top``."""
+a question's answer as the lines people read. They import the model, never ``cli`` or ``top``
+(tests/unit/test_layers.py), nor Textual.
+
+``console``: the markup printer (rich on a colour terminal, plain otherwise) and shared cells;
+``why``: `rebind why`'s text; ``free``: `rebind free`'s plan and result.
+"""

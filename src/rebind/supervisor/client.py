@@ -1,5 +1,9 @@
 """The one client of `rebind run --control`: who is at the other end, and asking it something.
 
+Also the one place that says whether a process is a `rebind run` at all (:func:`looks_like_run`,
+:func:`supervisor_pid`): top ranks a port's holders by it, `rebind reload --pid-file` checks a pid
+file's pid with it before signalling.
+
 `rebind reload --control PATH` and top's `r` key both talk to a supervisor through its control
 socket. Before a command is sent or an answer believed, the server end must be a process we would
 trust to run our app (issue 18, item 10): the kernel's SO_PEERCRED of the listening socket (its
@@ -19,6 +23,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rebind.errors import EnvironmentProblem, ExitCode, Fault, RebindError, UsageError
@@ -43,6 +48,27 @@ class Peer:
     pid: int
     uid: int
     gid: int
+
+
+def looks_like_run(argv: Sequence[str]) -> bool:
+    """Is this command line a `rebind run` (``rebind run ...``, ``python -m rebind run ...``)?
+    A name only: it orders candidates and refuses stale pid files, it never makes a peer trusted."""
+    return "run" in argv and any("rebind" in a for a in argv)
+
+
+def supervisor_pid(pid_file: str, proc: str = "/proc") -> int:
+    """The pid a `rebind run --pid-file` wrote, if that process is a `rebind run` now (a stale
+    pid file may name a recycled pid: only a `rebind run` may be signalled); else UsageError."""
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")]
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--pid-file {pid_file}: no running supervisor ({exc})") from None
+    if not looks_like_run(argv):
+        raise UsageError(f"--pid-file {pid_file}: pid {pid} is not a `rebind run` process")
+    return pid
 
 
 def trusted_uids() -> frozenset[int]:

@@ -10,12 +10,11 @@ import contextlib
 import os
 import socket
 import stat
-import struct
 from dataclasses import dataclass, field
 
 from rebind.errors import EnvironmentProblem, UsageError
+from rebind.supervisor.client import peer_of
 
-_UCRED = struct.Struct("iII")
 MAX_LINE = 256
 
 
@@ -68,9 +67,7 @@ class ControlServer:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
         conn.setblocking(False)
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        _, uid, _ = _UCRED.unpack(creds)
-        return Request(conn, uid=uid)
+        return Request(conn, uid=peer_of(conn).uid)  # the kernel's SO_PEERCRED (supervisor/client.py)
 
     def close(self) -> None:
         self.sock.close()

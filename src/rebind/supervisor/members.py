@@ -23,6 +23,8 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from rebind.kernel.procstat import read_stat
+
 Identity = tuple[int, int]  # (pid, start time in clock ticks since boot)
 
 
@@ -36,14 +38,8 @@ class ProcInfo:
 
 
 def read_proc(pid: int) -> ProcInfo | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        # comm may contain spaces and ')': fields 3.. start after the last ')' (proc(5)).
-        rest = data[data.rfind(b")") + 2 :].split()
-        return ProcInfo(pid, int(rest[1]), int(rest[2]), int(rest[19]), rest[0] in (b"Z", b"X"))
-    except (OSError, ValueError, IndexError):
-        return None
+    st = read_stat(pid, "/proc")
+    return None if st is None else ProcInfo(pid, st.ppid, st.pgrp, st.start_ticks, st.zombie)
 
 
 class ScanFailed(OSError):

@@ -25,8 +25,11 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from rebind.kernel.procfs import ProcFS
 from rebind.kernel.procstat import PPID, stat_field
 
+#: The supervisor reads its own children: always the live /proc.
+_PROC = ProcFS()
 EPOLLIN = 0x1
 POLLIN = 0x1
 _MAX_POLLFDS = 4096
@@ -63,7 +66,7 @@ _BY_NR = _numbers()
 
 
 def read_ppid(pid: int) -> int | None:
-    return stat_field(pid, PPID)
+    return stat_field(pid, PPID, _PROC.root)
 
 
 def in_tree(pid: int, root: int) -> bool:
@@ -83,12 +86,12 @@ def _children(pid: int) -> list[int] | None:
     """Children from /proc/PID/task/*/children (CONFIG_PROC_CHILDREN); None if unavailable."""
     out: list[int] = []
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(_PROC.path(pid, "task"))
     except OSError:
         return []
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
+            with open(_PROC.path(pid, "task", tid, "children")) as f:
                 out.extend(int(c) for c in f.read().split())
         except FileNotFoundError:
             return None
@@ -114,43 +117,27 @@ def process_tree(root: int) -> list[int]:
 
 def _scan_parents() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            ppid = read_ppid(int(entry.name))
-            if ppid is not None:
-                children.setdefault(ppid, []).append(int(entry.name))
+    for pid in _PROC.pids():
+        ppid = read_ppid(pid)
+        if ppid is not None:
+            children.setdefault(ppid, []).append(pid)
     return children
 
 
 def socket_fds(pid: int, inodes: frozenset[int]) -> dict[int, int]:
     """fd -> inode for the fds of PID that refer to one of INODES."""
-    found: dict[int, int] = {}
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return found
-    for name in entries:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:[") and int(link[8:-1]) in inodes:
-            found[int(name)] = int(link[8:-1])
-    return found
+    return {fd: ino for fd, ino in _PROC.socket_fds(pid).fds.items() if ino in inodes}
 
 
 def epoll_watches(pid: int) -> set[int]:
     """Inodes that an epoll instance of PID watches for input."""
     watched: set[int] = set()
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return watched
-    for name in entries:
+    links, _read = _PROC.fd_links(pid)
+    for fd, link in links.items():
+        if link != "anon_inode:[eventpoll]":
+            continue
         try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[eventpoll]":
-                continue
-            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+            with open(_PROC.path(pid, "fdinfo", str(fd))) as f:
                 lines = f.read().splitlines()
         except OSError:
             continue
@@ -176,7 +163,7 @@ def _parse_epoll_fdinfo(lines: Iterable[str]) -> set[int]:
 
 def _read_syscall(pid: int, tid: str) -> tuple[int, list[int]] | None:
     try:
-        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+        with open(_PROC.path(pid, "task", tid, "syscall")) as f:
             parts = f.read().split()
     except OSError:
         return None
@@ -187,7 +174,7 @@ def _read_syscall(pid: int, tid: str) -> tuple[int, list[int]] | None:
 
 def _read_mem(pid: int, addr: int, size: int) -> bytes:
     try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(_PROC.path(pid, "mem"), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return b""
     try:
@@ -217,7 +204,7 @@ def blocked_waiting(pid: int) -> dict[int, str]:
     """fd -> how a thread of PID is blocked waiting for input on it right now."""
     out: dict[int, str] = {}
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(_PROC.path(pid, "task"))
     except OSError:
         return out
     for tid in tids:
@@ -259,22 +246,6 @@ def connections_by_port(ports: Iterable[int]) -> dict[int, int]:
         return {}
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for name in entries:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out.add(int(link[8:-1]))
-    return out
-
-
 def serving(root: int, inodes: frozenset[int], tcp_ports: dict[int, int] | None = None) -> dict[int, Serving]:
     """inode -> who in ROOT's process tree serves it (only served ones).
 
@@ -310,7 +281,7 @@ def _accepted(
     if not conns:
         return
     for pid, fds in holders:
-        held_ports = {conns[i] for i in _socket_inodes(pid) if i in conns}
+        held_ports = {conns[i] for i in _PROC.socket_fds(pid).inodes() if i in conns}
         for ino in set(fds.values()):
             if ino in ports and ports[ino] in held_ports:
                 found.setdefault(ino, Serving(pid, "accepted"))

@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import Iterable
 
+from rebind.kernel.procfs import ProcFS
 from rebind.supervisor.members import ProcInfo, signal_verified, snapshot
 
 _BYE = b"bye\n"
@@ -150,13 +151,4 @@ def _listed(inodes: frozenset[int]) -> bool:
 
 
 def _holds(p: ProcInfo, inodes: Iterable[int]) -> bool:
-    wanted = {f"socket:[{ino}]" for ino in inodes}
-    try:
-        names = os.listdir(f"/proc/{p.pid}/fd")
-    except OSError:
-        return False
-    for name in names:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{p.pid}/fd/{name}") in wanted:
-                return True
-    return False
+    return not ProcFS().socket_fds(p.pid).inodes().isdisjoint(inodes)

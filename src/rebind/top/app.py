@@ -31,10 +31,9 @@ from rebind.top.model import (
     bar,
     cut,
     filter_ports,
-    fit_owners,
     fmt_left,
     left_now,
-    owners_text,
+    row_owners_text,
 )
 from rebind.top.record import Recorder, RecordStopped
 from rebind.top.sampler import Sampler
@@ -91,7 +90,7 @@ def row_cells(view: PortView, row: SocketRow | None, first: bool, now: float, sn
         Text(row.addr),
         Text(fmt_left(left), style="yellow"),
         Text(bar(row.queue, row.backlog, width=6)),
-        Text(owners_text(row.owners)),
+        Text(row_owners_text(row)),
     ]
 
 
@@ -324,7 +323,7 @@ class TopApp(App[int]):
             table.add_column(col, key=col)
         self.row_keys = []
         for cells, row, key in built:
-            text = fit_owners(row.owners, width) if row is not None else cut(cells[-1].plain, width)
+            text = row_owners_text(row, width) if row is not None else cut(cells[-1].plain, width)
             table.add_row(*cells[:-1], Text(text))
             self.row_keys.append(key)
         if self.row_keys:

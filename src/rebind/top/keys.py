@@ -1,7 +1,7 @@
 """What the keys of `rebind top` run: why, free, wait, reload. I/O; no Textual here.
 
 ``why`` and ``free`` reuse the commands' own engines and printed forms: `rebind why`'s
-:func:`rebind.diagnosis.diagnose` + ``print_diagnosis`` and `rebind free`'s
+:func:`rebind.diagnosis.diagnose` + ``render/why.py``'s ``print_diagnosis`` and `rebind free`'s
 :func:`rebind.actions.free.plan_free` / :func:`~rebind.actions.free.execute_plan` + the
 renderer both share (``render/free.py``: ``print_plan``, ``print_result``), captured as text
 through :func:`captured` (one small adapter each, so changes to those commands show up here
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,7 +59,7 @@ def why(key: PortKey) -> Diagnosis:
 
 
 def why_lines(d: Diagnosis) -> list[str]:
-    from rebind.cli.why import print_diagnosis
+    from rebind.render.why import print_diagnosis
 
     return captured(print_diagnosis, d)
 
@@ -144,49 +143,20 @@ class Supervisor:
     control: str
 
 
-def _socket_inodes(pid: int, proc: str) -> set[int]:
-    out: set[int] = set()
-    try:
-        names = os.listdir(f"{proc}/{pid}/fd")
-    except OSError:
-        return out
-    for name in names:
-        try:
-            link = os.readlink(f"{proc}/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out.add(int(link[8:-1]))
-    return out
-
-
 def unix_listeners(pid: int, proc: str = "/proc") -> list[str]:
     """Paths of the listening unix stream sockets a process holds (kernel-reported paths:
     /proc/PID/net/unix in the process's own network namespace; abstract names are skipped)."""
-    inodes = _socket_inodes(pid, proc)
+    from rebind.kernel.procfs import ProcFS
+
+    procfs = ProcFS(proc)
+    inodes = procfs.socket_fds(pid).inodes()
     if not inodes:
         return []
-    try:
-        with open(f"{proc}/{pid}/net/unix", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        parts = line.split(maxsplit=7)
-        if len(parts) < 8:
-            continue
-        try:
-            flags, kind, inode = int(parts[3], 16), int(parts[4], 16), int(parts[6])
-        except ValueError:
-            continue
-        if inode in inodes and flags & _ACCEPTCON and kind == _SOCK_STREAM and parts[7].startswith("/"):
-            out.append(parts[7])
-    return out
-
-
-def _looks_like_run(cmdline: tuple[str, ...]) -> bool:
-    return "run" in cmdline and any("rebind" in a for a in cmdline)
+    return [
+        path
+        for inode, flags, kind, path in procfs.unix_sockets(pid)
+        if inode in inodes and flags & _ACCEPTCON and kind == _SOCK_STREAM and path.startswith("/")
+    ]
 
 
 def find_supervisor(view: PortView, proc: str = "/proc") -> Supervisor | str:
@@ -197,17 +167,17 @@ def find_supervisor(view: PortView, proc: str = "/proc") -> Supervisor | str:
     those whose command line says ``rebind run`` first; the caller then checks the peer
     credentials when connecting (:func:`control`), so a name alone never decides.
     """
+    from rebind.supervisor.client import looks_like_run
+
     owners = [o for r in view.rows if r.state is State.LISTEN for o in r.owners]
     if not owners:
         return f"no process is seen listening on {view.key}"
-    ranked = sorted(
-        {o.pid: o for o in owners}.values(), key=lambda o: (not _looks_like_run(o.cmdline), o.pid)
-    )
+    ranked = sorted({o.pid: o for o in owners}.values(), key=lambda o: (not looks_like_run(o.cmdline), o.pid))
     for o in ranked:
         paths = unix_listeners(o.pid, proc)
         if paths:
             return Supervisor(o.pid, paths[0])
-    if any(_looks_like_run(o.cmdline) for o in ranked):
+    if any(looks_like_run(o.cmdline) for o in ranked):
         return f"the `rebind run` serving {view.key} has no --control socket (use --pid-file and kill -HUP)"
     return f"{view.key} is not served by `rebind run` (no owner has a control socket)"
 

@@ -12,10 +12,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
-from rebind.model.assess import BindNow, judge
-from rebind.model.conflict import BindRequest, Holder, KernelSettings
+from rebind.model.assess import BindNow, HolderFacts, judge, kernel_holder, kernel_state_of, port_state
+from rebind.model.birth import Birth
+from rebind.model.birth import text as birth_text
+from rebind.model.conflict import BindRequest, KernelSettings
 from rebind.model.localhost import LocalhostResolution, find_split, loopback_only
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
+from rebind.model.sockstate import SockState
 from rebind.textsafe import visible
 
 #: States in which a socket *holds* the port for itself (a server's socket): these decide
@@ -129,6 +132,9 @@ class SocketRow:
     owners: tuple[OwnerView, ...] = ()
     #: Monotonic time the row was read (``left_ms`` counts from then); 0: the snapshot's.
     sampled: float = 0.0
+    #: Who bound the holding socket and when (birth certificate, `rebind trace --install`):
+    #: shown where no owner is (--no-owners, the owner gone or not visible).
+    birth: Birth | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +182,8 @@ class Snapshot:
 # ---------------------------------------------------------------------------------------------
 # Bindable now (the conflict model over the table: never a trial bind)
 
-Assess = Callable[[PortKey, Sequence[SocketRecord], KernelSettings, int], Bindable]
+#: (port, its sockets, settings, uid, the kernel's state of sockets by cookie) -> the answer
+Assess = Callable[[PortKey, Sequence[SocketRecord], KernelSettings, int, Mapping[int, SockState]], Bindable]
 
 
 def _holder_key(r: SocketRecord) -> tuple[object, ...]:
@@ -187,20 +194,31 @@ def _holder_key(r: SocketRecord) -> tuple[object, ...]:
 
 
 def assess_bindable(
-    key: PortKey, sockets: Sequence[SocketRecord], settings: KernelSettings, uid: int
+    key: PortKey,
+    sockets: Sequence[SocketRecord],
+    settings: KernelSettings,
+    uid: int,
+    kernel: Mapping[int, SockState] | None = None,
 ) -> Bindable:
     """Would a plain ``bind(0.0.0.0:PORT)`` (+ ``listen()`` for TCP) by ``uid`` succeed now?
 
     The one assessment (rebind.model.assess.judge: the conflict model) over the sockets the
-    table shows, with unknown SO_REUSEADDR/SO_REUSEPORT flags: no trial bind, so watching a port never
-    changes the kernel's state (a trial bind would briefly occupy the port and could make a
-    restarting server fail).
+    table shows. ``kernel``: the sockets as the BPF iterator / lookup read them, by inet_diag
+    cookie (top/sampler.py, as `why` reads them): their own SO_REUSEADDR/SO_REUSEPORT and the
+    port's state (TCP bind bucket, UDP chain order, rebind.model.assess.port_state); a socket
+    not in it has unknown flags. No trial bind, so watching a port never changes the kernel's
+    state (a trial bind would briefly occupy the port and could make a restarting server fail).
     """
-    unique: dict[tuple[object, ...], Holder] = {}
+    unique: dict[tuple[object, ...], HolderFacts] = {}
     for r in sockets:
         if r.proto is key.proto and r.local.port == key.port:
-            unique.setdefault(_holder_key(r), Holder(r))
-    holders = list(unique.values())
+            st = kernel_state_of(r, kernel)
+            if st is None:
+                unique.setdefault(_holder_key(r), HolderFacts(SocketEntry(r)))
+                continue
+            h = kernel_holder(SocketEntry(r), st)
+            # sockets alike but for their flags decide differently: the flags are part of the key
+            unique.setdefault((*_holder_key(r), h.opts), h)
     req = BindRequest(
         proto=key.proto,
         addr=IPv4Address("0.0.0.0"),
@@ -208,12 +226,13 @@ def assess_bindable(
         uid=uid,
         listen=key.proto is Proto.TCP,
     )
-    plain = judge(req, holders, settings)  # the one assessment (rebind.model.assess)
+    holders, port = port_state(req, tuple(unique.values()))
+    plain = judge(req, holders, settings, port=port)  # the one assessment (rebind.model.assess)
     if plain.now is BindNow.BINDABLE:
         return Bindable.YES
     if plain.now is BindNow.UNKNOWN:
         return Bindable.UNKNOWN
-    if judge(replace(req, reuseaddr=True), holders, settings).now is BindNow.BINDABLE:
+    if judge(replace(req, reuseaddr=True), holders, settings, port=port).now is BindNow.BINDABLE:
         return Bindable.REUSEADDR
     return Bindable.NO
 
@@ -260,6 +279,7 @@ def build_rows(entries: Sequence[SocketEntry], sampled: float = 0.0) -> tuple[So
                     group=group_size[(r.proto, r.state, r.local)],
                     owners=_owners([e]),
                     sampled=sampled,
+                    birth=r.birth,
                 )
             )
         else:
@@ -306,12 +326,15 @@ def build_ports(
     extra_rows: Mapping[PortKey, Sequence[SocketRow]] | None = None,
     extra_sockets: Mapping[PortKey, Sequence[SocketRecord]] | None = None,
     localhost: LocalhostResolution | None = None,
+    kernel: Mapping[int, SockState] | None = None,
 ) -> tuple[PortView, ...]:
     """One view per (port, protocol) in the entries, plus every watched one (even if empty).
 
     ``extra_rows`` / ``extra_sockets``: rows and (reduced) sockets read at an earlier refresh
-    (the costly kernel walks run less often on big tables, rebind.top.cadence).
+    (the costly kernel walks run less often on big tables, rebind.top.cadence). ``kernel``:
+    the sockets' kernel state by cookie (assess_bindable).
     """
+    kernel = kernel or {}
     extra_rows = extra_rows or {}
     extra_sockets = extra_sockets or {}
     by_key: dict[PortKey, list[SocketEntry]] = {}
@@ -327,7 +350,7 @@ def build_ports(
         if k in extra_rows:
             rows = sort_rows((*rows, *extra_rows[k]))
         socks = [m.socket for m in members] + list(extra_sockets.get(k, ()))
-        view = PortView(key=k, rows=rows, bindable=assess(k, socks, settings, uid), watched=k in want)
+        view = PortView(key=k, rows=rows, bindable=assess(k, socks, settings, uid, kernel), watched=k in want)
         if localhost is not None and k.proto is Proto.TCP:
             view = replace(view, localhost=localhost_mark(k.port, members, localhost))
         out.append(view)
@@ -381,6 +404,14 @@ def owners_text(owners: Sequence[OwnerView], limit: int = 2) -> str:
     shown = ", ".join(o.detail for o in owners[:limit])
     extra = len(owners) - limit
     return f"{shown} +{extra}" if extra > 0 else shown
+
+
+def row_owners_text(row: SocketRow, width: int | None = None) -> str:
+    """The owners cell: the owners, else the birth certificate (``bound by python[7] at 12:03:07``)."""
+    if row.owners or row.birth is None:
+        return owners_text(row.owners) if width is None else fit_owners(row.owners, width)
+    text = f"bound by {birth_text(row.birth, row.birth.at)}"
+    return text if width is None else cut(text, width)
 
 
 def cut(text: str, width: int) -> str:

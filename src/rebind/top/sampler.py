@@ -24,9 +24,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address
 
 from rebind.model.localhost import LocalhostResolution
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
+from rebind.model.sockstate import SockState, SockStates
 from rebind.top.cadence import Cadence
 from rebind.top.model import PortKey, Snapshot, SocketRow, build_ports, build_rows, left_now, reduce_holders
 
@@ -37,6 +39,8 @@ LEFTOVER_STATES = frozenset({State.TIME_WAIT, State.FIN_WAIT2})
 UDP_STATES = frozenset({State.CLOSE, State.ESTABLISHED})
 
 BOUND, OTHERS, OWNERS = "bound-inactive", "connections+leftovers", "owners"
+#: The kernel's own state of the ports' sockets (BPF, root): flags, TCP bind bucket, UDP chain.
+KERNEL = "kernel state"
 
 
 class Sampler:
@@ -58,7 +62,7 @@ class Sampler:
         self.uid = os.geteuid()
         self.watched = tuple(PortKey(p, Proto.TCP) for p in self.ports)
         self.cadence = Cadence(interval)
-        for name in (BOUND, OTHERS, OWNERS):
+        for name in (BOUND, OTHERS, OWNERS, KERNEL):
             self.cadence.job(name)
         self.proc = proc_root()
         self.source = "netlink"
@@ -69,6 +73,7 @@ class Sampler:
         self._other_rows: dict[PortKey, tuple[SocketRow, ...]] = {}
         self._other_socks: dict[PortKey, list[SocketRecord]] = {}
         self._owners: dict[int, tuple[Owner, ...]] = {}
+        self._kernel: dict[int, SockState] = {}
 
     # -- kernel reads ---------------------------------------------------------------------------
 
@@ -183,6 +188,10 @@ class Sampler:
             self._group_others()
         entries = [SocketEntry(r, self._owners.get(r.inode, ()) if r.inode else ()) for r in holding]
         rows, socks = self._current_others(now)
+        if cad.due(KERNEL, now):
+            t = time.thread_time()
+            self._kernel = self._read_kernel([*holding, *(r for rs in socks.values() for r in rs)])
+            cad.job(KERNEL).ran(now, time.thread_time() - t)
         ports = build_ports(
             entries,
             settings=self.settings,
@@ -192,6 +201,7 @@ class Sampler:
             extra_rows=rows,
             extra_sockets=socks,
             localhost=self._localhost(),
+            kernel=self._kernel,
         )
         return Snapshot(
             ports=ports,
@@ -202,6 +212,27 @@ class Sampler:
             source=self.source,
             warnings=self.warnings,
         )
+
+    def _read_kernel(self, records: Sequence[SocketRecord]) -> dict[int, SockState]:
+        """The sockets' kernel state by cookie, read as `why` reads it (kernel/facts.py:
+        iterator_plan per port, carried out at once by read_kernel_ports: one listening-hash
+        walk, lookups by 4-tuple, the UDP walk), so the bindable column is judged with the
+        sockets' own flags and the port's bucket/chain. Empty where BPF cannot run: the answers
+        that hinge on it stay "?"."""
+        from rebind.kernel.facts import iterator_plan, read_kernel_ports
+        from rebind.model.request import BindRequest
+
+        entries = [SocketEntry(r) for r in records]
+        keys = sorted(
+            {(r.proto.value, r.local.port) for r in records} | {(k.proto.value, k.port) for k in self.watched}
+        )
+        plans = [
+            (req, iterator_plan(req, entries, {}))
+            for proto, port in sorted(keys)
+            for req in (BindRequest(proto=Proto(proto), addr=IPv4Address("0.0.0.0"), port=port),)
+        ]
+        got = read_kernel_ports(entries, plans)
+        return got.by_cookie() if isinstance(got, SockStates) else {}
 
     def _group_others(self) -> None:
         groups: dict[PortKey, list[SocketRecord]] = {}

@@ -5,8 +5,9 @@ every process in the sockets' network namespace. A BPF task iterator (Linux 5.8,
 eaaacd23910f) runs a program over every task in the kernel instead, with no syscall per fd.
 
 One program (:mod:`.programs`, assembled by :mod:`.asm` from offsets found in the kernel's BTF by
-:mod:`.btf`, loaded through raw ``bpf(2)`` by :mod:`.syscall`; :mod:`.scan` runs it): a
-``bpf_iter_task`` program with bpf_loop (Linux 5.17) copies each fd table's ``fd`` array 16
+:mod:`.btf` and cached per boot by :mod:`.layoutcache`, loaded through raw ``bpf(2)`` by
+:mod:`.syscall`, the one bpf() wrapper of every program here and of ``rebind trace``; :mod:`.scan`
+runs it): a ``bpf_iter_task`` program with bpf_loop (Linux 5.17) copies each fd table's ``fd`` array 16
 slots at a time and compares *file addresses*: a socket has exactly one ``struct file``
 (sock_alloc_file(); dup, fork and SCM_RIGHTS share it), so once a wanted socket's file is known,
 finding its holders needs no memory beyond the fd arrays. Addresses are learnt by reading each

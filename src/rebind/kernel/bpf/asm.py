@@ -34,6 +34,11 @@ PSEUDO_FUNC = 4
 #: src_reg of a call saying "imm is the relative offset of a subprogram" (bpf-to-bpf call).
 PSEUDO_CALL = 1
 
+#: enum bpf_func_id (include/uapi/linux/bpf.h): the helpers the macros below call.
+HELPER_MAP_LOOKUP_ELEM = 1
+HELPER_PROBE_READ_USER = 112  # Linux 5.5
+HELPER_PROBE_READ_KERNEL = 113  # Linux 5.5; gpl_only
+
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 FP = R10  # read-only frame pointer; the stack is the 512 bytes below it
 
@@ -126,6 +131,30 @@ class Program:
         """dst = the map behind ``map_fd`` (a two-slot ld_imm64)."""
         self._emit(LD | IMM | DW, dst, PSEUDO_MAP_FD, imm=map_fd)
         self._emit(0)  # second half: the upper 32 bits of the immediate, here 0
+
+    # -- macros: the sequences every program of rebind repeats -----------------------------
+
+    def map_lookup(self, map_fd: int, key_off: int, missing: str) -> None:
+        """r0 = bpf_map_lookup_elem(map, fp + key_off); goto ``missing`` when there is no entry.
+        Clobbers r1-r5 (a helper call)."""
+        self.ld_map_fd(R1, map_fd)
+        self.mov(R2, FP)
+        self.alu_imm(ADD, R2, key_off)
+        self.call(HELPER_MAP_LOOKUP_ELEM)
+        self.jump_imm(JEQ, R0, 0, missing)
+
+    def probe_read(
+        self, dst_off: int, size: int, src: int, src_off: int, helper: int = HELPER_PROBE_READ_KERNEL
+    ) -> None:
+        """fp + dst_off = ``size`` bytes at src + src_off (bpf_probe_read_kernel, or _user);
+        r0 = 0 or a negative error. r3 is set first: ``src`` may be r1 or r2."""
+        self.mov(R3, src)
+        if src_off:
+            self.alu_imm(ADD, R3, src_off)
+        self.mov(R1, FP)
+        self.alu_imm(ADD, R1, dst_off)
+        self.mov_imm(R2, size)
+        self.call(helper)
 
     def assemble(self) -> bytes:
         out = []

@@ -19,9 +19,7 @@ from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import btf as btfmod
 
 # enum bpf_func_id (include/uapi/linux/bpf.h)
-HELPER_MAP_LOOKUP_ELEM = 1
 HELPER_MAP_UPDATE_ELEM = 2
-HELPER_PROBE_READ_KERNEL = 113  # Linux 5.5; gpl_only
 HELPER_SEQ_WRITE = 127  # Linux 5.8; gpl_only: hence the GPL-compatible licence string in scan.py
 HELPER_LOOP = 181  # bpf_loop, Linux 5.17
 BPF_NOEXIST = 1  # map update flag
@@ -208,11 +206,7 @@ Built = tuple[bytes, tuple[tuple[str, int, int], ...]]  # instructions, (func, i
 def _state_ptr(p: asm.Program, maps: Maps, key_off: int, null: str) -> None:
     """r0 = &state (an array lookup the verifier inlines); jump to ``null`` if it failed."""
     p.store_imm(4, asm.FP, key_off, 0)
-    p.ld_map_fd(asm.R1, maps.state)
-    p.mov(asm.R2, asm.FP)
-    p.alu_imm(asm.ADD, asm.R2, key_off)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, asm.R0, 0, null)
+    p.map_lookup(maps.state, key_off, null)
 
 
 def _count_error(p: asm.Program, maps: Maps, key_off: int, ret: int, prefix: str) -> None:
@@ -263,12 +257,7 @@ def _tasks(p: asm.Program, lay: Layout, maps: Maps) -> None:
     # for "<struct>__safe_rcu"-style types (~1 ms each on 6.18); a copy costs it nothing.
     def read(dst: int, size: int, src: int, off: int) -> None:
         """*(fp + dst) = size bytes at src + off, or count an error and stop."""
-        p.mov(r3, src)  # first: src may be r1 or r2
-        p.alu_imm(asm.ADD, r3, off)
-        p.mov(r1, fp)
-        p.alu_imm(asm.ADD, r1, dst)
-        p.mov_imm(r2, size)
-        p.call(HELPER_PROBE_READ_KERNEL)
+        p.probe_read(dst, size, src, off)
         p.jump_imm(asm.JNE, r0, 0, "main_fault")
 
     p.mov(r6, r1)
@@ -308,11 +297,7 @@ def _tasks(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.load(8, r1, fp, F.TMP)
     p.jump_imm(asm.JEQ, r1, 0, "out")
     read(F.EUID, 4, r1, lay["cred.euid"])
-    p.ld_map_fd(r1, maps.uids)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.EUID)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "out")
+    p.map_lookup(maps.uids, F.EUID, "out")
     p.label("scan")
     p.load(4, r1, r9, ST_TABLES)
     p.alu_imm(asm.ADD, r1, 1)
@@ -366,7 +351,7 @@ def _chunk(p: asm.Program, maps: Maps) -> None:
     p.mov(r4, r7)
     p.alu_imm(asm.LSH, r4, 3)
     p.alu(asm.ADD, r3, r4)
-    p.call(HELPER_PROBE_READ_KERNEL)
+    p.call(asm.HELPER_PROBE_READ_KERNEL)
     p.jump_imm(asm.JNE, r0, 0, "chunk_fault")
     p.store(8, fp, sx + SlotCtx.FIRST, r7)
     p.store(8, fp, sx + SlotCtx.LOOP_CTX, r6)
@@ -410,11 +395,7 @@ def _slot(p: asm.Program, maps: Maps) -> None:
     p.load(4, r1, r0, ST_UNKNOWN)
     p.jump_imm(asm.JNE, r1, 0, "slot_check")  # still learning: every file is checked
     p.store_imm(4, fp, F.BITS_KEY, 0)
-    p.ld_map_fd(r1, maps.bits)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.BITS_KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "slot_break")
+    p.map_lookup(maps.bits, F.BITS_KEY, "slot_break")
     _bit(p, r8, r2, r3)
     p.alu(asm.ADD, r0, r3)
     p.load(1, r3, r0, 0)
@@ -447,11 +428,7 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.mov(r7, r2)
     p.mov(r8, r3)
     p.store(8, fp, F.FILE, r7)
-    p.ld_map_fd(r1, maps.files)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.FILE)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "learn")
+    p.map_lookup(maps.files, F.FILE, "learn")
     # A known address: still read the inode, so that a file freed since (the socket closed)
     # and its memory reused for another file is not taken for the socket.
     p.load(8, r9, r0, 0)
@@ -468,14 +445,14 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.mov_imm(r2, 8)
     p.mov(r3, r7)
     p.alu_imm(asm.ADD, r3, lay["file.f_inode"])
-    p.call(HELPER_PROBE_READ_KERNEL)
+    p.call(asm.HELPER_PROBE_READ_KERNEL)
     p.jump_imm(asm.JNE, r0, 0, "check_fault")
     p.load(8, r3, fp, F.SCRATCH)
     p.jump_imm(asm.JEQ, r3, 0, "check_out")
     p.mov(r1, fp)
     p.alu_imm(asm.ADD, r1, ibuf)
     p.mov_imm(r2, inode_span(lay))
-    p.call(HELPER_PROBE_READ_KERNEL)
+    p.call(asm.HELPER_PROBE_READ_KERNEL)
     p.jump_imm(asm.JNE, r0, 0, "check_fault")
     # S_ISSOCK(i_mode) and i_sb->s_magic == SOCKFS_MAGIC: a socket, not an O_PATH fd on a
     # filesystem's socket file (same mode, unrelated inode number)
@@ -488,7 +465,7 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.mov(r1, fp)
     p.alu_imm(asm.ADD, r1, F.SCRATCH)
     p.mov_imm(r2, 8)
-    p.call(HELPER_PROBE_READ_KERNEL)
+    p.call(asm.HELPER_PROBE_READ_KERNEL)
     p.jump_imm(asm.JNE, r0, 0, "check_fault")
     p.load(8, r1, fp, F.SCRATCH)
     p.jump_imm(asm.JNE, r1, SOCKFS_MAGIC, "check_out")
@@ -499,11 +476,7 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.label("by_number")
     p.mov(r9, r1)
     p.store(8, fp, F.SCRATCH, r9)
-    p.ld_map_fd(r1, maps.wanted)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.SCRATCH)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "check_out")
+    p.map_lookup(maps.wanted, F.SCRATCH, "check_out")
     # learnt: files[file] = inode, set its bit, one unknown fewer
     p.ld_map_fd(r1, maps.files)
     p.mov(r2, fp)
@@ -514,11 +487,7 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.call(HELPER_MAP_UPDATE_ELEM)
     p.jump_imm(asm.JNE, r0, 0, "emit")
     p.store_imm(4, fp, F.ARRAY_KEY, 0)
-    p.ld_map_fd(r1, maps.bits)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.ARRAY_KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "emit")
+    p.map_lookup(maps.bits, F.ARRAY_KEY, "emit")
     _bit(p, r7, r1, r2)
     p.alu(asm.ADD, r0, r2)
     p.load(1, r3, r0, 0)

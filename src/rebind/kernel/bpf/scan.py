@@ -12,12 +12,11 @@ missing raises :class:`BPFUnavailable` and callers fall back to the /proc scan.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from rebind.kernel.bpf import btf as btfmod
+from rebind.kernel.bpf.layoutcache import CACHE_DIR, LayoutCache
 from rebind.kernel.bpf.programs import (
     BITMAP_BYTES,
     MEMBERS,
@@ -34,20 +33,16 @@ from rebind.kernel.bpf.syscall import (
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_HASH,
     BPFUnavailable,
+    check_bpf_environment,
     iter_create,
     link_create,
+    load_program,
     map_create,
     map_fill,
     map_lookup,
     map_update,
-    prog_load,
     read_all,
-    read_vmlinux_btf,
 )
-
-BTF_PATH = "/sys/kernel/btf/vmlinux"
-#: /proc/self/ns/pid of the initial pid namespace (PROC_PID_INIT_INO, include/linux/proc_ns.h).
-PROC_PID_INIT_INO = 0xEFFFFFFC
 
 
 class Hit(NamedTuple):
@@ -65,69 +60,17 @@ class ScanResult(NamedTuple):
     tables: int
 
 
-_layout: Layout | None = None
-
-
-#: Capability bits (include/uapi/linux/capability.h): tracing programs need CAP_BPF and
-#: CAP_PERFMON (Linux 5.8), or CAP_SYS_ADMIN.
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-
-
 def _check_environment() -> None:
     """Cheap reasons not to try, before the BTF is read."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            caps = next((int(line.split()[1], 16) for line in f if line.startswith(b"CapEff:")), 0)
-    except (OSError, ValueError, IndexError):
-        caps = 0
-    bpf_caps = (1 << CAP_BPF) | (1 << CAP_PERFMON)
-    if caps & bpf_caps != bpf_caps and not caps & (1 << CAP_SYS_ADMIN):
-        raise BPFUnavailable("no CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN)")
-    try:
-        pidns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError as exc:
-        raise BPFUnavailable(f"cannot tell the pid namespace: {exc.strerror}") from exc
-    if pidns != PROC_PID_INIT_INO:
-        # task->tgid is the pid of the initial namespace; /proc here numbers them differently.
-        raise BPFUnavailable("not in the initial pid namespace")
+    # task->tgid is the pid of the initial namespace; /proc here would number them differently.
+    check_bpf_environment(initial_pidns="not in the initial pid namespace")
 
 
-#: Finding the layout walks ~65k BTF records (~15 ms); it cannot change until the next boot,
-#: so it is kept in /run (a tmpfs, emptied at boot) keyed by boot id and BTF size.
-CACHE_PATH = "/run/rebind/bpf-layout"
-_CACHE_MAGIC = "rebind-bpf-layout 2"  # 2: without the task_file program's members
-
-
-def _cache_key() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot_id = f.read().strip()
-        return f"{boot_id} {os.stat(BTF_PATH).st_size}"
-    except OSError:
-        return None
-
-
-def _read_cache(key: str) -> Layout | None:
-    try:
-        fd = os.open(CACHE_PATH, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            return None  # not ours, or writable by others: do not trust it
-        text = os.read(fd, 1 << 16).decode()
-    except (OSError, UnicodeDecodeError):
-        return None
-    finally:
-        os.close(fd)
-    lines = text.splitlines()
-    if len(lines) < 2 or lines[0] != _CACHE_MAGIC or lines[1] != key:
-        return None
+def _decode_layout(lines: list[str]) -> Layout | None:
     attach: dict[str, int] = {}
     offsets: dict[str, int] = {}
     try:
-        for line in lines[2:]:
+        for line in lines:
             kind, name, value = line.split()
             (attach if kind == "attach" else offsets)[name] = int(value)
     except ValueError:
@@ -137,43 +80,26 @@ def _read_cache(key: str) -> Layout | None:
     return Layout(attach, offsets)
 
 
-def _write_cache(key: str, lay: Layout) -> None:
-    body = [_CACHE_MAGIC, key]
-    body += [f"attach {k} {v}" for k, v in sorted(lay.attach.items())]
-    body += [f"offset {k} {v}" for k, v in sorted(lay.offsets.items())]
-    tmp = f"{CACHE_PATH}.{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(CACHE_PATH), mode=0o755, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, ("\n".join(body) + "\n").encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, CACHE_PATH)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+def _encode_layout(lay: Layout) -> list[str]:
+    return [
+        *(f"attach {k} {v}" for k, v in sorted(lay.attach.items())),
+        *(f"offset {k} {v}" for k, v in sorted(lay.offsets.items())),
+    ]
+
+
+#: The fd-table program's layout, cached per boot (kernel/bpf/layoutcache.py).
+LAYOUT_CACHE = LayoutCache(
+    f"{CACHE_DIR}/bpf-layout",
+    "rebind-bpf-layout 2",  # 2: without the task_file program's members
+    build=layout_from_btf,
+    encode=_encode_layout,
+    decode=_decode_layout,
+)
 
 
 def load_layout(*, use_cache: bool = True) -> Layout:
     """The layout of this kernel, from the per-boot cache or from its BTF."""
-    global _layout
-    if _layout is not None:
-        return _layout
-    key = _cache_key() if use_cache else None
-    if key is not None and (cached := _read_cache(key)) is not None:
-        _layout = cached
-        return cached
-    data = read_vmlinux_btf(BTF_PATH)
-    try:
-        _layout = layout_from_btf(data)
-    except btfmod.BTFError as exc:
-        raise BPFUnavailable(f"kernel BTF: {exc}") from exc
-    if key is not None:
-        _write_cache(key, _layout)
-    return _layout
+    return LAYOUT_CACHE.load(use_cache=use_cache)
 
 
 def _boottime_offset_ns() -> int:
@@ -191,13 +117,7 @@ def _boottime_offset_ns() -> int:
 
 def _load(program: Built, attach_btf_id: int) -> int:
     insns, funcs = program
-    try:
-        return prog_load(insns, attach_btf_id, funcs=funcs)
-    except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise BPFUnavailable(f"loading a BPF program: {exc.strerror}") from exc
-    # Load again, with the verifier's log this time, to say why.
-    return prog_load(insns, attach_btf_id, log_size=1 << 20, funcs=funcs)
+    return load_program(insns, attach_btf_id, funcs)
 
 
 def _run(prog_fd: int, passes: Iterable[bytes | None], state_fd: int) -> tuple[bytes, bytes]:

@@ -35,17 +35,17 @@ back to inet_diag plus what they can infer, and mark the rest unknown.
 
 from __future__ import annotations
 
-import errno
 import operator
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import btf as btfmod
+from rebind.kernel.bpf.layoutcache import CACHE_DIR, LayoutCache
 from rebind.kernel.bpf.sockprog import (
     ABSENT,
     CHAIN_UNKNOWN,
@@ -68,14 +68,14 @@ from rebind.kernel.bpf.sockprog import (
 from rebind.kernel.bpf.syscall import (
     BPF_MAP_TYPE_HASH,
     BPFUnavailable,
+    check_bpf_environment,
     iter_create,
     link_create,
+    load_program,
     map_create,
     map_lookup,
     map_update,
-    prog_load,
     read_all,
-    read_vmlinux_btf,
 )
 from rebind.model.records import Endpoint, Family, Proto, State
 from rebind.model.sockstate import (
@@ -89,86 +89,16 @@ from rebind.model.sockstate import (
     Unavailable,
 )
 
-BTF_PATH = "/sys/kernel/btf/vmlinux"
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-
-_layout: SockLayout | None = None
-
 
 def _check_caps() -> None:
-    if os.environ.get("REBIND_NO_BPF", "") not in ("", "0"):
-        raise BPFUnavailable("REBIND_NO_BPF is set")
-    try:
-        with open("/proc/self/status", "rb") as f:
-            caps = next((int(line.split()[1], 16) for line in f if line.startswith(b"CapEff:")), 0)
-    except (OSError, ValueError, IndexError):
-        caps = 0
-    need = (1 << CAP_BPF) | (1 << CAP_PERFMON)
-    if caps & need != need and not caps & (1 << CAP_SYS_ADMIN):
-        raise BPFUnavailable("no CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN)")
+    check_bpf_environment(honour_no_bpf=True)
 
 
-_MEMBERS_CRC = format(zlib.crc32(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()), "08x")
-#: Reading the layout walks most of vmlinux BTF (~0.5 s on 6.18: bench/sockiter.py); it cannot
-#: change until the next boot, so it is kept in /run (a tmpfs emptied at boot), keyed by boot id
-#: and BTF size, like the owner scan's (kernel/bpf/scan.py). One file per member list: two
-#: rebind versions on one host (a venv beside the system's) would otherwise rewrite each other's
-#: cache on every run, and each pay the BTF walk each time.
-CACHE_PATH = f"/run/rebind/bpf-sock-layout-{_MEMBERS_CRC}"
-#: Names the member lists too: a rebind that reads other members never takes this one's cache
-#: (an optional member absent from the file would otherwise read as absent from the kernel).
-#: crc32, not hashlib: this tells our own versions apart (no adversary picks the lists), and
-#: importing hashlib loads OpenSSL, 4-12 ms of every `why` (bench/whyperf.py).
-_CACHE_MAGIC = f"rebind-bpf-sock-layout 3 {_MEMBERS_CRC}"
-
-
-def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
-    """This kernel's layout: from this process, the per-boot cache, or its BTF."""
-    global _layout
-    if _layout is not None:
-        return _layout
-    key = _cache_key() if use_cache else None
-    if key is not None and (cached := _read_cache(key)) is not None:
-        _layout = cached
-        return cached
-    data = read_vmlinux_btf(BTF_PATH)
-    try:
-        _layout = sock_layout_from_btf(data)
-    except btfmod.BTFError as exc:
-        raise BPFUnavailable(f"kernel BTF: {exc}") from exc
-    if key is not None:
-        _write_cache(key, _layout)
-    return _layout
-
-
-def _cache_key() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f"{f.read().strip()} {os.stat(BTF_PATH).st_size}"
-    except OSError:
-        return None
-
-
-def _read_cache(key: str) -> SockLayout | None:
-    try:
-        fd = os.open(CACHE_PATH, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            return None  # not ours, or writable by others: do not trust it
-        lines = os.read(fd, 1 << 16).decode().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    finally:
-        os.close(fd)
-    if len(lines) < 2 or lines[0] != _CACHE_MAGIC or lines[1] != key:
-        return None
+def _decode_layout(lines: list[str]) -> SockLayout | None:
     attach: dict[str, int] = {}
     bits: dict[str, btfmod.Bits] = {}
     try:
-        for line in lines[2:]:
+        for line in lines:
             kind, name, *values = line.split()
             if kind == "attach":
                 attach[name] = int(values[0])
@@ -184,24 +114,34 @@ def _read_cache(key: str) -> SockLayout | None:
     return lay
 
 
-def _write_cache(key: str, lay: SockLayout) -> None:
-    body = [_CACHE_MAGIC, key]
-    body += [f"attach {k} {v}" for k, v in sorted(lay.attach.items())]
-    body += [f"bits {k} {v.bit_offset} {v.bit_size}" for k, v in sorted(lay.bits.items())]
-    tmp = f"{CACHE_PATH}.{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(CACHE_PATH), mode=0o755, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, ("\n".join(body) + "\n").encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, CACHE_PATH)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+def _encode_layout(lay: SockLayout) -> list[str]:
+    return [
+        *(f"attach {k} {v}" for k, v in sorted(lay.attach.items())),
+        *(f"bits {k} {v.bit_offset} {v.bit_size}" for k, v in sorted(lay.bits.items())),
+    ]
+
+
+_MEMBERS_CRC = format(zlib.crc32(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()), "08x")
+#: Reading the layout walks most of vmlinux BTF (~0.5 s on 6.18: bench/sockiter.py): cached per
+#: boot like the owner scan's (kernel/bpf/layoutcache.py). One file per member list: two rebind
+#: versions on one host (a venv beside the system's) would otherwise rewrite each other's cache
+#: on every run, and each pay the BTF walk each time. The magic names the member lists too: a
+#: rebind that reads other members never takes this one's cache (an optional member absent from
+#: the file would otherwise read as absent from the kernel). crc32, not hashlib: this tells our
+#: own versions apart (no adversary picks the lists), and importing hashlib loads OpenSSL,
+#: 4-12 ms of every `why` (bench/whyperf.py).
+LAYOUT_CACHE = LayoutCache(
+    f"{CACHE_DIR}/bpf-sock-layout-{_MEMBERS_CRC}",
+    f"rebind-bpf-sock-layout 3 {_MEMBERS_CRC}",
+    build=sock_layout_from_btf,
+    encode=_encode_layout,
+    decode=_decode_layout,
+)
+
+
+def load_sock_layout(*, use_cache: bool = True) -> SockLayout:
+    """This kernel's layout: from this process, the per-boot cache, or its BTF."""
+    return LAYOUT_CACHE.load(use_cache=use_cache)
 
 
 def current_netns() -> int:
@@ -231,29 +171,18 @@ def _ports_map(ports: Iterable[int], *, stop_key: bool = False) -> tuple[int, li
     return fd, wanted
 
 
-def _load(insns: bytes, attach_btf_id: int) -> int:
-    try:
-        return prog_load(insns, attach_btf_id)
-    except OSError as exc:
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise BPFUnavailable(f"loading a BPF program: {exc.strerror}") from exc
-    return prog_load(insns, attach_btf_id, log_size=1 << 20)  # again, for the verifier's log
-
-
 def _iterate(proto: Proto, ports_fd: int, *, count: bool, listeners_only: bool = False) -> bytes:
     lay = load_sock_layout()
     insns = build_sock_program(
         lay, Maps(ports=ports_fd), proto=proto.value, count=count, listeners_only=listeners_only
     )
-    prog_fd = _load(insns, lay.attach[f"bpf_iter_{proto.value}"])
+    prog_fd = load_program(insns, lay.attach[f"bpf_iter_{proto.value}"])
     try:
         link_fd = link_create(prog_fd)
         try:
             iter_fd = iter_create(link_fd)  # the namespace is taken here: this thread's
             try:
-                if listeners_only:
-                    return _read_until_stopped(iter_fd, ports_fd)
-                return read_all(iter_fd)
+                return read_all(iter_fd, _stopped(ports_fd) if listeners_only else None)
             finally:
                 os.close(iter_fd)
         finally:
@@ -262,26 +191,16 @@ def _iterate(proto: Proto, ports_fd: int, *, count: bool, listeners_only: bool =
         os.close(prog_fd)
 
 
-def _read_until_stopped(iter_fd: int, ports_fd: int) -> bytes:
-    """The records up to the program's stop (build_sock_program's ``listeners_only``): the read
-    after it fails with EAGAIN, and the STOP_KEY counter says it was the program's stop, not
-    bpf_seq_read's pause after a million objects without output (read again then)."""
-    chunks: list[bytes] = []
-    again = 0
-    while True:
-        try:
-            chunk = os.read(iter_fd, 1 << 16)
-        except BlockingIOError:
-            flag = map_lookup(ports_fd, STOP_KEY.to_bytes(4, "little"), COUNT_VALUE.size)
-            if COUNT_VALUE.unpack(flag)[0]:
-                return b"".join(chunks)
-            again += 1  # a million sockets without output (see read_all): go on from there
-            if again > 10_000:
-                raise
-            continue
-        if not chunk:
-            return b"".join(chunks)  # no connection at all: the walk ended by itself
-        chunks.append(chunk)
+def _stopped(ports_fd: int) -> Callable[[], bool]:
+    """After EAGAIN in a listeners-only read (build_sock_program's ``listeners_only``): the
+    STOP_KEY counter says it was the program's stop, not bpf_seq_read's pause after a million
+    objects without output (read again then). A walk without any connection ends by itself."""
+
+    def stopped() -> bool:
+        flag = map_lookup(ports_fd, STOP_KEY.to_bytes(4, "little"), COUNT_VALUE.size)
+        return bool(COUNT_VALUE.unpack(flag)[0])
+
+    return stopped
 
 
 def read_socket_states(
@@ -318,10 +237,8 @@ def read_socket_states(
                 faulted += bad
         finally:
             os.close(fd)
-    except (BPFUnavailable, OSError) as exc:
+    except (OSError, RebindError) as exc:  # BPFUnavailable included: never an exception
         return Unavailable(_reason(exc))
-    except RebindError as exc:
-        return Unavailable(str(exc))
     return SockStates(here, tuple(out), faulted, listeners_only=listeners_only)
 
 
@@ -358,10 +275,8 @@ def count_socket_states(
                     counts += [(proto, port, State(s), n) for s, n in enumerate(values) if n and s in _STATES]
             finally:
                 os.close(fd)
-    except (BPFUnavailable, OSError) as exc:
+    except (OSError, RebindError) as exc:  # BPFUnavailable included: never an exception
         return Unavailable(_reason(exc))
-    except RebindError as exc:
-        return Unavailable(str(exc))
     return PortStateCounts(here, tuple(counts))
 
 
@@ -369,6 +284,7 @@ _STATES = frozenset(s.value for s in State)
 
 
 def _reason(exc: BaseException) -> str:
+    """One line: an errno's words, or the first line of our error (a verifier's log follows it)."""
     if isinstance(exc, OSError) and not isinstance(exc, BPFUnavailable):
         return f"BPF socket iterator: {exc.strerror or exc}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -30,26 +30,23 @@ from typing import TYPE_CHECKING, Any
 from rebind.errors import RebindError
 from rebind.kernel.bpf import asm
 from rebind.kernel.bpf.sockprog import (
-    _BUCKET,
-    _BUCKET2,
-    _COMMON,
-    _COPIES,
-    _FULL,
-    _TCP_TW_COPIES,
-    _TW,
-    HELPER_MAP_LOOKUP_ELEM,
-    HELPER_PROBE_READ_KERNEL,
-    KIND_REQUEST,
-    KIND_TIMEWAIT,
     REC,
     RECORD,
-    TCP_NEW_SYN_RECV,
-    TCP_TIME_WAIT,
     SockFrame,
     SockLayout,
     _Emitter,
+    emit_socket_fields,
 )
-from rebind.kernel.bpf.syscall import LICENSE, BPFUnavailable, attr_buf, bpf
+from rebind.kernel.bpf.syscall import (
+    BPF_F_MMAPABLE,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_PROG_TEST_RUN,
+    SOCKET_LOOKUP,
+    attr_buf,
+    bpf,
+    load_program,
+    map_create,
+)
 from rebind.model.records import Endpoint, Family, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
 
@@ -58,12 +55,6 @@ if TYPE_CHECKING:
 
 HELPER_SK_RELEASE = 86
 HELPER_SKC_LOOKUP_TCP = 99
-BPF_PROG_TEST_RUN = 10
-BPF_PROG_TYPE_SCHED_CLS = 3
-BPF_MAP_TYPE_ARRAY = 2
-BPF_F_MMAPABLE = 1 << 10
-BPF_MAP_CREATE = 0
-BPF_PROG_LOAD = 5
 
 #: One map entry: struct bpf_sock_tuple (36 bytes: ipv4 uses the first 12), its length, the
 #: record the program fills, and whether it found the socket.
@@ -89,21 +80,13 @@ def build_lookup_program(lay: SockLayout, ctr_fd: int, io_fd: int) -> bytes:
     p.mov(r6, r1)  # the skb
     # idx = ctr[0]++ (one caller at a time: BPF_PROG_TEST_RUN on one CPU)
     p.store_imm(4, fp, F.KEY, 0)
-    p.ld_map_fd(r1, ctr_fd)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "out")
+    p.map_lookup(ctr_fd, F.KEY, "out")
     p.load(4, r7, r0, 0)
     p.mov(r1, r7)
     p.alu_imm(asm.ADD, r1, 1)
     p.store(4, r0, 0, r1)
     p.store(4, fp, F.KEY, r7)
-    p.ld_map_fd(r1, io_fd)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "out")  # past the last entry
+    p.map_lookup(io_fd, F.KEY, "out")  # past the last entry
     p.mov(r8, r0)
     p.store(8, fp, ENTRY_SLOT, r8)
     p.load(4, r3, r8, TUPLE_SIZE)
@@ -126,47 +109,12 @@ def build_lookup_program(lay: SockLayout, ctr_fd: int, io_fd: int) -> bytes:
     p.mov_imm(r2, 8)
     p.mov(r3, fp)
     p.alu_imm(asm.ADD, r3, REF_SLOT)
-    p.call(HELPER_PROBE_READ_KERNEL)
+    p.call(asm.HELPER_PROBE_READ_KERNEL)
     p.load(8, r7, fp, F.SCRATCH)
     p.mov_imm(r9, 0)
     for off in range(0, RECORD.size, 8):
         p.store_imm(8, fp, rec + off, 0)
-    for group, dest, member, _ in _COPIES:
-        if group == _COMMON:
-            e.copy(dest, member, r7)
-    e.pointer(r3, r7, "sock_common.skc_net")
-    p.jump_imm(asm.JEQ, r3, 0, "netns_done")
-    e.probe_read(rec + REC["netns"], 4, r3, lay["net.ns.inum"])
-    p.label("netns_done")
-    p.mov_imm(r8, 0)
-    p.load(1, r1, fp, rec + REC["state"])
-    p.jump_imm(asm.JEQ, r1, TCP_NEW_SYN_RECV, "request")
-    p.jump_imm(asm.JEQ, r1, TCP_TIME_WAIT, "timewait")
-    for group, dest, member, _ in _COPIES:
-        if group == _FULL:
-            e.copy(dest, member, r7)
-    e.pointer(r8, r7, "inet_connection_sock.icsk_bind_hash")
-    p.goto("bucket")
-    p.label("request")
-    p.store_imm(1, fp, rec + REC["kind"], KIND_REQUEST)
-    p.goto("emit")
-    p.label("timewait")
-    p.store_imm(1, fp, rec + REC["kind"], KIND_TIMEWAIT)
-    for group, dest, member, _ in _COPIES:
-        if group == _TW:
-            e.copy(dest, member, r7)
-    for dest, member in _TCP_TW_COPIES:
-        e.copy(dest, member, r7)
-    e.pointer(r8, r7, "inet_timewait_sock.tw_tb")
-    p.label("bucket")
-    p.jump_imm(asm.JEQ, r8, 0, "bucket2")
-    p.store_imm(1, fp, rec + REC["has_bucket"], 1)
-    for group, dest, member, _ in _COPIES:
-        if group == _BUCKET:
-            e.copy(dest, member, r8)
-    p.label("bucket2")
-    if all(k in lay.bits for k in _BUCKET2):
-        _bucket2(p, e, lay)
+    emit_socket_fields(p, e, lay, tcp=True)
     p.label("emit")
     p.store(4, fp, rec + REC["faults"], r9)
     p.load(8, r1, fp, ENTRY_SLOT)
@@ -175,65 +123,13 @@ def build_lookup_program(lay: SockLayout, ctr_fd: int, io_fd: int) -> bytes:
     p.mov_imm(r2, RECORD.size)
     p.mov(r3, fp)
     p.alu_imm(asm.ADD, r3, rec)
-    p.call(HELPER_PROBE_READ_KERNEL)
+    p.call(asm.HELPER_PROBE_READ_KERNEL)
     p.load(8, r1, fp, REF_SLOT)
     p.call(HELPER_SK_RELEASE)
     p.label("out")
     p.mov_imm(r0, 0)
     p.exit()
     return p.assemble()
-
-
-def _bucket2(p: asm.Program, e: _Emitter, lay: SockLayout) -> None:
-    """The (port, address) bind2 bucket's own cache, as the iterator program reads it."""
-    r1, r7, r8, fp = asm.R1, asm.R7, asm.R8, asm.FP
-    rec = SockFrame.RECORD
-    p.load(1, r1, fp, rec + REC["kind"])
-    p.jump_imm(asm.JEQ, r1, KIND_REQUEST, "emit")
-    p.jump_imm(asm.JEQ, r1, KIND_TIMEWAIT, "bucket2_tw")
-    e.pointer(r8, r7, "inet_connection_sock.icsk_bind2_hash")
-    p.goto("bucket2_read")
-    p.label("bucket2_tw")
-    e.pointer(r8, r7, "inet_timewait_sock.tw_tb2")
-    p.label("bucket2_read")
-    p.jump_imm(asm.JEQ, r8, 0, "emit")
-    p.load(1, r1, fp, rec + REC["has_bucket"])
-    p.alu_imm(asm.OR, r1, 2)
-    p.store(1, fp, rec + REC["has_bucket"], r1)
-    e.copy("tb2_fastreuse", "inet_bind2_bucket.fastreuse", r8)
-    e.copy("tb2_fastreuseport", "inet_bind2_bucket.fastreuseport", r8)
-
-
-def _map_create(value_size: int, entries: int, flags: int) -> int:
-    return bpf(BPF_MAP_CREATE, attr_buf("<5I", BPF_MAP_TYPE_ARRAY, 4, value_size, entries, flags))
-
-
-def _prog_load(insns: bytes, log_size: int = 0) -> int:
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(LICENSE, len(LICENSE))
-    log = ctypes.create_string_buffer(log_size) if log_size else None
-    attr = attr_buf(
-        "<IIQQIIQII16s",
-        BPF_PROG_TYPE_SCHED_CLS,
-        len(insns) // 8,
-        ctypes.addressof(code),
-        ctypes.addressof(lic),
-        1 if log else 0,
-        log_size,
-        ctypes.addressof(log) if log else 0,
-        0,
-        0,
-        b"rebind_lookup",
-    )
-    try:
-        return bpf(BPF_PROG_LOAD, attr)
-    except OSError as exc:
-        if log is None:
-            raise
-        text = log.value.decode(errors="replace").strip()
-        raise BPFUnavailable(
-            f"verifier rejected the lookup program ({exc.strerror}):\n{text[-3000:]}"
-        ) from exc
 
 
 def _test_run(prog_fd: int, repeat: int) -> None:
@@ -287,7 +183,7 @@ def lookup_socket_states(
 
     The map is written and read whole (one mmap copy each way, struct.iter_unpack over the
     entries); each record decodes into a SockState that shares its SockCommon with the records
-    like it (sockiter._Memo): a port's ten thousand TIME_WAITs cost ~1 us each in Python."""
+    like it (sockiter.BulkDecoder): a few us a socket in Python, docs/benchmarks.md."""
     from rebind.kernel.bpf.sockiter import BulkDecoder
 
     if not targets:
@@ -295,19 +191,16 @@ def lookup_socket_states(
     n = len(targets)
     fds: list[int] = []
     try:
-        ctr = _map_create(4, 1, 0)
+        ctr = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1)
         fds.append(ctr)
-        io = _map_create(ENTRY_SIZE, n, BPF_F_MMAPABLE)
+        io = map_create(BPF_MAP_TYPE_ARRAY, 4, ENTRY_SIZE, n, BPF_F_MMAPABLE)
         fds.append(io)
         size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
             entries, expect = _entries(targets)
             mem[: ENTRY_SIZE * n] = entries
             insns = build_lookup_program(lay, ctr, io)
-            try:
-                prog = _prog_load(insns)
-            except OSError:
-                prog = _prog_load(insns, 1 << 22)
+            prog = load_program(insns, prog=SOCKET_LOOKUP)
             fds.append(prog)
             _test_run(prog, n)
             data = mem[: ENTRY_SIZE * n]

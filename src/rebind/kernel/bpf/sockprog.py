@@ -21,9 +21,7 @@ from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import btf as btfmod
 
 # enum bpf_func_id (include/uapi/linux/bpf.h)
-HELPER_MAP_LOOKUP_ELEM = 1
 HELPER_GET_SOCKET_COOKIE = 46  # tracing programs: Linux 5.12 (bpf_get_socket_ptr_cookie_proto)
-HELPER_PROBE_READ_KERNEL = 113
 HELPER_SEQ_WRITE = 127
 
 # include/net/tcp_states.h
@@ -335,13 +333,7 @@ class _Emitter:
     def probe_read(self, dst_fp_off: int, size: int, base: int, off: int) -> None:
         """*(fp + dst) = size bytes at base + off; a fault counts in r9 and leaves the bytes."""
         p = self.p
-        p.mov(asm.R3, base)
-        if off:
-            p.alu_imm(asm.ADD, asm.R3, off)
-        p.mov(asm.R1, asm.FP)
-        p.alu_imm(asm.ADD, asm.R1, dst_fp_off)
-        p.mov_imm(asm.R2, size)
-        p.call(HELPER_PROBE_READ_KERNEL)
+        p.probe_read(dst_fp_off, size, base, off)
         ok = self._label("read_ok")
         p.jump_imm(asm.JEQ, asm.R0, 0, ok)
         p.alu_imm(asm.ADD, asm.R9, 1)
@@ -400,9 +392,7 @@ def build_sock_program(
         raise ValueError("listeners_only: TCP records only")
     p = asm.Program()
     e = _Emitter(p, lay)
-    r0, r1, r2, r3, r6, r7, r8, r9, fp = (
-        asm.R0, asm.R1, asm.R2, asm.R3, asm.R6, asm.R7, asm.R8, asm.R9, asm.FP,
-    )  # fmt: skip
+    r0, r1, r3, r6, r7, r8, r9, fp = asm.R0, asm.R1, asm.R3, asm.R6, asm.R7, asm.R8, asm.R9, asm.FP
     ctx = "bpf_iter__tcp" if proto == "tcp" else "bpf_iter__udp"
     sk_member = "sk_common" if proto == "tcp" else "udp_sk"
     F, rec = SockFrame, SockFrame.RECORD
@@ -419,11 +409,7 @@ def build_sock_program(
     p.jump_imm(asm.JNE, r9, 0, "out")
     p.load(4, r1, fp, F.SCRATCH)
     p.store(4, fp, F.KEY, r1)
-    p.ld_map_fd(r1, maps.ports)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "out")
+    p.map_lookup(maps.ports, F.KEY, "out")
     if count:
         # counters[skc_state & 15] += 1: one reader runs the iterator, so no atomics are needed
         p.mov(r8, r0)
@@ -449,7 +435,7 @@ def build_sock_program(
 
 def _stop_after_listeners(p: asm.Program, e: _Emitter, lay: SockLayout, maps: Maps) -> None:
     """Return 1 (stop) at the first socket not in TCP_LISTEN, after marking STOP_KEY."""
-    r0, r1, r2, r7, r9, fp = asm.R0, asm.R1, asm.R2, asm.R7, asm.R9, asm.FP
+    r0, r1, r7, r9, fp = asm.R0, asm.R1, asm.R7, asm.R9, asm.FP
     F = SockFrame
     p.store_imm(8, fp, F.SCRATCH, 0)
     e.probe_read(F.SCRATCH, 1, r7, lay["sock_common.skc_state"])
@@ -457,11 +443,7 @@ def _stop_after_listeners(p: asm.Program, e: _Emitter, lay: SockLayout, maps: Ma
     p.load(1, r1, fp, F.SCRATCH)
     p.jump_imm(asm.JEQ, r1, TCP_LISTEN, "listening")
     p.store_imm(4, fp, F.KEY, STOP_KEY)
-    p.ld_map_fd(r1, maps.ports)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, F.KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "stop")
+    p.map_lookup(maps.ports, F.KEY, "stop")
     p.store_imm(8, r0, 0, 1)
     p.label("stop")
     p.mov_imm(r0, 1)
@@ -469,25 +451,15 @@ def _stop_after_listeners(p: asm.Program, e: _Emitter, lay: SockLayout, maps: Ma
     p.label("listening")
 
 
-def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: str) -> None:
-    r0, r1, r2, r3, r6, r7, r8, r9, fp = (
-        asm.R0, asm.R1, asm.R2, asm.R3, asm.R6, asm.R7, asm.R8, asm.R9, asm.FP,
-    )  # fmt: skip
+def emit_socket_fields(p: asm.Program, e: _Emitter, lay: SockLayout, *, tcp: bool) -> None:
+    """The record's fields from the socket at r7, up to (not including) the label ``emit``:
+    sock_common's, its network namespace, then by kind -- a request sock (NEW_SYN_RECV) only
+    its kind, a TIME_WAIT (TCP) its own and its buckets, a full socket its own and (TCP) its
+    buckets. Shared by the iterator program and the lookup program (kernel/bpf/socklookup.py),
+    which hand it the same frame, r7 and r9 (faults).
+    """
+    r1, r3, r7, r8, fp = asm.R1, asm.R3, asm.R7, asm.R8, asm.FP
     rec = SockFrame.RECORD
-    for off in range(0, RECORD.size, 8):
-        p.store_imm(8, fp, rec + off, 0)
-    # the cookie inet_diag reports too (sock_gen_cookie: made on first ask, then fixed)
-    p.mov(r1, r7)
-    p.call(HELPER_GET_SOCKET_COOKIE)
-    p.store(8, fp, rec + REC["cookie"], r0)
-    p.load(8, r1, r6, lay[f"{ctx}.meta"])
-    p.load(8, r2, r1, lay["bpf_iter_meta.seq_num"])
-    p.store(8, fp, rec + REC["seq_num"], r2)
-    p.load(4, r1, r6, lay[f"{ctx}.uid"])
-    p.store(4, fp, rec + REC["uid"], r1)
-    if proto == "udp":
-        p.load(4, r1, r6, lay["bpf_iter__udp.bucket"])
-        p.store(4, fp, rec + REC["bucket"], r1)
     for group, dest, member, _ in _COPIES:
         if group == _COMMON:
             e.copy(dest, member, r7)
@@ -499,20 +471,20 @@ def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: 
     p.mov_imm(r8, 0)  # no bind bucket known yet
     p.load(1, r1, fp, rec + REC["state"])
     p.jump_imm(asm.JEQ, r1, TCP_NEW_SYN_RECV, "request")
-    if proto == "tcp":
+    if tcp:
         p.jump_imm(asm.JEQ, r1, TCP_TIME_WAIT, "timewait")
     # a full socket (struct sock): UDP's are always full; TCP's listen or are connected
     for group, dest, member, _ in _COPIES:
         if group == _FULL:
             e.copy(dest, member, r7)
-    if proto == "tcp":
+    if tcp:
         e.pointer(r8, r7, "inet_connection_sock.icsk_bind_hash")
     p.goto("bucket")
     p.label("request")
     # a request_sock (NEW_SYN_RECV): only sock_common is its own; it has no bucket of its own
     p.store_imm(1, fp, rec + REC["kind"], KIND_REQUEST)
     p.goto("emit")
-    if proto == "tcp":
+    if tcp:
         p.label("timewait")
         p.store_imm(1, fp, rec + REC["kind"], KIND_TIMEWAIT)
         for group, dest, member, _ in _COPIES:
@@ -528,8 +500,9 @@ def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: 
         if group == _BUCKET:
             e.copy(dest, member, r8)
     p.label("bucket2")
-    if proto == "tcp" and all(k in lay.bits for k in _BUCKET2):
-        # the (port, address) bucket, whose own fastreuse/fastreuseport 6.18 keeps
+    if tcp and all(k in lay.bits for k in _BUCKET2):
+        # the (port, address) bucket, whose own fastreuse/fastreuseport 6.18 keeps (requests
+        # went to "emit" above: only full sockets and TIME_WAITs come here)
         p.load(1, r1, fp, rec + REC["kind"])
         p.jump_imm(asm.JEQ, r1, KIND_TIMEWAIT, "bucket2_tw")
         e.pointer(r8, r7, "inet_connection_sock.icsk_bind2_hash")
@@ -543,6 +516,26 @@ def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: 
         p.store(1, fp, rec + REC["has_bucket"], r1)
         e.copy("tb2_fastreuse", "inet_bind2_bucket.fastreuse", r8)
         e.copy("tb2_fastreuseport", "inet_bind2_bucket.fastreuseport", r8)
+
+
+def _emit_record(p: asm.Program, e: _Emitter, lay: SockLayout, ctx: str, proto: str) -> None:
+    r0, r1, r2, r3, r6, r7, r9, fp = asm.R0, asm.R1, asm.R2, asm.R3, asm.R6, asm.R7, asm.R9, asm.FP
+    rec = SockFrame.RECORD
+    for off in range(0, RECORD.size, 8):
+        p.store_imm(8, fp, rec + off, 0)
+    # the cookie inet_diag reports too (sock_gen_cookie: made on first ask, then fixed)
+    p.mov(r1, r7)
+    p.call(HELPER_GET_SOCKET_COOKIE)
+    p.store(8, fp, rec + REC["cookie"], r0)
+    p.load(8, r1, r6, lay[f"{ctx}.meta"])
+    p.load(8, r2, r1, lay["bpf_iter_meta.seq_num"])
+    p.store(8, fp, rec + REC["seq_num"], r2)
+    p.load(4, r1, r6, lay[f"{ctx}.uid"])
+    p.store(4, fp, rec + REC["uid"], r1)
+    if proto == "udp":
+        p.load(4, r1, r6, lay["bpf_iter__udp.bucket"])
+        p.store(4, fp, rec + REC["bucket"], r1)
+    emit_socket_fields(p, e, lay, tcp=proto == "tcp")
     p.label("emit")
     if proto == "udp":
         _chain_after(p, e, lay)

@@ -42,14 +42,11 @@ from rebind.kernel.bpf import btf as btfmod
 from rebind.model.trace import Kind
 
 # enum bpf_func_id (include/uapi/linux/bpf.h)
-HELPER_MAP_LOOKUP_ELEM = 1
 HELPER_KTIME_GET_NS = 5  # CLOCK_MONOTONIC
 HELPER_GET_CURRENT_PID_TGID = 14
 HELPER_GET_CURRENT_COMM = 16
 HELPER_GET_CURRENT_TASK = 35
 HELPER_GET_CURRENT_CGROUP_ID = 80  # cgroup v2 id: the inode of its directory in cgroupfs
-HELPER_PROBE_READ_USER = 112
-HELPER_PROBE_READ_KERNEL = 113
 HELPER_RINGBUF_OUTPUT = 130  # Linux 5.8
 
 #: Highest errno the filter map covers (MAX_ERRNO, include/linux/err.h).
@@ -209,12 +206,7 @@ def build_program(lay: TraceLayout, maps: TraceMaps) -> bytes:
 
     def read(dst: int, size: int, src: int, at: int, *, user: bool = False) -> None:
         """fp + dst = size bytes at src + at; r0 = 0 or a negative error."""
-        p.mov(r3, src)
-        p.alu_imm(asm.ADD, r3, at)
-        p.mov(r1, fp)
-        p.alu_imm(asm.ADD, r1, dst)
-        p.mov_imm(r2, size)
-        p.call(HELPER_PROBE_READ_USER if user else HELPER_PROBE_READ_KERNEL)
+        p.probe_read(dst, size, src, at, asm.HELPER_PROBE_READ_USER if user else asm.HELPER_PROBE_READ_KERNEL)
 
     def follow(src: int, at: int, missing: str) -> None:
         """r8 = *(u64 *)(src + at), or goto missing when it cannot be read or is NULL."""
@@ -240,11 +232,7 @@ def build_program(lay: TraceLayout, maps: TraceMaps) -> bytes:
         p.label(f"not_{nr}")
     p.jump_imm(asm.JEQ, r9, 0, "out")
     p.store(4, fp, Frame.KEY, r7)
-    p.ld_map_fd(r1, maps.errnos)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, Frame.KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "out")
+    p.map_lookup(maps.errnos, Frame.KEY, "out")
     p.load(1, r1, r0, 0)
     p.jump_imm(asm.JEQ, r1, 0, "out")
     # A failure to report: zero the record (the ring copies all of it), then fill it in.
@@ -317,11 +305,7 @@ def build_program(lay: TraceLayout, maps: TraceMaps) -> bytes:
     # counters.matched++ (per CPU, no atomics: a BPF program does not nest on its CPU,
     # bpf_prog_active / the raw tracepoint's recursion check)
     p.store_imm(4, fp, Frame.KEY, 0)
-    p.ld_map_fd(r1, maps.counters)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, Frame.KEY)
-    p.call(HELPER_MAP_LOOKUP_ELEM)
-    p.jump_imm(asm.JEQ, r0, 0, "out")
+    p.map_lookup(maps.counters, Frame.KEY, "out")
     p.mov(r7, r0)
     p.load(8, r1, r7, CNT_MATCHED)
     p.alu_imm(asm.ADD, r1, 1)

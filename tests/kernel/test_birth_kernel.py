@@ -1,0 +1,269 @@
+"""Birth certificates (`rebind trace --install`) against the real kernel.
+
+The post-bind programs attach to the root of the cgroup v2 hierarchy: they are not namespaced
+and certify every bind on the host while installed. Each test pins them in a private BPF
+filesystem of its own (``REBIND_BPF_DIR``), reads only its own network namespace (inet_diag
+dumps the caller's namespace only), and uninstalls and unmounts on teardown, which detaches
+them (the pins are the only references).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Procs
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+#: Binds and listens as "binder-a", forks "holder-b" that keeps the socket, then exits: the
+#: socket is held by a process that never called bind(), and its binder is gone.
+BIND_FORK_EXIT = """
+import os, socket, time
+open('/proc/self/comm', 'w').write('binder-a')
+s = socket.socket(socket.{family})
+s.bind(({addr!r}, {port}))
+s.listen()
+child = os.fork()
+if child == 0:
+    open('/proc/self/comm', 'w').write('holder-b')
+    time.sleep(600)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+"""
+
+
+def _mount_bpffs(path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", str(path).encode(), b"bpf", 0, b"mode=0700") != 0:
+        pytest.skip(f"cannot mount a BPF filesystem: {os.strerror(ctypes.get_errno())}")
+
+
+@pytest.fixture
+def pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private bpffs for the pins; uninstalled and unmounted at teardown (detaches them)."""
+    from rebind.kernel import birth
+
+    fs = tmp_path / "bpffs"
+    fs.mkdir()
+    _mount_bpffs(fs)
+    d = str(fs / "rebind")
+    monkeypatch.setenv("REBIND_BPF_DIR", d)
+    try:
+        yield d
+    finally:
+        birth.uninstall(d)
+        ctypes.CDLL(None, use_errno=True).umount2(str(fs).encode(), 0)
+
+
+@pytest.fixture
+def installed(pins: str, rebind_cli: Run) -> str:
+    res = rebind_cli("trace", "--install")
+    assert res.returncode == 0, res.stderr
+    assert "installed" in res.stdout and pins in res.stdout
+    return pins
+
+
+def _bind_fork_exit(
+    procs: Procs, port: int, family: str = "AF_INET", addr: str = "127.0.0.1"
+) -> tuple[int, int]:
+    p = procs.python(BIND_FORK_EXIT.format(family=family, addr=addr, port=port))
+    binder, holder = (int(x) for x in procs.wait_line(p).split())
+    procs.adopt(holder)
+    p.wait(10)
+    return binder, holder
+
+
+def test_ls_names_the_binder_after_the_socket_moved_and_the_binder_exited(
+    installed: str, netns: int, procs: Procs, rebind_cli: Run
+) -> None:
+    before = time.time()
+    binder, holder = _bind_fork_exit(procs, 8181)
+    after = time.time()
+    res = rebind_cli("ls", "8181", "--no-owners")
+    assert res.returncode == 0, res.stderr
+    assert "bound by" in res.stdout.splitlines()[0]
+    assert f"binder-a[{binder}] at " in res.stdout
+    res = rebind_cli("ls", "8181")  # the owner scan finds the holder; the certificate the binder
+    assert f"holder-b[{holder}]" in res.stdout and f"binder-a[{binder}] at " in res.stdout
+    doc = json.loads(rebind_cli("ls", "8181", "--json", "--no-owners").stdout)
+    (sock,) = doc["sockets"]
+    b = sock["birth"]
+    assert (b["pid"], b["comm"], b["port"], b["uid"], b["hook"]) == (binder, "binder-a", 8181, 0, "bind4")
+    assert before - 1 <= b["at"] <= after + 1  # CLOCK_BOOTTIME converted to the epoch
+    assert b["cgroup_id"] == sock["cgroup_id"]  # INET_DIAG_CGROUP_ID: the socket's cgroup
+
+
+def test_ipv6_listener_and_why(installed: str, netns: int, procs: Procs, rebind_cli: Run) -> None:
+    binder, _holder = _bind_fork_exit(procs, 8182, "AF_INET6", "::1")
+    res = rebind_cli("why", "8182", "--addr", "::1")
+    assert res.returncode != 0
+    assert f"bound by binder-a[{binder}] at " in res.stdout, res.stdout
+    doc = json.loads(rebind_cli("ls", "8182", "--json").stdout)
+    assert [s["birth"]["hook"] for s in doc["sockets"]] == ["bind6"]
+
+
+def test_top_rows_carry_the_certificate(installed: str, netns: int, procs: Procs) -> None:
+    """top's sampler reads the table without an owner scan per socket: the row still names
+    who bound it (a listener that lives 200 ms needs no /proc scan in time)."""
+    from rebind.sockets import socket_table
+    from rebind.top.model import build_rows, row_owners_text
+
+    with socket.socket() as s:
+        open_comm = Path("/proc/thread-self/comm")
+        old = open_comm.read_text().strip()
+        open_comm.write_text("short-lived")
+        try:
+            s.bind(("127.0.0.1", 8183))
+        finally:
+            open_comm.write_text(old)
+        s.listen()
+        table = socket_table(ports=[8183], owners=False)
+    (row,) = build_rows(table.entries)
+    assert row.birth is not None and row.birth.comm == "short-lived"
+    assert row.birth.pid == os.getpid() and row.birth.tid == threading_native_id()
+    assert row_owners_text(row).startswith(f"bound by short-lived[{os.getpid()}] at ")
+
+
+def threading_native_id() -> int:
+    import threading
+
+    return threading.get_native_id()
+
+
+def test_not_installed_shows_nothing_new(pins: str, netns: int, procs: Procs, rebind_cli: Run) -> None:
+    _bind_fork_exit(procs, 8184)
+    res = rebind_cli("ls", "8184")
+    assert res.returncode == 0 and "bound by" not in res.stdout
+    doc = json.loads(rebind_cli("ls", "8184", "--json").stdout)
+    assert [s["birth"] for s in doc["sockets"]] == [None]
+
+
+def test_uninstall_detaches_the_programs(installed: str, netns: int, rebind_cli: Run) -> None:
+    from rebind.kernel import birth
+    from rebind.kernel.bpf.syscall import map_lookup
+    from rebind.model.birth import VALUE
+
+    fd = birth.obj_get(os.path.join(installed, birth.MAP_PIN))  # keeps the map, not the links
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            assert map_lookup(fd, struct.pack("<i", s.fileno()), VALUE.size)  # certified
+        res = rebind_cli("trace", "--uninstall")
+        assert res.returncode == 0 and "removed" in res.stdout, res.stderr
+        assert not os.path.exists(installed)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            with pytest.raises(OSError) as exc:  # ENOENT: no program wrote a certificate
+                map_lookup(fd, struct.pack("<i", s.fileno()), VALUE.size)
+            assert exc.value.errno == 2
+    finally:
+        os.close(fd)
+    res = rebind_cli("trace", "--uninstall")
+    assert res.returncode == 0 and "not installed" in res.stdout
+
+
+def test_install_twice_is_a_no_op(installed: str, rebind_cli: Run) -> None:
+    res = rebind_cli("trace", "--install")
+    assert res.returncode == 0 and "already installed" in res.stdout
+
+
+def test_unprivileged_install_says_what_is_missing(pins: str) -> None:
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PATH": os.environ.get("PATH", ""),
+        "REBIND_BPF_DIR": pins,
+    }
+    res = subprocess.run(
+        [*NOBODY, sys.executable, "-m", "rebind", "trace", "--install"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 3, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CAP_BPF" in lines[0] and "Traceback" not in res.stderr
+    assert not os.path.exists(pins)
+
+
+def test_a_map_in_a_directory_others_can_write_is_not_read(
+    installed: str, netns: int, procs: Procs, rebind_cli: Run
+) -> None:
+    """Root's `ls` reads certificates only from root's own pin directory, not one others can
+    write (where anyone could have pinned a map of their own first)."""
+    binder, _ = _bind_fork_exit(procs, 8185)
+    assert f"binder-a[{binder}]" in rebind_cli("ls", "8185").stdout
+    os.chmod(installed, 0o777)
+    try:
+        res = rebind_cli("ls", "8185")
+        assert res.returncode == 0 and "bound by" not in res.stdout
+    finally:
+        os.chmod(installed, 0o700)
+
+
+def test_trace_without_owner_scan_names_the_binder(installed: str, netns: int, procs: Procs) -> None:
+    """`rebind trace --no-owners` skips the owner scan; the blocker still has a name."""
+    t = procs.start(
+        [
+            sys.executable,
+            "-m",
+            "rebind",
+            "trace",
+            "--json",
+            "--no-owners",
+            "--netns",
+            str(netns),
+            "--count",
+            "1",
+        ]
+    )
+    assert t.stderr is not None and "tracing" in t.stderr.readline()
+    binder, _ = _bind_fork_exit(procs, 8186)
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", 8186))
+    out, _err = t.communicate(timeout=60)
+    doc = json.loads(out.splitlines()[0])
+    assert doc["port"] == 8186 and f"(bound by binder-a[{binder}] at " in doc["snapshot"]["reason"]
+
+
+def test_listen_without_bind_is_certified_and_a_bind_certificate_is_kept(
+    installed: str, netns: int, procs: Procs, rebind_cli: Run
+) -> None:
+    """listen() on an unbound socket picks its own port (inet_csk_listen_start): the sock_ops
+    listen hook certifies it; for a socket bind() certified, listen() changes nothing."""
+    comm = Path("/proc/thread-self/comm")
+    old = comm.read_text().strip()
+    try:
+        comm.write_text("auto-listener")
+        auto = socket.socket()
+        auto.listen()
+        comm.write_text("later-listen")
+        bound = socket.socket()
+        comm.write_text("the-binder")
+        bound.bind(("127.0.0.1", 0))
+        comm.write_text("later-listen")
+        bound.listen()
+    finally:
+        comm.write_text(old)
+    with auto, bound:
+        ports = {auto.getsockname()[1]: "auto-listener", bound.getsockname()[1]: "the-binder"}
+        doc = json.loads(rebind_cli("ls", *map(str, ports), "--json", "--no-owners").stdout)
+        got = {
+            s["local"]["port"]: (s["birth"]["comm"], s["birth"]["hook"], s["birth"]["port"])
+            for s in doc["sockets"]
+        }
+        assert got == {
+            p: (name, "listen" if name == "auto-listener" else "bind4", p) for p, name in ports.items()
+        }
