@@ -125,6 +125,41 @@ class SockState:
     #: the iterator's visiting order (bpf_iter_meta.seq_num)
     seq: int = 0
 
+    @classmethod
+    def make(
+        cls,
+        *,
+        proto: Proto,
+        family: Family,
+        state: State,
+        kind: SockKind,
+        local: Endpoint,
+        remote: Endpoint,
+        cookie: int,
+        netns: int,
+        uid: int | None,
+        sk_uid: int | None,
+        bound_dev_if: int,
+        reuse: int,
+        reuseport: bool,
+        ipv6only: bool,
+        userlocks: int | None,
+        tw_substate: State | None = None,
+        tw_ts_recent: int | None = None,
+        tw_ts_recent_stamp: int | None = None,
+        tw_connect_bind: bool | None = None,
+        bucket: BindBucket | None = None,
+        chain: ChainPos | None = None,
+        seq: int = 0,
+    ) -> SockState:
+        """One socket from every field by name (a hand-built state: tests, callers without a
+        record); the decoders share the SockCommon instead."""
+        common = SockCommon(
+            proto, family, state, kind, local, netns, uid, sk_uid, bound_dev_if, reuse, reuseport,
+            ipv6only, userlocks, tw_substate, tw_connect_bind, bucket,
+        )  # fmt: skip
+        return cls(common, remote, cookie, tw_ts_recent, tw_ts_recent_stamp, chain, seq)
+
     @property
     def proto(self) -> Proto:
         return self.common.proto
