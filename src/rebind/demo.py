@@ -160,14 +160,21 @@ class Demo:
         """Remove TIME_WAIT leftovers with SOCK_DESTROY, or move on to a fresh port."""
         if self.can_destroy:
             from rebind.kernel import diag
+            from rebind.kernel.walk import walk
+            from rebind.model.query import SocketQuery
             from rebind.model.records import Proto, State
 
-            n = 0
-            for r in list(diag.iter_sockets(protos=[Proto.TCP], ports=[port], states=[State.TIME_WAIT])):
-                diag.destroy(r)
-                n += 1
-            self.say(f"(SOCK_DESTROY removed {n} TIME_WAIT socket(s) on {port}, instead of waiting 60 s)")
-            return port
+            w = walk(SocketQuery.create(protos=[Proto.TCP], ports=[port], states=[State.TIME_WAIT]))
+            # SOCK_DESTROY names a socket by its cookie, which only the netlink reader gives.
+            if w.source == "netlink":
+                leftovers = list(w.records)  # the dump ends before the first destroy
+                for r in leftovers:
+                    diag.destroy(r)
+                self.say(
+                    f"(SOCK_DESTROY removed {len(leftovers)} TIME_WAIT socket(s) on {port}, "
+                    "instead of waiting 60 s)"
+                )
+                return port
         new = _free_port()
         self.say(f"(no SOCK_DESTROY here: continuing on port {new} instead of waiting 60 s)")
         return new
@@ -511,16 +518,14 @@ class ClientDemo(Demo):
             s.close()
 
     def _wait_time_wait(self) -> None:
-        from rebind.kernel import diag
+        from rebind.kernel.walk import walk
+        from rebind.model.query import SocketQuery
         from rebind.model.records import Proto, State
 
+        query = SocketQuery.create(protos=[Proto.TCP], port_range=RANGE, states=[State.TIME_WAIT])
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            n = sum(
-                1
-                for r in diag.iter_sockets(protos=[Proto.TCP], port_range=RANGE, states=[State.TIME_WAIT])
-                if r.remote.port == 9000
-            )
+            n = sum(1 for r in walk(query).records if r.remote.port == 9000)
             if n >= 9:
                 return
             time.sleep(0.02)

@@ -19,9 +19,8 @@ from rebind.kernel.trial import trial_bind
 from rebind.model.free import Refusal
 from rebind.model.free_result import Fate, SocketFate
 from rebind.model.records import Proto, State
+from rebind.model.request import BindRequest
 from tests.kernel.helpers import LISTEN, OTHER_UID, SHARED, TIME_WAIT
-
-ANY = IPv4Address("0.0.0.0")
 
 IGNORES_TERM = """
 import signal, socket, time
@@ -80,7 +79,7 @@ def _alive(p) -> bool:  # type: ignore[no-untyped-def]
 
 
 def _bindable(port: int) -> bool:
-    return trial_bind(Proto.TCP, ANY, port).ok
+    return trial_bind(BindRequest.create(port)).ok
 
 
 def test_free_listener_that_ignores_sigterm_escalates(netns, procs):

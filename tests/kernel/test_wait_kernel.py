@@ -152,3 +152,13 @@ def test_until_listening_udp(netns, procs):
         assert res.ok and str(res.answered) == "127.0.0.1"
     finally:
         u.close()
+
+
+def test_until_listening_keeps_a_link_local_scope(netns, rebind_cli):
+    """The request keeps a link-local address's scope as its ifindex; --until-listening puts it
+    back on the address it hands wait_listening, which refuses a scope (one line, exit 2) as it
+    did before the request existed, instead of connecting to an unscoped fe80::1 until the
+    timeout (EINVAL each time)."""
+    res = rebind_cli("wait", "18308", "--addr", "fe80::1%lo", "--until-listening", "--timeout", "3")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "'fe80::1%lo': a scope id is not accepted here" in res.stderr.splitlines()[-1]

@@ -660,13 +660,13 @@ def test_api_default_request_validates() -> None:
 
 
 def test_gatherer_runs_only_harmless_trials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kernel/facts.py: which probes run (try_request faked: no socket is opened here)."""
+    """kernel/facts.py: which probes run (trial_bind faked: no socket is opened here)."""
     import os
 
     from rebind.kernel import facts as gatherer
 
     tried: list[BindRequest] = []
-    monkeypatch.setattr(gatherer, "try_request", lambda r: tried.append(r) or INUSE)
+    monkeypatch.setattr(gatherer, "trial_bind", lambda r: tried.append(r) or INUSE)
     me = os.geteuid()
     empty = SocketTable(())
     occupied = SocketTable((SocketEntry(tw()),))

@@ -22,7 +22,7 @@ from typing import Unpack
 from rebind.actions.common import AddrLike, parse_addr, parse_proto
 from rebind.diagnosis import BindOptions, Diagnosis, diagnose, request_for
 from rebind.errors import Fault, RebindError, UsageError
-from rebind.kernel.trial import TrialResult, try_request
+from rebind.kernel.trial import TrialResult, trial_bind
 from rebind.model.conflict import BindRequest
 from rebind.model.records import Proto
 from rebind.model.validate import parse_port, parse_seconds
@@ -152,7 +152,7 @@ def _bindable_steps(
     start = time.monotonic()
     refreshed = -REFRESH_INTERVAL
     while True:
-        trial = try_request(req)
+        trial = trial_bind(req)
         elapsed = time.monotonic() - start
         if trial.ok:
             return WaitResult(True, elapsed, req, trial)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from rebind.cli.params import SECONDS
 from rebind.errors import UsageError
 from rebind.model.records import IPAddress
 
@@ -62,6 +63,7 @@ package: rebind/exporter/rules.yml). Exit status: 0 ok, 2 usage error, 3 cannot 
 @click.option(
     "--interval",
     "interval",
+    type=SECONDS,
     default="5",
     show_default=True,
     metavar="S",
@@ -87,7 +89,7 @@ def exporter(
     listen: str,
     watch: tuple[str, ...],
     dest: tuple[str, ...],
-    interval: str,
+    interval: float,
     textfile: str | None,
     once: bool,
     trace: bool,
@@ -99,30 +101,27 @@ def exporter(
     binds or connects. Run as root, or unprivileged: what cannot be read is exported as
     rebind_exporter_missing{metric,reason}.
     """
-    from rebind.model.validate import parse_seconds
-
     _need_prometheus_client()
     from rebind.exporter.collector import RebindCollector
     from rebind.exporter.serve import parse_listen, registry_with
 
     watches = parse_watches(watch)
     dests = parse_dests(dest)
-    seconds = parse_seconds(interval, what="--interval", minimum=0.0)
     if once and not textfile:
         raise UsageError("--once needs --textfile PATH")
-    if textfile and not once and seconds < 1:
+    if textfile and not once and interval < 1:
         raise UsageError("--interval must be at least 1 s when rewriting --textfile")
     host, port = parse_listen(listen)
     if trace and once:
         raise UsageError("--trace counts while the exporter runs: not with --once")
-    collector = RebindCollector(watches, dests, interval=0.0 if textfile else seconds)
+    collector = RebindCollector(watches, dests, interval=0.0 if textfile else interval)
     registry = registry_with(collector, process=not textfile)
     counters = _failure_counters(watches, dests) if trace else None
     if counters is not None:
         registry.register(counters)
     try:
         if textfile:
-            return _textfile(registry, textfile, seconds, once)
+            return _textfile(registry, textfile, interval, once)
         return _serve(registry, host, port)
     finally:
         if counters is not None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rebind.cli.options import bind_request_options
+from rebind.cli.params import SECONDS
 
 if TYPE_CHECKING:
     from rebind.model.free import FreePlan
@@ -51,6 +52,7 @@ permitted); 5 refused: held by a process rebind will not signal.
 )
 @click.option(
     "--grace",
+    type=SECONDS,
     default="5",
     show_default=True,
     metavar="SECONDS",
@@ -66,7 +68,7 @@ permitted); 5 refused: held by a process rebind will not signal.
 def free(
     req: BindRequest,
     sig: str,
-    grace: str,
+    grace: float,
     yes: bool,
     dry_run: bool,
     force: bool,
@@ -75,14 +77,13 @@ def free(
 ) -> int:
     """Make PORT bindable: stop the processes holding it, destroy TIME_WAIT leftovers, verify."""
     from rebind.actions.free import execute_plan, plan_free
-    from rebind.model.validate import parse_seconds, parse_signal
+    from rebind.model.validate import parse_signal
     from rebind.render.free import echo, print_plan, print_result
 
     if as_json and not dry_run:
         raise click.UsageError("--json prints the plan: use it with --dry-run")
     signal = parse_signal(sig)  # UsageError: exit 2 before anything is read
-    seconds = parse_seconds(grace, what="--grace")
-    plan = plan_free(req, signal=signal, grace=seconds, force=force, outgoing=outgoing)
+    plan = plan_free(req, signal=signal, grace=grace, force=force, outgoing=outgoing)
     if as_json:
         from rebind.cli.render import dump_json
 

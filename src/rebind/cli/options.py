@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -58,16 +59,72 @@ def bind_options(f: F) -> F:
 
 #: The parameters :func:`bind_options` adds, in :func:`request_from`'s order.
 BIND_PARAMS = ("spec", "addr", "udp", "reuseaddr", "reuseport", "v6only")
+#: The parameters :func:`device_options` adds.
+DEVICE_PARAMS = ("device", "freebind")
+
+
+@dataclass(frozen=True, slots=True)
+class BindArgs:
+    """The bind options as the user gave them, before they become a request: for `rebind why`,
+    whose other questions (``--connect``, ``--reload``) use some of them and build no
+    :class:`~rebind.model.request.BindRequest`."""
+
+    spec: Spec | None
+    addr: IPv4Address | IPv6Address | None
+    udp: bool
+    reuseaddr: bool
+    reuseport: bool
+    v6only: bool | None
+    device: str | None = None
+    freebind: bool = False
+
+    def request(self) -> BindRequest:
+        """The bind request these options ask about (:func:`request_from`); UsageError without
+        a PORT."""
+        if self.spec is None:
+            raise click.UsageError("missing PORT")
+        return request_from(
+            self.spec,
+            self.addr,
+            self.udp,
+            self.reuseaddr,
+            self.reuseport,
+            self.v6only,
+            device=self.device,
+            freebind=self.freebind,
+        )
+
+
+def _pop_args(kwargs: dict[str, Any], device: bool) -> BindArgs:
+    extra = {name: kwargs.pop(name) for name in DEVICE_PARAMS} if device else {}
+    return BindArgs(*(kwargs.pop(name) for name in BIND_PARAMS), **extra)
+
+
+def bind_args_options(*, port_optional: bool = False, device: bool = False) -> Callable[[F], F]:
+    """:func:`bind_options` (and with ``device``, :func:`device_options`) handed to the command
+    as one ``bind`` (:class:`BindArgs`): for a command that builds the request only on some
+    paths (`rebind why`)."""
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            return f(*args, bind=_pop_args(kwargs, device), **kwargs)
+
+        wrapped: Any = command
+        if device:
+            wrapped = device_options(wrapped)
+        return cast(F, (bind_options_port_optional if port_optional else bind_options)(wrapped))
+
+    return decorate
 
 
 def bind_request_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """:func:`bind_options` handed to the command as one ``req`` (:func:`request_from`): for a
-    command that needs nothing but the request from them (`rebind free`)."""
+    command that needs nothing but the request from them (`rebind free`, `rebind wait`)."""
 
     @functools.wraps(f)
     def command(*args: Any, **kwargs: Any) -> Any:
-        req = request_from(*(kwargs.pop(name) for name in BIND_PARAMS))
-        return f(*args, req=req, **kwargs)
+        return f(*args, req=_pop_args(kwargs, False).request(), **kwargs)
 
     return bind_options(command)
 

@@ -35,7 +35,9 @@ class Parsed(click.ParamType):  # type: ignore[type-arg]  # generic only in clic
 
 
 class SecondsType(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
-    """A finite number of seconds in [minimum, MAX_SECONDS] (about 24 days).
+    """A finite number of seconds in [minimum, maximum] (at most MAX_SECONDS, about 24 days):
+    the one seconds type of every command's duration options (parsed by
+    ``model/validate.parse_seconds``, which the API calls too).
 
     inf, nan and huge values are usage errors: they overflow select()/poll() timeouts or never
     compare true, so a command would crash or hang instead of doing what was asked.
@@ -43,21 +45,22 @@ class SecondsType(click.ParamType):  # type: ignore[type-arg]  # generic only in
 
     name = "SECONDS"
 
-    def __init__(self, minimum: float = 0.0, *, positive: bool = False) -> None:
+    def __init__(self, minimum: float = 0.0, *, maximum: float = MAX_SECONDS, positive: bool = False) -> None:
         self.minimum = minimum
+        self.maximum = maximum
         self.positive = positive
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         what = param.opts[0] if param is not None and param.opts else "duration"
         try:
             number = float(value)
-            too_long = math.isfinite(number) and number > MAX_SECONDS  # nan, inf: parse_seconds
+            too_long = self.maximum == MAX_SECONDS and math.isfinite(number) and number > MAX_SECONDS
         except (TypeError, ValueError):
             too_long = False
         if too_long:
             self.fail(f"{what} {value} is too long (at most {MAX_SECONDS / 86400:g} days)", param, ctx)
         try:
-            seconds = parse_seconds(value, what=what, minimum=self.minimum, maximum=MAX_SECONDS)
+            seconds = parse_seconds(value, what=what, minimum=self.minimum, maximum=self.maximum)
         except UsageError as exc:
             self.fail(str(exc), param, ctx)
         if self.positive and seconds <= 0:

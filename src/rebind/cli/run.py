@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from rebind.cli.params import SecondsType
 
 if TYPE_CHECKING:
     from rebind.supervisor.machine import ReloadDone
     from rebind.supervisor.run import RunConfig
 
 CONTROL_ENV = "REBIND_CONTROL"
-
-
-def _seconds(minimum: float) -> Callable[[click.Context, click.Parameter, Any], float]:
-    """A duration option: finite, in range, else one line and exit 2 (inf/nan crash select())."""
-
-    def convert(_ctx: click.Context, param: click.Parameter, value: Any) -> float:
-        from rebind.model.validate import parse_seconds
-
-        return parse_seconds(value, what=f"--{(param.name or '').replace('_', '-')}", minimum=minimum)
-
-    return convert
 
 
 def _backlog(_ctx: click.Context, _param: click.Parameter, value: Any) -> int | None:
@@ -75,10 +65,10 @@ ready (the app's own status if it exited non-zero); 2 on bad input (checked befo
     "every socket, seen in /proc (auto: READY=1 only makes rebind look at once; accept: ignores "
     "READY=1), READY=1 on NOTIFY_SOCKET alone (notify), or nothing.",
 )
-@click.option("--ready-timeout", callback=_seconds(0.1), default="30", show_default=True, metavar="SECONDS")
+@click.option("--ready-timeout", type=SecondsType(0.1), default="30", show_default=True, metavar="SECONDS")
 @click.option(
     "--grace",
-    callback=_seconds(0),
+    type=SecondsType(0),
     default="10",
     show_default=True,
     metavar="SECONDS",
@@ -96,14 +86,14 @@ ready (the app's own status if it exited non-zero); 2 on bad input (checked befo
 )
 @click.option(
     "--drain",
-    callback=_seconds(0),
+    type=SecondsType(0),
     default="0",
     show_default=True,
     metavar="SECONDS",
     help="A replaced generation gets the stop signal, then this long to finish before SIGTERM "
     "to all of it (then --grace, SIGKILL).",
 )
-@click.option("--backoff-max", callback=_seconds(0), default="10", show_default=True, metavar="SECONDS")
+@click.option("--backoff-max", type=SecondsType(0), default="10", show_default=True, metavar="SECONDS")
 @click.option(
     "--control",
     envvar=CONTROL_ENV,
@@ -221,7 +211,7 @@ Examples:
 )
 @click.option("--control", envvar=CONTROL_ENV, metavar="PATH", help=f"Control socket (env {CONTROL_ENV}).")
 @click.option("--pid-file", metavar="PATH", help="Send SIGHUP to the pid written by `rebind run --pid-file`.")
-@click.option("--timeout", callback=_seconds(0.1), default="120", show_default=True, metavar="SECONDS")
+@click.option("--timeout", type=SecondsType(0.1), default="120", show_default=True, metavar="SECONDS")
 @click.option("--status", "status", is_flag=True, help="Only print which generations run.")
 def reload(control: str | None, pid_file: str | None, timeout: float, status: bool) -> int:
     """Ask a running `rebind run` to start a new generation and report whether it took over."""

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from rebind.cli.params import SecondsType
+
 NOT_A_TERMINAL = (
     "rebind top needs a terminal (stdout is not one); for scripts use `rebind ls [PORT...]` "
     "or `rebind ls --json`"
@@ -34,7 +36,12 @@ Exit status: 0 on quit, 2 usage error (e.g. not a terminal), 3 missing permissio
     "--all", "all_ports", is_flag=True, help="Also every listening or bound port (default without PORT)."
 )
 @click.option(
-    "--interval", default="1", metavar="SECONDS", show_default=True, help="Seconds between refreshes."
+    "--interval",
+    type=SecondsType(0.2, maximum=3600),
+    default="1",
+    metavar="SECONDS",
+    show_default=True,
+    help="Seconds between refreshes.",
 )
 @click.option(
     "--record",
@@ -52,7 +59,7 @@ Exit status: 0 on quit, 2 usage error (e.g. not a terminal), 3 missing permissio
 def top(
     ports: tuple[str, ...],
     all_ports: bool,
-    interval: str,
+    interval: float,
     record: str | None,
     record_max: str,
     no_owners: bool,
@@ -60,10 +67,9 @@ def top(
     """Watch ports live: each socket's state, TIME_WAIT time left, accept queues, SO_REUSEPORT
     groups, owners, and whether a bind would succeed now; act with one key."""
     from rebind.errors import UsageError
-    from rebind.model.validate import parse_port, parse_seconds
+    from rebind.model.validate import parse_port
 
     plist = [parse_port(p, what="PORT") for p in ports]
-    seconds = parse_seconds(interval, what="--interval", minimum=0.2, maximum=3600)
     from rebind.top.record import parse_size
 
     max_bytes = parse_size(record_max, what="--record-max")
@@ -72,12 +78,12 @@ def top(
     from rebind.top.record import Recorder
     from rebind.top.sampler import Sampler
 
-    sampler = Sampler(plist, all_ports=all_ports, owners=not no_owners, interval=seconds)
+    sampler = Sampler(plist, all_ports=all_ports, owners=not no_owners, interval=interval)
     recorder = Recorder(record, max_bytes) if record else None
     try:
         from rebind.top.app import TopApp
 
-        code = TopApp(sampler, seconds, recorder).run()
+        code = TopApp(sampler, interval, recorder).run()
     finally:
         if recorder is not None:
             recorder.close()

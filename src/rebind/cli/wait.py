@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.options import Spec, bind_options, request_from
+from rebind.cli.options import bind_request_options
 from rebind.cli.params import SECONDS
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
-    from rebind.model.conflict import BindRequest
+    from rebind.model.request import BindRequest
 
 __all__ = ["wait"]
 
@@ -36,7 +36,7 @@ cannot fix (EINVAL...), 3 bind() needs a permission rebind lacks (EACCES: a port
 ip_unprivileged_port_start without root).
 """,
 )
-@bind_options
+@bind_request_options
 @click.option(
     "--timeout",
     type=SECONDS,
@@ -49,12 +49,7 @@ ip_unprivileged_port_start without root).
     "--until-listening", is_flag=True, help="Wait until something accepts connections on PORT instead."
 )
 def wait(
-    spec: Spec,
-    addr: IPv4Address | IPv6Address | None,
-    udp: bool,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool | None,
+    req: BindRequest,
     timeout: float | None,
     quiet: bool,
     until_listening: bool,
@@ -67,14 +62,13 @@ def wait(
     """
     if until_listening:
         for name, on in (
-            ("--reuseaddr", reuseaddr),
-            ("--reuseport", reuseport),
-            ("--v6only", v6only is not None),
+            ("--reuseaddr", req.reuseaddr),
+            ("--reuseport", req.reuseport),
+            ("--v6only", req.v6only is not None),
         ):
             if on:
                 raise click.UsageError(f"{name} has no meaning with --until-listening")
-        return _until_listening(spec, addr, udp, timeout, quiet)
-    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only)
+        return _until_listening(req, timeout, quiet)
     return _until_bindable(req, timeout, quiet)
 
 
@@ -171,16 +165,11 @@ def _with_progress(req: BindRequest, timeout: float | None) -> Any:
         return wait_bindable(req, timeout=timeout, on_progress=update)
 
 
-def _until_listening(
-    spec: Spec, addr: IPv4Address | IPv6Address | None, udp: bool, timeout: float | None, quiet: bool
-) -> int:
+def _until_listening(req: BindRequest, timeout: float | None, quiet: bool) -> int:
     from rebind.actions.wait import LOOPBACKS, wait_listening
-    from rebind.model.records import fmt_addr
+    from rebind.model.records import Proto, fmt_addr
 
-    spec_addr, port = spec
-    if spec_addr is not None and addr is not None and spec_addr != addr:
-        raise click.UsageError(f"two addresses given: {spec_addr} and {addr}")
-    address = addr or spec_addr
+    port, udp, address = req.port, req.proto is Proto.UDP, _connect_address(req)
     shown = " or ".join(
         fmt_addr(a) for a in ((address,) if address and not address.is_unspecified else LOOPBACKS)
     )
@@ -202,3 +191,17 @@ def _until_listening(
     if not quiet:
         click.echo(f"rebind: timed out after {res.elapsed:.1f}s: nothing serves {what}", err=True)
     return 1
+
+
+def _connect_address(req: BindRequest) -> IPv4Address | IPv6Address:
+    """The address a client connects to: the request's, with a link-local address's scope back
+    on it (the request keeps it as ``ifindex``; connect() needs it in the address)."""
+    import socket
+
+    if not (isinstance(req.addr, IPv6Address) and req.addr.is_link_local and req.ifindex):
+        return req.addr
+    try:
+        scope = socket.if_indextoname(req.ifindex)
+    except OSError:  # the interface went away since the request was built
+        scope = str(req.ifindex)
+    return IPv6Address(f"{req.addr}%{scope}")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rebind.cli.options import Spec, bind_options_port_optional, device_options, request_from
+from rebind.cli.options import BindArgs, bind_args_options
 from rebind.cli.params import SOURCE, TARGET
 from rebind.render.why import print_diagnosis
 
@@ -37,8 +37,7 @@ With --check-fix: 0 the well-known holder is gone and the bind works, 1 not yet.
 With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permission.
 """,
 )
-@bind_options_port_optional
-@device_options
+@bind_args_options(port_optional=True, device=True)
 @click.option(
     "--connect", type=TARGET, metavar="HOST:PORT", help="Client side: can connect() get a local port?"
 )
@@ -57,14 +56,7 @@ With --connect: 0 a connect() would get a port, 1 it would not, 3 missing permis
     help="After applying a well-known holder's fix: verify it no longer holds PORT and the bind works.",
 )
 def why(
-    spec: Spec | None,
-    addr: IPv4Address | IPv6Address | None,
-    udp: bool,
-    reuseaddr: bool,
-    reuseport: bool,
-    v6only: bool | None,
-    device: str | None,
-    freebind: bool,
+    bind: BindArgs,
     connect: tuple[str, int] | None,
     source: tuple[IPv4Address | IPv6Address, int | None] | None,
     bind_before_connect: bool,
@@ -82,20 +74,22 @@ def why(
     answer to any later bind on the port.
     """
     if reload_check:  # issue 13: a separate check, see rebind/cli/why_reload.py
-        if spec is None:
+        if bind.spec is None:
             raise click.UsageError("--reload needs a PORT")
         from rebind.cli.why_reload import run_reload_check
 
-        return run_reload_check(spec[1], as_json)
+        return run_reload_check(bind.spec[1], as_json)
     # A new question dispatches here, before the bind request is built.
-    if connect is not None or spec is None:  # the client half: rebind.cli.why_connect
+    if connect is not None or bind.spec is None:  # the client half: rebind.cli.why_connect
         from rebind.cli.why_connect import dispatch
 
-        return dispatch(spec, connect, source, bind_before_connect, reuseaddr, udp, as_json, probe)
+        return dispatch(
+            bind.spec, connect, source, bind_before_connect, bind.reuseaddr, bind.udp, as_json, probe
+        )
     from rebind.diagnosis import diagnose
     from rebind.kernel.wellknown import findings as gather_findings
 
-    req = request_from(spec, addr, udp, reuseaddr, reuseport, v6only, device=device, freebind=freebind)
+    req = bind.request()
     d = diagnose(req)
     # iptables-save already ran for diagnose()'s NAT notes: look for a NodePort Service only when
     # they found a KUBE-NODEPORTS rule (one more run of it on every free port costs ~20 ms).

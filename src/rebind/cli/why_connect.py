@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rebind.model.records import process_label
 from rebind.textsafe import visible
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def _print_consumers(con: PlainOut | RichOut, res: ConnectResult) -> None:
         unit = f"  {visible(c.unit)}" if c.unit else ""
         p(
             f"  {c.to_destination:>6} / {c.by_bind:>5} / {c.other:>5}  "
-            f"{esc(visible(c.name))}[{c.pid}] {esc(user)}  [dim]{esc(cmd)}{esc(unit)}[/]"
+            f"{esc(process_label(c.name, c.pid))} {esc(user)}  [dim]{esc(cmd)}{esc(unit)}[/]"
         )
     if len(res.consumers) > 10:
         p(f"  … {len(res.consumers) - 10} more processes")

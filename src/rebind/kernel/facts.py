@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from rebind.kernel.trial import try_request
+from rebind.kernel.trial import trial_bind
 from rebind.model.advice import Facts, HolderFacts, Provenance
 from rebind.model.assess import kernel_holder, port_state
 from rebind.model.conflict import (
@@ -359,7 +359,7 @@ def _trials(
                 )
             continue
         # Keyed by the bind-only request (a trial never listens): advice.trial_for finds it.
-        out[replace(probe, listen=False)] = try_request(probe)
+        out[replace(probe, listen=False)] = trial_bind(probe)
     return out, skipped
 
 

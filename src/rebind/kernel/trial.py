@@ -9,12 +9,12 @@ predicted by the model, not tried.
 from __future__ import annotations
 
 import socket
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv6Address
 
 from rebind.model.records import Proto
 from rebind.model.request import BindRequest, TrialResult
 
-__all__ = ["TrialResult", "trial_bind", "try_request"]
+__all__ = ["TrialResult", "trial_bind"]
 
 IPV6_V6ONLY = getattr(socket, "IPV6_V6ONLY", 26)
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
@@ -23,39 +23,32 @@ IPV6_FREEBIND = 78  # include/uapi/linux/in6.h (Linux 4.15); not in Python's soc
 SO_BINDTOIFINDEX = getattr(socket, "SO_BINDTOIFINDEX", 62)  # Linux 5.0: no name lookup, no race
 
 
-def trial_bind(
-    proto: Proto,
-    addr: IPv4Address | IPv6Address,
-    port: int,
-    *,
-    reuseaddr: bool = False,
-    reuseport: bool = False,
-    v6only: bool | None = None,
-    ifindex: int = 0,
-    freebind: bool = False,
-    bindtodevice: int = 0,
-) -> TrialResult:
-    """Bind a throwaway socket with these options and close it. Never listens, never sends.
+def trial_bind(req: BindRequest) -> TrialResult:
+    """Bind a throwaway socket exactly as ``req`` asks and close it. Never listens, never sends.
 
-    ``ifindex``: the device the socket ends up bound to (SO_BINDTODEVICE, or a link-local
-    address's scope id); ``bindtodevice``: a SO_BINDTODEVICE set first that the scope id then
-    overrides (the kernel's order, reproduced)."""
+    Every field that changes the kernel's answer is set: ``ifindex`` is the device the socket
+    ends up bound to (SO_BINDTODEVICE, or a link-local address's scope id); ``bindtodevice`` a
+    SO_BINDTODEVICE set first that the scope id then overrides (the kernel's order, reproduced).
+    Not ``uid``: the probe's sk_uid is this process's fsuid. Callers compare ``req.uid`` with
+    os.geteuid() before trusting a SO_REUSEPORT trial (see kernel/facts.py).
+    """
+    proto, addr, port, ifindex = req.proto, req.addr, req.port, req.ifindex
     family = socket.AF_INET6 if isinstance(addr, IPv6Address) else socket.AF_INET
     kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
     scoped = isinstance(addr, IPv6Address) and addr.is_link_local
     with socket.socket(family, kind | socket.SOCK_CLOEXEC) as s:
         try:
-            if reuseaddr:
+            if req.reuseaddr:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuseport:
+            if req.reuseport:
                 s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and v6only is not None:
-                s.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, int(v6only))
-            if bindtodevice:
-                s.setsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, bindtodevice)
+            if family == socket.AF_INET6 and req.v6only is not None:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, int(req.v6only))
+            if req.bindtodevice:
+                s.setsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, req.bindtodevice)
             elif ifindex and not scoped:
                 s.setsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, ifindex)
-            if freebind:
+            if req.freebind:
                 if family == socket.AF_INET6:
                     s.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
                 else:
@@ -71,22 +64,3 @@ def trial_bind(
         # An abortive close (SO_LINGER 0) is not needed: a bound, never-connected socket leaves
         # no TIME_WAIT behind; close() releases the port immediately.
     return TrialResult(True)
-
-
-def try_request(req: BindRequest) -> TrialResult:
-    """The trial bind of exactly this request: every field that changes the kernel's answer.
-
-    Not ``uid``: the probe's sk_uid is this process's fsuid. Callers compare ``req.uid`` with
-    os.geteuid() before trusting a SO_REUSEPORT trial (see kernel/facts.py).
-    """
-    return trial_bind(
-        req.proto,
-        req.addr,
-        req.port,
-        reuseaddr=req.reuseaddr,
-        reuseport=req.reuseport,
-        v6only=req.v6only,
-        ifindex=req.ifindex,
-        freebind=req.freebind,
-        bindtodevice=req.bindtodevice,
-    )

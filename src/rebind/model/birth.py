@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from rebind.textsafe import visible
+from rebind.model.records import process_label
 
 #: The map value (``struct rebind_birth``, little-endian; BTF in kernel/bpf/birth_prog.py):
 #: boot_ns (bpf_ktime_get_boot_ns), cgroup_id, tid, tgid, uid, port (host order), flags, comm.
@@ -45,8 +45,8 @@ class Birth:
 
     @property
     def label(self) -> str:
-        """``name[pid]``, escaped like records.owner_label."""
-        return f"{visible(self.comm)}[{self.pid}]"
+        """``name[pid]``, escaped (records.process_label)."""
+        return process_label(self.comm, self.pid)
 
 
 def decode(raw: bytes, boot_to_epoch: float) -> Birth | None:

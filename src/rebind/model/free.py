@@ -34,6 +34,7 @@ from rebind.model.records import (
     OwnerScanReport,
     SocketRecord,
     inaccessible_warning,
+    process_label,
     socket_label,
 )
 from rebind.model.validate import parse_seconds, parse_signal
@@ -118,7 +119,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        return f"{self.name}[{self.pid}]"
+        return process_label(self.name, self.pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,7 @@ class Refused:
 
     @property
     def label(self) -> str:
-        return f"{self.name}[{self.pid}]"
+        return process_label(self.name, self.pid)
 
 
 @dataclass(frozen=True, slots=True)

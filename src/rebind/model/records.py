@@ -212,11 +212,18 @@ class Owner:
     proxy: ProxyKind | None = None
 
 
+def process_label(name: str, pid: int) -> str:
+    """``name[pid]``: the one place a process becomes text, whichever record carries it (an
+    :class:`Owner`, free's targets, top's rows, a trace event, a connect consumer). The name is
+    the process's own choice (prctl(PR_SET_NAME), argv[0]) and so hostile: control characters are
+    shown escaped (rebind.textsafe.visible). Rich renderers still escape markup, or print it as
+    ``Text``."""
+    return f"{visible(name)}[{pid}]"
+
+
 def owner_label(o: Owner) -> str:
-    """``name[pid]``: the one place an owner becomes text. The name is the process's own choice
-    (prctl(PR_SET_NAME), argv[0]) and so hostile: control characters are shown escaped
-    (rebind.textsafe.visible). Rich renderers still escape markup, or print it as ``Text``."""
-    label = f"{visible(o.name)}[{o.pid}]"
+    """:func:`process_label` with what the owner serves: its container or systemd unit."""
+    label = process_label(o.name, o.pid)
     if o.proxy is not None:
         # A port proxy serves someone else: name who (killing the proxy is never the fix).
         return f"{label} → {visible(o.container.label) if o.container else 'a container'}"

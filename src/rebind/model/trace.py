@@ -23,7 +23,7 @@ from rebind.model.advice import BlockerInfo, Diagnosis, WhyVerdict
 from rebind.model.birth import when as birth_when
 from rebind.model.connect import ConnectResult
 from rebind.model.diagnosis import NO_SOCKET_KINDS, HolderKind, describe_owner, fmt_seconds, kind_phrase
-from rebind.model.records import IPAddress, Proto
+from rebind.model.records import IPAddress, Proto, process_label
 from rebind.textsafe import visible
 
 SCHEMA = "rebind.trace/1"
@@ -177,7 +177,7 @@ def _clock(ts: float, *, date: bool = False) -> str:
 def describe(ev: TraceEvent, snap: Snapshot | None, *, unit: str | None = None, date: bool = False) -> str:
     """``03:12:07 myapp[4121] (myapp.service) bind 0.0.0.0:8080 SO_REUSEADDR → EADDRINUSE: ...``
     (process-supplied text escaped)."""
-    who = f"{ev.comm}[{ev.pid}]" + (f" ({unit})" if unit else "")
+    who = process_label(ev.comm, ev.pid) + (f" ({unit})" if unit else "")
     what = ev.kind.name.lower()
     proto = f"/{ev.proto.value}" if ev.proto else ""
     target = ev.where + proto
@@ -289,7 +289,7 @@ class TraceRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        who = f"{self.comm}[{self.pid}]" + (f" ({self.unit})" if self.unit else "")
+        who = process_label(self.comm, self.pid) + (f" ({self.unit})" if self.unit else "")
         proto = f"/{self.proto}" if self.proto else ""
         flags = "".join(f" {f}" for f in self.flags)
         tail = f": {self.reason}" if self.reason else ""

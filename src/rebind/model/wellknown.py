@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rebind.model.localhost import SplitBrain
-from rebind.model.records import Proto
+from rebind.model.records import Proto, process_label
 from rebind.textsafe import visible
 
 #: Kubernetes object names (RFC 1123 labels, DNS subdomains for namespaces): nothing else is
@@ -195,7 +195,7 @@ class Lookalike:
 
     def line(self) -> str:
         return (
-            f"{visible(self.name)}[{self.pid}] is named like {self.entry.name} but {self.reason}: "
+            f"{process_label(self.name, self.pid)} is named like {self.entry.name} but {self.reason}: "
             "not the system's daemon, so no advice to change its configuration"
         )
 

@@ -17,7 +17,7 @@ from rebind.model.birth import Birth
 from rebind.model.birth import text as birth_text
 from rebind.model.conflict import BindRequest, KernelSettings
 from rebind.model.localhost import LocalhostResolution, find_split, loopback_only
-from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State
+from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State, process_label
 from rebind.model.sockstate import SockState
 from rebind.textsafe import visible
 
@@ -90,7 +90,7 @@ class OwnerView:
     @property
     def label(self) -> str:
         """``name[pid]`` with every control character escaped (safe to print)."""
-        return f"{visible(self.name)}[{self.pid}]"
+        return process_label(self.name, self.pid)
 
     @property
     def detail(self) -> str:

@@ -87,7 +87,9 @@ def _race_notes(req: BindRequest, holders: Sequence[Holder], settings: KernelSet
 
 
 def _as_outcome(c: Check, stage: Stage, notes: list[str]) -> Outcome:
-    all_notes = tuple(notes + list(c.notes) + unknown_notes(c.blockers))
+    # bind() and listen() both run get_port's checks: a note both stages make (the SO_REUSEPORT
+    # fast path, an unknown flag's "depends") is said once, in the order first made.
+    all_notes = tuple(dict.fromkeys(notes + list(c.notes) + unknown_notes(c.blockers)))
     if c.verdict is Verdict.OK:
         return Outcome(Verdict.OK, notes=all_notes)
     return Outcome(c.verdict, errno.EADDRINUSE, stage, c.blockers, all_notes)
