@@ -17,7 +17,12 @@ and CPU (user + system of the child, from wait4), best and median of --runs. The
 what kernel/facts.iterator_scope decides for each port and what the BPF socket iterator costs
 walked whole and stopped after the listening hash (read_socket_states(listeners_only=True)).
 
-Not a test: it asserts no time. It checks that why's exit status is 1 (busy) for every port.
+Then (``--connect-runs``, default 3) `rebind why --connect 127.0.0.2:10000` against
+`rebind ls 10000` (issue 17 budget: ≤ 1.2×): 500 connections to that destination, ~100k in the
+ephemeral range, all of which --connect accounts for.
+
+Not a test: it asserts no time. It prints why's exit statuses (1, busy, for every port; 0 for
+--connect).
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ from rebind.model.sockstate import Unavailable  # noqa: E402
 from rebind.sockets import socket_table  # noqa: E402
 
 PORTS = {8080: "plain listener", 9000: "TIME_WAITs", 8443: "SO_REUSEPORT group (4)"}
+#: `why --connect DEST` against `ls PORT` of the destination (budget <= 1.2x): mkload's first
+#: child holds 500 connections to 127.0.0.2:10000; the ephemeral range holds ~100k more.
+CONNECT = {"127.0.0.2:10000": 10000}
 TIMEWAITS = 11_000
 
 
@@ -73,10 +81,14 @@ def run(argv: list[str]) -> tuple[float, float, int]:
     return wall, (usage.ru_utime + usage.ru_stime) * 1e3, os.waitstatus_to_exitcode(status)
 
 
-def pairs(port: int, runs: int, baseline: str | None) -> dict[str, list[tuple[float, float, int]]]:
-    argvs = {"ls": [REBIND, "ls", str(port)], "why": [REBIND, "why", str(port)]}
+def pairs(
+    port: int, runs: int, baseline: str | None, why: list[str] | None = None
+) -> dict[str, list[tuple[float, float, int]]]:
+    """``why``: the why arguments (default: the port itself)."""
+    args = why or [str(port)]
+    argvs = {"ls": [REBIND, "ls", str(port)], "why": [REBIND, "why", *args]}
     if baseline:
-        argvs["base"] = [baseline, "why", str(port)]
+        argvs["base"] = [baseline, "why", *args]
     out: dict[str, list[tuple[float, float, int]]] = {key: [] for key in argvs}
     for argv in argvs.values():
         run(argv)  # warm-up
@@ -145,6 +157,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--build-timeout", type=float, default=1200)
     ap.add_argument(
+        "--connect-runs",
+        type=int,
+        default=3,
+        metavar="N",
+        help="rounds of `why --connect 127.0.0.2:10000` against `ls 10000` (0: skip; each reads the whole range)",
+    )
+    ap.add_argument(
         "--use-existing", metavar="NETNS", help="a namespace already loaded (mkload --reuseport 4)"
     )
     ap.add_argument(
@@ -188,6 +207,12 @@ def main() -> None:
             rows.append(report(port, label, got))
             print(rows[-1], flush=True)
             notes.append(f"# {port}: why reads {scope_of(port)}; {iterator_costs(port, args.runs)}")
+        if args.connect_runs:
+            for dest, port in CONNECT.items():
+                got = pairs(port, args.connect_runs, args.baseline, ["--connect", dest])
+                label = f"`why --connect {dest}` vs `ls {port}`"
+                rows.append(report(port, label, got))
+                print(rows[-1], flush=True)
         for note in notes:
             print(note)
     finally:

@@ -10,8 +10,9 @@ from ipaddress import IPv4Address, IPv6Address
 from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import socklookup as L
 from rebind.kernel.bpf import sockprog as P
-from rebind.model.records import Endpoint
-from tests.unit.test_bpf_sockiter import MAPS, fake_layout
+from rebind.kernel.bpf.sockiter import BulkDecoder, decode_one
+from rebind.model.records import Endpoint, Proto, State
+from tests.unit.test_bpf_sockiter import MAPS, _record, fake_layout
 
 
 def _calls(insns: bytes) -> list[int]:
@@ -43,13 +44,92 @@ def test_the_lookup_program_releases_what_it_looks_up_and_stays_in_its_frame() -
 
 def test_a_tuple_is_the_packet_to_the_socket_from_its_peer() -> None:
     local, remote = Endpoint(IPv4Address("127.0.0.1"), 9000), Endpoint(IPv4Address("127.0.0.9"), 40000)
-    raw, size = L.ENTRY_IN.unpack(L._tuple(local, remote))
+    raw, size = L.ENTRY_IN.unpack(L._entry(local, remote)[0])
     assert size == 12 and raw[:12] == bytes([127, 0, 0, 9, 127, 0, 0, 1]) + struct.pack(">HH", 40000, 9000)
     local6, remote6 = Endpoint(IPv6Address("::1"), 9000), Endpoint(IPv6Address("fe80::2"), 40000)
-    raw, size = L.ENTRY_IN.unpack(L._tuple(local6, remote6))
+    raw, size = L.ENTRY_IN.unpack(L._entry(local6, remote6)[0])
     assert (
         size == 36 and raw[:16] == IPv6Address("fe80::2").packed and raw[16:32] == IPv6Address("::1").packed
     )
+    # v4-mapped both ends: looked up as IPv4, but the record is the AF_INET6 socket's own
+    mapped = Endpoint(IPv6Address("::ffff:127.0.0.1"), 9000), Endpoint(IPv6Address("::ffff:127.0.0.9"), 40000)
+    entry, want = L._entry(*mapped)
+    raw, size = L.ENTRY_IN.unpack(entry)
+    assert size == 12 and raw[:8] == bytes([127, 0, 0, 9, 127, 0, 0, 1])
+    assert want == (mapped[0].addr.packed, mapped[1].addr.packed, (40000).to_bytes(2, "big"), 9000)
+
+
+def _tw(cookie: int, dport: int, **more: object) -> bytes:
+    fields: dict[str, object] = dict(
+        family=2, lport=9000, dport=dport.to_bytes(2, "big"), state=State.TIME_WAIT, kind=P.KIND_TIMEWAIT,
+        reuse=1, rcv_saddr=bytes([127, 0, 0, 1]), daddr=bytes([127, 0, 0, 9]), tw_substate=State.TIME_WAIT,
+        tw_ts_recent=cookie * 3, tw_ts_recent_stamp=cookie * 5, tw_connect_bind=P.ABSENT, cookie=cookie,
+        seq_num=cookie, netns=4026531840, has_bucket=1, tb_port=9000, fastreuse=1, fastreuseport=0,
+    )  # fmt: skip
+    fields.update(more)
+    return _record(**fields)
+
+
+def _entries_of(records: list[bytes], found: list[int]) -> bytes:
+    """The lookup map as the program leaves it: per entry a tuple, FOUND, the record."""
+    out = bytearray(L.ENTRY_SIZE * len(records))
+    for i, (rec, f) in enumerate(zip(records, found, strict=True)):
+        at = i * L.ENTRY_SIZE
+        struct.pack_into("<I", out, at + L.FOUND_AT, f)
+        out[at + L.RECORD_AT : at + L.RECORD_AT + len(rec)] = rec
+    return bytes(out)
+
+
+def test_the_bulk_decoder_gives_the_codecs_answer_for_every_socket() -> None:
+    """BulkDecoder shares one SockCommon among like sockets, decoded from one record: each
+    socket's own fields (peer, cookie, timestamps) and whatever the memory holds in the fields of
+    the other family (a TIME_WAIT's skc_v6_rcv_saddr on IPv4) must not leak between them."""
+    recs = [
+        _tw(1, 40001, v6_rcv_saddr=b"\x01" * 16, v6_daddr=b"\x02" * 16),
+        _tw(2, 40002, v6_rcv_saddr=b"\x03" * 16),
+        _tw(3, 40003, reuse=0),  # other flags: its own SockCommon
+        _tw(4, 40004, kind=P.KIND_FULL, state=State.ESTABLISHED, uid=1000, sk_uid=1000, userlocks=12),
+        _record(
+            family=10, lport=9000, dport=(40005).to_bytes(2, "big"), state=State.TIME_WAIT, kind=P.KIND_TIMEWAIT,
+            v6_rcv_saddr=IPv6Address("::1").packed, v6_daddr=IPv6Address("::2").packed, cookie=5,
+            rcv_saddr=bytes([9, 9, 9, 9]), tw_substate=State.TIME_WAIT, tw_connect_bind=1,
+        ),
+    ]  # fmt: skip
+    data = _entries_of(recs, [1] * len(recs))
+    dec = BulkDecoder(Proto.TCP, lead=L._LEAD, trail=L.ENTRY_SIZE - L.RECORD_AT - P.RECORD.size)
+    got = [dec.decode(v, data, i, 100 + i, 7) for i, v in enumerate(dec.rows(data))]
+    for i, (st, rec) in enumerate(zip(got, recs, strict=True)):
+        want = decode_one(Proto.TCP, P.RECORD.unpack(rec), cookie=100 + i, uid=7)
+        assert st == want and st.common == want.common
+        assert (st.remote, st.tw_ts_recent, st.seq) == (want.remote, want.tw_ts_recent, want.seq)
+    assert got[0].common is got[1].common  # alike but for the other family's garbage
+    assert len({id(st.common) for st in got}) == 4
+    assert got[3].uid == 7 and got[0].uid is None  # the caller's uid; none for a TIME_WAIT
+
+
+def test_a_record_of_another_socket_is_not_taken_for_the_one_named() -> None:
+    """The 4-tuple of a socket gone since the dump may find a listener or a newer socket: the
+    record must match the named socket's family, addresses and ports byte for byte."""
+    from rebind.model.records import Family, SocketRecord
+
+    def named(dport: int, family: Family = Family.INET) -> SocketRecord:
+        a, b = (IPv4Address("127.0.0.1"), IPv4Address("127.0.0.9"))
+        return SocketRecord(
+            Proto.TCP, family, State.TIME_WAIT, Endpoint(a, 9000), Endpoint(b, dport), None, None, cookie=1
+        )
+
+    recs = [_tw(1, 40001), _tw(2, 40002), _tw(3, 40003, daddr=bytes([127, 0, 0, 8])), _tw(4, 40004)]
+    data = _entries_of(recs, [1, 1, 1, 1])
+    dec = BulkDecoder(Proto.TCP, lead=L._LEAD, trail=L.ENTRY_SIZE - L.RECORD_AT - P.RECORD.size)
+    rows = list(dec.rows(data))
+    targets = [named(40001), named(40009), named(40003), named(40004, Family.INET6)]
+    wants = [L._entry(t.local, t.remote)[1] for t in targets]
+    assert [L._is(dec, v, t, w) for v, t, w in zip(rows, targets, wants, strict=True)] == [
+        True,  # the very socket
+        False,  # another peer port
+        False,  # another peer address
+        False,  # another family
+    ]
 
 
 def test_the_listening_program_stops_at_the_first_socket_not_listening() -> None:

@@ -254,7 +254,7 @@ def _kernel_state(
 ) -> SockState:
     """The BPF iterator's record of ``r`` (joined by cookie), with its own sk_reuse/sk_reuseport."""
     tw = r.state is State.TIME_WAIT
-    return SockState(
+    return SockState.make(
         proto=r.proto, family=r.family, state=r.state, kind=SockKind.TIMEWAIT if tw else SockKind.FULL,
         local=r.local, remote=r.remote, cookie=r.cookie or 0, netns=1, uid=r.uid, sk_uid=r.uid,
         bound_dev_if=0, reuse=reuse, reuseport=reuseport, ipv6only=False, userlocks=None if tw else 8,

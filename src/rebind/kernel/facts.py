@@ -15,8 +15,10 @@ observer-free answer (``trials=False``) has neither.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from rebind.kernel.trial import trial_bind
@@ -58,8 +60,9 @@ def gather(
 
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
     table = table or socket_table(SocketQuery.create(ports=[req.port], protos=[req.proto]), owners=owners)
-    kernel, read = _kernel_states(table, req)
-    holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
+    with _gc_paused():
+        kernel, read = _kernel_states(table, req)
+        holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     if port is None:
         holders, port = port_state(req, holders)
     results: dict[BindRequest, TrialResult] = {}
@@ -80,6 +83,22 @@ def gather(
         owners_complete=owners and euid == 0 and table.scan.inaccessible == 0,
         kernel=kernel,
     )
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while the port's sockets are read and paired: per socket a
+    SockState, its HolderFacts and its flags, none in a cycle, ten thousand on a TIME_WAIT port,
+    each allocation burst otherwise paying collections that walk the whole socket table (one
+    full collection cost `why 9000` more than the kernel read, bench/whyperf.py). Restored as it
+    was: the API is called from long-running processes (top, exporter)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,24 +163,40 @@ def iterator_plan(
       the chain order matters only where udp_lib_lport_inuse may stop early, at a same-uid
       SO_REUSEPORT socket: walk when a socket on the port has SO_REUSEPORT, else nothing.
     """
-    on_port = [
-        (i, e)
-        for i, e in enumerate(entries)
-        if e.socket.proto is req.proto and e.socket.local.port == req.port
-    ]
+    # One pass over the table (a port can have ten thousand TIME_WAITs): the port's sockets,
+    # those whose flags were not read, and what only the lookups or the walk can reach.
+    on_port: list[tuple[int, SocketEntry]] = []
+    unread: list[tuple[int, SocketEntry]] = []
+    connected: list[tuple[int, SocketEntry]] = []
+    lookup_list: list[int] = []
+    kernel_only: list[SocketEntry] = []
+    listening = False
+    proto, port = req.proto, req.port
+    for i, e in enumerate(entries):
+        r = e.socket
+        if r.proto is not proto or r.local.port != port:
+            continue
+        on_port.append((i, e))
+        state = r.state
+        listening = listening or state is State.LISTEN
+        is_read = (got := read.get(i)) is not None and got[1] is Provenance.READ
+        if state not in _NOT_CONNECTED:
+            connected.append((i, e))
+            if not is_read:
+                lookup_list.append(i)
+        if not is_read:
+            unread.append((i, e))
+            if not kernel_only and state not in _NOT_ITERATED:
+                kernel_only.append(e)
     if not on_port:
         return KernelRead(why="no socket on the port")
-    unread = [(i, e) for i, e in on_port if read.get(i, (None, Provenance.UNKNOWN))[1] is not Provenance.READ]
     if req.proto is Proto.UDP:
         if unread:
             return KernelRead(walk=True, why=f"flags of {_what(unread[0][1])} are only in the kernel")
         if any(read[i][0].reuseport for i, _ in on_port):
             return KernelRead(walk=True, why="SO_REUSEPORT on the port: the UDP chain order decides")
         return KernelRead(why="every flag read from its owner; no SO_REUSEPORT on the port")
-    listening = any(e.socket.state is State.LISTEN for _, e in on_port)
-    connected = [(i, e) for i, e in on_port if e.socket.state not in _NOT_CONNECTED]
-    lookup = tuple(i for i, e in unread if e.socket.state not in _NOT_CONNECTED)
-    kernel_only = [e for _, e in unread if e.socket.state not in _NOT_ITERATED]
+    lookup = tuple(lookup_list)
     why = (
         f"flags of {_what(kernel_only[0])} are only in the kernel"
         if kernel_only
@@ -368,13 +403,14 @@ def _holders(
     by_cookie = kernel.by_cookie() if kernel is not None else {}
     out = []
     for i, e in enumerate(table.entries):
-        if e.socket.proto is not req.proto:
+        r = e.socket
+        if r.proto is not req.proto:
             continue
-        st = by_cookie.get(e.socket.cookie) if e.socket.cookie is not None else None
+        st = by_cookie.get(r.cookie) if r.cookie is not None else None
         if st is not None and (
-            st.kind is SockKind.REQUEST  # a request_sock's flags are not its listener's
-            or st.proto is not e.socket.proto
-            or st.local.port != e.socket.local.port
+            st.common.kind is SockKind.REQUEST  # a request_sock's flags are not its listener's
+            or st.common.proto is not r.proto
+            or st.common.local.port != r.local.port
         ):
             st = None
         got = read.get(i) if read is not None else None

@@ -81,16 +81,17 @@ class ChainPos:
 
 
 @dataclass(frozen=True, slots=True)
-class SockState:
-    """One socket as the kernel holds it. Fields not meaningful for a kind are None."""
+class SockCommon:
+    """What a socket shares with others like it: a port's ten thousand TIME_WAITs differ only in
+    their peer, cookie and timestamps. Decoded once per distinct value (kernel/bpf/sockiter.py):
+    building a 22-field SockState per socket was most of reading a port's TIME_WAITs
+    (bench/whyperf.py, docs/benchmarks.md). Read through :class:`SockState`'s properties."""
 
     proto: Proto
     family: Family
     state: State
     kind: SockKind
     local: Endpoint
-    remote: Endpoint
-    cookie: int
     netns: int
     #: The owner uid as /proc and inet_diag show it (None for TIME_WAIT: it has no owner).
     uid: int | None
@@ -104,30 +105,141 @@ class SockState:
     #: sk_userlocks (full sockets): SOCK_BINDPORT_LOCK etc.; None for TIME_WAIT and requests.
     userlocks: int | None
     tw_substate: State | None = None
-    #: tcp_timewait_sock: what tcp_twsk_unique compares (None unless TIME_WAIT)
-    tw_ts_recent: int | None = None
-    tw_ts_recent_stamp: int | None = None
     #: inet_timewait_sock.tw_connect_bind (6.18); None elsewhere or where the kernel lacks it
     tw_connect_bind: bool | None = None
     bucket: BindBucket | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SockState:
+    """One socket as the kernel holds it: what it shares with others (:class:`SockCommon`, its
+    fields are properties here) and what is its own. Fields not meaningful for a kind are None."""
+
+    common: SockCommon
+    remote: Endpoint
+    cookie: int
+    #: tcp_timewait_sock: what tcp_twsk_unique compares (None unless TIME_WAIT)
+    tw_ts_recent: int | None = None
+    tw_ts_recent_stamp: int | None = None
     chain: ChainPos | None = None
     #: the iterator's visiting order (bpf_iter_meta.seq_num)
     seq: int = 0
 
+    @classmethod
+    def make(
+        cls,
+        *,
+        proto: Proto,
+        family: Family,
+        state: State,
+        kind: SockKind,
+        local: Endpoint,
+        remote: Endpoint,
+        cookie: int,
+        netns: int,
+        uid: int | None,
+        sk_uid: int | None,
+        bound_dev_if: int,
+        reuse: int,
+        reuseport: bool,
+        ipv6only: bool,
+        userlocks: int | None,
+        tw_substate: State | None = None,
+        tw_ts_recent: int | None = None,
+        tw_ts_recent_stamp: int | None = None,
+        tw_connect_bind: bool | None = None,
+        bucket: BindBucket | None = None,
+        chain: ChainPos | None = None,
+        seq: int = 0,
+    ) -> SockState:
+        """One socket from every field by name (a hand-built state: tests, callers without a
+        record); the decoders share the SockCommon instead."""
+        common = SockCommon(
+            proto, family, state, kind, local, netns, uid, sk_uid, bound_dev_if, reuse, reuseport,
+            ipv6only, userlocks, tw_substate, tw_connect_bind, bucket,
+        )  # fmt: skip
+        return cls(common, remote, cookie, tw_ts_recent, tw_ts_recent_stamp, chain, seq)
+
+    @property
+    def proto(self) -> Proto:
+        return self.common.proto
+
+    @property
+    def family(self) -> Family:
+        return self.common.family
+
+    @property
+    def state(self) -> State:
+        return self.common.state
+
+    @property
+    def kind(self) -> SockKind:
+        return self.common.kind
+
+    @property
+    def local(self) -> Endpoint:
+        return self.common.local
+
+    @property
+    def netns(self) -> int:
+        return self.common.netns
+
+    @property
+    def uid(self) -> int | None:
+        return self.common.uid
+
+    @property
+    def sk_uid(self) -> int | None:
+        return self.common.sk_uid
+
+    @property
+    def bound_dev_if(self) -> int:
+        return self.common.bound_dev_if
+
+    @property
+    def reuse(self) -> int:
+        return self.common.reuse
+
+    @property
+    def reuseport(self) -> bool:
+        return self.common.reuseport
+
+    @property
+    def ipv6only(self) -> bool:
+        return self.common.ipv6only
+
+    @property
+    def userlocks(self) -> int | None:
+        return self.common.userlocks
+
+    @property
+    def tw_substate(self) -> State | None:
+        return self.common.tw_substate
+
+    @property
+    def tw_connect_bind(self) -> bool | None:
+        return self.common.tw_connect_bind
+
+    @property
+    def bucket(self) -> BindBucket | None:
+        return self.common.bucket
+
     @property
     def reuseaddr(self) -> bool:
-        return self.reuse != SK_NO_REUSE
+        return self.common.reuse != SK_NO_REUSE
 
     @property
     def port_locked(self) -> bool | None:
         """SOCK_BINDPORT_LOCK: bind() named the port (inet_bind_sk sets it for a non-zero port
         only: bind(ip, 0) sets SOCK_BINDADDR_LOCK alone, and connect()'s autobind neither);
         None where the kernel keeps no such bit (TIME_WAIT, request)."""
-        return None if self.userlocks is None else bool(self.userlocks & SOCK_BINDPORT_LOCK)
+        locks = self.common.userlocks
+        return None if locks is None else bool(locks & SOCK_BINDPORT_LOCK)
 
     @property
     def addr_locked(self) -> bool | None:
-        return None if self.userlocks is None else bool(self.userlocks & SOCK_BINDADDR_LOCK)
+        locks = self.common.userlocks
+        return None if locks is None else bool(locks & SOCK_BINDADDR_LOCK)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import operator
 import os
+import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -53,6 +54,7 @@ from rebind.kernel.bpf.sockprog import (
     KIND_TIMEWAIT,
     OPTIONAL_MEMBERS,
     RECORD,
+    RECORD_FIELDS,
     RECORD_NAMES,
     SOCK_MEMBERS,
     SOCK_TARGETS,
@@ -80,6 +82,7 @@ from rebind.model.sockstate import (
     BindBucket,
     ChainPos,
     PortStateCounts,
+    SockCommon,
     SockKind,
     SockState,
     SockStates,
@@ -336,37 +339,37 @@ _STATE_OF = {s.value: s for s in State}
 _FAMILY_OF = {f.value: f for f in Family}
 _KIND_OF = {KIND_TIMEWAIT: SockKind.TIMEWAIT, KIND_REQUEST: SockKind.REQUEST}
 #: The record fields of the bind buckets: many sockets share one (a key of _Memo.buckets).
-_BUCKET_KEY = operator.itemgetter(
-    *(
-        _I[k]
-        for k in (
-            "has_bucket",
-            "tb_port",
-            "fastreuse",
-            "fastreuseport",
-            "fastuid",
-            "fast_rcv_saddr",
-            "fast_v6_rcv_saddr",
-            "fast_sk_family",
-            "fast_ipv6_only",
-            "tb2_fastreuse",
-            "tb2_fastreuseport",
-        )
+_BUCKET_KEY_FIELDS = tuple(
+    _I[k]
+    for k in (
+        "has_bucket",
+        "tb_port",
+        "fastreuse",
+        "fastreuseport",
+        "fastuid",
+        "fast_rcv_saddr",
+        "fast_v6_rcv_saddr",
+        "fast_sk_family",
+        "fast_ipv6_only",
+        "tb2_fastreuse",
+        "tb2_fastreuseport",
     )
 )
+_BUCKET_KEY = operator.itemgetter(*_BUCKET_KEY_FIELDS)
 
 
 class _Memo:
-    """What many records of one read share (a port's ten thousand TIME_WAITs have one bucket and
-    a handful of addresses): decoded once. Decoding is the larger part of reading a port's
-    TIME_WAITs, larger than the kernel's walk (bench/whyperf.py)."""
+    """What many records of one read share (a port's ten thousand TIME_WAITs have one bucket, a
+    handful of addresses and one :class:`SockCommon`): decoded once. Decoding is the larger part
+    of reading a port's TIME_WAITs, larger than the kernel's walk (bench/whyperf.py)."""
 
-    __slots__ = ("addrs", "buckets", "endpoints")
+    __slots__ = ("addrs", "buckets", "commons", "endpoints")
 
     def __init__(self) -> None:
         self.addrs: dict[tuple[int, bytes], IPv4Address | IPv6Address] = {}
         self.endpoints: dict[tuple[int, bytes, int], Endpoint] = {}
         self.buckets: dict[tuple[Any, ...], BindBucket | None] = {}
+        self.commons: dict[tuple[Any, ...], SockCommon] = {}
 
     def endpoint(self, family: int, v4: bytes, v6: bytes, port: int) -> Endpoint:
         raw = v4 if family == Family.INET else v6
@@ -386,6 +389,16 @@ class _Memo:
         if key not in self.buckets:
             self.buckets[key] = _bucket(r)
         return self.buckets[key]
+
+    def common(self, proto: Proto, r: tuple[Any, ...], uid: int) -> SockCommon:
+        # the local address of the socket's own family: the other field is whatever the memory
+        # held (a TIME_WAIT's skc_v6_rcv_saddr on IPv4 differs from one to the next)
+        local = r[_RCV] if r[_FAMILY] == Family.INET else r[_RCV6]
+        key = (proto, uid, local, *_COMMON_KEY(r))
+        got = self.commons.get(key)
+        if got is None:
+            got = self.commons[key] = _common(proto, r, uid, self)
+        return got
 
 
 def _bucket(r: tuple[Any, ...]) -> BindBucket | None:
@@ -420,29 +433,30 @@ def _bucket(r: tuple[Any, ...]) -> BindBucket | None:
         "tw_connect_bind", "seq_num",
     )
 )  # fmt: skip
+#: The record fields a SockCommon is made of (the uid and local address apart, see _Memo.common).
+_COMMON_KEY = operator.itemgetter(
+    _FAMILY, _KIND, _STATE, _LPORT, _NETNS, _SK_UID, _DEV, _REUSE, _REUSEPORT, _V6ONLY,
+    _LOCKS, _TW_SUB, _CONNECT_BIND, *_BUCKET_KEY_FIELDS,
+)  # fmt: skip
+#: Slot setters: a frozen dataclass's __init__ goes through object.__setattr__ per field, twice
+#: the cost of setting the slots; one SockState per socket, ten thousand per TIME_WAIT port.
+_NEW = object.__new__
+_SET_STATE = tuple(getattr(SockState, f).__set__ for f in SockState.__dataclass_fields__)
 
 
-def decode_one(
-    proto: Proto, r: tuple[Any, ...], chain: ChainPos | None = None, memo: _Memo | None = None
-) -> SockState:
-    """One unpacked RECORD (its types are fixed by RECORD's format: ints, bytes for "Ns")."""
-    m = memo if memo is not None else _Memo()
+def _common(proto: Proto, r: tuple[Any, ...], uid: int, m: _Memo) -> SockCommon:
     fam = r[_FAMILY]
-    family = _FAMILY_OF.get(fam) or Family(fam)
     kind = _KIND_OF.get(r[_KIND], SockKind.FULL)
     full, tw = kind is SockKind.FULL, kind is SockKind.TIMEWAIT
-    tcp_tw = tw and proto is Proto.TCP
     connect_bind = r[_CONNECT_BIND]
-    return SockState(
+    return SockCommon(
         proto=proto,
-        family=family,
+        family=_FAMILY_OF.get(fam) or Family(fam),
         state=_STATE_OF.get(r[_STATE]) or State(r[_STATE]),
         kind=kind,
         local=m.endpoint(fam, r[_RCV], r[_RCV6], r[_LPORT]),
-        remote=m.endpoint(fam, r[_DADDR], r[_DADDR6], int.from_bytes(r[_DPORT], "big")),
-        cookie=r[_COOKIE],
         netns=r[_NETNS],
-        uid=None if tw else r[_UID],
+        uid=None if tw else uid,
         sk_uid=r[_SK_UID] if full else None,
         bound_dev_if=r[_DEV],
         reuse=r[_REUSE],
@@ -450,10 +464,138 @@ def decode_one(
         ipv6only=bool(r[_V6ONLY]),
         userlocks=r[_LOCKS] if full else None,
         tw_substate=State(r[_TW_SUB]) if tw else None,
-        tw_ts_recent=r[_TS] if tcp_tw else None,
-        tw_ts_recent_stamp=r[_TS_STAMP] if tcp_tw else None,
         tw_connect_bind=bool(connect_bind) if tw and connect_bind != ABSENT else None,
         bucket=m.bucket(r),
-        chain=chain,
-        seq=r[_SEQ],
     )
+
+
+def decode_one(
+    proto: Proto,
+    r: tuple[Any, ...],
+    chain: ChainPos | None = None,
+    memo: _Memo | None = None,
+    *,
+    cookie: int | None = None,
+    uid: int | None = None,
+) -> SockState:
+    """One unpacked RECORD (its types are fixed by RECORD's format: ints, bytes for "Ns").
+    ``cookie``/``uid``: the caller's own for this socket, instead of the record's (a lookup's
+    program has neither: inet_diag's are given)."""
+    m = memo if memo is not None else _Memo()
+    common = m.common(proto, r, r[_UID] if uid is None else uid)
+    tcp_tw = proto is Proto.TCP and common.kind is SockKind.TIMEWAIT
+    fam = r[_FAMILY]
+    values = (
+        common,
+        m.endpoint(fam, r[_DADDR], r[_DADDR6], int.from_bytes(r[_DPORT], "big")),
+        r[_COOKIE] if cookie is None else cookie,
+        r[_TS] if tcp_tw else None,
+        r[_TS_STAMP] if tcp_tw else None,
+        chain,
+        r[_SEQ],
+    )
+    st: SockState = _NEW(SockState)
+    for put, value in zip(_SET_STATE, values, strict=True):
+        put(st, value)
+    return st
+
+
+# ---------------------------------------------------------------------------------------------
+# bulk decoding: a port's ten thousand TIME_WAITs (kernel/bpf/socklookup.py)
+
+#: The record fields a socket has of its own (and those SockCommon's key picks by family); the
+#: others, in runs of raw bytes, key _Memo.commons without being decoded each time.
+_OWN_FIELDS = frozenset(
+    {
+        "cookie", "seq_num", "tw_ts_recent_stamp", "uid", "faults", "tw_ts_recent", "rcv_saddr",
+        "daddr", "v6_rcv_saddr", "v6_daddr", "family", "lport", "dport",
+    }
+)  # fmt: skip
+
+
+def _split_format() -> tuple[str, dict[str, int], tuple[int, ...]]:
+    """RECORD's format with the shared fields merged into "Ns" runs: (format, index of each own
+    field, indexes of the runs) in the unpacked tuple."""
+    parts: list[str] = []
+    own: dict[str, int] = {}
+    runs: list[int] = []
+    run = 0
+    for name, fmt in RECORD_FIELDS:
+        if name not in _OWN_FIELDS:
+            run += struct.calcsize("<" + fmt)
+            continue
+        if run:
+            runs.append(len(parts))
+            parts.append(f"{run}s")
+            run = 0
+        own[name] = len(parts)
+        parts.append(fmt)
+    if run:
+        runs.append(len(parts))
+        parts.append(f"{run}s")
+    return "".join(parts), own, tuple(runs)
+
+
+_SPLIT_FMT, _OWN_AT, _RUNS_AT = _split_format()
+
+
+class BulkDecoder:
+    """Records at a fixed stride in one buffer (``lead``: struct format of what precedes each
+    record, ``trail``: bytes after it), unpacked at once with struct.iter_unpack and decoded
+    into SockStates that share their SockCommon: its fields are decoded once per distinct raw
+    value, the rest per socket (decode_one's answer, at ~1 us a socket instead of ~8)."""
+
+    def __init__(self, proto: Proto, lead: str = "", trail: int = 0) -> None:
+        self.proto = proto
+        self.memo = _Memo()
+        self.commons: dict[tuple[Any, ...], SockCommon] = {}
+        self.struct = struct.Struct(f"<{lead}{_SPLIT_FMT}{trail}x" if trail else f"<{lead}{_SPLIT_FMT}")
+        self.lead = struct.calcsize("<" + lead)
+        base = len(struct.Struct("<" + lead).unpack(bytes(self.lead))) if lead else 0
+        at = {name: base + i for name, i in _OWN_AT.items()}
+        self.family, self.lport, self.dport = at["family"], at["lport"], at["dport"]
+        self.rcv, self.rcv6, self.daddr, self.daddr6 = (
+            at["rcv_saddr"], at["v6_rcv_saddr"], at["daddr"], at["v6_daddr"],
+        )  # fmt: skip
+        self.faults, self.seq, self.ts, self.stamp = (
+            at["faults"], at["seq_num"], at["tw_ts_recent"], at["tw_ts_recent_stamp"],
+        )  # fmt: skip
+        self._runs = operator.itemgetter(*(base + i for i in _RUNS_AT))
+
+    def rows(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Any, ...]]:
+        return self.struct.iter_unpack(data)
+
+    def decode(
+        self,
+        v: tuple[Any, ...],
+        data: bytes | bytearray | memoryview,
+        index: int,
+        cookie: int,
+        uid: int,
+        remote: Endpoint | None = None,
+    ) -> SockState:
+        """Row ``v`` (the ``index``-th of ``data``), with the caller's cookie and uid, and its
+        remote end where the caller has checked it against the record (else decoded)."""
+        fam = v[self.family]
+        inet = fam == Family.INET
+        key = (uid, v[self.rcv] if inet else v[self.rcv6], fam, self._runs(v))
+        common = self.commons.get(key)
+        if common is None:
+            r = RECORD.unpack_from(data, index * self.struct.size + self.lead)
+            common = self.commons[key] = _common(self.proto, r, uid, self.memo)
+        if remote is None:
+            port = int.from_bytes(v[self.dport], "big")
+            remote = self.memo.endpoint(fam, v[self.daddr], v[self.daddr6], port)
+        tcp_tw = self.proto is Proto.TCP and common.kind is SockKind.TIMEWAIT
+        st: SockState = _NEW(SockState)
+        _PUT_COMMON(st, common)
+        _PUT_REMOTE(st, remote)
+        _PUT_COOKIE(st, cookie)
+        _PUT_TS(st, v[self.ts] if tcp_tw else None)
+        _PUT_STAMP(st, v[self.stamp] if tcp_tw else None)
+        _PUT_CHAIN(st, None)
+        _PUT_SEQ(st, v[self.seq])
+        return st
+
+
+(_PUT_COMMON, _PUT_REMOTE, _PUT_COOKIE, _PUT_TS, _PUT_STAMP, _PUT_CHAIN, _PUT_SEQ) = _SET_STATE

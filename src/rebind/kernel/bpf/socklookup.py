@@ -25,6 +25,7 @@ import os
 import struct
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import asm
@@ -46,8 +47,11 @@ from rebind.kernel.bpf.syscall import (
     load_program,
     map_create,
 )
-from rebind.model.records import Endpoint, Proto, SocketRecord
+from rebind.model.records import Endpoint, Family, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
+
+if TYPE_CHECKING:
+    from rebind.kernel.bpf.sockiter import BulkDecoder
 
 HELPER_SK_RELEASE = 86
 HELPER_SKC_LOOKUP_TCP = 99
@@ -138,20 +142,35 @@ def _test_run(prog_fd: int, repeat: int) -> None:
     bpf(BPF_PROG_TEST_RUN, attr)
 
 
-def _tuple(local: Endpoint, remote: Endpoint) -> bytes:
-    """struct bpf_sock_tuple as a packet to this socket would carry it: from remote to local.
+def _entry(local: Endpoint, remote: Endpoint) -> tuple[bytes, _Expect]:
+    """The map entry's input (struct bpf_sock_tuple as a packet to this socket would carry it:
+    from remote to local), and what the found socket's record must then hold (its addresses as
+    the socket's family stores them, and the ports).
 
     An IPv6 socket talking IPv4 (``::ffff:a.b.c.d`` both ends) is hashed by its IPv4 addresses
     (tcp_v6_connect hands mapped peers to tcp_v4_connect; an accepted one is a tcp_v4 child
     made IPv6), so it is looked up as IPv4."""
-    la4 = local.addr if isinstance(local.addr, IPv4Address) else local.addr.ipv4_mapped
-    ra4 = remote.addr if isinstance(remote.addr, IPv4Address) else remote.addr.ipv4_mapped
+    la, ra = local.addr, remote.addr
+    lp, rp = la.packed, ra.packed
+    ports = _PORTS.pack(remote.port, local.port)
+    expect = (lp, rp, ports[:2], local.port)
+    if len(lp) == 4 and len(rp) == 4:
+        return ENTRY_IN.pack(rp + lp + ports, 12), expect
+    la4 = la if isinstance(la, IPv4Address) else la.ipv4_mapped
+    ra4 = ra if isinstance(ra, IPv4Address) else ra.ipv4_mapped
     if la4 is not None and ra4 is not None:
-        raw = ra4.packed + la4.packed + struct.pack(">HH", remote.port, local.port)
-        return ENTRY_IN.pack(raw, 12)
-    la, ra = IPv6Address(int(local.addr)), IPv6Address(int(remote.addr))
-    raw = ra.packed + la.packed + struct.pack(">HH", remote.port, local.port)
-    return ENTRY_IN.pack(raw, TUPLE_SIZE)
+        return ENTRY_IN.pack(ra4.packed + la4.packed + ports, 12), expect
+    la6, ra6 = IPv6Address(int(la)), IPv6Address(int(ra))
+    return ENTRY_IN.pack(ra6.packed + la6.packed + ports, TUPLE_SIZE), expect
+
+
+#: (local address, remote address, remote port as skc_dport holds it, local port)
+_Expect = tuple[bytes, bytes, bytes, int]
+_PORTS = struct.Struct(">HH")
+
+
+#: What precedes each record in an entry, as the results are read: whether the lookup found it.
+_LEAD = f"{FOUND_AT}xI{RECORD_AT - FOUND_AT - 4}x"
 
 
 def lookup_socket_states(
@@ -160,8 +179,12 @@ def lookup_socket_states(
     """For each TCP socket of the established hash that inet_diag named (TIME_WAIT, connected):
     the kernel's state of that very socket, with inet_diag's cookie and uid (the program has
     neither), or None where the 4-tuple finds no socket or another one (gone since the dump: the
-    lookup then falls through to a listener). Also how many records faulted."""
-    from rebind.kernel.bpf.sockiter import decode_records
+    lookup then falls through to a listener), or its copy faulted. Also how many faulted.
+
+    The map is written and read whole (one mmap copy each way, struct.iter_unpack over the
+    entries); each record decodes into a SockState that shares its SockCommon with the records
+    like it (sockiter.BulkDecoder): a few us a socket in Python, docs/benchmarks.md."""
+    from rebind.kernel.bpf.sockiter import BulkDecoder
 
     if not targets:
         return [], 0
@@ -174,41 +197,55 @@ def lookup_socket_states(
         fds.append(io)
         size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-            for i, t in enumerate(targets):
-                mem[i * ENTRY_SIZE : i * ENTRY_SIZE + ENTRY_IN.size] = _tuple(t.local, t.remote)
+            entries, expect = _entries(targets)
+            mem[: ENTRY_SIZE * n] = entries
             insns = build_lookup_program(lay, ctr, io)
             prog = load_program(insns, prog=SOCKET_LOOKUP)
             fds.append(prog)
             _test_run(prog, n)
-            data = bytearray(mem[: ENTRY_SIZE * n])
+            data = mem[: ENTRY_SIZE * n]
     except (OSError, RebindError) as exc:
         return Unavailable(f"BPF socket lookup: {exc}".splitlines()[0])
     finally:
         for fd in fds:
             os.close(fd)
-    found = [i for i in range(n) if FOUND.unpack_from(data, i * ENTRY_SIZE + FOUND_AT)[0]]
-    for i in found:  # inet_diag's cookie and uid into the record, before it is decoded once
-        at = i * ENTRY_SIZE + RECORD_AT
-        struct.pack_into("<Q", data, at + REC["cookie"], targets[i].cookie or 0)
-        struct.pack_into("<I", data, at + REC["uid"], targets[i].uid or 0)
-    raw = b"".join(data[i * ENTRY_SIZE + RECORD_AT : i * ENTRY_SIZE + RECORD_AT + RECORD.size] for i in found)
-    states, faulted = decode_records(Proto.TCP, raw)  # one call: shared addresses and buckets
-    if faulted:  # records left out: pair the rest by their cookie (written above)
-        by_cookie = {s.cookie: s for s in states}
-        pairs = [(t, by_cookie.get(t.cookie or 0)) for t in targets]
-    else:
-        got: list[SockState | None] = [None] * n
-        for i, st in zip(found, states, strict=True):
-            got[i] = st
-        pairs = list(zip(targets, got, strict=True))
-    # The 4-tuple of a socket gone since the dump finds a listener, or a newer socket: not ours.
-    return [st if st is not None and _same(st, t) else None for t, st in pairs], faulted
+    dec = BulkDecoder(Proto.TCP, lead=_LEAD, trail=ENTRY_SIZE - RECORD_AT - RECORD.size)
+    out: list[SockState | None] = []
+    faulted = 0
+    for i, (t, want, v) in enumerate(zip(targets, expect, dec.rows(data), strict=True)):
+        if not v[0]:  # not found
+            out.append(None)
+        elif v[dec.faults]:  # a socket freed mid-read: not decoded (read_kernel then walks)
+            faulted += 1
+            out.append(None)
+        elif _is(dec, v, t, want):
+            # inet_diag's remote end: the record's, checked byte for byte
+            out.append(dec.decode(v, data, i, t.cookie or 0, t.uid or 0, t.remote))
+        else:  # the 4-tuple of a socket gone since the dump finds a listener, or a newer socket
+            out.append(None)
+    return out, faulted
 
 
-def _same(st: SockState, t: SocketRecord) -> bool:
-    return (
-        st.local.port == t.local.port
-        and st.remote.port == t.remote.port
-        and st.local.addr == t.local.addr
-        and st.remote.addr == t.remote.addr
-    )
+def _entries(targets: Sequence[SocketRecord]) -> tuple[bytearray, list[_Expect]]:
+    """The map's contents before the run (each entry's tuple, the rest zero), and what each
+    entry's record must hold to be of that very socket (see _is)."""
+    buf = bytearray(ENTRY_SIZE * len(targets))
+    expect: list[_Expect] = []
+    size = ENTRY_IN.size
+    for i, t in enumerate(targets):
+        at = i * ENTRY_SIZE
+        buf[at : at + size], want = _entry(t.local, t.remote)
+        expect.append(want)
+    return buf, expect
+
+
+def _is(dec: BulkDecoder, v: tuple[Any, ...], t: SocketRecord, want: _Expect) -> bool:
+    """The record is of the socket inet_diag named: same family, addresses and ports, compared
+    as the kernel stores them (the record's address of the socket's own family)."""
+    fam = v[dec.family]
+    local, remote, dport, lport = want
+    if fam != t.family or v[dec.lport] != lport or v[dec.dport] != dport:
+        return False
+    if fam == Family.INET:
+        return bool(v[dec.rcv] == local and v[dec.daddr] == remote)
+    return bool(v[dec.rcv6] == local and v[dec.daddr6] == remote)
