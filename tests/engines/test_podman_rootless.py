@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 
 from rebind.model.containers import Engine, ProxyKind
@@ -45,7 +46,15 @@ def test_rootless_fix_runs_as_the_containers_user(
         check=False,
     )
     assert res.returncode == 0, res.stderr
-    (owner,) = _listener(port).owners
+    # The container's record in the user's Podman state can trail `run -d` on a loaded machine
+    # (the state database is still being written): rebind rightly says "no container" until it
+    # lists it, so wait for the state, not for a fixed time.
+    deadline = time.monotonic() + 30
+    while True:
+        (owner,) = _listener(port).owners
+        if owner.container is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert owner.container is not None and owner.container.user == rootless_user.name
     why = rebind_cli("why", str(port), "--json")
     assert why.returncode == 1, why.stderr
