@@ -75,7 +75,7 @@ class ConnectDiagnosis:
         )
 
     def json(self) -> dict[str, Any]:
-        from rebind.model.connect import result_json
+        from rebind.render.connect import result_json
 
         doc = result_json(self.result, probe=self.probe.json() if self.probe else {"sent": False})
         doc["disagreement"] = self.disagreement

@@ -8,7 +8,6 @@ import pytest
 
 from rebind.errors import UsageError
 from rebind.model.connect import (
-    CONNECT_SCHEMA,
     ConnectRequest,
     ConnectSettings,
     PortHolder,
@@ -20,9 +19,9 @@ from rebind.model.connect import (
     evaluate_connect,
     parse_source,
     parse_target,
-    result_json,
 )
 from rebind.model.records import Endpoint, Family, Owner, Proto, SocketEntry, SocketRecord, State, Timer
+from rebind.render.connect import CONNECT_SCHEMA, result_json
 
 DST = ("127.0.0.1", 9000)
 SRC = IPv4Address("127.0.0.1")

@@ -49,6 +49,15 @@ def test_renderers_import_no_front_end() -> None:
             assert not _hits(mods, front), (rel, front)
 
 
+def test_the_model_imports_no_layer_above() -> None:
+    """model/ is pure: no I/O adapter, no renderer (rebind.connect/1 lives in render/connect.py),
+    no front end."""
+    above = ("rebind.kernel", "rebind.render", "rebind.cli", "rebind.top", "rebind.actions")
+    for rel, mods in _modules("model"):
+        for layer in above:
+            assert not _hits(mods, layer), (rel, layer)
+
+
 def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     """The walk finds an import inside a function, the way top/keys.py reached cli/why."""
     f = tmp_path / "m.py"

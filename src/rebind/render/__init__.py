@@ -3,5 +3,6 @@ a question's answer as the lines people read. They import the model, never ``cli
 (tests/unit/test_layers.py), nor Textual.
 
 ``console``: the markup printer (rich on a colour terminal, plain otherwise) and shared cells;
-``why``: `rebind why`'s text; ``free``: `rebind free`'s plan and result.
+``why``: `rebind why`'s text; ``free``: `rebind free`'s plan and result; ``connect``:
+`why --connect`'s JSON document (``rebind.connect/1``, also the API's).
 """

@@ -1,0 +1,240 @@
+"""The kernel's port rules for one candidate port: the effective range (C3), whose 4-tuple a
+socket holds, bind() or connect() origin, address overlap (inet_rcv_saddr_equal, shared with
+the bind model), the per-port map of the range (:class:`PortMap`), and the classification of a
+port for each way a client gets one: connect()'s own choice, bind(ip, 0), UDP autobind."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+from ipaddress import IPv6Address
+
+from rebind.model.conflict.addresses import KAddr, bound_kaddr, rcv_saddr_equal
+from rebind.model.connect.facts import ConnectSettings, PortHolder
+from rebind.model.connect.outcome import PortUse
+from rebind.model.connect.request import ConnectRequest, norm_addr
+from rebind.model.connect.tw import tw_reuse_check
+from rebind.model.records import IPAddress, SocketRecord, State
+
+#: States of a live connection (docs/connect-rules.md "live connection"): they own a 4-tuple.
+LIVE_STATES = frozenset(
+    {
+        State.SYN_SENT,
+        State.SYN_RECV,
+        State.ESTABLISHED,
+        State.CLOSE_WAIT,
+        State.FIN_WAIT1,
+        State.FIN_WAIT2,
+        State.CLOSING,
+        State.LAST_ACK,
+    }
+)
+
+
+def effective_range(settings: ConnectSettings, per_socket: tuple[int, int] | None) -> tuple[int, int]:
+    """inet_sk_get_local_port_range (C3): each non-zero per-socket bound inside the range wins."""
+    lo, hi = settings.port_range
+    if per_socket is None:
+        return lo, hi
+    plo, phi = per_socket
+    nlo = plo if plo and lo <= plo <= hi else lo
+    nhi = phi if phi and lo <= phi <= hi else hi
+    if nlo > nhi:  # each bound is checked alone; crossed bounds fall back to the netns range
+        return lo, hi
+    return nlo, nhi
+
+
+def _tuple_family(r: SocketRecord) -> int:
+    """4 for an IPv4 4-tuple (v4-mapped IPv6 sockets included, C24), 6 otherwise."""
+    return norm_addr(r.local.addr).version
+
+
+def same_tuple(r: SocketRecord, src: IPAddress, dst: IPAddress, dport: int) -> bool:
+    # C25: a device-pinned socket matches only a new socket pinned to the same device (ours is not).
+    if r.ifindex:
+        return False
+    return (
+        r.remote.port == dport
+        and norm_addr(r.remote.addr) == dst
+        and norm_addr(r.local.addr) == src
+        and _tuple_family(r) == dst.version
+    )
+
+
+def _explicit_kind(h: PortHolder) -> PortUse:
+    st = h.socket.state
+    if st is State.LISTEN:
+        return PortUse.LISTENER
+    if st is State.BOUND_INACTIVE:
+        return PortUse.BOUND_INACTIVE
+    return PortUse.BIND_BEFORE_CONNECT
+
+
+def _is_explicit(h: PortHolder, assume_ambiguous: bool) -> bool:
+    if h.socket.state in (State.LISTEN, State.BOUND_INACTIVE):
+        return True
+    known = h.port_from_bind
+    return known if known is not None else assume_ambiguous
+
+
+def _holder_kaddr(h: PortHolder) -> KAddr:
+    """The holder as inet_rcv_saddr_equal() compares it: (sk_v6_rcv_saddr, sk_rcv_saddr, ipv6only).
+
+    Every IPv6 socket on a specific non-mapped address has sk_rcv_saddr = LOOPBACK4_IPV6
+    (127.0.0.6), whether bind() put it there (__inet6_bind) or connect() / accept() did
+    (tcp_v6_connect, ip6_datagram_connect, tcp_v6_syn_recv_sock); only bind() forces ipv6only on.
+    So: ``bound_kaddr``'s address with the holder's own ipv6only -- an IPv6 client whose source
+    came from connect() keeps ipv6only = 0 and overlaps an IPv4 wildcard (the J8 experiment:
+    dual-stack UDP clients block IPv4 autobinds), but not a specific IPv4 address. (The bind
+    model's holder builder gives such a socket sk_rcv_saddr 0, which overlaps every IPv4 address:
+    not used here, so this model's answers stay what the connect oracle checked.)
+    """
+    r = h.socket
+    if r.v6only is not None:
+        v6only = r.v6only
+    else:
+        # Unknown (inet_diag reports it for LISTEN/CLOSE only): a specific address that was
+        # bind()-ed forces it on; one chosen by connect() (or a child's) leaves it off.
+        connected = r.remote.port != 0
+        v6only = not r.local.addr.is_unspecified and not (connected and h.explicit is not True)
+    a = r.local.addr
+    k = bound_kaddr(a, v6only)
+    if isinstance(a, IPv6Address) and a.ipv4_mapped is None:
+        k = replace(k, ipv6only=v6only)  # IPv4 and v4-mapped sockets: ipv6only is 0 whatever the record says
+    return k
+
+
+def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
+    """inet_rcv_saddr_equal(new, holder, true): the new socket as bind() leaves it (a specific
+    IPv6 address forces ipv6only; [::] keeps ``new_v6only``)."""
+    return rcv_saddr_equal(bound_kaddr(new, new_v6only), _holder_kaddr(h))
+
+
+class PortMap:
+    """How each port of [lo, hi] stands; ports not set are FREE. Only ports that some socket uses
+    (or that are reserved) are stored, so a 28,232-port range costs nothing to account for."""
+
+    __slots__ = ("hi", "lo", "special")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.special: dict[int, PortUse] = {}
+
+    def __setitem__(self, port: int, use: PortUse) -> None:
+        if use is PortUse.FREE:
+            self.special.pop(port, None)
+        else:
+            self.special[port] = use
+
+    def get(self, port: int) -> PortUse:
+        return self.special.get(port, PortUse.FREE)
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.lo <= port <= self.hi
+
+    @property
+    def total(self) -> int:
+        return self.hi - self.lo + 1
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for u in self.special.values():
+            out[u.value] += 1
+        free = self.total - len(self.special)
+        if free:
+            out[PortUse.FREE.value] += free
+        return dict(out)
+
+    def usable_count(self, *, parity_of_lo: bool = False) -> int:
+        if parity_of_lo:
+            n = (self.total + 1) // 2
+            bad = sum(1 for p, u in self.special.items() if not u.usable and (p - self.lo) % 2 == 0)
+        else:
+            n = self.total
+            bad = sum(1 for u in self.special.values() if not u.usable)
+        return n - bad
+
+    def count(self, use: PortUse, *, parity_of_lo: bool = False) -> int:
+        if use is PortUse.FREE:
+            n = (self.total + 1) // 2 if parity_of_lo else self.total
+            return n - sum(1 for p in self.special if not parity_of_lo or (p - self.lo) % 2 == 0)
+        return sum(
+            1 for p, u in self.special.items() if u is use and (not parity_of_lo or (p - self.lo) % 2 == 0)
+        )
+
+    def usable_ports(self, limit: int = 3) -> list[int]:
+        """A few usable ports, for messages."""
+        out = []
+        for p in range(self.lo, self.hi + 1):
+            if self.get(p).usable:
+                out.append(p)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def interior_usable(self) -> bool:
+        interior = max(self.total - 2, 0)
+        bad = sum(1 for p, u in self.special.items() if not u.usable and self.lo < p < self.hi)
+        return interior - bad > 0
+
+
+def classify_own_choice(
+    req: ConnectRequest,
+    src: IPAddress,
+    on_port: Sequence[PortHolder],
+    settings: ConnectSettings,
+    assume_ambiguous: bool,
+) -> tuple[PortUse, PortHolder | None]:
+    """__inet_hash_connect for one candidate (C4–C9)."""
+    if not on_port:
+        return PortUse.FREE, None
+    explicit = [h for h in on_port if _is_explicit(h, assume_ambiguous)]
+    if explicit:
+        kinds = sorted({_explicit_kind(h) for h in explicit}, key=list(PortUse).index)
+        return kinds[0], next(h for h in explicit if _explicit_kind(h) is kinds[0])
+    tw_hit: PortHolder | None = None
+    for h in on_port:
+        r = h.socket
+        if not same_tuple(r, src, req.dst, req.dport):
+            continue
+        if r.is_mini:
+            tw_hit = h
+            continue
+        if r.state in LIVE_STATES:
+            return PortUse.IN_USE_TO_DESTINATION, h
+    if tw_hit is not None:
+        ok, _ = tw_reuse_check(tw_hit, settings)
+        if ok is None:
+            return PortUse.TIME_WAIT_UNKNOWN, tw_hit
+        return (PortUse.TIME_WAIT_REUSABLE if ok else PortUse.TIME_WAIT_TO_DESTINATION), tw_hit
+    return PortUse.SHARED, None
+
+
+def classify_bind_any(
+    new: IPAddress, new_v6only: bool, on_port: Sequence[PortHolder]
+) -> tuple[PortUse, PortHolder | None]:
+    """inet_csk_find_open_port's strict pass (C13): no overlapping owner of any state."""
+    for h in on_port:
+        if _addr_overlap(new, new_v6only, h):
+            use = _explicit_kind(h) if _is_explicit(h, False) else PortUse.OVERLAPPING_OWNER
+            return use, h
+    return PortUse.FREE, None
+
+
+def _udp_shares(req: ConnectRequest, h: PortHolder) -> bool:
+    # C23: both SO_REUSEADDR (an unknown flag counts as off). SO_REUSEPORT sharing needs the
+    # new socket to set it too, which `why --connect` does not offer.
+    return bool(req.reuseaddr and h.reuseaddr)
+
+
+def classify_udp(
+    req: ConnectRequest, new: IPAddress, on_port: Sequence[PortHolder], uid: int
+) -> tuple[PortUse, PortHolder | None]:
+    """udp_lib_get_port(sk, 0) for one candidate (C20–C23)."""
+    for h in on_port:
+        if h.socket.ifindex:
+            continue  # a device-bound UDP socket does not overlap an unbound one... unless same dev
+        if _addr_overlap(new, False, h) and not _udp_shares(req, h):
+            return PortUse.OVERLAPPING_OWNER, h
+    return PortUse.FREE, None
