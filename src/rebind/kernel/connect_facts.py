@@ -49,7 +49,7 @@ from rebind.model.records import (
 
 
 def connect_settings(root: str = "/proc") -> ConnectSettings:
-    """The connect() settings (model/connect.py), projected from the one sysctl reader."""
+    """The connect() settings (model/connect/facts.py), projected from the one sysctl reader."""
     from rebind.kernel import sysctl
 
     h = sysctl.host_settings(root)

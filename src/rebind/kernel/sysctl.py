@@ -3,7 +3,7 @@ bind(), connect() and ephemeral-range settings projected from what it reads.
 
 ``host_settings(root)`` reads every sysctl rebind's models use, once, into a frozen
 :class:`HostSettings`; ``kernel_settings()`` (bind: model/conflict/),
-``kernel/connect_facts.connect_settings()`` (connect: model/connect.py) and the exporter's
+``kernel/connect_facts.connect_settings()`` (connect: model/connect/facts.py) and the exporter's
 ``read_ephemeral``/``read_settings`` are projections of it. The text formats are parsed in one
 place each (model/ephemeral.py: the port range and the reserved-ports list).
 """
