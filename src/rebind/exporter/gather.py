@@ -39,10 +39,10 @@ from rebind.exporter.facts import (
     Reason,
     ServerFlags,
     Snapshot,
-    Tally,
     Watch,
     norm,
 )
+from rebind.exporter.tally import Tally
 from rebind.kernel.route import NoRoute, source_for
 from rebind.kernel.sysctl import HostSettings, host_settings
 from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
