@@ -207,7 +207,7 @@ class Snapshot:
     #: The flags each watched server was seen with (only those the gatherer could read).
     server_flags: tuple[tuple[Watch, ServerFlags], ...] = ()
     #: The kernel's own state of the ``watched`` sockets the BPF socket iterator / lookup read
-    #: (kernel/facts.py: iterator_plan, read_kernel_ports): their flags, the TCP bind bucket's
+    #: (kernel/sockstates.py: iterator_plan, read_kernel_ports): their flags, the TCP bind bucket's
     #: fast-reuse cache, the UDP chain order. Empty when it could not run (unprivileged, no BTF).
     kernel: tuple[SockState, ...] = ()
     #: Connections to each dest, by source address: which ports are live and which in TIME_WAIT.

@@ -229,11 +229,11 @@ class Gatherer:
 
     def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
         """The kernel's own state of the sockets the model judges, read as `why` reads it
-        (kernel/facts.py: iterator_plan per watched port, all of them carried out at once by
+        (kernel/sockstates.py: iterator_plan per watched port, all of them carried out at once by
         read_kernel_ports: one listening-hash walk, lookups by 4-tuple, the UDP walk). Empty
         where BPF cannot run (unprivileged, no BTF, REBIND_NO_BPF): the answers that hinge on
         it are then unknown, never optimistic (rebind_exporter_missing says which fact)."""
-        from rebind.kernel.facts import iterator_plan, read_kernel_ports
+        from rebind.kernel.sockstates import iterator_plan, read_kernel_ports
         from rebind.model.request import BindRequest
 
         entries = [SocketEntry(r) for r in watched]
