@@ -14,7 +14,7 @@ listeners on 0.0.0.0:8443) in a throwaway namespace (~211k sockets), enters it, 
 `rebind ls PORT` and `rebind why PORT` alternately (pairs, so both see the same machine load:
 this host has 2 cores shared with other jobs, so only the ratios of one run mean anything), wall
 and CPU (user + system of the child, from wait4), best and median of --runs. Then, in-process,
-what kernel/facts.iterator_scope decides for each port and what the BPF socket iterator costs
+what kernel/sockstates.iterator_plan decides for each port and what the BPF socket iterator costs
 walked whole and stopped after the listening hash (read_socket_states(listeners_only=True)).
 
 Then (``--connect-runs``, default 3) `rebind why --connect 127.0.0.2:10000` against
@@ -48,7 +48,8 @@ sys.path.insert(0, str(BENCH))
 from ls import REBIND, Namespace, start_load, stop_load  # noqa: E402
 
 from rebind.kernel.bpf.sockiter import read_socket_states  # noqa: E402
-from rebind.kernel.facts import _read_flags, iterator_plan  # noqa: E402
+from rebind.kernel.facts import _read_flags  # noqa: E402
+from rebind.kernel.sockstates import iterator_plan  # noqa: E402
 from rebind.model.records import Proto  # noqa: E402
 from rebind.model.request import BindRequest  # noqa: E402
 from rebind.model.sockstate import Unavailable  # noqa: E402

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from rebind.kernel import containers as kc
+from rebind.kernel.containers import engines as kce
 from rebind.model.records import State
 from tests.conftest import Procs
 
@@ -213,7 +214,7 @@ def test_a_fake_dockerd_is_not_believed(
     assert text.returncode == 1 and "curl http" not in text.stdout and "docker stop" not in text.stdout
     # Why: the kernel says it is su run by nobody, whatever it calls itself.
     assert kc.real_uid(fake) is None and kc.root_owned_exe(fake) == "su"
-    assert all(path != str(sock) for _pid, path in kc._root_dockerd_sockets())
+    assert all(path != str(sock) for _pid, path in kce._root_dockerd_sockets())
     assert "web" not in json.dumps(kc.engine_state().names)
 
 
@@ -240,7 +241,7 @@ def test_a_bomb_or_a_drip_is_an_engine_that_did_not_answer(
     from rebind.sockets import socket_table
 
     sock = _root_api(procs, tmp_path, mode)
-    monkeypatch.setattr(kc, "DOCKER_SOCKETS", (str(sock),))
+    monkeypatch.setattr(kce, "DOCKER_SOCKETS", (str(sock),))
     port = 18432
     proxy = procs.start(
         [PY, "-u", "-c", PROC_AS, str(port), "docker-proxy", "60", "-container-ip", "172.17.0.2"]

@@ -568,8 +568,9 @@ def test_server_flags_come_from_the_kernel_when_no_owner_can_be_read(netns):
     a flag reader that always fails). Before: assumed SO_REUSEADDR without SO_REUSEPORT, so this
     SO_REUSEPORT server's restart was 0 where the kernel binds it."""
     _bpf_or_skip()
-    from rebind.exporter.facts import Watch, restart_answers
+    from rebind.exporter.facts import Watch
     from rebind.exporter.gather import Gatherer
+    from rebind.exporter.restart import restart_answers
     from rebind.model.assess import BindNow, Provenance
 
     port = 7205

@@ -163,7 +163,7 @@ def consistent(d: Diagnosis) -> None:
         (rec(state=State.ESTABLISHED, remote_port=50000), (owner(),), True, HolderKind.CONNECTION),
         (rec(state=State.ESTABLISHED, remote_port=50000), (owner(),), False, HolderKind.CONNECTION),
         (rec(state=State.CLOSE_WAIT, remote_port=50000), (owner(),), True, HolderKind.CLOSING_LEFTOVER),
-        # A proxy is what the owner annotation proved (kernel/containers.py), not a name.
+        # A proxy is what the owner annotation proved (kernel/containers/proxies.py), not a name.
         (
             rec(),
             (replace(owner(name="docker-proxy"), proxy=ProxyKind.DOCKER_PROXY),),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rebind.kernel import containers as kc
+from rebind.kernel.containers import engines as kce
 from rebind.model.containers import ContainerRef, Engine, ProxyKind
 
 ID = "3f" * 32
@@ -74,21 +75,21 @@ def docker_api(tmp_path: Path) -> Iterator[str]:
 
 
 def test_docker_api_names_and_addresses(docker_api: str) -> None:
-    answer, problem = kc._docker_api(docker_api)
+    answer, problem = kce._docker_api(docker_api)
     assert answer is not None and problem is None
     state = kc.EngineState()
-    kc._add_docker(state, answer)
+    kce._add_docker(state, answer)
     assert state.names[ID] == (Engine.DOCKER, "web")
     assert state.by_ip[ip_address("172.17.0.2")] == ID
 
 
 def test_docker_api_absent_or_silent(tmp_path: Path) -> None:
-    assert kc._docker_api(str(tmp_path / "nothing.sock"))[0] is None
+    assert kce._docker_api(str(tmp_path / "nothing.sock"))[0] is None
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.bind(str(tmp_path / "silent.sock"))
     silent.listen()  # accepts into the backlog, never answers: bounded by the deadline
     try:
-        assert kc._docker_api(str(tmp_path / "silent.sock"), time.monotonic() + 0.2) == (
+        assert kce._docker_api(str(tmp_path / "silent.sock"), time.monotonic() + 0.2) == (
             None,
             f"no complete answer within {kc.API_DEADLINE:g} s",
         )
@@ -100,10 +101,10 @@ def test_podman_state_file(tmp_path: Path) -> None:
     f = tmp_path / "containers.json"
     f.write_text(json.dumps([{"id": ID2, "names": ["db"]}, {"id": 3}]))
     state = kc.EngineState()
-    assert kc._add_podman(state, str(f))
+    assert kce._add_podman(state, str(f))
     assert state.names == {ID2: (Engine.PODMAN, "db")}
     f.write_text("{not json")
-    assert not kc._add_podman(kc.EngineState(), str(f))
+    assert not kce._add_podman(kc.EngineState(), str(f))
 
 
 def test_resolve_proxy_trusts_only_root_proxies(tmp_path: Path) -> None:

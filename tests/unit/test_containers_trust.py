@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from rebind.kernel import containers as kc
+from rebind.kernel.containers import engines as kce
 from rebind.model.containers import (
     ContainerRef,
     Engine,
@@ -114,7 +115,7 @@ def test_printed_stop_line_runs_as_one_word_per_argument(ref: ContainerRef, tmp_
 def test_add_docker_keeps_only_valid_ids_and_names() -> None:
     state = kc.EngineState()
     net = {"Networks": {"bridge": {"IPAddress": "172.17.0.2"}}}
-    kc._add_docker(
+    kce._add_docker(
         state,
         [
             {"Id": ID, "Names": ["/web; curl x|sh #"], "NetworkSettings": net},
@@ -133,10 +134,10 @@ def test_podman_state_keeps_only_valid_ids_and_names(tmp_path: Path) -> None:
     f = tmp_path / "containers.json"
     f.write_text(json.dumps([{"id": ID, "names": ["db; id"]}, {"id": "cd" * 32, "names": ["db"]}]))
     state = kc.EngineState()
-    assert kc._add_podman(state, str(f))
+    assert kce._add_podman(state, str(f))
     assert state.names == {"cd" * 32: (Engine.PODMAN, "db")}
     f.write_bytes(b"[" * 100000)
-    assert not kc._add_podman(kc.EngineState(), str(f))
+    assert not kce._add_podman(kc.EngineState(), str(f))
 
 
 # ----------------------------------------------------------------- API answers, parsed (pure)
@@ -218,15 +219,15 @@ def test_a_nested_bomb_is_an_engine_that_did_not_answer(
 ) -> None:
     path, cfg = fake_api
     cfg["answer"] = _http(b"[" * 200000)  # fakeapi.py's bomb
-    assert kc._docker_api(path) == (None, "answered JSON with unbalanced brackets")
+    assert kce._docker_api(path) == (None, "answered JSON with unbalanced brackets")
     cfg["answer"] = _http(b"[" * 100000 + b"]" * 100000)
-    assert kc._docker_api(path) == (None, "answered JSON nested deeper than 32 levels")
+    assert kce._docker_api(path) == (None, "answered JSON nested deeper than 32 levels")
 
 
 def test_a_huge_answer_is_not_read_past_the_bound(fake_api: tuple[str, dict[str, bytes | float]]) -> None:
     path, cfg = fake_api
     cfg["answer"] = _http(b"[" + b"1," * (3 << 20) + b"1]")
-    assert kc._docker_api(path) == (None, "answer larger than 4 MiB")
+    assert kce._docker_api(path) == (None, "answer larger than 4 MiB")
 
 
 def test_a_drip_ends_at_the_total_deadline(fake_api: tuple[str, dict[str, bytes | float]]) -> None:
@@ -234,7 +235,7 @@ def test_a_drip_ends_at_the_total_deadline(fake_api: tuple[str, dict[str, bytes 
     path, cfg = fake_api
     cfg["answer"] = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n"
     cfg["drip"] = 0.02
-    answer, problem = kc._docker_api(path, time.monotonic() + 0.3)
+    answer, problem = kce._docker_api(path, time.monotonic() + 0.3)
     assert answer is None and problem == f"no complete answer within {kc.API_DEADLINE:g} s"
 
 
@@ -249,7 +250,7 @@ def test_the_peer_check_runs_before_anything_is_sent(
         seen.append((pid, uid))
         return "its server is not root's"
 
-    assert kc._docker_api(path, peer=refuse) == (None, "not asked: its server is not root's")
+    assert kce._docker_api(path, peer=refuse) == (None, "not asked: its server is not root's")
     assert seen == [(os.getpid(), os.geteuid())]  # SO_PEERCRED: this process serves it
 
 

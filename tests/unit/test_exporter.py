@@ -17,32 +17,26 @@ from prometheus_client.registry import CollectorRegistry
 from rebind.errors import EnvironmentProblem, UsageError
 from rebind.exporter import bytecode as bc
 from rebind.exporter.collector import RebindCollector
-from rebind.exporter.facts import (
-    Dest,
-    EphemeralRange,
-    Missing,
-    PortKey,
-    Reason,
-    ServerFlags,
-    Snapshot,
-    Tally,
+from rebind.exporter.connect_counts import bind_held_ports, connect_counts
+from rebind.exporter.facts import Dest, EphemeralRange, Missing, PortKey, Reason, ServerFlags, Snapshot, Watch
+from rebind.exporter.families import families
+from rebind.exporter.port_stats import (
     WarningKind,
-    Watch,
-    assess_restart,
-    bind_held_ports,
-    bindable_value,
     config_warnings,
-    connect_counts,
     frees_in_seconds,
     listener_groups,
+    state_counts,
+)
+from rebind.exporter.restart import (
+    assess_restart,
+    bindable_value,
     missing_facts,
     port_holders,
     restart_answers,
     server_flags,
-    state_counts,
 )
-from rebind.exporter.families import families
 from rebind.exporter.serve import parse_listen, registry_with, write_atomic
+from rebind.exporter.tally import Tally
 from rebind.kernel.diag_codec import BC_OP, BcOp, port_filter
 from rebind.model.assess import BindNow, Provenance
 from rebind.model.conflict import KernelSettings, SockOpts

@@ -1,4 +1,4 @@
-"""facts.iterator_plan: what `why` reads from the kernel beyond inet_diag and getsockopt, and how.
+"""sockstates.iterator_plan: what `why` reads from the kernel beyond inet_diag and getsockopt, and how.
 
 The iterator costs ~130 ms CPU on a 211k-socket namespace walked whole, ~2 ms for the listening
 hash alone, and a lookup by 4-tuple ~1 us a socket (bench/whyperf.py): each fact is read the
@@ -12,7 +12,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from rebind.kernel.facts import KernelRead, iterator_plan
+from rebind.kernel.sockstates import KernelRead, iterator_plan
 from rebind.model.advice import Provenance
 from rebind.model.conflict import SockOpts
 from rebind.model.records import Endpoint, Family, Owner, Proto, SocketEntry, SocketRecord, State

@@ -53,7 +53,7 @@ def test_loopback_one_family_is_marked_when_a_client_is_refused() -> None:
 
 
 def test_port_cell_shows_the_mark() -> None:
-    from rebind.top.app import row_cells
+    from rebind.top.cells import row_cells
 
     (view,) = build_ports(
         [listener("127.0.0.1", 10), listener("::1", 20)], settings=KernelSettings(), uid=0, localhost=RES

@@ -199,7 +199,7 @@ def test_fit_owners_prefers_whole_owners_then_labels_then_an_ellipsis() -> None:
 def test_owners_width_leaves_the_rest_of_the_screen_to_owners() -> None:
     from rich.text import Text
 
-    from rebind.top.app import COLUMNS, MIN_OWNERS_WIDTH, owners_width
+    from rebind.top.cells import COLUMNS, MIN_OWNERS_WIDTH, owners_width
 
     row = [
         Text("8080/tcp"),

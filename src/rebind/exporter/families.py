@@ -14,21 +14,10 @@ from collections.abc import Iterable
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from rebind.exporter.facts import (
-    OTHER,
-    TOP_PEERS,
-    Missing,
-    Snapshot,
-    bind_held_ports,
-    bindable_value,
-    config_warnings,
-    connect_counts,
-    frees_in_seconds,
-    listener_groups,
-    missing_facts,
-    restart_answers,
-    state_counts,
-)
+from rebind.exporter.connect_counts import bind_held_ports, connect_counts
+from rebind.exporter.facts import OTHER, TOP_PEERS, Missing, Snapshot
+from rebind.exporter.port_stats import config_warnings, frees_in_seconds, listener_groups, state_counts
+from rebind.exporter.restart import bindable_value, missing_facts, restart_answers
 from rebind.model.records import IPAddress, fmt_addr
 
 #: Every metric this exporter can produce (rebind_run_* come from `rebind run --metrics`).

@@ -39,10 +39,10 @@ from rebind.exporter.facts import (
     Reason,
     ServerFlags,
     Snapshot,
-    Tally,
     Watch,
     norm,
 )
+from rebind.exporter.tally import Tally
 from rebind.kernel.route import NoRoute, source_for
 from rebind.kernel.sysctl import HostSettings, host_settings
 from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
@@ -229,11 +229,11 @@ class Gatherer:
 
     def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
         """The kernel's own state of the sockets the model judges, read as `why` reads it
-        (kernel/facts.py: iterator_plan per watched port, all of them carried out at once by
+        (kernel/sockstates.py: iterator_plan per watched port, all of them carried out at once by
         read_kernel_ports: one listening-hash walk, lookups by 4-tuple, the UDP walk). Empty
         where BPF cannot run (unprivileged, no BTF, REBIND_NO_BPF): the answers that hinge on
         it are then unknown, never optimistic (rebind_exporter_missing says which fact)."""
-        from rebind.kernel.facts import iterator_plan, read_kernel_ports
+        from rebind.kernel.sockstates import iterator_plan, read_kernel_ports
         from rebind.model.request import BindRequest
 
         entries = [SocketEntry(r) for r in watched]

@@ -32,7 +32,7 @@ CONTAINER_PROXIES = frozenset(
 )
 
 
-#: Names kernel/containers.py believes only with proof (the process's real uid and executable,
+#: Names kernel/containers/ believes only with proof (the process's real uid and executable,
 #: and for rootless ones its user's container): a name alone proves nothing.
 JUDGED_PROXY_NAMES = frozenset(
     {"docker-proxy", "dockerd", "conmon", "rootlessport", "pasta", "pasta.avx2", "slirp4netns"}
@@ -88,7 +88,7 @@ def classify(
     ephemeral: tuple[int, int],
 ) -> HolderKind:
     r = entry.socket
-    # o.proxy is set by the owner annotation (kernel/containers.py: a docker-proxy, dockerd or
+    # o.proxy is set by the owner annotation (kernel/containers/proxies.py: a docker-proxy, dockerd or
     # conmon run by root, a rootlessport/pasta/slirp4netns with its own user's container behind
     # it). The names the annotation judges count only through it: a user's process calling itself
     # "rootlessport" is that user's process, and `free` must say so. Other proxies' names (vpnkit,

@@ -16,166 +16,16 @@ from typing import Any, ClassVar
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
 
 from rebind.textsafe import visible
 from rebind.top import keys
+from rebind.top.cells import COLUMNS, owners_width, row_cells
 from rebind.top.events import Event, EventKind, describe, diff
-from rebind.top.model import (
-    PortKey,
-    PortView,
-    Snapshot,
-    SocketRow,
-    bar,
-    cut,
-    filter_ports,
-    fmt_left,
-    left_now,
-    row_owners_text,
-)
+from rebind.top.model import PortKey, PortView, Snapshot, SocketRow, cut, filter_ports, row_owners_text
 from rebind.top.record import Recorder, RecordStopped
 from rebind.top.sampler import Sampler
-
-_SHORT = {
-    "BOUND_INACTIVE": "BOUND",
-    "ESTABLISHED": "ESTAB",
-    "NEW_SYN_RECV": "SYN_RECV",
-}
-_STYLE = {
-    "LISTEN": "bold green",
-    "BOUND": "bold magenta",
-    "TIME_WAIT": "yellow",
-    "FIN_WAIT2": "yellow",
-    "CLOSE_WAIT": "red",
-    "UNCONN": "green",
-}
-_MARK_STYLE = {"✓": "bold green", "✗": "bold red", "✓ra": "yellow", "?": "yellow"}
-COLUMNS = ("port", "bind", "state", "addr", "left", "queue", "owners")
-
-
-def state_text(row: SocketRow) -> Text:
-    label = _SHORT.get(row.state.name, row.state.label)
-    t = Text(label, style=_STYLE.get(label, ""))
-    if row.group > 1:
-        t.append(f" rp{row.group}", style="cyan")  # SO_REUSEPORT group on this address
-    if row.count > 1:
-        t.append(f" ×{row.count}")
-    return t
-
-
-def row_cells(view: PortView, row: SocketRow | None, first: bool, now: float, snap_mono: float) -> list[Text]:
-    """The cells of one table row (all Text: nothing here is parsed as markup)."""
-    port = Text(str(view.key) if first else "")
-    if first and view.localhost:
-        port.append(f" {view.localhost}", style="yellow")  # issue 20: localhost split-brain
-    mark = view.bindable.mark
-    bind = Text(mark if first else "", style=_MARK_STYLE.get(mark, ""))
-    if row is None:
-        return [
-            port,
-            bind,
-            Text("-", style="dim"),
-            Text(""),
-            Text(""),
-            Text(""),
-            Text("nothing on this port"),
-        ]
-    left = left_now(row.left_ms, row.sampled or snap_mono, now)
-    return [
-        port,
-        bind,
-        state_text(row),
-        Text(row.addr),
-        Text(fmt_left(left), style="yellow"),
-        Text(bar(row.queue, row.backlog, width=6)),
-        Text(row_owners_text(row)),
-    ]
-
-
-#: DataTable's default cell padding: one cell each side of every column.
-CELL_PADDING = 1
-#: Never squeeze the owners column below this (past it the table scrolls sideways instead).
-MIN_OWNERS_WIDTH = 12
-
-
-def owners_width(rows: list[list[Text]], total: int) -> int:
-    """Cells left for the owners column (the last) once the other columns take what their
-    widest cell or header needs, so owners are shortened with an ellipsis rather than cut off
-    by the screen's edge (80 columns). One cell is kept for a vertical scrollbar."""
-    used = 0
-    for i, name in enumerate(COLUMNS[:-1]):
-        widest = max([len(name), *(r[i].cell_len for r in rows)])
-        used += widest + 2 * CELL_PADDING
-    return max(MIN_OWNERS_WIDTH, total - used - 2 * CELL_PADDING - 1)
-
-
-class TextScreen(Screen[None]):
-    """A full screen of text (why, free, wait, reload) with an optional y/n question."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape,q", "close", "back"),
-        Binding("y", "answer(True)", "yes", show=False),
-        Binding("n", "answer(False)", "no", show=False),
-    ]
-    DEFAULT_CSS = """
-    TextScreen #title { height: 1; background: $boost; text-style: bold; }
-    TextScreen #body { height: 1fr; }
-    TextScreen #hint { height: 1; color: $text-muted; }
-    """
-
-    def __init__(self, title: str, lines: list[str] | None = None) -> None:
-        super().__init__()
-        self.title_text = title
-        self.lines: list[str] = list(lines or [])
-        self.question: Callable[[bool], None] | None = None
-        self.on_close: Callable[[], None] | None = None
-
-    def compose(self) -> ComposeResult:
-        yield Static(Text(self.title_text), id="title")
-        with VerticalScroll(id="body"):
-            yield Static(Text("\n".join(self.lines)), id="text")
-        yield Static(Text("Esc/q: back"), id="hint")
-
-    def _render_body(self) -> None:
-        if not self.is_attached:
-            return
-        self.query_one("#text", Static).update(Text("\n".join(self.lines)))
-        hint = "y: proceed   n/Esc: cancel" if self.question else "Esc/q: back"
-        self.query_one("#hint", Static).update(Text(hint))
-
-    def set_lines(self, lines: list[str]) -> None:
-        self.lines = list(lines)
-        self._render_body()
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        self._render_body()
-
-    def extend(self, lines: list[str]) -> None:
-        self.lines.extend(lines)
-        self._render_body()
-
-    def ask(self, question: str, then: Callable[[bool], None]) -> None:
-        self.lines.append("")
-        self.lines.append(question)
-        self.question = then
-        self._render_body()
-
-    def action_answer(self, yes: bool) -> None:
-        then, self.question = self.question, None
-        if then is None:
-            return
-        self._render_body()
-        then(yes)
-
-    def action_close(self) -> None:
-        if self.question is not None:
-            self.action_answer(False)
-        if self.on_close is not None:
-            self.on_close()
-        self.dismiss()
+from rebind.top.screens import TextScreen
 
 
 class TopApp(App[int]):

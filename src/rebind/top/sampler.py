@@ -214,12 +214,12 @@ class Sampler:
         )
 
     def _read_kernel(self, records: Sequence[SocketRecord]) -> dict[int, SockState]:
-        """The sockets' kernel state by cookie, read as `why` reads it (kernel/facts.py:
+        """The sockets' kernel state by cookie, read as `why` reads it (kernel/sockstates.py:
         iterator_plan per port, carried out at once by read_kernel_ports: one listening-hash
         walk, lookups by 4-tuple, the UDP walk), so the bindable column is judged with the
         sockets' own flags and the port's bucket/chain. Empty where BPF cannot run: the answers
         that hinge on it stay "?"."""
-        from rebind.kernel.facts import iterator_plan, read_kernel_ports
+        from rebind.kernel.sockstates import iterator_plan, read_kernel_ports
         from rebind.model.request import BindRequest
 
         entries = [SocketEntry(r) for r in records]
