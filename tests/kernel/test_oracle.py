@@ -226,3 +226,36 @@ def test_asking_leaves_the_reuseport_cache_for_every_later_bind(netns: int) -> N
     finally:
         for s in held:
             s.close()
+
+
+def test_dual_stack_udp_client_on_ipv6_loopback_overlaps_only_the_ipv4_wildcard_and_127_0_0_6(
+    netns: int,
+) -> None:
+    """An IPv6 UDP socket with ipv6only 0 that connect() autobound to [::1]:P has sk_rcv_saddr
+    LOOPBACK4_IPV6 (ip6_datagram_connect): an IPv4 bind on P conflicts for 0.0.0.0 and 127.0.0.6
+    only. The model once gave it sk_rcv_saddr 0 and called 127.0.0.1 busy."""
+    from rebind.kernel.facts import gather
+    from rebind.model.advice import advise
+    from rebind.model.request import BindRequest
+
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    client.connect(("::1", 9))
+    port = client.getsockname()[1]
+    try:
+        seen = {}
+        for addr in ("127.0.0.1", "127.0.0.6", "0.0.0.0"):
+            req = BindRequest(proto=U, addr=ip_address(addr), port=port)
+            predicted = advise(gather(req, owners=False, trials=False)).bindable
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                probe.bind((addr, port))
+                actual = True
+            except OSError:
+                actual = False
+            finally:
+                probe.close()
+            seen[addr] = (predicted, actual)
+        assert seen == {"127.0.0.1": (True, True), "127.0.0.6": (False, False), "0.0.0.0": (False, False)}
+    finally:
+        client.close()

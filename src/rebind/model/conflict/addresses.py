@@ -32,12 +32,15 @@ def _kaddr(a: IPAddress, ipv6only: bool) -> KAddr:
     mapped = a.ipv4_mapped
     if mapped is not None:
         return KAddr(a, int(mapped), False)
-    if a.is_unspecified or not ipv6only:
-        # [::], or a specific address reached without binding it (accepted child of a dual-stack
-        # listener, client bound to [::]): ipv6only stays 0 and sk_rcv_saddr is not a real
-        # IPv4 address; 0 makes ipv4_rcv_saddr_equal match an IPv4 wildcard, as the kernel does.
+    if a.is_unspecified:
         return KAddr(a, 0, ipv6only)
-    return KAddr(a, _LOOPBACK4_IPV6, True)
+    # A specific non-mapped address: sk_rcv_saddr is LOOPBACK4_IPV6 (127.0.0.6) however the
+    # socket got there -- bind() (__inet6_bind, which also forces ipv6only on), or connect() /
+    # accept() leaving ipv6only 0 (tcp_v6_connect, ip6_datagram_connect, tcp_v6_syn_recv_sock).
+    # With ipv6only 0, ipv4_rcv_saddr_equal() then matches an IPv4 wildcard and 127.0.0.6 itself,
+    # not every IPv4 address (a dual-stack UDP client autobound by connect() to [::1]:P leaves
+    # bind(127.0.0.1, P) free: tests/kernel/test_oracle.py).
+    return KAddr(a, _LOOPBACK4_IPV6, ipv6only)
 
 
 def bound_kaddr(addr: IPAddress, v6only: bool) -> KAddr:

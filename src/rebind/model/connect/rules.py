@@ -86,9 +86,9 @@ def _holder_kaddr(h: PortHolder) -> KAddr:
     (tcp_v6_connect, ip6_datagram_connect, tcp_v6_syn_recv_sock); only bind() forces ipv6only on.
     So: ``bound_kaddr``'s address with the holder's own ipv6only -- an IPv6 client whose source
     came from connect() keeps ipv6only = 0 and overlaps an IPv4 wildcard (the J8 experiment:
-    dual-stack UDP clients block IPv4 autobinds), but not a specific IPv4 address. (The bind
-    model's holder builder gives such a socket sk_rcv_saddr 0, which overlaps every IPv4 address:
-    not used here, so this model's answers stay what the connect oracle checked.)
+    dual-stack UDP clients block IPv4 autobinds), but not a specific IPv4 address. The bind
+    model's holders are built the same way (``conflict/addresses._kaddr``); what is this
+    model's own is the guess of an unknown ipv6only below.
     """
     r = h.socket
     if r.v6only is not None:
