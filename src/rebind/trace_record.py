@@ -5,7 +5,7 @@ FILE is opened as top's records are (rebind.top.record.Recorder: O_NOFOLLOW, O_A
 one link, owned by us) and rotated to FILE.1 past ``max_bytes``. Each event is one write() of
 one line, so a top and a trace recording into one FILE never interleave inside a line, and
 `rebind history FILE` reads both kinds. A line is bounded (comm is 16 bytes, texts are capped in
-rebind.model.trace), and so is the file: a user who makes binds fail in a loop costs disk up to
+rebind.render.trace), and so is the file: a user who makes binds fail in a loop costs disk up to
 twice ``max_bytes``, no more.
 """
 
@@ -15,8 +15,8 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
-from rebind.model.trace import BadTraceRecord, is_trace_doc
-from rebind.model.trace import from_json as trace_from_json
+from rebind.render.trace import BadTraceRecord, is_trace_doc
+from rebind.render.trace import from_json as trace_from_json
 from rebind.top.events import MAX_LINE_BYTES, BadRecord, describe
 from rebind.top.events import from_json as top_from_json
 from rebind.top.record import DEFAULT_MAX_BYTES, Recorder

@@ -18,11 +18,11 @@ from rebind.model.localhost import (
     SplitKind,
     find_split,
     find_splits,
-    finding_json,
     loopback_only,
     reach,
 )
 from rebind.model.records import Endpoint, Family, Owner, Proto, SocketEntry, SocketRecord, State
+from rebind.render.findings import finding_json
 
 V4_FIRST = LocalhostResolution(order=(Family.INET, Family.INET6))
 V6_FIRST = LocalhostResolution(

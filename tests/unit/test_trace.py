@@ -17,18 +17,8 @@ from rebind.kernel.bpf import asm
 from rebind.kernel.bpf.trace_prog import EVENT, MEMBERS, Bits, Ev, TraceLayout, TraceMaps, build_program
 from rebind.kernel.trace import decode
 from rebind.model.records import Proto
-from rebind.model.trace import (
-    BlockerView,
-    Kind,
-    Snapshot,
-    TraceEvent,
-    describe,
-    from_json,
-    parse_errnos,
-    to_json,
-    to_line,
-    wanted,
-)
+from rebind.model.trace import BlockerView, Kind, Snapshot, TraceEvent, parse_errnos, wanted
+from rebind.render.trace import describe, from_json, to_json, to_line
 from rebind.trace_record import history
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

@@ -102,7 +102,7 @@ def scan_json(s: OwnerScanReport) -> dict[str, int]:
 
 
 def table_json(t: SocketTable, localhost: Mapping[int, SplitBrain] | None = None) -> dict[str, Any]:
-    from rebind.model.localhost import finding_json
+    from rebind.render.findings import finding_json
 
     return {
         "schema": LS_SCHEMA,

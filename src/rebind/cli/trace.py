@@ -234,7 +234,7 @@ class _Loop:
         return wanted(ev, self.ports) and (self.netns is None or ev.netns == self.netns)
 
     def _emit(self, ev: TraceEvent) -> None:
-        from rebind.model.trace import describe, to_json, to_line
+        from rebind.render.trace import describe, to_json, to_line
 
         snap = self._snapshot(ev) if self.snapshots else None
         unit, container = self._context_of(ev)

@@ -130,8 +130,7 @@ def _check_fix(d: Diagnosis, found: Findings, as_json: bool) -> int:
 
 def why_json(d: Diagnosis, found: Findings | None = None) -> dict[str, Any]:
     from rebind.cli.render import entry_json
-    from rebind.model.localhost import finding_json
-    from rebind.model.wellknown import lookalike_json, recognised_json
+    from rebind.render.findings import finding_json, lookalike_json, recognised_json
 
     r = d.request
     return {

@@ -328,20 +328,20 @@ def records_per_netns(
     proc: str = "/proc",
 ) -> Iterator[NetnsRecords]:
     """The sockets of every namespace in ``scan``: netlink through setns where permitted, else the
-    partial /proc view, else nothing (with a warning naming the namespace)."""
-    from rebind.kernel import diag
+    partial /proc view, else nothing (with a warning naming the namespace). The query's own
+    ``netns`` is not used: every namespace of ``scan`` is read."""
+    from dataclasses import replace
+
+    from rebind.kernel.walk import walk
 
     if query is None:
         query = SocketQuery.create(ports=ports, states=list(State))
-    q = query
+    q = replace(query, netns=None) if query.netns is not None else query
 
-    # netlink from a thread that entered the namespace; never /proc/net there (it shows the
-    # namespace of the thread group leader, not the thread's).
+    # The one walker, netlink only, from a thread that entered the namespace: never /proc/net
+    # there (it shows the namespace of the thread group leader, not the thread's).
     def dump() -> tuple[SocketRecord, ...]:
-        recs = diag.iter_sockets(
-            protos=q.protos, families=q.families, states=q.states, ports=q.ports, port_range=q.port_range
-        )
-        return tuple(r for r in recs if q.matches(r))
+        return tuple(walk(q, netlink_only=True).records)
 
     for ns in scan.namespaces:
         try:

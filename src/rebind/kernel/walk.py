@@ -31,8 +31,18 @@ class Walk:
     warnings: tuple[str, ...] = ()
 
 
-def walk(query: SocketQuery) -> Walk:
-    """Stream the sockets ``query`` asks for, in its network namespace."""
+def walk(query: SocketQuery, *, netlink_only: bool = False) -> Walk:
+    """Stream the sockets ``query`` asks for, in its network namespace.
+
+    ``netlink_only``: inet_diag in the calling *thread's* namespace, or the error it raises
+    (EnvironmentProblem, KernelError, OSError) -- for a worker thread that entered another
+    namespace (kernel/namespaces.py: ``records_per_netns``), where neither the records
+    prefetched in the process's namespace nor /proc/net (the thread group leader's namespace,
+    not the thread's) may stand in for it. Such a query names no namespace (ValueError)."""
+    if netlink_only:
+        if query.netns is not None:
+            raise ValueError("a netlink-only walk reads the calling thread's namespace: no netns")
+        return _walk_netlink(query)
     if query.netns is not None:
         from rebind.kernel.diag import current_netns
 
@@ -53,7 +63,7 @@ def _materialised(query: SocketQuery) -> tuple[list[SocketRecord], str, tuple[st
 
 
 def _walk_here(query: SocketQuery) -> Walk:
-    from rebind.kernel import diag, prefetch
+    from rebind.kernel import prefetch
 
     plist = list(query.ports) if query.ports is not None else None
     if query.port_range is None:
@@ -61,20 +71,26 @@ def _walk_here(query: SocketQuery) -> Walk:
         if early is not None:
             return Walk(_filtered(iter(early), query), "netlink")
     if _netlink():
-        recs = diag.iter_sockets(
-            protos=query.protos,
-            families=query.families,
-            states=query.states,
-            ports=plist,
-            port_range=query.port_range,
-        )
-        return Walk(_filtered(recs, query), "netlink")
+        return _walk_netlink(query)
     from rebind.kernel import procnet
 
     recs = procnet.iter_sockets(
         protos=query.protos, families=query.families, states=query.states, ports=plist
     )
     return Walk(_filtered(recs, query), "procfs", (procnet.LIMITATIONS,))
+
+
+def _walk_netlink(query: SocketQuery) -> Walk:
+    from rebind.kernel import diag
+
+    recs = diag.iter_sockets(
+        protos=query.protos,
+        families=query.families,
+        states=query.states,
+        ports=list(query.ports) if query.ports is not None else None,
+        port_range=query.port_range,
+    )
+    return Walk(_filtered(recs, query), "netlink")
 
 
 _NETLINK: dict[tuple[int | None, bool], bool] = {}

@@ -314,31 +314,3 @@ def loopback_only(f: SplitBrain) -> bool:
     r = f.v4 if f.kind is SplitKind.V4_ONLY else f.v6
     bound = any(not e.socket.local.addr.is_unspecified for e in r.listeners)
     return bound and any(a.reaches is None for a in f.audiences)
-
-
-def finding_json(f: SplitBrain) -> dict[str, object]:
-    def side(r: Reach) -> dict[str, object]:
-        return {
-            "addr": str(r.addr),
-            "refused": r.refused,
-            "listeners": [str(e.socket.local) for e in r.listeners],
-            "pids": sorted(r.pids),
-        }
-
-    def fam(f: Family | None) -> str | None:
-        return None if f is None else ("::1" if f is Family.INET6 else "127.0.0.1")
-
-    return {
-        "port": f.port,
-        "kind": f.kind.value,
-        "ipv4": side(f.v4),
-        "ipv6": side(f.v6),
-        "resolver_order": [fam(x) for x in f.resolution.order],
-        "hosts_lines": [
-            {"line": h.lineno, "addr": h.addr, "names": list(h.names)} for h in f.resolution.hosts
-        ],
-        "clients": [{"client": a.client, "reaches": fam(a.reaches)} for a in f.audiences],
-        "text": list(f.lines()),
-        "fix": f.fix(),
-        "commands": list(f.commands()),
-    }

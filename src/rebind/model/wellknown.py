@@ -285,7 +285,7 @@ def recognise_nat(
 
 
 # ---------------------------------------------------------------------------------------------
-# What `why` adds: both kinds of finding, for text and JSON
+# What `why` adds: both kinds of finding (rendered in render/findings.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,25 +293,3 @@ class Findings:
     localhost: SplitBrain | None = None
     holders: tuple[Recognised, ...] = ()
     lookalikes: tuple[Lookalike, ...] = ()
-
-
-def recognised_json(r: Recognised) -> dict[str, object]:
-    return {
-        "id": r.entry.id,
-        "name": r.entry.name,
-        "package": r.entry.package or None,
-        "port": r.port,
-        "proto": r.proto.value,
-        "pid": r.pid,
-        "unit": r.unit,
-        "via": r.via,
-        "explain": r.entry.explain,
-        "fix_title": r.entry.fix_title,
-        "fix": list(r.fix) if r.withheld is None else [],
-        "revert": list(r.revert) if r.withheld is None else [],
-        "withheld": r.withheld,
-    }
-
-
-def lookalike_json(x: Lookalike) -> dict[str, object]:
-    return {"pid": x.pid, "name": x.name, "like": x.entry.id, "reason": x.reason}

@@ -3,6 +3,8 @@ a question's answer as the lines people read. They import the model, never ``cli
 (tests/unit/test_layers.py), nor Textual.
 
 ``console``: the markup printer (rich on a colour terminal, plain otherwise) and shared cells;
-``why``: `rebind why`'s text; ``free``: `rebind free`'s plan and result; ``connect``:
-`why --connect`'s JSON document (``rebind.connect/1``, also the API's).
+``why``: `rebind why`'s text; ``findings``: the localhost split-brain and well-known holders, as
+text and JSON; ``free``: `rebind free`'s plan and result; ``reload``: `why --reload`'s advice;
+``trace``: `rebind trace`'s lines and ``rebind.trace/1``; ``connect``: `why --connect`'s JSON
+document (``rebind.connect/1``, also the API's).
 """

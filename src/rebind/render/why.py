@@ -1,6 +1,7 @@
 """`rebind why PORT`'s text: the headline, the blockers with the rule that decides, the notes,
 what works right now, the ranked fixes, and the known situations (localhost split-brain,
-well-known holders). `rebind why` prints it; `rebind top`'s why screen captures it."""
+well-known holders: render/findings.py). `rebind why` prints it; `rebind top`'s why screen
+captures it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rebind.render.console import fmt_ms, out, owners_cell
+from rebind.render.findings import findings_lines
 from rebind.textsafe import visible
 
 if TYPE_CHECKING:
@@ -70,43 +72,6 @@ def diagnosis_lines(d: Diagnosis, esc_markup: Callable[[str], str] | None = None
                 lines.append(f"     Python: {esc(f.python)}")
             if f.c:
                 lines.append(f"     C:      {esc(f.c)}")
-    return lines
-
-
-def findings_lines(found: Findings, esc_markup: Callable[[str], str] | None = None) -> list[str]:
-    """Issue 20: the localhost split-brain note and each well-known holder's own fix, as exact
-    shell lines (safe to paste: every value in them is validated and shell-quoted)."""
-    raw = esc_markup or (lambda t: t)
-
-    def esc(text: str) -> str:
-        return raw(visible(text))
-
-    lines: list[str] = []
-    if found.localhost is not None:
-        f = found.localhost
-        head, *rest = f.lines()
-        lines.append(f"\n[bold yellow]localhost:[/] {esc(head)}")
-        lines += [f"  [dim]{esc(x)}[/]" for x in rest]
-        lines.append(f"  fix: {esc(f.fix())}")
-        lines += [f"    $ {esc(c)}" for c in f.commands()]
-    for x in found.lookalikes:
-        lines.append(f"\n[yellow]note:[/] {esc(x.line())}")
-    for r in found.holders:
-        what, explain = r.lines()
-        lines.append(f"\n[bold]Well-known holder:[/] {esc(what)}")
-        lines.append(f"  [dim]{esc(explain)}[/]")
-        if r.withheld is not None:
-            lines.append(f"  {esc(r.withheld)}")
-            continue
-        if r.fix:
-            lines.append(f"  [bold]Its owner's fix[/] ({esc(r.entry.fix_title)}):")
-            lines += [f"    $ {esc(c)}" for c in r.fix]
-        if r.revert:
-            lines.append("  To undo it:")
-            lines += [f"    $ {esc(c)}" for c in r.revert]
-        if r.fix:
-            port = f"{r.port}" + (" --udp" if r.proto.value == "udp" else "")
-            lines.append(f"  Then verify: $ rebind why {port} --check-fix")
     return lines
 
 
