@@ -165,6 +165,33 @@ def test_every_pass_finds_the_same_holders(
         assert h.tid == h.pid
 
 
+def test_more_records_than_the_array_holds_scan_again_with_room(
+    netns: int, procs: Any, bpf_ready: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 records (two sockets, four holders each) and an array sized for 4: the program counts
+    what did not fit, and the scan runs again with room for it, finding the same holders."""
+    port, _, _ = _start(procs)
+    inodes = [r.inode for r in iter_records(ports=[port])[0] if r.inode]
+    assert len(inodes) == 2
+    full = bpf.find_socket_holders(inodes)
+    assert len(full.hits) == 8
+    monkeypatch.setattr(scan, "SPARE_RECORDS", 0)
+    runs = []
+    real_scan = scan._scan
+
+    def counted(*args: Any) -> tuple[bytes, bytes]:
+        runs.append(args[-1])  # the capacity
+        return real_scan(*args)
+
+    monkeypatch.setattr(scan, "_scan", counted)
+    again = bpf.find_socket_holders(inodes)
+    assert runs == [4, 10]  # 2 per socket, then 8 + 8 // 4
+    assert sorted(again.hits) == sorted(full.hits)
+    monkeypatch.setattr(scan, "ATTEMPTS", 1)
+    with pytest.raises(bpf.BPFUnavailable, match="8 records did not fit"):
+        bpf.find_socket_holders(inodes)
+
+
 def test_a_socket_nobody_holds_costs_a_full_scan_and_finds_nothing(netns: int, bpf_ready: None) -> None:
     result = bpf.find_socket_holders([0xFFFFFFF0])
     assert result.hits == () and result.tables > 0
@@ -234,13 +261,19 @@ time.sleep(600)
 """
 
 
-def test_one_process_holding_more_than_a_seq_buffer_of_sockets(netns: int, procs: Any) -> None:
-    """1,500 wanted sockets in one process: more records than one iterator show() may write
-    (E2BIG from the 32 KiB seq_file buffer); the scan runs in bounded passes instead."""
+def test_one_process_holding_more_than_a_seq_buffer_of_sockets(
+    netns: int, procs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,500 wanted sockets in one process: more records than one iterator show() could write
+    to the 32 KiB seq_file buffer (E2BIG); the records go to an array instead, in one scan."""
     p = procs.python(MANY)
     assert procs.wait_line(p, timeout=60) == "ready"
     records = [r for r in iter_records(ports=range(30000, 31500), protos=[Proto.UDP])[0]]
     assert len(records) == 1500
+    scans = []
+    real_scan = scan._scan
+    monkeypatch.setattr(scan, "_scan", lambda *a: scans.append(a[-1]) or real_scan(*a))
     found, _ = owners.find_owners(records)
     assert owners.bpf_fallback_reason is None
+    assert len(scans) == 1
     assert {o.pid for v in found.values() for o in v} == {p.pid} and len(found) == 1500

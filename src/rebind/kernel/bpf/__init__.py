@@ -14,6 +14,9 @@ finding its holders needs no memory beyond the fd arrays. Addresses are learnt b
 file's inode until every wanted socket has been met, visiting likely holders (the sockets'
 namespace and uids) first. Every task on the machine is visited, so a holder in another network
 namespace (SCM_RIGHTS, setns) is found too, which the /proc scan does not look for.
+Its records go to an mmapable array map sized to the request, not to the iterator's seq_file
+(where one task's output is capped at 32 KiB, 1,023 records: the scan once ran in passes of
+1,023 sockets, 98 of them for ``why --connect``'s 100k), so any number of sockets takes one scan.
 
 Decided by measurement (``bench/owners.py``; tables, commands and machine load in
 docs/benchmarks.md, "Owner lookup"): for the owners of one port, this program is at least 6x

@@ -9,11 +9,15 @@ The file is trusted only if it is ours (owner = our euid) and nobody else may wr
 written beside its final name with O_CREAT|O_EXCL|O_NOFOLLOW and renamed over it, in /run/rebind
 (created 0755: only root, who can write /run, makes it). What is unreadable, foreign, of another
 boot or another member list reads as "no cache": the layout is read from BTF again.
+
+Each program's cache is made by :func:`layout_cache`, which names the file and its first line
+after the program's member list (see there why).
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -104,3 +108,28 @@ class LayoutCache(Generic[T]):
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def layout_cache(
+    name: str,
+    version: int,
+    members: object,
+    *,
+    build: Callable[[bytes], T],
+    encode: Callable[[T], list[str]],
+    decode: Callable[[list[str]], T | None],
+) -> LayoutCache[T]:
+    """The cache of one program's layout: /run/rebind/NAME-CRC, first line "rebind-NAME VERSION
+    CRC", where CRC is the crc32 of ``members`` (what the program reads: its repr must change
+    when they do) and VERSION is bumped when the file's lines change meaning.
+
+    One file per member list: two rebind versions on one host (a venv beside the system's) would
+    otherwise rewrite each other's cache on every run, and each pay the BTF walk each time. The
+    magic names the member list too: a rebind that reads other members never takes this one's
+    cache (an optional member absent from the file would otherwise read as absent from the
+    kernel). crc32, not hashlib: this tells our own versions apart (no adversary picks the
+    lists), and importing hashlib loads OpenSSL, 4-12 ms of every `why` (bench/whyperf.py).
+    """
+    crc = format(zlib.crc32(repr(members).encode()), "08x")
+    path, magic = f"{CACHE_DIR}/{name}-{crc}", f"rebind-{name} {version} {crc}"
+    return LayoutCache(path, magic, build=build, encode=encode, decode=decode)

@@ -20,7 +20,6 @@ from rebind.kernel.bpf import btf as btfmod
 
 # enum bpf_func_id (include/uapi/linux/bpf.h)
 HELPER_MAP_UPDATE_ELEM = 2
-HELPER_SEQ_WRITE = 127  # Linux 5.8; gpl_only: hence the GPL-compatible licence string in scan.py
 HELPER_LOOP = 181  # bpf_loop, Linux 5.17
 BPF_NOEXIST = 1  # map update flag
 
@@ -28,28 +27,30 @@ SOCKFS_MAGIC = 0x534F434B  # include/uapi/linux/magic.h
 S_IFMT = 0o170000
 S_IFSOCK = 0o140000
 
-#: One output record: tgid, tid, fd, pad, the leader's start_boottime (ns), socket inode.
+#: One output record (an element of the records array): tgid, tid, fd, pad, the leader's
+#: start_boottime (ns), socket inode.
 RECORD = struct.Struct("<IIIIQQ")
 REC_TGID, REC_TID, REC_FD, REC_PAD, REC_START, REC_INODE = 0, 4, 8, 12, 16, 24
 
-#: struct state {u32 mode, unknown, tables, netns, errors, pad}; mode 1: likely tasks only,
-#: 2: every task. unknown: wanted inodes whose struct file is not learnt yet.
+#: struct state {u32 mode, unknown, tables, netns, errors, emitted}; mode 1: likely tasks only,
+#: 2: every task. unknown: wanted inodes whose struct file is not learnt yet. emitted: records
+#: produced so far, the index of the next one in the records array (counted past its end too,
+#: so that the caller knows how large an array it needs).
 STATE = struct.Struct("<6I")
-ST_MODE, ST_UNKNOWN, ST_TABLES, ST_NETNS, ST_ERRORS = 0, 4, 8, 12, 16
+ST_MODE, ST_UNKNOWN, ST_TABLES, ST_NETNS, ST_ERRORS, ST_EMITTED = 0, 4, 8, 12, 16, 20
 BITMAP_BYTES = 8192  # 2**16 bits, indexed by bits 6..21 of the file's address
 FD_CHUNK = 16  # fd slots copied per bpf_loop step (16 * 8 = 128 bytes of stack)
 
 
 class LoopCtx:
-    """rebind_tasks' per-task context, handed to rebind_chunk as bpf_loop's ctx (40 bytes)."""
+    """rebind_tasks' per-task context, handed to rebind_chunk as bpf_loop's ctx (32 bytes)."""
 
     FDS: Final = 0  # u64: fdt->fd, the fd array's address
     MAX: Final = 8  # u64: fdt->max_fds (a u32, zero-extended)
     TGID: Final = 16  # u32
     TID: Final = 20  # u32
     START: Final = 24  # u64: group_leader->start_boottime
-    SEQ: Final = 32  # u64: the iterator's seq_file, for bpf_seq_write
-    SIZE: Final = 40
+    SIZE: Final = 32
 
 
 class SlotCtx:
@@ -66,7 +67,7 @@ class TaskFrame:
 
     STATE_KEY: Final = -4  # u32 0: key of the state array
     EUID: Final = -8  # u32: cred->euid, key of the uids map
-    LOOP_CTX: Final = -64  # LoopCtx, -64 .. -24
+    LOOP_CTX: Final = -64  # LoopCtx, -64 .. -32
     TMP: Final = -72  # u64: where bpf_probe_read_kernel copies a task field
     LEADER: Final = -80  # u64: task->group_leader
 
@@ -93,9 +94,10 @@ class CheckFrame:
     # and finally the inode number (key of the wanted map, value stored in the files map).
     SCRATCH: Final = -16
     # Below SCRATCH: the inode's first bytes (i_mode .. i_ino, see inode_buf()), read at once.
-    # Once i_ino is in a register the buffer is dead; ARRAY_KEY and RECORD reuse its bytes.
-    ARRAY_KEY: Final = -20  # u32 0: key of the bitmap, then of the state array
-    RECORD: Final = -48  # RECORD, -48 .. -16: written last, over ARRAY_KEY and the inode buffer
+    # Once i_ino is in a register the buffer is dead; ARRAY_KEY reuses its bytes.
+    # u32, in turn: 0, key of the bitmap and of the state array; then the record's index, key
+    # of the records array.
+    ARRAY_KEY: Final = -20
 
 
 def inode_span(lay: Layout) -> int:
@@ -124,10 +126,9 @@ FRAME_SLOTS: tuple[tuple[str, str, int, int], ...] = (
     ("check", "FILE", CheckFrame.FILE, 8),
     ("check", "SCRATCH", CheckFrame.SCRATCH, 8),
     ("check", "ARRAY_KEY", CheckFrame.ARRAY_KEY, 4),
-    ("check", "RECORD", CheckFrame.RECORD, RECORD.size),
 )
 
-SHARED_SLOTS = frozenset({("check", "ARRAY_KEY", "RECORD")})
+SHARED_SLOTS: frozenset[tuple[str, str, str]] = frozenset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,9 +136,7 @@ SHARED_SLOTS = frozenset({("check", "ARRAY_KEY", "RECORD")})
 
 #: (struct, member path, size in bytes the programs load it with)
 MEMBERS = (
-    ("bpf_iter__task", "meta", 8),
     ("bpf_iter__task", "task", 8),
-    ("bpf_iter_meta", "seq", 8),
     ("task_struct", "pid", 4),
     ("task_struct", "tgid", 4),
     ("task_struct", "group_leader", 8),
@@ -198,6 +197,7 @@ class Maps(NamedTuple):
     bits: int  # ARRAY[1]: BITMAP_BYTES bitmap of hashed file addresses, a cheap pre-filter
     state: int  # ARRAY[1]: STATE
     uids: int  # HASH: euid (u32) -> u8; which tasks are likely holders (first pass only)
+    records: int  # ARRAY (mmapable) of RECORD: the output, records[state.emitted++]
 
 
 Built = tuple[bytes, tuple[tuple[str, int, int], ...]]  # instructions, (func, insn, params)
@@ -312,9 +312,6 @@ def _tasks(p: asm.Program, lay: Layout, maps: Maps) -> None:
     read(cx + LoopCtx.TID, 4, r7, lay["task_struct.pid"])
     p.load(8, r1, fp, F.LEADER)
     read(cx + LoopCtx.START, 8, r1, lay["task_struct.start_boottime"])
-    p.load(8, r1, r6, lay["bpf_iter__task.meta"])
-    p.load(8, r1, r1, lay["bpf_iter_meta.seq"])
-    p.store(8, fp, cx + LoopCtx.SEQ, r1)
     p.load(8, r2, fp, cx + LoopCtx.MAX)
     # bpf_loop(DIV_ROUND_UP(max_fds, FD_CHUNK), chunk, ctx = &LoopCtx, 0)
     p.mov(r1, r2)
@@ -422,7 +419,7 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     r0, r1, r2, r3, r4, r6, r7, r8, r9, fp = (
         asm.R0, asm.R1, asm.R2, asm.R3, asm.R4, asm.R6, asm.R7, asm.R8, asm.R9, asm.FP,
     )  # fmt: skip
-    F, ibuf, rec = CheckFrame, inode_buf(lay), CheckFrame.RECORD
+    F, ibuf = CheckFrame, inode_buf(lay)
     p.label("check")
     p.mov(r6, r1)
     p.mov(r7, r2)
@@ -501,21 +498,26 @@ def _check(p: asm.Program, lay: Layout, maps: Maps) -> None:
     p.jump_imm(asm.JEQ, r1, 0, "emit")
     p.alu_imm(asm.ADD, r1, -1)
     p.store(4, r0, ST_UNKNOWN, r1)
+    # records[state.emitted++] = the record. Not bpf_seq_write: one task's output must fit the
+    # seq_file buffer (bpf_seq_read(): PAGE_SIZE << 3, E2BIG past it: 1,023 records), and a
+    # process may hold any number of wanted sockets. An index past the array's end finds no
+    # element: the record is only counted, and the caller runs the scan again with room for it.
     p.label("emit")
+    _state_ptr(p, maps, F.ARRAY_KEY, "check_out")
+    p.load(4, r1, r0, ST_EMITTED)
+    p.store(4, fp, F.ARRAY_KEY, r1)
+    p.alu_imm(asm.ADD, r1, 1)
+    p.store(4, r0, ST_EMITTED, r1)
+    p.map_lookup(maps.records, F.ARRAY_KEY, "check_out")
     p.load(4, r1, r6, LoopCtx.TGID)
-    p.store(4, fp, rec + REC_TGID, r1)
+    p.store(4, r0, REC_TGID, r1)
     p.load(4, r1, r6, LoopCtx.TID)
-    p.store(4, fp, rec + REC_TID, r1)
-    p.store(4, fp, rec + REC_FD, r8)
-    p.store_imm(4, fp, rec + REC_PAD, 0)
+    p.store(4, r0, REC_TID, r1)
+    p.store(4, r0, REC_FD, r8)
+    p.store_imm(4, r0, REC_PAD, 0)
     p.load(8, r1, r6, LoopCtx.START)
-    p.store(8, fp, rec + REC_START, r1)
-    p.store(8, fp, rec + REC_INODE, r9)
-    p.load(8, r1, r6, LoopCtx.SEQ)
-    p.mov(r2, fp)
-    p.alu_imm(asm.ADD, r2, rec)
-    p.mov_imm(r3, RECORD.size)
-    p.call(HELPER_SEQ_WRITE)
+    p.store(8, r0, REC_START, r1)
+    p.store(8, r0, REC_INODE, r9)
     p.label("check_out")
     p.mov_imm(r0, 0)
     p.exit()

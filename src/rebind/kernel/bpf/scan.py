@@ -12,11 +12,12 @@ missing raises :class:`BPFUnavailable` and callers fall back to the /proc scan.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from rebind.kernel.bpf.layoutcache import CACHE_DIR, LayoutCache
+from rebind.kernel.bpf.layoutcache import layout_cache
 from rebind.kernel.bpf.programs import (
     BITMAP_BYTES,
     MEMBERS,
@@ -30,6 +31,7 @@ from rebind.kernel.bpf.programs import (
     layout_from_btf,
 )
 from rebind.kernel.bpf.syscall import (
+    BPF_F_MMAPABLE,
     BPF_MAP_TYPE_ARRAY,
     BPF_MAP_TYPE_HASH,
     BPFUnavailable,
@@ -88,9 +90,10 @@ def _encode_layout(lay: Layout) -> list[str]:
 
 
 #: The fd-table program's layout, cached per boot (kernel/bpf/layoutcache.py).
-LAYOUT_CACHE = LayoutCache(
-    f"{CACHE_DIR}/bpf-layout",
-    "rebind-bpf-layout 2",  # 2: without the task_file program's members
+LAYOUT_CACHE = layout_cache(
+    "bpf-layout",
+    3,  # 3: one file per member list; without bpf_iter__task.meta and bpf_iter_meta.seq
+    (MEMBERS, TARGETS),
     build=layout_from_btf,
     encode=_encode_layout,
     decode=_decode_layout,
@@ -120,27 +123,30 @@ def _load(program: Built, attach_btf_id: int) -> int:
     return load_program(insns, attach_btf_id, funcs)
 
 
-def _run(prog_fd: int, passes: Iterable[bytes | None], state_fd: int) -> tuple[bytes, bytes]:
-    """Run the iterator once per pass (state written before each); output and final state."""
-    out = []
+def _run(prog_fd: int, state_fd: int, state: bytes) -> bytes:
+    """One walk over every task, from ``state``; the state it ends with."""
+    map_update(state_fd, b"\0\0\0\0", state)
     link_fd = link_create(prog_fd)
     try:
-        for st in passes:
-            if st is not None:
-                map_update(state_fd, b"\0\0\0\0", st)
-            iter_fd = iter_create(link_fd)
-            try:
-                out.append(read_all(iter_fd))
-            finally:
-                os.close(iter_fd)
+        iter_fd = iter_create(link_fd)
+        try:
+            # The records go to the records array; read() only drives the walk (and gives
+            # nothing: the program writes no seq_file output).
+            read_all(iter_fd)
+        finally:
+            os.close(iter_fd)
     finally:
         os.close(link_fd)
-    return b"".join(out), map_lookup(state_fd, b"\0\0\0\0", STATE.size)
+    return map_lookup(state_fd, b"\0\0\0\0", STATE.size)
 
 
-#: Wanted sockets per iterator pass: (32 KiB seq_file buffer / 32-byte record) - 1. 4 KiB pages
-#: are the smallest: with larger ones the buffer is larger and the bound merely conservative.
-MAX_PER_PASS = (4096 << 3) // RECORD.size - 1
+#: Records the array holds beyond two per wanted socket (one each from the likely-first and the
+#: full pass): room for sockets shared by many processes (fork, prefork servers) before a
+#: rescan is needed. 4,096 records are 128 KiB.
+SPARE_RECORDS = 4096
+#: Scans run again, each with room for every record the one before produced, before giving up
+#: (each holder found more often than the one before: fd tables growing while scanned).
+ATTEMPTS = 3
 
 
 def find_socket_holders(
@@ -153,36 +159,57 @@ def find_socket_holders(
 
     ``uids`` and ``netns`` (the sockets') only say which tasks to look at first: every task
     is visited whatever they are. Raises BPFUnavailable when this cannot be done here.
+
+    One scan for any number of sockets: the wanted inodes are a hash map sized to them, and the
+    records go to an array sized to them (twice, plus SPARE_RECORDS). If more were produced
+    than it holds, the program counted them: the scan runs again with room for that many.
     """
     wanted = sorted({i for i in inodes if i})
-    uids = tuple(uids)  # read once per pass below
     if not wanted:
         return ScanResult((), 0)
-    if len(wanted) > MAX_PER_PASS:
-        # One task's records are written by one show() call into the iterator's seq_file
-        # buffer (bpf_iter: PAGE_SIZE << 3 = 32 KiB); a task holding 1,024 wanted sockets
-        # fills it and read() fails with E2BIG. Bounded passes keep every task's output below.
-        parts = [
-            find_socket_holders(wanted[i : i + MAX_PER_PASS], uids=uids, netns=netns)
-            for i in range(0, len(wanted), MAX_PER_PASS)
-        ]
-        return ScanResult(tuple(h for p in parts for h in p.hits), max(p.tables for p in parts))
     _check_environment()
     lay = load_layout()
     uid_list = sorted({u for u in uids if 0 <= u < 1 << 32})
+    capacity = 2 * len(wanted) + SPARE_RECORDS
+    for _ in range(ATTEMPTS):
+        data, st = _scan(lay, wanted, uid_list, netns, capacity)
+        _mode, _unknown, tables, _netns, errors, emitted = STATE.unpack(st)
+        if errors:
+            raise BPFUnavailable(f"{errors} fd table chunk(s) or file(s) could not be read")
+        if emitted <= capacity:
+            break
+        capacity = emitted + emitted // 4 + SPARE_RECORDS
+    else:
+        raise BPFUnavailable(f"{emitted} records did not fit the {capacity} the last scan had room for")
+    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    offset = _boottime_offset_ns()
+    hits = {
+        (tgid, fd, ino): Hit(tgid, tid, fd, ino, (start + offset) // tick_ns)
+        for tgid, tid, fd, _, start, ino in RECORD.iter_unpack(data[: emitted * RECORD.size])
+    }
+    return ScanResult(tuple(hits.values()), tables)
+
+
+def _scan(
+    lay: Layout, wanted: list[int], uid_list: list[int], netns: int | None, capacity: int
+) -> tuple[bytes, bytes]:
+    """One scan with a records array of ``capacity``: its contents and the final state."""
     fds: list[int] = []
     try:
         try:
+            # Map memory is charged to the memory cgroup (Linux 5.11), not RLIMIT_MEMLOCK: the
+            # arrays' few MiB for 100k sockets need no CAP_SYS_RESOURCE.
             maps = Maps(
                 wanted=map_create(BPF_MAP_TYPE_HASH, 8, 1, len(wanted)),
                 files=map_create(BPF_MAP_TYPE_HASH, 8, 8, len(wanted)),
                 bits=map_create(BPF_MAP_TYPE_ARRAY, 4, BITMAP_BYTES, 1),
                 state=map_create(BPF_MAP_TYPE_ARRAY, 4, STATE.size, 1),
                 uids=map_create(BPF_MAP_TYPE_HASH, 4, 1, max(len(uid_list), 1)),
+                records=map_create(BPF_MAP_TYPE_ARRAY, 4, RECORD.size, capacity, BPF_F_MMAPABLE),
             )
         except OSError as exc:
             raise BPFUnavailable(f"BPF maps: {exc.strerror}") from exc
-        fds.extend((maps.wanted, maps.files, maps.bits, maps.state, maps.uids))
+        fds.extend(maps)
         try:
             map_fill(maps.wanted, wanted, "Q")
             if uid_list:
@@ -191,40 +218,31 @@ def find_socket_holders(
             raise BPFUnavailable(f"BPF maps: {exc.strerror}") from exc
         # Before Linux 5.17 (no bpf_loop) the verifier refuses the program: VerifierRejected,
         # a BPFUnavailable, and the caller uses the /proc scan.
-        data, st = _scan_fdtables(lay, maps, len(wanted), netns, likely_first=bool(uid_list))
+        st = _scan_fdtables(lay, maps, len(wanted), netns, likely_first=bool(uid_list))
+        _mode, _unknown, _tables, _netns, _errors, emitted = STATE.unpack(st)
+        size = -(-capacity * RECORD.size // mmap.PAGESIZE) * mmap.PAGESIZE
+        with mmap.mmap(maps.records, size, mmap.MAP_SHARED, mmap.PROT_READ) as mem:
+            data = mem[: min(emitted, capacity) * RECORD.size]
     except OSError as exc:
         raise BPFUnavailable(f"BPF iterator: {exc.strerror}") from exc
     finally:
         for fd in fds:
             os.close(fd)
-    _mode, _unknown, tables, _netns, errors, _ = STATE.unpack(st)
-    if errors:
-        raise BPFUnavailable(f"{errors} fd table chunk(s) or file(s) could not be read")
-    if len(data) % RECORD.size:
-        raise BPFUnavailable(f"iterator output of {len(data)} bytes is not whole records")
-    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    offset = _boottime_offset_ns()
-    hits = {
-        (tgid, fd, ino): Hit(tgid, tid, fd, ino, (start + offset) // tick_ns)
-        for tgid, tid, fd, _, start, ino in RECORD.iter_unpack(data)
-    }
-    return ScanResult(tuple(hits.values()), tables)
+    return data, st
 
 
-def _scan_fdtables(
-    lay: Layout, maps: Maps, unknown: int, netns: int | None, *, likely_first: bool
-) -> tuple[bytes, bytes]:
+def _scan_fdtables(lay: Layout, maps: Maps, unknown: int, netns: int | None, *, likely_first: bool) -> bytes:
     """Load the fd-table program; a first pass over likely tasks, then every task."""
     prog_fd = _load(build_fdtable_program(lay, maps), lay.attach["bpf_iter_task"])
     try:
-        out = b""
+        emitted = 0
         if likely_first:
-            out, st = _run(prog_fd, [STATE.pack(1, unknown, 0, netns or 0, 0, 0)], maps.state)
-            _mode, unknown, _tables, _netns, errors, _pad = STATE.unpack(st)
+            st = _run(prog_fd, maps.state, STATE.pack(1, unknown, 0, netns or 0, 0, 0))
+            _mode, unknown, _tables, _netns, errors, emitted = STATE.unpack(st)
             if errors:
-                return out, st
-        # every task; the addresses learnt so far stay in maps.files, "unknown" carries over
-        data, st = _run(prog_fd, [STATE.pack(2, unknown, 0, 0, 0, 0)], maps.state)
-        return out + data, st
+                return st
+        # every task; the addresses learnt so far stay in maps.files, "unknown" and the records
+        # carry over
+        return _run(prog_fd, maps.state, STATE.pack(2, unknown, 0, 0, 0, emitted))
     finally:
         os.close(prog_fd)

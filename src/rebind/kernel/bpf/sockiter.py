@@ -38,14 +38,13 @@ from __future__ import annotations
 import operator
 import os
 import struct
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import btf as btfmod
-from rebind.kernel.bpf.layoutcache import CACHE_DIR, LayoutCache
+from rebind.kernel.bpf.layoutcache import layout_cache
 from rebind.kernel.bpf.sockprog import (
     ABSENT,
     CHAIN_UNKNOWN,
@@ -121,18 +120,12 @@ def _encode_layout(lay: SockLayout) -> list[str]:
     ]
 
 
-_MEMBERS_CRC = format(zlib.crc32(repr((SOCK_MEMBERS, OPTIONAL_MEMBERS)).encode()), "08x")
 #: Reading the layout walks most of vmlinux BTF (~0.5 s on 6.18: bench/sockiter.py): cached per
-#: boot like the owner scan's (kernel/bpf/layoutcache.py). One file per member list: two rebind
-#: versions on one host (a venv beside the system's) would otherwise rewrite each other's cache
-#: on every run, and each pay the BTF walk each time. The magic names the member lists too: a
-#: rebind that reads other members never takes this one's cache (an optional member absent from
-#: the file would otherwise read as absent from the kernel). crc32, not hashlib: this tells our
-#: own versions apart (no adversary picks the lists), and importing hashlib loads OpenSSL,
-#: 4-12 ms of every `why` (bench/whyperf.py).
-LAYOUT_CACHE = LayoutCache(
-    f"{CACHE_DIR}/bpf-sock-layout-{_MEMBERS_CRC}",
-    f"rebind-bpf-sock-layout 3 {_MEMBERS_CRC}",
+#: boot like the owner scan's, one file per member list (kernel/bpf/layoutcache.py).
+LAYOUT_CACHE = layout_cache(
+    "bpf-sock-layout",
+    3,
+    (SOCK_MEMBERS, OPTIONAL_MEMBERS),
     build=sock_layout_from_btf,
     encode=_encode_layout,
     decode=_decode_layout,
