@@ -11,13 +11,12 @@ twice ``max_bytes``, no more.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 
 from rebind.render.trace import BadTraceRecord, is_trace_doc
 from rebind.render.trace import from_json as trace_from_json
-from rebind.top.events import MAX_LINE_BYTES, BadRecord, describe
+from rebind.top.events import BadRecord, describe, record_docs
 from rebind.top.events import from_json as top_from_json
 from rebind.top.record import DEFAULT_MAX_BYTES, Recorder
 
@@ -26,17 +25,7 @@ def history(lines: Iterable[str], port: int | None = None) -> Iterator[str]:
     """`rebind history`'s lines for a file of top events and trace events, in file order.
 
     Raises BadRecord naming the first line that is neither (as top.events.parse_lines does)."""
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if len(line) > MAX_LINE_BYTES:
-            raise BadRecord(f"line {n}: longer than {MAX_LINE_BYTES} bytes")
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            raise BadRecord(f"line {n}: not JSON") from None
-        except RecursionError:
-            raise BadRecord(f"line {n}: JSON nested too deeply") from None
+    for n, doc in record_docs(lines):
         try:
             if is_trace_doc(doc):
                 rec = trace_from_json(doc)

@@ -274,8 +274,9 @@ def from_json(doc: Any) -> Event:
     )
 
 
-def parse_lines(lines: Iterable[str]) -> Iterator[Event]:
-    """Events of a record file; raises BadRecord naming the line number of the first bad one."""
+def record_docs(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded JSON) of each non-blank line of a record file (top's and trace's
+    alike); raises BadRecord naming the line of the first that is too long or not JSON."""
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -287,6 +288,12 @@ def parse_lines(lines: Iterable[str]) -> Iterator[Event]:
             raise BadRecord(f"line {n}: not JSON") from None
         except RecursionError:  # "[" * 200000: the decoder's recursion limit, not a crash
             raise BadRecord(f"line {n}: JSON nested too deeply") from None
+        yield n, doc
+
+
+def parse_lines(lines: Iterable[str]) -> Iterator[Event]:
+    """Events of a record file; raises BadRecord naming the line number of the first bad one."""
+    for n, doc in record_docs(lines):
         try:
             yield from_json(doc)
         except BadRecord as exc:
