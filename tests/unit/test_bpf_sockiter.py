@@ -21,7 +21,7 @@ import pytest
 from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import sockprog as P
 from rebind.kernel.bpf.btf import Bits, BTFError
-from rebind.kernel.bpf.sockiter import decode_records
+from rebind.kernel.bpf.sockdecode import decode_records
 from rebind.model.records import Family, Proto, State
 from rebind.model.sockstate import FASTREUSEPORT_ANY, ChainPos, SockKind
 

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv6Address
 from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import socklookup as L
 from rebind.kernel.bpf import sockprog as P
-from rebind.kernel.bpf.sockiter import BulkDecoder, decode_one
+from rebind.kernel.bpf.sockdecode import BulkDecoder, decode_one
 from rebind.model.records import Endpoint, Proto, State
 from tests.unit.test_bpf_sockiter import MAPS, _record, fake_layout
 

@@ -51,7 +51,7 @@ from rebind.model.records import Endpoint, Family, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
 
 if TYPE_CHECKING:
-    from rebind.kernel.bpf.sockiter import BulkDecoder
+    from rebind.kernel.bpf.sockdecode import BulkDecoder
 
 HELPER_SK_RELEASE = 86
 HELPER_SKC_LOOKUP_TCP = 99
@@ -183,8 +183,8 @@ def lookup_socket_states(
 
     The map is written and read whole (one mmap copy each way, struct.iter_unpack over the
     entries); each record decodes into a SockState that shares its SockCommon with the records
-    like it (sockiter.BulkDecoder): a few us a socket in Python, docs/benchmarks.md."""
-    from rebind.kernel.bpf.sockiter import BulkDecoder
+    like it (sockdecode.BulkDecoder): a few us a socket in Python, docs/benchmarks.md."""
+    from rebind.kernel.bpf.sockdecode import BulkDecoder
 
     if not targets:
         return [], 0
