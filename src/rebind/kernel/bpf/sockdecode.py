@@ -1,6 +1,6 @@
 """The socket programs' record, decoded into :mod:`rebind.model.sockstate` values (pure: no I/O).
 
-One fixed-size :data:`~.sockprog.RECORD` per socket, written by the iterator programs
+One fixed-size :data:`~.socklayout.RECORD` per socket, written by the iterator programs
 (:mod:`.sockiter`) or by the lookup program (:mod:`.socklookup`): :func:`decode_records` turns an
 iterator's output into SockStates (with UDP's chain positions), :func:`decode_one` one unpacked
 record, and :class:`BulkDecoder` a lookup's many records at once, sharing what sockets alike
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from rebind.kernel.bpf.sockprog import (
+from rebind.kernel.bpf.socklayout import (
     ABSENT,
     CHAIN_UNKNOWN,
     KIND_REQUEST,

@@ -3,7 +3,7 @@
 inet_diag shows a socket's addresses, state, uid and (LISTEN/CLOSE only) v6only, never the
 flags bind() and connect() decide by. The iterators (``bpf_iter__tcp``/``bpf_iter__udp``,
 Linux 5.9) hand a program every socket of one network namespace; :mod:`.sockprog`'s program
-copies, for the sockets of the asked ports:
+copies (into :mod:`.socklayout`'s record, decoded by :mod:`.sockdecode`), for the sockets of the asked ports:
 
 - ``skc_reuse`` / ``skc_reuseport`` (SO_REUSEADDR / SO_REUSEPORT; a TIME_WAIT's ``tw_reuse`` /
   ``tw_reuseport`` are the same bits, copied from the closing socket by inet_twsk_alloc),
@@ -42,18 +42,15 @@ from rebind.errors import RebindError
 from rebind.kernel.bpf import btf as btfmod
 from rebind.kernel.bpf.layoutcache import layout_cache
 from rebind.kernel.bpf.sockdecode import decode_records
-from rebind.kernel.bpf.sockprog import (
+from rebind.kernel.bpf.socklayout import (
     COUNT_VALUE,
     OPTIONAL_MEMBERS,
     SOCK_MEMBERS,
     SOCK_TARGETS,
     STOP_KEY,
-    Maps,
     SockLayout,
-    build_sock_program,
-    check_layout,
-    sock_layout_from_btf,
 )
+from rebind.kernel.bpf.sockprog import Maps, build_sock_program, check_layout, sock_layout_from_btf
 from rebind.kernel.bpf.syscall import (
     BPF_MAP_TYPE_HASH,
     BPFUnavailable,
