@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from rebind.kernel.bpf import asm
+from rebind.kernel.bpf import socklayout as R
 from rebind.kernel.bpf import sockprog as P
 from rebind.kernel.bpf.btf import Bits, BTFError
-from rebind.kernel.bpf.sockiter import decode_records
+from rebind.kernel.bpf.sockdecode import decode_records
 from rebind.model.records import Family, Proto, State
 from rebind.model.sockstate import FASTREUSEPORT_ANY, ChainPos, SockKind
 
@@ -83,13 +84,13 @@ FAKE_BITS = {
 }
 
 
-def fake_layout(**drop: bool) -> P.SockLayout:
+def fake_layout(**drop: bool) -> R.SockLayout:
     bits = {k: v for k, v in FAKE_BITS.items() if not drop.get(k.replace(".", "__"))}
-    return P.SockLayout({"bpf_iter_tcp": 100, "bpf_iter_udp": 101}, bits)
+    return R.SockLayout({"bpf_iter_tcp": 100, "bpf_iter_udp": 101}, bits)
 
 
 def test_the_fixed_layout_names_every_member() -> None:
-    want = {f"{s}.{m}" for s, m in (*P.SOCK_MEMBERS, *P.OPTIONAL_MEMBERS)}
+    want = {f"{s}.{m}" for s, m in (*R.SOCK_MEMBERS, *R.OPTIONAL_MEMBERS)}
     assert set(FAKE_BITS) == want
     P.check_layout(fake_layout())
 
@@ -119,8 +120,8 @@ def test_a_bitfield_is_shifted_and_masked_by_its_btf_position() -> None:
 def test_a_missing_optional_member_is_recorded_as_absent() -> None:
     lay = fake_layout(inet_timewait_sock__tw_connect_bind=True)
     text = asm.disassemble(P.build_sock_program(lay, MAPS, proto="tcp", count=False))
-    slot = P.SockFrame.RECORD + P.REC["tw_connect_bind"]
-    assert any(f"*(u8 *)(r10 - {-slot}) = {P.ABSENT:#x}" in line for line in text)
+    slot = P.SockFrame.RECORD + R.REC["tw_connect_bind"]
+    assert any(f"*(u8 *)(r10 - {-slot}) = {R.ABSENT:#x}" in line for line in text)
 
 
 def test_a_kernel_without_bind2_caches_gets_a_program_without_them() -> None:
@@ -128,7 +129,7 @@ def test_a_kernel_without_bind2_caches_gets_a_program_without_them() -> None:
     lay = fake_layout(inet_bind2_bucket__fastreuse=True)
     older = P.build_sock_program(lay, MAPS, proto="tcp", count=False)
     assert len(older) < len(full)
-    slot = P.SockFrame.RECORD + P.REC["tb2_fastreuse"]
+    slot = P.SockFrame.RECORD + R.REC["tb2_fastreuse"]
     assert not any(f"r10 - {-slot})" in line for line in asm.disassemble(older))
 
 
@@ -151,11 +152,11 @@ def test_a_layout_that_breaks_an_assumption_is_refused() -> None:
     bits = dict(FAKE_BITS)
     bits["sock.__sk_common"] = Bits(64, 1088)
     with pytest.raises(BTFError):
-        P.check_layout(P.SockLayout({}, bits))
+        P.check_layout(R.SockLayout({}, bits))
     bits = dict(FAKE_BITS)
     bits["tcp_timewait_sock.tw_ts_recent_stamp"] = Bits(1856, 128)  # wider than its record slot
     with pytest.raises(BTFError):
-        P.check_layout(P.SockLayout({}, bits))
+        P.check_layout(R.SockLayout({}, bits))
 
 
 def test_every_stack_access_is_a_named_slot() -> None:
@@ -179,16 +180,16 @@ def test_every_stack_access_is_a_named_slot() -> None:
 
 def _record(**fields: Any) -> bytes:
     values: dict[str, Any] = {
-        n: (b"\0" * P.REC_SIZE[n] if f.endswith("s") else 0) for n, f in P.RECORD_FIELDS
+        n: (b"\0" * R.REC_SIZE[n] if f.endswith("s") else 0) for n, f in R.RECORD_FIELDS
     }
     values.update(fields)
-    return P.RECORD.pack(*(values[n] for n in P.RECORD_NAMES))
+    return R.RECORD.pack(*(values[n] for n in R.RECORD_NAMES))
 
 
 def test_codec_decodes_a_listener_with_its_bucket() -> None:
     raw = _record(
         cookie=77, seq_num=3, netns=4026531840, uid=1000, sk_uid=1000, bound_dev_if=1, family=2, lport=8080,
-        state=State.LISTEN, kind=P.KIND_FULL, reuse=1, reuseport=1, ipv6only=0, userlocks=12,
+        state=State.LISTEN, kind=R.KIND_FULL, reuse=1, reuseport=1, ipv6only=0, userlocks=12,
         rcv_saddr=bytes([127, 0, 0, 1]), has_bucket=3, tb2_fastreuse=0, tb2_fastreuseport=1, tb_port=8080, fastreuse=0, fastreuseport=FASTREUSEPORT_ANY,
         fastuid=1000, fast_rcv_saddr=bytes([127, 0, 0, 1]), fast_sk_family=2, fast_ipv6_only=0,
     )  # fmt: skip
@@ -220,9 +221,9 @@ def test_codec_decodes_a_listener_with_its_bucket() -> None:
 def test_codec_decodes_a_time_wait_and_hides_what_it_does_not_have() -> None:
     v6 = IPv6Address("2001:db8::1").packed
     raw = _record(
-        family=10, lport=443, dport=(51000).to_bytes(2, "big"), state=State.TIME_WAIT, kind=P.KIND_TIMEWAIT,
+        family=10, lport=443, dport=(51000).to_bytes(2, "big"), state=State.TIME_WAIT, kind=R.KIND_TIMEWAIT,
         reuse=1, v6_rcv_saddr=v6, v6_daddr=v6, tw_substate=State.TIME_WAIT, tw_ts_recent=5, tw_ts_recent_stamp=9,
-        tw_connect_bind=P.ABSENT, uid=0, userlocks=99, sk_uid=5, has_bucket=1, fastreuse=-1, fastreuseport=-1,
+        tw_connect_bind=R.ABSENT, uid=0, userlocks=99, sk_uid=5, has_bucket=1, fastreuse=-1, fastreuseport=-1,
         fastuid=123, tb_port=443, tb2_fastreuse=-1, tb2_fastreuseport=-1,
     )  # fmt: skip
     (st,), _ = decode_records(Proto.TCP, raw)
@@ -246,7 +247,7 @@ def test_codec_numbers_udp_chain_positions_per_bucket_and_skips_faulted_records(
         _record(**udp, lport=53, bucket=9, seq_num=1, cookie=2, chain_after=9),
         _record(**udp, lport=53, bucket=7, seq_num=2, cookie=3, faults=1),
         _record(**udp, lport=53, bucket=7, seq_num=3, cookie=4, chain_after=0),
-        _record(**udp, lport=54, bucket=1, seq_num=4, cookie=5, chain_after=P.CHAIN_UNKNOWN),
+        _record(**udp, lport=54, bucket=1, seq_num=4, cookie=5, chain_after=R.CHAIN_UNKNOWN),
     ]
     got, faulted = decode_records(Proto.UDP, b"".join(recs))
     assert faulted == 1

@@ -8,9 +8,10 @@ import struct
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.kernel.bpf import asm
+from rebind.kernel.bpf import socklayout as R
 from rebind.kernel.bpf import socklookup as L
 from rebind.kernel.bpf import sockprog as P
-from rebind.kernel.bpf.sockiter import BulkDecoder, decode_one
+from rebind.kernel.bpf.sockdecode import BulkDecoder, decode_one
 from rebind.model.records import Endpoint, Proto, State
 from tests.unit.test_bpf_sockiter import MAPS, _record, fake_layout
 
@@ -39,7 +40,7 @@ def test_the_lookup_program_releases_what_it_looks_up_and_stays_in_its_frame() -
             assert off % 8 == 0  # spilled pointers: aligned slots
     # the spilled slots lie below the record, outside every slot of the iterator's frame
     assert L.ENTRY_SLOT < L.REF_SLOT and L.REF_SLOT + 8 <= P.SockFrame.RECORD
-    assert L.RECORD_AT + P.RECORD.size <= L.ENTRY_SIZE
+    assert L.RECORD_AT + R.RECORD.size <= L.ENTRY_SIZE
 
 
 def test_a_tuple_is_the_packet_to_the_socket_from_its_peer() -> None:
@@ -61,9 +62,9 @@ def test_a_tuple_is_the_packet_to_the_socket_from_its_peer() -> None:
 
 def _tw(cookie: int, dport: int, **more: object) -> bytes:
     fields: dict[str, object] = dict(
-        family=2, lport=9000, dport=dport.to_bytes(2, "big"), state=State.TIME_WAIT, kind=P.KIND_TIMEWAIT,
+        family=2, lport=9000, dport=dport.to_bytes(2, "big"), state=State.TIME_WAIT, kind=R.KIND_TIMEWAIT,
         reuse=1, rcv_saddr=bytes([127, 0, 0, 1]), daddr=bytes([127, 0, 0, 9]), tw_substate=State.TIME_WAIT,
-        tw_ts_recent=cookie * 3, tw_ts_recent_stamp=cookie * 5, tw_connect_bind=P.ABSENT, cookie=cookie,
+        tw_ts_recent=cookie * 3, tw_ts_recent_stamp=cookie * 5, tw_connect_bind=R.ABSENT, cookie=cookie,
         seq_num=cookie, netns=4026531840, has_bucket=1, tb_port=9000, fastreuse=1, fastreuseport=0,
     )  # fmt: skip
     fields.update(more)
@@ -88,18 +89,18 @@ def test_the_bulk_decoder_gives_the_codecs_answer_for_every_socket() -> None:
         _tw(1, 40001, v6_rcv_saddr=b"\x01" * 16, v6_daddr=b"\x02" * 16),
         _tw(2, 40002, v6_rcv_saddr=b"\x03" * 16),
         _tw(3, 40003, reuse=0),  # other flags: its own SockCommon
-        _tw(4, 40004, kind=P.KIND_FULL, state=State.ESTABLISHED, uid=1000, sk_uid=1000, userlocks=12),
+        _tw(4, 40004, kind=R.KIND_FULL, state=State.ESTABLISHED, uid=1000, sk_uid=1000, userlocks=12),
         _record(
-            family=10, lport=9000, dport=(40005).to_bytes(2, "big"), state=State.TIME_WAIT, kind=P.KIND_TIMEWAIT,
+            family=10, lport=9000, dport=(40005).to_bytes(2, "big"), state=State.TIME_WAIT, kind=R.KIND_TIMEWAIT,
             v6_rcv_saddr=IPv6Address("::1").packed, v6_daddr=IPv6Address("::2").packed, cookie=5,
             rcv_saddr=bytes([9, 9, 9, 9]), tw_substate=State.TIME_WAIT, tw_connect_bind=1,
         ),
     ]  # fmt: skip
     data = _entries_of(recs, [1] * len(recs))
-    dec = BulkDecoder(Proto.TCP, lead=L._LEAD, trail=L.ENTRY_SIZE - L.RECORD_AT - P.RECORD.size)
+    dec = BulkDecoder(Proto.TCP, lead=L._LEAD, trail=L.ENTRY_SIZE - L.RECORD_AT - R.RECORD.size)
     got = [dec.decode(v, data, i, 100 + i, 7) for i, v in enumerate(dec.rows(data))]
     for i, (st, rec) in enumerate(zip(got, recs, strict=True)):
-        want = decode_one(Proto.TCP, P.RECORD.unpack(rec), cookie=100 + i, uid=7)
+        want = decode_one(Proto.TCP, R.RECORD.unpack(rec), cookie=100 + i, uid=7)
         assert st == want and st.common == want.common
         assert (st.remote, st.tw_ts_recent, st.seq) == (want.remote, want.tw_ts_recent, want.seq)
     assert got[0].common is got[1].common  # alike but for the other family's garbage
@@ -120,7 +121,7 @@ def test_a_record_of_another_socket_is_not_taken_for_the_one_named() -> None:
 
     recs = [_tw(1, 40001), _tw(2, 40002), _tw(3, 40003, daddr=bytes([127, 0, 0, 8])), _tw(4, 40004)]
     data = _entries_of(recs, [1, 1, 1, 1])
-    dec = BulkDecoder(Proto.TCP, lead=L._LEAD, trail=L.ENTRY_SIZE - L.RECORD_AT - P.RECORD.size)
+    dec = BulkDecoder(Proto.TCP, lead=L._LEAD, trail=L.ENTRY_SIZE - L.RECORD_AT - R.RECORD.size)
     rows = list(dec.rows(data))
     targets = [named(40001), named(40009), named(40003), named(40004, Family.INET6)]
     wants = [L._entry(t.local, t.remote)[1] for t in targets]

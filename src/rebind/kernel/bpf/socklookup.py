@@ -9,7 +9,7 @@ request socks included. It is a helper of networking programs, so the program is
 ``BPF_PROG_TYPE_SCHED_CLS`` run by ``BPF_PROG_TEST_RUN`` (no device, no packet: the test run's
 skb belongs to the caller's network namespace, BPF_F_CURRENT_NETNS). Each run takes the next
 tuple from an array map, looks the socket up, copies the same fields as the iterator into the
-same :data:`~.sockprog.RECORD` (offsets from BTF), and releases it; ``repeat`` runs it once per
+same :data:`~.socklayout.RECORD` (offsets from BTF), and releases it; ``repeat`` runs it once per
 tuple. bench/whyperf.py measures it against the iterator.
 
 The copies start from the socket's address as a number (the verifier forbids arithmetic on a
@@ -29,14 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import asm
-from rebind.kernel.bpf.sockprog import (
-    REC,
-    RECORD,
-    SockFrame,
-    SockLayout,
-    _Emitter,
-    emit_socket_fields,
-)
+from rebind.kernel.bpf.socklayout import REC, RECORD, SockLayout
+from rebind.kernel.bpf.sockprog import SockFrame, _Emitter, emit_socket_fields
 from rebind.kernel.bpf.syscall import (
     BPF_F_MMAPABLE,
     BPF_MAP_TYPE_ARRAY,
@@ -51,7 +45,7 @@ from rebind.model.records import Endpoint, Family, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
 
 if TYPE_CHECKING:
-    from rebind.kernel.bpf.sockiter import BulkDecoder
+    from rebind.kernel.bpf.sockdecode import BulkDecoder
 
 HELPER_SK_RELEASE = 86
 HELPER_SKC_LOOKUP_TCP = 99
@@ -183,8 +177,8 @@ def lookup_socket_states(
 
     The map is written and read whole (one mmap copy each way, struct.iter_unpack over the
     entries); each record decodes into a SockState that shares its SockCommon with the records
-    like it (sockiter.BulkDecoder): a few us a socket in Python, docs/benchmarks.md."""
-    from rebind.kernel.bpf.sockiter import BulkDecoder
+    like it (sockdecode.BulkDecoder): a few us a socket in Python, docs/benchmarks.md."""
+    from rebind.kernel.bpf.sockdecode import BulkDecoder
 
     if not targets:
         return [], 0
