@@ -83,7 +83,7 @@ class ChainPos:
 @dataclass(frozen=True, slots=True)
 class SockCommon:
     """What a socket shares with others like it: a port's ten thousand TIME_WAITs differ only in
-    their peer, cookie and timestamps. Decoded once per distinct value (kernel/bpf/sockiter.py):
+    their peer, cookie and timestamps. Decoded once per distinct value (kernel/bpf/sockdecode.py):
     building a 22-field SockState per socket was most of reading a port's TIME_WAITs
     (bench/whyperf.py, docs/benchmarks.md). Read through :class:`SockState`'s properties."""
 
