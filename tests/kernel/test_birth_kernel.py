@@ -267,3 +267,39 @@ def test_listen_without_bind_is_certified_and_a_bind_certificate_is_kept(
         assert got == {
             p: (name, "listen" if name == "auto-listener" else "bind4", p) for p, name in ports.items()
         }
+
+
+def test_docs_bpftool_commands_show_what_stays_loaded_and_rm_removes_it(
+    installed: str, netns: int, rebind_cli: Run
+) -> None:
+    """docs/trace.md, "What stays loaded": `bpftool cgroup show ROOT` lists the three programs,
+    `bpftool map show pinned DIR/birth_map` the map (`map dump` cannot list an SK_STORAGE map,
+    as the doc says), and `rm DIR/birth_*` removes everything, as `--uninstall` does. Run as the doc prints them, with
+    this test's private pin directory in place of /sys/fs/bpf/rebind."""
+    from rebind.kernel import birth
+    from tests.toolcheck import need_tool
+
+    bpftool = need_tool("bpftool")
+    root = birth.cgroup2_root()
+    shown = subprocess.run([bpftool, "cgroup", "show", root], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    for name in ("rebind_birth4", "rebind_birth6", "rebind_birthl"):
+        assert name in shown.stdout, shown.stdout
+    pinned = os.path.join(installed, "birth_map")
+    shown_map = subprocess.run(
+        [bpftool, "map", "show", "pinned", pinned], capture_output=True, text=True, timeout=30
+    )
+    assert shown_map.returncode == 0 and "sk_storage" in shown_map.stdout, shown_map
+    assert "rebind_birth" in shown_map.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        # What the doc says bpftool cannot do: an SK_STORAGE map has no keys to walk.
+        dump = subprocess.run(
+            [bpftool, "map", "dump", "pinned", pinned], capture_output=True, text=True, timeout=30
+        )
+        assert dump.returncode != 0 and dump.stdout.strip() == "[]", dump
+    rm = subprocess.run(f"rm {installed}/birth_*", shell=True, capture_output=True, text=True, timeout=30)
+    assert rm.returncode == 0, rm.stderr
+    assert birth.installed(installed) == []
+    after = subprocess.run([bpftool, "cgroup", "show", root], capture_output=True, text=True, timeout=30)
+    assert "rebind_birth" not in after.stdout, after.stdout
