@@ -138,7 +138,7 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     out.append(size)
     if snap.bound_in_range is None:
         return out
-    held = bind_held_ports(snap.bound_in_range, rng, snap.bind_held_conn)
+    held = bind_held_ports(snap.bound_in_range, rng, snap.bind_held_conn | snap.origins.bind_made)
     held_m = GaugeMetricFamily(
         "rebind_ephemeral_bind_held_ports",
         "Ports of the ephemeral range held by bind() (TCP listeners, bound-inactive sockets and "
@@ -162,7 +162,7 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     for dest, src in snap.sources:
         if src is None:
             continue
-        c = connect_counts(dest, src, snap.usage, rng, held)
+        c = connect_counts(dest, src, snap.usage, rng, held, snap.origins.unknown)
         labels = [addr_label(src), addr_label(dest.addr), str(dest.port)]
         free.add_metric(labels, c.free)
         tw.add_metric(labels, c.timewait)

@@ -11,6 +11,12 @@ watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
 * TCP connections (the established hash, one walk): local port watched, or remote a ``--dest``.
   Counted with :mod:`.fastdiag`; only the sockets the conflict model needs are fully decoded.
 * UDP, per family, only when a UDP port is watched.
+* With ``--dest``: TCP client sockets on ports of the range without SOCK_BINDPORT_LOCK (a second
+  walk of the established hash), one per port whose origin nothing else gave: connect() chose
+  the port, or bind(ip, 0) did, and only the port's bind bucket tells (connect-rules.md §8). It
+  is read by BPF, one lookup of one socket per port (:func:`read_connect_only`); where BPF
+  cannot run such ports are counted neither free nor bind-held, and rebind_exporter_missing
+  says so (reason ``port_origin_unknown``).
 
 Nothing here binds, connects or destroys: a scrape never changes kernel state.
 
@@ -26,16 +32,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, KernelError
 from rebind.exporter import bytecode as bc
+from rebind.exporter.connect_counts import bucket_connect_only, origin_candidates, port_origins
 from rebind.exporter.facts import (
     WILDCARD4,
     Dest,
     EphemeralRange,
     Missing,
+    PortOrigins,
     Reason,
     ServerFlags,
     Snapshot,
@@ -55,6 +63,8 @@ BOUND_INACTIVE_SINCE = (6, 8)
 #: A bound-inactive walk cheaper than this (CPU seconds) is repeated every scrape.
 CHEAP_WALK_S = 0.005
 _CONN_STATES = frozenset(State) - {State.LISTEN, State.BOUND_INACTIVE}
+#: Client sockets: a request sock (SYN_RECV) is a listener's, whose port is known bind-held.
+_CLIENT_STATES = _CONN_STATES - {State.SYN_RECV}
 #: A timewait mini-socket: TIME_WAIT, or an orphaned FIN_WAIT2 (SocketRecord.is_mini).
 _MINI_STATES = (int(State.TIME_WAIT), int(State.FIN_WAIT2))
 _SERVER_METRICS = ("rebind_sockets", "rebind_port_bindable", "rebind_listener_accept_queue")
@@ -98,6 +108,38 @@ def _udp_rule() -> bool | None:
 FlagReader = Callable[[SocketRecord], SockOpts | None]
 
 
+def read_connect_only(reps: Sequence[SocketRecord]) -> dict[int, bool]:
+    """Whether each port's bind bucket is connect()-made (connect_counts.bucket_connect_only),
+    read from the kernel through one socket of the port (``reps``): one bpf_skc_lookup_tcp per
+    port (kernel/bpf/socklookup.py, ~1 us a socket), then, for a socket gone since the dump (the
+    lookup misses), the socket iterator's walk of those ports (any socket of the port carries its
+    bucket). Ports absent from the answer are unknown: BPF cannot run here (unprivileged, no BTF,
+    REBIND_NO_BPF), or the port emptied meanwhile."""
+    from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
+    from rebind.kernel.bpf.socklookup import lookup_socket_states
+    from rebind.model.sockstate import Unavailable
+
+    if not reps:
+        return {}
+    netns = next((r.netns for r in reps if r.netns is not None), None)
+    if isinstance(prepare(netns), Unavailable):
+        return {}
+    out: dict[int, bool] = {}
+    found = lookup_socket_states(load_sock_layout(), reps)
+    states: Iterable[SockState | None] = () if isinstance(found, Unavailable) else found[0]
+    for st in states:
+        if st is not None and st.bucket is not None:
+            out[st.local.port] = bucket_connect_only(st.bucket)
+    left = sorted({r.local.port for r in reps} - out.keys())
+    if left:
+        walked = read_socket_states(left, [Proto.TCP], netns=netns)
+        if isinstance(walked, SockStates):
+            for st in walked.sockets:
+                if st.bucket is not None:
+                    out[st.local.port] = bucket_connect_only(st.bucket)
+    return out
+
+
 def read_socket_flags(r: SocketRecord) -> SockOpts | None:
     """The flags of one live socket, through its owner (an owner scan for this one inode, then
     pidfd_getfd + getsockopt). None when no owner is visible or access is denied (unprivileged)."""
@@ -130,12 +172,14 @@ class Gatherer:
         slow_every: float = 60.0,
         read_flags: FlagReader = read_socket_flags,
         read_kernel: bool = True,
+        read_origins: Callable[[Sequence[SocketRecord]], Mapping[int, bool]] = read_connect_only,
     ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
         self.slow_every = slow_every
         self._read_flags = read_flags
         self.read_kernel = read_kernel
+        self._read_origins = read_origins
         self._flags: dict[Watch, ServerFlags] = {}
         self._bound: tuple[SocketRecord, ...] | None = None
         self._bound_at = 0.0
@@ -161,13 +205,13 @@ class Gatherer:
         try:
             if netlink:
                 try:
-                    watched, bound = self._netlink(tally, rng, bi_visible)
+                    watched, bound, reps = self._netlink(tally, rng, bi_visible)
                 except EnvironmentProblem:
                     netlink = bi_visible = False
                     tally = Tally(self.watches, self.dests)
             if not netlink:
                 missing.append(Missing("rebind_sockets", Reason.NETLINK_UNAVAILABLE))
-                watched, bound = self._procfs(tally, rng)
+                watched, bound, reps = self._procfs(tally, rng)
         except (KernelError, OSError) as exc:
             reason = Reason.PERMISSION_DENIED if isinstance(exc, PermissionError) else Reason.KERNEL_ERROR
             missing += [Missing(m, reason) for m in (*_SERVER_METRICS, *_CLIENT_METRICS)]
@@ -177,6 +221,12 @@ class Gatherer:
                 duration_s=time.perf_counter() - t0,
             )  # fmt: skip
         kernel = self._kernel(watched) if self.read_kernel else ()
+        origins = self._origins(reps)
+        if origins.unknown:
+            missing += [
+                Missing(m, Reason.PORT_ORIGIN_UNKNOWN)
+                for m in ("rebind_ephemeral_bind_held_ports", "rebind_connect_free_ports")
+            ]
         return Snapshot(
             watches=self.watches,
             dests=self.dests,
@@ -189,6 +239,7 @@ class Gatherer:
             peers=tally.peers(),
             bound_in_range=bound,
             bind_held_conn=frozenset(tally.bind_held),
+            origins=origins,
             ephemeral=rng,
             sources=sources,
             settings=settings,
@@ -226,6 +277,14 @@ class Gatherer:
             how = Provenance.READ if opts is not None else Provenance.UNKNOWN
             self._flags[w] = ServerFlags(opts or SockOpts(), how, mine.uid, mine.inode)
         return tuple(self._flags.items())
+
+    def _origins(self, reps: Mapping[int, SocketRecord]) -> PortOrigins:
+        """The bind buckets of the ports in ``reps`` (one client socket each): bind-made, or
+        connect-made (then shareable), or unknown (without BPF: never counted free)."""
+        if not reps:
+            return PortOrigins()
+        got = self._read_origins(list(reps.values())) if self.read_kernel else {}
+        return port_origins(reps, got)
 
     def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
         """The kernel's own state of the sockets the model judges, read as `why` reads it
@@ -281,6 +340,13 @@ class Gatherer:
             groups.append(bc.Group((), (bound,)))
         return bc.program(groups) if any(g.terms for g in groups) else None
 
+    def _client_filter(self, rng: EphemeralRange | None) -> bytes | None:
+        """Client sockets on ports of the range whose port no bind() named (INET_DIAG_BC_AUTO):
+        their origin is in the bind bucket only. Asked only with --dest (the connect metrics)."""
+        if not self.dests or rng is None or rng.lo > rng.hi:
+            return None
+        return bc.program([bc.Group((), ((bc.sport_ge(rng.lo), bc.sport_le(rng.hi), bc.port_autobound()),))])
+
     def _tcp_ports(self) -> set[int]:
         return {w.port for w in self.watches if w.proto is Proto.TCP}
 
@@ -289,7 +355,7 @@ class Gatherer:
 
     def _netlink(
         self, tally: Tally, rng: EphemeralRange | None, bound_inactive: bool
-    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...]]:
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, SocketRecord]]:
         from rebind.exporter import fastdiag
         from rebind.kernel import diag_codec as codec
         from rebind.kernel.diag import DiagSocket, states_mask
@@ -319,6 +385,19 @@ class Gatherer:
                     mini = timer == tw_timer and st in _MINI_STATES
                     if conn(st, mini, sport, dport, key(fam, src), key(fam, dst), expires):
                         watched.append(codec.decode_socket(Proto.TCP, payload, netns=sock.netns))
+            reps: dict[int, SocketRecord] = {}
+            acode = self._client_filter(rng)
+            if acode is not None and rng is not None:
+                # One socket per port is decoded: the bucket is the port's, whichever socket
+                # leads to it. Ports whose origin is known already are skipped unread.
+                known = {r.local.port for r in in_range} | tally.bind_held
+                skip = known | {p for p in rng.reserved if rng.lo <= p <= rng.hi}
+                req = codec.dump_request_tcp_any_family(states_mask(_CLIENT_STATES), bytecode=acode)
+                for raw in fastdiag.dump(sock, req):
+                    sport = raw[3]
+                    if sport not in skip:
+                        skip.add(sport)
+                        reps[sport] = codec.decode_socket(Proto.TCP, raw[10], netns=sock.netns)
             udp = self._udp_ports()
             if udp:
                 ucode = bc.any_of([[bc.sport_eq(p)] for p in udp])
@@ -326,7 +405,7 @@ class Gatherer:
                     for r in sock.dump(fam, Proto.UDP, [State.CLOSE, State.ESTABLISHED], bytecode=ucode):
                         watched.append(r)
                         tally.server(r)
-        return watched, tuple(in_range)
+        return watched, tuple(in_range), reps
 
     def _bound_inactive(self, sock: object, code: bytes) -> tuple[SocketRecord, ...]:
         from rebind.kernel.diag import DiagSocket
@@ -344,8 +423,9 @@ class Gatherer:
 
     def _procfs(
         self, tally: Tally, rng: EphemeralRange | None
-    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...]]:
-        """/proc/net when netlink is unavailable: whole files, filtered here (no bound-inactive)."""
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, SocketRecord]]:
+        """/proc/net when netlink is unavailable: whole files, filtered here (no bound-inactive;
+        no SOCK_BINDPORT_LOCK either: every client port of the range has its bucket read)."""
         from rebind.kernel import procnet
 
         fams = (Family.INET, Family.INET6)
@@ -354,12 +434,20 @@ class Gatherer:
         lo, hi = (rng.lo, rng.hi) if rng is not None else (1, 0)
         in_range = tuple(r for r in recs if r.state is State.LISTEN and lo <= r.local.port <= hi)
         watched = tally.records(recs)
+        reps: dict[int, SocketRecord] = {}
+        if self.dests and rng is not None:
+            clients = [r for r in recs if r.state in _CLIENT_STATES]
+            known = frozenset(r.port for r in in_range)
+            ports = origin_candidates((r.local.port for r in clients), rng, known)
+            for r in clients:
+                if r.local.port in ports:
+                    reps.setdefault(r.local.port, r)
         udp = self._udp_ports()
         if udp:
             watched += tally.records(
                 procnet.iter_sockets(protos=(Proto.UDP,), families=fams, states=every, ports=udp)
             )
-        return watched, in_range
+        return watched, in_range, reps
 
 
 def gather(watches: Sequence[Watch], dests: Sequence[Dest]) -> Snapshot:
