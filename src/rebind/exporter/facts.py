@@ -169,6 +169,12 @@ class PeerCount:
     sockets: int
 
 
+#: A client socket as a bind bucket lookup wants it (exporter/fastdiag.py: first_per_port): its
+#: local and remote addresses (4 bytes for IPv4 and v4-mapped IPv6, else 16) and remote port,
+#: keyed by its local port.
+PortTuple = tuple[bytes, bytes, int]
+
+
 @dataclass(frozen=True, slots=True)
 class PortOrigins:
     """What the kernel's bind buckets said of the ports of the range whose client sockets show

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, KernelError
@@ -44,13 +44,14 @@ from rebind.exporter.facts import (
     EphemeralRange,
     Missing,
     PortOrigins,
+    PortTuple,
     Reason,
     ServerFlags,
     Snapshot,
     Watch,
     norm,
 )
-from rebind.exporter.tally import Tally
+from rebind.exporter.tally import Tally, addr_key
 from rebind.kernel.route import NoRoute, source_for
 from rebind.kernel.sysctl import HostSettings, host_settings
 from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
@@ -108,31 +109,29 @@ def _udp_rule() -> bool | None:
 FlagReader = Callable[[SocketRecord], SockOpts | None]
 
 
-def read_connect_only(reps: Sequence[SocketRecord]) -> dict[int, bool]:
+def read_connect_only(reps: Mapping[int, PortTuple]) -> dict[int, bool]:
     """Whether each port's bind bucket is connect()-made (connect_counts.bucket_connect_only),
-    read from the kernel through one socket of the port (``reps``): one bpf_skc_lookup_tcp per
-    port (kernel/bpf/socklookup.py, ~1 us a socket), then, for a socket gone since the dump (the
-    lookup misses), the socket iterator's walk of those ports (any socket of the port carries its
-    bucket). Ports absent from the answer are unknown: BPF cannot run here (unprivileged, no BTF,
-    REBIND_NO_BPF), or the port emptied meanwhile."""
+    read from the kernel through one client socket of the port (``reps``): one
+    bpf_skc_lookup_tcp per port (kernel/bpf/socklookup.py: lookup_port_buckets), then, for a port
+    whose socket went away since the dump, the socket iterator's walk of those ports (any socket
+    of the port carries its bucket). Ports absent from the answer are unknown: BPF cannot run
+    here (unprivileged, no BTF, REBIND_NO_BPF), or the port emptied meanwhile."""
     from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
-    from rebind.kernel.bpf.socklookup import lookup_socket_states
+    from rebind.kernel.bpf.socklookup import lookup_port_buckets
     from rebind.model.sockstate import Unavailable
 
-    if not reps:
+    if not reps or isinstance(prepare(), Unavailable):
         return {}
-    netns = next((r.netns for r in reps if r.netns is not None), None)
-    if isinstance(prepare(netns), Unavailable):
-        return {}
+    ports = list(reps)
+    found = lookup_port_buckets(load_sock_layout(), [(p, *reps[p]) for p in ports])
     out: dict[int, bool] = {}
-    found = lookup_socket_states(load_sock_layout(), reps)
-    states: Iterable[SockState | None] = () if isinstance(found, Unavailable) else found[0]
-    for st in states:
-        if st is not None and st.bucket is not None:
-            out[st.local.port] = bucket_connect_only(st.bucket)
-    left = sorted({r.local.port for r in reps} - out.keys())
+    if not isinstance(found, Unavailable):
+        for p, got in zip(ports, found, strict=True):
+            if got is not None:
+                out[p] = got[0] < 0 and got[1] < 0  # as bucket_connect_only
+    left = sorted(reps.keys() - out.keys())
     if left:
-        walked = read_socket_states(left, [Proto.TCP], netns=netns)
+        walked = read_socket_states(left, [Proto.TCP])
         if isinstance(walked, SockStates):
             for st in walked.sockets:
                 if st.bucket is not None:
@@ -172,7 +171,7 @@ class Gatherer:
         slow_every: float = 60.0,
         read_flags: FlagReader = read_socket_flags,
         read_kernel: bool = True,
-        read_origins: Callable[[Sequence[SocketRecord]], Mapping[int, bool]] = read_connect_only,
+        read_origins: Callable[[Mapping[int, PortTuple]], Mapping[int, bool]] = read_connect_only,
     ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
@@ -278,12 +277,12 @@ class Gatherer:
             self._flags[w] = ServerFlags(opts or SockOpts(), how, mine.uid, mine.inode)
         return tuple(self._flags.items())
 
-    def _origins(self, reps: Mapping[int, SocketRecord]) -> PortOrigins:
+    def _origins(self, reps: Mapping[int, PortTuple]) -> PortOrigins:
         """The bind buckets of the ports in ``reps`` (one client socket each): bind-made, or
         connect-made (then shareable), or unknown (without BPF: never counted free)."""
         if not reps:
             return PortOrigins()
-        got = self._read_origins(list(reps.values())) if self.read_kernel else {}
+        got = self._read_origins(reps) if self.read_kernel else {}
         return port_origins(reps, got)
 
     def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
@@ -355,7 +354,7 @@ class Gatherer:
 
     def _netlink(
         self, tally: Tally, rng: EphemeralRange | None, bound_inactive: bool
-    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, SocketRecord]]:
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, PortTuple]]:
         from rebind.exporter import fastdiag
         from rebind.kernel import diag_codec as codec
         from rebind.kernel.diag import DiagSocket, states_mask
@@ -385,19 +384,15 @@ class Gatherer:
                     mini = timer == tw_timer and st in _MINI_STATES
                     if conn(st, mini, sport, dport, key(fam, src), key(fam, dst), expires):
                         watched.append(codec.decode_socket(Proto.TCP, payload, netns=sock.netns))
-            reps: dict[int, SocketRecord] = {}
+            reps: dict[int, PortTuple] = {}
             acode = self._client_filter(rng)
             if acode is not None and rng is not None:
-                # One socket per port is decoded: the bucket is the port's, whichever socket
-                # leads to it. Ports whose origin is known already are skipped unread.
+                # One socket per port is kept: the bucket is the port's, whichever socket leads
+                # to it. Ports whose origin is known already are skipped unread.
                 known = {r.local.port for r in in_range} | tally.bind_held
                 skip = known | {p for p in rng.reserved if rng.lo <= p <= rng.hi}
                 req = codec.dump_request_tcp_any_family(states_mask(_CLIENT_STATES), bytecode=acode)
-                for raw in fastdiag.dump(sock, req):
-                    sport = raw[3]
-                    if sport not in skip:
-                        skip.add(sport)
-                        reps[sport] = codec.decode_socket(Proto.TCP, raw[10], netns=sock.netns)
+                reps = fastdiag.first_per_port(sock, req, skip)
             udp = self._udp_ports()
             if udp:
                 ucode = bc.any_of([[bc.sport_eq(p)] for p in udp])
@@ -423,7 +418,7 @@ class Gatherer:
 
     def _procfs(
         self, tally: Tally, rng: EphemeralRange | None
-    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, SocketRecord]]:
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, PortTuple]]:
         """/proc/net when netlink is unavailable: whole files, filtered here (no bound-inactive;
         no SOCK_BINDPORT_LOCK either: every client port of the range has its bucket read)."""
         from rebind.kernel import procnet
@@ -434,14 +429,14 @@ class Gatherer:
         lo, hi = (rng.lo, rng.hi) if rng is not None else (1, 0)
         in_range = tuple(r for r in recs if r.state is State.LISTEN and lo <= r.local.port <= hi)
         watched = tally.records(recs)
-        reps: dict[int, SocketRecord] = {}
+        reps: dict[int, PortTuple] = {}
         if self.dests and rng is not None:
             clients = [r for r in recs if r.state in _CLIENT_STATES]
             known = frozenset(r.port for r in in_range)
             ports = origin_candidates((r.local.port for r in clients), rng, known)
             for r in clients:
-                if r.local.port in ports:
-                    reps.setdefault(r.local.port, r)
+                if r.local.port in ports and r.local.port not in reps:
+                    reps[r.local.port] = (addr_key(r.local.addr), addr_key(r.remote.addr), r.remote.port)
         udp = self._udp_ports()
         if udp:
             watched += tally.records(
