@@ -116,3 +116,92 @@ def test_client_filter_only_with_dests_and_a_range() -> None:
 def test_port_autobound_is_a_plain_auto_op() -> None:
     op = bc.port_autobound()
     assert (op.code, op.payload, op.negate) == (BcOp.AUTO, b"", False)
+
+
+def _entry(found: int, **fields: object) -> bytes:
+    from rebind.kernel.bpf.socklookup import ENTRY_SIZE, FOUND, FOUND_AT, RECORD_AT
+    from rebind.kernel.bpf.sockprog import RECORD, RECORD_FIELDS
+
+    zero = {"s": b"", "B": 0, "b": 0, "H": 0, "I": 0, "Q": 0}
+    values = [fields.get(n, zero[f[-1]]) for n, f in RECORD_FIELDS]
+    buf = bytearray(ENTRY_SIZE)
+    buf[FOUND_AT : FOUND_AT + FOUND.size] = FOUND.pack(found)
+    buf[RECORD_AT : RECORD_AT + RECORD.size] = RECORD.pack(*values)
+    return bytes(buf)
+
+
+def test_buckets_of_reads_the_bucket_of_found_unfaulted_sockets_of_the_port() -> None:
+    from rebind.kernel.bpf.socklookup import buckets_of
+
+    data = b"".join(
+        [
+            _entry(1, lport=40000, has_bucket=1, fastreuse=-1, fastreuseport=-1),
+            _entry(1, lport=40001, has_bucket=3, fastreuse=0, fastreuseport=0),
+            _entry(0, lport=40002, has_bucket=1, fastreuse=-1, fastreuseport=-1),  # not found
+            _entry(1, lport=40003, has_bucket=1, faults=1),  # freed mid-read
+            _entry(1, lport=9999, has_bucket=1),  # another port's socket
+            _entry(1, lport=40005, has_bucket=0),  # the bucket was not read
+        ]
+    )
+    got = buckets_of([40000, 40001, 40002, 40003, 40004, 40005], data)
+    assert got == [(-1, -1), (0, 0), None, None, None, None]
+
+
+def test_raw_entry_is_the_records_entry() -> None:
+    """The lookup entry made from address bytes is the one made from a SocketRecord's endpoints:
+    IPv4, v4-mapped IPv6 (looked up as IPv4), and IPv6."""
+    from ipaddress import ip_address
+
+    from rebind.kernel.bpf.socklookup import _entry as record_entry
+    from rebind.kernel.bpf.socklookup import _raw_entry
+    from rebind.model.records import Endpoint
+
+    for local, remote in (
+        ("10.0.0.1", "10.0.0.5"),
+        ("::ffff:10.0.0.1", "::ffff:10.0.0.5"),
+        ("::1", "fe80::2"),
+    ):
+        la, ra = ip_address(local), ip_address(remote)
+        key = [a.ipv4_mapped.packed if getattr(a, "ipv4_mapped", None) else a.packed for a in (la, ra)]
+        want, _ = record_entry(Endpoint(la, 40000), Endpoint(ra, 5432))
+        assert _raw_entry(40000, key[0], key[1], 5432) == want
+
+
+def test_first_per_port_keeps_each_ports_first_socket_and_skips_known_ports() -> None:
+    import socket as so
+
+    from rebind.exporter.fastdiag import MSG, first_per_port
+    from rebind.kernel import diag_codec as codec
+
+    def msg(fam: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
+        body = MSG.pack(fam, 1, 0, 0, so.htons(sport), so.htons(dport), src, dst, 0, 0, 0, 0, 0, 0, 0, 0)
+        return codec.NLMSGHDR.pack(codec.NLMSGHDR.size + len(body), codec.TCPDIAG_GETSOCK, 2, 1, 0) + body
+
+    v4 = lambda a: IPv4Address(a).packed + bytes(12)  # noqa: E731
+    mapped = bytes(10) + b"\xff\xff" + IPv4Address("10.0.0.1").packed
+    data = b"".join(
+        [
+            msg(2, 40000, 5433, v4("10.0.0.1"), v4("10.0.0.5")),
+            msg(2, 40000, 5434, v4("10.0.0.1"), v4("10.0.0.6")),  # the port's second: not read
+            msg(10, 40001, 5433, mapped, bytes(10) + b"\xff\xff" + IPv4Address("10.0.0.5").packed),
+            msg(2, 40002, 5433, v4("10.0.0.1"), v4("10.0.0.5")),  # known already
+            codec.NLMSGHDR.pack(codec.NLMSGHDR.size + 4, codec.NLMSG_DONE, 2, 1, 0) + bytes(4),
+        ]
+    )
+
+    class Fake:
+        def send(self, _req: bytes) -> None:
+            pass
+
+        def recv_into(self, buf: bytearray) -> int:
+            buf[: len(data)] = data
+            return len(data)
+
+    class Sock:
+        _sock = Fake()
+
+    skip = {40002}
+    got = first_per_port(Sock(), b"", skip)  # type: ignore[arg-type]
+    a, b = IPv4Address("10.0.0.1").packed, IPv4Address("10.0.0.5").packed
+    assert got == {40000: (a, b, 5433), 40001: (a, b, 5433)}
+    assert skip == {40000, 40001, 40002}

@@ -237,10 +237,16 @@ def lookup_port_buckets(
     data = _run(lay, buf, n)
     if isinstance(data, Unavailable):
         return data
+    return buckets_of([s[0] for s in sockets], data)
+
+
+def buckets_of(ports: Sequence[int], data: bytes) -> list[tuple[int, int] | None]:
+    """The test run's entries (``data``), one per port asked: (fastreuse, fastreuseport) where
+    the lookup found a socket of that port, copied without a fault, with its bucket read."""
     names = [name for _, name in _BUCKET_ORDER]
     fi, li, hi, ri, pi = (1 + names.index(k) for k in _BUCKET_NAMES)
     out: list[tuple[int, int] | None] = []
-    for (lport, *_), v in zip(sockets, _BUCKET_ENTRY.iter_unpack(data), strict=True):
+    for lport, v in zip(ports, _BUCKET_ENTRY.iter_unpack(data), strict=True):
         if v[0] and not v[fi] and v[li] == lport and v[hi] & 1:
             out.append((v[ri], v[pi]))
         else:
