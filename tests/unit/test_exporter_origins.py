@@ -4,6 +4,7 @@ an unknown origin does to the connect metrics (never counted free)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 from prometheus_client.registry import CollectorRegistry
@@ -56,6 +57,7 @@ def test_an_unknown_port_is_never_counted_free() -> None:
     assert known.free == 9 - 3
     c = connect_counts(DST, SRC, usage, RNG, held, frozenset({40001, 40003}))
     assert (c.free, c.live, c.timewait) == (9 - 4, 1, 1)  # 40003 is live anyway: counted once
+    assert (known.undecided, c.undecided) == (0, 1)  # only 40001 would be free if connect-made
 
 
 def _samples(snap: Snapshot) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -83,6 +85,18 @@ def test_families_count_bind_made_ports_held_and_unknown_ones_neither_free_nor_h
     assert s[("rebind_ephemeral_bind_held_ports", ())] == 2
     labels = (("dport", "5432"), ("dst", "10.0.0.5"), ("src", "10.0.0.1"))
     assert s[("rebind_connect_free_ports", labels)] == 9 - 3
+    missing = {k[1] for k, v in s.items() if k[0] == "rebind_exporter_missing" and v == 1}
+    assert missing == {
+        (("metric", m), ("reason", "port_origin_unknown"))
+        for m in ("rebind_connect_free_ports", "rebind_ephemeral_bind_held_ports")
+    }
+    # the unknown port is taken for the dest anyway: its free count is exact
+    taken = replace(snap, usage=(DestUsage(DST, SRC, frozenset({40002}), frozenset()),))
+    missing = {k[1] for k, v in _samples(taken).items() if k[0] == "rebind_exporter_missing"}
+    assert missing == {(("metric", "rebind_ephemeral_bind_held_ports"), ("reason", "port_origin_unknown"))}
+    assert not [
+        k for k in _samples(replace(snap, origins=PortOrigins())) if k[0] == "rebind_exporter_missing"
+    ]
     assert bind_held_ports((), RNG, frozenset({40001})) == {40001}
 
 

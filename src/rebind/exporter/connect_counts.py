@@ -71,6 +71,9 @@ class ConnectCount:
     timewait: int
     #: Live connections (src, *, dst, dport) on ports of the range.
     live: int
+    #: Ports not counted free only because their bind bucket could not be read (bind(ip, 0) or
+    #: connect()?): otherwise free. Not 0: rebind_exporter_missing names the fact.
+    undecided: int = 0
 
 
 def connect_counts(
@@ -93,4 +96,5 @@ def connect_counts(
             live.update(p for p in u.live if p in rng)
             tw.update(p for p in u.timewait if p in rng)
     taken = held | unknown | live | tw
-    return ConnectCount(src, dest, rng.size - len(taken), len(tw - held - live), len(live - held))
+    undecided = len(unknown - held - live - tw)
+    return ConnectCount(src, dest, rng.size - len(taken), len(tw - held - live), len(live - held), undecided)

@@ -221,11 +221,6 @@ class Gatherer:
             )  # fmt: skip
         kernel = self._kernel(watched) if self.read_kernel else ()
         origins = self._origins(reps)
-        if origins.unknown:
-            missing += [
-                Missing(m, Reason.PORT_ORIGIN_UNKNOWN)
-                for m in ("rebind_ephemeral_bind_held_ports", "rebind_connect_free_ports")
-            ]
         return Snapshot(
             watches=self.watches,
             dests=self.dests,
@@ -238,7 +233,7 @@ class Gatherer:
             peers=tally.peers(),
             bound_in_range=bound,
             bind_held_conn=frozenset(tally.bind_held),
-            origins=origins,
+            origins=origins,  # unknown ones: rebind_exporter_missing (families._client)
             ephemeral=rng,
             sources=sources,
             settings=settings,
