@@ -101,7 +101,7 @@ def test_families_count_bind_made_ports_held_and_unknown_ones_neither_free_nor_h
 
 
 def test_gatherer_reads_the_origin_of_each_port_once_and_without_the_kernel_knows_nothing() -> None:
-    peer = (SRC.packed, DST.addr.packed, 5433)
+    peer = (SRC.packed, DST.addr.packed, 5433, 0)  # no cookie: read every scrape
     reps = {40000: peer, 40001: peer}
     asked: list[list[int]] = []
 
@@ -114,8 +114,35 @@ def test_gatherer_reads_the_origin_of_each_port_once_and_without_the_kernel_know
     assert asked == [[40000, 40001]]
     assert g._origins({}) == PortOrigins()
     assert len(asked) == 1  # nothing to read: no BPF call at all
+    g._origins(reps)
+    assert len(asked) == 2  # without a cookie nothing is remembered
     off = Gatherer((), (DST,), read_kernel=False, read_origins=reader)
     assert off._origins(reps) == PortOrigins(frozenset(), frozenset({40000, 40001}))
+
+
+def test_gatherer_reads_a_port_again_only_when_its_socket_changed() -> None:
+    """A bucket lives as long as any socket of its port: while the socket it was read through
+    (same cookie) is there, the answer stands; another socket may lead to a bucket made anew."""
+    answers = {40000: False, 40001: True}
+    asked: list[list[int]] = []
+
+    def reader(rs):  # type: ignore[no-untyped-def]
+        asked.append(sorted(rs))
+        return {p: answers[p] for p in rs if p in answers}
+
+    g = Gatherer((), (DST,), read_origins=reader)
+    a = (SRC.packed, DST.addr.packed, 5433)
+    first = {40000: (*a, 7), 40001: (*a, 8), 40002: (*a, 9)}
+    assert g._origins(first) == PortOrigins(frozenset({40000}), frozenset({40002}))
+    answers[40000] = True  # what a new bucket would say: not asked while socket 7 is there
+    answers[40002] = False
+    assert g._origins(first) == PortOrigins(frozenset({40000, 40002}), frozenset())
+    assert asked == [[40000, 40001, 40002], [40002]]  # the unknown port is asked again
+    second = {40000: (*a, 17), 40001: (*a, 8)}  # 40000: another socket now; 40002 gone
+    assert g._origins(second) == PortOrigins(frozenset(), frozenset())
+    assert asked[-1] == [40000]
+    assert g._origins(first) == PortOrigins(frozenset({40002}), frozenset())
+    assert asked[-1] == [40000, 40002]  # 40002 was forgotten when it had no socket
 
 
 def test_client_filter_only_with_dests_and_a_range() -> None:
@@ -188,7 +215,7 @@ def test_first_per_port_keeps_each_ports_first_socket_and_skips_known_ports() ->
     from rebind.kernel import diag_codec as codec
 
     def msg(fam: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
-        body = MSG.pack(fam, 1, 0, 0, so.htons(sport), so.htons(dport), src, dst, 0, 0, 0, 0, 0, 0, 0, 0)
+        body = MSG.pack(fam, 1, 0, 0, so.htons(sport), so.htons(dport), src, dst, 0, sport, 1, 0, 0, 0, 0, 0)
         return codec.NLMSGHDR.pack(codec.NLMSGHDR.size + len(body), codec.TCPDIAG_GETSOCK, 2, 1, 0) + body
 
     v4 = lambda a: IPv4Address(a).packed + bytes(12)  # noqa: E731
@@ -217,5 +244,5 @@ def test_first_per_port_keeps_each_ports_first_socket_and_skips_known_ports() ->
     skip = {40002}
     got = first_per_port(Sock(), b"", skip)  # type: ignore[arg-type]
     a, b = IPv4Address("10.0.0.1").packed, IPv4Address("10.0.0.5").packed
-    assert got == {40000: (a, b, 5433), 40001: (a, b, 5433)}
+    assert got == {40000: (a, b, 5433, 40000 | 1 << 32), 40001: (a, b, 5433, 40001 | 1 << 32)}
     assert skip == {40000, 40001, 40002}

@@ -170,9 +170,9 @@ class PeerCount:
 
 
 #: A client socket as a bind bucket lookup wants it (exporter/fastdiag.py: first_per_port): its
-#: local and remote addresses (4 bytes for IPv4 and v4-mapped IPv6, else 16) and remote port,
-#: keyed by its local port.
-PortTuple = tuple[bytes, bytes, int]
+#: local and remote addresses (4 bytes for IPv4 and v4-mapped IPv6, else 16), remote port and
+#: inet_diag cookie (0: none), keyed by its local port.
+PortTuple = tuple[bytes, bytes, int, int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,8 +82,10 @@ def _done(payload: memoryview) -> None:
             raise KernelError(f"sock_diag dump failed: {os.strerror(-err)} (errno {-err})", -err)
 
 
-#: What a port's first socket gives first_per_port: family; sport, dport; src, dst (16 bytes).
-_ONE = struct.Struct("!B3xHH16s16s")
+#: What a port's first socket gives first_per_port: family; sport, dport; src, dst (16 bytes);
+#: the cookie's two halves (host order, as MSG).
+_ONE = struct.Struct("=B3x2s2s16s16s4xII")
+_U16 = struct.Struct("!H").unpack
 _SPORT_AT = 4
 #: nlmsghdr's length and type only.
 _LEN_KIND = struct.Struct("=IH")
@@ -117,8 +119,8 @@ def first_per_port(sock: DiagSocket, request: bytes, skip: set[int]) -> dict[int
                 sport = buf[off + sport_at] << 8 | buf[off + sport_at + 1]  # network order
                 if sport not in skip:
                     skip.add(sport)
-                    fam, _sport, dport, src, dst = one(buf, off + hsize)
-                    out[sport] = (addr_key(fam, src), addr_key(fam, dst), dport)
+                    fam, _sport, dport, src, dst, lo, hi = one(buf, off + hsize)
+                    out[sport] = (addr_key(fam, src), addr_key(fam, dst), _U16(dport)[0], lo | hi << 32)
             elif kind == codec.NLMSG_DONE:
                 _done(view[off + hsize : off + length])
                 return out

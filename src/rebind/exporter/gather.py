@@ -123,7 +123,7 @@ def read_connect_only(reps: Mapping[int, PortTuple]) -> dict[int, bool]:
     if not reps or isinstance(prepare(), Unavailable):
         return {}
     ports = list(reps)
-    found = lookup_port_buckets(load_sock_layout(), [(p, *reps[p]) for p in ports])
+    found = lookup_port_buckets(load_sock_layout(), [(p, *reps[p][:3]) for p in ports])
     out: dict[int, bool] = {}
     if not isinstance(found, Unavailable):
         for p, got in zip(ports, found, strict=True):
@@ -179,6 +179,8 @@ class Gatherer:
         self._read_flags = read_flags
         self.read_kernel = read_kernel
         self._read_origins = read_origins
+        #: port -> (the cookie of the socket its bucket was read through, connect-only?)
+        self._origin_seen: dict[int, tuple[int, bool]] = {}
         self._flags: dict[Watch, ServerFlags] = {}
         self._bound: tuple[SocketRecord, ...] | None = None
         self._bound_at = 0.0
@@ -274,10 +276,26 @@ class Gatherer:
 
     def _origins(self, reps: Mapping[int, PortTuple]) -> PortOrigins:
         """The bind buckets of the ports in ``reps`` (one client socket each): bind-made, or
-        connect-made (then shareable), or unknown (without BPF: never counted free)."""
+        connect-made (then shareable), or unknown (without BPF: never counted free).
+
+        A port whose socket (by cookie) is the one its bucket was read through last scrape keeps
+        that answer: a socket holds its bucket (icsk_bind_hash, a TIME_WAIT's tw_tb, which
+        keeps the cookie) until it is freed, and inet_bind_bucket_destroy frees a bucket only
+        once empty, so the bucket cannot have been made anew meanwhile. Only the others are read."""
         if not reps:
+            self._origin_seen = {}
             return PortOrigins()
-        got = self._read_origins(reps) if self.read_kernel else {}
+        got: dict[int, bool] = {}
+        todo: dict[int, PortTuple] = {}
+        for port, t in reps.items():
+            seen = self._origin_seen.get(port)
+            if seen is not None and t[3] and seen[0] == t[3]:
+                got[port] = seen[1]
+            else:
+                todo[port] = t
+        if todo and self.read_kernel:
+            got.update(self._read_origins(todo))
+        self._origin_seen = {p: (reps[p][3], v) for p, v in got.items() if reps[p][3]}
         return port_origins(reps, got)
 
     def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
@@ -431,7 +449,8 @@ class Gatherer:
             ports = origin_candidates((r.local.port for r in clients), rng, known)
             for r in clients:
                 if r.local.port in ports and r.local.port not in reps:
-                    reps[r.local.port] = (addr_key(r.local.addr), addr_key(r.remote.addr), r.remote.port)
+                    local, remote = addr_key(r.local.addr), addr_key(r.remote.addr)
+                    reps[r.local.port] = (local, remote, r.remote.port, r.cookie or 0)
         udp = self._udp_ports()
         if udp:
             watched += tally.records(
