@@ -207,22 +207,16 @@ def test_connect_free_ports_match_what_connect_can_still_take(netns, tmp_path, r
             k.close()
 
 
-BIND_IP_0_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a port bind(ip, 0) picked carries no SOCK_BINDPORT_LOCK, which is all "
-    "inet_diag can filter on; the exporter counts it free (why --connect reads the bucket)",
-)
-
-
-@pytest.mark.parametrize(
-    "how", ["bind-named-port", "connect-chosen", pytest.param("bind-ip-0", marks=BIND_IP_0_GAP)]
-)
+@pytest.mark.parametrize("how", ["bind-named-port", "connect-chosen", "bind-ip-0"])
 def test_connect_free_ports_count_ports_bind_took_for_other_destinations(netns, tmp_path, rebind_cli, how):
     """Issue 17 (client side): the range's 2 ports are taken by clients connected to another
     server. Taken by bind() naming the port (the seed's fixed-port client), connect() skips them
     for every destination (their bucket is bind-made): 0 free, EADDRNOTAVAIL. Chosen by
     connect(), they are shared with a new 4-tuple: 2 free. Before: 2 both times (the exporter
-    saw only sockets to its destinations). Picked by bind(ip, 0): still counted free (xfail)."""
+    saw only sockets to its destinations). Picked by bind(ip, 0): no SOCK_BINDPORT_LOCK shows it,
+    the bind bucket (read by BPF) does: 0 free; before, counted free."""
+    if how == "bind-ip-0":
+        _bpf_or_skip()
     _sysctl("ip_local_port_range", "40000 40001")
     _sysctl("ip_local_reserved_ports", "")
     servers = [socket.create_server(("127.0.0.1", p)) for p in (5432, 5433)]
@@ -250,6 +244,33 @@ def test_connect_free_ports_count_ports_bind_took_for_other_destinations(netns, 
             except OSError:
                 break
         assert free == more == (0 if by_bind else 2)
+    finally:
+        for k in (*keep, *servers):
+            k.close()
+
+
+def test_connect_free_ports_without_bpf_never_count_a_port_bind_ip_0_may_hold(netns, tmp_path, rebind_cli):
+    """Issue 17: without BPF the bind buckets of the ports clients took without naming them are
+    unknown (bind(ip, 0) or connect()?): those ports are counted neither free nor bind-held, and
+    rebind_exporter_missing names the fact, for both metrics. Never an optimistic 2."""
+    _sysctl("ip_local_port_range", "40000 40001")
+    _sysctl("ip_local_reserved_ports", "")
+    servers = [socket.create_server(("127.0.0.1", p)) for p in (5432, 5433)]
+    keep: list[socket.socket] = []
+    try:
+        for _ in (40000, 40001):
+            c = socket.socket()
+            keep.append(c)
+            c.bind(("127.0.0.1", 0))
+            c.connect(("127.0.0.1", 5433))
+        s = _textfile(rebind_cli, tmp_path, "--dest", "127.0.0.1:5432", env={"REBIND_NO_BPF": "1"})
+        labels = {"src": "127.0.0.1", "dst": "127.0.0.1", "dport": 5432}
+        assert _get(s, "rebind_connect_free_ports", **labels) == 0
+        assert _get(s, "rebind_ephemeral_bind_held_ports") == 0  # a lower bound: not known held
+        for metric in ("rebind_connect_free_ports", "rebind_ephemeral_bind_held_ports"):
+            assert _get(s, "rebind_exporter_missing", metric=metric, reason="port_origin_unknown") == 1
+        with pytest.raises(OSError):  # model == kernel: no port is free for 5432
+            keep.append(socket.create_connection(("127.0.0.1", 5432)))
     finally:
         for k in (*keep, *servers):
             k.close()
@@ -336,11 +357,37 @@ def test_unprivileged_serves_what_it_can(netns, procs):
         # for what only root reads (the TIME_WAIT's own tw_reuse, through BPF): there the
         # unprivileged answer is 0 with the fact named, never an optimistic 1.
         tw = ("rebind_port_bindable", frozenset({("port", str(TW)), ("proto", "tcp"), ("addr", "0.0.0.0")}))
+
+        # Also the origin of the client ports of the range (bind(ip, 0) or connect()?): the 3
+        # connected to the dest are taken for it anyway, so only the bind-held count is a lower
+        # bound; a port this test's own HTTP clients hold at the time (they use the range too)
+        # would be free if connect() chose it, which only root can tell: then the unprivileged
+        # count is lower, never higher, and the fact is named.
+        def origin(metric: str) -> tuple[str, frozenset[tuple[str, str]]]:
+            return (
+                "rebind_exporter_missing",
+                frozenset({("metric", metric), ("reason", "port_origin_unknown")}),
+            )
+
+        held_origin, free_origin = (
+            origin("rebind_ephemeral_bind_held_ports"),
+            origin("rebind_connect_free_ports"),
+        )
+        free = (
+            "rebind_connect_free_ports",
+            frozenset({("src", "127.0.0.1"), ("dst", "127.0.0.1"), ("dport", str(LQ))}),
+        )
         root_series, nobody_series = rebind_series(as_root), rebind_series(as_nobody)
         if _bpf_available():
             assert (root_series.pop(tw), nobody_series.pop(tw)) == (1, 0)
+            assert nobody_series.pop(held_origin) == 1 and held_origin not in root_series
+            nobody_free, root_free = nobody_series.pop(free), root_series.pop(free)
+            assert nobody_free <= root_free
+            assert nobody_series.pop(free_origin, 0) == (1 if nobody_free < root_free else 0)
+            assert free_origin not in root_series
         assert nobody_series == root_series
-        assert [k for k in as_nobody if k[0] == "rebind_exporter_missing"] == [UNKNOWN_REUSEADDR]
+        named = {k for k in as_nobody if k[0] == "rebind_exporter_missing"} - {free_origin}
+        assert named == {UNKNOWN_REUSEADDR, held_origin}
     finally:
         for k in keep:
             k.close()

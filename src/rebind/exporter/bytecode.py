@@ -73,6 +73,13 @@ def port_bound_explicitly() -> Op:
     return Op(BcOp.AUTO, b"", negate=True)
 
 
+def port_autobound() -> Op:
+    """The socket's port did not come from a bind() naming it: INET_DIAG_BC_AUTO
+    (``!(userlocks & SOCK_BINDPORT_LOCK)``; TIME_WAIT and request socks always match). connect()
+    chose it, or bind(ip, 0) did: inet_diag cannot tell these apart (the bind bucket can)."""
+    return Op(BcOp.AUTO, b"")
+
+
 def remote_is(addr: IPAddress, port: int) -> Op:
     """Remote address and port equal (D_COND; an IPv4 condition also matches v4-mapped IPv6)."""
     if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:

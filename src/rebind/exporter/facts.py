@@ -115,6 +115,10 @@ class Reason(enum.StrEnum):
     #: This kernel build's UDP rule was not calibrated (kernel/calibrate.py needs a network
     #: namespace of its own: root).
     UDP_RULE_UNKNOWN = "udp_rule_uncalibrated"
+    #: Some ports of the ephemeral range have client sockets whose port may have come from
+    #: bind(ip, 0) (no SOCK_BINDPORT_LOCK): only their bind bucket, read by BPF (root), says
+    #: whether connect() skips them. They are not counted free, nor bind-held.
+    PORT_ORIGIN_UNKNOWN = "port_origin_unknown"
 
 
 #: The Reason naming each fact the one assessment may miss (model.conflict.Flag).
@@ -163,6 +167,23 @@ class PeerCount:
     key: PortKey
     peer: str
     sockets: int
+
+
+#: A client socket as a bind bucket lookup wants it (exporter/fastdiag.py: first_per_port): its
+#: local and remote addresses (4 bytes for IPv4 and v4-mapped IPv6, else 16), remote port and
+#: inet_diag cookie (0: none), keyed by its local port.
+PortTuple = tuple[bytes, bytes, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PortOrigins:
+    """What the kernel's bind buckets said of the ports of the range whose client sockets show
+    no SOCK_BINDPORT_LOCK (exporter/connect_counts.py: port_origins)."""
+
+    #: Buckets bind() made (bind(ip, 0), a fixed-port client's TIME_WAIT): connect() skips them.
+    bind_made: frozenset[int] = frozenset()
+    #: Buckets nobody could read (no BPF; a socket gone between the dump and the lookup).
+    unknown: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +240,8 @@ class Snapshot:
     #: Ports of the range held by connections whose port bind() named (SOCK_BINDPORT_LOCK, read
     #: by the kernel's filter: inet_diag's INET_DIAG_BC_AUTO, negated).
     bind_held_conn: frozenset[int] = frozenset()
+    #: The other ports of the range with client sockets, sorted by their bind bucket (BPF).
+    origins: PortOrigins = field(default_factory=PortOrigins)
     ephemeral: EphemeralRange | None = None
     #: The source address the route to each dest selects (None: no route).
     sources: tuple[tuple[Dest, IPAddress | None], ...] = ()

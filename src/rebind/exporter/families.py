@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from rebind.exporter.connect_counts import bind_held_ports, connect_counts
-from rebind.exporter.facts import OTHER, TOP_PEERS, Missing, Snapshot
+from rebind.exporter.facts import OTHER, TOP_PEERS, Missing, Reason, Snapshot
 from rebind.exporter.port_stats import config_warnings, frees_in_seconds, listener_groups, state_counts
 from rebind.exporter.restart import bindable_value, missing_facts, restart_answers
 from rebind.model.records import IPAddress, fmt_addr
@@ -49,7 +49,7 @@ def families(snap: Snapshot) -> list[Metric]:
     missing: list[Missing] = []
     out += _server(snap, missing)
     out += _listeners(snap)
-    out += _client(snap)
+    out += _client(snap, missing)
     out += _config(snap)
     out += _self(snap, missing)
     return out
@@ -125,7 +125,7 @@ def _listeners(snap: Snapshot) -> Iterable[Metric]:
     return [queue, backlog, group]
 
 
-def _client(snap: Snapshot) -> Iterable[Metric]:
+def _client(snap: Snapshot, missing: list[Missing]) -> Iterable[Metric]:
     out: list[Metric] = []
     rng = snap.ephemeral
     if rng is None:
@@ -138,7 +138,7 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     out.append(size)
     if snap.bound_in_range is None:
         return out
-    held = bind_held_ports(snap.bound_in_range, rng, snap.bind_held_conn)
+    held = bind_held_ports(snap.bound_in_range, rng, snap.bind_held_conn | snap.origins.bind_made)
     held_m = GaugeMetricFamily(
         "rebind_ephemeral_bind_held_ports",
         "Ports of the ephemeral range held by bind() (TCP listeners, bound-inactive sockets and "
@@ -146,6 +146,9 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     )
     held_m.add_metric([], len(held))
     out.append(held_m)
+    unknown = Missing("rebind_connect_free_ports", Reason.PORT_ORIGIN_UNKNOWN)
+    if snap.origins.unknown:  # a lower bound: those ports may be bind-held too
+        missing.append(Missing("rebind_ephemeral_bind_held_ports", Reason.PORT_ORIGIN_UNKNOWN))
     if snap.usage is None or not snap.dests:
         return out
     free = GaugeMetricFamily(
@@ -162,9 +165,11 @@ def _client(snap: Snapshot) -> Iterable[Metric]:
     for dest, src in snap.sources:
         if src is None:
             continue
-        c = connect_counts(dest, src, snap.usage, rng, held)
+        c = connect_counts(dest, src, snap.usage, rng, held, snap.origins.unknown)
         labels = [addr_label(src), addr_label(dest.addr), str(dest.port)]
         free.add_metric(labels, c.free)
+        if c.undecided and unknown not in missing:
+            missing.append(unknown)  # not counted free for want of the fact, never optimistic
         tw.add_metric(labels, c.timewait)
     return [*out, free, tw]
 

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterator
 
 from rebind.errors import CodecError, KernelError
+from rebind.exporter.facts import PortTuple
 from rebind.kernel import diag_codec as codec
 from rebind.kernel.diag import RECV_SIZE, DiagSocket
 
@@ -79,3 +80,54 @@ def _done(payload: memoryview) -> None:
         (err,) = struct.unpack_from("=i", payload)
         if err < 0:
             raise KernelError(f"sock_diag dump failed: {os.strerror(-err)} (errno {-err})", -err)
+
+
+#: What a port's first socket gives first_per_port: family; sport, dport; src, dst (16 bytes);
+#: the cookie's two halves (host order, as MSG).
+_ONE = struct.Struct("=B3x2s2s16s16s4xII")
+_U16 = struct.Struct("!H").unpack
+_SPORT_AT = 4
+#: nlmsghdr's length and type only.
+_LEN_KIND = struct.Struct("=IH")
+
+
+def first_per_port(sock: DiagSocket, request: bytes, skip: set[int]) -> dict[int, PortTuple]:
+    """The first socket of each local port the dump returns, except the ports in ``skip``
+    (updated with those found). For a dump that returns many sockets per port (a client host's
+    connections: 100k sockets on 14k ports in bench/exporter.py) only the port is read of the
+    others: two bytes a socket, nothing kept (the loop is ~0.4 us a socket; the kernel's
+    message fill, ~0.9 us, is the larger part)."""
+    one = _ONE.unpack_from
+    head = _LEN_KIND.unpack_from
+    hsize, least = _NLMSG_HDR.size, _NLMSG_HDR.size + MSG.size
+    sport_at = hsize + _SPORT_AT
+    socket_msgs = frozenset(_SOCKET_MSGS)
+    out: dict[int, PortTuple] = {}
+    sock._sock.send(request)
+    buf = bytearray(RECV_SIZE)
+    view = memoryview(buf)
+    while True:
+        n = sock._sock.recv_into(buf)
+        off = 0
+        while off + hsize <= n:
+            length, kind = head(buf, off)
+            if length < hsize or off + length > n:
+                raise CodecError(f"netlink message length {length} at offset {off} is out of bounds")
+            if kind in socket_msgs:
+                if length < least:
+                    raise CodecError("inet_diag_msg truncated")
+                sport = buf[off + sport_at] << 8 | buf[off + sport_at + 1]  # network order
+                if sport not in skip:
+                    skip.add(sport)
+                    fam, _sport, dport, src, dst, lo, hi = one(buf, off + hsize)
+                    out[sport] = (addr_key(fam, src), addr_key(fam, dst), _U16(dport)[0], lo | hi << 32)
+            elif kind == codec.NLMSG_DONE:
+                _done(view[off + hsize : off + length])
+                return out
+            elif kind == codec.NLMSG_ERROR:
+                (err,) = struct.unpack_from("=i", buf, off + hsize)
+                if err:
+                    raise KernelError(f"sock_diag: {os.strerror(-err)} (errno {-err})", -err)
+            elif kind == codec.NLMSG_OVERRUN:
+                raise KernelError("netlink overrun: the kernel dropped part of the dump")
+            off += (length + 3) & ~3

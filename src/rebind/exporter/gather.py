@@ -11,6 +11,12 @@ watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
 * TCP connections (the established hash, one walk): local port watched, or remote a ``--dest``.
   Counted with :mod:`.fastdiag`; only the sockets the conflict model needs are fully decoded.
 * UDP, per family, only when a UDP port is watched.
+* With ``--dest``: TCP client sockets on ports of the range without SOCK_BINDPORT_LOCK (a second
+  walk of the established hash), one per port whose origin nothing else gave: connect() chose
+  the port, or bind(ip, 0) did, and only the port's bind bucket tells (connect-rules.md §8). It
+  is read by BPF, one lookup of one socket per port (:func:`read_connect_only`); where BPF
+  cannot run such ports are counted neither free nor bind-held, and rebind_exporter_missing
+  says so (reason ``port_origin_unknown``).
 
 Nothing here binds, connects or destroys: a scrape never changes kernel state.
 
@@ -31,18 +37,21 @@ from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, KernelError
 from rebind.exporter import bytecode as bc
+from rebind.exporter.connect_counts import bucket_connect_only, origin_candidates, port_origins
 from rebind.exporter.facts import (
     WILDCARD4,
     Dest,
     EphemeralRange,
     Missing,
+    PortOrigins,
+    PortTuple,
     Reason,
     ServerFlags,
     Snapshot,
     Watch,
     norm,
 )
-from rebind.exporter.tally import Tally
+from rebind.exporter.tally import Tally, addr_key
 from rebind.kernel.route import NoRoute, source_for
 from rebind.kernel.sysctl import HostSettings, host_settings
 from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
@@ -55,6 +64,8 @@ BOUND_INACTIVE_SINCE = (6, 8)
 #: A bound-inactive walk cheaper than this (CPU seconds) is repeated every scrape.
 CHEAP_WALK_S = 0.005
 _CONN_STATES = frozenset(State) - {State.LISTEN, State.BOUND_INACTIVE}
+#: Client sockets: a request sock (SYN_RECV) is a listener's, whose port is known bind-held.
+_CLIENT_STATES = _CONN_STATES - {State.SYN_RECV}
 #: A timewait mini-socket: TIME_WAIT, or an orphaned FIN_WAIT2 (SocketRecord.is_mini).
 _MINI_STATES = (int(State.TIME_WAIT), int(State.FIN_WAIT2))
 _SERVER_METRICS = ("rebind_sockets", "rebind_port_bindable", "rebind_listener_accept_queue")
@@ -98,6 +109,36 @@ def _udp_rule() -> bool | None:
 FlagReader = Callable[[SocketRecord], SockOpts | None]
 
 
+def read_connect_only(reps: Mapping[int, PortTuple]) -> dict[int, bool]:
+    """Whether each port's bind bucket is connect()-made (connect_counts.bucket_connect_only),
+    read from the kernel through one client socket of the port (``reps``): one
+    bpf_skc_lookup_tcp per port (kernel/bpf/socklookup.py: lookup_port_buckets), then, for a port
+    whose socket went away since the dump, the socket iterator's walk of those ports (any socket
+    of the port carries its bucket). Ports absent from the answer are unknown: BPF cannot run
+    here (unprivileged, no BTF, REBIND_NO_BPF), or the port emptied meanwhile."""
+    from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
+    from rebind.kernel.bpf.socklookup import lookup_port_buckets
+    from rebind.model.sockstate import Unavailable
+
+    if not reps or isinstance(prepare(), Unavailable):
+        return {}
+    ports = list(reps)
+    found = lookup_port_buckets(load_sock_layout(), [(p, *reps[p][:3]) for p in ports])
+    out: dict[int, bool] = {}
+    if not isinstance(found, Unavailable):
+        for p, got in zip(ports, found, strict=True):
+            if got is not None:
+                out[p] = got[0] < 0 and got[1] < 0  # as bucket_connect_only
+    left = sorted(reps.keys() - out.keys())
+    if left:
+        walked = read_socket_states(left, [Proto.TCP])
+        if isinstance(walked, SockStates):
+            for st in walked.sockets:
+                if st.bucket is not None:
+                    out[st.local.port] = bucket_connect_only(st.bucket)
+    return out
+
+
 def read_socket_flags(r: SocketRecord) -> SockOpts | None:
     """The flags of one live socket, through its owner (an owner scan for this one inode, then
     pidfd_getfd + getsockopt). None when no owner is visible or access is denied (unprivileged)."""
@@ -130,12 +171,16 @@ class Gatherer:
         slow_every: float = 60.0,
         read_flags: FlagReader = read_socket_flags,
         read_kernel: bool = True,
+        read_origins: Callable[[Mapping[int, PortTuple]], Mapping[int, bool]] = read_connect_only,
     ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
         self.slow_every = slow_every
         self._read_flags = read_flags
         self.read_kernel = read_kernel
+        self._read_origins = read_origins
+        #: port -> (the cookie of the socket its bucket was read through, connect-only?)
+        self._origin_seen: dict[int, tuple[int, bool]] = {}
         self._flags: dict[Watch, ServerFlags] = {}
         self._bound: tuple[SocketRecord, ...] | None = None
         self._bound_at = 0.0
@@ -161,13 +206,13 @@ class Gatherer:
         try:
             if netlink:
                 try:
-                    watched, bound = self._netlink(tally, rng, bi_visible)
+                    watched, bound, reps = self._netlink(tally, rng, bi_visible)
                 except EnvironmentProblem:
                     netlink = bi_visible = False
                     tally = Tally(self.watches, self.dests)
             if not netlink:
                 missing.append(Missing("rebind_sockets", Reason.NETLINK_UNAVAILABLE))
-                watched, bound = self._procfs(tally, rng)
+                watched, bound, reps = self._procfs(tally, rng)
         except (KernelError, OSError) as exc:
             reason = Reason.PERMISSION_DENIED if isinstance(exc, PermissionError) else Reason.KERNEL_ERROR
             missing += [Missing(m, reason) for m in (*_SERVER_METRICS, *_CLIENT_METRICS)]
@@ -177,6 +222,7 @@ class Gatherer:
                 duration_s=time.perf_counter() - t0,
             )  # fmt: skip
         kernel = self._kernel(watched) if self.read_kernel else ()
+        origins = self._origins(reps)
         return Snapshot(
             watches=self.watches,
             dests=self.dests,
@@ -189,6 +235,7 @@ class Gatherer:
             peers=tally.peers(),
             bound_in_range=bound,
             bind_held_conn=frozenset(tally.bind_held),
+            origins=origins,  # unknown ones: rebind_exporter_missing (families._client)
             ephemeral=rng,
             sources=sources,
             settings=settings,
@@ -226,6 +273,30 @@ class Gatherer:
             how = Provenance.READ if opts is not None else Provenance.UNKNOWN
             self._flags[w] = ServerFlags(opts or SockOpts(), how, mine.uid, mine.inode)
         return tuple(self._flags.items())
+
+    def _origins(self, reps: Mapping[int, PortTuple]) -> PortOrigins:
+        """The bind buckets of the ports in ``reps`` (one client socket each): bind-made, or
+        connect-made (then shareable), or unknown (without BPF: never counted free).
+
+        A port whose socket (by cookie) is the one its bucket was read through last scrape keeps
+        that answer: a socket holds its bucket (icsk_bind_hash, a TIME_WAIT's tw_tb, which
+        keeps the cookie) until it is freed, and inet_bind_bucket_destroy frees a bucket only
+        once empty, so the bucket cannot have been made anew meanwhile. Only the others are read."""
+        if not reps:
+            self._origin_seen = {}
+            return PortOrigins()
+        got: dict[int, bool] = {}
+        todo: dict[int, PortTuple] = {}
+        for port, t in reps.items():
+            seen = self._origin_seen.get(port)
+            if seen is not None and t[3] and seen[0] == t[3]:
+                got[port] = seen[1]
+            else:
+                todo[port] = t
+        if todo and self.read_kernel:
+            got.update(self._read_origins(todo))
+        self._origin_seen = {p: (reps[p][3], v) for p, v in got.items() if reps[p][3]}
+        return port_origins(reps, got)
 
     def _kernel(self, watched: Sequence[SocketRecord]) -> tuple[SockState, ...]:
         """The kernel's own state of the sockets the model judges, read as `why` reads it
@@ -281,6 +352,13 @@ class Gatherer:
             groups.append(bc.Group((), (bound,)))
         return bc.program(groups) if any(g.terms for g in groups) else None
 
+    def _client_filter(self, rng: EphemeralRange | None) -> bytes | None:
+        """Client sockets on ports of the range whose port no bind() named (INET_DIAG_BC_AUTO):
+        their origin is in the bind bucket only. Asked only with --dest (the connect metrics)."""
+        if not self.dests or rng is None or rng.lo > rng.hi:
+            return None
+        return bc.program([bc.Group((), ((bc.sport_ge(rng.lo), bc.sport_le(rng.hi), bc.port_autobound()),))])
+
     def _tcp_ports(self) -> set[int]:
         return {w.port for w in self.watches if w.proto is Proto.TCP}
 
@@ -289,7 +367,7 @@ class Gatherer:
 
     def _netlink(
         self, tally: Tally, rng: EphemeralRange | None, bound_inactive: bool
-    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...]]:
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, PortTuple]]:
         from rebind.exporter import fastdiag
         from rebind.kernel import diag_codec as codec
         from rebind.kernel.diag import DiagSocket, states_mask
@@ -319,6 +397,15 @@ class Gatherer:
                     mini = timer == tw_timer and st in _MINI_STATES
                     if conn(st, mini, sport, dport, key(fam, src), key(fam, dst), expires):
                         watched.append(codec.decode_socket(Proto.TCP, payload, netns=sock.netns))
+            reps: dict[int, PortTuple] = {}
+            acode = self._client_filter(rng)
+            if acode is not None and rng is not None:
+                # One socket per port is kept: the bucket is the port's, whichever socket leads
+                # to it. Ports whose origin is known already are skipped unread.
+                known = {r.local.port for r in in_range} | tally.bind_held
+                skip = known | {p for p in rng.reserved if rng.lo <= p <= rng.hi}
+                req = codec.dump_request_tcp_any_family(states_mask(_CLIENT_STATES), bytecode=acode)
+                reps = fastdiag.first_per_port(sock, req, skip)
             udp = self._udp_ports()
             if udp:
                 ucode = bc.any_of([[bc.sport_eq(p)] for p in udp])
@@ -326,7 +413,7 @@ class Gatherer:
                     for r in sock.dump(fam, Proto.UDP, [State.CLOSE, State.ESTABLISHED], bytecode=ucode):
                         watched.append(r)
                         tally.server(r)
-        return watched, tuple(in_range)
+        return watched, tuple(in_range), reps
 
     def _bound_inactive(self, sock: object, code: bytes) -> tuple[SocketRecord, ...]:
         from rebind.kernel.diag import DiagSocket
@@ -344,8 +431,9 @@ class Gatherer:
 
     def _procfs(
         self, tally: Tally, rng: EphemeralRange | None
-    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...]]:
-        """/proc/net when netlink is unavailable: whole files, filtered here (no bound-inactive)."""
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, PortTuple]]:
+        """/proc/net when netlink is unavailable: whole files, filtered here (no bound-inactive;
+        no SOCK_BINDPORT_LOCK either: every client port of the range has its bucket read)."""
         from rebind.kernel import procnet
 
         fams = (Family.INET, Family.INET6)
@@ -354,12 +442,21 @@ class Gatherer:
         lo, hi = (rng.lo, rng.hi) if rng is not None else (1, 0)
         in_range = tuple(r for r in recs if r.state is State.LISTEN and lo <= r.local.port <= hi)
         watched = tally.records(recs)
+        reps: dict[int, PortTuple] = {}
+        if self.dests and rng is not None:
+            clients = [r for r in recs if r.state in _CLIENT_STATES]
+            known = frozenset(r.port for r in in_range)
+            ports = origin_candidates((r.local.port for r in clients), rng, known)
+            for r in clients:
+                if r.local.port in ports and r.local.port not in reps:
+                    local, remote = addr_key(r.local.addr), addr_key(r.remote.addr)
+                    reps[r.local.port] = (local, remote, r.remote.port, r.cookie or 0)
         udp = self._udp_ports()
         if udp:
             watched += tally.records(
                 procnet.iter_sockets(protos=(Proto.UDP,), families=fams, states=every, ports=udp)
             )
-        return watched, in_range
+        return watched, in_range, reps
 
 
 def gather(watches: Sequence[Watch], dests: Sequence[Dest]) -> Snapshot:

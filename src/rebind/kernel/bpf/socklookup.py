@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import asm
-from rebind.kernel.bpf.socklayout import REC, RECORD, SockLayout
+from rebind.kernel.bpf.socklayout import REC, RECORD, RECORD_FIELDS, SockLayout
 from rebind.kernel.bpf.sockprog import SockFrame, _Emitter, emit_socket_fields
 from rebind.kernel.bpf.syscall import (
     BPF_F_MMAPABLE,
@@ -167,6 +167,98 @@ _PORTS = struct.Struct(">HH")
 _LEAD = f"{FOUND_AT}xI{RECORD_AT - FOUND_AT - 4}x"
 
 
+def _run(lay: SockLayout, entries: bytes | bytearray, n: int) -> bytes | Unavailable:
+    """One test run over ``n`` map entries (``entries``: their inputs); the entries after it."""
+    fds: list[int] = []
+    try:
+        ctr = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1)
+        fds.append(ctr)
+        io = map_create(BPF_MAP_TYPE_ARRAY, 4, ENTRY_SIZE, n, BPF_F_MMAPABLE)
+        fds.append(io)
+        size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
+            mem[: ENTRY_SIZE * n] = entries
+            insns = build_lookup_program(lay, ctr, io)
+            prog = load_program(insns, prog=SOCKET_LOOKUP)
+            fds.append(prog)
+            _test_run(prog, n)
+            return mem[: ENTRY_SIZE * n]
+    except (OSError, RebindError) as exc:
+        return Unavailable(f"BPF socket lookup: {exc}".splitlines()[0])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _bucket_fields() -> struct.Struct:
+    """An entry, read for its port's bind bucket only: found, faults, lport, has_bucket,
+    fastreuse, fastreuseport (the rest skipped as padding)."""
+    at = [
+        (FOUND_AT, "I"),
+        *((RECORD_AT + REC[n], f) for n, f in RECORD_FIELDS if n in _BUCKET_NAMES),
+    ]
+    fmt, off = "<", 0
+    for pos, f in sorted(at):
+        fmt += f"{pos - off}x{f}" if pos > off else f
+        off = pos + struct.calcsize("<" + f)
+    return struct.Struct(f"{fmt}{ENTRY_SIZE - off}x")
+
+
+_BUCKET_NAMES = ("faults", "lport", "has_bucket", "fastreuse", "fastreuseport")
+_BUCKET_ENTRY = _bucket_fields()
+_BUCKET_ORDER = sorted((REC[n], n) for n in _BUCKET_NAMES)
+
+
+def lookup_port_buckets(
+    lay: SockLayout, sockets: Sequence[tuple[int, bytes, bytes, int]]
+) -> list[tuple[int, int] | None] | Unavailable:
+    """For each TCP socket (local port, local address, remote address, remote port; addresses
+    of 4 bytes for IPv4 and v4-mapped IPv6, else 16): its port's bind bucket cache
+    (``fastreuse``, ``fastreuseport``), or None where the tuple found no socket of that port or
+    its copy faulted. One lookup a socket and no SockState: where only the port's bucket is
+    wanted (the exporter's connect metrics), any socket of the port leads to it -- even a
+    listener the lookup falls through to when the connection is gone (same port, same bucket).
+    ~1 us a socket in all (docs/benchmarks.md)."""
+    if not sockets:
+        return []
+    n = len(sockets)
+    buf = bytearray(ENTRY_SIZE * n)
+    size = ENTRY_IN.size
+    for i, (lport, local, remote, rport) in enumerate(sockets):
+        at = i * ENTRY_SIZE
+        buf[at : at + size] = _raw_entry(lport, local, remote, rport)
+    data = _run(lay, buf, n)
+    if isinstance(data, Unavailable):
+        return data
+    return buckets_of([s[0] for s in sockets], data)
+
+
+def buckets_of(ports: Sequence[int], data: bytes) -> list[tuple[int, int] | None]:
+    """The test run's entries (``data``), one per port asked: (fastreuse, fastreuseport) where
+    the lookup found a socket of that port, copied without a fault, with its bucket read."""
+    names = [name for _, name in _BUCKET_ORDER]
+    fi, li, hi, ri, pi = (1 + names.index(k) for k in _BUCKET_NAMES)
+    out: list[tuple[int, int] | None] = []
+    for lport, v in zip(ports, _BUCKET_ENTRY.iter_unpack(data), strict=True):
+        if v[0] and not v[fi] and v[li] == lport and v[hi] & 1:
+            out.append((v[ri], v[pi]))
+        else:
+            out.append(None)
+    return out
+
+
+def _raw_entry(lport: int, local: bytes, remote: bytes, rport: int) -> bytes:
+    """_entry for addresses as bytes: a packet from remote to local."""
+    ports = _PORTS.pack(rport, lport)
+    if len(local) == 4 and len(remote) == 4:
+        return ENTRY_IN.pack(remote + local + ports, 12)
+    return ENTRY_IN.pack(_as16(remote) + _as16(local) + ports, TUPLE_SIZE)
+
+
+def _as16(a: bytes) -> bytes:
+    return a if len(a) == 16 else bytes(10) + b"\xff\xff" + a
+
+
 def lookup_socket_states(
     lay: SockLayout, targets: Sequence[SocketRecord]
 ) -> tuple[list[SockState | None], int] | Unavailable:
@@ -182,27 +274,10 @@ def lookup_socket_states(
 
     if not targets:
         return [], 0
-    n = len(targets)
-    fds: list[int] = []
-    try:
-        ctr = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1)
-        fds.append(ctr)
-        io = map_create(BPF_MAP_TYPE_ARRAY, 4, ENTRY_SIZE, n, BPF_F_MMAPABLE)
-        fds.append(io)
-        size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-            entries, expect = _entries(targets)
-            mem[: ENTRY_SIZE * n] = entries
-            insns = build_lookup_program(lay, ctr, io)
-            prog = load_program(insns, prog=SOCKET_LOOKUP)
-            fds.append(prog)
-            _test_run(prog, n)
-            data = mem[: ENTRY_SIZE * n]
-    except (OSError, RebindError) as exc:
-        return Unavailable(f"BPF socket lookup: {exc}".splitlines()[0])
-    finally:
-        for fd in fds:
-            os.close(fd)
+    entries, expect = _entries(targets)
+    data = _run(lay, entries, len(targets))
+    if isinstance(data, Unavailable):
+        return data
     dec = BulkDecoder(Proto.TCP, lead=_LEAD, trail=ENTRY_SIZE - RECORD_AT - RECORD.size)
     out: list[SockState | None] = []
     faulted = 0
