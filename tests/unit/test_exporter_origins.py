@@ -160,8 +160,8 @@ def test_port_autobound_is_a_plain_auto_op() -> None:
 
 
 def _entry(found: int, **fields: object) -> bytes:
-    from rebind.kernel.bpf.socklookup import ENTRY_SIZE, FOUND, FOUND_AT, RECORD_AT
     from rebind.kernel.bpf.socklayout import RECORD, RECORD_FIELDS
+    from rebind.kernel.bpf.socklookup import ENTRY_SIZE, FOUND, FOUND_AT, RECORD_AT
 
     zero = {"s": b"", "B": 0, "b": 0, "H": 0, "I": 0, "Q": 0}
     values = [fields.get(n, zero[f[-1]]) for n, f in RECORD_FIELDS]
