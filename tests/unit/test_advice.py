@@ -12,7 +12,6 @@ from ipaddress import IPv6Address, ip_address
 
 import pytest
 
-from rebind.cli.why import why_json
 from rebind.errors import UsageError
 from rebind.model.advice import (
     Attempt,
@@ -52,7 +51,7 @@ from rebind.model.records import (
     Timer,
 )
 from rebind.model.request import BindRequest, TrialResult
-from rebind.render.why import attempt_detail, diagnosis_lines
+from rebind.render.why import attempt_detail, diagnosis_lines, why_json
 
 P = 8080
 S = KernelSettings(local_addresses=frozenset({ip_address("127.0.0.1"), ip_address("::1")}))

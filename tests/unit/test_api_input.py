@@ -11,9 +11,9 @@ import pytest
 
 from rebind.actions.pick import check_range, parse_range, pick_port
 from rebind.actions.wait import NotWaitable, wait_bindable, wait_listening
-from rebind.cli import render
 from rebind.errors import ExitCode, UsageError
 from rebind.model.records import Endpoint, fmt_addr
+from rebind.render import sockets as render
 from rebind.sockets import socket_table
 
 

@@ -12,6 +12,7 @@ from rebind.kernel.bpf import asm, birth_prog
 from rebind.kernel.bpf import btf as btfmod
 from rebind.model import birth
 from rebind.model.records import Endpoint, Family, Proto, SocketEntry, SocketRecord, State
+from rebind.render.sockets import birth_json
 from rebind.top.model import build_rows, row_owners_text
 
 
@@ -24,7 +25,7 @@ def test_decode_converts_boot_time_to_the_epoch() -> None:
     assert b is not None
     assert (b.pid, b.tid, b.comm, b.cgroup_id, b.uid, b.port) == (4121, 4122, "nginx", 77, 1000, 8080)
     assert b.at == 1_700_000_005.0
-    assert birth.to_json(b)["hook"] == "bind4"  # type: ignore[index]
+    assert birth_json(b)["hook"] == "bind4"  # type: ignore[index]
 
 
 def test_an_empty_or_short_value_is_no_certificate() -> None:

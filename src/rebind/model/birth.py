@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from rebind.model.records import process_label
 
@@ -75,18 +75,3 @@ def text(b: Birth, now: float) -> str:
 
 def hook_name(flags: int) -> str:
     return "listen" if flags & Flag.LISTEN else "bind6" if flags & Flag.BIND6 else "bind4"
-
-
-def to_json(b: Birth | None) -> dict[str, Any] | None:
-    if b is None:
-        return None
-    return {
-        "pid": b.pid,
-        "tid": b.tid,
-        "comm": b.comm,
-        "uid": b.uid,
-        "cgroup_id": b.cgroup_id,
-        "port": b.port,
-        "at": round(b.at, 6),
-        "hook": hook_name(b.flags),
-    }

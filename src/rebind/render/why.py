@@ -8,15 +8,19 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rebind.render.console import fmt_ms, out, owners_cell
-from rebind.render.findings import findings_lines
+from rebind.render.findings import finding_json, findings_lines, lookalike_json, recognised_json
+from rebind.render.sockets import entry_json
 from rebind.textsafe import visible
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Attempt, Diagnosis
     from rebind.model.wellknown import Findings
+
+
+WHY_SCHEMA = "rebind.why/2"
 
 
 def print_diagnosis(d: Diagnosis, found: Findings | None = None) -> None:
@@ -165,3 +169,75 @@ def _flags(reuseaddr: bool | None, reuseport: bool | None, source: str) -> str:
     if reuseport is not None:
         parts.append(f"SO_REUSEPORT {'on' if reuseport else 'off'}")
     return ", ".join(parts) + ("" if source == "read" else f" ({source})")
+
+
+def why_json(d: Diagnosis, found: Findings | None = None) -> dict[str, Any]:
+    """`rebind why --json` (schema ``rebind.why/2``, docs/json.md)."""
+    r = d.request
+    return {
+        "schema": WHY_SCHEMA,
+        "request": {
+            "proto": r.proto.value,
+            "addr": str(r.addr),
+            "port": r.port,
+            "reuseaddr": r.reuseaddr,
+            "reuseport": r.reuseport,
+            "v6only": r.v6only,
+            "ifindex": r.ifindex,
+            "freebind": r.freebind,
+            "uid": r.uid,
+        },
+        "bindable": d.bindable,
+        "status": d.verdict.value,
+        "verdict": d.headline,
+        "outcome": {
+            "verdict": d.outcome.verdict.value,
+            "errno": d.outcome.errno,
+            "stage": d.outcome.stage.value if d.outcome.stage else None,
+        },
+        "trial": None
+        if d.trial is None
+        else {"ok": d.trial.ok, "errno": d.trial.errno, "error": d.trial.error_name},
+        "disagreement": d.disagreement.text if d.disagreement else None,
+        "explanation": d.disagreement.explanation or None if d.disagreement else None,
+        "frees_in_ms": d.frees_in_ms,
+        "blockers": [
+            {
+                "socket": entry_json(b.entry),
+                "kind": b.kind.value,
+                "stage": b.blocker.stage.value,
+                "rule": str(b.blocker.rule),
+                "certain": b.blocker.certain,
+                "reason": b.blocker.reason,
+                "reuseaddr": b.opts.reuseaddr,
+                "reuseport": b.opts.reuseport,
+                "flags_source": b.provenance.value,
+                "owners_seen": b.owners.value,
+            }
+            for b in d.blockers
+        ],
+        "attempts": [
+            {
+                "label": a.label,
+                "reuseaddr": a.request.reuseaddr,
+                "reuseport": a.request.reuseport,
+                "addr": str(a.request.addr),
+                "tried": a.trial is not None,
+                "bind_ok": a.trial.ok if a.trial is not None else None,
+                "bind_error": a.trial.error_name if a.trial is not None else None,
+                "predicted": a.outcome.verdict.value,
+                "predicted_stage": a.outcome.stage.value if a.outcome.stage else None,
+                "works": a.works,
+            }
+            for a in d.attempts
+        ],
+        "notes": list(d.notes),
+        "fixes": [
+            {"title": f.title, "why": f.why, "command": f.command, "python": f.python, "c": f.c}
+            for f in d.fixes
+        ],
+        # issue 20 (additive): localhost split-brain and well-known holders with their owners' fix
+        "localhost": finding_json(found.localhost) if found and found.localhost else None,
+        "wellknown": [recognised_json(x) for x in found.holders] if found else [],
+        "lookalikes": [lookalike_json(x) for x in found.lookalikes] if found else [],
+    }
