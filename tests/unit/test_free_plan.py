@@ -359,8 +359,7 @@ def test_other_ports_of_a_target_are_grouped_and_summarised() -> None:
 def test_free_plan_and_top_confirmation_name_every_other_port_before_proceed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from rebind.cli.free import plan_json
-    from rebind.render.free import print_plan
+    from rebind.render.free import plan_json, print_plan
     from rebind.top.keys import free_confirmation
 
     p = _plan_with_collateral()

@@ -6,7 +6,7 @@ as JSON (``--dry-run --json``) is here."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,7 +14,6 @@ from rebind.cli.options import bind_request_options
 from rebind.cli.params import SECONDS
 
 if TYPE_CHECKING:
-    from rebind.model.free import FreePlan
     from rebind.model.request import BindRequest
 
 
@@ -78,7 +77,7 @@ def free(
     """Make PORT bindable: stop the processes holding it, destroy TIME_WAIT leftovers, verify."""
     from rebind.actions.free import execute_plan, plan_free
     from rebind.model.validate import parse_signal
-    from rebind.render.free import echo, print_plan, print_result
+    from rebind.render.free import echo, plan_json, print_plan, print_result
 
     if as_json and not dry_run:
         raise click.UsageError("--json prints the plan: use it with --dry-run")
@@ -111,55 +110,3 @@ def free(
     result = execute_plan(plan, on_event=lambda msg: echo(f"  {msg}"))
     print_result(result)
     return result.exit_code
-
-
-PLAN_SCHEMA = "rebind.free.plan/1"
-
-
-def plan_json(plan: FreePlan) -> dict[str, Any]:
-    """``rebind free --dry-run --json`` (docs/actions.md). Process names are JSON-escaped text."""
-    from rebind.cli.render import socket_json
-    from rebind.model.validate import signal_name
-
-    r = plan.request
-    return {
-        "schema": PLAN_SCHEMA,
-        "request": {"proto": r.proto.value, "addr": str(r.addr), "port": r.port, "where": r.where},
-        "bindable": plan.bindable,
-        "worth_acting": plan.worth_acting,
-        "exit_code": plan.exit_code,
-        "headline": plan.diagnosis.headline,
-        "signal": signal_name(plan.signal),
-        "grace": plan.grace,
-        "stop": [
-            {
-                "pid": t.pid,
-                "start_ticks": t.start_ticks,
-                "name": t.name,
-                "uid": t.uid,
-                "fds": sorted(set(t.fds)),
-                "sockets": [socket_json(x) for x in t.sockets],
-                "also_holds": [
-                    {"proto": o.proto, "state": o.state, "local": o.local, "port": o.port, "count": o.count}
-                    for o in t.also_holds
-                ],
-            }
-            for t in plan.targets
-        ],
-        "also_takes_down": plan.collateral_summary(),
-        "destroy": [socket_json(x) for x in plan.destroy],
-        "expiring": [socket_json(x) for x in plan.expiring],
-        "refused": [
-            {
-                "pid": x.pid,
-                "name": x.name,
-                "reason": str(x.reason),
-                "sockets": [socket_json(y) for y in x.sockets],
-            }
-            for x in plan.refused
-        ],
-        "unowned": [socket_json(x) for x in plan.unowned],
-        "obstacles": [
-            {"kind": o.kind.value, "text": o.text, "exit_code": o.exit_code} for o in plan.obstacles
-        ],
-    }

@@ -8,6 +8,7 @@ Every line may carry process-supplied text (names, unix socket paths): it is esc
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -16,6 +17,7 @@ from rebind.model.free import FreePlan, ObstacleKind, Target, no_owner_reason
 from rebind.model.free_result import FreeResult
 from rebind.model.records import socket_label
 from rebind.model.validate import signal_name
+from rebind.render.sockets import socket_json
 from rebind.textsafe import visible
 
 
@@ -86,3 +88,52 @@ def print_result(result: FreeResult) -> None:
     echo(f"{where} is still not bindable: {result.after.trial}", err=True)
     for line in result.remaining:
         echo(f"  still held: {line}", err=True)
+
+
+PLAN_SCHEMA = "rebind.free.plan/1"
+
+
+def plan_json(plan: FreePlan) -> dict[str, Any]:
+    """``rebind free --dry-run --json`` (docs/actions.md). Process names are JSON-escaped text."""
+    r = plan.request
+    return {
+        "schema": PLAN_SCHEMA,
+        "request": {"proto": r.proto.value, "addr": str(r.addr), "port": r.port, "where": r.where},
+        "bindable": plan.bindable,
+        "worth_acting": plan.worth_acting,
+        "exit_code": plan.exit_code,
+        "headline": plan.diagnosis.headline,
+        "signal": signal_name(plan.signal),
+        "grace": plan.grace,
+        "stop": [
+            {
+                "pid": t.pid,
+                "start_ticks": t.start_ticks,
+                "name": t.name,
+                "uid": t.uid,
+                "fds": sorted(set(t.fds)),
+                "sockets": [socket_json(x) for x in t.sockets],
+                "also_holds": [
+                    {"proto": o.proto, "state": o.state, "local": o.local, "port": o.port, "count": o.count}
+                    for o in t.also_holds
+                ],
+            }
+            for t in plan.targets
+        ],
+        "also_takes_down": plan.collateral_summary(),
+        "destroy": [socket_json(x) for x in plan.destroy],
+        "expiring": [socket_json(x) for x in plan.expiring],
+        "refused": [
+            {
+                "pid": x.pid,
+                "name": x.name,
+                "reason": str(x.reason),
+                "sockets": [socket_json(y) for y in x.sockets],
+            }
+            for x in plan.refused
+        ],
+        "unowned": [socket_json(x) for x in plan.unowned],
+        "obstacles": [
+            {"kind": o.kind.value, "text": o.text, "exit_code": o.exit_code} for o in plan.obstacles
+        ],
+    }
