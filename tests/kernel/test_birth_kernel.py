@@ -134,6 +134,16 @@ def test_top_rows_carry_the_certificate(installed: str, netns: int, procs: Procs
     assert row.birth is not None and row.birth.comm == "short-lived"
     assert row.birth.pid == os.getpid() and row.birth.tid == threading_native_id()
     assert row_owners_text(row).startswith(f"bound by short-lived[{os.getpid()}] at ")
+    # top --record keeps it: `rebind history` names the binder once the listener is gone
+    from rebind.model.records import Proto
+    from rebind.top.events import describe, diff, from_json, to_line
+    from rebind.top.model import PortKey, PortView
+
+    key = PortKey(8183, Proto.TCP)
+    (appeared,) = diff({}, {key: PortView(key=key, rows=(row,))}, time.time())
+    doc = json.loads(to_line(appeared))
+    assert doc["bound_by"]["comm"] == "short-lived" and doc["bound_by"]["pid"] == os.getpid()
+    assert f"bound by short-lived[{os.getpid()}] at " in describe(from_json(doc))
 
 
 def threading_native_id() -> int:

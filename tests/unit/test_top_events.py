@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from rebind.errors import UsageError
+from rebind.model.birth import Birth
 from rebind.model.records import Proto, State
 from rebind.top.events import (
     SCHEMA,
     BadRecord,
+    Binder,
     Event,
     EventKind,
     describe,
@@ -371,3 +373,43 @@ def test_open_record_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(fifo)
     with pytest.raises(UsageError, match="symbolic link"):
         open_record(str(tmp_path / "link"))
+
+
+def _born(comm: str, pid: int = 4121, at: float = 1_700_000_000.5) -> Birth:
+    return Birth(pid=pid, tid=pid, comm=comm, cgroup_id=1, uid=0, port=8080, flags=1, boot_ns=1, at=at)
+
+
+def test_appeared_port_records_who_bound_it_and_history_says_so() -> None:
+    """Issue 19: the record keeps the birth certificate of the port's holding socket, so
+    `rebind history` names the binder after it is gone (or was never seen by an owner scan)."""
+    row = SocketRow(state=State.LISTEN, addr="0.0.0.0", birth=_born("short-lived"))
+    (e,) = diff({}, {K: PortView(key=K, rows=(row,))}, 1_700_000_001.0)
+    assert e.kind is EventKind.APPEARED and e.binder == Binder(4121, "short-lived", 1_700_000_000.5)
+    doc = json.loads(to_line(e))
+    assert doc["bound_by"] == {"pid": 4121, "comm": "short-lived", "at": 1_700_000_000.5}
+    back = from_json(doc)
+    assert back == e
+    assert "held (LISTEN), bound by short-lived[4121] at " in describe(back)
+    # a leftover's certificate does not make the port's binder
+    tw = SocketRow(state=State.TIME_WAIT, addr="0.0.0.0", birth=_born("old"))
+    (e2,) = diff({}, {K: PortView(key=K, rows=(tw, SocketRow(state=State.LISTEN, addr="0.0.0.0")))}, 2.0)
+    assert e2.binder is None and json.loads(to_line(e2))["bound_by"] is None
+
+
+def test_binder_text_is_hostile_and_bad_bound_by_is_refused() -> None:
+    row = SocketRow(state=State.LISTEN, addr="0.0.0.0", birth=_born('x\n{"a":1}\x1b[2J\u202e'))
+    (e,) = diff({}, {K: PortView(key=K, rows=(row,))}, 1.0)
+    line = to_line(e)
+    assert line.count("\n") == 1 and line.isascii()
+    text = describe(from_json(json.loads(line)))
+    assert "\x1b" not in text and "\n" not in text and "\u202e" not in text
+    base = {"schema": SCHEMA, "event": "appeared", "proto": "tcp", "ts": 1, "port": 1}
+    for bad, why in (
+        ("x", "bound_by is not an object"),
+        ({"pid": 1, "comm": "a", "at": "now"}, "bound_by.at"),
+        ({"pid": -1, "comm": "a", "at": 1}, "bound_by.pid"),
+        ({"pid": 1, "comm": 5, "at": 1}, "bound_by.comm"),
+    ):
+        with pytest.raises(BadRecord, match=why):
+            from_json({**base, "bound_by": bad})
+    assert from_json(base).binder is None  # records written before the field

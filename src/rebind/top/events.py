@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rebind.model.records import Proto
+from rebind.model.records import Proto, process_label
 from rebind.textsafe import visible
 from rebind.top.model import HOLDING_STATES, OwnerView, PortKey, PortView
 
@@ -27,6 +27,21 @@ class EventKind(enum.StrEnum):
     GONE = "gone"
     OWNER_ADDED = "owner-added"
     OWNER_REMOVED = "owner-removed"
+
+
+@dataclass(frozen=True, slots=True)
+class Binder:
+    """Who bound a port's holding socket, and when: its birth certificate (`rebind trace
+    --install`), kept in the record because the binder may be gone (or never seen by an owner
+    scan) by the time someone reads `rebind history`. ``comm`` is the binder's own choice."""
+
+    pid: int
+    comm: str
+    at: float
+
+    @property
+    def label(self) -> str:
+        return process_label(self.comm, self.pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +57,22 @@ class Event:
     #: Owner events of this port left out of the record just before this one (rate limit,
     #: :class:`OwnerEventRate`); 0 on screen and in records without a gap.
     suppressed: int = 0
+    #: ``appeared``: who bound the holding socket, where a birth certificate names it.
+    binder: Binder | None = None
 
 
 def _states(v: PortView | None) -> tuple[str, ...]:
     if v is None:
         return ()
     return tuple(sorted({r.state.label for r in v.rows if r.state in HOLDING_STATES}))
+
+
+def _binder(v: PortView) -> Binder | None:
+    """The first holding socket's certificate (rows come in the sampler's order)."""
+    for r in v.rows:
+        if r.state in HOLDING_STATES and r.birth is not None:
+            return Binder(r.birth.pid, r.birth.comm, r.birth.at)
+    return None
 
 
 def diff(prev: Mapping[PortKey, PortView] | None, cur: Mapping[PortKey, PortView], ts: float) -> list[Event]:
@@ -61,7 +86,9 @@ def diff(prev: Mapping[PortKey, PortView] | None, cur: Mapping[PortKey, PortView
         old_owners = {o.identity: o for o in old.owners} if old else {}
         new_owners = {o.identity: o for o in new.owners} if new else {}
         if new is not None and old is None:
-            out.append(Event(ts, EventKind.APPEARED, k, states=_states(new), initial=initial))
+            out.append(
+                Event(ts, EventKind.APPEARED, k, states=_states(new), initial=initial, binder=_binder(new))
+            )
         for ident in sorted(set(new_owners) - set(old_owners), key=_order):
             out.append(Event(ts, EventKind.OWNER_ADDED, k, new_owners[ident], _states(new), initial))
         for ident in sorted(set(old_owners) - set(new_owners), key=_order):
@@ -187,6 +214,10 @@ def to_json(e: Event) -> dict[str, Any]:
         "initial": e.initial,
         "suppressed": e.suppressed,
         "owner": None,
+        # additive: the birth certificate of an appeared port's socket (null without one)
+        "bound_by": None
+        if e.binder is None
+        else {"pid": e.binder.pid, "comm": _capped_field(e.binder.comm)[0], "at": round(e.binder.at, 6)},
     }
     if e.owner is not None:
         o = e.owner
@@ -227,6 +258,21 @@ def _int(v: Any, what: str, lo: int, hi: int) -> int:
     return v
 
 
+def _binder_of(bd: Any) -> Binder | None:
+    """``bound_by`` of a record: absent or null (records before it, no certificate), else checked."""
+    if bd is None:
+        return None
+    if not isinstance(bd, dict):
+        raise BadRecord("bound_by is not an object")
+    at = bd.get("at")
+    if isinstance(at, bool) or not isinstance(at, int | float) or not 0 <= at < 1e11:
+        raise BadRecord("bound_by.at is not a time")
+    comm = bd.get("comm")
+    if not isinstance(comm, str):
+        raise BadRecord("bound_by.comm is not a string")
+    return Binder(_int(bd.get("pid"), "bound_by.pid", 0, 2**31), comm, float(at))
+
+
 def from_json(doc: Any) -> Event:
     if not isinstance(doc, dict):
         raise BadRecord("not a JSON object")
@@ -264,6 +310,7 @@ def from_json(doc: Any) -> Event:
         )
     suppressed = doc.get("suppressed", 0)
     return Event(
+        binder=_binder_of(doc.get("bound_by")),
         ts=float(ts),
         kind=kind,
         key=PortKey(port, proto),
@@ -315,6 +362,8 @@ def describe(e: Event, *, with_date: bool = True) -> str:
     who = e.owner.detail if e.owner else ""
     if e.kind is EventKind.APPEARED:
         what = f"held{states}" + (" (already when top started)" if e.initial else "")
+        if e.binder is not None:
+            what += f", bound by {e.binder.label} at {_local(e.binder.at)}"
     elif e.kind is EventKind.GONE:
         what = "no longer held: bindable unless leftovers remain"
     elif e.kind is EventKind.OWNER_ADDED:
