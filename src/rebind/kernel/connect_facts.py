@@ -249,7 +249,8 @@ def gather(
 def origin_ports(req: ConnectRequest, holders: Sequence[PortHolder]) -> set[int]:
     """The TCP ports whose origin the kernel is asked for: those of ambiguous client sockets, and
     ``req.local_port`` where its holders' kernel facts decide the answer (C17, C19)."""
-    ports = {h.socket.local.port for h in holders if h.explicit is None and h.socket.proto is Proto.TCP}
+    tcp = Proto.TCP
+    ports = {h.entry.socket.local.port for h in holders if h.explicit is None and h.entry.socket.proto is tcp}
     if (
         req.proto is Proto.TCP
         and req.local_port is not None
@@ -301,26 +302,30 @@ def origin_plan(req: ConnectRequest, holders: Sequence[PortHolder], ports: Itera
     A port with no socket the lookup can find is walked too."""
     want = set(ports)
     best: dict[int, tuple[int, SocketRecord]] = {}
+    done: set[int] = set()  # ports with a socket of the best rank: nothing better to look for
+    tcp = Proto.TCP
     for h in holders:
-        r = h.socket
+        r = h.entry.socket
         p = r.local.port
-        if r.proto is not Proto.TCP or p not in want or not r.remote.port:
+        if p in done or p not in want or r.proto is not tcp or not r.remote.port:
             continue
         rank = _rep_rank(r)
         if p not in best or rank < best[p][0]:
             best[p] = (rank, r)
+            if not rank:
+                done.add(p)
     walk = {p for p in want if p not in best}
     if req.local_port is not None and req.local_port in want:
         walk.add(req.local_port)
     reps = {p: r for p, (_, r) in best.items() if p not in walk}
     stamps = tuple(
         i
-        for i, h in enumerate(holders)
-        if h.socket.proto is Proto.TCP
-        and h.socket.is_mini
-        and h.socket.local.port in reps
-        and h.socket.remote.port == req.dport
-        and norm_addr(h.socket.remote.addr) == req.dst
+        for i, r in enumerate(h.entry.socket for h in holders)
+        if r.remote.port == req.dport
+        and r.proto is tcp
+        and r.local.port in reps
+        and r.is_mini
+        and norm_addr(r.remote.addr) == req.dst
     )
     return OriginPlan(reps, frozenset(walk), stamps)
 
@@ -357,15 +362,34 @@ def merge_origins(
     from rebind.model.sockstate import SockKind
 
     want = set(ports)
+    tcp = Proto.TCP
+    connect_only, stamps, walked = got.connect_only, got.stamps, got.walked
     out: list[PortHolder] = []
     for i, h in enumerate(holders):
-        r = h.socket
+        r = h.entry.socket
         p = r.local.port
-        if r.proto is not Proto.TCP or p not in want:
+        if p not in want or r.proto is not tcp:
             out.append(h)
             continue
-        bco = got.connect_only.get(p)
-        locked, ts = h.bind_port_locked, got.stamps.get(i, h.timestamps)
+        bco = connect_only.get(p)
+        if p not in walked and i not in stamps:
+            # the common case, a port whose bucket a lookup read: that alone changes
+            out.append(
+                h
+                if bco == h.bucket_connect_only
+                else PortHolder(
+                    h.entry,
+                    h.explicit,
+                    h.timestamps,
+                    h.reuseaddr,
+                    h.reuseport,
+                    h.bind_port_locked,
+                    h.connect_bind,
+                    bco,
+                )
+            )
+            continue
+        locked, ts = h.bind_port_locked, stamps.get(i, h.timestamps)
         reuseaddr, reuseport = h.reuseaddr, h.reuseport
         if p in got.walked:
             st = got.by_cookie.get(r.cookie) if r.cookie is not None else None
