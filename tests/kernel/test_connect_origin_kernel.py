@@ -116,3 +116,55 @@ def test_seed_fixed_port_reuseaddr_client_to_the_same_server(netns, monkeypatch,
     finally:
         first.close()
         srv.close()
+
+
+def test_bind_made_ports_among_connect_made_ones_are_read_by_lookup_not_by_a_walk(netns, monkeypatch):
+    """Many ports of the range, two of them taken by bind(ip, 0) among connect()-chosen ones that
+    fill the rest with connections to the very destination asked about: connect() then finds no
+    port (the bind-made buckets refuse sharing, C6), and `why --connect` must say so exactly --
+    reading each port's bucket through one socket's 4-tuple (bpf_skc_lookup_tcp), with no walk
+    of the socket table (nothing here needs one: no fixed port, no socket gone)."""
+    if not bpf_works():
+        pytest.skip("the BPF socket iterator cannot run here")
+    from rebind.kernel.bpf import sockiter
+
+    walks: list[list[int]] = []
+    real = sockiter.read_socket_states
+
+    def spy(ports, *a, **kw):  # type: ignore[no-untyped-def]
+        walks.append(sorted(ports))
+        return real(ports, *a, **kw)
+
+    monkeypatch.setattr(sockiter, "read_socket_states", spy)
+    write("ip_local_port_range", "40000 40009")
+    servers = [socket.create_server(("127.0.0.1", p)) for p in (9000, 9001)]
+    bound = _fill(_bind_ip_0, 2)  # to 9001: bind-made buckets
+    clients = []
+    try:
+        assert len(bound) == 2
+        for _ in range(20):  # connect()-chosen, to 9000, until no port is left
+            c = socket.socket()
+            if c.connect_ex(("127.0.0.1", 9000)):
+                c.close()
+                break
+            clients.append(c)
+        assert len(clients) == 8
+        res = connect_diagnose("127.0.0.1", 9000, owners=False).result
+        with socket.socket() as s:
+            real_errno = s.connect_ex(("127.0.0.1", 9000))
+        assert real_errno == errno.EADDRNOTAVAIL
+        assert (res.outcome.verdict, res.outcome.errno_name) == (Verdict.FAIL, "EADDRNOTAVAIL"), (
+            res.outcome.explanation,
+            res.accounting.counts,
+        )
+        assert res.accounting.ambiguous == 0  # every port's bucket was read
+        assert res.accounting.counts.get("bind-before-connect") == 2, res.accounting.counts
+        assert walks == [], walks
+        # the same with a fixed local port: that one port is walked (its holders' sk_reuse), only it
+        fixed = bound[0].getsockname()[1]
+        res = connect_diagnose("127.0.0.1", 9000, local_port=fixed, owners=False).result
+        assert not res.outcome.ok
+        assert walks == [[fixed]], walks
+    finally:
+        for s in (*clients, *bound, *servers):
+            s.close()
