@@ -30,12 +30,14 @@ a warning says why.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from rebind.errors import EnvironmentProblem
 from rebind.kernel import diag_codec as codec
@@ -206,10 +208,34 @@ def classify(records: Iterable[SocketRecord], rng: tuple[int, int]) -> list[tupl
     return out
 
 
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (and restore its state after).
+
+    :func:`gather` allocates a few objects per socket (record, entry, owners, holder: 100k
+    sockets on a loaded host) and frees almost none, so each generation-0 collection triggers
+    the next and the full collections walk the whole growing table: ~20% of the time spent
+    (measured, docs/benchmarks.md). Reference counting still frees what is dropped; any cycle
+    made meanwhile waits for the next collection after the pause.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def gather(
     req: ConnectRequest, *, owners: bool = True, settings: ConnectSettings | None = None
 ) -> ConnectFacts:
     """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``."""
+    with _cyclic_gc_paused():
+        return _gather(req, owners=owners, settings=settings)
+
+
+def _gather(req: ConnectRequest, *, owners: bool, settings: ConnectSettings | None) -> ConnectFacts:
     st = settings or connect_settings()
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)
@@ -229,10 +255,10 @@ def gather(
                 f"{scan.inaccessible} process(es) could not be inspected (not root?): "
                 "owners of their sockets may be missing"
             )
-    holders = tuple(
+    drafts = [
         _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
-    )
-    holders = _with_kernel_origin(req, holders, warnings)
+    ]
+    holders = _with_kernel_origin(req, drafts, warnings)
     from rebind.kernel.sysctl import kernel_settings
 
     return ConnectFacts(
@@ -246,7 +272,66 @@ def gather(
     )
 
 
-def origin_ports(req: ConnectRequest, holders: Sequence[PortHolder]) -> set[int]:
+class HolderFacts(Protocol):
+    """What the origin read looks at in a holder: a :class:`PortHolder`, or a :class:`Draft`."""
+
+    @property
+    def entry(self) -> SocketEntry: ...
+    @property
+    def socket(self) -> SocketRecord: ...
+    @property
+    def explicit(self) -> bool | None: ...
+    @property
+    def timestamps(self) -> bool | None: ...
+    @property
+    def reuseaddr(self) -> bool | None: ...
+    @property
+    def reuseport(self) -> bool | None: ...
+    @property
+    def bind_port_locked(self) -> bool | None: ...
+    @property
+    def connect_bind(self) -> bool | None: ...
+    @property
+    def bucket_connect_only(self) -> bool | None: ...
+
+
+class Draft(NamedTuple):
+    """A holder before the kernel's origin facts are in, with :class:`PortHolder`'s fields in its
+    order. :func:`gather` builds one per socket (100k on a loaded host) and :func:`merge_origins`
+    builds each PortHolder once, with everything known: a tuple is cheap to make, a frozen
+    dataclass is not (one object.__setattr__ per field)."""
+
+    entry: SocketEntry
+    explicit: bool | None = None
+    timestamps: bool | None = None
+    reuseaddr: bool | None = None
+    reuseport: bool | None = None
+    bind_port_locked: bool | None = None
+    connect_bind: bool | None = None
+    bucket_connect_only: bool | None = None
+
+    @property
+    def socket(self) -> SocketRecord:
+        return self.entry.socket
+
+
+def _built(h: HolderFacts) -> PortHolder:
+    """``h`` as a PortHolder: itself if it is one already."""
+    if isinstance(h, PortHolder):
+        return h
+    return PortHolder(
+        h.entry,
+        h.explicit,
+        h.timestamps,
+        h.reuseaddr,
+        h.reuseport,
+        h.bind_port_locked,
+        h.connect_bind,
+        h.bucket_connect_only,
+    )
+
+
+def origin_ports(req: ConnectRequest, holders: Sequence[HolderFacts]) -> set[int]:
     """The TCP ports whose origin the kernel is asked for: those of ambiguous client sockets, and
     ``req.local_port`` where its holders' kernel facts decide the answer (C17, C19)."""
     tcp = Proto.TCP
@@ -288,7 +373,7 @@ def _rep_rank(r: SocketRecord) -> int:
     return rank + (3 if r.ifindex else 0)
 
 
-def origin_plan(req: ConnectRequest, holders: Sequence[PortHolder], ports: Iterable[int]) -> OriginPlan:
+def origin_plan(req: ConnectRequest, holders: Sequence[HolderFacts], ports: Iterable[int]) -> OriginPlan:
     """How to read the facts the model decides by for ``ports``, without walking every socket.
 
     * The bind bucket is one per port (__inet_hash_connect tests it for the port, C6): one
@@ -356,9 +441,10 @@ class OriginFacts:
 
 
 def merge_origins(
-    holders: Sequence[PortHolder], ports: Iterable[int], got: OriginFacts
+    holders: Sequence[HolderFacts], ports: Iterable[int], got: OriginFacts
 ) -> tuple[PortHolder, ...]:
-    """The holders with the kernel's facts; a holder nothing changes is kept as it is (no copy)."""
+    """The holders with the kernel's facts, each PortHolder built once; a PortHolder nothing
+    changes is kept as it is (no copy)."""
     from rebind.model.sockstate import SockKind
 
     want = set(ports)
@@ -369,13 +455,13 @@ def merge_origins(
         r = h.entry.socket
         p = r.local.port
         if p not in want or r.proto is not tcp:
-            out.append(h)
+            out.append(_built(h))
             continue
         bco = connect_only.get(p)
         if p not in walked and i not in stamps:
             # the common case, a port whose bucket a lookup read: that alone changes
             out.append(
-                h
+                _built(h)
                 if bco == h.bucket_connect_only
                 else PortHolder(
                     h.entry,
@@ -405,7 +491,7 @@ def merge_origins(
             h.reuseaddr,
             h.reuseport,
         ):
-            out.append(h)
+            out.append(_built(h))
             continue
         out.append(
             PortHolder(
@@ -423,7 +509,7 @@ def merge_origins(
 
 
 def _unknown_origin(
-    holders: Sequence[PortHolder], ports: Iterable[int] | None, reason: str, warnings: list[str]
+    holders: Sequence[HolderFacts], ports: Iterable[int] | None, reason: str, warnings: list[str]
 ) -> None:
     want = None if ports is None else set(ports)
     n = sum(
@@ -440,14 +526,14 @@ def _unknown_origin(
 
 
 def _with_kernel_origin(
-    req: ConnectRequest, holders: tuple[PortHolder, ...], warnings: list[str]
+    req: ConnectRequest, holders: Sequence[HolderFacts], warnings: list[str]
 ) -> tuple[PortHolder, ...]:
     """Fill in, from the kernel, how the ports of ambiguous client sockets were taken (TCP):
     lookups by 4-tuple (:func:`origin_plan`), and the iterator's walk only for the few ports
     they cannot answer. Whatever stays unread stays unknown: the worst case, never optimistic."""
     ports = origin_ports(req, holders)
     if not ports:
-        return holders
+        return tuple(map(_built, holders))
     from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_port_buckets, lookup_socket_states
     from rebind.model.sockstate import SockKind, SockStates, Unavailable
@@ -455,7 +541,7 @@ def _with_kernel_origin(
     ready = prepare()
     if isinstance(ready, Unavailable):
         _unknown_origin(holders, None, ready.reason, warnings)
-        return holders
+        return tuple(map(_built, holders))
     plan = origin_plan(req, holders, ports)
     lay = load_sock_layout()
     walk = set(plan.walk)
@@ -502,16 +588,16 @@ def _with_kernel_origin(
     return out
 
 
-def _with_flags(req: ConnectRequest, entry: SocketEntry, explicit: bool | None) -> PortHolder:
+def _with_flags(req: ConnectRequest, entry: SocketEntry, explicit: bool | None) -> Draft:
     """SO_REUSEADDR / SO_REUSEPORT matter for a fixed local port (bind rules) and UDP sharing
     (C23); inet_diag hides them, so read them from a live owner (pidfd_getfd + getsockopt)."""
     r = entry.socket
     if r.local.port != req.local_port and r.proto is not Proto.UDP:
-        return PortHolder(entry, explicit=explicit)
+        return Draft(entry, explicit)
     from rebind.kernel.pidfd import socket_flags
 
     for o in entry.owners:
         flags = socket_flags(o.pid, o.fd, o.start_ticks)
         if flags is not None:
-            return PortHolder(entry, explicit=explicit, reuseaddr=flags[0], reuseport=flags[1])
-    return PortHolder(entry, explicit=explicit)
+            return Draft(entry, explicit, reuseaddr=flags[0], reuseport=flags[1])
+    return Draft(entry, explicit)
