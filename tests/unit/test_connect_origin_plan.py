@@ -4,9 +4,19 @@ the holders (merge_origins). The kernel side is tests/kernel/test_connect_origin
 
 from __future__ import annotations
 
+import gc
 from ipaddress import IPv4Address, IPv6Address
 
-from rebind.kernel.connect_facts import OriginFacts, lookup_tuple, merge_origins, origin_plan, origin_ports
+from rebind.kernel import connect_facts
+from rebind.kernel.connect_facts import (
+    Draft,
+    OriginFacts,
+    lookup_tuple,
+    merge_origins,
+    origin_plan,
+    origin_ports,
+)
+from rebind.model.connect import PortHolder
 from rebind.model.records import State
 from rebind.model.sockstate import SockKind, SockState
 from tests.unit.test_connect_model import hold, rec, req
@@ -102,3 +112,35 @@ def test_merge_of_a_walked_port_takes_each_socket_s_own_facts() -> None:
     (h,) = merge_origins(hs, {40001}, got)
     assert (h.timestamps, h.reuseaddr, h.reuseport, h.bind_port_locked) == (True, True, False, None)
     assert h.bucket_connect_only is True
+
+
+def test_drafts_become_the_same_holders_as_port_holders_would() -> None:
+    """gather hands merge_origins Drafts (each PortHolder built once): same answers, and every
+    holder out is a PortHolder, learnt about or not."""
+    hs = (
+        hold(rec(40000, remote=OTHER), explicit=None),
+        hold(rec(40002, remote=OTHER), explicit=True, reuseaddr=True),
+        hold(rec(40003, state=State.TIME_WAIT, left_ms=1000), explicit=None),
+    )
+    drafts = [Draft(*(getattr(h, f) for f in PortHolder.__slots__)) for h in hs]
+    got = OriginFacts({40000: True}, stamps={2: False})
+    r = req()
+    assert origin_ports(r, drafts) == origin_ports(r, hs)
+    assert origin_plan(r, drafts, {40000, 40003}) == origin_plan(r, hs, {40000, 40003})
+    out = merge_origins(drafts, {40000, 40003}, got)
+    assert all(type(h) is PortHolder for h in out)
+    assert out == merge_origins(hs, {40000, 40003}, got)
+
+
+def test_gather_pauses_the_cyclic_gc_and_restores_its_state() -> None:
+    assert gc.isenabled()
+    with connect_facts._cyclic_gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with connect_facts._cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own choice stays
+    finally:
+        gc.enable()
