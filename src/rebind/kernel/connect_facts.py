@@ -216,7 +216,9 @@ def _cyclic_gc_paused() -> Iterator[None]:
     sockets on a loaded host) and frees almost none, so each generation-0 collection triggers
     the next and the full collections walk the whole growing table: ~20% of the time spent
     (measured, docs/benchmarks.md). Reference counting still frees what is dropped; any cycle
-    made meanwhile waits for the next collection after the pause.
+    made meanwhile waits for the next collection after the pause. The switch is process-wide:
+    other threads run without the cyclic GC for that second too; concurrent gathers leave it
+    on when the first one that found it on ends.
     """
     was = gc.isenabled()
     gc.disable()
