@@ -1,5 +1,5 @@
 """`why --connect`'s kernel origin read, without a kernel: which ports and sockets it asks about
-(kernel/connect_facts.py: origin_ports, origin_plan, lookup_tuple) and how the answers land on
+(kernel/connect_origin.py: origin_ports, origin_plan, lookup_tuple) and how the answers land on
 the holders (merge_origins). The kernel side is tests/kernel/test_connect_origin_kernel.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import gc
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.kernel import connect_facts
-from rebind.kernel.connect_facts import (
+from rebind.kernel.connect_origin import (
     Draft,
     OriginFacts,
     lookup_tuple,
