@@ -17,14 +17,14 @@
 
 How a socket got its port (bind() or connect()) is not in inet_diag (connect-rules §8): LISTEN,
 bound-inactive sockets and the children of a listener are explicit; other client sockets in
-the range are ambiguous and marked so (``explicit=None``). For the ports of those, BPF reads the
-kernel's own answer where it can run: the port's bind bucket (connect-only or not, the test
-__inet_hash_connect makes) through one socket of each port found by its 4-tuple
-(kernel/bpf/socklookup.py), a time-wait entry's TCP timestamps the same way for the entries to the
-destination, and only for the few ports a lookup cannot answer (the fixed local port; a socket gone
-since the dump) the socket iterator's walk (kernel/bpf/sockiter.py: SOCK_BINDPORT_LOCK, sk_reuse
-too). Where BPF cannot run (no privilege, no BTF, REBIND_NO_BPF), the model takes the worst case and
-a warning says why.
+the range are ambiguous and marked so (``explicit=None``). For the ports of those,
+kernel/connect_origin.py reads the kernel's own answer where BPF can run: the port's bind
+bucket (connect-only or not, the test __inet_hash_connect makes) through one socket of each
+port found by its 4-tuple (kernel/bpf/socklookup.py), a time-wait entry's TCP timestamps the
+same way for the entries to the destination, and only for the few ports a lookup cannot answer
+(the fixed local port; a socket gone since the dump) the socket iterator's walk
+(kernel/bpf/sockiter.py: SOCK_BINDPORT_LOCK, sk_reuse too). Where BPF cannot run (no privilege,
+no BTF, REBIND_NO_BPF), the model takes the worst case and a warning says why.
 """
 
 from __future__ import annotations
