@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 from ipaddress import IPv4Address, IPv6Address
 
-from rebind.kernel import connect_facts
+from rebind.gcpause import gc_paused
 from rebind.kernel.connect_origin import (
     Draft,
     OriginFacts,
@@ -134,12 +134,12 @@ def test_drafts_become_the_same_holders_as_port_holders_would() -> None:
 
 def test_gather_pauses_the_cyclic_gc_and_restores_its_state() -> None:
     assert gc.isenabled()
-    with connect_facts._cyclic_gc_paused():
+    with gc_paused():
         assert not gc.isenabled()
     assert gc.isenabled()
     gc.disable()
     try:
-        with connect_facts._cyclic_gc_paused():
+        with gc_paused():
             pass
         assert not gc.isenabled()  # a caller's own choice stays
     finally:

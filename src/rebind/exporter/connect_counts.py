@@ -43,7 +43,7 @@ def origin_candidates(
 def bucket_connect_only(bucket: BindBucket) -> bool:
     """A bucket __inet_hash_connect made (and may share): fastreuse and fastreuseport both -1.
     Any other was made by bind(), and connect() skips the port for every destination."""
-    return bucket.fastreuse < 0 and bucket.fastreuseport < 0
+    return bucket.connect_made
 
 
 def port_origins(candidates: Iterable[int], connect_only: Mapping[int, bool]) -> PortOrigins:

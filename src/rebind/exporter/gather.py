@@ -37,7 +37,7 @@ from dataclasses import replace
 
 from rebind.errors import EnvironmentProblem, KernelError
 from rebind.exporter import bytecode as bc
-from rebind.exporter.connect_counts import bucket_connect_only, origin_candidates, port_origins
+from rebind.exporter.connect_counts import origin_candidates, port_origins
 from rebind.exporter.facts import (
     WILDCARD4,
     Dest,
@@ -110,7 +110,7 @@ FlagReader = Callable[[SocketRecord], SockOpts | None]
 
 
 def read_connect_only(reps: Mapping[int, PortTuple]) -> dict[int, bool]:
-    """Whether each port's bind bucket is connect()-made (connect_counts.bucket_connect_only),
+    """Whether each port's bind bucket is connect()-made (model/sockstate.connect_made),
     read from the kernel through one client socket of the port (``reps``): one
     bpf_skc_lookup_tcp per port (kernel/bpf/socklookup.py: lookup_port_buckets), then, for a port
     whose socket went away since the dump, the socket iterator's walk of those ports (any socket
@@ -118,7 +118,7 @@ def read_connect_only(reps: Mapping[int, PortTuple]) -> dict[int, bool]:
     here (unprivileged, no BTF, REBIND_NO_BPF), or the port emptied meanwhile."""
     from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_port_buckets
-    from rebind.model.sockstate import Unavailable
+    from rebind.model.sockstate import Unavailable, connect_made
 
     if not reps or isinstance(prepare(), Unavailable):
         return {}
@@ -128,14 +128,14 @@ def read_connect_only(reps: Mapping[int, PortTuple]) -> dict[int, bool]:
     if not isinstance(found, Unavailable):
         for p, got in zip(ports, found, strict=True):
             if got is not None:
-                out[p] = got[0] < 0 and got[1] < 0  # as bucket_connect_only
+                out[p] = connect_made(*got)
     left = sorted(reps.keys() - out.keys())
     if left:
         walked = read_socket_states(left, [Proto.TCP])
         if isinstance(walked, SockStates):
             for st in walked.sockets:
                 if st.bucket is not None:
-                    out[st.local.port] = bucket_connect_only(st.bucket)
+                    out[st.local.port] = st.bucket.connect_made
     return out
 
 

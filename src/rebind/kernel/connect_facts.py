@@ -30,16 +30,15 @@ no BTF, REBIND_NO_BPF), the model takes the worst case and a warning says why.
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import socket
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 from rebind.errors import EnvironmentProblem
+from rebind.gcpause import gc_paused
 from rebind.kernel import diag_codec as codec
 from rebind.kernel.connect_origin import Draft, with_kernel_origin
 from rebind.model.conflict import KernelSettings
@@ -208,32 +207,11 @@ def classify(records: Iterable[SocketRecord], rng: tuple[int, int]) -> list[tupl
     return out
 
 
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector (and restore its state after).
-
-    :func:`gather` allocates a few objects per socket (record, entry, owners, holder: 100k
-    sockets on a loaded host) and frees almost none, so each generation-0 collection triggers
-    the next and the full collections walk the whole growing table: ~20% of the time spent
-    (measured, docs/benchmarks.md). Reference counting still frees what is dropped; any cycle
-    made meanwhile waits for the next collection after the pause. The switch is process-wide:
-    other threads run without the cyclic GC for that second too; concurrent gathers leave it
-    on when the first one that found it on ends.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def gather(
     req: ConnectRequest, *, owners: bool = True, settings: ConnectSettings | None = None
 ) -> ConnectFacts:
     """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``."""
-    with _cyclic_gc_paused():
+    with gc_paused():
         return _gather(req, owners=owners, settings=settings)
 
 

@@ -70,16 +70,8 @@ def _built(h: HolderFacts) -> PortHolder:
     """``h`` as a PortHolder: itself if it is one already."""
     if isinstance(h, PortHolder):
         return h
-    return PortHolder(
-        h.entry,
-        h.explicit,
-        h.timestamps,
-        h.reuseaddr,
-        h.reuseport,
-        h.bind_port_locked,
-        h.connect_bind,
-        h.bucket_connect_only,
-    )
+    assert isinstance(h, Draft)
+    return PortHolder(*h)  # a Draft holds PortHolder's fields in its order
 
 
 def origin_ports(req: ConnectRequest, holders: Sequence[HolderFacts]) -> set[int]:
@@ -106,7 +98,7 @@ def origin_ports(req: ConnectRequest, holders: Sequence[HolderFacts]) -> set[int
 
 @dataclass(frozen=True, slots=True)
 class OriginPlan:
-    """What :func:`_with_kernel_origin` reads, and how (see :func:`origin_plan`)."""
+    """What :func:`with_kernel_origin` reads, and how (see :func:`origin_plan`)."""
 
     #: One socket per port, whose 4-tuple leads bpf_skc_lookup_tcp to the port's bind bucket.
     reps: dict[int, SocketRecord]
@@ -287,7 +279,7 @@ def with_kernel_origin(
         return tuple(map(_built, holders))
     from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_port_buckets, lookup_socket_states
-    from rebind.model.sockstate import SockKind, SockStates, Unavailable
+    from rebind.model.sockstate import SockKind, SockStates, Unavailable, connect_made
 
     ready = prepare()
     if isinstance(ready, Unavailable):
@@ -307,7 +299,7 @@ def with_kernel_origin(
             if b is None:
                 walk.add(p)  # the socket went away (or its copy faulted): any other of the port
             else:
-                connect_only[p] = b[0] < 0 and b[1] < 0
+                connect_only[p] = connect_made(*b)
     stamps: dict[int, bool] = {}
     todo = [i for i in plan.stamps if holders[i].socket.local.port not in walk]
     if todo:
@@ -330,7 +322,7 @@ def with_kernel_origin(
             for one in got.sockets:
                 # The bucket is one per port: any socket's copy of it answers for all of them.
                 if one.bucket is not None and one.local.port in walk:
-                    connect_only[one.local.port] = one.bucket.fastreuse < 0 and one.bucket.fastreuseport < 0
+                    connect_only[one.local.port] = one.bucket.connect_made
         else:
             _unknown_origin(holders, walk, got.reason, warnings)
     out = merge_origins(holders, ports, OriginFacts(connect_only, walked, by_cookie, stamps))

@@ -15,12 +15,11 @@ observer-free answer (``trials=False``) has neither.
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import replace
 
+from rebind.gcpause import gc_paused
 from rebind.kernel.sockstates import iterator_plan, read_kernel
 from rebind.kernel.trial import trial_bind
 from rebind.model.advice import Facts, HolderFacts, Provenance
@@ -55,7 +54,7 @@ def gather(
 
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
     table = table or socket_table(SocketQuery.create(ports=[req.port], protos=[req.proto]), owners=owners)
-    with _gc_paused():
+    with gc_paused():
         kernel, read = _kernel_states(table, req)
         holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     if port is None:
@@ -78,22 +77,6 @@ def gather(
         owners_complete=owners and euid == 0 and table.scan.inaccessible == 0,
         kernel=kernel,
     )
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while the port's sockets are read and paired: per socket a
-    SockState, its HolderFacts and its flags, none in a cycle, ten thousand on a TIME_WAIT port,
-    each allocation burst otherwise paying collections that walk the whole socket table (one
-    full collection cost `why 9000` more than the kernel read, bench/whyperf.py). Restored as it
-    was: the API is called from long-running processes (top, exporter)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _kernel_states(

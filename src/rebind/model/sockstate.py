@@ -61,6 +61,17 @@ class BindBucket:
     bind2_fastreuse: int | None = None
     bind2_fastreuseport: int | None = None
 
+    @property
+    def connect_made(self) -> bool:
+        return connect_made(self.fastreuse, self.fastreuseport)
+
+
+def connect_made(fastreuse: int, fastreuseport: int) -> bool:
+    """Did __inet_hash_connect make the bucket (fastreuse and fastreuseport both -1)? Only such a
+    port may be shared by another connect(); any other bucket was made by bind(), and connect()
+    skips its port for every destination (connect-rules.md C6)."""
+    return fastreuse < 0 and fastreuseport < 0
+
 
 @dataclass(frozen=True, slots=True)
 class ChainPos:
