@@ -18,11 +18,15 @@ with its outcome, STOPPING=1) and :class:`ReloadDone` for metrics.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeAlias, TypeVar
 
 from rebind.errors import ExitCode
+from rebind.supervisor import table
+from rebind.supervisor.hints import ADDR_IN_USE_SEEN as ADDR_IN_USE_SEEN
+from rebind.supervisor.hints import BINDS_ITSELF_HINT as BINDS_ITSELF_HINT
+from rebind.supervisor.hints import STABLE_AFTER as STABLE_AFTER
+from rebind.supervisor.hints import timer_events as timer_events
+from rebind.supervisor.table import Rows
 from rebind.supervisor.vocab import EVENTS as EVENTS
 from rebind.supervisor.vocab import NUMBERED as NUMBERED
 from rebind.supervisor.vocab import Action as Action
@@ -57,39 +61,10 @@ from rebind.supervisor.vocab import SpawnFailed as SpawnFailed
 from rebind.supervisor.vocab import State as State
 from rebind.supervisor.vocab import Stop as Stop
 
-STABLE_AFTER = 10.0  # a generation that served this long resets the crash backoff
-BINDS_ITSELF_HINT = (
-    "if it failed with 'Address already in use' (Errno 98), it binds the port itself instead of "
-    "using the socket rebind holds for it: make it take fd 3 (LISTEN_FDS, e.g. rebind.listen(), "
-    "uvicorn --fd 3)"
-)
-
-ADDR_IN_USE_SEEN = (
-    "its stderr says 'Address already in use': the server ignores LISTEN_FDS and binds the port "
-    "itself, which rebind already holds; run it with its recipe (docs/supervisor.md: uvicorn --fd 3, "
-    "gunicorn reads LISTEN_FDS, nginx with NGINX='3;' and --stop-signal QUIT, granian via a wrapper)"
-)
-
-
-def timer_events(state: State, now: float) -> list[Event]:
-    """The timer events that are due at NOW (the caller feeds them to :func:`step`)."""
-    out: list[Event] = []
-    for g in state.gens:
-        if g.deadline is None or now < g.deadline:
-            continue
-        if g.role is Role.STARTING:
-            out.append(ReadyTimeout(g.number, now))
-        elif g.role in (Role.STOPPING, Role.LINGERING, Role.DRAINING):
-            out.append(GraceOver(g.number, now))
-    if state.restart_at is not None and now >= state.restart_at:
-        out.append(RestartDue(now))
-    return out
-
-
 # -- building blocks ----------------------------------------------------------------------------------
 
-Result: TypeAlias = tuple[State, list[Action]]
-Handler: TypeAlias = Callable[[Config, State, Event], Result]
+Result = table.Result
+Handler = table.Handler
 
 
 def _name(n: int) -> str:
@@ -435,42 +410,8 @@ def _forward(cfg: Config, state: State, ev: Forward) -> Result:
 # -- the table ------------------------------------------------------------------------------------------
 
 TRANSITIONS: dict[tuple[type, Role, Phase], Handler] = {}
-E = TypeVar("E")
-
-
-def _add(event: type, roles: tuple[Role, ...], phases: tuple[Phase, ...], handler: Handler) -> None:
-    for role in roles:
-        for phase in phases:
-            key = (event, role, phase)
-            assert key not in TRANSITIONS, key
-            TRANSITIONS[key] = handler
-
-
-def _gen_rows(
-    event: type[E],
-    roles: tuple[Role, ...],
-    phases: tuple[Phase, ...],
-    handler: Callable[[Config, State, E, Gen], Result],
-) -> None:
-    """Rows for an event about one generation: the handler gets that generation."""
-
-    def run(cfg: Config, state: State, ev: Event) -> Result:
-        gen = state.gen(getattr(ev, "number", None))
-        assert isinstance(ev, event) and gen is not None, (ev, gen)
-        return handler(cfg, state, ev, gen)
-
-    _add(event, roles, phases, run)
-
-
-def _rows(event: type[E], phases: tuple[Phase, ...], handler: Callable[[Config, State, E], Result]) -> None:
-    """Rows for an event about the supervisor as a whole (role NONE)."""
-
-    def run(cfg: Config, state: State, ev: Event) -> Result:
-        assert isinstance(ev, event), ev
-        return handler(cfg, state, ev)
-
-    _add(event, (Role.NONE,), phases, run)
-
+_T = Rows(TRANSITIONS)
+_add, _gen_rows, _rows = _T.add, _T.gen_rows, _T.whole
 
 R, P = Role, Phase
 _RS = (P.RUNNING, P.STOPPING)
