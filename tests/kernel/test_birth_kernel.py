@@ -282,7 +282,7 @@ def test_listen_without_bind_is_certified_and_a_bind_certificate_is_kept(
 def test_docs_bpftool_commands_show_what_stays_loaded_and_rm_removes_it(
     installed: str, netns: int, rebind_cli: Run
 ) -> None:
-    """docs/trace.md, "What stays loaded": `bpftool cgroup show ROOT` lists the three programs,
+    """docs/trace.md, "What stays loaded": `bpftool cgroup show ROOT` lists the eight programs,
     `bpftool map show pinned DIR/birth_map` the map (`map dump` cannot list an SK_STORAGE map,
     as the doc says), and `rm DIR/birth_*` removes everything, as `--uninstall` does. Run as the doc prints them, with
     this test's private pin directory in place of /sys/fs/bpf/rebind."""
@@ -293,7 +293,7 @@ def test_docs_bpftool_commands_show_what_stays_loaded_and_rm_removes_it(
     root = birth.cgroup2_root()
     shown = subprocess.run([bpftool, "cgroup", "show", root], capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0, shown.stderr
-    for name in ("rebind_birth4", "rebind_birth6", "rebind_birthl"):
+    for name in (h.name.decode() for h in birth.HOOKS):  # the eight programs
         assert name in shown.stdout, shown.stdout
     pinned = os.path.join(installed, "birth_map")
     shown_map = subprocess.run(

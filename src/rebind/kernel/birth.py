@@ -1,19 +1,23 @@
 """Birth certificates' kernel side: install, remove and read the post-bind program's map.
 
-``rebind trace --install`` loads :mod:`rebind.kernel.bpf.birth_prog`'s program for three hooks
-(IPv4 and IPv6 post-bind, the sock_ops listen callback), attaches them to the root of the
-cgroup v2 hierarchy with ``BPF_LINK_CREATE`` (Linux 5.7) and pins the three links and the
-``BPF_MAP_TYPE_SK_STORAGE`` map
-under :func:`pin_dir` (``/sys/fs/bpf/rebind``). The pins are what keeps them: the processes
-that made them exit, the links stay attached and the map stays. ``rebind trace --uninstall``
-(or ``rm /sys/fs/bpf/rebind/birth_*``) unpins them; with the last reference gone the kernel
-detaches the links, frees the programs and the map, and with it every socket's certificate.
+``rebind trace --install`` loads :mod:`rebind.kernel.bpf.birth_prog`'s program for each of
+:data:`HOOKS` (IPv4 and IPv6 post-bind; the sock_ops listen and passive-established callbacks;
+IPv4 and IPv6 connect; socket creation; IPv4 and IPv6 UDP sendmsg), attaches them to the root
+of the cgroup v2 hierarchy with ``BPF_LINK_CREATE`` (Linux 5.7) and pins the links and the
+``BPF_MAP_TYPE_SK_STORAGE`` map (``BPF_F_CLONE``: accepted connections inherit their
+listener's certificate) under :func:`pin_dir` (``/sys/fs/bpf/rebind``). An earlier install
+(fewer pins, a map without ``BPF_F_CLONE``) is replaced, its certificates lost. The pins are
+what keeps them: the processes that made them exit, the links stay attached and the map
+stays. ``rebind trace --uninstall`` (or ``rm /sys/fs/bpf/rebind/birth_*``) unpins them; with
+the last reference gone the kernel detaches the links, frees the programs and the map, and
+with it every socket's certificate.
 
 Readers (:mod:`rebind.kernel.diag`, through :mod:`rebind.kernel.birth_pins`) open the pinned
 map with ``BPF_OBJ_GET`` and pass its fd in
 each inet_diag dump (``INET_DIAG_REQ_SK_BPF_STORAGES``, Linux 5.2; the kernel requires
 CAP_BPF or CAP_SYS_ADMIN, ``bpf_sk_storage_diag_alloc``); when the map is not there, or cannot
-be opened, dumps are as before and no certificate is shown.
+be opened, dumps are as before and no certificate is shown. inet_diag never returns UDP
+sockets' storage: :mod:`rebind.kernel.birth_udp` reads those with the UDP socket iterator.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 @dataclass(frozen=True, slots=True)
 class Installed:
     pin_dir: str
-    cgroup: str  # the cgroup v2 directory both programs are attached to
+    cgroup: str  # the cgroup v2 directory the programs are attached to
     already: bool  # every pin was there already: nothing was loaded
     replaced: tuple[str, ...] = ()  # an older install's pins, removed first (its records are lost)
 

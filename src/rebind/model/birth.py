@@ -1,11 +1,13 @@
-"""Birth certificates: who bound a socket, and when, as the kernel recorded it (pure).
+"""Birth certificates: who gave a socket its port, and when, as the kernel recorded it (pure).
 
-``rebind trace --install`` leaves a small BPF program on the root cgroup's post-bind hooks
-(:mod:`rebind.kernel.birth`) that writes one :data:`VALUE` into the socket's ``sk_storage`` at
-bind() time; inet_diag hands it back with each socket (``INET_DIAG_SK_BPF_STORAGES``). It
-names the process that called bind(), which is not always the one holding the socket now (an fd
-passed over SCM_RIGHTS, a forked child, a supervisor's socket activation), and survives the
-binder's exit.
+``rebind trace --install`` leaves small BPF programs on the root cgroup's hooks
+(:mod:`rebind.kernel.birth`) that write one :data:`VALUE` into the socket's ``sk_storage`` when
+bind(), listen(), connect() or a UDP send gives it its port (:class:`Flag`), and mark the copy a
+connection accept() returns inherits from its listener; inet_diag hands it back with each TCP
+socket (``INET_DIAG_SK_BPF_STORAGES``), the UDP iterator with each UDP one
+(kernel/birth_udp.py). It names the process that made the call, which is not always the one
+holding the socket now (an fd passed over SCM_RIGHTS, a forked child, a supervisor's socket
+activation), and survives the binder's exit.
 """
 
 from __future__ import annotations

@@ -13,11 +13,19 @@ Attach point, decided by measurement on 6.18.44 (docs/trace.md, "Birth certifica
   binder's context, with the socket as ctx, so ``bpf_sk_storage_get(map, ctx, NULL,
   F_CREATE)`` (cgroup sock programs: Linux 5.11, ``bpf_sk_storage_get_cg_sock_proto``) and
   ``bpf_get_current_{pid_tgid,comm,uid_gid,cgroup_id}`` (``cgroup_current_func_proto``) all
-  work. It runs for explicit bind() only; with the listen hook below, a port taken by
-  connect() or a UDP sendmsg() is the only kind without a certificate. Programs attached to a cgroup are not
-  namespaced: every bind on the host, in every network namespace, gets one.
+  work. It runs for explicit bind() only (not for an autobind).
+* ``BPF_PROG_TYPE_CGROUP_SOCK_ADDR`` on ``BPF_CGROUP_INET4_CONNECT`` / ``INET6_CONNECT``
+  (before connect() chooses a port) and ``BPF_CGROUP_UDP4_SENDMSG`` / ``UDP6_SENDMSG`` (after a
+  send's autobind), with a ``BPF_CGROUP_INET_SOCK_CREATE`` marker: ports connect() and UDP
+  sends choose (:func:`build_program` says how each tells a port it should certify).
+* The map is ``BPF_F_CLONE``: a connection the kernel makes for a listener starts with a copy of
+  the listener's certificate, which the sock_ops program marks ACCEPTED.
+* :func:`build_udp_reader`: the ``bpf_iter__udp`` program that reads UDP sockets' certificates
+  back (inet_diag does not return them for UDP).
 
-The program returns 1 (allow) always: post-bind programs may refuse a bind, this one never does.
+Programs attached to a cgroup are not namespaced: every such call on the host, in every network
+namespace, gets one. The programs return 1 (allow) always: post-bind, connect and sendmsg
+programs may refuse the call, these never do.
 """
 
 from __future__ import annotations
