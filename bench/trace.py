@@ -18,9 +18,11 @@
    it smaller sizes where the fd limit does not allow its defaults).
 3. Missed events: --misses failing binds in a tight loop, `rebind trace --count N` must print
    a line for each (and its summary says how many the ring dropped).
-4. Birth certificates: a loop of bind(127.0.0.1:0)s, and the connect loop of 1. (the sock_ops
-   program runs at every TCP callback), with and without `rebind trace --install` (pinned in
-   a private BPF filesystem, removed after each round).
+4. Birth certificates: a loop of bind(127.0.0.1:0)s, the connect loop of 1. (the sock_ops
+   program runs at every TCP callback, the connect hook at each connect()), a loop of UDP
+   socket + sendto + close (the create hook, an autobind, the send hook) and one of sendto()s
+   on a bound socket (the send hook alone), with and without `rebind trace --install` (pinned
+   in a private BPF filesystem, removed after each round).
 
 Not a test: it asserts no time.
 """
@@ -170,6 +172,25 @@ def bind_loop(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def udp_new_loop(n: int) -> float:
+    """UDP socket + sendto (autobind) + close per second: the create, connect-less send hooks."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"x", ("127.0.0.1", 9))
+    return n / (time.perf_counter() - t0)
+
+
+def udp_send_loop(n: int) -> float:
+    """sendto()s per second on one bound, unconnected UDP socket (the send hook's lookup)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            s.sendto(b"x", ("127.0.0.1", 9))
+        return n / (time.perf_counter() - t0)
+
+
 def births(n: int, rounds: int) -> None:
     """What birth certificates cost a bind(): the loop with and without `rebind trace --install`
     (pinned in a private BPF filesystem, removed after each round)."""
@@ -183,7 +204,12 @@ def births(n: int, rounds: int) -> None:
     if libc.mount(b"bpf", fs.encode(), b"bpf", 0, b"mode=0700") != 0:
         raise SystemExit(f"cannot mount bpffs: {os.strerror(ctypes.get_errno())}")
     pins = os.path.join(fs, "rebind")
-    loops = {"bind": lambda: bind_loop(n), "connect": lambda: connect_loop(n, 20100)}
+    loops = {
+        "bind": lambda: bind_loop(n),
+        "connect": lambda: connect_loop(n, 20100),
+        "udp socket+sendto": lambda: udp_new_loop(n),
+        "udp sendto": lambda: udp_send_loop(n),
+    }
     off: dict[str, list[float]] = {k: [] for k in loops}
     on: dict[str, list[float]] = {k: [] for k in loops}
     try:

@@ -93,7 +93,7 @@ def test_ls_names_the_binder_after_the_socket_moved_and_the_binder_exited(
     after = time.time()
     res = rebind_cli("ls", "8181", "--no-owners")
     assert res.returncode == 0, res.stderr
-    assert "bound by" in res.stdout.splitlines()[0]
+    assert res.stdout.splitlines()[0].split()[-1] == "birth"
     assert f"binder-a[{binder}] at " in res.stdout
     res = rebind_cli("ls", "8181")  # the owner scan finds the holder; the certificate the binder
     assert f"holder-b[{holder}]" in res.stdout and f"binder-a[{binder}] at " in res.stdout
@@ -282,7 +282,7 @@ def test_listen_without_bind_is_certified_and_a_bind_certificate_is_kept(
 def test_docs_bpftool_commands_show_what_stays_loaded_and_rm_removes_it(
     installed: str, netns: int, rebind_cli: Run
 ) -> None:
-    """docs/trace.md, "What stays loaded": `bpftool cgroup show ROOT` lists the three programs,
+    """docs/trace.md, "What stays loaded": `bpftool cgroup show ROOT` lists the eight programs,
     `bpftool map show pinned DIR/birth_map` the map (`map dump` cannot list an SK_STORAGE map,
     as the doc says), and `rm DIR/birth_*` removes everything, as `--uninstall` does. Run as the doc prints them, with
     this test's private pin directory in place of /sys/fs/bpf/rebind."""
@@ -293,7 +293,7 @@ def test_docs_bpftool_commands_show_what_stays_loaded_and_rm_removes_it(
     root = birth.cgroup2_root()
     shown = subprocess.run([bpftool, "cgroup", "show", root], capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0, shown.stderr
-    for name in ("rebind_birth4", "rebind_birth6", "rebind_birthl"):
+    for name in (h.name.decode() for h in birth.HOOKS):  # the eight programs
         assert name in shown.stdout, shown.stdout
     pinned = os.path.join(installed, "birth_map")
     shown_map = subprocess.run(
@@ -313,3 +313,222 @@ def test_docs_bpftool_commands_show_what_stays_loaded_and_rm_removes_it(
     assert birth.installed(installed) == []
     after = subprocess.run([bpftool, "cgroup", "show", root], capture_output=True, text=True, timeout=30)
     assert "rebind_birth" not in after.stdout, after.stdout
+
+
+class _Comm:
+    """This thread's comm for the duration of a block (what bpf_get_current_comm records)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path = Path("/proc/thread-self/comm")
+
+    def __enter__(self) -> None:
+        self.old = self.path.read_text().strip()
+        self.path.write_text(self.name)
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.write_text(self.old)
+
+
+def _births(rebind_cli: Run, *args: str) -> dict[tuple[str, int, int], dict[str, object]]:
+    """(proto, local port, remote port) -> the birth JSON of `ls ARGS --json --no-owners`."""
+    res = rebind_cli("ls", *args, "--json", "--no-owners")
+    assert res.returncode == 0, res.stderr
+    return {
+        (s["proto"], s["local"]["port"], s["remote"]["port"]): s["birth"]
+        for s in json.loads(res.stdout)["sockets"]
+    }
+
+
+def test_connect_and_accept_are_certified(installed: str, netns: int, rebind_cli: Run) -> None:
+    """connect() on a socket without a port chooses one (inet_hash_connect): the connect hook
+    names the connecting task; a connection accept() returns carries its listener's certificate
+    (BPF_F_CLONE), marked accepted; a socket bind() gave a port keeps bind()'s."""
+    with _Comm("server-bind"):
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 8190))
+    srv.listen()
+    with _Comm("the-client"):
+        cli = socket.create_connection(("127.0.0.1", 8190))
+    with _Comm("bound-client"):
+        bound = socket.socket()
+        bound.bind(("127.0.0.1", 0))
+    with _Comm("later-connect"):
+        bound.connect(("127.0.0.1", 8190))
+    with _Comm("no-port-bind"):
+        noport = socket.socket()
+        noport.setsockopt(socket.IPPROTO_IP, 24, 1)  # IP_BIND_ADDRESS_NO_PORT: connect() picks it
+        noport.bind(("127.0.0.1", 0))
+    with _Comm("noport-conn"):
+        noport.connect(("127.0.0.1", 8190))
+    conns = [srv.accept()[0] for _ in range(3)]
+    try:
+        cport, bport, nport = (s.getsockname()[1] for s in (cli, bound, noport))
+        got = _births(rebind_cli, "8190", str(cport), str(bport), str(nport))
+        client = got["tcp", cport, 8190]
+        assert client is not None
+        assert (client["comm"], client["hook"], client["port"], client["accepted"]) == (
+            "the-client",
+            "connect",
+            cport,
+            False,
+        )
+        assert client["pid"] == os.getpid() and client["tid"] == threading_native_id()
+        assert got["tcp", bport, 8190]["comm"] == "bound-client"  # type: ignore[index]
+        assert got["tcp", bport, 8190]["hook"] == "bind4"  # type: ignore[index]
+        assert got["tcp", nport, 8190]["comm"] == "noport-conn"  # type: ignore[index]
+        assert got["tcp", nport, 8190]["hook"] == "connect"  # type: ignore[index]
+        listener = got["tcp", 8190, 0]
+        assert listener is not None and listener["comm"] == "server-bind" and not listener["accepted"]
+        for peer in (cport, bport, nport):
+            child = got["tcp", 8190, peer]
+            assert child is not None, peer
+            assert (child["comm"], child["hook"], child["accepted"]) == ("server-bind", "bind4", True)
+        table = rebind_cli("ls", "8190", "--no-owners").stdout
+        assert f"accepted on a socket bound by server-bind[{os.getpid()}] at " in table
+        assert f"bound by server-bind[{os.getpid()}] at " in table
+        table = rebind_cli("ls", str(cport), "--no-owners").stdout
+        assert f"connected by the-client[{os.getpid()}] at " in table
+    finally:
+        for s in (*conns, cli, bound, noport, srv):
+            s.close()
+
+
+def test_udp_sockets_are_certified_and_read(installed: str, netns: int, rebind_cli: Run) -> None:
+    """inet_diag does not return a UDP socket's storage: `ls` reads it with the UDP socket
+    iterator. bind(), connect()'s autobind and sendto()'s autobind are certified; a socket made
+    before the install and autobound by a send after it is not (its port could be bind()'s)."""
+    with _Comm("udp-binder"):
+        b4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b4.bind(("127.0.0.1", 8191))
+        b6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        b6.bind(("::1", 8192))
+    with _Comm("udp-connect"):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.connect(("127.0.0.1", 8191))
+    with _Comm("udp-sendto"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"x", ("127.0.0.1", 8191))
+        s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s6.sendto(b"x", ("::1", 8192))
+    with _Comm("later-send"):
+        s.sendto(b"y", ("127.0.0.1", 8191))  # the first send's certificate is kept
+        b4.sendto(b"z", ("127.0.0.1", 8191))  # a bound socket's too
+    try:
+        cport, sport, sport6 = c.getsockname()[1], s.getsockname()[1], s6.getsockname()[1]
+        got = _births(rebind_cli, "8191", "8192", str(cport), str(sport), str(sport6))
+        assert got["udp", 8191, 0]["comm"] == "udp-binder"  # type: ignore[index]
+        assert got["udp", 8191, 0]["hook"] == "bind4"  # type: ignore[index]
+        assert got["udp", 8192, 0]["hook"] == "bind6"  # type: ignore[index]
+        conn = got["udp", cport, 8191]
+        assert conn is not None and (conn["comm"], conn["hook"], conn["port"]) == (
+            "udp-connect",
+            "connect",
+            cport,
+        )
+        for port in (sport, sport6):
+            sent = got["udp", port, 0]
+            assert sent is not None and (sent["comm"], sent["hook"], sent["port"]) == (
+                "udp-sendto",
+                "sendmsg",
+                port,
+            )
+        assert got["udp", 8191, 0]["comm"] == "udp-binder"  # type: ignore[index]
+        assert f"autobound by udp-sendto[{os.getpid()}] at " in rebind_cli("ls", str(sport)).stdout
+        res = rebind_cli("why", "8191", "--udp")
+        assert f"bound by udp-binder[{os.getpid()}] at " in res.stdout, res.stdout
+        assert f"connected by udp-connect[{os.getpid()}] at " in rebind_cli("ls", str(cport)).stdout
+        # the reader is asked only while the map is pinned; without it nothing changes
+        assert _births(rebind_cli, "8191")["udp", 8191, 0] is not None
+        birth_uninstall(installed)
+        assert _births(rebind_cli, "8191")["udp", 8191, 0] is None
+    finally:
+        for x in (b4, b6, c, s, s6):
+            x.close()
+
+
+def birth_uninstall(directory: str) -> None:
+    from rebind.kernel import birth
+
+    birth.uninstall(directory)
+
+
+def test_udp_reader_failing_is_no_certificate(installed: str, netns: int, rebind_cli: Run) -> None:
+    """Whatever stops the UDP reader (here: no CAP_PERFMON/CAP_SYS_ADMIN for the iterator while
+    inet_diag still gets the map), `ls` works and shows UDP sockets without a certificate."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
+        u.bind(("127.0.0.1", 8193))
+        t.bind(("127.0.0.1", 8193))
+        t.listen()
+        capsh = ["capsh", "--drop=cap_perfmon,cap_sys_admin", "--"]
+        from tests.toolcheck import need_tool
+
+        need_tool("capsh")
+        env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+        res = subprocess.run(
+            [*capsh, "-c", f"{sys.executable} -m rebind ls 8193 --json --no-owners"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+        got = {s["proto"]: s["birth"] for s in json.loads(res.stdout)["sockets"]}
+        assert got["udp"] is None and got["tcp"] is not None  # TCP's comes through inet_diag
+
+
+def test_install_replaces_an_older_install_and_uninstall_removes_all(
+    pins: str, netns: int, rebind_cli: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An install of before accepted connections were certified pinned a map without
+    BPF_F_CLONE (a map's flags never change) and no connect programs: --install replaces it
+    all, says so, and --uninstall removes every pin, old names and new."""
+    from rebind.kernel import birth
+    from rebind.kernel.bpf import birth_prog
+
+    with monkeypatch.context() as m:  # the older install: its map flags, its three hooks
+        m.setattr(birth_prog, "MAP_FLAGS", birth_prog.BPF_F_NO_PREALLOC)
+        m.setattr(birth, "HOOKS", birth.HOOKS[:3])
+        birth.install(pins)
+    assert birth.installed(pins) == ["birth_bind4", "birth_bind6", "birth_listen", "birth_map"]
+    fd = birth.obj_get(os.path.join(pins, birth.MAP_PIN))
+    try:
+        assert not birth.map_flags(fd)[1] & birth_prog.BPF_F_CLONE
+    finally:
+        os.close(fd)
+    res = rebind_cli("trace", "--install")
+    assert res.returncode == 0, res.stderr
+    assert "replaced an older install" in res.stdout and "installed" in res.stdout
+    assert birth.installed(pins) == list(birth.PINS)
+    fd = birth.obj_get(os.path.join(pins, birth.MAP_PIN))
+    try:
+        assert birth.map_flags(fd)[1] & birth_prog.BPF_F_CLONE
+    finally:
+        os.close(fd)
+    # the same pins with a map of the right flags: a no-op
+    assert "already installed" in rebind_cli("trace", "--install").stdout
+    res = rebind_cli("trace", "--uninstall")
+    assert res.returncode == 0 and all(n in res.stdout for n in birth.PINS), res.stdout
+    assert not os.path.exists(pins)
+
+
+def test_a_socket_older_than_the_install_autobound_by_a_send_is_not_certified(
+    pins: str, netns: int, rebind_cli: Run
+) -> None:
+    """A UDP socket bound before --install and sending after it: nothing in the send hook's
+    view tells its port from an autobind's, so no certificate (rather than a wrong one); a
+    socket made before and autobound by a send after, the same."""
+    old_bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old_bound.bind(("127.0.0.1", 0))
+    old_unbound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        res = rebind_cli("trace", "--install")
+        assert res.returncode == 0, res.stderr
+        old_bound.sendto(b"x", ("127.0.0.1", 9))
+        old_unbound.sendto(b"x", ("127.0.0.1", 9))
+        ports = [str(s.getsockname()[1]) for s in (old_bound, old_unbound)]
+        got = _births(rebind_cli, *ports)
+        assert [got["udp", int(p), 0] for p in ports] == [None, None]
+    finally:
+        old_bound.close()
+        old_unbound.close()

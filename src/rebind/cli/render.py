@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any
 
-from rebind.model.birth import text as birth_text
+from rebind.model.birth import phrase as birth_phrase
 from rebind.model.records import (
     SocketTable,
 )
@@ -76,7 +76,7 @@ def _rows(
     marks = marks or {}
     head = ["proto", "state", "local", "remote", "left", "uid"] + (["owners"] if t.owners_scanned else [])
     if births:
-        head.append("bound by")
+        head.append("birth")
     if marks:
         head.append("note")
     if many_ns:
@@ -97,7 +97,7 @@ def _rows(
         if t.owners_scanned:
             row.append(owners_cell(e.owners) or ("-" if r.is_mini else ""))
         if births:
-            row.append(birth_text(r.birth, now) if r.birth is not None else "")
+            row.append(birth_phrase(r.birth, now) if r.birth is not None else "")
         if marks:
             listening = r.state.label == "LISTEN" and r.proto.value == "tcp"
             row.append(marks.get((r.port, str(r.local)), "") if listening else "")

@@ -69,8 +69,8 @@ Exit status: 0 after --count events, 2 usage error, 3 missing permission or kern
 @click.option(
     "--install",
     is_flag=True,
-    help="Install birth certificates: post-bind and listen BPF programs that stay loaded (pinned "
-    "under /sys/fs/bpf/rebind) so that ls/why/top show who bound each TCP socket, and when.",
+    help="Install birth certificates: post-bind, listen and connect BPF programs that stay loaded "
+    "(pinned under /sys/fs/bpf/rebind) so that ls/why/top show who bound each socket, and when.",
 )
 @click.option("--uninstall", is_flag=True, help="Remove what --install left loaded.")
 def trace(
@@ -137,9 +137,15 @@ def _install() -> int:
     if done.already:
         click.echo(f"birth certificates: already installed ({done.pin_dir})")
         return 0
+    if done.replaced:
+        click.echo(
+            f"birth certificates: replaced an older install ({', '.join(done.replaced)}); "
+            "the certificates it held are gone"
+        )
     click.echo(
-        f"birth certificates installed: programs rebind_birth4/rebind_birth6 (post-bind) and "
-        f"rebind_birthl (sock_ops, listen) on {done.cgroup}, map rebind_birth; pinned in "
+        f"birth certificates installed: programs rebind_birth4/rebind_birth6 (post-bind), "
+        f"rebind_birthl (sock_ops: listen, accepted connections) and rebind_birthc4/rebind_birthc6 "
+        f"(connect) on {done.cgroup}, map rebind_birth; pinned in "
         f"{done.pin_dir} (they stay loaded until `rebind trace --uninstall`, or a reboot)"
     )
     return 0

@@ -1,19 +1,23 @@
 """Birth certificates' kernel side: install, remove and read the post-bind program's map.
 
-``rebind trace --install`` loads :mod:`rebind.kernel.bpf.birth_prog`'s program for three hooks
-(IPv4 and IPv6 post-bind, the sock_ops listen callback), attaches them to the root of the
-cgroup v2 hierarchy with ``BPF_LINK_CREATE`` (Linux 5.7) and pins the three links and the
-``BPF_MAP_TYPE_SK_STORAGE`` map
-under :func:`pin_dir` (``/sys/fs/bpf/rebind``). The pins are what keeps them: the processes
-that made them exit, the links stay attached and the map stays. ``rebind trace --uninstall``
-(or ``rm /sys/fs/bpf/rebind/birth_*``) unpins them; with the last reference gone the kernel
-detaches the links, frees the programs and the map, and with it every socket's certificate.
+``rebind trace --install`` loads :mod:`rebind.kernel.bpf.birth_prog`'s program for each of
+:data:`HOOKS` (IPv4 and IPv6 post-bind; the sock_ops listen and passive-established callbacks;
+IPv4 and IPv6 connect; socket creation; IPv4 and IPv6 UDP sendmsg), attaches them to the root
+of the cgroup v2 hierarchy with ``BPF_LINK_CREATE`` (Linux 5.7) and pins the links and the
+``BPF_MAP_TYPE_SK_STORAGE`` map (``BPF_F_CLONE``: accepted connections inherit their
+listener's certificate) under :func:`pin_dir` (``/sys/fs/bpf/rebind``). An earlier install
+(fewer pins, a map without ``BPF_F_CLONE``) is replaced, its certificates lost. The pins are
+what keeps them: the processes that made them exit, the links stay attached and the map
+stays. ``rebind trace --uninstall`` (or ``rm /sys/fs/bpf/rebind/birth_*``) unpins them; with
+the last reference gone the kernel detaches the links, frees the programs and the map, and
+with it every socket's certificate.
 
 Readers (:mod:`rebind.kernel.diag`, through :mod:`rebind.kernel.birth_pins`) open the pinned
 map with ``BPF_OBJ_GET`` and pass its fd in
 each inet_diag dump (``INET_DIAG_REQ_SK_BPF_STORAGES``, Linux 5.2; the kernel requires
 CAP_BPF or CAP_SYS_ADMIN, ``bpf_sk_storage_diag_alloc``); when the map is not there, or cannot
-be opened, dumps are as before and no certificate is shown.
+be opened, dumps are as before and no certificate is shown. inet_diag never returns UDP
+sockets' storage: :mod:`rebind.kernel.birth_udp` reads those with the UDP socket iterator.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import struct
 from dataclasses import dataclass
 
 from rebind.kernel.birth_pins import MAP_PIN, open_map, pin_dir
@@ -69,6 +74,41 @@ HOOKS = (
     Hook(
         Flag.LISTEN, prog.BPF_PROG_TYPE_SOCK_OPS, prog.BPF_CGROUP_SOCK_OPS, b"rebind_birthl", "birth_listen"
     ),
+    Hook(
+        Flag.CONNECT,
+        prog.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog.BPF_CGROUP_INET4_CONNECT,
+        b"rebind_birthc4",
+        "birth_connect4",
+    ),
+    Hook(
+        Flag.CONNECT,
+        prog.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog.BPF_CGROUP_INET6_CONNECT,
+        b"rebind_birthc6",
+        "birth_connect6",
+    ),
+    Hook(
+        Flag.CREATED,
+        prog.BPF_PROG_TYPE_CGROUP_SOCK,
+        prog.BPF_CGROUP_INET_SOCK_CREATE,
+        b"rebind_birthnew",
+        "birth_create",
+    ),
+    Hook(
+        Flag.SEND,
+        prog.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog.BPF_CGROUP_UDP4_SENDMSG,
+        b"rebind_births4",
+        "birth_send4",
+    ),
+    Hook(
+        Flag.SEND,
+        prog.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog.BPF_CGROUP_UDP6_SENDMSG,
+        b"rebind_births6",
+        "birth_send6",
+    ),
 )
 PINS = (*(h.pin for h in HOOKS), MAP_PIN)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
@@ -77,8 +117,9 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 @dataclass(frozen=True, slots=True)
 class Installed:
     pin_dir: str
-    cgroup: str  # the cgroup v2 directory both programs are attached to
+    cgroup: str  # the cgroup v2 directory the programs are attached to
     already: bool  # every pin was there already: nothing was loaded
+    replaced: tuple[str, ...] = ()  # an older install's pins, removed first (its records are lost)
 
 
 def _caps() -> int:
@@ -176,7 +217,7 @@ def _create_map() -> int:
             4,
             VALUE.size,
             0,
-            prog.BPF_F_NO_PREALLOC,
+            prog.MAP_FLAGS,
             0,
             0,
             b"rebind_birth",
@@ -204,6 +245,36 @@ def _attach(prog_fd: int, cgroup_fd: int, hook: Hook) -> int:
     return bpf(BPF_LINK_CREATE, attr_buf("<IIII", prog_fd, cgroup_fd, hook.attach_type, 0))
 
 
+BPF_OBJ_GET_INFO_BY_FD = 15
+#: struct bpf_map_info's head: type, id, key_size, value_size, max_entries, map_flags.
+_MAP_INFO = struct.Struct("<6I")
+
+
+def map_flags(fd: int) -> tuple[int, int]:
+    """(value_size, map_flags) of a map fd (BPF_OBJ_GET_INFO_BY_FD)."""
+    info = ctypes.create_string_buffer(80)
+    # bpf_fd, info_len, info
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr_buf("<IIQ", fd, len(info), ctypes.addressof(info)))
+    _type, _id, _key, value_size, _max, flags = _MAP_INFO.unpack_from(info.raw)
+    return value_size, flags
+
+
+def _map_is_current(directory: str) -> bool:
+    """The pinned map is this version's: its value size, and BPF_F_CLONE (an install before
+    accepted connections were certified made it without, and a map's flags never change)."""
+    try:
+        fd = obj_get(os.path.join(directory, MAP_PIN))
+    except (OSError, BPFUnavailable):
+        return False
+    try:
+        size, flags = map_flags(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return size == VALUE.size and flags & prog.MAP_FLAGS == prog.MAP_FLAGS
+
+
 def installed(directory: str | None = None) -> list[str]:
     """The pins present (names), in PINS order."""
     d = directory or pin_dir()
@@ -215,8 +286,9 @@ def install(directory: str | None = None) -> Installed:
     d = directory or pin_dir()
     check_privilege()
     cgroup = cgroup2_root()
-    if installed(d) == list(PINS):
+    if installed(d) == list(PINS) and _map_is_current(d):
         return Installed(d, cgroup, already=True)
+    older = tuple(installed(d))
     _ensure_bpffs(d)
     try:
         os.mkdir(d, 0o700)
@@ -257,7 +329,7 @@ def install(directory: str | None = None) -> Installed:
     finally:
         for fd in fds:
             os.close(fd)
-    return Installed(d, cgroup, already=False)
+    return Installed(d, cgroup, already=False, replaced=older)
 
 
 def uninstall(directory: str | None = None, *, remove_dir: bool = True) -> list[str]:

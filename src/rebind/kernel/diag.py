@@ -55,6 +55,9 @@ class DiagSocket:
         self._boot_to_epoch = (
             time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) if self._storage is not None else None
         )
+        #: UDP certificates by socket cookie (kernel/birth_udp.py): read once, at the first UDP
+        #: socket a dump returns while the map is pinned; None until then.
+        self._udp_values: dict[int, bytes] | None = None
 
     def close(self) -> None:
         self._sock.close()
@@ -93,6 +96,7 @@ class DiagSocket:
             req = codec.dump_request(
                 family, proto, mask, bytecode=bytecode, seq=seq, storage_fd=self._storage
             )
+        udp_values = self._udp_storage() if proto is Proto.UDP else None
         self._sock.send(req)
         # Each recv() returns one skb of whole netlink messages (netlink_dump() never splits a
         # message), so decoding per datagram is safe; an error for the request arrives as
@@ -102,12 +106,30 @@ class DiagSocket:
         while True:
             n = self._sock.recv_into(self._buf)
             for msg in codec.iter_messages(
-                view[:n], proto, netns=self.netns, boot_to_epoch=self._boot_to_epoch
+                view[:n],
+                proto,
+                netns=self.netns,
+                boot_to_epoch=self._boot_to_epoch,
+                storage_by_cookie=udp_values,
             ):
                 if isinstance(msg, SocketRecord):
                     yield msg
                 elif isinstance(msg, codec.Done):
                     return
+
+    def _udp_storage(self) -> dict[int, bytes] | None:
+        """UDP sockets' certificates by cookie, which inet_diag does not return
+        (kernel/birth_udp.py): read at the first UDP dump while the map is pinned, and only in
+        the namespace this socket dumps (the iterator walks this thread's)."""
+        if self._storage is None:
+            return None
+        if self._udp_values is None:
+            self._udp_values = {}
+            if current_netns() == self.netns:
+                from rebind.kernel import birth_udp
+
+                self._udp_values = birth_udp.read(self._storage) or {}
+        return self._udp_values
 
     def destroy(self, rec: SocketRecord) -> None:
         """SOCK_DESTROY one socket (tcp_abort / udp_abort). Raises KernelError with the errno."""

@@ -14,7 +14,7 @@ import enum
 import errno as _errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -277,12 +277,19 @@ def _decode_addr(family: int, raw: bytes) -> IPv4Address | IPv6Address:
 
 
 def decode_socket(
-    proto: Proto, payload: memoryview, *, netns: int | None = None, boot_to_epoch: float | None = None
+    proto: Proto,
+    payload: memoryview,
+    *,
+    netns: int | None = None,
+    boot_to_epoch: float | None = None,
+    storage_by_cookie: Mapping[int, bytes] | None = None,
 ) -> SocketRecord:
     """Decode one inet_diag_msg with its attributes.
 
     ``boot_to_epoch`` (epoch seconds at CLOCK_BOOTTIME 0) is given when the request asked for
-    the birth-certificate map: its value is then decoded into ``birth``."""
+    the birth-certificate map: its value is then decoded into ``birth``. ``storage_by_cookie``:
+    the map's values read another way (UDP sockets, whose dump does not carry them:
+    kernel/birth_udp.py), for a socket whose reply has none."""
     if len(payload) < MSG_SIZE:
         raise CodecError(f"inet_diag_msg truncated: {len(payload)} < {MSG_SIZE} bytes")
     fam, state, timer, _retrans = MSG_HEAD.unpack_from(payload, 0)
@@ -312,7 +319,11 @@ def decode_socket(
         from rebind.model.birth import decode as birth_decode
 
         for value in storage_values(raw):
-            birth = birth_decode(value, boot_to_epoch) or birth
+            birth = birth_decode(value, boot_to_epoch, sid.sport) or birth
+    if birth is None and storage_by_cookie and boot_to_epoch is not None and sid.cookie in storage_by_cookie:
+        from rebind.model.birth import decode as birth_decode
+
+        birth = birth_decode(storage_by_cookie[sid.cookie], boot_to_epoch, sid.sport)
     return SocketRecord(
         proto=proto,
         family=Family(fam),
@@ -342,8 +353,10 @@ def iter_messages(
     *,
     netns: int | None = None,
     boot_to_epoch: float | None = None,
+    storage_by_cookie: Mapping[int, bytes] | None = None,
 ) -> Iterator[Message]:
-    """Decode every netlink message in one datagram as read from the socket."""
+    """Decode every netlink message in one datagram as read from the socket.
+    ``storage_by_cookie``: decode_socket's."""
     for kind, flags, seq, payload in iter_frames(data):
         # Dispatch on the message type before anything else.
         if kind == NLMSG_ERROR:
@@ -356,7 +369,9 @@ def iter_messages(
         elif kind == NLMSG_OVERRUN:
             raise KernelError("netlink overrun: the kernel dropped part of the dump", _errno.ENOBUFS)
         elif kind in (SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK):
-            yield decode_socket(proto, payload, netns=netns, boot_to_epoch=boot_to_epoch)
+            yield decode_socket(
+                proto, payload, netns=netns, boot_to_epoch=boot_to_epoch, storage_by_cookie=storage_by_cookie
+            )
         else:
             raise CodecError(f"unexpected netlink message type {kind}")
 

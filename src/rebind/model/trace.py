@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from rebind.errors import UsageError
 from rebind.model.advice import BlockerInfo, Diagnosis, WhyVerdict
-from rebind.model.birth import when as birth_when
+from rebind.model.birth import phrase as birth_phrase
 from rebind.model.connect import ConnectResult
 from rebind.model.diagnosis import NO_SOCKET_KINDS, HolderKind, describe_owner, fmt_seconds, kind_phrase
 from rebind.model.records import IPAddress, Proto
@@ -182,7 +182,7 @@ def _blocker_view(b: BlockerInfo) -> BlockerView:
     if b.entry.owners:
         text += f" ({describe_owner(b.entry.owners)})"
     elif r.birth is not None:  # no owner scan (--no-owners) or the owner is gone: the certificate
-        text += f" (bound by {r.birth.label} at {birth_when(r.birth, r.birth.at)})"
+        text += f" ({birth_phrase(r.birth, r.birth.at)})"
     if r.is_mini and r.expires_ms is not None:
         text += f", {fmt_seconds(r.expires_ms)} left"
     if b.group > 1:

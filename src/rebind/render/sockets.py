@@ -37,6 +37,7 @@ def birth_json(b: Birth | None) -> dict[str, Any] | None:
         "port": b.port,
         "at": round(b.at, 6),
         "hook": hook_name(b.flags),
+        "accepted": b.accepted,
     }
 
 

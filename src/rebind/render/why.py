@@ -91,7 +91,7 @@ def _disagreement_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
 
 
 def _blocker_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
-    from rebind.model.birth import text as birth_text
+    from rebind.model.birth import phrase as birth_phrase
     from rebind.model.diagnosis import NO_SOCKET_KINDS
 
     if not d.blockers:
@@ -114,7 +114,7 @@ def _blocker_lines(d: Diagnosis, esc: Callable[[str], str]) -> list[str]:
         flags = _flags(b.opts.reuseaddr, b.opts.reuseport, b.provenance.value)
         held = f"  held by {esc(own)}" if own else _hidden(b.owners.value)
         if r.birth is not None:
-            held += f"  bound by {esc(birth_text(r.birth, time.time()))}"
+            held += f"  {esc(birth_phrase(r.birth, time.time()))}"
         lines.append(
             f"  • {r.proto.value} {r.state.label} {r.local}{remote}{left}{held}"
             + (f"  [dim]{esc(flags)}[/]" if flags else "")

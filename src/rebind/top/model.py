@@ -14,7 +14,7 @@ from ipaddress import IPv4Address
 
 from rebind.model.assess import BindNow, HolderFacts, judge, kernel_holder, kernel_state_of, port_state
 from rebind.model.birth import Birth
-from rebind.model.birth import text as birth_text
+from rebind.model.birth import phrase as birth_phrase
 from rebind.model.conflict import BindRequest, KernelSettings
 from rebind.model.localhost import LocalhostResolution, find_split, loopback_only
 from rebind.model.records import Owner, Proto, SocketEntry, SocketRecord, State, process_label
@@ -410,7 +410,7 @@ def row_owners_text(row: SocketRow, width: int | None = None) -> str:
     """The owners cell: the owners, else the birth certificate (``bound by python[7] at 12:03:07``)."""
     if row.owners or row.birth is None:
         return owners_text(row.owners) if width is None else fit_owners(row.owners, width)
-    text = f"bound by {birth_text(row.birth, row.birth.at)}"
+    text = birth_phrase(row.birth, row.birth.at)
     return text if width is None else cut(text, width)
 
 
