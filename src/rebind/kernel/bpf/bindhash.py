@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
+import threading
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
@@ -38,7 +40,6 @@ from rebind.kernel.bpf.bindhashlayout import (
     ENT,
     ENTRY,
     ENTRY_NAMES,
-    ENTRY_SPLIT,
     FAULTED,
     INCONSISTENT,
     MEMBERS,
@@ -332,51 +333,95 @@ _SIZE = {m: size for s, m, size in MEMBERS if s == "inet_bind_bucket"}
 # running and decoding
 
 
+class _Runner:
+    """The maps and the loaded program, kept for the next call: the exporter asks for the whole
+    ephemeral range each scrape, and loading the program (the verifier following the bounded
+    loops hop by hop) costs more than the run itself (docs/benchmarks.md). Sized for
+    ``capacity`` entries; a run of n ports fills and runs the first n. One caller at a time
+    (_LOCK): the counter map is the run's cursor."""
+
+    def __init__(self, lay: BindHashLayout, capacity: int) -> None:
+        self.lay, self.capacity = lay, capacity
+        self.fds: list[int] = []
+        self.maps: list[mmap.mmap] = []
+        try:
+            ctr = self._map(NetState.SIZE, 1)
+            io = self._map(ENTRY.size, capacity)
+            self.state, self.entries = self.maps
+            self.prog = load_program(build_bucket_program(lay, ctr, io), prog=SOCKET_LOOKUP)
+            self.fds.append(self.prog)
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, value_size: int, n: int) -> int:
+        fd = map_create(BPF_MAP_TYPE_ARRAY, 4, value_size, n, BPF_F_MMAPABLE)
+        self.fds.append(fd)
+        size = (value_size * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        self.maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+        return fd
+
+    def run(self, ports: list[int]) -> bytes:
+        n = len(ports)
+        # the cursor at 0 and the namespace unknown: this thread may have changed namespace
+        self.state[: NetState.SIZE] = bytes(NetState.SIZE)
+        self.entries[: ENTRY.size * n] = _inputs(ports)
+        _test_run(self.prog, n)
+        return self.entries[: ENTRY.size * n]
+
+    def close(self) -> None:
+        for m in self.maps:
+            m.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.maps, self.fds = [], []
+
+
+_LOCK = threading.Lock()
+_RUNNER: list[_Runner] = []
+
+
 def _run_buckets(lay: BindHashLayout, ports: list[int]) -> bytes:
     """One test run, one repetition per port: the entries as the program left them."""
-    n = len(ports)
-    fds: list[int] = []
-    try:
-        ctr = map_create(BPF_MAP_TYPE_ARRAY, 4, NetState.SIZE, 1)
-        fds.append(ctr)
-        io = map_create(BPF_MAP_TYPE_ARRAY, 4, ENTRY.size, n, BPF_F_MMAPABLE)
-        fds.append(io)
-        size = (ENTRY.size * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-            mem[: ENTRY.size * n] = _inputs(ports)
-            prog = load_program(build_bucket_program(lay, ctr, io), prog=SOCKET_LOOKUP)
-            fds.append(prog)
-            _test_run(prog, n)
-            return mem[: ENTRY.size * n]
-    finally:
-        for fd in fds:
-            os.close(fd)
+    with _LOCK:
+        if _RUNNER and (_RUNNER[0].lay is not lay or _RUNNER[0].capacity < len(ports)):
+            _RUNNER.pop().close()
+        if not _RUNNER:
+            _RUNNER.append(_Runner(lay, max(1024, 1 << (len(ports) - 1).bit_length())))
+        try:
+            return _RUNNER[0].run(ports)
+        except BaseException:
+            _RUNNER.pop().close()
+            raise
 
 
 def _inputs(ports: list[int]) -> bytes:
-    """The map's contents before the run: each entry's port, the rest zero."""
+    """The map's contents before the run: each entry's port (u16, little-endian), the rest zero."""
     buf = bytearray(ENTRY.size * len(ports))
-    for i, port in enumerate(ports):
-        at = i * ENTRY.size
-        buf[at : at + 2] = port.to_bytes(2, "little")
+    raw = struct.pack(f"<{len(ports)}H", *ports)
+    buf[0 :: ENTRY.size] = raw[0::2]
+    buf[1 :: ENTRY.size] = raw[1::2]
     return bytes(buf)
 
 
 def decode_buckets(ports: list[int], data: bytes) -> dict[int, PortBucket]:
-    """The entries, one per port asked, as PortBuckets: equal entries (but for the port) share
-    one object, decoded once (28k ports of a client host hold a handful of distinct buckets)."""
+    """The entries, one per port asked, as PortBuckets: equal entries (but for the port, which
+    the program never writes) share one object, decoded once -- the ports of a client host hold
+    a handful of distinct buckets, and decoding is most of a 28k-port read."""
     memo: dict[bytes, PortBucket] = {}
-    out: dict[int, PortBucket] = {}
-    for want, (port, rest) in zip(ports, ENTRY_SPLIT.iter_unpack(data), strict=True):
-        got = memo.get(rest)
+    get = memo.get
+    found: list[PortBucket] = []
+    keep = found.append
+    for (rest,) in _REST.iter_unpack(data):
+        got = get(rest)
         if got is None:
-            got = memo[rest] = decode_entry(ENTRY.unpack(b"\0\0" + rest))
-        out[want] = got if port == want else _UNKNOWN
-    return out
+            got = memo[rest] = decode_entry(ENTRY.unpack(bytes(2) + rest))
+        keep(got)
+    return dict(zip(ports, found, strict=True))
 
 
-#: An entry the program did not fill as asked (it did not run, or wrote another port).
-_UNKNOWN = PortBucket(0, faulted=True)
+#: An entry but its port, as bytes (the memo's key).
+_REST = struct.Struct(f"<2x{ENTRY.size - 2}s")
 _I = {name: i for i, name in enumerate(ENTRY_NAMES)}
 (_MATCHED, _FLAGS, _REUSE, _REUSEPORT, _BIND2, _UID, _L3MDEV, _OWNERS, _FAMILY, _V6ONLY, _RCV, _RCV6) = (
     _I[k]

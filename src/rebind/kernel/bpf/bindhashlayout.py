@@ -179,7 +179,5 @@ _at = 0
 for _name, _fmt in ENTRY_FIELDS:
     ENT[_name] = _at
     _at += struct.calcsize("<" + _fmt)
-#: The entry as the decoder reads it: the port, then the rest as bytes (a memo key).
-ENTRY_SPLIT = struct.Struct(f"<H{ENTRY.size - 2}s")
 #: The names of the values ENTRY unpacks to, in order (padding "x" gives none).
 ENTRY_NAMES = tuple(n for n, f in ENTRY_FIELDS if not f.endswith("x"))
