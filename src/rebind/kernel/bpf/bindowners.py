@@ -38,8 +38,15 @@ STEPS_EXHAUSTED = 64
 PHASE_CHAIN, PHASE_BIND2, PHASE_OWNER = 0, 1, 2
 
 
-class OwnerState(NetState):
-    """The state map's one value: NetState's fields, the question, the cursor and the counts."""
+class OwnerState:
+    """The state map's one value: NetState's fields first (find_net and chain_head use them),
+    then the question, the cursor and the counts."""
+
+    READY: Final = NetState.READY
+    NET: Final = NetState.NET
+    BHASH: Final = NetState.BHASH
+    MASK: Final = NetState.MASK
+    HASH_MIX: Final = NetState.HASH_MIX
 
     PORT: Final = 32  # u32, set by the caller
     LIMIT: Final = 36  # u32, set by the caller: records the map holds
