@@ -96,8 +96,9 @@ class PortBucket:
     l3mdev: int | None = None
     #: bind2 buckets (one per bound address) of the first matched bucket, counted up to a bound
     bind2: int = 0
-    #: sockets (full and TIME_WAIT) in those bind2 buckets, counted up to a bound per bucket
-    owners: int = 0
+    #: sockets (full and TIME_WAIT) in those bind2 buckets, counted up to a bound per bucket;
+    #: None where not asked for (read_port_buckets(owners=True))
+    owners: int | None = None
     #: the walk stopped at a bound: a bucket may lie further on (``chain``: then even
     #: ``buckets`` == 0 is not "free"), or ``bind2``/``owners`` are lower bounds
     chain_truncated: bool = False

@@ -92,15 +92,15 @@ class _Runner:
     ``capacity`` entries; a run of n ports fills and runs the first n. One caller at a time
     (_LOCK): the counter map is the run's cursor."""
 
-    def __init__(self, lay: BindHashLayout, capacity: int) -> None:
-        self.lay, self.capacity = lay, capacity
+    def __init__(self, lay: BindHashLayout, capacity: int, owners: bool) -> None:
+        self.lay, self.capacity, self.owners = lay, capacity, owners
         self.fds: list[int] = []
         self.maps: list[mmap.mmap] = []
         try:
             ctr = self._map(NetState.SIZE, 1)
             io = self._map(ENTRY.size, capacity)
             self.state, self.entries = self.maps
-            self.prog = load_program(build_bucket_program(lay, ctr, io), prog=SOCKET_LOOKUP)
+            self.prog = load_program(build_bucket_program(lay, ctr, io, owners=owners), prog=SOCKET_LOOKUP)
             self.fds.append(self.prog)
         except BaseException:
             self.close()
@@ -133,13 +133,15 @@ _LOCK = threading.Lock()
 _RUNNER: list[_Runner] = []
 
 
-def _run_buckets(lay: BindHashLayout, ports: list[int]) -> bytes:
+def _run_buckets(lay: BindHashLayout, ports: list[int], owners: bool = False) -> bytes:
     """One test run, one repetition per port: the entries as the program left them."""
     with _LOCK:
-        if _RUNNER and (_RUNNER[0].lay is not lay or _RUNNER[0].capacity < len(ports)):
+        if _RUNNER and (
+            _RUNNER[0].lay is not lay or _RUNNER[0].capacity < len(ports) or _RUNNER[0].owners != owners
+        ):
             _RUNNER.pop().close()
         if not _RUNNER:
-            _RUNNER.append(_Runner(lay, max(1024, 1 << (len(ports) - 1).bit_length())))
+            _RUNNER.append(_Runner(lay, max(1024, 1 << (len(ports) - 1).bit_length()), owners))
         try:
             return _RUNNER[0].run(ports)
         except BaseException:
@@ -156,7 +158,7 @@ def _inputs(ports: list[int]) -> bytes:
     return bytes(buf)
 
 
-def decode_buckets(ports: list[int], data: bytes) -> dict[int, PortBucket]:
+def decode_buckets(ports: list[int], data: bytes, owners: bool = False) -> dict[int, PortBucket]:
     """The entries, one per port asked, as PortBuckets: equal entries (but for the port, which
     the program never writes) share one object, decoded once -- the ports of a client host hold
     a handful of distinct buckets, and decoding is most of a 28k-port read."""
@@ -167,7 +169,7 @@ def decode_buckets(ports: list[int], data: bytes) -> dict[int, PortBucket]:
     for (rest,) in _REST.iter_unpack(data):
         got = get(rest)
         if got is None:
-            got = memo[rest] = decode_entry(ENTRY.unpack(bytes(2) + rest))
+            got = memo[rest] = decode_entry(ENTRY.unpack(bytes(2) + rest), owners)
         keep(got)
     return dict(zip(ports, found, strict=True))
 
@@ -184,8 +186,8 @@ _I = {name: i for i, name in enumerate(ENTRY_NAMES)}
 )  # fmt: skip
 
 
-def decode_entry(v: tuple[Any, ...]) -> PortBucket:
-    """One unpacked ENTRY."""
+def decode_entry(v: tuple[Any, ...], owners: bool = False) -> PortBucket:
+    """One unpacked ENTRY (``owners``: whether the program counted them)."""
     flags, matched = v[_FLAGS], v[_MATCHED]
     bad = not flags & RAN or bool(flags & (FAULTED | INCONSISTENT))
     trunc = bool(flags & CHAIN_TRUNCATED)
@@ -203,25 +205,27 @@ def decode_entry(v: tuple[Any, ...]) -> PortBucket:
         fast_ipv6_only=bool(v[_V6ONLY]) if cached else None,
         l3mdev=v[_L3MDEV],
         bind2=v[_BIND2],
-        owners=v[_OWNERS],
+        owners=v[_OWNERS] if owners else None,
         chain_truncated=trunc,
         counts_truncated=bool(flags & (BIND2_TRUNCATED | OWNERS_TRUNCATED)),
         faulted=bad,
     )
 
 
-def read_port_buckets(ports: Iterable[int]) -> dict[int, PortBucket] | Unavailable:
+def read_port_buckets(ports: Iterable[int], *, owners: bool = False) -> dict[int, PortBucket] | Unavailable:
     """Each TCP port's bind bucket(s) in this thread's network namespace, read from the bind
     hash: one chain walk per port, no socket visited (docs/benchmarks.md). Ports outside
-    1-65535 are left out. Unavailable (with the reason) where BPF cannot run here: capabilities,
-    REBIND_NO_BPF=1, BTF lacking a member, the verifier."""
+    1-65535 are left out. ``owners``: also count each port's sockets (bounded: OWNER_HOPS per
+    bind2 bucket; ~10x the cost on a loaded namespace: each is a socket's cache miss).
+    Unavailable (with the reason) where BPF cannot run here: capabilities, REBIND_NO_BPF=1, BTF
+    lacking a member, the verifier."""
     wanted = sorted({p for p in ports if 0 < p < 1 << 16})
     try:
         check_bpf_environment(honour_no_bpf=True)
         lay = load_layout()
         if not wanted:
             return {}
-        return decode_buckets(wanted, _run_buckets(lay, wanted))
+        return decode_buckets(wanted, _run_buckets(lay, wanted, owners), owners)
     except (OSError, RebindError, btfmod.BTFError) as exc:
         return Unavailable(_reason(exc))
 

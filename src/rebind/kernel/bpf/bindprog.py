@@ -130,8 +130,12 @@ def find_net(p: asm.Program, lay: BindHashLayout) -> None:
     p.label("ready")
 
 
-def build_bucket_program(lay: BindHashLayout, ctr_fd: int, io_fd: int) -> bytes:
+def build_bucket_program(lay: BindHashLayout, ctr_fd: int, io_fd: int, *, owners: bool = False) -> bytes:
     """One run: entry = io[state.index++]; walk the port's bhash chain; fill the entry.
+
+    ``owners``: count the owners too (up to OWNER_HOPS per bind2 bucket). Each is a socket of
+    its own, a cache miss: on bench/mkload.py's load that is ~10x the cost of the chain walks
+    (docs/benchmarks.md), so it is asked for, not the default.
 
     r6 the port, r7 the entry, r8 the NetState, r9 the copies' errors OR-ed. The loops are
     bounded (CHAIN_HOPS; then, for the first matched bucket, BIND2_HOPS x OWNER_HOPS; counters on
@@ -159,7 +163,7 @@ def build_bucket_program(lay: BindHashLayout, ctr_fd: int, io_fd: int) -> bytes:
     p.store_imm(8, fp, F.B2, 0)
     _chain_loop(p, lay)
     p.store_imm(8, fp, F.HOP2, 0)
-    _bind2_loop(p, lay)
+    _bind2_loop(p, lay, owners)
     p.jump_imm(asm.JNE, r9, 0, "fault")
     _set_flag(p, RAN)
     p.goto("out")
@@ -234,8 +238,8 @@ def _chain_loop(p: asm.Program, lay: BindHashLayout) -> None:
     p.label("chain_end")
 
 
-def _bind2_loop(p: asm.Program, lay: BindHashLayout) -> None:
-    """Count the first matched bucket's bind2 buckets (from B2) and their owners."""
+def _bind2_loop(p: asm.Program, lay: BindHashLayout, owners: bool) -> None:
+    """Count the first matched bucket's bind2 buckets (from B2), and their owners if asked."""
     r1, r2, r3, r6, r7, r8, fp = asm.R1, asm.R2, asm.R3, asm.R6, asm.R7, asm.R8, asm.FP
     F, S = BucketFrame, NetState
     tb2 = "inet_bind2_bucket"
@@ -256,6 +260,10 @@ def _bind2_loop(p: asm.Program, lay: BindHashLayout) -> None:
     p.load(2, r1, r7, ENT["bind2"])
     p.alu_imm(asm.ADD, r1, 1)
     p.store(2, r7, ENT["bind2"], r1)
+    if not owners:
+        p.goto("b2")
+        _bind2_end(p)
+        return
     p.load(8, r1, fp, F.TB2 + lay[f"{tb2}.owners"] + lay["hlist_head.first"])
     p.store(8, fp, F.OWN, r1)
     p.store_imm(8, fp, F.HOP3, 0)
@@ -273,6 +281,10 @@ def _bind2_loop(p: asm.Program, lay: BindHashLayout) -> None:
     p.label("own_truncated")
     _set_flag(p, OWNERS_TRUNCATED)
     p.goto("b2")
+    _bind2_end(p)
+
+
+def _bind2_end(p: asm.Program) -> None:
     p.label("b2_inconsistent")
     _set_flag(p, INCONSISTENT)
     p.goto("b2_end")
