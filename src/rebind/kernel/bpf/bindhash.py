@@ -25,7 +25,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -85,41 +85,36 @@ def load_layout(*, use_cache: bool = True) -> BindHashLayout:
 # running and decoding
 
 
-class _Runner:
-    """The maps and the loaded program, kept for the next call: the exporter asks for the whole
-    ephemeral range each scrape, and loading the program (the verifier following the bounded
-    loops hop by hop) costs more than the run itself (docs/benchmarks.md). Sized for
-    ``capacity`` entries; a run of n ports fills and runs the first n. One caller at a time
-    (_LOCK): the counter map is the run's cursor."""
+class _Loaded:
+    """Maps and a loaded program, kept for the next call: loading (the verifier following the
+    bucket program's bounded loops hop by hop, or the owners' step callback) and allocating a
+    large map cost more than a run (docs/benchmarks.md) -- the exporter asks for the whole
+    ephemeral range each scrape, ``rebind trace`` wants a blocker snapshot at once. ``key``
+    says what it was made for (layouts, capacity, variant); one caller at a time (_LOCK): the
+    state map is the run's cursor."""
 
-    def __init__(self, lay: BindHashLayout, capacity: int, owners: bool) -> None:
-        self.lay, self.capacity, self.owners = lay, capacity, owners
+    def __init__(
+        self,
+        key: tuple[object, ...],
+        capacity: int,
+        sizes: list[tuple[int, int]],
+        build: Callable[[list[int]], _Built],
+    ) -> None:
+        self.key, self.capacity = key, capacity
         self.fds: list[int] = []
         self.maps: list[mmap.mmap] = []
         try:
-            ctr = self._map(NetState.SIZE, 1)
-            io = self._map(ENTRY.size, capacity)
-            self.state, self.entries = self.maps
-            self.prog = load_program(build_bucket_program(lay, ctr, io, owners=owners), prog=SOCKET_LOOKUP)
+            for value_size, n in sizes:  # ARRAY maps, mmapable: written and read in one copy
+                fd = map_create(BPF_MAP_TYPE_ARRAY, 4, value_size, n, BPF_F_MMAPABLE)
+                self.fds.append(fd)
+                size = (value_size * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+                self.maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+            insns, funcs = build(list(self.fds))
+            self.prog = load_program(insns, funcs=funcs, prog=SOCKET_LOOKUP)
             self.fds.append(self.prog)
         except BaseException:
             self.close()
             raise
-
-    def _map(self, value_size: int, n: int) -> int:
-        fd = map_create(BPF_MAP_TYPE_ARRAY, 4, value_size, n, BPF_F_MMAPABLE)
-        self.fds.append(fd)
-        size = (value_size * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        self.maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
-        return fd
-
-    def run(self, ports: list[int]) -> bytes:
-        n = len(ports)
-        # the cursor at 0 and the namespace unknown: this thread may have changed namespace
-        self.state[: NetState.SIZE] = bytes(NetState.SIZE)
-        self.entries[: ENTRY.size * n] = _inputs(ports)
-        _test_run(self.prog, n)
-        return self.entries[: ENTRY.size * n]
 
     def close(self) -> None:
         for m in self.maps:
@@ -129,23 +124,58 @@ class _Runner:
         self.maps, self.fds = [], []
 
 
+_Built = tuple[bytes, tuple[tuple[str, int, int], ...]]
 _LOCK = threading.Lock()
-_RUNNER: list[_Runner] = []
+_LOADED: dict[str, _Loaded] = {}
+
+
+def _loaded(
+    name: str,
+    key: tuple[object, ...],
+    n: int,
+    sizes: Callable[[int], list[tuple[int, int]]],
+    build: Callable[[list[int]], _Built],
+) -> _Loaded:
+    """The kept program ``name`` if made for ``key`` with room for ``n`` entries, else a new one
+    (the old one closed). Called with _LOCK held."""
+    got = _LOADED.get(name)
+    if got is not None and got.key == key and got.capacity >= n:
+        return got
+    if got is not None:
+        del _LOADED[name]
+        got.close()
+    cap = max(1024, 1 << (n - 1).bit_length())
+    got = _LOADED[name] = _Loaded(key, cap, sizes(cap), build)
+    return got
+
+
+def _forget(name: str) -> None:
+    """After a failed run: the next call loads afresh."""
+    got = _LOADED.pop(name, None)
+    if got is not None:
+        got.close()
 
 
 def _run_buckets(lay: BindHashLayout, ports: list[int], owners: bool = False) -> bytes:
     """One test run, one repetition per port: the entries as the program left them."""
+    n = len(ports)
     with _LOCK:
-        if _RUNNER and (
-            _RUNNER[0].lay is not lay or _RUNNER[0].capacity < len(ports) or _RUNNER[0].owners != owners
-        ):
-            _RUNNER.pop().close()
-        if not _RUNNER:
-            _RUNNER.append(_Runner(lay, max(1024, 1 << (len(ports) - 1).bit_length()), owners))
+        run = _loaded(
+            "buckets",
+            (lay, owners),
+            n,
+            lambda cap: [(NetState.SIZE, 1), (ENTRY.size, cap)],
+            lambda fds: (build_bucket_program(lay, fds[0], fds[1], owners=owners), ()),
+        )
         try:
-            return _RUNNER[0].run(ports)
+            state, entries = run.maps
+            # the cursor at 0 and the namespace unknown: this thread may have changed namespace
+            state[: NetState.SIZE] = bytes(NetState.SIZE)
+            entries[: ENTRY.size * n] = _inputs(ports)
+            _test_run(run.prog, n)
+            return entries[: ENTRY.size * n]
         except BaseException:
-            _RUNNER.pop().close()
+            _forget("buckets")
             raise
 
 
@@ -262,7 +292,7 @@ def read_port_owners(port: int, limit: int) -> PortOwners | Unavailable:
         lay = load_layout()
         sock = load_sock_layout()
         here = current_netns()
-        state, data = _run_owners(lay, sock, port, max(limit, 0))
+        state, data = _run_owners(lay, sock, port, _limit(limit))
     except (OSError, RebindError, btfmod.BTFError) as exc:
         return Unavailable(_reason(exc))
     return _owners_of(here, port, state, data)
@@ -271,33 +301,53 @@ def read_port_owners(port: int, limit: int) -> PortOwners | Unavailable:
 def _run_owners(lay: BindHashLayout, sock: SockLayout, port: int, limit: int) -> tuple[bytes, bytes]:
     """One test run of the owners program: (the state map's value, the records written)."""
     S = OwnerState
-    fds: list[int] = []
-    maps: list[mmap.mmap] = []
+    with _LOCK:
+        run = _owners_loaded(lay, sock, limit)
+        try:
+            state, records = run.maps
+            head = bytearray(S.SIZE)
+            steps = min(3 * limit + 2 * CHAIN_HOPS + 8, MAX_STEPS)
+            struct.pack_into("<III", head, S.PORT, port, limit, steps)
+            state[: S.SIZE] = bytes(head)
+            _test_run(run.prog, 1)
+            got = state[: S.SIZE]
+            emitted = min(_U32.unpack_from(got, S.EMITTED)[0], limit)
+            return got, records[: RECORD.size * emitted]
+        except BaseException:
+            _forget("owners")
+            raise
+
+
+def _owners_loaded(lay: BindHashLayout, sock: SockLayout, limit: int) -> _Loaded:
+    return _loaded(
+        "owners",
+        (lay, sock),
+        limit,
+        lambda cap: [(OwnerState.SIZE, 1), (RECORD.size, cap)],
+        lambda fds: build_owners_program(lay, sock, fds[0], fds[1]),
+    )
+
+
+def prepare_port_owners(limit: int) -> Unavailable | None:
+    """Load the owners program and its maps for ``limit`` records ahead of the first
+    read_port_owners (a tracer's set-up: the verifier's ~20 ms and the map's allocation are
+    then not in the snapshot's time). None when ready, else why not."""
     try:
-        for value_size, n in ((S.SIZE, 1), (RECORD.size, max(limit, 1))):
-            fd = map_create(BPF_MAP_TYPE_ARRAY, 4, value_size, n, BPF_F_MMAPABLE)
-            fds.append(fd)
-            size = (value_size * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-            maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
-        state, records = maps
-        head = bytearray(S.SIZE)
-        steps = min(3 * limit + 2 * CHAIN_HOPS + 8, MAX_STEPS)
-        struct.pack_into("<III", head, S.PORT, port, limit, steps)
-        state[: S.SIZE] = bytes(head)
-        insns, funcs = build_owners_program(lay, sock, fds[0], fds[1])
-        prog = load_program(insns, funcs=funcs, prog=SOCKET_LOOKUP)
-        fds.append(prog)
-        _test_run(prog, 1)
-        got = state[: S.SIZE]
-        emitted = min(_U32.unpack_from(got, S.EMITTED)[0], limit)
-        return got, records[: RECORD.size * emitted]
-    finally:
-        for m in maps:
-            m.close()
-        for fd in fds:
-            os.close(fd)
+        check_bpf_environment(honour_no_bpf=True)
+        lay, sock = load_layout(), load_sock_layout()
+        with _LOCK:
+            _owners_loaded(lay, sock, _limit(limit))
+    except (OSError, RebindError, btfmod.BTFError) as exc:
+        return Unavailable(_reason(exc))
+    return None
 
 
+def _limit(limit: int) -> int:
+    return min(max(limit, 0), MAX_LIMIT)
+
+
+#: The most records one read_port_owners returns (the map: 144 bytes a record, ~38 MB).
+MAX_LIMIT = 1 << 18
 #: bpf_loop's most iterations (BPF_MAX_LOOPS, kernel/bpf/bpf_iter.c).
 MAX_STEPS = 1 << 23
 _U32 = struct.Struct("<I")
