@@ -15,7 +15,8 @@ bench/whyperf.py) in a throwaway namespace, enters it, makes ~11k server-side TI
             one per port (fastdiag.first_per_port), then one bpf_skc_lookup_tcp per port
             (socklookup.lookup_port_buckets) -- and whether both agree on connect()-made;
   owners    bindhash.read_port_owners(P, limit) for 8080 (one listener) and 9000 (the
-            TIME_WAITs), against the BPF iterator (sockiter.read_socket_states([P], [tcp]):
+            TIME_WAITs), with the program kept loaded (as after prepare_port_owners) and loaded
+            afresh each call, against the BPF iterator (sockiter.read_socket_states([P], [tcp]):
             a walk of every TCP socket) and the inet_diag dump of the port
             (rebind.sockets.socket_table(ports=[P], owners=False)), with the socket counts.
 
@@ -29,6 +30,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +48,7 @@ from rebind.exporter import bytecode as bc  # noqa: E402
 from rebind.exporter import fastdiag  # noqa: E402
 from rebind.exporter.gather import _CLIENT_STATES  # noqa: E402
 from rebind.kernel import diag_codec as codec  # noqa: E402
-from rebind.kernel.bpf.bindhash import read_port_buckets, read_port_owners  # noqa: E402
+from rebind.kernel.bpf.bindhash import _forget, read_port_buckets, read_port_owners  # noqa: E402
 from rebind.kernel.bpf.sockiter import load_sock_layout, read_socket_states  # noqa: E402
 from rebind.kernel.bpf.socklookup import lookup_port_buckets  # noqa: E402
 from rebind.kernel.diag import DiagSocket, states_mask  # noqa: E402
@@ -87,9 +89,9 @@ def port_range() -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def buckets(lo: int, hi: int) -> dict[int, bool]:
+def buckets(lo: int, hi: int, owners: bool = False) -> dict[int, bool]:
     """port -> connect()-made, for the held ports of the range (bind hash)."""
-    got = read_port_buckets(range(lo, hi + 1))
+    got = read_port_buckets(range(lo, hi + 1), owners=owners)
     if isinstance(got, Unavailable):
         raise SystemExit(f"bind hash read unavailable: {got.reason}")
     return {p: b.connect_made for p, b in got.items() if b.exists and b.known}
@@ -156,16 +158,19 @@ def main() -> None:
         ns.enter()
         make_timewaits(9000, TIMEWAITS)
         lo, hi = port_range()
-        total = len(socket_table(protos=[Proto.TCP], owners=False).entries)
+        out = subprocess.run(["ss", "-s"], capture_output=True, text=True).stdout
+        total = next((line.strip() for line in out.splitlines() if line.startswith("TCP:")), "?")
         print(f"# {platform.release()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
-        print(f"# load built in {built:.0f}s; {total} TCP sockets; runs: best (and median) of {args.runs}")
+        print(f"# load built in {built:.0f}s; {total}; runs: best (and median) of {args.runs}")
         print()
         print(f"## every port of ip_local_port_range ({lo}-{hi}: {hi - lo + 1} ports)")
         print("| reader | wall ms | CPU ms | wall / bind hash |")
         print("|---|---|---|---|")
         tb = timed(lambda: buckets(lo, hi), args.runs)
+        tn = timed(lambda: buckets(lo, hi, owners=True), args.runs)
         tc = timed(lambda: client_walk(lo, hi), args.runs)
         print(row("bindhash.read_port_buckets", tb))
+        print(row("read_port_buckets(owners=True): the owners counted too", tn, tb[0]))
         print(row("first_per_port + lookup_port_buckets", tc, tb[0]))
         by_hash, by_walk = tb[4], tc[4]
         assert isinstance(by_hash, dict) and isinstance(by_walk, dict)
@@ -180,11 +185,18 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for port, what in OWNER_PORTS.items():
             diag(port)  # inet_diag makes every cookie (sock_gen_cookie): the owners' are read as held
+            cold = timed(lambda p=port: (_forget("owners"), owners(p))[1], 3)
             to = timed(lambda p=port: owners(p), args.runs)
             ti = timed(lambda p=port: iterate(p), args.runs)
             td = timed(lambda p=port: diag(p), args.runs)
             n = len(to[4]) if isinstance(to[4], set) else 0
-            for label, t in (("read_port_owners", to), ("read_socket_states", ti), ("inet_diag dump", td)):
+            readers = (
+                ("read_port_owners", to),
+                ("read_port_owners, program loaded afresh", cold),
+                ("read_socket_states", ti),
+                ("inet_diag dump", td),
+            )
+            for label, t in readers:
                 print(f"| {port} ({what}) | {n} {row(label, t, to[0])}")
             assert to[4] == ti[4], (port, len(to[4]), len(ti[4]))  # type: ignore[arg-type]
         print("# read_port_owners and the iterator report the same cookies for both ports")
