@@ -222,6 +222,9 @@ def test_another_namespaces_sockets_are_not_reported(netns: int, closing: list[s
         here = _buckets(port)
         assert here.exists
     assert not _buckets(port).exists and _owners(port).sockets == ()
+    assert isinstance(read_port_buckets([port], netns=other), Unavailable)  # not this thread's
+    assert isinstance(read_port_owners(port, 10, netns=other), Unavailable)
+    assert not isinstance(read_port_buckets([port], netns=netns), Unavailable)
     near = _listener(closing, port=port)
     owners = _same_as_iterator(port)
     assert {s.cookie for s in owners.sockets} == {_cookie(near)} and owners.buckets == 1

@@ -242,15 +242,20 @@ def decode_entry(v: tuple[Any, ...], owners: bool = False) -> PortBucket:
     )
 
 
-def read_port_buckets(ports: Iterable[int], *, owners: bool = False) -> dict[int, PortBucket] | Unavailable:
+def read_port_buckets(
+    ports: Iterable[int], *, owners: bool = False, netns: int | None = None
+) -> dict[int, PortBucket] | Unavailable:
     """Each TCP port's bind bucket(s) in this thread's network namespace, read from the bind
     hash: one chain walk per port, no socket visited (docs/benchmarks.md). Ports outside
     1-65535 are left out. ``owners``: also count each port's sockets (bounded: OWNER_HOPS per
     bind2 bucket; ~10x the cost on a loaded namespace: each is a socket's cache miss).
     Unavailable (with the reason) where BPF cannot run here: capabilities, REBIND_NO_BPF=1, BTF
-    lacking a member, the verifier."""
+    lacking a member, the verifier; or ``netns`` (the namespace meant, an inode) is not this
+    thread's: the program reads the caller's (current->nsproxy->net_ns)."""
     wanted = sorted({p for p in ports if 0 < p < 1 << 16})
     try:
+        if (elsewhere := _elsewhere(netns)) is not None:
+            return elsewhere
         check_bpf_environment(honour_no_bpf=True)
         lay = load_layout()
         if not wanted:
@@ -258,6 +263,13 @@ def read_port_buckets(ports: Iterable[int], *, owners: bool = False) -> dict[int
         return decode_buckets(wanted, _run_buckets(lay, wanted, owners), owners)
     except (OSError, RebindError, btfmod.BTFError) as exc:
         return Unavailable(_reason(exc))
+
+
+def _elsewhere(netns: int | None) -> Unavailable | None:
+    here = current_netns() if netns is not None else None
+    if here is not None and here != netns:
+        return Unavailable(f"the bind hash is read for this thread's network namespace ({here}), not {netns}")
+    return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -270,7 +282,7 @@ def _reason(exc: BaseException) -> str:
 # the owners
 
 
-def read_port_owners(port: int, limit: int) -> PortOwners | Unavailable:
+def read_port_owners(port: int, limit: int, *, netns: int | None = None) -> PortOwners | Unavailable:
     """Every TCP socket of ``port``'s bind buckets in this thread's network namespace -- full
     sockets and TIME_WAITs, of every bind2 bucket (address) and every l3mdev bucket -- read from
     the bind hash (no walk of the socket tables), at most ``limit`` of them (``truncated`` past
@@ -291,6 +303,8 @@ def read_port_owners(port: int, limit: int) -> PortOwners | Unavailable:
         check_bpf_environment(honour_no_bpf=True)
         lay = load_layout()
         sock = load_sock_layout()
+        if (elsewhere := _elsewhere(netns)) is not None:
+            return elsewhere
         here = current_netns()
         state, data = _run_owners(lay, sock, port, _limit(limit))
     except (OSError, RebindError, btfmod.BTFError) as exc:
