@@ -4,19 +4,29 @@ bind() and connect() decide by the port's bind bucket (inet_csk_get_port, __inet
 found by hashing the port (inet_bhashfn: ``(port + net->hash_mix) & (bhash_size - 1)``) and
 matching (inet_bind_bucket_match: same ``net``, same port; l3mdev may make more than one). Every
 other reader of rebind walks a socket table for it: inet_diag's dump (~20-100 ms on a 211k-socket
-namespace) or the BPF tcp iterator (~130 ms). Here the program does what the kernel does: one
-hash chain per port (:mod:`.bindhashlayout` has the structures and the offsets, all from BTF).
+namespace) or the BPF tcp iterator (~130 ms). Here the programs do what the kernel does: one
+hash chain per port (:mod:`.bindhashlayout`: the structures, offsets from BTF, and the entry).
 
-The program is a ``BPF_PROG_TYPE_SCHED_CLS`` run by ``BPF_PROG_TEST_RUN`` (as
-:mod:`.socklookup`'s), ``repeat`` = one run per port: it takes the next port from an mmapable
-array map, finds its namespace once (``bpf_get_current_task()->nsproxy->net_ns``: the test run
-runs in the caller's task; helper 35 is allowed in networking programs with CAP_PERFMON,
-bpf_base_func_proto, 5.x+) and caches it with the hash's address in a counter map, then walks
-the chain. Nothing is locked (the kernel walks it under the bucket's spinlock): every copy goes
-through bpf_probe_read_kernel, inet_bind_bucket is freed by kfree_rcu (the test run holds
-rcu_read_lock) but inet_bind2_bucket by a plain kmem_cache_free, so a bind2 bucket is re-checked
-(port, net) before it is counted, every walk is bounded, and what went wrong is flagged in the
-entry (:class:`~rebind.model.sockstate.PortBucket`: ``faulted``, ``chain_truncated``).
+- :func:`read_port_buckets`: per port, how many buckets of the caller's namespace hold it, the
+  first one's ``fastreuse``/``fastreuseport`` (connect()-made: both -1 on 6.18) and fast-reuse
+  cache, its bind2 buckets (and owners, if asked) counted, as
+  :class:`~rebind.model.sockstate.PortBucket` (:mod:`.bindprog`: one test-run repetition a port);
+- :func:`read_port_owners`: every socket of a port's buckets, as the iterator's SockStates
+  (:mod:`.bindowners`: one repetition, one bpf_loop).
+
+The programs are ``BPF_PROG_TYPE_SCHED_CLS`` run by ``BPF_PROG_TEST_RUN`` (as
+:mod:`.socklookup`'s), with mmapable array maps written and read in one copy each; they find the
+caller's namespace themselves (``bpf_get_current_task()->nsproxy->net_ns``: the test run runs in
+the caller's task; helper 35 is allowed in networking programs with CAP_PERFMON,
+bpf_base_func_proto). Both are kept loaded between calls (:class:`_Loaded`).
+
+Races: nothing is locked (the kernel walks a chain under its bucket's spinlock). Every copy goes
+through bpf_probe_read_kernel (a fault is flagged, never a crash); inet_bind_bucket is freed by
+kfree_rcu (the test run holds rcu_read_lock) but inet_bind2_bucket by a plain kmem_cache_free,
+so each bind2 bucket (and each owner) is re-checked -- its port and net -- before it is counted or
+followed, every walk is bounded, and what went wrong is flagged (``faulted``,
+``chain_truncated``, ``inconsistent``) for the caller to treat the port as unknown. A bucket
+made or freed while its chain is read may or may not be seen, as with any snapshot.
 """
 
 from __future__ import annotations
