@@ -74,7 +74,7 @@ from rebind.kernel.bpf.syscall import (
     map_create,
 )
 from rebind.model.records import Proto
-from rebind.model.sockstate import PortBucket, PortOwners, SockState, Unavailable
+from rebind.model.sockstate import PortBucket, PortOwners, Unavailable
 
 #: Reading the layout walks most of vmlinux BTF (task_struct, net): cached per boot.
 LAYOUT_CACHE = layout_cache(
@@ -385,17 +385,16 @@ def _owners_of(netns: int, port: int, state: bytes, data: bytes) -> PortOwners:
         _U32.unpack_from(state, at)[0] for at in (S.FLAGS, S.BUCKETS, S.BIND2, S.SKIPPED)
     )
     dec = BulkDecoder(Proto.TCP)
-    out: list[SockState] = []
-    faulted = skipped
-    for i, v in enumerate(dec.rows(data)):
-        if v[dec.faults] or v[dec.lport] != port:
-            faulted += 1
-            continue
-        out.append(dec.decode(v, data, i, v[dec.cookie], v[dec.uid]))
+    decode, fi, li, ci, ui = dec.decode, dec.faults, dec.lport, dec.cookie, dec.uid
+    # a faulted record, or one of another port (a socket reused mid-walk): left out, counted
+    out = tuple(
+        decode(v, data, i, v[ci], v[ui]) for i, v in enumerate(dec.rows(data)) if not v[fi] and v[li] == port
+    )
+    faulted = skipped + len(data) // RECORD.size - len(out)
     return PortOwners(
         netns,
         port,
-        tuple(out),
+        out,
         buckets=buckets,
         bind2=bind2,
         truncated=bool(flags & (OWNERS_TRUNCATED | STEPS_EXHAUSTED | CHAIN_TRUNCATED)) or not flags & RAN,
