@@ -243,3 +243,25 @@ def test_the_owners_program_loads_ahead_and_answers_at_once(netns: int, closing:
     assert [s.cookie for s in got.sockets] == [0]
     made = _cookie(srv)  # SO_COOKIE makes it
     assert [s.cookie for s in _owners(port).sockets] == [made]
+
+
+def test_ipv6_and_ipv4_sockets_share_the_ports_bucket(netns: int, closing: list[socket.socket]) -> None:
+    six = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    closing.append(six)
+    six.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    six.bind(("::1", 0))
+    six.listen()
+    port = six.getsockname()[1]
+    four = _listener(closing, port=port)  # v6only: 127.0.0.1 does not conflict with ::1
+    c = socket.create_connection(("::1", port))
+    closing.append(c)
+    b = _buckets(port)
+    # one bucket a port, one bind2 an address; the child in ::1's accept queue inherited the port
+    assert (b.buckets, b.bind2, b.owners) == (1, 2, 3)
+    owners = _same_as_iterator(port)
+    assert {s.cookie for s in owners.sockets} >= {_cookie(six), _cookie(four)}
+    assert sorted(str(s.local.addr) for s in owners.sockets) == ["127.0.0.1", "::1", "::1"]
+    cport = c.getsockname()[1]
+    assert _buckets(cport).connect_made and [s.cookie for s in _same_as_iterator(cport).sockets] == [
+        _cookie(c)
+    ]
