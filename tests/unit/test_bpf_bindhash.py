@@ -13,7 +13,15 @@ from rebind.kernel.bpf import bindhash as H
 from rebind.kernel.bpf import bindhashlayout as L
 from rebind.kernel.bpf import btf as B
 from rebind.kernel.bpf import socklayout as R
-from rebind.kernel.bpf.bindowners import STEPS_EXHAUSTED, OwnerState, StepFrame, build_owners_program
+from rebind.kernel.bpf.bindowners import (
+    FUNCS,
+    GLOBAL_FUNCS,
+    STEPS_EXHAUSTED,
+    EmitFrame,
+    OwnerState,
+    StepFrame,
+    build_owners_program,
+)
 from rebind.kernel.bpf.bindprog import HELPER_GET_CURRENT_TASK, BucketFrame, NetState, build_bucket_program
 from rebind.model.records import State
 from rebind.model.sockstate import BindBucket, PortBucket, SockKind, Unavailable
@@ -230,14 +238,19 @@ def test_the_owners_program_emits_the_iterators_record() -> None:
     raw, funcs = build_owners_program(FAKE, fake_layout(), 11, 12)
     assert _helpers(raw) >= {181, HELPER_GET_CURRENT_TASK, asm.HELPER_PROBE_READ_KERNEL}
     assert _helpers(raw) <= {181, 1, 35, 113}
-    assert [name for name, _, _ in funcs] == ["rebind_owners", "rebind_step"]
-    step = funcs[1][1]
-    assert 0 < step < len(raw) // 8
-    # the step's frame (SockFrame's record, the bucket copied below it) fits with main's
-    lowest = min(off for off, _ in _stack(raw[step * 8 :]))
-    assert lowest >= StepFrame.TB >= -512 + 64
+    assert [(name, n) for name, _, n in funcs] == list(FUNCS)
+    assert sorted(GLOBAL_FUNCS) == ["rebind_emit"]
+    main, step, emit = (at for _, at, _ in funcs)
+    assert main == 0 < step < emit < len(raw) // 8
+    # each function stays in its frame; together they fit the 512 bytes of the call chain
+    frames = [_stack(raw[a * 8 : b * 8]) for a, b in ((main, step), (step, emit), (emit, len(raw) // 8))]
+    depths = [-min(off for off, _ in f) for f in frames]
+    assert depths[1] <= -StepFrame.TB and depths[2] <= -EmitFrame.INDEX and sum(depths) <= 512
+    assert all(off % size == 0 for f in frames for off, size in f)
     assert _jumps_land_inside(raw)
     assert OwnerState.NET == NetState.NET and OwnerState.PORT >= NetState.SIZE
+    text = asm.disassemble(raw)
+    assert sum("call pc" in line for line in text) == 1  # the step calls emit, once
 
 
 def _state(**fields: int) -> bytes:
@@ -271,3 +284,11 @@ def test_owner_records_decode_into_the_iterators_sockstates() -> None:
     assert H._owners_of(1, 9000, _state(), b"").truncated  # never reached its end
     bad = H._owners_of(1, 9000, _state(FLAGS=L.RAN | L.FAULTED | L.INCONSISTENT, SKIPPED=2), b"")
     assert bad.faulted == 3 and bad.inconsistent
+
+
+def test_a_global_function_is_marked_so_in_the_func_info_btf() -> None:
+    blob = B.encode_funcs([("rebind_step", 2), ("rebind_emit", 2)], GLOBAL_FUNCS)
+    b = B.BTF(blob)
+    step, emit = (b.find(name, B.KIND_FUNC) for name in ("rebind_step", "rebind_emit"))
+    vlen = {tid: b._words[b._record(tid) + 1] & 0xFFFF for tid in (step, emit)}
+    assert (vlen[step], vlen[emit]) == (B.FUNC_STATIC, B.FUNC_GLOBAL)

@@ -58,7 +58,7 @@ from rebind.kernel.bpf.bindhashlayout import (
     encode_layout,
     layout_from_btf,
 )
-from rebind.kernel.bpf.bindowners import STEPS_EXHAUSTED, OwnerState, build_owners_program
+from rebind.kernel.bpf.bindowners import GLOBAL_FUNCS, STEPS_EXHAUSTED, OwnerState, build_owners_program
 from rebind.kernel.bpf.bindprog import NetState, build_bucket_program
 from rebind.kernel.bpf.layoutcache import layout_cache
 from rebind.kernel.bpf.sockiter import current_netns, load_sock_layout
@@ -97,8 +97,7 @@ def load_layout(*, use_cache: bool = True) -> BindHashLayout:
 
 class _Loaded:
     """Maps and a loaded program, kept for the next call: loading (the verifier following the
-    bucket program's bounded loops hop by hop, or the owners' step callback) and allocating a
-    large map cost more than a run (docs/benchmarks.md) -- the exporter asks for the whole
+    bucket program's bounded loops hop by hop) and allocating a large map cost more than a run (docs/benchmarks.md) -- the exporter asks for the whole
     ephemeral range each scrape, ``rebind trace`` wants a blocker snapshot at once. ``key``
     says what it was made for (layouts, capacity, variant); one caller at a time (_LOCK): the
     state map is the run's cursor."""
@@ -120,7 +119,7 @@ class _Loaded:
                 size = (value_size * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
                 self.maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             insns, funcs = build(list(self.fds))
-            self.prog = load_program(insns, funcs=funcs, prog=SOCKET_LOOKUP)
+            self.prog = load_program(insns, funcs=funcs, prog=SOCKET_LOOKUP, global_funcs=GLOBAL_FUNCS)
             self.fds.append(self.prog)
         except BaseException:
             self.close()
@@ -354,8 +353,8 @@ def _owners_loaded(lay: BindHashLayout, sock: SockLayout, limit: int) -> _Loaded
 
 def prepare_port_owners(limit: int) -> Unavailable | None:
     """Load the owners program and its maps for ``limit`` records ahead of the first
-    read_port_owners (a tracer's set-up: the verifier's ~20 ms and the map's allocation are
-    then not in the snapshot's time). None when ready, else why not."""
+    read_port_owners (a tracer's set-up: the verifier's few ms and the records map's allocation
+    -- 144 bytes a record -- are then not in the snapshot's time). None when ready, else why not."""
     try:
         check_bpf_environment(honour_no_bpf=True)
         lay, sock = load_layout(), load_sock_layout()
