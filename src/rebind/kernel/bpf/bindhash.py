@@ -97,10 +97,11 @@ def load_layout(*, use_cache: bool = True) -> BindHashLayout:
 
 class _Loaded:
     """Maps and a loaded program, kept for the next call: loading (the verifier following the
-    bucket program's bounded loops hop by hop) and allocating a large map cost more than a run (docs/benchmarks.md) -- the exporter asks for the whole
-    ephemeral range each scrape, ``rebind trace`` wants a blocker snapshot at once. ``key``
-    says what it was made for (layouts, capacity, variant); one caller at a time (_LOCK): the
-    state map is the run's cursor."""
+    bucket program's bounded loops hop by hop) and allocating a large map cost more than a run
+    (docs/benchmarks.md) -- the exporter asks for the whole ephemeral range each scrape,
+    ``rebind trace`` wants a blocker snapshot at once. ``key`` says what it was made for
+    (layouts, variant), ``capacity`` how many entries its main map holds; one caller at a time
+    (_LOCK): the state map is the run's cursor."""
 
     def __init__(
         self,
