@@ -74,6 +74,87 @@ def connect_made(fastreuse: int, fastreuseport: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class PortBucket:
+    """A TCP port's bind bucket(s) of one network namespace, read from the kernel's bind hash
+    (kernel/bpf/bindhash.py), not through a socket: whether the port is held at all, and by what
+    kind of bucket. One object may serve many ports (it holds no port: equal buckets share it).
+
+    ``buckets``: how many ``inet_bind_bucket``s of the namespace match the port (0: nobody holds
+    it, so bind() or connect() would create it; more than 1 only with l3mdev/VRF binds). The
+    other fields are the first matched bucket's (the chain's newest), None where none matched."""
+
+    buckets: int
+    #: -1 (connect()-made, 6.18), 0, 1 -- as BindBucket.fastreuse
+    fastreuse: int | None = None
+    fastreuseport: int | None = None
+    #: the fast-reuse cache (sk_reuseport_match): read only where fastreuseport > 0, else None
+    fastuid: int | None = None
+    fast_rcv_saddr: IPv4Address | None = None
+    fast_v6_rcv_saddr: IPv6Address | None = None
+    fast_sk_family: int | None = None
+    fast_ipv6_only: bool | None = None
+    l3mdev: int | None = None
+    #: bind2 buckets (one per bound address) of the first matched bucket, counted up to a bound
+    bind2: int = 0
+    #: sockets (full and TIME_WAIT) in those bind2 buckets, counted up to a bound per bucket;
+    #: None where not asked for (read_port_buckets(owners=True))
+    owners: int | None = None
+    #: the walk stopped at a bound: a bucket may lie further on (``chain``: then even
+    #: ``buckets`` == 0 is not "free"), or ``bind2``/``owners`` are lower bounds
+    chain_truncated: bool = False
+    counts_truncated: bool = False
+    #: a copy faulted, or a bind2 bucket of another port was met (freed mid-walk): unknown
+    faulted: bool = False
+
+    @property
+    def known(self) -> bool:
+        """Whether ``buckets`` can be trusted (no fault, the chain walked to its end)."""
+        return not (self.faulted or self.chain_truncated)
+
+    @property
+    def exists(self) -> bool:
+        return self.buckets > 0
+
+    @property
+    def connect_made(self) -> bool:
+        return (
+            self.fastreuse is not None
+            and self.fastreuseport is not None
+            and connect_made(self.fastreuse, self.fastreuseport)
+        )
+
+    def bind_bucket(self, port: int) -> BindBucket | None:
+        """The first matched bucket as the socket readers give it (BindBucket)."""
+        if not self.buckets or self.fastreuse is None or self.fastreuseport is None:
+            return None
+        return BindBucket(
+            port, self.fastreuse, self.fastreuseport, self.fastuid, self.fast_rcv_saddr,
+            self.fast_v6_rcv_saddr, self.fast_sk_family, self.fast_ipv6_only,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PortOwners:
+    """Every socket of a TCP port's bind buckets in one network namespace, walked from the bind
+    hash (kernel/bpf/bindhash.py: read_port_owners): all its l3mdev buckets, all their bind2
+    buckets (addresses), all their owners (full sockets and TIME_WAITs)."""
+
+    netns: int
+    port: int
+    sockets: tuple[SockState, ...]
+    #: matched buckets and the bind2 buckets walked
+    buckets: int = 0
+    bind2: int = 0
+    #: more owners than ``limit``: the rest were not read
+    truncated: bool = False
+    #: records left out: a copy faulted, or a socket of another port or namespace was met
+    #: (freed and reused mid-walk); non-zero means "not seen" is not "not there"
+    faulted: int = 0
+    #: the walk stopped on an inconsistency (a bind2 bucket or socket of another port/namespace)
+    inconsistent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ChainPos:
     """Where a UDP socket sits in the kernel's hash chains (their order decides, see below).
 

@@ -10,7 +10,7 @@ Members of anonymous struct/union members are searched too (their offsets add up
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import NamedTuple
 
 BTF_MAGIC = 0xEB9F
@@ -35,6 +35,9 @@ KIND_FLOAT = 16
 KIND_DECL_TAG = 17
 KIND_TYPE_TAG = 18
 KIND_ENUM64 = 19
+
+#: enum btf_func_linkage: a FUNC's vlen
+FUNC_STATIC, FUNC_GLOBAL = 0, 1
 
 #: u32 words after the 12-byte ``struct btf_type``: a fixed part, and a part per ``vlen`` item.
 _FIXED_WORDS = {KIND_INT: 1, KIND_ARRAY: 3, KIND_VAR: 1, KIND_DECL_TAG: 1}
@@ -293,12 +296,15 @@ class BTF:
 # -- writing: the program BTF a loader must give for callbacks ---------------------------------
 
 
-def encode_funcs(funcs: Iterable[tuple[str, int]]) -> bytes:
-    """A BTF blob describing static functions ``long name(long, ...)`` (name, parameter count).
+def encode_funcs(funcs: Iterable[tuple[str, int]], global_names: Collection[str] = ()) -> bytes:
+    """A BTF blob describing functions ``long name(long, ...)`` (name, parameter count), static
+    unless named in ``global_names``.
 
     The verifier wants BTF func_info for a program with callbacks (bpf_loop's callback must
     be a static function); for static functions it checks no argument types, so one
-    integer type serves every parameter and return value.
+    integer type serves every parameter and return value. A global function (BTF_FUNC_GLOBAL,
+    Linux 5.6) is verified once on its own, its ``long`` arguments as unknown scalars, instead of
+    at each call with the caller's state.
     """
     strings = bytearray(b"\0long\0a0\0a1\0a2\0a3\0a4\0")
     arg_name = [6, 9, 12, 15, 18]  # offsets of a0..a4 (func_info protos need named params)
@@ -315,7 +321,8 @@ def encode_funcs(funcs: Iterable[tuple[str, int]]) -> bytes:
             types += struct.pack("<II", arg_name[i], 1)
         name_off = len(strings)
         strings += name.encode() + b"\0"
-        types += struct.pack("<III", name_off, KIND_FUNC << 24, next_id)  # linkage 0: static
+        linkage = FUNC_GLOBAL if name in global_names else FUNC_STATIC
+        types += struct.pack("<III", name_off, KIND_FUNC << 24 | linkage, next_id)
         next_id += 2
     header = struct.pack("<HBBIIIII", BTF_MAGIC, 1, 0, 24, 0, len(types), len(types), len(strings))
     return header + bytes(types) + bytes(strings)

@@ -305,6 +305,7 @@ class BulkDecoder:
         self.faults, self.seq, self.ts, self.stamp = (
             at["faults"], at["seq_num"], at["tw_ts_recent"], at["tw_ts_recent_stamp"],
         )  # fmt: skip
+        self.cookie, self.uid = at["cookie"], at["uid"]  # a record's own (bindhash's owners)
         self._runs = operator.itemgetter(*(base + i for i in _RUNS_AT))
 
     def rows(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Any, ...]]:

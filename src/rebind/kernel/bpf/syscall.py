@@ -14,7 +14,7 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from rebind.errors import EnvironmentProblem
@@ -198,15 +198,17 @@ def prog_load(
     funcs: Sequence[tuple[str, int, int]] = (),
     *,
     prog: ProgType = ITERATOR,
+    global_funcs: Collection[str] = (),
 ) -> int:
     """BPF_PROG_LOAD of one program (an iterator unless ``prog`` says otherwise); ``funcs``:
     (name, first insn, params) per function, for the func_info BTF that programs with
-    callbacks need. With ``log_size``, a refusal raises VerifierRejected with the log."""
+    callbacks need; those named in ``global_funcs`` are global (verified once, on their own).
+    With ``log_size``, a refusal raises VerifierRejected with the log."""
     kind = prog
     btf_fd = 0
     finfo = None
     if funcs:
-        btf_fd = btf_load(btfmod.encode_funcs((name, n) for name, _, n in funcs))
+        btf_fd = btf_load(btfmod.encode_funcs(((name, n) for name, _, n in funcs), global_funcs))
         # struct bpf_func_info {insn_off, type_id}: FUNC ids are 3, 5, 7.. in encode_funcs
         recs = b"".join(struct.pack("<II", at, 3 + 2 * i) for i, (_, at, _) in enumerate(funcs))
         finfo = ctypes.create_string_buffer(recs, len(recs))
@@ -223,16 +225,19 @@ def load_program(
     funcs: Sequence[tuple[str, int, int]] = (),
     *,
     prog: ProgType = ITERATOR,
+    global_funcs: Collection[str] = (),
 ) -> int:
     """Load a program, or say why not: no permission is BPFUnavailable; any other refusal loads
     it again with the verifier's log (``prog.log_size`` bytes), to raise VerifierRejected with it."""
     kind = prog
     try:
-        return prog_load(insns, attach_btf_id, funcs=funcs, prog=kind)
+        return prog_load(insns, attach_btf_id, funcs=funcs, prog=kind, global_funcs=global_funcs)
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EACCES):
             raise BPFUnavailable(f"loading a BPF program: {exc.strerror}") from exc
-    return prog_load(insns, attach_btf_id, log_size=kind.log_size, funcs=funcs, prog=kind)
+    return prog_load(
+        insns, attach_btf_id, log_size=kind.log_size, funcs=funcs, prog=kind, global_funcs=global_funcs
+    )
 
 
 def _prog_load_attr(
