@@ -39,12 +39,18 @@ def gather(
     trials: bool = True,
     settings: KernelSettings | None = None,
     port: PortState | None = None,
+    states: SockStates | None = None,
 ) -> Facts:
     """The facts for ``req``. ``trials=False``: observer-free (nothing is bound).
 
     ``port``: the port's kernel state beside its sockets (TCP bucket fast-reuse fields, UDP
     chain order) when something read it; None = unknown (no trial then runs in an existing TCP
-    bucket: see conflict.probe_is_harmless)."""
+    bucket: see conflict.probe_is_harmless).
+
+    ``states``: each table entry's socket as the kernel holds it, one per entry in the table's
+    order, read with the table (`rebind trace`'s bind-hash snapshot, kernel/bindhash_table.py):
+    its flags are the kernel's own, so neither the owners' sockets nor the kernel are read
+    again."""
     from rebind.kernel.sysctl import kernel_settings
     from rebind.kernel.walk import table as socket_table
     from rebind.model.query import SocketQuery
@@ -55,8 +61,12 @@ def gather(
         settings = replace(kernel_settings(), ipv6_addresses=ipv6_addresses())
     table = table or socket_table(SocketQuery.create(ports=[req.port], protos=[req.proto]), owners=owners)
     with gc_paused():
-        kernel, read = _kernel_states(table, req)
-        holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
+        kernel: SockStates | Unavailable | None
+        if states is not None:
+            kernel, holders = states, _given_holders(table, req, states)
+        else:
+            kernel, read = _kernel_states(table, req)
+            holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     if port is None:
         holders, port = port_state(req, holders)
     results: dict[BindRequest, TrialResult] = {}
@@ -94,6 +104,12 @@ def _kernel_states(
     if plan.nothing:
         return None, read
     return read_kernel(table, req, plan), read
+
+
+def _given_holders(table: SocketTable, req: BindRequest, states: SockStates) -> tuple[HolderFacts, ...]:
+    """Each entry of the protocol with the kernel's flags given beside it (``states``)."""
+    pairs = zip(table.entries, states.sockets, strict=True)
+    return tuple(kernel_holder(e, st) for e, st in pairs if e.socket.proto is req.proto)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:

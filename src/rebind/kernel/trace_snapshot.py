@@ -22,11 +22,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from rebind.errors import EnvironmentProblem, RebindError
-from rebind.model.records import SocketTable
+from rebind.model.records import Proto, SocketTable
 from rebind.model.request import BindRequest, TrialResult
 from rebind.model.trace import Kind, Snapshot, TraceEvent, from_connect, from_diagnosis, unavailable
+
+if TYPE_CHECKING:
+    from rebind.model.advice import Facts
 
 
 def _open_netns(ev: TraceEvent) -> int:
@@ -100,7 +104,7 @@ def _without(table: SocketTable, inode: int) -> SocketTable:
     return replace(table, entries=tuple(e for e in table.entries if e.socket.inode != inode))
 
 
-def _bind_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
+def _bind_snapshot(ev: TraceEvent, owners: bool, bindhash: bool = True) -> Snapshot:
     from rebind.kernel.addrs import ipv6_addresses
     from rebind.kernel.facts import gather
     from rebind.kernel.sysctl import kernel_settings
@@ -113,21 +117,43 @@ def _bind_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
         return unavailable("not a TCP or UDP socket")
     if req.port == 0:
         return unavailable("bind() to port 0: no port of the ephemeral range was free")
-    query = SocketQuery.create(ports=[req.port], protos=[req.proto])
-    table = _without(socket_table(query, owners=owners), ev.inode)
     # The privilege is the caller's, not ours: __inet_bind checks the address (EADDRNOTAVAIL),
     # then the port's privilege (EACCES: no CAP_NET_BIND_SERVICE over the netns), then conflicts
     # (EADDRINUSE). So EACCES says the caller lacked it; any other errno: judge as if it had it.
     settings = replace(
         kernel_settings(), ipv6_addresses=ipv6_addresses(), cap_net_bind_service=ev.errno != errno.EACCES
     )
+    if bindhash and req.proto is Proto.TCP:
+        # TCP: the port's sockets from its bind buckets (kernel/trace_bindhash.py), not from
+        # inet_diag's dumps, which walk the whole namespace; None: that read could not vouch
+        # for the port, and the dumps answer. UDP has no bind hash: always the dumps.
+        from rebind.kernel.trace_bindhash import diagnose
+
+        got = diagnose(ev, req, settings, owners)
+        if got is not None:
+            return from_diagnosis(got)
+    query = SocketQuery.create(ports=[req.port], protos=[req.proto])
+    table = _without(socket_table(query, owners=owners), ev.inode)
     facts = gather(req, owners=owners, table=table, trials=False, settings=settings)
-    if ev.kind is Kind.BIND:
-        # The failed bind() *is* the kernel's answer to this very request, given a moment ago:
-        # the model uses it as `why` uses its trial bind (to settle flags nobody could read,
-        # e.g. a TIME_WAIT's SO_REUSEADDR once its server is gone). Nothing is bound by us.
-        facts = replace(facts, trials={replace(req, listen=False): TrialResult(ok=False, errno=ev.errno)})
-    return from_diagnosis(advise(facts))
+    return from_diagnosis(advise(with_event_trial(ev, req, facts)))
+
+
+def with_event_trial(ev: TraceEvent, req: BindRequest, facts: Facts) -> Facts:
+    """For a bind(): the failed bind() *is* the kernel's answer to this very request, given a
+    moment ago: the model uses it as `why` uses its trial bind (to settle flags nobody could
+    read, e.g. a TIME_WAIT's SO_REUSEADDR once its server is gone). Nothing is bound by us."""
+    if ev.kind is not Kind.BIND:
+        return facts
+    return replace(facts, trials={replace(req, listen=False): TrialResult(ok=False, errno=ev.errno)})
+
+
+def prepare() -> str | None:
+    """At the tracer's start: load the bind-hash owners program and calibrate HZ, so that the
+    first snapshot pays neither (kernel/trace_bindhash.py). None when ready, else why not (the
+    snapshots then take inet_diag's dumps)."""
+    from rebind.kernel.trace_bindhash import prepare as prepare_bindhash
+
+    return prepare_bindhash()
 
 
 def _connect_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
@@ -156,12 +182,17 @@ def _connect_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
     return from_connect(evaluate_connect(req, facts.holders, facts.settings, route_src=facts.source))
 
 
-def snapshot(ev: TraceEvent, *, owners: bool = True) -> Snapshot:
+def snapshot(ev: TraceEvent, *, owners: bool = True, bindhash: bool = True) -> Snapshot:
     """The model's answer for the event's request, now, in its namespace; never raises for
-    what another process did meanwhile (namespace gone, socket closed): says so instead."""
+    what another process did meanwhile (namespace gone, socket closed): says so instead.
+    ``bindhash=False``: a TCP bind/listen's sockets from inet_diag's dumps, as before the
+    bind-hash read (tests compare the two)."""
     try:
         with in_netns(ev):
-            snap = _connect_snapshot(ev, owners) if ev.kind is Kind.CONNECT else _bind_snapshot(ev, owners)
+            if ev.kind is Kind.CONNECT:
+                snap = _connect_snapshot(ev, owners)
+            else:
+                snap = _bind_snapshot(ev, owners, bindhash)
     except (OSError, RebindError, ValueError) as exc:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if isinstance(exc, EnvironmentProblem):

@@ -37,7 +37,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rebind.errors import RebindError
 from rebind.kernel.bpf import btf as btfmod
@@ -76,10 +76,13 @@ from rebind.kernel.bpf.syscall import (
 from rebind.model.records import Proto
 from rebind.model.sockstate import PortBucket, PortOwners, Unavailable
 
+if TYPE_CHECKING:
+    from rebind.kernel.bpf.sockdecode import BulkDecoder
+
 #: Reading the layout walks most of vmlinux BTF (task_struct, net): cached per boot.
 LAYOUT_CACHE = layout_cache(
     "bpf-bindhash-layout",
-    1,
+    2,
     (MEMBERS, SIZED),
     build=layout_from_btf,
     encode=encode_layout,
@@ -378,6 +381,14 @@ _U32 = struct.Struct("<I")
 
 
 def _owners_of(netns: int, port: int, state: bytes, data: bytes) -> PortOwners:
+    return _owners_and_rows(netns, port, state, data)[0]
+
+
+def _owners_and_rows(
+    netns: int, port: int, state: bytes, data: bytes
+) -> tuple[PortOwners, list[tuple[Any, ...]], BulkDecoder]:
+    """The PortOwners, and the raw rows of its sockets (in order) with their decoder, for
+    readers of the record's extra fields (:mod:`rebind.kernel.bindhash_table`)."""
     from rebind.kernel.bpf.sockdecode import BulkDecoder
 
     S = OwnerState
@@ -387,9 +398,8 @@ def _owners_of(netns: int, port: int, state: bytes, data: bytes) -> PortOwners:
     dec = BulkDecoder(Proto.TCP)
     decode, fi, li, ci, ui = dec.decode, dec.faults, dec.lport, dec.cookie, dec.uid
     # a faulted record, or one of another port (a socket reused mid-walk): left out, counted
-    out = tuple(
-        decode(v, data, i, v[ci], v[ui]) for i, v in enumerate(dec.rows(data)) if not v[fi] and v[li] == port
-    )
+    kept = [(i, v) for i, v in enumerate(dec.rows(data)) if not v[fi] and v[li] == port]
+    out = tuple(decode(v, data, i, v[ci], v[ui]) for i, v in kept)
     faulted = skipped + len(data) // RECORD.size - len(out)
     return PortOwners(
         netns,
@@ -400,4 +410,4 @@ def _owners_of(netns: int, port: int, state: bytes, data: bytes) -> PortOwners:
         truncated=bool(flags & (OWNERS_TRUNCATED | STEPS_EXHAUSTED | CHAIN_TRUNCATED)) or not flags & RAN,
         faulted=faulted + bool(flags & FAULTED),
         inconsistent=bool(flags & INCONSISTENT),
-    )
+    ), [v for _, v in kept], dec

@@ -55,6 +55,14 @@ MEMBERS: tuple[tuple[str, str, int], ...] = (
     ("sock_common", "skc_num", 2),
     ("sock_common", "skc_net", 8),
     ("sock_common", "skc_cookie", 8),
+    # what `rebind trace`'s snapshot needs beside the record (bindowners._emit_extras): the
+    # socket's inode as sock_i_ino finds it (sk_socket -> SOCK_INODE: the socket_alloc's
+    # vfs_inode), and a TIME_WAIT's timer as inet_twsk_diag_fill reads it
+    ("sock", "sk_socket", 8),
+    ("socket_alloc", "socket", 0),
+    ("socket_alloc", "vfs_inode", 0),
+    ("inode", "i_ino", 8),
+    ("inet_timewait_sock", "tw_timer.expires", 8),
 )
 #: Structs whose size the programs use (an array's stride).
 SIZED = ("inet_bind_hashbucket",)
@@ -109,7 +117,7 @@ def check_layout(lay: BindHashLayout) -> None:
     for s, m, _ in MEMBERS:
         if f"{s}.{m}" not in have:
             raise btfmod.BTFError(f"layout lacks {s}.{m}")
-    for key in ("hlist_head.first", "hlist_node.next"):
+    for key in ("hlist_head.first", "hlist_node.next", "socket_alloc.socket"):
         if lay[key] != 0:
             raise btfmod.BTFError(f"{key} is not at offset 0")
     for s in ("inet_bind_bucket", "inet_bind2_bucket"):

@@ -30,10 +30,11 @@ from rebind.kernel.bpf.bindhashlayout import (
     BindHashLayout,
 )
 from rebind.kernel.bpf.bindprog import NetState, chain_head, find_net
-from rebind.kernel.bpf.socklayout import REC, RECORD, SockLayout
+from rebind.kernel.bpf.socklayout import KIND_TIMEWAIT, REC, RECORD, SockLayout
 from rebind.kernel.bpf.sockprog import SockFrame, _Emitter, emit_socket_fields
 
 HELPER_LOOP = 181  # bpf_loop, Linux 5.17
+HELPER_JIFFIES64 = 118  # bpf_jiffies64, Linux 5.5 (bpf_base_func_proto: CAP_BPF)
 #: The walk ran out of steps before its end (OwnerState.STEPS): truncated.
 STEPS_EXHAUSTED = 64
 #: The cursor's phases: following the chain, a bucket's bind2 list, a bind2 bucket's owners.
@@ -63,7 +64,8 @@ class OwnerState:
     BIND2: Final = 84  # u32: bind2 buckets walked
     SKIPPED: Final = 88  # u32: owners not emitted (of another port or net: reused meanwhile)
     HOPS: Final = 92  # u32: chain buckets visited
-    SIZE: Final = 96
+    JIFFIES: Final = 96  # u64: jiffies_64 when the run began (bpf_jiffies64): HZ calibration
+    SIZE: Final = 104
 
 
 class StepFrame:
@@ -102,6 +104,8 @@ def build_owners_program(
     p.store_imm(4, fp, SockFrame.KEY, 0)
     p.map_lookup(state_fd, SockFrame.KEY, "main_out")
     p.mov(r8, r0)
+    p.call(HELPER_JIFFIES64)
+    p.store(8, r8, S.JIFFIES, r0)
     p.mov_imm(r9, 0)
     find_net(p, lay)  # jumps to "fault"
     p.load(4, r6, r8, S.PORT)
@@ -277,8 +281,9 @@ def _owner_step(p: asm.Program, lay: BindHashLayout) -> None:
 
 def _emit(p: asm.Program, lay: BindHashLayout, sock: SockLayout, records_fd: int) -> None:
     """rebind_emit(sk, index): the socket's RECORD (the iterator's fields: emit_socket_fields;
-    the cookie as the socket holds it, skc_cookie; the uid its sk_uid) written at
-    records[index]. Returns 0, or 1 if the map has no such index."""
+    the cookie as the socket holds it, skc_cookie; the uid its sk_uid; the extras of
+    :func:`_emit_extras`) written at records[index]. Returns 0, or 1 if the map has no such
+    index."""
     r0, r1, r2, r3, r7, r9, fp = asm.R0, asm.R1, asm.R2, asm.R3, asm.R7, asm.R9, asm.FP
     F, rec = SockFrame, SockFrame.RECORD
     p.label("emit_owner")
@@ -290,6 +295,7 @@ def _emit(p: asm.Program, lay: BindHashLayout, sock: SockLayout, records_fd: int
         p.store_imm(8, fp, rec + off, 0)
     emit_socket_fields(p, e, sock, tcp=True)
     p.label("emit")
+    _emit_extras(p, lay, e)
     e.probe_read(rec + REC["cookie"], 8, r7, lay["sock_common.skc_cookie"])
     p.load(4, r1, fp, rec + REC["sk_uid"])
     p.store(4, fp, rec + REC["uid"], r1)
@@ -307,3 +313,40 @@ def _emit(p: asm.Program, lay: BindHashLayout, sock: SockLayout, records_fd: int
     p.label("e_missing")
     p.mov_imm(r0, 1)
     p.exit()
+
+
+#: Where the owners' records carry what the socket programs' RECORD has no field for, in two
+#: fields only UDP's iterator fills (so every other reader sees its records unchanged): a full
+#: socket's inode, a TIME_WAIT's jiffies left (:func:`_emit_extras`).
+EXTRA_INODE, EXTRA_TW_LEFT = "bucket", "chain_after"
+
+
+def _emit_extras(p: asm.Program, lay: BindHashLayout, e: _Emitter) -> None:
+    """What inet_diag would report beside the record, for `rebind trace`'s snapshot
+    (kernel/bindhash_table.py): a full socket's inode -- sock_i_ino: ``SOCK_INODE(sk->sk_socket)
+    ->i_ino``, 0 where orphaned (no sk_socket), the low 32 bits (socket inodes come from
+    get_next_ino, an unsigned int) -- at EXTRA_INODE; a TIME_WAIT's timer, as
+    inet_twsk_diag_fill reads it (``tw_timer.expires - jiffies``, 0 where past due), in jiffies
+    at EXTRA_TW_LEFT. A fault counts in r9 as any copy's (the record is then left out)."""
+    r0, r1, r3, r7, fp = asm.R0, asm.R1, asm.R3, asm.R7, asm.FP
+    rec, scratch = SockFrame.RECORD, SockFrame.SCRATCH
+    p.load(1, r1, fp, rec + REC["kind"])
+    p.jump_imm(asm.JEQ, r1, KIND_TIMEWAIT, "x_tw")
+    p.jump_imm(asm.JNE, r1, 0, "x_done")  # a request sock: in no bind bucket, no file
+    p.store_imm(8, fp, scratch, 0)
+    e.probe_read(scratch, 8, r7, lay["sock.sk_socket"])
+    p.load(8, r3, fp, scratch)
+    p.jump_imm(asm.JEQ, r3, 0, "x_done")
+    e.probe_read(rec + REC[EXTRA_INODE], 4, r3, lay["socket_alloc.vfs_inode"] + lay["inode.i_ino"])
+    p.goto("x_done")
+    p.label("x_tw")
+    p.store_imm(8, fp, scratch, 0)
+    e.probe_read(scratch, 8, r7, lay["inet_timewait_sock.tw_timer.expires"])
+    p.call(HELPER_JIFFIES64)
+    p.load(8, r1, fp, scratch)
+    p.alu(asm.SUB, r1, r0)
+    p.jump_imm(asm.JSGT, r1, 0, "x_left")
+    p.mov_imm(r1, 0)
+    p.label("x_left")
+    p.store(4, fp, rec + REC[EXTRA_TW_LEFT], r1)
+    p.label("x_done")

@@ -254,6 +254,9 @@ _OWN_FIELDS = frozenset(
     {
         "cookie", "seq_num", "tw_ts_recent_stamp", "uid", "faults", "tw_ts_recent", "rcv_saddr",
         "daddr", "v6_rcv_saddr", "v6_daddr", "family", "lport", "dport",
+        # a socket's own in the bind-hash owners' records (bindowners.EXTRA_*: inode, jiffies
+        # left), 0 in TCP's others: never part of what sockets share
+        "bucket", "chain_after",
     }
 )  # fmt: skip
 
@@ -306,6 +309,7 @@ class BulkDecoder:
             at["faults"], at["seq_num"], at["tw_ts_recent"], at["tw_ts_recent_stamp"],
         )  # fmt: skip
         self.cookie, self.uid = at["cookie"], at["uid"]  # a record's own (bindhash's owners)
+        self.bucket, self.chain_after = at["bucket"], at["chain_after"]
         self._runs = operator.itemgetter(*(base + i for i in _RUNS_AT))
 
     def rows(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Any, ...]]:

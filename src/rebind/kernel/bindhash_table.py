@@ -1,0 +1,204 @@
+"""A TCP port's socket table read from its bind buckets, not dumped by inet_diag: `rebind
+trace`'s snapshot of a failing bind() or listen() (kernel/trace_snapshot.py, issue 19).
+
+inet_diag finds a port's sockets by walking the whole established hash (and, for bound-only
+sockets, the whole bhash2): ~100 ms a dump on a 211k-socket namespace, two dumps a snapshot
+(docs/benchmarks.md). What inet_csk_bind_conflict walks -- every socket of the port's bind
+buckets: listeners, connections, TIME_WAITs, bound-only sockets -- is one hash chain away
+(kernel/bpf/bindhash.py: read_port_owners). The owners program also writes what inet_diag would
+report beside the record (bindowners._emit_extras): a full socket's inode, a TIME_WAIT's jiffies
+left. Here each socket becomes the :class:`SocketRecord` inet_diag would give (:func:`to_record`,
+pure) and its :class:`SockState` is kept beside it: the kernel's own flags, which
+``facts.gather(states=...)`` uses as they are.
+
+What inet_diag gives and this does not: request socks (NEW_SYN_RECV: in the established hash,
+never in a bind bucket, so never a bind conflict), the timers of full sockets (retransmit,
+keepalive: no bind rule reads them), rqueue/wqueue and cgroup ids, and the socket cookie where
+nothing asked for it yet (skc_cookie 0: a cookie of our own is given, :data:`LOCAL_COOKIE`, never
+shown). Anything the walk could not vouch for (a fault, a truncated or inconsistent walk, HZ not
+calibrated) is :class:`Unavailable`: the caller falls back to inet_diag, never to less.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rebind.model.records import SocketRecord, State, Timer
+from rebind.model.sockstate import PortOwners, SockKind, SockState, SockStates, Unavailable
+
+#: The kernel's possible CONFIG_HZ values (kernel/Kconfig.hz).
+STANDARD_HZ = (100, 250, 300, 1000)
+#: Cookies given to sockets nothing asked a cookie for yet (skc_cookie 0): the top bit set, out
+#: of the reach of sock_gen_cookie's counter, so that SocketRecord.key stays unique per socket.
+LOCAL_COOKIE = 1 << 63
+
+
+@dataclass(frozen=True, slots=True)
+class PortSockets:
+    """read_port_owners' answer with the extras of each socket (same order)."""
+
+    owners: PortOwners
+    #: a full socket's inode (sock_i_ino), 0 for a TIME_WAIT or an orphan
+    inodes: tuple[int, ...]
+    #: a TIME_WAIT's timer, jiffies left (0 past due, and for full sockets)
+    tw_left: tuple[int, ...]
+    #: jiffies_64 at the run, and CLOCK_MONOTONIC (ns) around it: HZ calibration
+    jiffies: int
+    mono_ns: int
+
+
+def jiffies_to_ms(j: int, hz: int) -> int:
+    """jiffies_to_msecs, as inet_twsk_diag_fill reports idiag_expires (rounded up where HZ does
+    not divide 1000, as the kernel's HZ_TO_MSEC_* constants do)."""
+    return -(-max(j, 0) * 1000 // hz)
+
+
+def snap_hz(d_jiffies: int, d_ns: int) -> int | None:
+    """HZ from two (jiffies, time) samples: the standard value their rate is nearest to, if no
+    other is within the samples' slack (a tick on either side of each: 2 jiffies); else None."""
+    if d_ns <= 0 or d_jiffies <= 0:
+        return None
+    rate = d_jiffies * 1e9 / d_ns
+    slack = 2 * 1e9 / d_ns
+    near = sorted(STANDARD_HZ, key=lambda h: abs(rate - h))
+    if abs(rate - near[0]) > slack or abs(rate - near[1]) <= slack:
+        return None
+    return near[0]
+
+
+def to_record(st: SockState, inode: int, tw_left_ms: int | None, cookie: int) -> SocketRecord:
+    """The SocketRecord inet_diag would report for this socket of a bind bucket (pure).
+
+    As inet_diag_msg_common_fill / inet_sk_diag_fill / inet_twsk_diag_fill: a TIME_WAIT's state
+    is its substate (TIME_WAIT, or FIN_WAIT2 kept as one), its timer TIME_WAIT with the ms left,
+    no uid and no inode; a TCP socket in CLOSE in a bind bucket is bound-only (the bhash2 dump's
+    "bound-inactive", diag_codec renames it); v6only only for an AF_INET6 socket in LISTEN or
+    CLOSE (inet_diag_msg_attrs_fill); the uid is sk_uid (sock_i_uid)."""
+    tw = st.kind is SockKind.TIMEWAIT
+    if tw:
+        state = st.tw_substate or State.TIME_WAIT
+    elif st.state is State.CLOSE:
+        state = State.BOUND_INACTIVE
+    else:
+        state = st.state
+    v6only = None
+    if not tw and st.family.value == 10 and st.state in (State.LISTEN, State.CLOSE):
+        v6only = st.ipv6only
+    return SocketRecord(
+        proto=st.proto,
+        family=st.family,
+        state=state,
+        local=st.local,
+        remote=st.remote,
+        uid=None if tw else st.uid,
+        inode=None if tw or not inode else inode,
+        cookie=cookie,
+        ifindex=st.bound_dev_if,
+        timer=Timer.TIME_WAIT if tw else Timer.NONE,
+        expires_ms=tw_left_ms if tw else None,
+        v6only=v6only,
+        netns=st.netns,
+    )
+
+
+def to_records(got: PortSockets, hz: int) -> list[tuple[SocketRecord, SockState]]:
+    """Every socket of the walk as (record, state); cookies given where the kernel has none."""
+    out = []
+    for i, (st, inode, left) in enumerate(zip(got.owners.sockets, got.inodes, got.tw_left, strict=True)):
+        tw = st.kind is SockKind.TIMEWAIT
+        cookie = st.cookie or LOCAL_COOKIE | i
+        out.append((to_record(st, inode, jiffies_to_ms(left, hz) if tw else None, cookie), st))
+    return out
+
+
+def problem(got: PortOwners) -> str | None:
+    """Why the walk cannot stand for the port's table, or None."""
+    if got.truncated:
+        return f"more than the {len(got.sockets)} sockets read"
+    if got.faulted or got.inconsistent:
+        return "the bind hash changed while it was read"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# reading (I/O)
+
+
+def read_port_sockets(port: int, limit: int) -> PortSockets | Unavailable:
+    """read_port_owners with each socket's extras (this thread's network namespace)."""
+    from rebind.errors import RebindError
+    from rebind.kernel.bpf import bindhash as bh
+    from rebind.kernel.bpf import btf as btfmod
+    from rebind.kernel.bpf.bindowners import OwnerState
+    from rebind.kernel.bpf.sockiter import current_netns, load_sock_layout
+    from rebind.kernel.bpf.syscall import check_bpf_environment
+
+    if not 0 < port < 1 << 16:
+        return Unavailable(f"port {port} out of range")
+    try:
+        check_bpf_environment(honour_no_bpf=True)
+        lay, sock = bh.load_layout(), load_sock_layout()
+        here = current_netns()
+        before = time.monotonic_ns()
+        state, data = bh._run_owners(lay, sock, port, bh._limit(limit))
+        after = time.monotonic_ns()
+    except (OSError, RebindError, btfmod.BTFError) as exc:
+        return Unavailable(bh._reason(exc))
+    owners, rows, dec = bh._owners_and_rows(here, port, state, data)
+    jiffies = int.from_bytes(state[OwnerState.JIFFIES : OwnerState.JIFFIES + 8], "little")
+    return PortSockets(
+        owners,
+        tuple(_column(rows, dec.bucket)),
+        tuple(_column(rows, dec.chain_after)),
+        jiffies,
+        (before + after) // 2,
+    )
+
+
+def _column(rows: list[tuple[Any, ...]], at: int) -> list[int]:
+    return [r[at] for r in rows]
+
+
+_HZ: list[int] = []
+
+
+def calibrate_hz(*, wait: float = 0.5) -> int | None:
+    """The kernel's HZ (jiffies per second), from two runs of the owners program at least 100 ms
+    apart (a port nobody holds: nothing is walked), kept for the process; None if BPF cannot
+    run or the rate stays ambiguous for ``wait`` seconds."""
+    if _HZ:
+        return _HZ[0]
+    first = read_port_sockets(1, 1)
+    if isinstance(first, Unavailable):
+        return None
+    deadline = time.monotonic() + wait
+    time.sleep(0.1)
+    while True:
+        now = read_port_sockets(1, 1)
+        if isinstance(now, Unavailable):
+            return None
+        hz = snap_hz(now.jiffies - first.jiffies, now.mono_ns - first.mono_ns)
+        if hz is not None:
+            _HZ.append(hz)
+            return hz
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def port_table(port: int, limit: int) -> tuple[list[tuple[SocketRecord, SockState]], SockStates] | Unavailable:
+    """The port's sockets as (record, kernel state), in this thread's namespace; Unavailable
+    where the bind-hash walk cannot stand for inet_diag's dump (see :func:`problem`)."""
+    hz = calibrate_hz()
+    if hz is None:
+        return Unavailable("HZ not calibrated: a TIME_WAIT's time left would be unknown")
+    got = read_port_sockets(port, limit)
+    if isinstance(got, Unavailable):
+        return got
+    why = problem(got.owners)
+    if why is not None:
+        return Unavailable(why)
+    pairs = to_records(got, hz)
+    return pairs, SockStates(got.owners.netns, tuple(st for _, st in pairs))
