@@ -64,9 +64,14 @@ def connect_loop(n: int, port: int) -> float:
     return n / dt
 
 
-def start_trace(netns: int, *extra: str) -> subprocess.Popen[bytes]:
+#: ``--base-src``: the source tree of the baseline rebind, run side by side (latency only)
+BASE_SRC: str | None = None
+
+
+def start_trace(netns: int, *extra: str, src: str | None = None) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "rebind", "trace", "--json", "--netns", str(netns), *extra]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=env)
     assert p.stderr is not None
     line = p.stderr.readline().decode()
     if "tracing" not in line:
@@ -100,10 +105,18 @@ def overhead(netns: int, n: int, rounds: int) -> None:
 
 
 def latency(netns: int, failures: int, *extra: str) -> None:
+    """Event -> line with this checkout, then (``--base-src``) with the baseline, one after the
+    other on the same state."""
+    latency_of(netns, failures, None, *extra)
+    if BASE_SRC:
+        latency_of(netns, failures, BASE_SRC, *extra)
+
+
+def latency_of(netns: int, failures: int, src: str | None, *extra: str) -> None:
     lst = socket.socket()
     lst.bind(("127.0.0.1", 30000))
     lst.listen()
-    p = start_trace(netns, *extra)
+    p = start_trace(netns, *extra, src=src)
     assert p.stdout is not None
     fd = p.stdout.fileno()
     lat: list[float] = []
@@ -131,7 +144,8 @@ def latency(netns: int, failures: int, *extra: str) -> None:
         stop(p)
         lst.close()
     what = " ".join(extra) or "(owners on)"
-    print(f"event -> line, {failures} failing binds, {what}:")
+    which = f" [baseline {src}]" if src else ""
+    print(f"event -> line, {failures} failing binds, {what}{which}:")
     print(f"  line read after:    median {statistics.median(lat):.1f} ms  max {max(lat):.1f} ms")
     if after:
         print(f"  snapshot after_ms:  median {statistics.median(after):.1f} ms  max {max(after):.1f} ms")
@@ -272,10 +286,13 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also event -> line at bench/mkload.py's table")
     ap.add_argument("--mkload", default="", help="arguments for mkload.py (default: its own defaults)")
     ap.add_argument("--build-timeout", type=float, default=1200)
+    ap.add_argument("--base-src", help="event -> line also with the rebind of this src/ (a baseline)")
     ap.add_argument(
         "--only", default="overhead,latency,misses,births", help="comma-separated parts to run (and 'big')"
     )
     args = ap.parse_args()
+    global BASE_SRC
+    BASE_SRC = args.base_src
     parts = set(args.only.split(",")) | ({"big"} if args.big else set())
     print(f"load average before: {os.getloadavg()}")
     with private_netns() as netns:

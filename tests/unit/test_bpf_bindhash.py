@@ -59,6 +59,11 @@ OFFSETS = {
     "sock_common.skc_num": 14,
     "sock_common.skc_net": 48,
     "sock_common.skc_cookie": 88,
+    "sock.sk_socket": 288,
+    "socket_alloc.socket": 0,
+    "socket_alloc.vfs_inode": 128,
+    "inode.i_ino": 64,
+    "inet_timewait_sock.tw_timer.expires": 176,
 }
 _SIZES = {f"{s}.{m}": size for s, m, size in L.MEMBERS}
 FAKE = L.BindHashLayout(tuple(OFFSETS.items()), (("inet_bind_hashbucket", 16),))
@@ -79,6 +84,8 @@ def _blob(drop: str = "", wrong_size: str = "") -> bytes:
              "owners": head, "fast_v6_rcv_saddr": in6, "skc_cookie": atomic}  # fmt: skip
     death = b.struct_("inet_timewait_death_row", 64, [("hashinfo", sizes[8], 64 * 8)])
     ipv4 = b.struct_("netns_ipv4", 1024, [("tcp_death_row", death, 896 * 8)])
+    timer = b.struct_("timer_list", 40, [("entry", node, 0), ("expires", sizes[8], 16 * 8)])
+    opaque = b.struct_("socket", 128, [])
     by_struct: dict[str, list[tuple[str, int, int]]] = {}
     for key, off in OFFSETS.items():
         s, _, path = key.partition(".")
@@ -88,8 +95,13 @@ def _blob(drop: str = "", wrong_size: str = "") -> bytes:
         if first == "ipv4":
             by_struct.setdefault(s, []).append(("ipv4", ipv4, 0))
             continue
+        if first == "tw_timer":
+            by_struct.setdefault(s, []).append(("tw_timer", timer, (off - 16) * 8))
+            continue
         if first == "ib_net" or first == "skc_net":
             t = possible
+        elif s == "socket_alloc":
+            t = opaque  # any type: the programs use its offset only
         else:
             size = _SIZES[key]
             t = kinds.get(first) or sizes[2 if key == wrong_size else size]
@@ -237,7 +249,7 @@ def test_the_bucket_program_calls_only_its_helpers_and_stays_in_its_frame() -> N
 def test_the_owners_program_emits_the_iterators_record() -> None:
     raw, funcs = build_owners_program(FAKE, fake_layout(), 11, 12)
     assert _helpers(raw) >= {181, HELPER_GET_CURRENT_TASK, asm.HELPER_PROBE_READ_KERNEL}
-    assert _helpers(raw) <= {181, 1, 35, 113}
+    assert _helpers(raw) <= {181, 1, 35, 113, 118}  # 118: bpf_jiffies64 (HZ, TIME_WAIT timers)
     assert [(name, n) for name, _, n in funcs] == list(FUNCS)
     assert sorted(GLOBAL_FUNCS) == ["rebind_emit"]
     main, step, emit = (at for _, at, _ in funcs)

@@ -118,8 +118,17 @@ def trace(
             recorder.close()
         raise
     loop = _Loop(tracer, wanted_ports, netns, count, as_json, recorder, not no_owners, not no_snapshot)
+    why: str | None = None
+    if not no_snapshot:
+        from rebind.kernel.trace_snapshot import prepare
+
+        # the bind-hash reader loaded and HZ calibrated now, not in the first event's snapshot
+        # (without them, TCP snapshots take inet_diag's dumps: slower on a large table)
+        why = prepare()
     try:
         _note(f"tracing failing bind/listen/connect ({_errno_words(errnos)}); ^C to stop")
+        if not no_snapshot and why is not None:
+            _note(f"note: TCP blocker snapshots from inet_diag's dumps ({why})")
         loop.run()
     finally:
         summary = loop.summary()

@@ -1,0 +1,142 @@
+"""`rebind trace`'s bind-hash snapshot without a kernel: the owners' records with their extras
+(inode, TIME_WAIT jiffies left) decoded, each socket turned into the SocketRecord inet_diag would
+report (kernel/bindhash_table.py: pure), HZ from two samples, the walk's doubts refused, and
+facts.gather using the given kernel states as they are. The kernel side, and the equality with
+inet_diag's snapshot, is tests/kernel/test_trace_bindhash_kernel.py."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+
+from rebind.kernel import bindhash_table as T
+from rebind.kernel.bpf import asm
+from rebind.kernel.bpf import bindhash as H
+from rebind.kernel.bpf import bindhashlayout as L
+from rebind.kernel.bpf import socklayout as R
+from rebind.kernel.bpf.bindowners import EXTRA_INODE, EXTRA_TW_LEFT, HELPER_JIFFIES64, OwnerState, build_owners_program
+from rebind.model.records import Endpoint, Family, Proto, State, Timer
+from rebind.model.sockstate import PortOwners, SockKind, SockState
+from tests.unit.test_bpf_bindhash import FAKE, _helpers, _state
+from tests.unit.test_bpf_sockiter import _record, fake_layout
+
+LO = bytes([127, 0, 0, 1])
+
+
+def _st(kind: SockKind, state: State, family: Family = Family.INET, **kw: object) -> SockState:
+    addr = IPv4Address("127.0.0.1") if family is Family.INET else IPv6Address("::")
+    args: dict[str, object] = dict(
+        proto=Proto.TCP, family=family, state=state, kind=kind, local=Endpoint(addr, 8080),
+        remote=Endpoint(addr, 0), cookie=0, netns=7, uid=None if kind is SockKind.TIMEWAIT else 1000,
+        sk_uid=1000, bound_dev_if=0, reuse=0, reuseport=False, ipv6only=False, userlocks=12,
+    )  # fmt: skip
+    args.update(kw)
+    return SockState.make(**args)  # type: ignore[arg-type]
+
+
+def test_a_listener_becomes_inet_diags_record() -> None:
+    r = T.to_record(_st(SockKind.FULL, State.LISTEN, bound_dev_if=3), 4242, None, 99)
+    assert (r.state, r.uid, r.inode, r.cookie, r.ifindex, r.timer, r.expires_ms) == (
+        State.LISTEN, 1000, 4242, 99, 3, Timer.NONE, None,
+    )  # fmt: skip
+    assert r.v6only is None and r.netns == 7 and not r.is_mini
+
+
+def test_a_time_wait_has_its_substate_time_left_and_no_owner() -> None:
+    st = _st(SockKind.TIMEWAIT, State.TIME_WAIT, tw_substate=State.FIN_WAIT2, userlocks=None)
+    r = T.to_record(st, 0, 41_000, 5)
+    assert (r.state, r.timer, r.expires_ms, r.uid, r.inode) == (State.FIN_WAIT2, Timer.TIME_WAIT, 41_000, None, None)
+    assert r.is_mini
+
+
+def test_close_in_a_bind_bucket_is_bound_inactive_and_v6only_as_inet_diag_says() -> None:
+    bound = T.to_record(_st(SockKind.FULL, State.CLOSE, Family.INET6, ipv6only=True), 1, None, 1)
+    assert bound.state is State.BOUND_INACTIVE and bound.v6only is True
+    est = T.to_record(_st(SockKind.FULL, State.ESTABLISHED, Family.INET6, ipv6only=True), 1, None, 1)
+    assert est.v6only is None  # inet_diag_msg_attrs_fill: LISTEN and CLOSE only
+    assert T.to_record(_st(SockKind.FULL, State.LISTEN), 0, None, 1).inode is None  # an orphan: no file
+
+
+@pytest.mark.parametrize(("j", "hz", "ms"), [(10, 250, 40), (0, 1000, 0), (-5, 250, 0), (1, 300, 4), (3, 100, 30)])
+def test_jiffies_to_ms_as_the_kernel_rounds(j: int, hz: int, ms: int) -> None:
+    assert T.jiffies_to_ms(j, hz) == ms
+
+
+@pytest.mark.parametrize(
+    ("dj", "dns", "hz"),
+    [(25, 100_000_000, 250), (26, 100_000_000, 250), (30, 100_000_000, 300), (100, 100_000_000, 1000),
+     (10, 100_000_000, 100), (3, 10_000_000, None), (0, 100_000_000, None), (5, 0, None)],
+)  # fmt: skip
+def test_hz_is_a_standard_value_or_unknown(dj: int, dns: int, hz: int | None) -> None:
+    assert T.snap_hz(dj, dns) == hz
+
+
+def test_owner_records_carry_inode_and_time_left_and_still_share_their_common() -> None:
+    tw = {"family": 2, "lport": 9000, "state": State.TIME_WAIT, "kind": R.KIND_TIMEWAIT, "rcv_saddr": LO,
+          "tw_substate": State.TIME_WAIT, "tw_connect_bind": R.ABSENT}  # fmt: skip
+    data = b"".join(
+        [
+            _record(cookie=0, dport=(40001).to_bytes(2, "big"), **{EXTRA_TW_LEFT: 1000}, **tw),
+            _record(cookie=0, dport=(40002).to_bytes(2, "big"), **{EXTRA_TW_LEFT: 999}, **tw),
+            _record(cookie=3, sk_uid=1000, uid=1000, family=2, lport=9000, state=State.LISTEN, rcv_saddr=LO,
+                    **{EXTRA_INODE: 777}),
+        ]
+    )  # fmt: skip
+    owners, rows, dec = H._owners_and_rows(7, 9000, _state(FLAGS=L.RAN, EMITTED=3), data)
+    assert owners == H._owners_of(7, 9000, _state(FLAGS=L.RAN, EMITTED=3), data)
+    assert owners.sockets[0].common is owners.sockets[1].common  # the extras are a socket's own
+    got = T.PortSockets(owners, tuple(r[dec.bucket] for r in rows), tuple(r[dec.chain_after] for r in rows), 0, 0)
+    recs = T.to_records(got, 250)
+    assert [r.expires_ms for r, _ in recs] == [4000, 3996, None]
+    assert [r.inode for r, _ in recs] == [None, None, 777]
+    cookies = [r.cookie for r, _ in recs]
+    assert cookies[2] == 3 and len(set(cookies)) == 3 and all(c >= T.LOCAL_COOKIE for c in cookies[:2])
+
+
+def test_the_owners_program_reads_the_timer_against_jiffies() -> None:
+    raw, _ = build_owners_program(FAKE, fake_layout(), 11, 12)
+    assert HELPER_JIFFIES64 in _helpers(raw)
+    text = asm.disassemble(raw)
+    # main: jiffies_64 at the run, into the state map (r8) for the HZ calibration
+    at = next(i for i, line in enumerate(text) if line.endswith(f"call helper {HELPER_JIFFIES64}"))
+    assert text[at + 1].endswith(f"*(u64 *)(r8 + {OwnerState.JIFFIES}) = r0")
+    # emit: the TIME_WAIT's timer minus jiffies, the helper called there too
+    assert sum(line.endswith(f"call helper {HELPER_JIFFIES64}") for line in text) == 2
+
+
+@pytest.mark.parametrize(
+    ("owners", "why"),
+    [
+        (PortOwners(1, 80, (), truncated=True), "more than"),
+        (PortOwners(1, 80, (), faulted=1), "changed"),
+        (PortOwners(1, 80, (), inconsistent=True), "changed"),
+        (PortOwners(1, 80, ()), None),
+    ],
+)
+def test_any_doubt_about_the_walk_is_refused(owners: PortOwners, why: str | None) -> None:
+    got = T.problem(owners)
+    assert got is None if why is None else why in (got or "")
+
+
+def test_gather_uses_the_given_states_and_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rebind.kernel import facts as F
+    from rebind.model.advice import Provenance
+    from rebind.model.conflict import KernelSettings
+    from rebind.model.records import SocketEntry, SocketTable
+    from rebind.model.request import BindRequest
+    from rebind.model.sockstate import SockStates
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(F, "_kernel_states", boom)
+    monkeypatch.setattr(F, "_read_flags", boom)
+    st = _st(SockKind.FULL, State.LISTEN, reuse=1)
+    rec = T.to_record(st, 5, None, 1)
+    table = SocketTable((SocketEntry(rec),), source="bindhash", owners_scanned=False)
+    req = BindRequest(proto=Proto.TCP, addr=IPv4Address("127.0.0.1"), port=8080, uid=0)
+    facts = F.gather(req, owners=False, table=table, trials=False, settings=KernelSettings(),
+                     states=SockStates(7, (st,)))  # fmt: skip
+    (h,) = facts.holders
+    assert h.provenance is Provenance.KERNEL and h.opts.reuseaddr is True and h.kernel is st
