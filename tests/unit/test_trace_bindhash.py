@@ -140,3 +140,36 @@ def test_gather_uses_the_given_states_and_reads_nothing(monkeypatch: pytest.Monk
                      states=SockStates(7, (st,)))  # fmt: skip
     (h,) = facts.holders
     assert h.provenance is Provenance.KERNEL and h.opts.reuseaddr is True and h.kernel is st
+
+
+def test_a_record_built_by_its_slots_equals_one_built_by_init() -> None:
+    from dataclasses import fields
+
+    from rebind.model.records import SocketRecord
+
+    st = _st(SockKind.FULL, State.LISTEN, Family.INET6, ipv6only=True, bound_dev_if=2)
+    r = T.to_record(st, 9, None, 4)
+    assert r == SocketRecord(
+        proto=Proto.TCP, family=Family.INET6, state=State.LISTEN, local=st.local, remote=st.remote, uid=1000,
+        inode=9, cookie=4, ifindex=2, v6only=True, netns=7,
+    )  # fmt: skip
+    assert [f.name for f in fields(SocketRecord)][-2:] == ["netns", "birth"]  # to_record's order
+
+
+def test_the_table_order_is_the_walks() -> None:
+    from rebind.kernel.walk import _order
+
+    pairs = []
+    for i, (addr, port, rport, state) in enumerate(
+        [("127.0.0.1", 80, 40000, State.TIME_WAIT), ("127.0.0.1", 80, 5000, State.TIME_WAIT),
+         ("0.0.0.0", 80, 0, State.LISTEN), ("::", 80, 0, State.LISTEN), ("::1", 80, 9, State.ESTABLISHED),
+         ("127.0.0.2", 80, 0, State.CLOSE)]
+    ):  # fmt: skip
+        fam = Family.INET6 if ":" in addr else Family.INET
+        kind = SockKind.TIMEWAIT if state is State.TIME_WAIT else SockKind.FULL
+        from ipaddress import ip_address
+
+        a = ip_address(addr)
+        st = _st(kind, state, fam, local=Endpoint(a, port), remote=Endpoint(a, rport), tw_substate=state)
+        pairs.append((T.to_record(st, i, 1, i), st))
+    assert [r for r, _ in T.table_order(pairs)] == sorted((r for r, _ in pairs), key=_order)

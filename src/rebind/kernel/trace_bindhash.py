@@ -51,8 +51,7 @@ def prepare() -> str | None:
 def diagnose(ev: TraceEvent, req: BindRequest, settings: KernelSettings, owners: bool) -> Diagnosis | None:
     """The model's answer for ``req`` from the port's bind buckets, in this thread's namespace;
     None where that read cannot stand for the port (the caller takes inet_diag's dumps)."""
-    from rebind.kernel.bindhash_table import port_table
-    from rebind.kernel.walk import _order
+    from rebind.kernel.bindhash_table import port_table, table_order
     from rebind.model.advice import advise
 
     got = port_table(req.port, LIMIT)
@@ -60,7 +59,7 @@ def diagnose(ev: TraceEvent, req: BindRequest, settings: KernelSettings, owners:
         return None
     pairs, states = got
     # the failing socket itself (a listen() fails on a socket bound to the port) is no blocker
-    pairs = sorted((p for p in pairs if not ev.inode or p[0].inode != ev.inode), key=lambda p: _order(p[0]))
+    pairs = table_order([p for p in pairs if not ev.inode or p[0].inode != ev.inode])
     records = [r for r, _ in pairs]
     kernel = SockStates(states.netns, tuple(st for _, st in pairs))
     first = advise(_facts(ev, req, settings, _table(records, owners), kernel, owners))
