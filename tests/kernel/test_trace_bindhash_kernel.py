@@ -97,7 +97,9 @@ def _event(s: socket.socket, kind: Kind, err: int, netns: int, addr: str, port: 
         reuseaddr=bool(opt(socket.SOL_SOCKET, socket.SO_REUSEADDR)),
         reuseport=bool(opt(socket.SOL_SOCKET, socket.SO_REUSEPORT)),
         v6only=bool(opt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)) if v6 else False,
-        bound_dev_if=opt(socket.SOL_SOCKET, socket.SO_BINDTOIFINDEX) if hasattr(socket, "SO_BINDTOIFINDEX") else 0,
+        bound_dev_if=opt(socket.SOL_SOCKET, socket.SO_BINDTOIFINDEX)
+        if hasattr(socket, "SO_BINDTOIFINDEX")
+        else 0,
         uid=os.geteuid(),
         inode=os.fstat(s.fileno()).st_ino,
         mono_ns=time.monotonic_ns(),

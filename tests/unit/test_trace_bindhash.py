@@ -15,7 +15,13 @@ from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import bindhash as H
 from rebind.kernel.bpf import bindhashlayout as L
 from rebind.kernel.bpf import socklayout as R
-from rebind.kernel.bpf.bindowners import EXTRA_INODE, EXTRA_TW_LEFT, HELPER_JIFFIES64, OwnerState, build_owners_program
+from rebind.kernel.bpf.bindowners import (
+    EXTRA_INODE,
+    EXTRA_TW_LEFT,
+    HELPER_JIFFIES64,
+    OwnerState,
+    build_owners_program,
+)
 from rebind.model.records import Endpoint, Family, Proto, State, Timer
 from rebind.model.sockstate import PortOwners, SockKind, SockState
 from tests.unit.test_bpf_bindhash import FAKE, _helpers, _state
@@ -46,7 +52,13 @@ def test_a_listener_becomes_inet_diags_record() -> None:
 def test_a_time_wait_has_its_substate_time_left_and_no_owner() -> None:
     st = _st(SockKind.TIMEWAIT, State.TIME_WAIT, tw_substate=State.FIN_WAIT2, userlocks=None)
     r = T.to_record(st, 0, 41_000, 5)
-    assert (r.state, r.timer, r.expires_ms, r.uid, r.inode) == (State.FIN_WAIT2, Timer.TIME_WAIT, 41_000, None, None)
+    assert (r.state, r.timer, r.expires_ms, r.uid, r.inode) == (
+        State.FIN_WAIT2,
+        Timer.TIME_WAIT,
+        41_000,
+        None,
+        None,
+    )
     assert r.is_mini
 
 
@@ -58,7 +70,9 @@ def test_close_in_a_bind_bucket_is_bound_inactive_and_v6only_as_inet_diag_says()
     assert T.to_record(_st(SockKind.FULL, State.LISTEN), 0, None, 1).inode is None  # an orphan: no file
 
 
-@pytest.mark.parametrize(("j", "hz", "ms"), [(10, 250, 40), (0, 1000, 0), (-5, 250, 0), (1, 300, 4), (3, 100, 30)])
+@pytest.mark.parametrize(
+    ("j", "hz", "ms"), [(10, 250, 40), (0, 1000, 0), (-5, 250, 0), (1, 300, 4), (3, 100, 30)]
+)
 def test_jiffies_to_ms_as_the_kernel_rounds(j: int, hz: int, ms: int) -> None:
     assert T.jiffies_to_ms(j, hz) == ms
 
@@ -86,7 +100,9 @@ def test_owner_records_carry_inode_and_time_left_and_still_share_their_common() 
     owners, rows, dec = H._owners_and_rows(7, 9000, _state(FLAGS=L.RAN, EMITTED=3), data)
     assert owners == H._owners_of(7, 9000, _state(FLAGS=L.RAN, EMITTED=3), data)
     assert owners.sockets[0].common is owners.sockets[1].common  # the extras are a socket's own
-    got = T.PortSockets(owners, tuple(r[dec.bucket] for r in rows), tuple(r[dec.chain_after] for r in rows), 0, 0)
+    got = T.PortSockets(
+        owners, tuple(r[dec.bucket] for r in rows), tuple(r[dec.chain_after] for r in rows), 0, 0
+    )
     recs = T.to_records(got, 250)
     assert [r.expires_ms for r, _ in recs] == [4000, 3996, None]
     assert [r.inode for r, _ in recs] == [None, None, 777]

@@ -209,7 +209,9 @@ def calibrate_hz(*, wait: float = 0.5) -> int | None:
         time.sleep(0.05)
 
 
-def port_table(port: int, limit: int) -> tuple[list[tuple[SocketRecord, SockState]], SockStates] | Unavailable:
+def port_table(
+    port: int, limit: int
+) -> tuple[list[tuple[SocketRecord, SockState]], SockStates] | Unavailable:
     """The port's sockets as (record, kernel state), in this thread's namespace; Unavailable
     where the bind-hash walk cannot stand for inet_diag's dump (see :func:`problem`)."""
     hz = calibrate_hz()

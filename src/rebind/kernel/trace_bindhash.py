@@ -98,7 +98,7 @@ def _owned_table(records: list[SocketRecord], inodes: set[int]) -> SocketTable:
     from dataclasses import replace
 
     from rebind.kernel.walk import table_of
-    from rebind.model.records import SocketEntry, SocketTable
+    from rebind.model.records import SocketEntry
 
     scanned = table_of([r for r in records if r.inode in inodes], SOURCE, (), owners=True)
     found = {e.socket.inode: e.owners for e in scanned.entries if e.owners}
@@ -108,4 +108,3 @@ def _owned_table(records: list[SocketRecord], inodes: set[int]) -> SocketTable:
 
 #: SocketTable.source of these tables (only "procfs" changes what the model says).
 SOURCE = "bindhash"
-

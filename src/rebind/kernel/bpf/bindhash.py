@@ -401,13 +401,17 @@ def _owners_and_rows(
     kept = [(i, v) for i, v in enumerate(dec.rows(data)) if not v[fi] and v[li] == port]
     out = tuple(decode(v, data, i, v[ci], v[ui]) for i, v in kept)
     faulted = skipped + len(data) // RECORD.size - len(out)
-    return PortOwners(
-        netns,
-        port,
-        out,
-        buckets=buckets,
-        bind2=bind2,
-        truncated=bool(flags & (OWNERS_TRUNCATED | STEPS_EXHAUSTED | CHAIN_TRUNCATED)) or not flags & RAN,
-        faulted=faulted + bool(flags & FAULTED),
-        inconsistent=bool(flags & INCONSISTENT),
-    ), [v for _, v in kept], dec
+    return (
+        PortOwners(
+            netns,
+            port,
+            out,
+            buckets=buckets,
+            bind2=bind2,
+            truncated=bool(flags & (OWNERS_TRUNCATED | STEPS_EXHAUSTED | CHAIN_TRUNCATED)) or not flags & RAN,
+            faulted=faulted + bool(flags & FAULTED),
+            inconsistent=bool(flags & INCONSISTENT),
+        ),
+        [v for _, v in kept],
+        dec,
+    )
