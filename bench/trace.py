@@ -3,6 +3,8 @@
     sudo .venv/bin/python bench/trace.py                    # 3 rounds of 20,000 connects, 50 failures
     sudo .venv/bin/python bench/trace.py --connects 50000 --rounds 5 --failures 200
     sudo .venv/bin/python bench/trace.py --only misses,births --big   # and the big table
+    sudo PYTHONPATH=$PWD/src .venv/bin/python bench/trace.py --only latency,big --failures 30 \
+        --base-src /path/to/baseline/src     # event -> line, this tree then a baseline's
 
 1. Overhead: a loop of successful TCP connect()s on loopback (connect, accept, close with
    SO_LINGER 0 so no TIME_WAIT piles up), in a private network namespace, timed with no trace

@@ -189,3 +189,28 @@ def test_the_table_order_is_the_walks() -> None:
         st = _st(kind, state, fam, local=Endpoint(a, port), remote=Endpoint(a, rport), tw_substate=state)
         pairs.append((T.to_record(st, i, 1, i), st))
     assert [r for r, _ in T.table_order(pairs)] == sorted((r for r, _ in pairs), key=_order)
+
+
+def test_hz_is_calibrated_once_and_an_ambiguous_rate_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0]
+
+    def fake_sleep(s: float) -> None:
+        clock[0] += int(s * 1e9)
+
+    def sample(rate: float) -> object:
+        def read(port: int, limit: int) -> T.PortSockets:
+            return T.PortSockets(PortOwners(1, port, ()), (), (), int(clock[0] * rate / 1e9), clock[0])
+
+        return read
+
+    monkeypatch.setattr(T.time, "sleep", fake_sleep)
+    monkeypatch.setattr(T, "_HZ", {})
+    monkeypatch.setattr(T, "read_port_sockets", sample(250))
+    assert T.calibrate_hz() == 250
+    monkeypatch.setattr(T, "read_port_sockets", sample(1))
+    assert T.calibrate_hz() == 250  # kept
+    monkeypatch.setattr(T, "_HZ", {})
+    monkeypatch.setattr(T, "read_port_sockets", sample(600))  # no standard HZ near it
+    assert T.calibrate_hz(wait=0) is None
+    monkeypatch.setattr(T, "read_port_sockets", sample(250))
+    assert T.calibrate_hz() is None  # not tried again

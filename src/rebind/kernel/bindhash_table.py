@@ -182,15 +182,18 @@ def _column(rows: list[tuple[Any, ...]], at: int) -> list[int]:
     return [r[at] for r in rows]
 
 
-_HZ: list[int] = []
+#: The calibration's outcome, once it has one: HZ, or None (the rate stayed ambiguous: not
+#: tried again, each snapshot would wait for it).
+_HZ: dict[str, int | None] = {}
 
 
 def calibrate_hz(*, wait: float = 0.5) -> int | None:
     """The kernel's HZ (jiffies per second), from two runs of the owners program at least 100 ms
-    apart (a port nobody holds: nothing is walked), kept for the process; None if BPF cannot
-    run or the rate stays ambiguous for ``wait`` seconds."""
-    if _HZ:
-        return _HZ[0]
+    apart (port 1's chain: nothing of ours is walked), kept for the process; None if BPF cannot
+    run (asked again next time: that fails at once) or the rate stayed ambiguous for ``wait``
+    seconds (kept: the snapshots take inet_diag's dumps)."""
+    if "hz" in _HZ:
+        return _HZ["hz"]
     first = read_port_sockets(1, 1)
     if isinstance(first, Unavailable):
         return None
@@ -201,11 +204,9 @@ def calibrate_hz(*, wait: float = 0.5) -> int | None:
         if isinstance(now, Unavailable):
             return None
         hz = snap_hz(now.jiffies - first.jiffies, now.mono_ns - first.mono_ns)
-        if hz is not None:
-            _HZ.append(hz)
+        if hz is not None or time.monotonic() > deadline:
+            _HZ["hz"] = hz
             return hz
-        if time.monotonic() > deadline:
-            return None
         time.sleep(0.05)
 
 

@@ -309,7 +309,11 @@ def read_port_owners(port: int, limit: int, *, netns: int | None = None) -> Port
 
     Sockets whose record faulted, or met where another port's or namespace's would be (a
     bind2 bucket or socket freed and reused mid-walk), are counted in ``faulted`` /
-    ``inconsistent``, not reported: then "not seen" is not "not there"."""
+    ``inconsistent``, not reported: then "not seen" is not "not there".
+
+    The records also carry a full socket's inode and a TIME_WAIT's jiffies left, in two fields
+    only UDP's iterator fills (bindowners.EXTRA_*), left out of the SockStates here:
+    kernel/bindhash_table.py reads them (`rebind trace`'s snapshot)."""
     if not 0 < port < 1 << 16:
         return Unavailable(f"port {port} out of range")
     try:
