@@ -19,7 +19,6 @@ DEPENDS wherever the builds differ.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import socket
@@ -56,7 +55,20 @@ def build_key(root: str = "/proc") -> str:
     except OSError:
         return ""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in release.decode("ascii", "replace"))
-    return f"{safe[:64]}-{hashlib.sha256(version).hexdigest()[:16]}"
+    return f"{safe[:64]}-{_sha256_hex(version)[:16]}"
+
+
+def _sha256_hex(data: bytes) -> str:
+    """sha256 by the interpreter's own module where it has one: importing hashlib loads OpenSSL,
+    ~2.5 ms of every `rebind why` for one digest of /proc/version."""
+    import importlib
+
+    try:
+        module = importlib.import_module("_sha256")  # CPython 3.11 (3.12 on: _sha2)
+    except ImportError:
+        module = importlib.import_module("hashlib")
+    digest: str = module.sha256(data).hexdigest()
+    return digest
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import os
 import pwd
 from collections.abc import Iterable, Sequence
 from functools import cache
-from importlib import resources
 
 from rebind.model.localhost import find_split
 from rebind.model.records import Owner, Proto, SocketEntry, State
@@ -28,8 +27,19 @@ from rebind.model.wellknown import (
 @cache
 def catalogue() -> tuple[WellKnown, ...]:
     """The shipped catalogue (rebind/data/wellknown.toml, package data)."""
-    text = resources.files("rebind").joinpath("data/wellknown.toml").read_text(encoding="utf-8")
-    return parse_catalogue(text)
+    # Through the package's loader (a file, or a member of a zip), not importlib.resources:
+    # importing that (and pathlib, zipfile behind it) was ~7 ms of every `rebind why`.
+    import rebind
+
+    spec = rebind.__spec__
+    get_data = getattr(spec.loader, "get_data", None) if spec is not None and spec.origin else None
+    if get_data is None or spec is None or spec.origin is None:
+        from importlib import resources
+
+        raw = resources.files("rebind").joinpath("data/wellknown.toml").read_bytes()
+    else:
+        raw = get_data(os.path.join(os.path.dirname(spec.origin), "data", "wellknown.toml"))
+    return parse_catalogue(raw.decode("utf-8"))
 
 
 def system_uids(entries: Iterable[WellKnown]) -> dict[str, int]:
