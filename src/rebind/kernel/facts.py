@@ -205,6 +205,10 @@ def _holders(
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
     by_cookie = kernel.by_cookie() if kernel is not None else {}
+    # The kernel's flags by SockCommon: records alike share one (kernel/bpf/sockdecode.py), so
+    # ten thousand TIME_WAITs of one server share a few SockOpts (keyed by id: kept alive by
+    # ``kernel`` meanwhile).
+    kernel_opts: dict[int, SockOpts] = {}
     out = []
     for i, e in enumerate(table.entries):
         r = e.socket
@@ -227,7 +231,10 @@ def _holders(
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
-            out.append(kernel_holder(e, st))
+            opts = kernel_opts.get(id(st.common))
+            if opts is None:
+                opts = kernel_opts[id(st.common)] = kernel_holder(e, st).opts
+            out.append(HolderFacts(e, opts, Provenance.KERNEL, st))
             continue
         opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None
@@ -278,18 +285,25 @@ def _process_hints(table: SocketTable) -> dict[int, ProcessHint]:
         holders_of.setdefault(e.socket.inode, set()).update(o.pid for o in e.owners)
     hints: dict[int, ProcessHint] = {}
     root = proc_root()
+    comms: dict[int, str | None] = {}  # a forked server's workers share one parent: read it once
     for e in owned:
         pids = holders_of.get(e.socket.inode, set())
         for o in e.owners:
             if o.pid in hints:
                 continue
-            parent = _comm(o.ppid, root) if o.ppid else None
-            pgid = stat_field(o.pid, PGRP, root)
+            parent = None
+            if o.ppid:
+                if o.ppid not in comms:
+                    comms[o.ppid] = _comm(o.ppid, root)
+                parent = comms[o.ppid]
             lost = None
             # A worker whose process-group leader is gone and who was re-parented to init (or a
-            # subreaper) was started by a parent that has exited.
-            if pgid and pgid != o.pid and not os.path.exists(f"{root}/{pgid}") and o.ppid in (0, 1):
-                lost = pgid
+            # subreaper) was started by a parent that has exited. Only those re-parented need
+            # their group read (one /proc stat each: a forked server's workers have a parent).
+            if o.ppid in (0, 1):
+                pgid = stat_field(o.pid, PGRP, root)
+                if pgid and pgid != o.pid and not os.path.exists(f"{root}/{pgid}"):
+                    lost = pgid
             hints[o.pid] = ProcessHint(
                 pid=o.pid,
                 parent_alive=parent is not None,

@@ -92,25 +92,58 @@ def recognise_holders(
     entries: Sequence[SocketEntry], port: int, proto: Proto, proc: str = "/proc"
 ) -> tuple[tuple[Recognised, ...], tuple[Lookalike, ...]]:
     """Well-known daemons among the owners of the sockets holding ``port``/``proto``."""
-    cat = catalogue()
-    uids = system_uids(cat)
+    owners = _holding_owners(entries, port, proto)
+    if not owners:  # ten thousand TIME_WAITs have none: no catalogue, no account lookups
+        return (), ()
+    # The entries recognise() would weigh for this port, in catalogue order (it skips the rest).
+    cat = tuple(e for e in catalogue() if e.exe and e.holds(port, proto))
+    exes = frozenset(x for e in cat for x in e.exe)
+    names = frozenset(n for e in cat for n in e.basenames)
+    uids: dict[str, int] | None = None
     found: dict[str, Recognised] = {}
     fakes: dict[int, Lookalike] = {}
+    for o in owners:
+        if not _may_be(o, exes, names, proc):
+            continue  # recognise() would say None: neither its image nor its name is one of them
+        if uids is None:
+            uids = system_uids(catalogue())
+        got = recognise(cat, exe_facts(o, proc), port, proto, uids)
+        if isinstance(got, Recognised):
+            found.setdefault(got.entry.id, got)
+        elif isinstance(got, Lookalike):
+            fakes.setdefault(got.pid, got)
+    return tuple(found.values()), tuple(fakes.values())
+
+
+def _holding_owners(entries: Sequence[SocketEntry], port: int, proto: Proto) -> list[Owner]:
+    """Each process owning a socket of ``port``/``proto`` once (first seen first)."""
     seen: set[int] = set()
+    out: list[Owner] = []
     for e in entries:
+        if not e.owners:  # first: most of a busy port is ownerless leftovers
+            continue
         r = e.socket
         if r.proto is not proto or r.port != port or r.is_mini:
             continue
         for o in e.owners:
-            if o.pid in seen:
-                continue
-            seen.add(o.pid)
-            got = recognise(cat, exe_facts(o, proc), port, proto, uids)
-            if isinstance(got, Recognised):
-                found.setdefault(got.entry.id, got)
-            elif isinstance(got, Lookalike):
-                fakes.setdefault(got.pid, got)
-    return tuple(found.values()), tuple(fakes.values())
+            if o.pid not in seen:
+                seen.add(o.pid)
+                out.append(o)
+    return out
+
+
+def _may_be(o: Owner, exes: frozenset[str], names: frozenset[str], proc: str) -> bool:
+    """False only where recognise() must return None whatever the rest of exe_facts says: a
+    Recognised needs the image to be one of ``exes`` (trust_problem), a Lookalike the name or
+    the command's basename to be one of ``names``. Saves the stat and the status read of every
+    other owner (a forked server has hundreds)."""
+    if o.name in names or (o.cmdline and o.cmdline[0].rsplit("/", 1)[-1].split(":")[0] in names):
+        return True
+    try:
+        exe = os.readlink(f"{proc}/{o.pid}/exe")
+    except OSError:
+        return False  # unreadable: trust_problem refuses it, and it is not named like one
+    return exe.removesuffix(" (deleted)") in exes
 
 
 def recognise_nodeports(port: int, proto: Proto) -> tuple[Recognised, ...]:
@@ -132,10 +165,14 @@ def findings(entries: Sequence[SocketEntry], port: int, proto: Proto, *, nat: bo
 
     split = find_split(port, entries, localhost_resolution(port)) if proto is Proto.TCP else None
     holders, fakes = recognise_holders(entries, port, proto)
-    holding = any(
+    if nat and not holders and not _holding(entries, port):
+        holders = recognise_nodeports(port, proto)
+    return Findings(split, holders, fakes)
+
+
+def _holding(entries: Sequence[SocketEntry], port: int) -> bool:
+    """A socket that holds the port itself (so no NAT rule is what takes it)."""
+    return any(
         e.socket.state in (State.LISTEN, State.CLOSE, State.BOUND_INACTIVE) and e.socket.port == port
         for e in entries
     )
-    if nat and not holders and not holding:
-        holders = recognise_nodeports(port, proto)
-    return Findings(split, holders, fakes)

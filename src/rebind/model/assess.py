@@ -151,7 +151,10 @@ def port_state(
             return holders, None
         ordered = tuple(h for _, h in sorted(zip(pos, holders, strict=True), key=lambda x: x[0] or 0))
         return ordered, PortState(udp_chain_order=True)
-    buckets = {h.kernel.bucket for h in holders if h.kernel is not None and h.kernel.bucket is not None}
+    # Each distinct SockCommon once (records alike share one): hashing a BindBucket per holder
+    # was most of this for ten thousand TIME_WAITs.
+    commons = {id(h.kernel.common): h.kernel.common for h in holders if h.kernel is not None}
+    buckets = {c.bucket for c in commons.values() if c.bucket is not None}
     if len(buckets) != 1:
         return holders, None  # none read, or several (VRFs: one bucket per l3mdev)
     return holders, PortState(bucket=bucket_state(buckets.pop()))

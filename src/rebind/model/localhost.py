@@ -277,7 +277,8 @@ def audiences(res: LocalhostResolution, v4: Reach, v6: Reach) -> tuple[Audience,
 def find_split(port: int, entries: Iterable[SocketEntry], res: LocalhostResolution) -> SplitBrain | None:
     """A SplitBrain finding for TCP ``port``, or None when localhost reaches one server whatever
     the client (or nothing at all, or owners are not visible enough to tell)."""
-    mine = [e for e in entries if e.socket.port == port]
+    # reach() weighs listeners only: the state first (a port can have ten thousand TIME_WAITs)
+    mine = [e for e in entries if e.socket.state is State.LISTEN and e.socket.port == port]
     v4 = reach(mine, V4_LOOPBACK, res.lo_ifindex)
     v6 = reach(mine, V6_LOOPBACK, res.lo_ifindex) if res.ipv6_loopback else Reach(V6_LOOPBACK, ())
     if v4.refused and v6.refused:
