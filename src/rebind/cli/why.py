@@ -84,6 +84,16 @@ def why(
         return dispatch(
             bind.spec, connect, source, bind_before_connect, bind.reuseaddr, bind.udp, as_json, probe
         )
+    from rebind.gcpause import gc_paused
+
+    # The whole answer without the cyclic GC (as kernel/facts.py gathers): a port's ten thousand
+    # TIME_WAITs become as many holders, groups and blocker infos, none in a cycle, and the
+    # collections they trigger walked them all again (~10 ms of `why 9000`; docs/benchmarks.md).
+    with gc_paused():
+        return _why_port(bind, as_json, check_fix)
+
+
+def _why_port(bind: BindArgs, as_json: bool, check_fix: bool) -> int:
     from rebind.diagnosis import diagnose
     from rebind.kernel.wellknown import findings as gather_findings
 
