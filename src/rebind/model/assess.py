@@ -82,6 +82,8 @@ class BindNow(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
+    """Bindable now, busy, refused or unknown, with the outcome that says why."""
+
     request: BindRequest
     now: BindNow
     #: The conflict model's outcome (stage, errno, every blocker with its reason).

@@ -179,6 +179,8 @@ def fmt_seconds(ms: int, *, compact: bool = False) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Fix:
+    """One way out, with its command and code where there is one."""
+
     title: str
     why: str
     command: str | None = None

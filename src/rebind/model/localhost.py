@@ -86,11 +86,9 @@ class Reach:
         """``node[12] on [::]:5173`` (escaped labels); ``ECONNREFUSED`` when nobody listens."""
         if self.refused:
             return "nothing (ECONNREFUSED)"
-        labels: list[str] = []
-        for e in self.listeners:
-            for o in e.owners:
-                if (lab := owner_label(o)) not in labels:
-                    labels.append(lab)
+        # Each label once, first seen first (a dict: a SO_REUSEPORT group of forked servers has
+        # hundreds of owners per listener, and a list's membership test made this quadratic).
+        labels = dict.fromkeys(owner_label(o) for e in self.listeners for o in e.owners)
         at = str(self.listeners[0].socket.local)
         return f"{', '.join(labels) or 'an unseen process'} on {at}"
 

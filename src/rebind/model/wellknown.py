@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import shlex
 import stat
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,8 @@ class CatalogueError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PortMatch:
+    """A port the catalogue entry holds ("53/udp"; "*/tcp": any port)."""
+
     port: int | None  # None: any port
     proto: Proto
 
@@ -44,6 +45,8 @@ class PortMatch:
 
 @dataclass(frozen=True, slots=True)
 class WellKnown:
+    """One catalogue entry (rebind/data/wellknown.toml): a daemon, how to recognise it, its fix."""
+
     id: str
     name: str
     package: str
@@ -89,6 +92,8 @@ def _check_placeholders(lines: Iterable[str], where: str) -> None:
 
 def parse_catalogue(text: str) -> tuple[WellKnown, ...]:
     """The entries of wellknown.toml, validated (CatalogueError names the entry and field)."""
+    import tomllib  # here: `why` on a port no process holds (TIME_WAITs only) never parses it
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -290,6 +295,8 @@ def recognise_nat(
 
 @dataclass(frozen=True, slots=True)
 class Findings:
+    """What `why PORT` adds to the diagnosis: the localhost split and the well-known holders."""
+
     localhost: SplitBrain | None = None
     holders: tuple[Recognised, ...] = ()
     lookalikes: tuple[Lookalike, ...] = ()

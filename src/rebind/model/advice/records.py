@@ -64,6 +64,8 @@ class Facts:
 
 @dataclass(frozen=True, slots=True)
 class BlockerInfo:
+    """One blocking socket as `why` shows it: its blocker, kind, flags and owners."""
+
     entry: SocketEntry
     blocker: Blocker
     kind: HolderKind
@@ -99,6 +101,8 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Disagreement:
+    """The model and the kernel's trial bind disagree (a limit of the model, or a bug)."""
+
     text: str
     #: What could explain it (a documented limitation or kernel cache), or "" for a model bug.
     explanation: str = ""
@@ -126,6 +130,8 @@ class Assessment:
 
 @dataclass(frozen=True, slots=True)
 class Diagnosis:
+    """The whole answer of `rebind why`."""
+
     request: BindRequest
     outcome: Outcome
     #: The as-asked trial bind; None when it could not run harmlessly.

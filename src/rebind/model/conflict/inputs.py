@@ -62,6 +62,8 @@ class AddrState:
 
 @dataclass(frozen=True, slots=True)
 class KernelSettings:
+    """The host's settings the bind rules depend on (sysctls, capabilities, addresses)."""
+
     unprivileged_port_start: int = 1024
     bindv6only: bool = False
     cap_net_bind_service: bool = True

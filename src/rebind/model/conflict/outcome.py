@@ -56,6 +56,8 @@ class Flag(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Blocker:
+    """One holder that refuses the request, at which stage and by which rule."""
+
     holder: Holder
     stage: Stage
     rule: Rule
@@ -68,6 +70,8 @@ class Blocker:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """The model's answer to one request: verdict, errno, stage, blockers, notes."""
+
     verdict: Verdict
     errno: int | None = None
     stage: Stage | None = None

@@ -43,6 +43,8 @@ def _pair(req: BindRequest, f: Facts) -> tuple[_Act, Rule | None]:
 
 @dataclass(frozen=True, slots=True)
 class _Holder:
+    """One UDP holder with the acts (and rules) it answers a bind with."""
+
     holder: Holder
     sure: bool  # False: its v6only is unknown and decides whether it is checked at all
     pairs: tuple[tuple[_Act, Rule | None], ...]
