@@ -60,6 +60,32 @@ def test_a_tuple_is_the_packet_to_the_socket_from_its_peer() -> None:
     assert want == (mapped[0].addr.packed, mapped[1].addr.packed, (40000).to_bytes(2, "big"), 9000)
 
 
+def test_the_map_holds_each_sockets_entry_and_the_expected_record() -> None:
+    """_entries writes the IPv4 entries in place: the same bytes and expectations as _entry."""
+    from rebind.model.records import Family, SocketRecord
+
+    pairs = [
+        (Endpoint(IPv4Address("127.0.0.1"), 9000), Endpoint(IPv4Address("127.0.0.9"), 40000)),
+        (Endpoint(IPv6Address("::1"), 9000), Endpoint(IPv6Address("fe80::2"), 40001)),
+        (Endpoint(IPv6Address("::ffff:127.0.0.1"), 9000), Endpoint(IPv6Address("::ffff:127.0.0.9"), 40002)),
+        (Endpoint(IPv4Address("10.0.0.1"), 9000), Endpoint(IPv4Address("10.0.0.2"), 40003)),
+    ]
+    targets = [
+        SocketRecord(
+            Proto.TCP, Family.INET if isinstance(a.addr, IPv4Address) else Family.INET6,
+            State.TIME_WAIT, a, b, None, None, cookie=i,
+        )
+        for i, (a, b) in enumerate(pairs)
+    ]  # fmt: skip
+    buf, expect = L._entries(targets)
+    assert len(buf) == L.ENTRY_SIZE * len(pairs)
+    for i, (a, b) in enumerate(pairs):
+        entry, want = L._entry(a, b)
+        at = i * L.ENTRY_SIZE
+        assert buf[at : at + L.ENTRY_IN.size] == entry and expect[i] == want
+        assert not any(buf[at + L.ENTRY_IN.size : at + L.ENTRY_SIZE])
+
+
 def _tw(cookie: int, dport: int, **more: object) -> bytes:
     fields: dict[str, object] = dict(
         family=2, lport=9000, dport=dport.to_bytes(2, "big"), state=State.TIME_WAIT, kind=R.KIND_TIMEWAIT,

@@ -178,12 +178,17 @@ def _model_is_exact(
         return False
     if req.proto is Proto.UDP and (settings.udp_first_match is None or not port.udp_chain_order):
         return False
-    return all(
-        h.opts.reuseaddr is not None
-        and h.opts.reuseport is not None
-        and (h.entry.socket.uid is not None or h.entry.socket.is_mini)  # a TIME_WAIT's uid never counts
-        for h in holders
-    )
+    checked: set[int] = set()  # SockOpts by id: ten thousand TIME_WAITs share a few
+    for h in holders:
+        o = h.opts
+        if id(o) not in checked:
+            if o.reuseaddr is None or o.reuseport is None:
+                return False
+            checked.add(id(o))
+        r = h.entry.socket
+        if r.uid is None and not r.is_mini:  # a TIME_WAIT's uid never counts
+            return False
+    return True
 
 
 def _can_destroy() -> bool:
@@ -205,22 +210,26 @@ def _holders(
     listeners = [e for e in table.entries if e.socket.state is State.LISTEN]
     parent_flags: dict[object, tuple[SockOpts, Provenance]] = {}
     by_cookie = kernel.by_cookie() if kernel is not None else {}
-    # The kernel's flags by SockCommon: records alike share one (kernel/bpf/sockdecode.py), so
-    # ten thousand TIME_WAITs of one server share a few SockOpts (keyed by id: kept alive by
-    # ``kernel`` meanwhile).
-    kernel_opts: dict[int, SockOpts] = {}
+    # What a SockCommon says, once per SockCommon: records alike share one (kernel/bpf/
+    # sockdecode.py), so ten thousand TIME_WAITs of one server share a few (keyed by id: kept
+    # alive by ``kernel`` meanwhile). (Usable: not a request_sock, whose flags are not its
+    # listener's; of this protocol), its local port, and the kernel's flags.
+    commons: dict[int, tuple[bool, int, SockOpts]] = {}
+    proto = req.proto
     out = []
     for i, e in enumerate(table.entries):
         r = e.socket
-        if r.proto is not req.proto:
+        if r.proto is not proto:
             continue
         st = by_cookie.get(r.cookie) if r.cookie is not None else None
-        if st is not None and (
-            st.common.kind is SockKind.REQUEST  # a request_sock's flags are not its listener's
-            or st.common.proto is not r.proto
-            or st.common.local.port != r.local.port
-        ):
-            st = None
+        if st is not None:
+            known = commons.get(id(st.common))
+            if known is None:
+                c = st.common
+                usable = c.kind is not SockKind.REQUEST and c.proto is proto
+                known = commons[id(c)] = (usable, c.local.port, kernel_holder(e, st).opts)
+            if not known[0] or known[1] != r.local.port:
+                st = None
         got = read.get(i) if read is not None else None
         if got is None and e.owners and st is None:
             got = _read_flags(e)
@@ -231,10 +240,7 @@ def _holders(
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
-            opts = kernel_opts.get(id(st.common))
-            if opts is None:
-                opts = kernel_opts[id(st.common)] = kernel_holder(e, st).opts
-            out.append(HolderFacts(e, opts, Provenance.KERNEL, st))
+            out.append(HolderFacts(e, commons[id(st.common)][2], Provenance.KERNEL, st))
             continue
         opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None

@@ -79,48 +79,48 @@ def iterator_plan(
       SO_REUSEPORT socket: walk when a socket on the port has SO_REUSEPORT, else nothing.
     """
     # One pass over the table (a port can have ten thousand TIME_WAITs): the port's sockets,
-    # those whose flags were not read, and what only the lookups or the walk can reach.
-    on_port: list[tuple[int, SocketEntry]] = []
-    unread: list[tuple[int, SocketEntry]] = []
-    connected: list[tuple[int, SocketEntry]] = []
+    # those whose flags were not read, and what only the lookups or the walk can reach. Indexes
+    # only, and of the unread the first: a tuple per socket cost more than the rest of the pass.
+    on_port: list[int] = []
+    connected: list[int] = []
     lookup_list: list[int] = []
-    kernel_only: list[SocketEntry] = []
+    first_unread: SocketEntry | None = None
+    kernel_only: SocketEntry | None = None
     listening = False
     proto, port = req.proto, req.port
     for i, e in enumerate(entries):
         r = e.socket
         if r.proto is not proto or r.local.port != port:
             continue
-        on_port.append((i, e))
+        on_port.append(i)
         state = r.state
         listening = listening or state is State.LISTEN
         is_read = (got := read.get(i)) is not None and got[1] is Provenance.READ
         if state not in _NOT_CONNECTED:
-            connected.append((i, e))
+            connected.append(i)
             if not is_read:
                 lookup_list.append(i)
         if not is_read:
-            unread.append((i, e))
-            if not kernel_only and state not in _NOT_ITERATED:
-                kernel_only.append(e)
+            if first_unread is None:
+                first_unread = e
+            if kernel_only is None and state not in _NOT_ITERATED:
+                kernel_only = e
     if not on_port:
         return KernelRead(why="no socket on the port")
     if req.proto is Proto.UDP:
-        if unread:
-            return KernelRead(walk=True, why=f"flags of {_what(unread[0][1])} are only in the kernel")
-        if any(read[i][0].reuseport for i, _ in on_port):
+        if first_unread is not None:
+            return KernelRead(walk=True, why=f"flags of {_what(first_unread)} are only in the kernel")
+        if any(read[i][0].reuseport for i in on_port):
             return KernelRead(walk=True, why="SO_REUSEPORT on the port: the UDP chain order decides")
         return KernelRead(why="every flag read from its owner; no SO_REUSEPORT on the port")
     lookup = tuple(lookup_list)
-    why = (
-        f"flags of {_what(kernel_only[0])} are only in the kernel"
-        if kernel_only
-        else "the bind bucket's cache"
-    )
+    why = "the bind bucket's cache"
+    if kernel_only is not None:
+        why = f"flags of {_what(kernel_only)} are only in the kernel"
     if not listening and not lookup and connected:
         # any socket in the bucket leads to it; one the lookup can find, if there is one
-        findable = [i for i, e in connected if e.socket.ifindex in _LOOKUP_DEVICES]
-        lookup = tuple(findable or [connected[0][0]])[:1]
+        findable = [i for i in connected if entries[i].socket.ifindex in _LOOKUP_DEVICES]
+        lookup = tuple(findable or [connected[0]])[:1]
     away = [entries[i] for i in lookup if entries[i].socket.ifindex not in _LOOKUP_DEVICES]
     if away:
         # bpf_skc_lookup_tcp compares the test run's device (loopback) with the socket's
@@ -176,7 +176,8 @@ def read_kernel_ports(
         if isinstance(here, Unavailable):
             return here
         found = lookup_socket_states(load_sock_layout(), [entries[i].socket for i in lookup])
-        if isinstance(found, Unavailable) or None in found[0]:
+        # `is None`, not `None in`: that compares each SockState with None by its __eq__
+        if isinstance(found, Unavailable) or any(st is None for st in found[0]):
             walk.setdefault(Proto.TCP, set()).update(entries[i].socket.local.port for i in lookup)
         else:
             states, faulted = found
