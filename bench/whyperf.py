@@ -142,14 +142,20 @@ def report(port: int, label: str, got: dict[str, list[tuple[float, float, int]]]
     why_c = min(c for _, c, _ in got["why"])
     ls_wm = statistics.median(w for w, _, _ in got["ls"])
     why_wm = statistics.median(w for w, _, _ in got["why"])
+    ls_cm = statistics.median(c for _, c, _ in got["ls"])
+    why_cm = statistics.median(c for _, c, _ in got["why"])
     rcs = sorted({rc for _, _, rc in got["why"]})
     base = ""
     if "base" in got:
         bw, bc = min(w for w, _, _ in got["base"]), min(c for _, c, _ in got["base"])
-        base = f" {bw / ls_w:.2f} | {bc / ls_c:.2f} |"
+        bwm = statistics.median(w for w, _, _ in got["base"])
+        bcm = statistics.median(c for _, c, _ in got["base"])
+        base = f" {bw / ls_w:.2f} (med {bwm / ls_wm:.2f}) | {bc / ls_c:.2f} (med {bcm / ls_cm:.2f}) |"
+    # ratios of the bests, and (med ...) of the medians
     return (
         f"| {port} | {label} | {ls_w:.0f} (med {ls_wm:.0f}) | {why_w:.0f} (med {why_wm:.0f}) | "
-        f"**{why_w / ls_w:.2f}** | {ls_c:.0f} | {why_c:.0f} | **{why_c / ls_c:.2f}** | {rcs} |{base}"
+        f"**{why_w / ls_w:.2f}** (med {why_wm / ls_wm:.2f}) | {ls_c:.0f} (med {ls_cm:.0f}) | "
+        f"{why_c:.0f} (med {why_cm:.0f}) | **{why_c / ls_c:.2f}** (med {why_cm / ls_cm:.2f}) | {rcs} |{base}"
     )
 
 

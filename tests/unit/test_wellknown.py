@@ -265,3 +265,52 @@ def test_why_text_prints_each_fix_line_exactly_and_escapes_hostile_text() -> Non
     assert "    $ systemctl disable --now avahi-daemon.socket avahi-daemon.service" in text.splitlines()
     assert "    $ systemctl enable --now avahi-daemon.socket avahi-daemon.service" in text.splitlines()
     assert "Then verify: $ rebind why 5353 --udp --check-fix" in text
+
+
+def test_holders_are_recognised_as_from_every_owners_facts(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """recognise_holders reads the stat and status of an owner only where recognise() could say
+    something (its image is a catalogue executable, or its name one's): the answer equals
+    recognise() over every owner's full facts."""
+    from ipaddress import IPv4Address
+
+    from rebind.kernel import wellknown as K
+    from rebind.model.records import Endpoint, Family, Owner, SocketEntry, SocketRecord, State
+
+    other = tmp_path / "bin" / "python3"
+    other.parent.mkdir()
+    other.write_text("")
+    links = {
+        100: str(other),  # an ordinary server: skipped
+        101: str(other),  # named like avahi-daemon: a lookalike
+        102: "/usr/sbin/avahi-daemon",  # the catalogue's image, unreadable here: weighed, refused
+        103: str(tmp_path / "gone"),  # an image that cannot be read
+    }
+    for pid, target in links.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "exe").symlink_to(target)
+        (tmp_path / str(pid) / "status").write_text("Name:\tx\nUid:\t1000\t1000\t1000\t1000\n")
+    (tmp_path / "104").mkdir()  # no exe link at all
+    names = {100: "python3", 101: "avahi-daemon", 102: "avahi-daemon", 103: "x", 104: "y"}
+    owners = [Owner(pid, 3, name, (f"/x/{name}",), uid=1000) for pid, name in names.items()]
+    sock = SocketRecord(
+        Proto.UDP, Family.INET, State.CLOSE, Endpoint(IPv4Address("0.0.0.0"), 5353),
+        Endpoint(IPv4Address("0.0.0.0"), 0), 1000, 1,
+    )  # fmt: skip
+    entries = [SocketEntry(sock, tuple(owners))]
+    uids = K.system_uids(catalogue())
+    full = [recognise(catalogue(), K.exe_facts(o, str(tmp_path)), 5353, Proto.UDP, uids) for o in owners]
+    want = (
+        tuple(g for g in full if isinstance(g, Recognised)),
+        tuple(g for g in full if isinstance(g, Lookalike)),
+    )
+    read: list[int] = []
+    real = K.exe_facts
+
+    def counted(o: Owner, proc: str = "/proc") -> ProcFacts:
+        read.append(o.pid)
+        return real(o, proc)
+
+    monkeypatch.setattr(K, "exe_facts", counted)
+    assert K.recognise_holders(entries, 5353, Proto.UDP, str(tmp_path)) == want
+    assert [f.pid for f in want[1]] == [101, 102]
+    assert read == [101, 102]  # 100, 103 and 104 can be neither: no stat, no status read

@@ -178,7 +178,8 @@ def frees_in(infos: Iterable[BlockerInfo]) -> int | None:
         ms = b.entry.socket.expires_ms
         if ms is None:
             return None
-        latest = ms if latest is None else max(latest, ms)
+        if latest is None or ms > latest:  # not max(): once per TIME_WAIT
+            latest = ms
     return latest
 
 
