@@ -39,7 +39,8 @@ def catalogue() -> tuple[WellKnown, ...]:
         raw = resources.files("rebind").joinpath("data/wellknown.toml").read_bytes()
     else:
         raw = get_data(os.path.join(os.path.dirname(spec.origin), "data", "wellknown.toml"))
-    return parse_catalogue(raw.decode("utf-8"))
+    # universal newlines, as importlib.resources' read_text gave it
+    return parse_catalogue(raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def system_uids(entries: Iterable[WellKnown]) -> dict[str, int]:
