@@ -9,19 +9,16 @@ import os
 import pwd
 from collections.abc import Iterable, Sequence
 from functools import cache
+from typing import TYPE_CHECKING
 
+from rebind.model.findings import Findings
 from rebind.model.localhost import find_split
 from rebind.model.records import Owner, Proto, SocketEntry, State
-from rebind.model.wellknown import (
-    Findings,
-    Lookalike,
-    ProcFacts,
-    Recognised,
-    WellKnown,
-    parse_catalogue,
-    recognise,
-    recognise_nat,
-)
+
+if TYPE_CHECKING:
+    # The catalogue's model is imported where it is used: a port no process holds (its
+    # TIME_WAITs) needs none of it.
+    from rebind.model.wellknown import Lookalike, ProcFacts, Recognised, WellKnown
 
 
 @cache
@@ -30,6 +27,7 @@ def catalogue() -> tuple[WellKnown, ...]:
     # Through the package's loader (a file, or a member of a zip), not importlib.resources:
     # importing that (and pathlib, zipfile behind it) was ~7 ms of every `rebind why`.
     import rebind
+    from rebind.model.wellknown import parse_catalogue
 
     spec = rebind.__spec__
     get_data = getattr(spec.loader, "get_data", None) if spec is not None and spec.origin else None
@@ -69,6 +67,8 @@ def _real_uid(pid: int, proc: str) -> int | None:
 def exe_facts(o: Owner, proc: str = "/proc") -> ProcFacts:
     """The kernel's view of ``o``: readlink and stat of /proc/PID/exe (the image the process
     runs, deleted or not), and its real uid. Unreadable parts stay None (never guessed)."""
+    from rebind.model.wellknown import ProcFacts
+
     path = f"{proc}/{o.pid}/exe"
     try:
         exe: str | None = os.readlink(path)
@@ -96,6 +96,8 @@ def recognise_holders(
     owners = _holding_owners(entries, port, proto)
     if not owners:  # ten thousand TIME_WAITs have none: no catalogue, no account lookups
         return (), ()
+    from rebind.model.wellknown import Lookalike, Recognised, recognise
+
     # The entries recognise() would weigh for this port, in catalogue order (it skips the rest).
     cat = tuple(e for e in catalogue() if e.exe and e.holds(port, proto))
     exes = frozenset(x for e in cat for x in e.exe)
@@ -150,6 +152,7 @@ def _may_be(o: Owner, exes: frozenset[str], names: frozenset[str], proc: str) ->
 def recognise_nodeports(port: int, proto: Proto) -> tuple[Recognised, ...]:
     """kube-proxy NodePorts: rules of KUBE-NODEPORTS that capture the port (iptables-save)."""
     from rebind.kernel.containers import captures_for
+    from rebind.model.wellknown import recognise_nat
 
     out = []
     for c in captures_for(port, proto.value, None):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rebind.model.localhost import SplitBrain
+from rebind.model.findings import Findings as Findings  # re-exported: its old home
 from rebind.model.records import Proto, process_label
 from rebind.textsafe import visible
 
@@ -287,16 +287,3 @@ def recognise_nat(
             e, port, proto, None, _render(e.fix, values), _render(e.revert, values), unit=None, via=chain
         )
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# What `why` adds: both kinds of finding (rendered in render/findings.py)
-
-
-@dataclass(frozen=True, slots=True)
-class Findings:
-    """What `why PORT` adds to the diagnosis: the localhost split and the well-known holders."""
-
-    localhost: SplitBrain | None = None
-    holders: tuple[Recognised, ...] = ()
-    lookalikes: tuple[Lookalike, ...] = ()

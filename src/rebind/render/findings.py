@@ -10,11 +10,15 @@ by ``rebind.ls/1`` for every port with a finding; the well-known holders and loo
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rebind.model.localhost import Reach, SplitBrain
 from rebind.model.records import Family
-from rebind.model.wellknown import Findings, Lookalike, Recognised
 from rebind.textsafe import visible
+
+if TYPE_CHECKING:  # the catalogue's model: imported where a port has owners (kernel/wellknown.py)
+    from rebind.model.findings import Findings
+    from rebind.model.wellknown import Lookalike, Recognised
 
 
 def findings_lines(found: Findings, esc_markup: Callable[[str], str] | None = None) -> list[str]:
