@@ -222,13 +222,16 @@ def _holders(
         if r.proto is not proto:
             continue
         st = by_cookie.get(r.cookie) if r.cookie is not None else None
+        kernel_opts = None
         if st is not None:
             known = commons.get(id(st.common))
             if known is None:
                 c = st.common
                 usable = c.kind is not SockKind.REQUEST and c.proto is proto
                 known = commons[id(c)] = (usable, c.local.port, kernel_holder(e, st).opts)
-            if not known[0] or known[1] != r.local.port:
+            if known[0] and known[1] == r.local.port:
+                kernel_opts = known[2]
+            else:
                 st = None
         got = read.get(i) if read is not None else None
         if got is None and e.owners and st is None:
@@ -236,11 +239,11 @@ def _holders(
         if got is not None and got[1] is Provenance.READ:
             out.append(HolderFacts(e, got[0], Provenance.READ, st))
             continue
-        if st is not None:
+        if kernel_opts is not None:
             # The kernel's own sk_reuse/sk_reuseport/ipv6only (a TIME_WAIT's tw_* copies too),
             # whoever owns the socket. Bound-only TCP sockets are in no table the iterator walks:
             # they (and sockets made since) take the paths below.
-            out.append(HolderFacts(e, commons[id(st.common)][2], Provenance.KERNEL, st))
+            out.append(HolderFacts(e, kernel_opts, Provenance.KERNEL, st))
             continue
         opts, src = SockOpts(), Provenance.UNKNOWN
         parent = _listener_for(e, listeners) if e.socket.state is not State.LISTEN else None

@@ -307,8 +307,9 @@ def _entries(targets: Sequence[SocketRecord]) -> tuple[bytearray, list[_Expect]]
         at = i * ENTRY_SIZE
         local, remote = t.local, t.remote
         if isinstance(local.addr, IPv4Address) and isinstance(remote.addr, IPv4Address):
-            # _entry's first case written in place (ten thousand TIME_WAITs of one port)
-            lp, rp = local.addr.packed, remote.addr.packed
+            # _entry's first case written in place (ten thousand TIME_WAITs of one port);
+            # int().to_bytes is .packed with one Python call less
+            lp, rp = int(local.addr).to_bytes(4, "big"), int(remote.addr).to_bytes(4, "big")
             ports = pack_ports(remote.port, local.port)
             pack_into(buf, at, rp + lp + ports, 12)
             expect.append((lp, rp, ports[:2], local.port))
