@@ -33,6 +33,10 @@ def test_build_key_names_release_and_version(tmp_path: Path) -> None:
     (tmp_path / "version").write_text("Linux version 6.18.44 (builder@b) #1\n")
     b = build_key(str(tmp_path))
     assert a.startswith("6.18.44_.._x-") and a != b and "/" not in a
+    # the key's digest is sha256 (cache files written before keep their names), without hashlib
+    import hashlib
+
+    assert b.endswith("-" + hashlib.sha256(b"Linux version 6.18.44 (builder@b) #1\n").hexdigest()[:16])
 
 
 @pytest.mark.parametrize(

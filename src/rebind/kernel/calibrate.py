@@ -63,12 +63,15 @@ def _sha256_hex(data: bytes) -> str:
     ~2.5 ms of every `rebind why` for one digest of /proc/version."""
     import importlib
 
-    try:
-        module = importlib.import_module("_sha256")  # CPython 3.11 (3.12 on: _sha2)
-    except ImportError:
-        module = importlib.import_module("hashlib")
-    digest: str = module.sha256(data).hexdigest()
-    return digest
+    for name in ("_sha256", "_sha2", "hashlib"):  # CPython 3.11, 3.12 on, anything else
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "sha256"):
+            digest: str = module.sha256(data).hexdigest()
+            return digest
+    raise ImportError("no sha256")  # hashlib always has it
 
 
 # --------------------------------------------------------------------------------------------
