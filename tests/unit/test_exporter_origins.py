@@ -20,8 +20,9 @@ from rebind.exporter.connect_counts import (
 from rebind.exporter.facts import Dest, DestUsage, EphemeralRange, PortOrigins, Snapshot
 from rebind.exporter.families import families
 from rebind.exporter.gather import Gatherer
+from rebind.exporter.origins import bucket_origins, range_ports
 from rebind.kernel.diag_codec import BcOp
-from rebind.model.sockstate import BindBucket
+from rebind.model.sockstate import BindBucket, PortBucket, Unavailable
 
 RNG = EphemeralRange(40000, 40009, frozenset({40005}))
 DST = Dest(IPv4Address("10.0.0.5"), 5432)
@@ -246,3 +247,92 @@ def test_first_per_port_keeps_each_ports_first_socket_and_skips_known_ports() ->
     a, b = IPv4Address("10.0.0.1").packed, IPv4Address("10.0.0.5").packed
     assert got == {40000: (a, b, 5433, 40000 | 1 << 32), 40001: (a, b, 5433, 40001 | 1 << 32)}
     assert skip == {40000, 40001, 40002}
+
+
+# --------------------------------------------------------------------------------------------
+# The bind hash's answer (exporter/origins.py: bucket_origins), one PortBucket per port
+
+
+def _pb(buckets: int = 1, reuse: int = -1, reuseport: int = -1, **kw: object) -> PortBucket:
+    return PortBucket(buckets, reuse, reuseport, **kw)  # type: ignore[arg-type]
+
+
+def test_bucket_origins_sorts_ports_by_their_bucket() -> None:
+    connect = _pb()  # __inet_hash_connect's: fastreuse = fastreuseport = -1
+    bind_ip_0 = _pb(reuse=0, reuseport=0)  # bind(ip, 0) without SO_REUSEADDR
+    reuseaddr = _pb(reuse=1, reuseport=0)  # bind() with SO_REUSEADDR (a bound-inactive socket)
+    reuseport = _pb(reuse=0, reuseport=1)
+    half = _pb(reuse=-1, reuseport=0)  # bind() onto a connect()-made bucket: no longer shared
+    nobody = PortBucket(0)
+    got = bucket_origins(
+        range(40000, 40007),
+        {40000: connect, 40001: bind_ip_0, 40002: reuseaddr, 40003: reuseport, 40004: half, 40005: nobody},
+    )
+    # 40006: not in the answer (read nothing for it): unknown, never free
+    assert got == PortOrigins(bind_made=frozenset({40001, 40002, 40003, 40004}), unknown=frozenset({40006}))
+
+
+def test_bucket_origins_unknown_when_the_bucket_cannot_be_trusted() -> None:
+    faulted = PortBucket(0, faulted=True)  # a copy faulted / a bucket freed mid-walk (inconsistent)
+    truncated = PortBucket(0, chain_truncated=True)  # a bucket may lie beyond the walk's bound
+    bad_bind = _pb(reuse=0, reuseport=0, faulted=True)
+    vrf = _pb(buckets=2)  # l3mdev binds: which bucket a plain connect() matches is not said
+    counts = _pb(reuse=0, reuseport=0, counts_truncated=True)  # only bind2/owners are lower bounds
+    got = bucket_origins([1, 2, 3, 4, 5], {1: faulted, 2: truncated, 3: bad_bind, 4: vrf, 5: counts})
+    assert got == PortOrigins(bind_made=frozenset({5}), unknown=frozenset({1, 2, 3, 4}))
+    assert not faulted.known and not truncated.known
+    assert bucket_origins([], {}) == PortOrigins()
+
+
+def test_bucket_origins_judges_a_shared_bucket_once_per_object() -> None:
+    """decode_buckets makes one PortBucket of equal entries: 28k ports, a handful of objects."""
+    calls: list[PortBucket] = []
+    import rebind.exporter.origins as origins_mod
+
+    judge = origins_mod._judge
+
+    def spy(b: PortBucket) -> int:
+        calls.append(b)
+        return judge(b)
+
+    shared, bound = _pb(), _pb(reuse=0, reuseport=0)
+    answer = {p: (bound if p % 100 == 0 else shared) for p in range(32768, 61000)}
+    orig, origins_mod._judge = origins_mod._judge, spy
+    try:
+        got = bucket_origins(list(answer), answer)
+    finally:
+        origins_mod._judge = orig
+    assert len(calls) == 2
+    assert got.bind_made == {p for p in answer if p % 100 == 0} and not got.unknown
+
+
+def test_range_ports_leave_out_reserved_and_known_ports() -> None:
+    assert range_ports(RNG, [40002, 39000]) == [40000, 40001, 40003, 40004, 40006, 40007, 40008, 40009]
+
+
+def test_gatherer_takes_the_fallback_only_when_the_bind_hash_is_unavailable() -> None:
+    """With dests and a range the bind hash is read for the range's ports but the reserved and
+    the listeners'; Unavailable (e.g. REBIND_NO_BPF, a BTF member missing): None, the fallback."""
+    asked: list[list[int]] = []
+
+    def reader(ports):  # type: ignore[no-untyped-def]
+        asked.append(list(ports))
+        return {p: (_pb(reuse=0, reuseport=0) if p == 40003 else PortBucket(0)) for p in ports}
+
+    g = Gatherer((), (DST,), read_buckets=reader)
+    assert g._range_origins(RNG, ()) == PortOrigins(bind_made=frozenset({40003}))
+    assert asked[-1] == [40000, 40001, 40002, 40003, 40004, 40006, 40007, 40008, 40009]
+    assert Gatherer((), (), read_buckets=reader)._range_origins(RNG, ()) is None  # no --dest: unread
+    assert len(asked) == 1
+    off = Gatherer((), (DST,), read_buckets=lambda ports: Unavailable("REBIND_NO_BPF is set"))
+    assert off._range_origins(RNG, ()) is None
+    assert Gatherer((), (DST,), read_kernel=False, read_buckets=reader)._range_origins(RNG, ()) is None
+    assert len(asked) == 1
+
+
+def test_the_connection_walk_asks_for_bind_named_ports_only_in_the_fallback() -> None:
+    g = Gatherer((), (DST,))
+    with_group, without = g._conn_filter(RNG, True), g._conn_filter(RNG, False)
+    assert with_group is not None and without is not None
+    assert len(without) < len(with_group)
+    assert without == Gatherer((), (DST,))._conn_filter(None)  # the range plays no part
