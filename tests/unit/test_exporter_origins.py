@@ -336,3 +336,84 @@ def test_the_connection_walk_asks_for_bind_named_ports_only_in_the_fallback() ->
     assert with_group is not None and without is not None
     assert len(without) < len(with_group)
     assert without == Gatherer((), (DST,))._conn_filter(None)  # the range plays no part
+
+
+def test_scan_conns_is_tally_conn_inlined() -> None:
+    """fastdiag.scan_conns feeds the tally exactly as Tally.conn does, socket by socket: IPv4,
+    IPv6 and v4-mapped addresses, TIME_WAIT leftovers, a listener's children, connections to a
+    dest, a bind-named port of the range, and returns the payloads Tally.conn wants."""
+    import socket as so
+    from ipaddress import IPv6Address
+
+    from rebind.exporter.facts import Watch
+    from rebind.exporter.fastdiag import MSG, addr_key, scan_conns
+    from rebind.exporter.tally import Tally
+    from rebind.kernel import diag_codec as codec
+    from rebind.model.records import Endpoint, Family, Proto, SocketRecord, State
+
+    def v4(a: str) -> bytes:
+        return IPv4Address(a).packed + bytes(12)
+
+    def mapped(a: str) -> bytes:
+        return bytes(10) + b"\xff\xff" + IPv4Address(a).packed
+
+    six = IPv6Address("fd00::1").packed
+    socks = [  # family, state, timer, sport, dport, src, dst, expires
+        (2, 1, 0, 8080, 40001, v4("10.0.0.1"), v4("10.0.0.9"), 0),  # a listener's child
+        (2, 1, 0, 8080, 40002, v4("10.0.0.1"), v4("10.0.0.9"), 0),  # its second: only counted
+        (2, 6, 3, 8080, 40003, v4("10.0.0.1"), v4("10.0.0.8"), 500),  # TIME_WAIT leftover
+        (2, 6, 3, 8080, 40004, v4("10.0.0.1"), v4("10.0.0.8"), 900),
+        (2, 5, 3, 8080, 40005, v4("10.0.0.1"), v4("10.0.0.8"), 100),  # orphaned FIN_WAIT2 mini
+        (10, 1, 0, 8080, 40006, six, six, 0),  # not a child (no listener on fd00::1)
+        (10, 1, 0, 9000, 40007, mapped("10.0.0.2"), mapped("10.0.0.9"), 0),
+        (2, 1, 0, 40010, 5432, v4("10.0.0.1"), v4("10.0.0.5"), 0),  # to the dest, live
+        (10, 6, 3, 40011, 5432, mapped("10.0.0.1"), mapped("10.0.0.5"), 20),  # to the dest, TIME_WAIT
+        (2, 1, 0, 40012, 5555, v4("10.0.0.1"), v4("10.0.0.5"), 0),  # bind-named, in the range
+        (2, 1, 0, 50000, 5555, v4("10.0.0.1"), v4("10.0.0.5"), 0),  # outside the range
+    ]
+
+    def msg(f: tuple[int, int, int, int, int, bytes, bytes, int], tag: int) -> bytes:
+        fam, st, timer, sport, dport, src, dst, expires = f
+        body = MSG.pack(
+            fam, st, timer, 0, so.htons(sport), so.htons(dport), src, dst, 0, tag, 0, expires, 0, 0, 0, 0
+        )
+        body += bytes(8)  # an attribute's room: payloads are kept whole
+        return codec.NLMSGHDR.pack(codec.NLMSGHDR.size + len(body), codec.TCPDIAG_GETSOCK, 2, 1, 0) + body
+
+    msgs = [msg(f, i) for i, f in enumerate(socks)]
+    data = b"".join(msgs) + codec.NLMSGHDR.pack(codec.NLMSGHDR.size + 4, codec.NLMSG_DONE, 2, 1, 0) + bytes(4)
+
+    class Fake:
+        def send(self, _req: bytes) -> None:
+            pass
+
+        def recv_into(self, buf: bytearray) -> int:
+            buf[: len(data)] = data
+            return len(data)
+
+    class Sock:
+        _sock = Fake()
+
+    watches, dests = [Watch(8080), Watch(9000)], [DST, Dest(IPv4Address("10.0.0.5"), 5432)]
+    rng = EphemeralRange(40000, 40099)
+
+    def tally() -> Tally:
+        t = Tally(watches, dests)
+        here, anywhere = Endpoint(IPv4Address("10.0.0.1"), 8080), Endpoint(IPv4Address("0.0.0.0"), 0)
+        t.server(SocketRecord(Proto.TCP, Family.INET, State.LISTEN, here, anywhere, 0, 1))
+        t.client_range(rng)
+        return t
+
+    ref, got = tally(), tally()
+    want = [
+        m[codec.NLMSGHDR.size :]
+        for m, (fam, st, timer, sport, dport, src, dst, exp) in zip(msgs, socks, strict=True)
+        if ref.conn(
+            st, timer == 3 and st in (6, 5), sport, dport, addr_key(fam, src), addr_key(fam, dst), exp
+        )
+    ]
+    assert scan_conns(Sock(), b"", got) == want  # type: ignore[arg-type]
+    assert len(want) == 4  # a child, a leftover, and the two sockets no listener explains
+    assert got.counts == ref.counts and got.tw_max == ref.tw_max and got.peers() == ref.peers()
+    assert got.dest_usage() == ref.dest_usage() and got.kept == ref.kept
+    assert got.bind_held == ref.bind_held == {40012}

@@ -67,7 +67,7 @@ from rebind.kernel.route import NoRoute, source_for
 from rebind.kernel.sysctl import HostSettings, host_settings
 from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
 from rebind.model.conflict import KernelSettings, SockOpts
-from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, Timer
+from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State
 from rebind.model.sockstate import SockState, SockStates, Unavailable
 
 if TYPE_CHECKING:
@@ -80,8 +80,6 @@ CHEAP_WALK_S = 0.005
 _CONN_STATES = frozenset(State) - {State.LISTEN, State.BOUND_INACTIVE}
 #: Client sockets: a request sock (SYN_RECV) is a listener's, whose port is known bind-held.
 _CLIENT_STATES = _CONN_STATES - {State.SYN_RECV}
-#: A timewait mini-socket: TIME_WAIT, or an orphaned FIN_WAIT2 (SocketRecord.is_mini).
-_MINI_STATES = (int(State.TIME_WAIT), int(State.FIN_WAIT2))
 _SERVER_METRICS = ("rebind_sockets", "rebind_port_bindable", "rebind_listener_accept_queue")
 _CLIENT_METRICS = ("rebind_ephemeral_bind_held_ports", "rebind_connect_free_ports", "rebind_connect_timewait")
 
@@ -444,12 +442,8 @@ class Gatherer:
         if ccode is None:
             return
         req = codec.dump_request_tcp_any_family(states_mask(_CONN_STATES), bytecode=ccode)
-        tw_timer, conn, key = int(Timer.TIME_WAIT), tally.conn, fastdiag.addr_key
-        for raw in fastdiag.dump(sock, req):
-            fam, st, timer, sport, dport, src, dst, expires, _rq, _wq, payload = raw
-            mini = timer == tw_timer and st in _MINI_STATES
-            if conn(st, mini, sport, dport, key(fam, src), key(fam, dst), expires):
-                watched.append(codec.decode_socket(Proto.TCP, payload, netns=sock.netns))
+        for payload in fastdiag.scan_conns(sock, req, tally):
+            watched.append(codec.decode_socket(Proto.TCP, memoryview(payload), netns=sock.netns))
 
     def _client_reps(
         self, sock: DiagSocket, tally: Tally, rng: EphemeralRange | None, in_range: Sequence[SocketRecord]
