@@ -128,6 +128,19 @@ def test_bindhash_gives_the_fallbacks_metrics_and_the_kernels_answer(clients) ->
     assert free == (HI - LO + 1) - len(held) == _connects_left(keep)  # model == kernel
 
 
+def test_bucket_groups_are_the_per_port_answer_grouped(clients) -> None:  # type: ignore[no-untyped-def]
+    """bindhash.read_port_bucket_groups (the exporter's read) is read_port_buckets, grouped."""
+    _bindhash_or_skip()
+    from rebind.kernel.bpf.bindhash import read_port_bucket_groups, read_port_buckets
+
+    ports = [*range(LO - 5, HI + 5), 0, 70000]  # outside 1-65535: left out by both
+    per_port, groups = read_port_buckets(ports), read_port_bucket_groups(ports)
+    assert not isinstance(groups, Unavailable) and not isinstance(per_port, Unavailable)
+    assert {p: b for b, ps in groups for p in ps} == per_port
+    assert sum(len(ps) for _b, ps in groups) == len(per_port) == HI - LO + 10
+    assert len(groups) < 6  # a handful of distinct buckets, each decoded once
+
+
 def test_a_bound_inactive_port_is_held_at_once_however_old_the_bound_walk(clients, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The bound-inactive walk (bhash2, every bound socket of the host) is reused for up to
     ``slow_every`` seconds when it is dear. A socket bound since, on a port of the range, was

@@ -257,6 +257,14 @@ def _pb(buckets: int = 1, reuse: int = -1, reuseport: int = -1, **kw: object) ->
     return PortBucket(buckets, reuse, reuseport, **kw)  # type: ignore[arg-type]
 
 
+def _groups(answer: dict[int, PortBucket]) -> list[tuple[PortBucket, list[int]]]:
+    """A port -> bucket answer as bindhash.read_port_bucket_groups gives it."""
+    out: dict[PortBucket, list[int]] = {}
+    for p, b in answer.items():
+        out.setdefault(b, []).append(p)
+    return list(out.items())
+
+
 def test_bucket_origins_sorts_ports_by_their_bucket() -> None:
     connect = _pb()  # __inet_hash_connect's: fastreuse = fastreuseport = -1
     bind_ip_0 = _pb(reuse=0, reuseport=0)  # bind(ip, 0) without SO_REUSEADDR
@@ -264,12 +272,18 @@ def test_bucket_origins_sorts_ports_by_their_bucket() -> None:
     reuseport = _pb(reuse=0, reuseport=1)
     half = _pb(reuse=-1, reuseport=0)  # bind() onto a connect()-made bucket: no longer shared
     nobody = PortBucket(0)
-    got = bucket_origins(
-        range(40000, 40007),
-        {40000: connect, 40001: bind_ip_0, 40002: reuseaddr, 40003: reuseport, 40004: half, 40005: nobody},
-    )
-    # 40006: not in the answer (read nothing for it): unknown, never free
+    answer = {
+        40000: connect,
+        40001: bind_ip_0,
+        40002: reuseaddr,
+        40003: reuseport,
+        40004: half,
+        40005: nobody,
+    }
+    got = bucket_origins(list(range(40000, 40007)), _groups(answer))
+    # 40006: asked, not in the answer: unknown, never free
     assert got == PortOrigins(bind_made=frozenset({40001, 40002, 40003, 40004}), unknown=frozenset({40006}))
+    assert bucket_origins(list(answer), _groups(answer)).unknown == frozenset()
 
 
 def test_bucket_origins_unknown_when_the_bucket_cannot_be_trusted() -> None:
@@ -278,32 +292,11 @@ def test_bucket_origins_unknown_when_the_bucket_cannot_be_trusted() -> None:
     bad_bind = _pb(reuse=0, reuseport=0, faulted=True)
     vrf = _pb(buckets=2)  # l3mdev binds: which bucket a plain connect() matches is not said
     counts = _pb(reuse=0, reuseport=0, counts_truncated=True)  # only bind2/owners are lower bounds
-    got = bucket_origins([1, 2, 3, 4, 5], {1: faulted, 2: truncated, 3: bad_bind, 4: vrf, 5: counts})
+    answer = {1: faulted, 2: truncated, 3: bad_bind, 4: vrf, 5: counts}
+    got = bucket_origins([1, 2, 3, 4, 5], _groups(answer))
     assert got == PortOrigins(bind_made=frozenset({5}), unknown=frozenset({1, 2, 3, 4}))
     assert not faulted.known and not truncated.known
-    assert bucket_origins([], {}) == PortOrigins()
-
-
-def test_bucket_origins_judges_a_shared_bucket_once_per_object() -> None:
-    """decode_buckets makes one PortBucket of equal entries: 28k ports, a handful of objects."""
-    calls: list[PortBucket] = []
-    import rebind.exporter.origins as origins_mod
-
-    judge = origins_mod._judge
-
-    def spy(b: PortBucket) -> int:
-        calls.append(b)
-        return judge(b)
-
-    shared, bound = _pb(), _pb(reuse=0, reuseport=0)
-    answer = {p: (bound if p % 100 == 0 else shared) for p in range(32768, 61000)}
-    orig, origins_mod._judge = origins_mod._judge, spy
-    try:
-        got = bucket_origins(list(answer), answer)
-    finally:
-        origins_mod._judge = orig
-    assert len(calls) == 2
-    assert got.bind_made == {p for p in answer if p % 100 == 0} and not got.unknown
+    assert bucket_origins([], []) == PortOrigins()
 
 
 def test_range_ports_leave_out_reserved_and_known_ports() -> None:
@@ -317,7 +310,7 @@ def test_gatherer_takes_the_fallback_only_when_the_bind_hash_is_unavailable() ->
 
     def reader(ports):  # type: ignore[no-untyped-def]
         asked.append(list(ports))
-        return {p: (_pb(reuse=0, reuseport=0) if p == 40003 else PortBucket(0)) for p in ports}
+        return _groups({p: (_pb(reuse=0, reuseport=0) if p == 40003 else PortBucket(0)) for p in ports})
 
     g = Gatherer((), (DST,), read_buckets=reader)
     assert g._range_origins(RNG, ()) == PortOrigins(bind_made=frozenset({40003}))

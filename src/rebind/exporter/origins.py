@@ -6,8 +6,8 @@ next_port; connect-rules.md C6). No socket flag shows which for a client that le
 pick its port: only the bucket does. Two readers:
 
 * :func:`read_range_buckets` (the scrape's way): every port's bucket straight from the kernel's
-  bind hash (kernel/bpf/bindhash.py: read_port_buckets), one chain walk per port, no socket
-  visited: ~13 ms for the 28k ports of the default range (docs/benchmarks.md). It also sees the
+  bind hash (kernel/bpf/bindhash.py: read_port_bucket_groups), one chain walk per port, no
+  socket visited, each distinct bucket decoded and judged once (docs/benchmarks.md). It also sees the
   ports no client socket leads to (bound-inactive sockets, a server's TIME_WAITs);
 * :func:`read_connect_only` (the fallback where the bind hash cannot be read, e.g. a kernel
   whose BTF lacks a member): one client socket per port from a second walk of the connection
@@ -18,59 +18,60 @@ pick its port: only the bucket does. Two readers:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from rebind.exporter.facts import EphemeralRange, PortOrigins, PortTuple
 from rebind.model.records import Proto
 from rebind.model.sockstate import PortBucket, SockStates, Unavailable
 
-#: Reads the bind buckets of TCP ports in this thread's namespace (bindhash.read_port_buckets).
-BucketReader = Callable[[list[int]], "Mapping[int, PortBucket] | Unavailable"]
+#: Each distinct bind bucket of the TCP ports asked, with its ports, in this thread's namespace
+#: (bindhash.read_port_bucket_groups).
+BucketGroups = Sequence[tuple[PortBucket, Sequence[int]]]
+BucketReader = Callable[[list[int]], "BucketGroups | Unavailable"]
 
 
-def read_range_buckets(ports: list[int]) -> Mapping[int, PortBucket] | Unavailable:
-    """The bind buckets of ``ports`` from the bind hash; Unavailable where BPF cannot run here
-    (then the gatherer falls back to :func:`read_connect_only`)."""
-    from rebind.kernel.bpf.bindhash import read_port_buckets
+def read_range_buckets(ports: list[int]) -> BucketGroups | Unavailable:
+    """The bind buckets of ``ports`` from the bind hash, grouped; Unavailable where BPF cannot
+    run here (then the gatherer falls back to :func:`read_connect_only`)."""
+    from rebind.kernel.bpf.bindhash import read_port_bucket_groups
 
-    return read_port_buckets(ports)
+    return read_port_bucket_groups(ports)
 
 
 def range_ports(rng: EphemeralRange, known: Iterable[int]) -> list[int]:
     """The ports of the range connect() may choose (reserved ones left out) whose origin is not
-    known already (``known``: listeners and bound-inactive sockets seen in the dump), ascending."""
+    known already (``known``: the listeners seen in the dump), ascending."""
     skip = rng.reserved.union(known)
+    if not skip:
+        return list(range(rng.lo, rng.hi + 1))
     return [p for p in range(rng.lo, rng.hi + 1) if p not in skip]
 
 
-def bucket_origins(ports: Iterable[int], buckets: Mapping[int, PortBucket]) -> PortOrigins:
-    """Sort ``ports`` by their bind bucket (``buckets``, read from the bind hash):
+def bucket_origins(asked: Sequence[int], groups: BucketGroups) -> PortOrigins:
+    """Sort the ports ``asked`` by their bind bucket (``groups``: each distinct bucket with its
+    ports, read from the bind hash):
 
     - no bucket (``buckets == 0``, the chain walked to its end): nobody holds the port;
     - one bucket, connect()-made (fastreuse and fastreuseport both -1): shared by connect(),
       so only the 4-tuples in use take it (the dest usage counts those);
     - one bucket made by bind() (any other cache): ``bind_made``, skipped by connect();
-    - unknown: not read, a fault or a bucket freed mid-walk (``faulted``), the chain cut
-      short (``chain_truncated``), or more than one bucket (l3mdev/VRF binds: which one a
-      connect() would match, the first's fields do not say).
+    - unknown: a fault or a bucket freed mid-walk (``faulted``), the chain cut short
+      (``chain_truncated``), more than one bucket (l3mdev/VRF binds: which one a connect()
+      would match, the first's fields do not say), or no answer for the port at all.
 
-    Equal buckets are one PortBucket object (decode_buckets): each is judged once."""
-    verdict: dict[int, int] = {}  # id(bucket) -> _FREE / _SHARED / _BIND / _UNKNOWN
-    made: list[int] = []
-    unknown: list[int] = []
-    get = buckets.get
-    for p in ports:
-        b = get(p)
-        if b is None:
-            unknown.append(p)
-            continue
-        v = verdict.get(id(b))
-        if v is None:
-            v = verdict[id(b)] = _judge(b)
+    Only the bind-made and unknown groups' ports are visited (a loaded range: a few hundred)."""
+    made: set[int] = set()
+    unknown: set[int] = set()
+    answered = 0
+    for b, ports in groups:
+        answered += len(ports)
+        v = _judge(b)
         if v == _BIND:
-            made.append(p)
+            made.update(ports)
         elif v == _UNKNOWN:
-            unknown.append(p)
+            unknown.update(ports)
+    if answered != len(asked):  # a reader that left ports out: those are unknown, never free
+        unknown.update(set(asked).difference(*(ports for _b, ports in groups)))
     return PortOrigins(frozenset(made), frozenset(unknown))
 
 

@@ -11,6 +11,7 @@ hash chain per port (:mod:`.bindhashlayout`: the structures, offsets from BTF, a
   first one's ``fastreuse``/``fastreuseport`` (connect()-made: both -1 on 6.18) and fast-reuse
   cache, its bind2 buckets (and owners, if asked) counted, as
   :class:`~rebind.model.sockstate.PortBucket` (:mod:`.bindprog`: one test-run repetition a port);
+  :func:`read_port_bucket_groups`: the same, each distinct bucket once with its ports;
 - :func:`read_port_owners`: every socket of a port's buckets, as the iterator's SockStates
   (:mod:`.bindowners`: one repetition, one bpf_loop).
 
@@ -35,7 +36,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -273,6 +274,38 @@ def read_port_buckets(
         return decode_buckets(wanted, _run_buckets(lay, wanted, owners), owners)
     except (OSError, RebindError, btfmod.BTFError) as exc:
         return Unavailable(_reason(exc))
+
+
+def read_port_bucket_groups(ports: Sequence[int]) -> list[tuple[PortBucket, list[int]]] | Unavailable:
+    """:func:`read_port_buckets` for a caller that sorts many ports by their bucket (the exporter:
+    the whole ephemeral range each scrape): each distinct bucket once, with the ports it answers,
+    in the order asked -- no dict or lookup per port (a 28k-port range holds a handful of
+    distinct buckets). ``ports`` unique, each in 1-65535 (others are left out). No owners."""
+    wanted = list(ports)
+    if wanted and (min(wanted) < 1 or max(wanted) >= 1 << 16):
+        wanted = [p for p in wanted if 0 < p < 1 << 16]
+    try:
+        check_bpf_environment(honour_no_bpf=True)
+        lay = load_layout()
+        if not wanted:
+            return []
+        data = _run_buckets(lay, wanted)
+    except (OSError, RebindError, btfmod.BTFError) as exc:
+        return Unavailable(_reason(exc))
+    return [(decode_entry(ENTRY.unpack(bytes(2) + rest)), got) for rest, got in _grouped(wanted, data)]
+
+
+def _grouped(ports: list[int], data: bytes) -> Iterable[tuple[bytes, list[int]]]:
+    """The entries' distinct values (but for the port) with their ports, in one pass (~2.5 ms
+    for 28k ports; one itertools.compress per distinct value measured slower)."""
+    groups: dict[bytes, list[int]] = {}
+    get = groups.get
+    for port, (rest,) in zip(ports, _REST.iter_unpack(data), strict=True):
+        got = get(rest)
+        if got is None:
+            got = groups[rest] = []
+        got.append(port)
+    return groups.items()
 
 
 def _elsewhere(netns: int | None) -> Unavailable | None:
