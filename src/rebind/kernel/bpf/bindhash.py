@@ -182,12 +182,26 @@ def _run_buckets(lay: BindHashLayout, ports: list[int], owners: bool = False) ->
             state, entries = run.maps
             # the cursor at 0 and the namespace unknown: this thread may have changed namespace
             state[: NetState.SIZE] = bytes(NetState.SIZE)
-            entries[: ENTRY.size * n] = _inputs(ports)
+            entries[: ENTRY.size * n] = _inputs_for(ports)
             _test_run(run.prog, n)
             return entries[: ENTRY.size * n]
         except BaseException:
             _forget("buckets")
             raise
+
+
+def _inputs_for(ports: list[int]) -> bytes:
+    """_inputs, kept for the next call with the same ports (the exporter asks for the same range
+    every scrape: ~1 ms of packing saved, against ~0.1 ms comparing the lists). Called with
+    _LOCK held."""
+    if _LAST_INPUTS[0] != ports:
+        _LAST_INPUTS[:] = [list(ports), _inputs(ports)]
+    got = _LAST_INPUTS[1]
+    assert isinstance(got, bytes)
+    return got
+
+
+_LAST_INPUTS: list[object] = [None, b""]
 
 
 def _inputs(ports: list[int]) -> bytes:
@@ -297,7 +311,11 @@ def read_port_bucket_groups(ports: Sequence[int]) -> list[tuple[PortBucket, list
 
 def _grouped(ports: list[int], data: bytes) -> Iterable[tuple[bytes, list[int]]]:
     """The entries' distinct values (but for the port) with their ports, in one pass (~2.5 ms
-    for 28k ports; one itertools.compress per distinct value measured slower)."""
+    for 28k ports), or, where all are equal as the last time they were (an idle range), by one
+    comparison with that answer (~0.2 ms). Called with _LOCK held."""
+    first = data[2 : ENTRY.size]
+    if len(ports) > 1 and _same(ports, first) == data:
+        return [(first, list(ports))]
     groups: dict[bytes, list[int]] = {}
     get = groups.get
     for port, (rest,) in zip(ports, _REST.iter_unpack(data), strict=True):
@@ -305,7 +323,21 @@ def _grouped(ports: list[int], data: bytes) -> Iterable[tuple[bytes, list[int]]]
         if got is None:
             got = groups[rest] = []
         got.append(port)
+    if len(groups) == 1:
+        _LAST_SAME[:] = [list(ports), first, data]  # the next call compares with it
     return groups.items()
+
+
+def _same(ports: list[int], rest: bytes) -> bytes:
+    """The answer whose every entry is ``rest`` for ``ports``, if it was the last one seen."""
+    if _LAST_SAME[1] == rest and _LAST_SAME[0] == ports:
+        got = _LAST_SAME[2]
+        assert isinstance(got, bytes)
+        return got
+    return b""
+
+
+_LAST_SAME: list[object] = [None, None, b""]
 
 
 def _elsewhere(netns: int | None) -> Unavailable | None:
