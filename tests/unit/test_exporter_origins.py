@@ -410,3 +410,27 @@ def test_scan_conns_is_tally_conn_inlined() -> None:
     assert got.counts == ref.counts and got.tw_max == ref.tw_max and got.peers() == ref.peers()
     assert got.dest_usage() == ref.dest_usage() and got.kept == ref.kept
     assert got.bind_held == ref.bind_held == {40012}
+
+
+def test_bucket_groups_are_grouped_by_entry_and_an_unchanged_idle_range_by_one_comparison() -> None:
+    """bindhash._grouped (read_port_bucket_groups): each distinct entry (but for the port) once
+    with its ports, in order; an answer all equal to the last all-equal one is recognised whole,
+    and any entry that differs from it is seen."""
+    from rebind.kernel.bpf import bindhash
+    from rebind.kernel.bpf.bindhashlayout import ENTRY, ENTRY_NAMES, RAN
+
+    def entry(port: int, **kw: int) -> bytes:
+        fields: dict[str, object] = {n: 0 for n in ENTRY_NAMES} | {"port": port, "flags": RAN} | kw
+        fields |= {"fast_rcv_saddr": bytes(4), "fast_v6_rcv_saddr": bytes(16)}
+        return ENTRY.pack(*(fields[n] for n in ENTRY_NAMES))
+
+    ports = list(range(40000, 40100))
+    idle = b"".join(entry(p) for p in ports)
+    first = dict(bindhash._grouped(ports, idle))
+    assert first == {idle[2 : ENTRY.size]: ports}
+    assert dict(bindhash._grouped(ports, idle)) == first  # by the comparison this time
+    held = b"".join(entry(p, matched=1) if p in (40003, 40050) else entry(p) for p in ports)
+    got = dict(bindhash._grouped(ports, held))
+    assert sorted(map(len, got.values())) == [2, 98]
+    assert [40003, 40050] in got.values()
+    assert dict(bindhash._grouped(ports[:50], idle[: 50 * ENTRY.size])) == {idle[2 : ENTRY.size]: ports[:50]}
