@@ -233,10 +233,10 @@ def _child(argv: list[str]) -> dict[str, object]:
 
 
 def _series(body: str) -> frozenset[str]:
-    """The samples of a scrape but the duration (its value differs each time)."""
-    return frozenset(
-        line for line in body.splitlines() if line and not line.startswith(("#", "rebind_scrape_duration"))
-    )
+    """The samples of a scrape but the duration and the TIME_WAITs' time left (their values
+    differ with the moment of the scrape)."""
+    skip = ("#", "rebind_scrape_duration", "rebind_port_frees_in_seconds")
+    return frozenset(line for line in body.splitlines() if line and not line.startswith(skip))
 
 
 def main() -> None:
@@ -299,19 +299,18 @@ def main() -> None:
             result["compare_sockstat_end"] = host_tcp_sockets()
             keys = ("compare", "compare_floor", "compare_sockstat_end")
             print(json.dumps({k: result[k] for k in keys}, indent=1), flush=True)
-        if args.compare:
-            return
-        if args.side_by_side:
+        elif args.side_by_side:
             print(f"Socket table: {result['sockets']}; `{result['big_sockstat']}`")
             print("| measured (CPU, process_time) | median ms | best ms |\n|---|---:|---:|")
             for name, d in side_by_side(args.runs).items():
                 print(f"| {name} | {d['cpu_ms_median']:.1f} | {d['cpu_ms_best']:.1f} |")
             return
-        result["big"] = scrape_costs(args.runs)
-        result["floor"] = walk_floor(args.runs)
-        result["ss"] = ss_reference(args.runs)
-        print("# big table: done", file=sys.stderr, flush=True)
-        result["rss_kib"] = rss_over(args.rss_scrapes)
+        else:
+            result["big"] = scrape_costs(args.runs)
+            result["floor"] = walk_floor(args.runs)
+            result["ss"] = ss_reference(args.runs)
+            print("# big table: done", file=sys.stderr, flush=True)
+            result["rss_kib"] = rss_over(args.rss_scrapes)
     finally:
         ns.leave()
         if load is not None:
