@@ -11,10 +11,11 @@ watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
 * TCP connections (the established hash, one walk): local port watched, or remote a ``--dest``.
   Counted with :mod:`.fastdiag`; only the sockets the conflict model needs are fully decoded.
 * UDP, per family, only when a UDP port is watched.
-* With ``--dest``: the bind bucket of every port of the range that no listener or bound-inactive
-  socket explains, read from the kernel's bind hash (:mod:`.origins`: one chain walk per port,
-  no socket visited): connect() chose the port, or bind() did (bind(ip, 0), a port bind()
-  named), and only the bucket tells (connect-rules.md §8, C6). Where the bind hash cannot be
+* With ``--dest``: the bind bucket of every port of the range but the reserved ones and the
+  listeners', read from the kernel's bind hash (:mod:`.origins`: one chain walk per port, no
+  socket visited): connect() chose the port, or bind() did (bind(ip, 0), a port bind() named, a
+  bound-inactive socket: exact each scrape, however old the reused bound-inactive walk), and
+  only the bucket tells (connect-rules.md §8, C6). Where the bind hash cannot be
   read, the fallback: the client sockets of the range without SOCK_BINDPORT_LOCK (a second walk
   of the established hash), one per port, each port's bucket read through its socket
   (:func:`.origins.read_connect_only`), and the ports bind() named from the connection walk's
