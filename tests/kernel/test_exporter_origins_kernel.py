@@ -157,3 +157,36 @@ def test_a_bound_inactive_port_is_held_at_once_however_old_the_bound_walk(client
     s = _samples(g())
     assert s[("rebind_ephemeral_bind_held_ports", ())] == first[("rebind_ephemeral_bind_held_ports", ())] + 1
     assert s[FREE[0]] == first[FREE[0]] - 1 == _connects_left(keep)  # model == kernel
+
+
+def test_a_servers_time_wait_in_the_range_holds_its_port_both_ways(netns) -> None:  # type: ignore[no-untyped-def]
+    """A server on a port of the range closed first, then went: its TIME_WAIT keeps the bucket
+    bind() made (tw_tb), so connect() skips the port. The bind hash and the fallback (the
+    TIME_WAIT is a client socket without a lock to inet_diag) say so alike, and the kernel too."""
+    _bindhash_or_skip()
+    _sysctl("ip_local_port_range", f"{LO} {HI}")
+    _sysctl("ip_local_reserved_ports", "")
+    _sysctl("tcp_tw_reuse", "0")
+    keep = [socket.create_server(("127.0.0.1", DEST.port))]
+    try:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", HI - 2))
+        srv.listen()
+        c = socket.socket()
+        c.bind(("127.0.0.1", 50000))  # outside the range: only the server's port is in it
+        c.connect(("127.0.0.1", HI - 2))
+        a, _ = srv.accept()
+        a.close()  # the server closes first: its side ends in TIME_WAIT
+        c.recv(1)
+        c.close()
+        srv.close()
+        fast = Gatherer([Watch(DEST.port)], [DEST])()
+        slow = Gatherer([Watch(DEST.port)], [DEST], read_buckets=lambda ports: Unavailable("forced"))()
+        assert fast.origins.bind_made == slow.origins.bind_made == {HI - 2}
+        s = _samples(fast)
+        assert s == _samples(slow)
+        assert s[FREE[0]] == HI - LO == _connects_left(keep)  # model == kernel
+    finally:
+        for k in keep:
+            k.close()
