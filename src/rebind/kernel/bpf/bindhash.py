@@ -296,8 +296,8 @@ def read_port_bucket_groups(ports: Sequence[int]) -> list[tuple[PortBucket, list
     in the order asked -- no dict or lookup per port (a 28k-port range holds a handful of
     distinct buckets). ``ports`` unique, each in 1-65535 (others are left out). No owners."""
     wanted = list(ports)
-    if wanted and (min(wanted) < 1 or max(wanted) >= 1 << 16):
-        wanted = [p for p in wanted if 0 < p < 1 << 16]
+    if wanted != _LAST_INPUTS[0] and wanted and (min(wanted) < 1 or max(wanted) >= 1 << 16):
+        wanted = [p for p in wanted if 0 < p < 1 << 16]  # (the last inputs were checked so)
     try:
         check_bpf_environment(honour_no_bpf=True)
         lay = load_layout()
