@@ -162,7 +162,7 @@ def rss_over(scrapes: int) -> dict[str, int]:
     return out
 
 
-def idle_phase(runs: int) -> dict[str, object]:
+def idle_phase(runs: int, base_src: str = "", rounds: int = 0) -> dict[str, object]:
     """A fresh namespace with one listener on 8080: the same flags, nothing to find."""
     out: dict[str, object] = {}
     idle = Namespace(f"rebind-bench-{os.getpid()}-idle", create=True)
@@ -180,6 +180,9 @@ def idle_phase(runs: int) -> dict[str, object]:
         holder.stdout.readline()
         try:
             out["idle_sockstat"] = host_tcp_sockets()
+            if base_src:
+                out["idle"] = compare(base_src, rounds, runs, "")
+                return out
             out["idle"] = scrape_costs(runs)
             out["idle_floor"] = walk_floor(runs)
             out["idle_ss"] = ss_reference(runs)
@@ -189,6 +192,51 @@ def idle_phase(runs: int) -> dict[str, object]:
     finally:
         idle.delete()
     return out
+
+
+def compare(base_src: str, rounds: int, runs: int, rss: str) -> dict[str, object]:
+    """Before/after in one run, on the table this process's namespace holds: scrapes by child
+    processes (bench/scrape_child.py) importing rebind from ``base_src`` (a copy of main's src)
+    or this checkout's, alternately (which goes first alternates too), ``runs`` scrapes each
+    per round; then RSS over scrapes and (this checkout) the scrape's parts."""
+    child = [sys.executable, str(ROOT / "bench" / "scrape_child.py")]
+    srcs = {"before": base_src, "after": str(ROOT / "src")}
+    cpu: dict[str, list[float]] = {k: [] for k in srcs}
+    bodies: dict[str, str] = {}
+    for i in range(rounds):
+        for label in sorted(srcs, reverse=bool(i % 2)):
+            got = _child([*child, "--src", srcs[label], "--runs", str(runs)])
+            cpu[label] += got["cpu_ms"]
+            bodies[label] = got["body"]
+    out: dict[str, object] = {
+        k: {"cpu_ms_median": statistics.median(v), "cpu_ms_best": min(v), "n": len(v)} for k, v in cpu.items()
+    }
+    out["same_series"] = _series(bodies["before"]) == _series(bodies["after"])
+    if not out["same_series"]:
+        out["series_diff"] = sorted(_series(bodies["before"]) ^ _series(bodies["after"]))[:40]
+    out["sockstat_after_rounds"] = host_tcp_sockets()
+    out["parts_after"] = _child([*child, "--src", srcs["after"], "--runs", str(runs), "--parts"])[
+        "parts_ms_median"
+    ]
+    if rss:
+        for label, src in srcs.items():
+            out[f"rss_{label}"] = _child([*child, "--src", src, "--runs", "1", "--rss", rss])["rss_kib"]
+    return out
+
+
+def _child(argv: list[str]) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+    got = json.loads(res.stdout)
+    assert isinstance(got, dict)
+    return got
+
+
+def _series(body: str) -> frozenset[str]:
+    """The samples of a scrape but the duration and the TIME_WAITs' time left (their values
+    differ with the moment of the scrape)."""
+    skip = ("#", "rebind_scrape_duration", "rebind_port_frees_in_seconds")
+    return frozenset(line for line in body.splitlines() if line and not line.startswith(skip))
 
 
 def main() -> None:
@@ -207,6 +255,13 @@ def main() -> None:
         action="store_true",
         help="only the idle namespace (the host's TCP hash is shared: run it when no other load exists)",
     )
+    ap.add_argument(
+        "--compare",
+        metavar="BASE_SRC",
+        help="before/after in one run: scrapes by child processes importing rebind from BASE_SRC "
+        "(a copy of main's src) and from this checkout, alternately (--rounds rounds of --runs)",
+    )
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (ip netns, setns)")
@@ -237,22 +292,36 @@ def main() -> None:
         result["sockets"] = socket_count()
         result["build_s"] = built
         result["big_sockstat"] = host_tcp_sockets()
-        if args.side_by_side:
+        if args.compare:
+            print(f"Socket table: {result['sockets']}; `{result['big_sockstat']}`", flush=True)
+            result["compare"] = compare(args.compare, args.rounds, args.runs, "10,100")
+            result["compare_floor"] = walk_floor(args.runs)
+            result["compare_sockstat_end"] = host_tcp_sockets()
+            keys = ("compare", "compare_floor", "compare_sockstat_end")
+            print(json.dumps({k: result[k] for k in keys}, indent=1), flush=True)
+        elif args.side_by_side:
             print(f"Socket table: {result['sockets']}; `{result['big_sockstat']}`")
             print("| measured (CPU, process_time) | median ms | best ms |\n|---|---:|---:|")
             for name, d in side_by_side(args.runs).items():
                 print(f"| {name} | {d['cpu_ms_median']:.1f} | {d['cpu_ms_best']:.1f} |")
             return
-        result["big"] = scrape_costs(args.runs)
-        result["floor"] = walk_floor(args.runs)
-        result["ss"] = ss_reference(args.runs)
-        print("# big table: done", file=sys.stderr, flush=True)
-        result["rss_kib"] = rss_over(args.rss_scrapes)
+        else:
+            result["big"] = scrape_costs(args.runs)
+            result["floor"] = walk_floor(args.runs)
+            result["ss"] = ss_reference(args.runs)
+            print("# big table: done", file=sys.stderr, flush=True)
+            result["rss_kib"] = rss_over(args.rss_scrapes)
     finally:
         ns.leave()
         if load is not None:
             stop_load(load)
         ns.delete()
+    if args.compare:
+        result["idle_compare"] = idle_phase(args.runs, args.compare, args.rounds)
+        print(json.dumps(result["idle_compare"], indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     result.update(idle_phase(args.runs))
     report(result, args, started)
     if args.json:

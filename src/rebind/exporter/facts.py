@@ -115,9 +115,9 @@ class Reason(enum.StrEnum):
     #: This kernel build's UDP rule was not calibrated (kernel/calibrate.py needs a network
     #: namespace of its own: root).
     UDP_RULE_UNKNOWN = "udp_rule_uncalibrated"
-    #: Some ports of the ephemeral range have client sockets whose port may have come from
-    #: bind(ip, 0) (no SOCK_BINDPORT_LOCK): only their bind bucket, read by BPF (root), says
-    #: whether connect() skips them. They are not counted free, nor bind-held.
+    #: Some ports of the ephemeral range are held by a bind bucket nobody could read (made by
+    #: bind(ip, 0) or by connect()? no SOCK_BINDPORT_LOCK tells): only the bucket, read by BPF
+    #: (root), says whether connect() skips them. They are not counted free, nor bind-held.
     PORT_ORIGIN_UNKNOWN = "port_origin_unknown"
 
 
@@ -177,12 +177,17 @@ PortTuple = tuple[bytes, bytes, int, int]
 
 @dataclass(frozen=True, slots=True)
 class PortOrigins:
-    """What the kernel's bind buckets said of the ports of the range whose client sockets show
-    no SOCK_BINDPORT_LOCK (exporter/connect_counts.py: port_origins)."""
+    """What the kernel's bind buckets said of the ports of the range: every port but the
+    listeners' and the reserved ones, read from the bind hash (exporter/origins.py:
+    bucket_origins), or, in the fallback, the ports whose client sockets show no
+    SOCK_BINDPORT_LOCK (exporter/connect_counts.py: port_origins). Ports in neither set are
+    free or shared by connect() (a connect()-made bucket)."""
 
-    #: Buckets bind() made (bind(ip, 0), a fixed-port client's TIME_WAIT): connect() skips them.
+    #: Buckets bind() made (bind(ip, 0), a port bind() named, a bound-inactive socket, a
+    #: server's TIME_WAIT): connect() skips them.
     bind_made: frozenset[int] = frozenset()
-    #: Buckets nobody could read (no BPF; a socket gone between the dump and the lookup).
+    #: Buckets nobody could read (no BPF; a fault or a bucket freed mid-read; in the fallback a
+    #: socket gone between the dump and the lookup): never counted free.
     unknown: frozenset[int] = frozenset()
 
 
@@ -235,12 +240,13 @@ class Snapshot:
     usage: tuple[DestUsage, ...] | None = ()
     #: Connections on watched TCP ports by remote address: top TOP_PEERS per port, then "other".
     peers: tuple[PeerCount, ...] = ()
-    #: TCP LISTEN and bound-inactive sockets whose local port lies in the ephemeral range.
+    #: TCP LISTEN and bound-inactive sockets whose local port lies in the ephemeral range (where
+    #: the bind hash was read, the listeners only: the buckets judged every other port).
     bound_in_range: tuple[SocketRecord, ...] | None = ()
     #: Ports of the range held by connections whose port bind() named (SOCK_BINDPORT_LOCK, read
     #: by the kernel's filter: inet_diag's INET_DIAG_BC_AUTO, negated).
     bind_held_conn: frozenset[int] = frozenset()
-    #: The other ports of the range with client sockets, sorted by their bind bucket (BPF).
+    #: The other ports of the range, sorted by their bind bucket (BPF).
     origins: PortOrigins = field(default_factory=PortOrigins)
     ephemeral: EphemeralRange | None = None
     #: The source address the route to each dest selects (None: no route).

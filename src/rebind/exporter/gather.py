@@ -11,12 +11,16 @@ watched: the filters are OR-ed into one bytecode program (see :mod:`.bytecode`).
 * TCP connections (the established hash, one walk): local port watched, or remote a ``--dest``.
   Counted with :mod:`.fastdiag`; only the sockets the conflict model needs are fully decoded.
 * UDP, per family, only when a UDP port is watched.
-* With ``--dest``: TCP client sockets on ports of the range without SOCK_BINDPORT_LOCK (a second
-  walk of the established hash), one per port whose origin nothing else gave: connect() chose
-  the port, or bind(ip, 0) did, and only the port's bind bucket tells (connect-rules.md §8). It
-  is read by BPF, one lookup of one socket per port (:func:`read_connect_only`); where BPF
-  cannot run such ports are counted neither free nor bind-held, and rebind_exporter_missing
-  says so (reason ``port_origin_unknown``).
+* With ``--dest``: the bind bucket of every port of the range but the reserved ones and the
+  listeners', read from the kernel's bind hash (:mod:`.origins`: one chain walk per port, no
+  socket visited): connect() chose the port, or bind() did (bind(ip, 0), a port bind() named, a
+  bound-inactive socket: exact each scrape, however old the reused bound-inactive walk), and
+  only the bucket tells (connect-rules.md §8, C6). Where the bind hash cannot be
+  read, the fallback: the client sockets of the range without SOCK_BINDPORT_LOCK (a second walk
+  of the established hash), one per port, each port's bucket read through its socket
+  (:func:`.origins.read_connect_only`), and the ports bind() named from the connection walk's
+  last group. Where BPF cannot run at all such ports are counted neither free nor bind-held, and
+  rebind_exporter_missing says so (reason ``port_origin_unknown``).
 
 Nothing here binds, connects or destroys: a scrape never changes kernel state.
 
@@ -33,7 +37,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from rebind.errors import EnvironmentProblem, KernelError
 from rebind.exporter import bytecode as bc
@@ -51,13 +55,24 @@ from rebind.exporter.facts import (
     Watch,
     norm,
 )
+from rebind.exporter.host import FlagReader, read_ephemeral, read_settings, read_socket_flags
+from rebind.exporter.origins import (
+    BucketReader,
+    bucket_origins,
+    range_ports,
+    read_connect_only,
+    read_range_buckets,
+)
 from rebind.exporter.tally import Tally, addr_key
 from rebind.kernel.route import NoRoute, source_for
-from rebind.kernel.sysctl import HostSettings, host_settings
+from rebind.kernel.sysctl import host_settings
 from rebind.model.assess import Provenance, kernel_holder, kernel_state_of
-from rebind.model.conflict import KernelSettings, SockOpts
-from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State, Timer
-from rebind.model.sockstate import SockState, SockStates
+from rebind.model.conflict import SockOpts
+from rebind.model.records import Family, IPAddress, Proto, SocketEntry, SocketRecord, State
+from rebind.model.sockstate import SockState, SockStates, Unavailable
+
+if TYPE_CHECKING:
+    from rebind.kernel.diag import DiagSocket
 
 #: inet_diag's TCP_BOUND_INACTIVE state bit (91051f003948).
 BOUND_INACTIVE_SINCE = (6, 8)
@@ -66,97 +81,8 @@ CHEAP_WALK_S = 0.005
 _CONN_STATES = frozenset(State) - {State.LISTEN, State.BOUND_INACTIVE}
 #: Client sockets: a request sock (SYN_RECV) is a listener's, whose port is known bind-held.
 _CLIENT_STATES = _CONN_STATES - {State.SYN_RECV}
-#: A timewait mini-socket: TIME_WAIT, or an orphaned FIN_WAIT2 (SocketRecord.is_mini).
-_MINI_STATES = (int(State.TIME_WAIT), int(State.FIN_WAIT2))
 _SERVER_METRICS = ("rebind_sockets", "rebind_port_bindable", "rebind_listener_accept_queue")
 _CLIENT_METRICS = ("rebind_ephemeral_bind_held_ports", "rebind_connect_free_ports", "rebind_connect_timewait")
-
-
-def read_ephemeral(host: HostSettings | None = None) -> EphemeralRange | None:
-    """The ephemeral range and its reservations (kernel/sysctl.py); None when unreadable."""
-    h = host or host_settings()
-    if h.port_range is None or h.reserved_ports is None:
-        return None
-    return EphemeralRange(*h.port_range, h.reserved_ports)
-
-
-def read_settings(rng: EphemeralRange | None, host: HostSettings | None = None) -> KernelSettings:
-    """The bind settings a scrape needs: no capabilities or addresses; this build's calibrated
-    UDP rule (as `why` has it)."""
-    from rebind.kernel.sysctl import kernel_version
-
-    h = host or host_settings()
-    base = KernelSettings(
-        unprivileged_port_start=h.unprivileged_port_start,
-        bindv6only=h.bindv6only,
-        kernel_version=kernel_version(),
-        udp_first_match=_udp_rule(),
-    )
-    if rng is None:
-        return base
-    return replace(base, ip_local_port_range=(rng.lo, rng.hi), ip_local_reserved_ports=rng.reserved)
-
-
-def _udp_rule() -> bool | None:
-    """This build's UDP rule, as `why` has it (kernel/calibrate.py: cached per build, run once
-    in a throwaway network namespace; None when it cannot run). Memoized by calibration()."""
-    from rebind.kernel.calibrate import calibration
-
-    return calibration().udp_first_match
-
-
-#: Reads a live socket's (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY); None when not permitted.
-FlagReader = Callable[[SocketRecord], SockOpts | None]
-
-
-def read_connect_only(reps: Mapping[int, PortTuple]) -> dict[int, bool]:
-    """Whether each port's bind bucket is connect()-made (model/sockstate.connect_made),
-    read from the kernel through one client socket of the port (``reps``): one
-    bpf_skc_lookup_tcp per port (kernel/bpf/socklookup.py: lookup_port_buckets), then, for a port
-    whose socket went away since the dump, the socket iterator's walk of those ports (any socket
-    of the port carries its bucket). Ports absent from the answer are unknown: BPF cannot run
-    here (unprivileged, no BTF, REBIND_NO_BPF), or the port emptied meanwhile."""
-    from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
-    from rebind.kernel.bpf.socklookup import lookup_port_buckets
-    from rebind.model.sockstate import Unavailable, connect_made
-
-    if not reps or isinstance(prepare(), Unavailable):
-        return {}
-    ports = list(reps)
-    found = lookup_port_buckets(load_sock_layout(), [(p, *reps[p][:3]) for p in ports])
-    out: dict[int, bool] = {}
-    if not isinstance(found, Unavailable):
-        for p, got in zip(ports, found, strict=True):
-            if got is not None:
-                out[p] = connect_made(*got)
-    left = sorted(reps.keys() - out.keys())
-    if left:
-        walked = read_socket_states(left, [Proto.TCP])
-        if isinstance(walked, SockStates):
-            for st in walked.sockets:
-                if st.bucket is not None:
-                    out[st.local.port] = st.bucket.connect_made
-    return out
-
-
-def read_socket_flags(r: SocketRecord) -> SockOpts | None:
-    """The flags of one live socket, through its owner (an owner scan for this one inode, then
-    pidfd_getfd + getsockopt). None when no owner is visible or access is denied (unprivileged)."""
-    from rebind.errors import RebindError
-    from rebind.kernel.owners import find_owners
-    from rebind.kernel.pidfd import socket_flags
-
-    if not r.inode:
-        return None
-    try:
-        owners, _report = find_owners([r])
-        for o in owners.get(r.inode, ()):
-            got = socket_flags(o.pid, o.fd, o.start_ticks)
-            if got is not None:
-                return SockOpts(*got)
-    except (OSError, RebindError):
-        return None
-    return None
 
 
 class Gatherer:
@@ -172,6 +98,7 @@ class Gatherer:
         read_flags: FlagReader = read_socket_flags,
         read_kernel: bool = True,
         read_origins: Callable[[Mapping[int, PortTuple]], Mapping[int, bool]] = read_connect_only,
+        read_buckets: BucketReader = read_range_buckets,
     ) -> None:
         self.watches = tuple(watches)
         self.dests = tuple(dests)
@@ -179,6 +106,7 @@ class Gatherer:
         self._read_flags = read_flags
         self.read_kernel = read_kernel
         self._read_origins = read_origins
+        self._read_buckets = read_buckets
         #: port -> (the cookie of the socket its bucket was read through, connect-only?)
         self._origin_seen: dict[int, tuple[int, bool]] = {}
         self._flags: dict[Watch, ServerFlags] = {}
@@ -206,13 +134,14 @@ class Gatherer:
         try:
             if netlink:
                 try:
-                    watched, bound, reps = self._netlink(tally, rng, bi_visible)
+                    watched, bound, origins = self._netlink(tally, rng, bi_visible)
                 except EnvironmentProblem:
                     netlink = bi_visible = False
                     tally = Tally(self.watches, self.dests)
             if not netlink:
                 missing.append(Missing("rebind_sockets", Reason.NETLINK_UNAVAILABLE))
                 watched, bound, reps = self._procfs(tally, rng)
+                origins = self._origins(reps)
         except (KernelError, OSError) as exc:
             reason = Reason.PERMISSION_DENIED if isinstance(exc, PermissionError) else Reason.KERNEL_ERROR
             missing += [Missing(m, reason) for m in (*_SERVER_METRICS, *_CLIENT_METRICS)]
@@ -222,7 +151,6 @@ class Gatherer:
                 duration_s=time.perf_counter() - t0,
             )  # fmt: skip
         kernel = self._kernel(watched) if self.read_kernel else ()
-        origins = self._origins(reps)
         return Snapshot(
             watches=self.watches,
             dests=self.dests,
@@ -339,12 +267,14 @@ class Gatherer:
             groups.append(bc.Group((), ((bc.sport_ge(rng.lo), bc.sport_le(rng.hi)),)))
         return bc.program(groups) if any(g.terms for g in groups) else None
 
-    def _conn_filter(self, rng: EphemeralRange | None) -> bytes | None:
+    def _conn_filter(self, rng: EphemeralRange | None, bind_named: bool = True) -> bytes | None:
+        """Connections on a watched port or to a dest; with ``bind_named`` (the fallback, when
+        the bind hash was not read) also those on ports of the range that bind() named."""
         dports = sorted({d.port for d in self.dests})
         guard = (bc.dport_ge(dports[0]), bc.dport_le(dports[-1])) if len(self.dests) > 1 else ()
         dest_group = bc.Group(guard, tuple((bc.remote_is(d.addr, d.port),) for d in self.dests))
         groups = [self._port_group(), dest_group]
-        if self.dests and rng is not None and rng.lo <= rng.hi:
+        if bind_named and self.dests and rng is not None and rng.lo <= rng.hi:
             # Connections on ports of the range that bind() named (a fixed-port client): their
             # bucket is bind-made, so connect() skips the port for every destination (C6).
             # Last: the negated op must end the program (bytecode.Op.negate).
@@ -367,45 +297,23 @@ class Gatherer:
 
     def _netlink(
         self, tally: Tally, rng: EphemeralRange | None, bound_inactive: bool
-    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], dict[int, PortTuple]]:
-        from rebind.exporter import fastdiag
-        from rebind.kernel import diag_codec as codec
-        from rebind.kernel.diag import DiagSocket, states_mask
+    ) -> tuple[list[SocketRecord], tuple[SocketRecord, ...], PortOrigins]:
+        from rebind.kernel.diag import DiagSocket
 
-        tcp_ports = self._tcp_ports()
         watched: list[SocketRecord] = []
-        in_range: list[SocketRecord] = []
         with DiagSocket() as sock:
-            code = self._server_filter(rng)
-            if code is not None:
-                servers = list(sock.dump(None, Proto.TCP, [State.LISTEN], bytecode=code))
-                if bound_inactive:
-                    servers += self._bound_inactive(sock, code)
-                for r in servers:
-                    if r.local.port in tcp_ports:
-                        watched.append(r)
-                        tally.server(r)
-                    if rng is not None and rng.lo <= r.local.port <= rng.hi:
-                        in_range.append(r)
-            ccode = self._conn_filter(rng)
-            tally.client_range(rng)
-            if ccode is not None:
-                req = codec.dump_request_tcp_any_family(states_mask(_CONN_STATES), bytecode=ccode)
-                tw_timer, conn, key = int(Timer.TIME_WAIT), tally.conn, fastdiag.addr_key
-                for raw in fastdiag.dump(sock, req):
-                    fam, st, timer, sport, dport, src, dst, expires, _rq, _wq, payload = raw
-                    mini = timer == tw_timer and st in _MINI_STATES
-                    if conn(st, mini, sport, dport, key(fam, src), key(fam, dst), expires):
-                        watched.append(codec.decode_socket(Proto.TCP, payload, netns=sock.netns))
-            reps: dict[int, PortTuple] = {}
-            acode = self._client_filter(rng)
-            if acode is not None and rng is not None:
-                # One socket per port is kept: the bucket is the port's, whichever socket leads
-                # to it. Ports whose origin is known already are skipped unread.
-                known = {r.local.port for r in in_range} | tally.bind_held
-                skip = known | {p for p in rng.reserved if rng.lo <= p <= rng.hi}
-                req = codec.dump_request_tcp_any_family(states_mask(_CLIENT_STATES), bytecode=acode)
-                reps = fastdiag.first_per_port(sock, req, skip)
+            in_range = self._servers(sock, tally, rng, bound_inactive, watched)
+            # Read before the connection walk: where the bind hash answers, that walk needs no
+            # group for the ports bind() named (their buckets say so) and no second walk follows.
+            listeners = tuple(r for r in in_range if r.state is State.LISTEN)
+            origins = self._range_origins(rng, listeners)
+            self._connections(sock, tally, rng, watched, bind_named=origins is None)
+            if origins is None:
+                origins = self._origins(self._client_reps(sock, tally, rng, in_range))
+            else:
+                # The buckets judged every other port of the range, a bound-inactive socket's
+                # too, this scrape: the bound-inactive walk may be up to slow_every old.
+                in_range = listeners
             udp = self._udp_ports()
             if udp:
                 ucode = bc.any_of([[bc.sport_eq(p)] for p in udp])
@@ -413,12 +321,93 @@ class Gatherer:
                     for r in sock.dump(fam, Proto.UDP, [State.CLOSE, State.ESTABLISHED], bytecode=ucode):
                         watched.append(r)
                         tally.server(r)
-        return watched, tuple(in_range), reps
+        return watched, in_range, origins
 
-    def _bound_inactive(self, sock: object, code: bytes) -> tuple[SocketRecord, ...]:
-        from rebind.kernel.diag import DiagSocket
+    def _servers(
+        self,
+        sock: DiagSocket,
+        tally: Tally,
+        rng: EphemeralRange | None,
+        bound_inactive: bool,
+        watched: list[SocketRecord],
+    ) -> tuple[SocketRecord, ...]:
+        """Listeners and bound-inactive sockets on watched ports (into ``watched``) and on ports
+        of the range (returned)."""
+        code = self._server_filter(rng)
+        if code is None:
+            return ()
+        tcp_ports = self._tcp_ports()
+        in_range: list[SocketRecord] = []
+        servers = list(sock.dump(None, Proto.TCP, [State.LISTEN], bytecode=code))
+        if bound_inactive:
+            servers += self._bound_inactive(sock, code)
+        for r in servers:
+            if r.local.port in tcp_ports:
+                watched.append(r)
+                tally.server(r)
+            if rng is not None and rng.lo <= r.local.port <= rng.hi:
+                in_range.append(r)
+        return tuple(in_range)
 
-        assert isinstance(sock, DiagSocket)
+    def _range_origins(
+        self, rng: EphemeralRange | None, listeners: Sequence[SocketRecord]
+    ) -> PortOrigins | None:
+        """The origins of the range's ports from their bind buckets (:mod:`.origins`), every port
+        but the reserved ones and those a listener holds (bind-made: counted from the
+        ``listeners``, the listening hash's answer of this scrape). None: not asked (no --dest,
+        no range: nothing is read, as before), or the bind hash cannot be read here: the caller
+        takes the fallback."""
+        if not self.dests or rng is None or rng.lo > rng.hi or not self.read_kernel:
+            return None
+        ports = range_ports(rng, (r.local.port for r in listeners))
+        got = self._read_buckets(ports)
+        if isinstance(got, Unavailable):
+            return None
+        self._origin_seen = {}  # the fallback's memory: stale once the bind hash answered
+        return bucket_origins(ports, got)
+
+    def _connections(
+        self,
+        sock: DiagSocket,
+        tally: Tally,
+        rng: EphemeralRange | None,
+        watched: list[SocketRecord],
+        *,
+        bind_named: bool,
+    ) -> None:
+        """The connection walk (the established hash): every socket counted by the tally, the few
+        the conflict model needs decoded whole (into ``watched``)."""
+        from rebind.exporter import fastdiag
+        from rebind.kernel import diag_codec as codec
+        from rebind.kernel.diag import states_mask
+
+        ccode = self._conn_filter(rng, bind_named)
+        tally.client_range(rng if bind_named else None)
+        if ccode is None:
+            return
+        req = codec.dump_request_tcp_any_family(states_mask(_CONN_STATES), bytecode=ccode)
+        for payload in fastdiag.scan_conns(sock, req, tally):
+            watched.append(codec.decode_socket(Proto.TCP, memoryview(payload), netns=sock.netns))
+
+    def _client_reps(
+        self, sock: DiagSocket, tally: Tally, rng: EphemeralRange | None, in_range: Sequence[SocketRecord]
+    ) -> dict[int, PortTuple]:
+        """The fallback: one client socket of each port of the range whose port no bind() named
+        (a second walk of the established hash), for its bucket to be read through it. Ports
+        whose origin is known already are skipped unread."""
+        from rebind.exporter import fastdiag
+        from rebind.kernel import diag_codec as codec
+        from rebind.kernel.diag import states_mask
+
+        acode = self._client_filter(rng)
+        if acode is None or rng is None:
+            return {}
+        known = {r.local.port for r in in_range} | tally.bind_held
+        skip = known | {p for p in rng.reserved if rng.lo <= p <= rng.hi}
+        req = codec.dump_request_tcp_any_family(states_mask(_CLIENT_STATES), bytecode=acode)
+        return fastdiag.first_per_port(sock, req, skip)
+
+    def _bound_inactive(self, sock: DiagSocket, code: bytes) -> tuple[SocketRecord, ...]:
         now = time.monotonic()
         cheap = self._bound_cost < CHEAP_WALK_S
         if self._bound is not None and not cheap and now - self._bound_at < self.slow_every:

@@ -44,21 +44,24 @@ class Tally:
         self.tcp_ports = frozenset(w.port for w in watches if w.proto is Proto.TCP)
         self.dests = {(addr_key(d.addr), d.port): d for d in dests}
         self._server_counts: dict[tuple[PortKey, State], int] = {}
+        # Read and written by ``conn`` and by its inlined twin, fastdiag.scan_conns:
         #: (port, leftover?, local address) already kept: one representative of each for the model.
-        self._kept: set[tuple[int, bool, bytes]] = set()
-        self._conn_counts: dict[tuple[int, int], int] = {}
-        self._tw_max: dict[int, int] = {}
-        self._peers: dict[tuple[int, bytes], int] = {}
+        self.kept: set[tuple[int, bool, bytes]] = set()
+        #: (port, state number, remote address key) -> connections: the states' counts and the
+        #: peers' both (one dict operation a socket; few keys: a port's peers by state)
+        self.conn_seen: dict[tuple[int, int, bytes], int] = {}
+        #: port -> the longest TIME_WAIT/FIN_WAIT2 timer left (ms)
+        self.tw_max_ms: dict[int, int] = {}
         self.listeners: dict[int, set[bytes]] = {}
         self.usage: dict[tuple[Dest, bytes], tuple[set[int], set[int]]] = {}
         #: Ports of the range that connections bound by bind() hold (see client_range).
         self.bind_held: set[int] = set()
-        self._range = (1, 0)
+        self.range = (1, 0)
 
     def client_range(self, rng: EphemeralRange | None) -> None:
         """The connection dump also returns the connections on ports of this range whose port
         bind() named (gather.py's filter): ``conn`` then counts their ports as bind-held."""
-        self._range = (rng.lo, rng.hi) if rng is not None else (1, 0)
+        self.range = (rng.lo, rng.hi) if rng is not None else (1, 0)
 
     def server(self, r: SocketRecord) -> None:
         """A TCP listener or bound-inactive socket, or a UDP socket, on a watched port."""
@@ -74,30 +77,29 @@ class Tally:
         conflict model needs it: a socket on a watched port that is not a child of a listener on
         its port, or the first child or TIME_WAIT leftover on its local address (the others
         decide alike: bind conflicts compare local addresses, and they share their flags' source).
-        Linear in the sockets, bounded by their distinct local addresses."""
+        Linear in the sockets, bounded by their distinct local addresses. fastdiag.scan_conns
+        is this, inlined in its receive loop: change both."""
         wanted = False
         if sport in self.tcp_ports:
-            key = (sport, state)
-            self._conn_counts[key] = self._conn_counts.get(key, 0) + 1
-            pkey = (sport, dst)
-            self._peers[pkey] = self._peers.get(pkey, 0) + 1
+            key = (sport, state, dst)
+            self.conn_seen[key] = self.conn_seen.get(key, 0) + 1
             if mini:
-                if expires > self._tw_max.get(sport, -1):
-                    self._tw_max[sport] = expires
+                if expires > self.tw_max_ms.get(sport, -1):
+                    self.tw_max_ms[sport] = expires
                 child = True
             else:
                 keys = self.listeners.get(sport, ())
                 child = dport != 0 and (src in keys or _WILDCARDS[0] in keys or _WILDCARDS[1] in keys)
             if not child:
                 wanted = True
-            elif (sport, mini, src) not in self._kept:
-                self._kept.add((sport, mini, src))
+            elif (sport, mini, src) not in self.kept:
+                self.kept.add((sport, mini, src))
                 wanted = True
         d = self.dests.get((dst, dport))
         if d is not None:
             live, tw = self.usage.setdefault((d, src), (set(), set()))
             (tw if mini or state == State.TIME_WAIT else live).add(sport)
-        elif sport not in self.tcp_ports and self._range[0] <= sport <= self._range[1]:
+        elif sport not in self.tcp_ports and self.range[0] <= sport <= self.range[1]:
             # neither watched nor to a dest: only the filter's bind-named group returns it
             self.bind_held.add(sport)
         return wanted
@@ -123,20 +125,23 @@ class Tally:
     @property
     def counts(self) -> dict[tuple[PortKey, State], int]:
         out = dict(self._server_counts)
-        for (port, st), n in self._conn_counts.items():
+        for (port, st, _peer), n in self.conn_seen.items():
             key = (PortKey(port), State(st))
             out[key] = out.get(key, 0) + n
         return out
 
     @property
     def tw_max(self) -> dict[PortKey, int]:
-        return {PortKey(p): ms for p, ms in self._tw_max.items()}
+        return {PortKey(p): ms for p, ms in self.tw_max_ms.items()}
 
     def peers(self, k: int = TOP_PEERS) -> tuple[PeerCount, ...]:
         """The ``k`` remote addresses with the most sockets on each watched TCP port, and the
         rest summed as "other": bounded whatever the number of clients."""
+        per_peer: dict[tuple[int, bytes], int] = {}
+        for (port, _st, peer), n in self.conn_seen.items():
+            per_peer[port, peer] = per_peer.get((port, peer), 0) + n
         by_port: dict[int, list[tuple[int, bytes]]] = {}
-        for (port, peer), n in self._peers.items():
+        for (port, peer), n in per_peer.items():
             by_port.setdefault(port, []).append((n, peer))
         out: list[PeerCount] = []
         for port, items in sorted(by_port.items()):

@@ -11,6 +11,7 @@ hash chain per port (:mod:`.bindhashlayout`: the structures, offsets from BTF, a
   first one's ``fastreuse``/``fastreuseport`` (connect()-made: both -1 on 6.18) and fast-reuse
   cache, its bind2 buckets (and owners, if asked) counted, as
   :class:`~rebind.model.sockstate.PortBucket` (:mod:`.bindprog`: one test-run repetition a port);
+  :func:`read_port_bucket_groups`: the same, each distinct bucket once with its ports;
 - :func:`read_port_owners`: every socket of a port's buckets, as the iterator's SockStates
   (:mod:`.bindowners`: one repetition, one bpf_loop).
 
@@ -35,7 +36,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
@@ -184,12 +185,26 @@ def _run_buckets(lay: BindHashLayout, ports: list[int], owners: bool = False) ->
             state, entries = run.maps
             # the cursor at 0 and the namespace unknown: this thread may have changed namespace
             state[: NetState.SIZE] = bytes(NetState.SIZE)
-            entries[: ENTRY.size * n] = _inputs(ports)
+            entries[: ENTRY.size * n] = _inputs_for(ports)
             _test_run(run.prog, n)
             return entries[: ENTRY.size * n]
         except BaseException:
             _forget("buckets")
             raise
+
+
+def _inputs_for(ports: list[int]) -> bytes:
+    """_inputs, kept for the next call with the same ports (the exporter asks for the same range
+    every scrape: ~1 ms of packing saved, against ~0.1 ms comparing the lists)."""
+    global _LAST_INPUTS
+    last_ports, last = _LAST_INPUTS
+    if last_ports != ports:
+        last = _inputs(ports)
+        _LAST_INPUTS = (list(ports), last)
+    return last
+
+
+_LAST_INPUTS: tuple[list[int], bytes] = ([], b"")
 
 
 def _inputs(ports: list[int]) -> bytes:
@@ -276,6 +291,49 @@ def read_port_buckets(
         return decode_buckets(wanted, _run_buckets(lay, wanted, owners), owners)
     except (OSError, RebindError, btfmod.BTFError) as exc:
         return Unavailable(_reason(exc))
+
+
+def read_port_bucket_groups(ports: Sequence[int]) -> list[tuple[PortBucket, list[int]]] | Unavailable:
+    """:func:`read_port_buckets` for a caller that sorts many ports by their bucket (the exporter:
+    the whole ephemeral range each scrape): each distinct bucket once, with the ports it answers,
+    in the order asked -- no dict or lookup per port (a 28k-port range holds a handful of
+    distinct buckets). ``ports`` unique, each in 1-65535 (others are left out). No owners."""
+    wanted = list(ports)
+    if wanted != _LAST_INPUTS[0] and wanted and (min(wanted) < 1 or max(wanted) >= 1 << 16):
+        wanted = [p for p in wanted if 0 < p < 1 << 16]  # (the last inputs were checked so)
+    try:
+        check_bpf_environment(honour_no_bpf=True)
+        lay = load_layout()
+        if not wanted:
+            return []
+        data = _run_buckets(lay, wanted)
+    except (OSError, RebindError, btfmod.BTFError) as exc:
+        return Unavailable(_reason(exc))
+    return [(decode_entry(ENTRY.unpack(bytes(2) + rest)), got) for rest, got in _grouped(wanted, data)]
+
+
+def _grouped(ports: list[int], data: bytes) -> Iterable[tuple[bytes, list[int]]]:
+    """The entries' distinct values (but for the port) with their ports, in one pass (~2.5 ms
+    for 28k ports), or, where the answer is the last all-equal one again (an idle range: the
+    same ports, every entry the same), by one comparison (~0.1 ms). The entries hold their
+    ports, so equal answers are for the same ports."""
+    global _LAST_SAME
+    if len(ports) > 1 and data == _LAST_SAME:
+        return [(data[2 : ENTRY.size], list(ports))]
+    groups: dict[bytes, list[int]] = {}
+    get = groups.get
+    for port, (rest,) in zip(ports, _REST.iter_unpack(data), strict=True):
+        got = get(rest)
+        if got is None:
+            got = groups[rest] = []
+        got.append(port)
+    if len(groups) == 1:
+        _LAST_SAME = data  # one reference, replaced whole: safe across threads
+    return groups.items()
+
+
+#: The last answer whose entries were all equal (but for the port).
+_LAST_SAME = b""
 
 
 def _elsewhere(netns: int | None) -> Unavailable | None:
