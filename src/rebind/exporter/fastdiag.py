@@ -67,15 +67,8 @@ def dump(sock: DiagSocket, request: bytes) -> Iterator[Raw]:
                     f[0], f[1], f[2], ntohs(f[4]), ntohs(f[5]), f[6], f[7], f[11], f[12], f[13],
                     view[body : off + length],
                 )  # fmt: skip
-            elif kind == codec.NLMSG_DONE:
-                _done(view[body : off + length])
+            elif _control(kind, view[body : off + length]):
                 return
-            elif kind == codec.NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", buf, body)
-                if err:
-                    raise KernelError(f"sock_diag: {os.strerror(-err)} (errno {-err})", -err)
-            elif kind == codec.NLMSG_OVERRUN:
-                raise KernelError("netlink overrun: the kernel dropped part of the dump")
             off += (length + 3) & ~3
 
 
@@ -84,6 +77,22 @@ def _done(payload: memoryview) -> None:
         (err,) = struct.unpack_from("=i", payload)
         if err < 0:
             raise KernelError(f"sock_diag dump failed: {os.strerror(-err)} (errno {-err})", -err)
+
+
+def _control(kind: int, payload: memoryview) -> bool:
+    """A message of the dump that is not a socket: True at its end (NLMSG_DONE); an error or an
+    overrun raises; anything else (NLMSG_NOOP) is skipped. Called only for these rare messages,
+    so the per-socket loops stay inline."""
+    if kind == codec.NLMSG_DONE:
+        _done(payload)
+        return True
+    if kind == codec.NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", payload)
+        if err:
+            raise KernelError(f"sock_diag: {os.strerror(-err)} (errno {-err})", -err)
+    elif kind == codec.NLMSG_OVERRUN:
+        raise KernelError("netlink overrun: the kernel dropped part of the dump")
+    return False
 
 
 #: What a port's first socket gives first_per_port: family; sport, dport; src, dst (16 bytes);
@@ -125,15 +134,8 @@ def first_per_port(sock: DiagSocket, request: bytes, skip: set[int]) -> dict[int
                     skip.add(sport)
                     fam, _sport, dport, src, dst, lo, hi = one(buf, off + hsize)
                     out[sport] = (addr_key(fam, src), addr_key(fam, dst), _U16(dport)[0], lo | hi << 32)
-            elif kind == codec.NLMSG_DONE:
-                _done(view[off + hsize : off + length])
+            elif _control(kind, view[off + hsize : off + length]):
                 return out
-            elif kind == codec.NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", buf, off + hsize)
-                if err:
-                    raise KernelError(f"sock_diag: {os.strerror(-err)} (errno {-err})", -err)
-            elif kind == codec.NLMSG_OVERRUN:
-                raise KernelError("netlink overrun: the kernel dropped part of the dump")
             off += (length + 3) & ~3
 
 
@@ -206,13 +208,6 @@ def scan_conns(sock: DiagSocket, request: bytes, tally: Tally) -> list[bytes]:
                     (tw if mini or st == _TIME_WAIT else live).add(sport)
                 elif sport not in tcp_ports and lo <= sport <= hi:
                     bind_held.add(sport)
-            elif kind == codec.NLMSG_DONE:
-                _done(view[off + hsize : off + length])
+            elif _control(kind, view[off + hsize : off + length]):
                 return wanted
-            elif kind == codec.NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", buf, off + hsize)
-                if err:
-                    raise KernelError(f"sock_diag: {os.strerror(-err)} (errno {-err})", -err)
-            elif kind == codec.NLMSG_OVERRUN:
-                raise KernelError("netlink overrun: the kernel dropped part of the dump")
             off += (length + 3) & ~3
