@@ -25,10 +25,8 @@ from rebind.kernel.bpf.syscall import (
     BPF_TRACE_ITER,
     ProgType,
     check_bpf_environment,
-    iter_create,
-    link_create,
     load_program,
-    read_all,
+    run_iterator,
 )
 
 READER = ProgType(BPF_PROG_TYPE_TRACING, BPF_TRACE_ITER, b"rebind_birthu", "the UDP certificate reader")
@@ -49,15 +47,7 @@ def read_values(map_fd: int) -> dict[int, bytes]:
     )
     prog_fd = load_program(insns, lay.attach["bpf_iter_udp"], prog=READER)
     try:
-        link_fd = link_create(prog_fd)
-        try:
-            iter_fd = iter_create(link_fd)  # the namespace is taken here: this thread's
-            try:
-                raw = read_all(iter_fd)
-            finally:
-                os.close(iter_fd)
-        finally:
-            os.close(link_fd)
+        raw = run_iterator(prog_fd)
     finally:
         os.close(prog_fd)
     return decode_records(raw)

@@ -36,14 +36,12 @@ from rebind.kernel.bpf.syscall import (
     BPF_MAP_TYPE_HASH,
     BPFUnavailable,
     check_bpf_environment,
-    iter_create,
-    link_create,
     load_program,
     map_create,
     map_fill,
     map_lookup,
     map_update,
-    read_all,
+    run_iterator,
 )
 
 
@@ -126,17 +124,9 @@ def _load(program: Built, attach_btf_id: int) -> int:
 def _run(prog_fd: int, state_fd: int, state: bytes) -> bytes:
     """One walk over every task, from ``state``; the state it ends with."""
     map_update(state_fd, b"\0\0\0\0", state)
-    link_fd = link_create(prog_fd)
-    try:
-        iter_fd = iter_create(link_fd)
-        try:
-            # The records go to the records array; read() only drives the walk (and gives
-            # nothing: the program writes no seq_file output).
-            read_all(iter_fd)
-        finally:
-            os.close(iter_fd)
-    finally:
-        os.close(link_fd)
+    # The records go to the records array; read() only drives the walk (and gives nothing:
+    # the program writes no seq_file output).
+    run_iterator(prog_fd)
     return map_lookup(state_fd, b"\0\0\0\0", STATE.size)
 
 

@@ -55,13 +55,11 @@ from rebind.kernel.bpf.syscall import (
     BPF_MAP_TYPE_HASH,
     BPFUnavailable,
     check_bpf_environment,
-    iter_create,
-    link_create,
     load_program,
     map_create,
     map_lookup,
     map_update,
-    read_all,
+    run_iterator,
 )
 from rebind.model.records import Proto, State
 from rebind.model.sockstate import (
@@ -154,15 +152,7 @@ def _iterate(proto: Proto, ports_fd: int, *, count: bool, listeners_only: bool =
     )
     prog_fd = load_program(insns, lay.attach[f"bpf_iter_{proto.value}"])
     try:
-        link_fd = link_create(prog_fd)
-        try:
-            iter_fd = iter_create(link_fd)  # the namespace is taken here: this thread's
-            try:
-                return read_all(iter_fd, _stopped(ports_fd) if listeners_only else None)
-            finally:
-                os.close(iter_fd)
-        finally:
-            os.close(link_fd)
+        return run_iterator(prog_fd, _stopped(ports_fd) if listeners_only else None)
     finally:
         os.close(prog_fd)
 

@@ -301,6 +301,21 @@ def iter_create(link_fd: int) -> int:
     return bpf(BPF_ITER_CREATE, attr_buf("<II", link_fd, 0))
 
 
+def run_iterator(prog_fd: int, stopped: Callable[[], bool] | None = None) -> bytes:
+    """One walk of a loaded iterator program: its link, an iterator fd, everything it writes
+    (:func:`read_all`), every fd closed again. The iterator takes the network namespace of the
+    calling thread when its fd is made (bpf_iter_init_seq_net reads current's)."""
+    link_fd = link_create(prog_fd)
+    try:
+        iter_fd = iter_create(link_fd)
+        try:
+            return read_all(iter_fd, stopped)
+        finally:
+            os.close(iter_fd)
+    finally:
+        os.close(link_fd)
+
+
 def read_all(fd: int, stopped: Callable[[], bool] | None = None) -> bytes:
     """Everything an iterator fd gives. ``stopped``: asked on EAGAIN, whether that was the
     program stopping the walk (its output so far is then the whole answer)."""
