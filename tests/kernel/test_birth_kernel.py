@@ -248,6 +248,59 @@ def test_trace_without_owner_scan_names_the_binder(installed: str, netns: int, p
     assert doc["port"] == 8186 and f"(bound by binder-a[{binder}] at " in doc["snapshot"]["reason"]
 
 
+#: Binds 127.0.0.1:PORT as "binder-a" and connects from it to a listener of its own, forks
+#: "holder-b" that keeps both, then exits: the port is held by an ESTABLISHED connection.
+BIND_CONNECT_FORK_EXIT = """
+import os, socket, time
+open('/proc/self/comm', 'w').write('binder-a')
+srv = socket.socket()
+srv.bind(('127.0.0.1', 0))
+srv.listen()
+s = socket.socket()
+s.bind(('127.0.0.1', {port}))
+s.connect(srv.getsockname())
+peer, _ = srv.accept()
+child = os.fork()
+if child == 0:
+    open('/proc/self/comm', 'w').write('holder-b')
+    time.sleep(600)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+"""
+
+
+def test_trace_without_owner_scan_names_a_connection_s_binder(
+    installed: str, netns: int, procs: Procs
+) -> None:
+    """A connection whose port bind() named blocks the bind. The bind hash's records carry no
+    certificate and a LISTEN-only dump cannot give this one, so the snapshot takes the dumps
+    (kernel/trace_bindhash.py: _with_births) rather than show the blocker without its name."""
+    t = procs.start(
+        [
+            sys.executable,
+            "-m",
+            "rebind",
+            "trace",
+            "--json",
+            "--no-owners",
+            "--netns",
+            str(netns),
+            "--count",
+            "1",
+        ]
+    )
+    assert t.stderr is not None and "tracing" in t.stderr.readline()
+    p = procs.python(BIND_CONNECT_FORK_EXIT.format(port=8187))
+    binder, holder = (int(x) for x in procs.wait_line(p).split())
+    procs.adopt(holder)
+    p.wait(10)
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", 8187))
+    out, _err = t.communicate(timeout=60)
+    doc = json.loads(out.splitlines()[0])
+    assert doc["port"] == 8187 and f"(bound by binder-a[{binder}] at " in doc["snapshot"]["reason"]
+
+
 def test_listen_without_bind_is_certified_and_a_bind_certificate_is_kept(
     installed: str, netns: int, procs: Procs, rebind_cli: Run
 ) -> None:

@@ -18,6 +18,7 @@ Every doubt -- BPF unavailable, HZ not calibrated, a fault, a truncated or incon
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from rebind.model.sockstate import SockStates, Unavailable
@@ -64,10 +65,57 @@ def diagnose(ev: TraceEvent, req: BindRequest, settings: KernelSettings, owners:
     kernel = SockStates(states.netns, tuple(st for _, st in pairs))
     first = advise(_facts(ev, req, settings, _table(records, owners), kernel, owners))
     named = {b.entry.socket.inode for b in first.blockers if b.entry.socket.inode}
+    if named and _certificates_installed():
+        certified = _with_births(records, named, req.port)
+        if certified is None:
+            return None
+        if certified != records:
+            records = certified
+            if not owners:
+                return advise(_facts(ev, req, settings, _table(records, owners), kernel, owners))
     if not owners or not named:
         return first
     table = _owned_table(records, named)
     return advise(_facts(ev, req, settings, table, kernel, owners))
+
+
+def _certificates_installed() -> bool:
+    from rebind.kernel.birth_pins import open_map
+
+    fd = open_map()
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _with_births(records: list[SocketRecord], named: set[int], port: int) -> list[SocketRecord] | None:
+    """The records, the named blockers with their birth certificates (``rebind trace
+    --install``), which live in each socket's sk_storage: the bind hash's records carry none,
+    inet_diag returns them. The named full sockets are listeners here nearly always, and a
+    LISTEN-only dump of the port walks the listening hash alone (inet_diag_dump_icsk skips the
+    established hash when no other state is asked), so this costs no table walk. A named
+    connection holding the port sends the snapshot to the dumps (None): never a blocker shown
+    without the name its certificate gives. Nothing is missed for the others: a TIME_WAIT has no
+    storage (inet_twsk_alloc copies none), and inet_diag returns none for a bound-inactive
+    socket either (inet_sk_diag_fill leaves before the storage when it has no icsk, as for
+    the bhash2 walk's sockets)."""
+    from dataclasses import replace
+
+    from rebind.errors import RebindError
+    from rebind.kernel.walk import walk
+    from rebind.model.query import SocketQuery
+    from rebind.model.records import Proto, State
+
+    if any(r.inode in named and r.state not in (State.LISTEN, State.BOUND_INACTIVE) for r in records):
+        return None
+    query = SocketQuery.create(ports=[port], protos=[Proto.TCP], states=[State.LISTEN])
+    try:
+        listeners = walk(query, netlink_only=True).records
+    except (OSError, RebindError):
+        return None
+    births = {r.inode: r.birth for r in listeners if r.inode in named and r.birth is not None}
+    return [replace(r, birth=births[r.inode]) if r.inode in births else r for r in records]
 
 
 def _facts(
