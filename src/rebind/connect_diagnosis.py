@@ -159,7 +159,7 @@ def diagnose_request(
 ) -> ConnectDiagnosis:
     from rebind.kernel.connect_facts import gather
 
-    facts = gather(req, owners=owners)
+    facts = gather(req, owners=owners, summary=True)
     res = evaluate_connect(
         req,
         facts.holders,
@@ -167,6 +167,7 @@ def diagnose_request(
         route_src=facts.source,
         bind_settings=facts.bind_settings,
         servers=facts.servers,
+        buckets=facts.buckets,
     )
     pr = None
     if with_probe:

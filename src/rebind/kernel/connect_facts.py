@@ -42,7 +42,14 @@ from rebind.gcpause import gc_paused
 from rebind.kernel import diag_codec as codec
 from rebind.kernel.connect_origin import Draft, with_kernel_origin
 from rebind.model.conflict import KernelSettings
-from rebind.model.connect import ConnectRequest, ConnectSettings, PortHolder, effective_range
+from rebind.model.connect import (
+    ConnectRequest,
+    ConnectSettings,
+    PortHolder,
+    RangeBuckets,
+    effective_range,
+    summary_suffices,
+)
 from rebind.model.records import (
     IPAddress,
     Owner,
@@ -139,6 +146,9 @@ class ConnectFacts:
     servers: frozenset[int] | None = None
     #: The bind() facts that decide whether a --from address can be bound.
     bind_settings: KernelSettings | None = None
+    #: The range's ports from the bind hash (gather(summary=True) where it could be read):
+    #: ``holders`` are then only the sockets the answer names; pass it to evaluate_connect.
+    buckets: RangeBuckets | None = None
 
 
 def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
@@ -164,10 +174,9 @@ def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
     return frozenset(out)
 
 
-def _records(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> Iterator[SocketRecord]:
+def _records(req: ConnectRequest, bc: bytes) -> Iterator[SocketRecord]:
     from rebind.kernel import diag
 
-    bc = connect_bytecode(req, src, rng)
     with diag.DiagSocket() as d:
         if req.proto is Proto.TCP:
             # One walk of the TCP tables for both families; bound-inactive sockets need the
@@ -208,19 +217,42 @@ def classify(records: Iterable[SocketRecord], rng: tuple[int, int]) -> list[tupl
 
 
 def gather(
-    req: ConnectRequest, *, owners: bool = True, settings: ConnectSettings | None = None
+    req: ConnectRequest,
+    *,
+    owners: bool = True,
+    settings: ConnectSettings | None = None,
+    summary: bool = False,
 ) -> ConnectFacts:
-    """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``."""
+    """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``.
+
+    ``summary``: where the model allows it (``summary_suffices``: TCP connect()'s own choice, a
+    fixed port) and the bind hash can be read, the range's ports come from it
+    (``ConnectFacts.buckets``, kernel/connect_range.py) and only the sockets the answer names
+    are dumped and given owners; otherwise (no BPF, REBIND_NO_BPF=1, a port the read cannot
+    vouch for) every socket of the range, as without it. Pass ``buckets`` on to the model."""
     with gc_paused():
-        return _gather(req, owners=owners, settings=settings)
+        return _gather(req, owners=owners, settings=settings, summary=summary)
 
 
-def _gather(req: ConnectRequest, *, owners: bool, settings: ConnectSettings | None) -> ConnectFacts:
+def _gather(
+    req: ConnectRequest, *, owners: bool, settings: ConnectSettings | None, summary: bool
+) -> ConnectFacts:
     st = settings or connect_settings()
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)
+    buckets: RangeBuckets | None = None
+    bc = connect_bytecode(req, src, rng)
+    if summary and summary_suffices(
+        req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
+    ):
+        from rebind.kernel.connect_range import range_buckets, summary_bytecode
+
+        got = range_buckets(rng)
+        if isinstance(got, RangeBuckets):
+            buckets = got
+            bc, _ = summary_bytecode(req, src, rng, got)
     try:
-        recs = classify(_records(req, src, rng), rng)
+        recs = classify(_records(req, bc), rng)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot read the socket table over netlink: {exc.strerror}") from exc
     by_inode: dict[int, tuple[Owner, ...]] = {}
@@ -238,7 +270,14 @@ def _gather(req: ConnectRequest, *, owners: bool, settings: ConnectSettings | No
     drafts = [
         _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
     ]
-    holders = with_kernel_origin(req, drafts, warnings)
+    known = None
+    if buckets is not None:
+        # the bind hash answered for every port of the range: no lookup per port
+        lo, hi = rng
+        held, bind_made = buckets.held, buckets.bind_made
+        known = {r.local.port: r.local.port not in bind_made for r, _ in recs if lo <= r.local.port <= hi}
+        known = {p: c for p, c in known.items() if p in held}
+    holders = with_kernel_origin(req, drafts, warnings, known=known)
     from rebind.kernel.sysctl import kernel_settings
 
     return ConnectFacts(
@@ -249,6 +288,7 @@ def _gather(req: ConnectRequest, *, owners: bool, settings: ConnectSettings | No
         tuple(warnings),
         servers=server_ports(st.port_range),
         bind_settings=kernel_settings(),
+        buckets=buckets,
     )
 
 

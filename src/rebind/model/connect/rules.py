@@ -185,14 +185,25 @@ def classify_own_choice(
     on_port: Sequence[PortHolder],
     settings: ConnectSettings,
     assume_ambiguous: bool,
+    bind_made: bool | None = None,
 ) -> tuple[PortUse, PortHolder | None]:
-    """__inet_hash_connect for one candidate (C4–C9)."""
-    if not on_port:
+    """__inet_hash_connect for one candidate (C4–C9).
+
+    ``bind_made``: the port's bucket as the bind hash shows it (RangeBuckets), where ``on_port``
+    need not be every socket of the port: True not connect()-made (connect() skips it, C6),
+    False connect()-made (held: shared unless the 4-tuple is taken); None: no bucket read, or
+    none there -- ``on_port`` is all there is."""
+    if not on_port and bind_made is None:
         return PortUse.FREE, None
     explicit = [h for h in on_port if _is_explicit(h, assume_ambiguous)]
-    if explicit:
-        kinds = sorted({_explicit_kind(h) for h in explicit}, key=list(PortUse).index)
-        return kinds[0], next(h for h in explicit if _explicit_kind(h) is kinds[0])
+    if explicit or bind_made:
+        # A listener or a bound-inactive socket (all of them among the holders) names its kind;
+        # any other socket of a bind-made bucket is a client that bound its port.
+        kinds = {_explicit_kind(h) for h in explicit}
+        if bind_made:
+            kinds.add(PortUse.BIND_BEFORE_CONNECT)
+        first = min(kinds, key=_USE_ORDER.__getitem__)
+        return first, next((h for h in explicit if _explicit_kind(h) is first), None)
     tw_hit: PortHolder | None = None
     for h in on_port:
         r = h.socket
@@ -209,6 +220,10 @@ def classify_own_choice(
             return PortUse.TIME_WAIT_UNKNOWN, tw_hit
         return (PortUse.TIME_WAIT_REUSABLE if ok else PortUse.TIME_WAIT_TO_DESTINATION), tw_hit
     return PortUse.SHARED, None
+
+
+#: PortUse's declaration order: the first explicit kind of a port is the one reported.
+_USE_ORDER = {u: i for i, u in enumerate(PortUse)}
 
 
 def classify_bind_any(
