@@ -119,8 +119,16 @@ def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
         raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(exc.errno)}") from None
 
 
-def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
-    """The kernel-side filter for :func:`gather` (see the module docstring)."""
+#: The chain every peerless TCP socket passes (listening, bound-inactive): the servers' ports
+#: (:func:`server_ports`) ride on the holders' dump instead of a second walk of the table.
+PEERLESS = [codec.port_cond(codec.BcOp.D_EQ, 0)]
+
+
+def connect_bytecode(
+    req: ConnectRequest, src: IPAddress, rng: tuple[int, int], *, servers: bool = False
+) -> bytes:
+    """The kernel-side filter for :func:`gather` (see the module docstring); ``servers``: every
+    peerless socket too (:data:`PEERLESS`)."""
     lo, hi = rng
     in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
     chains: list[list[codec.Cond]] = [
@@ -132,6 +140,8 @@ def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) 
     ]
     if req.local_port is not None:
         chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
+    if servers:
+        chains.append(PEERLESS)
     return codec.compile_any(chains)
 
 
@@ -149,6 +159,47 @@ class ConnectFacts:
     #: The range's ports from the bind hash (gather(summary=True) where it could be read):
     #: ``holders`` are then only the sockets the answer names; pass it to evaluate_connect.
     buckets: RangeBuckets | None = None
+
+
+def split_servers(
+    recs: Iterable[SocketRecord], rng: tuple[int, int], local_port: int | None
+) -> tuple[list[SocketRecord], frozenset[int]]:
+    """A TCP dump that took :data:`PEERLESS` too: (the holders, as the filter without that chain
+    would have given them, and the TCP servers' ports -- every LISTEN or bound-inactive socket,
+    as :func:`server_ports` reads them). A peerless socket is a holder only inside the range or
+    on the fixed local port (the other chains: a peer's port is never 0)."""
+    lo, hi = rng
+    servers: set[int] = set()
+    keep: list[SocketRecord] = []
+    listen, inactive = State.LISTEN, State.BOUND_INACTIVE
+    for r in recs:
+        p = r.local.port
+        if r.state is listen or r.state is inactive:
+            servers.add(p)
+        if not r.remote.port and not lo <= p <= hi and p != local_port:
+            continue
+        keep.append(r)
+    return keep, frozenset(servers)
+
+
+def udp_server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
+    """:func:`server_ports`' UDP half: unconnected UDP sockets outside the range (a small table,
+    one dump per family). None when it cannot be read."""
+    from rebind.errors import RebindError
+    from rebind.kernel import diag
+    from rebind.model.records import Family
+
+    lo, hi = rng
+    try:
+        with diag.DiagSocket() as d:
+            return frozenset(
+                r.local.port
+                for fam in (Family.INET, Family.INET6)
+                for r in d.dump(fam, Proto.UDP, {State.CLOSE})
+                if not r.remote.port and not lo <= r.local.port <= hi
+            )
+    except (OSError, RebindError):
+        return None
 
 
 def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
@@ -241,7 +292,8 @@ def _gather(
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)
     buckets: RangeBuckets | None = None
-    bc = connect_bytecode(req, src, rng)
+    tcp = req.proto is Proto.TCP
+    bc = connect_bytecode(req, src, rng, servers=tcp)
     if summary and summary_suffices(
         req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
     ):
@@ -250,9 +302,17 @@ def _gather(
         got = range_buckets(rng)
         if isinstance(got, RangeBuckets):
             buckets = got
-            bc, _ = summary_bytecode(req, src, rng, got)
+            bc, _ = summary_bytecode(req, src, rng, got, servers=True)
+    servers: frozenset[int] | None = None
     try:
-        recs = classify(_records(req, bc), rng)
+        if tcp:
+            kept, tcp_servers = split_servers(_records(req, bc), rng, req.local_port)
+            udp_servers = udp_server_ports(st.port_range)
+            servers = None if udp_servers is None else tcp_servers | udp_servers
+            recs = classify(kept, rng)
+        else:
+            recs = classify(_records(req, bc), rng)
+            servers = server_ports(st.port_range)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot read the socket table over netlink: {exc.strerror}") from exc
     by_inode: dict[int, tuple[Owner, ...]] = {}
@@ -286,7 +346,7 @@ def _gather(
         holders,
         scan,
         tuple(warnings),
-        servers=server_ports(st.port_range),
+        servers=servers,
         bind_settings=kernel_settings(),
         buckets=buckets,
     )

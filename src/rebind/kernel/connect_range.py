@@ -73,12 +73,13 @@ def _runs(ports: frozenset[int]) -> list[tuple[int, int]]:
 
 
 def summary_bytecode(
-    req: ConnectRequest, src: IPAddress, rng: tuple[int, int], buckets: RangeBuckets
+    req: ConnectRequest, src: IPAddress, rng: tuple[int, int], buckets: RangeBuckets, *, servers: bool = False
 ) -> tuple[bytes, bool]:
     """The dump's kernel filter beside a bind-hash summary, and whether it fell back to the
     whole range (too many runs of bind-made ports): every socket connected to the destination
     (one D_COND), every peerless socket of the range (listeners, bound-inactive), every socket
-    on a bind-made port of the range, every socket on a fixed local port."""
+    on a bind-made port of the range, every socket on a fixed local port; ``servers``: every
+    peerless socket anywhere too (connect_facts.PEERLESS, split_servers)."""
     lo, hi = rng
     in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
     chains: list[list[codec.Cond]] = [[codec.host_cond(codec.BcOp.D_COND, req.dst, port=req.dport)]]
@@ -98,4 +99,6 @@ def summary_bytecode(
             )
     if req.local_port is not None:
         chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
+    if servers:
+        chains.append([codec.port_cond(codec.BcOp.D_EQ, 0)])
     return codec.compile_any(chains), whole

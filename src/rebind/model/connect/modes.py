@@ -79,19 +79,19 @@ def uses_own_choice(
     bind_made: frozenset[int] = frozenset()
     if buckets is not None:
         held, bind_made = buckets.held, buckets.bind_made
-        # A held port no holder was read for: its bucket alone decides (a connect()-made one
-        # is shared: no holder means no socket to this destination on it). One pass, no
-        # per-port classification: these are most of a busy range.
-        shared = PortUse.SHARED
-        for p in held:
-            if lo <= p <= hi and p not in by_port and p not in settings.reserved:
-                uses.special[p] = PortUse.BIND_BEFORE_CONNECT if p in bind_made else shared
-    for p in _special_ports(by_port, settings, lo, hi):
+    shared, bound, reserved = PortUse.SHARED, PortUse.BIND_BEFORE_CONNECT, PortUse.RESERVED
+    for p in _special_ports(by_port, settings, lo, hi, held):
         if p in settings.reserved:
-            uses[p] = PortUse.RESERVED
+            uses[p] = reserved
             continue
         on = by_port.get(p, ())
         made = (p in bind_made) if p in held else None
+        if not on and made is not None:
+            # A held port no holder was read for: its bucket alone decides (a connect()-made
+            # one is shared: no holder means no socket to this destination on it). Most ports
+            # of a busy range: no per-port classification.
+            uses[p] = bound if made else shared
+            continue
         if assume_ambiguous is not None:
             uses[p] = classify_own_choice(req, src, on, settings, assume_ambiguous, made)[0]
             continue
@@ -103,10 +103,18 @@ def uses_own_choice(
 
 
 def _special_ports(
-    by_port: dict[int, list[PortHolder]], settings: ConnectSettings, lo: int, hi: int
+    by_port: dict[int, list[PortHolder]],
+    settings: ConnectSettings,
+    lo: int,
+    hi: int,
+    held: frozenset[int] = frozenset(),
 ) -> list[int]:
-    """Ports of [lo, hi] that are reserved or used by some socket; every other one is free."""
-    return sorted({p for p in by_port if lo <= p <= hi} | {p for p in settings.reserved if lo <= p <= hi})
+    """Ports of [lo, hi] that are reserved or used by some socket (``held``: a bucket in the
+    bind hash); every other one is free. In order: the accounting's counts list the uses in
+    the order they are first met."""
+    ports = {p for p in by_port if lo <= p <= hi} | {p for p in settings.reserved if lo <= p <= hi}
+    ports.update(p for p in held if lo <= p <= hi)
+    return sorted(ports)
 
 
 def _odd_reach(req: ConnectRequest, uses: PortMap, *, connect: bool) -> bool | None:

@@ -5,7 +5,7 @@ port for each way a client gets one: connect()'s own choice, bind(ip, 0), UDP au
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import IPv6Address
@@ -113,15 +113,19 @@ def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
 
 class PortMap:
     """How each port of [lo, hi] stands; ports not set are FREE. Only ports that some socket uses
-    (or that are reserved) are stored, so a 28,232-port range costs nothing to account for."""
+    (or that are reserved) are stored, so a 28,232-port range costs nothing to account for.
+    The counts are tallied once (one pass over the stored ports, per use and per parity) and
+    kept until the next change: the accounting asks a dozen of them of a map of ~14k ports."""
 
-    __slots__ = ("hi", "lo", "special")
+    __slots__ = ("_tally", "hi", "lo", "special")
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
         self.special: dict[int, PortUse] = {}
+        self._tally: tuple[Counter[PortUse], Counter[PortUse]] | None = None
 
     def __setitem__(self, port: int, use: PortUse) -> None:
+        self._tally = None
         if use is PortUse.FREE:
             self.special.pop(port, None)
         else:
@@ -137,31 +141,36 @@ class PortMap:
     def total(self) -> int:
         return self.hi - self.lo + 1
 
+    def _tallied(self, parity_of_lo: bool) -> Counter[PortUse]:
+        """Stored ports per use: all of them, or those of lo's parity."""
+        if self._tally is None:
+            lo = self.lo
+            every = Counter(self.special.values())  # first-seen order, as the loop it replaces
+            even = Counter([u for p, u in self.special.items() if not (p - lo) & 1])
+            self._tally = (every, even)
+        return self._tally[1] if parity_of_lo else self._tally[0]
+
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for u in self.special.values():
-            out[u.value] += 1
+        out = {u.value: n for u, n in self._tallied(False).items()}
         free = self.total - len(self.special)
         if free:
-            out[PortUse.FREE.value] += free
-        return dict(out)
+            out[PortUse.FREE.value] = free
+        return out
 
     def usable_count(self, *, parity_of_lo: bool = False) -> int:
-        if parity_of_lo:
-            n = (self.total + 1) // 2
-            bad = sum(1 for p, u in self.special.items() if not u.usable and (p - self.lo) % 2 == 0)
-        else:
-            n = self.total
-            bad = sum(1 for u in self.special.values() if not u.usable)
-        return n - bad
+        n = (self.total + 1) // 2 if parity_of_lo else self.total
+        return n - sum(k for u, k in self._tallied(parity_of_lo).items() if not u.usable)
 
     def count(self, use: PortUse, *, parity_of_lo: bool = False) -> int:
+        tally = self._tallied(parity_of_lo)
         if use is PortUse.FREE:
             n = (self.total + 1) // 2 if parity_of_lo else self.total
-            return n - sum(1 for p in self.special if not parity_of_lo or (p - self.lo) % 2 == 0)
-        return sum(
-            1 for p, u in self.special.items() if u is use and (not parity_of_lo or (p - self.lo) % 2 == 0)
-        )
+            return n - sum(tally.values())
+        return tally[use]
+
+    def unusable_in(self, a: int, b: int) -> int:
+        """Stored ports of [a, b] that are not usable."""
+        return sum(1 for p, u in self.special.items() if a <= p <= b and not u.usable)
 
     def usable_ports(self, limit: int = 3) -> list[int]:
         """A few usable ports, for messages."""
