@@ -154,7 +154,8 @@ class ConnectFacts:
     warnings: tuple[str, ...] = ()
     #: Ports held by servers of this netns (see server_ports); None when unreadable.
     servers: frozenset[int] | None = None
-    #: The bind() facts that decide whether a --from address can be bound.
+    #: The bind() facts that decide whether a --from address can be bound (None where the
+    #: request binds no address: nothing to decide).
     bind_settings: KernelSettings | None = None
     #: The range's ports from the bind hash (gather(summary=True) where it could be read):
     #: ``holders`` are then only the sockets the answer names; pass it to evaluate_connect.
@@ -340,6 +341,9 @@ def _gather(
     holders = with_kernel_origin(req, drafts, warnings, known=known)
     from rebind.kernel.sysctl import kernel_settings
 
+    # the bind() facts matter only for a bound source address (modes.source_problem)
+    bound = req.src is not None and not req.src.is_unspecified
+    needs_bind = bound and (req.local_port is not None or req.bind_before_connect)
     return ConnectFacts(
         st,
         src,
@@ -347,7 +351,7 @@ def _gather(
         scan,
         tuple(warnings),
         servers=servers,
-        bind_settings=kernel_settings(),
+        bind_settings=kernel_settings() if needs_bind else None,
         buckets=buckets,
     )
 

@@ -268,6 +268,15 @@ def _unknown_origin(
         )
 
 
+def _tw_to_destination(req: ConnectRequest, holders: Sequence[HolderFacts]) -> bool:
+    """Is a time-wait entry to the destination among the holders (its timestamps are read)?"""
+    tcp = Proto.TCP
+    return any(
+        r.is_mini and r.proto is tcp and r.remote.port == req.dport and norm_addr(r.remote.addr) == req.dst
+        for r in (h.socket for h in holders)
+    )
+
+
 def with_kernel_origin(
     req: ConnectRequest,
     holders: Sequence[HolderFacts],
@@ -282,9 +291,14 @@ def with_kernel_origin(
     kernel/connect_range.py): neither looked up nor walked for it (a fixed local port is still
     walked, for its holders' own flags)."""
     ports = origin_ports(req, holders)
-    if not ports:
-        return tuple(map(_built, holders))
     known = known or {}
+    # every port known already, no fixed port to walk, no time-wait entry to the destination:
+    # nothing for the socket programs to read
+    settled = req.local_port not in ports and all(p in known for p in ports)
+    if not ports or (settled and not _tw_to_destination(req, holders)):
+        if not ports:
+            return tuple(map(_built, holders))
+        return merge_origins(holders, ports, OriginFacts({p: known[p] for p in ports}))
     from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_port_buckets, lookup_socket_states
     from rebind.model.sockstate import SockKind, SockStates, Unavailable, connect_made

@@ -37,21 +37,22 @@ def range_buckets(rng: tuple[int, int]) -> RangeBuckets | str:
     got = read_port_buckets(range(lo, hi + 1))
     if isinstance(got, Unavailable):
         return got.reason
-    # Equal buckets share one PortBucket (decode_buckets): judge each distinct one once.
-    verdict: dict[int, int] = {}  # id(PortBucket) -> _judge
+    # Equal buckets share one PortBucket (decode_buckets): a busy range holds a handful of
+    # distinct ones, so each is judged once and its ports picked out by identity.
+    distinct = {id(b): b for b in got.values()}
     held: list[int] = []
     bind_made: list[int] = []
-    for p, b in got.items():
-        v = verdict.get(id(b))
-        if v is None:
-            v = verdict[id(b)] = _judge(b)
+    for b in distinct.values():
+        v = _judge(b)
+        if v == 0:
+            continue
+        ports = [p for p, x in got.items() if x is b]
         if v < 0:
             why = "its chain walk faulted or was cut short" if not b.known else "it has several buckets"
-            return f"port {p}: {why}"
-        if v:
-            held.append(p)
-            if v == 2:
-                bind_made.append(p)
+            return f"port {ports[0]}: {why}"
+        held += ports
+        if v == 2:
+            bind_made += ports
     return RangeBuckets(frozenset(held), frozenset(bind_made))
 
 
@@ -82,6 +83,7 @@ def summary_bytecode(
     peerless socket anywhere too (connect_facts.PEERLESS, split_servers)."""
     lo, hi = rng
     in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
+    peerless = [codec.port_cond(codec.BcOp.D_EQ, 0)]
     chains: list[list[codec.Cond]] = [[codec.host_cond(codec.BcOp.D_COND, req.dst, port=req.dport)]]
     runs = _runs(frozenset(p for p in buckets.bind_made if lo <= p <= hi))
     whole = len(runs) > MAX_RUNS
@@ -89,8 +91,10 @@ def summary_bytecode(
         chains.append(in_range)
     else:
         # a listener or bound-inactive socket names its port's kind (C6): all of them, whatever
-        # their bucket says at the moment of the dump
-        chains.append([*in_range, codec.port_cond(codec.BcOp.D_EQ, 0)])
+        # their bucket says at the moment of the dump (the peerless test first: a connection
+        # fails the chain at once); with ``servers`` every peerless socket is asked anyway
+        if not servers:
+            chains.append([*peerless, *in_range])
         for a, b in runs:
             chains.append(
                 [codec.port_cond(codec.BcOp.S_EQ, a)]
@@ -100,5 +104,5 @@ def summary_bytecode(
     if req.local_port is not None:
         chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
     if servers:
-        chains.append([codec.port_cond(codec.BcOp.D_EQ, 0)])
+        chains.append(peerless)
     return codec.compile_any(chains), whole
