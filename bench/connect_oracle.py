@@ -20,13 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--show", type=int, default=50, help="print at most this many disagreements")
+    ap.add_argument(
+        "--blind",
+        choices=("no", "summary", "sockets"),
+        default="no",
+        help="feed the model what `why --connect` reads instead of the ground truth: the range "
+        "from the bind hash (summary, as the CLI) or every socket of it (sockets)",
+    )
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     bad: list[Check] = []
     mix: Counter[str] = Counter()
     skipped = 0
     n = 0
-    for c in run_scenarios(args.scenarios, args.seed):
+    blind = args.blind != "no"
+    for c in run_scenarios(args.scenarios, args.seed, blind=blind, summary=args.blind == "summary"):
         n += 1
         if c.skipped:
             skipped += 1

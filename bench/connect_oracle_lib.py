@@ -442,12 +442,14 @@ def _peer(s: socket.socket) -> Endpoint:
         return Endpoint(ip_address("::" if s.family == socket.AF_INET6 else "0.0.0.0"), 0)
 
 
-def run_one(sc: Scenario, *, blind: bool = False) -> Check:
+def run_one(sc: Scenario, *, blind: bool = False, summary: bool = True) -> Check:
     """Build ``sc`` in a fresh network namespace, predict, then connect() for real.
 
     ``blind``: the model gets what `rebind why --connect` reads (kernel/connect_facts.gather:
     no ground truth about how each port was taken); its answer must then never be better than
-    the kernel's (the worst case, issue 17)."""
+    the kernel's (the worst case, issue 17). ``summary``: as the CLI reads it, the range's
+    ports from the bind hash where the request allows (gather(summary=True)); False: every
+    socket of the range, one by one."""
     from rebind.connect_diagnosis import probe
     from rebind.kernel.connect_facts import connect_settings, route_source
     from rebind.kernel.netns import private_netns
@@ -467,7 +469,7 @@ def run_one(sc: Scenario, *, blind: bool = False) -> Check:
         if blind:
             from rebind.kernel.connect_facts import gather
 
-            facts = gather(req, owners=True, settings=settings)
+            facts = gather(req, owners=True, settings=settings, summary=summary)
             res = evaluate_connect(
                 req,
                 facts.holders,
@@ -475,6 +477,7 @@ def run_one(sc: Scenario, *, blind: bool = False) -> Check:
                 route_src=src,
                 bind_settings=facts.bind_settings,
                 servers=facts.servers,
+                buckets=facts.buckets,
             )
         else:
             res = evaluate_connect(req, lab.holders(recs), settings, route_src=src)
@@ -491,7 +494,9 @@ def run_one(sc: Scenario, *, blind: bool = False) -> Check:
         )
 
 
-def run_scenarios(n: int, seed: int, *, start: int = 0, blind: bool = False) -> Iterator[Check]:
+def run_scenarios(
+    n: int, seed: int, *, start: int = 0, blind: bool = False, summary: bool = True
+) -> Iterator[Check]:
     rng = random.Random(seed)
     for i in range(start, start + n):
-        yield run_one(random_scenario(rng, i), blind=blind)
+        yield run_one(random_scenario(rng, i), blind=blind, summary=summary)

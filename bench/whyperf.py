@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument(
         "--use-existing", metavar="NETNS", help="a namespace already loaded (mkload --reuseport 4)"
     )
+    ap.add_argument("--connect-only", action="store_true", help="only the `why --connect` rows")
     ap.add_argument(
         "--baseline",
         metavar="REBIND",
@@ -205,7 +206,7 @@ def main() -> None:
         print(head)
         print(rule)
         rows, notes = [], []
-        for port, label in PORTS.items():
+        for port, label in PORTS.items() if not args.connect_only else ():
             if port == 9000:
                 make_timewaits(port, TIMEWAITS)
                 tws = sum(1 for e in socket_table(ports=[port], protos=[Proto.TCP], owners=False).entries)

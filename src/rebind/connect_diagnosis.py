@@ -157,9 +157,10 @@ def connect_diagnose(
 def diagnose_request(
     req: ConnectRequest, *, with_probe: bool = False, owners: bool = True
 ) -> ConnectDiagnosis:
+    from rebind.kernel import connect_prefetch
     from rebind.kernel.connect_facts import gather
 
-    facts = gather(req, owners=owners)
+    facts = connect_prefetch.take(req, owners=owners) or gather(req, owners=owners, summary=True)
     res = evaluate_connect(
         req,
         facts.holders,
@@ -167,6 +168,7 @@ def diagnose_request(
         route_src=facts.source,
         bind_settings=facts.bind_settings,
         servers=facts.servers,
+        buckets=facts.buckets,
     )
     pr = None
     if with_probe:

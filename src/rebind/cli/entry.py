@@ -1,5 +1,6 @@
 """Console entry point. For `rebind ls PORT…` and `rebind [why] PORT` it starts the kernel dump
-before importing the CLI (see rebind.kernel.prefetch), then hands over to click.
+before importing the CLI (see rebind.kernel.prefetch), for a plain `rebind why --connect
+ADDR:PORT` the whole gathering (rebind.kernel.connect_prefetch), then hands over to click.
 
 Everything here runs before the CLI's own error handling exists, so it must not fail: ^C while
 importing exits 130 with one line, and closed standard fds are reopened on /dev/null first.
@@ -89,6 +90,10 @@ def main() -> None:
                 prefetch.start(ports)
             elif why:
                 prefetch.start((why[0],), "udp" if why[1] else "tcp")
+        elif argv[:1] == ["why"] and any(a.partition("=")[0] == "--connect" for a in argv):
+            from rebind.kernel import connect_prefetch
+
+            connect_prefetch.start(argv)
         from rebind.cli.main import main as cli_main
     except KeyboardInterrupt:  # ^C before the handler above was installed
         _interrupted()

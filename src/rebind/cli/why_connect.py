@@ -170,11 +170,16 @@ def _print_consumers(con: PlainOut | RichOut, res: ConnectResult) -> None:
         user = visible(c.user) if c.user else "?"
         unit = f"  {visible(c.unit)}" if c.unit else ""
         p(
-            f"  {c.to_destination:>6} / {c.by_bind:>5} / {c.other:>5}  "
+            f"  {c.to_destination:>6} / {c.by_bind:>5} / {'-' if c.other is None else c.other:>5}  "
             f"{esc(process_label(c.name, c.pid))} {esc(user)}  [dim]{esc(cmd)}{esc(unit)}[/]"
         )
     if len(res.consumers) > 10:
         p(f"  … {len(res.consumers) - 10} more processes")
+    if any(c.other is None for c in res.consumers):
+        p(
+            "  [dim]other (-): connections elsewhere not counted, and processes holding only those "
+            "not listed: the kernel's bind hash answered for those ports without reading their sockets[/]"
+        )
 
 
 def _print_capacity(con: PlainOut | RichOut, res: ConnectResult) -> None:

@@ -42,7 +42,14 @@ from rebind.gcpause import gc_paused
 from rebind.kernel import diag_codec as codec
 from rebind.kernel.connect_origin import Draft, with_kernel_origin
 from rebind.model.conflict import KernelSettings
-from rebind.model.connect import ConnectRequest, ConnectSettings, PortHolder, effective_range
+from rebind.model.connect import (
+    ConnectRequest,
+    ConnectSettings,
+    PortHolder,
+    RangeBuckets,
+    effective_range,
+    summary_suffices,
+)
 from rebind.model.records import (
     IPAddress,
     Owner,
@@ -112,8 +119,16 @@ def _rtm_getroute(dst: IPAddress) -> IPAddress | None:
         raise EnvironmentProblem(f"no route from this namespace to {dst}: {os.strerror(exc.errno)}") from None
 
 
-def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> bytes:
-    """The kernel-side filter for :func:`gather` (see the module docstring)."""
+#: The chain every peerless TCP socket passes (listening, bound-inactive): the servers' ports
+#: (:func:`server_ports`) ride on the holders' dump instead of a second walk of the table.
+PEERLESS = [codec.port_cond(codec.BcOp.D_EQ, 0)]
+
+
+def connect_bytecode(
+    req: ConnectRequest, src: IPAddress, rng: tuple[int, int], *, servers: bool = False
+) -> bytes:
+    """The kernel-side filter for :func:`gather` (see the module docstring); ``servers``: every
+    peerless socket too (:data:`PEERLESS`)."""
     lo, hi = rng
     in_range = [codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]
     chains: list[list[codec.Cond]] = [
@@ -125,6 +140,8 @@ def connect_bytecode(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) 
     ]
     if req.local_port is not None:
         chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
+    if servers:
+        chains.append(PEERLESS)
     return codec.compile_any(chains)
 
 
@@ -137,8 +154,53 @@ class ConnectFacts:
     warnings: tuple[str, ...] = ()
     #: Ports held by servers of this netns (see server_ports); None when unreadable.
     servers: frozenset[int] | None = None
-    #: The bind() facts that decide whether a --from address can be bound.
+    #: The bind() facts that decide whether a --from address can be bound (None where the
+    #: request binds no address: nothing to decide).
     bind_settings: KernelSettings | None = None
+    #: The range's ports from the bind hash (gather(summary=True) where it could be read):
+    #: ``holders`` are then only the sockets the answer names; pass it to evaluate_connect.
+    buckets: RangeBuckets | None = None
+
+
+def split_servers(
+    recs: Iterable[SocketRecord], rng: tuple[int, int], local_port: int | None
+) -> tuple[list[SocketRecord], frozenset[int]]:
+    """A TCP dump that took :data:`PEERLESS` too: (the holders, as the filter without that chain
+    would have given them, and the TCP servers' ports -- every LISTEN or bound-inactive socket,
+    as :func:`server_ports` reads them). A peerless socket is a holder only inside the range or
+    on the fixed local port (the other chains: a peer's port is never 0)."""
+    lo, hi = rng
+    servers: set[int] = set()
+    keep: list[SocketRecord] = []
+    listen, inactive = State.LISTEN, State.BOUND_INACTIVE
+    for r in recs:
+        p = r.local.port
+        if r.state is listen or r.state is inactive:
+            servers.add(p)
+        if not r.remote.port and not lo <= p <= hi and p != local_port:
+            continue
+        keep.append(r)
+    return keep, frozenset(servers)
+
+
+def udp_server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
+    """:func:`server_ports`' UDP half: unconnected UDP sockets outside the range (a small table,
+    one dump per family). None when it cannot be read."""
+    from rebind.errors import RebindError
+    from rebind.kernel import diag
+    from rebind.model.records import Family
+
+    lo, hi = rng
+    try:
+        with diag.DiagSocket() as d:
+            return frozenset(
+                r.local.port
+                for fam in (Family.INET, Family.INET6)
+                for r in d.dump(fam, Proto.UDP, {State.CLOSE})
+                if not r.remote.port and not lo <= r.local.port <= hi
+            )
+    except (OSError, RebindError):
+        return None
 
 
 def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
@@ -164,10 +226,9 @@ def server_ports(rng: tuple[int, int]) -> frozenset[int] | None:
     return frozenset(out)
 
 
-def _records(req: ConnectRequest, src: IPAddress, rng: tuple[int, int]) -> Iterator[SocketRecord]:
+def _records(req: ConnectRequest, bc: bytes) -> Iterator[SocketRecord]:
     from rebind.kernel import diag
 
-    bc = connect_bytecode(req, src, rng)
     with diag.DiagSocket() as d:
         if req.proto is Proto.TCP:
             # One walk of the TCP tables for both families; bound-inactive sockets need the
@@ -208,19 +269,51 @@ def classify(records: Iterable[SocketRecord], rng: tuple[int, int]) -> list[tupl
 
 
 def gather(
-    req: ConnectRequest, *, owners: bool = True, settings: ConnectSettings | None = None
+    req: ConnectRequest,
+    *,
+    owners: bool = True,
+    settings: ConnectSettings | None = None,
+    summary: bool = False,
 ) -> ConnectFacts:
-    """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``."""
+    """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``.
+
+    ``summary``: where the model allows it (``summary_suffices``: TCP connect()'s own choice, a
+    fixed port) and the bind hash can be read, the range's ports come from it
+    (``ConnectFacts.buckets``, kernel/connect_range.py) and only the sockets the answer names
+    are dumped and given owners; otherwise (no BPF, REBIND_NO_BPF=1, a port the read cannot
+    vouch for) every socket of the range, as without it. Pass ``buckets`` on to the model."""
     with gc_paused():
-        return _gather(req, owners=owners, settings=settings)
+        return _gather(req, owners=owners, settings=settings, summary=summary)
 
 
-def _gather(req: ConnectRequest, *, owners: bool, settings: ConnectSettings | None) -> ConnectFacts:
+def _gather(
+    req: ConnectRequest, *, owners: bool, settings: ConnectSettings | None, summary: bool
+) -> ConnectFacts:
     st = settings or connect_settings()
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)
+    buckets: RangeBuckets | None = None
+    tcp = req.proto is Proto.TCP
+    bc = connect_bytecode(req, src, rng, servers=tcp)
+    if summary and summary_suffices(
+        req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
+    ):
+        from rebind.kernel.connect_range import range_buckets, summary_bytecode
+
+        got = range_buckets(rng)
+        if isinstance(got, RangeBuckets):
+            buckets = got
+            bc, _ = summary_bytecode(req, src, rng, got, servers=True)
+    servers: frozenset[int] | None = None
     try:
-        recs = classify(_records(req, src, rng), rng)
+        if tcp:
+            kept, tcp_servers = split_servers(_records(req, bc), rng, req.local_port)
+            udp_servers = udp_server_ports(st.port_range)
+            servers = None if udp_servers is None else tcp_servers | udp_servers
+            recs = classify(kept, rng)
+        else:
+            recs = classify(_records(req, bc), rng)
+            servers = server_ports(st.port_range)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot read the socket table over netlink: {exc.strerror}") from exc
     by_inode: dict[int, tuple[Owner, ...]] = {}
@@ -238,17 +331,28 @@ def _gather(req: ConnectRequest, *, owners: bool, settings: ConnectSettings | No
     drafts = [
         _with_flags(req, SocketEntry(r, by_inode.get(r.inode, ()) if r.inode else ()), e) for r, e in recs
     ]
-    holders = with_kernel_origin(req, drafts, warnings)
+    known = None
+    if buckets is not None:
+        # the bind hash answered for every port of the range: no lookup per port
+        lo, hi = rng
+        held, bind_made = buckets.held, buckets.bind_made
+        known = {r.local.port: r.local.port not in bind_made for r, _ in recs if lo <= r.local.port <= hi}
+        known = {p: c for p, c in known.items() if p in held}
+    holders = with_kernel_origin(req, drafts, warnings, known=known)
     from rebind.kernel.sysctl import kernel_settings
 
+    # the bind() facts matter only for a bound source address (modes.source_problem)
+    bound = req.src is not None and not req.src.is_unspecified
+    needs_bind = bound and (req.local_port is not None or req.bind_before_connect)
     return ConnectFacts(
         st,
         src,
         holders,
         scan,
         tuple(warnings),
-        servers=server_ports(st.port_range),
-        bind_settings=kernel_settings(),
+        servers=servers,
+        bind_settings=kernel_settings() if needs_bind else None,
+        buckets=buckets,
     )
 
 

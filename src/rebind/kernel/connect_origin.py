@@ -10,7 +10,7 @@ The gatherer (kernel/connect_facts.py) hands in :class:`Draft` holders, cheap tu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -268,15 +268,37 @@ def _unknown_origin(
         )
 
 
+def _tw_to_destination(req: ConnectRequest, holders: Sequence[HolderFacts]) -> bool:
+    """Is a time-wait entry to the destination among the holders (its timestamps are read)?"""
+    tcp = Proto.TCP
+    return any(
+        r.is_mini and r.proto is tcp and r.remote.port == req.dport and norm_addr(r.remote.addr) == req.dst
+        for r in (h.socket for h in holders)
+    )
+
+
 def with_kernel_origin(
-    req: ConnectRequest, holders: Sequence[HolderFacts], warnings: list[str]
+    req: ConnectRequest,
+    holders: Sequence[HolderFacts],
+    warnings: list[str],
+    *,
+    known: Mapping[int, bool] | None = None,
 ) -> tuple[PortHolder, ...]:
     """Fill in, from the kernel, how the ports of ambiguous client sockets were taken (TCP):
     lookups by 4-tuple (:func:`origin_plan`), and the iterator's walk only for the few ports
-    they cannot answer. Whatever stays unread stays unknown: the worst case, never optimistic."""
+    they cannot answer. Whatever stays unread stays unknown: the worst case, never optimistic.
+    ``known``: ports whose bucket was read already (connect()-made or not: the bind hash,
+    kernel/connect_range.py): neither looked up nor walked for it (a fixed local port is still
+    walked, for its holders' own flags)."""
     ports = origin_ports(req, holders)
-    if not ports:
-        return tuple(map(_built, holders))
+    known = known or {}
+    # every port known already, no fixed port to walk, no time-wait entry to the destination:
+    # nothing for the socket programs to read
+    settled = req.local_port not in ports and all(p in known for p in ports)
+    if not ports or (settled and not _tw_to_destination(req, holders)):
+        if not ports:
+            return tuple(map(_built, holders))
+        return merge_origins(holders, ports, OriginFacts({p: known[p] for p in ports}))
     from rebind.kernel.bpf.sockiter import load_sock_layout, prepare, read_socket_states
     from rebind.kernel.bpf.socklookup import lookup_port_buckets, lookup_socket_states
     from rebind.model.sockstate import SockKind, SockStates, Unavailable, connect_made
@@ -287,13 +309,14 @@ def with_kernel_origin(
         return tuple(map(_built, holders))
     plan = origin_plan(req, holders, ports)
     lay = load_sock_layout()
-    walk = set(plan.walk)
-    connect_only: dict[int, bool] = {}
+    walk = {p for p in plan.walk if p not in known or p == req.local_port}
+    connect_only = {p: known[p] for p in ports if p in known}
     faulted = 0
-    rep_ports = list(plan.reps)
-    found = lookup_port_buckets(lay, [lookup_tuple(plan.reps[p]) for p in rep_ports])
+    rep_ports = [p for p in plan.reps if p not in known]
+    found = lookup_port_buckets(lay, [lookup_tuple(plan.reps[p]) for p in rep_ports]) if rep_ports else []
     if isinstance(found, Unavailable):
-        walk |= ports  # as before the lookups: the walk reads every fact of every port
+        # as before the lookups: the walk reads every fact of every port not known already
+        walk |= {p for p in ports if p not in known or p == req.local_port}
     else:
         for p, b in zip(rep_ports, found, strict=True):
             if b is None:

@@ -233,8 +233,9 @@ def from_connect(res: ConnectResult) -> Snapshot:
         reason += f" ({', '.join(parts)})"
     if res.consumers:
         c = res.consumers[0]
-        held = c.to_destination + c.by_bind + c.other
-        reason += f"; most held by {c.name} (pid {c.pid}): {held}"
+        held = c.total  # None: connections elsewhere not counted (model/connect: RangeBuckets)
+        count = held if held is not None else f"{c.to_destination + c.by_bind} to it or by bind()"
+        reason += f"; most held by {c.name} (pid {c.pid}): {count}"
     views = tuple(
         BlockerView(
             kind="time-wait",

@@ -16,7 +16,7 @@ its §0.2 (TCP) and §0.3 (UDP), with the range accounting `rebind why --connect
 Nothing here does I/O; :mod:`rebind.kernel.connect_facts` gathers the facts, and
 :mod:`rebind.render.connect` renders the result as JSON (schema ``rebind.connect/1``).
 
-Rooms: ``request`` (ConnectRequest, its addresses), ``facts`` (PortHolder, ConnectSettings),
+Rooms: ``request`` (ConnectRequest, its addresses), ``facts`` (PortHolder, RangeBuckets, ConnectSettings),
 ``outcome`` (verdict, PortUse, accounting/capacity/fix records, ConnectResult), ``rules``
 (effective range, 4-tuples, address overlap, PortMap, per-port classification), ``tw``
 (TIME_WAIT takeover), ``modes`` (each way a client gets its port), ``accounting`` (the range,
@@ -28,7 +28,13 @@ from __future__ import annotations
 
 from rebind.model.addr import parse_source, parse_target
 from rebind.model.connect.evaluate import evaluate_connect
-from rebind.model.connect.facts import TIME_WAIT_MS, ConnectSettings, PortHolder
+from rebind.model.connect.facts import (
+    TIME_WAIT_MS,
+    ConnectSettings,
+    PortHolder,
+    RangeBuckets,
+    summary_suffices,
+)
 from rebind.model.connect.fixes import widened_range
 from rebind.model.connect.outcome import (
     Accounting,
@@ -58,6 +64,7 @@ __all__ = [
     "Fix",
     "PortHolder",
     "PortUse",
+    "RangeBuckets",
     "Stage",
     "TimeWaitInfo",
     "Verdict",
@@ -67,5 +74,6 @@ __all__ = [
     "fmt_endpoint",
     "parse_source",
     "parse_target",
+    "summary_suffices",
     "widened_range",
 ]

@@ -70,8 +70,12 @@ def time_waits_of(
 
 
 def consumers_of(
-    hs: Sequence[PortHolder], uses: PortMap, req: ConnectRequest, src: IPAddress
+    hs: Sequence[PortHolder], uses: PortMap, req: ConnectRequest, src: IPAddress, *, count_other: bool = True
 ) -> list[Consumer]:
+    """The processes holding ports of the range. ``count_other`` False: the holders are not every
+    socket of the range (a bind-hash summary stood for the rest, evaluate_connect), so
+    connections elsewhere are not counted (``other`` None) and a process holding only those is
+    not listed: its count would be a guess."""
     ports: dict[int, dict[str, set[int]]] = defaultdict(lambda: {"dst": set(), "bind": set(), "other": set()})
     info: dict[int, Owner] = {}
     for h in hs:
@@ -83,8 +87,10 @@ def consumers_of(
             kind = "dst"
         elif uses.get(p).by_bind or h.explicit:
             kind = "bind"
-        else:
+        elif count_other:
             kind = "other"
+        else:
+            continue
         for o in h.entry.owners:
             info.setdefault(o.pid, o)
             ports[o.pid][kind].add(p)
@@ -96,11 +102,12 @@ def consumers_of(
             cmdline=info[pid].cmdline,
             to_destination=len(k["dst"]),
             by_bind=len(k["bind"] - k["dst"]),
-            other=len(k["other"] - k["dst"] - k["bind"]),
+            other=len(k["other"] - k["dst"] - k["bind"]) if count_other else None,
         )
         for pid, k in ports.items()
     ]
-    out.sort(key=lambda c: (-c.to_destination, -c.by_bind, -c.total, c.pid))
+    # (-total) after the first two keys orders as (-other) does
+    out.sort(key=lambda c: (-c.to_destination, -c.by_bind, -(c.other or 0), c.pid))
     return out
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from rebind.model import conflict as bindmodel
 from rebind.model.connect.accounting import accounting_of, capacity_of, consumers_of, time_waits_of
-from rebind.model.connect.facts import ConnectSettings, PortHolder
+from rebind.model.connect.facts import ConnectSettings, PortHolder, RangeBuckets, summary_suffices
 from rebind.model.connect.fixes import rank_fixes
 from rebind.model.connect.modes import (
     bind_any,
@@ -42,6 +42,7 @@ def evaluate_connect(
     uid: int = 0,
     bind_settings: bindmodel.KernelSettings | None = None,
     servers: frozenset[int] | None = None,
+    buckets: RangeBuckets | None = None,
 ) -> ConnectResult:
     """Predict the outcome of ``req`` now, with the range accounting and ranked fixes.
 
@@ -54,7 +55,18 @@ def evaluate_connect(
     ``servers``: ports that servers of this netns hold (TCP listening or bound-inactive sockets,
     unconnected UDP sockets outside the range) -- a widened range must not take them in, and
     the printed fix reserves those inside the range; None (unknown): no widening is proposed.
+    ``buckets``: every TCP port of the range from the kernel's bind hash (RangeBuckets), for
+    the requests :func:`summary_suffices` admits (ValueError for others). ``holders`` may then
+    be only the sockets the answer names: every socket to the destination (the 4-tuples, the
+    time-wait entries), every listening or bound-inactive socket of the range and every socket
+    on its bind-made ports (the consumers' ``by_bind``), every socket on a fixed local port.
+    The consumers' ``other`` (connections elsewhere, on connect()-made ports) is then not
+    counted (None).
     """
+    if buckets is not None and not summary_suffices(
+        req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
+    ):
+        raise ValueError(f"a bind-hash summary cannot answer {req.describe}: it needs every socket")
     hs = [h for h in holders if h.socket.proto is req.proto]
     lo, hi = effective_range(settings, req.port_range)
     bound_addr = req.src if req.src is not None else None
@@ -69,19 +81,19 @@ def evaluate_connect(
 
     bad_src = source_problem(req, bind_settings)
     if bad_src is not None:
-        outcome, uses = bad_src, uses_own_choice(req, by_port, settings, lo, hi, src)
+        outcome, uses = bad_src, uses_own_choice(req, by_port, settings, lo, hi, src, buckets=buckets)
     elif req.proto is Proto.UDP:
         outcome, uses = udp_port(req, by_port, settings, lo, hi, src, uid)
     elif req.local_port is not None:
-        outcome, uses = fixed_port(req, by_port, settings, lo, hi, src, bind_settings)
+        outcome, uses = fixed_port(req, by_port, settings, lo, hi, src, bind_settings, buckets)
     elif req.bind_before_connect and not req.bind_address_no_port:
         outcome, uses = bind_any(req, by_port, settings, lo, hi, src)
     else:
-        outcome, uses = own_choice(req, by_port, settings, lo, hi, src)
+        outcome, uses = own_choice(req, by_port, settings, lo, hi, src, buckets)
 
     acc = accounting_of(req, uses, by_port, settings, lo, hi, src)
     tws = time_waits_of(req, hs, settings, src)
-    consumers = consumers_of(hs, uses, req, src)
+    consumers = consumers_of(hs, uses, req, src, count_other=buckets is None)
     cap = None
     # UDP autobind honours IP_LOCAL_PORT_RANGE too (C3): its map is the one a slice needs.
     own: PortMap | None = uses if req.proto is Proto.UDP and req.local_port is None else None
@@ -90,7 +102,7 @@ def evaluate_connect(
         # the request does before connect(). So is the per-socket range fix (a plain connect()).
         own = uses
         if not req.own_choice:
-            own = uses_own_choice(req, by_port, settings, lo, hi, src)
+            own = uses_own_choice(req, by_port, settings, lo, hi, src, buckets=buckets)
         cap = capacity_of(
             req, accounting_of(req, own, by_port, settings, lo, hi, src), tws, settings, observed_window_s
         )

@@ -1,12 +1,13 @@
 """The facts the model decides by: the sockets that may matter for a local port choice
-(:class:`PortHolder`) and the namespace's client-side sysctls (:class:`ConnectSettings`).
-:mod:`rebind.kernel.connect_facts` gathers both."""
+(:class:`PortHolder`), the range's ports as the kernel's bind hash holds them
+(:class:`RangeBuckets`) and the namespace's client-side sysctls (:class:`ConnectSettings`).
+:mod:`rebind.kernel.connect_facts` gathers them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rebind.model.records import SocketEntry, SocketRecord
+from rebind.model.records import Proto, SocketEntry, SocketRecord
 
 #: TCP_TIMEWAIT_LEN (include/net/tcp.h): a time-wait entry lives 60 s from TIME_WAIT entry.
 TIME_WAIT_MS = 60_000
@@ -80,3 +81,30 @@ class ConnectSettings:
     #: net.ipv4.ip_unprivileged_port_start: ip_local_port_range's low end may not go below it
     #: (ipv4_local_port_range() refuses the write with EINVAL).
     unprivileged_port_start: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RangeBuckets:
+    """Every TCP port of the effective range as the kernel's bind hash holds it: one
+    ``inet_bind_bucket`` per (netns, port), read straight from the hash (kernel/bpf/bindhash.py),
+    so what connect()'s own choice decides by (C6) is known for every port without a socket
+    being read. With it the holders need only be the sockets the answer names
+    (:func:`summary_suffices` says for which requests; :func:`rebind.model.connect.evaluate_connect`
+    lists them).
+
+    ``held``: ports with a bucket (some TCP socket of any state, a TIME_WAIT included, holds the
+    port). ``bind_made``: those whose bucket is not connect()-made (``fastreuse >= 0 ||
+    fastreuseport >= 0``, the test __inet_hash_connect makes): connect() skips them for every
+    4-tuple. Every other held port is connect()-made: shared unless its 4-tuple to the
+    destination is taken, which the holders to the destination tell."""
+
+    held: frozenset[int]
+    bind_made: frozenset[int]
+
+
+def summary_suffices(proto: Proto, *, own_choice: bool, fixed_port: bool) -> bool:
+    """Can the answer come from :class:`RangeBuckets` plus the named holders? TCP connect()'s own
+    choice and a fixed port yes (the bucket and the 4-tuple decide, C4-C6, C17); bind(ip, 0)
+    without IP_BIND_ADDRESS_NO_PORT no (inet_csk_find_open_port compares every owner's address
+    on each port, C13), nor UDP (no buckets: udp_lib_get_port, C20)."""
+    return proto is Proto.TCP and (own_choice or fixed_port)

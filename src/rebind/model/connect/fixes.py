@@ -94,8 +94,7 @@ def _slice(uses: PortMap) -> tuple[int, int] | None:
     halves = [(uses.lo, mid - 1), (mid, uses.hi)]
 
     def usable(h: tuple[int, int]) -> int:
-        bad = sum(1 for p, u in uses.special.items() if h[0] <= p <= h[1] and not u.usable)
-        return h[1] - h[0] + 1 - bad
+        return h[1] - h[0] + 1 - uses.unusable_in(*h)
 
     best = max(halves, key=usable)
     return best if usable(best) else None

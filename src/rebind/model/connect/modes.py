@@ -9,7 +9,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv6Address
 
 from rebind.model import conflict as bindmodel
-from rebind.model.connect.facts import ConnectSettings, PortHolder
+from rebind.model.connect.facts import ConnectSettings, PortHolder, RangeBuckets
 from rebind.model.connect.outcome import (
     EADDRINUSE,
     EADDRNOTAVAIL,
@@ -67,31 +67,54 @@ def uses_own_choice(
     hi: int,
     src: IPAddress,
     assume_ambiguous: bool | None = None,
+    buckets: RangeBuckets | None = None,
 ) -> PortMap:
     """Each port as connect()'s own choice sees it. ``assume_ambiguous`` None: the answer the
     model can stand by -- a port usable only if an ambiguous socket got it from connect() is
-    UNKNOWN_ORIGIN (not usable); True/False: assume every ambiguous socket bound / did not."""
+    UNKNOWN_ORIGIN (not usable); True/False: assume every ambiguous socket bound / did not.
+    ``buckets``: the range's ports from the bind hash; ``by_port`` then holds only the sockets
+    the answer names (evaluate_connect)."""
     uses = PortMap(lo, hi)
-    for p in _special_ports(by_port, settings, lo, hi):
+    held: frozenset[int] = frozenset()
+    bind_made: frozenset[int] = frozenset()
+    if buckets is not None:
+        held, bind_made = buckets.held, buckets.bind_made
+    shared, bound, reserved = PortUse.SHARED, PortUse.BIND_BEFORE_CONNECT, PortUse.RESERVED
+    for p in _special_ports(by_port, settings, lo, hi, held):
         if p in settings.reserved:
-            uses[p] = PortUse.RESERVED
+            uses[p] = reserved
             continue
         on = by_port.get(p, ())
-        if assume_ambiguous is not None:
-            uses[p] = classify_own_choice(req, src, on, settings, assume_ambiguous)[0]
+        made = (p in bind_made) if p in held else None
+        if not on and made is not None:
+            # A held port no holder was read for: its bucket alone decides (a connect()-made
+            # one is shared: no holder means no socket to this destination on it). Most ports
+            # of a busy range: no per-port classification.
+            uses[p] = bound if made else shared
             continue
-        best = classify_own_choice(req, src, on, settings, False)[0]
-        if best.usable and not classify_own_choice(req, src, on, settings, True)[0].usable:
+        if assume_ambiguous is not None:
+            uses[p] = classify_own_choice(req, src, on, settings, assume_ambiguous, made)[0]
+            continue
+        best = classify_own_choice(req, src, on, settings, False, made)[0]
+        if best.usable and not classify_own_choice(req, src, on, settings, True, made)[0].usable:
             best = PortUse.UNKNOWN_ORIGIN
         uses[p] = best
     return uses
 
 
 def _special_ports(
-    by_port: dict[int, list[PortHolder]], settings: ConnectSettings, lo: int, hi: int
+    by_port: dict[int, list[PortHolder]],
+    settings: ConnectSettings,
+    lo: int,
+    hi: int,
+    held: frozenset[int] = frozenset(),
 ) -> list[int]:
-    """Ports of [lo, hi] that are reserved or used by some socket; every other one is free."""
-    return sorted({p for p in by_port if lo <= p <= hi} | {p for p in settings.reserved if lo <= p <= hi})
+    """Ports of [lo, hi] that are reserved or used by some socket (``held``: a bucket in the
+    bind hash); every other one is free. In order: the accounting's counts list the uses in
+    the order they are first met."""
+    ports = {p for p in by_port if lo <= p <= hi} | {p for p in settings.reserved if lo <= p <= hi}
+    ports.update(p for p in held if lo <= p <= hi)
+    return sorted(ports)
 
 
 def _odd_reach(req: ConnectRequest, uses: PortMap, *, connect: bool) -> bool | None:
@@ -112,8 +135,9 @@ def own_choice(
     lo: int,
     hi: int,
     src: IPAddress,
+    buckets: RangeBuckets | None = None,
 ) -> tuple[ConnectOutcome, PortMap]:
-    uses = uses_own_choice(req, by_port, settings, lo, hi, src)
+    uses = uses_own_choice(req, by_port, settings, lo, hi, src, buckets=buckets)
     usable = uses.usable_count()
     unknown = uses.count(PortUse.UNKNOWN_ORIGIN)
     unknown_ts = uses.count(PortUse.TIME_WAIT_UNKNOWN)
@@ -245,6 +269,7 @@ def fixed_port(
     hi: int,
     src: IPAddress,
     bind_settings: bindmodel.KernelSettings | None = None,
+    buckets: RangeBuckets | None = None,
 ) -> tuple[ConnectOutcome, PortMap]:
     assert req.local_port is not None
     port = req.local_port
@@ -261,7 +286,7 @@ def fixed_port(
     # not what this question is about. Addresses: source_problem checked them already.
     bsettings = bindmodel.KernelSettings(local_addresses=None, cap_net_bind_service=True)
     bo = bindmodel.evaluate(breq, holders, bsettings)
-    uses = uses_own_choice(req, by_port, settings, lo, hi, src)
+    uses = uses_own_choice(req, by_port, settings, lo, hi, src, buckets=buckets)
     if bo.verdict is not bindmodel.Verdict.OK:
         why = bo.blockers[0].reason if bo.blockers else "another socket holds it"
         verdict = Verdict.FAIL if bo.verdict is bindmodel.Verdict.FAIL else Verdict.MAY_FAIL

@@ -101,13 +101,16 @@ class Consumer:
     cmdline: tuple[str, ...]
     to_destination: int
     by_bind: int
-    other: int
+    #: None: not counted. Connections elsewhere on connect()-made ports are read one by one
+    #: only when no bind-hash summary answered for the range (RangeBuckets): counting them
+    #: would need every client socket of the range and its owner, the cost the summary avoids.
+    other: int | None
     #: systemd unit or container, where another part of rebind can tell (not filled here).
     unit: str | None = None
 
     @property
-    def total(self) -> int:
-        return self.to_destination + self.by_bind + self.other
+    def total(self) -> int | None:
+        return None if self.other is None else self.to_destination + self.by_bind + self.other
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ port for each way a client gets one: connect()'s own choice, bind(ip, 0), UDP au
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import IPv6Address
@@ -113,15 +113,19 @@ def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
 
 class PortMap:
     """How each port of [lo, hi] stands; ports not set are FREE. Only ports that some socket uses
-    (or that are reserved) are stored, so a 28,232-port range costs nothing to account for."""
+    (or that are reserved) are stored, so a 28,232-port range costs nothing to account for.
+    The counts are tallied once (one pass over the stored ports, per use and per parity) and
+    kept until the next change: the accounting asks a dozen of them of a map of ~14k ports."""
 
-    __slots__ = ("hi", "lo", "special")
+    __slots__ = ("_tally", "hi", "lo", "special")
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
         self.special: dict[int, PortUse] = {}
+        self._tally: tuple[Counter[PortUse], Counter[PortUse]] | None = None
 
     def __setitem__(self, port: int, use: PortUse) -> None:
+        self._tally = None
         if use is PortUse.FREE:
             self.special.pop(port, None)
         else:
@@ -137,31 +141,36 @@ class PortMap:
     def total(self) -> int:
         return self.hi - self.lo + 1
 
+    def _tallied(self, parity_of_lo: bool) -> Counter[PortUse]:
+        """Stored ports per use: all of them, or those of lo's parity."""
+        if self._tally is None:
+            lo = self.lo
+            every = Counter(self.special.values())  # first-seen order, as the loop it replaces
+            even = Counter([u for p, u in self.special.items() if not (p - lo) & 1])
+            self._tally = (every, even)
+        return self._tally[1] if parity_of_lo else self._tally[0]
+
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for u in self.special.values():
-            out[u.value] += 1
+        out = {u.value: n for u, n in self._tallied(False).items()}
         free = self.total - len(self.special)
         if free:
-            out[PortUse.FREE.value] += free
-        return dict(out)
+            out[PortUse.FREE.value] = free
+        return out
 
     def usable_count(self, *, parity_of_lo: bool = False) -> int:
-        if parity_of_lo:
-            n = (self.total + 1) // 2
-            bad = sum(1 for p, u in self.special.items() if not u.usable and (p - self.lo) % 2 == 0)
-        else:
-            n = self.total
-            bad = sum(1 for u in self.special.values() if not u.usable)
-        return n - bad
+        n = (self.total + 1) // 2 if parity_of_lo else self.total
+        return n - sum(k for u, k in self._tallied(parity_of_lo).items() if not u.usable)
 
     def count(self, use: PortUse, *, parity_of_lo: bool = False) -> int:
+        tally = self._tallied(parity_of_lo)
         if use is PortUse.FREE:
             n = (self.total + 1) // 2 if parity_of_lo else self.total
-            return n - sum(1 for p in self.special if not parity_of_lo or (p - self.lo) % 2 == 0)
-        return sum(
-            1 for p, u in self.special.items() if u is use and (not parity_of_lo or (p - self.lo) % 2 == 0)
-        )
+            return n - sum(tally.values())
+        return tally[use]
+
+    def unusable_in(self, a: int, b: int) -> int:
+        """Stored ports of [a, b] that are not usable."""
+        return sum(1 for p, u in self.special.items() if a <= p <= b and not u.usable)
 
     def usable_ports(self, limit: int = 3) -> list[int]:
         """A few usable ports, for messages."""
@@ -185,14 +194,25 @@ def classify_own_choice(
     on_port: Sequence[PortHolder],
     settings: ConnectSettings,
     assume_ambiguous: bool,
+    bind_made: bool | None = None,
 ) -> tuple[PortUse, PortHolder | None]:
-    """__inet_hash_connect for one candidate (C4–C9)."""
-    if not on_port:
+    """__inet_hash_connect for one candidate (C4–C9).
+
+    ``bind_made``: the port's bucket as the bind hash shows it (RangeBuckets), where ``on_port``
+    need not be every socket of the port: True not connect()-made (connect() skips it, C6),
+    False connect()-made (held: shared unless the 4-tuple is taken); None: no bucket read, or
+    none there -- ``on_port`` is all there is."""
+    if not on_port and bind_made is None:
         return PortUse.FREE, None
     explicit = [h for h in on_port if _is_explicit(h, assume_ambiguous)]
-    if explicit:
-        kinds = sorted({_explicit_kind(h) for h in explicit}, key=list(PortUse).index)
-        return kinds[0], next(h for h in explicit if _explicit_kind(h) is kinds[0])
+    if explicit or bind_made:
+        # A listener or a bound-inactive socket (all of them among the holders) names its kind;
+        # any other socket of a bind-made bucket is a client that bound its port.
+        kinds = {_explicit_kind(h) for h in explicit}
+        if bind_made:
+            kinds.add(PortUse.BIND_BEFORE_CONNECT)
+        first = min(kinds, key=_USE_ORDER.__getitem__)
+        return first, next((h for h in explicit if _explicit_kind(h) is first), None)
     tw_hit: PortHolder | None = None
     for h in on_port:
         r = h.socket
@@ -209,6 +229,10 @@ def classify_own_choice(
             return PortUse.TIME_WAIT_UNKNOWN, tw_hit
         return (PortUse.TIME_WAIT_REUSABLE if ok else PortUse.TIME_WAIT_TO_DESTINATION), tw_hit
     return PortUse.SHARED, None
+
+
+#: PortUse's declaration order: the first explicit kind of a port is the one reported.
+_USE_ORDER = {u: i for i, u in enumerate(PortUse)}
 
 
 def classify_bind_any(
