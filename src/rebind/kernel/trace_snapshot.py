@@ -199,7 +199,7 @@ def _connect_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
         local_port=ev.local_port or None,
         reuseaddr=ev.reuseaddr,
     )
-    facts = gather(req, owners=owners)
+    facts = gather(req, owners=owners, summary=True)  # the range from the bind hash where it can be
     return from_connect(evaluate_connect(req, facts.holders, facts.settings, route_src=facts.source))
 
 
