@@ -87,7 +87,48 @@ def failing_event(port: int) -> tuple[Any, socket.socket]:
     return ev, s
 
 
-def child(port: int, repeat: int, replay: str, profile: bool) -> None:
+#: (module, function) timed by --stages where the tree has them (nested ones included)
+STAGES = (
+    ("rebind.kernel.bindhash_table", "read_port_sockets"),
+    ("rebind.kernel.bindhash_table", "to_records"),
+    ("rebind.kernel.bindhash_table", "table_order"),
+    ("rebind.kernel.bindhash_table", "port_records"),
+    ("rebind.kernel.trace_bindhash", "_table"),
+    ("rebind.kernel.facts", "gather"),
+    ("rebind.model.advice", "assess"),
+    ("rebind.model.advice", "blocker_infos"),
+    ("rebind.model.advice", "advise"),
+    ("rebind.kernel.trace_snapshot", "_bind_snapshot"),
+)
+
+
+def stage_times(ev: Any, repeat: int) -> dict[str, tuple[float, float]]:
+    """Best and median ms per call of each stage over ``repeat`` snapshots without owners."""
+    import importlib
+
+    from rebind.kernel.trace_snapshot import snapshot
+
+    spent: dict[str, list[float]] = {}
+    for mod_name, name in STAGES:
+        mod = importlib.import_module(mod_name)
+        real = getattr(mod, name, None)
+        if real is None:
+            continue
+
+        def timed(*a: Any, _real: Any = real, _key: str = f"{mod_name.rsplit('.', 1)[1]}.{name}", **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                spent.setdefault(_key, []).append((time.perf_counter() - t) * 1000)
+
+        setattr(mod, name, timed)
+    for _ in range(repeat):
+        snapshot(ev, owners=False)
+    return {k: (min(v), statistics.median(v)) for k, v in spent.items()}
+
+
+def child(port: int, repeat: int, replay: str, profile: bool, stages: bool) -> None:
     from rebind.kernel import bindhash_table, trace_bindhash
     from rebind.kernel.bpf import bindhash as bh
     from rebind.kernel.sysctl import kernel_settings
@@ -106,6 +147,8 @@ def child(port: int, repeat: int, replay: str, profile: bool) -> None:
         assert snap.error is None and snap.blockers, snap
         out["owners" if owners else "no-owners"] = times
     out["reason"] = snap.reason
+    if stages:
+        out["stages"] = stage_times(ev, repeat)
     if profile:
         import cProfile
         import pstats
@@ -151,10 +194,10 @@ def record(port: int, path: str) -> None:
         pickle.dump((state, data, hz), f)
 
 
-def run_child(src: str, port: int, repeat: int, replay: str, profile: bool) -> dict[str, Any]:
+def run_child(src: str, port: int, repeat: int, replay: str, profile: bool, stages: bool) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=src)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", str(port), "--repeat", str(repeat)]
-    cmd += ["--replay", replay] + (["--profile"] if profile else [])
+    cmd += ["--replay", replay] + (["--profile"] if profile else []) + (["--stages"] if stages else [])
     got = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE)
     return json.loads(got.stdout)  # type: ignore[no-any-return]
 
@@ -166,12 +209,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--base-src", help="also the rebind of this src/ (a baseline), alternating")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--stages", action="store_true", help="time each stage of the snapshot (no owners)")
     ap.add_argument("--max-age", type=float, default=25)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--replay", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.repeat, args.replay, args.profile)
+        child(args.child, args.repeat, args.replay, args.profile, args.stages)
         return
     from rebind.kernel.netns import private_netns
 
@@ -195,9 +239,11 @@ def main() -> None:
                 replay = os.path.join(tmp, f"owners-{port}.pickle")
                 record(port, replay)
             for name, src in trees if rnd % 2 == 0 else trees[::-1]:
-                got = run_child(src, port, args.repeat, replay, args.profile and name == "this")
+                got = run_child(src, port, args.repeat, replay, args.profile and name == "this", args.stages)
                 for k in ("owners", "no-owners"):
                     results[name].setdefault(k, []).extend(got[k])
+                for k, (best, med) in got.get("stages", {}).items():
+                    print(f"    {name} {k:32} best {best:6.1f}  median {med:6.1f} ms")
                 digests[name].add(f"{port}:{got['digest-True']}/{got['digest-False']}")
                 print(f"  round {rnd} {name}: owners median {statistics.median(got['owners']):.1f} ms, "
                       f"no-owners median {statistics.median(got['no-owners']):.1f} ms; "

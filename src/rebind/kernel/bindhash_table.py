@@ -21,12 +21,15 @@ calibrated) is :class:`Unavailable`: the caller falls back to inet_diag, never t
 
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from rebind.model.records import Endpoint, Family, SocketRecord, State, Timer, fmt_addr
-from rebind.model.sockstate import PortOwners, SockKind, SockState, SockStates, Unavailable
+from rebind.kernel.bpf.socklayout import REC, RECORD
+from rebind.model.records import Endpoint, Family, IPAddress, Proto, SocketRecord, State, Timer, fmt_addr
+from rebind.model.sockstate import PortOwners, SockCommon, SockKind, SockState, SockStates, Unavailable
 
 #: The kernel's possible CONFIG_HZ values (kernel/Kconfig.hz).
 STANDARD_HZ = (100, 250, 300, 1000)
@@ -103,6 +106,15 @@ def to_record(st: SockState, inode: int, tw_left_ms: int | None, cookie: int) ->
 _NEW = object.__new__
 #: SocketRecord's slot setters, in field order (proto ... netns, birth): see to_record.
 _SET_RECORD = tuple(getattr(SocketRecord, f).__set__ for f in SocketRecord.__dataclass_fields__)
+(
+    _R_PROTO, _R_FAMILY, _R_STATE, _R_LOCAL, _R_REMOTE, _R_UID, _R_INODE, _R_COOKIE, _R_IFINDEX, _R_TIMER,
+    _R_EXPIRES, _R_V6ONLY, _R_CGROUP, _R_RQUEUE, _R_WQUEUE, _R_NETNS, _R_BIRTH,
+) = _SET_RECORD  # fmt: skip
+_SET_STATE = tuple(getattr(SockState, f).__set__ for f in SockState.__dataclass_fields__)
+(_ST_COMMON, _ST_REMOTE, _ST_COOKIE, _ST_TS, _ST_STAMP, _ST_CHAIN, _ST_SEQ) = _SET_STATE
+_EP_ADDR, _EP_PORT = (getattr(Endpoint, f).__set__ for f in ("addr", "port"))
+#: A record's remote port (skc_dport, network order) as an int, for each record at once.
+_DPORT = struct.Struct(f">{REC['dport']}xH{RECORD.size - REC['dport'] - 2}x")
 
 
 def table_order(records: list[tuple[SocketRecord, SockState]]) -> list[tuple[SocketRecord, SockState]]:
@@ -147,12 +159,23 @@ def problem(got: PortOwners) -> str | None:
 # reading (I/O)
 
 
-def read_port_sockets(port: int, limit: int) -> PortSockets | Unavailable:
-    """read_port_owners with each socket's extras (this thread's network namespace)."""
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One run of the owners program: the state map's value and the records, as read."""
+
+    netns: int
+    state: bytes
+    data: bytes
+    #: CLOCK_MONOTONIC (ns) before and after the run
+    before: int
+    after: int
+
+
+def _run(port: int, limit: int) -> _Run | Unavailable:
+    """One run of the owners program for ``port`` (this thread's network namespace)."""
     from rebind.errors import RebindError
     from rebind.kernel.bpf import bindhash as bh
     from rebind.kernel.bpf import btf as btfmod
-    from rebind.kernel.bpf.bindowners import OwnerState
     from rebind.kernel.bpf.sockiter import current_netns, load_sock_layout
     from rebind.kernel.bpf.syscall import check_bpf_environment
 
@@ -167,6 +190,18 @@ def read_port_sockets(port: int, limit: int) -> PortSockets | Unavailable:
         after = time.monotonic_ns()
     except (OSError, RebindError, btfmod.BTFError) as exc:
         return Unavailable(bh._reason(exc))
+    return _Run(here, state, data, before, after)
+
+
+def read_port_sockets(port: int, limit: int) -> PortSockets | Unavailable:
+    """read_port_owners with each socket's extras (this thread's network namespace)."""
+    from rebind.kernel.bpf import bindhash as bh
+    from rebind.kernel.bpf.bindowners import OwnerState
+
+    run = _run(port, limit)
+    if isinstance(run, Unavailable):
+        return run
+    here, state, data, before, after = run.netns, run.state, run.data, run.before, run.after
     owners, rows, dec = bh._owners_and_rows(here, port, state, data)
     jiffies = int.from_bytes(state[OwnerState.JIFFIES : OwnerState.JIFFIES + 8], "little")
     return PortSockets(
@@ -208,6 +243,146 @@ def calibrate_hz(*, wait: float = 0.5) -> int | None:
             _HZ["hz"] = hz
             return hz
         time.sleep(0.05)
+
+
+def port_records(port: int, limit: int, without: int = 0) -> tuple[list[SocketRecord], SockStates] | Unavailable:
+    """The port's sockets as the records inet_diag would give, in its table's order, and beside
+    them (one per record, in that order) each as the kernel holds it, in this thread's
+    namespace; the full socket whose inode is ``without`` (non-zero) left out (the failing
+    socket of a listen()). Unavailable where the bind-hash walk cannot stand for inet_diag's
+    dump (see :func:`problem`). :func:`port_table` then :func:`table_order`, in one pass over
+    the records (:func:`decode_port`)."""
+    hz = calibrate_hz()
+    if hz is None:
+        return Unavailable("HZ not calibrated: a TIME_WAIT's time left would be unknown")
+    run = _run(port, limit)
+    if isinstance(run, Unavailable):
+        return run
+    return decode_port(run.netns, port, run.state, run.data, hz, without)
+
+
+def decode_port(
+    netns: int, port: int, state: bytes, data: bytes, hz: int, without: int = 0
+) -> tuple[list[SocketRecord], SockStates] | Unavailable:
+    """The owners program's output (``state``, ``data``) for ``port`` as :func:`port_records`
+    gives it (pure): what :func:`to_records`, :func:`table_order` and the SockStates of
+    read_port_owners give, socket for socket (tests/unit/test_trace_bindhash.py compares them),
+    at a port of ten thousand TIME_WAITs' speed. Every row is unpacked at once
+    (struct.iter_unpack); what sockets alike share -- the SockCommon, the record's fields but
+    the remote end, cookie, inode and time left, the sort key but the remote end -- is made once
+    per distinct SockCommon (:class:`_Alike`); each socket's own objects are built by their
+    slots (a frozen dataclass's __init__ sets each field through object.__setattr__); and the
+    order is the sort of one string per socket (the remote end), where the sockets alike all
+    share the rest of walk._order's key."""
+    from rebind.kernel.bpf.bindhash import port_owners
+    from rebind.kernel.bpf.sockdecode import BulkDecoder
+
+    dec = BulkDecoder(Proto.TCP)
+    fi, li, fa, ci, ui = dec.faults, dec.lport, dec.family, dec.cookie, dec.uid
+    rcv, rcv6, da, da6, runs = dec.rcv, dec.rcv6, dec.daddr, dec.daddr6, dec._runs
+    ino_at, left_at, ts_at, stamp_at, seq_at = dec.bucket, dec.chain_after, dec.ts, dec.stamp, dec.seq
+    commons, new_common = dec.commons, dec.new_common
+    alike: dict[int, _Alike] = {}  # by id(SockCommon): the commons are kept by ``dec``
+    addrs: dict[bytes, tuple[IPAddress, str]] = {}
+    walked: list[SockState] = []  # every socket kept, in the walk's order
+    records: list[SocketRecord] = []
+    states: list[SockState] = []
+    remotes: list[str] = []  # each record's remote end as walk._order writes it
+    keys: list[tuple[int, str, int, int, str]] = []  # and the rest of its key
+    inet, new, tw_timer, no_timer, local_cookie = Family.INET, _NEW, Timer.TIME_WAIT, Timer.NONE, LOCAL_COOKIE
+    i = -1
+    for index, (v, (dport,)) in enumerate(zip(dec.rows(data), _DPORT.iter_unpack(data), strict=True)):
+        # a faulted record, or one of another port (a socket reused mid-walk): left out, counted
+        if v[fi] or v[li] != port:
+            continue
+        i += 1
+        fam, uid = v[fa], v[ui]
+        key = (uid, v[rcv] if fam == inet else v[rcv6], fam, runs(v))
+        common = commons.get(key)
+        if common is None:
+            common = new_common(key, data, index, uid)
+        a = alike.get(id(common))
+        if a is None:
+            a = alike[id(common)] = _Alike(common)
+        raw = v[da] if fam == inet else v[da6]
+        addr = addrs.get(raw)
+        if addr is None:
+            addr = addrs[raw] = _addr_text(fam, raw)
+        remote = new(Endpoint)
+        _EP_ADDR(remote, addr[0])
+        _EP_PORT(remote, dport)
+        cookie = v[ci]
+        tw = a.tw
+        st = new(SockState)
+        _ST_COMMON(st, common)
+        _ST_REMOTE(st, remote)
+        _ST_COOKIE(st, cookie)
+        _ST_TS(st, v[ts_at] if tw else None)
+        _ST_STAMP(st, v[stamp_at] if tw else None)
+        _ST_CHAIN(st, None)
+        _ST_SEQ(st, v[seq_at])
+        walked.append(st)
+        inode = None if tw else v[ino_at] or None
+        if without and inode == without:
+            continue  # the failing socket itself (a listen() fails on a socket bound to the port)
+        r = new(SocketRecord)
+        _R_PROTO(r, a.proto)
+        _R_FAMILY(r, a.family)
+        _R_STATE(r, a.state)
+        _R_LOCAL(r, a.local)
+        _R_REMOTE(r, remote)
+        _R_UID(r, a.uid)
+        _R_INODE(r, inode)
+        _R_COOKIE(r, cookie or local_cookie | i)
+        _R_IFINDEX(r, a.ifindex)
+        _R_TIMER(r, tw_timer if tw else no_timer)
+        _R_EXPIRES(r, -(-v[left_at] * 1000 // hz) if tw else None)  # jiffies_to_ms: ``left`` is a u32
+        _R_V6ONLY(r, a.v6only)
+        _R_CGROUP(r, None)
+        _R_RQUEUE(r, 0)
+        _R_WQUEUE(r, 0)
+        _R_NETNS(r, a.netns)
+        _R_BIRTH(r, None)
+        records.append(r)
+        states.append(st)
+        remotes.append(f"{addr[1]}:{dport}")
+        keys.append(a.key)
+    owners = port_owners(netns, port, state, tuple(walked), len(data) // RECORD.size)
+    why = problem(owners)
+    if why is not None:
+        return Unavailable(why)
+    # walk._order: (port, proto, family, listening first, local, remote) -- all but the remote
+    # end are the SockCommon's: one string a socket to sort by where they all share the rest
+    # (sorted() is stable: equal keys keep the walk's order, as they do in table_order)
+    if len({a.key for a in alike.values()}) <= 1:
+        order = sorted(range(len(records)), key=remotes.__getitem__)
+    else:
+        full = list(zip(keys, remotes, strict=True))
+        order = sorted(range(len(records)), key=full.__getitem__)
+    return [records[j] for j in order], SockStates(netns, tuple([states[j] for j in order]))
+
+
+class _Alike:
+    """What the sockets of one SockCommon share in their records (as :func:`to_record` makes
+    them: taken from its record for the first of them) and in walk._order's key."""
+
+    __slots__ = ("family", "key", "ifindex", "local", "netns", "proto", "state", "tw", "uid", "v6only")
+
+    def __init__(self, common: SockCommon) -> None:
+        r = to_record(SockState(common, common.local, 0), 0, 0, 1)
+        self.tw = common.kind is SockKind.TIMEWAIT
+        self.proto, self.family, self.state, self.local, self.uid = r.proto, r.family, r.state, r.local, r.uid
+        self.ifindex, self.v6only, self.netns = r.ifindex, r.v6only, r.netns
+        self.key = (r.local.port, r.proto.value, r.family.value, -int(r.state is State.LISTEN), str(r.local))
+
+
+def _addr_text(family: int, raw: bytes) -> tuple[IPAddress, str]:
+    """An address from the record, and how walk._order writes it in an endpoint."""
+    if family == Family.INET:
+        a4 = IPv4Address(raw)
+        return a4, str(a4)
+    a6 = IPv6Address(raw)
+    return a6, f"[{fmt_addr(a6)}]"
 
 
 def port_table(

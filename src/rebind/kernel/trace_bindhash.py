@@ -21,12 +21,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from rebind.model.sockstate import SockStates, Unavailable
+from rebind.model.sockstate import Unavailable
 
 if TYPE_CHECKING:
     from rebind.model.advice import Diagnosis, Facts
     from rebind.model.conflict import KernelSettings
     from rebind.model.records import SocketRecord, SocketTable
+    from rebind.model.sockstate import SockStates
     from rebind.model.request import BindRequest
     from rebind.model.trace import TraceEvent
 
@@ -52,17 +53,14 @@ def prepare() -> str | None:
 def diagnose(ev: TraceEvent, req: BindRequest, settings: KernelSettings, owners: bool) -> Diagnosis | None:
     """The model's answer for ``req`` from the port's bind buckets, in this thread's namespace;
     None where that read cannot stand for the port (the caller takes inet_diag's dumps)."""
-    from rebind.kernel.bindhash_table import port_table, table_order
+    from rebind.kernel.bindhash_table import port_records
     from rebind.model.advice import advise
 
-    got = port_table(req.port, LIMIT)
+    # the failing socket itself (a listen() fails on a socket bound to the port) is no blocker
+    got = port_records(req.port, LIMIT, ev.inode)
     if isinstance(got, Unavailable):
         return None
-    pairs, states = got
-    # the failing socket itself (a listen() fails on a socket bound to the port) is no blocker
-    pairs = table_order([p for p in pairs if not ev.inode or p[0].inode != ev.inode])
-    records = [r for r, _ in pairs]
-    kernel = SockStates(states.netns, tuple(st for _, st in pairs))
+    records, kernel = got
     first = advise(_facts(ev, req, settings, _table(records, owners), kernel, owners))
     named = {b.entry.socket.inode for b in first.blockers if b.entry.socket.inode}
     if named and _certificates_installed():
@@ -137,7 +135,17 @@ def _table(records: list[SocketRecord], owners: bool) -> SocketTable:
     """The records, no owner looked for yet (``owners``: the scan is to come, for the blockers)."""
     from rebind.model.records import SocketEntry, SocketTable
 
-    return SocketTable(tuple(SocketEntry(r) for r in records), source=SOURCE, owners_scanned=owners)
+    # each entry by its slots (a frozen dataclass's __init__: object.__setattr__ per field)
+    put_socket, put_owners, put_name = (getattr(SocketEntry, f).__set__ for f in SocketEntry.__dataclass_fields__)
+    new = object.__new__
+    entries = []
+    for r in records:
+        e = new(SocketEntry)
+        put_socket(e, r)
+        put_owners(e, ())
+        put_name(e, None)
+        entries.append(e)
+    return SocketTable(tuple(entries), source=SOURCE, owners_scanned=owners)
 
 
 def _owned_table(records: list[SocketRecord], inodes: set[int]) -> SocketTable:

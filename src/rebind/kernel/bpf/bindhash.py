@@ -75,7 +75,7 @@ from rebind.kernel.bpf.syscall import (
     map_create,
 )
 from rebind.model.records import Proto
-from rebind.model.sockstate import PortBucket, PortOwners, Unavailable
+from rebind.model.sockstate import PortBucket, PortOwners, SockState, Unavailable
 
 if TYPE_CHECKING:
     from rebind.kernel.bpf.sockdecode import BulkDecoder
@@ -453,27 +453,29 @@ def _owners_and_rows(
     readers of the record's extra fields (:mod:`rebind.kernel.bindhash_table`)."""
     from rebind.kernel.bpf.sockdecode import BulkDecoder
 
-    S = OwnerState
-    flags, buckets, bind2, skipped = (
-        _U32.unpack_from(state, at)[0] for at in (S.FLAGS, S.BUCKETS, S.BIND2, S.SKIPPED)
-    )
     dec = BulkDecoder(Proto.TCP)
     decode, fi, li, ci, ui = dec.decode, dec.faults, dec.lport, dec.cookie, dec.uid
     # a faulted record, or one of another port (a socket reused mid-walk): left out, counted
     kept = [(i, v) for i, v in enumerate(dec.rows(data)) if not v[fi] and v[li] == port]
     out = tuple(decode(v, data, i, v[ci], v[ui]) for i, v in kept)
-    faulted = skipped + len(data) // RECORD.size - len(out)
-    return (
-        PortOwners(
-            netns,
-            port,
-            out,
-            buckets=buckets,
-            bind2=bind2,
-            truncated=bool(flags & (OWNERS_TRUNCATED | STEPS_EXHAUSTED | CHAIN_TRUNCATED)) or not flags & RAN,
-            faulted=faulted + bool(flags & FAULTED),
-            inconsistent=bool(flags & INCONSISTENT),
-        ),
-        [v for _, v in kept],
-        dec,
+    return port_owners(netns, port, state, out, len(data) // RECORD.size), [v for _, v in kept], dec
+
+
+def port_owners(netns: int, port: int, state: bytes, sockets: tuple[SockState, ...], records: int) -> PortOwners:
+    """The PortOwners of a run whose state map is ``state``, of ``records`` records of which
+    ``sockets`` were kept (the others faulted, or were of another port: a socket reused
+    mid-walk)."""
+    S = OwnerState
+    flags, buckets, bind2, skipped = (
+        _U32.unpack_from(state, at)[0] for at in (S.FLAGS, S.BUCKETS, S.BIND2, S.SKIPPED)
+    )
+    return PortOwners(
+        netns,
+        port,
+        sockets,
+        buckets=buckets,
+        bind2=bind2,
+        truncated=bool(flags & (OWNERS_TRUNCATED | STEPS_EXHAUSTED | CHAIN_TRUNCATED)) or not flags & RAN,
+        faulted=skipped + records - len(sockets) + bool(flags & FAULTED),
+        inconsistent=bool(flags & INCONSISTENT),
     )

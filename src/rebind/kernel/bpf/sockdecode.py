@@ -315,6 +315,20 @@ class BulkDecoder:
     def rows(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Any, ...]]:
         return self.struct.iter_unpack(data)
 
+    def key(self, v: tuple[Any, ...], uid: int) -> tuple[Any, ...]:
+        """What row ``v``'s SockCommon is keyed by in :attr:`commons` (with the caller's uid):
+        the local address of its own family and the shared fields' raw bytes."""
+        fam = v[self.family]
+        return (uid, v[self.rcv] if fam == Family.INET else v[self.rcv6], fam, self._runs(v))
+
+    def new_common(
+        self, key: tuple[Any, ...], data: bytes | bytearray | memoryview, index: int, uid: int
+    ) -> SockCommon:
+        """The SockCommon of the ``index``-th record, decoded and kept under ``key`` (:meth:`key`)."""
+        r = RECORD.unpack_from(data, index * self.struct.size + self.lead)
+        common = self.commons[key] = _common(self.proto, r, uid, self.memo)
+        return common
+
     def decode(
         self,
         v: tuple[Any, ...],
@@ -331,8 +345,7 @@ class BulkDecoder:
         key = (uid, v[self.rcv] if inet else v[self.rcv6], fam, self._runs(v))
         common = self.commons.get(key)
         if common is None:
-            r = RECORD.unpack_from(data, index * self.struct.size + self.lead)
-            common = self.commons[key] = _common(self.proto, r, uid, self.memo)
+            common = self.new_common(key, data, index, uid)
         if remote is None:
             port = int.from_bytes(v[self.dport], "big")
             remote = self.memo.endpoint(fam, v[self.daddr], v[self.daddr6], port)
