@@ -107,9 +107,30 @@ def _kernel_states(
 
 
 def _given_holders(table: SocketTable, req: BindRequest, states: SockStates) -> tuple[HolderFacts, ...]:
-    """Each entry of the protocol with the kernel's flags given beside it (``states``)."""
-    pairs = zip(table.entries, states.sockets, strict=True)
-    return tuple(kernel_holder(e, st) for e, st in pairs if e.socket.proto is req.proto)
+    """Each entry of the protocol with the kernel's flags given beside it (``states``):
+    kernel_holder's, socket for socket. Its flags are the SockCommon's: one SockOpts per
+    SockCommon (sockets alike share one, ten thousand TIME_WAITs of a server a few), and each
+    HolderFacts is built by its slots (a frozen dataclass's __init__ sets each field through
+    object.__setattr__)."""
+    proto, new = req.proto, object.__new__
+    opts_of: dict[int, SockOpts] = {}  # by id(SockCommon): ``states`` keeps them alive
+    out = []
+    for e, st in zip(table.entries, states.sockets, strict=True):
+        if e.socket.proto is not proto:
+            continue
+        opts = opts_of.get(id(st.common))
+        if opts is None:
+            opts = opts_of[id(st.common)] = kernel_holder(e, st).opts
+        h = new(HolderFacts)
+        _H_ENTRY(h, e)
+        _H_OPTS(h, opts)
+        _H_PROVENANCE(h, Provenance.KERNEL)
+        _H_KERNEL(h, st)
+        out.append(h)
+    return tuple(out)
+
+
+_H_ENTRY, _H_OPTS, _H_PROVENANCE, _H_KERNEL = (getattr(HolderFacts, f).__set__ for f in HolderFacts.__dataclass_fields__)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:

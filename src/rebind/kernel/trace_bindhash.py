@@ -18,6 +18,7 @@ Every doubt -- BPF unavailable, HZ not calibrated, a fault, a truncated or incon
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from rebind.model.request import BindRequest
     from rebind.model.trace import TraceEvent
 
+_INODE = operator.attrgetter("entry.socket.inode")
 #: The most sockets one snapshot reads from a port's buckets (the records map: 144 bytes a
 #: record, ~9.4 MB); a port with more takes inet_diag's dumps.
 LIMIT = 1 << 16
@@ -53,6 +55,15 @@ def prepare() -> str | None:
 def diagnose(ev: TraceEvent, req: BindRequest, settings: KernelSettings, owners: bool) -> Diagnosis | None:
     """The model's answer for ``req`` from the port's bind buckets, in this thread's namespace;
     None where that read cannot stand for the port (the caller takes inet_diag's dumps)."""
+    from rebind.gcpause import gc_paused
+
+    # a few objects a socket, none in a cycle: ten thousand TIME_WAITs' would otherwise run
+    # the cyclic collector over and over (~4 ms of a 10k-TIME_WAIT port's decoding)
+    with gc_paused():
+        return _diagnose(ev, req, settings, owners)
+
+
+def _diagnose(ev: TraceEvent, req: BindRequest, settings: KernelSettings, owners: bool) -> Diagnosis | None:
     from rebind.kernel.bindhash_table import port_records
     from rebind.model.advice import advise
 
@@ -62,7 +73,7 @@ def diagnose(ev: TraceEvent, req: BindRequest, settings: KernelSettings, owners:
         return None
     records, kernel = got
     first = advise(_facts(ev, req, settings, _table(records, owners), kernel, owners))
-    named = {b.entry.socket.inode for b in first.blockers if b.entry.socket.inode}
+    named = set(map(_INODE, first.blockers)) - {None, 0}
     if named and _certificates_installed():
         certified = _with_births(records, named, req.port)
         if certified is None:

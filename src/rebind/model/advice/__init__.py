@@ -17,6 +17,7 @@ leftovers, flags from the trials), ``headline``; this module decides (``assess``
 from __future__ import annotations
 
 import errno as E
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
@@ -53,7 +54,7 @@ def assess(request: BindRequest, facts: Facts) -> Assessment:
     reps = [g[0].holder for g in groups]
     # the one assessment (model/assess.py), with the bucket state the kernel read
     outcome = judge(request, reps, facts.settings, port=facts.port).outcome
-    holders = tuple(h for g in groups for h in g)
+    holders = tuple(itertools.chain.from_iterable(groups))
     return Assessment(request, outcome, holders, groups)
 
 
@@ -138,8 +139,10 @@ def _owner_view(entry: SocketEntry, facts: Facts) -> OwnerView:
 def blocker_infos(outcome: Outcome, a: Assessment, facts: Facts) -> list[BlockerInfo]:
     """One BlockerInfo per blocking socket (a group's members share their representative's)."""
     by_key = {g[0].entry.socket.key: g for g in a.groups}
-    listener = any(h.entry.socket.state is State.LISTEN for h in a.holders)
+    # a group's members share their state (group_holders' key): its first says for all
+    listener = any(g[0].entry.socket.state is State.LISTEN for g in a.groups)
     out: list[BlockerInfo] = []
+    add, new = out.append, object.__new__
     for b in outcome.blockers:
         if b.rule in _NO_SOCKET_RULES:
             out.append(
@@ -159,20 +162,38 @@ def blocker_infos(outcome: Outcome, a: Assessment, facts: Facts) -> list[Blocker
         n = len(group)
         views: dict[bool, OwnerView] = {}
         for h in group:
-            has = bool(h.entry.owners)
-            if has not in views:  # group members agree on everything but owners and peers
-                views[has] = _owner_view(h.entry, facts)
-            out.append(BlockerInfo(h.entry, b, kind, h.opts, h.provenance, views[has], n))
+            e = h.entry
+            has = bool(e.owners)
+            view = views.get(has)
+            if view is None:  # group members agree on everything but owners and peers
+                view = views[has] = _owner_view(e, facts)
+            # BlockerInfo(e, b, kind, h.opts, h.provenance, view, n), by its slots: one a
+            # socket, ten thousand at a TIME_WAIT port (a frozen dataclass's __init__ sets each
+            # field through object.__setattr__)
+            info = new(BlockerInfo)
+            _B_ENTRY(info, e)
+            _B_BLOCKER(info, b)
+            _B_KIND(info, kind)
+            _B_OPTS(info, h.opts)
+            _B_PROVENANCE(info, h.provenance)
+            _B_OWNERS(info, view)
+            _B_GROUP(info, n)
+            add(info)
     return out
+
+
+(_B_ENTRY, _B_BLOCKER, _B_KIND, _B_OPTS, _B_PROVENANCE, _B_OWNERS, _B_GROUP) = (
+    getattr(BlockerInfo, f).__set__ for f in BlockerInfo.__dataclass_fields__
+)
 
 
 def frees_in(infos: Iterable[BlockerInfo]) -> int | None:
     """When the last blocker goes away by itself; None if any blocker has no timer."""
     latest: int | None = None
-    seen: set[int] = set()
+    last = None
     for b in infos:
-        if id(b.blocker) not in seen:  # the kind is per group: one check per group
-            seen.add(id(b.blocker))
+        if b.blocker is not last:  # the kind is per group (a run of one blocker): checked once
+            last = b.blocker
             if b.kind not in _TIMED:
                 return None
         ms = b.entry.socket.expires_ms

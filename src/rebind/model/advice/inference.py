@@ -39,11 +39,32 @@ def _group_key(h: HolderFacts) -> tuple[object, ...] | None:
 
 
 def group_holders(holders: Iterable[HolderFacts]) -> tuple[tuple[HolderFacts, ...], ...]:
-    """Identical ownerless leftovers (same local end, state and flags) in one group, in order."""
+    """Identical ownerless leftovers (same local end, state and flags) in one group, in order.
+
+    Holders alike share their local Endpoint and SockOpts objects (the decoders and gatherers
+    make one per SockCommon): each distinct (local end object, flags object, and the plain
+    fields of the key) finds its group once by _group_key, then by those objects' identity
+    (kept alive by ``holders`` meanwhile) -- ten thousand TIME_WAITs of one server, one
+    _group_key."""
     groups: dict[object, list[HolderFacts]] = {}
+    by_identity: dict[tuple[object, ...], list[HolderFacts]] = {}
+    udp = Proto.UDP
     for i, h in enumerate(holders):
-        key = _group_key(h)
-        groups.setdefault(key if key is not None else ("single", i), []).append(h)
+        e = h.entry
+        r = e.socket
+        if e.owners or r.proto is udp:
+            groups[("single", i)] = [h]
+            continue
+        # what _group_key reads, by identity where it reads into an object
+        same = (id(r.local), id(h.opts), r.proto, r.state, r.timer, r.v6only, r.uid, r.ifindex, h.provenance)
+        group = by_identity.get(same)
+        if group is None:
+            key = _group_key(h)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = []
+            by_identity[same] = group
+        group.append(h)
     return tuple(tuple(g) for g in groups.values())
 
 
