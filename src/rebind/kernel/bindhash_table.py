@@ -30,6 +30,7 @@ from typing import Any
 from rebind.kernel.bpf.socklayout import REC, RECORD
 from rebind.model.records import Endpoint, Family, IPAddress, Proto, SocketRecord, State, Timer, fmt_addr
 from rebind.model.sockstate import PortOwners, SockCommon, SockKind, SockState, SockStates, Unavailable
+from rebind.slotted import twin
 
 #: The kernel's possible CONFIG_HZ values (kernel/Kconfig.hz).
 STANDARD_HZ = (100, 250, 300, 1000)
@@ -106,13 +107,9 @@ def to_record(st: SockState, inode: int, tw_left_ms: int | None, cookie: int) ->
 _NEW = object.__new__
 #: SocketRecord's slot setters, in field order (proto ... netns, birth): see to_record.
 _SET_RECORD = tuple(getattr(SocketRecord, f).__set__ for f in SocketRecord.__dataclass_fields__)
-(
-    _R_PROTO, _R_FAMILY, _R_STATE, _R_LOCAL, _R_REMOTE, _R_UID, _R_INODE, _R_COOKIE, _R_IFINDEX, _R_TIMER,
-    _R_EXPIRES, _R_V6ONLY, _R_CGROUP, _R_RQUEUE, _R_WQUEUE, _R_NETNS, _R_BIRTH,
-) = _SET_RECORD  # fmt: skip
-_SET_STATE = tuple(getattr(SockState, f).__set__ for f in SockState.__dataclass_fields__)
-(_ST_COMMON, _ST_REMOTE, _ST_COOKIE, _ST_TS, _ST_STAMP, _ST_CHAIN, _ST_SEQ) = _SET_STATE
-_EP_ADDR, _EP_PORT = (getattr(Endpoint, f).__set__ for f in ("addr", "port"))
+#: Plain classes of the same slots (rebind/slotted.py): decode_port builds each socket's
+#: objects in them, every slot set, then makes them the dataclasses' (``__class__``).
+_RecordSlots, _StateSlots, _EndpointSlots = twin(SocketRecord), twin(SockState), twin(Endpoint)
 #: A record's remote port (skc_dport, network order) as an int, for each record at once.
 _DPORT = struct.Struct(f">{REC['dport']}xH{RECORD.size - REC['dport'] - 2}x")
 
@@ -270,8 +267,9 @@ def decode_port(
     at a port of ten thousand TIME_WAITs' speed. Every row is unpacked at once
     (struct.iter_unpack); what sockets alike share -- the SockCommon, the record's fields but
     the remote end, cookie, inode and time left, the sort key but the remote end -- is made once
-    per distinct SockCommon (:class:`_Alike`); each socket's own objects are built by their
-    slots (a frozen dataclass's __init__ sets each field through object.__setattr__); and the
+    per distinct SockCommon (:class:`_Alike`); each socket's own objects are built in plain
+    classes of their slots (rebind/slotted.py: a frozen dataclass's __init__ sets each field
+    through object.__setattr__, ~6x the time); and the
     order is the sort of one string per socket (the remote end), where the sockets alike all
     share the rest of walk._order's key."""
     from rebind.kernel.bpf.bindhash import port_owners
@@ -289,7 +287,7 @@ def decode_port(
     states: list[SockState] = []
     remotes: list[str] = []  # each record's remote end as walk._order writes it
     keys: list[tuple[int, str, int, int, str]] = []  # and the rest of its key
-    inet, new, tw_timer, no_timer, local_cookie = Family.INET, _NEW, Timer.TIME_WAIT, Timer.NONE, LOCAL_COOKIE
+    inet, tw_timer, no_timer, local_cookie = Family.INET, Timer.TIME_WAIT, Timer.NONE, LOCAL_COOKIE
     i = -1
     for index, (v, (dport,)) in enumerate(zip(dec.rows(data), _DPORT.iter_unpack(data), strict=True)):
         # a faulted record, or one of another port (a socket reused mid-walk): left out, counted
@@ -308,41 +306,44 @@ def decode_port(
         addr = addrs.get(raw)
         if addr is None:
             addr = addrs[raw] = _addr_text(fam, raw)
-        remote = new(Endpoint)
-        _EP_ADDR(remote, addr[0])
-        _EP_PORT(remote, dport)
+        remote = _EndpointSlots()
+        remote.addr, remote.port = addr[0], dport
+        remote.__class__ = Endpoint
         cookie = v[ci]
         tw = a.tw
-        st = new(SockState)
-        _ST_COMMON(st, common)
-        _ST_REMOTE(st, remote)
-        _ST_COOKIE(st, cookie)
-        _ST_TS(st, v[ts_at] if tw else None)
-        _ST_STAMP(st, v[stamp_at] if tw else None)
-        _ST_CHAIN(st, None)
-        _ST_SEQ(st, v[seq_at])
+        st = _StateSlots()
+        st.common = common
+        st.remote = remote
+        st.cookie = cookie
+        st.tw_ts_recent = v[ts_at] if tw else None
+        st.tw_ts_recent_stamp = v[stamp_at] if tw else None
+        st.chain = None
+        st.seq = v[seq_at]
+        st.__class__ = SockState
         walked.append(st)
         inode = None if tw else v[ino_at] or None
         if without and inode == without:
             continue  # the failing socket itself (a listen() fails on a socket bound to the port)
-        r = new(SocketRecord)
-        _R_PROTO(r, a.proto)
-        _R_FAMILY(r, a.family)
-        _R_STATE(r, a.state)
-        _R_LOCAL(r, a.local)
-        _R_REMOTE(r, remote)
-        _R_UID(r, a.uid)
-        _R_INODE(r, inode)
-        _R_COOKIE(r, cookie or local_cookie | i)
-        _R_IFINDEX(r, a.ifindex)
-        _R_TIMER(r, tw_timer if tw else no_timer)
-        _R_EXPIRES(r, -(-v[left_at] * 1000 // hz) if tw else None)  # jiffies_to_ms: ``left`` is a u32
-        _R_V6ONLY(r, a.v6only)
-        _R_CGROUP(r, None)
-        _R_RQUEUE(r, 0)
-        _R_WQUEUE(r, 0)
-        _R_NETNS(r, a.netns)
-        _R_BIRTH(r, None)
+        # every field, in SocketRecord's order (to_record's values)
+        r = _RecordSlots()
+        r.proto = a.proto
+        r.family = a.family
+        r.state = a.state
+        r.local = a.local
+        r.remote = remote
+        r.uid = a.uid
+        r.inode = inode
+        r.cookie = cookie or local_cookie | i
+        r.ifindex = a.ifindex
+        r.timer = tw_timer if tw else no_timer
+        r.expires_ms = -(-v[left_at] * 1000 // hz) if tw else None  # jiffies_to_ms: a u32
+        r.v6only = a.v6only
+        r.cgroup_id = None
+        r.rqueue = 0
+        r.wqueue = 0
+        r.netns = a.netns
+        r.birth = None
+        r.__class__ = SocketRecord
         records.append(r)
         states.append(st)
         remotes.append(f"{addr[1]}:{dport}")

@@ -29,6 +29,7 @@ from rebind.model.diagnosis import ProcessHint
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
 from rebind.model.sockstate import SockKind, SockStates, Unavailable
+from rebind.slotted import twin
 
 
 def gather(
@@ -110,9 +111,9 @@ def _given_holders(table: SocketTable, req: BindRequest, states: SockStates) -> 
     """Each entry of the protocol with the kernel's flags given beside it (``states``):
     kernel_holder's, socket for socket. Its flags are the SockCommon's: one SockOpts per
     SockCommon (sockets alike share one, ten thousand TIME_WAITs of a server a few), and each
-    HolderFacts is built by its slots (a frozen dataclass's __init__ sets each field through
-    object.__setattr__)."""
-    proto, new = req.proto, object.__new__
+    HolderFacts is built in a plain class of its slots (a frozen dataclass's __init__ sets each
+    field through object.__setattr__)."""
+    proto, kernel = req.proto, Provenance.KERNEL
     opts_of: dict[int, SockOpts] = {}  # by id(SockCommon): ``states`` keeps them alive
     out = []
     for e, st in zip(table.entries, states.sockets, strict=True):
@@ -121,16 +122,15 @@ def _given_holders(table: SocketTable, req: BindRequest, states: SockStates) -> 
         opts = opts_of.get(id(st.common))
         if opts is None:
             opts = opts_of[id(st.common)] = kernel_holder(e, st).opts
-        h = new(HolderFacts)
-        _H_ENTRY(h, e)
-        _H_OPTS(h, opts)
-        _H_PROVENANCE(h, Provenance.KERNEL)
-        _H_KERNEL(h, st)
+        h = _HolderSlots()
+        h.entry, h.opts, h.provenance, h.kernel = e, opts, kernel, st
+        h.__class__ = HolderFacts
         out.append(h)
     return tuple(out)
 
 
-_H_ENTRY, _H_OPTS, _H_PROVENANCE, _H_KERNEL = (getattr(HolderFacts, f).__set__ for f in HolderFacts.__dataclass_fields__)
+#: HolderFacts' slots in a plain class (rebind/slotted.py): one a socket, built field by field
+_HolderSlots = twin(HolderFacts)
 
 
 def _probes(req: BindRequest, settings: KernelSettings) -> Iterator[BindRequest]:

@@ -22,7 +22,9 @@ import operator
 import os
 from typing import TYPE_CHECKING
 
+from rebind.model.records import SocketEntry
 from rebind.model.sockstate import Unavailable
+from rebind.slotted import twin
 
 if TYPE_CHECKING:
     from rebind.model.advice import Diagnosis, Facts
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from rebind.model.trace import TraceEvent
 
 _INODE = operator.attrgetter("entry.socket.inode")
+_EntrySlots = twin(SocketEntry)
 #: The most sockets one snapshot reads from a port's buckets (the records map: 144 bytes a
 #: record, ~9.4 MB); a port with more takes inet_diag's dumps.
 LIMIT = 1 << 16
@@ -144,17 +147,14 @@ def _facts(
 
 def _table(records: list[SocketRecord], owners: bool) -> SocketTable:
     """The records, no owner looked for yet (``owners``: the scan is to come, for the blockers)."""
-    from rebind.model.records import SocketEntry, SocketTable
+    from rebind.model.records import SocketTable
 
-    # each entry by its slots (a frozen dataclass's __init__: object.__setattr__ per field)
-    put_socket, put_owners, put_name = (getattr(SocketEntry, f).__set__ for f in SocketEntry.__dataclass_fields__)
-    new = object.__new__
+    # SocketEntry(r) for each, built in a plain class of its slots (rebind/slotted.py)
     entries = []
     for r in records:
-        e = new(SocketEntry)
-        put_socket(e, r)
-        put_owners(e, ())
-        put_name(e, None)
+        e = _EntrySlots()
+        e.socket, e.owners, e.netns_name = r, (), None
+        e.__class__ = SocketEntry
         entries.append(e)
     return SocketTable(tuple(entries), source=SOURCE, owners_scanned=owners)
 

@@ -40,6 +40,7 @@ from rebind.model.containers import ContainerRef
 from rebind.model.diagnosis import Fix, HolderKind, classify, fixes_for
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
 from rebind.model.request import BindRequest, TrialResult
+from rebind.slotted import twin
 
 # --------------------------------------------------------------------------------------------
 # The answer.
@@ -142,7 +143,7 @@ def blocker_infos(outcome: Outcome, a: Assessment, facts: Facts) -> list[Blocker
     # a group's members share their state (group_holders' key): its first says for all
     listener = any(g[0].entry.socket.state is State.LISTEN for g in a.groups)
     out: list[BlockerInfo] = []
-    add, new = out.append, object.__new__
+    add = out.append
     for b in outcome.blockers:
         if b.rule in _NO_SOCKET_RULES:
             out.append(
@@ -167,24 +168,17 @@ def blocker_infos(outcome: Outcome, a: Assessment, facts: Facts) -> list[Blocker
             view = views.get(has)
             if view is None:  # group members agree on everything but owners and peers
                 view = views[has] = _owner_view(e, facts)
-            # BlockerInfo(e, b, kind, h.opts, h.provenance, view, n), by its slots: one a
-            # socket, ten thousand at a TIME_WAIT port (a frozen dataclass's __init__ sets each
-            # field through object.__setattr__)
-            info = new(BlockerInfo)
-            _B_ENTRY(info, e)
-            _B_BLOCKER(info, b)
-            _B_KIND(info, kind)
-            _B_OPTS(info, h.opts)
-            _B_PROVENANCE(info, h.provenance)
-            _B_OWNERS(info, view)
-            _B_GROUP(info, n)
+            # BlockerInfo(e, b, kind, h.opts, h.provenance, view, n), built in a plain class of
+            # its slots (rebind/slotted.py): one a socket, ten thousand at a TIME_WAIT port
+            info = _InfoSlots()
+            info.entry, info.blocker, info.kind, info.opts = e, b, kind, h.opts
+            info.provenance, info.owners, info.group = h.provenance, view, n
+            info.__class__ = BlockerInfo
             add(info)
     return out
 
 
-(_B_ENTRY, _B_BLOCKER, _B_KIND, _B_OPTS, _B_PROVENANCE, _B_OWNERS, _B_GROUP) = (
-    getattr(BlockerInfo, f).__set__ for f in BlockerInfo.__dataclass_fields__
-)
+_InfoSlots = twin(BlockerInfo)
 
 
 def frees_in(infos: Iterable[BlockerInfo]) -> int | None:
