@@ -709,3 +709,33 @@ def test_parse_if_inet6() -> None:
     assert (lo.addr, lo.ifindex, lo.usable) == (IPv6Address("::1"), 1, True)
     assert (str(v0.addr), v0.ifname, v0.usable) == ("2001:db8:1::5", "v0", False)
     assert eth0.flags & AddrFlag.DADFAILED and eth0.ifindex == 4
+
+
+def test_grouping_by_shared_objects_is_grouping_by_value() -> None:
+    """group_holders finds a group once per identical (local end, flags) objects: holders with
+    equal but distinct objects still share a group, and the same objects with another state,
+    timer or flags value do not."""
+    from rebind.model.advice.inference import _group_key
+
+    local = Endpoint(ip_address("127.0.0.1"), P)
+    shared = SockOpts(False, False)
+
+    def mine(r: SocketRecord, opts: SockOpts = shared) -> HolderFacts:
+        return HolderFacts(SocketEntry(replace(r, local=local)), opts, Provenance.KERNEL)
+
+    hs = [
+        mine(tw(remote_port=1)),
+        held(tw(remote_port=2), ra=False, rp=False),  # equal objects, not the same: READ, not KERNEL
+        mine(tw(remote_port=3), SockOpts(False, False)),  # equal flags, another object
+        HolderFacts(SocketEntry(tw(remote_port=4)), SockOpts(False, False), Provenance.KERNEL),
+        mine(tw(remote_port=5, state=State.FIN_WAIT2)),
+        mine(replace(tw(remote_port=6), timer=Timer.NONE)),  # not a mini socket
+        mine(tw(remote_port=7), SockOpts(True, False)),
+        mine(tw(remote_port=8)),
+        mine(replace(tw(remote_port=9), timer=Timer.NONE)),
+    ]
+    by_value: dict[object, list[HolderFacts]] = {}
+    for h in hs:
+        by_value.setdefault(_group_key(h), []).append(h)
+    assert group_holders(hs) == tuple(tuple(g) for g in by_value.values())
+    assert [len(g) for g in group_holders(hs)] == [4, 1, 1, 2, 1]

@@ -22,8 +22,8 @@ from rebind.kernel.bpf.bindowners import (
     OwnerState,
     build_owners_program,
 )
-from rebind.model.records import Endpoint, Family, Proto, State, Timer
-from rebind.model.sockstate import PortOwners, SockKind, SockState
+from rebind.model.records import Endpoint, Family, Proto, SocketRecord, State, Timer
+from rebind.model.sockstate import PortOwners, SockKind, SockState, Unavailable
 from tests.unit.test_bpf_bindhash import FAKE, _helpers, _state
 from tests.unit.test_bpf_sockiter import _record, fake_layout
 
@@ -214,3 +214,111 @@ def test_hz_is_calibrated_once_and_an_ambiguous_rate_is_not_retried(monkeypatch:
     assert T.calibrate_hz(wait=0) is None
     monkeypatch.setattr(T, "read_port_sockets", sample(250))
     assert T.calibrate_hz() is None  # not tried again
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_port: the reference pipeline's answer (read_port_owners' SockStates, to_records, the
+# failing socket left out, table_order), socket for socket, in one pass
+
+
+def _mixed_port(port: int = 9000, *, bad: bool = False) -> list[bytes]:
+    """Records of one port as the owners program writes them: a listener on 0.0.0.0 and its
+    children's TIME_WAITs (two client addresses, remote ports whose text sorts otherwise than
+    their numbers, one FIN_WAIT2 kept as a TIME_WAIT, one without a cookie yet), a bound-only
+    IPv6 socket, a dual-stack listener on [::], an IPv6 TIME_WAIT, an orphan (no inode); with
+    ``bad``, a faulted record and one of another port (reused mid-walk)."""
+    lo2 = bytes([127, 0, 0, 2])
+    v6 = IPv6Address("::1").packed
+    tw = {"family": 2, "lport": port, "state": State.TIME_WAIT, "kind": R.KIND_TIMEWAIT, "rcv_saddr": LO,
+          "tw_substate": State.TIME_WAIT, "tw_connect_bind": R.ABSENT, "has_bucket": 1, "tb_port": port,
+          "reuse": 1}  # fmt: skip
+    full = {"family": 2, "lport": port, "kind": R.KIND_FULL, "uid": 1000, "sk_uid": 1000, "has_bucket": 3,
+            "tb_port": port, "userlocks": 12}  # fmt: skip
+    out = [
+        _record(cookie=11, state=State.LISTEN, **{EXTRA_INODE: 555}, **full),
+        _record(cookie=12, state=State.LISTEN, **{**full, "family": 10, "v6_rcv_saddr": bytes(16)},
+                **{EXTRA_INODE: 556}),
+        _record(cookie=13, state=State.CLOSE, ipv6only=1, **{EXTRA_INODE: 557},
+                **{**full, "family": 10, "v6_rcv_saddr": v6}),
+        _record(cookie=14, state=State.ESTABLISHED, rcv_saddr=LO, daddr=lo2, dport=(4000).to_bytes(2, "big"),
+                **full),  # an orphan: no file, no inode
+    ]  # fmt: skip
+    for k, rport in enumerate([40001, 5000, 39999, 40001, 700, 65535, 1024]):
+        peer = LO if k % 2 else lo2
+        out.append(_record(cookie=0 if k == 3 else 100 + k, daddr=peer, dport=rport.to_bytes(2, "big"),
+                           tw_ts_recent=k, tw_ts_recent_stamp=k + 1, **{EXTRA_TW_LEFT: 250 * k + 1}, **tw))  # fmt: skip
+    out.append(_record(cookie=120, daddr=LO, dport=(41000).to_bytes(2, "big"), **{EXTRA_TW_LEFT: 0},
+                       **{**tw, "tw_substate": State.FIN_WAIT2}))  # fmt: skip
+    out.append(_record(cookie=121, dport=(41001).to_bytes(2, "big"), v6_daddr=v6, **{EXTRA_TW_LEFT: 3},
+                       **{**tw, "family": 10, "v6_rcv_saddr": v6}))  # fmt: skip
+    if bad:
+        out.append(_record(cookie=122, faults=1, **tw))
+        out.append(_record(cookie=123, **{**tw, "lport": port + 1}))
+    return out
+
+
+def _reference(data: bytes, without: int, hz: int = 250) -> tuple[list[object], tuple[SockState, ...]]:
+    owners, rows, dec = H._owners_and_rows(7, 9000, _state(FLAGS=L.RAN, EMITTED=len(data) // 144), data)
+    got = T.PortSockets(owners, tuple(r[dec.bucket] for r in rows), tuple(r[dec.chain_after] for r in rows), 0, 0)
+    pairs = T.table_order([p for p in T.to_records(got, hz) if not without or p[0].inode != without])
+    return [r for r, _ in pairs], tuple(st for _, st in pairs)
+
+
+@pytest.mark.parametrize("without", [0, 555, 557, 999])
+@pytest.mark.parametrize("only_time_waits", [False, True], ids=["mixed", "time-waits"])
+def test_decode_port_is_the_reference_pipeline_socket_for_socket(without: int, only_time_waits: bool) -> None:
+    from rebind.model.sockstate import SockStates
+
+    recs = _mixed_port()
+    if only_time_waits:  # one local end: the sort by the remote end alone
+        kind, family = R.RECORD_NAMES.index("kind"), R.RECORD_NAMES.index("family")
+        recs = [r for r in recs if R.RECORD.unpack(r)[kind] == R.KIND_TIMEWAIT and R.RECORD.unpack(r)[family] == 2]
+    data = b"".join(recs)
+    state = _state(FLAGS=L.RAN, EMITTED=len(recs))
+    got = T.decode_port(7, 9000, state, data, 250, without)
+    assert not isinstance(got, Unavailable)
+    records, states = got
+    want_records, want_states = _reference(data, without)
+    assert records == want_records  # every field, in the same order
+    assert [type(r) for r in records] == [SocketRecord] * len(records)
+    assert [repr(r) for r in records] == [repr(r) for r in want_records]
+    assert states == SockStates(7, want_states)
+    assert len({id(st.common) for st in states.sockets}) < len(states.sockets)  # still shared
+    if without in (555, 557):
+        assert without not in {r.inode for r in records}
+
+
+def test_decode_port_refuses_what_the_reference_refuses() -> None:
+    for data in (b"".join(_mixed_port()), b"".join(_mixed_port(bad=True))):
+        n = len(data) // 144
+        for flags in (L.RAN | L.INCONSISTENT, L.RAN | L.FAULTED, L.RAN | L.OWNERS_TRUNCATED, 0, L.RAN):
+            got = T.decode_port(7, 9000, _state(FLAGS=flags, EMITTED=n), data, 250)
+            owners, _, _ = H._owners_and_rows(7, 9000, _state(FLAGS=flags, EMITTED=n), data)
+            why = T.problem(owners)
+            assert got.reason == why if isinstance(got, Unavailable) else why is None
+    # the faulted record and the other port's are counted as read_port_owners counts them
+    data = b"".join(_mixed_port(bad=True))
+    owners, _, _ = H._owners_and_rows(7, 9000, _state(FLAGS=L.RAN, EMITTED=len(data) // 144), data)
+    assert owners.faulted == 2
+    assert isinstance(T.decode_port(7, 9000, _state(FLAGS=L.RAN, EMITTED=len(data) // 144), data, 250), Unavailable)
+
+
+def test_records_built_in_plain_classes_of_their_slots_are_the_dataclasses() -> None:
+    from dataclasses import FrozenInstanceError
+
+    from rebind.slotted import twin
+
+    slots = twin(Endpoint)
+    e = slots()
+    e.addr, e.port = IPv4Address("127.0.0.1"), 80
+    e.__class__ = Endpoint
+    assert type(e) is Endpoint and e == Endpoint(IPv4Address("127.0.0.1"), 80)
+    assert hash(e) == hash(Endpoint(IPv4Address("127.0.0.1"), 80)) and str(e) == "127.0.0.1:80"
+    with pytest.raises(FrozenInstanceError):
+        e.port = 81  # type: ignore[misc]
+
+    class Plain:
+        pass
+
+    with pytest.raises(TypeError):
+        twin(Plain)
