@@ -115,7 +115,9 @@ def stage_times(ev: Any, repeat: int) -> dict[str, tuple[float, float]]:
         if real is None:
             continue
 
-        def timed(*a: Any, _real: Any = real, _key: str = f"{mod_name.rsplit('.', 1)[1]}.{name}", **k: Any) -> Any:
+        def timed(
+            *a: Any, _real: Any = real, _key: str = f"{mod_name.rsplit('.', 1)[1]}.{name}", **k: Any
+        ) -> Any:
             t = time.perf_counter()
             try:
                 return _real(*a, **k)

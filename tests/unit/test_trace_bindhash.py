@@ -259,7 +259,9 @@ def _mixed_port(port: int = 9000, *, bad: bool = False) -> list[bytes]:
 
 def _reference(data: bytes, without: int, hz: int = 250) -> tuple[list[object], tuple[SockState, ...]]:
     owners, rows, dec = H._owners_and_rows(7, 9000, _state(FLAGS=L.RAN, EMITTED=len(data) // 144), data)
-    got = T.PortSockets(owners, tuple(r[dec.bucket] for r in rows), tuple(r[dec.chain_after] for r in rows), 0, 0)
+    got = T.PortSockets(
+        owners, tuple(r[dec.bucket] for r in rows), tuple(r[dec.chain_after] for r in rows), 0, 0
+    )
     pairs = T.table_order([p for p in T.to_records(got, hz) if not without or p[0].inode != without])
     return [r for r, _ in pairs], tuple(st for _, st in pairs)
 
@@ -272,7 +274,9 @@ def test_decode_port_is_the_reference_pipeline_socket_for_socket(without: int, o
     recs = _mixed_port()
     if only_time_waits:  # one local end: the sort by the remote end alone
         kind, family = R.RECORD_NAMES.index("kind"), R.RECORD_NAMES.index("family")
-        recs = [r for r in recs if R.RECORD.unpack(r)[kind] == R.KIND_TIMEWAIT and R.RECORD.unpack(r)[family] == 2]
+        recs = [
+            r for r in recs if R.RECORD.unpack(r)[kind] == R.KIND_TIMEWAIT and R.RECORD.unpack(r)[family] == 2
+        ]
     data = b"".join(recs)
     state = _state(FLAGS=L.RAN, EMITTED=len(recs))
     got = T.decode_port(7, 9000, state, data, 250, without)
@@ -300,7 +304,9 @@ def test_decode_port_refuses_what_the_reference_refuses() -> None:
     data = b"".join(_mixed_port(bad=True))
     owners, _, _ = H._owners_and_rows(7, 9000, _state(FLAGS=L.RAN, EMITTED=len(data) // 144), data)
     assert owners.faulted == 2
-    assert isinstance(T.decode_port(7, 9000, _state(FLAGS=L.RAN, EMITTED=len(data) // 144), data, 250), Unavailable)
+    assert isinstance(
+        T.decode_port(7, 9000, _state(FLAGS=L.RAN, EMITTED=len(data) // 144), data, 250), Unavailable
+    )
 
 
 def test_records_built_in_plain_classes_of_their_slots_are_the_dataclasses() -> None:

@@ -242,7 +242,9 @@ def calibrate_hz(*, wait: float = 0.5) -> int | None:
         time.sleep(0.05)
 
 
-def port_records(port: int, limit: int, without: int = 0) -> tuple[list[SocketRecord], SockStates] | Unavailable:
+def port_records(
+    port: int, limit: int, without: int = 0
+) -> tuple[list[SocketRecord], SockStates] | Unavailable:
     """The port's sockets as the records inet_diag would give, in its table's order, and beside
     them (one per record, in that order) each as the kernel holds it, in this thread's
     namespace; the full socket whose inode is ``without`` (non-zero) left out (the failing
@@ -367,7 +369,7 @@ class _Alike:
     """What the sockets of one SockCommon share in their records (as :func:`to_record` makes
     them: taken from its record for the first of them) and in walk._order's key."""
 
-    __slots__ = ("family", "key", "ifindex", "local", "netns", "proto", "state", "tw", "uid", "v6only")
+    __slots__ = ("family", "ifindex", "key", "local", "netns", "proto", "state", "tw", "uid", "v6only")
 
     def __init__(self, common: SockCommon) -> None:
         r = to_record(SockState(common, common.local, 0), 0, 0, 1)

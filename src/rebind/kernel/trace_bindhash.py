@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from rebind.model.advice import Diagnosis, Facts
     from rebind.model.conflict import KernelSettings
     from rebind.model.records import SocketRecord, SocketTable
-    from rebind.model.sockstate import SockStates
     from rebind.model.request import BindRequest
+    from rebind.model.sockstate import SockStates
     from rebind.model.trace import TraceEvent
 
 _INODE = operator.attrgetter("entry.socket.inode")

@@ -461,7 +461,9 @@ def _owners_and_rows(
     return port_owners(netns, port, state, out, len(data) // RECORD.size), [v for _, v in kept], dec
 
 
-def port_owners(netns: int, port: int, state: bytes, sockets: tuple[SockState, ...], records: int) -> PortOwners:
+def port_owners(
+    netns: int, port: int, state: bytes, sockets: tuple[SockState, ...], records: int
+) -> PortOwners:
     """The PortOwners of a run whose state map is ``state``, of ``records`` records of which
     ``sockets`` were kept (the others faulted, or were of another port: a socket reused
     mid-walk)."""
