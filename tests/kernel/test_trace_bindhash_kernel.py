@@ -289,3 +289,60 @@ def test_a_fault_or_truncation_falls_back(
     snap = snapshot(ev)
     assert used == [False]
     assert snap.error is None and snap.blockers and snap.blockers[0].state == "TIME_WAIT"
+
+
+def _time_waits_from(port: int, clients: list[tuple[str, int]], *, listener: bool) -> list[socket.socket]:
+    """Server-side TIME_WAITs on 127.0.0.1:port from these client ends (their texts sort
+    otherwise than their numbers: walk._order compares the remote end as text); with
+    ``listener``, the listener stays (returned: the caller closes it)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(len(clients))
+    pairs = []
+    for addr, cport in clients:
+        c = socket.socket()
+        c.bind((addr, cport))
+        c.connect(("127.0.0.1", port))
+        a, _ = srv.accept()
+        pairs.append((a, c))
+    for a, c in pairs:
+        a.close()
+        c.close()
+    if listener:
+        return [srv]
+    srv.close()
+    return []
+
+
+@pytest.mark.parametrize("listener", [False, True], ids=["time-waits", "listener-and-its-time-waits"])
+def test_many_time_waits_in_the_dumps_order(
+    netns: int, held: list[socket.socket], used: list[bool], listener: bool
+) -> None:
+    """A port of many TIME_WAITs from two client addresses and ports of 3 to 5 digits (the
+    bind hash's decoding sorts one string a socket, by the remote end, where the sockets share
+    the rest of the key): the same table as the dump's, in the same order, and the same answer."""
+    from rebind.kernel.sysctl import kernel_settings
+    from rebind.kernel.trace_snapshot import _without, bind_request
+    from rebind.kernel.walk import table as socket_table
+    from rebind.model.query import SocketQuery
+
+    port = _port(held)
+    clients = [(f"127.0.0.{1 + k % 2}", p) for k, p in enumerate(range(900, 12000, 37))]
+    held += _time_waits_from(port, clients, listener=listener)
+    ev = _fail_bind(_sock(held), netns, "127.0.0.1", port)
+    req = bind_request(ev)
+    assert req is not None and prepare() is None
+    d = trace_bindhash.diagnose(ev, req, kernel_settings(), False)
+    assert d is not None
+    used.clear()
+    dumped = _without(
+        socket_table(SocketQuery.create(ports=[port], protos=[Proto.TCP]), owners=False), ev.inode
+    )
+    ends = [(e.socket.state, e.socket.local, e.socket.remote, e.socket.timer) for e in d.table.entries]
+    assert ends == [(e.socket.state, e.socket.local, e.socket.remote, e.socket.timer) for e in dumped.entries]
+    assert len(ends) == len(clients) + listener
+    assert [e.socket.inode for e in d.table.entries] == [e.socket.inode for e in dumped.entries]
+    if not listener:  # every TIME_WAIT blocks, in the table's order
+        assert [b.entry.socket for b in d.blockers] == [e.socket for e in d.table.entries]
+    snap = _compare(ev, used, owners=False)
+    assert snap.blockers[0].group == (1 if listener else len(clients))
