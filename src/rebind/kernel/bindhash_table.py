@@ -288,7 +288,6 @@ def decode_port(
     records: list[SocketRecord] = []
     states: list[SockState] = []
     remotes: list[str] = []  # each record's remote end as walk._order writes it
-    keys: list[tuple[int, str, int, int, str]] = []  # and the rest of its key
     inet, tw_timer, no_timer, local_cookie = Family.INET, Timer.TIME_WAIT, Timer.NONE, LOCAL_COOKIE
     i = -1
     for index, (v, (dport,)) in enumerate(zip(dec.rows(data), _DPORT.iter_unpack(data), strict=True)):
@@ -349,7 +348,6 @@ def decode_port(
         records.append(r)
         states.append(st)
         remotes.append(f"{addr[1]}:{dport}")
-        keys.append(a.key)
     owners = port_owners(netns, port, state, tuple(walked), len(data) // RECORD.size)
     why = problem(owners)
     if why is not None:
@@ -360,7 +358,7 @@ def decode_port(
     if len({a.key for a in alike.values()}) <= 1:
         order = sorted(range(len(records)), key=remotes.__getitem__)
     else:
-        full = list(zip(keys, remotes, strict=True))
+        full = [(alike[id(st.common)].key, text) for st, text in zip(states, remotes, strict=True)]
         order = sorted(range(len(records)), key=full.__getitem__)
     return [records[j] for j in order], SockStates(netns, tuple([states[j] for j in order]))
 

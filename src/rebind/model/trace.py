@@ -205,10 +205,14 @@ def from_diagnosis(d: Diagnosis) -> Snapshot:
     """The bind/listen model's answer (observer-free `why`) as a one-line reason."""
     views = []
     seen: set[int] = set()
+    last = None
     for b in d.blockers:
-        if id(b.blocker) in seen:
+        if b.blocker is last:
+            continue  # a group's members follow their representative: one look a run
+        last = b.blocker
+        if id(last) in seen:
             continue  # one representative per group of identical leftovers
-        seen.add(id(b.blocker))
+        seen.add(id(last))
         views.append(_blocker_view(b))
     if d.verdict is WhyVerdict.FREE:
         reason = f"gone by the snapshot: {d.headline}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno as E
 import itertools
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
@@ -232,6 +233,9 @@ def _containers(infos: Sequence[BlockerInfo]) -> tuple[ContainerRef, ...]:
     return tuple(seen.values())
 
 
+_VIEW, _KIND = operator.attrgetter("owners"), operator.attrgetter("kind")
+
+
 def advise(facts: Facts) -> Diagnosis:
     """The whole answer: verdict, headline, blockers, what works, fixes, cross-check."""
     req = facts.request
@@ -244,9 +248,9 @@ def advise(facts: Facts) -> Diagnosis:
     disagreement = cross_check(req, outcome, trial, facts.table)
     fixes: list[Fix] = []
     if not verdict.bindable:
-        hidden = any(b.owners is OwnerView.OUTSIDE for b in infos)
+        hidden = OwnerView.OUTSIDE in map(_VIEW, infos)  # (enum members: == is "is")
         fixes = fixes_for(
-            [b.kind for b in infos],
+            list(map(_KIND, infos)),
             port=req.port,
             proto=req.proto,
             frees_in_ms=frees,
