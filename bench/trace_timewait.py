@@ -42,13 +42,15 @@ def make_time_waits(port: int, n: int) -> None:
     srv.bind(("127.0.0.1", port))
     srv.listen(4096)
     pairs = []
-    for _ in range(n):
+    for k in range(n):
         c = socket.create_connection(("127.0.0.1", port))
         a, _ = srv.accept()
         pairs.append((a, c))
-    for a, c in pairs:
-        a.close()
-        c.close()
+        if len(pairs) == 4096 or k == n - 1:  # in batches: two fds a pair until it is closed
+            for a, c in pairs:
+                a.close()
+                c.close()
+            pairs = []
     srv.close()
 
 
