@@ -9,7 +9,9 @@ buckets: listeners, connections, TIME_WAITs, bound-only sockets -- is one hash c
 report beside the record (bindowners._emit_extras): a full socket's inode, a TIME_WAIT's jiffies
 left. Here each socket becomes the :class:`SocketRecord` inet_diag would give (:func:`to_record`,
 pure) and its :class:`SockState` is kept beside it: the kernel's own flags, which
-``facts.gather(states=...)`` uses as they are.
+``facts.gather(states=...)`` uses as they are. The snapshot reads them through
+:func:`port_records` (:func:`decode_port`: the records in the table's order in one pass, what
+:func:`to_records` and :func:`table_order`, kept as its reference, give one socket at a time).
 
 What inet_diag gives and this does not: request socks (NEW_SYN_RECV: in the established hash,
 never in a bind bucket, so never a bind conflict), the timers of full sockets (retransmit,
@@ -249,8 +251,7 @@ def port_records(
     them (one per record, in that order) each as the kernel holds it, in this thread's
     namespace; the full socket whose inode is ``without`` (non-zero) left out (the failing
     socket of a listen()). Unavailable where the bind-hash walk cannot stand for inet_diag's
-    dump (see :func:`problem`). :func:`port_table` then :func:`table_order`, in one pass over
-    the records (:func:`decode_port`)."""
+    dump (see :func:`problem`) or HZ is not calibrated (a TIME_WAIT's time left)."""
     hz = calibrate_hz()
     if hz is None:
         return Unavailable("HZ not calibrated: a TIME_WAIT's time left would be unknown")
@@ -266,14 +267,13 @@ def decode_port(
     """The owners program's output (``state``, ``data``) for ``port`` as :func:`port_records`
     gives it (pure): what :func:`to_records`, :func:`table_order` and the SockStates of
     read_port_owners give, socket for socket (tests/unit/test_trace_bindhash.py compares them),
-    at a port of ten thousand TIME_WAITs' speed. Every row is unpacked at once
-    (struct.iter_unpack); what sockets alike share -- the SockCommon, the record's fields but
-    the remote end, cookie, inode and time left, the sort key but the remote end -- is made once
-    per distinct SockCommon (:class:`_Alike`); each socket's own objects are built in plain
-    classes of their slots (rebind/slotted.py: a frozen dataclass's __init__ sets each field
-    through object.__setattr__, ~6x the time); and the
-    order is the sort of one string per socket (the remote end), where the sockets alike all
-    share the rest of walk._order's key."""
+    at a port of ten thousand TIME_WAITs' speed (docs/benchmarks.md). Every row is unpacked at
+    once (struct.iter_unpack); what sockets alike share -- the SockCommon, the record's fields
+    but the remote end, cookie, inode and time left, the sort key but the remote end -- is made
+    once per distinct SockCommon (:class:`_Alike`); each socket's own objects are built in
+    plain classes of their slots (rebind/slotted.py: a frozen dataclass's __init__ sets each
+    field through object.__setattr__, ~6x the time); and the order is the sort of one string a
+    socket (the remote end) where the sockets all share the rest of walk._order's key."""
     from rebind.kernel.bpf.bindhash import port_owners
     from rebind.kernel.bpf.sockdecode import BulkDecoder
 
@@ -384,21 +384,3 @@ def _addr_text(family: int, raw: bytes) -> tuple[IPAddress, str]:
         return a4, str(a4)
     a6 = IPv6Address(raw)
     return a6, f"[{fmt_addr(a6)}]"
-
-
-def port_table(
-    port: int, limit: int
-) -> tuple[list[tuple[SocketRecord, SockState]], SockStates] | Unavailable:
-    """The port's sockets as (record, kernel state), in this thread's namespace; Unavailable
-    where the bind-hash walk cannot stand for inet_diag's dump (see :func:`problem`)."""
-    hz = calibrate_hz()
-    if hz is None:
-        return Unavailable("HZ not calibrated: a TIME_WAIT's time left would be unknown")
-    got = read_port_sockets(port, limit)
-    if isinstance(got, Unavailable):
-        return got
-    why = problem(got.owners)
-    if why is not None:
-        return Unavailable(why)
-    pairs = to_records(got, hz)
-    return pairs, SockStates(got.owners.netns, tuple(st for _, st in pairs))

@@ -315,16 +315,12 @@ class BulkDecoder:
     def rows(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[Any, ...]]:
         return self.struct.iter_unpack(data)
 
-    def key(self, v: tuple[Any, ...], uid: int) -> tuple[Any, ...]:
-        """What row ``v``'s SockCommon is keyed by in :attr:`commons` (with the caller's uid):
-        the local address of its own family and the shared fields' raw bytes."""
-        fam = v[self.family]
-        return (uid, v[self.rcv] if fam == Family.INET else v[self.rcv6], fam, self._runs(v))
-
     def new_common(
         self, key: tuple[Any, ...], data: bytes | bytearray | memoryview, index: int, uid: int
     ) -> SockCommon:
-        """The SockCommon of the ``index``-th record, decoded and kept under ``key`` (:meth:`key`)."""
+        """The SockCommon of the ``index``-th record, decoded and kept in :attr:`commons` under
+        ``key``: ``(uid, the local address of its own family, fam, the shared runs' bytes)``, as
+        :meth:`decode` looks it up (kernel/bindhash_table.decode_port too)."""
         r = RECORD.unpack_from(data, index * self.struct.size + self.lead)
         common = self.commons[key] = _common(self.proto, r, uid, self.memo)
         return common
