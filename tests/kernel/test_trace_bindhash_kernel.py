@@ -314,9 +314,10 @@ def _time_waits_from(port: int, clients: list[tuple[str, int]], *, listener: boo
     return []
 
 
+@pytest.mark.parametrize("owners", [True, False], ids=["owners", "no-owners"])
 @pytest.mark.parametrize("listener", [False, True], ids=["time-waits", "listener-and-its-time-waits"])
 def test_many_time_waits_in_the_dumps_order(
-    netns: int, held: list[socket.socket], used: list[bool], listener: bool
+    netns: int, held: list[socket.socket], used: list[bool], listener: bool, owners: bool
 ) -> None:
     """A port of many TIME_WAITs from two client addresses and ports of 3 to 5 digits (the
     bind hash's decoding sorts one string a socket, by the remote end, where the sockets share
@@ -344,5 +345,7 @@ def test_many_time_waits_in_the_dumps_order(
     assert [e.socket.inode for e in d.table.entries] == [e.socket.inode for e in dumped.entries]
     if not listener:  # every TIME_WAIT blocks, in the table's order
         assert [b.entry.socket for b in d.blockers] == [e.socket for e in d.table.entries]
-    snap = _compare(ev, used, owners=False)
+    snap = _compare(ev, used, owners=owners)
     assert snap.blockers[0].group == (1 if listener else len(clients))
+    if listener and owners:
+        assert snap.blockers[0].pids == (os.getpid(),)
