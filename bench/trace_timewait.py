@@ -230,8 +230,7 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {name: {} for name, _ in trees}
     digests: dict[str, set[str]] = {name: set() for name, _ in trees}
     print(f"load average before: {os.getloadavg()}")
-    tmp = tempfile.mkdtemp(prefix="rebind-bench-tw-")
-    with private_netns():
+    with tempfile.TemporaryDirectory(prefix="rebind-bench-tw-") as tmp, private_netns():
         port, built = 20000, 0.0
         for rnd in range(args.rounds):
             if time.monotonic() - built > args.max_age:
