@@ -62,7 +62,7 @@ class _Job:
             from ipaddress import ip_address
 
             from rebind.model.addr import parse_source, parse_target, unbracket
-            from rebind.model.connect import ConnectRequest
+            from rebind.model.connect.request import ConnectRequest
 
             target, source, flags = self.args
             host, port = parse_target(target)
@@ -78,9 +78,19 @@ class _Job:
                 local_port=local_port,
                 reuseaddr="--reuseaddr" in flags,
             )
+            first = None
+            if (
+                not udp
+                and not os.environ.get("REBIND_NO_BPF")
+                and (req.own_choice or req.local_port is not None)
+            ):
+                # the walk of the table first: it needs the request alone (kernel/connect_dump.py)
+                from rebind.kernel.connect_dump import FirstDump
+
+                first = FirstDump(req)
             from rebind.kernel.connect_facts import gather
 
-            self.facts = gather(req, owners=True, summary=True)
+            self.facts = gather(req, owners=True, summary=True, first=first)
             self.request = req
         except BaseException:  # the CLI gathers again and reports properly
             self.facts = self.request = None

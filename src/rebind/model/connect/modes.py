@@ -80,9 +80,12 @@ def uses_own_choice(
     if buckets is not None:
         held, bind_made = buckets.held, buckets.bind_made
     shared, bound, reserved = PortUse.SHARED, PortUse.BIND_BEFORE_CONNECT, PortUse.RESERVED
+    # the uses below that are never FREE go straight into the map (as uses[p] = ... would put
+    # them, in the same order): most of a busy range's ports, one dict store each
+    special, reserved_ports = uses.special, settings.reserved
     for p in _special_ports(by_port, settings, lo, hi, held):
-        if p in settings.reserved:
-            uses[p] = reserved
+        if p in reserved_ports:
+            special[p] = reserved
             continue
         on = by_port.get(p, ())
         made = (p in bind_made) if p in held else None
@@ -90,7 +93,7 @@ def uses_own_choice(
             # A held port no holder was read for: its bucket alone decides (a connect()-made
             # one is shared: no holder means no socket to this destination on it). Most ports
             # of a busy range: no per-port classification.
-            uses[p] = bound if made else shared
+            special[p] = bound if made else shared
             continue
         if assume_ambiguous is not None:
             uses[p] = classify_own_choice(req, src, on, settings, assume_ambiguous, made)[0]

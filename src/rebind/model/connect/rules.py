@@ -111,6 +111,10 @@ def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
     return rcv_saddr_equal(bound_kaddr(new, new_v6only), _holder_kaddr(h))
 
 
+#: The uses a connect() cannot take (PortUse.usable false), for the passes over every stored port.
+_UNUSABLE = frozenset(u for u in PortUse if not u.usable)
+
+
 class PortMap:
     """How each port of [lo, hi] stands; ports not set are FREE. Only ports that some socket uses
     (or that are reserved) are stored, so a 28,232-port range costs nothing to account for.
@@ -159,7 +163,7 @@ class PortMap:
 
     def usable_count(self, *, parity_of_lo: bool = False) -> int:
         n = (self.total + 1) // 2 if parity_of_lo else self.total
-        return n - sum(k for u, k in self._tallied(parity_of_lo).items() if not u.usable)
+        return n - sum(k for u, k in self._tallied(parity_of_lo).items() if u in _UNUSABLE)
 
     def count(self, use: PortUse, *, parity_of_lo: bool = False) -> int:
         tally = self._tallied(parity_of_lo)
@@ -170,7 +174,8 @@ class PortMap:
 
     def unusable_in(self, a: int, b: int) -> int:
         """Stored ports of [a, b] that are not usable."""
-        return sum(1 for p, u in self.special.items() if a <= p <= b and not u.usable)
+        unusable = _UNUSABLE
+        return sum(1 for p, u in self.special.items() if u in unusable and a <= p <= b)
 
     def usable_ports(self, limit: int = 3) -> list[int]:
         """A few usable ports, for messages."""
@@ -184,7 +189,12 @@ class PortMap:
 
     def interior_usable(self) -> bool:
         interior = max(self.total - 2, 0)
-        bad = sum(1 for p, u in self.special.items() if not u.usable and self.lo < p < self.hi)
+        if not interior:
+            return False
+        # the stored unusable ports (tallied) but the two ends
+        unusable, get = _UNUSABLE, self.special.get
+        bad = sum(k for u, k in self._tallied(False).items() if u in unusable)
+        bad -= (get(self.lo) in unusable) + (get(self.hi) in unusable)
         return interior - bad > 0
 
 

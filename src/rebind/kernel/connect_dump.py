@@ -1,0 +1,72 @@
+"""The first inet_diag dump of `why --connect`'s bind-hash path, started before anything else
+(kernel/connect_facts.py: gather(summary=True); docs/benchmarks.md, 2026-12-06).
+
+Beside the range's bind buckets (kernel/connect_range.py) the answer needs only some sockets one
+by one: the ones connected to the destination (4-tuples, time-wait entries), every peerless one
+(listeners, bound-inactive sockets: their port's kind, and the servers' ports a widened range
+must spare), every one on a fixed local port -- none of which depends on the bind hash -- and
+the sockets of the range's bind-made ports (the consumers' ``by_bind``), which does. The walk of
+the whole TCP table costs the same whatever the filter (~75 ms on 211k sockets, kernel time with
+the GIL released), so the first part is asked at once, in a thread of its own, while the caller
+imports, reads the settings and the bind hash; the bind-made ports' sockets, when there are any,
+follow in a second dump filtered to them (:func:`bind_made_bytecode`).
+
+This module imports only the dump's reader.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rebind.model.connect.request import ConnectRequest
+    from rebind.model.records import SocketRecord
+
+
+def first_bytecode(req: ConnectRequest) -> bytes:
+    """Every socket connected to the destination, every peerless one, every one on the fixed
+    local port: what the answer names whatever the bind hash says."""
+    from rebind.kernel import diag_codec as codec
+
+    chains: list[list[codec.Cond]] = [
+        [codec.host_cond(codec.BcOp.D_COND, req.dst, port=req.dport)],
+        [codec.port_cond(codec.BcOp.D_EQ, 0)],
+    ]
+    if req.local_port is not None:
+        chains.append([codec.port_cond(codec.BcOp.S_EQ, req.local_port)])
+    return codec.compile_any(chains)
+
+
+def dump_tcp(bc: bytes) -> list[SocketRecord]:
+    """One TCPDIAG_GETSOCK walk, both families, every state, filtered by ``bc``."""
+    from rebind.kernel import diag
+    from rebind.model.records import Proto, State
+
+    with diag.DiagSocket() as d:
+        return list(d.dump(None, Proto.TCP, frozenset(State), bytecode=bc))
+
+
+class FirstDump:
+    """:func:`first_bytecode`'s dump, running in a thread from construction on."""
+
+    def __init__(self, req: ConnectRequest) -> None:
+        self.req = req
+        self._records: list[SocketRecord] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rebind-connect-dump", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._records = dump_tcp(first_bytecode(self.req))
+        except BaseException as exc:  # raised again in the caller's thread (result)
+            self._error = exc
+
+    def result(self) -> list[SocketRecord]:
+        """The records (waits for the dump); its error, if it failed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._records is not None
+        return self._records
