@@ -91,8 +91,14 @@ def main() -> None:
             elif why:
                 prefetch.start((why[0],), "udp" if why[1] else "tcp")
         elif argv[:1] == ["why"] and any(a.partition("=")[0] == "--connect" for a in argv):
+            import gc
+
             from rebind.kernel import connect_prefetch
 
+            # A one-shot command that builds its tables without cycles: no cyclic collection
+            # while ~150 modules import and the range's ~14k ports are accounted for (~5-10 ms
+            # of CPU, docs/benchmarks.md 2026-12-06; the gatherer pauses it anyway, gc_paused).
+            gc.disable()
             connect_prefetch.start(argv)
         from rebind.cli.main import main as cli_main
     except KeyboardInterrupt:  # ^C before the handler above was installed
