@@ -128,3 +128,28 @@ def test_prefetched_facts_are_taken_only_for_the_same_request(monkeypatch):
     assert cp.take(ConnectRequest.create("127.0.0.1", 80), owners=False) is None
     monkeypatch.setattr(cp, "_job", job)
     assert cp.take(ConnectRequest.create("127.0.0.1", 80), owners=True) is job.facts
+
+
+def test_second_dump_only_for_bind_made_ports_of_the_range():
+    from rebind.kernel import connect_range as cr
+    from rebind.kernel.diag_filter import compile_any, port_cond
+
+    rng = (100, 200)
+    assert cr.bind_made_bytecode(rng, RangeBuckets(frozenset({150, 160}), frozenset())) is None
+    assert cr.bind_made_bytecode(rng, RangeBuckets(frozenset({50}), frozenset({50}))) is None  # outside
+    got = cr.bind_made_bytecode(rng, RangeBuckets(frozenset({150, 151, 160}), frozenset({150, 151, 160})))
+    S_GE, S_LE, S_EQ = cr.codec.BcOp.S_GE, cr.codec.BcOp.S_LE, cr.codec.BcOp.S_EQ
+    assert got == compile_any([[port_cond(S_GE, 150), port_cond(S_LE, 151)], [port_cond(S_EQ, 160)]])
+    many = frozenset(range(100, 200, 2))  # more runs than MAX_RUNS: the whole range
+    assert len(many) > cr.MAX_RUNS
+    whole = cr.bind_made_bytecode(rng, RangeBuckets(many, many))
+    assert whole == compile_any([[port_cond(S_GE, 100), port_cond(S_LE, 200)]])
+
+
+def test_first_dump_is_not_started_where_the_bind_hash_path_cannot_run(monkeypatch):
+    from rebind.kernel.connect_dump import worth_starting
+
+    monkeypatch.setenv("REBIND_NO_BPF", "1")
+    assert not worth_starting(ConnectRequest.create("127.0.0.1", 80))
+    monkeypatch.delenv("REBIND_NO_BPF")
+    assert not worth_starting(ConnectRequest.create("127.0.0.1", 80, proto="udp"))

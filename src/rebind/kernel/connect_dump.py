@@ -24,6 +24,22 @@ if TYPE_CHECKING:
     from rebind.model.records import SocketRecord
 
 
+def worth_starting(req: ConnectRequest) -> bool:
+    """Will the bind-hash path run, as far as can be told at once (summary_suffices, BPF's cheap
+    checks: REBIND_NO_BPF, the capabilities)? Where it cannot the first dump would be a walk of
+    the table thrown away: gather then reads every socket of the range in one dump."""
+    from rebind.kernel.bpf.syscall import BPFUnavailable, check_bpf_environment
+    from rebind.model.connect.facts import summary_suffices
+
+    if not summary_suffices(req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None):
+        return False
+    try:
+        check_bpf_environment(honour_no_bpf=True)
+    except BPFUnavailable:
+        return False
+    return True
+
+
 def first_bytecode(req: ConnectRequest) -> bytes:
     """Every socket connected to the destination, every peerless one, every one on the fixed
     local port: what the answer names whatever the bind hash says."""

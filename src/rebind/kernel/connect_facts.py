@@ -301,12 +301,13 @@ def _gather(
     summarize = summary and summary_suffices(
         req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
     )
-    if summarize and first is None and not os.environ.get("REBIND_NO_BPF"):
+    if summarize and first is None:
         # the first dump needs nothing the bind hash says: its walk runs while the settings and
         # the bind hash are read (kernel/connect_dump.py)
-        from rebind.kernel.connect_dump import FirstDump
+        from rebind.kernel.connect_dump import FirstDump, worth_starting
 
-        first = FirstDump(req)
+        if worth_starting(req):
+            first = FirstDump(req)
     st = settings or connect_settings()
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)

@@ -78,16 +78,10 @@ class _Job:
                 local_port=local_port,
                 reuseaddr="--reuseaddr" in flags,
             )
-            first = None
-            if (
-                not udp
-                and not os.environ.get("REBIND_NO_BPF")
-                and (req.own_choice or req.local_port is not None)
-            ):
-                # the walk of the table first: it needs the request alone (kernel/connect_dump.py)
-                from rebind.kernel.connect_dump import FirstDump
+            # the walk of the table first: it needs the request alone (kernel/connect_dump.py)
+            from rebind.kernel.connect_dump import FirstDump, worth_starting
 
-                first = FirstDump(req)
+            first = FirstDump(req) if worth_starting(req) else None
             from rebind.kernel.connect_facts import gather
 
             self.facts = gather(req, owners=True, summary=True, first=first)
