@@ -54,6 +54,40 @@ def first_bytecode(req: ConnectRequest) -> bytes:
     return codec.compile_any(chains)
 
 
+#: Up to this many bind-made ports of the range, their sockets come from the bind hash, one
+#: chain each (:func:`bind_made_sockets`), past it from a second dump.
+PER_PORT_MAX = 64
+#: The most sockets one port's read takes before it gives up (the second dump then).
+PORT_LIMIT = 4096
+
+
+def bind_made_sockets(
+    req: ConnectRequest, ports: list[int], first: list[SocketRecord]
+) -> list[SocketRecord] | None:
+    """The sockets on ``ports`` (bind-made ports of the range) that the first dump does not have
+    -- connected elsewhere -- read from each port's bind buckets
+    (kernel/bindhash_table.read_port_sockets: one chain, no walk of the table), or None where
+    that cannot stand for the dump (too many ports, a walk that faulted or was cut short, no
+    BPF): the caller dumps them. TIME_WAITs are left out: they have no owner, and a bind-made
+    port is decided by its bucket (the consumers' ``by_bind`` is all these sockets serve)."""
+    from rebind.kernel.bindhash_table import LOCAL_COOKIE, problem, read_port_sockets, to_record
+    from rebind.model.sockstate import SockKind, Unavailable
+
+    if len(ports) > PER_PORT_MAX:
+        return None
+    seen = {(r.local, r.remote) for r in first}
+    out: list[SocketRecord] = []
+    for port in ports:
+        got = read_port_sockets(port, PORT_LIMIT)
+        if isinstance(got, Unavailable) or problem(got.owners) is not None:
+            return None
+        for i, (st, inode) in enumerate(zip(got.owners.sockets, got.inodes, strict=True)):
+            if st.kind is SockKind.TIMEWAIT or not st.remote.port or (st.local, st.remote) in seen:
+                continue  # no owner; peerless (the first dump has every one); in the first dump
+            out.append(to_record(st, inode, None, st.cookie or LOCAL_COOKIE | i))
+    return out
+
+
 def dump_tcp(bc: bytes) -> list[SocketRecord]:
     """One TCPDIAG_GETSOCK walk, both families, every state, filtered by ``bc``."""
     from rebind.kernel import diag

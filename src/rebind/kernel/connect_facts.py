@@ -321,13 +321,18 @@ def _gather(
     servers: frozenset[int] | None = None
     try:
         if buckets is not None:
-            from rebind.kernel.connect_dump import dump_tcp, first_bytecode
+            from rebind.kernel.connect_dump import bind_made_sockets, dump_tcp, first_bytecode
             from rebind.kernel.connect_range import bind_made_bytecode
 
             base = first.result() if first is not None and first.req == req else dump_tcp(first_bytecode(req))
-            bc = bind_made_bytecode(rng, buckets)
-            if bc is not None:
-                # the bind-made ports' sockets; those the first dump has already are left out
+            lo, hi = rng
+            made = sorted(p for p in buckets.bind_made if lo <= p <= hi)
+            more = bind_made_sockets(req, made, base) if made else []
+            bc = bind_made_bytecode(rng, buckets) if more is None else None
+            if more:
+                base = base + more
+            elif bc is not None:
+                # the bind-made ports' sockets in a second dump; those the first has are left out
                 seen = {r.key for r in base}
                 base = base + [r for r in dump_tcp(bc) if r.key not in seen]
             kept, tcp_servers = split_servers(base, rng, req.local_port)
