@@ -113,21 +113,20 @@ def test_plain_request(argv, want):
     assert plain_request(argv) == want
 
 
-def test_prefetched_facts_are_taken_only_for_the_same_request(monkeypatch):
+def test_prefetched_dump_is_taken_only_for_the_same_request(monkeypatch):
     from rebind.kernel import connect_prefetch as cp
 
     job = cp._Job("127.0.0.1:80", None, frozenset())
     job.thread = threading.Thread(target=lambda: None)
     job.thread.start()
     job.request = ConnectRequest.create("127.0.0.1", 80)
-    job.facts = object()  # type: ignore[assignment]
+    job.first = object()  # type: ignore[assignment]
     monkeypatch.setattr(cp, "_job", job)
-    assert cp.take(ConnectRequest.create("127.0.0.1", 81), owners=True) is None
+    assert cp.take(ConnectRequest.create("127.0.0.1", 81)) is None
     assert cp._job is None  # used once, whatever the answer
+    assert cp.take(ConnectRequest.create("127.0.0.1", 80)) is None
     monkeypatch.setattr(cp, "_job", job)
-    assert cp.take(ConnectRequest.create("127.0.0.1", 80), owners=False) is None
-    monkeypatch.setattr(cp, "_job", job)
-    assert cp.take(ConnectRequest.create("127.0.0.1", 80), owners=True) is job.facts
+    assert cp.take(ConnectRequest.create("127.0.0.1", 80)) is job.first
 
 
 def test_second_dump_only_for_bind_made_ports_of_the_range():

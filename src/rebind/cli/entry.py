@@ -1,6 +1,6 @@
 """Console entry point. For `rebind ls PORT…` and `rebind [why] PORT` it starts the kernel dump
 before importing the CLI (see rebind.kernel.prefetch), for a plain `rebind why --connect
-ADDR:PORT` the whole gathering (rebind.kernel.connect_prefetch), then hands over to click.
+ADDR:PORT` its walk of the table (rebind.kernel.connect_prefetch), then hands over to click.
 
 Everything here runs before the CLI's own error handling exists, so it must not fail: ^C while
 importing exits 130 with one line, and closed standard fds are reopened on /dev/null first.
