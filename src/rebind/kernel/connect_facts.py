@@ -41,7 +41,6 @@ from rebind.errors import EnvironmentProblem
 from rebind.gcpause import gc_paused
 from rebind.kernel import diag_codec as codec
 from rebind.kernel.connect_origin import Draft, with_kernel_origin
-from rebind.model.conflict import KernelSettings
 from rebind.model.connect import (
     ConnectRequest,
     ConnectSettings,
@@ -62,6 +61,7 @@ from rebind.model.records import (
 
 if TYPE_CHECKING:
     from rebind.kernel.connect_dump import FirstDump
+    from rebind.model.conflict import KernelSettings
 
 
 def connect_settings(root: str = "/proc") -> ConnectSettings:

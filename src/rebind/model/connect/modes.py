@@ -7,8 +7,8 @@ range's :class:`PortMap`."""
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
 
-from rebind.model import conflict as bindmodel
 from rebind.model.connect.facts import ConnectSettings, PortHolder, RangeBuckets
 from rebind.model.connect.outcome import (
     EADDRINUSE,
@@ -32,6 +32,9 @@ from rebind.model.connect.rules import (
 from rebind.model.connect.tw import tw_reuse_check
 from rebind.model.records import IPAddress, Proto
 
+if TYPE_CHECKING:
+    from rebind.model import conflict as bindmodel
+
 
 def source_problem(
     req: ConnectRequest, bind_settings: bindmodel.KernelSettings | None
@@ -44,6 +47,8 @@ def source_problem(
         return None
     if req.local_port is None and not req.bind_before_connect:
         return None
+    from rebind.model import conflict as bindmodel  # imported where used: a plain request needs none
+
     breq = bindmodel.BindRequest(proto=req.proto, addr=req.src, port=0, reuseaddr=req.reuseaddr, listen=False)
     bo = bindmodel.evaluate(breq, (), bind_settings)
     if bo.verdict is bindmodel.Verdict.OK or bo.errno != EADDRNOTAVAIL:
@@ -278,6 +283,8 @@ def fixed_port(
     port = req.local_port
     on = by_port.get(port, [])
     bind_addr = req.src if req.src is not None else src
+    from rebind.model import conflict as bindmodel  # imported where used: a plain request needs none
+
     breq = bindmodel.BindRequest(
         proto=Proto.TCP, addr=bind_addr, port=port, reuseaddr=req.reuseaddr, uid=0, listen=False
     )
@@ -362,6 +369,8 @@ def udp_port(
             if req.src is not None
             else (IPv4Address("0.0.0.0") if req.dst.version == 4 else IPv6Address("::"))
         )
+        from rebind.model import conflict as bindmodel  # imported where used: a plain request needs none
+
         breq = bindmodel.BindRequest(
             proto=Proto.UDP,
             addr=bind_addr,

@@ -9,13 +9,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import IPv6Address
+from typing import TYPE_CHECKING
 
-from rebind.model.conflict.addresses import KAddr, bound_kaddr, rcv_saddr_equal
 from rebind.model.connect.facts import ConnectSettings, PortHolder
 from rebind.model.connect.outcome import PortUse
 from rebind.model.connect.request import ConnectRequest, norm_addr
 from rebind.model.connect.tw import tw_reuse_check
 from rebind.model.records import IPAddress, SocketRecord, State
+
+if TYPE_CHECKING:
+    from rebind.model.conflict.addresses import KAddr
 
 #: States of a live connection (docs/connect-rules.md "live connection"): they own a 4-tuple.
 LIVE_STATES = frozenset(
@@ -90,6 +93,8 @@ def _holder_kaddr(h: PortHolder) -> KAddr:
     model's holders are built the same way (``conflict/addresses._kaddr``); what is this
     model's own is the guess of an unknown ipv6only below.
     """
+    from rebind.model.conflict.addresses import bound_kaddr  # the bind model, where it is used
+
     r = h.socket
     if r.v6only is not None:
         v6only = r.v6only
@@ -108,6 +113,8 @@ def _holder_kaddr(h: PortHolder) -> KAddr:
 def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
     """inet_rcv_saddr_equal(new, holder, true): the new socket as bind() leaves it (a specific
     IPv6 address forces ipv6only; [::] keeps ``new_v6only``)."""
+    from rebind.model.conflict.addresses import bound_kaddr, rcv_saddr_equal
+
     return rcv_saddr_equal(bound_kaddr(new, new_v6only), _holder_kaddr(h))
 
 
