@@ -160,7 +160,7 @@ def diagnose_request(
     from rebind.kernel import connect_prefetch
     from rebind.kernel.connect_facts import gather
 
-    facts = connect_prefetch.take(req, owners=owners) or gather(req, owners=owners, summary=True)
+    facts = gather(req, owners=owners, summary=True, first=connect_prefetch.take(req))
     res = evaluate_connect(
         req,
         facts.holders,

@@ -113,18 +113,42 @@ def test_plain_request(argv, want):
     assert plain_request(argv) == want
 
 
-def test_prefetched_facts_are_taken_only_for_the_same_request(monkeypatch):
+def test_prefetched_dump_is_taken_only_for_the_same_request(monkeypatch):
     from rebind.kernel import connect_prefetch as cp
 
     job = cp._Job("127.0.0.1:80", None, frozenset())
     job.thread = threading.Thread(target=lambda: None)
     job.thread.start()
     job.request = ConnectRequest.create("127.0.0.1", 80)
-    job.facts = object()  # type: ignore[assignment]
+    job.first = object()  # type: ignore[assignment]
     monkeypatch.setattr(cp, "_job", job)
-    assert cp.take(ConnectRequest.create("127.0.0.1", 81), owners=True) is None
+    assert cp.take(ConnectRequest.create("127.0.0.1", 81)) is None
     assert cp._job is None  # used once, whatever the answer
+    assert cp.take(ConnectRequest.create("127.0.0.1", 80)) is None
     monkeypatch.setattr(cp, "_job", job)
-    assert cp.take(ConnectRequest.create("127.0.0.1", 80), owners=False) is None
-    monkeypatch.setattr(cp, "_job", job)
-    assert cp.take(ConnectRequest.create("127.0.0.1", 80), owners=True) is job.facts
+    assert cp.take(ConnectRequest.create("127.0.0.1", 80)) is job.first
+
+
+def test_second_dump_only_for_bind_made_ports_of_the_range():
+    from rebind.kernel import connect_range as cr
+    from rebind.kernel.diag_filter import compile_any, port_cond
+
+    rng = (100, 200)
+    assert cr.bind_made_bytecode(rng, RangeBuckets(frozenset({150, 160}), frozenset())) is None
+    assert cr.bind_made_bytecode(rng, RangeBuckets(frozenset({50}), frozenset({50}))) is None  # outside
+    got = cr.bind_made_bytecode(rng, RangeBuckets(frozenset({150, 151, 160}), frozenset({150, 151, 160})))
+    S_GE, S_LE, S_EQ = cr.codec.BcOp.S_GE, cr.codec.BcOp.S_LE, cr.codec.BcOp.S_EQ
+    assert got == compile_any([[port_cond(S_GE, 150), port_cond(S_LE, 151)], [port_cond(S_EQ, 160)]])
+    many = frozenset(range(100, 200, 2))  # more runs than MAX_RUNS: the whole range
+    assert len(many) > cr.MAX_RUNS
+    whole = cr.bind_made_bytecode(rng, RangeBuckets(many, many))
+    assert whole == compile_any([[port_cond(S_GE, 100), port_cond(S_LE, 200)]])
+
+
+def test_first_dump_is_not_started_where_the_bind_hash_path_cannot_run(monkeypatch):
+    from rebind.kernel.connect_dump import worth_starting
+
+    monkeypatch.setenv("REBIND_NO_BPF", "1")
+    assert not worth_starting(ConnectRequest.create("127.0.0.1", 80))
+    monkeypatch.delenv("REBIND_NO_BPF")
+    assert not worth_starting(ConnectRequest.create("127.0.0.1", 80, proto="udp"))

@@ -1,6 +1,6 @@
 """Console entry point. For `rebind ls PORT…` and `rebind [why] PORT` it starts the kernel dump
 before importing the CLI (see rebind.kernel.prefetch), for a plain `rebind why --connect
-ADDR:PORT` the whole gathering (rebind.kernel.connect_prefetch), then hands over to click.
+ADDR:PORT` its walk of the table (rebind.kernel.connect_prefetch), then hands over to click.
 
 Everything here runs before the CLI's own error handling exists, so it must not fail: ^C while
 importing exits 130 with one line, and closed standard fds are reopened on /dev/null first.
@@ -91,8 +91,14 @@ def main() -> None:
             elif why:
                 prefetch.start((why[0],), "udp" if why[1] else "tcp")
         elif argv[:1] == ["why"] and any(a.partition("=")[0] == "--connect" for a in argv):
+            import gc
+
             from rebind.kernel import connect_prefetch
 
+            # A one-shot command that builds its tables without cycles: no cyclic collection
+            # while ~150 modules import and the range's ~14k ports are accounted for (~5-10 ms
+            # of CPU, docs/benchmarks.md 2026-12-06; the gatherer pauses it anyway, gc_paused).
+            gc.disable()
             connect_prefetch.start(argv)
         from rebind.cli.main import main as cli_main
     except KeyboardInterrupt:  # ^C before the handler above was installed

@@ -9,7 +9,6 @@ import click
 
 from rebind.cli.options import BindArgs, bind_args_options
 from rebind.cli.params import SOURCE, TARGET
-from rebind.render.why import print_diagnosis, why_json
 
 if TYPE_CHECKING:
     from rebind.diagnosis import Diagnosis
@@ -96,6 +95,7 @@ def why(
 def _why_port(bind: BindArgs, as_json: bool, check_fix: bool) -> int:
     from rebind.diagnosis import diagnose
     from rebind.kernel.wellknown import findings as gather_findings
+    from rebind.render.why import print_diagnosis, why_json
 
     req = bind.request()
     d = diagnose(req)
@@ -117,6 +117,7 @@ def _why_port(bind: BindArgs, as_json: bool, check_fix: bool) -> int:
 def _check_fix(d: Diagnosis, found: Findings, as_json: bool) -> int:
     """Issue 20: after a well-known holder's fix, the holder is gone and the bind works."""
     from rebind.cli.render import dump_json, out
+    from rebind.render.why import why_json
 
     still = list(found.holders)
     fixed = d.bindable and not still

@@ -41,7 +41,6 @@ from rebind.errors import EnvironmentProblem
 from rebind.gcpause import gc_paused
 from rebind.kernel import diag_codec as codec
 from rebind.kernel.connect_origin import Draft, with_kernel_origin
-from rebind.model.conflict import KernelSettings
 from rebind.model.connect import (
     ConnectRequest,
     ConnectSettings,
@@ -61,7 +60,8 @@ from rebind.model.records import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from rebind.kernel.connect_dump import FirstDump
+    from rebind.model.conflict import KernelSettings
 
 
 def connect_settings(root: str = "/proc") -> ConnectSettings:
@@ -274,6 +274,7 @@ def gather(
     owners: bool = True,
     settings: ConnectSettings | None = None,
     summary: bool = False,
+    first: FirstDump | None = None,
 ) -> ConnectFacts:
     """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``.
 
@@ -281,37 +282,69 @@ def gather(
     fixed port) and the bind hash can be read, the range's ports come from it
     (``ConnectFacts.buckets``, kernel/connect_range.py) and only the sockets the answer names
     are dumped and given owners; otherwise (no BPF, REBIND_NO_BPF=1, a port the read cannot
-    vouch for) every socket of the range, as without it. Pass ``buckets`` on to the model."""
+    vouch for) every socket of the range, as without it. Pass ``buckets`` on to the model.
+    ``first``: the first dump (kernel/connect_dump.py) already started for ``req``, else it
+    is started here."""
     with gc_paused():
-        return _gather(req, owners=owners, settings=settings, summary=summary)
+        return _gather(req, owners=owners, settings=settings, summary=summary, first=first)
 
 
 def _gather(
-    req: ConnectRequest, *, owners: bool, settings: ConnectSettings | None, summary: bool
+    req: ConnectRequest,
+    *,
+    owners: bool,
+    settings: ConnectSettings | None,
+    summary: bool,
+    first: FirstDump | None = None,
 ) -> ConnectFacts:
+    tcp = req.proto is Proto.TCP
+    summarize = summary and summary_suffices(
+        req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
+    )
+    if summarize and first is None:
+        # the first dump needs nothing the bind hash says: its walk runs while the settings and
+        # the bind hash are read (kernel/connect_dump.py)
+        from rebind.kernel.connect_dump import FirstDump, worth_starting
+
+        if worth_starting(req):
+            first = FirstDump(req)
     st = settings or connect_settings()
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)
     buckets: RangeBuckets | None = None
-    tcp = req.proto is Proto.TCP
-    bc = connect_bytecode(req, src, rng, servers=tcp)
-    if summary and summary_suffices(
-        req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
-    ):
-        from rebind.kernel.connect_range import range_buckets, summary_bytecode
+    if summarize:
+        from rebind.kernel.connect_range import range_buckets
 
         got = range_buckets(rng)
         if isinstance(got, RangeBuckets):
             buckets = got
-            bc, _ = summary_bytecode(req, src, rng, got, servers=True)
     servers: frozenset[int] | None = None
     try:
-        if tcp:
+        if buckets is not None:
+            from rebind.kernel.connect_dump import bind_made_sockets, dump_tcp, first_bytecode
+            from rebind.kernel.connect_range import bind_made_bytecode
+
+            base = first.result() if first is not None and first.req == req else dump_tcp(first_bytecode(req))
+            lo, hi = rng
+            made = sorted(p for p in buckets.bind_made if lo <= p <= hi)
+            more = bind_made_sockets(req, made, base) if made else []
+            bc = bind_made_bytecode(rng, buckets) if more is None else None
+            if more:
+                base = base + more
+            elif bc is not None:
+                # the bind-made ports' sockets in a second dump; those the first has are left out
+                seen = {r.key for r in base}
+                base = base + [r for r in dump_tcp(bc) if r.key not in seen]
+            kept, tcp_servers = split_servers(base, rng, req.local_port)
+        elif tcp:
+            bc = connect_bytecode(req, src, rng, servers=True)
             kept, tcp_servers = split_servers(_records(req, bc), rng, req.local_port)
+        if tcp:
             udp_servers = udp_server_ports(st.port_range)
             servers = None if udp_servers is None else tcp_servers | udp_servers
             recs = classify(kept, rng)
         else:
+            bc = connect_bytecode(req, src, rng, servers=False)
             recs = classify(_records(req, bc), rng)
             servers = server_ports(st.port_range)
     except OSError as exc:

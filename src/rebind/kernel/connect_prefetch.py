@@ -1,14 +1,17 @@
-"""Start `rebind why --connect ADDR:PORT`'s gathering while the CLI is importing (as
-:mod:`rebind.kernel.prefetch` does for `ls PORT`): most of it is kernel time with the GIL
-released -- the inet_diag walk of the whole TCP table (~130 ms on 211k sockets, whatever the
-filter), the owner scan's walk of every fd table, the bind hash's test run -- so it overlaps the
-~200 ms of imports instead of following them.
+"""Start `rebind why --connect ADDR:PORT`'s walk of the socket table while the CLI is importing
+(as :mod:`rebind.kernel.prefetch` does for `ls PORT`): the first dump of the bind-hash path
+(kernel/connect_dump.py) needs the request alone, and is mostly kernel time with the GIL released
+(~75-130 ms on 211k sockets, whatever the filter), so it overlaps the imports instead of following
+them. The rest of the gathering (settings, the bind hash, owners, all Python between short
+syscalls) runs in the CLI's thread once it has imported: run in this thread too it only shared
+the GIL with the imports, and the handing over cost ~20 ms of CPU (docs/benchmarks.md,
+2026-12-06).
 
 Only a plain request is prefetched: a literal address (a name is resolved by the CLI, once), and
 no option but --from, --reuseaddr, --bind-before-connect, --udp, --json. The CLI then takes the
-facts only if the request it built is equal (:func:`take`); anything else -- a failure in the
+dump only if the request it built is equal (:func:`take`); anything else -- a failure in the
 thread included -- and it gathers as usual, reporting errors itself. This module imports
-nothing heavy: the worker thread imports the gatherer.
+nothing heavy: the worker thread imports the reader.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rebind.kernel.connect_facts import ConnectFacts
+    from rebind.kernel.connect_dump import FirstDump
     from rebind.model.connect import ConnectRequest
 
 _FLAGS = frozenset({"--json", "--reuseaddr", "--bind-before-connect", "--udp"})
@@ -54,7 +57,7 @@ class _Job:
     def __init__(self, target: str, source: str | None, flags: frozenset[str]) -> None:
         self.args = (target, source, flags)
         self.request: ConnectRequest | None = None
-        self.facts: ConnectFacts | None = None
+        self.first: FirstDump | None = None
         self.thread = threading.Thread(target=self._run, name="rebind-connect-prefetch", daemon=True)
 
     def _run(self) -> None:
@@ -62,7 +65,7 @@ class _Job:
             from ipaddress import ip_address
 
             from rebind.model.addr import parse_source, parse_target, unbracket
-            from rebind.model.connect import ConnectRequest
+            from rebind.model.connect.request import ConnectRequest
 
             target, source, flags = self.args
             host, port = parse_target(target)
@@ -78,19 +81,21 @@ class _Job:
                 local_port=local_port,
                 reuseaddr="--reuseaddr" in flags,
             )
-            from rebind.kernel.connect_facts import gather
+            from rebind.kernel.connect_dump import FirstDump, worth_starting
 
-            self.facts = gather(req, owners=True, summary=True)
+            if worth_starting(req):
+                self.first = FirstDump(req)
             self.request = req
         except BaseException:  # the CLI gathers again and reports properly
-            self.facts = self.request = None
+            self.first = self.request = None
 
 
 _job: _Job | None = None
 
 
 def start(argv: list[str]) -> None:
-    """Gather for a plain `why --connect` in a background thread (see the module docstring)."""
+    """Start the first dump of a plain `why --connect` from a background thread (see the module
+    docstring)."""
     global _job
     if _job is not None or os.environ.get("REBIND_FORCE_PROCFS"):
         return
@@ -101,12 +106,12 @@ def start(argv: list[str]) -> None:
     _job.thread.start()
 
 
-def take(req: ConnectRequest, *, owners: bool) -> ConnectFacts | None:
-    """The prefetched facts if they were gathered for exactly ``req`` (used once), else None."""
+def take(req: ConnectRequest) -> FirstDump | None:
+    """The first dump started for exactly ``req`` (used once), else None."""
     global _job
     job = _job
-    if job is None or not owners:
+    if job is None:
         return None
     _job = None
     job.thread.join()
-    return job.facts if job.request == req else None
+    return job.first if job.request == req else None

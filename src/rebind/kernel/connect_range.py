@@ -30,23 +30,21 @@ def range_buckets(rng: tuple[int, int]) -> RangeBuckets | str:
     the worst case never comes from a port this read could not vouch for). A port whose chain
     walk faulted or was cut short, or that has more than one bucket (l3mdev/VRF binds: which one
     a connect() meets depends on its device) makes the whole read unusable."""
-    from rebind.kernel.bpf.bindhash import read_port_buckets
+    from rebind.kernel.bpf.bindhash import read_port_bucket_groups
     from rebind.model.sockstate import Unavailable
 
     lo, hi = rng
-    got = read_port_buckets(range(lo, hi + 1))
+    # each distinct bucket once with its ports (one pass over the entries, no dict per port): a
+    # busy range holds a handful of distinct ones, so each is judged once
+    got = read_port_bucket_groups(range(lo, hi + 1))
     if isinstance(got, Unavailable):
         return got.reason
-    # Equal buckets share one PortBucket (decode_buckets): a busy range holds a handful of
-    # distinct ones, so each is judged once and its ports picked out by identity.
-    distinct = {id(b): b for b in got.values()}
     held: list[int] = []
     bind_made: list[int] = []
-    for b in distinct.values():
+    for b, ports in got:
         v = _judge(b)
         if v == 0:
             continue
-        ports = [p for p, x in got.items() if x is b]
         if v < 0:
             why = "its chain walk faulted or was cut short" if not b.known else "it has several buckets"
             return f"port {ports[0]}: {why}"
@@ -106,3 +104,25 @@ def summary_bytecode(
     if servers:
         chains.append(peerless)
     return codec.compile_any(chains), whole
+
+
+def bind_made_bytecode(rng: tuple[int, int], buckets: RangeBuckets) -> bytes | None:
+    """The second dump's filter beside :mod:`rebind.kernel.connect_dump`'s first: every socket on
+    a bind-made port of the range (the consumers' ``by_bind``), or on any port of it past
+    :data:`MAX_RUNS` runs; None when the range holds no bind-made port (no second dump)."""
+    lo, hi = rng
+    runs = _runs(frozenset(p for p in buckets.bind_made if lo <= p <= hi))
+    if not runs:
+        return None
+    if len(runs) > MAX_RUNS:
+        return codec.compile_any(
+            [[codec.port_cond(codec.BcOp.S_GE, lo), codec.port_cond(codec.BcOp.S_LE, hi)]]
+        )
+    return codec.compile_any(
+        [
+            [codec.port_cond(codec.BcOp.S_EQ, a)]
+            if a == b
+            else [codec.port_cond(codec.BcOp.S_GE, a), codec.port_cond(codec.BcOp.S_LE, b)]
+            for a, b in runs
+        ]
+    )

@@ -59,11 +59,8 @@ from rebind.kernel.bpf.bindhashlayout import (
     encode_layout,
     layout_from_btf,
 )
-from rebind.kernel.bpf.bindowners import GLOBAL_FUNCS, STEPS_EXHAUSTED, OwnerState, build_owners_program
 from rebind.kernel.bpf.bindprog import NetState, build_bucket_program
 from rebind.kernel.bpf.layoutcache import layout_cache
-from rebind.kernel.bpf.sockiter import current_netns, load_sock_layout
-from rebind.kernel.bpf.socklayout import RECORD, SockLayout
 from rebind.kernel.bpf.socklookup import _test_run
 from rebind.kernel.bpf.syscall import (
     BPF_F_MMAPABLE,
@@ -79,6 +76,11 @@ from rebind.model.sockstate import PortBucket, PortOwners, SockState, Unavailabl
 
 if TYPE_CHECKING:
     from rebind.kernel.bpf.sockdecode import BulkDecoder
+    from rebind.kernel.bpf.socklayout import SockLayout
+
+# The owners program's modules (bindowners, sockiter, socklayout: the socket record and its
+# decoder) are imported where they are used: a reader of the buckets alone (`why --connect`'s
+# range, kernel/connect_range.py) does not need them (docs/benchmarks.md, 2026-12-06).
 
 #: Reading the layout walks most of vmlinux BTF (task_struct, net): cached per boot.
 LAYOUT_CACHE = layout_cache(
@@ -113,6 +115,7 @@ class _Loaded:
         capacity: int,
         sizes: list[tuple[int, int]],
         build: Callable[[list[int]], _Built],
+        global_funcs: frozenset[str] = frozenset(),
     ) -> None:
         self.key, self.capacity = key, capacity
         self.fds: list[int] = []
@@ -124,7 +127,7 @@ class _Loaded:
                 size = (value_size * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
                 self.maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             insns, funcs = build(list(self.fds))
-            self.prog = load_program(insns, funcs=funcs, prog=SOCKET_LOOKUP, global_funcs=GLOBAL_FUNCS)
+            self.prog = load_program(insns, funcs=funcs, prog=SOCKET_LOOKUP, global_funcs=global_funcs)
             self.fds.append(self.prog)
         except BaseException:
             self.close()
@@ -149,6 +152,7 @@ def _loaded(
     n: int,
     sizes: Callable[[int], list[tuple[int, int]]],
     build: Callable[[list[int]], _Built],
+    global_funcs: frozenset[str] = frozenset(),
 ) -> _Loaded:
     """The kept program ``name`` if made for ``key`` with room for ``n`` entries, else a new one
     (the old one closed). Called with _LOCK held."""
@@ -159,7 +163,7 @@ def _loaded(
         del _LOADED[name]
         got.close()
     cap = max(1024, 1 << (n - 1).bit_length())
-    got = _LOADED[name] = _Loaded(key, cap, sizes(cap), build)
+    got = _LOADED[name] = _Loaded(key, cap, sizes(cap), build, global_funcs)
     return got
 
 
@@ -337,6 +341,8 @@ _LAST_SAME = b""
 
 
 def _elsewhere(netns: int | None) -> Unavailable | None:
+    from rebind.kernel.bpf.sockiter import current_netns
+
     here = current_netns() if netns is not None else None
     if here is not None and here != netns:
         return Unavailable(f"the bind hash is read for this thread's network namespace ({here}), not {netns}")
@@ -372,6 +378,8 @@ def read_port_owners(port: int, limit: int, *, netns: int | None = None) -> Port
     The records also carry a full socket's inode and a TIME_WAIT's jiffies left, in two fields
     only UDP's iterator fills (bindowners.EXTRA_*), left out of the SockStates here:
     kernel/bindhash_table.py reads them (`rebind trace`'s snapshot)."""
+    from rebind.kernel.bpf.sockiter import current_netns, load_sock_layout
+
     if not 0 < port < 1 << 16:
         return Unavailable(f"port {port} out of range")
     try:
@@ -389,6 +397,9 @@ def read_port_owners(port: int, limit: int, *, netns: int | None = None) -> Port
 
 def _run_owners(lay: BindHashLayout, sock: SockLayout, port: int, limit: int) -> tuple[bytes, bytes]:
     """One test run of the owners program: (the state map's value, the records written)."""
+    from rebind.kernel.bpf.bindowners import OwnerState
+    from rebind.kernel.bpf.socklayout import RECORD
+
     S = OwnerState
     with _LOCK:
         run = _owners_loaded(lay, sock, limit)
@@ -408,12 +419,16 @@ def _run_owners(lay: BindHashLayout, sock: SockLayout, port: int, limit: int) ->
 
 
 def _owners_loaded(lay: BindHashLayout, sock: SockLayout, limit: int) -> _Loaded:
+    from rebind.kernel.bpf.bindowners import GLOBAL_FUNCS, OwnerState, build_owners_program
+    from rebind.kernel.bpf.socklayout import RECORD
+
     return _loaded(
         "owners",
         (lay, sock),
         limit,
         lambda cap: [(OwnerState.SIZE, 1), (RECORD.size, cap)],
         lambda fds: build_owners_program(lay, sock, fds[0], fds[1]),
+        GLOBAL_FUNCS,
     )
 
 
@@ -421,6 +436,8 @@ def prepare_port_owners(limit: int) -> Unavailable | None:
     """Load the owners program and its maps for ``limit`` records ahead of the first
     read_port_owners (a tracer's set-up: the verifier's few ms and the records map's allocation
     -- 144 bytes a record -- are then not in the snapshot's time). None when ready, else why not."""
+    from rebind.kernel.bpf.sockiter import load_sock_layout
+
     try:
         check_bpf_environment(honour_no_bpf=True)
         lay, sock = load_layout(), load_sock_layout()
@@ -451,7 +468,9 @@ def _owners_and_rows(
 ) -> tuple[PortOwners, list[tuple[Any, ...]], BulkDecoder]:
     """The PortOwners, and the raw rows of its sockets (in order) with their decoder, for
     readers of the record's extra fields (:mod:`rebind.kernel.bindhash_table`)."""
+    from rebind.kernel.bpf.bindowners import STEPS_EXHAUSTED, OwnerState
     from rebind.kernel.bpf.sockdecode import BulkDecoder
+    from rebind.kernel.bpf.socklayout import RECORD
 
     dec = BulkDecoder(Proto.TCP)
     decode, fi, li, ci, ui = dec.decode, dec.faults, dec.lport, dec.cookie, dec.uid

@@ -26,31 +26,79 @@ consumers, capacity), ``fixes`` (ranked fixes, the widened range), ``evaluate``
 
 from __future__ import annotations
 
-from rebind.model.addr import parse_source, parse_target
-from rebind.model.connect.evaluate import evaluate_connect
-from rebind.model.connect.facts import (
-    TIME_WAIT_MS,
-    ConnectSettings,
-    PortHolder,
-    RangeBuckets,
-    summary_suffices,
-)
-from rebind.model.connect.fixes import widened_range
-from rebind.model.connect.outcome import (
-    Accounting,
-    Capacity,
-    ConnectOutcome,
-    ConnectResult,
-    Consumer,
-    Fix,
-    PortUse,
-    Stage,
-    TimeWaitInfo,
-    Verdict,
-)
-from rebind.model.connect.request import ConnectRequest, fmt_endpoint
-from rebind.model.connect.rules import effective_range
-from rebind.model.ephemeral import ephemeral_overlap_warning
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rebind.model.addr import parse_source, parse_target
+    from rebind.model.connect.evaluate import evaluate_connect
+    from rebind.model.connect.facts import (
+        TIME_WAIT_MS,
+        ConnectSettings,
+        PortHolder,
+        RangeBuckets,
+        summary_suffices,
+    )
+    from rebind.model.connect.fixes import widened_range
+    from rebind.model.connect.outcome import (
+        Accounting,
+        Capacity,
+        ConnectOutcome,
+        ConnectResult,
+        Consumer,
+        Fix,
+        PortUse,
+        Stage,
+        TimeWaitInfo,
+        Verdict,
+    )
+    from rebind.model.connect.request import ConnectRequest, fmt_endpoint
+    from rebind.model.connect.rules import effective_range
+    from rebind.model.ephemeral import ephemeral_overlap_warning
+
+#: Where each public name lives. The package imports nothing until a name is asked for: the
+#: `why --connect` prefetch thread needs the request alone before its first kernel call, not
+#: the whole model and the bind model behind it (docs/benchmarks.md, 2026-12-06).
+_HOME = {
+    "parse_source": "rebind.model.addr",
+    "parse_target": "rebind.model.addr",
+    "evaluate_connect": "rebind.model.connect.evaluate",
+    "TIME_WAIT_MS": "rebind.model.connect.facts",
+    "ConnectSettings": "rebind.model.connect.facts",
+    "PortHolder": "rebind.model.connect.facts",
+    "RangeBuckets": "rebind.model.connect.facts",
+    "summary_suffices": "rebind.model.connect.facts",
+    "widened_range": "rebind.model.connect.fixes",
+    **dict.fromkeys(
+        (
+            "Accounting",
+            "Capacity",
+            "ConnectOutcome",
+            "ConnectResult",
+            "Consumer",
+            "Fix",
+            "PortUse",
+            "Stage",
+            "TimeWaitInfo",
+            "Verdict",
+        ),
+        "rebind.model.connect.outcome",
+    ),
+    "ConnectRequest": "rebind.model.connect.request",
+    "fmt_endpoint": "rebind.model.connect.request",
+    "effective_range": "rebind.model.connect.rules",
+    "ephemeral_overlap_warning": "rebind.model.ephemeral",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "TIME_WAIT_MS",

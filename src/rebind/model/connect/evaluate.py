@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from rebind.model import conflict as bindmodel
 from rebind.model.connect.accounting import accounting_of, capacity_of, consumers_of, time_waits_of
 from rebind.model.connect.facts import ConnectSettings, PortHolder, RangeBuckets, summary_suffices
 from rebind.model.connect.fixes import rank_fixes
@@ -30,6 +30,9 @@ from rebind.model.connect.outcome import (
 from rebind.model.connect.request import ConnectRequest, connect_source, fmt_endpoint, norm_addr
 from rebind.model.connect.rules import PortMap, effective_range
 from rebind.model.records import IPAddress, Proto
+
+if TYPE_CHECKING:
+    from rebind.model import conflict as bindmodel
 
 
 def evaluate_connect(

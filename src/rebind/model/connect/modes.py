@@ -7,8 +7,8 @@ range's :class:`PortMap`."""
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
 
-from rebind.model import conflict as bindmodel
 from rebind.model.connect.facts import ConnectSettings, PortHolder, RangeBuckets
 from rebind.model.connect.outcome import (
     EADDRINUSE,
@@ -32,6 +32,9 @@ from rebind.model.connect.rules import (
 from rebind.model.connect.tw import tw_reuse_check
 from rebind.model.records import IPAddress, Proto
 
+if TYPE_CHECKING:
+    from rebind.model import conflict as bindmodel
+
 
 def source_problem(
     req: ConnectRequest, bind_settings: bindmodel.KernelSettings | None
@@ -44,6 +47,8 @@ def source_problem(
         return None
     if req.local_port is None and not req.bind_before_connect:
         return None
+    from rebind.model import conflict as bindmodel  # imported where used: a plain request needs none
+
     breq = bindmodel.BindRequest(proto=req.proto, addr=req.src, port=0, reuseaddr=req.reuseaddr, listen=False)
     bo = bindmodel.evaluate(breq, (), bind_settings)
     if bo.verdict is bindmodel.Verdict.OK or bo.errno != EADDRNOTAVAIL:
@@ -80,9 +85,12 @@ def uses_own_choice(
     if buckets is not None:
         held, bind_made = buckets.held, buckets.bind_made
     shared, bound, reserved = PortUse.SHARED, PortUse.BIND_BEFORE_CONNECT, PortUse.RESERVED
+    # the uses below that are never FREE go straight into the map (as uses[p] = ... would put
+    # them, in the same order): most of a busy range's ports, one dict store each
+    special, reserved_ports = uses.special, settings.reserved
     for p in _special_ports(by_port, settings, lo, hi, held):
-        if p in settings.reserved:
-            uses[p] = reserved
+        if p in reserved_ports:
+            special[p] = reserved
             continue
         on = by_port.get(p, ())
         made = (p in bind_made) if p in held else None
@@ -90,7 +98,7 @@ def uses_own_choice(
             # A held port no holder was read for: its bucket alone decides (a connect()-made
             # one is shared: no holder means no socket to this destination on it). Most ports
             # of a busy range: no per-port classification.
-            uses[p] = bound if made else shared
+            special[p] = bound if made else shared
             continue
         if assume_ambiguous is not None:
             uses[p] = classify_own_choice(req, src, on, settings, assume_ambiguous, made)[0]
@@ -275,6 +283,8 @@ def fixed_port(
     port = req.local_port
     on = by_port.get(port, [])
     bind_addr = req.src if req.src is not None else src
+    from rebind.model import conflict as bindmodel  # imported where used: a plain request needs none
+
     breq = bindmodel.BindRequest(
         proto=Proto.TCP, addr=bind_addr, port=port, reuseaddr=req.reuseaddr, uid=0, listen=False
     )
@@ -359,6 +369,8 @@ def udp_port(
             if req.src is not None
             else (IPv4Address("0.0.0.0") if req.dst.version == 4 else IPv6Address("::"))
         )
+        from rebind.model import conflict as bindmodel  # imported where used: a plain request needs none
+
         breq = bindmodel.BindRequest(
             proto=Proto.UDP,
             addr=bind_addr,

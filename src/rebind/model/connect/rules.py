@@ -9,13 +9,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import IPv6Address
+from typing import TYPE_CHECKING
 
-from rebind.model.conflict.addresses import KAddr, bound_kaddr, rcv_saddr_equal
 from rebind.model.connect.facts import ConnectSettings, PortHolder
 from rebind.model.connect.outcome import PortUse
 from rebind.model.connect.request import ConnectRequest, norm_addr
 from rebind.model.connect.tw import tw_reuse_check
 from rebind.model.records import IPAddress, SocketRecord, State
+
+if TYPE_CHECKING:
+    from rebind.model.conflict.addresses import KAddr
 
 #: States of a live connection (docs/connect-rules.md "live connection"): they own a 4-tuple.
 LIVE_STATES = frozenset(
@@ -90,6 +93,8 @@ def _holder_kaddr(h: PortHolder) -> KAddr:
     model's holders are built the same way (``conflict/addresses._kaddr``); what is this
     model's own is the guess of an unknown ipv6only below.
     """
+    from rebind.model.conflict.addresses import bound_kaddr  # the bind model, where it is used
+
     r = h.socket
     if r.v6only is not None:
         v6only = r.v6only
@@ -108,7 +113,13 @@ def _holder_kaddr(h: PortHolder) -> KAddr:
 def _addr_overlap(new: IPAddress, new_v6only: bool, h: PortHolder) -> bool:
     """inet_rcv_saddr_equal(new, holder, true): the new socket as bind() leaves it (a specific
     IPv6 address forces ipv6only; [::] keeps ``new_v6only``)."""
+    from rebind.model.conflict.addresses import bound_kaddr, rcv_saddr_equal
+
     return rcv_saddr_equal(bound_kaddr(new, new_v6only), _holder_kaddr(h))
+
+
+#: The uses a connect() cannot take (PortUse.usable false), for the passes over every stored port.
+_UNUSABLE = frozenset(u for u in PortUse if not u.usable)
 
 
 class PortMap:
@@ -159,7 +170,7 @@ class PortMap:
 
     def usable_count(self, *, parity_of_lo: bool = False) -> int:
         n = (self.total + 1) // 2 if parity_of_lo else self.total
-        return n - sum(k for u, k in self._tallied(parity_of_lo).items() if not u.usable)
+        return n - sum(k for u, k in self._tallied(parity_of_lo).items() if u in _UNUSABLE)
 
     def count(self, use: PortUse, *, parity_of_lo: bool = False) -> int:
         tally = self._tallied(parity_of_lo)
@@ -170,7 +181,8 @@ class PortMap:
 
     def unusable_in(self, a: int, b: int) -> int:
         """Stored ports of [a, b] that are not usable."""
-        return sum(1 for p, u in self.special.items() if a <= p <= b and not u.usable)
+        unusable = _UNUSABLE
+        return sum(1 for p, u in self.special.items() if u in unusable and a <= p <= b)
 
     def usable_ports(self, limit: int = 3) -> list[int]:
         """A few usable ports, for messages."""
@@ -184,7 +196,12 @@ class PortMap:
 
     def interior_usable(self) -> bool:
         interior = max(self.total - 2, 0)
-        bad = sum(1 for p, u in self.special.items() if not u.usable and self.lo < p < self.hi)
+        if not interior:
+            return False
+        # the stored unusable ports (tallied) but the two ends
+        unusable, get = _UNUSABLE, self.special.get
+        bad = sum(k for u, k in self._tallied(False).items() if u in unusable)
+        bad -= (get(self.lo) in unusable) + (get(self.hi) in unusable)
         return interior - bad > 0
 
 
