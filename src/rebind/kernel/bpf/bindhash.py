@@ -468,7 +468,6 @@ def _owners_and_rows(
 ) -> tuple[PortOwners, list[tuple[Any, ...]], BulkDecoder]:
     """The PortOwners, and the raw rows of its sockets (in order) with their decoder, for
     readers of the record's extra fields (:mod:`rebind.kernel.bindhash_table`)."""
-    from rebind.kernel.bpf.bindowners import STEPS_EXHAUSTED, OwnerState
     from rebind.kernel.bpf.sockdecode import BulkDecoder
     from rebind.kernel.bpf.socklayout import RECORD
 
@@ -486,6 +485,8 @@ def port_owners(
     """The PortOwners of a run whose state map is ``state``, of ``records`` records of which
     ``sockets`` were kept (the others faulted, or were of another port: a socket reused
     mid-walk)."""
+    from rebind.kernel.bpf.bindowners import STEPS_EXHAUSTED, OwnerState
+
     S = OwnerState
     flags, buckets, bind2, skipped = (
         _U32.unpack_from(state, at)[0] for at in (S.FLAGS, S.BUCKETS, S.BIND2, S.SKIPPED)
