@@ -20,7 +20,6 @@ from rebind.model.connect import (
     ConnectResult,
     Stage,
     Verdict,
-    evaluate_connect,
     fmt_endpoint,
 )
 from rebind.model.records import IPAddress, Proto
@@ -161,15 +160,7 @@ def diagnose_request(
     from rebind.kernel.connect_facts import gather
 
     facts = gather(req, owners=owners, summary=True, first=connect_prefetch.take(req))
-    res = evaluate_connect(
-        req,
-        facts.holders,
-        facts.settings,
-        route_src=facts.source,
-        bind_settings=facts.bind_settings,
-        servers=facts.servers,
-        buckets=facts.buckets,
-    )
+    res = facts.evaluate(req)
     pr = None
     if with_probe:
         p = probe(res.request)

@@ -17,22 +17,14 @@ from collections.abc import Iterator
 import pytest
 
 from rebind.kernel.connect_facts import gather
-from rebind.model.connect import ConnectRequest, evaluate_connect
+from rebind.model.connect import ConnectRequest
 from rebind.render.connect import result_json
 from tests.kernel.test_connect_kernel import bpf_works, write
 
 
 def _evaluate(req: ConnectRequest, summary: bool) -> tuple[dict[str, object], int, bool]:
     facts = gather(req, owners=True, summary=summary)
-    res = evaluate_connect(
-        req,
-        facts.holders,
-        facts.settings,
-        route_src=facts.source,
-        bind_settings=facts.bind_settings,
-        servers=facts.servers,
-        buckets=facts.buckets,
-    )
+    res = facts.evaluate(req)
     doc = result_json(res)
     for t in doc["time_wait_to_destination"]:
         t["left_ms"] = None  # a time: the two reads are apart

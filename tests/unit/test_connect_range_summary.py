@@ -152,3 +152,25 @@ def test_first_dump_is_not_started_where_the_bind_hash_path_cannot_run(monkeypat
     assert not worth_starting(ConnectRequest.create("127.0.0.1", 80))
     monkeypatch.delenv("REBIND_NO_BPF")
     assert not worth_starting(ConnectRequest.create("127.0.0.1", 80, proto="udp"))
+
+
+def test_facts_evaluate_judges_with_the_buckets():
+    """Every reader judges gathered facts through ConnectFacts.evaluate: with the summary's
+    holders alone (no buckets) the range's shared ports would read as free."""
+    from rebind.kernel.connect_facts import ConnectFacts
+    from rebind.model.records import OwnerScanReport
+
+    _, named, buckets = _range()
+    st = settings(40000, 40007, tw_reuse=1, tw_reuse_delay_ms=1)
+    src = named[0].socket.local.addr
+    facts = ConnectFacts(st, src, tuple(named), OwnerScanReport(), buckets=buckets, servers=frozenset())
+    got = facts.evaluate(req()).accounting.counts
+    assert (
+        got
+        == evaluate_connect(
+            req(), named, st, route_src=src, buckets=buckets, servers=frozenset()
+        ).accounting.counts
+    )
+    assert got["shared"] == 2 and got["free"] == 1
+    blind = evaluate_connect(req(), named, st, route_src=src).accounting.counts
+    assert blind != got  # without the buckets: another answer

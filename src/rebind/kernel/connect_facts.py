@@ -62,6 +62,7 @@ from rebind.model.records import (
 if TYPE_CHECKING:
     from rebind.kernel.connect_dump import FirstDump
     from rebind.model.conflict import KernelSettings
+    from rebind.model.connect import ConnectResult
 
 
 def connect_settings(root: str = "/proc") -> ConnectSettings:
@@ -160,6 +161,22 @@ class ConnectFacts:
     #: The range's ports from the bind hash (gather(summary=True) where it could be read):
     #: ``holders`` are then only the sockets the answer names; pass it to evaluate_connect.
     buckets: RangeBuckets | None = None
+
+    def evaluate(self, req: ConnectRequest) -> ConnectResult:
+        """The model's answer for ``req`` from everything gathered. One call for every reader
+        (`why --connect`, `rebind trace`'s failing connects): with ``summary`` the holders are
+        only the named sockets, and judged without ``buckets`` the range would look free."""
+        from rebind.model.connect import evaluate_connect
+
+        return evaluate_connect(
+            req,
+            self.holders,
+            self.settings,
+            route_src=self.source,
+            bind_settings=self.bind_settings,
+            servers=self.servers,
+            buckets=self.buckets,
+        )
 
 
 def split_servers(

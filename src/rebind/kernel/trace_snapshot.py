@@ -179,7 +179,7 @@ _FIRST_USE = (
 
 def _connect_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
     from rebind.kernel.connect_facts import gather
-    from rebind.model.connect import ConnectRequest, evaluate_connect
+    from rebind.model.connect import ConnectRequest
 
     if ev.proto is None or ev.addr is None or ev.port == 0:
         return unavailable("not a TCP or UDP connect() to an inet address")
@@ -200,7 +200,7 @@ def _connect_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
         reuseaddr=ev.reuseaddr,
     )
     facts = gather(req, owners=owners, summary=True)  # the range from the bind hash where it can be
-    return from_connect(evaluate_connect(req, facts.holders, facts.settings, route_src=facts.source))
+    return from_connect(facts.evaluate(req))
 
 
 def snapshot(ev: TraceEvent, *, owners: bool = True, bindhash: bool = True) -> Snapshot:
