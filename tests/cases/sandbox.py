@@ -21,7 +21,6 @@ import os
 import pty
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -280,16 +279,32 @@ class Sandbox:
                 continue
             pid = self.pid(u)
             if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill_tree(pid)
         if self.anchor is not None:
             self.anchor.kill()
             self.anchor.wait(5)
             for s in (self.anchor.stdout, self.anchor.stderr):
                 if s:
                     s.close()
+
+
+def _kill_tree(pid: int) -> None:
+    """End a unit's daemon and every process it started (nginx's and apache's workers, which
+    outlive a SIGKILLed master as orphans of init), the children gathered before the parent dies,
+    then wait for all of them."""
+    import psutil
+
+    try:
+        top = psutil.Process(pid)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
 
 
 @contextmanager
