@@ -28,13 +28,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -43,6 +39,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(BENCH))
 
 from ls import Namespace, start_load, stop_load  # noqa: E402
+from sockiter import timed  # noqa: E402  (bench/sockiter.py)
+from whyperf import make_timewaits  # noqa: E402  (bench/whyperf.py)
 
 from rebind.exporter import bytecode as bc  # noqa: E402
 from rebind.exporter import fastdiag  # noqa: E402
@@ -59,29 +57,6 @@ from rebind.sockets import socket_table  # noqa: E402
 TIMEWAITS = 11_000
 OWNER_PORTS = {8080: "one listener", 9000: "TIME_WAITs"}
 LIMIT = 1 << 16
-
-
-def timed(fn: Callable[[], object], runs: int) -> tuple[float, float, float, float, object]:
-    """(best wall, median wall, best cpu, median cpu) in ms, and the last result."""
-    walls, cpus = [], []
-    out: object = None
-    for _ in range(runs):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append((time.perf_counter() - w0) * 1e3)
-        cpus.append((time.process_time() - c0) * 1e3)
-    return min(walls), statistics.median(walls), min(cpus), statistics.median(cpus), out
-
-
-def make_timewaits(port: int, n: int) -> None:
-    """n server-side TIME_WAITs on 127.0.0.1:port (the server closes first), as mkload.py does."""
-    srv = socket.create_server(("127.0.0.1", port), backlog=4096)
-    for _ in range(n):
-        c = socket.create_connection(("127.0.0.1", port))
-        s, _ = srv.accept()
-        s.close()
-        c.close()
-    srv.close()
 
 
 def port_range() -> tuple[int, int]:
