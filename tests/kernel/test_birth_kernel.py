@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,28 +224,28 @@ def test_a_map_in_a_directory_others_can_write_is_not_read(
         os.chmod(installed, 0o700)
 
 
+def _trace_one_without_owners(procs: Procs, netns: int) -> subprocess.Popen[str]:
+    """`rebind trace --json --no-owners` for one event in ``netns``, tracing already."""
+    argv = [sys.executable, "-m", "rebind", "trace", "--json", "--no-owners", "--netns", str(netns)]
+    t = procs.start([*argv, "--count", "1"])
+    assert t.stderr is not None and "tracing" in t.stderr.readline()
+    return t
+
+
+def _failing_bind_seen(t: subprocess.Popen[str], port: int) -> dict[str, Any]:
+    """A bind of 127.0.0.1:``port`` that fails, and the event ``t`` printed for it."""
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", port))
+    out, _err = t.communicate(timeout=60)
+    doc: dict[str, Any] = json.loads(out.splitlines()[0])
+    return doc
+
+
 def test_trace_without_owner_scan_names_the_binder(installed: str, netns: int, procs: Procs) -> None:
     """`rebind trace --no-owners` skips the owner scan; the blocker still has a name."""
-    t = procs.start(
-        [
-            sys.executable,
-            "-m",
-            "rebind",
-            "trace",
-            "--json",
-            "--no-owners",
-            "--netns",
-            str(netns),
-            "--count",
-            "1",
-        ]
-    )
-    assert t.stderr is not None and "tracing" in t.stderr.readline()
+    t = _trace_one_without_owners(procs, netns)
     binder, _ = _bind_fork_exit(procs, 8186)
-    with socket.socket() as s, pytest.raises(OSError):
-        s.bind(("127.0.0.1", 8186))
-    out, _err = t.communicate(timeout=60)
-    doc = json.loads(out.splitlines()[0])
+    doc = _failing_bind_seen(t, 8186)
     assert doc["port"] == 8186 and f"(bound by binder-a[{binder}] at " in doc["snapshot"]["reason"]
 
 
@@ -275,29 +276,12 @@ def test_trace_without_owner_scan_names_a_connection_s_binder(
     """A connection whose port bind() named blocks the bind. The bind hash's records carry no
     certificate and a LISTEN-only dump cannot give this one, so the snapshot takes the dumps
     (kernel/trace_bindhash.py: _with_births) rather than show the blocker without its name."""
-    t = procs.start(
-        [
-            sys.executable,
-            "-m",
-            "rebind",
-            "trace",
-            "--json",
-            "--no-owners",
-            "--netns",
-            str(netns),
-            "--count",
-            "1",
-        ]
-    )
-    assert t.stderr is not None and "tracing" in t.stderr.readline()
+    t = _trace_one_without_owners(procs, netns)
     p = procs.python(BIND_CONNECT_FORK_EXIT.format(port=8187))
     binder, holder = (int(x) for x in procs.wait_line(p).split())
     procs.adopt(holder)
     p.wait(10)
-    with socket.socket() as s, pytest.raises(OSError):
-        s.bind(("127.0.0.1", 8187))
-    out, _err = t.communicate(timeout=60)
-    doc = json.loads(out.splitlines()[0])
+    doc = _failing_bind_seen(t, 8187)
     assert doc["port"] == 8187 and f"(bound by binder-a[{binder}] at " in doc["snapshot"]["reason"]
 
 
