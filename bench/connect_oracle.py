@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", type=int, default=50, help="print at most this many disagreements")
     ap.add_argument(
         "--blind",
-        choices=("no", "summary", "sockets"),
+        choices=("no", "summary", "lookups", "sockets"),
         default="no",
         help="feed the model what `why --connect` reads instead of the ground truth: the range "
-        "from the bind hash (summary, as the CLI) or every socket of it (sockets)",
+        "from the bind hash (summary, as the CLI), that with the named sockets by lookups "
+        "(lookups, as `rebind trace`) or every socket of it (sockets)",
     )
     args = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -34,7 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     skipped = 0
     n = 0
     blind = args.blind != "no"
-    for c in run_scenarios(args.scenarios, args.seed, blind=blind, summary=args.blind == "summary"):
+    lookups = args.blind == "lookups"
+    if lookups:
+        from rebind.kernel.bindhash_table import calibrate_hz
+
+        if calibrate_hz() is None:
+            print("HZ could not be calibrated: the lookups cannot run here", file=sys.stderr)
+            return 2
+    summary = args.blind in ("summary", "lookups")
+    for c in run_scenarios(args.scenarios, args.seed, blind=blind, summary=summary, lookups=lookups):
         n += 1
         if c.skipped:
             skipped += 1

@@ -442,14 +442,15 @@ def _peer(s: socket.socket) -> Endpoint:
         return Endpoint(ip_address("::" if s.family == socket.AF_INET6 else "0.0.0.0"), 0)
 
 
-def run_one(sc: Scenario, *, blind: bool = False, summary: bool = True) -> Check:
+def run_one(sc: Scenario, *, blind: bool = False, summary: bool = True, lookups: bool = False) -> Check:
     """Build ``sc`` in a fresh network namespace, predict, then connect() for real.
 
     ``blind``: the model gets what `rebind why --connect` reads (kernel/connect_facts.gather:
     no ground truth about how each port was taken); its answer must then never be better than
     the kernel's (the worst case, issue 17). ``summary``: as the CLI reads it, the range's
     ports from the bind hash where the request allows (gather(summary=True)); False: every
-    socket of the range, one by one."""
+    socket of the range, one by one. ``lookups``: with ``summary``, the named sockets by lookups
+    and bucket walks (kernel/connect_lookup.py, `rebind trace`'s way) where they can be."""
     from rebind.connect_diagnosis import probe
     from rebind.kernel.connect_facts import connect_settings, route_source
     from rebind.kernel.netns import private_netns
@@ -469,7 +470,7 @@ def run_one(sc: Scenario, *, blind: bool = False, summary: bool = True) -> Check
         if blind:
             from rebind.kernel.connect_facts import gather
 
-            facts = gather(req, owners=True, settings=settings, summary=summary)
+            facts = gather(req, owners=True, settings=settings, summary=summary, lookups=lookups)
             res = evaluate_connect(
                 req,
                 facts.holders,
@@ -495,8 +496,8 @@ def run_one(sc: Scenario, *, blind: bool = False, summary: bool = True) -> Check
 
 
 def run_scenarios(
-    n: int, seed: int, *, start: int = 0, blind: bool = False, summary: bool = True
+    n: int, seed: int, *, start: int = 0, blind: bool = False, summary: bool = True, lookups: bool = False
 ) -> Iterator[Check]:
     rng = random.Random(seed)
     for i in range(start, start + n):
-        yield run_one(random_scenario(rng, i), blind=blind, summary=summary)
+        yield run_one(random_scenario(rng, i), blind=blind, summary=summary, lookups=lookups)

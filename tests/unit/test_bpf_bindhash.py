@@ -57,6 +57,7 @@ OFFSETS = {
     "inet_bind2_bucket.owners": 64,
     "sock_common.skc_bind_node": 24,
     "sock_common.skc_num": 14,
+    "sock_common.skc_state": 18,
     "sock_common.skc_net": 48,
     "sock_common.skc_cookie": 88,
     "sock.sk_socket": 288,

@@ -170,8 +170,9 @@ class _Run:
     after: int
 
 
-def _run(port: int, limit: int) -> _Run | Unavailable:
-    """One run of the owners program for ``port`` (this thread's network namespace)."""
+def _run(port: int, limit: int, only_state: int = 0) -> _Run | Unavailable:
+    """One run of the owners program for ``port`` (this thread's network namespace);
+    ``only_state``: its sockets in that TCP state alone (0: all)."""
     from rebind.errors import RebindError
     from rebind.kernel.bpf import bindhash as bh
     from rebind.kernel.bpf import btf as btfmod
@@ -185,19 +186,21 @@ def _run(port: int, limit: int) -> _Run | Unavailable:
         lay, sock = bh.load_layout(), load_sock_layout()
         here = current_netns()
         before = time.monotonic_ns()
-        state, data = bh._run_owners(lay, sock, port, bh._limit(limit))
+        state, data = bh._run_owners(lay, sock, port, bh._limit(limit), only_state)
         after = time.monotonic_ns()
     except (OSError, RebindError, btfmod.BTFError) as exc:
         return Unavailable(bh._reason(exc))
     return _Run(here, state, data, before, after)
 
 
-def read_port_sockets(port: int, limit: int) -> PortSockets | Unavailable:
-    """read_port_owners with each socket's extras (this thread's network namespace)."""
+def read_port_sockets(port: int, limit: int, *, only_state: int = 0) -> PortSockets | Unavailable:
+    """read_port_owners with each socket's extras (this thread's network namespace);
+    ``only_state``: only the sockets in that TCP state (skc_state, e.g. TCP_CLOSE for the
+    bound-inactive ones), the others walked past in the kernel."""
     from rebind.kernel.bpf import bindhash as bh
     from rebind.kernel.bpf.bindowners import OwnerState
 
-    run = _run(port, limit)
+    run = _run(port, limit, only_state)
     if isinstance(run, Unavailable):
         return run
     here, state, data, before, after = run.netns, run.state, run.data, run.before, run.after
@@ -219,6 +222,12 @@ def _column(rows: list[tuple[Any, ...]], at: int) -> list[int]:
 #: The calibration's outcome, once it has one: HZ, or None (the rate stayed ambiguous: not
 #: tried again, each snapshot would wait for it).
 _HZ: dict[str, int | None] = {}
+
+
+def known_hz() -> int | None:
+    """HZ if :func:`calibrate_hz` found it already, else None (never waits: a one-shot command
+    would pay its ~0.1 s)."""
+    return _HZ.get("hz")
 
 
 def calibrate_hz(*, wait: float = 0.5) -> int | None:

@@ -292,6 +292,7 @@ def gather(
     settings: ConnectSettings | None = None,
     summary: bool = False,
     first: FirstDump | None = None,
+    lookups: bool = False,
 ) -> ConnectFacts:
     """Read everything :func:`rebind.model.connect.evaluate_connect` needs for ``req``.
 
@@ -301,9 +302,11 @@ def gather(
     are dumped and given owners; otherwise (no BPF, REBIND_NO_BPF=1, a port the read cannot
     vouch for) every socket of the range, as without it. Pass ``buckets`` on to the model.
     ``first``: the first dump (kernel/connect_dump.py) already started for ``req``, else it
-    is started here."""
+    is started here. ``lookups``: with ``summary``, the named sockets come from lookups and bucket
+    walks instead of that dump where they can (kernel/connect_lookup.py: needs HZ calibrated,
+    as `rebind trace` does at its start)."""
     with gc_paused():
-        return _gather(req, owners=owners, settings=settings, summary=summary, first=first)
+        return _gather(req, owners=owners, settings=settings, summary=summary, first=first, lookups=lookups)
 
 
 def _gather(
@@ -313,12 +316,13 @@ def _gather(
     settings: ConnectSettings | None,
     summary: bool,
     first: FirstDump | None = None,
+    lookups: bool = False,
 ) -> ConnectFacts:
     tcp = req.proto is Proto.TCP
     summarize = summary and summary_suffices(
         req.proto, own_choice=req.own_choice, fixed_port=req.local_port is not None
     )
-    if summarize and first is None:
+    if summarize and first is None and not lookups:
         # the first dump needs nothing the bind hash says: its walk runs while the settings and
         # the bind hash are read (kernel/connect_dump.py)
         from rebind.kernel.connect_dump import FirstDump, worth_starting
@@ -329,15 +333,28 @@ def _gather(
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)
     buckets: RangeBuckets | None = None
+    named: list[SocketRecord] | str | None = None
     if summarize:
         from rebind.kernel.connect_range import range_buckets
 
-        got = range_buckets(rng)
+        groups = None
+        if lookups:
+            from rebind.kernel.connect_lookup import all_ports
+
+            every = all_ports()
+            groups = None if isinstance(every, str) else every
+        got = range_buckets(rng, groups)
         if isinstance(got, RangeBuckets):
             buckets = got
+            if groups is not None:
+                from rebind.kernel.connect_lookup import named_sockets
+
+                named = named_sockets(req, src, rng, got, groups)
     servers: frozenset[int] | None = None
     try:
-        if buckets is not None:
+        if isinstance(named, list):
+            kept, tcp_servers = split_servers(named, rng, req.local_port)
+        elif buckets is not None:
             from rebind.kernel.connect_dump import bind_made_sockets, dump_tcp, first_bytecode
             from rebind.kernel.connect_range import bind_made_bytecode
 

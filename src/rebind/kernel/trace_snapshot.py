@@ -199,7 +199,8 @@ def _connect_snapshot(ev: TraceEvent, owners: bool) -> Snapshot:
         local_port=ev.local_port or None,
         reuseaddr=ev.reuseaddr,
     )
-    facts = gather(req, owners=owners, summary=True)  # the range from the bind hash where it can be
+    # the range from the bind hash, the named sockets by lookups, where they can be
+    facts = gather(req, owners=owners, summary=True, lookups=True)
     return from_connect(facts.evaluate(req))
 
 

@@ -395,8 +395,12 @@ def read_port_owners(port: int, limit: int, *, netns: int | None = None) -> Port
     return _owners_of(here, port, state, data)
 
 
-def _run_owners(lay: BindHashLayout, sock: SockLayout, port: int, limit: int) -> tuple[bytes, bytes]:
-    """One test run of the owners program: (the state map's value, the records written)."""
+def _run_owners(
+    lay: BindHashLayout, sock: SockLayout, port: int, limit: int, only_state: int = 0
+) -> tuple[bytes, bytes]:
+    """One test run of the owners program: (the state map's value, the records written).
+    ``only_state``: emit only the owners in this TCP state (OwnerState.ONLY_STATE); the walk
+    then passes any number of others, so it gets bpf_loop's every step."""
     from rebind.kernel.bpf.bindowners import OwnerState
     from rebind.kernel.bpf.socklayout import RECORD
 
@@ -406,8 +410,9 @@ def _run_owners(lay: BindHashLayout, sock: SockLayout, port: int, limit: int) ->
         try:
             state, records = run.maps
             head = bytearray(S.SIZE)
-            steps = min(3 * limit + 2 * CHAIN_HOPS + 8, MAX_STEPS)
+            steps = MAX_STEPS if only_state else min(3 * limit + 2 * CHAIN_HOPS + 8, MAX_STEPS)
             struct.pack_into("<III", head, S.PORT, port, limit, steps)
+            struct.pack_into("<I", head, S.ONLY_STATE, only_state)
             state[: S.SIZE] = bytes(head)
             _test_run(run.prog, 1)
             got = state[: S.SIZE]

@@ -53,6 +53,7 @@ MEMBERS: tuple[tuple[str, str, int], ...] = (
     ("inet_bind2_bucket", "owners", 8),
     ("sock_common", "skc_bind_node", 16),
     ("sock_common", "skc_num", 2),
+    ("sock_common", "skc_state", 1),
     ("sock_common", "skc_net", 8),
     ("sock_common", "skc_cookie", 8),
     # what `rebind trace`'s snapshot needs beside the record (bindowners._emit_extras): the

@@ -65,7 +65,11 @@ class OwnerState:
     SKIPPED: Final = 88  # u32: owners not emitted (of another port or net: reused meanwhile)
     HOPS: Final = 92  # u32: chain buckets visited
     JIFFIES: Final = 96  # u64: jiffies_64 when the run began (bpf_jiffies64): HZ calibration
-    SIZE: Final = 104
+    #: u32, set by the caller: 0, or emit only the owners whose skc_state is this one (the
+    #: others are walked, not emitted: a port's bound-inactive sockets among ten thousand
+    #: TIME_WAITs cost the walk, not ten thousand records)
+    ONLY_STATE: Final = 104
+    SIZE: Final = 112
 
 
 class StepFrame:
@@ -236,17 +240,15 @@ def _bind2_step(p: asm.Program, lay: BindHashLayout) -> None:
 
 
 def _owner_step(p: asm.Program, lay: BindHashLayout) -> None:
-    """The bind2 bucket's next owner: checked (its port and net), then emitted (rebind_emit)
-    at records[EMITTED++]; at the list's end, back to the bind2 list."""
+    """The bind2 bucket's next owner: checked (its port and net), passed over if it is not in
+    OwnerState.ONLY_STATE (where set), then emitted (rebind_emit) at records[EMITTED++] unless
+    LIMIT are already; at the list's end, back to the bind2 list."""
     r1, r2, r3, r6, r7, fp = asm.R1, asm.R2, asm.R3, asm.R6, asm.R7, asm.FP
     S = OwnerState
     bind_node = lay["sock_common.skc_bind_node"]
     p.label("s_owner")
     p.load(8, r3, r6, S.OWN)
     p.jump_imm(asm.JEQ, r3, 0, "s_to_bind2")
-    p.load(4, r1, r6, S.EMITTED)
-    p.load(4, r2, r6, S.LIMIT)
-    p.jump_reg(asm.JGE, r1, r2, "s_limit")
     p.mov(r7, r3)
     p.alu_imm(asm.ADD, r7, -bind_node)  # the socket (sock_common first: sockprog.check_layout)
     _copy_or_stop(p, 8, r3, lay["hlist_node.next"])
@@ -262,6 +264,18 @@ def _owner_step(p: asm.Program, lay: BindHashLayout) -> None:
     p.load(8, r1, fp, StepFrame.TB)
     p.load(4, r2, r6, S.PORT)
     p.jump_reg(asm.JNE, r1, r2, "s_skip")
+    p.load(4, r2, r6, S.ONLY_STATE)
+    p.jump_imm(asm.JEQ, r2, 0, "s_emit")
+    p.store_imm(8, fp, StepFrame.TB, 0)
+    _copy_or_stop(p, 1, r7, lay["sock_common.skc_state"])
+    p.load(8, r1, fp, StepFrame.TB)
+    p.load(4, r2, r6, S.ONLY_STATE)
+    p.jump_reg(asm.JNE, r1, r2, "s_next")  # walked, not wanted
+    p.label("s_emit")
+    # the limit counts the records kept: owners walked past never cut the walk short
+    p.load(4, r1, r6, S.EMITTED)
+    p.load(4, r2, r6, S.LIMIT)
+    p.jump_reg(asm.JGE, r1, r2, "s_limit")
     p.mov(r1, r7)
     p.load(4, r2, r6, S.EMITTED)
     p.call_local("emit_owner")
@@ -295,10 +309,7 @@ def _emit(p: asm.Program, lay: BindHashLayout, sock: SockLayout, records_fd: int
         p.store_imm(8, fp, rec + off, 0)
     emit_socket_fields(p, e, sock, tcp=True)
     p.label("emit")
-    _emit_extras(p, lay, e)
-    e.probe_read(rec + REC["cookie"], 8, r7, lay["sock_common.skc_cookie"])
-    p.load(4, r1, fp, rec + REC["sk_uid"])
-    p.store(4, fp, rec + REC["uid"], r1)
+    emit_bind_extras(p, lay, e)
     p.store(4, fp, rec + REC["faults"], r9)
     p.load(8, r1, fp, EmitFrame.INDEX)
     p.store(4, fp, F.KEY, r1)
@@ -313,6 +324,19 @@ def _emit(p: asm.Program, lay: BindHashLayout, sock: SockLayout, records_fd: int
     p.label("e_missing")
     p.mov_imm(r0, 1)
     p.exit()
+
+
+def emit_bind_extras(p: asm.Program, lay: BindHashLayout, e: _Emitter) -> None:
+    """What the owners' records carry beyond the socket programs' fields, for the socket at r7
+    (its record on the stack at SockFrame.RECORD): :func:`_emit_extras`, the cookie as the
+    socket holds it (skc_cookie) and the uid its sk_uid. Shared with the 4-tuple lookups of
+    :mod:`.socklookup` (``extras``), whose records then read as these."""
+    r1, r7, fp = asm.R1, asm.R7, asm.FP
+    rec = SockFrame.RECORD
+    _emit_extras(p, lay, e)
+    e.probe_read(rec + REC["cookie"], 8, r7, lay["sock_common.skc_cookie"])
+    p.load(4, r1, fp, rec + REC["sk_uid"])
+    p.store(4, fp, rec + REC["uid"], r1)
 
 
 #: Where the owners' records carry what the socket programs' RECORD has no field for, in two

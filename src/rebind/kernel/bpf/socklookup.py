@@ -45,6 +45,7 @@ from rebind.model.records import Endpoint, Family, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
 
 if TYPE_CHECKING:
+    from rebind.kernel.bpf.bindhashlayout import BindHashLayout
     from rebind.kernel.bpf.sockdecode import BulkDecoder
 
 HELPER_SK_RELEASE = 86
@@ -63,8 +64,12 @@ REF_SLOT = (SockFrame.RECORD - 8) // 8 * 8  # the referenced socket pointer, spi
 ENTRY_SLOT = REF_SLOT - 8  # the map entry pointer, spilled
 
 
-def build_lookup_program(lay: SockLayout, ctr_fd: int, io_fd: int) -> bytes:
-    """One run: entry = io[ctr[0]++]; sk = bpf_skc_lookup_tcp(tuple); record = sk's fields."""
+def build_lookup_program(
+    lay: SockLayout, ctr_fd: int, io_fd: int, extras: BindHashLayout | None = None
+) -> bytes:
+    """One run: entry = io[ctr[0]++]; sk = bpf_skc_lookup_tcp(tuple); record = sk's fields.
+    ``extras``: the record also gets the owners program's extras (inode, a TIME_WAIT's jiffies
+    left, skc_cookie, sk_uid: bindowners.emit_bind_extras), so it reads as theirs."""
     p = asm.Program()
     e = _Emitter(p, lay)
     r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, fp = (
@@ -110,6 +115,10 @@ def build_lookup_program(lay: SockLayout, ctr_fd: int, io_fd: int) -> bytes:
         p.store_imm(8, fp, rec + off, 0)
     emit_socket_fields(p, e, lay, tcp=True)
     p.label("emit")
+    if extras is not None:
+        from rebind.kernel.bpf.bindowners import emit_bind_extras
+
+        emit_bind_extras(p, extras, e)
     p.store(4, fp, rec + REC["faults"], r9)
     p.load(8, r1, fp, ENTRY_SLOT)
     p.store_imm(4, r1, FOUND_AT, 1)
@@ -167,7 +176,9 @@ _PORTS = struct.Struct(">HH")
 _LEAD = f"{FOUND_AT}xI{RECORD_AT - FOUND_AT - 4}x"
 
 
-def _run(lay: SockLayout, entries: bytes | bytearray, n: int) -> bytes | Unavailable:
+def _run(
+    lay: SockLayout, entries: bytes | bytearray, n: int, extras: BindHashLayout | None = None
+) -> bytes | Unavailable:
     """One test run over ``n`` map entries (``entries``: their inputs); the entries after it."""
     fds: list[int] = []
     try:
@@ -178,7 +189,7 @@ def _run(lay: SockLayout, entries: bytes | bytearray, n: int) -> bytes | Unavail
         size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
             mem[: ENTRY_SIZE * n] = entries
-            insns = build_lookup_program(lay, ctr, io)
+            insns = build_lookup_program(lay, ctr, io, extras)
             prog = load_program(insns, prog=SOCKET_LOOKUP)
             fds.append(prog)
             _test_run(prog, n)
@@ -329,3 +340,63 @@ def _is(dec: BulkDecoder, v: tuple[Any, ...], t: SocketRecord, want: _Expect) ->
     if fam == Family.INET:
         return bool(v[dec.rcv] == local and v[dec.daddr] == remote)
     return bool(v[dec.rcv6] == local and v[dec.daddr6] == remote)
+
+
+#: A peer lookup's found socket: its SockState, its inode (0: a TIME_WAIT or an orphan) and, for
+#: a TIME_WAIT, its timer's jiffies left (bindowners' extras).
+PeerSocket = tuple[SockState, int, int]
+
+
+def lookup_peer_sockets(
+    lay: SockLayout,
+    extras: BindHashLayout,
+    local: IPv4Address | IPv6Address,
+    remote: IPv4Address | IPv6Address,
+    rport: int,
+    ports: Sequence[int],
+) -> list[PeerSocket] | Unavailable:
+    """The sockets of the established hash with the 4-tuple (``local``, p, ``remote``,
+    ``rport``), for each p of ``ports``: what __inet_check_established asks of each port a
+    connect() to that peer tries, found by the same hash lookup (no walk of the table: the
+    inet_diag filter for "connected to the peer" visits every socket of the namespace). A port
+    where the lookup finds nothing, or falls through to a listener (no socket of that 4-tuple),
+    is not in the answer; a record that faulted makes the whole answer Unavailable (a socket
+    freed mid-copy: the caller then walks). The records carry the owners program's extras."""
+    from rebind.kernel.bpf.sockdecode import BulkDecoder
+
+    if not ports:
+        return []
+    l4 = local if isinstance(local, IPv4Address) else local.ipv4_mapped
+    r4 = remote if isinstance(remote, IPv4Address) else remote.ipv4_mapped
+    if l4 is not None and r4 is not None:
+        # a v4-mapped IPv6 socket is hashed by its IPv4 addresses (see _entry)
+        head, size, lb, rb = r4.packed + l4.packed, 12, l4.packed, r4.packed
+    else:
+        lb, rb = IPv6Address(int(local)).packed, IPv6Address(int(remote)).packed
+        head, size = rb + lb, TUPLE_SIZE
+    n = len(ports)
+    buf = bytearray(ENTRY_SIZE * n)
+    pack_into, pad = ENTRY_IN.pack_into, bytes(TUPLE_SIZE - len(head) - 4)
+    for i, p in enumerate(ports):
+        pack_into(buf, i * ENTRY_SIZE, head + _PORTS.pack(rport, p) + pad, size)
+    data = _run(lay, buf, n, extras)
+    if isinstance(data, Unavailable):
+        return data
+    dec = BulkDecoder(Proto.TCP, lead=_LEAD, trail=ENTRY_SIZE - RECORD_AT - RECORD.size)
+    want_dport = rport.to_bytes(2, "big")
+    fam_i, lp_i, dp_i, f_i = dec.family, dec.lport, dec.dport, dec.faults
+    out: list[PeerSocket] = []
+    for i, (p, v) in enumerate(zip(ports, dec.rows(data), strict=True)):
+        if not v[0]:
+            continue
+        if v[f_i]:
+            return Unavailable(f"the socket on port {p} changed while it was read")
+        if v[lp_i] != p or v[dp_i] != want_dport:
+            continue  # fell through to a listener of the port: nothing holds this 4-tuple
+        if v[fam_i] == Family.INET:
+            if len(lb) != 4 or v[dec.rcv] != lb or v[dec.daddr] != rb:
+                continue
+        elif v[dec.rcv6] != _as16(lb) or v[dec.daddr6] != _as16(rb):
+            continue
+        out.append((dec.decode(v, data, i, v[dec.cookie], v[dec.uid]), v[dec.bucket], v[dec.chain_after]))
+    return out

@@ -1,0 +1,197 @@
+"""The sockets a TCP connect()'s answer names, found by lookups instead of a walk of the table
+(issue 19: a failing connect's snapshot at the 211k-socket table).
+
+Beside the range's bind buckets (kernel/connect_range.py) the bind-hash path of
+kernel/connect_facts.py needs some sockets one by one, and its first inet_diag dump
+(kernel/connect_dump.py) asks for them with a filter the kernel runs on every socket of the
+namespace: ~35 ms for the established hash and ~60 ms for the bind hash's bound-inactive walk at
+bench/mkload.py's table, whatever the answer's size. Each part has a reader that visits only
+what it returns:
+
+- **the sockets to the destination** from the source address the route picks: for each
+  connect()-made port of the range, the 4-tuple looked up in the established hash
+  (kernel/bpf/socklookup.py: bpf_skc_lookup_tcp, the lookup __inet_check_established makes;
+  sockets from other local addresses never take this 4-tuple);
+- **listeners**: inet_diag's LISTEN-only dump walks the listening hash alone;
+- **bound-inactive sockets**: a bind()-made bucket holds each one (inet_csk_update_fastreuse
+  leaves no bucket connect()-made once a bind() joins it), so they are the TCP_CLOSE owners of
+  the bind-made ports (the owners program, kernel/bindhash_table.py, walking past the others);
+  those ports come from every port's bucket, read once (kernel/bpf/bindhash.py, ~13 ms for all
+  65,535 at that table);
+- **the range's bind-made ports and the fixed local port**: every socket of their buckets.
+
+A TIME_WAIT's time left is its timer in jiffies: only where HZ is calibrated
+(bindhash_table.calibrate_hz, done by `rebind trace` at its start). Where any part cannot
+vouch for its answer (no HZ, a chain walk cut short, more bind-made ports than :data:`PORTS_MAX`,
+a record that changed while read, a connection bound to a device) the caller takes the dump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rebind.model.records import IPAddress, SocketRecord
+
+if TYPE_CHECKING:
+    from rebind.model.connect import ConnectRequest, RangeBuckets
+    from rebind.model.sockstate import PortBucket
+
+#: Past this many ports to read owner by owner (the range's bind-made ones, and those outside
+#: it that may hold a bound-inactive socket) the dump is cheaper.
+PORTS_MAX = 64
+#: The most sockets one port's read takes before it gives up (the dump then).
+PORT_LIMIT = 4096
+#: TCP_CLOSE (include/net/tcp_states.h): a bound, unconnected, not listening socket.
+TCP_CLOSE = 7
+#: Cookies given to the looked-up sockets that have none yet (bindhash_table.LOCAL_COOKIE's
+#: range, apart from the per-port reads' indexes).
+_LOOKUP_COOKIE = 1 << 63 | 1 << 62
+
+
+def all_ports() -> list[tuple[PortBucket, list[int]]] | str:
+    """Every TCP port's bind bucket, grouped (read_port_bucket_groups), or why not."""
+    from rebind.kernel.bpf.bindhash import read_port_bucket_groups
+    from rebind.model.sockstate import Unavailable
+
+    got = read_port_bucket_groups(range(1, 1 << 16))
+    return got.reason if isinstance(got, Unavailable) else got
+
+
+def named_sockets(
+    req: ConnectRequest,
+    src: IPAddress,
+    rng: tuple[int, int],
+    buckets: RangeBuckets,
+    groups: Sequence[tuple[PortBucket, list[int]]],
+) -> list[SocketRecord] | str:
+    """What the first dump (and the bind-made ports' reads) would give the bind-hash path, from
+    lookups and bucket walks (see the module docstring), or why it cannot be had so: every
+    listener and bound-inactive socket, every socket on a bind-made port of the range or on the
+    fixed local port, and every socket with the 4-tuple (src, p, dst, dport) for the range's
+    connect()-made ports p. ``groups``: every port's bucket (:func:`all_ports`), ``buckets``
+    the range's judged from them."""
+    from rebind.kernel.bindhash_table import known_hz
+
+    hz = known_hz()
+    if hz is None:
+        return "HZ not calibrated"
+    lo, hi = rng
+    listeners = _listeners()
+    listening = {r.local.port for r in listeners}
+    inside = sorted(p for p in buckets.bind_made if lo <= p <= hi)
+    outside = _bind_made_outside(groups, rng, listening, req.local_port)
+    if isinstance(outside, str):
+        return outside
+    if len(inside) + len(outside) > PORTS_MAX:
+        return f"{len(inside) + len(outside)} bind-made ports to read one by one"
+    out: list[SocketRecord] = list(listeners)
+    for p in outside:
+        got = _port(p, hz, TCP_CLOSE)
+        if isinstance(got, str):
+            return got
+        out += got
+    fixed = req.local_port
+    for p in inside:
+        got = _port(p, hz, 0)
+        if isinstance(got, str):
+            return got
+        # as the dump's filter: a time-wait entry of a bind-made port only if it is to the
+        # destination (the port is decided by its bucket; the entry names the 4-tuple) -- but
+        # every socket of the fixed local port (the bind rules judge each, C17/C19)
+        out += [r for r in got if p == fixed or not r.is_mini or _to(r, req)]
+    if fixed is not None and fixed not in inside:
+        got = _port(fixed, hz, 0)
+        if isinstance(got, str):
+            return got
+        out += got
+    peers = _to_destination(req, src, sorted(buckets.held - buckets.bind_made), hz)
+    if isinstance(peers, str):
+        return peers
+    out += peers
+    return _unique(out)
+
+
+def _listeners() -> list[SocketRecord]:
+    """Every TCP listener of the namespace, both families (the listening hash's walk alone)."""
+    from rebind.kernel import diag
+    from rebind.model.records import Proto, State
+
+    with diag.DiagSocket() as d:
+        return list(d.dump(None, Proto.TCP, [State.LISTEN]))
+
+
+def _to(r: SocketRecord, req: ConnectRequest) -> bool:
+    return r.remote.port == req.dport and r.remote.addr == req.dst
+
+
+def _bind_made_outside(
+    groups: Sequence[tuple[PortBucket, list[int]]],
+    rng: tuple[int, int],
+    listening: set[int],
+    fixed: int | None,
+) -> list[int] | str:
+    """The ports outside the range whose bucket bind() made and no listener holds: where a
+    bound-inactive socket may be (a server's port the answer's "widen the range" must spare)."""
+    lo, hi = rng
+    out: list[int] = []
+    for b, ports in groups:
+        whole = b.known and b.buckets <= 1
+        if whole and (not b.exists or b.connect_made):
+            continue  # free, or connect()-made (no bind() joined it): the range's many, skipped whole
+        for p in ports:
+            if lo <= p <= hi or p in listening or p == fixed:
+                continue
+            if not whole:
+                return f"port {p}: its bind bucket could not be read whole"
+            out.append(p)
+    return sorted(out)
+
+
+def _port(port: int, hz: int, only_state: int) -> list[SocketRecord] | str:
+    """The port's sockets from its bind buckets (``only_state``: in that TCP state alone)."""
+    from rebind.kernel.bindhash_table import problem, read_port_sockets, to_records
+    from rebind.model.sockstate import Unavailable
+
+    got = read_port_sockets(port, PORT_LIMIT, only_state=only_state)
+    if isinstance(got, Unavailable):
+        return got.reason
+    if (why := problem(got.owners)) is not None:
+        return f"port {port}: {why}"
+    return [r for r, _ in to_records(got, hz)]
+
+
+def _to_destination(
+    req: ConnectRequest, src: IPAddress, ports: list[int], hz: int
+) -> list[SocketRecord] | str:
+    """The sockets with the 4-tuple (src, p, dst, dport) for each of ``ports``."""
+    from rebind.kernel.bindhash_table import jiffies_to_ms, to_record
+    from rebind.kernel.bpf.bindhash import load_layout
+    from rebind.kernel.bpf.sockiter import load_sock_layout
+    from rebind.kernel.bpf.socklookup import lookup_peer_sockets
+    from rebind.model.sockstate import SockKind, Unavailable
+
+    got = lookup_peer_sockets(load_sock_layout(), load_layout(), src, req.dst, req.dport, ports)
+    if isinstance(got, Unavailable):
+        return got.reason
+    out: list[SocketRecord] = []
+    for i, (st, inode, left) in enumerate(got):
+        if st.bound_dev_if:
+            # bpf_skc_lookup_tcp matches with the test run's device (lo); the kernel's check with
+            # the new socket's: a device-bound holder is judged from the dump
+            return "a connection bound to a device holds a port of the range"
+        left_ms = jiffies_to_ms(left, hz) if st.kind is SockKind.TIMEWAIT else None
+        out.append(to_record(st, inode, left_ms, st.cookie or _LOOKUP_COOKIE | i))
+    return out
+
+
+def _unique(recs: list[SocketRecord]) -> list[SocketRecord]:
+    """Each socket once (a listener on a bind-made port of the range is read twice)."""
+    seen: set[tuple[object, ...]] = set()
+    out: list[SocketRecord] = []
+    for r in recs:
+        k = (r.state, r.local, r.remote, r.inode)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
