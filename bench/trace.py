@@ -106,18 +106,47 @@ def overhead(netns: int, n: int, rounds: int) -> None:
     print(f"  ratio of medians (with/without): {ratio:.3f}  -> overhead {100 * (1 - ratio):.1f}%")
 
 
-def latency(netns: int, failures: int, *extra: str) -> None:
+def latency(netns: int, failures: int, *extra: str, call: str = "bind") -> None:
     """Event -> line with this checkout, then (``--base-src``) with the baseline, one after the
-    other on the same state."""
-    latency_of(netns, failures, None, *extra)
+    other on the same state. ``call``: failing binds (a listener holds the port) or failing
+    connects (a 64-port range, every port connected to the destination by this process)."""
+    latency_of(netns, failures, None, *extra, call=call)
     if BASE_SRC:
-        latency_of(netns, failures, BASE_SRC, *extra)
+        latency_of(netns, failures, BASE_SRC, *extra, call=call)
 
 
-def latency_of(netns: int, failures: int, src: str | None, *extra: str) -> None:
+#: The failing connects' range (outside bench/mkload.py's, which keeps the default) and port.
+CONNECT_RANGE, CONNECT_PORT = (61000, 61063), 30002
+RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _fail_once(call: str) -> float:
+    """One failing call; CLOCK_MONOTONIC right after it failed."""
+    s = socket.socket()
+    try:
+        if call == "bind":
+            s.bind(("127.0.0.1", 30000))
+        else:
+            s.connect(("127.0.0.1", CONNECT_PORT))
+    except OSError:
+        return time.monotonic()
+    finally:
+        s.close()
+    raise SystemExit(f"the {call} did not fail")
+
+
+def latency_of(netns: int, failures: int, src: str | None, *extra: str, call: str = "bind") -> None:
     lst = socket.socket()
-    lst.bind(("127.0.0.1", 30000))
-    lst.listen()
+    lst.bind(("127.0.0.1", 30000 if call == "bind" else CONNECT_PORT))
+    lst.listen(128)
+    held: list[socket.socket] = []
+    with open(RANGE_SYSCTL) as f:
+        old_range = f.read()
+    if call == "connect":
+        with open(RANGE_SYSCTL, "w") as f:
+            f.write(f"{CONNECT_RANGE[0]} {CONNECT_RANGE[1]}")
+        for _ in range(CONNECT_RANGE[1] - CONNECT_RANGE[0] + 1):
+            held.append(socket.create_connection(("127.0.0.1", CONNECT_PORT)))
     p = start_trace(netns, *extra, src=src)
     assert p.stdout is not None
     fd = p.stdout.fileno()
@@ -126,12 +155,7 @@ def latency_of(netns: int, failures: int, src: str | None, *extra: str) -> None:
     try:
         buf = b""
         for _ in range(failures):
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", 30000))
-            except OSError:
-                t_fail = time.monotonic()
-            s.close()
+            t_fail = _fail_once(call)
             while b"\n" not in buf:
                 if not select.select([fd], [], [], 30)[0]:
                     raise SystemExit("no line within 30 s")
@@ -144,10 +168,14 @@ def latency_of(netns: int, failures: int, src: str | None, *extra: str) -> None:
             time.sleep(0.12)  # past the 100 ms sharing window: every failure gets its own snapshot
     finally:
         stop(p)
+        for h in held:
+            h.close()
         lst.close()
+        with open(RANGE_SYSCTL, "w") as f:
+            f.write(old_range)
     what = " ".join(extra) or "(owners on)"
     which = f" [baseline {src}]" if src else ""
-    print(f"event -> line, {failures} failing binds, {what}{which}:")
+    print(f"event -> line, {failures} failing {call}s, {what}{which}:")
     print(f"  line read after:    median {statistics.median(lat):.1f} ms  max {max(lat):.1f} ms")
     if after:
         print(f"  snapshot after_ms:  median {statistics.median(after):.1f} ms  max {max(after):.1f} ms")
@@ -270,8 +298,9 @@ def big_table(failures: int, build_timeout: float, extra: list[str]) -> None:
         assert ino is not None
         tcp = sum(Path(f"/proc/net/{t}").read_text().count("\n") - 1 for t in ("tcp", "tcp6"))
         print(f"big table ({tcp:,} TCP sockets in the namespace, built in {built:.0f} s, mkload {extra}):")
-        latency(ino, failures)
-        latency(ino, failures, "--no-owners")
+        for call in ("bind", "connect"):
+            latency(ino, failures, call=call)
+            latency(ino, failures, "--no-owners", call=call)
     finally:
         if load is not None:
             stop_load(load)
@@ -301,8 +330,9 @@ def main() -> None:
         if "overhead" in parts:
             overhead(netns, args.connects, args.rounds)
         if "latency" in parts:
-            latency(netns, args.failures)
-            latency(netns, args.failures, "--no-owners")
+            for call in ("bind", "connect"):
+                latency(netns, args.failures, call=call)
+                latency(netns, args.failures, "--no-owners", call=call)
         if "misses" in parts:
             misses(netns, args.misses)
         if "births" in parts:

@@ -93,7 +93,9 @@ def test_lookups_answer_as_the_dump_does(servers_too, hz, spied, how):
     dumped, servers = _answer(req, lookups=False)
     assert not spied
     looked, looked_servers = _answer(req, lookups=True)
-    assert len(spied) == 1 and isinstance(spied[0], list), f"the lookups could not answer: {spied}"
+    assert len(spied) == 1 and isinstance(spied[0], connect_lookup.Named), (
+        f"the lookups could not answer: {spied}"
+    )
     assert looked == dumped
     assert looked_servers == servers
     assert servers is not None and {7000, 7001} <= servers and 7002 not in servers
@@ -103,12 +105,16 @@ def test_the_lookup_finds_the_range_s_connections_and_time_waits_to_the_destinat
     from rebind.kernel.connect_range import range_buckets
 
     req = ConnectRequest.create("127.0.0.1", 9000)
-    groups = connect_lookup.all_ports()
-    assert not isinstance(groups, str)
-    rb = range_buckets((40000, 40009), groups)
+    outside = connect_lookup.outside_ports((40000, 40009))
+    assert not isinstance(outside, str)
+    # the listener, the bound-inactive socket, the TIME_WAIT-only server port and the fixed
+    # client's port outside the range, and the destination's listeners: bind() made each
+    assert {7000, 7001, 7002, 7003, 9000, 9001} <= set(outside.ports) and not outside.unknown
+    rb = range_buckets((40000, 40009))
     assert not isinstance(rb, str)
-    got = connect_lookup.named_sockets(req, req.dst, (40000, 40009), rb, groups)
-    assert not isinstance(got, str)
+    named = connect_lookup.named_sockets(req, req.dst, (40000, 40009), rb, outside)
+    assert not isinstance(named, str)
+    got = named.records
 
     def to_dst(recs: Iterable[SocketRecord]) -> set[tuple[int, str]]:
         return {
@@ -213,7 +219,7 @@ def test_trace_s_failing_connect_snapshot_reads_by_lookups(netns, hz, spied, mon
             mono_ns=time.monotonic_ns(),
         )
         snap = snapshot(ev)
-        assert len(spied) == 1 and isinstance(spied[0], list), spied
+        assert len(spied) == 1 and isinstance(spied[0], connect_lookup.Named), spied
         assert snap.reason.startswith("0 of 4 ports of 40000-40003 usable"), snap.reason
         assert f"(pid {os.getpid()})" in snap.reason
         monkeypatch.setattr(connect_lookup, "named_sockets", lambda *a, **kw: "not asked")
@@ -250,7 +256,7 @@ def test_every_socket_of_the_fixed_port_is_read(netns, hz, spied):
     req = ConnectRequest.create("127.0.0.1", 9000, src="127.0.0.2", local_port=port)
     dumped, _ = _answer(req, lookups=False)
     looked, _ = _answer(req, lookups=True)
-    assert isinstance(spied[-1], list)
+    assert isinstance(spied[-1], connect_lookup.Named)
     assert looked == dumped
     probe = socket.socket()
     with pytest.raises(OSError) as got:  # the kernel's answer, which both give

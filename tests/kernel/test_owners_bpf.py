@@ -179,9 +179,9 @@ def test_more_records_than_the_array_holds_scan_again_with_room(
     runs = []
     real_scan = scan._scan
 
-    def counted(*args: Any) -> tuple[bytes, bytes]:
+    def counted(*args: Any, **kw: Any) -> tuple[bytes, bytes]:
         runs.append(args[-1])  # the capacity
-        return real_scan(*args)
+        return real_scan(*args, **kw)
 
     monkeypatch.setattr(scan, "_scan", counted)
     again = bpf.find_socket_holders(inodes)
@@ -272,8 +272,34 @@ def test_one_process_holding_more_than_a_seq_buffer_of_sockets(
     assert len(records) == 1500
     scans = []
     real_scan = scan._scan
-    monkeypatch.setattr(scan, "_scan", lambda *a: scans.append(a[-1]) or real_scan(*a))
+    monkeypatch.setattr(scan, "_scan", lambda *a, **kw: scans.append(a[-1]) or real_scan(*a, **kw))
     found, _ = owners.find_owners(records)
     assert owners.bpf_fallback_reason is None
     assert len(scans) == 1
     assert {o.pid for v in found.values() for o in v} == {p.pid} and len(found) == 1500
+
+
+def test_a_file_hint_finds_every_holder_and_a_wrong_one_none(netns: int, procs: Any, bpf_ready: None) -> None:
+    """find_owners(files=...): the TCP listener's struct file read from the bind hash (the
+    owners program's EXTRA_FILE) gives the scan a head start -- and the same holders, a forked
+    worker, a dropped-uid child and a dup at fd 1000 included. A hint pointing at another
+    socket's file finds nothing for the hinted inode (each match is checked against its
+    inode), and a wanted inode without a hint is still found beside hinted ones."""
+    from rebind.kernel.bindhash_table import read_port_sockets
+
+    port, _pids, _fds = _start(procs)
+    records = list(iter_records(ports=[port])[0])
+    tcp = next(r for r in records if r.proto is Proto.TCP)
+    udp = next(r for r in records if r.proto is Proto.UDP)
+    got = read_port_sockets(port, 16)
+    assert not isinstance(got, str) and not hasattr(got, "reason"), got
+    hints = got.file_hints()  # type: ignore[union-attr]
+    assert set(hints) == {tcp.inode} and hints[tcp.inode] > 1 << 47  # a kernel address
+    plain, _ = owners.find_owners(records)
+    hinted, _ = owners.find_owners(records, files=hints)
+    assert hinted == plain and len(plain[tcp.inode]) == 4 and len(plain[udp.inode]) == 4
+    # the listener's file named as the UDP socket's: no holder is taken for it on the hint
+    wrong, _ = owners.find_owners([udp], files={udp.inode: hints[tcp.inode]})
+    assert udp.inode not in wrong
+    # ... which is the hint's only effect: without it the UDP socket's holders are found
+    assert owners.find_owners([udp])[0] == {udp.inode: plain[udp.inode]}

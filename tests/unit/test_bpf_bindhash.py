@@ -63,6 +63,7 @@ OFFSETS = {
     "sock.sk_socket": 288,
     "socket_alloc.socket": 0,
     "socket_alloc.vfs_inode": 128,
+    "socket.file": 16,
     "inode.i_ino": 64,
     "inet_timewait_sock.tw_timer.expires": 176,
 }
@@ -86,7 +87,7 @@ def _blob(drop: str = "", wrong_size: str = "") -> bytes:
     death = b.struct_("inet_timewait_death_row", 64, [("hashinfo", sizes[8], 64 * 8)])
     ipv4 = b.struct_("netns_ipv4", 1024, [("tcp_death_row", death, 896 * 8)])
     timer = b.struct_("timer_list", 40, [("entry", node, 0), ("expires", sizes[8], 16 * 8)])
-    opaque = b.struct_("socket", 128, [])
+    opaque = b.struct_("opaque", 128, [])
     by_struct: dict[str, list[tuple[str, int, int]]] = {}
     for key, off in OFFSETS.items():
         s, _, path = key.partition(".")
@@ -305,3 +306,56 @@ def test_a_global_function_is_marked_so_in_the_func_info_btf() -> None:
     step, emit = (b.find(name, B.KIND_FUNC) for name in ("rebind_step", "rebind_emit"))
     vlen = {tid: b._words[b._record(tid) + 1] & 0xFFFF for tid in (step, emit)}
     assert (vlen[step], vlen[emit]) == (B.FUNC_STATIC, B.FUNC_GLOBAL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole port space at once: the sparse grouping and the bind-made columns
+
+
+def _space() -> tuple[list[int], bytes]:
+    """Entries of a client host's ports: mostly free, a run of connect()-made ones, some made
+    by bind() (a listener's; one joined by bind() with SO_REUSEADDR: fastreuse stays -1,
+    fastreuseport 0), one faulted free, one with two l3mdev buckets."""
+    ports = list(range(1000, 3000))
+    made = {"matched": 1, "fastreuse": -1, "fastreuseport": -1, "bind2": 1}
+    kinds: dict[int, dict[str, object]] = {p: dict(made) for p in range(2000, 2100)}
+    kinds[1500] = {"matched": 1, "fastreuse": 0, "fastreuseport": 0, "bind2": 1}
+    kinds[2050] = {"matched": 1, "fastreuse": -1, "fastreuseport": 0, "bind2": 2}
+    kinds[2500] = {"flags": L.RAN | L.CHAIN_TRUNCATED}
+    kinds[2600] = {"matched": 2, "fastreuse": 1, "fastreuseport": 0, "bind2": 1}
+    return ports, b"".join(_entry(p, **kinds.get(p, {})) for p in ports)
+
+
+def _by_dict(ports: list[int], data: bytes) -> dict[bytes, list[int]]:
+    groups: dict[bytes, list[int]] = {}
+    for p, (rest,) in zip(ports, H._REST.iter_unpack(data), strict=True):
+        groups.setdefault(rest, []).append(p)
+    return groups
+
+
+def test_sparse_grouping_is_the_dict_s() -> None:
+    ports, data = _space()
+    # a free port's entry with more than RAN (port 2500's walk was cut short) is not
+    # _FREE_REST: the dict pass sorts that
+    assert H._sparse_groups(ports, data) is None
+    at = ports.index(2500) * H.ENTRY.size
+    data = data[:at] + _entry(2500) + data[at + H.ENTRY.size :]
+    got = H._sparse_groups(ports, data)
+    assert got is not None
+    assert dict(got) == _by_dict(ports, data)
+    assert dict(got)[H._FREE_REST][:3] == [1000, 1001, 1002]
+    # many held: left to the dict pass; a free port's faulted entry is its own group there
+    busy = b"".join(_entry(p, matched=1, fastreuse=-1, fastreuseport=-1) for p in ports)
+    assert H._sparse_groups(ports, busy) is None
+    bad = bytearray(data)
+    bad[H.ENT["flags"]] = 0  # port 1000 free, not run: not _FREE_REST
+    assert H._sparse_groups(ports, bytes(bad)) is None
+
+
+def test_bind_made_columns() -> None:
+    ports, data = _space()
+    got = H.bind_made_of(ports, data)
+    # 1500 bind()'s; 2050 joined by bind() (fastreuseport no longer -1); 2600 has two buckets
+    assert got.ports == [1500, 2050, 2600]
+    assert got.unknown == [2500, 2600]
+    assert H.bind_made_of([], b"") == H.BindMade([], [])

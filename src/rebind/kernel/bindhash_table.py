@@ -53,6 +53,13 @@ class PortSockets:
     #: jiffies_64 at the run, and CLOCK_MONOTONIC (ns) around it: HZ calibration
     jiffies: int
     mono_ns: int
+    #: a full socket's struct file address (0 for a TIME_WAIT or an orphan): the owner scan's
+    #: hint (kernel/bpf/scan.find_socket_holders)
+    files: tuple[int, ...] = ()
+
+    def file_hints(self) -> dict[int, int]:
+        """inode -> struct file address, for find_owners(files=...)."""
+        return {i: f for i, f in zip(self.inodes, self.files, strict=False) if i and f}
 
 
 def jiffies_to_ms(j: int, hz: int) -> int:
@@ -206,12 +213,15 @@ def read_port_sockets(port: int, limit: int, *, only_state: int = 0) -> PortSock
     here, state, data, before, after = run.netns, run.state, run.data, run.before, run.after
     owners, rows, dec = bh._owners_and_rows(here, port, state, data)
     jiffies = int.from_bytes(state[OwnerState.JIFFIES : OwnerState.JIFFIES + 8], "little")
+    inodes = tuple(_column(rows, dec.bucket))
+    stamps = _column(rows, dec.stamp)  # bindowners.EXTRA_FILE: a full socket's file
     return PortSockets(
         owners,
-        tuple(_column(rows, dec.bucket)),
+        inodes,
         tuple(_column(rows, dec.chain_after)),
         jiffies,
         (before + after) // 2,
+        tuple(s if i else 0 for i, s in zip(inodes, stamps, strict=True)),
     )
 
 

@@ -61,6 +61,7 @@ from rebind.model.records import (
 
 if TYPE_CHECKING:
     from rebind.kernel.connect_dump import FirstDump
+    from rebind.kernel.connect_lookup import Named
     from rebind.model.conflict import KernelSettings
     from rebind.model.connect import ConnectResult
 
@@ -333,27 +334,22 @@ def _gather(
     src = route_source(req.dst, req.dport, bound=req.src)
     rng = effective_range(st, req.port_range)
     buckets: RangeBuckets | None = None
-    named: list[SocketRecord] | str | None = None
+    named: Named | str | None = None
     if summarize:
         from rebind.kernel.connect_range import range_buckets
 
-        groups = None
-        if lookups:
-            from rebind.kernel.connect_lookup import all_ports
-
-            every = all_ports()
-            groups = None if isinstance(every, str) else every
-        got = range_buckets(rng, groups)
+        got = range_buckets(rng)
         if isinstance(got, RangeBuckets):
             buckets = got
-            if groups is not None:
-                from rebind.kernel.connect_lookup import named_sockets
+            if lookups:
+                from rebind.kernel.connect_lookup import named_sockets, outside_ports
 
-                named = named_sockets(req, src, rng, got, groups)
+                groups = outside_ports(rng)
+                named = groups if isinstance(groups, str) else named_sockets(req, src, rng, got, groups)
     servers: frozenset[int] | None = None
     try:
-        if isinstance(named, list):
-            kept, tcp_servers = split_servers(named, rng, req.local_port)
+        if named is not None and not isinstance(named, str):
+            kept, tcp_servers = split_servers(named.records, rng, req.local_port)
         elif buckets is not None:
             from rebind.kernel.connect_dump import bind_made_sockets, dump_tcp, first_bytecode
             from rebind.kernel.connect_range import bind_made_bytecode
@@ -389,7 +385,8 @@ def _gather(
     if owners:
         from rebind.kernel.owners import find_owners
 
-        by_inode, scan = find_owners(r for r, _ in recs)
+        hints = None if named is None or isinstance(named, str) else named.files
+        by_inode, scan = find_owners((r for r, _ in recs), files=hints)
         if scan.inaccessible:
             warnings.append(
                 f"{scan.inaccessible} process(es) could not be inspected (not root?): "

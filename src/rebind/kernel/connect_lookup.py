@@ -16,8 +16,8 @@ what it returns:
 - **bound-inactive sockets**: a bind()-made bucket holds each one (inet_csk_update_fastreuse
   leaves no bucket connect()-made once a bind() joins it), so they are the TCP_CLOSE owners of
   the bind-made ports (the owners program, kernel/bindhash_table.py, walking past the others);
-  those ports come from every port's bucket, read once (kernel/bpf/bindhash.py, ~13 ms for all
-  65,535 at that table);
+  those ports come from the buckets of every port outside the range (kernel/bpf/bindhash.py:
+  the range's are read anyway);
 - **the range's bind-made ports and the fixed local port**: every socket of their buckets.
 
 A TIME_WAIT's time left is its timer in jiffies: only where HZ is calibrated
@@ -28,14 +28,14 @@ a record that changed while read, a connection bound to a device) the caller tak
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rebind.model.records import IPAddress, SocketRecord
 
 if TYPE_CHECKING:
+    from rebind.kernel.bpf.bindhash import BindMade
     from rebind.model.connect import ConnectRequest, RangeBuckets
-    from rebind.model.sockstate import PortBucket
 
 #: Past this many ports to read owner by owner (the range's bind-made ones, and those outside
 #: it that may hold a bound-inactive socket) the dump is cheaper.
@@ -49,13 +49,34 @@ TCP_CLOSE = 7
 _LOOKUP_COOKIE = 1 << 63 | 1 << 62
 
 
-def all_ports() -> list[tuple[PortBucket, list[int]]] | str:
-    """Every TCP port's bind bucket, grouped (read_port_bucket_groups), or why not."""
-    from rebind.kernel.bpf.bindhash import read_port_bucket_groups
+def outside_ports(rng: tuple[int, int]) -> BindMade | str:
+    """The TCP ports outside the range whose bucket bind() made (bindhash.read_bind_made_ports),
+    or why not."""
+    from rebind.kernel.bpf.bindhash import read_bind_made_ports
     from rebind.model.sockstate import Unavailable
 
-    got = read_port_bucket_groups(range(1, 1 << 16))
+    got = read_bind_made_ports(_OUTSIDE.get(rng) or _outside(rng))
     return got.reason if isinstance(got, Unavailable) else got
+
+
+def _outside(rng: tuple[int, int]) -> list[int]:
+    lo, hi = rng
+    _OUTSIDE.clear()
+    got = _OUTSIDE[rng] = [*range(1, lo), *range(hi + 1, 1 << 16)]
+    return got
+
+
+#: The last range's ports outside it (the same list each snapshot: bindhash keeps its input).
+_OUTSIDE: dict[tuple[int, int], list[int]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Named:
+    """The sockets found, and the struct file of each full one read beside it (inode ->
+    address: find_owners' head start)."""
+
+    records: list[SocketRecord]
+    files: dict[int, int]
 
 
 def named_sockets(
@@ -63,14 +84,14 @@ def named_sockets(
     src: IPAddress,
     rng: tuple[int, int],
     buckets: RangeBuckets,
-    groups: Sequence[tuple[PortBucket, list[int]]],
-) -> list[SocketRecord] | str:
+    outside: BindMade,
+) -> Named | str:
     """What the first dump (and the bind-made ports' reads) would give the bind-hash path, from
     lookups and bucket walks (see the module docstring), or why it cannot be had so: every
     listener and bound-inactive socket, every socket on a bind-made port of the range or on the
     fixed local port, and every socket with the 4-tuple (src, p, dst, dport) for the range's
-    connect()-made ports p. ``groups``: every port's bucket (:func:`all_ports`), ``buckets``
-    the range's judged from them."""
+    connect()-made ports p. ``buckets``: the range's ports (connect_range.range_buckets);
+    ``outside``: the bind-made ports outside it (:func:`outside_ports`)."""
     from rebind.kernel.bindhash_table import known_hz
 
     hz = known_hz()
@@ -80,20 +101,23 @@ def named_sockets(
     listeners = _listeners()
     listening = {r.local.port for r in listeners}
     inside = sorted(p for p in buckets.bind_made if lo <= p <= hi)
-    outside = _bind_made_outside(groups, rng, listening, req.local_port)
-    if isinstance(outside, str):
-        return outside
-    if len(inside) + len(outside) > PORTS_MAX:
-        return f"{len(inside) + len(outside)} bind-made ports to read one by one"
+    if outside.unknown:
+        return f"port {outside.unknown[0]}: its bind bucket could not be read whole"
+    fixed = req.local_port
+    candidates = [p for p in outside.ports if p not in listening and p != fixed]
+    if len(inside) + len(candidates) > PORTS_MAX:
+        return f"{len(inside) + len(candidates)} bind-made ports to read one by one"
     out: list[SocketRecord] = list(listeners)
-    for p in outside:
-        got = _port(p, hz, TCP_CLOSE)
+    files: dict[int, int] = {}
+    # outside the range, a bind-made port no listener holds: where a bound-inactive socket may
+    # be (a server's port the answer's "widen the range" must spare)
+    for p in candidates:
+        got = _port(p, hz, TCP_CLOSE, files)
         if isinstance(got, str):
             return got
         out += got
-    fixed = req.local_port
     for p in inside:
-        got = _port(p, hz, 0)
+        got = _port(p, hz, 0, files)
         if isinstance(got, str):
             return got
         # as the dump's filter: a time-wait entry of a bind-made port only if it is to the
@@ -101,15 +125,15 @@ def named_sockets(
         # every socket of the fixed local port (the bind rules judge each, C17/C19)
         out += [r for r in got if p == fixed or not r.is_mini or _to(r, req)]
     if fixed is not None and fixed not in inside:
-        got = _port(fixed, hz, 0)
+        got = _port(fixed, hz, 0, files)
         if isinstance(got, str):
             return got
         out += got
-    peers = _to_destination(req, src, sorted(buckets.held - buckets.bind_made), hz)
+    peers = _to_destination(req, src, sorted(buckets.held - buckets.bind_made), hz, files)
     if isinstance(peers, str):
         return peers
     out += peers
-    return _unique(out)
+    return Named(_unique(out), files)
 
 
 def _listeners() -> list[SocketRecord]:
@@ -125,31 +149,9 @@ def _to(r: SocketRecord, req: ConnectRequest) -> bool:
     return r.remote.port == req.dport and r.remote.addr == req.dst
 
 
-def _bind_made_outside(
-    groups: Sequence[tuple[PortBucket, list[int]]],
-    rng: tuple[int, int],
-    listening: set[int],
-    fixed: int | None,
-) -> list[int] | str:
-    """The ports outside the range whose bucket bind() made and no listener holds: where a
-    bound-inactive socket may be (a server's port the answer's "widen the range" must spare)."""
-    lo, hi = rng
-    out: list[int] = []
-    for b, ports in groups:
-        whole = b.known and b.buckets <= 1
-        if whole and (not b.exists or b.connect_made):
-            continue  # free, or connect()-made (no bind() joined it): the range's many, skipped whole
-        for p in ports:
-            if lo <= p <= hi or p in listening or p == fixed:
-                continue
-            if not whole:
-                return f"port {p}: its bind bucket could not be read whole"
-            out.append(p)
-    return sorted(out)
-
-
-def _port(port: int, hz: int, only_state: int) -> list[SocketRecord] | str:
-    """The port's sockets from its bind buckets (``only_state``: in that TCP state alone)."""
+def _port(port: int, hz: int, only_state: int, files: dict[int, int]) -> list[SocketRecord] | str:
+    """The port's sockets from its bind buckets (``only_state``: in that TCP state alone); their
+    struct files into ``files``."""
     from rebind.kernel.bindhash_table import problem, read_port_sockets, to_records
     from rebind.model.sockstate import Unavailable
 
@@ -158,13 +160,15 @@ def _port(port: int, hz: int, only_state: int) -> list[SocketRecord] | str:
         return got.reason
     if (why := problem(got.owners)) is not None:
         return f"port {port}: {why}"
+    files.update(got.file_hints())
     return [r for r, _ in to_records(got, hz)]
 
 
 def _to_destination(
-    req: ConnectRequest, src: IPAddress, ports: list[int], hz: int
+    req: ConnectRequest, src: IPAddress, ports: list[int], hz: int, files: dict[int, int]
 ) -> list[SocketRecord] | str:
-    """The sockets with the 4-tuple (src, p, dst, dport) for each of ``ports``."""
+    """The sockets with the 4-tuple (src, p, dst, dport) for each of ``ports``; their struct
+    files into ``files``."""
     from rebind.kernel.bindhash_table import jiffies_to_ms, to_record
     from rebind.kernel.bpf.bindhash import load_layout
     from rebind.kernel.bpf.sockiter import load_sock_layout
@@ -175,7 +179,9 @@ def _to_destination(
     if isinstance(got, Unavailable):
         return got.reason
     out: list[SocketRecord] = []
-    for i, (st, inode, left) in enumerate(got):
+    for i, (st, inode, left, file) in enumerate(got):
+        if inode and file:
+            files[inode] = file
         if st.bound_dev_if:
             # bpf_skc_lookup_tcp matches with the test run's device (lo); the kernel's check with
             # the new socket's: a device-bound holder is judged from the dump

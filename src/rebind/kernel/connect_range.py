@@ -15,8 +15,6 @@ those and nothing else, so the dump no longer grows with the range's connections
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from rebind.kernel import diag_codec as codec
 from rebind.model.connect import ConnectRequest, RangeBuckets
 from rebind.model.records import IPAddress
@@ -27,9 +25,7 @@ from rebind.model.sockstate import PortBucket
 MAX_RUNS = 32
 
 
-def range_buckets(
-    rng: tuple[int, int], groups: Sequence[tuple[PortBucket, list[int]]] | None = None
-) -> RangeBuckets | str:
+def range_buckets(rng: tuple[int, int]) -> RangeBuckets | str:
     """Every port of ``rng`` from the bind hash, or why not (the caller then reads the sockets:
     the worst case never comes from a port this read could not vouch for). A port whose chain
     walk faulted or was cut short, or that has more than one bucket (l3mdev/VRF binds: which one
@@ -38,19 +34,16 @@ def range_buckets(
     from rebind.model.sockstate import Unavailable
 
     lo, hi = rng
-    if groups is None:
-        # each distinct bucket once with its ports (one pass over the entries, no dict per
-        # port): a busy range holds a handful of distinct ones, so each is judged once
-        got = read_port_bucket_groups(range(lo, hi + 1))
-        if isinstance(got, Unavailable):
-            return got.reason
-    else:  # every port's (connect_lookup.all_ports): the range's alone
-        got = [(b, [p for p in ports if lo <= p <= hi]) for b, ports in groups]
+    # each distinct bucket once with its ports (one pass over the entries, no dict per port): a
+    # busy range holds a handful of distinct ones, so each is judged once
+    got = read_port_bucket_groups(range(lo, hi + 1))
+    if isinstance(got, Unavailable):
+        return got.reason
     held: list[int] = []
     bind_made: list[int] = []
     for b, ports in got:
         v = _judge(b)
-        if v == 0 or not ports:
+        if v == 0:
             continue
         if v < 0:
             why = "its chain walk faulted or was cut short" if not b.known else "it has several buckets"

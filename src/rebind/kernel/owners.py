@@ -27,7 +27,7 @@ from __future__ import annotations
 import marshal
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -72,11 +72,14 @@ def find_owners(
     *,
     proc: ProcFS | None = None,
     workers: int | None = None,
+    files: Mapping[int, int] | None = None,
 ) -> tuple[dict[int, tuple[Owner, ...]], OwnerScanReport]:
     """Map socket inode -> owners (every pid and fd), with a report of what could not be read.
 
     An owner is reported only if the process that held the socket is the one described: its
     identity (pid + start time) is taken before its fds are read and confirmed after.
+    ``files``: inode -> the socket's struct file address, where the caller read it (the BPF
+    scan's head start: kernel/bpf/scan.find_socket_holders).
     """
     global bpf_fallback_reason
     proc = proc or ProcFS.default()
@@ -95,6 +98,7 @@ def find_owners(
                     (r.inode for r in recs if r.inode),
                     uids=(r.uid for r in recs if r.uid is not None),
                     netns=_only(r.netns for r in recs),
+                    files=files,
                 )
             except bpf_iter.BPFUnavailable as exc:
                 bpf_fallback_reason = str(exc)

@@ -62,6 +62,9 @@ MEMBERS: tuple[tuple[str, str, int], ...] = (
     ("sock", "sk_socket", 8),
     ("socket_alloc", "socket", 0),
     ("socket_alloc", "vfs_inode", 0),
+    # and its struct file (sock_alloc_file sets it once): the owner scan's hint
+    # (kernel/bpf/scan.py: files), so it need not dereference every file to find the socket's
+    ("socket", "file", 8),
     ("inode", "i_ino", 8),
     ("inet_timewait_sock", "tw_timer.expires", 8),
 )

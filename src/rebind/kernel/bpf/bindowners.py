@@ -339,17 +339,19 @@ def emit_bind_extras(p: asm.Program, lay: BindHashLayout, e: _Emitter) -> None:
     p.store(4, fp, rec + REC["uid"], r1)
 
 
-#: Where the owners' records carry what the socket programs' RECORD has no field for, in two
-#: fields only UDP's iterator fills (so every other reader sees its records unchanged): a full
-#: socket's inode, a TIME_WAIT's jiffies left (:func:`_emit_extras`).
-EXTRA_INODE, EXTRA_TW_LEFT = "bucket", "chain_after"
+#: Where the owners' records carry what the socket programs' RECORD has no field for, in fields
+#: only UDP's iterator fills (so every other reader sees its records unchanged): a full
+#: socket's inode, a TIME_WAIT's jiffies left (:func:`_emit_extras`); and, in a TIME_WAIT's
+#: field (a full socket's record leaves it unread: sockdecode), a full socket's struct file.
+EXTRA_INODE, EXTRA_TW_LEFT, EXTRA_FILE = "bucket", "chain_after", "tw_ts_recent_stamp"
 
 
 def _emit_extras(p: asm.Program, lay: BindHashLayout, e: _Emitter) -> None:
     """What inet_diag would report beside the record, for `rebind trace`'s snapshot
     (kernel/bindhash_table.py): a full socket's inode -- sock_i_ino: ``SOCK_INODE(sk->sk_socket)
     ->i_ino``, 0 where orphaned (no sk_socket), the low 32 bits (socket inodes come from
-    get_next_ino, an unsigned int) -- at EXTRA_INODE; a TIME_WAIT's timer, as
+    get_next_ino, an unsigned int) -- at EXTRA_INODE, and its ``sk_socket->file`` at EXTRA_FILE;
+    a TIME_WAIT's timer, as
     inet_twsk_diag_fill reads it (``tw_timer.expires - jiffies``, 0 where past due), in jiffies
     at EXTRA_TW_LEFT. A fault counts in r9 as any copy's (the record is then left out)."""
     r0, r1, r3, r7, fp = asm.R0, asm.R1, asm.R3, asm.R7, asm.FP
@@ -362,6 +364,8 @@ def _emit_extras(p: asm.Program, lay: BindHashLayout, e: _Emitter) -> None:
     p.load(8, r3, fp, scratch)
     p.jump_imm(asm.JEQ, r3, 0, "x_done")
     e.probe_read(rec + REC[EXTRA_INODE], 4, r3, lay["socket_alloc.vfs_inode"] + lay["inode.i_ino"])
+    p.load(8, r3, fp, scratch)  # the copy's helper call clobbered r3
+    e.probe_read(rec + REC[EXTRA_FILE], 8, r3, lay["socket.file"])
     p.goto("x_done")
     p.label("x_tw")
     p.store_imm(8, fp, scratch, 0)

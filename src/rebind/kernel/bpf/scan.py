@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from rebind.kernel.bpf.layoutcache import layout_cache
@@ -39,6 +39,7 @@ from rebind.kernel.bpf.syscall import (
     load_program,
     map_create,
     map_fill,
+    map_fill_pairs,
     map_lookup,
     map_update,
     run_iterator,
@@ -144,6 +145,7 @@ def find_socket_holders(
     *,
     uids: Iterable[int] = (),
     netns: int | None = None,
+    files: Mapping[int, int] | None = None,
 ) -> ScanResult:
     """Every (process, fd) whose file is one of these sockets.
 
@@ -153,6 +155,14 @@ def find_socket_holders(
     One scan for any number of sockets: the wanted inodes are a hash map sized to them, and the
     records go to an array sized to them (twice, plus SPARE_RECORDS). If more were produced
     than it holds, the program counted them: the scan runs again with room for that many.
+
+    ``files``: where the caller read a socket's ``struct file`` address beside its inode
+    (inode -> address: the bind-hash and lookup programs' records, bindowners.EXTRA_FILE), the
+    scan starts out knowing it. Until every wanted socket's file is known, the program reads
+    every file's inode (a cache miss per fd: ~85 ms at bench/mkload.py's 211k fds); once all
+    are, only the files whose address passes the bitmap are read (~13 ms). A known address is
+    still checked against its inode at each match (a file freed and reused is no match), so a
+    stale hint only loses that socket's holders: it was closed.
     """
     wanted = sorted({i for i in inodes if i})
     if not wanted:
@@ -160,9 +170,10 @@ def find_socket_holders(
     _check_environment()
     lay = load_layout()
     uid_list = sorted({u for u in uids if 0 <= u < 1 << 32})
+    hints = _hints(wanted, files or {})
     capacity = 2 * len(wanted) + SPARE_RECORDS
     for _ in range(ATTEMPTS):
-        data, st = _scan(lay, wanted, uid_list, netns, capacity)
+        data, st = _scan(lay, wanted, uid_list, netns, capacity, hints=hints)
         _mode, _unknown, tables, _netns, errors, emitted = STATE.unpack(st)
         if errors:
             raise BPFUnavailable(f"{errors} fd table chunk(s) or file(s) could not be read")
@@ -180,8 +191,34 @@ def find_socket_holders(
     return ScanResult(tuple(hits.values()), tables)
 
 
+def _hints(wanted: list[int], files: Mapping[int, int]) -> list[tuple[int, int]]:
+    """(file address, inode) for the wanted inodes with a known file, each address once."""
+    by_file: dict[int, int] = {}
+    for ino in wanted:
+        f = files.get(ino, 0)
+        if f and f not in by_file:
+            by_file[f] = ino
+    return sorted(by_file.items())
+
+
+def _bitmap(addresses: Iterable[int]) -> bytes:
+    """The program's pre-filter for these file addresses (programs._bit: bit (addr >> 6) &
+    0xffff)."""
+    bits = bytearray(BITMAP_BYTES)
+    for a in addresses:
+        i = (a >> 6) & 0xFFFF
+        bits[i >> 3] |= 1 << (i & 7)
+    return bytes(bits)
+
+
 def _scan(
-    lay: Layout, wanted: list[int], uid_list: list[int], netns: int | None, capacity: int
+    lay: Layout,
+    wanted: list[int],
+    uid_list: list[int],
+    netns: int | None,
+    capacity: int,
+    *,
+    hints: Sequence[tuple[int, int]] = (),
 ) -> tuple[bytes, bytes]:
     """One scan with a records array of ``capacity``: its contents and the final state."""
     fds: list[int] = []
@@ -204,11 +241,15 @@ def _scan(
             map_fill(maps.wanted, wanted, "Q")
             if uid_list:
                 map_fill(maps.uids, uid_list, "I")
+            if hints:
+                map_fill_pairs(maps.files, hints)
+                map_update(maps.bits, bytes(4), _bitmap(f for f, _ in hints))
         except OSError as exc:
             raise BPFUnavailable(f"BPF maps: {exc.strerror}") from exc
         # Before Linux 5.17 (no bpf_loop) the verifier refuses the program: VerifierRejected,
         # a BPFUnavailable, and the caller uses the /proc scan.
-        st = _scan_fdtables(lay, maps, len(wanted), netns, likely_first=bool(uid_list))
+        unknown = len(wanted) - len({ino for _, ino in hints})
+        st = _scan_fdtables(lay, maps, unknown, netns, likely_first=bool(uid_list))
         _mode, _unknown, _tables, _netns, _errors, emitted = STATE.unpack(st)
         size = -(-capacity * RECORD.size // mmap.PAGESIZE) * mmap.PAGESIZE
         with mmap.mmap(maps.records, size, mmap.MAP_SHARED, mmap.PROT_READ) as mem:

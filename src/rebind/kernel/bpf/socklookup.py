@@ -342,9 +342,9 @@ def _is(dec: BulkDecoder, v: tuple[Any, ...], t: SocketRecord, want: _Expect) ->
     return bool(v[dec.rcv6] == local and v[dec.daddr6] == remote)
 
 
-#: A peer lookup's found socket: its SockState, its inode (0: a TIME_WAIT or an orphan) and, for
-#: a TIME_WAIT, its timer's jiffies left (bindowners' extras).
-PeerSocket = tuple[SockState, int, int]
+#: A peer lookup's found socket: its SockState, its inode (0: a TIME_WAIT or an orphan), for a
+#: TIME_WAIT its timer's jiffies left, for a full socket its struct file (bindowners' extras).
+PeerSocket = tuple[SockState, int, int, int]
 
 
 def lookup_peer_sockets(
@@ -398,5 +398,7 @@ def lookup_peer_sockets(
                 continue
         elif v[dec.rcv6] != _as16(lb) or v[dec.daddr6] != _as16(rb):
             continue
-        out.append((dec.decode(v, data, i, v[dec.cookie], v[dec.uid]), v[dec.bucket], v[dec.chain_after]))
+        ino = v[dec.bucket]
+        st = dec.decode(v, data, i, v[dec.cookie], v[dec.uid])
+        out.append((st, ino, v[dec.chain_after], v[dec.stamp] if ino else 0))
     return out

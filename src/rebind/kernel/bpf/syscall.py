@@ -149,6 +149,19 @@ def map_fill(map_fd: int, keys: list[int], key_fmt: str) -> None:
         raise BPFUnavailable(f"map update stopped after {done} of {len(keys)} keys")
 
 
+def map_fill_pairs(map_fd: int, items: Sequence[tuple[int, int]]) -> None:
+    """One BPF_MAP_UPDATE_BATCH of u64 keys with u64 values."""
+    kbuf = ctypes.create_string_buffer(struct.pack(f"<{len(items)}Q", *(k for k, _ in items)))
+    vbuf = ctypes.create_string_buffer(struct.pack(f"<{len(items)}Q", *(v for _, v in items)))
+    attr = attr_buf(
+        "<QQQQIIQQ", 0, 0, ctypes.addressof(kbuf), ctypes.addressof(vbuf), len(items), map_fd, 0, 0
+    )
+    bpf(BPF_MAP_UPDATE_BATCH, attr)
+    done = struct.unpack_from("<I", attr, 32)[0]
+    if done != len(items):
+        raise BPFUnavailable(f"map update stopped after {done} of {len(items)} keys")
+
+
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes:
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
