@@ -12,7 +12,11 @@
    Rounds are interleaved (off, on, off, ...); best and median per second are printed, and
    the ratio of the medians. The trace program runs at every syscall's exit on the machine,
    so this loop (5 syscalls per connection) pays it five times per connection.
-2. Event to line: one failing bind() (EADDRINUSE, a listener on the port) at a time; the time
+   ``--only overhead-c``: the same at the issue's rate, with bench/connect_loop.c (compiled
+   here) running one loop per core, ~220k connections/s in all on this machine.
+2. Event to line: one failing bind() (EADDRINUSE, a listener on the port) at a time -- and one
+   failing connect() (EADDRNOTAVAIL: a 64-port range, every port connected to the
+   destination); the time
    from the call's return to the moment its line (with the blocker snapshot) is read from
    `rebind trace --json`'s stdout, with the owner scan and without (--no-owners); also the
    snapshot's own ``after_ms``. In an idle namespace, and with ``--big`` in one holding
@@ -101,6 +105,59 @@ def overhead(netns: int, n: int, rounds: int) -> None:
             stop(p)
     ratio = statistics.median(on) / statistics.median(off)
     print(f"connect loop, {n} connections x {rounds} rounds (connections/s):")
+    print(f"  without trace: best {max(off):,.0f}  median {statistics.median(off):,.0f}")
+    print(f"  with trace:    best {max(on):,.0f}  median {statistics.median(on):,.0f}")
+    print(f"  ratio of medians (with/without): {ratio:.3f}  -> overhead {100 * (1 - ratio):.1f}%")
+
+
+def c_loops(n: int, base_port: int, binary: str) -> float:
+    """Connections/s of all cores together: one bench/connect_loop.c per core, each its own
+    port (a SO_REUSEPORT group would hand one loop's connection to another's accept())."""
+    cores = os.cpu_count() or 1
+    procs = [
+        subprocess.Popen([binary, str(n), str(base_port + i)], stdout=subprocess.PIPE) for i in range(cores)
+    ]
+    rates = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode:
+            raise SystemExit(f"connect_loop failed ({p.returncode})")
+        rates.append(float(out))
+    return sum(rates)
+
+
+def overhead_c(netns: int, n: int, rounds: int) -> None:
+    """overhead() at the issue's rate: bench/connect_loop.c, compiled here with the system's cc,
+    one per core (2 x ~110k connections/s on this machine)."""
+    import shutil
+    import tempfile
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("overhead-c: no C compiler here, skipped")
+        return
+    tmp = tempfile.mkdtemp(prefix="rebind-connect-loop-")
+    binary = os.path.join(tmp, "connect_loop")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "connect_loop.c")
+    subprocess.run([cc, "-O2", "-o", binary, src], check=True)
+    off: list[float] = []
+    on: list[float] = []
+    port = 21000
+    try:
+        for _ in range(rounds):
+            port += 16
+            off.append(c_loops(n, port, binary))
+            p = start_trace(netns)
+            try:
+                port += 16
+                on.append(c_loops(n, port, binary))
+            finally:
+                stop(p)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = statistics.median(on) / statistics.median(off)
+    cores = os.cpu_count() or 1
+    print(f"C connect loops, {cores} x {n} connections x {rounds} rounds (connections/s, all loops):")
     print(f"  without trace: best {max(off):,.0f}  median {statistics.median(off):,.0f}")
     print(f"  with trace:    best {max(on):,.0f}  median {statistics.median(on):,.0f}")
     print(f"  ratio of medians (with/without): {ratio:.3f}  -> overhead {100 * (1 - ratio):.1f}%")
@@ -311,6 +368,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connects", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--c-connects", type=int, default=200000, help="connections per C loop (overhead-c)")
     ap.add_argument("--failures", type=int, default=50)
     ap.add_argument("--misses", type=int, default=10000, help="failing binds for the missed-events count")
     ap.add_argument("--binds", type=int, default=20000, help="binds per round for the certificate cost")
@@ -329,6 +387,8 @@ def main() -> None:
     with private_netns() as netns:
         if "overhead" in parts:
             overhead(netns, args.connects, args.rounds)
+        if "overhead-c" in parts:
+            overhead_c(netns, args.c_connects, args.rounds)
         if "latency" in parts:
             for call in ("bind", "connect"):
                 latency(netns, args.failures, call=call)
