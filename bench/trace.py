@@ -13,7 +13,9 @@
    the ratio of the medians. The trace program runs at every syscall's exit on the machine,
    so this loop (5 syscalls per connection) pays it five times per connection.
    ``--only overhead-c``: the same at the issue's rate, with bench/connect_loop.c (compiled
-   here) running one loop per core, ~220k connections/s in all on this machine.
+   here) running one loop per core, ~220k connections/s in all on this machine;
+   ``--only overhead-null``: the same with an empty program on sys_exit instead of the tracer
+   (what the attach point alone costs).
 2. Event to line: one failing bind() (EADDRINUSE, a listener on the port) at a time -- and one
    failing connect() (EADDRNOTAVAIL: a 64-port range, every port connected to the
    destination); the time
@@ -126,9 +128,35 @@ def c_loops(n: int, base_port: int, binary: str) -> float:
     return sum(rates)
 
 
-def overhead_c(netns: int, n: int, rounds: int) -> None:
+#: An empty program (r0 = 0; exit) on the same attach point as `rebind trace`'s (the sys_exit
+#: raw tracepoint), held until SIGTERM: what attaching there costs every syscall before any
+#: instruction of ours runs (the syscall slow path the tracepoint turns on for every task).
+NULL_PROGRAM = """
+import signal, sys
+sys.path.insert(0, {src!r})
+from rebind.kernel.bpf import asm
+from rebind.kernel.bpf.syscall import RAW_TRACEPOINT, load_program
+from rebind.kernel.trace import _attach
+p = asm.Program(); p.mov_imm(asm.R0, 0); p.exit()
+link = _attach(load_program(p.assemble(), prog=RAW_TRACEPOINT))
+print("ready", flush=True)
+signal.sigwait([signal.SIGTERM])
+"""
+
+
+def start_null() -> subprocess.Popen[bytes]:
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    p = subprocess.Popen([sys.executable, "-c", NULL_PROGRAM.format(src=src)], stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != b"ready":
+        raise SystemExit("the empty program could not be attached")
+    return p
+
+
+def overhead_c(netns: int, n: int, rounds: int, *, null: bool = False) -> None:
     """overhead() at the issue's rate: bench/connect_loop.c, compiled here with the system's cc,
-    one per core (2 x ~110k connections/s on this machine)."""
+    one per core (2 x ~110k connections/s on this machine). ``null``: the empty program of
+    :data:`NULL_PROGRAM` instead of `rebind trace` (the attach point's own cost)."""
     import shutil
     import tempfile
 
@@ -147,7 +175,7 @@ def overhead_c(netns: int, n: int, rounds: int) -> None:
         for _ in range(rounds):
             port += 16
             off.append(c_loops(n, port, binary))
-            p = start_trace(netns)
+            p = start_null() if null else start_trace(netns)
             try:
                 port += 16
                 on.append(c_loops(n, port, binary))
@@ -157,9 +185,10 @@ def overhead_c(netns: int, n: int, rounds: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = statistics.median(on) / statistics.median(off)
     cores = os.cpu_count() or 1
+    what = "an empty sys_exit program" if null else "trace"
     print(f"C connect loops, {cores} x {n} connections x {rounds} rounds (connections/s, all loops):")
-    print(f"  without trace: best {max(off):,.0f}  median {statistics.median(off):,.0f}")
-    print(f"  with trace:    best {max(on):,.0f}  median {statistics.median(on):,.0f}")
+    print(f"  without: best {max(off):,.0f}  median {statistics.median(off):,.0f}")
+    print(f"  with {what}: best {max(on):,.0f}  median {statistics.median(on):,.0f}")
     print(f"  ratio of medians (with/without): {ratio:.3f}  -> overhead {100 * (1 - ratio):.1f}%")
 
 
@@ -389,6 +418,8 @@ def main() -> None:
             overhead(netns, args.connects, args.rounds)
         if "overhead-c" in parts:
             overhead_c(netns, args.c_connects, args.rounds)
+        if "overhead-null" in parts:
+            overhead_c(netns, args.c_connects, args.rounds, null=True)
         if "latency" in parts:
             for call in ("bind", "connect"):
                 latency(netns, args.failures, call=call)
