@@ -334,6 +334,8 @@ def _grouped(ports: list[int], data: bytes) -> Iterable[tuple[bytes, list[int]]]
         return [(data[2 : ENTRY.size], list(ports))]
     sparse = _sparse_groups(ports, data)
     if sparse is not None:
+        if len(sparse) == 1:
+            _LAST_SAME = data  # every port free: the next idle read compares at once
         return sparse
     groups: dict[bytes, list[int]] = {}
     get = groups.get

@@ -20,8 +20,6 @@ field goes through bpf_probe_read_kernel like the iterator's, and a fault only m
 from __future__ import annotations
 
 import ctypes
-import mmap
-import os
 import struct
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
@@ -32,14 +30,9 @@ from rebind.kernel.bpf import asm
 from rebind.kernel.bpf.socklayout import REC, RECORD, RECORD_FIELDS, SockLayout
 from rebind.kernel.bpf.sockprog import SockFrame, _Emitter, emit_socket_fields
 from rebind.kernel.bpf.syscall import (
-    BPF_F_MMAPABLE,
-    BPF_MAP_TYPE_ARRAY,
     BPF_PROG_TEST_RUN,
-    SOCKET_LOOKUP,
     attr_buf,
     bpf,
-    load_program,
-    map_create,
 )
 from rebind.model.records import Endpoint, Family, Proto, SocketRecord
 from rebind.model.sockstate import SockState, Unavailable
@@ -179,26 +172,33 @@ _LEAD = f"{FOUND_AT}xI{RECORD_AT - FOUND_AT - 4}x"
 def _run(
     lay: SockLayout, entries: bytes | bytearray, n: int, extras: BindHashLayout | None = None
 ) -> bytes | Unavailable:
-    """One test run over ``n`` map entries (``entries``: their inputs); the entries after it."""
-    fds: list[int] = []
-    try:
-        ctr = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1)
-        fds.append(ctr)
-        io = map_create(BPF_MAP_TYPE_ARRAY, 4, ENTRY_SIZE, n, BPF_F_MMAPABLE)
-        fds.append(io)
-        size = (ENTRY_SIZE * n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        with mmap.mmap(io, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
-            mem[: ENTRY_SIZE * n] = entries
-            insns = build_lookup_program(lay, ctr, io, extras)
-            prog = load_program(insns, prog=SOCKET_LOOKUP)
-            fds.append(prog)
-            _test_run(prog, n)
-            return mem[: ENTRY_SIZE * n]
-    except (OSError, RebindError) as exc:
-        return Unavailable(f"BPF socket lookup: {exc}".splitlines()[0])
-    finally:
-        for fd in fds:
-            os.close(fd)
+    """One test run over ``n`` map entries (``entries``: their inputs); the entries after it.
+    The program and its maps are kept for the next run (bindhash._loaded: the verifier's pass
+    and the maps' allocation cost more than a run of a few entries -- the exporter looks a
+    port's sockets up every scrape), grown to the next power of two past ``n``."""
+    from rebind.kernel.bpf.bindhash import _LOCK, _forget, _loaded
+
+    name = "lookup" if extras is None else "lookup+extras"
+    with _LOCK:
+        try:
+            run = _loaded(
+                name,
+                (lay, extras),
+                n,
+                lambda cap: [(4, 1), (ENTRY_SIZE, cap)],
+                lambda fds: (build_lookup_program(lay, fds[0], fds[1], extras), ()),
+            )
+            ctr, io = run.maps
+            ctr[:4] = bytes(4)
+            io[: ENTRY_SIZE * n] = entries
+            _test_run(run.prog, n)
+            return io[: ENTRY_SIZE * n]
+        except (OSError, RebindError) as exc:
+            _forget(name)
+            return Unavailable(f"BPF socket lookup: {exc}".splitlines()[0])
+        except BaseException:
+            _forget(name)
+            raise
 
 
 def _bucket_fields() -> struct.Struct:
