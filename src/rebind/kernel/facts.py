@@ -23,7 +23,7 @@ from rebind.gcpause import gc_paused
 from rebind.kernel.sockstates import iterator_plan, read_kernel
 from rebind.kernel.trial import trial_bind
 from rebind.model.advice import Facts, HolderFacts, Provenance
-from rebind.model.assess import kernel_holder, port_state
+from rebind.model.assess import bucket_state, kernel_holder, port_state
 from rebind.model.conflict import KernelSettings, PortState, SockOpts, alternative_requests, probe_is_harmless
 from rebind.model.diagnosis import ProcessHint
 from rebind.model.records import Proto, SocketEntry, SocketTable, State
@@ -70,6 +70,8 @@ def gather(
             holders = _holders(table, req, kernel if isinstance(kernel, SockStates) else None, read)
     if port is None:
         holders, port = port_state(req, holders)
+        if port is None and req.proto is Proto.TCP and holders:
+            port = _bucket_from_bind_hash(req, table)
     results: dict[BindRequest, TrialResult] = {}
     skipped = ""
     if trials and not _model_is_exact(req, holders, settings, port):
@@ -88,6 +90,26 @@ def gather(
         owners_complete=owners and euid == 0 and table.scan.inaccessible == 0,
         kernel=kernel,
     )
+
+
+def _bucket_from_bind_hash(req: BindRequest, table: SocketTable) -> PortState | None:
+    """The port's TCP bind bucket read straight from the bind hash (kernel/bpf/bindhash.py),
+    where no socket the iterator or a lookup reaches led to it: a port held by bound-only sockets
+    (in no table bpf_iter_tcp walks), or by sockets on several addresses read apart. None where
+    it cannot be read here (another namespace's table, no BPF) or is not one plain bucket."""
+    from rebind.kernel.bpf.bindhash import read_port_buckets
+
+    netns = {e.socket.netns for e in table.entries if e.socket.local.port == req.port}
+    if len(netns) != 1 or None in netns:
+        return None
+    got = read_port_buckets([req.port], netns=netns.pop())
+    if isinstance(got, Unavailable):
+        return None
+    b = got.get(req.port)
+    if b is None or not b.known or b.buckets != 1:
+        return None
+    bb = b.bind_bucket(req.port)
+    return None if bb is None else PortState(bucket=bucket_state(bb))
 
 
 def _kernel_states(

@@ -73,7 +73,8 @@ def iterator_plan(
       inet_csk_get_port); `why` always weighs SO_REUSEPORT variants, so without the bucket they
       could only be "depends". Every socket in the bucket leads to it (icsk_bind_hash, tw_tb):
       a listener through the listening walk, else one connection looked up; a port of bound-only
-      sockets has none the iterator sees (the bucket stays unknown).
+      sockets has none the iterator sees (kernel/facts.py then reads the bucket from the bind
+      hash, _bucket_from_bind_hash).
     * UDP, every flag read: no bucket cache (udp_lib_get_port checks every socket each time);
       the chain order matters only where udp_lib_lport_inuse may stop early, at a same-uid
       SO_REUSEPORT socket: walk when a socket on the port has SO_REUSEPORT, else nothing.

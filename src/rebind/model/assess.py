@@ -156,10 +156,13 @@ def port_state(
     # Each distinct SockCommon once (records alike share one): hashing a BindBucket per holder
     # was most of this for ten thousand TIME_WAITs.
     commons = {id(h.kernel.common): h.kernel.common for h in holders if h.kernel is not None}
-    buckets = {c.bucket for c in commons.values() if c.bucket is not None}
+    # the port's inet_bind_bucket as each socket's copy shows it; a BindBucket also carries its
+    # address's bind2 bucket (tb2), one per address: sockets on two addresses differ there
+    # while sharing the port's one bucket, so compare the port-level fields alone
+    buckets = {bucket_state(c.bucket) for c in commons.values() if c.bucket is not None}
     if len(buckets) != 1:
         return holders, None  # none read, or several (VRFs: one bucket per l3mdev)
-    return holders, PortState(bucket=bucket_state(buckets.pop()))
+    return holders, PortState(bucket=buckets.pop())
 
 
 def bucket_state(b: BindBucket) -> BucketState:
