@@ -137,29 +137,24 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, 
 
 def map_fill(map_fd: int, keys: list[int], key_fmt: str) -> None:
     """One BPF_MAP_UPDATE_BATCH: every key with a zero u8 value."""
-    kbuf = ctypes.create_string_buffer(struct.pack(f"<{len(keys)}{key_fmt}", *keys))
-    vbuf = ctypes.create_string_buffer(len(keys))
-    # batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
-    attr = attr_buf(
-        "<QQQQIIQQ", 0, 0, ctypes.addressof(kbuf), ctypes.addressof(vbuf), len(keys), map_fd, 0, 0
-    )
-    bpf(BPF_MAP_UPDATE_BATCH, attr)
-    done = struct.unpack_from("<I", attr, 32)[0]
-    if done != len(keys):
-        raise BPFUnavailable(f"map update stopped after {done} of {len(keys)} keys")
+    _update_batch(map_fd, struct.pack(f"<{len(keys)}{key_fmt}", *keys), bytes(len(keys)), len(keys))
 
 
 def map_fill_pairs(map_fd: int, items: Sequence[tuple[int, int]]) -> None:
     """One BPF_MAP_UPDATE_BATCH of u64 keys with u64 values."""
-    kbuf = ctypes.create_string_buffer(struct.pack(f"<{len(items)}Q", *(k for k, _ in items)))
-    vbuf = ctypes.create_string_buffer(struct.pack(f"<{len(items)}Q", *(v for _, v in items)))
-    attr = attr_buf(
-        "<QQQQIIQQ", 0, 0, ctypes.addressof(kbuf), ctypes.addressof(vbuf), len(items), map_fd, 0, 0
-    )
+    n = len(items)
+    keys = struct.pack(f"<{n}Q", *(k for k, _ in items))
+    _update_batch(map_fd, keys, struct.pack(f"<{n}Q", *(v for _, v in items)), n)
+
+
+def _update_batch(map_fd: int, keys: bytes, values: bytes, n: int) -> None:
+    kbuf, vbuf = ctypes.create_string_buffer(keys), ctypes.create_string_buffer(values)
+    # batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
+    attr = attr_buf("<QQQQIIQQ", 0, 0, ctypes.addressof(kbuf), ctypes.addressof(vbuf), n, map_fd, 0, 0)
     bpf(BPF_MAP_UPDATE_BATCH, attr)
     done = struct.unpack_from("<I", attr, 32)[0]
-    if done != len(items):
-        raise BPFUnavailable(f"map update stopped after {done} of {len(items)} keys")
+    if done != n:
+        raise BPFUnavailable(f"map update stopped after {done} of {n} keys")
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes:
