@@ -159,7 +159,9 @@ def diagnose_request(
     from rebind.kernel import connect_prefetch
     from rebind.kernel.connect_facts import gather
 
-    facts = gather(req, owners=owners, summary=True, first=connect_prefetch.take(req))
+    # the named sockets by lookups where HZ is known without measuring (kernel/connect_lookup.py,
+    # kernel/hz.py), else from the first dump the prefetch started
+    facts = gather(req, owners=owners, summary=True, first=connect_prefetch.take(req), lookups=True)
     res = facts.evaluate(req)
     pr = None
     if with_probe:

@@ -133,7 +133,12 @@ def test_the_lookup_finds_the_range_s_connections_and_time_waits_to_the_destinat
 
 
 def test_without_hz_the_dump_answers(servers_too, hz, spied, monkeypatch):
-    monkeypatch.setattr(bindhash_table, "_HZ", {})
+    from rebind.kernel import hz
+
+    # HZ known from nowhere: not measured, no boot cache, no kernel configuration
+    monkeypatch.setattr(hz, "_MEMO", {})
+    monkeypatch.setattr(hz, "config_hz", lambda: None)
+    monkeypatch.setattr(hz, "cache_key", lambda: None)
     req = ConnectRequest.create("127.0.0.1", 9000)
     dumped, _ = _answer(req, lookups=False)
     assert _answer(req, lookups=True)[0] == dumped

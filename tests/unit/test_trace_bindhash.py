@@ -11,6 +11,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 
 from rebind.kernel import bindhash_table as T
+from rebind.kernel import hz as HZ
 from rebind.kernel.bpf import asm
 from rebind.kernel.bpf import bindhash as H
 from rebind.kernel.bpf import bindhashlayout as L
@@ -204,12 +205,15 @@ def test_hz_is_calibrated_once_and_an_ambiguous_rate_is_not_retried(monkeypatch:
         return read
 
     monkeypatch.setattr(T.time, "sleep", fake_sleep)
-    monkeypatch.setattr(T, "_HZ", {})
+    # nothing known without measuring (kernel/hz.py's other sources), and nothing kept for the boot
+    monkeypatch.setattr(HZ, "_MEMO", {})
+    monkeypatch.setattr(HZ, "config_hz", lambda: None)
+    monkeypatch.setattr(HZ, "cache_key", lambda: None)
     monkeypatch.setattr(T, "read_port_sockets", sample(250))
     assert T.calibrate_hz() == 250
     monkeypatch.setattr(T, "read_port_sockets", sample(1))
     assert T.calibrate_hz() == 250  # kept
-    monkeypatch.setattr(T, "_HZ", {})
+    monkeypatch.setattr(HZ, "_MEMO", {})
     monkeypatch.setattr(T, "read_port_sockets", sample(600))  # no standard HZ near it
     assert T.calibrate_hz(wait=0) is None
     monkeypatch.setattr(T, "read_port_sockets", sample(250))

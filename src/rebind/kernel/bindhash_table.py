@@ -30,12 +30,11 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from rebind.kernel.bpf.socklayout import REC, RECORD
+from rebind.kernel.hz import STANDARD_HZ
 from rebind.model.records import Endpoint, Family, IPAddress, Proto, SocketRecord, State, Timer, fmt_addr
 from rebind.model.sockstate import PortOwners, SockCommon, SockKind, SockState, SockStates, Unavailable
 from rebind.slotted import twin
 
-#: The kernel's possible CONFIG_HZ values (kernel/Kconfig.hz).
-STANDARD_HZ = (100, 250, 300, 1000)
 #: Cookies given to sockets nothing asked a cookie for yet (skc_cookie 0): the top bit set, out
 #: of the reach of sock_gen_cookie's counter, so that SocketRecord.key stays unique per socket.
 LOCAL_COOKIE = 1 << 63
@@ -229,24 +228,27 @@ def _column(rows: list[tuple[Any, ...]], at: int) -> list[int]:
     return [r[at] for r in rows]
 
 
-#: The calibration's outcome, once it has one: HZ, or None (the rate stayed ambiguous: not
-#: tried again, each snapshot would wait for it).
-_HZ: dict[str, int | None] = {}
-
-
 def known_hz() -> int | None:
-    """HZ if :func:`calibrate_hz` found it already, else None (never waits: a one-shot command
-    would pay its ~0.1 s)."""
-    return _HZ.get("hz")
+    """HZ where it is known without measuring (kernel/hz.py), else None: never waits (a
+    one-shot command would pay the calibration's ~0.1 s)."""
+    from rebind.kernel import hz as hzmod
+
+    return hzmod.known_hz()
 
 
 def calibrate_hz(*, wait: float = 0.5) -> int | None:
-    """The kernel's HZ (jiffies per second), from two runs of the owners program at least 100 ms
-    apart (port 1's chain: nothing of ours is walked), kept for the process; None if BPF cannot
-    run (asked again next time: that fails at once) or the rate stayed ambiguous for ``wait``
-    seconds (kept: the snapshots take inet_diag's dumps)."""
-    if "hz" in _HZ:
-        return _HZ["hz"]
+    """The kernel's HZ (jiffies per second): known (kernel/hz.py), else from two runs of the
+    owners program at least 100 ms apart (port 1's chain: nothing of ours is walked), kept for
+    the process and the boot; None if BPF cannot run (asked again next time: that fails at
+    once) or the rate stayed ambiguous for ``wait`` seconds (kept: the snapshots take inet_diag's
+    dumps)."""
+    from rebind.kernel import hz as hzmod
+
+    if "hz" in hzmod._MEMO:
+        return hzmod._MEMO["hz"]
+    known = hzmod.known_hz()
+    if known is not None:
+        return known
     first = read_port_sockets(1, 1)
     if isinstance(first, Unavailable):
         return None
@@ -258,7 +260,7 @@ def calibrate_hz(*, wait: float = 0.5) -> int | None:
             return None
         hz = snap_hz(now.jiffies - first.jiffies, now.mono_ns - first.mono_ns)
         if hz is not None or time.monotonic() > deadline:
-            _HZ["hz"] = hz
+            hzmod.remember(hz)
             return hz
         time.sleep(0.05)
 

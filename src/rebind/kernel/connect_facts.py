@@ -402,7 +402,8 @@ def _gather(
         held, bind_made = buckets.held, buckets.bind_made
         known = {r.local.port: r.local.port not in bind_made for r, _ in recs if lo <= r.local.port <= hi}
         known = {p: c for p, c in known.items() if p in held}
-    holders = with_kernel_origin(req, drafts, warnings, known=known)
+    given = None if named is None or isinstance(named, str) else named.states
+    holders = with_kernel_origin(req, drafts, warnings, known=known, given=given)
     from rebind.kernel.sysctl import kernel_settings
 
     # the bind() facts matter only for a bound source address (modes.source_problem)

@@ -28,14 +28,16 @@ a record that changed while read, a connection bound to a device) the caller tak
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from rebind.kernel.bindhash_table import LOCAL_COOKIE
 from rebind.model.records import IPAddress, SocketRecord
 
 if TYPE_CHECKING:
     from rebind.kernel.bpf.bindhash import BindMade
     from rebind.model.connect import ConnectRequest, RangeBuckets
+    from rebind.model.sockstate import SockState
 
 #: Past this many ports to read owner by owner (the range's bind-made ones, and those outside
 #: it that may hold a bound-inactive socket) the dump is cheaper.
@@ -45,8 +47,9 @@ PORT_LIMIT = 4096
 #: TCP_CLOSE (include/net/tcp_states.h): a bound, unconnected, not listening socket.
 TCP_CLOSE = 7
 #: Cookies given to the looked-up sockets that have none yet (bindhash_table.LOCAL_COOKIE's
-#: range, apart from the per-port reads' indexes).
+#: range, apart from the per-port reads' indexes), and the ones each gets in the answer.
 _LOOKUP_COOKIE = 1 << 63 | 1 << 62
+_OWN_COOKIE = 1 << 63 | 1 << 61
 
 
 def outside_ports(rng: tuple[int, int]) -> BindMade | str:
@@ -77,6 +80,10 @@ class Named:
 
     records: list[SocketRecord]
     files: dict[int, int]
+    #: Each record's socket as the kernel holds it, by the record's cookie (a cookie of our own,
+    #: unique here, where the socket had none yet): its flags need no other read
+    #: (connect_origin.with_kernel_origin's ``given``).
+    states: dict[int, SockState]
 
 
 def named_sockets(
@@ -107,7 +114,7 @@ def named_sockets(
     candidates = [p for p in outside.ports if p not in listening and p != fixed]
     if len(inside) + len(candidates) > PORTS_MAX:
         return f"{len(inside) + len(candidates)} bind-made ports to read one by one"
-    out: list[SocketRecord] = list(listeners)
+    out: list[Pair] = [(r, None) for r in listeners]
     files: dict[int, int] = {}
     # outside the range, a bind-made port no listener holds: where a bound-inactive socket may
     # be (a server's port the answer's "widen the range" must spare)
@@ -123,7 +130,7 @@ def named_sockets(
         # as the dump's filter: a time-wait entry of a bind-made port only if it is to the
         # destination (the port is decided by its bucket; the entry names the 4-tuple) -- but
         # every socket of the fixed local port (the bind rules judge each, C17/C19)
-        out += [r for r in got if p == fixed or not r.is_mini or _to(r, req)]
+        out += [(r, st) for r, st in got if p == fixed or not r.is_mini or _to(r, req)]
     if fixed is not None and fixed not in inside:
         got = _port(fixed, hz, 0, files)
         if isinstance(got, str):
@@ -133,7 +140,7 @@ def named_sockets(
     if isinstance(peers, str):
         return peers
     out += peers
-    return Named(_unique(out), files)
+    return _named(out, files)
 
 
 def _listeners() -> list[SocketRecord]:
@@ -149,7 +156,7 @@ def _to(r: SocketRecord, req: ConnectRequest) -> bool:
     return r.remote.port == req.dport and r.remote.addr == req.dst
 
 
-def _port(port: int, hz: int, only_state: int, files: dict[int, int]) -> list[SocketRecord] | str:
+def _port(port: int, hz: int, only_state: int, files: dict[int, int]) -> list[Pair] | str:
     """The port's sockets from its bind buckets (``only_state``: in that TCP state alone); their
     struct files into ``files``."""
     from rebind.kernel.bindhash_table import problem, read_port_sockets, to_records
@@ -161,12 +168,12 @@ def _port(port: int, hz: int, only_state: int, files: dict[int, int]) -> list[So
     if (why := problem(got.owners)) is not None:
         return f"port {port}: {why}"
     files.update(got.file_hints())
-    return [r for r, _ in to_records(got, hz)]
+    return [(r, st) for r, st in to_records(got, hz)]
 
 
 def _to_destination(
     req: ConnectRequest, src: IPAddress, ports: list[int], hz: int, files: dict[int, int]
-) -> list[SocketRecord] | str:
+) -> list[Pair] | str:
     """The sockets with the 4-tuple (src, p, dst, dport) for each of ``ports``; their struct
     files into ``files``."""
     from rebind.kernel.bindhash_table import jiffies_to_ms, to_record
@@ -178,7 +185,7 @@ def _to_destination(
     got = lookup_peer_sockets(load_sock_layout(), load_layout(), src, req.dst, req.dport, ports)
     if isinstance(got, Unavailable):
         return got.reason
-    out: list[SocketRecord] = []
+    out: list[Pair] = []
     for i, (st, inode, left, file) in enumerate(got):
         if inode and file:
             files[inode] = file
@@ -187,17 +194,29 @@ def _to_destination(
             # the new socket's: a device-bound holder is judged from the dump
             return "a connection bound to a device holds a port of the range"
         left_ms = jiffies_to_ms(left, hz) if st.kind is SockKind.TIMEWAIT else None
-        out.append(to_record(st, inode, left_ms, st.cookie or _LOOKUP_COOKIE | i))
+        out.append((to_record(st, inode, left_ms, st.cookie or _LOOKUP_COOKIE | i), st))
     return out
 
 
-def _unique(recs: list[SocketRecord]) -> list[SocketRecord]:
-    """Each socket once (a listener on a bind-made port of the range is read twice)."""
+#: A record and the kernel's state of its socket (None: from inet_diag, which has no flags).
+Pair = tuple[SocketRecord, "SockState | None"]
+
+
+def _named(pairs: list[Pair], files: dict[int, int]) -> Named:
+    """Each socket once (a listener on a bind-made port of the range is read twice, by the dump
+    and by its bucket), with cookies unique across the ports read: each port's read numbers its
+    cookie-less sockets from 0 (bindhash_table.to_records)."""
     seen: set[tuple[object, ...]] = set()
     out: list[SocketRecord] = []
-    for r in recs:
+    states: dict[int, SockState] = {}
+    for r, st in pairs:
         k = (r.state, r.local, r.remote, r.inode)
-        if k not in seen:
-            seen.add(k)
-            out.append(r)
-    return out
+        if k in seen:
+            continue
+        seen.add(k)
+        if r.cookie is not None and r.cookie & LOCAL_COOKIE:
+            r = replace(r, cookie=_OWN_COOKIE | len(out))
+        out.append(r)
+        if st is not None and r.cookie is not None:
+            states[r.cookie] = st
+    return Named(out, files, states)

@@ -251,6 +251,18 @@ def merge_origins(
     return tuple(out)
 
 
+def _covered(holders: Sequence[HolderFacts], ports: set[int], given: Mapping[int, SockState]) -> set[int]:
+    """The ports of ``ports`` whose every TCP holder's kernel state is ``given`` (by cookie)."""
+    if not given or not ports:
+        return set()
+    out = set(ports)
+    for h in holders:
+        r = h.socket
+        if r.local.port in out and r.proto is Proto.TCP and (r.cookie is None or r.cookie not in given):
+            out.discard(r.local.port)
+    return out
+
+
 def _unknown_origin(
     holders: Sequence[HolderFacts], ports: Iterable[int] | None, reason: str, warnings: list[str]
 ) -> None:
@@ -283,13 +295,16 @@ def with_kernel_origin(
     warnings: list[str],
     *,
     known: Mapping[int, bool] | None = None,
+    given: Mapping[int, SockState] | None = None,
 ) -> tuple[PortHolder, ...]:
     """Fill in, from the kernel, how the ports of ambiguous client sockets were taken (TCP):
     lookups by 4-tuple (:func:`origin_plan`), and the iterator's walk only for the few ports
     they cannot answer. Whatever stays unread stays unknown: the worst case, never optimistic.
     ``known``: ports whose bucket was read already (connect()-made or not: the bind hash,
     kernel/connect_range.py): neither looked up nor walked for it (a fixed local port is still
-    walked, for its holders' own flags)."""
+    walked, for its holders' own flags). ``given``: sockets the caller read from the kernel
+    already, by cookie (kernel/connect_lookup.py: the bind hash's records): a port whose every
+    socket is there is not walked, the given states stand for the walk's."""
     ports = origin_ports(req, holders)
     known = known or {}
     # every port known already, no fixed port to walk, no time-wait entry to the destination:
@@ -310,6 +325,8 @@ def with_kernel_origin(
     plan = origin_plan(req, holders, ports)
     lay = load_sock_layout()
     walk = {p for p in plan.walk if p not in known or p == req.local_port}
+    covered = _covered(holders, walk, given or {})
+    walk -= covered
     connect_only = {p: known[p] for p in ports if p in known}
     faulted = 0
     rep_ports = [p for p in plan.reps if p not in known]
@@ -348,6 +365,16 @@ def with_kernel_origin(
                     connect_only[one.local.port] = one.bucket.connect_made
         else:
             _unknown_origin(holders, walk, got.reason, warnings)
+    if covered:
+        assert given is not None
+        walked |= covered
+        for h in holders:
+            cookie = h.socket.cookie
+            st = given.get(cookie) if cookie is not None else None
+            if cookie is not None and st is not None and st.local.port in covered:
+                by_cookie[cookie] = st
+                if st.bucket is not None and st.local.port not in connect_only:
+                    connect_only[st.local.port] = st.bucket.connect_made
     out = merge_origins(holders, ports, OriginFacts(connect_only, walked, by_cookie, stamps))
     if faulted:
         warnings.append(f"{faulted} socket(s) changed while the kernel was read: answers may lag")

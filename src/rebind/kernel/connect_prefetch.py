@@ -82,8 +82,11 @@ class _Job:
                 reuseaddr="--reuseaddr" in flags,
             )
             from rebind.kernel.connect_dump import FirstDump, worth_starting
+            from rebind.kernel.hz import known_hz
 
-            if worth_starting(req):
+            # with HZ known the gathering names its sockets by lookups (kernel/connect_lookup.py):
+            # a walk of the table started now would be thrown away
+            if worth_starting(req) and known_hz() is None:
                 self.first = FirstDump(req)
             self.request = req
         except BaseException:  # the CLI gathers again and reports properly
