@@ -268,3 +268,46 @@ def test_every_socket_of_the_fixed_port_is_read(netns, hz, spied):
         probe.bind(("127.0.0.2", port))
     probe.close()
     assert looked["errno"] == "EADDRINUSE" == errno.errorcode[got.value.errno]
+
+
+@pytest.fixture
+def ipv6_range(netns: int) -> Iterator[None]:
+    """A range of IPv6 connections to [::1]:9000 (one closed first by the client: its
+    TIME_WAIT), and IPv6 sockets talking IPv4 (v4-mapped) to 127.0.0.1:9000."""
+    from tests.kernel.test_connect_kernel import write
+
+    write("ip_local_port_range", "40000 40007")
+    write("tcp_tw_reuse", "2")
+    keep: list[socket.socket] = []
+    try:
+        srv6 = socket.create_server(("::1", 9000), family=socket.AF_INET6)
+        srv4 = socket.create_server(("127.0.0.1", 9000))
+        keep += [srv6, srv4]
+        for _ in range(3):
+            keep.append(socket.create_connection(("::1", 9000)))
+        tw = socket.create_connection(("::1", 9000))
+        tw.close()  # the client closes first: TIME_WAIT (the server never accepts: FIN_WAIT2)
+        for _ in range(2):
+            m = socket.socket(socket.AF_INET6)
+            m.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            m.connect(("::ffff:127.0.0.1", 9000))
+            keep.append(m)
+        time.sleep(0.05)
+        yield
+    finally:
+        for s in keep:
+            s.close()
+
+
+@pytest.mark.parametrize("dst", ["::1", "127.0.0.1"])
+def test_ipv6_and_v4_mapped_connections_are_found(ipv6_range, hz, spied, dst):
+    """IPv6 4-tuples are looked up as IPv6 (36-byte tuples), an IPv6 socket talking IPv4 as
+    IPv4 (tcp_v6_connect hands it to tcp_v4_connect: hashed by its IPv4 addresses)."""
+    req = ConnectRequest.create(dst, 9000)
+    dumped, _ = _answer(req, lookups=False)
+    looked, _ = _answer(req, lookups=True)
+    assert isinstance(spied[-1], connect_lookup.Named)
+    assert looked == dumped
+    named = spied[-1].records
+    to_dst = [r for r in named if r.remote.port == 9000 and 40000 <= r.local.port <= 40007]
+    assert len(to_dst) == (4 if dst == "::1" else 2), to_dst
