@@ -228,14 +228,6 @@ def _column(rows: list[tuple[Any, ...]], at: int) -> list[int]:
     return [r[at] for r in rows]
 
 
-def known_hz() -> int | None:
-    """HZ where it is known without measuring (kernel/hz.py), else None: never waits (a
-    one-shot command would pay the calibration's ~0.1 s)."""
-    from rebind.kernel import hz as hzmod
-
-    return hzmod.known_hz()
-
-
 def calibrate_hz(*, wait: float = 0.5) -> int | None:
     """The kernel's HZ (jiffies per second): known (kernel/hz.py), else from two runs of the
     owners program at least 100 ms apart (port 1's chain: nothing of ours is walked), kept for
@@ -244,11 +236,9 @@ def calibrate_hz(*, wait: float = 0.5) -> int | None:
     dumps)."""
     from rebind.kernel import hz as hzmod
 
-    if "hz" in hzmod._MEMO:
-        return hzmod._MEMO["hz"]
     known = hzmod.known_hz()
-    if known is not None:
-        return known
+    if known is not None or "hz" in hzmod._MEMO:
+        return known  # known, or a measurement that stayed ambiguous (not made again)
     first = read_port_sockets(1, 1)
     if isinstance(first, Unavailable):
         return None

@@ -304,8 +304,8 @@ def gather(
     vouch for) every socket of the range, as without it. Pass ``buckets`` on to the model.
     ``first``: the first dump (kernel/connect_dump.py) already started for ``req``, else it
     is started here. ``lookups``: with ``summary``, the named sockets come from lookups and bucket
-    walks instead of that dump where they can (kernel/connect_lookup.py: needs HZ calibrated,
-    as `rebind trace` does at its start)."""
+    walks instead of that dump where they can (kernel/connect_lookup.py: needs HZ known without
+    measuring, kernel/hz.py)."""
     with gc_paused():
         return _gather(req, owners=owners, settings=settings, summary=summary, first=first, lookups=lookups)
 
@@ -346,10 +346,12 @@ def _gather(
 
                 groups = outside_ports(rng)
                 named = groups if isinstance(groups, str) else named_sockets(req, src, rng, got, groups)
+    # the lookups' answer, where they gave one (else the reason they could not: the dump then)
+    found = None if named is None or isinstance(named, str) else named
     servers: frozenset[int] | None = None
     try:
-        if named is not None and not isinstance(named, str):
-            kept, tcp_servers = split_servers(named.records, rng, req.local_port)
+        if found is not None:
+            kept, tcp_servers = split_servers(found.records, rng, req.local_port)
         elif buckets is not None:
             from rebind.kernel.connect_dump import bind_made_sockets, dump_tcp, first_bytecode
             from rebind.kernel.connect_range import bind_made_bytecode
@@ -385,8 +387,7 @@ def _gather(
     if owners:
         from rebind.kernel.owners import find_owners
 
-        hints = None if named is None or isinstance(named, str) else named.files
-        by_inode, scan = find_owners((r for r, _ in recs), files=hints)
+        by_inode, scan = find_owners((r for r, _ in recs), files=found.files if found else None)
         if scan.inaccessible:
             warnings.append(
                 f"{scan.inaccessible} process(es) could not be inspected (not root?): "
@@ -402,8 +403,7 @@ def _gather(
         held, bind_made = buckets.held, buckets.bind_made
         known = {r.local.port: r.local.port not in bind_made for r, _ in recs if lo <= r.local.port <= hi}
         known = {p: c for p, c in known.items() if p in held}
-    given = None if named is None or isinstance(named, str) else named.states
-    holders = with_kernel_origin(req, drafts, warnings, known=known, given=given)
+    holders = with_kernel_origin(req, drafts, warnings, known=known, given=found.states if found else None)
     from rebind.kernel.sysctl import kernel_settings
 
     # the bind() facts matter only for a bound source address (modes.source_problem)

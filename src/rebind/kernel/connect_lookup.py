@@ -99,7 +99,7 @@ def named_sockets(
     fixed local port, and every socket with the 4-tuple (src, p, dst, dport) for the range's
     connect()-made ports p. ``buckets``: the range's ports (connect_range.range_buckets);
     ``outside``: the bind-made ports outside it (:func:`outside_ports`)."""
-    from rebind.kernel.bindhash_table import known_hz
+    from rebind.kernel.hz import known_hz
 
     hz = known_hz()
     if hz is None:
