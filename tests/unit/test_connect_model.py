@@ -427,3 +427,17 @@ def test_widen_fix_is_built_from_the_hosts_values():
     # Server ports unknown: no widening is guessed.
     res = evaluate_connect(req(), held, st)
     assert not any("Widen" in f.title for f in res.fixes)
+
+
+def test_a_fixed_port_names_the_same_blocker_whatever_the_holders_order() -> None:
+    """The fixed port's holders come in the order the table was read (the established hash's,
+    or the bind hash's for `rebind trace`): the blocker named is a live socket before a
+    time-wait entry, then by its endpoints, in both orders."""
+    r = req(src="127.0.0.1", local_port=40001)
+    tw = hold(rec(40001, remote=("127.0.0.1", 9002), state=State.FIN_WAIT2, left_ms=5000), reuseaddr=False)
+    live = hold(rec(40001, remote=("127.0.0.1", 9001)), reuseaddr=False)
+    a = evaluate_connect(r, [tw, live], settings(), route_src=SRC)
+    b = evaluate_connect(r, [live, tw], settings(), route_src=SRC)
+    assert a.outcome.errno_name == "EADDRINUSE"
+    assert a.outcome.explanation == b.outcome.explanation
+    assert "ESTABLISHED 127.0.0.1:40001 -> 127.0.0.1:9001" in a.outcome.explanation

@@ -269,6 +269,18 @@ def bind_any(
     )
 
 
+def _named_blocker(blockers: tuple[bindmodel.Blocker, ...]) -> bindmodel.Blocker:
+    """The blocker the answer names: a certain one first, a live socket before a time-wait
+    entry, then by its endpoints -- never the holders' order, which is the order the socket
+    table was read in (the established hash's, or the bind hash's: kernel/connect_lookup.py)."""
+
+    def rank(b: bindmodel.Blocker) -> tuple[bool, bool, str, str]:
+        r = b.holder.socket
+        return (not b.certain, r.is_mini, str(r.local), str(r.remote))
+
+    return min(blockers, key=rank)
+
+
 def fixed_port(
     req: ConnectRequest,
     by_port: dict[int, list[PortHolder]],
@@ -298,7 +310,7 @@ def fixed_port(
     bo = bindmodel.evaluate(breq, holders, bsettings)
     uses = uses_own_choice(req, by_port, settings, lo, hi, src, buckets=buckets)
     if bo.verdict is not bindmodel.Verdict.OK:
-        why = bo.blockers[0].reason if bo.blockers else "another socket holds it"
+        why = _named_blocker(bo.blockers).reason if bo.blockers else "another socket holds it"
         verdict = Verdict.FAIL if bo.verdict is bindmodel.Verdict.FAIL else Verdict.MAY_FAIL
         return (
             ConnectOutcome(
